@@ -1,0 +1,119 @@
+"""flotilla: Ray Serve's API, faster and lighter, on one machine by default.
+
+```python
+import flotilla
+from flotilla import serve
+
+flotilla.init()            # optional: serve.run() calls it for you
+```
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any
+
+__version__ = "0.1.0"
+__all__ = ["__version__", "available_resources", "cluster_resources", "init", "is_initialized", "shutdown"]
+
+_init_lock = threading.Lock()
+
+
+def _detect_gpus() -> int:
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return len([d for d in env.split(",") if d.strip() and d.strip() != "-1"])
+    try:
+        return len([n for n in os.listdir("/proc/driver/nvidia/gpus")])
+    except OSError:
+        return 0
+
+
+def _detect_memory() -> float:
+    try:
+        return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")) * 0.7
+    except (ValueError, OSError):
+        return 0.0
+
+
+def init(
+    address: str | None = None,
+    *,
+    num_cpus: float | None = None,
+    num_gpus: float | None = None,
+    resources: dict[str, float] | None = None,
+    ignore_reinit_error: bool = False,
+    **_ray_compat: Any,
+) -> None:
+    """Start flotilla on this machine (a head process that owns replicas and the proxy).
+
+    Args:
+        address: None, "local" or "auto" start a local head. (Joining a Ray cluster is the
+            Ray backend's job; it is not part of this release.)
+        num_cpus, num_gpus: override what is detected on this machine, e.g. to declare GPUs
+            on a machine without any and test placement.
+        resources: custom resources, e.g. {"accelerator_type:A100": 1, "my_res": 4}.
+        ignore_reinit_error: do nothing, instead of raising, if already initialized.
+
+    Raises:
+        RuntimeError: already initialized (unless ignore_reinit_error), or the head failed to start.
+        ValueError: negative resource amounts, or an unsupported address.
+    """
+    from flotilla._private.client import Runtime
+
+    with _init_lock:
+        if Runtime._instance is not None:
+            if ignore_reinit_error:
+                return
+            raise RuntimeError(
+                "flotilla.init() was already called; call flotilla.shutdown() first, or pass "
+                "ignore_reinit_error=True"
+            )
+        if address not in (None, "local", "auto"):
+            raise ValueError(
+                f"address={address!r} is not supported by the local backend; use address=None"
+            )
+        total: dict[str, float] = {
+            "CPU": float(os.cpu_count() or 1) if num_cpus is None else float(num_cpus),
+            "GPU": float(_detect_gpus()) if num_gpus is None else float(num_gpus),
+            "memory": _detect_memory(),
+        }
+        for k, v in (resources or {}).items():
+            total[k] = float(v)
+        for k, v in total.items():
+            if v < 0:
+                raise ValueError(f"resource {k!r} must be >= 0, got {v}")
+        Runtime.start_local(total)
+
+
+def is_initialized() -> bool:
+    """Whether `init()` has been called (and not shut down) in this process."""
+    from flotilla._private.client import Runtime
+
+    return Runtime._instance is not None and Runtime._instance.process is not None
+
+
+def shutdown() -> None:
+    """Stop every application, replica, proxy and the head process. Safe to call twice."""
+    from flotilla._private.client import Runtime
+
+    with _init_lock:
+        rt = Runtime._instance
+        Runtime._instance = None
+        if rt is not None:
+            rt.shutdown()
+
+
+def cluster_resources() -> dict[str, float]:
+    """Total resources of the cluster."""
+    from flotilla._private.client import Runtime
+
+    return dict(Runtime.current().resources)
+
+
+def available_resources() -> dict[str, float]:
+    """Resources not held by replicas right now."""
+    from flotilla._private.client import Runtime
+
+    return Runtime.current().call_head("available_resources")

@@ -1,0 +1,220 @@
+"""The head process: controller, proxy manager and the control socket.
+
+Started by `flotilla.init()` as `python -m flotilla._private.head CONFIG_JSON`. It prints
+one JSON line ({"sock": ..., "resources": ...}) when ready, and shuts everything down
+when its stdin closes (the driver exited) or on the `shutdown` call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+from flotilla._private.controller import Controller
+from flotilla._private.resources import ResourcePool
+from flotilla._private.spawner import Spawner
+from flotilla._private.transport import RpcPeer, serve_unix
+from flotilla.serve.schema import ProxyStatus
+
+logger = logging.getLogger("flotilla.head")
+
+PROXY_START_TIMEOUT_S = 30.0
+
+
+class ProxyManager:
+    """Starts the HTTP proxy process, and restarts it if it dies."""
+
+    def __init__(self, head: Head) -> None:
+        self.head = head
+        self.status: ProxyStatus | None = None
+        self.options: dict[str, Any] | None = None
+        self.pid: int | None = None
+        self.peer: RpcPeer | None = None
+        self.url = ""
+        self._ready: asyncio.Future[str] | None = None
+        self.stopping = False
+
+    async def start(self, options: dict[str, Any]) -> str:
+        if self.options is not None and self.status in (ProxyStatus.HEALTHY, ProxyStatus.STARTING):
+            if options != self.options:
+                logger.warning("HTTP proxy already running with %s; ignoring new options %s", self.options, options)
+            if self._ready is not None:
+                return await asyncio.shield(self._ready)
+            return self.url
+        self.options = options
+        return await self._launch()
+
+    async def _launch(self) -> str:
+        assert self.options is not None
+        loop = asyncio.get_running_loop()
+        self._ready = loop.create_future()
+        self.status = ProxyStatus.STARTING
+        log = os.path.join(self.head.session_dir, "logs", "proxy.log")
+        args = dict(self.options, head_sock=self.head.sock, session_dir=self.head.session_dir)
+        self.pid = await self.head.spawner.spawn("proxy", log, args)
+        try:
+            return await asyncio.wait_for(asyncio.shield(self._ready), PROXY_START_TIMEOUT_S)
+        except TimeoutError:
+            self.status = ProxyStatus.UNHEALTHY
+            raise RuntimeError(f"the HTTP proxy did not start within {PROXY_START_TIMEOUT_S}s; see {log}") from None
+
+    def ready(self, peer: RpcPeer, url: str) -> None:
+        self.peer = peer
+        self.url = url
+        self.status = ProxyStatus.HEALTHY
+        logger.info("HTTP proxy ready at %s (pid %s)", url, self.pid)
+        peer.on_close(self._gone)
+        if self._ready is not None and not self._ready.done():
+            self._ready.set_result(url)
+
+    def failed(self, message: str) -> None:
+        self.status = ProxyStatus.UNHEALTHY
+        self.options = None
+        if self._ready is not None and not self._ready.done():
+            self._ready.set_exception(RuntimeError(message))
+
+    def on_exit(self, pid: int, code: int) -> None:
+        if pid == self.pid:
+            self._gone()
+
+    def _gone(self) -> None:
+        if self.stopping or self.status is not ProxyStatus.HEALTHY:
+            if self._ready is not None and not self._ready.done():
+                self._ready.set_exception(RuntimeError("the HTTP proxy exited during start-up; see logs/proxy.log"))
+            return
+        logger.warning("HTTP proxy (pid %s) died; restarting it", self.pid)
+        self.status = ProxyStatus.STARTING
+        self.peer = None
+        asyncio.get_running_loop().create_task(self._relaunch())
+
+    async def _relaunch(self) -> None:
+        try:
+            await self._launch()
+        except Exception:
+            logger.exception("could not restart the HTTP proxy")
+
+    async def stop(self) -> None:
+        self.stopping = True
+        pid, self.pid = self.pid, None
+        if pid is not None:
+            Spawner.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + 3
+            while Spawner.alive(pid) and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            Spawner.kill(pid)
+        self.options = None
+        self.status = None
+        self.stopping = False
+
+
+class Head:
+    def __init__(self, cfg: dict[str, Any]) -> None:
+        self.session_dir: str = cfg["session_dir"]
+        self.sock = os.path.join(self.session_dir, "head.sock")
+        self.resources: dict[str, float] = cfg["resources"]
+        self.spawner = Spawner(self._on_exit)
+        self.controller = Controller(self.session_dir, self.sock, ResourcePool(self.resources), self.spawner)
+        self.proxy = ProxyManager(self)
+        self.controller.proxy = self.proxy
+        self.done = asyncio.Event()
+
+    def _on_exit(self, pid: int, code: int) -> None:
+        self.controller.on_process_exit(pid, code)
+        self.proxy.on_exit(pid, code)
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        await self.spawner.start()
+        server = await serve_unix(self.sock, lambda: RpcPeer(self.handle, name="client"))
+        os.chmod(self.sock, 0o600)
+        loop.create_task(self.controller.run())
+        loop.add_reader(0, self._stdin_readable)
+        sys.stdout.write(json.dumps({"sock": self.sock, "resources": self.resources}) + "\n")
+        sys.stdout.flush()
+        await self.done.wait()
+        loop.remove_reader(0)
+        await self.controller.wait_all_deleted(0)
+        await self.proxy.stop()
+        await self.spawner.stop()
+        server.close()
+
+    def _stdin_readable(self) -> None:
+        try:
+            data = os.read(0, 4096)
+        except OSError:
+            data = b""
+        if not data:
+            logger.info("driver is gone; shutting down")
+            asyncio.get_running_loop().create_task(self._shutdown(graceful=False))
+
+    async def _shutdown(self, graceful: bool = True) -> None:
+        if graceful:
+            await self.proxy.stop()
+            await self.controller.shutdown()
+        self.done.set()
+
+    async def handle(self, peer: RpcPeer, op: str, args: tuple[Any, ...]) -> Any:
+        c = self.controller
+        if op == "subscribe":
+            return c.subscribe(peer, args[0])
+        if op == "replica_register":
+            return c.register(peer, *args)
+        if op == "replica_ready":
+            return c.replica_ready(*args)
+        if op == "replica_failed":
+            return c.replica_failed(*args)
+        if op == "deploy_app":
+            return c.deploy_app(*args)
+        if op == "wait_app":
+            return await c.wait_app(*args)
+        if op == "delete_app":
+            return c.delete_app(*args)
+        if op == "wait_deleted":
+            return await c.wait_deleted(*args)
+        if op == "status":
+            return c.status()
+        if op == "available_resources":
+            return c.pool.available()
+        if op == "app_info":
+            app = c.apps.get(args[0])
+            if app is None or app.deleting:
+                return None
+            return {"ingress": app.ingress, "route_prefix": app.route_prefix}
+        if op == "start_http":
+            return await self.proxy.start(args[0])
+        if op == "http_url":
+            return self.proxy.url if self.proxy.status is ProxyStatus.HEALTHY else None
+        if op == "proxy_ready":
+            return self.proxy.ready(peer, *args)
+        if op == "proxy_failed":
+            return self.proxy.failed(*args)
+        if op == "serve_shutdown":
+            await self.proxy.stop()
+            await c.shutdown()
+            return None
+        if op == "shutdown":
+            asyncio.get_running_loop().create_task(self._shutdown())
+            return None
+        raise ValueError(f"unknown op {op!r}")
+
+
+def main() -> None:
+    cfg = json.loads(sys.argv[1])
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        import uvloop
+
+        uvloop.run(Head(cfg).run())
+    except ImportError:  # pragma: no cover
+        asyncio.run(Head(cfg).run())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,186 @@
+"""The HTTP proxy process: uvicorn + a raw ASGI app that routes by longest route prefix.
+
+It reads the whole request body, forwards (scope, body) to a replica of the app's ingress
+deployment through a `Router`, and writes back the replica's response, streaming it when
+the replica streams. Route table and replica sets are pushed by the controller.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import socket
+from typing import Any
+
+from flotilla._private import http_util
+from flotilla._private.client import Runtime
+from flotilla._private.protocol import CANCEL, END, ERR, HFULL, HSTART
+from flotilla._private.transport import RpcPeer, connect_unix
+from flotilla.exceptions import RayActorError
+from flotilla.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from flotilla.serve.schema import DeploymentID
+
+logger = logging.getLogger("flotilla.proxy")
+
+_SCOPE_KEYS = ("type", "http_version", "method", "scheme", "path", "raw_path", "query_string", "headers", "client", "server")
+
+
+class Proxy:
+    def __init__(self, args: dict[str, Any]) -> None:
+        self.args = args
+        self.routes: list[tuple[str, DeploymentID]] = []
+        self.routes_json = b"{}"
+        self.rt: Runtime | None = None
+        self.request_timeout_s: float | None = args.get("request_timeout_s")
+
+    def set_routes(self, table: dict[str, tuple[str, str]]) -> None:
+        items = sorted(table.items(), key=lambda kv: len(kv[0]), reverse=True)
+        self.routes = [(prefix, DeploymentID(ingress, app)) for prefix, (app, ingress) in items]
+        self.routes_json = json.dumps({p: a for p, (a, _) in table.items()}).encode()
+
+    def match(self, path: str) -> tuple[str, DeploymentID] | None:
+        for prefix, dep in self.routes:
+            if prefix == "/" or path == prefix or (path.startswith(prefix) and path[len(prefix)] == "/"):
+                return prefix, dep
+        return None
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            if scope["type"] == "websocket":
+                await send({"type": "websocket.close", "code": 1000})
+            return
+        path = scope["path"]
+        if path.startswith("/-/"):
+            if path == "/-/healthz":
+                return await self._reply(send, *http_util.plain(200, "success"))
+            if path == "/-/routes":
+                body = self.routes_json
+                return await self._reply(send, 200, [http_util.JSON[0], (b"content-length", str(len(body)).encode())], body)
+        m = self.match(path)
+        if m is None:
+            return await self._reply(send, *http_util.plain(
+                404, f"Path '{path}' not found. Ping http://.../-/routes for available routes."))
+        prefix, dep = m
+        body = b""
+        more = True
+        while more:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                return
+            body += msg.get("body", b"")
+            more = msg.get("more_body", False)
+        fwd = {k: scope[k] for k in _SCOPE_KEYS if k in scope}
+        fwd["root_path"] = "" if prefix == "/" else prefix
+        assert self.rt is not None
+        router = self.rt.router(dep)
+        try:
+            if self.request_timeout_s is None:
+                first, replica, rid = await router.http(fwd, body, None)
+            else:
+                first, replica, rid = await asyncio.wait_for(router.http(fwd, body, None), self.request_timeout_s)
+        except BackPressureError as e:
+            return await self._reply(send, *http_util.plain(503, str(e)))
+        except DeploymentUnavailableError as e:
+            return await self._reply(send, *http_util.plain(503, str(e)))
+        except RayActorError as e:
+            return await self._reply(send, *http_util.plain(500, str(e)))
+        except TimeoutError:
+            return await self._reply(send, *http_util.plain(408, f"Request timed out after {self.request_timeout_s}s."))
+        code = first[1]
+        if code == HFULL:
+            await send({"type": "http.response.start", "status": first[2], "headers": first[3]})
+            await send({"type": "http.response.body", "body": first[4]})
+            return
+        if code == ERR:
+            err = first[2]
+            status = 500
+            if isinstance(err, BackPressureError):
+                status = 503
+            return await self._reply(send, *http_util.plain(status, str(err) if err else "Internal Server Error"))
+        if code == HSTART:
+            await self._stream(send, first, replica, rid)
+
+    async def _stream(self, send: Any, first: tuple[Any, ...], replica: Any, rid: int) -> None:
+        ch = first[4]
+        done = False
+        try:
+            await send({"type": "http.response.start", "status": first[2], "headers": first[3]})
+            while True:
+                msg = await ch.get()
+                if msg[1] == END or msg[1] == ERR:
+                    done = True
+                    await send({"type": "http.response.body", "body": b""})
+                    return
+                await send({"type": "http.response.body", "body": msg[2], "more_body": True})
+        finally:
+            if not done:  # client went away: stop the generator in the replica
+                replica.pending.pop(rid, None)
+                replica.proto.send((rid, CANCEL))
+
+    @staticmethod
+    async def _reply(send: Any, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
+async def _amain(args: dict[str, Any]) -> None:
+    import uvicorn
+
+    proxy = Proxy(args)
+    loop = asyncio.get_running_loop()
+    rt_holder: dict[str, Runtime] = {}
+
+    def on_call(peer: RpcPeer, op: str, a: tuple[Any, ...]) -> Any:
+        if op == "update":
+            rt_holder["rt"].on_update(*a)
+            return None
+        raise ValueError(op)
+
+    head = RpcPeer(on_call, name="head")
+    await connect_unix(args["head_sock"], head)
+    rt = rt_holder["rt"] = Runtime.attach(loop, head)
+    proxy.rt = rt
+    await rt.subscribe(("routes",), proxy.set_routes)
+    host, port = args.get("host", "127.0.0.1"), int(args.get("port", 8000))
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(2048)
+        sock.setblocking(False)
+    except OSError as e:
+        await head.call(
+            "proxy_failed",
+            f"the HTTP proxy could not listen on {host}:{port}: {e.strerror}. Pass another port, "
+            "e.g. serve.start(http_options={'port': 8001}).",
+        )
+        return
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(
+        proxy,
+        loop="none",
+        http="httptools",
+        lifespan="off",
+        access_log=False,
+        log_level="warning",
+        timeout_keep_alive=int(args.get("keep_alive_timeout_s", 5)),
+        server_header=False,
+        date_header=False,
+    )
+    server = uvicorn.Server(config)
+    head.on_close(lambda: setattr(server, "should_exit", True))
+    serve_task = loop.create_task(server.serve(sockets=[sock]))
+    while not server.started and not serve_task.done():
+        await asyncio.sleep(0.005)
+    url_host = f"[{host}]" if ":" in host else host
+    await head.call("proxy_ready", f"http://{url_host}:{port}")
+    await serve_task
+
+
+def main(args: dict[str, Any]) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s proxy %(name)s: %(message)s")
+    import uvloop
+
+    uvloop.run(_amain(args))

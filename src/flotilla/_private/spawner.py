@@ -1,0 +1,103 @@
+"""The head's seam to the OS: starting and killing processes through the zygote."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+logger = logging.getLogger("flotilla.head")
+
+
+class Spawner:
+    """Forks replica and proxy processes from the preloaded zygote."""
+
+    def __init__(self, on_exit: Callable[[int, int], None]) -> None:
+        self._on_exit = on_exit
+        self._proc: asyncio.subprocess.Process | None = None
+        self._waiting: deque[asyncio.Future[int]] = deque()
+        self._ready: asyncio.Future[int] | None = None
+        self._lock = asyncio.Lock()
+        self.exited: dict[int, int] = {}
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._ready = loop.create_future()
+        self._proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "flotilla._private.zygote",
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        loop.create_task(self._read())
+
+    async def _read(self) -> None:
+        assert self._proc is not None and self._proc.stdout is not None
+        while True:
+            line = await self._proc.stdout.readline()
+            if not line:
+                break
+            msg = json.loads(line)
+            if "ready" in msg:
+                if self._ready is not None and not self._ready.done():
+                    self._ready.set_result(msg["ready"])
+            elif "pid" in msg:
+                fut = self._waiting.popleft()
+                if not fut.done():
+                    fut.set_result(msg["pid"])
+            elif "exit" in msg:
+                self.exited[msg["exit"]] = msg["code"]
+                self._on_exit(msg["exit"], msg["code"])
+        err = RuntimeError("the zygote process exited")
+        while self._waiting:
+            fut = self._waiting.popleft()
+            if not fut.done():
+                fut.set_exception(err)
+        if self._ready is not None and not self._ready.done():
+            self._ready.set_exception(err)
+
+    async def spawn(self, kind: str, log_path: str, args: dict[str, Any]) -> int:
+        assert self._proc is not None and self._proc.stdin is not None and self._ready is not None
+        await self._ready
+        async with self._lock:
+            fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+            self._waiting.append(fut)
+            self._proc.stdin.write((json.dumps({"kind": kind, "log": log_path, "args": args}) + "\n").encode())
+            await self._proc.stdin.drain()
+        return await fut
+
+    @staticmethod
+    def kill(pid: int, sig: int = signal.SIGKILL) -> None:
+        try:
+            os.kill(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    @staticmethod
+    def alive(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+    async def stop(self) -> None:
+        proc = self._proc
+        if proc is None:
+            return
+        if proc.stdin is not None:
+            proc.stdin.close()
+        try:
+            await asyncio.wait_for(proc.wait(), 5)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()

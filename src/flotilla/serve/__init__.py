@@ -1,0 +1,67 @@
+"""Ray Serve-compatible public API: `from flotilla import serve`.
+
+Names are loaded on first use, so internal processes that only need `serve.schema` or
+`serve.exceptions` do not pay for the whole API (pydantic, cloudpickle, ...).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS = {
+    "Application": "deployment",
+    "AutoscalingConfig": "config",
+    "Deployment": "deployment",
+    "DeploymentConfig": "config",
+    "DeploymentHandle": "handle",
+    "DeploymentResponse": "handle",
+    "DeploymentResponseGenerator": "handle",
+    "HTTPOptions": "config",
+    "batch": "batching",
+    "delete": "api",
+    "deployment": "deployment",
+    "get_app_handle": "api",
+    "get_deployment_handle": "api",
+    "get_replica_context": "api",
+    "run": "api",
+    "shutdown": "api",
+    "start": "api",
+    "status": "api",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    mod = _EXPORTS.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'flotilla.serve' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"flotilla.serve.{mod}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+if TYPE_CHECKING:
+    from flotilla.serve.api import (
+        delete,
+        get_app_handle,
+        get_deployment_handle,
+        get_replica_context,
+        run,
+        shutdown,
+        start,
+        status,
+    )
+    from flotilla.serve.batching import batch
+    from flotilla.serve.config import AutoscalingConfig, DeploymentConfig, HTTPOptions
+    from flotilla.serve.deployment import Application, Deployment, deployment
+    from flotilla.serve.handle import (
+        DeploymentHandle,
+        DeploymentResponse,
+        DeploymentResponseGenerator,
+    )

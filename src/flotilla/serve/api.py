@@ -1,0 +1,253 @@
+"""The serving API: run, start, delete, status, shutdown, and handle look-ups."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import sys
+import time
+from typing import Any
+
+import cloudpickle
+
+from flotilla._private import context
+from flotilla._private.client import Runtime
+from flotilla.serve.config import HTTPOptions, validate
+from flotilla.serve.deployment import Application, Deployment
+from flotilla.serve.exceptions import ConfigError, RayServeException
+from flotilla.serve.handle import DeploymentHandle
+from flotilla.serve.schema import ReplicaContext, ServeStatus
+
+logger = logging.getLogger("flotilla")
+
+__all__ = [
+    "delete",
+    "get_app_handle",
+    "get_deployment_handle",
+    "get_replica_context",
+    "run",
+    "shutdown",
+    "start",
+    "status",
+]
+
+_WAIT_STEP_S = 5.0
+
+
+def _check_route_prefix(route_prefix: str | None) -> None:
+    if route_prefix is None:
+        return
+    if not isinstance(route_prefix, str) or not route_prefix.startswith("/"):
+        raise ConfigError(f"route_prefix must start with '/', got {route_prefix!r}")
+    if route_prefix != "/" and route_prefix.endswith("/"):
+        raise ConfigError(f"route_prefix must not end with '/' (except '/' itself), got {route_prefix!r}")
+    if "{" in route_prefix or "}" in route_prefix:
+        raise ConfigError(f"route_prefix may not contain wildcards, got {route_prefix!r}")
+
+
+def start(http_options: dict[str, Any] | HTTPOptions | None = None, **kwargs: Any) -> None:
+    """Start the HTTP proxy (default 127.0.0.1:8000). Implicit in `serve.run`."""
+    opts = _http_options(http_options)
+    rt = Runtime.get_or_start()
+    url = rt.call_head("start_http", opts.model_dump(), timeout=60)
+    logger.info("HTTP proxy listening at %s", url)
+
+
+def _http_options(http_options: dict[str, Any] | HTTPOptions | None) -> HTTPOptions:
+    if isinstance(http_options, HTTPOptions):
+        return http_options
+    return validate(HTTPOptions, dict(http_options or {}), "http_options")
+
+
+def _walk(app: Application, app_name: str, out: dict[int, dict[str, Any]], names: dict[str, int]) -> str:
+    """Collect the deployments of an application graph; returns the root's unique name."""
+    if id(app) in out:
+        return out[id(app)]["name"]
+    dep = app.deployment
+    name = dep.name
+    if name in names:
+        names[name] += 1
+        name = f"{name}_{names[dep.name]}"
+    else:
+        names[name] = 0
+    out[id(app)] = {"name": name}
+
+    def swap(v: Any) -> Any:
+        if isinstance(v, Application):
+            return DeploymentHandle(_walk(v, app_name, out, names), app_name)
+        if isinstance(v, Deployment):
+            raise ConfigError(
+                f"deployment '{v.name}' was passed unbound to another deployment; call "
+                f"{v.name}.bind(...) first"
+            )
+        if isinstance(v, list):
+            return [swap(x) for x in v]
+        if isinstance(v, tuple):
+            return tuple(swap(x) for x in v)
+        if isinstance(v, dict):
+            return {k: swap(x) for k, x in v.items()}
+        return v
+
+    args = tuple(swap(a) for a in app._args)
+    kwargs = {k: swap(v) for k, v in app._kwargs.items()}
+    cfg = dep.config
+    def_bytes = cloudpickle.dumps(dep.func_or_class)
+    try:
+        args_bytes = cloudpickle.dumps((args, kwargs))
+    except Exception as e:
+        raise ConfigError(f"the arguments bound to deployment '{name}' cannot be pickled: {e}") from e
+    config = cfg.model_dump(mode="json")
+    config["name"] = name
+    replica_opts = json.dumps([config["ray_actor_options"], config["max_batch_size"], config["batch_wait_timeout_s"]], sort_keys=True)
+    version = hashlib.sha256(def_bytes + args_bytes + replica_opts.encode()).hexdigest()[:16]
+    out[id(app)] = {
+        "name": name,
+        "config": config,
+        "def_bytes": def_bytes,
+        "args_bytes": args_bytes,
+        "version": version,
+        "initial_replicas": cfg.initial_replicas,
+        "demand": cfg.ray_actor_options.required(),
+        "env": dict(cfg.ray_actor_options.runtime_env.get("env_vars", {})),
+        "sys_path": [os.path.abspath(p) if p else os.getcwd() for p in sys.path],
+        "cwd": os.getcwd(),
+    }
+    return name
+
+
+def run(
+    target: Application,
+    blocking: bool = False,
+    name: str = "default",
+    route_prefix: str | None = "/",
+    logging_config: Any = None,
+    _blocking: bool = True,
+    **_ray_compat: Any,
+) -> DeploymentHandle:
+    """Deploy an application and wait until it is running; returns the ingress handle.
+
+    Re-running with the same name updates the app in place: unchanged deployments keep
+    their replicas, a new `user_config` calls `reconfigure()`, and changed code or options
+    replace replicas without failing accepted requests.
+
+    Raises:
+        TypeError: `target` is not a bound application.
+        ConfigError: bad route prefix, or the prefix is used by another application.
+        RuntimeError: the application failed to deploy (the user's traceback is included).
+    """
+    if isinstance(target, Deployment):
+        raise TypeError(f"serve.run() needs a bound application: call {target.name}.bind(...) first")
+    if not isinstance(target, Application):
+        raise TypeError(f"serve.run() needs an Application (from Deployment.bind()), got {type(target).__name__}")
+    _check_route_prefix(route_prefix)
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"application name must be a non-empty string, got {name!r}")
+    collected: dict[int, dict[str, Any]] = {}
+    ingress = _walk(target, name, collected, {})
+    spec = {
+        "name": name,
+        "route_prefix": route_prefix,
+        "ingress": ingress,
+        "deployments": list(collected.values()),
+    }
+    rt = Runtime.get_or_start()
+    if route_prefix is not None and rt.call_head("http_url") is None:
+        start()
+    rt.call_head("deploy_app", spec)
+    handle = DeploymentHandle(ingress, name)
+    if _blocking:
+        _wait_running(rt, name)
+        url = rt.call_head("http_url")
+        if url and route_prefix is not None:
+            logger.info("Application '%s' is ready at %s%s", name, url, "" if route_prefix == "/" else route_prefix)
+    if blocking:
+        _block_forever()
+    return handle
+
+
+def _wait_running(rt: Runtime, name: str) -> None:
+    last_log = time.monotonic()
+    while True:
+        status, message = rt.call_head("wait_app", name, _WAIT_STEP_S, timeout=_WAIT_STEP_S + 30)
+        if status == "RUNNING":
+            return
+        if status == "DEPLOY_FAILED":
+            raise RuntimeError(f"Deploying application {name} failed: {message}")
+        if status == "NOT_STARTED":
+            raise RuntimeError(f"Application {name} was deleted while it was being deployed.")
+        if time.monotonic() - last_log > 10 and message:
+            logger.warning("Application '%s' is still %s: %s", name, status, message)
+            last_log = time.monotonic()
+
+
+def _block_forever() -> None:
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        logger.info("shutting down")
+        import flotilla
+
+        flotilla.shutdown()
+
+
+def delete(name: str, _blocking: bool = True) -> None:
+    """Delete an application: drain and stop its replicas, remove its route."""
+    rt = Runtime.current() if Runtime._instance else None
+    if rt is None:
+        return
+    rt.call_head("delete_app", name)
+    if _blocking:
+        rt.call_head("wait_deleted", name, 60.0, timeout=90)
+
+
+def status() -> ServeStatus:
+    """Status of the proxy, every application and its deployments."""
+    rt = Runtime._instance
+    if rt is None:
+        return ServeStatus()
+    return rt.call_head("status")
+
+
+def shutdown() -> None:
+    """Delete every application and stop the proxy. The cluster (flotilla.init) stays up."""
+    rt = Runtime._instance
+    if rt is None:
+        return
+    rt.call_head("serve_shutdown", timeout=120)
+
+
+def get_app_handle(name: str) -> DeploymentHandle:
+    """A handle to the ingress deployment of application `name`."""
+    rt = Runtime._instance
+    info = rt.call_head("app_info", name) if rt is not None else None
+    if info is None:
+        raise RayServeException(f"Application '{name}' does not exist.")
+    return DeploymentHandle(info["ingress"], name)
+
+
+def get_deployment_handle(deployment_name: str, app_name: str | None = None, **_compat: Any) -> DeploymentHandle:
+    """A handle to deployment `deployment_name` of `app_name` (default: this replica's app,
+    or "default" outside a replica)."""
+    if app_name is None:
+        ctx = context.replica_context
+        app_name = ctx.app_name if ctx is not None else "default"
+    rt = Runtime._instance
+    if rt is not None and not rt.in_loop():
+        info = rt.call_head("status")
+        app = info.applications.get(app_name)
+        if app is None or deployment_name not in app.deployments:
+            raise RayServeException(f"Deployment '{deployment_name}' in application '{app_name}' does not exist.")
+    return DeploymentHandle(deployment_name, app_name)
+
+
+def get_replica_context() -> ReplicaContext:
+    """Inside a replica: which app, deployment and replica this is."""
+    ctx = context.replica_context
+    if ctx is None:
+        raise RayServeException(
+            "`serve.get_replica_context()` may only be called from within a deployment's replica."
+        )
+    return ctx

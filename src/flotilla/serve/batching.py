@@ -1,0 +1,521 @@
+"""Request batching: ``@serve.batch`` and the runtime's deployment-level batching.
+
+Each caller submits one item and awaits one result. A `BatchQueue` gathers items into lists
+and calls the user's function once per list. A batch is flushed as soon as it is full
+(``max_batch_size`` items), or ``batch_wait_timeout_s`` after its first item arrived (on the
+running loop's monotonic clock). At most ``max_concurrent_batches`` batches run at once; the
+next batch is formed when a slot is free, so items that waited for a slot go out at once.
+
+Async generator functions stream: each yielded value is a sequence with one element per
+caller, and every caller iterates its own async generator. A caller's stream ends early when
+its element is ``StopIteration`` or ``StopAsyncIteration`` (the class or an instance).
+
+Queues hold asyncio objects, so their runtime state is created lazily inside the running loop
+(and afresh if a later call comes from another loop): one queue per decorated function, and
+one per instance for methods (functions whose first parameter is named ``self``). A caller
+cancelled before its item is taken into a batch is skipped; the others are unaffected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import inspect
+import math
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from types import MethodType
+from typing import Any
+
+from flotilla.serve.exceptions import ConfigError, RayServeException
+
+__all__ = ["BatchQueue", "BatchResultError", "BatchStats", "batch", "batched_caller"]
+
+_VALUE, _DONE, _ERROR = 0, 1, 2  # stream channel message kinds
+_RUNTIME = ("_loop", "_pending", "_wake", "_slots", "_worker", "_running")
+
+
+class BatchResultError(RayServeException, TypeError, ValueError):
+    """A batch function returned something other than one result per input item."""
+
+
+@dataclass(frozen=True, slots=True)
+class BatchStats:
+    """Read-only snapshot of a `BatchQueue`'s counters."""
+
+    batches: int  # batches handed to the function
+    items: int  # items in those batches
+    largest_batch: int
+    queued: int  # items waiting for a batch now
+    running: int  # batches in progress now
+    skipped: int  # items dropped because their caller went away before batching
+
+
+def _check_count(value: Any, name: str) -> int:
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)  # Ray accepts 8.0 for 8
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+    return value
+
+
+def _check_timeout(value: Any) -> float:
+    ok = isinstance(value, int | float) and not isinstance(value, bool)
+    if not ok or math.isnan(value) or value < 0:
+        raise ConfigError(f"batch_wait_timeout_s must be a number of seconds >= 0, got {value!r}")
+    return float(value)
+
+
+def _check_results(results: Any, n: int) -> None:
+    if isinstance(results, str | bytes | Mapping) or not hasattr(results, "__len__"):
+        raise BatchResultError(
+            f"batch function must return a list with one result per input (expected length "
+            f"{n}), got {type(results).__name__}"
+        )
+    if len(results) != n:
+        raise BatchResultError(
+            f"batch function must return one result per input: expected length {n}, "
+            f"got {len(results)}"
+        )
+
+
+def _is_stop(value: Any) -> bool:
+    sentinels = (StopIteration, StopAsyncIteration)
+    return value is sentinels[0] or value is sentinels[1] or isinstance(value, sentinels)
+
+
+class _Item:
+    __slots__ = ("chan", "closed", "fut", "payload", "t")
+
+    def __init__(self, payload: Any, t: float, fut: Any = None, chan: Any = None) -> None:
+        self.payload, self.t, self.fut, self.chan, self.closed = payload, t, fut, chan, False
+
+    @property
+    def gone(self) -> bool:
+        """The caller no longer wants a result (cancelled, or its stream was closed)."""
+        return self.closed if self.fut is None else self.fut.done()
+
+    def fail(self, exc: BaseException) -> None:
+        if self.fut is None:
+            if not self.closed:
+                self.chan.put_nowait((_ERROR, exc))
+        elif not self.fut.done():
+            if isinstance(exc, Exception):
+                self.fut.set_exception(exc)
+            else:
+                self.fut.cancel()
+
+
+class BatchQueue:
+    """Gathers single items into lists and runs ``run_batch`` on each list.
+
+    ``run_batch(payloads)`` returns an awaitable of a sequence with one result per payload,
+    or, when ``streaming`` is true, an async iterator of such sequences.
+    """
+
+    def __init__(
+        self,
+        run_batch: Callable[[list[Any]], Any],
+        *,
+        max_batch_size: int = 10,
+        batch_wait_timeout_s: float = 0.01,
+        max_concurrent_batches: int = 1,
+        streaming: bool = False,
+    ) -> None:
+        self._run_batch = run_batch
+        self._max = _check_count(max_batch_size, "max_batch_size")
+        self._timeout = _check_timeout(batch_wait_timeout_s)
+        self._concurrency = _check_count(max_concurrent_batches, "max_concurrent_batches")
+        self.streaming = streaming
+        self._batches = self._items = self._largest = self._skipped = 0
+        self._reset()
+
+    def _reset(self) -> None:
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._pending: deque[_Item] = deque()
+        self._wake = asyncio.Event()
+        self._slots = asyncio.Semaphore(self._concurrency)
+        self._worker: asyncio.Task[None] | None = None
+        self._running: set[asyncio.Task[None]] = set()
+
+    def __getstate__(self) -> dict[str, Any]:  # runtime state never travels
+        return {k: v for k, v in self.__dict__.items() if k not in _RUNTIME}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._reset()
+
+    def get_max_batch_size(self) -> int:
+        """The current ``max_batch_size``."""
+        return self._max
+
+    def get_batch_wait_timeout_s(self) -> float:
+        """The current ``batch_wait_timeout_s``."""
+        return self._timeout
+
+    def set_max_batch_size(self, new_max_batch_size: int) -> None:
+        """Change ``max_batch_size``; applies to the batch being formed now."""
+        self._max = _check_count(new_max_batch_size, "max_batch_size")
+        self._poke()
+
+    def set_batch_wait_timeout_s(self, new_batch_wait_timeout_s: float) -> None:
+        """Change ``batch_wait_timeout_s``; applies to the batch being formed now."""
+        self._timeout = _check_timeout(new_batch_wait_timeout_s)
+        self._poke()
+
+    def stats(self) -> BatchStats:
+        """A snapshot of this queue's counters."""
+        queued = sum(1 for item in self._pending if not item.gone)
+        return BatchStats(
+            self._batches, self._items, self._largest, queued, len(self._running), self._skipped
+        )
+
+    def _poke(self) -> None:
+        """Make the worker re-read its settings; safe from any thread."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        try:
+            same_loop = asyncio.get_running_loop() is loop
+        except RuntimeError:
+            same_loop = False
+        if same_loop:
+            self._wake.set()
+        else:
+            loop.call_soon_threadsafe(self._wake.set)
+
+    async def submit(self, payload: Any) -> Any:
+        """Queue one item and wait for its result."""
+        loop = self._attach()
+        fut = loop.create_future()
+        self._put(_Item(payload, loop.time(), fut=fut))
+        return await fut
+
+    def stream(self, payload: Any) -> AsyncIterator[Any]:
+        """Queue one item now; iterate the returned generator for its results."""
+        loop = self._attach()
+        item = _Item(payload, loop.time(), chan=asyncio.Queue())
+        self._put(item)
+        return self._drain(item)
+
+    @staticmethod
+    async def _drain(item: _Item) -> AsyncIterator[Any]:
+        try:
+            while True:
+                kind, value = await item.chan.get()
+                if kind == _VALUE:
+                    yield value
+                elif kind == _DONE:
+                    return
+                else:
+                    raise value
+        finally:
+            item.closed = True
+
+    def _attach(self) -> asyncio.AbstractEventLoop:
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:
+            self._reset()
+            self._loop = loop
+        if self._worker is None or self._worker.done():
+            self._worker = loop.create_task(self._work(), name="flotilla-batch-queue")
+        return loop
+
+    def _put(self, item: _Item) -> None:
+        self._pending.append(item)
+        if len(self._pending) == 1 or len(self._pending) >= self._max:
+            self._wake.set()
+
+    async def _work(self) -> None:
+        loop, slots = self._loop, self._slots
+        assert loop is not None
+        while True:
+            await slots.acquire()
+            try:
+                batch = await self._next_batch()
+            except BaseException:
+                slots.release()
+                raise
+            task = loop.create_task(self._execute(batch, slots))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    async def _next_batch(self) -> list[_Item]:
+        pending, wake, loop = self._pending, self._wake, self._loop
+        assert loop is not None
+        while True:
+            while pending and pending[0].gone:
+                pending.popleft()
+                self._skipped += 1
+            if not pending:
+                wake.clear()
+                await wake.wait()
+                continue
+            deadline = pending[0].t + self._timeout
+            if loop.time() >= deadline:
+                batch: list[_Item] = []
+                while pending and len(batch) < self._max:
+                    item = pending.popleft()
+                    batch.append(item)  # gone items are filtered out in _execute
+                return batch
+            wake.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout_at(deadline):
+                    await wake.wait()
+
+    def _full(self) -> bool:
+        pending = self._pending
+        if len(pending) < self._max:
+            return False
+        live = [item for item in pending if not item.gone]
+        self._skipped += len(pending) - len(live)
+        pending.clear()
+        pending.extend(live)
+        return len(pending) >= self._max
+
+    async def _execute(self, batch: list[_Item], slots: asyncio.Semaphore) -> None:
+        live = [item for item in batch if not item.gone]
+        self._skipped += len(batch) - len(live)
+        open_ = [True] * len(live)
+        agen = None
+        try:
+            if not live:
+                return
+            self._batches += 1
+            self._items += len(live)
+            self._largest = max(self._largest, len(live))
+            out = self._run_batch([item.payload for item in live])
+            if not self.streaming:
+                results = await out
+                _check_results(results, len(live))
+                for item, result in zip(live, results, strict=True):
+                    if not item.fut.done():
+                        item.fut.set_result(result)
+                return
+            agen = out
+            async for results in agen:
+                _check_results(results, len(live))
+                for k, item in enumerate(live):
+                    if not open_[k]:
+                        continue
+                    if item.closed or _is_stop(results[k]):
+                        open_[k] = False
+                        if not item.closed:
+                            item.chan.put_nowait((_DONE, None))  # ends this caller's stream now
+                    else:
+                        item.chan.put_nowait((_VALUE, results[k]))
+                if not any(open_):
+                    break  # every caller has finished or gone away
+        except BaseException as exc:
+            for k, item in enumerate(live):
+                if open_[k]:
+                    open_[k] = False
+                    item.fail(exc)
+            if not isinstance(exc, Exception):
+                raise
+        finally:
+            slots.release()
+            if self.streaming:
+                for k, item in enumerate(live):
+                    if open_[k] and not item.closed:
+                        item.chan.put_nowait((_DONE, None))
+                if agen is not None:
+                    with contextlib.suppress(Exception):
+                        await agen.aclose()
+
+
+def _async_kind(fn: Any) -> str | None:
+    """Classify ``fn``: ``"gen"`` (async generator), ``"coro"`` (coroutine) or None (sync)."""
+    routine = inspect.isroutine(fn) or isinstance(fn, functools.partial)
+    target = fn if routine else type(fn).__call__
+    if inspect.isasyncgenfunction(target):
+        return "gen"
+    return "coro" if inspect.iscoroutinefunction(target) else None
+
+
+def _signature(fn: Any) -> inspect.Signature | None:
+    try:
+        return inspect.signature(fn)
+    except (TypeError, ValueError):
+        return None
+
+
+def _collate(payloads: list[Any], sig: inspect.Signature | None) -> tuple[list[list], dict]:
+    """Turn one ``(args, kwargs)`` per caller into one list per argument."""
+
+    def uniform(calls: list[Any]) -> bool:
+        args0, kw0 = calls[0]
+        return all(len(a) == len(args0) and kw.keys() == kw0.keys() for a, kw in calls)
+
+    if not uniform(payloads):  # e.g. f(1, y=2) and f(x=3, y=4): normalise by the signature
+        if sig is None:
+            raise TypeError("calls in one batch passed different arguments")
+        for fill_defaults in (False, True):
+            calls = []
+            for args, kwargs in payloads:
+                bound = sig.bind(*args, **kwargs)
+                if fill_defaults:
+                    bound.apply_defaults()
+                calls.append((bound.args, bound.kwargs))
+            if uniform(calls):
+                payloads = calls
+                break
+        else:
+            raise TypeError("calls in one batch must pass the same set of arguments")
+    columns = [list(col) for col in zip(*(args for args, _ in payloads), strict=True)]
+    return columns, {key: [kw[key] for _, kw in payloads] for key in payloads[0][1]}
+
+
+def _new_queue(fn: Any, self_arg: tuple, opts: dict[str, Any], streaming: bool) -> BatchQueue:
+    sig = _signature(fn)
+    if sig is not None and self_arg:
+        sig = sig.replace(parameters=list(sig.parameters.values())[1:])
+
+    def run(payloads: list[Any]) -> Any:
+        args, kwargs = _collate(payloads, sig)
+        return fn(*self_arg, *args, **kwargs)
+
+    return BatchQueue(run, streaming=streaming, **opts)
+
+
+def _entry(fn: Any, queue: BatchQueue, skip: int) -> Callable[..., Any]:
+    """The function callers call (one item in, one result or stream out), with Ray's tuners."""
+    if queue.streaming:
+
+        def entry(*args: Any, **kwargs: Any) -> AsyncIterator[Any]:
+            return queue.stream((args[skip:], kwargs))
+    else:
+
+        async def entry(*args: Any, **kwargs: Any) -> Any:
+            return await queue.submit((args[skip:], kwargs))
+
+    functools.update_wrapper(entry, fn, updated=())
+    return _expose(entry, queue)
+
+
+def _expose(wrapper: Any, queue: BatchQueue) -> Any:
+    wrapper.batch_queue = queue
+    wrapper.set_max_batch_size = queue.set_max_batch_size
+    wrapper.set_batch_wait_timeout_s = queue.set_batch_wait_timeout_s
+    wrapper.get_max_batch_size = wrapper._get_max_batch_size = queue.get_max_batch_size
+    wrapper.get_batch_wait_timeout_s = queue.get_batch_wait_timeout_s
+    wrapper._get_batch_wait_timeout_s = queue.get_batch_wait_timeout_s
+    return wrapper
+
+
+class _BatchedMethod:
+    """Descriptor for a batched method: each instance gets its own queue and tuners.
+
+    ``obj.method`` is a bound coroutine function (or async-generator-returning function);
+    its ``set_max_batch_size`` etc. tune that instance's queue only.
+    """
+
+    def __init__(self, fn: Any, opts: dict[str, Any], streaming: bool) -> None:
+        functools.update_wrapper(self, fn, updated=())
+        self._fn, self._opts, self._streaming = fn, opts, streaming
+        self._key = f"_flotilla_batch_{fn.__name__}_{id(self):x}"
+        if streaming:  # what `Class.method` gives: a real function, so inspect sees the kind
+
+            def unbound(obj: Any, /, *args: Any, **kwargs: Any) -> Any:
+                return self._entry_for(obj)(obj, *args, **kwargs)
+        else:
+
+            async def unbound(obj: Any, /, *args: Any, **kwargs: Any) -> Any:
+                return await self._entry_for(obj)(obj, *args, **kwargs)
+
+        self._unbound = functools.update_wrapper(unbound, fn, updated=())
+
+    def _entry_for(self, obj: Any) -> Callable[..., Any]:
+        entry = getattr(obj, "__dict__", {}).get(self._key)
+        if entry is None:
+            entry = _entry(self._fn, _new_queue(self._fn, (obj,), self._opts, self._streaming), 1)
+            try:
+                vars(obj)[self._key] = entry
+            except TypeError:
+                raise TypeError(
+                    f"@serve.batch on {self._fn.__qualname__} needs a __dict__"
+                ) from None
+        return entry
+
+    def __get__(self, obj: Any, owner: type | None = None) -> Any:
+        return self._unbound if obj is None else MethodType(self._entry_for(obj), obj)
+
+    def __call__(self, obj: Any, /, *args: Any, **kwargs: Any) -> Any:
+        return self._unbound(obj, *args, **kwargs)
+
+
+def batch(
+    _func: Callable[..., Any] | None = None,
+    *,
+    max_batch_size: int = 10,
+    batch_wait_timeout_s: float = 0.01,
+    max_concurrent_batches: int = 1,
+) -> Any:
+    """Batch calls to an async function or method, like Ray Serve's ``@serve.batch``.
+
+    Use as ``@batch``, ``@batch()`` or ``@batch(max_batch_size=8, ...)``. Callers pass one
+    item and await one result; the function gets one list per argument and returns a list
+    of the same length. Async generator functions yield such lists and each caller gets an
+    async generator of its own elements. The wrapper has ``set_max_batch_size``,
+    ``set_batch_wait_timeout_s`` and matching getters for live tuning (e.g. in
+    ``reconfigure``), and ``batch_queue`` for ``stats()``.
+    """
+    if _func is not None and not callable(_func):
+        raise TypeError(
+            f"@serve.batch decorates functions or methods (options go by keyword, e.g. "
+            f"@serve.batch(max_batch_size=8)), got {_func!r}"
+        )
+    opts = {
+        "max_batch_size": _check_count(max_batch_size, "max_batch_size"),
+        "batch_wait_timeout_s": _check_timeout(batch_wait_timeout_s),
+        "max_concurrent_batches": _check_count(max_concurrent_batches, "max_concurrent_batches"),
+    }
+
+    def decorate(fn: Callable[..., Any]) -> Any:
+        kind = _async_kind(fn)
+        if kind is None:
+            raise TypeError(
+                "functions decorated with @serve.batch must be 'async def' (coroutine or async "
+                f"generator); {getattr(fn, '__qualname__', fn)!r} is synchronous"
+            )
+        sig = _signature(fn) if inspect.isfunction(fn) else None
+        if sig is not None and next(iter(sig.parameters), None) == "self":
+            return _BatchedMethod(fn, opts, kind == "gen")
+        return _entry(fn, _new_queue(fn, (), opts, kind == "gen"), 0)
+
+    return decorate if _func is None else decorate(_func)
+
+
+def batched_caller(
+    fn: Callable[[list[Any]], Any],
+    max_batch_size: int,
+    batch_wait_timeout_s: float,
+    *,
+    max_concurrent_batches: int = 1,
+) -> Callable[[Any], Awaitable[Any]]:
+    """Wrap ``fn(list) -> list`` (sync or async) as an async one-item function with batching.
+
+    Sync functions run in the loop's default executor. The result carries the same tuners as
+    ``@batch`` wrappers and ``batch_queue`` (its `BatchQueue`).
+    """
+    kind = _async_kind(fn) if callable(fn) else "not callable"
+    if kind not in (None, "coro"):
+        raise TypeError(f"batched_caller needs a function taking a list and returning one: {fn!r}")
+    queue = BatchQueue(
+        fn if kind == "coro" else functools.partial(_in_executor, fn),
+        max_batch_size=max_batch_size,
+        batch_wait_timeout_s=batch_wait_timeout_s,
+        max_concurrent_batches=max_concurrent_batches,
+    )
+
+    async def call(item: Any) -> Any:
+        return await queue.submit(item)
+
+    return _expose(call, queue)
+
+
+async def _in_executor(fn: Callable[[list[Any]], Any], items: list[Any]) -> Any:
+    result = await asyncio.get_running_loop().run_in_executor(None, fn, items)
+    return (await result) if inspect.isawaitable(result) else result

@@ -1,0 +1,174 @@
+"""`@serve.deployment`, `Deployment` and `Application` (what `.bind()` returns)."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+from flotilla.serve.config import DeploymentConfig, validate
+from flotilla.serve.exceptions import ConfigError
+
+__all__ = ["Application", "Deployment", "deployment"]
+
+_OPTION_NAMES = tuple(f for f in DeploymentConfig.model_fields if f != "name")
+
+
+class Deployment:
+    """A class or function plus validated options. Call `.bind(...)` to build an app."""
+
+    def __init__(self, func_or_class: Callable[..., Any], options: dict[str, Any]) -> None:
+        self._target = func_or_class
+        self._options = options
+        self._config: DeploymentConfig = validate(DeploymentConfig, options, f"options of deployment '{options.get('name')}'")
+
+    @property
+    def name(self) -> str:
+        return self._config.name
+
+    @property
+    def func_or_class(self) -> Callable[..., Any]:
+        return self._target
+
+    @property
+    def config(self) -> DeploymentConfig:
+        return self._config
+
+    @property
+    def num_replicas(self) -> int | str | None:
+        return self._config.num_replicas
+
+    @property
+    def max_ongoing_requests(self) -> int:
+        return self._config.max_ongoing_requests
+
+    @property
+    def max_queued_requests(self) -> int:
+        return self._config.max_queued_requests
+
+    @property
+    def user_config(self) -> Any:
+        return self._config.user_config
+
+    @property
+    def ray_actor_options(self) -> dict[str, Any]:
+        return self._config.ray_actor_options.model_dump(exclude_defaults=True)
+
+    @property
+    def autoscaling_config(self) -> Any:
+        return self._config.autoscaling_config
+
+    def options(self, **kwargs: Any) -> Deployment:
+        """A copy with some options changed; unknown names raise TypeError."""
+        kwargs.pop("_internal", None)
+        for key in kwargs:
+            if key != "name" and key not in _OPTION_NAMES and key not in _COMPAT_IGNORED:
+                raise ConfigError(f"unknown deployment option {key!r}; allowed: name, " + ", ".join(_OPTION_NAMES))
+        merged = dict(self._options)
+        for key, value in kwargs.items():
+            if key in _COMPAT_IGNORED:
+                continue
+            merged[key] = value
+        if "num_replicas" in kwargs and kwargs["num_replicas"] not in (None, "auto") and "autoscaling_config" not in kwargs:
+            merged.pop("autoscaling_config", None)
+        if "autoscaling_config" in kwargs and kwargs["autoscaling_config"] is not None and "num_replicas" not in kwargs:
+            merged.pop("num_replicas", None)
+        return Deployment(self._target, merged)
+
+    def bind(self, *args: Any, **kwargs: Any) -> Application:
+        """Bind constructor arguments; other bound deployments may be among them."""
+        return Application(self, args, kwargs)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError(
+            "Deployments cannot be constructed directly. Use `deployment.bind()` and "
+            "`serve.run()` instead."
+        )
+
+    def __repr__(self) -> str:
+        return f"Deployment(name={self.name})"
+
+
+class Application:
+    """A deployment bound to its constructor arguments: the unit `serve.run` deploys."""
+
+    def __init__(self, dep: Deployment, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self._deployment = dep
+        self._args = args
+        self._kwargs = kwargs
+
+    @property
+    def deployment(self) -> Deployment:
+        return self._deployment
+
+    def __repr__(self) -> str:
+        return f"Application({self._deployment.name})"
+
+
+# Options Ray accepts that have no meaning here; taken and ignored.
+_COMPAT_IGNORED = {
+    "version",
+    "route_prefix",
+    "placement_group_bundles",
+    "placement_group_strategy",
+    "max_replicas_per_node",
+    "request_router_config",
+    "max_constructor_retry_count",
+}
+
+
+def deployment(
+    _func_or_class: Callable[..., Any] | None = None,
+    *,
+    name: str | None = None,
+    num_replicas: int | str | None = None,
+    ray_actor_options: dict[str, Any] | None = None,
+    user_config: Any = None,
+    max_ongoing_requests: int | None = None,
+    max_queued_requests: int | None = None,
+    autoscaling_config: dict[str, Any] | Any | None = None,
+    graceful_shutdown_wait_loop_s: float | None = None,
+    graceful_shutdown_timeout_s: float | None = None,
+    health_check_period_s: float | None = None,
+    health_check_timeout_s: float | None = None,
+    logging_config: dict[str, Any] | None = None,
+    max_batch_size: int | None = None,
+    batch_wait_timeout_s: float | None = None,
+    **ray_only: Any,
+) -> Any:
+    """Turn a class or function into a `Deployment`, with or without options.
+
+    Options are validated here, at definition time: a bad type, a negative count or an
+    unknown option raises `ConfigError` (a ValueError and TypeError) naming the field.
+    """
+    unknown = set(ray_only) - _COMPAT_IGNORED
+    if unknown:
+        raise ConfigError(
+            f"unknown deployment option(s) {sorted(unknown)}; allowed: name, " + ", ".join(_OPTION_NAMES)
+        )
+    given = {
+        "num_replicas": num_replicas,
+        "ray_actor_options": ray_actor_options,
+        "user_config": user_config,
+        "max_ongoing_requests": max_ongoing_requests,
+        "max_queued_requests": max_queued_requests,
+        "autoscaling_config": autoscaling_config,
+        "graceful_shutdown_wait_loop_s": graceful_shutdown_wait_loop_s,
+        "graceful_shutdown_timeout_s": graceful_shutdown_timeout_s,
+        "health_check_period_s": health_check_period_s,
+        "health_check_timeout_s": health_check_timeout_s,
+        "logging_config": logging_config,
+        "max_batch_size": max_batch_size,
+        "batch_wait_timeout_s": batch_wait_timeout_s,
+    }
+    options = {k: v for k, v in given.items() if v is not None}
+
+    def decorate(target: Callable[..., Any]) -> Deployment:
+        if not (inspect.isclass(target) or callable(target)):
+            raise ConfigError(f"@serve.deployment needs a class or a function, got {target!r}")
+        opts = dict(options, name=name or target.__name__)
+        return Deployment(target, opts)
+
+    if _func_or_class is not None:
+        return decorate(_func_or_class)
+    return decorate

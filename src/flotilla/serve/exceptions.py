@@ -1,0 +1,48 @@
+"""Errors of the serving layer, named as in `ray.serve.exceptions`.
+
+```
+RayServeException
+ ├── BackPressureError          max_queued_requests exceeded (HTTP 503)
+ ├── DeploymentUnavailableError  the deployment has been deleted or never existed
+ ├── RequestCancelledError      the request was cancelled (client gone, timeout)
+ └── ConfigError                invalid deployment or application options (also ValueError/TypeError)
+```
+"""
+
+from __future__ import annotations
+
+
+class RayServeException(Exception):
+    """Base of the serving layer's errors."""
+
+
+class BackPressureError(RayServeException):
+    """A request was rejected because the deployment's queue is full."""
+
+    def __init__(self, *, num_queued_requests: int, max_queued_requests: int) -> None:
+        self.num_queued_requests = num_queued_requests
+        self.max_queued_requests = max_queued_requests
+        super().__init__(
+            f"Request dropped due to backpressure (num_queued_requests={num_queued_requests}, "
+            f"max_queued_requests={max_queued_requests}). Add replicas or raise "
+            "max_queued_requests."
+        )
+
+    def __reduce__(self):  # keyword-only __init__ needs help to pickle
+        return (_rebuild_backpressure, (self.num_queued_requests, self.max_queued_requests))
+
+
+def _rebuild_backpressure(queued: int, limit: int) -> BackPressureError:
+    return BackPressureError(num_queued_requests=queued, max_queued_requests=limit)
+
+
+class DeploymentUnavailableError(RayServeException):
+    """The deployment a handle points at is not running (deleted, or never deployed)."""
+
+
+class RequestCancelledError(RayServeException):
+    """The request was cancelled before it finished."""
+
+
+class ConfigError(RayServeException, ValueError, TypeError):
+    """Invalid options. The message names the field, the bad value and what is allowed."""

@@ -1,0 +1,198 @@
+"""`DeploymentHandle`: call a deployment's replicas directly, from any process.
+
+`handle.remote(...)` returns at once with a `DeploymentResponse`; get its value with
+`.result(timeout_s=...)` from sync code, or `await response` from async code. Responses
+can be passed as arguments to other `.remote()` calls; they are resolved first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+from dataclasses import dataclass, replace
+from typing import Any
+
+from flotilla._private.client import Runtime
+from flotilla.exceptions import GetTimeoutError, TaskCancelledError
+from flotilla.serve.schema import DeploymentID
+
+__all__ = ["DeploymentHandle", "DeploymentResponse", "DeploymentResponseGenerator"]
+
+
+@dataclass(frozen=True)
+class _HandleOptions:
+    method_name: str = "__call__"
+    multiplexed_model_id: str = ""
+    stream: bool = False
+
+
+async def _resolve_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    args = tuple([await a if isinstance(a, DeploymentResponse) else a for a in args])
+    kwargs = {k: (await v if isinstance(v, DeploymentResponse) else v) for k, v in kwargs.items()}
+    return args, kwargs
+
+
+def _has_response(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    for a in args:
+        if isinstance(a, DeploymentResponse):
+            return True
+    return any(isinstance(v, DeploymentResponse) for v in kwargs.values()) if kwargs else False
+
+
+class DeploymentHandle:
+    """A client for one deployment. Picklable: pass it to other deployments."""
+
+    __slots__ = ("_dep", "_opts")
+
+    def __init__(self, deployment_name: str, app_name: str = "default", _options: _HandleOptions | None = None) -> None:
+        self._dep = DeploymentID(deployment_name, app_name)
+        self._opts = _options or _HandleOptions()
+
+    @property
+    def deployment_name(self) -> str:
+        return self._dep.name
+
+    @property
+    def app_name(self) -> str:
+        return self._dep.app_name
+
+    @property
+    def deployment_id(self) -> DeploymentID:
+        return self._dep
+
+    def options(
+        self,
+        *,
+        method_name: str | None = None,
+        multiplexed_model_id: str | None = None,
+        stream: bool | None = None,
+        use_new_handle_api: bool | None = None,
+        **_ignored: Any,
+    ) -> DeploymentHandle:
+        """A handle with some call options changed (the original is unchanged)."""
+        changes: dict[str, Any] = {}
+        if method_name is not None:
+            changes["method_name"] = method_name
+        if multiplexed_model_id is not None:
+            changes["multiplexed_model_id"] = multiplexed_model_id
+        if stream is not None:
+            changes["stream"] = stream
+        return DeploymentHandle(self._dep.name, self._dep.app_name, replace(self._opts, **changes))
+
+    def __getattr__(self, name: str) -> DeploymentHandle:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return self.options(method_name=name)
+
+    def remote(self, *args: Any, **kwargs: Any) -> DeploymentResponse | DeploymentResponseGenerator:
+        """Send one request; returns immediately."""
+        rt = Runtime.get_or_start()
+        opts = self._opts
+        meta = {"multiplexed_model_id": opts.multiplexed_model_id} if opts.multiplexed_model_id else None
+        if opts.stream:
+            return DeploymentResponseGenerator(rt, self._dep, opts.method_name, args, kwargs, meta)
+        coro = _call(rt, self._dep, opts.method_name, args, kwargs, meta)
+        if rt.in_loop():
+            return DeploymentResponse(rt, rt.loop.create_task(coro), None)
+        return DeploymentResponse(rt, None, asyncio.run_coroutine_threadsafe(coro, rt.loop))
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (DeploymentHandle, (self._dep.name, self._dep.app_name, self._opts))
+
+    def __repr__(self) -> str:
+        return f"DeploymentHandle(deployment='{self._dep.name}', app='{self._dep.app_name}')"
+
+
+async def _call(rt: Runtime, dep: DeploymentID, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], meta: Any) -> Any:
+    if _has_response(args, kwargs):
+        args, kwargs = await _resolve_args(args, kwargs)
+    return await rt.router(dep).call(method, args, kwargs, meta)
+
+
+class DeploymentResponse:
+    """The future result of one `handle.remote()` call."""
+
+    __slots__ = ("_cf", "_rt", "_task")
+
+    def __init__(self, rt: Runtime, task: asyncio.Task[Any] | None, cf: concurrent.futures.Future[Any] | None) -> None:
+        self._rt = rt
+        self._task = task
+        self._cf = cf
+
+    def result(self, *, timeout_s: float | None = None) -> Any:
+        """Block until the result is ready (from sync code only)."""
+        if self._cf is None:
+            raise RuntimeError(
+                "DeploymentResponse.result() cannot be called on the event loop that made the "
+                "call; use `await response` instead"
+            )
+        try:
+            return self._cf.result(timeout_s)
+        except concurrent.futures.TimeoutError:
+            raise GetTimeoutError(f"Did not get a result within {timeout_s}s.") from None
+        except concurrent.futures.CancelledError:
+            raise TaskCancelledError("the request was cancelled") from None
+
+    def __await__(self):  # type: ignore[no-untyped-def]
+        if self._task is not None:
+            return self._task.__await__()
+        assert self._cf is not None
+        return asyncio.wrap_future(self._cf).__await__()
+
+    def cancel(self) -> None:
+        """Cancel the request; the replica stops working on it if it already started."""
+        if self._task is not None:
+            self._task.cancel()
+        elif self._cf is not None:
+            self._cf.cancel()
+
+    def cancelled(self) -> bool:
+        f = self._task or self._cf
+        return bool(f and f.cancelled())
+
+
+class DeploymentResponseGenerator:
+    """The items of a streaming call (`handle.options(stream=True)`), iterable sync or async."""
+
+    def __init__(self, rt: Runtime, dep: DeploymentID, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], meta: Any) -> None:
+        self._rt = rt
+        self._agen: Any = None
+        self._start = (dep, method, args, kwargs, meta)
+
+    def _gen(self) -> Any:
+        if self._agen is None:
+            dep, method, args, kwargs, meta = self._start
+            rt = self._rt
+
+            async def agen() -> Any:
+                a, k = (await _resolve_args(args, kwargs)) if _has_response(args, kwargs) else (args, kwargs)
+                async for item in rt.router(dep).stream(method, a, k, meta):
+                    yield item
+
+            self._agen = agen()
+        return self._agen
+
+    def __aiter__(self) -> DeploymentResponseGenerator:
+        return self
+
+    async def __anext__(self) -> Any:
+        if self._rt.in_loop():
+            return await self._gen().__anext__()
+        cf = asyncio.run_coroutine_threadsafe(self._gen().__anext__(), self._rt.loop)
+        return await asyncio.wrap_future(cf)
+
+    def __iter__(self) -> DeploymentResponseGenerator:
+        return self
+
+    def __next__(self) -> Any:
+        if self._rt.in_loop():
+            raise RuntimeError("iterate a streaming response with `async for` on the event loop")
+        cf = asyncio.run_coroutine_threadsafe(self._gen().__anext__(), self._rt.loop)
+        try:
+            return cf.result()
+        except StopAsyncIteration:
+            raise StopIteration from None
+
+    def cancel(self) -> None:
+        if self._agen is not None:
+            asyncio.run_coroutine_threadsafe(self._agen.aclose(), self._rt.loop)

@@ -1,0 +1,130 @@
+"""Status objects returned by `serve.status()`, shaped and named as Ray Serve's."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+
+class ApplicationStatus(str, Enum):
+    NOT_STARTED = "NOT_STARTED"
+    DEPLOYING = "DEPLOYING"
+    DEPLOY_FAILED = "DEPLOY_FAILED"
+    RUNNING = "RUNNING"
+    UNHEALTHY = "UNHEALTHY"
+    DELETING = "DELETING"
+
+
+class DeploymentStatus(str, Enum):
+    UPDATING = "UPDATING"
+    HEALTHY = "HEALTHY"
+    UNHEALTHY = "UNHEALTHY"
+    DEPLOY_FAILED = "DEPLOY_FAILED"
+    UPSCALING = "UPSCALING"
+    DOWNSCALING = "DOWNSCALING"
+
+
+class DeploymentStatusTrigger(str, Enum):
+    UNSPECIFIED = "UNSPECIFIED"
+    CONFIG_UPDATE_STARTED = "CONFIG_UPDATE_STARTED"
+    CONFIG_UPDATE_COMPLETED = "CONFIG_UPDATE_COMPLETED"
+    UPSCALE_COMPLETED = "UPSCALE_COMPLETED"
+    DOWNSCALE_COMPLETED = "DOWNSCALE_COMPLETED"
+    AUTOSCALING = "AUTOSCALING"
+    REPLICA_STARTUP_FAILED = "REPLICA_STARTUP_FAILED"
+    HEALTH_CHECK_FAILED = "HEALTH_CHECK_FAILED"
+    INTERNAL_ERROR = "INTERNAL_ERROR"
+    DELETING = "DELETING"
+
+
+class ReplicaState(str, Enum):
+    """Replica lifecycle: STARTING -> RUNNING -> STOPPING; RUNNING <-> UPDATING (reconfigure).
+
+    A replica waiting for resources is STARTING (its status message says what is short).
+    """
+
+    STARTING = "STARTING"
+    UPDATING = "UPDATING"
+    RECOVERING = "RECOVERING"
+    RUNNING = "RUNNING"
+    STOPPING = "STOPPING"
+    PENDING_MIGRATION = "PENDING_MIGRATION"
+
+
+class ProxyStatus(str, Enum):
+    STARTING = "STARTING"
+    HEALTHY = "HEALTHY"
+    UNHEALTHY = "UNHEALTHY"
+    DRAINING = "DRAINING"
+    DRAINED = "DRAINED"
+
+
+@dataclass
+class AutoscalingStatus:
+    """flotilla extra: what the autoscaler aims for and why."""
+
+    target_replicas: int
+    running_replicas: int
+    last_decision: str = ""
+    last_decision_time_s: float = 0.0
+
+
+@dataclass
+class DeploymentStatusOverview:
+    status: DeploymentStatus
+    status_trigger: DeploymentStatusTrigger = DeploymentStatusTrigger.UNSPECIFIED
+    replica_states: dict[ReplicaState, int] = field(default_factory=dict)
+    message: str = ""
+    target_num_replicas: int = 0
+    autoscaling: AutoscalingStatus | None = None
+
+
+@dataclass
+class ApplicationStatusOverview:
+    status: ApplicationStatus
+    message: str = ""
+    last_deployed_time_s: float = 0.0
+    deployments: dict[str, DeploymentStatusOverview] = field(default_factory=dict)
+    route_prefix: str | None = None
+
+
+@dataclass
+class ServeStatus:
+    proxies: dict[str, ProxyStatus] = field(default_factory=dict)
+    applications: dict[str, ApplicationStatusOverview] = field(default_factory=dict)
+    target_capacity: float | None = None
+
+
+@dataclass(frozen=True)
+class DeploymentID:
+    name: str
+    app_name: str = "default"
+
+    def __str__(self) -> str:
+        return f"{self.app_name}#{self.name}"
+
+
+@dataclass(frozen=True)
+class ReplicaID:
+    unique_id: str
+    deployment_id: DeploymentID
+
+    def to_full_id_str(self) -> str:
+        return f"{self.deployment_id.app_name}#{self.deployment_id.name}#{self.unique_id}"
+
+    def __str__(self) -> str:
+        return self.to_full_id_str()
+
+
+@dataclass
+class ReplicaContext:
+    """What `serve.get_replica_context()` returns inside a replica."""
+
+    app_name: str
+    deployment: str
+    replica_tag: str
+    replica_id: ReplicaID
+    servable_object: Any = None
+    rank: int = 0
+    world_size: int = 1
