@@ -173,7 +173,7 @@ class Runtime:
                 except Exception as e:  # head gone
                     r._fail_queue(e)
 
-            self.loop.create_task(sub())
+            r.subscription = self.loop.create_task(sub())
         return r
 
     # ---- shutdown ---------------------------------------------------------------------

@@ -91,7 +91,7 @@ class ProxyManager:
         logger.warning("HTTP proxy (pid %s) died; restarting it", self.pid)
         self.status = ProxyStatus.STARTING
         self.peer = None
-        asyncio.get_running_loop().create_task(self._relaunch())
+        self._relaunch_task = asyncio.get_running_loop().create_task(self._relaunch())
 
     async def _relaunch(self) -> None:
         try:
@@ -133,11 +133,12 @@ class Head:
         await self.spawner.start()
         server = await serve_unix(self.sock, lambda: RpcPeer(self.handle, name="client"))
         os.chmod(self.sock, 0o600)
-        loop.create_task(self.controller.run())
+        controller_task = loop.create_task(self.controller.run())
         loop.add_reader(0, self._stdin_readable)
         sys.stdout.write(json.dumps({"sock": self.sock, "resources": self.resources}) + "\n")
         sys.stdout.flush()
         await self.done.wait()
+        controller_task.cancel()
         loop.remove_reader(0)
         await self.controller.wait_all_deleted(0)
         await self.proxy.stop()
@@ -151,7 +152,7 @@ class Head:
             data = b""
         if not data:
             logger.info("driver is gone; shutting down")
-            asyncio.get_running_loop().create_task(self._shutdown(graceful=False))
+            self._shutdown_task = asyncio.get_running_loop().create_task(self._shutdown(graceful=False))
 
     async def _shutdown(self, graceful: bool = True) -> None:
         if graceful:
@@ -199,7 +200,7 @@ class Head:
             await c.shutdown()
             return None
         if op == "shutdown":
-            asyncio.get_running_loop().create_task(self._shutdown())
+            self._shutdown_task = asyncio.get_running_loop().create_task(self._shutdown())
             return None
         raise ValueError(f"unknown op {op!r}")
 

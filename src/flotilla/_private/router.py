@@ -53,7 +53,7 @@ class Channel:
 class ReplicaConn:
     """The router's connection to one replica and what it has in flight there."""
 
-    __slots__ = ("_ids", "id", "in_flight", "path", "pending", "proto", "ready", "router")
+    __slots__ = ("_ids", "connecting", "id", "in_flight", "path", "pending", "proto", "ready", "router")
 
     def __init__(self, router: Router, replica_id: str, path: str) -> None:
         self.router = router
@@ -62,6 +62,7 @@ class ReplicaConn:
         self.in_flight = 0
         self.pending: dict[int, Any] = {}
         self.ready = False
+        self.connecting: asyncio.Task[None] | None = None
         self._ids = itertools.count(1)
         self.proto = FrameProtocol(self._on_message, self._on_close)
 
@@ -87,7 +88,7 @@ class ReplicaConn:
         code = msg[1]
         if h.__class__ is Channel:
             h.push(msg)
-            if code == END or code == ERR:
+            if code in (END, ERR):
                 del self.pending[rid]
             return
         if code == HSTART:
@@ -128,6 +129,7 @@ class Router:
         self.max_ongoing = 5
         self.max_queued = -1
         self.exists: bool | None = None  # None until the controller has answered
+        self.subscription: asyncio.Task[None] | None = None
 
     # ---- updates from the controller ----------------------------------------------------
     def update(self, info: dict[str, Any]) -> None:
@@ -148,7 +150,7 @@ class Router:
             if rid not in self.replicas:
                 conn = ReplicaConn(self, rid, path)
                 self.replicas[rid] = conn
-                loop.create_task(conn.connect())
+                conn.connecting = loop.create_task(conn.connect())
         if not self.exists:
             self._fail_queue(self._unavailable())
         else:

@@ -36,7 +36,7 @@ class Spawner:
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
         )
-        loop.create_task(self._read())
+        self._reader = loop.create_task(self._read())
 
     async def _read(self) -> None:
         assert self._proc is not None and self._proc.stdout is not None

@@ -10,9 +10,9 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
-    "Application": "deployment",
+    "Application": "deployments",
     "AutoscalingConfig": "config",
-    "Deployment": "deployment",
+    "Deployment": "deployments",
     "DeploymentConfig": "config",
     "DeploymentHandle": "handle",
     "DeploymentResponse": "handle",
@@ -20,7 +20,7 @@ _EXPORTS = {
     "HTTPOptions": "config",
     "batch": "batching",
     "delete": "api",
-    "deployment": "deployment",
+    "deployment": "deployments",
     "get_app_handle": "api",
     "get_deployment_handle": "api",
     "get_replica_context": "api",
@@ -30,7 +30,26 @@ _EXPORTS = {
     "status": "api",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "Application",
+    "AutoscalingConfig",
+    "Deployment",
+    "DeploymentConfig",
+    "DeploymentHandle",
+    "DeploymentResponse",
+    "DeploymentResponseGenerator",
+    "HTTPOptions",
+    "batch",
+    "delete",
+    "deployment",
+    "get_app_handle",
+    "get_deployment_handle",
+    "get_replica_context",
+    "run",
+    "shutdown",
+    "start",
+    "status",
+]
 
 
 def __getattr__(name: str) -> Any:
@@ -59,7 +78,7 @@ if TYPE_CHECKING:
     )
     from flotilla.serve.batching import batch
     from flotilla.serve.config import AutoscalingConfig, DeploymentConfig, HTTPOptions
-    from flotilla.serve.deployment import Application, Deployment, deployment
+    from flotilla.serve.deployments import Application, Deployment, deployment
     from flotilla.serve.handle import (
         DeploymentHandle,
         DeploymentResponse,

@@ -15,7 +15,7 @@ import cloudpickle
 from flotilla._private import context
 from flotilla._private.client import Runtime
 from flotilla.serve.config import HTTPOptions, validate
-from flotilla.serve.deployment import Application, Deployment
+from flotilla.serve.deployments import Application, Deployment
 from flotilla.serve.exceptions import ConfigError, RayServeException
 from flotilla.serve.handle import DeploymentHandle
 from flotilla.serve.schema import ReplicaContext, ServeStatus

@@ -1,19 +1,12 @@
 """Request batching: ``@serve.batch`` and the runtime's deployment-level batching.
 
-Each caller submits one item and awaits one result. A `BatchQueue` gathers items into lists
-and calls the user's function once per list. A batch is flushed as soon as it is full
-(``max_batch_size`` items), or ``batch_wait_timeout_s`` after its first item arrived (on the
-running loop's monotonic clock). At most ``max_concurrent_batches`` batches run at once; the
-next batch is formed when a slot is free, so items that waited for a slot go out at once.
-
-Async generator functions stream: each yielded value is a sequence with one element per
-caller, and every caller iterates its own async generator. A caller's stream ends early when
-its element is ``StopIteration`` or ``StopAsyncIteration`` (the class or an instance).
-
-Queues hold asyncio objects, so their runtime state is created lazily inside the running loop
-(and afresh if a later call comes from another loop): one queue per decorated function, and
-one per instance for methods (functions whose first parameter is named ``self``). A caller
-cancelled before its item is taken into a batch is skipped; the others are unaffected.
+Callers submit one item each; a `BatchQueue` calls the user's function once per list of items.
+A batch goes out when full (``max_batch_size``) or ``batch_wait_timeout_s`` after its first
+item arrived (loop clock), with at most ``max_concurrent_batches`` running; the next batch is
+formed when a slot frees up. Async generator functions stream: each yield is a list with one
+element per caller, and ``StopIteration`` (class or instance) as an element ends that caller's
+stream. Queue state lives in the running loop and is created lazily: one queue per function,
+one per instance for methods (first parameter ``self``). Cancelled callers are skipped.
 """
 
 from __future__ import annotations
@@ -69,15 +62,12 @@ def _check_timeout(value: Any) -> float:
 
 
 def _check_results(results: Any, n: int) -> None:
-    if isinstance(results, str | bytes | Mapping) or not hasattr(results, "__len__"):
+    sized = hasattr(results, "__len__") and not isinstance(results, str | bytes | Mapping)
+    if not sized or len(results) != n:
+        got = len(results) if sized else type(results).__name__
         raise BatchResultError(
-            f"batch function must return a list with one result per input (expected length "
-            f"{n}), got {type(results).__name__}"
-        )
-    if len(results) != n:
-        raise BatchResultError(
-            f"batch function must return one result per input: expected length {n}, "
-            f"got {len(results)}"
+            f"batch function must return a list with one result per input: "
+            f"expected length {n}, got {got}"
         )
 
 
@@ -174,17 +164,8 @@ class BatchQueue:
 
     def _poke(self) -> None:
         """Make the worker re-read its settings; safe from any thread."""
-        loop = self._loop
-        if loop is None or loop.is_closed():
-            return
-        try:
-            same_loop = asyncio.get_running_loop() is loop
-        except RuntimeError:
-            same_loop = False
-        if same_loop:
-            self._wake.set()
-        else:
-            loop.call_soon_threadsafe(self._wake.set)
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._wake.set)
 
     async def submit(self, payload: Any) -> Any:
         """Queue one item and wait for its result."""
@@ -254,12 +235,8 @@ class BatchQueue:
                 await wake.wait()
                 continue
             deadline = pending[0].t + self._timeout
-            if loop.time() >= deadline:
-                batch: list[_Item] = []
-                while pending and len(batch) < self._max:
-                    item = pending.popleft()
-                    batch.append(item)  # gone items are filtered out in _execute
-                return batch
+            if loop.time() >= deadline or self._full():
+                return [pending.popleft() for _ in range(min(self._max, len(pending)))]
             wake.clear()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout_at(deadline):
@@ -336,10 +313,9 @@ def _async_kind(fn: Any) -> str | None:
 
 
 def _signature(fn: Any) -> inspect.Signature | None:
-    try:
+    with contextlib.suppress(TypeError, ValueError):
         return inspect.signature(fn)
-    except (TypeError, ValueError):
-        return None
+    return None
 
 
 def _collate(payloads: list[Any], sig: inspect.Signature | None) -> tuple[list[list], dict]:

@@ -1,0 +1,68 @@
+"""Shared fixtures: one real flotilla cluster per test module, on a free port."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+import flotilla
+from flotilla import serve
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(pred: Callable[[], Any], timeout: float = 20.0, interval: float = 0.02, what: str = "") -> Any:
+    """Poll `pred` until it returns something truthy, or fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = pred()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what or pred}: last={last!r}")
+
+
+def flotilla_pids() -> list[int]:
+    """PIDs of every flotilla process (head, zygote, proxy, replicas) on this machine."""
+    pids = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read()
+        except OSError:
+            continue
+        if b"flotilla._private" in cmd:
+            pids.append(int(pid))
+    return pids
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[str]:
+    """A running cluster with 8 CPUs and 2 (declared) GPUs; yields the HTTP base URL."""
+    if flotilla.is_initialized():
+        flotilla.shutdown()
+    flotilla.init(num_cpus=8, num_gpus=2, resources={"custom_res": 2, "accelerator_type:A100": 1})
+    port = free_port()
+    serve.start(http_options={"port": port})
+    yield f"http://127.0.0.1:{port}"
+    flotilla.shutdown()
+
+
+@pytest.fixture
+def url(cluster: str) -> Iterator[str]:
+    """The cluster's URL; every app is deleted after the test."""
+    yield cluster
+    for name in list(serve.status().applications):
+        serve.delete(name)

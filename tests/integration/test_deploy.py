@@ -1,0 +1,193 @@
+"""serve.run, handles, composition, status, delete, route prefixes: real processes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import httpx
+import pytest
+
+from flotilla import serve
+from flotilla.exceptions import GetTimeoutError
+from flotilla.serve.exceptions import ConfigError, RayServeException
+
+pytestmark = pytest.mark.slow
+
+
+class MyError(Exception):
+    pass
+
+
+@serve.deployment
+class Echo:
+    def __init__(self, prefix: str = ""):
+        self.prefix = prefix
+
+    def __call__(self, x):
+        return f"{self.prefix}{x}"
+
+    async def add(self, a, b=0):
+        return a + b
+
+    def fail(self, kind):
+        if kind == "value":
+            raise ValueError("bad value 42")
+        raise MyError("custom")
+
+    def pid(self):
+        return os.getpid()
+
+    def context(self):
+        ctx = serve.get_replica_context()
+        return ctx.app_name, ctx.deployment, ctx.replica_tag
+
+
+def test_run_returns_handle_and_calls_work(url):
+    h = serve.run(Echo.bind("> "), name="echo", route_prefix="/echo")
+    assert h.remote("hi").result() == "> hi"
+    assert h.add.remote(1, b=2).result(timeout_s=10) == 3
+    assert h.options(method_name="add").remote(5).result() == 5
+    st = serve.status()
+    app = st.applications["echo"]
+    assert app.status == "RUNNING"
+    assert app.deployments["Echo"].status == "HEALTHY"
+    assert app.deployments["Echo"].replica_states == {"RUNNING": 1}
+    assert st.proxies and all(p == "HEALTHY" for p in st.proxies.values())
+
+
+def test_user_exceptions_keep_their_type_and_traceback(url):
+    h = serve.run(Echo.bind(), name="exc", route_prefix=None)
+    with pytest.raises(ValueError, match="bad value 42") as info:
+        h.fail.remote("value").result()
+    assert "Traceback" in str(info.value) and "in fail" in str(info.value)
+    with pytest.raises(MyError):
+        h.fail.remote("custom").result()
+    # The replica keeps serving after user errors.
+    assert h.remote(1).result() == "1"
+
+
+def test_unknown_method_raises(url):
+    h = serve.run(Echo.bind(), name="nometh", route_prefix=None)
+    with pytest.raises(AttributeError, match="nope"):
+        h.nope.remote().result()
+
+
+def test_result_timeout(url):
+    @serve.deployment
+    class Slow:
+        async def __call__(self):
+            await asyncio.sleep(2)
+
+    h = serve.run(Slow.bind(), name="slow", route_prefix=None)
+    with pytest.raises(GetTimeoutError):
+        h.remote().result(timeout_s=0.1)
+    with pytest.raises(TimeoutError):
+        h.remote().result(timeout_s=0.1)
+
+
+def test_function_deployment_and_replica_context(url):
+    @serve.deployment
+    def double(x):
+        return 2 * x
+
+    h = serve.run(double.bind(), name="fn", route_prefix=None)
+    assert h.remote(21).result() == 42
+    h2 = serve.run(Echo.bind(), name="ctx", route_prefix=None)
+    app, dep, tag = h2.context.remote().result()
+    assert (app, dep) == ("ctx", "Echo") and tag
+    with pytest.raises(RayServeException):
+        serve.get_replica_context()
+
+
+def test_composition_passes_handles_and_responses(url):
+    @serve.deployment
+    class Adder:
+        def __init__(self, n):
+            self.n = n
+
+        def __call__(self, x):
+            return x + self.n
+
+    @serve.deployment
+    class Pipeline:
+        def __init__(self, first, second):
+            self.first, self.second = first, second
+
+        async def __call__(self, x):
+            # A response passed to another call is resolved first.
+            r1 = self.first.remote(x)
+            return await self.second.remote(r1)
+
+        def sync_path(self, x):
+            return self.second.remote(self.first.remote(x).result()).result()
+
+    app = Pipeline.bind(Adder.bind(1), Adder.options(name="Adder2").bind(10))
+    h = serve.run(app, name="pipe", route_prefix="/pipe")
+    assert h.remote(5).result() == 16
+    assert h.sync_path.remote(0).result() == 11
+    deps = serve.status().applications["pipe"].deployments
+    assert set(deps) == {"Pipeline", "Adder", "Adder2"}
+    # Responses can be chained from the driver too.
+    a = serve.get_deployment_handle("Adder", "pipe")
+    assert a.remote(a.remote(1)).result() == 3
+
+
+def test_same_deployment_bound_twice_gets_unique_names(url):
+    @serve.deployment
+    class Leaf:
+        def __init__(self, v):
+            self.v = v
+
+        def __call__(self):
+            return self.v
+
+    @serve.deployment
+    class Root:
+        def __init__(self, a, b):
+            self.a, self.b = a, b
+
+        async def __call__(self):
+            return [await self.a.remote(), await self.b.remote()]
+
+    h = serve.run(Root.bind(Leaf.bind(1), Leaf.bind(2)), name="twice", route_prefix=None)
+    assert h.remote().result() == [1, 2]
+    assert len(serve.status().applications["twice"].deployments) == 3
+
+
+def test_await_response_from_async_driver_code(url):
+    h = serve.run(Echo.bind(), name="asyncdrv", route_prefix=None)
+
+    async def main():
+        results = await asyncio.gather(*[h.add.remote(i, b=1) for i in range(20)])
+        return results
+
+    assert asyncio.run(main()) == list(range(1, 21))
+
+
+def test_get_handles_and_delete(url):
+    serve.run(Echo.bind("x"), name="gh", route_prefix="/gh")
+    assert serve.get_app_handle("gh").remote(1).result() == "x1"
+    assert serve.get_deployment_handle("Echo", "gh").remote(2).result() == "x2"
+    with pytest.raises(RayServeException):
+        serve.get_app_handle("missing")
+    serve.delete("gh")
+    assert "gh" not in serve.status().applications
+    assert httpx.post(f"{url}/gh", json=1).status_code == 404
+
+
+def test_route_prefix_conflict_is_refused_and_first_app_keeps_serving(url):
+    serve.run(Echo.bind("a"), name="a", route_prefix="/same")
+    with pytest.raises(ConfigError, match="/same"):
+        serve.run(Echo.bind("b"), name="b", route_prefix="/same")
+    assert "b" not in serve.status().applications
+    r = httpx.post(f"{url}/same", content=b"")
+    assert r.status_code == 200
+    assert serve.get_app_handle("a").remote(1).result() == "a1"
+
+
+def test_multiple_replicas_spread_load(url):
+    h = serve.run(Echo.options(num_replicas=3).bind(), name="three", route_prefix=None)
+    assert serve.status().applications["three"].deployments["Echo"].replica_states == {"RUNNING": 3}
+    pids = {h.pid.remote().result() for _ in range(60)}
+    assert len(pids) == 3

@@ -1,0 +1,117 @@
+"""Deployment options are validated at definition time, with messages naming the field."""
+
+from __future__ import annotations
+
+import pytest
+
+from flotilla import serve
+from flotilla.serve.exceptions import ConfigError
+
+
+def f(x):
+    return x
+
+
+def test_defaults_match_ray_serve():
+    d = serve.deployment(f)
+    assert d.name == "f"
+    assert d.max_ongoing_requests == 5
+    assert d.max_queued_requests == -1
+    cfg = d.config
+    assert cfg.num_replicas is None and cfg.initial_replicas == 1
+    assert cfg.health_check_period_s == 10.0
+    assert cfg.health_check_timeout_s == 30.0
+    assert cfg.graceful_shutdown_wait_loop_s == 2.0
+    assert cfg.graceful_shutdown_timeout_s == 20.0
+    assert cfg.ray_actor_options.num_cpus == 1.0
+    assert cfg.ray_actor_options.num_gpus == 0.0
+
+
+def test_decorator_with_and_without_arguments():
+    @serve.deployment
+    class A:
+        pass
+
+    @serve.deployment(name="b", num_replicas=3, ray_actor_options={"num_cpus": 0.5, "num_gpus": 0.25})
+    class B:
+        pass
+
+    assert A.name == "A"
+    assert B.name == "b" and B.num_replicas == 3
+    assert B.ray_actor_options == {"num_cpus": 0.5, "num_gpus": 0.25}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"num_replicas": -1}, "num_replicas"),
+        ({"num_replicas": "many"}, "num_replicas"),
+        ({"max_ongoing_requests": 0}, "max_ongoing_requests"),
+        ({"max_ongoing_requests": "x"}, "max_ongoing_requests"),
+        ({"max_queued_requests": 0}, "max_queued_requests"),
+        ({"ray_actor_options": {"num_cpus": -1}}, "ray_actor_options.num_cpus"),
+        ({"ray_actor_options": {"num_gpus": 1.5}}, "ray_actor_options.num_gpus"),
+        ({"ray_actor_options": {"nmu_cpus": 1}}, "ray_actor_options.nmu_cpus"),
+        ({"ray_actor_options": {"resources": {"x": -2}}}, "ray_actor_options.resources"),
+        ({"ray_actor_options": {"runtime_env": {"env_vars": {"A": 1}}}}, "ray_actor_options.runtime_env"),
+        ({"health_check_period_s": 0}, "health_check_period_s"),
+        ({"graceful_shutdown_timeout_s": -1}, "graceful_shutdown_timeout_s"),
+        ({"user_config": {"f": object()}}, "user_config"),
+        ({"autoscaling_config": {"min_replicas": 3, "max_replicas": 2}}, "autoscaling_config"),
+        ({"autoscaling_config": {"bogus": 1}}, "autoscaling_config.bogus"),
+        ({"num_replicas": 2, "autoscaling_config": {"max_replicas": 3}}, "autoscaling_config"),
+        ({"max_batch_size": 0}, "max_batch_size"),
+    ],
+)
+def test_bad_options_name_the_field(kwargs, field):
+    with pytest.raises(ConfigError) as info:
+        serve.deployment(**kwargs)(f)
+    msg = str(info.value)
+    assert field.split(".")[0] in msg
+    # ConfigError is both a ValueError and a TypeError, whichever a port's code catches.
+    assert isinstance(info.value, ValueError) and isinstance(info.value, TypeError)
+
+
+def test_unknown_option_is_rejected():
+    with pytest.raises(ConfigError, match="not_an_option"):
+        serve.deployment(not_an_option=1)(f)
+    with pytest.raises(ConfigError, match="bogus"):
+        serve.deployment(f).options(bogus=2)
+
+
+def test_options_returns_a_changed_copy():
+    d = serve.deployment(num_replicas=2)(f)
+    d2 = d.options(num_replicas=3, name="g")
+    assert (d.num_replicas, d.name) == (2, "f")
+    assert (d2.num_replicas, d2.name) == (3, "g")
+    with pytest.raises(ConfigError, match="max_ongoing_requests"):
+        d.options(max_ongoing_requests=-5)
+
+
+def test_num_replicas_auto_gives_ray_defaults():
+    d = serve.deployment(num_replicas="auto")(f)
+    ac = d.autoscaling_config
+    assert ac is not None
+    assert (ac.min_replicas, ac.max_replicas, ac.target_ongoing_requests) == (1, 100, 2.0)
+
+
+def test_deployment_cannot_be_called_directly():
+    d = serve.deployment(f)
+    with pytest.raises(RuntimeError, match="bind"):
+        d()
+
+
+def test_run_rejects_unbound_and_bad_prefix():
+    d = serve.deployment(f)
+    with pytest.raises(TypeError, match="bind"):
+        serve.run(d)
+    for bad in ("api", "/api/", "/a/{x}"):
+        with pytest.raises(ConfigError, match="route_prefix"):
+            serve.run(d.bind(), route_prefix=bad)
+
+
+def test_required_resources():
+    d = serve.deployment(ray_actor_options={"num_cpus": 2, "num_gpus": 0.5, "resources": {"r": 1}, "accelerator_type": "A100"})(f)
+    req = d.config.ray_actor_options.required()
+    assert req["CPU"] == 2 and req["GPU"] == 0.5 and req["r"] == 1
+    assert "accelerator_type:A100" in req

@@ -1,0 +1,24 @@
+"""The public surface is exactly what __all__ says."""
+
+from __future__ import annotations
+
+import flotilla
+from flotilla import serve
+
+
+def test_serve_all_is_importable_and_public():
+    for name in serve.__all__:
+        assert not name.startswith("_")
+        assert getattr(serve, name) is not None
+
+
+def test_ray_serve_names_are_present():
+    for name in ("deployment", "run", "start", "delete", "status", "shutdown", "batch",
+                 "get_app_handle", "get_deployment_handle", "get_replica_context",
+                 "DeploymentHandle", "DeploymentResponse", "Application", "Deployment"):
+        assert name in serve.__all__
+
+
+def test_top_level_api():
+    assert set(flotilla.__all__) >= {"init", "shutdown", "is_initialized", "__version__"}
+    assert not flotilla.is_initialized()
