@@ -153,8 +153,15 @@ class Router:
                 conn.connecting = loop.create_task(conn.connect())
         if not self.exists:
             self._fail_queue(self._unavailable())
-        else:
-            self._dispatch()
+            return
+        self._dispatch()
+        # Requests queued before the limits were known: shed what exceeds them now.
+        while self.max_queued != -1 and len(self.queue) > self.max_queued:
+            fut = self.queue.pop()
+            if not fut.done():
+                fut.set_exception(
+                    BackPressureError(num_queued_requests=len(self.queue), max_queued_requests=self.max_queued)
+                )
 
     def _unavailable(self) -> DeploymentUnavailableError:
         d = self.deployment_id

@@ -157,6 +157,7 @@ def run(
         start()
     rt.call_head("deploy_app", spec)
     handle = DeploymentHandle(ingress, name)
+    handle._warm_up()
     if _blocking:
         _wait_running(rt, name)
         url = rt.call_head("http_url")

@@ -96,6 +96,11 @@ class DeploymentHandle:
             return DeploymentResponse(rt, rt.loop.create_task(coro), None)
         return DeploymentResponse(rt, None, asyncio.run_coroutine_threadsafe(coro, rt.loop))
 
+    def _warm_up(self) -> None:
+        """Create the router now so the first call does not wait for the replica set."""
+        rt = Runtime.get_or_start()
+        rt.loop.call_soon_threadsafe(rt.router, self._dep)
+
     def __reduce__(self):  # type: ignore[no-untyped-def]
         return (DeploymentHandle, (self._dep.name, self._dep.app_name, self._opts))
 

@@ -1,0 +1,227 @@
+"""Failures and lifecycle: crashes, health checks, constructor errors, reconfigure, updates,
+max_ongoing_requests and backpressure."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import os
+import threading
+import time
+
+import httpx
+import pytest
+
+from flotilla import serve
+from flotilla.exceptions import RayActorError
+from flotilla.serve.exceptions import BackPressureError
+from tests.conftest import wait_for
+
+pytestmark = pytest.mark.slow
+
+
+@serve.deployment(health_check_period_s=0.2, health_check_timeout_s=1)
+class Fragile:
+    def __init__(self):
+        self.healthy = True
+
+    def __call__(self):
+        return os.getpid()
+
+    def crash(self):
+        os._exit(1)
+
+    async def hang_then_crash(self):
+        asyncio.get_running_loop().call_later(0.3, os._exit, 1)
+        await asyncio.sleep(60)
+
+    def set_healthy(self, v):
+        self.healthy = v
+
+    def check_health(self):
+        if not self.healthy:
+            raise RuntimeError("unhealthy on purpose")
+
+
+def _running(app):
+    st = serve.status().applications.get(app)
+    return st is not None and st.status == "RUNNING"
+
+
+def test_crashed_replica_is_replaced(url):
+    h = serve.run(Fragile.bind(), name="crash", route_prefix=None)
+    pid = h.remote().result()
+    with pytest.raises(RayActorError):
+        h.crash.remote().result(timeout_s=10)
+
+    def new_pid():
+        try:
+            p = h.remote().result(timeout_s=5)
+        except RayActorError:
+            return None
+        return p if p != pid else None
+
+    wait_for(new_pid, what="a replacement replica")
+    wait_for(lambda: _running("crash"), what="app RUNNING again")
+
+
+def test_in_flight_request_fails_fast_when_replica_dies(url):
+    h = serve.run(Fragile.bind(), name="inflight", route_prefix=None)
+    t0 = time.monotonic()
+    with pytest.raises(RayActorError, match="died"):
+        h.hang_then_crash.remote().result(timeout_s=20)
+    assert time.monotonic() - t0 < 5
+
+
+def test_failed_health_check_replaces_replica(url):
+    h = serve.run(Fragile.bind(), name="health", route_prefix=None)
+    pid = h.remote().result()
+    h.set_healthy.remote(False).result()
+    wait_for(lambda: h.remote().result(timeout_s=10) != pid, timeout=20, what="replacement after health check")
+    wait_for(lambda: _running("health"), what="RUNNING again")
+
+
+def test_constructor_failure_is_deploy_failed_with_traceback(url):
+    @serve.deployment
+    class Broken:
+        def __init__(self):
+            raise ZeroDivisionError("ctor exploded")
+
+    with pytest.raises(RuntimeError, match="ctor exploded"):
+        serve.run(Broken.bind(), name="broken", route_prefix=None)
+    app = serve.status().applications["broken"]
+    assert app.status == "DEPLOY_FAILED"
+    assert "ZeroDivisionError" in app.deployments["Broken"].message
+    assert app.deployments["Broken"].status == "DEPLOY_FAILED"
+
+
+@serve.deployment(user_config={"greeting": "hello"})
+class Configurable:
+    def __init__(self):
+        self.calls = 0
+
+    def reconfigure(self, config):
+        self.calls += 1
+        self.greeting = config["greeting"]
+
+    def __call__(self):
+        return self.greeting, self.calls, os.getpid()
+
+
+def test_reconfigure_runs_at_start_and_on_new_user_config_without_restart(url):
+    h = serve.run(Configurable.bind(), name="cfg", route_prefix=None)
+    greeting, calls, pid = h.remote().result()
+    assert (greeting, calls) == ("hello", 1)
+    h = serve.run(Configurable.options(user_config={"greeting": "hi"}).bind(), name="cfg", route_prefix=None)
+    wait_for(lambda: h.remote().result()[0] == "hi", what="new user_config")
+    greeting, calls, pid2 = h.remote().result()
+    assert (greeting, calls, pid2) == ("hi", 2, pid)
+
+
+def test_code_update_replaces_replicas_without_failing_requests(url):
+    @serve.deployment(num_replicas=2, graceful_shutdown_wait_loop_s=0.05)
+    class V:
+        def __init__(self, version):
+            self.version = version
+
+        async def __call__(self, *args):
+            await asyncio.sleep(0.01)
+            return self.version
+
+    h = serve.run(V.bind(1), name="upd", route_prefix="/upd")
+    stop = threading.Event()
+    errors: list[BaseException] = []
+    seen: set[int] = set()
+
+    def load():
+        with httpx.Client(base_url=url, timeout=30) as c:
+            while not stop.is_set():
+                try:
+                    r = c.get("/upd")
+                    if r.status_code != 200:
+                        errors.append(AssertionError(r.status_code))
+                    else:
+                        seen.add(r.json())
+                except Exception as e:
+                    errors.append(e)
+                try:
+                    seen.add(h.remote().result(timeout_s=30))
+                except Exception as e:
+                    errors.append(e)
+
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    for t in threads:
+        t.start()
+    wait_for(lambda: 1 in seen, what="v1 responses")
+    serve.run(V.bind(2), name="upd", route_prefix="/upd")
+    wait_for(lambda: h.remote().result() == 2, what="v2")
+    time.sleep(0.3)  # keep load going across the end of the rollout
+    stop.set()
+    for t in threads:
+        t.join()
+    assert not errors, errors[:3]
+    assert seen == {1, 2}
+    wait_for(lambda: serve.status().applications["upd"].deployments["V"].replica_states == {"RUNNING": 2}, what="2 running")
+
+
+def test_max_ongoing_requests_is_never_exceeded(url):
+    @serve.deployment(max_ongoing_requests=2)
+    class Counter:
+        def __init__(self):
+            self.now = 0
+            self.peak = 0
+
+        async def __call__(self, *args):
+            self.now += 1
+            self.peak = max(self.peak, self.now)
+            await asyncio.sleep(0.05)
+            self.now -= 1
+
+        def peak_seen(self):
+            return self.peak
+
+    h = serve.run(Counter.bind(), name="limit", route_prefix="/limit")
+    # Two independent routers (driver handle and HTTP proxy) send at once.
+    with httpx.Client(base_url=url, timeout=30) as c, concurrent.futures.ThreadPoolExecutor(8) as pool:
+        futs = [pool.submit(c.get, "/limit") for _ in range(10)]
+        resps = [h.remote() for _ in range(10)]
+        for r in resps:
+            r.result(timeout_s=30)
+        assert all(f.result().status_code == 200 for f in futs)
+    assert h.peak_seen.remote().result() == 2
+
+
+def test_sync_methods_do_not_block_the_event_loop(url):
+    @serve.deployment(max_ongoing_requests=4)
+    class Blocking:
+        def __call__(self):
+            time.sleep(0.3)
+            return 1
+
+        async def ping(self):
+            return "pong"
+
+    h = serve.run(Blocking.bind(), name="block", route_prefix=None)
+    slow = [h.remote() for _ in range(2)]
+    t0 = time.monotonic()
+    assert h.ping.remote().result() == "pong"
+    assert time.monotonic() - t0 < 0.25
+    assert [r.result() for r in slow] == [1, 1]
+
+
+def test_backpressure_503_and_BackPressureError(url):
+    @serve.deployment(max_ongoing_requests=1, max_queued_requests=1)
+    class Busy:
+        async def __call__(self, *args):
+            await asyncio.sleep(0.5)
+            return "done"
+
+    h = serve.run(Busy.bind(), name="bp", route_prefix="/bp")
+    first = h.remote()
+    second = h.remote()  # queued
+    with pytest.raises(BackPressureError):
+        h.remote().result(timeout_s=5)
+    assert first.result() == "done" and second.result() == "done"
+    with httpx.Client(base_url=url, timeout=30) as c, concurrent.futures.ThreadPoolExecutor(6) as pool:
+        codes = sorted(f.result().status_code for f in [pool.submit(c.get, "/bp") for _ in range(6)])
+    assert 503 in codes and 200 in codes
