@@ -32,20 +32,37 @@ def wait_for(pred: Callable[[], Any], timeout: float = 20.0, interval: float = 0
     raise AssertionError(f"timed out after {timeout}s waiting for {what or pred}: last={last!r}")
 
 
-def flotilla_pids() -> list[int]:
-    """PIDs of every flotilla process (head, zygote, proxy, replicas) on this machine."""
-    pids = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
+def descendants(root: int) -> set[int]:
+    """PIDs of every live process below `root` (children, grandchildren, ...)."""
+    parent: dict[int, int] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
             continue
         try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                cmd = f.read()
+            with open(f"/proc/{name}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if b"flotilla._private" in cmd:
-            pids.append(int(pid))
-    return pids
+        if fields[0] != "Z":
+            parent[int(name)] = int(fields[1])
+    found: set[int] = set()
+    frontier = {root}
+    while frontier:
+        frontier = {p for p, pp in parent.items() if pp in frontier} - found
+        found |= frontier
+    return found
+
+
+def alive(pids: set[int]) -> set[int]:
+    out = set()
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] != "Z":
+                    out.add(pid)
+        except OSError:
+            pass
+    return out
 
 
 @pytest.fixture(scope="module")
