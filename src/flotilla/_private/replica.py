@@ -16,6 +16,7 @@ import asyncio
 import contextvars
 import functools
 import inspect
+import json
 import logging
 import os
 import sys
@@ -45,6 +46,69 @@ from flotilla.serve.schema import DeploymentID, ReplicaContext, ReplicaID
 
 logger = logging.getLogger("flotilla.replica")
 
+_SYNC, _ASYNC, _ON_LOOP = 0, 1, 2  # how a user method is invoked
+
+
+class _Ready:
+    """Awaitable that is already done (for `await request.json()` on a parsed body)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __await__(self):  # type: ignore[no-untyped-def]
+        return self.value
+        yield  # pragma: no cover
+
+
+class _AwaitableDict(dict):  # type: ignore[type-arg]
+    def __await__(self):  # type: ignore[no-untyped-def]
+        return self
+        yield  # pragma: no cover
+
+
+class _AwaitableList(list):  # type: ignore[type-arg]
+    def __await__(self):  # type: ignore[no-untyped-def]
+        return self
+        yield  # pragma: no cover
+
+
+class _AwaitableBytes(bytes):
+    def __await__(self):  # type: ignore[no-untyped-def]
+        return bytes(self)
+        yield  # pragma: no cover
+
+
+def _make_request_class() -> type:
+    from starlette.requests import Request
+
+    class ServeRequest(Request):
+        """A Starlette Request whose body has already arrived.
+
+        `await request.json()` works as usual; so does the synchronous `request.json()` that
+        the seed articles (and many Ray Serve examples) write: for a JSON object or array the
+        result is the parsed value itself, which is also awaitable.
+        """
+
+        def body(self):  # type: ignore[override]
+            return _AwaitableBytes(self._body)
+
+        def json(self):  # type: ignore[override]
+            if not hasattr(self, "_json"):
+                self._json = json.loads(self._body)
+            value = self._json
+            if isinstance(value, dict):
+                return _AwaitableDict(value)
+            if isinstance(value, list):
+                return _AwaitableList(value)
+            return _Ready(value)
+
+    return ServeRequest
+
+
+_request_class: Any = None
+
 
 class Replica:
     def __init__(self, args: dict[str, Any]) -> None:
@@ -57,7 +121,7 @@ class Replica:
         self.ongoing = 0
         self.waiters: deque[asyncio.Future[None]] = deque()
         self.tasks: dict[tuple[int, int], asyncio.Task[None]] = {}
-        self.methods: dict[str, tuple[Any, bool]] = {}
+        self.methods: dict[str, tuple[Any, int]] = {}
         self.pool: ThreadPoolExecutor | None = None
         self.stopped = asyncio.Event()
         self.head: RpcPeer | None = None
@@ -121,7 +185,7 @@ class Replica:
             from flotilla.serve.batching import batched_caller
 
             fn = batched_caller(fn, cfg["max_batch_size"], cfg.get("batch_wait_timeout_s", 0.0))
-            self.methods["__call__"] = (fn, True)
+            self.methods["__call__"] = (fn, _ASYNC)
         return fn
 
     async def _reconfigure(self, user_config: Any) -> None:
@@ -247,15 +311,17 @@ class Replica:
             _, _, method, args, kwargs, meta = msg
             if meta is not None:
                 context.request_meta.set(meta)
-            fn, is_async = self.methods.get(method) or self._resolve(method)
-            if is_async:
+            fn, mode = self.methods.get(method) or self._resolve(method)
+            if mode == _ASYNC:
                 result = await fn(*args, **kwargs)
+            elif mode == _ON_LOOP:
+                result = fn(*args, **kwargs)
             else:
                 result = await self._invoke(fn, args, kwargs)
             if kind == STREAM:
                 await self._stream(proto, rid, result)
                 return
-            if inspect.isgenerator(result) or inspect.isasyncgen(result):
+            if inspect.isgenerator(result) or inspect.isasyncgen(result) or hasattr(result, "__aiter__"):
                 raise TypeError(
                     f"Method '{method}' returned a generator. Call it with "
                     "handle.options(stream=True) to receive its items."
@@ -273,7 +339,7 @@ class Replica:
             self.tasks.pop(key, None)
             self._release()
 
-    def _resolve(self, method: str) -> tuple[Any, bool]:
+    def _resolve(self, method: str) -> tuple[Any, int]:
         if self.is_function:
             if method != "__call__":
                 raise AttributeError(f"function deployments only have __call__, not {method!r}")
@@ -284,12 +350,18 @@ class Replica:
                 raise AttributeError(
                     f"deployment '{self.args['deployment']}' has no method {method!r}"
                 )
-        entry = (fn, inspect.iscoroutinefunction(fn))
+        if inspect.iscoroutinefunction(fn):
+            mode = _ASYNC
+        elif inspect.isasyncgenfunction(fn) or hasattr(fn, "batch_queue"):
+            mode = _ON_LOOP  # returns an async iterator; must be created on the loop
+        else:
+            mode = _SYNC
+        entry = (fn, mode)
         self.methods[method] = entry
         return entry
 
     async def _stream(self, proto: FrameProtocol, rid: int, result: Any) -> None:
-        if inspect.isasyncgen(result):
+        if inspect.isasyncgen(result) or hasattr(result, "__aiter__"):
             async for item in result:
                 proto.send_raw(frame((rid, YIELD, item)))
         elif inspect.isgenerator(result):
@@ -314,9 +386,11 @@ class Replica:
     async def _handle_http(
         self, proto: FrameProtocol, rid: int, scope: dict[str, Any], body: bytes, meta: Any
     ) -> None:
-        from starlette.requests import Request
         from starlette.responses import Response
 
+        global _request_class
+        if _request_class is None:
+            _request_class = _make_request_class()
         if meta is not None:
             context.request_meta.set(meta)
         body_sent = False
@@ -335,7 +409,8 @@ class Replica:
                 raise TypeError(
                     f"deployment '{self.args['deployment']}' has no __call__ to handle HTTP requests"
                 )
-            request = Request(scope, receive)
+            request = _request_class(scope, receive)
+            request._body = body
             if inspect.iscoroutinefunction(fn):
                 result = await fn(request)
             else:

@@ -149,6 +149,16 @@ class DeploymentConfig(BaseModel):
             )
         return self
 
+    @model_validator(mode="after")
+    def _batching_needs_room(self) -> DeploymentConfig:
+        if self.max_batch_size and self.max_ongoing_requests < self.max_batch_size:
+            if "max_ongoing_requests" not in self.model_fields_set:
+                # Let a replica receive a whole batch at once.
+                object.__setattr__(self, "max_ongoing_requests", self.max_batch_size)
+            else:
+                warn_small_limit(self.name, self.max_ongoing_requests, self.max_batch_size)
+        return self
+
     @property
     def initial_replicas(self) -> int:
         if self.autoscaling_config is not None:
@@ -156,6 +166,16 @@ class DeploymentConfig(BaseModel):
 
             return initial_target(self.autoscaling_config)
         return 1 if self.num_replicas is None else int(self.num_replicas)  # type: ignore[arg-type]
+
+
+def warn_small_limit(name: str, max_ongoing: int, max_batch: int) -> None:
+    warnings.warn(
+        f"deployment '{name}': max_ongoing_requests={max_ongoing} is below max_batch_size="
+        f"{max_batch}, so a replica never holds enough requests to fill a batch; set "
+        f"max_ongoing_requests >= {max_batch}",
+        UserWarning,
+        stacklevel=4,
+    )
 
 
 class HTTPOptions(BaseModel):

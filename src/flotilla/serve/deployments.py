@@ -6,7 +6,7 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
-from flotilla.serve.config import DeploymentConfig, validate
+from flotilla.serve.config import DeploymentConfig, validate, warn_small_limit
 from flotilla.serve.exceptions import ConfigError
 
 __all__ = ["Application", "Deployment", "deployment"]
@@ -21,6 +21,11 @@ class Deployment:
         self._target = func_or_class
         self._options = options
         self._config: DeploymentConfig = validate(DeploymentConfig, options, f"options of deployment '{options.get('name')}'")
+        if inspect.isclass(func_or_class):
+            for value in vars(func_or_class).values():
+                size = getattr(value, "_opts", {}).get("max_batch_size") if hasattr(value, "_opts") else None
+                if isinstance(size, int) and self._config.max_ongoing_requests < size:
+                    warn_small_limit(self._config.name, self._config.max_ongoing_requests, size)
 
     @property
     def name(self) -> str:

@@ -1,0 +1,243 @@
+"""The benchmark app, written once for every Serve system.
+
+This file runs as is for flotilla. For Ray Serve, bench/systems.py renders a copy in
+which the two lines marked `BENCH-IMPORT` say `ray` instead of `flotilla`; nothing else
+differs.
+
+    python serve_app.py MODE CONFIG_JSON
+
+Modes (each one process: the "driver" of the system under test):
+  serve      deploy apps, print {"event": "ready"}, serve until stdin closes, shut down
+  handle     call the deployment through a handle from this driver; print a result
+  deploy     time `serve.run` of a 4-replica app on an already running cluster
+  memory     deploy 0, 1, then 4 replicas, stopping after each for the parent to measure
+  autoscale  time an autoscaling deployment going 1 -> 4 -> 1 replicas under 8 clients
+Output: one JSON object per line on stdout; logs go to stderr.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import threading
+import time
+import traceback
+import urllib.request
+from typing import Any
+
+import flotilla as runtime  # BENCH-IMPORT
+from flotilla import serve  # BENCH-IMPORT
+
+NO_CPU = {"num_cpus": 0}  # 4 replicas must fit on a 2-core cluster
+
+
+@serve.deployment(ray_actor_options=NO_CPU)
+class Echo:
+    """The app: answers a POST with a tiny JSON body."""
+
+    async def __call__(self, request: Any) -> dict[str, bool]:
+        await request.body()
+        return {"ok": True}
+
+    async def ping(self, x: int) -> dict[str, bool]:
+        return {"ok": True}
+
+
+@serve.deployment(ray_actor_options=NO_CPU)
+class EchoBatched:
+    """The same handler, with requests grouped by `@serve.batch`."""
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    async def handle_batch(self, bodies: list[bytes]) -> list[dict[str, bool]]:
+        return [{"ok": True} for _ in bodies]
+
+    async def __call__(self, request: Any) -> dict[str, bool]:
+        return await self.handle_batch(await request.body())
+
+
+@serve.deployment(ray_actor_options=NO_CPU)
+class Sleeper:
+    """A 100 ms request, for autoscaling."""
+
+    async def __call__(self, request: Any) -> dict[str, bool]:
+        await request.body()
+        await asyncio.sleep(0.1)
+        return {"ok": True}
+
+
+DEPLOYMENTS = {"Echo": Echo, "EchoBatched": EchoBatched, "Sleeper": Sleeper}
+
+
+def emit(**obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+def start(cfg: dict[str, Any]) -> None:
+    runtime.init(num_cpus=cfg.get("num_cpus", 2), include_dashboard=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": cfg["port"]})
+
+
+def wait_for_parent() -> str:
+    """Block until the parent writes a line (returned) or closes stdin ("")."""
+    return sys.stdin.readline().strip()
+
+
+def stop() -> None:
+    serve.shutdown()
+    runtime.shutdown()
+
+
+def mode_serve(cfg: dict[str, Any]) -> None:
+    start(cfg)
+    for app in cfg["apps"]:
+        dep = DEPLOYMENTS[app["deployment"]].options(**app.get("options", {}))
+        serve.run(dep.bind(), name=app["name"], route_prefix=app["route"])
+    emit(event="ready", t=time.time())
+    wait_for_parent()
+    stop()
+
+
+def mode_handle(cfg: dict[str, Any]) -> None:
+    start(cfg)
+    handle = serve.run(Echo.bind(), name="handle", route_prefix="/")
+    duration, inflight = cfg["duration"], cfg["inflight"]
+    for _ in range(200):  # warm-up
+        handle.ping.remote(1).result()
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < duration:
+        handle.ping.remote(1).result()
+        n += 1
+    seq = n / (time.perf_counter() - t0)
+    conc, how = asyncio.run(_in_flight(handle, inflight, duration)), "asyncio"
+    emit(event="result", seq_cps=seq, inflight_cps=conc, inflight=inflight, how=how)
+    stop()
+
+
+async def _in_flight(handle: Any, inflight: int, duration: float) -> float:
+    """`inflight` asyncio tasks, each awaiting one call after another."""
+    count = 0
+    t0 = time.perf_counter()
+    end = t0 + duration
+
+    async def worker() -> None:
+        nonlocal count
+        while time.perf_counter() < end:
+            await handle.ping.remote(1)
+            count += 1
+
+    await asyncio.gather(*(worker() for _ in range(inflight)))
+    return count / (time.perf_counter() - t0)
+
+
+def mode_deploy(cfg: dict[str, Any]) -> None:
+    start(cfg)
+    serve.run(Echo.bind(), name="warm", route_prefix="/warm")
+    t0 = time.perf_counter()
+    serve.run(Echo.options(num_replicas=cfg["replicas"]).bind(), name="four", route_prefix="/four")
+    emit(event="result", deploy_s=time.perf_counter() - t0, replicas=cfg["replicas"])
+    stop()
+
+
+def mode_memory(cfg: dict[str, Any]) -> None:
+    start(cfg)
+    emit(event="ready", phase="base")
+    wait_for_parent()
+    for n in cfg["replicas"]:
+        serve.run(Echo.options(num_replicas=n).bind(), name="mem", route_prefix="/")
+        emit(event="ready", phase=f"replicas={n}", running=_running("mem", "Echo"))
+        wait_for_parent()
+    stop()
+
+
+def _running(app: str, dep: str) -> int:
+    try:
+        states = serve.status().applications[app].deployments[dep].replica_states
+    except (KeyError, AttributeError):
+        return 0
+    return int(states.get("RUNNING", 0))
+
+
+def _total(app: str, dep: str) -> int:
+    try:
+        return sum(serve.status().applications[app].deployments[dep].replica_states.values())
+    except (KeyError, AttributeError):
+        return 0
+
+
+def mode_autoscale(cfg: dict[str, Any]) -> None:
+    start(cfg)
+    autoscaling = {
+        "min_replicas": 1,
+        "max_replicas": 4,
+        "target_ongoing_requests": 2,
+        "upscale_delay_s": 0,
+        "downscale_delay_s": 5,
+    }
+    app = Sleeper.options(autoscaling_config=autoscaling)
+    serve.run(app.bind(), name="auto", route_prefix="/")
+    url = f"http://127.0.0.1:{cfg['port']}/"
+    stop_load = threading.Event()
+    counts = {"ok": 0, "err": 0}
+
+    def client() -> None:
+        while not stop_load.is_set():
+            try:
+                req = urllib.request.Request(url, data=b'{"x": 1}', method="POST")
+                with urllib.request.urlopen(req, timeout=30) as resp:
+                    resp.read()
+                counts["ok"] += 1
+            except Exception:
+                counts["err"] += 1
+                time.sleep(0.05)
+
+    clients = [threading.Thread(target=client, daemon=True) for _ in range(cfg["clients"])]
+    peak, up_s, down_s = 0, None, None
+    t0 = time.monotonic()
+    for c in clients:
+        c.start()
+    while time.monotonic() - t0 < cfg["up_timeout"]:
+        running = _running("auto", "Sleeper")
+        peak = max(peak, running)
+        if running >= 4:
+            up_s = time.monotonic() - t0
+            break
+        time.sleep(cfg["poll"])
+    stop_load.set()
+    t1 = time.monotonic()
+    for c in clients:
+        c.join(35)
+    while time.monotonic() - t1 < cfg["down_timeout"]:
+        if _running("auto", "Sleeper") == 1 and _total("auto", "Sleeper") == 1:
+            down_s = time.monotonic() - t1
+            break
+        time.sleep(cfg["poll"])
+    emit(event="result", up_s=up_s, down_s=down_s, peak_running=peak, **counts)
+    stop()
+
+
+MODES = {
+    "serve": mode_serve,
+    "handle": mode_handle,
+    "deploy": mode_deploy,
+    "memory": mode_memory,
+    "autoscale": mode_autoscale,
+}
+
+
+def main() -> None:
+    mode, cfg = sys.argv[1], json.loads(sys.argv[2])
+    try:
+        MODES[mode](cfg)
+    except BaseException as e:
+        traceback.print_exc()
+        emit(event="error", error=f"{type(e).__name__}: {e}"[:500])
+        try:
+            stop()
+        finally:
+            sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
