@@ -26,6 +26,7 @@ from flotilla.serve.schema import DeploymentID
 logger = logging.getLogger("flotilla")
 
 HEAD_START_TIMEOUT_S = 30.0
+REPORT_PERIOD_S = 0.2
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
@@ -50,6 +51,9 @@ class Runtime:
         self.process: subprocess.Popen[bytes] | None = None
         self.session_dir = ""
         self.resources: dict[str, float] = {}
+        self.cold_start_timeout_s = float(os.environ.get("FLOTILLA_COLD_START_TIMEOUT_S", "60"))
+        self._report_wake: asyncio.Event | None = None
+        self._reporter: asyncio.Task[None] | None = None
 
     # ---- construction -----------------------------------------------------------------
     @classmethod
@@ -165,7 +169,10 @@ class Runtime:
         """The router for `dep` (create on first use); call on the runtime's loop."""
         r = self.routers.get(dep)
         if r is None:
-            r = self.routers[dep] = Router(dep)
+            r = self.routers[dep] = Router(dep, self._on_router_wait, self.cold_start_timeout_s)
+            if self._reporter is None:
+                self._report_wake = asyncio.Event()
+                self._reporter = self.loop.create_task(self._report_load())
 
             async def sub() -> None:
                 try:
@@ -175,6 +182,30 @@ class Runtime:
 
             r.subscription = self.loop.create_task(sub())
         return r
+
+    def _on_router_wait(self, cold: bool) -> None:
+        if cold and self._report_wake is not None:
+            self._report_wake.set()  # a deployment at zero replicas: tell the autoscaler now
+
+    async def _report_load(self) -> None:
+        """Tell the head how many requests wait in this process's routers (autoscaling)."""
+        assert self._report_wake is not None
+        last: dict[tuple[str, str, str], int] = {}
+        while not self.head.closed:
+            try:
+                await asyncio.wait_for(self._report_wake.wait(), REPORT_PERIOD_S)
+            except TimeoutError:
+                pass
+            self._report_wake.clear()
+            changed = {}
+            for dep, r in self.routers.items():
+                key = ("deployment", dep.app_name, dep.name)
+                n = len(r.queue)
+                if last.get(key, 0) != n:
+                    changed[key] = n
+            if changed:
+                last.update(changed)
+                self.head.notify("router_load", changed)
 
     # ---- shutdown ---------------------------------------------------------------------
     def shutdown(self, timeout: float = 30.0) -> None:

@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from flotilla._private.autoscaler_loop import Autoscaler, AutoscalerState, make_state
 from flotilla._private.resources import Allocation, ResourcePool, fmt
 from flotilla._private.spawner import Spawner
 from flotilla._private.transport import RpcPeer
@@ -39,6 +40,7 @@ from flotilla.serve.schema import (
 logger = logging.getLogger("flotilla.controller")
 
 MAX_CONSTRUCTOR_FAILURES = 3
+_SERVING = (DeploymentStatus.HEALTHY, DeploymentStatus.UPSCALING, DeploymentStatus.DOWNSCALING)
 DRAIN_GRACE_S = 0.1  # lets in-flight frames from routers that just got the update arrive
 
 
@@ -71,6 +73,8 @@ class Deployment:
     failed_msg: str = ""
     unhealthy_msg: str = ""
     deleting: bool = False
+    autoscale: AutoscalerState | None = None
+    scaling: int = 0  # +1 / -1 while an autoscaling change is being carried out
 
     @property
     def version(self) -> str:
@@ -112,6 +116,18 @@ class Controller:
         self._dirty = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
         self.proxy: Any = None  # set by the head (ProxyManager)
+        self.autoscaler = Autoscaler(self)
+        self._autoscale_wake = asyncio.Event()
+
+    def kick_autoscaler(self) -> None:
+        self._autoscale_wake.set()
+
+    def all_deployments(self) -> list[Deployment]:
+        return [d for a in self.apps.values() for d in a.deployments.values()]
+
+    def find(self, key: Any) -> Deployment | None:
+        app = self.apps.get(key[1])
+        return app.deployments.get(key[2]) if app is not None else None
 
     # ---- helpers ----------------------------------------------------------------------
     def _spawn_task(self, coro: Any) -> None:
@@ -123,6 +139,7 @@ class Controller:
         self._dirty.set()
 
     async def run(self) -> None:
+        self._spawn_task(self.autoscaler.run())
         while True:
             try:
                 await asyncio.wait_for(self._dirty.wait(), 0.5)
@@ -223,13 +240,18 @@ class Controller:
         dep = app.deployments.get(d["name"])
         if dep is None or dep.deleting:
             dep = Deployment(app.name, d["name"], d, target)
+            dep.autoscale = make_state(cfg)
             app.deployments[d["name"]] = dep
             self.publish(dep.key)
             return
         old_cfg = dep.config
         same_code = dep.version == d["version"]
         dep.spec = d
-        if cfg.get("autoscaling_config") is None or old_cfg.get("autoscaling_config") is None:
+        if cfg.get("autoscaling_config") != old_cfg.get("autoscaling_config"):
+            if cfg.get("autoscaling_config") is None or old_cfg.get("autoscaling_config") is None:
+                dep.target = target
+            dep.autoscale = make_state(cfg)
+        elif cfg.get("autoscaling_config") is None:
             dep.target = target
         dep.failed_msg = ""
         dep.failures = 0
@@ -518,12 +540,23 @@ class Controller:
             messages.insert(0, dep.failed_msg)
         elif len(running) >= dep.target and not old and all(r.state is ReplicaState.RUNNING for r in running):
             if dep.status is not DeploymentStatus.HEALTHY:
-                dep.trigger = DeploymentStatusTrigger.CONFIG_UPDATE_COMPLETED
+                if dep.scaling:
+                    dep.trigger = (DeploymentStatusTrigger.UPSCALE_COMPLETED if dep.scaling > 0
+                                   else DeploymentStatusTrigger.DOWNSCALE_COMPLETED)
+                else:
+                    dep.trigger = DeploymentStatusTrigger.CONFIG_UPDATE_COMPLETED
+            if dep.autoscale is not None and dep.autoscale.zero_since is not None and running:
+                logger.info("%s/%s: cold start from zero took %.2fs", dep.app, dep.name,
+                            time.monotonic() - dep.autoscale.zero_since)
+                dep.autoscale.zero_since = None
             dep.status = DeploymentStatus.HEALTHY
+            dep.scaling = 0
             dep.unhealthy_msg = ""
         elif dep.unhealthy_msg:
             dep.status = DeploymentStatus.UNHEALTHY
             messages.insert(0, dep.unhealthy_msg)
+        elif dep.scaling and not old:
+            dep.status = DeploymentStatus.UPSCALING if dep.scaling > 0 else DeploymentStatus.DOWNSCALING
         else:
             dep.status = DeploymentStatus.UPDATING
         dep.message = "\n".join(messages)
@@ -539,7 +572,7 @@ class Controller:
             app.message = "\n".join(
                 f"Deploying application '{app.name}' failed: deployment '{d.name}': {d.message}" for d in failed
             )
-        elif all(d.status is DeploymentStatus.HEALTHY for d in deps):
+        elif all(d.status in _SERVING for d in deps):
             if app.status is not ApplicationStatus.RUNNING:
                 logger.info("application %r is running", app.name)
             app.status = ApplicationStatus.RUNNING
@@ -567,6 +600,7 @@ class Controller:
                     replica_states=counts,
                     message=d.message,
                     target_num_replicas=d.target,
+                    autoscaling=self.autoscaler.status(d),
                 )
             apps[app.name] = ApplicationStatusOverview(
                 status=app.status,

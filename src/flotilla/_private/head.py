@@ -123,6 +123,7 @@ class Head:
         self.proxy = ProxyManager(self)
         self.controller.proxy = self.proxy
         self.done = asyncio.Event()
+        self._load_peers: set[int] = set()
 
     def _on_exit(self, pid: int, code: int) -> None:
         self.controller.on_process_exit(pid, code)
@@ -164,6 +165,11 @@ class Head:
         c = self.controller
         if op == "subscribe":
             return c.subscribe(peer, args[0])
+        if op == "router_load":
+            if id(peer) not in self._load_peers:
+                self._load_peers.add(id(peer))
+                peer.on_close(lambda: (c.autoscaler.forget_peer(id(peer)), self._load_peers.discard(id(peer))))
+            return c.autoscaler.report_router_load(id(peer), args[0])
         if op == "replica_register":
             return c.register(peer, *args)
         if op == "replica_ready":

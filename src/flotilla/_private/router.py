@@ -121,8 +121,15 @@ class ReplicaConn:
 
 
 class Router:
-    def __init__(self, deployment_id: DeploymentID) -> None:
+    def __init__(
+        self,
+        deployment_id: DeploymentID,
+        on_wait: Any = None,
+        cold_start_timeout_s: float = 60.0,
+    ) -> None:
         self.deployment_id = deployment_id
+        self.on_wait = on_wait
+        self.cold_start_timeout_s = cold_start_timeout_s
         self.replicas: dict[str, ReplicaConn] = {}
         self.ready: list[ReplicaConn] = []
         self.queue: deque[asyncio.Future[ReplicaConn]] = deque()
@@ -227,8 +234,28 @@ class Router:
             )
         fut: asyncio.Future[ReplicaConn] = asyncio.get_running_loop().create_future()
         self.queue.append(fut)
+        cold = not self.replicas
+        if self.on_wait is not None:
+            self.on_wait(cold)
         try:
-            return await fut
+            if not cold:
+                return await fut
+            # No replica at all (scaled to zero, or all being replaced): bounded wait.
+            return await asyncio.wait_for(asyncio.shield(fut), self.cold_start_timeout_s)
+        except TimeoutError:
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                return fut.result()
+            fut.cancel()
+            try:
+                self.queue.remove(fut)
+            except ValueError:
+                pass
+            d = self.deployment_id
+            raise DeploymentUnavailableError(
+                f"No replica of deployment '{d.name}' in application '{d.app_name}' became "
+                f"available within {self.cold_start_timeout_s:g}s; it may be starting slowly or "
+                "failing to start (see serve.status())."
+            ) from None
         except asyncio.CancelledError:
             if fut.done() and not fut.cancelled() and fut.exception() is None:
                 self.release(fut.result())
