@@ -144,10 +144,12 @@ _RAY_ROLES = [
 ]
 
 
-def role_of(pid: int, root: int, procs: dict[int, Proc], http_pid: int | None) -> str:
+def role_of(
+    pid: int, root: int, procs: dict[int, Proc], http_pid: int | None, root_label: str
+) -> str:
     """A short name for what `pid` does in a served system (driver, proxy, replica, ...)."""
     if pid == root:
-        return "driver"
+        return root_label
     if pid == http_pid:
         return "proxy"
     args = cmdline(pid)
@@ -163,11 +165,11 @@ def role_of(pid: int, root: int, procs: dict[int, Proc], http_pid: int | None) -
     return os.path.basename(args[0]) if args else "?"
 
 
-def roles(root: int, http_port: int | None) -> dict[int, str]:
+def roles(root: int, http_port: int | None, root_label: str = "driver") -> dict[int, str]:
     procs = all_procs()
     members = [p.pid for p in tree(root)]
     http_pid = listening_pid(http_port, members) if http_port else None
-    return {pid: role_of(pid, root, procs, http_pid) for pid in members}
+    return {pid: role_of(pid, root, procs, http_pid, root_label) for pid in members}
 
 
 def become_subreaper() -> None:

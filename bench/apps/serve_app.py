@@ -110,7 +110,11 @@ def mode_handle(cfg: dict[str, Any]) -> None:
         handle.ping.remote(1).result()
         n += 1
     seq = n / (time.perf_counter() - t0)
-    conc, how = asyncio.run(_in_flight(handle, inflight, duration)), "asyncio"
+    try:
+        conc, how = asyncio.run(_in_flight(handle, inflight, duration)), "asyncio tasks"
+    except Exception as e:  # a handle that cannot be awaited here: fall back to waves
+        print(f"awaiting handle calls failed ({e!r}); using waves", file=sys.stderr)
+        conc, how = _waves(handle, inflight, duration), "waves"
     emit(event="result", seq_cps=seq, inflight_cps=conc, inflight=inflight, how=how)
     stop()
 
@@ -128,6 +132,16 @@ async def _in_flight(handle: Any, inflight: int, duration: float) -> float:
             count += 1
 
     await asyncio.gather(*(worker() for _ in range(inflight)))
+    return count / (time.perf_counter() - t0)
+
+
+def _waves(handle: Any, inflight: int, duration: float) -> float:
+    """Send `inflight` calls, wait for all, repeat."""
+    count, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < duration:
+        for r in [handle.ping.remote(1) for _ in range(inflight)]:
+            r.result()
+        count += inflight
     return count / (time.perf_counter() - t0)
 
 
@@ -180,6 +194,7 @@ def mode_autoscale(cfg: dict[str, Any]) -> None:
     url = f"http://127.0.0.1:{cfg['port']}/"
     stop_load = threading.Event()
     counts = {"ok": 0, "err": 0}
+    lock = threading.Lock()
 
     def client() -> None:
         while not stop_load.is_set():
@@ -187,10 +202,12 @@ def mode_autoscale(cfg: dict[str, Any]) -> None:
                 req = urllib.request.Request(url, data=b'{"x": 1}', method="POST")
                 with urllib.request.urlopen(req, timeout=30) as resp:
                     resp.read()
-                counts["ok"] += 1
+                outcome = "ok"
             except Exception:
-                counts["err"] += 1
+                outcome = "err"
                 time.sleep(0.05)
+            with lock:
+                counts[outcome] += 1
 
     clients = [threading.Thread(target=client, daemon=True) for _ in range(cfg["clients"])]
     peak, up_s, down_s = 0, None, None

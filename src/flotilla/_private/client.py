@@ -228,6 +228,8 @@ class Runtime:
                 proc.stdout.close()
 
         def stop() -> None:
+            if self._reporter is not None:
+                self._reporter.cancel()
             for r in self.routers.values():
                 r.close()
             self.head.close()

@@ -1,0 +1,45 @@
+"""The HTTP stack's limit: the same POST handler as a bare Starlette app on uvicorn.
+
+    python bare_app.py CONFIG_JSON      # {"port": 18080}
+Serves until stdin closes (or SIGTERM).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+
+async def echo(request: Request) -> JSONResponse:
+    await request.body()
+    return JSONResponse({"ok": True})
+
+
+app = Starlette(routes=[Route("/", echo, methods=["POST"])])
+
+
+def main() -> None:
+    cfg = json.loads(sys.argv[1])
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app, host="127.0.0.1", port=cfg["port"], log_level="warning", access_log=False
+        )
+    )
+
+    def watch_stdin() -> None:
+        sys.stdin.read()
+        server.should_exit = True
+
+    threading.Thread(target=watch_stdin, daemon=True).start()
+    server.run()
+
+
+if __name__ == "__main__":
+    main()

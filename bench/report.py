@@ -1,0 +1,203 @@
+"""Turn run records into bench/RESULTS.md and a printed summary."""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Metric:
+    key: str
+    label: str
+    better: str  # "higher" | "lower"
+    scenario: str
+
+
+def _metrics() -> list[Metric]:
+    m: list[Metric] = []
+    for c in (1, 8, 32):
+        m += [
+            Metric(f"http_rps_c{c}", f"HTTP req/s, {c} conn", "higher", "http"),
+            Metric(f"http_p50_ms_c{c}", f"HTTP p50 ms, {c} conn", "lower", "http"),
+            Metric(f"http_p99_ms_c{c}", f"HTTP p99 ms, {c} conn", "lower", "http"),
+            Metric(f"http_errors_c{c}", f"HTTP errors, {c} conn", "lower", "http"),
+            Metric(
+                f"http_cpu_ms_c{c}", f"CPU ms/request (all processes), {c} conn", "lower", "http"
+            ),
+        ]
+    m += [
+        Metric("handle_seq_cps", "handle calls/s, sequential", "higher", "handle"),
+        Metric("handle_64_cps", "handle calls/s, 64 in flight", "higher", "handle"),
+    ]
+    for label in ("plain", "batched"):
+        m += [
+            Metric(f"batch_{label}_rps", f"{label} req/s, 32 conn", "higher", "batch"),
+            Metric(f"batch_{label}_p50_ms", f"{label} p50 ms, 32 conn", "lower", "batch"),
+            Metric(f"batch_{label}_p99_ms", f"{label} p99 ms, 32 conn", "lower", "batch"),
+            Metric(f"batch_{label}_errors", f"{label} errors, 32 conn", "lower", "batch"),
+            Metric(f"batch_{label}_cpu_ms", f"{label} CPU ms/request", "lower", "batch"),
+        ]
+    m += [
+        Metric("batch_gain", "batched / plain req/s", "higher", "batch"),
+        Metric(
+            "cold_start_s", "cold start: script start to first HTTP 200, s", "lower", "coldstart"
+        ),
+        Metric("deploy4_s", "serve.run of a 4-replica app (warm cluster), s", "lower", "coldstart"),
+        Metric("pss_base_mib", "PSS MiB, cluster + proxy, no app", "lower", "memory"),
+        Metric("pss_1rep_mib", "PSS MiB, 1 replica (all processes)", "lower", "memory"),
+        Metric("pss_4rep_mib", "PSS MiB, 4 replicas (all processes)", "lower", "memory"),
+        Metric("pss_per_replica_mib", "PSS MiB per extra replica ((4 - 1) / 3)", "lower", "memory"),
+        Metric(
+            "autoscale_up_s", "autoscale 1 -> 4 RUNNING after load start, s", "lower", "autoscale"
+        ),
+        Metric("autoscale_down_s", "autoscale back to 1 after load end, s", "lower", "autoscale"),
+    ]
+    return m
+
+
+METRICS = _metrics()
+SYSTEMS = ("flotilla", "ray", "bare")
+PAIRS = (("flotilla", "ray"), ("flotilla", "bare"))
+
+
+def fmt(v: float | None) -> str:
+    if v is None:
+        return "n/a"
+    if v == 0:
+        return "0"
+    a = abs(v)
+    if a >= 100:
+        return f"{v:,.0f}"
+    if a >= 10:
+        return f"{v:.1f}"
+    if a >= 1:
+        return f"{v:.2f}"
+    return f"{v:.3g}"
+
+
+def series(records: list[dict[str, Any]], system: str, key: str, rounds: int) -> list[float | None]:
+    """The metric's value in each round (None where missing)."""
+    out: list[float | None] = [None] * rounds
+    for r in records:
+        if r["system"] == system and key in r["metrics"]:
+            out[r["round"]] = r["metrics"][key]
+    return out
+
+
+def median(vals: list[float | None]) -> float | None:
+    xs = [v for v in vals if v is not None]
+    return statistics.median(xs) if xs else None
+
+
+def ratios(a: list[float | None], b: list[float | None]) -> list[float | None]:
+    """a/b paired round by round."""
+    return [
+        x / y if x is not None and y not in (None, 0) else None for x, y in zip(a, b, strict=True)
+    ]
+
+
+def summary_rows(records: list[dict[str, Any]], rounds: int) -> list[list[str]]:
+    rows = []
+    for m in METRICS:
+        per = {s: series(records, s, m.key, rounds) for s in SYSTEMS}
+        if all(median(v) is None for v in per.values()):
+            continue
+        row = [m.label, m.better] + [fmt(median(per[s])) for s in SYSTEMS]
+        for a, b in PAIRS:
+            rs = ratios(per[a], per[b])
+            med = median(rs)
+            row.append(
+                fmt(med)
+                + (f" ({', '.join(fmt(x) for x in rs)})" if rounds > 1 and med is not None else "")
+            )
+        rows.append(row)
+    return rows
+
+
+SUMMARY_HEAD = ["metric", "better", "flotilla", "ray", "bare", "flotilla/ray", "flotilla/bare"]
+
+
+def md_table(head: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def text_table(head: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows, strict=True)]
+    out = ["  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True))]
+    out.append("  ".join("-" * w for w in widths))
+    out += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    return "\n".join(out)
+
+
+def raw_section(records: list[dict[str, Any]], scenario: str) -> str:
+    recs = [r for r in records if r["scenario"] == scenario]
+    if not recs:
+        return ""
+    keys = [
+        m.key
+        for m in METRICS
+        if m.scenario == scenario and any(m.key in r["metrics"] for r in recs)
+    ]
+    rows = []
+    for r in recs:
+        rows.append(
+            [r["system"], str(r["round"] + 1), f"{r['wall_s']:.0f}"]
+            + [fmt(r["metrics"].get(k)) for k in keys]
+            + [r.get("error") or ""]
+        )
+    parts = [f"### {scenario}\n", md_table(["system", "round", "wall s", *keys, "error"], rows)]
+    notes = [
+        (r["system"], r["round"] + 1, k, v) for r in recs for k, v in r.get("notes", {}).items()
+    ]
+    if notes:
+        parts.append("\n<details><summary>details (per process)</summary>\n")
+        parts += [f"- {s} round {n}, {k}: `{v}`" for s, n, k, v in notes]
+        parts.append("\n</details>")
+    return "\n".join(parts) + "\n"
+
+
+def markdown(info: dict[str, Any], records: list[dict[str, Any]], scenarios: list[str]) -> str:
+    rounds = info["rounds"]
+    out = [
+        "# flotilla benchmark results\n",
+        "Written by `bench/run.py`; see bench/README.md for what each number means.\n",
+        f"- Date: {info['date']}",
+        f"- Machine: {info['machine']}",
+        f"- Versions: {info['versions']}",
+        f"- Command: `{info['command']}`",
+        f"- Rounds: {rounds}; {info['duration']} s per measured HTTP / handle point; "
+        f"systems: {', '.join(info['systems'])}; total wall time {info['wall_min']:.1f} min",
+    ]
+    out += [f"- Note: {n}" for n in info["notes"]]
+    out += [
+        "\n## Summary (medians over rounds; ratios paired round by round, per-round values in brackets)\n",
+        "`better` says which direction is good for the metric itself. A flotilla/ray ratio "
+        "above 1 on a `higher` metric, or below 1 on a `lower` one, means flotilla does better.\n",
+        md_table(SUMMARY_HEAD, summary_rows(records, rounds)),
+        "\n## Raw results, run by run\n",
+    ]
+    out += [raw_section(records, s) for s in scenarios]
+    errors = [r for r in records if r.get("error")]
+    if errors:
+        out.append("## Errors\n")
+        out += [
+            f"- round {r['round'] + 1}, {r['scenario']}, {r['system']}: {r['error']}"
+            for r in errors
+        ]
+        out.append("")
+    if info["leftovers"]:
+        out.append("## Processes left behind after a clean stop (killed by PID)\n")
+        out += [f"- {x}" for x in info["leftovers"]]
+        out.append("")
+    out.append("## Commands run\n")
+    out.append(
+        "Every distinct command line the run started, in order (app CONFIG_JSON included):\n"
+    )
+    out.append("```")
+    out += list(dict.fromkeys(info["commands"]))
+    out.append("```\n")
+    return "\n".join(out)

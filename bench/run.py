@@ -1,0 +1,262 @@
+"""Benchmark flotilla against Ray Serve and a bare uvicorn + Starlette app, in one run.
+
+    bench/run                      # = .venv/bin/python bench/run.py; full run (~15 min)
+    bench/run --quick              # smoke run: 1 round, 2 s points
+    bench/run --systems flotilla,bare --scenarios http,handle --rounds 2 --duration 3
+
+Installs Ray Serve into bench/.venv-ray and wrk from apt when missing, alternates the
+systems within each round, and writes bench/RESULTS.md. See bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shlex
+import shutil
+import signal
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import procs
+import report
+import scenarios
+import systems
+
+DEFAULT_RAY = "ray[serve]==2.60.0"
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--systems", default="flotilla,ray,bare", help="comma-separated subset of flotilla,ray,bare"
+    )
+    p.add_argument(
+        "--scenarios",
+        default=",".join(scenarios.SCENARIOS),
+        help=f"comma-separated subset of {','.join(scenarios.SCENARIOS)}",
+    )
+    p.add_argument(
+        "--rounds", type=int, default=3, help="rounds; systems alternate within each (default 3)"
+    )
+    p.add_argument(
+        "--duration",
+        type=float,
+        default=5.0,
+        help="seconds per measured HTTP/handle point (default 5)",
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="smoke run: 1 round, 2 s points (unless given)"
+    )
+    p.add_argument(
+        "--port", type=int, default=18080, help="HTTP port for the servers (default 18080)"
+    )
+    p.add_argument("--output", default=str(systems.BENCH / "RESULTS.md"), help="report path")
+    p.add_argument(
+        "--ray-spec",
+        default=DEFAULT_RAY,
+        help=f"what to pip install for Ray (default {DEFAULT_RAY})",
+    )
+    p.add_argument(
+        "--no-install", action="store_true", help="install nothing; skip what is missing"
+    )
+    p.add_argument(
+        "--python",
+        default=sys.executable,
+        help="Python with flotilla installed (default: this one)",
+    )
+    args = p.parse_args(argv)
+    if args.quick:
+        given = set(argv)
+        if "--rounds" not in given:
+            args.rounds = 1
+        if "--duration" not in given:
+            args.duration = 2.0
+    args.systems = [s for s in args.systems.split(",") if s]
+    args.scenarios = [s for s in args.scenarios.split(",") if s]
+    for s in args.systems:
+        if s not in report.SYSTEMS:
+            p.error(f"unknown system {s!r}")
+    for s in args.scenarios:
+        if s not in scenarios.SCENARIOS:
+            p.error(f"unknown scenario {s!r}")
+    return args
+
+
+def machine() -> str:
+    model = "?"
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(
+                line.split(":", 1)[1].strip() for line in f if line.startswith("model name")
+            )
+    except (OSError, StopIteration):
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{os.cpu_count()} CPUs (nproc {len(os.sched_getaffinity(0))}), {model}, {mem:.0f} GiB, Linux {platform.release()}"
+
+
+def build_systems(args: argparse.Namespace, notes: list[str]) -> list[systems.System]:
+    out: list[systems.System] = []
+    for name in args.systems:
+        try:
+            if name == "flotilla":
+                out.append(systems.flotilla_system(args.python))
+            elif name == "bare":
+                out.append(systems.bare_system(args.python))
+            else:
+                why = None
+                if not args.no_install:
+                    why = systems.ensure_ray(
+                        args.ray_spec, systems.OUT / "logs" / "ray-install.log"
+                    )
+                if why is None:
+                    out.append(systems.ray_system())
+                else:
+                    notes.append(f"ray not measured: {why}")
+        except Exception as e:
+            if name == "flotilla":
+                raise
+            notes.append(f"{name} not measured: {e}")
+    return out
+
+
+def run_one(system: systems.System, scenario: str, ctx: scenarios.Ctx) -> dict[str, Any]:
+    t0 = time.monotonic()
+    rec: dict[str, Any] = {
+        "round": ctx.round,
+        "scenario": scenario,
+        "system": system.name,
+        "metrics": {},
+        "notes": {},
+        "error": None,
+    }
+    try:
+        res = scenarios.SCENARIOS[scenario](system, ctx)
+        rec["notes"] = res.pop("notes", {})
+        rec["error"] = res.pop("error", None)
+        rec["metrics"] = {k: v for k, v in res.items() if v is not None}
+    except KeyboardInterrupt:
+        raise
+    except Exception as e:
+        rec["error"] = f"{type(e).__name__}: {e}"
+        with open(ctx.log(system, scenario), "a") as f:
+            traceback.print_exc(file=f)
+    rec["wall_s"] = time.monotonic() - t0
+    systems.kill_orphans(f"{system.name} after {scenario}")
+    return rec
+
+
+def progress(rec: dict[str, Any]) -> str:
+    shown = [f"{k}={report.fmt(v)}" for k, v in rec["metrics"].items()][:8]
+    err = f"  ERROR {rec['error'][:200]}" if rec["error"] else ""
+    return (
+        f"[bench] round {rec['round'] + 1} {rec['scenario']:<9} {rec['system']:<8} "
+        f"{rec['wall_s']:5.1f}s  {' '.join(shown)}{err}"
+    )
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    t_start = time.monotonic()
+    procs.become_subreaper()
+    signal.signal(signal.SIGTERM, _interrupt)
+    systems.OUT.mkdir(parents=True, exist_ok=True)
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    log_dir = systems.OUT / "logs" / stamp
+    notes: list[str] = []
+    command = shlex.join([Path(sys.executable).name, "bench/run.py", *argv])
+
+    if {"http", "batch"} & set(args.scenarios):
+        why = (
+            ("wrk is missing" if not shutil.which("wrk") else None)
+            if args.no_install
+            else systems.ensure_wrk()
+        )
+        if why:
+            notes.append(f"{why}: http and batch scenarios skipped")
+            args.scenarios = [s for s in args.scenarios if s not in ("http", "batch")]
+    syss = build_systems(args, notes)
+    versions: dict[str, Any] = {s.name: s.versions for s in syss}
+    print(
+        f"[bench] systems: {', '.join(s.name for s in syss)}; scenarios: {', '.join(args.scenarios)}; "
+        f"{args.rounds} round(s), {args.duration:g} s points; logs in {log_dir}",
+        flush=True,
+    )
+    for n in notes:
+        print(f"[bench] note: {n}", flush=True)
+
+    records: list[dict[str, Any]] = []
+    port = systems.pick_port(args.port)
+    try:
+        for rnd in range(args.rounds):
+            for scenario in args.scenarios:
+                for system in syss:
+                    if system.name not in scenarios.APPLIES[scenario]:
+                        continue
+                    if not systems.port_free(port):
+                        port = systems.pick_port(port + 1)
+                    ctx = scenarios.Ctx(
+                        duration=args.duration,
+                        port=port,
+                        log_dir=log_dir,
+                        round=rnd,
+                        quick=args.quick,
+                    )
+                    rec = run_one(system, scenario, ctx)
+                    records.append(rec)
+                    print(progress(rec), flush=True)
+    except KeyboardInterrupt:
+        notes.append("interrupted: partial results")
+        print("[bench] interrupted; writing partial results", flush=True)
+    finally:
+        systems.kill_orphans("end of run")
+
+    rounds_done = max((r["round"] for r in records), default=-1) + 1
+    info = {
+        "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "machine": machine(),
+        "versions": json.dumps(versions),
+        "command": command,
+        "rounds": max(rounds_done, 1),
+        "duration": args.duration,
+        "systems": [s.name for s in syss],
+        "notes": notes,
+        "leftovers": systems.LEFTOVERS,
+        "commands": systems.COMMANDS,
+        "wall_min": (time.monotonic() - t_start) / 60,
+    }
+    (systems.OUT / f"results-{stamp}.json").write_text(
+        json.dumps({"info": info, "records": records}, indent=1)
+    )
+    Path(args.output).write_text(report.markdown(info, records, args.scenarios))
+    print(
+        "\n" + report.text_table(report.SUMMARY_HEAD, report.summary_rows(records, info["rounds"]))
+    )
+    errors = [r for r in records if r["error"]]
+    for r in errors:
+        print(
+            f"[bench] error: round {r['round'] + 1} {r['scenario']} {r['system']}: {r['error'][:300]}"
+        )
+    for x in systems.LEFTOVERS:
+        print(f"[bench] leftover: {x}")
+    print(f"\n[bench] wrote {args.output} ({info['wall_min']:.1f} min)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
