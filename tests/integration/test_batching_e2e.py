@@ -94,3 +94,18 @@ def test_small_max_ongoing_requests_warns():
         Batched.options(max_ongoing_requests=2)
     # Deployment-level batching raises the default limit to the batch size by itself.
     assert SeedStyle.max_ongoing_requests == 8
+
+
+def test_torch_cnn_example_batches_over_http(url):
+    pytest.importorskip("torch")
+    from examples.torch_cnn import batched_app, sample_body, unbatched_app
+
+    serve.run(batched_app, name="cnn", route_prefix="/cnn")
+    serve.run(unbatched_app, name="cnn1", route_prefix="/cnn1")
+    body = sample_body()
+    with httpx.Client(base_url=url, timeout=60) as c, concurrent.futures.ThreadPoolExecutor(32) as pool:
+        out = list(pool.map(lambda _: c.post("/cnn", json=body).json(), range(64)))
+        single = c.post("/cnn1", json=body).json()
+    assert {o["class"] for o in out} == {single["class"]}
+    assert 1 < max(o["batch_size"] for o in out) <= 16
+    assert single["batch_size"] == 1
