@@ -126,6 +126,8 @@ class Replica:
         self.stopped = asyncio.Event()
         self.head: RpcPeer | None = None
         self.http_entry: Any = None
+        self.asgi_app: Any = None
+        self.lifespan: Any = None
         self.num_requests = 0
 
     # ---- start-up -------------------------------------------------------------------
@@ -167,6 +169,16 @@ class Replica:
         )
         if inspect.isclass(target):
             obj = target(*init_args, **init_kwargs)
+            asgi = getattr(target, "__flotilla_asgi_app__", None)
+            if asgi is not None:
+                from flotilla.serve.asgi import bind_routes
+
+                bind_routes(asgi, target, obj)
+                self.asgi_app = asgi
+                lifespan = getattr(getattr(asgi, "router", None), "lifespan_context", None)
+                if lifespan is not None:
+                    self.lifespan = lifespan(asgi)
+                    await self.lifespan.__aenter__()
         else:
             self.is_function = True
             obj = target
@@ -248,6 +260,11 @@ class Replica:
             await asyncio.sleep(min(max(wait_loop_s, 0.01), left))
         for t in list(self.tasks.values()):
             t.cancel()
+        if self.lifespan is not None:
+            try:
+                await self.lifespan.__aexit__(None, None, None)
+            except Exception:
+                logger.exception("ASGI lifespan shutdown failed")
         fn = getattr(type(self.obj), "__del__", None) if self.obj is not None else None
         if fn is not None:
             try:
@@ -403,6 +420,9 @@ class Replica:
             await asyncio.Event().wait()  # until the request is cancelled
             return {"type": "http.disconnect"}
 
+        if self.asgi_app is not None:
+            await self._send_asgi_response(proto, rid, self.asgi_app, scope, receive)
+            return
         fn = self.http_entry
         try:
             if fn is None:
@@ -435,7 +455,8 @@ class Replica:
     async def _send_asgi_response(
         self, proto: FrameProtocol, rid: int, response: Any, scope: dict[str, Any], receive: Any
     ) -> None:
-        state: dict[str, Any] = {"streaming": False}
+        """Run an ASGI callable (a Response, or the user's app) and forward what it sends."""
+        state: dict[str, Any] = {"streaming": False, "status": 500, "headers": []}
 
         async def send(message: dict[str, Any]) -> None:
             t = message["type"]

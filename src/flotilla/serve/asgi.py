@@ -1,0 +1,129 @@
+"""`@serve.ingress(app)`: run a whole FastAPI (or any ASGI) app inside each replica.
+
+Route functions written as methods (`def get(self, item_id: int)`) are bound to the
+replica's instance when it is constructed, so `self` is the deployment object; FastAPI
+still sees the other parameters, types and dependencies exactly as written.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import typing
+from typing import Any
+
+__all__ = ["bind_routes", "ingress"]
+
+ASGI_ATTR = "__flotilla_asgi_app__"
+
+
+def ingress(app: Any) -> Any:
+    """Serve `app` (FastAPI, Starlette or any ASGI callable) as this deployment's HTTP ingress.
+
+    Use on a class, under `@serve.deployment`::
+
+        api = FastAPI()
+
+        @serve.deployment
+        @serve.ingress(api)
+        class Model:
+            @api.get("/predict/{x}")
+            def predict(self, x: int) -> dict: ...
+    """
+    if not callable(app):
+        raise TypeError(f"@serve.ingress needs an ASGI app such as FastAPI(), got {app!r}")
+    _make_state_picklable()
+
+    def decorator(cls: Any) -> Any:
+        if not inspect.isclass(cls):
+            raise TypeError("@serve.ingress must decorate a class (put it under @serve.deployment)")
+        # Resolve string annotations here, where the module's globals exist: the class may
+        # travel by value, and its functions then keep only the globals their code uses.
+        for value in vars(cls).values():
+            if inspect.isfunction(value):
+                try:
+                    value.__annotations__ = typing.get_type_hints(value, include_extras=True)
+                except Exception:
+                    pass
+        setattr(cls, ASGI_ATTR, app)
+        return cls
+
+    return decorator
+
+
+def _rebuild_state(state: dict[str, Any]) -> Any:
+    from starlette.datastructures import State
+
+    return State(state)
+
+
+def _make_state_picklable() -> None:
+    """Starlette's `State` recurses in `__getattr__` when unpickled; pickle it as its dict.
+
+    The app travels to each replica with the class (cloudpickle), like the rest of the code.
+    """
+    import copyreg
+
+    try:
+        from starlette.datastructures import State
+    except ImportError:  # pragma: no cover
+        return
+    copyreg.pickle(State, lambda s: (_rebuild_state, (dict(s._state),)))
+
+
+def _class_functions(cls: type) -> dict[int, str]:
+    found: dict[int, str] = {}
+    for klass in reversed(cls.__mro__):
+        for name, value in vars(klass).items():
+            if inspect.isfunction(value):
+                found[id(value)] = name
+    return found
+
+
+def _bound_endpoint(fn: Any, obj: Any) -> Any:
+    """`fn` with `self` fixed to `obj`, keeping the rest of its signature and resolved hints."""
+    sig = inspect.signature(fn)
+    try:
+        hints = typing.get_type_hints(fn, include_extras=True)
+    except Exception:
+        hints = {}
+    params = [
+        p.replace(annotation=hints.get(p.name, p.annotation))
+        for p in list(sig.parameters.values())[1:]
+    ]
+    new_sig = sig.replace(parameters=params, return_annotation=hints.get("return", sig.return_annotation))
+    if inspect.iscoroutinefunction(fn):
+
+        @functools.wraps(fn)
+        async def endpoint(*args: Any, **kwargs: Any) -> Any:
+            return await fn(obj, *args, **kwargs)
+    else:
+
+        @functools.wraps(fn)
+        def endpoint(*args: Any, **kwargs: Any) -> Any:
+            return fn(obj, *args, **kwargs)
+
+    endpoint.__signature__ = new_sig  # type: ignore[attr-defined]
+    del endpoint.__wrapped__  # FastAPI must see the new signature, not the method's
+    endpoint.__annotations__ = {p.name: p.annotation for p in params}
+    return endpoint
+
+
+def bind_routes(app: Any, cls: type, obj: Any) -> None:
+    """Rebuild the app's method routes so their endpoints are bound to `obj`."""
+    try:
+        from fastapi.routing import APIRoute
+    except ImportError:  # plain Starlette/ASGI app: nothing to bind
+        return
+    router = getattr(app, "router", None)
+    if router is None:
+        return
+    methods = _class_functions(cls)
+    init_params = [p for p in inspect.signature(APIRoute.__init__).parameters if p not in ("self", "path", "endpoint")]
+    for i, route in enumerate(list(router.routes)):
+        if not isinstance(route, APIRoute) or id(route.endpoint) not in methods:
+            continue
+        kwargs = {name: getattr(route, name) for name in init_params if hasattr(route, name)}
+        router.routes[i] = APIRoute(route.path, _bound_endpoint(route.endpoint, obj), **kwargs)
+    if hasattr(app, "openapi_schema"):
+        app.openapi_schema = None

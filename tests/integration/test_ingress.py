@@ -1,0 +1,77 @@
+"""@serve.ingress(FastAPI()): typed routes, validation, dependencies, docs, handles too."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+from fastapi import Depends, FastAPI, HTTPException
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+
+from flotilla import serve
+
+pytestmark = pytest.mark.slow
+
+api = FastAPI(title="items")
+
+
+class Item(BaseModel):
+    name: str
+    price: float
+
+
+class Oops(Exception):
+    pass
+
+
+@api.exception_handler(Oops)
+async def oops_handler(request, exc):
+    return JSONResponse({"handled": str(exc)}, status_code=418)
+
+
+def common(q: str | None = None) -> dict:
+    return {"q": q}
+
+
+@serve.deployment
+@serve.ingress(api)
+class Shop:
+    def __init__(self, currency: str):
+        self.currency = currency
+        self.items: dict[int, Item] = {}
+
+    @api.get("/items/{item_id}")
+    def get_item(self, item_id: int, params: dict = Depends(common)):
+        if item_id not in self.items:
+            raise HTTPException(status_code=404, detail="no such item")
+        return {"item": self.items[item_id], "currency": self.currency, **params}
+
+    @api.put("/items/{item_id}")
+    async def put_item(self, item_id: int, item: Item):
+        self.items[item_id] = item
+        return {"stored": item_id}
+
+    @api.get("/oops")
+    def oops(self):
+        raise Oops("teapot")
+
+    def count(self):
+        return len(self.items)
+
+
+def test_fastapi_ingress_routes_validation_and_docs(url):
+    h = serve.run(Shop.bind("EUR"), name="shop", route_prefix="/shop")
+    with httpx.Client(base_url=url, timeout=30) as c:
+        assert c.put("/shop/items/1", json={"name": "pen", "price": 1.5}).json() == {"stored": 1}
+        r = c.get("/shop/items/1?q=x")
+        assert r.status_code == 200
+        assert r.json() == {"item": {"name": "pen", "price": 1.5}, "currency": "EUR", "q": "x"}
+        assert c.get("/shop/items/2").status_code == 404
+        assert c.get("/shop/items/abc").status_code == 422
+        assert c.put("/shop/items/3", json={"name": "no price"}).status_code == 422
+        assert c.get("/shop/oops").status_code == 418
+        spec = c.get("/shop/openapi.json").json()
+        assert "/items/{item_id}" in spec["paths"]
+        assert c.get("/shop/docs").status_code == 200
+    # Handle calls still reach the class's methods.
+    assert h.count.remote().result() == 1
