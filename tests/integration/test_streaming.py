@@ -1,0 +1,71 @@
+"""Streaming: generators through handles, StreamingResponse over HTTP, chunks as produced."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+import pytest
+from starlette.responses import StreamingResponse
+
+from flotilla import serve
+
+pytestmark = pytest.mark.slow
+
+
+@serve.deployment
+class Streamer:
+    def __init__(self):
+        self.produced = []
+
+    def numbers(self, n):
+        for i in range(n):
+            yield i
+
+    async def anumbers(self, n):
+        for i in range(n):
+            await asyncio.sleep(0)
+            yield i * 10
+
+    def plain(self):
+        return [1]
+
+    async def __call__(self, request):
+        async def gen():
+            for i in range(3):
+                self.produced.append((i, time.time()))
+                yield f"chunk{i}\n"
+                await asyncio.sleep(0.3)
+
+        return StreamingResponse(gen(), media_type="text/plain")
+
+    def produced_at(self):
+        return self.produced
+
+
+def test_handle_streams_sync_and_async_generators(url):
+    h = serve.run(Streamer.bind(), name="s", route_prefix=None)
+    assert list(h.options(stream=True).numbers.remote(5)) == [0, 1, 2, 3, 4]
+    assert list(h.options(stream=True, method_name="anumbers").remote(3)) == [0, 10, 20]
+
+    async def consume():
+        return [x async for x in h.options(stream=True).anumbers.remote(2)]
+
+    assert asyncio.run(consume()) == [0, 10]
+    with pytest.raises(TypeError, match="stream=True"):
+        h.numbers.remote(3).result()
+
+
+def test_http_streaming_delivers_first_chunk_before_last_is_produced(url):
+    h = serve.run(Streamer.bind(), name="s", route_prefix="/s")
+    arrivals = []
+    with httpx.Client(base_url=url, timeout=30) as c, c.stream("GET", "/s") as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line:
+                arrivals.append((line, time.time()))
+    assert [a[0] for a in arrivals] == ["chunk0", "chunk1", "chunk2"]
+    produced = h.produced_at.remote().result()
+    # chunk0 reached the client before chunk2 was produced in the replica.
+    assert arrivals[0][1] < produced[2][1]
