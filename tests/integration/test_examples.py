@@ -30,3 +30,15 @@ def test_composition_example(url):
     serve.run(app, name="comp", route_prefix="/comp")
     r = httpx.post(f"{url}/comp", json={"text": "Great fast models"}, timeout=30)
     assert r.json() == {"tokens": ["great", "fast", "models"], "score": 2 / 3}
+
+
+def test_seed_batched_sklearn_example(url):
+    import concurrent.futures
+
+    from examples.sklearn_batched import app
+
+    serve.run(app, name="churn", route_prefix="/churn")
+    with httpx.Client(base_url=url, timeout=30) as c, concurrent.futures.ThreadPoolExecutor(32) as pool:
+        out = list(pool.map(lambda i: c.post("/churn", json={"features": [i / 10] * 8}).json(), range(64)))
+    assert all(0.0 <= o["churn_prob"] <= 1.0 for o in out)
+    assert 1 < max(o["batch_size"] for o in out) <= 32
