@@ -20,8 +20,7 @@ class Streamer:
         self.produced = []
 
     def numbers(self, n):
-        for i in range(n):
-            yield i
+        yield from range(n)
 
     async def anumbers(self, n):
         for i in range(n):

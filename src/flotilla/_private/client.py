@@ -227,15 +227,17 @@ class Runtime:
             if proc.stdout:
                 proc.stdout.close()
 
-        def stop() -> None:
+        async def close() -> None:
             if self._reporter is not None:
                 self._reporter.cancel()
+                await asyncio.gather(self._reporter, return_exceptions=True)
             for r in self.routers.values():
                 r.close()
             self.head.close()
+            await asyncio.sleep(0)
             self.loop.stop()
 
-        self.loop.call_soon_threadsafe(stop)
+        asyncio.run_coroutine_threadsafe(close(), self.loop)
         if self.thread is not None:
             self.thread.join(5)
         if not self.loop.is_running():

@@ -57,6 +57,7 @@ class Replica:
     started_at: float = field(default_factory=time.monotonic)
     gone: bool = False
     stopping: bool = False
+    models: tuple[str, ...] = ()
 
 
 @dataclass
@@ -168,7 +169,7 @@ class Controller:
                 return {"exists": False}
             return {
                 "exists": True,
-                "replicas": [(r.id, r.sock) for r in dep.replicas.values() if r.state is ReplicaState.RUNNING and not r.stopping],
+                "replicas": [(r.id, r.sock, r.models) for r in dep.replicas.values() if r.state is ReplicaState.RUNNING and not r.stopping],
                 "max_ongoing_requests": dep.config["max_ongoing_requests"],
                 "max_queued_requests": dep.config["max_queued_requests"],
             }
@@ -366,6 +367,12 @@ class Controller:
         peer.on_close(lambda: self._replica_gone(r, "its process exited"))
         s = r.dep.spec
         return {"config": s["config"], "def_bytes": s["def_bytes"], "args_bytes": s["args_bytes"]}
+
+    def replica_models(self, rid: str, model_ids: list[str]) -> None:
+        r = self.replicas.get(rid)
+        if r is not None and not r.gone:
+            r.models = tuple(model_ids)
+            self.publish(r.dep.key)
 
     def replica_ready(self, rid: str) -> None:
         r = self.replicas.get(rid)

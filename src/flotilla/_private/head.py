@@ -174,6 +174,8 @@ class Head:
             return c.register(peer, *args)
         if op == "replica_ready":
             return c.replica_ready(*args)
+        if op == "replica_models":
+            return c.replica_models(*args)
         if op == "replica_failed":
             return c.replica_failed(*args)
         if op == "deploy_app":

@@ -72,13 +72,17 @@ class Proxy:
             more = msg.get("more_body", False)
         fwd = {k: scope[k] for k in _SCOPE_KEYS if k in scope}
         fwd["root_path"] = "" if prefix == "/" else prefix
+        meta = None
+        for k, v in scope["headers"]:
+            if k == b"serve_multiplexed_model_id":
+                meta = {"multiplexed_model_id": v.decode()}
         assert self.rt is not None
         router = self.rt.router(dep)
         try:
             if self.request_timeout_s is None:
-                first, replica, rid = await router.http(fwd, body, None)
+                first, replica, rid = await router.http(fwd, body, meta)
             else:
-                first, replica, rid = await asyncio.wait_for(router.http(fwd, body, None), self.request_timeout_s)
+                first, replica, rid = await asyncio.wait_for(router.http(fwd, body, meta), self.request_timeout_s)
         except BackPressureError as e:
             return await self._reply(send, *http_util.plain(503, str(e)))
         except DeploymentUnavailableError as e:

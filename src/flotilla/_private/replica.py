@@ -161,6 +161,7 @@ class Replica:
         target = cloudpickle.loads(spec["def_bytes"])
         init_args, init_kwargs = cloudpickle.loads(spec["args_bytes"])
         dep = DeploymentID(self.args["deployment"], self.args["app"])
+        context.on_models_changed = self._models_changed
         context.replica_context = ReplicaContext(
             app_name=dep.app_name,
             deployment=dep.name,
@@ -199,6 +200,10 @@ class Replica:
             fn = batched_caller(fn, cfg["max_batch_size"], cfg.get("batch_wait_timeout_s", 0.0))
             self.methods["__call__"] = (fn, _ASYNC)
         return fn
+
+    def _models_changed(self, model_ids: list[str]) -> None:
+        if self.head is not None:
+            self.head.notify("replica_models", self.replica_id, model_ids)
 
     async def _reconfigure(self, user_config: Any) -> None:
         fn = getattr(self.obj, "reconfigure", None)

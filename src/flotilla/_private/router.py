@@ -53,7 +53,7 @@ class Channel:
 class ReplicaConn:
     """The router's connection to one replica and what it has in flight there."""
 
-    __slots__ = ("_ids", "connecting", "id", "in_flight", "path", "pending", "proto", "ready", "router")
+    __slots__ = ("_ids", "connecting", "id", "in_flight", "models", "path", "pending", "proto", "ready", "router")
 
     def __init__(self, router: Router, replica_id: str, path: str) -> None:
         self.router = router
@@ -63,6 +63,7 @@ class ReplicaConn:
         self.pending: dict[int, Any] = {}
         self.ready = False
         self.connecting: asyncio.Task[None] | None = None
+        self.models: tuple[str, ...] = ()
         self._ids = itertools.count(1)
         self.proto = FrameProtocol(self._on_message, self._on_close)
 
@@ -143,7 +144,8 @@ class Router:
         self.exists = info.get("exists", False)
         self.max_ongoing = info.get("max_ongoing_requests", 5)
         self.max_queued = info.get("max_queued_requests", -1)
-        wanted = dict(info.get("replicas", ()))
+        wanted = {r[0]: r[1] for r in info.get("replicas", ())}
+        models = {r[0]: r[2] for r in info.get("replicas", ()) if len(r) > 2}
         for rid in list(self.replicas):
             if rid not in wanted:
                 conn = self.replicas.pop(rid)
@@ -158,6 +160,7 @@ class Router:
                 conn = ReplicaConn(self, rid, path)
                 self.replicas[rid] = conn
                 conn.connecting = loop.create_task(conn.connect())
+            self.replicas[rid].models = models.get(rid, ())
         if not self.exists:
             self._fail_queue(self._unavailable())
             return
@@ -219,10 +222,18 @@ class Router:
         r = min(ready, key=lambda c: c.in_flight)
         return r if r.in_flight < limit else None
 
-    async def acquire(self) -> ReplicaConn:
+    def _pick_for_model(self, model_id: str) -> ReplicaConn | None:
+        """A replica that already holds `model_id` and has room, the least loaded first."""
+        best = None
+        for r in self.ready:
+            if model_id in r.models and r.in_flight < self.max_ongoing and (best is None or r.in_flight < best.in_flight):
+                best = r
+        return best
+
+    async def acquire(self, model_id: str = "") -> ReplicaConn:
         """A replica with a slot reserved for the caller; waits in FIFO order if none."""
         if not self.queue:
-            r = self._pick()
+            r = (model_id and self._pick_for_model(model_id)) or self._pick()
             if r is not None:
                 r.in_flight += 1
                 return r
@@ -289,7 +300,7 @@ class Router:
 
     # ---- requests ---------------------------------------------------------------------
     async def call(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], meta: Any) -> Any:
-        r = await self.acquire()
+        r = await self.acquire(meta["multiplexed_model_id"] if meta else "")
         try:
             if not r.ready:
                 raise ActorDiedError(f"Replica {r.id} died before the request was sent.")
@@ -343,7 +354,7 @@ class Router:
 
         A streaming reply's first frame is (rid, HSTART, status, headers, Channel).
         """
-        r = await self.acquire()
+        r = await self.acquire(meta.get("multiplexed_model_id", "") if meta else "")
         rid = r.next_id()
         fut = asyncio.get_running_loop().create_future()
         r.pending[rid] = fut
