@@ -68,3 +68,38 @@ def test_http_streaming_delivers_first_chunk_before_last_is_produced(url):
     produced = h.produced_at.remote().result()
     # chunk0 reached the client before chunk2 was produced in the replica.
     assert arrivals[0][1] < produced[2][1]
+
+
+@serve.deployment
+class Endless:
+    def __init__(self):
+        self.state = {"produced": 0, "closed": False}
+
+    async def __call__(self, request):
+        async def gen():
+            try:
+                while True:
+                    self.state["produced"] += 1
+                    yield b"x" * 100 + b"\n"
+                    await asyncio.sleep(0.05)
+            finally:
+                self.state["closed"] = True
+
+        return StreamingResponse(gen(), media_type="text/plain")
+
+    def status(self):
+        return dict(self.state)
+
+
+def test_client_disconnect_stops_the_generator_in_the_replica(url):
+    h = serve.run(Endless.bind(), name="endless", route_prefix="/endless")
+    with httpx.Client(base_url=url, timeout=30) as c, c.stream("GET", "/endless") as r:
+        for i, _ in enumerate(r.iter_lines()):
+            if i == 3:
+                break
+    from tests.conftest import wait_for
+
+    wait_for(lambda: h.status.remote().result()["closed"], timeout=10, what="generator closed")
+    produced = h.status.remote().result()["produced"]
+    time.sleep(0.3)
+    assert h.status.remote().result()["produced"] == produced

@@ -23,6 +23,7 @@ from flotilla.serve.schema import DeploymentID
 
 logger = logging.getLogger("flotilla.proxy")
 
+_DISCONNECTED = -1
 _SCOPE_KEYS = ("type", "http_version", "method", "scheme", "path", "raw_path", "query_string", "headers", "client", "server")
 
 
@@ -103,21 +104,31 @@ class Proxy:
                 status = 503
             return await self._reply(send, *http_util.plain(status, str(err) if err else "Internal Server Error"))
         if code == HSTART:
-            await self._stream(send, first, replica, rid)
+            await self._stream(send, receive, first, replica, rid)
 
-    async def _stream(self, send: Any, first: tuple[Any, ...], replica: Any, rid: int) -> None:
+    async def _stream(self, send: Any, receive: Any, first: tuple[Any, ...], replica: Any, rid: int) -> None:
         ch = first[4]
         done = False
+
+        async def watch() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            ch.push((rid, _DISCONNECTED))
+
+        watcher = asyncio.get_running_loop().create_task(watch())
         try:
             await send({"type": "http.response.start", "status": first[2], "headers": first[3]})
             while True:
                 msg = await ch.get()
+                if msg[1] == _DISCONNECTED:
+                    return
                 if msg[1] == END or msg[1] == ERR:
                     done = True
                     await send({"type": "http.response.body", "body": b""})
                     return
                 await send({"type": "http.response.body", "body": msg[2], "more_body": True})
         finally:
+            watcher.cancel()
             if not done:  # client went away: stop the generator in the replica
                 replica.pending.pop(rid, None)
                 replica.proto.send((rid, CANCEL))
