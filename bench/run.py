@@ -150,6 +150,7 @@ def run_one(system: systems.System, scenario: str, ctx: scenarios.Ctx) -> dict[s
         raise
     except Exception as e:
         rec["error"] = f"{type(e).__name__}: {e}"
+        ctx.log_dir.mkdir(parents=True, exist_ok=True)
         with open(ctx.log(system, scenario), "a") as f:
             traceback.print_exc(file=f)
     rec["wall_s"] = time.monotonic() - t0
@@ -179,7 +180,8 @@ def main(argv: list[str]) -> int:
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     log_dir = systems.OUT / "logs" / stamp
     notes: list[str] = []
-    command = shlex.join([Path(sys.executable).name, "bench/run.py", *argv])
+    entry = os.environ.get("BENCH_ENTRY") or shlex.join([sys.executable, "bench/run.py"])
+    command = " ".join([entry, shlex.join(argv)]).strip()
 
     if {"http", "batch"} & set(args.scenarios):
         why = (
@@ -191,7 +193,9 @@ def main(argv: list[str]) -> int:
             notes.append(f"{why}: http and batch scenarios skipped")
             args.scenarios = [s for s in args.scenarios if s not in ("http", "batch")]
     syss = build_systems(args, notes)
-    versions: dict[str, Any] = {s.name: s.versions for s in syss}
+    versions = "; ".join(
+        f"{s.name}: " + ", ".join(f"{k} {v}" for k, v in s.versions.items()) for s in syss
+    )
     print(
         f"[bench] systems: {', '.join(s.name for s in syss)}; scenarios: {', '.join(args.scenarios)}; "
         f"{args.rounds} round(s), {args.duration:g} s points; logs in {log_dir}",
@@ -230,7 +234,7 @@ def main(argv: list[str]) -> int:
     info = {
         "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "machine": machine(),
-        "versions": json.dumps(versions),
+        "versions": versions,
         "command": command,
         "rounds": max(rounds_done, 1),
         "duration": args.duration,

@@ -9,7 +9,7 @@ import json
 import subprocess
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,6 @@ class Ctx:
     quick: bool
     conns: tuple[int, ...] = (1, 8, 32)
     wrk_timeout: str = "5s"
-    notes: list[str] = field(default_factory=list)
 
     def log(self, system: System, what: str) -> Path:
         return self.log_dir / f"r{self.round}-{what}-{system.name}.log"

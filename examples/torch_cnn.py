@@ -6,9 +6,12 @@ download. The dense head is what makes batching pay on a CPU: its 29 MB of weigh
 once per forward pass, whatever the batch size. Images travel as base64 float32
 (`{"image_b64": ...}`) or as a JSON list (`{"image": [...]}`). Two deployments serve it:
 
-- `batched_app`: `@serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)`, one forward
-  pass per batch;
+- `batched_app`: `@serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005,
+  max_concurrent_batches=2)`, one forward pass per batch;
 - `unbatched_app`: one forward pass per request.
+
+Both run the forward pass in a thread (torch releases the GIL), so the replica's event loop
+keeps receiving requests meanwhile and both can use the machine's cores.
 
     flotilla run examples.torch_cnn:batched_app
     python examples/torch_cnn.py --request     # prints one prediction over HTTP
@@ -18,6 +21,7 @@ Needs `pip install torch==2.13.0` (CPU build).
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from starlette.requests import Request
@@ -74,14 +78,19 @@ class BatchedClassifier:
     def __init__(self) -> None:
         self.model = build_model()
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005, max_concurrent_batches=2)
     async def classify(self, images: list[Any]) -> list[dict[str, Any]]:
+        # The forward pass runs in a thread (torch releases the GIL), so the replica keeps
+        # receiving the next batch's requests meanwhile.
+        top = await asyncio.get_running_loop().run_in_executor(None, self._forward, images)
+        return [{"class": c, "batch_size": len(images)} for c in top]
+
+    def _forward(self, images: list[Any]) -> list[int]:
         import torch
 
         with torch.no_grad():
             probs = torch.softmax(self.model(_to_tensor(images)), dim=1)
-        top = probs.argmax(dim=1).tolist()
-        return [{"class": c, "batch_size": len(images)} for c in top]
+        return probs.argmax(dim=1).tolist()
 
     async def __call__(self, request: Request) -> dict[str, Any]:
         return await self.classify(decode(await request.json()))
@@ -93,12 +102,16 @@ class UnbatchedClassifier:
         self.model = build_model()
 
     async def __call__(self, request: Request) -> dict[str, Any]:
+        image = decode(await request.json())
+        top = await asyncio.get_running_loop().run_in_executor(None, self._forward, [image])
+        return {"class": top[0], "batch_size": 1}
+
+    def _forward(self, images: list[Any]) -> list[int]:
         import torch
 
-        image = decode(await request.json())
         with torch.no_grad():
-            probs = torch.softmax(self.model(_to_tensor([image])), dim=1)
-        return {"class": int(probs.argmax(dim=1)[0]), "batch_size": 1}
+            probs = torch.softmax(self.model(_to_tensor(images)), dim=1)
+        return probs.argmax(dim=1).tolist()
 
 
 batched_app = BatchedClassifier.bind()
