@@ -17,10 +17,10 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from flotilla._private.autoscaling import AutoscalingConfig, PolicyState, decide
 from flotilla.serve.schema import AutoscalingStatus, DeploymentStatusTrigger, ReplicaState
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the policy module imports pydantic: loaded only when a deployment autoscales
+    from flotilla._private.autoscaling import AutoscalingConfig, PolicyState
     from flotilla._private.controller import Controller, Deployment
 
 logger = logging.getLogger("flotilla.autoscaler")
@@ -98,6 +98,8 @@ class Autoscaler:
         while st.samples and st.samples[0][0] < horizon:
             st.samples.pop(0)
         running = sum(1 for r in dep.replicas.values() if r.state is ReplicaState.RUNNING and not r.stopping)
+        from flotilla._private.autoscaling import decide
+
         d = decide(st.eff, st.samples, dep.target, running, now, st.policy)
         st.policy = d.state
         if d.target != dep.target:
@@ -142,4 +144,6 @@ def make_state(config: dict[str, Any]) -> AutoscalerState | None:
     ac = config.get("autoscaling_config")
     if ac is None:
         return None
+    from flotilla._private.autoscaling import AutoscalingConfig
+
     return AutoscalerState(AutoscalingConfig.model_validate(ac))

@@ -88,7 +88,7 @@ class Runtime:
         cfg = {"session_dir": session_dir, "resources": resources}
         log = open(os.path.join(session_dir, "logs", "head.log"), "ab")  # noqa: SIM115
         proc = subprocess.Popen(
-            [sys.executable, "-m", "flotilla._private.head", json.dumps(cfg)],
+            [sys.executable, "-m", "flotilla._private.headboot", json.dumps(cfg)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=log,

@@ -16,8 +16,6 @@ import sys
 import time
 from typing import Any
 
-from flotilla._private.controller import Controller
-from flotilla._private.resources import ResourcePool
 from flotilla._private.spawner import Spawner
 from flotilla._private.transport import RpcPeer, serve_unix
 from flotilla.serve.schema import ProxyStatus
@@ -114,24 +112,32 @@ class ProxyManager:
 
 
 class Head:
-    def __init__(self, cfg: dict[str, Any]) -> None:
+    def __init__(self, cfg: dict[str, Any], zygote: Any = None) -> None:
+        self._zygote = zygote
         self.session_dir: str = cfg["session_dir"]
         self.sock = os.path.join(self.session_dir, "head.sock")
         self.resources: dict[str, float] = cfg["resources"]
         self.spawner = Spawner(self._on_exit)
-        self.controller = Controller(self.session_dir, self.sock, ResourcePool(self.resources), self.spawner)
         self.proxy = ProxyManager(self)
-        self.controller.proxy = self.proxy
+        self.controller: Any = None
         self.done = asyncio.Event()
         self._load_peers: set[int] = set()
 
     def _on_exit(self, pid: int, code: int) -> None:
-        self.controller.on_process_exit(pid, code)
+        if self.controller is not None:
+            self.controller.on_process_exit(pid, code)
         self.proxy.on_exit(pid, code)
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
-        await self.spawner.start()
+        # Start the zygote first: it preloads the framework while this process imports the
+        # controller (pydantic and friends).
+        await self.spawner.start(self._zygote)
+        from flotilla._private.controller import Controller
+        from flotilla._private.resources import ResourcePool
+
+        self.controller = Controller(self.session_dir, self.sock, ResourcePool(self.resources), self.spawner)
+        self.controller.proxy = self.proxy
         server = await serve_unix(self.sock, lambda: RpcPeer(self.handle, name="client"))
         os.chmod(self.sock, 0o600)
         controller_task = loop.create_task(self.controller.run())
@@ -213,16 +219,16 @@ class Head:
         raise ValueError(f"unknown op {op!r}")
 
 
-def main() -> None:
+def main(zygote: Any = None) -> None:
     cfg = json.loads(sys.argv[1])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         import uvloop
 
-        uvloop.run(Head(cfg).run())
+        uvloop.run(Head(cfg, zygote).run())
     except ImportError:  # pragma: no cover
-        asyncio.run(Head(cfg).run())
+        asyncio.run(Head(cfg, zygote).run())
 
 
 if __name__ == "__main__":

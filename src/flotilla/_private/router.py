@@ -133,7 +133,8 @@ class Router:
         self.cold_start_timeout_s = cold_start_timeout_s
         self.replicas: dict[str, ReplicaConn] = {}
         self.ready: list[ReplicaConn] = []
-        self.queue: deque[asyncio.Future[ReplicaConn]] = deque()
+        # Waiting requests, FIFO: (future to hand a replica to, multiplexed model id or "").
+        self.queue: deque[tuple[asyncio.Future[ReplicaConn], str]] = deque()
         self.max_ongoing = 5
         self.max_queued = -1
         self.exists: bool | None = None  # None until the controller has answered
@@ -167,7 +168,7 @@ class Router:
         self._dispatch()
         # Requests queued before the limits were known: shed what exceeds them now.
         while self.max_queued != -1 and len(self.queue) > self.max_queued:
-            fut = self.queue.pop()
+            fut, _ = self.queue.pop()
             if not fut.done():
                 fut.set_exception(
                     BackPressureError(num_queued_requests=len(self.queue), max_queued_requests=self.max_queued)
@@ -192,10 +193,12 @@ class Router:
             self.ready.remove(conn)
         if self.replicas.get(conn.id) is conn:
             del self.replicas[conn.id]
+        if self.queue:
+            self._dispatch()
 
     def _fail_queue(self, err: BaseException) -> None:
         while self.queue:
-            fut = self.queue.popleft()
+            fut, _ = self.queue.popleft()
             if not fut.done():
                 fut.set_exception(err)
 
@@ -230,10 +233,20 @@ class Router:
                 best = r
         return best
 
+    def _choose(self, model_id: str) -> ReplicaConn | None:
+        if not model_id:
+            return self._pick()
+        r = self._pick_for_model(model_id)
+        if r is not None:
+            return r
+        if any(model_id in c.models and not c.ready for c in self.replicas.values()):
+            return None  # its replica is still connecting: wait a moment for it
+        return self._pick()
+
     async def acquire(self, model_id: str = "") -> ReplicaConn:
         """A replica with a slot reserved for the caller; waits in FIFO order if none."""
         if not self.queue:
-            r = (model_id and self._pick_for_model(model_id)) or self._pick()
+            r = self._choose(model_id)
             if r is not None:
                 r.in_flight += 1
                 return r
@@ -244,7 +257,8 @@ class Router:
                 num_queued_requests=len(self.queue), max_queued_requests=self.max_queued
             )
         fut: asyncio.Future[ReplicaConn] = asyncio.get_running_loop().create_future()
-        self.queue.append(fut)
+        entry = (fut, model_id)
+        self.queue.append(entry)
         cold = not self.replicas
         if self.on_wait is not None:
             self.on_wait(cold)
@@ -258,7 +272,7 @@ class Router:
                 return fut.result()
             fut.cancel()
             try:
-                self.queue.remove(fut)
+                self.queue.remove(entry)
             except ValueError:
                 pass
             d = self.deployment_id
@@ -272,7 +286,7 @@ class Router:
                 self.release(fut.result())
             else:
                 try:
-                    self.queue.remove(fut)
+                    self.queue.remove(entry)
                 except ValueError:
                     pass
             raise
@@ -286,10 +300,11 @@ class Router:
 
     def _dispatch(self) -> None:
         while self.queue:
-            r = self._pick()
+            fut, model_id = self.queue[0]
+            r = self._choose(model_id)
             if r is None:
                 return
-            fut = self.queue.popleft()
+            self.queue.popleft()
             if fut.done():
                 continue
             r.in_flight += 1

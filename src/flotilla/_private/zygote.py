@@ -91,7 +91,17 @@ def _child(req: dict) -> None:
 def main() -> None:
     die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # Preload what every child needs, once.
+    # Preload what every child needs, once: forks then skip these imports.
+    import cloudpickle  # noqa: F401
+    import starlette.requests
+    import starlette.responses  # noqa: F401
+    import uvicorn
+    import uvicorn.config
+    import uvicorn.protocols.http.httptools_impl
+    import uvicorn.server  # noqa: F401
+    import uvloop  # noqa: F401
+
+    import flotilla._private.client
     import flotilla._private.proxy
     import flotilla._private.replica  # noqa: F401
 
