@@ -15,7 +15,15 @@ import threading
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["__version__", "available_resources", "cluster_resources", "init", "is_initialized", "shutdown"]
+__all__ = [
+    "__version__",
+    "available_resources",
+    "cluster_resources",
+    "init",
+    "is_initialized",
+    "metrics_url",
+    "shutdown",
+]
 
 _init_lock = threading.Lock()
 
@@ -44,6 +52,7 @@ def init(
     num_gpus: float | None = None,
     resources: dict[str, float] | None = None,
     ignore_reinit_error: bool = False,
+    metrics_export_port: int | None = None,
     **_ray_compat: Any,
 ) -> None:
     """Start flotilla on this machine (a head process that owns replicas and the proxy).
@@ -55,6 +64,8 @@ def init(
             on a machine without any and test placement.
         resources: custom resources, e.g. {"accelerator_type:A100": 1, "my_res": 4}.
         ignore_reinit_error: do nothing, instead of raising, if already initialized.
+        metrics_export_port: port of the Prometheus endpoint on 127.0.0.1 (default: the
+            FLOTILLA_METRICS_PORT environment variable, else a free port; see `metrics_url()`).
 
     Raises:
         RuntimeError: already initialized (unless ignore_reinit_error), or the head failed to start.
@@ -84,7 +95,9 @@ def init(
         for k, v in total.items():
             if v < 0:
                 raise ValueError(f"resource {k!r} must be >= 0, got {v}")
-        Runtime.start_local(total)
+        if metrics_export_port is None:
+            metrics_export_port = int(os.environ.get("FLOTILLA_METRICS_PORT", "0"))
+        Runtime.start_local(total, metrics_export_port)
 
 
 def is_initialized() -> bool:
@@ -117,3 +130,10 @@ def available_resources() -> dict[str, float]:
     from flotilla._private.client import Runtime
 
     return Runtime.current().call_head("available_resources")
+
+
+def metrics_url() -> str:
+    """URL of the Prometheus endpoint that aggregates every flotilla process."""
+    from flotilla._private.client import Runtime
+
+    return f"http://127.0.0.1:{Runtime.current().metrics_port}/metrics"

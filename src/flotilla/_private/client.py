@@ -51,6 +51,7 @@ class Runtime:
         self.process: subprocess.Popen[bytes] | None = None
         self.session_dir = ""
         self.resources: dict[str, float] = {}
+        self.metrics_port = 0
         self.cold_start_timeout_s = float(os.environ.get("FLOTILLA_COLD_START_TIMEOUT_S", "60"))
         self._report_wake: asyncio.Event | None = None
         self._reporter: asyncio.Task[None] | None = None
@@ -81,11 +82,11 @@ class Runtime:
         return rt
 
     @classmethod
-    def start_local(cls, resources: dict[str, float]) -> Runtime:
+    def start_local(cls, resources: dict[str, float], metrics_port: int = 0) -> Runtime:
         """Start a head process for this driver and connect to it."""
         session_dir = tempfile.mkdtemp(prefix="flotilla-")
         os.makedirs(os.path.join(session_dir, "logs"), exist_ok=True)
-        cfg = {"session_dir": session_dir, "resources": resources}
+        cfg = {"session_dir": session_dir, "resources": resources, "metrics_port": metrics_port}
         log = open(os.path.join(session_dir, "logs", "head.log"), "ab")  # noqa: SIM115
         proc = subprocess.Popen(
             [sys.executable, "-m", "flotilla._private.headboot", json.dumps(cfg)],
@@ -112,6 +113,7 @@ class Runtime:
         rt.process = proc
         rt.session_dir = session_dir
         rt.resources = info["resources"]
+        rt.metrics_port = info.get("metrics_port", 0)
         rt.thread = threading.Thread(target=loop.run_forever, name="flotilla-loop", daemon=True)
         rt.thread.start()
         asyncio.run_coroutine_threadsafe(connect_unix(info["sock"], head), loop).result(10)

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from flotilla._private.autoscaler_loop import Autoscaler, AutoscalerState, make_state
+from flotilla._private.metrics import Store
 from flotilla._private.resources import Allocation, ResourcePool, fmt
 from flotilla._private.spawner import Spawner
 from flotilla._private.transport import RpcPeer
@@ -118,6 +119,15 @@ class Controller:
         self._tasks: set[asyncio.Task[Any]] = set()
         self.proxy: Any = None  # set by the head (ProxyManager)
         self.autoscaler = Autoscaler(self)
+        self.metrics = Store()
+        m = self.metrics
+        m.declare("counter", "ray_serve_deployment_replica_starts", "Replica processes started.", ("deployment", "application"))
+        m.declare("counter", "flotilla_deployment_replica_restarts", "Replicas replaced after dying or failing a health check.", ("deployment", "application"))
+        m.declare("counter", "flotilla_deployment_health_check_failures", "Failed replica health checks.", ("deployment", "application"))
+        m.declare("gauge", "ray_serve_deployment_replica_healthy", "1 for each running replica.", ("deployment", "replica", "application"))
+        m.declare("gauge", "flotilla_deployment_replicas", "Replicas by state.", ("deployment", "application", "state"))
+        m.declare("gauge", "flotilla_deployment_target_replicas", "Replicas the controller aims for (the autoscaler's target when autoscaling).", ("deployment", "application"))
+        m.declare("gauge", "ray_serve_deployment_queued_queries", "Requests waiting in routers for a replica.", ("deployment", "application"))
         self._autoscale_wake = asyncio.Event()
 
     def kick_autoscaler(self) -> None:
@@ -353,6 +363,7 @@ class Controller:
             self._replica_gone(r, f"could not start: {e}")
             return
         self.by_pid[r.pid] = r
+        self.metrics.inc("ray_serve_deployment_replica_starts", (dep.name, dep.app))
         if r.pid in self.spawner.exited:
             self._replica_gone(r, f"exited with code {self.spawner.exited[r.pid]} during start-up")
         logger.info("replica %s of %s/%s starting (pid %d)", r.id, dep.app, dep.name, r.pid)
@@ -419,6 +430,7 @@ class Controller:
             logger.warning("replica %s of %s/%s died: %s", r.id, dep.app, dep.name, why)
             if r.state is ReplicaState.RUNNING and not dep.deleting:
                 dep.unhealthy_msg = f"Replica {r.id} died unexpectedly ({why}); replacing it."
+                self.metrics.inc("flotilla_deployment_replica_restarts", (dep.name, dep.app))
         if r.pid is not None:
             self.spawner.kill(r.pid)
         if r.alloc is not None:
@@ -480,6 +492,9 @@ class Controller:
                 logger.warning("replica %s failed its health check (%s); replacing it", r.id, why)
                 r.dep.unhealthy_msg = f"Replica {r.id} failed its health check ({why}); replacing it."
                 r.dep.trigger = DeploymentStatusTrigger.HEALTH_CHECK_FAILED
+                labels = (r.dep.name, r.dep.app)
+                self.metrics.inc("flotilla_deployment_health_check_failures", labels)
+                self.metrics.inc("flotilla_deployment_replica_restarts", labels)
                 self._stop_replica(r, graceful=False)
                 return
 
@@ -620,6 +635,23 @@ class Controller:
         if self.proxy is not None and self.proxy.status is not None:
             proxies["head"] = self.proxy.status
         return ServeStatus(proxies=proxies, applications=apps)
+
+    def metrics_snapshot(self) -> dict[str, Any]:
+        m = self.metrics
+        for name in ("ray_serve_deployment_replica_healthy", "flotilla_deployment_replicas",
+                     "flotilla_deployment_target_replicas", "ray_serve_deployment_queued_queries"):
+            m.values[name] = {}
+        for d in self.all_deployments():
+            counts: dict[str, int] = {}
+            for r in d.replicas.values():
+                counts[r.state.value] = counts.get(r.state.value, 0) + 1
+                if r.state is ReplicaState.RUNNING:
+                    m.set("ray_serve_deployment_replica_healthy", (d.name, r.id, d.app), 1.0)
+            for state, n in counts.items():
+                m.set("flotilla_deployment_replicas", (d.name, d.app, state), float(n))
+            m.set("flotilla_deployment_target_replicas", (d.name, d.app), float(d.target))
+            m.set("ray_serve_deployment_queued_queries", (d.name, d.app), float(self.autoscaler.routed_waiting(d.key)))
+        return m.snapshot()
 
     async def wait_app(self, name: str, timeout: float) -> tuple[str, str]:
         """Wait until app `name` is RUNNING or failed (or `timeout`); returns (status, message)."""

@@ -114,6 +114,8 @@ class ProxyManager:
 class Head:
     def __init__(self, cfg: dict[str, Any], zygote: Any = None) -> None:
         self._zygote = zygote
+        self.cfg = cfg
+        self.metrics_port = 0
         self.session_dir: str = cfg["session_dir"]
         self.sock = os.path.join(self.session_dir, "head.sock")
         self.resources: dict[str, float] = cfg["resources"]
@@ -141,8 +143,17 @@ class Head:
         server = await serve_unix(self.sock, lambda: RpcPeer(self.handle, name="client"))
         os.chmod(self.sock, 0o600)
         controller_task = loop.create_task(self.controller.run())
+        from flotilla._private.metrics import serve_metrics
+
+        try:
+            metrics_server, self.metrics_port = await serve_metrics(
+                "127.0.0.1", int(self.cfg.get("metrics_port") or 0), self.gather_metrics
+            )
+        except OSError as e:
+            logger.warning("metrics endpoint: port %s unavailable (%s); using a free port", self.cfg.get("metrics_port"), e)
+            metrics_server, self.metrics_port = await serve_metrics("127.0.0.1", 0, self.gather_metrics)
         loop.add_reader(0, self._stdin_readable)
-        sys.stdout.write(json.dumps({"sock": self.sock, "resources": self.resources}) + "\n")
+        sys.stdout.write(json.dumps({"sock": self.sock, "resources": self.resources, "metrics_port": self.metrics_port}) + "\n")
         sys.stdout.flush()
         await self.done.wait()
         controller_task.cancel()
@@ -151,6 +162,23 @@ class Head:
         await self.proxy.stop()
         await self.spawner.stop()
         server.close()
+        metrics_server.close()
+
+    async def gather_metrics(self) -> bytes:
+        """Prometheus text for every process: head, proxy and each running replica."""
+        from flotilla._private.metrics import render
+        from flotilla.serve.schema import ReplicaState
+
+        c = self.controller
+        calls = []
+        if self.proxy.peer is not None and not self.proxy.peer.closed:
+            calls.append(self.proxy.peer.call("metrics"))
+        for r in list(c.replicas.values()):
+            if r.peer is not None and not r.gone and r.state in (ReplicaState.RUNNING, ReplicaState.UPDATING):
+                calls.append(r.peer.call("metrics"))
+        results = await asyncio.gather(*(asyncio.wait_for(x, 5) for x in calls), return_exceptions=True)
+        snaps = [c.metrics_snapshot()] + [x for x in results if isinstance(x, dict)]
+        return render(snaps)
 
     def _stdin_readable(self) -> None:
         try:

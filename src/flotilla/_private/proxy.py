@@ -10,11 +10,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import socket
+import time
 from typing import Any
 
-from flotilla._private import http_util
+from flotilla._private import http_util, metrics
 from flotilla._private.client import Runtime
+from flotilla._private.metrics import STORE
 from flotilla._private.protocol import CANCEL, END, ERR, HFULL, HSTART
 from flotilla._private.transport import RpcPeer, connect_unix
 from flotilla.exceptions import RayActorError
@@ -34,6 +37,10 @@ class Proxy:
         self.routes_json = b"{}"
         self.rt: Runtime | None = None
         self.request_timeout_s: float | None = args.get("request_timeout_s")
+        self.metrics = metrics.enabled()
+        self.ongoing = 0
+        self.access = metrics.AccessLog("proxy")
+        metrics.declare_builtins(STORE)
 
     def set_routes(self, table: dict[str, tuple[str, str]]) -> None:
         items = sorted(table.items(), key=lambda kv: len(kv[0]), reverse=True)
@@ -54,29 +61,65 @@ class Proxy:
         path = scope["path"]
         if path.startswith("/-/"):
             if path == "/-/healthz":
-                return await self._reply(send, *http_util.plain(200, "success"))
+                await self._reply(send, *http_util.plain(200, "success"))
+                return
             if path == "/-/routes":
                 body = self.routes_json
-                return await self._reply(send, 200, [http_util.JSON[0], (b"content-length", str(len(body)).encode())], body)
+                await self._reply(send, 200, [http_util.JSON[0], (b"content-length", str(len(body)).encode())], body)
+                return
+        request_id = None
+        model_id = None
+        for k, v in scope["headers"]:
+            if k == b"x-request-id":
+                request_id = v
+            elif k == b"serve_multiplexed_model_id":
+                model_id = v.decode()
+        if request_id is None:
+            request_id = os.urandom(8).hex().encode()
         m = self.match(path)
+        if not self.metrics:
+            await self._forward(scope, receive, send, m, request_id, model_id)
+            return
+        t0 = time.perf_counter()
+        self.ongoing += 1
+        status = 500
+        try:
+            status = await self._forward(scope, receive, send, m, request_id, model_id)
+        finally:
+            self.ongoing -= 1
+            ms = (time.perf_counter() - t0) * 1000.0
+            prefix, app = (m[0], m[1].app_name) if m is not None else ("", "")
+            method = scope["method"]
+            key = (prefix, method, app, str(status))
+            STORE.inc("ray_serve_num_http_requests", key)
+            STORE.observe("ray_serve_http_request_latency_ms", key, ms)
+            if status >= 400:
+                STORE.inc("ray_serve_num_http_error_requests", (prefix, str(status), method, app))
+            self.access.add(request_id.decode(), f"{method} {path}", status, ms)
+
+    async def _forward(
+        self, scope: dict[str, Any], receive: Any, send: Any, m: tuple[str, DeploymentID] | None,
+        request_id: bytes, model_id: str | None,
+    ) -> int:
+        """Send the request to a replica and its response to the client; returns the status."""
+        rid_header = (b"x-request-id", request_id)
         if m is None:
             return await self._reply(send, *http_util.plain(
-                404, f"Path '{path}' not found. Ping http://.../-/routes for available routes."))
+                404, f"Path '{scope['path']}' not found. Ping http://.../-/routes for available routes."), rid_header)
         prefix, dep = m
         body = b""
         more = True
         while more:
             msg = await receive()
             if msg["type"] == "http.disconnect":
-                return
+                return 499
             body += msg.get("body", b"")
             more = msg.get("more_body", False)
         fwd = {k: scope[k] for k in _SCOPE_KEYS if k in scope}
         fwd["root_path"] = "" if prefix == "/" else prefix
-        meta = None
-        for k, v in scope["headers"]:
-            if k == b"serve_multiplexed_model_id":
-                meta = {"multiplexed_model_id": v.decode()}
+        meta: dict[str, Any] = {"request_id": request_id.decode(), "route": prefix}
+        if model_id:
+            meta["multiplexed_model_id"] = model_id
         assert self.rt is not None
         router = self.rt.router(dep)
         try:
@@ -85,26 +128,29 @@ class Proxy:
             else:
                 first, replica, rid = await asyncio.wait_for(router.http(fwd, body, meta), self.request_timeout_s)
         except BackPressureError as e:
-            return await self._reply(send, *http_util.plain(503, str(e)))
+            return await self._reply(send, *http_util.plain(503, str(e)), rid_header)
         except DeploymentUnavailableError as e:
-            return await self._reply(send, *http_util.plain(503, str(e)))
+            return await self._reply(send, *http_util.plain(503, str(e)), rid_header)
         except RayActorError as e:
-            return await self._reply(send, *http_util.plain(500, str(e)))
+            return await self._reply(send, *http_util.plain(500, str(e)), rid_header)
         except TimeoutError:
-            return await self._reply(send, *http_util.plain(408, f"Request timed out after {self.request_timeout_s}s."))
+            return await self._reply(send, *http_util.plain(408, f"Request timed out after {self.request_timeout_s}s."), rid_header)
         code = first[1]
         if code == HFULL:
-            await send({"type": "http.response.start", "status": first[2], "headers": first[3]})
+            headers = first[3]
+            headers.append(rid_header)
+            await send({"type": "http.response.start", "status": first[2], "headers": headers})
             await send({"type": "http.response.body", "body": first[4]})
-            return
+            return first[2]
         if code == ERR:
             err = first[2]
-            status = 500
-            if isinstance(err, BackPressureError):
-                status = 503
-            return await self._reply(send, *http_util.plain(status, str(err) if err else "Internal Server Error"))
+            status = 503 if isinstance(err, BackPressureError) else 500
+            return await self._reply(send, *http_util.plain(status, str(err) if err else "Internal Server Error"), rid_header)
         if code == HSTART:
+            first[3].append(rid_header)
             await self._stream(send, receive, first, replica, rid)
+            return first[2]
+        return 500
 
     async def _stream(self, send: Any, receive: Any, first: tuple[Any, ...], replica: Any, rid: int) -> None:
         ch = first[4]
@@ -134,9 +180,18 @@ class Proxy:
                 replica.proto.send((rid, CANCEL))
 
     @staticmethod
-    async def _reply(send: Any, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+    async def _reply(
+        send: Any, status: int, headers: list[tuple[bytes, bytes]], body: bytes, extra: tuple[bytes, bytes] | None = None
+    ) -> int:
+        if extra is not None:
+            headers = [*headers, extra]
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
+        return status
+
+    def snapshot(self) -> dict[str, Any]:
+        STORE.set("ray_serve_num_ongoing_http_requests", ("head",), float(self.ongoing))
+        return STORE.snapshot()
 
 
 async def _amain(args: dict[str, Any]) -> None:
@@ -150,6 +205,8 @@ async def _amain(args: dict[str, Any]) -> None:
         if op == "update":
             rt_holder["rt"].on_update(*a)
             return None
+        if op == "metrics":
+            return proxy.snapshot()
         raise ValueError(op)
 
     head = RpcPeer(on_call, name="head")

@@ -28,7 +28,8 @@ from typing import Any
 
 import cloudpickle
 
-from flotilla._private import context, http_util
+from flotilla._private import context, http_util, metrics
+from flotilla._private.metrics import STORE
 from flotilla._private.protocol import (
     CANCEL,
     CHUNK,
@@ -126,6 +127,13 @@ class Replica:
         self.stopped = asyncio.Event()
         self.head: RpcPeer | None = None
         self.http_entry: Any = None
+        self.dep_name: str = args["deployment"]
+        self.app_name: str = args["app"]
+        self.metrics = metrics.enabled()
+        self.access = metrics.AccessLog(f"replica {self.replica_id}")
+        metrics.declare_builtins(STORE)
+        STORE.declare("gauge", "ray_serve_replica_processing_queries", "Requests running in a replica.", ("deployment", "replica", "application"))
+        STORE.declare("gauge", "flotilla_replica_queued_requests", "Requests waiting inside a replica for a slot (max_ongoing_requests).", ("deployment", "replica", "application"))
         self.asgi_app: Any = None
         self.lifespan: Any = None
         self.num_requests = 0
@@ -247,6 +255,11 @@ class Replica:
             if light.get("user_config") is not None:
                 await self._reconfigure(light["user_config"])
             return None
+        if op == "metrics":
+            labels = (self.dep_name, self.replica_id, self.app_name)
+            STORE.set("ray_serve_replica_processing_queries", labels, float(self.ongoing))
+            STORE.set("flotilla_replica_queued_requests", labels, float(len(self.waiters)))
+            return STORE.snapshot()
         if op == "stats":
             return {"ongoing": self.ongoing, "queued": len(self.waiters), "requests": self.num_requests}
         if op == "stop":
@@ -325,14 +338,17 @@ class Replica:
             self.tasks.pop(key, None)
             return
         self.num_requests += 1
+        t0 = time.perf_counter()
+        status: Any = "OK"
+        kind = msg[1]
+        meta = msg[4] if kind == HTTP else msg[5]
+        if meta is not None:
+            context.request_meta.set(meta)
         try:
-            kind = msg[1]
             if kind == HTTP:
-                await self._handle_http(proto, rid, msg[2], msg[3], msg[4])
+                status = await self._handle_http(proto, rid, msg[2], msg[3])
                 return
-            _, _, method, args, kwargs, meta = msg
-            if meta is not None:
-                context.request_meta.set(meta)
+            _, _, method, args, kwargs, _ = msg
             fn, mode = self.methods.get(method) or self._resolve(method)
             if mode == _ASYNC:
                 result = await fn(*args, **kwargs)
@@ -354,12 +370,25 @@ class Replica:
                 raise TypeError(f"the return value of '{method}' could not be pickled: {e}") from e
             proto.send_raw(data)
         except asyncio.CancelledError:
-            pass
+            status = "CANCELLED"
         except BaseException as e:
+            status = "ERROR"
             self._send_error(proto, rid, e)
         finally:
             self.tasks.pop(key, None)
             self._release()
+            if self.metrics:
+                self._record(msg, meta, status, t0)
+
+    def _record(self, msg: tuple[Any, ...], meta: Any, status: Any, t0: float) -> None:
+        ms = (time.perf_counter() - t0) * 1000.0
+        route = (meta or {}).get("route", "") if msg[1] == HTTP else msg[2]
+        labels = (self.dep_name, self.replica_id, route, self.app_name)
+        STORE.inc("ray_serve_deployment_request_counter", labels)
+        STORE.observe("ray_serve_deployment_processing_latency_ms", labels, ms)
+        if status == "ERROR" or (isinstance(status, int) and status >= 500):
+            STORE.inc("ray_serve_deployment_error_counter", labels)
+        self.access.add((meta or {}).get("request_id", "-"), route, status, ms)
 
     def _resolve(self, method: str) -> tuple[Any, int]:
         if self.is_function:
@@ -405,16 +434,13 @@ class Replica:
             data = frame((rid, ERR, None, tb, type(e).__name__))
         proto.send_raw(data)
 
-    async def _handle_http(
-        self, proto: FrameProtocol, rid: int, scope: dict[str, Any], body: bytes, meta: Any
-    ) -> None:
+    async def _handle_http(self, proto: FrameProtocol, rid: int, scope: dict[str, Any], body: bytes) -> int:
+        """Run the HTTP ingress for one request; returns the status code sent."""
         from starlette.responses import Response
 
         global _request_class
         if _request_class is None:
             _request_class = _make_request_class()
-        if meta is not None:
-            context.request_meta.set(meta)
         body_sent = False
 
         async def receive() -> dict[str, Any]:
@@ -426,8 +452,7 @@ class Replica:
             return {"type": "http.disconnect"}
 
         if self.asgi_app is not None:
-            await self._send_asgi_response(proto, rid, self.asgi_app, scope, receive)
-            return
+            return await self._send_asgi_response(proto, rid, self.asgi_app, scope, receive)
         fn = self.http_entry
         try:
             if fn is None:
@@ -445,21 +470,21 @@ class Replica:
         except Exception:
             logger.exception("request %s %s failed", scope.get("method"), scope.get("path"))
             proto.send((rid, HFULL, *http_util.plain(500, "Internal Server Error")))
-            return
+            return 500
         if isinstance(result, Response) or (callable(result) and hasattr(result, "body_iterator")):
-            await self._send_asgi_response(proto, rid, result, scope, receive)
-            return
+            return await self._send_asgi_response(proto, rid, result, scope, receive)
         try:
             status, headers, payload = http_util.encode_result(result)
         except Exception:
             logger.exception("could not encode the return value as JSON")
             proto.send((rid, HFULL, *http_util.plain(500, "Internal Server Error")))
-            return
+            return 500
         proto.send((rid, HFULL, status, headers, payload))
+        return status
 
     async def _send_asgi_response(
         self, proto: FrameProtocol, rid: int, response: Any, scope: dict[str, Any], receive: Any
-    ) -> None:
+    ) -> int:
         """Run an ASGI callable (a Response, or the user's app) and forward what it sends."""
         state: dict[str, Any] = {"streaming": False, "status": 500, "headers": []}
 
@@ -488,8 +513,15 @@ class Replica:
             logger.exception("response failed")
             if not state["streaming"]:
                 proto.send((rid, HFULL, *http_util.plain(500, "Internal Server Error")))
-            else:
-                proto.send((rid, END))
+                return 500
+            proto.send((rid, END))
+        return int(state["status"])
+
+
+def _add_request_id(record: logging.LogRecord) -> bool:
+    meta = context.request_meta.get()
+    record.request_id = (meta or {}).get("request_id", "-")
+    return True
 
 
 def main(args: dict[str, Any]) -> None:
@@ -504,8 +536,10 @@ def main(args: dict[str, Any]) -> None:
             pass
     logging.basicConfig(
         level=logging.INFO,
-        format=f"%(asctime)s %(levelname)s replica {args['replica_id']} %(name)s: %(message)s",
+        format=f"%(asctime)s %(levelname)s replica {args['replica_id']} [%(request_id)s] %(name)s: %(message)s",
     )
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_add_request_id)
     try:
         import uvloop
 

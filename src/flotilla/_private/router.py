@@ -315,7 +315,7 @@ class Router:
 
     # ---- requests ---------------------------------------------------------------------
     async def call(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], meta: Any) -> Any:
-        r = await self.acquire(meta["multiplexed_model_id"] if meta else "")
+        r = await self.acquire(meta.get("multiplexed_model_id", "") if meta else "")
         try:
             if not r.ready:
                 raise ActorDiedError(f"Replica {r.id} died before the request was sent.")

@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from flotilla._private.client import Runtime
+from flotilla._private.context import request_meta
 from flotilla.exceptions import GetTimeoutError, TaskCancelledError
 from flotilla.serve.schema import DeploymentID
 
@@ -89,6 +90,9 @@ class DeploymentHandle:
         rt = Runtime.get_or_start()
         opts = self._opts
         meta = {"multiplexed_model_id": opts.multiplexed_model_id} if opts.multiplexed_model_id else None
+        parent = request_meta.get()
+        if parent is not None and "request_id" in parent:  # a call made while serving a request
+            meta = dict(meta or {}, request_id=parent["request_id"])
         if opts.stream:
             return DeploymentResponseGenerator(rt, self._dep, opts.method_name, args, kwargs, meta)
         coro = _call(rt, self._dep, opts.method_name, args, kwargs, meta)

@@ -22,16 +22,40 @@ import inspect
 import logging
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from flotilla._private import context
 from flotilla.serve.exceptions import ConfigError
 
-__all__ = ["get_multiplexed_model_id", "multiplexed"]
+__all__ = ["RequestContext", "get_multiplexed_model_id", "get_request_context", "multiplexed"]
 
 logger = logging.getLogger("flotilla.multiplex")
 
 MODEL_ID_HEADER = "serve_multiplexed_model_id"
+
+
+@dataclass(frozen=True)
+class RequestContext:
+    """What is known about the request being handled (see `get_request_context`)."""
+
+    request_id: str = ""
+    route: str = ""
+    app_name: str = ""
+    multiplexed_model_id: str = ""
+
+
+def get_request_context() -> RequestContext:
+    """The current request's id (the `X-Request-ID` the client sent or the proxy made, also
+    returned as a response header and kept across handle calls), route and model id."""
+    meta = context.request_meta.get() or {}
+    ctx = context.replica_context
+    return RequestContext(
+        request_id=meta.get("request_id", ""),
+        route=meta.get("route", ""),
+        app_name=ctx.app_name if ctx is not None else "",
+        multiplexed_model_id=meta.get("multiplexed_model_id", "") or "",
+    )
 
 
 def get_multiplexed_model_id() -> str:
