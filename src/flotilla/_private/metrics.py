@@ -161,6 +161,18 @@ async def serve_metrics(host: str, port: int, gather: Any) -> tuple[asyncio.Abst
     return server, server.sockets[0].getsockname()[1]
 
 
+class RequestIds:
+    """Unique request ids: a random per-process prefix and a counter (no syscall per id)."""
+
+    def __init__(self) -> None:
+        self.prefix = os.urandom(6).hex()
+        self.n = 0
+
+    def next(self) -> bytes:
+        self.n += 1
+        return f"{self.prefix}{self.n:08x}".encode()
+
+
 class AccessLog:
     """One line per request, written in batches (the request path only appends to a list)."""
 
@@ -168,9 +180,15 @@ class AccessLog:
         self.name = name
         self.lines: list[str] = []
         self._scheduled = False
+        self._second = 0
+        self._prefix = ""
 
     def add(self, request_id: str, route: str, status: Any, ms: float) -> None:
-        self.lines.append(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {self.name} {request_id} {route} {status} {ms:.2f}ms\n")
+        now = int(time.time())
+        if now != self._second:
+            self._second = now
+            self._prefix = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now)) + " " + self.name
+        self.lines.append(f"{self._prefix} {request_id} {route} {status} {ms:.2f}ms\n")
         if not self._scheduled:
             self._scheduled = True
             asyncio.get_running_loop().call_later(0.1, self.flush)

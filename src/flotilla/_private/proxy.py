@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import socket
 import time
 from typing import Any
@@ -40,6 +39,7 @@ class Proxy:
         self.metrics = metrics.enabled()
         self.ongoing = 0
         self.access = metrics.AccessLog("proxy")
+        self.ids = metrics.RequestIds()
         metrics.declare_builtins(STORE)
 
     def set_routes(self, table: dict[str, tuple[str, str]]) -> None:
@@ -75,7 +75,7 @@ class Proxy:
             elif k == b"serve_multiplexed_model_id":
                 model_id = v.decode()
         if request_id is None:
-            request_id = os.urandom(8).hex().encode()
+            request_id = self.ids.next()
         m = self.match(path)
         if not self.metrics:
             await self._forward(scope, receive, send, m, request_id, model_id)
@@ -239,6 +239,7 @@ async def _amain(args: dict[str, Any]) -> None:
         log_level="warning",
         timeout_keep_alive=int(args.get("keep_alive_timeout_s", 5)),
         server_header=False,
+        proxy_headers=False,
         date_header=False,
     )
     server = uvicorn.Server(config)
