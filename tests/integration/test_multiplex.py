@@ -41,8 +41,9 @@ class Models:
 
     async def __call__(self, *args):
         model_id = serve.get_multiplexed_model_id()
+        before = len(self.loads)
         model = await self.get_model(model_id)
-        return {"model": model.model_id, "pid": os.getpid()}
+        return {"model": model.model_id, "pid": os.getpid(), "fresh": len(self.loads) > before}
 
     def history(self):
         return self.loads, self.evictions, os.getpid()
@@ -51,13 +52,13 @@ class Models:
 def test_requests_for_a_model_stick_to_the_replica_that_loaded_it(url):
     h = serve.run(Models.bind(), name="mx", route_prefix="/mx")
     first = h.options(multiplexed_model_id="a").remote().result()
-    assert first["model"] == "a"
-    # Once the controller has told routers where "a" lives, every request goes there.
-    wait_for(lambda: all(h.options(multiplexed_model_id="a").remote().result()["pid"] == first["pid"] for _ in range(10)),
+    assert first["model"] == "a" and first["fresh"]
+    # Once the controller has told routers where "a" lives, requests go to a replica holding it.
+    wait_for(lambda: not any(h.options(multiplexed_model_id="a").remote().result()["fresh"] for _ in range(10)),
              what="model-aware routing")
     with httpx.Client(base_url=url, timeout=30) as c:
-        r = c.get("/mx", headers={"serve_multiplexed_model_id": "a"})
-        assert r.json() == {"model": "a", "pid": first["pid"]}
+        out = [c.get("/mx", headers={"serve_multiplexed_model_id": "a"}).json() for _ in range(10)]
+    assert all(o["model"] == "a" and not o["fresh"] for o in out)
 
 
 def test_least_recently_used_model_is_evicted_and_cleaned_up(url):
@@ -77,3 +78,25 @@ def test_bad_multiplex_options():
         def sync_loader(self, model_id):
             return model_id
     assert serve.get_multiplexed_model_id() == ""
+
+
+@serve.deployment(num_replicas=2, max_ongoing_requests=1)
+class HotModels:
+    @serve.multiplexed(max_num_models_per_replica=2)
+    async def get_model(self, model_id: str):
+        return model_id
+
+    async def __call__(self, *args):
+        import asyncio
+
+        await self.get_model(serve.get_multiplexed_model_id())
+        await asyncio.sleep(0.2)
+        return os.getpid()
+
+
+def test_a_hot_model_is_loaded_on_a_second_replica(url):
+    h = serve.run(HotModels.bind(), name="hot", route_prefix=None)
+    hot = h.options(multiplexed_model_id="hot")
+    pids = {r.result() for r in [hot.remote() for _ in range(6)]}
+    # One replica cannot take them all at once (max_ongoing_requests=1): both load the model.
+    assert len(pids) == 2

@@ -57,3 +57,30 @@ def test_timed_out_request_gets_408_and_frees_its_slot(url):
         assert c.get("/t").text == "fast"
         assert time.monotonic() - t0 < 1
     assert h.cancellations.remote().result() == 1
+
+
+def test_backpressure_429_with_retry_after():
+    if flotilla.is_initialized():
+        flotilla.shutdown()
+    flotilla.init(num_cpus=2)
+    try:
+        port = free_port()
+        serve.start(http_options={"port": port, "backpressure_status_code": 429})
+
+        @serve.deployment(max_ongoing_requests=1, max_queued_requests=1)
+        class Busy:
+            async def __call__(self, request):
+                await asyncio.sleep(0.3)
+                return "done"
+
+        serve.run(Busy.bind(), name="busy", route_prefix="/")
+        import concurrent.futures
+
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as c, \
+                concurrent.futures.ThreadPoolExecutor(6) as pool:
+            resps = list(pool.map(lambda _: c.get("/"), range(6)))
+        rejected = [r for r in resps if r.status_code == 429]
+        assert rejected and any(r.status_code == 200 for r in resps)
+        assert all(int(r.headers["retry-after"]) >= 1 for r in rejected)
+    finally:
+        flotilla.shutdown()

@@ -36,6 +36,7 @@ class Proxy:
         self.routes_json = b"{}"
         self.rt: Runtime | None = None
         self.request_timeout_s: float | None = args.get("request_timeout_s")
+        self.backpressure_status: int = args.get("backpressure_status_code", 503)
         self.metrics = metrics.enabled()
         self.ongoing = 0
         self.access = metrics.AccessLog("proxy")
@@ -128,6 +129,10 @@ class Proxy:
             else:
                 first, replica, rid = await asyncio.wait_for(router.http(fwd, body, meta), self.request_timeout_s)
         except BackPressureError as e:
+            if self.backpressure_status == 429:
+                retry = (b"retry-after", str(router.retry_after_s()).encode())
+                status, headers, text = http_util.plain(429, str(e))
+                return await self._reply(send, status, [*headers, retry], text, rid_header)
             return await self._reply(send, *http_util.plain(503, str(e)), rid_header)
         except DeploymentUnavailableError as e:
             return await self._reply(send, *http_util.plain(503, str(e)), rid_header)

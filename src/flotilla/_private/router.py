@@ -15,7 +15,9 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import math
 import random
+import time
 from collections import deque
 from typing import Any
 
@@ -138,6 +140,9 @@ class Router:
         self.max_ongoing = 5
         self.max_queued = -1
         self.exists: bool | None = None  # None until the controller has answered
+        self._done = 0  # requests finished since _rate_t (for the drain rate)
+        self._rate_t = time.monotonic()
+        self._rate = 0.0
         self.subscription: asyncio.Task[None] | None = None
 
     # ---- updates from the controller ----------------------------------------------------
@@ -291,7 +296,28 @@ class Router:
                     pass
             raise
 
+    def drain_rate(self) -> float:
+        """Requests finished per second, recently (a 1 s window, smoothed)."""
+        now = time.monotonic()
+        dt = now - self._rate_t
+        if dt >= 1.0:
+            rate = self._done / dt
+            self._rate = rate if self._rate == 0 else 0.5 * self._rate + 0.5 * rate
+            self._done = 0
+            self._rate_t = now
+        elif self._rate == 0 and dt > 0 and self._done:
+            return self._done / dt
+        return self._rate
+
+    def retry_after_s(self) -> int:
+        """Seconds after which the queue should have room again (for Retry-After)."""
+        rate = self.drain_rate()
+        if rate <= 0:
+            return 1
+        return max(1, math.ceil(len(self.queue) / rate))
+
     def release(self, r: ReplicaConn) -> None:
+        self._done += 1
         r.in_flight -= 1
         if r.id not in self.replicas and not r.pending:
             r.close()  # removed from the set and now idle

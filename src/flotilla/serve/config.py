@@ -189,6 +189,11 @@ class HTTPOptions(BaseModel):
     request_timeout_s: float | None = Field(None, gt=0)
     keep_alive_timeout_s: float = Field(5.0, gt=0)
     location: str = "HeadOnly"
+    backpressure_status_code: Literal[503, 429] = Field(
+        503,
+        description="Status when max_queued_requests is exceeded; 429 adds a Retry-After "
+        "header computed from how fast the deployment's queue drains.",
+    )
 
 
 def validate(model: type[BaseModel], data: dict[str, Any], what: str) -> Any:

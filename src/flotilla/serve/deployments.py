@@ -66,6 +66,8 @@ class Deployment:
     def options(self, **kwargs: Any) -> Deployment:
         """A copy with some options changed; unknown names raise TypeError."""
         kwargs.pop("_internal", None)
+        if "max_concurrent_queries" in kwargs:  # Ray's old name
+            kwargs.setdefault("max_ongoing_requests", kwargs.pop("max_concurrent_queries"))
         for key in kwargs:
             if key != "name" and key not in _OPTION_NAMES and key not in _COMPAT_IGNORED:
                 raise ConfigError(f"unknown deployment option {key!r}; allowed: name, " + ", ".join(_OPTION_NAMES))
@@ -146,6 +148,10 @@ def deployment(
     Options are validated here, at definition time: a bad type, a negative count or an
     unknown option raises `ConfigError` (a ValueError and TypeError) naming the field.
     """
+    if "max_concurrent_queries" in ray_only:  # Ray's old name
+        value = ray_only.pop("max_concurrent_queries")
+        if max_ongoing_requests is None:
+            max_ongoing_requests = value
     unknown = set(ray_only) - _COMPAT_IGNORED
     if unknown:
         raise ConfigError(
