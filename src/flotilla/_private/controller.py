@@ -210,6 +210,14 @@ class Controller:
     def deploy_app(self, spec: dict[str, Any]) -> None:
         name = spec["name"]
         prefix = spec["route_prefix"]
+        if prefix is not None and self.proxy is not None and self.proxy.direct is not None:
+            for other in self.apps.values():
+                if other.name != name and other.route_prefix is not None and not other.deleting:
+                    raise ConfigError(
+                        f"direct ingress serves one HTTP application per port, and application "
+                        f"\"{other.name}\" already has route_prefix {other.route_prefix}. Deploy "
+                        f"\"{name}\" with route_prefix=None (handles only), or use the proxy."
+                    )
         if prefix is not None:
             for other in self.apps.values():
                 if other.name != name and other.route_prefix == prefix and not other.deleting:
@@ -345,6 +353,8 @@ class Controller:
         if r.alloc is not None and r.alloc.gpu_shares:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in r.alloc.gpu_ids)
         env["FLOTILLA_REPLICA_ID"] = r.id
+        direct = self.proxy.direct if self.proxy is not None else None
+        app = self.apps.get(dep.app)
         args = {
             "replica_id": r.id,
             "app": dep.app,
@@ -355,6 +365,13 @@ class Controller:
             "cwd": dep.spec.get("cwd", ""),
             "env": env,
         }
+        if direct is not None and app is not None and app.ingress == dep.name and app.route_prefix is not None:
+            args["direct"] = {
+                "host": direct.get("host", "127.0.0.1"),
+                "port": direct.get("port", 8000),
+                "route_prefix": app.route_prefix,
+                "keep_alive_timeout_s": direct.get("keep_alive_timeout_s", 5),
+            }
         log = os.path.join(self.session_dir, "logs", f"replica_{dep.app}_{dep.name}_{r.id}.log")
         try:
             r.pid = await self.spawner.spawn("replica", log, args)

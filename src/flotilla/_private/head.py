@@ -46,7 +46,18 @@ class ProxyManager:
                 return await asyncio.shield(self._ready)
             return self.url
         self.options = options
+        if options.get("direct_ingress"):
+            host = options.get("host", "127.0.0.1")
+            self.url = f"http://{f'[{host}]' if ':' in host else host}:{options.get('port', 8000)}"
+            self.status = ProxyStatus.HEALTHY
+            self._ready = None
+            logger.info("direct ingress: replicas will listen on %s themselves", self.url)
+            return self.url
         return await self._launch()
+
+    @property
+    def direct(self) -> dict[str, Any] | None:
+        return self.options if self.options and self.options.get("direct_ingress") else None
 
     async def _launch(self) -> str:
         assert self.options is not None

@@ -156,9 +156,22 @@ class Replica:
             logger.error("constructor failed:\n%s", tb)
             await self.head.call("replica_failed", self.replica_id, tb)
             return
+        direct_server = None
+        if args.get("direct"):
+            from flotilla._private.direct import DirectIngress
+
+            try:
+                direct_server = await DirectIngress(self, args["direct"]).start()
+            except OSError as e:
+                msg = f"direct ingress could not listen on {args['direct']['host']}:{args['direct']['port']}: {e}"
+                logger.error(msg)
+                await self.head.call("replica_failed", self.replica_id, msg)
+                return
         logger.info("replica %s ready (pid %d)", self.replica_id, os.getpid())
         await self.head.call("replica_ready", self.replica_id)
         await self.stopped.wait()
+        if direct_server is not None:
+            direct_server.should_exit = True
         server.close()
 
     async def _construct(self, spec: dict[str, Any]) -> None:

@@ -189,6 +189,11 @@ class HTTPOptions(BaseModel):
     request_timeout_s: float | None = Field(None, gt=0)
     keep_alive_timeout_s: float = Field(5.0, gt=0)
     location: str = "HeadOnly"
+    direct_ingress: bool = Field(
+        False,
+        description="Replicas of the HTTP app's ingress deployment accept HTTP themselves on the "
+        "shared port (SO_REUSEPORT), with no proxy process in between; one HTTP app at a time.",
+    )
     backpressure_status_code: Literal[503, 429] = Field(
         503,
         description="Status when max_queued_requests is exceeded; 429 adds a Retry-After "

@@ -1,0 +1,63 @@
+"""Direct ingress: replicas accept HTTP on a shared port, with no proxy process."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+import flotilla
+from flotilla import serve
+from flotilla._private.client import Runtime
+from flotilla.serve.exceptions import ConfigError
+from tests.conftest import alive, descendants, free_port, wait_for
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[str]:
+    if flotilla.is_initialized():
+        flotilla.shutdown()
+    flotilla.init(num_cpus=4)
+    port = free_port()
+    serve.start(http_options={"port": port, "direct_ingress": True})
+    yield f"http://127.0.0.1:{port}"
+    flotilla.shutdown()
+
+
+@serve.deployment(num_replicas=2, ray_actor_options={"num_cpus": 0.5})
+class Direct:
+    async def __call__(self, request):
+        if request.url.path.endswith("/fail"):
+            raise RuntimeError("boom")
+        return {"pid": os.getpid(), "path": request.url.path, "root": request.scope["root_path"],
+                "rid": serve.get_request_context().request_id}
+
+
+def test_replicas_serve_http_themselves(url):
+    h = serve.run(Direct.bind(), name="direct", route_prefix="/d")
+    pids = set()
+    for _ in range(40):
+        with httpx.Client(base_url=url, timeout=10) as c:  # new connections spread across replicas
+            r = c.get("/d/x", headers={"X-Request-ID": "abc"})
+            assert r.status_code == 200 and r.headers["x-request-id"] == "abc"
+            body = r.json()
+            assert body["path"] == "/d/x" and body["root"] == "/d" and body["rid"] == "abc"
+            pids.add(body["pid"])
+    assert len(pids) == 2
+    with httpx.Client(base_url=url, timeout=10) as c:
+        assert c.get("/elsewhere").status_code == 404
+        assert c.get("/d/fail").status_code == 500
+        assert c.get("/-/healthz").text == "success"
+    # No proxy process: the head's children are the zygote, whose children are the replicas.
+    head = Runtime.current().process.pid
+    assert len(alive(descendants(head))) == 3
+    # Handles still work, and a second HTTP app is refused (one app per port).
+    assert h.remote.__func__ is not None and "pid" in str(httpx.get(f"{url}/d", timeout=10).json())
+    with pytest.raises(ConfigError, match="one HTTP application"):
+        serve.run(Direct.bind(), name="second", route_prefix="/other")
+    serve.run(Direct.options(name="Other").bind(), name="handles_only", route_prefix=None)
+    wait_for(lambda: serve.status().applications["handles_only"].status == "RUNNING", what="handle-only app")
