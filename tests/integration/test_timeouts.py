@@ -59,28 +59,42 @@ def test_timed_out_request_gets_408_and_frees_its_slot(url):
     assert h.cancellations.remote().result() == 1
 
 
-def test_backpressure_429_with_retry_after():
-    if flotilla.is_initialized():
-        flotilla.shutdown()
-    flotilla.init(num_cpus=2)
-    try:
-        port = free_port()
-        serve.start(http_options={"port": port, "backpressure_status_code": 429})
+@serve.deployment
+class Downstream:
+    def __init__(self):
+        self.cancelled = 0
 
-        @serve.deployment(max_ongoing_requests=1, max_queued_requests=1)
-        class Busy:
-            async def __call__(self, request):
-                await asyncio.sleep(0.3)
-                return "done"
+    async def __call__(self):
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
 
-        serve.run(Busy.bind(), name="busy", route_prefix="/")
-        import concurrent.futures
+    def cancellations(self):
+        return self.cancelled
 
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as c, \
-                concurrent.futures.ThreadPoolExecutor(6) as pool:
-            resps = list(pool.map(lambda _: c.get("/"), range(6)))
-        rejected = [r for r in resps if r.status_code == 429]
-        assert rejected and any(r.status_code == 200 for r in resps)
-        assert all(int(r.headers["retry-after"]) >= 1 for r in rejected)
-    finally:
-        flotilla.shutdown()
+
+@serve.deployment(max_ongoing_requests=1)
+class Upstream:
+    def __init__(self, down):
+        self.down = down
+
+    async def __call__(self, request):
+        if request.query_params.get("slow"):
+            await self.down.remote()
+        return "fast"
+
+
+def test_client_disconnect_cancels_the_request_and_its_downstream_calls(url):
+    serve.run(Upstream.bind(Downstream.bind()), name="up", route_prefix="/up")
+    down = serve.get_deployment_handle("Downstream", "up")
+    with httpx.Client(base_url=url, timeout=0.4) as c, pytest.raises(httpx.ReadTimeout):
+        c.get("/up?slow=1")  # the client gives up and closes the connection
+    from tests.conftest import wait_for
+
+    wait_for(lambda: down.cancellations.remote().result() == 1, timeout=10, what="downstream cancelled")
+    with httpx.Client(base_url=url, timeout=30) as c:
+        t0 = time.monotonic()
+        assert c.get("/up").text == "fast"  # the slot (max_ongoing_requests=1) came back
+        assert time.monotonic() - t0 < 1

@@ -26,6 +26,7 @@ from flotilla.serve.schema import DeploymentID
 logger = logging.getLogger("flotilla.proxy")
 
 _DISCONNECTED = -1
+DISCONNECT_CHECK_S = 0.2
 _SCOPE_KEYS = ("type", "http_version", "method", "scheme", "path", "raw_path", "query_string", "headers", "client", "server")
 
 
@@ -123,11 +124,22 @@ class Proxy:
             meta["multiplexed_model_id"] = model_id
         assert self.rt is not None
         router = self.rt.router(dep)
+        # A request still running after DISCONNECT_CHECK_S gets a watcher: if the client goes
+        # away, the request is cancelled in the replica (and its downstream calls with it).
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        watch: dict[str, Any] = {"gone": False, "task": None}
+        timer = loop.call_later(DISCONNECT_CHECK_S, self._arm_watcher, loop, receive, task, watch)
         try:
             if self.request_timeout_s is None:
                 first, replica, rid = await router.http(fwd, body, meta)
             else:
                 first, replica, rid = await asyncio.wait_for(router.http(fwd, body, meta), self.request_timeout_s)
+        except asyncio.CancelledError:
+            if watch["gone"] and task is not None:
+                task.uncancel()
+                return 499
+            raise
         except BackPressureError as e:
             if self.backpressure_status == 429:
                 retry = (b"retry-after", str(router.retry_after_s()).encode())
@@ -140,6 +152,10 @@ class Proxy:
             return await self._reply(send, *http_util.plain(500, str(e)), rid_header)
         except TimeoutError:
             return await self._reply(send, *http_util.plain(408, f"Request timed out after {self.request_timeout_s}s."), rid_header)
+        finally:
+            timer.cancel()
+            if watch["task"] is not None:
+                watch["task"].cancel()
         code = first[1]
         if code == HFULL:
             headers = first[3]
@@ -156,6 +172,16 @@ class Proxy:
             await self._stream(send, receive, first, replica, rid)
             return first[2]
         return 500
+
+    @staticmethod
+    def _arm_watcher(loop: asyncio.AbstractEventLoop, receive: Any, task: Any, watch: dict[str, Any]) -> None:
+        async def wait_disconnect() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            watch["gone"] = True
+            task.cancel()
+
+        watch["task"] = loop.create_task(wait_disconnect())
 
     async def _stream(self, send: Any, receive: Any, first: tuple[Any, ...], replica: Any, rid: int) -> None:
         ch = first[4]
