@@ -35,7 +35,10 @@ def fmt(resources: dict[str, float]) -> str:
     parts = []
     for k in sorted(resources):
         v = resources[k]
-        parts.append(f"{k}: {int(v) if v == int(v) else round(v, 4)}")
+        if k == "memory":
+            parts.append(f"memory: {v / 2**30:.1f} GiB")
+        else:
+            parts.append(f"{k}: {int(v) if v == int(v) else round(v, 4)}")
     return "{" + ", ".join(parts) + "}"
 
 
