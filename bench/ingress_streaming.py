@@ -32,7 +32,7 @@ def first_chunk_ms(port: int, path: str) -> float:
         data = b""
         while b"\r\n\r\n" not in data:
             data += s.recv(65536)
-        head, rest = data.split(b"\r\n\r\n", 1)
+        _, rest = data.split(b"\r\n\r\n", 1)
         while not rest:
             rest = s.recv(65536)
         return (time.perf_counter() - t0) * 1000
