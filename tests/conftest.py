@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import time
@@ -65,16 +66,28 @@ def alive(pids: set[int]) -> set[int]:
     return out
 
 
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[str]:
-    """A running cluster with 8 CPUs and 2 (declared) GPUs; yields the HTTP base URL."""
+@contextlib.contextmanager
+def running_cluster(http_options: dict[str, Any] | None = None, **init_kwargs: Any) -> Iterator[str]:
+    """A fresh cluster with its HTTP proxy on a free port; yields the base URL."""
     if flotilla.is_initialized():
         flotilla.shutdown()
-    flotilla.init(num_cpus=8, num_gpus=2, resources={"custom_res": 2, "accelerator_type:A100": 1})
-    port = free_port()
-    serve.start(http_options={"port": port})
-    yield f"http://127.0.0.1:{port}"
-    flotilla.shutdown()
+    flotilla.init(**init_kwargs)
+    try:
+        port = free_port()
+        serve.start(http_options={**(http_options or {}), "port": port})
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        flotilla.shutdown()
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[str]:
+    """A running cluster with 8 CPUs and 2 (declared) GPUs; yields the HTTP base URL.
+
+    Modules that need other options override this fixture with `running_cluster(...)`.
+    """
+    with running_cluster(num_cpus=8, num_gpus=2, resources={"custom_res": 2, "accelerator_type:A100": 1}) as url:
+        yield url
 
 
 @pytest.fixture

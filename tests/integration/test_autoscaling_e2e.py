@@ -11,26 +11,20 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-import flotilla
 from flotilla import serve
-from tests.conftest import free_port, wait_for
+from tests.conftest import running_cluster, wait_for
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[str]:
-    if flotilla.is_initialized():
-        flotilla.shutdown()
     os.environ["FLOTILLA_COLD_START_TIMEOUT_S"] = "3"
     try:
-        flotilla.init(num_cpus=4)
-        port = free_port()
-        serve.start(http_options={"port": port})
-        yield f"http://127.0.0.1:{port}"
+        with running_cluster(num_cpus=4) as url:
+            yield url
     finally:
         os.environ.pop("FLOTILLA_COLD_START_TIMEOUT_S", None)
-        flotilla.shutdown()
 
 
 def running(app: str, dep: str) -> int:

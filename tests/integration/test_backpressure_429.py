@@ -8,20 +8,14 @@ import concurrent.futures
 import httpx
 import pytest
 
-import flotilla
 from flotilla import serve
-from tests.conftest import free_port
+from tests.conftest import running_cluster
 
 pytestmark = pytest.mark.slow
 
 
 def test_backpressure_429_with_retry_after():
-    if flotilla.is_initialized():
-        flotilla.shutdown()
-    flotilla.init(num_cpus=2)
-    try:
-        port = free_port()
-        serve.start(http_options={"port": port, "backpressure_status_code": 429})
+    with running_cluster({"backpressure_status_code": 429}, num_cpus=2) as base:
 
         @serve.deployment(max_ongoing_requests=1, max_queued_requests=1)
         class Busy:
@@ -30,11 +24,9 @@ def test_backpressure_429_with_retry_after():
                 return "done"
 
         serve.run(Busy.bind(), name="busy", route_prefix="/")
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as c, \
+        with httpx.Client(base_url=base, timeout=30) as c, \
                 concurrent.futures.ThreadPoolExecutor(6) as pool:
             resps = list(pool.map(lambda _: c.get("/"), range(6)))
         rejected = [r for r in resps if r.status_code == 429]
         assert rejected and any(r.status_code == 200 for r in resps)
         assert all(int(r.headers["retry-after"]) >= 1 for r in rejected)
-    finally:
-        flotilla.shutdown()

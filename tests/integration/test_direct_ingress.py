@@ -8,24 +8,18 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-import flotilla
 from flotilla import serve
 from flotilla._private.client import Runtime
 from flotilla.serve.exceptions import ConfigError
-from tests.conftest import alive, descendants, free_port, wait_for
+from tests.conftest import alive, descendants, running_cluster, wait_for
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[str]:
-    if flotilla.is_initialized():
-        flotilla.shutdown()
-    flotilla.init(num_cpus=4)
-    port = free_port()
-    serve.start(http_options={"port": port, "direct_ingress": True})
-    yield f"http://127.0.0.1:{port}"
-    flotilla.shutdown()
+    with running_cluster({"direct_ingress": True}, num_cpus=4) as url:
+        yield url
 
 
 @serve.deployment(num_replicas=2, ray_actor_options={"num_cpus": 0.5})

@@ -9,22 +9,16 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-import flotilla
 from flotilla import serve
-from tests.conftest import free_port
+from tests.conftest import running_cluster
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[str]:
-    if flotilla.is_initialized():
-        flotilla.shutdown()
-    flotilla.init(num_cpus=2)
-    port = free_port()
-    serve.start(http_options={"port": port, "request_timeout_s": 0.5})
-    yield f"http://127.0.0.1:{port}"
-    flotilla.shutdown()
+    with running_cluster({"request_timeout_s": 0.5}, num_cpus=2) as url:
+        yield url
 
 
 @serve.deployment(max_ongoing_requests=1)

@@ -26,7 +26,6 @@ from flotilla._private.router import Channel
 if TYPE_CHECKING:
     from flotilla._private.replica import Replica
 
-_SCOPE_KEYS = ("type", "http_version", "method", "scheme", "path", "raw_path", "query_string", "headers", "client", "server")
 
 
 class _Sink:
@@ -75,19 +74,15 @@ class DirectIngress:
             self.task.result()
         return server
 
-    def _matches(self, path: str) -> bool:
-        p = self.prefix
-        return p == "/" or path == p or (path.startswith(p) and path[len(p)] == "/")
-
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return
         path = scope["path"]
         if path == "/-/healthz":
-            await _reply(send, *http_util.plain(200, "success"))
+            await http_util.reply(send, *http_util.plain(200, "success"))
             return
-        if not self._matches(path):
-            await _reply(send, *http_util.plain(404, f"Path '{path}' not found."))
+        if not http_util.prefix_matches(self.prefix, path):
+            await http_util.reply(send, *http_util.plain(404, f"Path '{path}' not found."))
             return
         request_id = None
         for k, v in scope["headers"]:
@@ -95,16 +90,10 @@ class DirectIngress:
                 request_id = v
         if request_id is None:
             request_id = self.ids.next()
-        body = b""
-        more = True
-        while more:
-            msg = await receive()
-            if msg["type"] == "http.disconnect":
-                return
-            body += msg.get("body", b"")
-            more = msg.get("more_body", False)
-        fwd = {k: scope[k] for k in _SCOPE_KEYS if k in scope}
-        fwd["root_path"] = "" if self.prefix == "/" else self.prefix
+        body = await http_util.read_body(receive)
+        if body is None:
+            return
+        fwd = http_util.forward_scope(scope, self.prefix)
         meta = {"request_id": request_id.decode(), "route": self.prefix}
         sink = _Sink()
         key = (id(sink), 0)
@@ -133,9 +122,4 @@ class DirectIngress:
             finally:
                 if not task.done():
                     task.cancel()
-        await _reply(send, *http_util.plain(500, "Internal Server Error"))
-
-
-async def _reply(send: Any, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+        await http_util.reply(send, *http_util.plain(500, "Internal Server Error"))

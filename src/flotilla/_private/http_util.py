@@ -42,3 +42,41 @@ def encode_result(result: Any) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
 def plain(status: int, text: str) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
     body = text.encode()
     return status, [TEXT[0], (b"content-length", str(len(body)).encode())], body
+
+
+SCOPE_KEYS = ("type", "http_version", "method", "scheme", "path", "raw_path", "query_string", "headers", "client", "server")
+
+
+def forward_scope(scope: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """The picklable part of an ASGI scope, with root_path set to the route prefix."""
+    fwd = {k: scope[k] for k in SCOPE_KEYS if k in scope}
+    fwd["root_path"] = "" if prefix == "/" else prefix
+    return fwd
+
+
+def prefix_matches(prefix: str, path: str) -> bool:
+    return prefix == "/" or path == prefix or (path.startswith(prefix) and path[len(prefix)] == "/")
+
+
+async def read_body(receive: Any) -> bytes | None:
+    """The whole request body, or None if the client disconnected first."""
+    body = b""
+    more = True
+    while more:
+        msg = await receive()
+        if msg["type"] == "http.disconnect":
+            return None
+        body += msg.get("body", b"")
+        more = msg.get("more_body", False)
+    return body
+
+
+async def reply(
+    send: Any, status: int, headers: list[tuple[bytes, bytes]], body: bytes, extra: tuple[bytes, bytes] | None = None
+) -> int:
+    """Send a whole response; returns its status."""
+    if extra is not None:
+        headers = [*headers, extra]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+    return status

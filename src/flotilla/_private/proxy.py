@@ -27,7 +27,6 @@ logger = logging.getLogger("flotilla.proxy")
 
 _DISCONNECTED = -1
 DISCONNECT_CHECK_S = 0.2
-_SCOPE_KEYS = ("type", "http_version", "method", "scheme", "path", "raw_path", "query_string", "headers", "client", "server")
 
 
 class Proxy:
@@ -63,11 +62,11 @@ class Proxy:
         path = scope["path"]
         if path.startswith("/-/"):
             if path == "/-/healthz":
-                await self._reply(send, *http_util.plain(200, "success"))
+                await http_util.reply(send, *http_util.plain(200, "success"))
                 return
             if path == "/-/routes":
                 body = self.routes_json
-                await self._reply(send, 200, [http_util.JSON[0], (b"content-length", str(len(body)).encode())], body)
+                await http_util.reply(send, 200, [http_util.JSON[0], (b"content-length", str(len(body)).encode())], body)
                 return
         request_id = None
         model_id = None
@@ -106,19 +105,13 @@ class Proxy:
         """Send the request to a replica and its response to the client; returns the status."""
         rid_header = (b"x-request-id", request_id)
         if m is None:
-            return await self._reply(send, *http_util.plain(
+            return await http_util.reply(send, *http_util.plain(
                 404, f"Path '{scope['path']}' not found. Ping http://.../-/routes for available routes."), rid_header)
         prefix, dep = m
-        body = b""
-        more = True
-        while more:
-            msg = await receive()
-            if msg["type"] == "http.disconnect":
-                return 499
-            body += msg.get("body", b"")
-            more = msg.get("more_body", False)
-        fwd = {k: scope[k] for k in _SCOPE_KEYS if k in scope}
-        fwd["root_path"] = "" if prefix == "/" else prefix
+        body = await http_util.read_body(receive)
+        if body is None:
+            return 499
+        fwd = http_util.forward_scope(scope, prefix)
         meta: dict[str, Any] = {"request_id": request_id.decode(), "route": prefix}
         if model_id:
             meta["multiplexed_model_id"] = model_id
@@ -144,14 +137,14 @@ class Proxy:
             if self.backpressure_status == 429:
                 retry = (b"retry-after", str(router.retry_after_s()).encode())
                 status, headers, text = http_util.plain(429, str(e))
-                return await self._reply(send, status, [*headers, retry], text, rid_header)
-            return await self._reply(send, *http_util.plain(503, str(e)), rid_header)
+                return await http_util.reply(send, status, [*headers, retry], text, rid_header)
+            return await http_util.reply(send, *http_util.plain(503, str(e)), rid_header)
         except DeploymentUnavailableError as e:
-            return await self._reply(send, *http_util.plain(503, str(e)), rid_header)
+            return await http_util.reply(send, *http_util.plain(503, str(e)), rid_header)
         except RayActorError as e:
-            return await self._reply(send, *http_util.plain(500, str(e)), rid_header)
+            return await http_util.reply(send, *http_util.plain(500, str(e)), rid_header)
         except TimeoutError:
-            return await self._reply(send, *http_util.plain(408, f"Request timed out after {self.request_timeout_s}s."), rid_header)
+            return await http_util.reply(send, *http_util.plain(408, f"Request timed out after {self.request_timeout_s}s."), rid_header)
         finally:
             timer.cancel()
             if watch["task"] is not None:
@@ -166,7 +159,7 @@ class Proxy:
         if code == ERR:
             err = first[2]
             status = 503 if isinstance(err, BackPressureError) else 500
-            return await self._reply(send, *http_util.plain(status, str(err) if err else "Internal Server Error"), rid_header)
+            return await http_util.reply(send, *http_util.plain(status, str(err) if err else "Internal Server Error"), rid_header)
         if code == HSTART:
             first[3].append(rid_header)
             await self._stream(send, receive, first, replica, rid)
@@ -209,16 +202,6 @@ class Proxy:
             if not done:  # client went away: stop the generator in the replica
                 replica.pending.pop(rid, None)
                 replica.proto.send((rid, CANCEL))
-
-    @staticmethod
-    async def _reply(
-        send: Any, status: int, headers: list[tuple[bytes, bytes]], body: bytes, extra: tuple[bytes, bytes] | None = None
-    ) -> int:
-        if extra is not None:
-            headers = [*headers, extra]
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
-        return status
 
     def snapshot(self) -> dict[str, Any]:
         STORE.set("ray_serve_num_ongoing_http_requests", ("head",), float(self.ongoing))
