@@ -103,3 +103,24 @@ def test_client_disconnect_stops_the_generator_in_the_replica(url):
     produced = h.status.remote().result()["produced"]
     time.sleep(0.3)
     assert h.status.remote().result()["produced"] == produced
+
+
+@serve.deployment
+class GenIngress:
+    async def __call__(self, request):
+        for i in range(3):
+            yield f"part{i};"
+            await asyncio.sleep(0.01)
+
+
+@serve.deployment
+def sync_gen(request):
+    yield from (f"n{i};" for i in range(3))
+
+
+def test_generator_ingress_streams_over_http(url):
+    serve.run(GenIngress.bind(), name="g", route_prefix="/g")
+    serve.run(sync_gen.bind(), name="sg", route_prefix="/sg")
+    with httpx.Client(base_url=url, timeout=30) as c:
+        assert c.get("/g").text == "part0;part1;part2;"
+        assert c.get("/sg").text == "n0;n1;n2;"

@@ -476,8 +476,14 @@ class Replica:
             request._body = body
             if inspect.iscoroutinefunction(fn):
                 result = await fn(request)
+            elif inspect.isasyncgenfunction(fn) or inspect.isgeneratorfunction(fn):
+                result = fn(request)  # a generator: streamed below
             else:
                 result = await self._invoke(fn, (request,), {})
+            if inspect.isasyncgen(result) or inspect.isgenerator(result):
+                from starlette.responses import StreamingResponse
+
+                result = StreamingResponse(result)
         except asyncio.CancelledError:
             raise
         except Exception:
