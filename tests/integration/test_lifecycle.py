@@ -105,3 +105,29 @@ def test_cli_run_serves_and_stops_on_ctrl_c():
 def test_cli_reports_a_bad_import_path():
     r = subprocess.run([sys.executable, "-m", "flotilla.cli", "run", "nope.module:app"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode != 0 and "could not import" in r.stderr
+
+
+def test_serve_shutdown_then_run_again():
+    if flotilla.is_initialized():
+        flotilla.shutdown()
+    flotilla.init(num_cpus=2)
+    try:
+
+        @serve.deployment(ray_actor_options={"num_cpus": 0.5})
+        def hello(request):
+            return "hi"
+
+        port = free_port()
+        serve.start(http_options={"port": port})
+        serve.run(hello.bind())
+        assert httpx.get(f"http://127.0.0.1:{port}/", timeout=10).text == "hi"
+        head = Runtime.current().process.pid
+        serve.shutdown()
+        assert serve.status().applications == {}
+        assert len(alive(descendants(head))) == 1  # only the zygote: proxy and replicas are gone
+        port = free_port()
+        serve.start(http_options={"port": port})
+        serve.run(hello.bind())
+        assert httpx.get(f"http://127.0.0.1:{port}/", timeout=10).text == "hi"
+    finally:
+        flotilla.shutdown()
