@@ -104,10 +104,7 @@ class DirectIngress:
         first = await sink.ch.get()
         code = first[1]
         if code == HFULL:
-            headers = first[3]
-            headers.append(rid_header)
-            await send({"type": "http.response.start", "status": first[2], "headers": headers})
-            await send({"type": "http.response.body", "body": first[4]})
+            await http_util.send_whole(send, first[2], first[3], first[4], rid_header)
             return
         if code == HSTART:
             first[3].append(rid_header)

@@ -80,3 +80,11 @@ async def reply(
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
     return status
+
+
+async def send_whole(send: Any, status: int, headers: list[tuple[bytes, bytes]], body: bytes, extra: tuple[bytes, bytes]) -> int:
+    """Send a replica's whole response (an HFULL frame's parts), adding one header; returns status."""
+    headers.append(extra)
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+    return status

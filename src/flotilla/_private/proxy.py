@@ -151,11 +151,7 @@ class Proxy:
                 watch["task"].cancel()
         code = first[1]
         if code == HFULL:
-            headers = first[3]
-            headers.append(rid_header)
-            await send({"type": "http.response.start", "status": first[2], "headers": headers})
-            await send({"type": "http.response.body", "body": first[4]})
-            return first[2]
+            return await http_util.send_whole(send, first[2], first[3], first[4], rid_header)
         if code == ERR:
             err = first[2]
             status = 503 if isinstance(err, BackPressureError) else 500
