@@ -33,7 +33,6 @@ from flotilla.serve.schema import (
     DeploymentStatus,
     DeploymentStatusOverview,
     DeploymentStatusTrigger,
-    ProxyStatus,
     ReplicaState,
     ServeStatus,
 )
@@ -716,6 +715,3 @@ class Controller:
                 self.spawner.kill(r.pid)
             self._replica_gone(r, "shutdown")
         self.apps.clear()
-
-    def proxy_status(self) -> ProxyStatus | None:
-        return None if self.proxy is None else self.proxy.status

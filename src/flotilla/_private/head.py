@@ -258,7 +258,7 @@ class Head:
         raise ValueError(f"unknown op {op!r}")
 
 
-def main(zygote: Any = None) -> None:
+def main(zygote: Any) -> None:
     cfg = json.loads(sys.argv[1])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -91,7 +91,7 @@ def declare_builtins(store: Store) -> None:
     store.declare(h, "ray_serve_deployment_processing_latency_ms", "Time a replica spent on a request, ms.", dep, LATENCY_MS_BUCKETS)
 
 
-def render(snapshots: Iterable[dict[str, Any]], extra_labels: Iterable[dict[str, str]] | None = None) -> bytes:
+def render(snapshots: Iterable[dict[str, Any]]) -> bytes:
     """Prometheus text for several processes' snapshots (same names are merged)."""
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
     from prometheus_client.exposition import generate_latest

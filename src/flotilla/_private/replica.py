@@ -50,35 +50,38 @@ logger = logging.getLogger("flotilla.replica")
 _SYNC, _ASYNC, _ON_LOOP = 0, 1, 2  # how a user method is invoked
 
 
-class _Ready:
-    """Awaitable that is already done (for `await request.json()` on a parsed body)."""
+class _Awaitable:
+    """A value that is also an already-finished awaitable (`await request.json()` works on a
+    body that has arrived, and so does the synchronous `request.json()` the seeds write)."""
 
+    __slots__ = ()
+
+    def __await__(self):  # type: ignore[no-untyped-def]
+        yield from ()
+        return self
+
+
+class _Ready(_Awaitable):
     __slots__ = ("value",)
 
     def __init__(self, value: Any) -> None:
         self.value = value
 
     def __await__(self):  # type: ignore[no-untyped-def]
+        yield from ()
         return self.value
-        yield  # pragma: no cover
 
 
-class _AwaitableDict(dict):  # type: ignore[type-arg]
-    def __await__(self):  # type: ignore[no-untyped-def]
-        return self
-        yield  # pragma: no cover
+class _AwaitableDict(_Awaitable, dict):  # type: ignore[type-arg]
+    __slots__ = ()
 
 
-class _AwaitableList(list):  # type: ignore[type-arg]
-    def __await__(self):  # type: ignore[no-untyped-def]
-        return self
-        yield  # pragma: no cover
+class _AwaitableList(_Awaitable, list):  # type: ignore[type-arg]
+    __slots__ = ()
 
 
-class _AwaitableBytes(bytes):
-    def __await__(self):  # type: ignore[no-untyped-def]
-        return bytes(self)
-        yield  # pragma: no cover
+class _AwaitableBytes(_Awaitable, bytes):
+    __slots__ = ()
 
 
 def _make_request_class() -> type:

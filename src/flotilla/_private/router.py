@@ -336,8 +336,6 @@ class Router:
             r.in_flight += 1
             fut.set_result(r)
 
-    def num_queued(self) -> int:
-        return len(self.queue)
 
     # ---- requests ---------------------------------------------------------------------
     async def call(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], meta: Any) -> Any:

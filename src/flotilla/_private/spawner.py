@@ -8,7 +8,6 @@ import logging
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections import deque
 from collections.abc import Callable
@@ -24,23 +23,16 @@ class Spawner:
         self._on_exit = on_exit
         self._proc: subprocess.Popen[bytes] | None = None
         self._stdout: asyncio.StreamReader | None = None
-        self._stdin: asyncio.StreamWriter | None = None
         self._waiting: deque[asyncio.Future[int]] = deque()
         self._ready: asyncio.Future[int] | None = None
         self._lock = asyncio.Lock()
         self.exited: dict[int, int] = {}
 
-    @staticmethod
-    def launch() -> subprocess.Popen[bytes]:
-        """Start the zygote process (call as early as possible: it preloads for ~0.2 s)."""
-        return subprocess.Popen(
-            [sys.executable, "-m", "flotilla._private.zygote"], stdin=subprocess.PIPE, stdout=subprocess.PIPE
-        )
-
-    async def start(self, proc: subprocess.Popen[bytes] | None = None) -> None:
+    async def start(self, proc: subprocess.Popen[bytes]) -> None:
+        """Adopt the zygote process (started by `headboot` before the head's imports)."""
         loop = asyncio.get_running_loop()
         self._ready = loop.create_future()
-        self._proc = proc or self.launch()
+        self._proc = proc
         assert self._proc.stdout is not None and self._proc.stdin is not None
         self._stdout = asyncio.StreamReader()
         protocol = asyncio.StreamReaderProtocol(self._stdout)

@@ -134,7 +134,6 @@ class RpcPeer:
         self._on_close_cbs: list[Callable[[], None]] = []
         self.name = name
         self.proto = FrameProtocol(self._on_message, self._on_closed)
-        self.info: dict[str, Any] = {}
 
     @property
     def closed(self) -> bool:
