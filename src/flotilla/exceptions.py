@@ -6,7 +6,9 @@ RayError
  ├── RayActorError         a replica process died
  │    └── ActorDiedError
  ├── GetTimeoutError       also a TimeoutError: `.result(timeout_s=...)` ran out
- └── TaskCancelledError    the request was cancelled
+ ├── TaskCancelledError    the request was cancelled
+ └── RaySystemError        the runtime could not carry a request or its reply (e.g. a reply
+                           that cannot be unpickled in the caller)
 ```
 """
 
@@ -33,6 +35,10 @@ class GetTimeoutError(RayError, TimeoutError):
 
 class TaskCancelledError(RayError):
     """The request was cancelled before it finished."""
+
+
+class RaySystemError(RayError):
+    """The runtime failed to carry a request or reply; the message says what and why."""
 
 
 class RayTaskError(RayError):

@@ -365,12 +365,7 @@ class Controller:
             "env": env,
         }
         if direct is not None and app is not None and app.ingress == dep.name and app.route_prefix is not None:
-            args["direct"] = {
-                "host": direct.get("host", "127.0.0.1"),
-                "port": direct.get("port", 8000),
-                "route_prefix": app.route_prefix,
-                "keep_alive_timeout_s": direct.get("keep_alive_timeout_s", 5),
-            }
+            args["direct"] = {**direct, "route_prefix": app.route_prefix}
         log = os.path.join(self.session_dir, "logs", f"replica_{dep.app}_{dep.name}_{r.id}.log")
         try:
             r.pid = await self.spawner.spawn("replica", log, args)

@@ -1,46 +1,54 @@
 """Direct ingress: a replica accepts HTTP itself, on a port it shares with its siblings.
 
-Opt-in with `serve.start(http_options={"direct_ingress": True, "port": ...})`. Each replica of
-the HTTP app's ingress deployment binds the port with SO_REUSEPORT and runs uvicorn on its own
-event loop; the kernel spreads connections across replicas. A request skips the proxy process
-and its two extra hops, so it goes straight into the replica's HTTP handling.
+Opt-in with `serve.start(http_options={"direct_ingress": True, "port": ...})`. The head holds
+one listening socket for the port (`listener.py`); each replica of the HTTP app's ingress
+deployment runs uvicorn on a duplicate of it, so all of them accept from one queue. A request
+skips the proxy process and its two extra hops, so it goes straight into the replica's HTTP
+handling.
+
+Draining (scale-down, rollout, delete): the replica stops accepting at once (connections in
+the backlog go to its siblings), answers the requests still arriving on connections it
+already has with `Connection: close`, and waits until those connections are closed.
 
 What it gives up (see docs): one HTTP app per port; connections, not requests, are balanced
 (a replica serves every request of the connections it accepted); no queueing across replicas
 and no 503 backpressure (a replica queues beyond `max_ongoing_requests` itself); the proxy's
-metrics; while no replica runs, nothing listens.
+metrics.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 from typing import TYPE_CHECKING, Any
 
-from flotilla._private import http_util
+from flotilla._private import http_util, listener
 from flotilla._private.metrics import RequestIds
-from flotilla._private.protocol import END, ERR, HFULL, HSTART, HTTP
+from flotilla._private.protocol import Http, HttpFull, HttpStart
 from flotilla._private.router import Channel
 
 if TYPE_CHECKING:
     from flotilla._private.replica import Replica
 
+_CLOSE = (b"connection", b"close")
 
 
 class _Sink:
-    """Stands in for a router connection: the replica's reply frames, without pickling."""
+    """Stands in for a router connection: the replica's reply messages, without pickling."""
 
     __slots__ = ("ch",)
 
-    def __init__(self) -> None:
-        self.ch = Channel()
+    paused = False
+    closed = False
 
-    def send(self, msg: tuple[Any, ...]) -> None:
+    def __init__(self, ch: Channel) -> None:
+        self.ch = ch
+
+    def send(self, tag: int, msg: tuple[Any, ...]) -> None:
         self.ch.push(msg)
 
-    def send_raw(self, data: bytes) -> None:  # pragma: no cover - HTTP replies use send()
-        raise RuntimeError("unexpected raw frame on a direct-ingress request")
+    async def drained(self) -> None:
+        return None
 
 
 class DirectIngress:
@@ -49,23 +57,21 @@ class DirectIngress:
         self.opts = opts
         self.prefix: str = opts["route_prefix"]
         self.ids = RequestIds()
+        self.server: Any = None
+        self.task: asyncio.Task[None] | None = None
+        self.closing = False
+        self._n = 0
 
     async def start(self) -> Any:
         import uvicorn
 
-        host, port = self.opts["host"], int(self.opts["port"])
-        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind((host, port))
-        sock.listen(2048)
-        sock.setblocking(False)
+        sock = await asyncio.get_running_loop().run_in_executor(None, listener.receive, self.opts["fd_sock"])
         config = uvicorn.Config(
             self, loop="none", http="httptools", lifespan="off", access_log=False, log_level="warning",
             timeout_keep_alive=int(self.opts.get("keep_alive_timeout_s", 5)), server_header=False,
             date_header=False, proxy_headers=False,
         )
-        server = uvicorn.Server(config)
+        server = self.server = uvicorn.Server(config)
         server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign]  # the head owns signals
         self.task = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]))
         while not server.started and not self.task.done():
@@ -74,6 +80,29 @@ class DirectIngress:
             self.task.result()
         return server
 
+    async def drain(self) -> None:
+        """Stop accepting; existing connections close after their next response."""
+        self.closing = True
+        for s in getattr(self.server, "servers", ()):
+            s.close()
+        for conn in list(self.server.server_state.connections) if self.server is not None else ():
+            cycle = getattr(conn, "cycle", None)
+            if cycle is None or cycle.response_complete:
+                # Idle keep-alive connection: close it after its keep-alive timeout, as
+                # uvicorn does anyway, or now if its client sends no new request.
+                continue
+            cycle.keep_alive = False
+
+    def open_connections(self) -> int:
+        return len(self.server.server_state.connections) if self.server is not None else 0
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.should_exit = True
+        if self.task is not None:
+            with contextlib.suppress(BaseException):
+                await asyncio.wait_for(self.task, 5)
+
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return
@@ -81,6 +110,7 @@ class DirectIngress:
         if path == "/-/healthz":
             await http_util.reply(send, *http_util.plain(200, "success"))
             return
+        extra: list[tuple[bytes, bytes]] = [_CLOSE] if self.closing else []
         if not http_util.prefix_matches(self.prefix, path):
             await http_util.reply(send, *http_util.plain(404, f"Path '{path}' not found."))
             return
@@ -90,33 +120,44 @@ class DirectIngress:
                 request_id = v
         if request_id is None:
             request_id = self.ids.next()
-        body = await http_util.read_body(receive)
+        rid_header = (b"x-request-id", request_id)
+        limit = self.opts.get("max_request_body_bytes")
+        body = await http_util.read_body(receive, scope, limit)
         if body is None:
             return
-        fwd = http_util.forward_scope(scope, self.prefix)
-        meta = {"request_id": request_id.decode(), "route": self.prefix}
-        sink = _Sink()
-        key = (id(sink), 0)
-        rep = self.replica
-        task = asyncio.get_running_loop().create_task(rep._handle(sink, (0, HTTP, fwd, body, meta), key))  # type: ignore[arg-type]
-        rep.tasks[key] = task
-        rid_header = (b"x-request-id", request_id)
-        first = await sink.ch.get()
-        code = first[1]
-        if code == HFULL:
-            await http_util.send_whole(send, first[2], first[3], first[4], rid_header)
+        if body is http_util.TOO_LARGE:
+            await http_util.reply(send, *http_util.too_large(limit), rid_header)
             return
-        if code == HSTART:
-            first[3].append(rid_header)
-            await send({"type": "http.response.start", "status": first[2], "headers": first[3]})
+        fwd = http_util.forward_scope(scope, self.prefix)
+        meta = {"request_id": request_id.decode("latin-1"), "route": self.prefix}
+        rep = self.replica
+        self._n += 1
+        tag = self._n
+        key = (id(self), tag)
+
+        def grant(n: int) -> None:
+            w = rep.windows.get(key)
+            if w is not None:
+                w.give(n)
+
+        ch = Channel(grant)
+        sink = _Sink(ch)
+        task = asyncio.get_running_loop().create_task(rep._handle(sink, tag, Http(fwd, body, meta), key))
+        rep.tasks[key] = (task, sink, tag)
+        first = await ch.get()
+        cls = first.__class__
+        if cls is HttpFull:
+            headers = first.headers
+            headers.extend(extra)
+            await http_util.send_whole(send, first.status, headers, first.body, rid_header)
+            return
+        if cls is HttpStart:
+            headers = [*first.headers, rid_header, *extra]
+            await send({"type": "http.response.start", "status": first.status, "headers": headers})
             try:
-                while True:
-                    msg = await sink.ch.get()
-                    if msg[1] in (END, ERR):
-                        await send({"type": "http.response.body", "body": b""})
-                        return
-                    await send({"type": "http.response.body", "body": msg[2], "more_body": True})
+                await http_util.relay_stream(send, ch)
             finally:
                 if not task.done():
                     task.cancel()
-        await http_util.reply(send, *http_util.plain(500, "Internal Server Error"))
+            return
+        await http_util.reply(send, *http_util.plain(500, "Internal Server Error"), rid_header)

@@ -37,6 +37,7 @@ class ProxyManager:
         self.url = ""
         self._ready: asyncio.Future[str] | None = None
         self.stopping = False
+        self.shared: Any = None  # listener.SharedListener for direct ingress
 
     async def start(self, options: dict[str, Any]) -> str:
         if self.options is not None and self.status in (ProxyStatus.HEALTHY, ProxyStatus.STARTING):
@@ -47,17 +48,32 @@ class ProxyManager:
             return self.url
         self.options = options
         if options.get("direct_ingress"):
+            from flotilla._private import listener
+
             host = options.get("host", "127.0.0.1")
-            self.url = f"http://{f'[{host}]' if ':' in host else host}:{options.get('port', 8000)}"
+            try:
+                sock = listener.bind_tcp(host, int(options.get("port", 8000)))
+            except OSError as e:
+                self.options = None
+                raise RuntimeError(
+                    f"direct ingress could not listen on {host}:{options.get('port', 8000)}: {e.strerror}. "
+                    "Pass another port, e.g. serve.start(http_options={'port': 8001, 'direct_ingress': True})."
+                ) from None
+            self.shared = listener.SharedListener(sock, os.path.join(self.head.session_dir, "http.fd.sock"))
+            await self.shared.start()
+            self.url = f"http://{f'[{host}]' if ':' in host else host}:{self.shared.port}"
             self.status = ProxyStatus.HEALTHY
             self._ready = None
-            logger.info("direct ingress: replicas will listen on %s themselves", self.url)
+            logger.info("direct ingress: replicas will accept on %s themselves", self.url)
             return self.url
         return await self._launch()
 
     @property
     def direct(self) -> dict[str, Any] | None:
-        return self.options if self.options and self.options.get("direct_ingress") else None
+        """Options for direct-ingress replicas (with the shared socket's `fd_sock`), or None."""
+        if not (self.options and self.options.get("direct_ingress")) or self.shared is None:
+            return None
+        return {**self.options, "fd_sock": self.shared.path}
 
     async def _launch(self) -> str:
         assert self.options is not None
@@ -117,6 +133,9 @@ class ProxyManager:
             while Spawner.alive(pid) and time.monotonic() < deadline:
                 await asyncio.sleep(0.02)
             Spawner.kill(pid)
+        if self.shared is not None:
+            self.shared.close()
+            self.shared = None
         self.options = None
         self.status = None
         self.stopping = False

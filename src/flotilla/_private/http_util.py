@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from typing import Any
+
+logger = logging.getLogger("flotilla.http")
 
 JSON = [(b"content-type", b"application/json")]
 TEXT = [(b"content-type", b"text/plain; charset=utf-8")]
@@ -58,17 +61,79 @@ def prefix_matches(prefix: str, path: str) -> bool:
     return prefix == "/" or path == prefix or (path.startswith(prefix) and path[len(prefix)] == "/")
 
 
-async def read_body(receive: Any) -> bytes | None:
-    """The whole request body, or None if the client disconnected first."""
-    body = b""
-    more = True
-    while more:
+class _TooLarge(bytes):
+    """The marker `read_body` returns for a body over the limit."""
+
+
+TOO_LARGE = _TooLarge()
+
+
+def _content_length(scope: dict[str, Any]) -> int | None:
+    for k, v in scope["headers"]:
+        if k == b"content-length":
+            try:
+                return int(v)
+            except ValueError:
+                return None
+    return None
+
+
+async def read_body(receive: Any, scope: dict[str, Any] | None = None, limit: int | None = None) -> bytes | None:
+    """The whole request body, in linear time; None if the client disconnected first, and
+    `TOO_LARGE` as soon as it is known to exceed `limit` bytes (the rest is not read)."""
+    if limit is not None and scope is not None:
+        declared = _content_length(scope)
+        if declared is not None and declared > limit:
+            return TOO_LARGE
+    msg = await receive()
+    if msg["type"] == "http.disconnect":
+        return None
+    first = msg.get("body", b"")
+    if not msg.get("more_body", False):
+        return first if limit is None or len(first) <= limit else TOO_LARGE
+    parts = [first]
+    size = len(first)
+    while True:
         msg = await receive()
         if msg["type"] == "http.disconnect":
             return None
-        body += msg.get("body", b"")
-        more = msg.get("more_body", False)
-    return body
+        chunk = msg.get("body", b"")
+        size += len(chunk)
+        if limit is not None and size > limit:
+            return TOO_LARGE
+        parts.append(chunk)
+        if not msg.get("more_body", False):
+            return b"".join(parts)
+
+
+def too_large(limit: int | None) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    status, headers, body = plain(
+        413, f"Request body too large: the limit is {limit} bytes "
+        "(http_options={'max_request_body_bytes': N} sets it)."
+    )
+    return status, [*headers, (b"connection", b"close")], body
+
+
+async def relay_stream(send: Any, ch: Any) -> bool:
+    """Send a streaming response's chunks from `ch` to the client (the start is sent).
+
+    Returns True when the stream ended cleanly. On Abort, an error or a dead replica it
+    returns False WITHOUT the terminating empty chunk: the server then breaks the connection
+    off, so the client sees an incomplete response instead of a complete-looking one.
+    """
+    from flotilla._private.protocol import Chunk, End
+
+    while True:
+        msg = await ch.get()
+        cls = msg.__class__
+        if cls is Chunk:
+            await send({"type": "http.response.body", "body": msg.data, "more_body": True})
+        elif cls is End:
+            await send({"type": "http.response.body", "body": b""})
+            return True
+        else:
+            logger.warning("a streaming response broke off: %s", getattr(msg, "reason", None) or getattr(msg, "error", None) or msg)
+            return False
 
 
 async def reply(

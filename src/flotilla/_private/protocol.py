@@ -1,20 +1,163 @@
-"""Message codes of the data plane (router <-> replica). Messages are plain tuples.
+"""The typed messages that travel in frames, and their wire form.
 
-Requests (router -> replica), first two items `(rid, kind, ...)`:
-  CALL    (rid, CALL, method, args, kwargs, meta)
-  STREAM  (rid, STREAM, method, args, kwargs, meta)   results come back as YIELD frames
-  HTTP    (rid, HTTP, scope, body, meta)
-  CANCEL  (rid, CANCEL)
-Replies (replica -> router), `(rid, code, ...)`:
-  OK      (rid, OK, result)
-  ERR     (rid, ERR, exception_or_None, traceback_text, type_name)
-  HFULL   (rid, HFULL, status, headers, body)          a whole HTTP response in one frame
-  HSTART  (rid, HSTART, status, headers)               then CHUNKs, then END
-  CHUNK   (rid, CHUNK, data)
-  YIELD   (rid, YIELD, item)
-  END     (rid, END)
-`meta` is None or a dict: request_id, multiplexed_model_id, route, ...
+Every frame carries a tag (the request or call id it belongs to) in its header, outside the
+pickle, so a frame whose payload cannot be decoded still fails the one request it belongs to
+(see `transport.FrameProtocol`). A message is a `NamedTuple`; on the wire it is the plain tuple
+`(code, *fields)`, which pickles several times faster than the named tuple itself.
+
+Data plane, router -> replica (tag = request id):
+  Call, Stream, Http       start a request (Stream: a generator; items come back as Yield)
+  Cancel                   the caller gave up; stop the request
+  Credit                   the caller consumed n stream items: the replica may send n more
+  DrainAck (tag 0)         answer to Drain: nothing more will be sent on this connection
+Data plane, replica -> router:
+  Ok, Err                  the end of a Call (Err also ends any other request)
+  HttpFull                 a whole HTTP response
+  HttpStart, Chunk..., End a streaming HTTP response;  Yield..., End  a generator
+  Abort                    a stream broke after it started (the HTTP response must be aborted)
+  Rejected                 the replica is draining and did not start the request: retry it
+  Drain (tag 0)            the replica is draining: send it nothing new, answer DrainAck
+Control plane (`transport.RpcPeer`, tag = call id, 0 for a notification):
+  Request, Reply, Failure
 """
 
-CALL, STREAM, HTTP, CANCEL = 0, 1, 2, 3
-OK, ERR, HFULL, HSTART, CHUNK, YIELD, END = 0, 1, 2, 3, 4, 5, 6
+from __future__ import annotations
+
+import pickle
+from typing import Any, NamedTuple
+
+import cloudpickle
+
+STREAM_WINDOW = 32  # stream items a replica may send ahead of the caller's Credit
+
+
+class Call(NamedTuple):
+    method: str
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    meta: dict[str, Any] | None
+
+
+class Stream(NamedTuple):
+    method: str
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    meta: dict[str, Any] | None
+
+
+class Http(NamedTuple):
+    scope: dict[str, Any]
+    body: bytes
+    meta: dict[str, Any] | None
+
+
+class Cancel(NamedTuple):
+    pass
+
+
+class Credit(NamedTuple):
+    n: int
+
+
+class DrainAck(NamedTuple):
+    pass
+
+
+class Ok(NamedTuple):
+    result: Any
+
+
+class Err(NamedTuple):
+    """A failed request. `error` is the pickled exception (decoded by the caller, so a class
+    the caller cannot load still leaves type name, message and traceback), `error_type` the
+    pickled class when the instance itself could not be pickled and rebuilt."""
+
+    type_name: str
+    message: str
+    traceback: str
+    error: bytes | None = None
+    error_type: bytes | None = None
+
+
+class HttpFull(NamedTuple):
+    status: int
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+
+
+class HttpStart(NamedTuple):
+    status: int
+    headers: list[tuple[bytes, bytes]]
+
+
+class Chunk(NamedTuple):
+    data: bytes
+
+
+class Yield(NamedTuple):
+    item: Any
+
+
+class End(NamedTuple):
+    pass
+
+
+class Abort(NamedTuple):
+    reason: str
+
+
+class Rejected(NamedTuple):
+    pass
+
+
+class Drain(NamedTuple):
+    pass
+
+
+class Request(NamedTuple):
+    op: str
+    args: tuple[Any, ...]
+
+
+class Reply(NamedTuple):
+    value: Any
+
+
+class Failure(NamedTuple):
+    error: Any  # an exception, or its formatted traceback when it cannot be pickled
+
+
+MESSAGES: tuple[type[tuple[Any, ...]], ...] = (
+    Call, Stream, Http, Cancel, Credit, DrainAck,
+    Ok, Err, HttpFull, HttpStart, Chunk, Yield, End, Abort, Rejected, Drain,
+    Request, Reply, Failure,
+)
+_CODES: dict[type, int] = {cls: i for i, cls in enumerate(MESSAGES)}
+_new = tuple.__new__
+
+
+class UnknownMessageError(ValueError):
+    """A frame decoded to something that is not one of our messages."""
+
+
+def dumps(obj: Any) -> bytes:
+    """Pickle with the C pickler; fall back to cloudpickle for lambdas, local classes, ..."""
+    try:
+        return pickle.dumps(obj, protocol=5)
+    except Exception:
+        return cloudpickle.dumps(obj, protocol=5)
+
+
+def encode(msg: tuple[Any, ...]) -> bytes:
+    """The payload of a frame holding `msg`."""
+    return dumps((_CODES[type(msg)], *msg))
+
+
+def decode(payload: bytes | bytearray | memoryview) -> Any:
+    """The message in a frame's payload; raises if it cannot be unpickled or is not ours."""
+    t = pickle.loads(payload)
+    try:
+        cls = MESSAGES[t[0]]
+    except (TypeError, IndexError, KeyError):
+        raise UnknownMessageError(f"not a flotilla message: {type(t).__name__}") from None
+    return _new(cls, t[1:])

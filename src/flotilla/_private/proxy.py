@@ -17,7 +17,8 @@ from typing import Any
 from flotilla._private import http_util, metrics
 from flotilla._private.client import Runtime
 from flotilla._private.metrics import STORE
-from flotilla._private.protocol import CANCEL, END, ERR, HFULL, HSTART
+from flotilla._private.protocol import HttpFull
+from flotilla._private.router import Channel
 from flotilla._private.transport import RpcPeer, connect_unix
 from flotilla.exceptions import RayActorError
 from flotilla.serve.exceptions import BackPressureError, DeploymentUnavailableError
@@ -25,8 +26,8 @@ from flotilla.serve.schema import DeploymentID
 
 logger = logging.getLogger("flotilla.proxy")
 
-_DISCONNECTED = -1
 DISCONNECT_CHECK_S = 0.2
+MAX_REQUEST_BODY_BYTES = 1 << 30  # http_options["max_request_body_bytes"] default: 1 GiB
 
 
 class Proxy:
@@ -37,6 +38,7 @@ class Proxy:
         self.rt: Runtime | None = None
         self.request_timeout_s: float | None = args.get("request_timeout_s")
         self.backpressure_status: int = args.get("backpressure_status_code", 503)
+        self.max_body: int | None = args.get("max_request_body_bytes", MAX_REQUEST_BODY_BYTES)
         self.metrics = metrics.enabled()
         self.ongoing = 0
         self.access = metrics.AccessLog("proxy")
@@ -74,7 +76,7 @@ class Proxy:
             if k == b"x-request-id":
                 request_id = v
             elif k == b"serve_multiplexed_model_id":
-                model_id = v.decode()
+                model_id = v.decode("latin-1")  # as Starlette decodes headers
         if request_id is None:
             request_id = self.ids.next()
         m = self.match(path)
@@ -96,7 +98,7 @@ class Proxy:
             STORE.observe("ray_serve_http_request_latency_ms", key, ms)
             if status >= 400:
                 STORE.inc("ray_serve_num_http_error_requests", (prefix, str(status), method, app))
-            self.access.add(request_id.decode(), f"{method} {path}", status, ms)
+            self.access.add(request_id.decode("latin-1"), f"{method} {path}", status, ms)
 
     async def _forward(
         self, scope: dict[str, Any], receive: Any, send: Any, m: tuple[str, DeploymentID] | None,
@@ -108,11 +110,13 @@ class Proxy:
             return await http_util.reply(send, *http_util.plain(
                 404, f"Path '{scope['path']}' not found. Ping http://.../-/routes for available routes."), rid_header)
         prefix, dep = m
-        body = await http_util.read_body(receive)
+        body = await http_util.read_body(receive, scope, self.max_body)
         if body is None:
             return 499
+        if body is http_util.TOO_LARGE:
+            return await http_util.reply(send, *http_util.too_large(self.max_body), rid_header)
         fwd = http_util.forward_scope(scope, prefix)
-        meta: dict[str, Any] = {"request_id": request_id.decode(), "route": prefix}
+        meta: dict[str, Any] = {"request_id": request_id.decode("latin-1"), "route": prefix}
         if model_id:
             meta["multiplexed_model_id"] = model_id
         assert self.rt is not None
@@ -125,9 +129,9 @@ class Proxy:
         timer = loop.call_later(DISCONNECT_CHECK_S, self._arm_watcher, loop, receive, task, watch)
         try:
             if self.request_timeout_s is None:
-                first, replica, rid = await router.http(fwd, body, meta)
+                res = await router.http(fwd, body, meta)
             else:
-                first, replica, rid = await asyncio.wait_for(router.http(fwd, body, meta), self.request_timeout_s)
+                res = await asyncio.wait_for(router.http(fwd, body, meta), self.request_timeout_s)
         except asyncio.CancelledError:
             if watch["gone"] and task is not None:
                 task.uncancel()
@@ -145,22 +149,18 @@ class Proxy:
             return await http_util.reply(send, *http_util.plain(500, str(e)), rid_header)
         except TimeoutError:
             return await http_util.reply(send, *http_util.plain(408, f"Request timed out after {self.request_timeout_s}s."), rid_header)
+        except Exception as e:
+            logger.warning("request %s failed: %s", request_id.decode("latin-1"), e)
+            return await http_util.reply(send, *http_util.plain(500, str(e) or "Internal Server Error"), rid_header)
         finally:
             timer.cancel()
             if watch["task"] is not None:
                 watch["task"].cancel()
-        code = first[1]
-        if code == HFULL:
-            return await http_util.send_whole(send, first[2], first[3], first[4], rid_header)
-        if code == ERR:
-            err = first[2]
-            status = 503 if isinstance(err, BackPressureError) else 500
-            return await http_util.reply(send, *http_util.plain(status, str(err) if err else "Internal Server Error"), rid_header)
-        if code == HSTART:
-            first[3].append(rid_header)
-            await self._stream(send, receive, first, replica, rid)
-            return first[2]
-        return 500
+        if res.__class__ is HttpFull:
+            return await http_util.send_whole(send, res.status, res.headers, res.body, rid_header)
+        assert isinstance(res, Channel) and res.start is not None
+        await self._stream(send, receive, res, rid_header)
+        return res.start.status
 
     @staticmethod
     def _arm_watcher(loop: asyncio.AbstractEventLoop, receive: Any, task: Any, watch: dict[str, Any]) -> None:
@@ -172,32 +172,32 @@ class Proxy:
 
         watch["task"] = loop.create_task(wait_disconnect())
 
-    async def _stream(self, send: Any, receive: Any, first: tuple[Any, ...], replica: Any, rid: int) -> None:
-        ch = first[4]
-        done = False
+    async def _stream(self, send: Any, receive: Any, ch: Channel, rid_header: tuple[bytes, bytes]) -> None:
+        """Relay a streaming response; a client that goes away stops the generator."""
+        assert ch.start is not None
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
 
         async def watch() -> None:
             while (await receive())["type"] != "http.disconnect":
                 pass
-            ch.push((rid, _DISCONNECTED))
+            if task is not None:
+                task.cancel()
 
-        watcher = asyncio.get_running_loop().create_task(watch())
+        watcher = loop.create_task(watch())
+        done = False
         try:
-            await send({"type": "http.response.start", "status": first[2], "headers": first[3]})
-            while True:
-                msg = await ch.get()
-                if msg[1] == _DISCONNECTED:
-                    return
-                if msg[1] == END or msg[1] == ERR:
-                    done = True
-                    await send({"type": "http.response.body", "body": b""})
-                    return
-                await send({"type": "http.response.body", "body": msg[2], "more_body": True})
+            await send({"type": "http.response.start", "status": ch.start.status, "headers": [*ch.start.headers, rid_header]})
+            done = await http_util.relay_stream(send, ch)
+        except asyncio.CancelledError:
+            if task is not None and task.cancelling() and watcher.done():
+                task.uncancel()  # the client went away: nothing more to send
+            else:
+                raise
         finally:
             watcher.cancel()
-            if not done:  # client went away: stop the generator in the replica
-                replica.pending.pop(rid, None)
-                replica.proto.send((rid, CANCEL))
+            if not done:
+                ch.cancel()
 
     def snapshot(self) -> dict[str, Any]:
         STORE.set("ray_serve_num_ongoing_http_requests", ("head",), float(self.ongoing))

@@ -29,25 +29,63 @@ from typing import Any
 import cloudpickle
 
 from flotilla._private import context, http_util, metrics
+from flotilla._private.errors import error_reply
 from flotilla._private.metrics import STORE
 from flotilla._private.protocol import (
-    CANCEL,
-    CHUNK,
-    END,
-    ERR,
-    HFULL,
-    HSTART,
-    HTTP,
-    OK,
-    STREAM,
-    YIELD,
+    STREAM_WINDOW,
+    Abort,
+    Cancel,
+    Chunk,
+    Credit,
+    Drain,
+    DrainAck,
+    End,
+    Http,
+    HttpFull,
+    HttpStart,
+    Ok,
+    Rejected,
+    Stream,
+    Yield,
 )
-from flotilla._private.transport import FrameProtocol, RpcPeer, connect_unix, frame
+from flotilla._private.transport import FrameProtocol, RpcPeer, connect_unix
+from flotilla.exceptions import RaySystemError, TaskCancelledError
 from flotilla.serve.schema import DeploymentID, ReplicaContext, ReplicaID
 
 logger = logging.getLogger("flotilla.replica")
 
 _SYNC, _ASYNC, _ON_LOOP = 0, 1, 2  # how a user method is invoked
+_REJECTED = Rejected()
+
+
+class _DrainRejection(Exception):
+    """A request waiting for a slot when the replica started draining: answer Rejected."""
+
+
+def _ignore(*args: Any) -> None:
+    return None
+
+
+class _Window:
+    """Credit for one stream: items the replica may still send before the caller takes some."""
+
+    __slots__ = ("avail", "waiter")
+
+    def __init__(self) -> None:
+        self.avail = STREAM_WINDOW
+        self.waiter: asyncio.Future[None] | None = None
+
+    def give(self, n: int) -> None:
+        self.avail += n
+        w = self.waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    async def take(self) -> None:
+        while self.avail <= 0:
+            self.waiter = asyncio.get_running_loop().create_future()
+            await self.waiter
+        self.avail -= 1
 
 
 class _Awaitable:
@@ -124,9 +162,20 @@ class Replica:
         self.max_ongoing = 5
         self.ongoing = 0
         self.waiters: deque[asyncio.Future[None]] = deque()
-        self.tasks: dict[tuple[int, int], asyncio.Task[None]] = {}
+        # request key (id of connection, request id) -> (task, connection, request id)
+        self.tasks: dict[tuple[int, int], tuple[asyncio.Task[None], Any, int]] = {}
+        self.windows: dict[tuple[int, int], _Window] = {}
         self.methods: dict[str, tuple[Any, int]] = {}
         self.pool: ThreadPoolExecutor | None = None
+        self.pool_size = 0
+        self.health_pool = ThreadPoolExecutor(1, thread_name_prefix="health")
+        self.config_lock = asyncio.Lock()
+        self.conns: set[FrameProtocol] = set()
+        self.acked: set[FrameProtocol] = set()
+        self.draining = False
+        self.idle = asyncio.Event()  # set when a request ends or a router acks a drain
+        self.server: asyncio.AbstractServer | None = None
+        self.direct: Any = None
         self.stopped = asyncio.Event()
         self.head: RpcPeer | None = None
         self.http_entry: Any = None
@@ -144,7 +193,7 @@ class Replica:
     # ---- start-up -------------------------------------------------------------------
     async def run(self) -> None:
         args = self.args
-        server = await self.loop.create_unix_server(self._make_conn, args["sock_path"])
+        server = self.server = await self.loop.create_unix_server(self._make_conn, args["sock_path"])
         self.head = RpcPeer(self._control, name="head")
         await connect_unix(args["head_sock"], self.head)
         self.head.on_close(self.stopped.set)
@@ -159,28 +208,29 @@ class Replica:
             logger.error("constructor failed:\n%s", tb)
             await self.head.call("replica_failed", self.replica_id, tb)
             return
-        direct_server = None
         if args.get("direct"):
             from flotilla._private.direct import DirectIngress
 
+            self.direct = DirectIngress(self, args["direct"])
             try:
-                direct_server = await DirectIngress(self, args["direct"]).start()
+                await self.direct.start()
             except OSError as e:
-                msg = f"direct ingress could not listen on {args['direct']['host']}:{args['direct']['port']}: {e}"
+                msg = f"direct ingress could not get the listening socket for port {args['direct']['port']}: {e}"
                 logger.error(msg)
                 await self.head.call("replica_failed", self.replica_id, msg)
                 return
         logger.info("replica %s ready (pid %d)", self.replica_id, os.getpid())
         await self.head.call("replica_ready", self.replica_id)
         await self.stopped.wait()
-        if direct_server is not None:
-            direct_server.should_exit = True
+        if self.direct is not None:
+            await self.direct.stop()
         server.close()
 
     async def _construct(self, spec: dict[str, Any]) -> None:
         cfg = spec["config"]
         self.max_ongoing = cfg["max_ongoing_requests"]
-        self.pool = ThreadPoolExecutor(max(2, self.max_ongoing), thread_name_prefix="replica")
+        self.pool_size = max(2, self.max_ongoing)
+        self.pool = ThreadPoolExecutor(self.pool_size, thread_name_prefix="replica")
         self.loop.set_default_executor(self.pool)
         target = cloudpickle.loads(spec["def_bytes"])
         init_args, init_kwargs = cloudpickle.loads(spec["args_bytes"])
@@ -256,20 +306,15 @@ class Replica:
         if op == "health":
             fn = getattr(self.obj, "check_health", None)
             if fn is not None:
-                await self._invoke(fn, (), {})
+                if inspect.iscoroutinefunction(fn):
+                    await fn()
+                else:  # its own thread: a saturated user pool must not fail the check
+                    ctx = contextvars.copy_context()
+                    await self.loop.run_in_executor(self.health_pool, functools.partial(ctx.run, fn))
             return self.ongoing
         if op == "update_config":
-            light = args[0]
-            self.max_ongoing = light["max_ongoing_requests"]
-            while self.waiters and self.ongoing < self.max_ongoing:
-                self.ongoing += 1
-                fut = self.waiters.popleft()
-                if not fut.done():
-                    fut.set_result(None)
-                else:
-                    self.ongoing -= 1
-            if light.get("user_config") is not None:
-                await self._reconfigure(light["user_config"])
+            async with self.config_lock:
+                await self._update_config(args[0])
             return None
         if op == "metrics":
             labels = (self.dep_name, self.replica_id, self.app_name)
@@ -284,16 +329,65 @@ class Replica:
             return None
         raise ValueError(f"unknown control op {op!r}")
 
+    async def _update_config(self, light: dict[str, Any]) -> None:
+        """Apply a new `max_ongoing_requests` and `user_config` in place."""
+        n = light["max_ongoing_requests"]
+        if n != self.max_ongoing:
+            self.max_ongoing = n
+            if max(2, n) != self.pool_size:
+                old, self.pool_size = self.pool, max(2, n)
+                self.pool = ThreadPoolExecutor(self.pool_size, thread_name_prefix="replica")
+                self.loop.set_default_executor(self.pool)
+                if old is not None:
+                    old.shutdown(wait=False)
+            while self.waiters and self.ongoing < self.max_ongoing:
+                self.ongoing += 1
+                fut = self.waiters.popleft()
+                if not fut.done():
+                    fut.set_result(None)
+                else:
+                    self.ongoing -= 1
+        if light.get("user_config") is not None:
+            await self._reconfigure(light["user_config"])
+
     async def _drain(self, wait_loop_s: float, timeout_s: float) -> None:
+        """Stop taking work, let what runs finish (up to `timeout_s`), then clean up.
+
+        Routers are told `Drain` on every connection; each answers `DrainAck` after the last
+        request it sent here. Requests that arrive meanwhile, and those still waiting for a
+        slot, are answered `Rejected` (the router retries them elsewhere), so nothing that
+        reached this replica is lost, whatever the timing of the controller's updates.
+        """
+        self.draining = True
+        if self.server is not None:
+            self.server.close()
+        if self.direct is not None:
+            await self.direct.drain()
+        for proto in list(self.conns):
+            proto.send(0, Drain())
+        while self.waiters:
+            fut = self.waiters.popleft()
+            if not fut.done():
+                fut.set_exception(_DrainRejection())
         deadline = time.monotonic() + timeout_s
-        while self.ongoing or self.waiters:
+        while self.ongoing or any(p not in self.acked for p in self.conns) or (
+            self.direct is not None and self.direct.open_connections()
+        ):
             left = deadline - time.monotonic()
             if left <= 0:
-                logger.warning("graceful shutdown timed out with %d requests ongoing", self.ongoing)
+                logger.warning("graceful shutdown timed out after %ss with %d requests ongoing", timeout_s, self.ongoing)
                 break
-            await asyncio.sleep(min(max(wait_loop_s, 0.01), left))
-        for t in list(self.tasks.values()):
-            t.cancel()
+            self.idle.clear()
+            try:
+                await asyncio.wait_for(self.idle.wait(), min(max(wait_loop_s, 0.01), left))
+            except TimeoutError:
+                pass
+        for task, proto, tag in list(self.tasks.values()):
+            proto.send(tag, error_reply(TaskCancelledError(
+                f"Replica {self.replica_id} stopped before the request finished "
+                f"(graceful_shutdown_timeout_s={timeout_s})."
+            )))
+            task.cancel()
         if self.lifespan is not None:
             try:
                 await self.lifespan.__aexit__(None, None, None)
@@ -310,18 +404,48 @@ class Replica:
 
     # ---- data plane -------------------------------------------------------------------
     def _make_conn(self) -> FrameProtocol:
-        proto = FrameProtocol(lambda m: None)
-        proto._on_message = functools.partial(self._on_request, proto)  # type: ignore[method-assign]
+        proto = FrameProtocol(_ignore)
+        proto.on_message = functools.partial(self._on_request, proto)
+        proto.on_close = functools.partial(self._conn_lost, proto)
+        proto.on_bad_frame = functools.partial(self._bad_request, proto)
+        self.conns.add(proto)
+        if self.draining:
+            proto.send(0, Drain())
         return proto
 
-    def _on_request(self, proto: FrameProtocol, msg: tuple[Any, ...]) -> None:
-        key = (id(proto), msg[0])
-        if msg[1] == CANCEL:
-            task = self.tasks.get(key)
-            if task is not None:
+    def _conn_lost(self, proto: FrameProtocol, exc: BaseException | None) -> None:
+        """The caller's process is gone: nobody will read the replies, free the slots."""
+        self.conns.discard(proto)
+        self.acked.discard(proto)
+        pid = id(proto)
+        for key, (task, _, _) in list(self.tasks.items()):
+            if key[0] == pid:
                 task.cancel()
-            return
-        self.tasks[key] = self.loop.create_task(self._handle(proto, msg, key))
+        self.idle.set()
+
+    def _bad_request(self, proto: FrameProtocol, tag: int, err: BaseException) -> None:
+        proto.send(tag, error_reply(RaySystemError(
+            f"Replica {self.replica_id} could not decode the request: {type(err).__name__}: {err}"
+        )))
+
+    def _on_request(self, proto: FrameProtocol, tag: int, msg: Any) -> None:
+        cls = msg.__class__
+        if cls is Cancel:
+            entry = self.tasks.get((id(proto), tag))
+            if entry is not None:
+                entry[0].cancel()
+        elif cls is Credit:
+            w = self.windows.get((id(proto), tag))
+            if w is not None:
+                w.give(msg.n)
+        elif cls is DrainAck:
+            self.acked.add(proto)
+            self.idle.set()
+        elif self.draining:
+            proto.send(tag, _REJECTED)
+        else:
+            key = (id(proto), tag)
+            self.tasks[key] = (self.loop.create_task(self._handle(proto, tag, msg, key)), proto, tag)
 
     async def _acquire(self) -> None:
         if self.ongoing < self.max_ongoing and not self.waiters:
@@ -332,10 +456,13 @@ class Replica:
         try:
             await fut  # the slot is handed over by _release
         except asyncio.CancelledError:
-            if fut.done() and not fut.cancelled():
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
                 self._release()
             else:
-                self.waiters.remove(fut)
+                try:
+                    self.waiters.remove(fut)
+                except ValueError:
+                    pass
             raise
 
     def _release(self) -> None:
@@ -346,34 +473,41 @@ class Replica:
                 return
         self.ongoing -= 1
 
-    async def _handle(self, proto: FrameProtocol, msg: tuple[Any, ...], key: tuple[int, int]) -> None:
-        rid = msg[0]
-        try:
-            await self._acquire()
-        except asyncio.CancelledError:
-            self.tasks.pop(key, None)
-            return
+    async def _handle(self, proto: Any, tag: int, msg: Any, key: tuple[int, int]) -> None:
+        while True:
+            try:
+                await self._acquire()
+                break
+            except asyncio.CancelledError:
+                self.tasks.pop(key, None)
+                return
+            except _DrainRejection:
+                if isinstance(proto, FrameProtocol):
+                    self.tasks.pop(key, None)
+                    proto.send(tag, _REJECTED)
+                    return
+                # A direct-ingress request: its client is connected here; serve it anyway.
         self.num_requests += 1
         t0 = time.perf_counter()
         status: Any = "OK"
-        kind = msg[1]
-        meta = msg[4] if kind == HTTP else msg[5]
+        cls = msg.__class__
+        meta = msg.meta
         if meta is not None:
             context.request_meta.set(meta)
         try:
-            if kind == HTTP:
-                status = await self._handle_http(proto, rid, msg[2], msg[3])
+            if cls is Http:
+                status = await self._handle_http(proto, tag, key, msg.scope, msg.body)
                 return
-            _, _, method, args, kwargs, _ = msg
+            method = msg.method
             fn, mode = self.methods.get(method) or self._resolve(method)
             if mode == _ASYNC:
-                result = await fn(*args, **kwargs)
+                result = await fn(*msg.args, **msg.kwargs)
             elif mode == _ON_LOOP:
-                result = fn(*args, **kwargs)
+                result = fn(*msg.args, **msg.kwargs)
             else:
-                result = await self._invoke(fn, args, kwargs)
-            if kind == STREAM:
-                await self._stream(proto, rid, result)
+                result = await self._invoke(fn, msg.args, msg.kwargs)
+            if cls is Stream:
+                await self._stream(proto, tag, key, result)
                 return
             if inspect.isgenerator(result) or inspect.isasyncgen(result) or hasattr(result, "__aiter__"):
                 raise TypeError(
@@ -381,24 +515,28 @@ class Replica:
                     "handle.options(stream=True) to receive its items."
                 )
             try:
-                data = frame((rid, OK, result))
+                proto.send(tag, Ok(result))
             except Exception as e:
-                raise TypeError(f"the return value of '{method}' could not be pickled: {e}") from e
-            proto.send_raw(data)
+                raise TypeError(f"the return value of '{method}' could not be pickled: {e!r}") from e
+            if proto.paused:
+                await proto.drained()
         except asyncio.CancelledError:
             status = "CANCELLED"
         except BaseException as e:
             status = "ERROR"
-            self._send_error(proto, rid, e)
+            proto.send(tag, error_reply(e))
         finally:
             self.tasks.pop(key, None)
+            self.windows.pop(key, None)
             self._release()
+            if self.draining:
+                self.idle.set()
             if self.metrics:
                 self._record(msg, meta, status, t0)
 
-    def _record(self, msg: tuple[Any, ...], meta: Any, status: Any, t0: float) -> None:
+    def _record(self, msg: Any, meta: Any, status: Any, t0: float) -> None:
         ms = (time.perf_counter() - t0) * 1000.0
-        route = (meta or {}).get("route", "") if msg[1] == HTTP else msg[2]
+        route = (meta or {}).get("route", "") if msg.__class__ is Http else msg.method
         labels = (self.dep_name, self.replica_id, route, self.app_name)
         STORE.inc("ray_serve_deployment_request_counter", labels)
         STORE.observe("ray_serve_deployment_processing_latency_ms", labels, ms)
@@ -427,30 +565,30 @@ class Replica:
         self.methods[method] = entry
         return entry
 
-    async def _stream(self, proto: FrameProtocol, rid: int, result: Any) -> None:
+    async def _stream(self, proto: Any, tag: int, key: tuple[int, int], result: Any) -> None:
+        """Send a generator's items, never more than the caller's credit ahead."""
+        window = self.windows[key] = _Window()
         if inspect.isasyncgen(result) or hasattr(result, "__aiter__"):
             async for item in result:
-                proto.send_raw(frame((rid, YIELD, item)))
+                await window.take()
+                proto.send(tag, Yield(item))
+                if proto.paused:
+                    await proto.drained()
         elif inspect.isgenerator(result):
             sentinel = object()
             while True:
                 item = await self.loop.run_in_executor(self.pool, next, result, sentinel)
                 if item is sentinel:
                     break
-                proto.send_raw(frame((rid, YIELD, item)))
+                await window.take()
+                proto.send(tag, Yield(item))
+                if proto.paused:
+                    await proto.drained()
         else:
             raise TypeError("handle.options(stream=True) needs a method that returns a generator")
-        proto.send((rid, END))
+        proto.send(tag, End())
 
-    def _send_error(self, proto: FrameProtocol, rid: int, e: BaseException) -> None:
-        tb = "".join(traceback.format_exception(e))
-        try:
-            data = frame((rid, ERR, e, tb, type(e).__name__))
-        except Exception:
-            data = frame((rid, ERR, None, tb, type(e).__name__))
-        proto.send_raw(data)
-
-    async def _handle_http(self, proto: FrameProtocol, rid: int, scope: dict[str, Any], body: bytes) -> int:
+    async def _handle_http(self, proto: Any, tag: int, key: tuple[int, int], scope: dict[str, Any], body: bytes) -> int:
         """Run the HTTP ingress for one request; returns the status code sent."""
         from starlette.responses import Response
 
@@ -468,7 +606,7 @@ class Replica:
             return {"type": "http.disconnect"}
 
         if self.asgi_app is not None:
-            return await self._send_asgi_response(proto, rid, self.asgi_app, scope, receive)
+            return await self._send_asgi_response(proto, tag, key, self.asgi_app, scope, receive)
         fn = self.http_entry
         try:
             if fn is None:
@@ -491,24 +629,31 @@ class Replica:
             raise
         except Exception:
             logger.exception("request %s %s failed", scope.get("method"), scope.get("path"))
-            proto.send((rid, HFULL, *http_util.plain(500, "Internal Server Error")))
+            proto.send(tag, HttpFull(*http_util.plain(500, "Internal Server Error")))
             return 500
         if isinstance(result, Response) or (callable(result) and hasattr(result, "body_iterator")):
-            return await self._send_asgi_response(proto, rid, result, scope, receive)
+            return await self._send_asgi_response(proto, tag, key, result, scope, receive)
         try:
             status, headers, payload = http_util.encode_result(result)
         except Exception:
             logger.exception("could not encode the return value as JSON")
-            proto.send((rid, HFULL, *http_util.plain(500, "Internal Server Error")))
+            proto.send(tag, HttpFull(*http_util.plain(500, "Internal Server Error")))
             return 500
-        proto.send((rid, HFULL, status, headers, payload))
+        proto.send(tag, HttpFull(status, headers, payload))
+        if proto.paused:
+            await proto.drained()
         return status
 
     async def _send_asgi_response(
-        self, proto: FrameProtocol, rid: int, response: Any, scope: dict[str, Any], receive: Any
+        self, proto: Any, tag: int, key: tuple[int, int], response: Any, scope: dict[str, Any], receive: Any
     ) -> int:
-        """Run an ASGI callable (a Response, or the user's app) and forward what it sends."""
-        state: dict[str, Any] = {"streaming": False, "status": 500, "headers": []}
+        """Run an ASGI callable (a Response, or the user's app) and forward what it sends.
+
+        A body sent in several parts streams (HttpStart, Chunk..., End) within the caller's
+        credit; if the app fails after the response started, Abort tells the caller to break
+        the HTTP response off instead of ending it cleanly.
+        """
+        state: dict[str, Any] = {"streaming": False, "done": False, "status": 500, "headers": []}
 
         async def send(message: dict[str, Any]) -> None:
             t = message["type"]
@@ -516,27 +661,44 @@ class Replica:
                 state["status"] = message["status"]
                 state["headers"] = [(bytes(k), bytes(v)) for k, v in message.get("headers", [])]
             elif t == "http.response.body":
+                if state["done"]:
+                    return
                 chunk = message.get("body", b"")
                 more = message.get("more_body", False)
                 if not state["streaming"]:
                     if not more:
-                        proto.send((rid, HFULL, state["status"], state["headers"], chunk))
+                        state["done"] = True
+                        proto.send(tag, HttpFull(state["status"], state["headers"], chunk))
                         return
                     state["streaming"] = True
-                    proto.send((rid, HSTART, state["status"], state["headers"]))
+                    self.windows[key] = _Window()
+                    proto.send(tag, HttpStart(state["status"], state["headers"]))
                 if chunk:
-                    proto.send((rid, CHUNK, chunk))
+                    await self.windows[key].take()
+                    proto.send(tag, Chunk(bytes(chunk)))
                 if not more:
-                    proto.send((rid, END))
+                    state["done"] = True
+                    proto.send(tag, End())
+                if proto.paused:
+                    await proto.drained()
 
         try:
             await response(scope, receive, send)
-        except Exception:
+        except Exception as e:
             logger.exception("response failed")
             if not state["streaming"]:
-                proto.send((rid, HFULL, *http_util.plain(500, "Internal Server Error")))
+                if not state["done"]:
+                    proto.send(tag, HttpFull(*http_util.plain(500, "Internal Server Error")))
                 return 500
-            proto.send((rid, END))
+            if not state["done"]:
+                proto.send(tag, Abort(f"{type(e).__name__}: {e}"))
+            return 500
+        if not state["done"]:
+            if state["streaming"]:
+                proto.send(tag, Abort("the application returned before it finished the response"))
+            else:
+                proto.send(tag, HttpFull(*http_util.plain(500, "Internal Server Error")))
+            return 500
         return int(state["status"])
 
 

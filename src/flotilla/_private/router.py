@@ -19,43 +19,96 @@ import math
 import random
 import time
 from collections import deque
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from typing import Any, NamedTuple
 
-from flotilla._private.protocol import CALL, CANCEL, END, ERR, HSTART, HTTP, STREAM, YIELD
-from flotilla._private.transport import FrameProtocol, frame
-from flotilla.exceptions import ActorDiedError, as_local_error
+from flotilla._private.errors import local_error, undecodable_reply
+from flotilla._private.protocol import (
+    STREAM_WINDOW,
+    Abort,
+    Call,
+    Cancel,
+    Credit,
+    Drain,
+    DrainAck,
+    End,
+    Err,
+    Http,
+    HttpFull,
+    HttpStart,
+    Ok,
+    Rejected,
+    Stream,
+    Yield,
+)
+from flotilla._private.transport import FrameProtocol
+from flotilla.exceptions import ActorDiedError, RaySystemError
 from flotilla.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from flotilla.serve.schema import DeploymentID
 
 logger = logging.getLogger(__name__)
 
+_ENDS = (End, Err, Abort, Rejected)  # messages after which a stream's request id is free
+_REJECTED = Rejected()
+
+
+class Failed(NamedTuple):
+    """Stands in for a reply that never came (replica died, frame undecodable): raise `error`."""
+
+    error: BaseException
+
 
 class Channel:
-    """A minimal single-consumer queue of reply frames (for streams)."""
+    """The reply messages of one streaming request, for a single consumer.
 
-    __slots__ = ("_items", "_waiter")
+    Holds at most `STREAM_WINDOW` items: each item taken is credited back to the sender
+    (in batches of half the window), which waits when it runs out of credit. So a slow
+    consumer slows the producer instead of filling this process's memory.
+    """
 
-    def __init__(self) -> None:
-        self._items: deque[tuple[Any, ...]] = deque()
+    __slots__ = ("_grant", "_items", "_taken", "_waiter", "cancel", "start")
+
+    def __init__(self, grant: Callable[[int], None] | None = None, cancel: Callable[[], None] | None = None) -> None:
+        self._items: deque[Any] = deque()
         self._waiter: asyncio.Future[None] | None = None
+        self._grant = grant
+        self._taken = 0
+        self.cancel: Callable[[], None] = cancel or _nothing
+        self.start: HttpStart | None = None
 
-    def push(self, msg: tuple[Any, ...]) -> None:
+    def push(self, msg: Any) -> None:
         self._items.append(msg)
         w = self._waiter
         if w is not None and not w.done():
             w.set_result(None)
 
-    async def get(self) -> tuple[Any, ...]:
+    async def get(self) -> Any:
         while not self._items:
             self._waiter = asyncio.get_running_loop().create_future()
             await self._waiter
-        return self._items.popleft()
+        msg = self._items.popleft()
+        if self._grant is not None:
+            self._taken += 1
+            if self._taken >= STREAM_WINDOW // 2:
+                self._grant(self._taken)
+                self._taken = 0
+        return msg
+
+
+def _nothing() -> None:
+    return None
 
 
 class ReplicaConn:
-    """The router's connection to one replica and what it has in flight there."""
+    """The router's connection to one replica and what it has in flight there.
 
-    __slots__ = ("_ids", "connecting", "id", "in_flight", "models", "path", "pending", "proto", "ready", "router")
+    `in_flight` counts slots taken (requests acquired for this replica, sent or about to be);
+    `pending` maps request ids sent to their reply future or stream `Channel`. A connection
+    is `retired` once the controller removed the replica or the replica said it drains; it
+    closes when nothing is in flight or pending on it any more.
+    """
+
+    __slots__ = ("_ids", "connecting", "draining", "id", "in_flight", "models", "path", "pending", "proto", "ready", "retired", "router")
 
     def __init__(self, router: Router, replica_id: str, path: str) -> None:
         self.router = router
@@ -64,10 +117,12 @@ class ReplicaConn:
         self.in_flight = 0
         self.pending: dict[int, Any] = {}
         self.ready = False
+        self.draining = False
+        self.retired = False
         self.connecting: asyncio.Task[None] | None = None
         self.models: tuple[str, ...] = ()
         self._ids = itertools.count(1)
-        self.proto = FrameProtocol(self._on_message, self._on_close)
+        self.proto = FrameProtocol(self._on_message, self._on_close, self._on_bad_frame)
 
     async def connect(self) -> None:
         loop = asyncio.get_running_loop()
@@ -83,41 +138,80 @@ class ReplicaConn:
     def next_id(self) -> int:
         return next(self._ids)
 
-    def _on_message(self, msg: tuple[Any, ...]) -> None:
-        rid = msg[0]
-        h = self.pending.get(rid)
+    def _on_message(self, tag: int, msg: Any) -> None:
+        h = self.pending.get(tag)
         if h is None:
-            return
-        code = msg[1]
+            if tag == 0 and type(msg) is Drain:
+                self._drain()
+            return  # the reply to a request its caller cancelled
         if h.__class__ is Channel:
             h.push(msg)
-            if code in (END, ERR):
-                del self.pending[rid]
+            if type(msg) in _ENDS:
+                del self.pending[tag]
+                if self.retired:
+                    self.maybe_close()
             return
-        if code == HSTART:
-            ch = Channel()
-            self.pending[rid] = ch
+        if type(msg) is HttpStart:
+            ch = self.stream_channel(tag)
+            ch.start = msg
+            self.pending[tag] = ch
             if not h.done():
-                h.set_result((*msg, ch))
+                h.set_result(ch)
             return
-        del self.pending[rid]
+        del self.pending[tag]
         if not h.done():
             h.set_result(msg)
+
+    def stream_channel(self, tag: int) -> Channel:
+        proto = self.proto
+
+        def grant(n: int) -> None:
+            proto.send(tag, Credit(n))
+
+        def cancel() -> None:
+            if self.pending.pop(tag, None) is not None:
+                proto.send(tag, Cancel())
+                if self.retired:
+                    self.maybe_close()
+
+        return Channel(grant, cancel)
+
+    def _drain(self) -> None:
+        """The replica drains: send it nothing new (requests waiting here go elsewhere)."""
+        self.draining = True
+        self.proto.send(0, DrainAck())
+        self.router._retire(self)
+
+    def _on_bad_frame(self, tag: int, err: BaseException) -> None:
+        h = self.pending.pop(tag, None)
+        if h is None:
+            logger.error("replica %s sent a frame that could not be decoded (tag %d): %r", self.id, tag, err)
+            return
+        failed = Failed(undecodable_reply("reply", err))
+        if h.__class__ is Channel:
+            h.push(failed)
+            self.proto.send(tag, Cancel())
+        elif not h.done():
+            h.set_result(failed)
 
     def _on_close(self, exc: BaseException | None) -> None:
         self.ready = False
         pending, self.pending = self.pending, {}
         if pending:
-            err = ActorDiedError(
+            failed = Failed(ActorDiedError(
                 f"Replica {self.id} died while handling {len(pending)} request(s); "
                 "it is being replaced. Retry the request."
-            )
-            for rid, h in pending.items():
+            ))
+            for h in pending.values():
                 if h.__class__ is Channel:
-                    h.push((rid, ERR, err, "", "ActorDiedError"))
+                    h.push(failed)
                 elif not h.done():
-                    h.set_result((rid, ERR, err, "", "ActorDiedError"))
+                    h.set_result(failed)
         self.router._drop(self)
+
+    def maybe_close(self) -> None:
+        if self.in_flight == 0 and not self.pending:
+            self.proto.close()
 
     def close(self) -> None:
         self.proto.close()
@@ -154,12 +248,8 @@ class Router:
         models = {r[0]: r[2] for r in info.get("replicas", ()) if len(r) > 2}
         for rid in list(self.replicas):
             if rid not in wanted:
-                conn = self.replicas.pop(rid)
-                if conn in self.ready:
-                    self.ready.remove(conn)
-                # In-flight requests finish; the replica is drained before it stops.
-                if not conn.pending:
-                    conn.close()
+                # Requests in flight there finish: the replica drains before it stops.
+                self._retire(self.replicas.pop(rid))
         loop = asyncio.get_running_loop()
         for rid, path in wanted.items():
             if rid not in self.replicas:
@@ -192,6 +282,13 @@ class Router:
             self._dispatch()
         else:
             conn.close()
+
+    def _retire(self, conn: ReplicaConn) -> None:
+        """Choose `conn` no more; close it once nothing is in flight on it."""
+        conn.retired = True
+        if conn in self.ready:
+            self.ready.remove(conn)
+        conn.maybe_close()
 
     def _drop(self, conn: ReplicaConn) -> None:
         if conn in self.ready:
@@ -248,8 +345,11 @@ class Router:
             return None  # its replica is still connecting: wait a moment for it
         return self._pick()
 
-    async def acquire(self, model_id: str = "") -> ReplicaConn:
-        """A replica with a slot reserved for the caller; waits in FIFO order if none."""
+    async def acquire(self, model_id: str = "", front: bool = False) -> ReplicaConn:
+        """A replica with a slot reserved for the caller; waits in FIFO order if none.
+
+        `front`: the request was rejected by a draining replica; it goes first in line.
+        """
         if not self.queue:
             r = self._choose(model_id)
             if r is not None:
@@ -257,13 +357,16 @@ class Router:
                 return r
         if self.exists is False:
             raise self._unavailable()
-        if self.max_queued != -1 and len(self.queue) >= self.max_queued:
+        if self.max_queued != -1 and len(self.queue) >= self.max_queued and not front:
             raise BackPressureError(
                 num_queued_requests=len(self.queue), max_queued_requests=self.max_queued
             )
         fut: asyncio.Future[ReplicaConn] = asyncio.get_running_loop().create_future()
         entry = (fut, model_id)
-        self.queue.append(entry)
+        if front:
+            self.queue.appendleft(entry)
+        else:
+            self.queue.append(entry)
         cold = not self.replicas
         if self.on_wait is not None:
             self.on_wait(cold)
@@ -319,8 +422,8 @@ class Router:
     def release(self, r: ReplicaConn) -> None:
         self._done += 1
         r.in_flight -= 1
-        if r.id not in self.replicas and not r.pending:
-            r.close()  # removed from the set and now idle
+        if r.retired:
+            r.maybe_close()
         if self.queue:
             self._dispatch()
 
@@ -338,74 +441,123 @@ class Router:
 
 
     # ---- requests ---------------------------------------------------------------------
+    @staticmethod
+    def _send(r: ReplicaConn, msg: tuple[Any, ...]) -> tuple[int, asyncio.Future[Any]]:
+        """Send one request on `r` (slot held); returns its tag and the future of its first
+        reply message. A replica that is gone or draining before the request was sent counts
+        as a rejection: the request never started, so the caller retries it elsewhere."""
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        if not r.ready or r.draining:
+            fut.set_result(_REJECTED)
+            return 0, fut
+        tag = r.next_id()
+        r.proto.send(tag, msg)
+        r.pending[tag] = fut
+        return tag, fut
+
+    @staticmethod
+    def _abandon(r: ReplicaConn, tag: int, fut: asyncio.Future[Any]) -> None:
+        """The caller was cancelled while waiting for the reply to `tag`: cancel it there."""
+        if r.pending.pop(tag, None) is not None:
+            r.proto.send(tag, Cancel())
+        elif fut.done() and not fut.cancelled() and fut.result().__class__ is Channel:
+            fut.result().cancel()
+
     async def call(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], meta: Any) -> Any:
-        r = await self.acquire(meta.get("multiplexed_model_id", "") if meta else "")
-        try:
-            if not r.ready:
-                raise ActorDiedError(f"Replica {r.id} died before the request was sent.")
-            rid = r.next_id()
-            fut = asyncio.get_running_loop().create_future()
-            data = frame((rid, CALL, method, args, kwargs, meta))
-            r.pending[rid] = fut
-            r.proto.send_raw(data)
+        model = meta.get("multiplexed_model_id", "") if meta else ""
+        msg = Call(method, args, kwargs, meta)
+        front = False
+        while True:
+            r = await self.acquire(model, front)
+            tag, fut = self._send(r, msg)
             try:
-                msg = await fut
+                reply = await fut
             except asyncio.CancelledError:
-                r.pending.pop(rid, None)
-                r.proto.send((rid, CANCEL))
+                self._abandon(r, tag, fut)
                 raise
-        finally:
-            self.release(r)
-        if msg[1] == ERR:
-            raise as_local_error(msg[2], msg[3], msg[4])
-        return msg[2]
+            finally:
+                self.release(r)
+            cls = reply.__class__
+            if cls is Ok:
+                return reply.result
+            if cls is Rejected:
+                front = True
+                continue
+            if cls is Err:
+                raise local_error(reply)
+            if cls is Failed:
+                raise reply.error
+            raise RaySystemError(f"unexpected reply {cls.__name__} to a call")
 
-    async def stream(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], meta: Any):  # type: ignore[no-untyped-def]
+    async def stream(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], meta: Any) -> AsyncIterator[Any]:
         """Yield the items of a generator method, as the replica produces them."""
-        r = await self.acquire()
-        rid = 0
-        done = False
-        try:
-            rid = r.next_id()
-            ch = Channel()
-            data = frame((rid, STREAM, method, args, kwargs, meta))
-            r.pending[rid] = ch
-            r.proto.send_raw(data)
-            while True:
-                msg = await ch.get()
-                code = msg[1]
-                if code == YIELD:
-                    yield msg[2]
-                elif code == END:
-                    done = True
-                    return
-                elif code == ERR:
-                    done = True
-                    raise as_local_error(msg[2], msg[3], msg[4])
-        finally:
-            if not done and rid:
-                r.pending.pop(rid, None)
-                r.proto.send((rid, CANCEL))
-            self.release(r)
-
-    async def http(self, scope: dict[str, Any], body: bytes, meta: Any) -> tuple[Any, ...]:
-        """Send an HTTP request; returns (first reply frame, replica, request id).
-
-        A streaming reply's first frame is (rid, HSTART, status, headers, Channel).
-        """
-        r = await self.acquire(meta.get("multiplexed_model_id", "") if meta else "")
-        rid = r.next_id()
-        fut = asyncio.get_running_loop().create_future()
-        r.pending[rid] = fut
-        try:
-            if not r.ready:
-                raise ActorDiedError(f"Replica {r.id} died before the request was sent.")
-            r.proto.send((rid, HTTP, scope, body, meta))
+        model = meta.get("multiplexed_model_id", "") if meta else ""
+        msg = Stream(method, args, kwargs, meta)
+        front = False
+        while True:
+            r = await self.acquire(model, front)
+            ch: Channel | None = None
+            done = False
             try:
-                return (await fut), r, rid
+                if not r.ready or r.draining:
+                    front = True
+                    continue
+                tag = r.next_id()
+                ch = r.stream_channel(tag)
+                r.proto.send(tag, msg)
+                r.pending[tag] = ch
+                while True:
+                    m = await ch.get()
+                    cls = m.__class__
+                    if cls is Yield:
+                        yield m.item
+                    elif cls is End:
+                        done = True
+                        return
+                    elif cls is Rejected:
+                        done = True
+                        front = True
+                        break
+                    else:
+                        done = True
+                        raise _stream_error(m)
+            finally:
+                if ch is not None and not done:
+                    ch.cancel()  # the consumer stopped early: stop the generator there
+                self.release(r)
+
+    async def http(self, scope: dict[str, Any], body: bytes, meta: Any) -> HttpFull | Channel:
+        """Send an HTTP request: a whole response, or a `Channel` of a streaming one (whose
+        `start` holds status and headers, followed by Chunk... End, or Abort/Failed)."""
+        model = meta.get("multiplexed_model_id", "") if meta else ""
+        msg = Http(scope, body, meta)
+        front = False
+        while True:
+            r = await self.acquire(model, front)
+            tag, fut = self._send(r, msg)
+            try:
+                reply = await fut
             except asyncio.CancelledError:
-                r.pending.pop(rid, None)
-                r.proto.send((rid, CANCEL))
+                self._abandon(r, tag, fut)
                 raise
-        finally:
-            self.release(r)
+            finally:
+                self.release(r)
+            cls = reply.__class__
+            if cls is HttpFull or cls is Channel:
+                return reply  # type: ignore[no-any-return]
+            if cls is Rejected:
+                front = True
+                continue
+            raise _stream_error(reply)
+
+
+def _stream_error(msg: Any) -> BaseException:
+    """The exception for a message that ends a request badly."""
+    cls = msg.__class__
+    if cls is Err:
+        return local_error(msg)
+    if cls is Failed:
+        return msg.error  # type: ignore[no-any-return]
+    if cls is Abort:
+        return RaySystemError(f"the stream broke in the replica: {msg.reason}")
+    return RaySystemError(f"unexpected reply {cls.__name__}")

@@ -1,12 +1,16 @@
-"""Length-prefixed pickle frames over stream sockets (Unix sockets locally).
+"""Tagged, length-prefixed frames over stream sockets (Unix sockets locally).
 
-One frame is a 4-byte little-endian length followed by a pickle (protocol 5). Frames are
-only exchanged over sockets in the session's private directory (mode 0700), so no stranger
-can send us a pickle.
+A frame is a 12-byte header, `<QI`: payload length (8 bytes, so frames over 4 GiB are fine
+up to `MAX_FRAME`) and a tag (the request or call id), then the payload: a message from
+`protocol.py`. Frames are only exchanged over sockets in the session's private directory
+(mode 0700), so no stranger can send us a pickle.
 
-`FrameProtocol` is the asyncio protocol both ends use; `RpcPeer` adds request/response
-calls in both directions on one connection (the control plane). The data plane (router
-<-> replica) uses `FrameProtocol` directly with its own message tuples, see `router.py`.
+`FrameProtocol` is the asyncio protocol both ends use. It never drops a frame silently: a
+payload that cannot be decoded is handed to `on_bad_frame(tag, error)`, so the request it
+belongs to fails, and a frame over `MAX_FRAME` is skipped the same way. It honours
+`pause_writing`/`resume_writing`: senders that can wait call `await proto.drained()`.
+`RpcPeer` adds request/response calls in both directions on one connection (the control
+plane). The data plane (router <-> replica) uses `FrameProtocol` directly.
 """
 
 from __future__ import annotations
@@ -15,96 +19,144 @@ import asyncio
 import itertools
 import logging
 import pickle
+import struct
 import traceback
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import cloudpickle
+from flotilla._private.protocol import Failure, Reply, Request, decode, encode
 
 logger = logging.getLogger(__name__)
 
-_HEADER = 4
-_MAX_FRAME = 1 << 31
+_HEAD = struct.Struct("<QI")
+HEADER = _HEAD.size
+MAX_FRAME = 1 << 36  # 64 GiB: far above any body or reply limit, below what breaks the length
 
 
-def dumps(obj: Any) -> bytes:
-    """Pickle with the C pickler; fall back to cloudpickle for lambdas, local classes, ..."""
-    try:
-        return pickle.dumps(obj, protocol=5)
-    except Exception:
-        return cloudpickle.dumps(obj, protocol=5)
+class FrameTooLargeError(ValueError):
+    """A message is larger than a frame may be."""
 
 
-def frame(obj: Any) -> bytes:
-    payload = dumps(obj)
-    return len(payload).to_bytes(_HEADER, "little") + payload
+def frame(tag: int, msg: tuple[Any, ...]) -> bytes:
+    """One whole frame holding `msg` (small messages: one buffer, one write)."""
+    payload = encode(msg)
+    if len(payload) > MAX_FRAME:
+        raise FrameTooLargeError(f"a message of {len(payload)} bytes is over the {MAX_FRAME}-byte frame limit")
+    return _HEAD.pack(len(payload), tag) + payload
+
+
+def _ignore_bad_frame(tag: int, err: BaseException) -> None:
+    logger.error("could not decode a frame (tag %d): %r", tag, err)
 
 
 class FrameProtocol(asyncio.Protocol):
-    """Parses frames and hands each decoded object to `on_message`."""
+    """Parses frames and hands each decoded message to `on_message(tag, msg)`."""
 
     def __init__(
         self,
-        on_message: Callable[[Any], None],
+        on_message: Callable[[int, Any], None],
         on_close: Callable[[BaseException | None], None] | None = None,
+        on_bad_frame: Callable[[int, BaseException], None] = _ignore_bad_frame,
     ) -> None:
-        self._on_message = on_message
-        self._on_close = on_close
+        self.on_message = on_message
+        self.on_close = on_close
+        self.on_bad_frame = on_bad_frame
         self._buf = bytearray()
+        self._skip = 0  # bytes still to discard of an oversize frame
         self.transport: asyncio.Transport | None = None
         self.closed = False
+        self.paused = False
+        self._drain_waiter: asyncio.Future[None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
+        if self._skip:
+            if len(data) <= self._skip:
+                self._skip -= len(data)
+                return
+            data = data[self._skip :]
+            self._skip = 0
         buf = self._buf
-        if not buf:
-            # Fast path: the chunk holds exactly whole frames (the common case).
-            n = len(data)
-            pos = 0
-            while n - pos >= _HEADER:
-                size = int.from_bytes(data[pos : pos + _HEADER], "little")
-                end = pos + _HEADER + size
-                if end > n:
-                    break
-                self._deliver(data[pos + _HEADER : end])
-                pos = end
-            if pos < n:
-                buf += data[pos:]
-            return
-        buf += data
+        if buf:
+            buf += data
+            view: bytes | bytearray = buf
+        else:
+            view = data  # fast path: nothing buffered (usually whole frames)
+        n = len(view)
         pos = 0
-        n = len(buf)
-        while n - pos >= _HEADER:
-            size = int.from_bytes(buf[pos : pos + _HEADER], "little")
-            end = pos + _HEADER + size
+        while n - pos >= HEADER:
+            size, tag = _HEAD.unpack_from(view, pos)
+            start = pos + HEADER
+            if size > MAX_FRAME:
+                self.on_bad_frame(tag, FrameTooLargeError(f"a frame of {size} bytes is over the {MAX_FRAME}-byte limit"))
+                left = n - start
+                if size > left:
+                    self._skip = size - left
+                    pos = n
+                    break
+                pos = start + size
+                continue
+            end = start + size
             if end > n:
                 break
-            self._deliver(bytes(buf[pos + _HEADER : end]))
+            self._deliver(tag, view[start:end])
             pos = end
-        del buf[:pos]
+        if view is buf:
+            del buf[:pos]
+        elif pos < n:
+            buf += view[pos:]
 
-    def _deliver(self, payload: bytes) -> None:
+    def _deliver(self, tag: int, payload: bytes | bytearray) -> None:
         try:
-            msg = pickle.loads(payload)
-        except Exception:
-            logger.exception("dropping a frame that could not be unpickled")
+            msg = decode(payload)
+        except Exception as e:
+            self.on_bad_frame(tag, e)
             return
-        self._on_message(msg)
+        self.on_message(tag, msg)
 
-    def send(self, obj: Any) -> None:
+    def send(self, tag: int, msg: tuple[Any, ...]) -> None:
+        """Queue one message; raises FrameTooLargeError (or a pickling error) for what cannot go."""
         if self.transport is not None and not self.closed:
-            self.transport.write(frame(obj))
+            payload = encode(msg)
+            if len(payload) > MAX_FRAME:
+                raise FrameTooLargeError(f"a message of {len(payload)} bytes is over the {MAX_FRAME}-byte frame limit")
+            if len(payload) < 65536:
+                self.transport.write(_HEAD.pack(len(payload), tag) + payload)
+            else:  # large: no copy to prepend the header
+                self.transport.writelines((_HEAD.pack(len(payload), tag), payload))
 
     def send_raw(self, data: bytes) -> None:
+        """Queue a frame built with `frame()`."""
         if self.transport is not None and not self.closed:
             self.transport.write(data)
 
+    # ---- flow control ---------------------------------------------------------------
+    def pause_writing(self) -> None:
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        w = self._drain_waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    async def drained(self) -> None:
+        """Wait until the transport's write buffer is below its high-water mark again."""
+        while self.paused and not self.closed:
+            w = self._drain_waiter
+            if w is None or w.done():
+                w = self._drain_waiter = asyncio.get_running_loop().create_future()
+            await w
+
     def connection_lost(self, exc: BaseException | None) -> None:
         self.closed = True
-        if self._on_close is not None:
-            self._on_close(exc)
+        w = self._drain_waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+        if self.on_close is not None:
+            self.on_close(exc)
 
     def close(self) -> None:
         if self.transport is not None:
@@ -121,8 +173,6 @@ class PeerClosedError(ConnectionError):
 
 Handler = Callable[["RpcPeer", str, tuple[Any, ...]], Awaitable[Any] | Any]
 
-_REQ, _OK, _ERR = 0, 1, 2
-
 
 class RpcPeer:
     """Request/response calls in both directions over one `FrameProtocol` connection."""
@@ -133,7 +183,7 @@ class RpcPeer:
         self._pending: dict[int, asyncio.Future[Any]] = {}
         self._on_close_cbs: list[Callable[[], None]] = []
         self.name = name
-        self.proto = FrameProtocol(self._on_message, self._on_closed)
+        self.proto = FrameProtocol(self._on_message, self._on_closed, self._on_bad_frame)
 
     @property
     def closed(self) -> bool:
@@ -151,31 +201,43 @@ class RpcPeer:
         if self.proto.closed:
             fut.set_exception(PeerClosedError(f"connection to {self.name} is closed"))
             return fut
-        rid = next(self._ids)
-        self._pending[rid] = fut
-        self.proto.send((_REQ, rid, op, args))
+        cid = next(self._ids)
+        self._pending[cid] = fut
+        try:
+            self.proto.send(cid, Request(op, args))
+        except Exception as e:
+            del self._pending[cid]
+            fut.set_exception(e)
         return fut
 
     def notify(self, op: str, *args: Any) -> None:
-        """Fire-and-forget call (request id 0: no answer is sent)."""
-        self.proto.send((_REQ, 0, op, args))
+        """Fire-and-forget call (tag 0: no answer is sent)."""
+        self.proto.send(0, Request(op, args))
 
-    def _on_message(self, msg: Any) -> None:
-        kind = msg[0]
-        if kind == _REQ:
-            _, rid, op, args = msg
-            asyncio.get_running_loop().create_task(self._serve(rid, op, args))
+    def _on_message(self, cid: int, msg: Any) -> None:
+        cls = type(msg)
+        if cls is Request:
+            asyncio.get_running_loop().create_task(self._serve(cid, msg.op, msg.args))
             return
-        fut = self._pending.pop(msg[1], None)
+        fut = self._pending.pop(cid, None)
         if fut is None or fut.done():
             return
-        if kind == _OK:
-            fut.set_result(msg[2])
+        if cls is Reply:
+            fut.set_result(msg.value)
         else:
-            err = msg[2]
+            err = msg.error if cls is Failure else f"unexpected message {cls.__name__}"
             fut.set_exception(err if isinstance(err, BaseException) else RemoteCallError(err))
 
-    async def _serve(self, rid: int, op: str, args: tuple[Any, ...]) -> None:
+    def _on_bad_frame(self, cid: int, err: BaseException) -> None:
+        fut = self._pending.pop(cid, None)
+        if fut is not None and not fut.done():
+            fut.set_exception(RemoteCallError(f"the answer from {self.name} could not be decoded: {err!r}"))
+        elif cid:
+            self.proto.send(cid, Failure(f"the call could not be decoded by {self.name}: {err!r}"))
+        else:
+            logger.error("could not decode a notification from %s: %r", self.name, err)
+
+    async def _serve(self, cid: int, op: str, args: tuple[Any, ...]) -> None:
         try:
             if self._handler is None:
                 raise RemoteCallError(f"{self.name} accepts no calls")
@@ -183,18 +245,19 @@ class RpcPeer:
             if asyncio.iscoroutine(result) or isinstance(result, asyncio.Future):
                 result = await result
         except Exception as e:
-            if rid:
-                try:
-                    pickle.dumps(e)
-                    payload: Any = e
-                except Exception:
-                    payload = "".join(traceback.format_exception(e))
-                self.proto.send((_ERR, rid, payload))
+            if cid:
+                self._reply(cid, Failure(_portable(e)))
             else:
                 logger.exception("notification %r failed", op)
             return
-        if rid:
-            self.proto.send((_OK, rid, result))
+        if cid:
+            self._reply(cid, Reply(result))
+
+    def _reply(self, cid: int, msg: Reply | Failure) -> None:
+        try:
+            self.proto.send(cid, msg)
+        except Exception as e:
+            self.proto.send(cid, Failure(f"the answer could not be sent: {e!r}"))
 
     def _on_closed(self, exc: BaseException | None) -> None:
         pending, self._pending = self._pending, {}
@@ -210,6 +273,15 @@ class RpcPeer:
 
     def close(self) -> None:
         self.proto.close()
+
+
+def _portable(e: BaseException) -> BaseException | str:
+    """`e` if it survives a pickle round trip, else its formatted traceback."""
+    try:
+        pickle.loads(pickle.dumps(e))
+        return e
+    except Exception:
+        return "".join(traceback.format_exception(e))
 
 
 async def connect_unix(path: str, peer: RpcPeer) -> RpcPeer:

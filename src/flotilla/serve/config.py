@@ -192,7 +192,14 @@ class HTTPOptions(BaseModel):
     direct_ingress: bool = Field(
         False,
         description="Replicas of the HTTP app's ingress deployment accept HTTP themselves on the "
-        "shared port (SO_REUSEPORT), with no proxy process in between; one HTTP app at a time.",
+        "shared port (one listening socket held by the head), with no proxy process in between; "
+        "one HTTP app at a time.",
+    )
+    max_request_body_bytes: int = Field(
+        1 << 30,
+        gt=0,
+        description="Largest request body accepted; a larger one gets 413 without being read "
+        "(a Content-Length over the limit is refused before any of the body arrives).",
     )
     backpressure_status_code: Literal[503, 429] = Field(
         503,
