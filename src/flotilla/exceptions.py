@@ -66,9 +66,9 @@ def as_local_error(exc: BaseException | None, tb: str, type_name: str = "") -> B
     that also derives from `RayTaskError`) whose message is the remote traceback.
     """
     if exc is None:
-        err = RayTaskError(tb)
-        err.remote_traceback = tb or type_name
-        return err
+        plain = RayTaskError(tb)
+        plain.remote_traceback = tb or type_name
+        return plain
     cls = type(exc)
     if isinstance(exc, RayError) and not isinstance(exc, RayTaskError):
         return exc  # runtime errors (e.g. BackPressureError from a nested call) pass as they are

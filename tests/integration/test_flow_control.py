@@ -8,7 +8,6 @@ import os
 import socket
 import time
 
-import httpx
 import psutil
 import pytest
 from starlette.responses import StreamingResponse

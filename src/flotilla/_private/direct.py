@@ -72,7 +72,7 @@ class DirectIngress:
             date_header=False, proxy_headers=False,
         )
         server = self.server = uvicorn.Server(config)
-        server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign]  # the head owns signals
+        server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]  # the head owns signals
         self.task = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]))
         while not server.started and not self.task.done():
             await asyncio.sleep(0.002)

@@ -624,7 +624,7 @@ class Replica:
             if inspect.isasyncgen(result) or inspect.isgenerator(result):
                 from starlette.responses import StreamingResponse
 
-                result = StreamingResponse(result)
+                result = StreamingResponse(result)  # type: ignore[arg-type]
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -727,7 +727,7 @@ def main(args: dict[str, Any]) -> None:
     try:
         import uvloop
 
-        runner = uvloop.run
+        runner: Any = uvloop.run
     except ImportError:  # pragma: no cover
         runner = asyncio.run
 

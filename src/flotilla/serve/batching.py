@@ -358,15 +358,19 @@ def _new_queue(fn: Any, self_arg: tuple, opts: dict[str, Any], streaming: bool) 
 
 def _entry(fn: Any, queue: BatchQueue, skip: int) -> Callable[..., Any]:
     """The function callers call (one item in, one result or stream out), with Ray's tuners."""
+    entry: Callable[..., Any]
     if queue.streaming:
 
-        def entry(*args: Any, **kwargs: Any) -> AsyncIterator[Any]:
+        def entry_stream(*args: Any, **kwargs: Any) -> AsyncIterator[Any]:
             return queue.stream((args[skip:], kwargs))
+
+        entry = entry_stream
     else:
 
-        async def entry(*args: Any, **kwargs: Any) -> Any:
+        async def entry_call(*args: Any, **kwargs: Any) -> Any:
             return await queue.submit((args[skip:], kwargs))
 
+        entry = entry_call
     functools.update_wrapper(entry, fn, updated=())
     return _expose(entry, queue)
 
@@ -392,15 +396,19 @@ class _BatchedMethod:
         functools.update_wrapper(self, fn, updated=())
         self._fn, self._opts, self._streaming = fn, opts, streaming
         self._key = f"_flotilla_batch_{fn.__name__}_{id(self):x}"
+        unbound: Callable[..., Any]
         if streaming:  # what `Class.method` gives: a real function, so inspect sees the kind
 
-            def unbound(obj: Any, /, *args: Any, **kwargs: Any) -> Any:
+            def unbound_stream(obj: Any, /, *args: Any, **kwargs: Any) -> Any:
                 return self._entry_for(obj)(obj, *args, **kwargs)
+
+            unbound = unbound_stream
         else:
 
-            async def unbound(obj: Any, /, *args: Any, **kwargs: Any) -> Any:
+            async def unbound_call(obj: Any, /, *args: Any, **kwargs: Any) -> Any:
                 return await self._entry_for(obj)(obj, *args, **kwargs)
 
+            unbound = unbound_call
         self._unbound = functools.update_wrapper(unbound, fn, updated=())
 
     def _entry_for(self, obj: Any) -> Callable[..., Any]:
