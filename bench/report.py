@@ -13,6 +13,7 @@ class Metric:
     label: str
     better: str  # "higher" | "lower"
     scenario: str
+    summary: bool = True  # False: only in the raw tables
 
 
 def _metrics() -> list[Metric]:
@@ -54,7 +55,26 @@ def _metrics() -> list[Metric]:
         ),
         Metric("autoscale_down_s", "autoscale back to 1 after load end, s", "lower", "autoscale"),
     ]
+    for event, label in CHAOS_EVENTS:
+        m += [
+            Metric(f"chaos_{event}_requests", f"{label}: requests", "higher", "chaos", False),
+            Metric(f"chaos_{event}_failed", f"{label}: failed requests", "lower", "chaos"),
+            Metric(f"chaos_{event}_failed_pct", f"{label}: failed %", "lower", "chaos"),
+        ]
+        if event != "kill":
+            m.append(Metric(f"chaos_{event}_s", f"{label}: event s", "lower", "chaos", False))
+    m.append(
+        Metric("chaos_kill_recovery_s", "kill -9: s to a RUNNING replacement", "lower", "chaos")
+    )
     return m
+
+
+# The chaos scenario's events: (metric key part, label).
+CHAOS_EVENTS = (
+    ("rollout", "3 code rollouts, 2 replicas"),
+    ("scaledown", "scale-down 4 -> 1"),
+    ("kill", "kill -9 of 1 of 2 replicas"),
+)
 
 
 METRICS = _metrics()
@@ -101,6 +121,8 @@ def ratios(a: list[float | None], b: list[float | None]) -> list[float | None]:
 def summary_rows(records: list[dict[str, Any]], rounds: int) -> list[list[str]]:
     rows = []
     for m in METRICS:
+        if not m.summary:
+            continue
         per = {s: series(records, s, m.key, rounds) for s in SYSTEMS}
         if all(median(v) is None for v in per.values()):
             continue
@@ -160,6 +182,43 @@ def raw_section(records: list[dict[str, Any]], scenario: str) -> str:
     return "\n".join(parts) + "\n"
 
 
+CHAOS_HEAD = ["event", "system", "requests", "failed", "failed %", "event s", "recovery s"]
+
+
+def chaos_rows(records: list[dict[str, Any]], rounds: int) -> list[list[str]]:
+    """Per event and Serve system: medians over rounds (per-round values in brackets)."""
+    rows = []
+    for event, label in CHAOS_EVENTS:
+        for system in ("flotilla", "ray"):
+            cells = [label, system]
+            for key in ("requests", "failed", "failed_pct", "s", "recovery_s"):
+                vals = series(records, system, f"chaos_{event}_{key}", rounds)
+                med = median(vals)
+                per_round = f" ({', '.join(fmt(v) for v in vals)})" if rounds > 1 else ""
+                cells.append("" if med is None else fmt(med) + per_round)
+            if any(cells[2:]):
+                rows.append(cells)
+    return rows
+
+
+def chaos_section(records: list[dict[str, Any]], rounds: int) -> str:
+    rows = chaos_rows(records, rounds)
+    if not rows:
+        return ""
+    return "\n".join(
+        [
+            "\n## Chaos: failed requests while the app changes under load\n",
+            "wrk `-t1 -c16` POSTs for 1 s before the event, during it and 1 s after it; failed = "
+            "non-2xx answers + socket errors + answers slower than 5 s + requests still "
+            "unanswered 4 s after the load stopped. `event s` is how long the event took (until its replicas are all "
+            "RUNNING and the old ones gone); for the kill, `recovery s` is from the kill to "
+            "a RUNNING replacement. What failed, by kind and status, is in the chaos raw "
+            "table's details.\n",
+            md_table(CHAOS_HEAD, rows),
+        ]
+    )
+
+
 def markdown(info: dict[str, Any], records: list[dict[str, Any]], scenarios: list[str]) -> str:
     rounds = info["rounds"]
     out = [
@@ -178,6 +237,7 @@ def markdown(info: dict[str, Any], records: list[dict[str, Any]], scenarios: lis
         "`better` says which direction is good for the metric itself. A flotilla/ray ratio "
         "above 1 on a `higher` metric, or below 1 on a `lower` one, means flotilla does better.\n",
         md_table(SUMMARY_HEAD, summary_rows(records, rounds)),
+        chaos_section(records, rounds),
         "\n## Raw results, run by run\n",
     ]
     out += [raw_section(records, s) for s in scenarios]

@@ -6,6 +6,7 @@ A scenario raises on failure; the orchestrator records the error and moves on.
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import time
 from collections.abc import Callable
@@ -14,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import procs
-from systems import BENCH, COMMANDS, Launched, System, launch_app
+from systems import BENCH, COMMANDS, Launched, System, ensure_wrk, launch_app
 
 POST_LUA = BENCH / "apps" / "post.lua"
+CHAOS_LUA = BENCH / "apps" / "chaos.lua"
 MIB = 1024.0
 
 
@@ -247,6 +249,157 @@ def autoscale(system: System, ctx: Ctx) -> Result:
     return out
 
 
+# ---- chaos: failed requests while the app changes under load ------------------------------
+CHAOS_CONNS = 16
+CHAOS_LEAD_S = 1.0  # load before the event
+CHAOS_TAIL_S = 1.0  # load after the event
+# After the load stops, how long the last requests get to be answered; under the servers'
+# 5 s keep-alive timeout, whose closing of idle connections wrk would count as errors.
+CHAOS_DRAIN_S = 4.0
+CHAOS_TIMEOUT_S = 120.0  # for one deploy, or for a killed replica's replacement
+CHAOS_REPLICAS = 2
+
+
+def chaos_counts(w: dict[str, Any]) -> dict[str, int]:
+    """Failed requests from chaos.lua's summary: non-2xx answers, socket errors, answers
+    slower than wrk's timeout, and requests still unanswered after the drain (a request
+    lost to a socket error is counted once, as the error)."""
+    ok = sum(n for code, n in w["codes"].items() if 200 <= int(code) < 300)
+    lost = max(0, w["sent"] - w["answered"] - w["read"] - w["write"])
+    parts = {
+        "non_2xx": w["answered"] - ok,
+        "connect": w["connect"],
+        "read": w["read"],
+        "write": w["write"],
+        "timeout": w["timeout"],
+        "unanswered": lost,
+    }
+    return {"requests": w["sent"], "ok": ok, "failed": sum(parts.values()), **parts}
+
+
+def chaos_load(
+    ctx: Ctx, what: str, event: Callable[[], dict[str, Any]]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Run `event` under steady wrk load: CHAOS_LEAD_S of load, the event, CHAOS_TAIL_S
+    more; then wrk stops sending and waits up to CHAOS_DRAIN_S for the last answers.
+    Returns chaos.lua's summary and what `event` returned."""
+    stop_file = ctx.log_dir / f"r{ctx.round}-chaos-{what}.stop"
+    drained = ctx.log_dir / f"r{ctx.round}-chaos-{what}.drained"
+    ctx.log_dir.mkdir(parents=True, exist_ok=True)
+    for f in (stop_file, drained):
+        f.unlink(missing_ok=True)
+    argv = [
+        "wrk",
+        "-t1",
+        f"-c{CHAOS_CONNS}",
+        "-d600s",  # stopped by SIGINT below; this only bounds a run left behind
+        f"--timeout={ctx.wrk_timeout}",
+        "-s",
+        str(CHAOS_LUA),
+        f"http://127.0.0.1:{ctx.port}/",
+        "--",
+        str(stop_file),
+        str(drained),
+    ]
+    COMMANDS.append(" ".join(argv))
+    w = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    procs.POPEN_PIDS.add(w.pid)
+    try:
+        time.sleep(CHAOS_LEAD_S)
+        if w.poll() is not None:
+            raise RuntimeError(f"wrk exited early: {w.communicate()[1][-300:]}")
+        result = event()
+        time.sleep(CHAOS_TAIL_S)
+        stop_file.touch()
+        deadline = time.monotonic() + CHAOS_DRAIN_S
+        while not drained.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        w.send_signal(signal.SIGINT)
+        stdout, stderr = w.communicate(timeout=30)
+    finally:
+        if w.poll() is None:
+            w.kill()
+            w.wait()
+        procs.POPEN_PIDS.discard(w.pid)
+    for line in stdout.splitlines():
+        if line.startswith("BENCH_JSON "):
+            return json.loads(line[len("BENCH_JSON ") :]), result
+    raise RuntimeError(f"wrk gave no summary (rc {w.returncode}): {stdout[-300:]} {stderr[-300:]}")
+
+
+def replica_pids(proc: Launched, port: int) -> set[int]:
+    return {pid for pid, role in procs.roles(proc.pid, port).items() if role == "replica"}
+
+
+def kill_replica(proc: Launched, port: int) -> dict[str, Any]:
+    """kill -9 one replica process; return once a new replica process exists and the
+    driver sees CHAOS_REPLICAS RUNNING replicas and no other."""
+    before = replica_pids(proc, port)
+    victim = procs.read_proc(min(before)) if before else None
+    if victim is None:
+        raise RuntimeError("no replica process found in the system's process tree")
+    t0 = time.monotonic()
+    if not procs.kill_procs([victim]):
+        raise RuntimeError(f"could not kill replica process {victim.pid}")
+    while not replica_pids(proc, port) - before:
+        if time.monotonic() - t0 > CHAOS_TIMEOUT_S:
+            raise TimeoutError(f"no replacement replica process within {CHAOS_TIMEOUT_S:.0f} s")
+        time.sleep(0.05)
+    proc.send(f"settle {CHAOS_REPLICAS}")
+    proc.event(CHAOS_TIMEOUT_S)
+    return {"recovery_s": time.monotonic() - t0, "killed_pid": victim.pid}
+
+
+def chaos(system: System, ctx: Ctx) -> Result:
+    """Failed requests under 16 connections of load during three code rollouts, a
+    4 -> 1 scale-down, and a kill -9 of one replica (with the time to a RUNNING
+    replacement)."""
+    if not system.is_serve:
+        raise NotImplementedError("no deployments to change in a bare server")
+    why = ensure_wrk()
+    if why:
+        raise RuntimeError(why)
+    cfg = {"port": ctx.port, "replicas": CHAOS_REPLICAS, "timeout": CHAOS_TIMEOUT_S}
+    proc = launch_app(system, "chaos", cfg, ctx.log(system, "chaos"))
+    out: Result = {"notes": {}}
+
+    def command(line: str) -> Callable[[], dict[str, Any]]:
+        def run() -> dict[str, Any]:
+            proc.send(line)
+            return proc.event(CHAOS_TIMEOUT_S * 4)
+
+        return run
+
+    def record(what: str, w: dict[str, Any], seconds: float | None) -> None:
+        c = chaos_counts(w)
+        out[f"chaos_{what}_requests"] = c["requests"]
+        out[f"chaos_{what}_failed"] = c["failed"]
+        out[f"chaos_{what}_failed_pct"] = 100.0 * c["failed"] / max(1, c["requests"])
+        if seconds is not None:
+            out[f"chaos_{what}_s"] = seconds
+        out["notes"][f"{what}: counts"] = {k: v for k, v in c.items() if v or k == "failed"}
+        out["notes"][f"{what}: answers by status"] = w["codes"]
+
+    try:
+        proc.event(300)
+        proc.wait_http(ctx.port, 120.0)
+        wrk(ctx, CHAOS_CONNS, 1.0)  # warm-up, not measured
+        w, ev = chaos_load(ctx, "rollout", command("rollouts 3"))
+        record("rollout", w, ev["seconds"])
+        out["notes"]["rollout: seconds per rollout"] = [round(x, 2) for x in ev["steps"]]
+        command("scale 4")()
+        w, ev = chaos_load(ctx, "scaledown", command("scale 1"))
+        record("scaledown", w, ev["seconds"])
+        command(f"scale {CHAOS_REPLICAS}")()
+        w, ev = chaos_load(ctx, "kill", lambda: kill_replica(proc, ctx.port))
+        record("kill", w, None)
+        out["chaos_kill_recovery_s"] = ev["recovery_s"]
+        proc.snapshot()
+    finally:
+        proc.stop()
+    return out
+
+
 SCENARIOS: dict[str, Scenario] = {
     "http": http,
     "handle": handle,
@@ -254,6 +407,7 @@ SCENARIOS: dict[str, Scenario] = {
     "coldstart": coldstart,
     "memory": memory,
     "autoscale": autoscale,
+    "chaos": chaos,
 }
 # Which systems each scenario applies to.
 APPLIES = {
@@ -263,4 +417,5 @@ APPLIES = {
     "coldstart": {"flotilla", "ray", "bare"},
     "memory": {"flotilla", "ray", "bare"},
     "autoscale": {"flotilla", "ray"},
+    "chaos": {"flotilla", "ray"},
 }

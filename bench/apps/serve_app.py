@@ -12,6 +12,8 @@ Modes (each one process: the "driver" of the system under test):
   deploy     time `serve.run` of a 4-replica app on an already running cluster
   memory     deploy 0, 1, then 4 replicas, stopping after each for the parent to measure
   autoscale  time an autoscaling deployment going 1 -> 4 -> 1 replicas under 8 clients
+  chaos      deploy a 2-replica app, then run the parent's commands (rollouts, scaling,
+             waiting for a killed replica's replacement) while the parent sends load
 Output: one JSON object per line on stdout; logs go to stderr.
 """
 
@@ -63,6 +65,18 @@ class Sleeper:
     async def __call__(self, request: Any) -> dict[str, bool]:
         await request.body()
         await asyncio.sleep(0.1)
+        return {"ok": True}
+
+
+@serve.deployment(ray_actor_options=NO_CPU)
+class EchoVersioned:
+    """Echo with an init argument: binding another value is a code rollout."""
+
+    def __init__(self, version: int) -> None:
+        self.version = version
+
+    async def __call__(self, request: Any) -> dict[str, bool]:
+        await request.body()
         return {"ok": True}
 
 
@@ -234,12 +248,58 @@ def mode_autoscale(cfg: dict[str, Any]) -> None:
     stop()
 
 
+def _settle(app: str, dep: str, n: int, timeout: float) -> None:
+    """Wait until exactly `n` replicas exist and all are RUNNING (old ones gone)."""
+    deadline = time.monotonic() + timeout
+    while not (_running(app, dep) == n and _total(app, dep) == n):
+        if time.monotonic() > deadline:
+            states = serve.status().applications[app].deployments[dep].replica_states
+            raise TimeoutError(f"not {n} RUNNING replicas after {timeout:.0f} s: {states}")
+        time.sleep(0.05)
+
+
+def mode_chaos(cfg: dict[str, Any]) -> None:
+    """Commands from the parent, one a line; each answered by a "done" event:
+    `rollouts K` (K code rollouts in a row), `scale N`, `settle N` (wait for N RUNNING)."""
+    start(cfg)
+    app, dep, timeout = "chaos", "EchoVersioned", cfg["timeout"]
+    state = {"version": 0, "replicas": cfg["replicas"]}
+
+    def deploy() -> float:
+        t0 = time.monotonic()
+        d = EchoVersioned.options(num_replicas=state["replicas"])
+        serve.run(d.bind(state["version"]), name=app, route_prefix="/")
+        _settle(app, dep, state["replicas"], timeout)
+        return time.monotonic() - t0
+
+    deploy()
+    emit(event="ready")
+    while line := wait_for_parent():
+        cmd, _, arg = line.partition(" ")
+        t0 = time.monotonic()
+        steps: list[float] = []
+        if cmd == "rollouts":
+            for _ in range(int(arg)):
+                state["version"] += 1
+                steps.append(deploy())
+        elif cmd == "scale":
+            state["replicas"] = int(arg)
+            steps.append(deploy())
+        elif cmd == "settle":
+            _settle(app, dep, int(arg), timeout)
+        else:
+            raise ValueError(f"unknown command {line!r}")
+        emit(event="done", cmd=cmd, seconds=time.monotonic() - t0, steps=steps)
+    stop()
+
+
 MODES = {
     "serve": mode_serve,
     "handle": mode_handle,
     "deploy": mode_deploy,
     "memory": mode_memory,
     "autoscale": mode_autoscale,
+    "chaos": mode_chaos,
 }
 
 

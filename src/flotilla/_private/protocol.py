@@ -148,16 +148,23 @@ def dumps(obj: Any) -> bytes:
         return cloudpickle.dumps(obj, protocol=5)
 
 
+_pdumps = pickle.dumps
+_ploads = pickle.loads
+
+
 def encode(msg: tuple[Any, ...]) -> bytes:
     """The payload of a frame holding `msg`."""
-    return dumps((_CODES[type(msg)], *msg))
+    t = (_CODES[msg.__class__], *msg)
+    try:
+        return _pdumps(t, 5)
+    except Exception:
+        return cloudpickle.dumps(t, protocol=5)  # type: ignore[no-any-return]
 
 
 def decode(payload: bytes | bytearray | memoryview) -> Any:
     """The message in a frame's payload; raises if it cannot be unpickled or is not ours."""
-    t = pickle.loads(payload)
+    t = _ploads(payload)
     try:
-        cls = MESSAGES[t[0]]
+        return _new(MESSAGES[t[0]], t[1:])
     except (TypeError, IndexError, KeyError):
         raise UnknownMessageError(f"not a flotilla message: {type(t).__name__}") from None
-    return _new(cls, t[1:])
