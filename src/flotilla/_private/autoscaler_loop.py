@@ -17,7 +17,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from flotilla.serve.schema import AutoscalingStatus, DeploymentStatusTrigger, ReplicaState
+from flotilla.serve.schema import AutoscalingStatus, DeploymentStatusTrigger
 
 if TYPE_CHECKING:  # the policy module imports pydantic: loaded only when a deployment autoscales
     from flotilla._private.autoscaling import AutoscalingConfig, PolicyState
@@ -78,15 +78,15 @@ class Autoscaler:
         return sum(n for (_, k), n in self.router_load.items() if k == key)
 
     async def replica_load(self, dep: Deployment) -> int:
-        calls = [
-            asyncio.wait_for(r.peer.call("stats"), STATS_TIMEOUT_S)
-            for r in dep.replicas.values()
-            if r.peer is not None and r.state in (ReplicaState.RUNNING, ReplicaState.UPDATING) and not r.gone
-        ]
+        """Requests running or queued in the deployment's serving replicas (each replica's
+        `in_flight` is updated too: scale-down stops the least busy ones first)."""
+        serving = [r for r in dep.replicas.values() if r.peer is not None and r.state.routable]
+        calls = [asyncio.wait_for(r.peer.call("stats"), STATS_TIMEOUT_S) for r in serving if r.peer is not None]
         total = 0
-        for res in await asyncio.gather(*calls, return_exceptions=True):
+        for r, res in zip(serving, await asyncio.gather(*calls, return_exceptions=True), strict=True):
             if isinstance(res, dict):
-                total += res["ongoing"] + res["queued"]
+                r.in_flight = int(res["ongoing"]) + int(res["queued"])
+                total += r.in_flight
         return total
 
     async def tick(self, dep: Deployment, now: float) -> None:
@@ -97,7 +97,7 @@ class Autoscaler:
         horizon = now - st.eff.look_back_period_s - 1.0
         while st.samples and st.samples[0][0] < horizon:
             st.samples.pop(0)
-        running = sum(1 for r in dep.replicas.values() if r.state is ReplicaState.RUNNING and not r.stopping)
+        running = sum(1 for r in dep.replicas.values() if r.state.routable)
         from flotilla._private.autoscaling import decide
 
         d = decide(st.eff, st.samples, dep.target, running, now, st.policy)
@@ -136,7 +136,7 @@ class Autoscaler:
         st = dep.autoscale
         if st is None:
             return None
-        running = sum(1 for r in dep.replicas.values() if r.state is ReplicaState.RUNNING)
+        running = sum(1 for r in dep.replicas.values() if r.state.routable)
         return AutoscalingStatus(dep.target, running, st.last_decision, st.last_decision_time_s)
 
 

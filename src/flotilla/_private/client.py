@@ -14,11 +14,11 @@ import os
 import select
 import subprocess
 import sys
-import tempfile
 import threading
 from concurrent.futures import Future
 from typing import Any, ClassVar
 
+from flotilla._private import session
 from flotilla._private.router import Router
 from flotilla._private.transport import PeerClosedError, RpcPeer, connect_unix
 from flotilla.serve.schema import DeploymentID
@@ -84,8 +84,7 @@ class Runtime:
     @classmethod
     def start_local(cls, resources: dict[str, float], metrics_port: int = 0) -> Runtime:
         """Start a head process for this driver and connect to it."""
-        session_dir = tempfile.mkdtemp(prefix="flotilla-")
-        os.makedirs(os.path.join(session_dir, "logs"), exist_ok=True)
+        session_dir = session.create()
         cfg = {"session_dir": session_dir, "resources": resources, "metrics_port": metrics_port}
         log = open(os.path.join(session_dir, "logs", "head.log"), "ab")  # noqa: SIM115
         proc = subprocess.Popen(
@@ -97,6 +96,7 @@ class Runtime:
             close_fds=True,
         )
         log.close()
+        session.record_head(session_dir, proc.pid)
         assert proc.stdout is not None
         ready, _, _ = select.select([proc.stdout], [], [], HEAD_START_TIMEOUT_S)
         line = proc.stdout.readline() if ready else b""
@@ -228,6 +228,7 @@ class Runtime:
         finally:
             if proc.stdout:
                 proc.stdout.close()
+        session.finish(self.session_dir)  # the head has exited: keep its logs, drop the folder
 
         async def close() -> None:
             if self._reporter is not None:

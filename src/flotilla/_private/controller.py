@@ -1,14 +1,23 @@
 """The controller: desired state (apps, deployments, replica targets) reconciled against the
 replica processes that run. Lives in the head process, on its event loop.
 
+The decisions are pure (`reconcile.py`); this module observes, asks, and carries them out:
+allocating and forking replicas, draining and killing them, health checks, reconfigure, status.
+Each replica moves through the state machine of `lifecycle.py`.
+
 Guarantees:
 - Idempotent deploys: re-deploying an unchanged deployment changes nothing; a changed
-  `user_config` (or limits) is applied in place; changed code, init args or resources start
-  new replicas, and old ones are drained (`graceful_shutdown_*`) only once new ones run, or
-  one at a time when resources are too short to run both.
-- Routers learn replica sets by push (`subscribe`), never per request.
-- A replica that dies or fails its health check is replaced; one whose constructor keeps
-  failing ends in DEPLOY_FAILED with the user's traceback in the status message.
+  `user_config` (or `max_ongoing_requests`) is applied in place, one call at a time per
+  replica, latest config wins, bounded by RECONFIGURE_TIMEOUT_S; changed code, init args or
+  resources roll out new replicas while the old ones keep serving (see reconcile.py).
+- A failed new version leaves the old replicas serving; the status says DEPLOY_FAILED with the
+  constructor's traceback.
+- Stopping a serving replica: routers are told first (it leaves the published set), then the
+  replica is told `stop` at once; it rejects work it has not started (routers retry it
+  elsewhere), finishes what runs, exits; its process group is killed if it does not exit in time.
+- Routers learn replica sets by push (`subscribe`), never per request; RUNNING and UPDATING
+  replicas are published.
+- A replica that dies or fails its health check is replaced.
 """
 
 from __future__ import annotations
@@ -22,9 +31,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from flotilla._private.autoscaler_loop import Autoscaler, AutoscalerState, make_state
+from flotilla._private.lifecycle import RState, transition
 from flotilla._private.metrics import Store
-from flotilla._private.resources import Allocation, ResourcePool, fmt
-from flotilla._private.spawner import Spawner
+from flotilla._private.reconcile import (
+    MAX_CONSTRUCTOR_FAILURES,
+    Desired,
+    Observed,
+    PlaceReplica,
+    Plan,
+    StartReplica,
+    StopReplica,
+    reconcile,
+)
+from flotilla._private.resources import Allocation, ResourcePool, fmt, visible_devices
+from flotilla._private.supervisor import Process, Supervisor
 from flotilla._private.transport import RpcPeer
 from flotilla.serve.exceptions import ConfigError
 from flotilla.serve.schema import (
@@ -39,25 +59,54 @@ from flotilla.serve.schema import (
 
 logger = logging.getLogger("flotilla.controller")
 
-MAX_CONSTRUCTOR_FAILURES = 3
+__all__ = ["MAX_CONSTRUCTOR_FAILURES", "Controller"]
+
 _SERVING = (DeploymentStatus.HEALTHY, DeploymentStatus.UPSCALING, DeploymentStatus.DOWNSCALING)
-DRAIN_GRACE_S = 0.1  # lets in-flight frames from routers that just got the update arrive
+#: Longest a replica's reconfigure() (update_config) may take; then the replica is replaced.
+#: `FLOTILLA_RECONFIGURE_TIMEOUT_S` in the driver's environment overrides it.
+RECONFIGURE_TIMEOUT_S = float(os.environ.get("FLOTILLA_RECONFIGURE_TIMEOUT_S", "60"))
+#: How long past graceful_shutdown_timeout_s the replica's answer to `stop` may take.
+STOP_REPLY_GRACE_S = 5.0
+#: How long a replica may take to exit after answering `stop` (or after SIGKILL).
+EXIT_GRACE_S = 5.0
+#: Bound on the stats call that tells which replicas have the fewest requests in flight.
+LOAD_SAMPLE_TIMEOUT_S = 0.25
+_LIGHT = ("user_config", "max_ongoing_requests")
 
 
-@dataclass
+def light_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The part of a config a running replica applies in place (`update_config`)."""
+    return {k: config.get(k) for k in _LIGHT}
+
+
+@dataclass(eq=False)
 class Replica:
     id: str
     dep: Deployment
-    version: str
-    state: ReplicaState = ReplicaState.STARTING
+    spec: dict[str, Any]  # what it runs: its version's code and config
+    state: RState = RState.PENDING
     alloc: Allocation | None = None
-    pid: int | None = None
+    proc: Process | None = None
     peer: RpcPeer | None = None
     sock: str = ""
-    started_at: float = field(default_factory=time.monotonic)
-    gone: bool = False
-    stopping: bool = False
+    placed_at: float = 0.0
     models: tuple[str, ...] = ()
+    in_flight: int = 0  # running + queued in it, at the last stats sample
+    config_sent: dict[str, Any] | None = None  # the light config it was last given
+    config_want: dict[str, Any] | None = None  # the next one to give it
+    config_task: asyncio.Task[None] | None = None
+
+    @property
+    def version(self) -> str:
+        return str(self.spec["version"])
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    @property
+    def label(self) -> str:
+        return f"{self.dep.app}/{self.dep.name}"
 
 
 @dataclass
@@ -79,7 +128,7 @@ class Deployment:
 
     @property
     def version(self) -> str:
-        return self.spec["version"]
+        return str(self.spec["version"])
 
     @property
     def config(self) -> dict[str, Any]:
@@ -104,14 +153,13 @@ class App:
 
 
 class Controller:
-    def __init__(self, session_dir: str, head_sock: str, pool: ResourcePool, spawner: Spawner) -> None:
+    def __init__(self, session_dir: str, head_sock: str, pool: ResourcePool, supervisor: Supervisor) -> None:
         self.session_dir = session_dir
         self.head_sock = head_sock
         self.pool = pool
-        self.spawner = spawner
+        self.supervisor = supervisor
         self.apps: dict[str, App] = {}
         self.replicas: dict[str, Replica] = {}
-        self.by_pid: dict[int, Replica] = {}
         self.subs: dict[Any, set[RpcPeer]] = {}
         self.changed = asyncio.Condition()
         self._dirty = asyncio.Event()
@@ -140,10 +188,11 @@ class Controller:
         return app.deployments.get(key[2]) if app is not None else None
 
     # ---- helpers ----------------------------------------------------------------------
-    def _spawn_task(self, coro: Any) -> None:
+    def _spawn_task(self, coro: Any) -> asyncio.Task[Any]:
         t = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(t)
         t.add_done_callback(self._tasks.discard)
+        return t
 
     def kick(self) -> None:
         self._dirty.set()
@@ -157,9 +206,30 @@ class Controller:
                 pass
             self._dirty.clear()
             try:
+                await self._sample_load()
                 self.reconcile()
             except Exception:
                 logger.exception("reconcile failed")
+
+    async def _sample_load(self) -> None:
+        """Refresh `in_flight` of serving replicas that reconcile may pick to stop."""
+        picks: list[Replica] = []
+        for dep in self.all_deployments():
+            if dep.deleting or dep.failed_msg:
+                continue
+            serving = [r for r in dep.replicas.values() if r.state.routable]
+            current = [r for r in dep.replicas.values() if r.version == dep.version and r.state is not RState.DRAINING]
+            if len(current) > dep.target or any(r.version != dep.version for r in serving):
+                picks.extend(r for r in serving if r.peer is not None)
+        if not picks:
+            return
+        results = await asyncio.gather(
+            *(asyncio.wait_for(r.peer.call("stats"), LOAD_SAMPLE_TIMEOUT_S) for r in picks if r.peer is not None),
+            return_exceptions=True,
+        )
+        for r, res in zip(picks, results, strict=True):
+            if isinstance(res, dict):
+                r.in_flight = int(res["ongoing"]) + int(res["queued"])
 
     # ---- subscriptions ----------------------------------------------------------------
     def subscribe(self, peer: RpcPeer, key: Any) -> Any:
@@ -178,7 +248,7 @@ class Controller:
                 return {"exists": False}
             return {
                 "exists": True,
-                "replicas": [(r.id, r.sock, r.models) for r in dep.replicas.values() if r.state is ReplicaState.RUNNING and not r.stopping],
+                "replicas": [(r.id, r.sock, r.models) for r in dep.replicas.values() if r.state.routable],
                 "max_ongoing_requests": dep.config["max_ongoing_requests"],
                 "max_queued_requests": dep.config["max_queued_requests"],
             }
@@ -263,7 +333,6 @@ class Controller:
             self.publish(dep.key)
             return
         old_cfg = dep.config
-        same_code = dep.version == d["version"]
         dep.spec = d
         if cfg.get("autoscaling_config") != old_cfg.get("autoscaling_config"):
             if cfg.get("autoscaling_config") is None or old_cfg.get("autoscaling_config") is None:
@@ -275,29 +344,47 @@ class Controller:
         dep.failures = 0
         dep.status = DeploymentStatus.UPDATING
         dep.trigger = DeploymentStatusTrigger.CONFIG_UPDATE_STARTED
-        if same_code:
-            light = {k: cfg[k] for k in ("user_config", "max_ongoing_requests")}
-            if light != {k: old_cfg.get(k) for k in light}:
-                for r in dep.replicas.values():
-                    if r.state is ReplicaState.RUNNING and not r.stopping:
-                        self._spawn_task(self._update_replica(r, light))
+        # Replicas of this version take the new config; serving ones apply it in place.
+        for r in dep.replicas.values():
+            if r.version == dep.version and r.state is not RState.DRAINING:
+                r.spec = d
+                if r.state.routable:
+                    self._reconfigure(r)
         self.publish(dep.key)
 
-    async def _update_replica(self, r: Replica, light: dict[str, Any]) -> None:
-        if r.peer is None:
+    def _reconfigure(self, r: Replica) -> None:
+        want = light_config(r.spec["config"])
+        if want == r.config_sent and r.config_want is None:
             return
-        r.state = ReplicaState.UPDATING
-        try:
-            await r.peer.call("update_config", light)
-        except Exception as e:
-            logger.error("reconfigure of replica %s failed: %s", r.id, e)
-            r.dep.unhealthy_msg = f"reconfigure() failed on replica {r.id}: {e}"
-            self._stop_replica(r, graceful=False)
-            return
-        finally:
-            if r.state is ReplicaState.UPDATING:
-                r.state = ReplicaState.RUNNING
-        self.kick()
+        r.config_want = want  # latest wins: a call in progress is followed by this one only
+        if r.config_task is None or r.config_task.done():
+            r.config_task = self._spawn_task(self._config_loop(r))
+
+    async def _config_loop(self, r: Replica) -> None:
+        """Give `r` its latest config, one `update_config` call at a time."""
+        while r.config_want is not None and r.state.routable and r.peer is not None:
+            want, r.config_want = r.config_want, None
+            if want == r.config_sent:
+                continue
+            if r.state is RState.RUNNING:
+                transition(r, RState.UPDATING, "applying a new config in place")
+                self.publish(r.dep.key)
+            try:
+                await asyncio.wait_for(r.peer.call("update_config", want), RECONFIGURE_TIMEOUT_S)
+            except Exception as e:
+                if r.state is not RState.UPDATING:
+                    return  # stopped or gone meanwhile
+                why = (f"did not finish within {RECONFIGURE_TIMEOUT_S:g}s" if isinstance(e, TimeoutError)
+                       else f"failed: {e}")
+                logger.error("reconfigure of replica %s %s; replacing it", r.id, why)
+                r.dep.unhealthy_msg = f"reconfigure() on replica {r.id} {why}; replacing it."
+                self._stop_replica(r, False, f"reconfigure() {why}")
+                return
+            r.config_sent = want
+        if r.state is RState.UPDATING:
+            transition(r, RState.RUNNING, "config applied")
+            self.publish(r.dep.key)
+            self.kick()
 
     def delete_app(self, name: str) -> bool:
         app = self.apps.get(name)
@@ -316,7 +403,7 @@ class Controller:
         dep.target = 0
         self.publish(dep.key)
         for r in list(dep.replicas.values()):
-            self._stop_replica(r, graceful=True)
+            self._stop_replica(r, True, "deployment deleted")
 
     def _finish_delete(self, app: App) -> None:
         if self.apps.get(app.name) is app:
@@ -327,31 +414,38 @@ class Controller:
     # ---- replica lifecycle --------------------------------------------------------------
     def _new_replica(self, dep: Deployment) -> Replica:
         rid = secrets.token_hex(4)
-        r = Replica(rid, dep, dep.version)
+        r = Replica(rid, dep, dep.spec)
         r.sock = os.path.join(self.session_dir, f"r-{rid}.sock")
         dep.replicas[rid] = r
         self.replicas[rid] = r
         return r
 
-    def _try_start(self, r: Replica) -> bool:
-        dep = r.dep
-        alloc = self.pool.try_allocate(dep.spec["demand"])
+    def _place(self, r: Replica) -> bool:
+        """Allocate `r`'s resources and fork it (PENDING -> STARTING); False if they do not fit."""
+        alloc = self.pool.try_allocate(r.spec["demand"])
         if alloc is None:
             return False
         r.alloc = alloc
-        r.started_at = time.monotonic()
+        r.placed_at = time.monotonic()
+        transition(r, RState.STARTING, "resources allocated")
         self._spawn_task(self._spawn(r))
         return True
 
-    async def _spawn(self, r: Replica) -> None:
-        dep = r.dep
-        env = dict(dep.spec.get("env", {}))
-        ncpu = dep.config["ray_actor_options"].get("num_cpus", 1) or 0
+    def _log_path(self, r: Replica) -> str:
+        return os.path.join(self.session_dir, "logs", f"replica_{r.dep.app}_{r.dep.name}_{r.id}.log")
+
+    def replica_env(self, r: Replica) -> dict[str, str]:
+        env = dict(r.spec.get("env", {}))
+        ncpu = r.spec["config"]["ray_actor_options"].get("num_cpus", 1) or 0
         if "OMP_NUM_THREADS" not in env and "OMP_NUM_THREADS" not in os.environ:
             env["OMP_NUM_THREADS"] = str(max(1, int(ncpu)))
         if r.alloc is not None and r.alloc.gpu_shares:
-            env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in r.alloc.gpu_ids)
+            env["CUDA_VISIBLE_DEVICES"] = visible_devices(r.alloc.gpu_ids, os.environ.get("CUDA_VISIBLE_DEVICES"))
         env["FLOTILLA_REPLICA_ID"] = r.id
+        return env
+
+    async def _spawn(self, r: Replica) -> None:
+        dep = r.dep
         direct = self.proxy.direct if self.proxy is not None else None
         app = self.apps.get(dep.app)
         args = {
@@ -360,90 +454,138 @@ class Controller:
             "deployment": dep.name,
             "sock_path": r.sock,
             "head_sock": self.head_sock,
-            "sys_path": dep.spec.get("sys_path", []),
-            "cwd": dep.spec.get("cwd", ""),
-            "env": env,
+            "sys_path": r.spec.get("sys_path", []),
+            "cwd": r.spec.get("cwd", ""),
+            "env": self.replica_env(r),
         }
         if direct is not None and app is not None and app.ingress == dep.name and app.route_prefix is not None:
             args["direct"] = {**direct, "route_prefix": app.route_prefix}
-        log = os.path.join(self.session_dir, "logs", f"replica_{dep.app}_{dep.name}_{r.id}.log")
         try:
-            r.pid = await self.spawner.spawn("replica", log, args)
+            proc = await self.supervisor.start("replica", self._log_path(r), args, lambda p: self._on_exit(r, p))
         except Exception as e:
             logger.error("could not start replica %s: %s", r.id, e)
             self._replica_gone(r, f"could not start: {e}")
             return
-        self.by_pid[r.pid] = r
+        r.proc = proc
         self.metrics.inc("ray_serve_deployment_replica_starts", (dep.name, dep.app))
-        if r.pid in self.spawner.exited:
-            self._replica_gone(r, f"exited with code {self.spawner.exited[r.pid]} during start-up")
-        logger.info("replica %s of %s/%s starting (pid %d)", r.id, dep.app, dep.name, r.pid)
+        logger.info("replica %s of %s/%s forked (pid %d)", r.id, dep.app, dep.name, proc.pid)
+        if r.state is RState.DRAINING:  # stopped while it was being forked
+            self.supervisor.kill(proc)
 
     def register(self, peer: RpcPeer, rid: str, pid: int) -> dict[str, Any]:
         r = self.replicas.get(rid)
-        if r is None or r.gone or r.stopping:
+        if r is None or r.state is not RState.STARTING:
             raise RuntimeError(f"replica {rid} is not expected")
+        if r.proc is not None and r.proc.pid != pid:
+            logger.warning("replica %s registered with pid %d, but was forked as pid %d", rid, pid, r.proc.pid)
         r.peer = peer
-        r.pid = pid
-        self.by_pid[pid] = r
-        peer.on_close(lambda: self._replica_gone(r, "its process exited"))
-        s = r.dep.spec
+        peer.on_close(lambda: self._peer_closed(r))
+        s = r.spec
+        r.config_sent = light_config(s["config"])
         return {"config": s["config"], "def_bytes": s["def_bytes"], "args_bytes": s["args_bytes"]}
 
     def replica_models(self, rid: str, model_ids: list[str]) -> None:
         r = self.replicas.get(rid)
-        if r is not None and not r.gone:
+        if r is not None and r.state is not RState.GONE:
             r.models = tuple(model_ids)
             self.publish(r.dep.key)
 
     def replica_ready(self, rid: str) -> None:
         r = self.replicas.get(rid)
-        if r is None or r.gone:
+        if r is None or r.state is not RState.STARTING:
             return
-        if r.stopping:
-            return
-        r.state = ReplicaState.RUNNING
-        r.dep.failures = 0
-        logger.info("replica %s of %s/%s running (%.0f ms)", rid, r.dep.app, r.dep.name, (time.monotonic() - r.started_at) * 1000)
+        transition(r, RState.RUNNING, f"ready after {(time.monotonic() - r.placed_at) * 1000:.0f} ms")
+        if r.version == r.dep.version:
+            r.dep.failures = 0
         self._spawn_task(self._health_loop(r))
         self.publish(r.dep.key)
+        self._reconfigure(r)  # a config that changed while it started
         self.kick()
 
     def replica_failed(self, rid: str, tb: str) -> None:
         r = self.replicas.get(rid)
-        if r is None:
+        if r is None or r.state in (RState.DRAINING, RState.GONE):
             return
-        dep = r.dep
-        if r.version == dep.version:
-            dep.failures += 1
-            if dep.failures >= MAX_CONSTRUCTOR_FAILURES:
-                dep.failed_msg = (
-                    f"The deployment failed to start {dep.failures} times in a row. This may be "
-                    f"due to a problem with its constructor or initial health check failing. "
-                    f"See logs under {self.session_dir}/logs for details. Last error:\n{tb}"
-                )
-            else:
-                dep.unhealthy_msg = f"A replica's constructor failed (attempt {dep.failures}):\n{tb}"
-        logger.error("replica %s of %s/%s failed to start:\n%s", rid, dep.app, dep.name, tb)
-        self._stop_replica(r, graceful=False)
+        self._start_failed(r, tb)
+        self._stop_replica(r, False, "its constructor failed")
 
-    def on_process_exit(self, pid: int, code: int) -> None:
-        r = self.by_pid.pop(pid, None)
-        if r is not None and not r.gone:
-            self._replica_gone(r, f"its process exited with code {code}")
+    def _start_failed(self, r: Replica, tb: str) -> None:
+        """Count a failed start of `r`; the MAX_CONSTRUCTOR_FAILURES-th in a row fails the version."""
+        dep = r.dep
+        logger.error("replica %s of %s/%s failed to start:\n%s", r.id, dep.app, dep.name, tb)
+        if r.version != dep.version or dep.deleting:
+            return
+        dep.failures += 1
+        serving = any(x.state.routable and x.version == dep.version for x in dep.replicas.values())
+        if dep.failures >= MAX_CONSTRUCTOR_FAILURES and not serving:
+            dep.failed_msg = (
+                f"The deployment failed to start {dep.failures} times in a row. This may be "
+                f"due to a problem with its constructor or initial health check failing. "
+                f"See logs under {self.session_dir}/logs for details. Last error:\n{tb}"
+            )
+        else:
+            dep.unhealthy_msg = f"A replica's constructor failed (attempt {dep.failures}):\n{tb}"
+
+    def _peer_closed(self, r: Replica) -> None:
+        if r.state in (RState.STARTING, RState.RUNNING, RState.UPDATING):
+            self._died(r, "its control connection closed")
+
+    def _on_exit(self, r: Replica, proc: Process) -> None:
+        why = f"its process exited with code {proc.exit_code}"
+        if r.state in (RState.STARTING, RState.RUNNING, RState.UPDATING):
+            self._died(r, why, stop=False)
+        self._replica_gone(r, why)
+
+    def _died(self, r: Replica, why: str, stop: bool = True) -> None:
+        """`r` went away without being asked: record it, and make sure its process is gone."""
+        dep = r.dep
+        logger.warning("replica %s of %s/%s (pid %s) died: %s", r.id, dep.app, dep.name, r.pid, why)
+        if r.state is RState.STARTING:
+            self._start_failed(r, f"The replica process died before it was ready ({why}); see {self._log_path(r)}.")
+        elif r.state.routable and not dep.deleting:
+            dep.unhealthy_msg = f"Replica {r.id} died unexpectedly ({why}); replacing it."
+            self.metrics.inc("flotilla_deployment_replica_restarts", (dep.name, dep.app))
+        if stop:
+            self._stop_replica(r, False, why)
+
+    def _stop_replica(self, r: Replica, graceful: bool, why: str) -> None:
+        """Take `r` out of routing, then drain it (if it serves and `graceful`) or kill it."""
+        if r.state in (RState.DRAINING, RState.GONE):
+            return
+        if r.state is RState.PENDING:
+            self._replica_gone(r, why)
+            return
+        graceful = graceful and r.state.routable
+        transition(r, RState.DRAINING, why)
+        self.publish(r.dep.key)  # routers stop choosing it before it is told to stop
+        self._spawn_task(self._drain(r, graceful))
+
+    async def _drain(self, r: Replica, graceful: bool) -> None:
+        cfg = r.spec["config"]
+        timeout = cfg["graceful_shutdown_timeout_s"]
+        if graceful and r.peer is not None and not r.peer.closed:
+            try:
+                await asyncio.wait_for(
+                    r.peer.call("stop", cfg["graceful_shutdown_wait_loop_s"], timeout), timeout + STOP_REPLY_GRACE_S
+                )
+            except Exception as e:
+                if r.peer is not None and not r.peer.closed:
+                    logger.warning("replica %s did not answer stop (%r); killing it", r.id, e)
+        proc = r.proc
+        if proc is None:
+            return  # still being forked: _spawn kills it
+        if await self.supervisor.wait(proc, EXIT_GRACE_S if graceful else 0):
+            return
+        self.supervisor.kill(proc)
+        if not await self.supervisor.wait(proc, EXIT_GRACE_S):
+            logger.error("replica %s (pid %d) did not exit %gs after SIGKILL", r.id, proc.pid, EXIT_GRACE_S)
+            self._replica_gone(r, "did not exit after SIGKILL")
 
     def _replica_gone(self, r: Replica, why: str) -> None:
-        if r.gone:
+        if r.state is RState.GONE:
             return
-        r.gone = True
+        transition(r, RState.GONE, why)
         dep = r.dep
-        if not r.stopping:
-            logger.warning("replica %s of %s/%s died: %s", r.id, dep.app, dep.name, why)
-            if r.state is ReplicaState.RUNNING and not dep.deleting:
-                dep.unhealthy_msg = f"Replica {r.id} died unexpectedly ({why}); replacing it."
-                self.metrics.inc("flotilla_deployment_replica_restarts", (dep.name, dep.app))
-        if r.pid is not None:
-            self.spawner.kill(r.pid)
         if r.alloc is not None:
             self.pool.release(r.alloc)
             r.alloc = None
@@ -456,48 +598,18 @@ class Controller:
         self.publish(dep.key)
         self.kick()
 
-    def _stop_replica(self, r: Replica, graceful: bool) -> None:
-        if r.stopping or r.gone:
-            return
-        was_running = r.state is ReplicaState.RUNNING
-        r.stopping = True
-        r.state = ReplicaState.STOPPING
-        self.publish(r.dep.key)
-        if r.pid is None and r.alloc is None:
-            self._replica_gone(r, "stopped before it started")
-            return
-        self._spawn_task(self._stop(r, graceful and was_running))
-
-    async def _stop(self, r: Replica, graceful: bool) -> None:
-        cfg = r.dep.config
-        timeout = cfg["graceful_shutdown_timeout_s"]
-        if graceful and r.peer is not None:
-            await asyncio.sleep(DRAIN_GRACE_S)
-            try:
-                await asyncio.wait_for(
-                    r.peer.call("stop", cfg["graceful_shutdown_wait_loop_s"], timeout), timeout + 5
-                )
-            except Exception:
-                pass
-        if r.pid is not None:
-            deadline = time.monotonic() + 2
-            while self.spawner.alive(r.pid) and not r.gone and time.monotonic() < deadline:
-                await asyncio.sleep(0.02)
-            self.spawner.kill(r.pid)
-        self._replica_gone(r, "stopped")
-
     async def _health_loop(self, r: Replica) -> None:
-        cfg = r.dep.config
+        cfg = r.spec["config"]
         period = cfg["health_check_period_s"]
         timeout = cfg["health_check_timeout_s"]
-        while not r.gone and not r.stopping:
+        while r.state.routable:
             await asyncio.sleep(period)
-            if r.gone or r.stopping or r.peer is None:
+            if not r.state.routable or r.peer is None:
                 return
             try:
                 await asyncio.wait_for(r.peer.call("health"), timeout)
             except Exception as e:
-                if r.gone or r.stopping:
+                if not r.state.routable:
                     return
                 why = "timed out" if isinstance(e, TimeoutError) else f"raised {e!r}"
                 logger.warning("replica %s failed its health check (%s); replacing it", r.id, why)
@@ -506,7 +618,7 @@ class Controller:
                 labels = (r.dep.name, r.dep.app)
                 self.metrics.inc("flotilla_deployment_health_check_failures", labels)
                 self.metrics.inc("flotilla_deployment_replica_restarts", labels)
-                self._stop_replica(r, graceful=False)
+                self._stop_replica(r, False, f"health check {why}")
                 return
 
     # ---- reconciliation -----------------------------------------------------------------
@@ -526,72 +638,73 @@ class Controller:
         self._spawn_task(self.notify_changed())
 
     def _reconcile_deployment(self, dep: Deployment) -> None:
-        if dep.deleting:
-            return
-        live = [r for r in dep.replicas.values() if not r.stopping and not r.gone]
-        current = [r for r in live if r.version == dep.version]
-        old = [r for r in live if r.version != dep.version]
-        if not dep.failed_msg:
-            for _ in range(dep.target - len(current)):
-                current.append(self._new_replica(dep))
-        # Too many: stop pending ones first, then starting, then the newest running.
-        excess = len(current) - dep.target
-        if excess > 0:
-            order = sorted(current, key=lambda r: (r.alloc is not None, r.state is ReplicaState.RUNNING, -r.started_at))
-            for r in order[:excess]:
-                self._stop_replica(r, graceful=True)
-                current.remove(r)
-        pending = [r for r in current if r.alloc is None]
-        for r in pending:
-            if not self._try_start(r):
-                break
-        pending = [r for r in current if r.alloc is None]
-        running = [r for r in current if r.state in (ReplicaState.RUNNING, ReplicaState.UPDATING)]
-        if old:
-            if len(running) >= dep.target or dep.failed_msg:
-                for r in old:
-                    self._stop_replica(r, graceful=True)
-            elif pending and not any(r.stopping for r in dep.replicas.values()):
-                # Not enough room for old and new side by side: roll one at a time.
-                self._stop_replica(max(old, key=lambda r: r.started_at), graceful=True)
-        self._deployment_status(dep, running, pending, old)
+        observed = [Observed(r.id, r.version, r.state, r.in_flight, r.placed_at) for r in dep.replicas.values()]
+        want = Desired(
+            version=dep.version,
+            target=dep.target,
+            failed=bool(dep.failed_msg),
+            deleting=dep.deleting,
+            max_replicas_per_node=dep.config.get("max_replicas_per_node"),
+            fits_ever=self.pool.fits_ever(dep.spec["demand"]),
+            unhealthy=bool(dep.unhealthy_msg),
+            scaling=dep.scaling,
+        )
+        plan = reconcile(want, observed, self.pool.count_fits(dep.spec["demand"], max(0, dep.target)))
+        for a in plan.actions:
+            if isinstance(a, StartReplica):
+                r = self._new_replica(dep)
+                if a.place:
+                    self._place(r)
+                continue
+            found = dep.replicas.get(a.id)
+            if found is None:
+                continue
+            if isinstance(a, PlaceReplica):
+                if found.state is RState.PENDING:
+                    self._place(found)
+            elif isinstance(a, StopReplica):
+                self._stop_replica(found, a.graceful, a.reason)
+        if not dep.deleting:
+            self._deployment_status(dep, plan)
 
-    def _deployment_status(self, dep: Deployment, running: list[Replica], pending: list[Replica], old: list[Replica]) -> None:
+    def _deployment_status(self, dep: Deployment, plan: Plan) -> None:
         messages = []
-        if pending:
+        if plan.waiting_for_resources:
             demand = dep.spec["demand"]
             why = self.pool.shortfall(demand) or "waiting for resources"
             ever = "" if self.pool.fits_ever(demand) else " It can never fit on this cluster: lower the request or add resources with flotilla.init(...)."
             messages.append(
-                f"Deployment '{dep.name}' in application '{dep.app}' has {len(pending)} replica(s) "
+                f"Deployment '{dep.name}' in application '{dep.app}' has {plan.waiting_for_resources} replica(s) "
                 f"that cannot be scheduled yet: each requires {fmt(demand)}; {why} "
                 f"(total {fmt(self.pool.totals())}).{ever}"
             )
-        if dep.failed_msg:
-            dep.status = DeploymentStatus.DEPLOY_FAILED
+        if plan.waiting_for_node:
+            messages.append(
+                f"Deployment '{dep.name}' in application '{dep.app}' has {plan.waiting_for_node} replica(s) "
+                f"that cannot be placed: max_replicas_per_node={dep.config.get('max_replicas_per_node')}, "
+                f"and this machine counts as one node."
+            )
+        status = plan.status
+        if status is DeploymentStatus.DEPLOY_FAILED:
             dep.trigger = DeploymentStatusTrigger.REPLICA_STARTUP_FAILED
             messages.insert(0, dep.failed_msg)
-        elif len(running) >= dep.target and not old and all(r.state is ReplicaState.RUNNING for r in running):
+        elif status is DeploymentStatus.HEALTHY:
             if dep.status is not DeploymentStatus.HEALTHY:
                 if dep.scaling:
                     dep.trigger = (DeploymentStatusTrigger.UPSCALE_COMPLETED if dep.scaling > 0
                                    else DeploymentStatusTrigger.DOWNSCALE_COMPLETED)
                 else:
                     dep.trigger = DeploymentStatusTrigger.CONFIG_UPDATE_COMPLETED
+            running = any(r.state.routable for r in dep.replicas.values())
             if dep.autoscale is not None and dep.autoscale.zero_since is not None and running:
                 logger.info("%s/%s: cold start from zero took %.2fs", dep.app, dep.name,
                             time.monotonic() - dep.autoscale.zero_since)
                 dep.autoscale.zero_since = None
-            dep.status = DeploymentStatus.HEALTHY
             dep.scaling = 0
             dep.unhealthy_msg = ""
-        elif dep.unhealthy_msg:
-            dep.status = DeploymentStatus.UNHEALTHY
+        elif status is DeploymentStatus.UNHEALTHY:
             messages.insert(0, dep.unhealthy_msg)
-        elif dep.scaling and not old:
-            dep.status = DeploymentStatus.UPSCALING if dep.scaling > 0 else DeploymentStatus.DOWNSCALING
-        else:
-            dep.status = DeploymentStatus.UPDATING
+        dep.status = status
         dep.message = "\n".join(messages)
 
     def _app_status(self, app: App) -> None:
@@ -626,7 +739,7 @@ class Controller:
             for d in app.deployments.values():
                 counts: dict[ReplicaState, int] = {}
                 for r in d.replicas.values():
-                    counts[r.state] = counts.get(r.state, 0) + 1
+                    counts[r.state.public] = counts.get(r.state.public, 0) + 1
                 deps[d.name] = DeploymentStatusOverview(
                     status=d.status,
                     status_trigger=d.trigger,
@@ -655,8 +768,9 @@ class Controller:
         for d in self.all_deployments():
             counts: dict[str, int] = {}
             for r in d.replicas.values():
-                counts[r.state.value] = counts.get(r.state.value, 0) + 1
-                if r.state is ReplicaState.RUNNING:
+                state = r.state.public.value
+                counts[state] = counts.get(state, 0) + 1
+                if r.state is RState.RUNNING:
                     m.set("ray_serve_deployment_replica_healthy", (d.name, r.id, d.app), 1.0)
             for state, n in counts.items():
                 m.set("flotilla_deployment_replicas", (d.name, d.app, state), float(n))
@@ -695,18 +809,29 @@ class Controller:
                     pass
             return True
 
-    async def shutdown(self) -> None:
+    async def shutdown(self, timeout: float = 30.0) -> None:
+        """Delete every app through the drain path; what is left after `timeout` is killed."""
         for name in list(self.apps):
             self.delete_app(name)
-        await self.wait_all_deleted(30)
-
-    async def wait_all_deleted(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        while self.apps and time.monotonic() < deadline:
-            self.reconcile()
-            await asyncio.sleep(0.02)
+        self.kick()
+        async with self.changed:
+            while self.apps:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                try:
+                    await asyncio.wait_for(self.changed.wait(), min(left, 0.5))
+                except TimeoutError:
+                    pass
+        await self.kill_all()
+
+    async def kill_all(self) -> None:
+        """Kill every replica process now (their process groups), and forget all apps."""
+        procs = [r.proc for r in self.replicas.values() if r.proc is not None]
+        for p in procs:
+            self.supervisor.kill(p)
+        await asyncio.gather(*(self.supervisor.wait(p, EXIT_GRACE_S) for p in procs))
         for r in list(self.replicas.values()):
-            if r.pid is not None:
-                self.spawner.kill(r.pid)
-            self._replica_gone(r, "shutdown")
+            self._replica_gone(r, "cluster shutdown")
         self.apps.clear()

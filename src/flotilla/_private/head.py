@@ -1,8 +1,10 @@
 """The head process: controller, proxy manager and the control socket.
 
-Started by `flotilla.init()` as `python -m flotilla._private.head CONFIG_JSON`. It prints
-one JSON line ({"sock": ..., "resources": ...}) when ready, and shuts everything down
-when its stdin closes (the driver exited) or on the `shutdown` call.
+Started by `flotilla.init()` as `python -m flotilla._private.headboot CONFIG_JSON`. It prints
+one JSON line ({"sock": ..., "resources": ...}) when ready. It shuts everything down on the
+`shutdown` call or SIGTERM (draining replicas, as `serve.shutdown` does), or at once when its
+stdin closes (the driver exited); after a clean exit the session folder is removed and its
+logs kept (`session.py`).
 """
 
 from __future__ import annotations
@@ -13,16 +15,19 @@ import logging
 import os
 import signal
 import sys
-import time
 from typing import Any
 
-from flotilla._private.spawner import Spawner
+from flotilla._private import session
+from flotilla._private.supervisor import Process, ZygoteSupervisor
 from flotilla._private.transport import RpcPeer, serve_unix
 from flotilla.serve.schema import ProxyStatus
 
 logger = logging.getLogger("flotilla.head")
 
 PROXY_START_TIMEOUT_S = 30.0
+PROXY_STOP_TIMEOUT_S = 3.0
+#: How long a graceful shutdown (SIGTERM, `shutdown`) may drain replicas before killing them.
+SHUTDOWN_DRAIN_TIMEOUT_S = 30.0
 
 
 class ProxyManager:
@@ -32,7 +37,7 @@ class ProxyManager:
         self.head = head
         self.status: ProxyStatus | None = None
         self.options: dict[str, Any] | None = None
-        self.pid: int | None = None
+        self.proc: Process | None = None
         self.peer: RpcPeer | None = None
         self.url = ""
         self._ready: asyncio.Future[str] | None = None
@@ -82,7 +87,7 @@ class ProxyManager:
         self.status = ProxyStatus.STARTING
         log = os.path.join(self.head.session_dir, "logs", "proxy.log")
         args = dict(self.options, head_sock=self.head.sock, session_dir=self.head.session_dir)
-        self.pid = await self.head.spawner.spawn("proxy", log, args)
+        self.proc = await self.head.supervisor.start("proxy", log, args, self.on_exit)
         try:
             return await asyncio.wait_for(asyncio.shield(self._ready), PROXY_START_TIMEOUT_S)
         except TimeoutError:
@@ -93,7 +98,7 @@ class ProxyManager:
         self.peer = peer
         self.url = url
         self.status = ProxyStatus.HEALTHY
-        logger.info("HTTP proxy ready at %s (pid %s)", url, self.pid)
+        logger.info("HTTP proxy ready at %s (pid %s)", url, self.proc.pid if self.proc else None)
         peer.on_close(self._gone)
         if self._ready is not None and not self._ready.done():
             self._ready.set_result(url)
@@ -104,8 +109,8 @@ class ProxyManager:
         if self._ready is not None and not self._ready.done():
             self._ready.set_exception(RuntimeError(message))
 
-    def on_exit(self, pid: int, code: int) -> None:
-        if pid == self.pid:
+    def on_exit(self, proc: Process) -> None:
+        if proc is self.proc:
             self._gone()
 
     def _gone(self) -> None:
@@ -113,7 +118,7 @@ class ProxyManager:
             if self._ready is not None and not self._ready.done():
                 self._ready.set_exception(RuntimeError("the HTTP proxy exited during start-up; see logs/proxy.log"))
             return
-        logger.warning("HTTP proxy (pid %s) died; restarting it", self.pid)
+        logger.warning("HTTP proxy (%r) died; restarting it", self.proc)
         self.status = ProxyStatus.STARTING
         self.peer = None
         self._relaunch_task = asyncio.get_running_loop().create_task(self._relaunch())
@@ -126,13 +131,9 @@ class ProxyManager:
 
     async def stop(self) -> None:
         self.stopping = True
-        pid, self.pid = self.pid, None
-        if pid is not None:
-            Spawner.kill(pid, signal.SIGTERM)
-            deadline = time.monotonic() + 3
-            while Spawner.alive(pid) and time.monotonic() < deadline:
-                await asyncio.sleep(0.02)
-            Spawner.kill(pid)
+        proc, self.proc = self.proc, None
+        if proc is not None:
+            await self.head.supervisor.stop(proc, PROXY_STOP_TIMEOUT_S)
         if self.shared is not None:
             self.shared.close()
             self.shared = None
@@ -149,26 +150,22 @@ class Head:
         self.session_dir: str = cfg["session_dir"]
         self.sock = os.path.join(self.session_dir, "head.sock")
         self.resources: dict[str, float] = cfg["resources"]
-        self.spawner = Spawner(self._on_exit)
+        self.supervisor = ZygoteSupervisor()
         self.proxy = ProxyManager(self)
         self.controller: Any = None
         self.done = asyncio.Event()
         self._load_peers: set[int] = set()
-
-    def _on_exit(self, pid: int, code: int) -> None:
-        if self.controller is not None:
-            self.controller.on_process_exit(pid, code)
-        self.proxy.on_exit(pid, code)
+        self._shutdown_task: asyncio.Task[None] | None = None
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         # Start the zygote first: it preloads the framework while this process imports the
         # controller (pydantic and friends).
-        await self.spawner.start(self._zygote)
+        await self.supervisor.adopt(self._zygote)
         from flotilla._private.controller import Controller
         from flotilla._private.resources import ResourcePool
 
-        self.controller = Controller(self.session_dir, self.sock, ResourcePool(self.resources), self.spawner)
+        self.controller = Controller(self.session_dir, self.sock, ResourcePool(self.resources), self.supervisor)
         self.controller.proxy = self.proxy
         server = await serve_unix(self.sock, lambda: RpcPeer(self.handle, name="client"))
         os.chmod(self.sock, 0o600)
@@ -183,28 +180,28 @@ class Head:
             logger.warning("metrics endpoint: port %s unavailable (%s); using a free port", self.cfg.get("metrics_port"), e)
             metrics_server, self.metrics_port = await serve_metrics("127.0.0.1", 0, self.gather_metrics)
         loop.add_reader(0, self._stdin_readable)
+        loop.add_signal_handler(signal.SIGTERM, self._on_sigterm)
         sys.stdout.write(json.dumps({"sock": self.sock, "resources": self.resources, "metrics_port": self.metrics_port}) + "\n")
         sys.stdout.flush()
         await self.done.wait()
         controller_task.cancel()
         loop.remove_reader(0)
-        await self.controller.wait_all_deleted(0)
+        loop.remove_signal_handler(signal.SIGTERM)
+        await self.controller.kill_all()
         await self.proxy.stop()
-        await self.spawner.stop()
+        await self.supervisor.close()
         server.close()
         metrics_server.close()
 
     async def gather_metrics(self) -> bytes:
         """Prometheus text for every process: head, proxy and each running replica."""
         from flotilla._private.metrics import render
-        from flotilla.serve.schema import ReplicaState
-
         c = self.controller
         calls = []
         if self.proxy.peer is not None and not self.proxy.peer.closed:
             calls.append(self.proxy.peer.call("metrics"))
         for r in list(c.replicas.values()):
-            if r.peer is not None and not r.gone and r.state in (ReplicaState.RUNNING, ReplicaState.UPDATING):
+            if r.peer is not None and r.state.routable:
                 calls.append(r.peer.call("metrics"))
         results = await asyncio.gather(*(asyncio.wait_for(x, 5) for x in calls), return_exceptions=True)
         snaps = [c.metrics_snapshot()] + [x for x in results if isinstance(x, dict)]
@@ -217,12 +214,20 @@ class Head:
             data = b""
         if not data:
             logger.info("driver is gone; shutting down")
-            self._shutdown_task = asyncio.get_running_loop().create_task(self._shutdown(graceful=False))
+            self._start_shutdown(graceful=False)
+
+    def _on_sigterm(self) -> None:
+        logger.info("SIGTERM: draining every replica, then exiting")
+        self._start_shutdown(graceful=True)
+
+    def _start_shutdown(self, graceful: bool) -> None:
+        if self._shutdown_task is None or (not graceful and not self.done.is_set()):
+            self._shutdown_task = asyncio.get_running_loop().create_task(self._shutdown(graceful))
 
     async def _shutdown(self, graceful: bool = True) -> None:
         if graceful:
             await self.proxy.stop()
-            await self.controller.shutdown()
+            await self.controller.shutdown(SHUTDOWN_DRAIN_TIMEOUT_S)
         self.done.set()
 
     async def handle(self, peer: RpcPeer, op: str, args: tuple[Any, ...]) -> Any:
@@ -232,7 +237,12 @@ class Head:
         if op == "router_load":
             if id(peer) not in self._load_peers:
                 self._load_peers.add(id(peer))
-                peer.on_close(lambda: (c.autoscaler.forget_peer(id(peer)), self._load_peers.discard(id(peer))))
+
+                def forget() -> None:
+                    c.autoscaler.forget_peer(id(peer))
+                    self._load_peers.discard(id(peer))
+
+                peer.on_close(forget)
             return c.autoscaler.report_router_load(id(peer), args[0])
         if op == "replica_register":
             return c.register(peer, *args)
@@ -272,12 +282,13 @@ class Head:
             await c.shutdown()
             return None
         if op == "shutdown":
-            self._shutdown_task = asyncio.get_running_loop().create_task(self._shutdown())
+            self._start_shutdown(graceful=True)
             return None
         raise ValueError(f"unknown op {op!r}")
 
 
-def main(zygote: Any) -> None:
+def main(zygote: Any = None) -> None:
+    """Run the head until shutdown; `zygote`: the fork server `headboot` started (or None)."""
     cfg = json.loads(sys.argv[1])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -287,6 +298,8 @@ def main(zygote: Any) -> None:
         uvloop.run(Head(cfg, zygote).run())
     except ImportError:  # pragma: no cover
         asyncio.run(Head(cfg, zygote).run())
+    logger.info("head exiting; session folder %s removed, logs kept under %s", cfg["session_dir"], session.logs_root())
+    session.finish(cfg["session_dir"])
 
 
 if __name__ == "__main__":

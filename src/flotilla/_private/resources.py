@@ -61,6 +61,23 @@ class ResourcePool:
         """Could this demand fit on an empty node?"""
         return self._check(demand, self.total, {i: _UNIT for i in self.gpu_free}) is None
 
+    def count_fits(self, demand: dict[str, float], limit: int) -> int:
+        """How many replicas of `demand` (up to `limit`) the free resources hold now."""
+        free, gpus = dict(self.free), dict(self.gpu_free)
+        need = {k: _u(v) for k, v in demand.items()}
+        n = 0
+        while n < limit and self._check(demand, free, gpus) is None:
+            shares = self._pick_gpus(need.get("GPU", 0), gpus)
+            assert shares is not None
+            for k, v in need.items():
+                free[k] -= v
+            for i, s in shares.items():
+                gpus[i] -= s
+            n += 1
+            if not need:
+                return limit
+        return n
+
     def try_allocate(self, demand: dict[str, float]) -> Allocation | None:
         if self._check(demand, self.free, self.gpu_free) is not None:
             return None
@@ -112,3 +129,16 @@ class ResourcePool:
             return None
         _, i = min(fits)
         return {i: need}
+
+
+def visible_devices(gpu_ids: list[int], parent: str | None) -> str:
+    """`CUDA_VISIBLE_DEVICES` for a replica holding GPU indices `gpu_ids` of this node.
+
+    The node's GPU i is the i-th device the head may see: with `CUDA_VISIBLE_DEVICES=2,3`
+    inherited from the driver, index 0 is device 2. Unset: every device, so i is i. Empty: no
+    device is visible, and none is given.
+    """
+    if parent is None:
+        return ",".join(str(i) for i in gpu_ids)
+    devices = [d.strip() for d in parent.split(",") if d.strip()]
+    return ",".join(devices[i] for i in gpu_ids if i < len(devices))

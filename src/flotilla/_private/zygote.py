@@ -4,15 +4,19 @@ The head starts it once; it forks replica and proxy processes on request, so a n
 replica skips interpreter start-up and imports (tens of ms instead of ~0.5 s).
 
 Protocol on stdin/stdout, one JSON object per line:
-  head -> zygote  {"kind": "replica" | "proxy", "log": path, "args": {...}}
-  zygote -> head  {"pid": N}                      (answer to each request, in order)
-  zygote -> head  {"exit": N, "code": C}          (a child exited)
+  head -> zygote  {"kind": "replica" | "proxy" | "module:function", "log": path, "args": {...}}
+  zygote -> head  {"pid": N, "start": T}          (answer to each request, in order; T is the
+                                                   child's start time from /proc, for PID reuse)
+  zygote -> head  {"exit": N, "code": C}          (a child exited; always after its "pid" line)
+Each child leads its own process group (setsid); when a child exits, the zygote kills what is
+left of its group before reaping it, so subprocesses of a replica never outlive it.
 Children die with the zygote (PR_SET_PDEATHSIG), and the zygote dies with the head.
 """
 
 from __future__ import annotations
 
 import ctypes
+import importlib
 import json
 import os
 import signal
@@ -43,16 +47,37 @@ def _write(obj: dict) -> None:
 def _reap(signum: int, frame: object) -> None:
     while True:
         try:
-            pid, status = os.waitpid(-1, os.WNOHANG)
+            info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
         except ChildProcessError:
             return
-        if pid == 0:
+        if info is None or info.si_pid == 0:
             return
+        pid = info.si_pid
+        # Unreaped, the child's pid (its group id) cannot be reused: kill what is left of its
+        # group (the user's subprocesses), then reap it.
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except OSError:
+            pass
+        _, status = os.waitpid(pid, 0)
         _write({"exit": pid, "code": os.waitstatus_to_exitcode(status)})
 
 
+def _start_ticks(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return int(f.read().rsplit(b")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+_KINDS = {"replica": "flotilla._private.replica:main", "proxy": "flotilla._private.proxy:main"}
+
+
 def _child(req: dict) -> None:
+    os.setsid()
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     die_with_parent()
@@ -65,14 +90,8 @@ def _child(req: dict) -> None:
     os.close(null)
     code = 0
     try:
-        if req["kind"] == "replica":
-            from flotilla._private import replica
-
-            replica.main(req["args"])
-        else:
-            from flotilla._private import proxy
-
-            proxy.main(req["args"])
+        module, _, func = _KINDS.get(req["kind"], req["kind"]).partition(":")
+        getattr(importlib.import_module(module), func)(req["args"])
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else 1
     except BaseException:
@@ -113,10 +132,15 @@ def main() -> None:
         if not line:
             break
         req = json.loads(line)
-        pid = os.fork()
-        if pid == 0:
-            _child(req)
-        _write({"pid": pid})
+        # SIGCHLD waits until the "pid" line is out: an exit is never reported before its pid.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
+        try:
+            pid = os.fork()
+            if pid == 0:
+                _child(req)
+            _write({"pid": pid, "start": _start_ticks(pid)})
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
     for sig in (signal.SIGTERM,):
         signal.signal(sig, signal.SIG_DFL)
 

@@ -106,7 +106,7 @@ class DeploymentConfig(BaseModel):
     graceful_shutdown_timeout_s: float = Field(20.0, ge=0)
     health_check_period_s: float = Field(10.0, gt=0)
     health_check_timeout_s: float = Field(30.0, gt=0)
-    ray_actor_options: RayActorOptions = Field(default_factory=RayActorOptions)
+    ray_actor_options: RayActorOptions = Field(default_factory=lambda: RayActorOptions.model_validate({}))
     max_batch_size: int | None = Field(None, ge=1, description="Deployment-level batching (seed form).")
     batch_wait_timeout_s: float = Field(0.0, ge=0)
     logging_config: dict[str, Any] | None = None

@@ -1,0 +1,188 @@
+"""Reconcile, as a pure function: what one deployment wants, what runs, what fits -> actions.
+
+No I/O and no clock: the controller observes, calls `reconcile`, and turns the actions into
+effects (allocate and fork, drain, kill). The rules:
+
+- Scale: the current version gets `target` replicas. Extras are stopped replicas not yet
+  placed first, then starting ones, then among the serving ones those with the fewest requests
+  in flight (the newest on a tie).
+- Place: pending replicas get resources in order, as many as fit now, and never more placed
+  replicas (of every version, draining ones included) than `max_replicas_per_node` (this
+  machine is one node).
+- Roll out: new-version replicas start before old ones stop, and old serving replicas are
+  stopped only while the serving count stays at or above the target (surge bounded by free
+  resources). When a new replica cannot be placed and nothing is starting or draining, one
+  old replica is stopped to make room (replace one at a time), unless the new replica could
+  never fit on the node.
+- Failed version (its constructor failed MAX_CONSTRUCTOR_FAILURES times in a row with none of
+  its replicas serving): no new replica of it is made, and the old version's replicas keep
+  serving, untouched. Status DEPLOY_FAILED until the next deploy.
+- A reconfiguring (UPDATING) replica serves and counts as running capacity.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from flotilla._private.lifecycle import RState
+from flotilla.serve.schema import DeploymentStatus
+
+MAX_CONSTRUCTOR_FAILURES = 3
+
+
+@dataclass(frozen=True)
+class Observed:
+    """One replica as the controller sees it."""
+
+    id: str
+    version: str
+    state: RState
+    in_flight: int = 0  # requests running or queued in it, at the last stats sample
+    placed_at: float = 0.0  # monotonic time it got resources (0 while pending)
+
+
+@dataclass(frozen=True)
+class Desired:
+    """What the deployment should be."""
+
+    version: str
+    target: int
+    failed: bool = False  # the current version failed to start (see module doc)
+    deleting: bool = False
+    max_replicas_per_node: int | None = None
+    fits_ever: bool = True  # one replica fits on the empty node (else making room is futile)
+    unhealthy: bool = False  # a replica died or failed a check since the last healthy state
+    scaling: int = 0  # +1 / -1 while an autoscaling decision is carried out
+
+
+@dataclass(frozen=True)
+class StartReplica:
+    """Make a new replica of the current version; `place`: give it resources and fork it now."""
+
+    place: bool
+
+
+@dataclass(frozen=True)
+class PlaceReplica:
+    """Give a pending replica its resources and fork it."""
+
+    id: str
+
+
+@dataclass(frozen=True)
+class StopReplica:
+    """Take a replica out of routing and stop it: drained if it serves, else killed."""
+
+    id: str
+    graceful: bool
+    reason: str
+
+
+Action = StartReplica | PlaceReplica | StopReplica
+
+
+@dataclass(frozen=True)
+class Plan:
+    actions: tuple[Action, ...]
+    status: DeploymentStatus
+    waiting_for_resources: int = 0  # current-version replicas left pending: resources short
+    waiting_for_node: int = 0  # left pending: max_replicas_per_node reached
+    rolling: bool = False  # old-version replicas are still live
+
+
+def _stop_order(r: Observed) -> tuple[int, int, float]:
+    """Sort key: the replica to stop first sorts first."""
+    rank = {RState.PENDING: 0, RState.STARTING: 1}.get(r.state, 2)
+    return (rank, r.in_flight if rank == 2 else 0, -r.placed_at)
+
+
+def reconcile(want: Desired, observed: Sequence[Observed], fits: int) -> Plan:
+    """The actions that move one deployment towards `want`.
+
+    `observed`: its replicas (any state but GONE); `fits`: how many more replicas of its
+    resource demand the free resources hold right now.
+    """
+    live = [r for r in observed if r.state not in (RState.DRAINING, RState.GONE)]
+    if want.deleting:
+        stops = tuple(StopReplica(r.id, r.state.routable, "deployment deleted") for r in live)
+        return Plan(stops, DeploymentStatus.UPDATING)
+    actions: list[Action] = []
+    stopped: set[str] = set()
+
+    def stop(r: Observed, reason: str) -> None:
+        actions.append(StopReplica(r.id, r.state.routable, reason))
+        stopped.add(r.id)
+
+    cur = [r for r in live if r.version == want.version]
+    old = [r for r in live if r.version != want.version]
+
+    # Scale the current version to its target (a failed version gets no new replica).
+    new = 0
+    if want.failed:
+        for r in cur:
+            if r.state is RState.PENDING:
+                stop(r, "its version failed to start")
+    else:
+        for r in sorted(cur, key=_stop_order)[: max(0, len(cur) - want.target)]:
+            stop(r, f"scaling down to {want.target}")
+        new = max(0, want.target - len(cur))
+    cur = [r for r in cur if r.id not in stopped]
+
+    # Place pending replicas where resources and the per-node cap allow.
+    pending = [r for r in cur if r.state is RState.PENDING]
+    waiting = len(pending) + new
+    node_room = waiting
+    if want.max_replicas_per_node is not None:
+        placed = sum(1 for r in observed if r.state.placed)
+        node_room = max(0, want.max_replicas_per_node - placed)
+    room = min(fits, node_room, waiting)
+    actions.extend(PlaceReplica(r.id) for r in pending[:room])
+    actions.extend(StartReplica(place=i < room - len(pending)) for i in range(new))
+    unplaced = waiting - room
+    for_node = unplaced if unplaced and node_room <= fits else 0
+
+    # Old versions: pending ones never start; the rest go once the new ones can carry the load.
+    if old and not want.failed:
+        for r in old:
+            if not r.state.routable:
+                stop(r, "replaced by a new version")
+        serving_old = sorted((r for r in old if r.state.routable), key=_stop_order)
+        serving_new = sum(1 for r in cur if r.state.routable)
+        surplus = serving_new + len(serving_old) - want.target
+        for r in serving_old[: max(0, surplus)]:
+            stop(r, "replaced by a new version")
+        serving_old = serving_old[max(0, surplus):]
+        # Something on its way in or out changes what fits: wait for it before the next swap.
+        busy = any(
+            r.state is RState.DRAINING
+            or (r.state is RState.STARTING and r.version == want.version)
+            or (r.id in stopped and r.state.placed)
+            for r in observed
+        )
+        if serving_old and unplaced and room == 0 and not busy and want.fits_ever:
+            stop(serving_old[0], "making room for a new-version replica (resources are short)")
+    elif old:
+        for r in old:
+            if r.state is RState.PENDING:
+                stop(r, "replaced by a new version")
+    rolling = any(r.id not in stopped for r in old)
+
+    # Status, with Ray's names.
+    settled = (
+        not rolling
+        and len(cur) == want.target
+        and all(r.state is RState.RUNNING for r in cur)
+        and new == 0
+    )
+    if want.failed:
+        status = DeploymentStatus.DEPLOY_FAILED
+    elif settled:
+        status = DeploymentStatus.HEALTHY
+    elif want.unhealthy:
+        status = DeploymentStatus.UNHEALTHY
+    elif want.scaling and not rolling:
+        status = DeploymentStatus.UPSCALING if want.scaling > 0 else DeploymentStatus.DOWNSCALING
+    else:
+        status = DeploymentStatus.UPDATING
+    return Plan(tuple(actions), status, unplaced - for_node, for_node, rolling)
