@@ -7,9 +7,10 @@ Each replica moves through the state machine of `lifecycle.py`.
 
 Guarantees:
 - Idempotent deploys: re-deploying an unchanged deployment changes nothing; a changed
-  `user_config` (or `max_ongoing_requests`) is applied in place, one call at a time per
-  replica, latest config wins, bounded by RECONFIGURE_TIMEOUT_S; changed code, init args or
-  resources roll out new replicas while the old ones keep serving (see reconcile.py).
+  `user_config` (or `max_ongoing_requests`, `logging_config`) is applied in place, one call
+  at a time per replica, latest config wins, bounded by RECONFIGURE_TIMEOUT_S; changed code,
+  init args or resources roll out new replicas while the old ones keep serving (see
+  reconcile.py).
 - A failed new version leaves the old replicas serving; the status says DEPLOY_FAILED with the
   constructor's traceback.
 - Stopping a serving replica: routers are told first (it leaves the published set), then the
@@ -71,7 +72,7 @@ STOP_REPLY_GRACE_S = 5.0
 EXIT_GRACE_S = 5.0
 #: Bound on the stats call that tells which replicas have the fewest requests in flight.
 LOAD_SAMPLE_TIMEOUT_S = 0.25
-_LIGHT = ("user_config", "max_ongoing_requests")
+_LIGHT = ("user_config", "max_ongoing_requests", "logging_config")
 
 
 def light_config(config: dict[str, Any]) -> dict[str, Any]:
@@ -432,7 +433,8 @@ class Controller:
         return True
 
     def _log_path(self, r: Replica) -> str:
-        return os.path.join(self.session_dir, "logs", f"replica_{r.dep.app}_{r.dep.name}_{r.id}.log")
+        folder = (r.spec["config"].get("logging_config") or {}).get("logs_dir")
+        return os.path.join(folder or os.path.join(self.session_dir, "logs"), f"replica_{r.dep.app}_{r.dep.name}_{r.id}.log")
 
     def replica_env(self, r: Replica) -> dict[str, str]:
         env = dict(r.spec.get("env", {}))
@@ -461,7 +463,9 @@ class Controller:
         if direct is not None and app is not None and app.ingress == dep.name and app.route_prefix is not None:
             args["direct"] = {**direct, "route_prefix": app.route_prefix}
         try:
-            proc = await self.supervisor.start("replica", self._log_path(r), args, lambda p: self._on_exit(r, p))
+            log = self._log_path(r)
+            os.makedirs(os.path.dirname(log), exist_ok=True)  # a logging_config.logs_dir
+            proc = await self.supervisor.start("replica", log, args, lambda p: self._on_exit(r, p))
         except Exception as e:
             logger.error("could not start replica %s: %s", r.id, e)
             self._replica_gone(r, f"could not start: {e}")

@@ -106,13 +106,13 @@ class DirectIngress:
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return
-        path = scope["path"]
+        path, root = http_util.mount(self.opts.get("root_path") or "", scope["path"])
         if path == "/-/healthz":
             await http_util.reply(send, *http_util.plain(200, "success"))
             return
         extra: list[tuple[bytes, bytes]] = [_CLOSE] if self.closing else []
         if not http_util.prefix_matches(self.prefix, path):
-            await http_util.reply(send, *http_util.plain(404, f"Path '{path}' not found."))
+            await http_util.reply(send, *http_util.plain(404, f"Path '{scope['path']}' not found."))
             return
         request_id = None
         for k, v in scope["headers"]:
@@ -128,7 +128,7 @@ class DirectIngress:
         if body is http_util.TOO_LARGE:
             await http_util.reply(send, *http_util.too_large(limit), rid_header)
             return
-        fwd = http_util.forward_scope(scope, self.prefix)
+        fwd = http_util.forward_scope(scope, self.prefix, root)
         meta = {"request_id": request_id.decode("latin-1"), "route": self.prefix}
         rep = self.replica
         self._n += 1

@@ -30,6 +30,10 @@ PROXY_STOP_TIMEOUT_S = 3.0
 SHUTDOWN_DRAIN_TIMEOUT_S = 30.0
 
 
+def _disabled(options: dict[str, Any]) -> bool:
+    return options.get("location") in ("Disabled", "NoServer")
+
+
 class ProxyManager:
     """Starts the HTTP proxy process, and restarts it if it dies."""
 
@@ -45,6 +49,13 @@ class ProxyManager:
         self.shared: Any = None  # listener.SharedListener for direct ingress
 
     async def start(self, options: dict[str, Any]) -> str:
+        """Start the proxy (or direct ingress) with `options`; returns its URL, "" if disabled."""
+        if self.options is not None and _disabled(self.options):
+            return ""  # until serve.shutdown(): serve.run's implicit start() changes nothing
+        if _disabled(options):
+            self.options = options
+            logger.info("HTTP proxy disabled (location=%s): applications answer handles only", options.get("location"))
+            return ""
         if self.options is not None and self.status in (ProxyStatus.HEALTHY, ProxyStatus.STARTING):
             if options != self.options:
                 logger.warning("HTTP proxy already running with %s; ignoring new options %s", self.options, options)
@@ -85,7 +96,9 @@ class ProxyManager:
         loop = asyncio.get_running_loop()
         self._ready = loop.create_future()
         self.status = ProxyStatus.STARTING
-        log = os.path.join(self.head.session_dir, "logs", "proxy.log")
+        folder = (self.options.get("logging_config") or {}).get("logs_dir")
+        log = os.path.join(folder or os.path.join(self.head.session_dir, "logs"), "proxy.log")
+        os.makedirs(os.path.dirname(log), exist_ok=True)
         args = dict(self.options, head_sock=self.head.sock, session_dir=self.head.session_dir)
         self.proc = await self.head.supervisor.start("proxy", log, args, self.on_exit)
         try:

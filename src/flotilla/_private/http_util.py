@@ -50,11 +50,23 @@ def plain(status: int, text: str) -> tuple[int, list[tuple[bytes, bytes]], bytes
 SCOPE_KEYS = ("type", "http_version", "method", "scheme", "path", "raw_path", "query_string", "headers", "client", "server")
 
 
-def forward_scope(scope: dict[str, Any], prefix: str) -> dict[str, Any]:
-    """The picklable part of an ASGI scope, with root_path set to the route prefix."""
+def forward_scope(scope: dict[str, Any], prefix: str, root: str = "") -> dict[str, Any]:
+    """The picklable part of an ASGI scope, with root_path set to `root` + the route prefix
+    (the path stays whole, as Starlette >= 0.33 expects)."""
     fwd = {k: scope[k] for k in SCOPE_KEYS if k in scope}
-    fwd["root_path"] = "" if prefix == "/" else prefix
+    fwd["root_path"] = root if prefix == "/" else root + prefix
     return fwd
+
+
+def mount(root_path: str, path: str) -> tuple[str, str]:
+    """Where a request falls under `HTTPOptions.root_path`: (the path to route, the root).
+
+    Under the root ('/serve/api/x' with root '/serve'): ('/api/x', '/serve'). Outside it, the
+    path is routed as it is, with no root (as Ray Serve does).
+    """
+    if root_path and path.startswith(root_path) and (len(path) == len(root_path) or path[len(root_path)] == "/"):
+        return path[len(root_path):] or "/", root_path
+    return path, ""
 
 
 def prefix_matches(prefix: str, path: str) -> bool:

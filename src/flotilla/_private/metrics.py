@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import json
 import logging
 import os
 import time
@@ -181,14 +182,33 @@ class AccessLog:
         self.lines: list[str] = []
         self._scheduled = False
         self._second = 0
+        self._time = ""
         self._prefix = ""
+        self.enabled = True
+        self.json_context: dict[str, Any] | None = None  # set: one JSON object per line
+
+    def configure(self, enabled: bool, json_context: dict[str, Any] | None) -> None:
+        """Turn the access log on or off, and choose TEXT (None) or JSON lines."""
+        self.enabled = enabled
+        self.json_context = json_context
 
     def add(self, request_id: str, route: str, status: Any, ms: float) -> None:
+        if not self.enabled:
+            return
         now = int(time.time())
         if now != self._second:
             self._second = now
-            self._prefix = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now)) + " " + self.name
-        self.lines.append(f"{self._prefix} {request_id} {route} {status} {ms:.2f}ms\n")
+            self._time = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now))
+            self._prefix = self._time + " " + self.name
+        if self.json_context is None:
+            self.lines.append(f"{self._prefix} {request_id} {route} {status} {ms:.2f}ms\n")
+        else:
+            self.lines.append(json.dumps({
+                "asctime": self._time, "levelname": "INFO",
+                "message": f"{request_id} {route} {status} {ms:.2f}ms", **self.json_context,
+                "request_id": request_id, "route": route, "status": status,
+                "duration_ms": round(ms, 3), "serve_access_log": True,
+            }) + "\n")
         if not self._scheduled:
             self._scheduled = True
             asyncio.get_running_loop().call_later(0.1, self.flush)

@@ -17,7 +17,8 @@ Data plane, replica -> router:
   Abort                    a stream broke after it started (the HTTP response must be aborted)
   Rejected                 the replica is draining and did not start the request: retry it
   Drain (tag 0)            the replica is draining: send it nothing new, answer DrainAck
-Control plane (`transport.RpcPeer`, tag = call id, 0 for a notification):
+Control plane (`transport.RpcPeer`, tag = call id, 0 for a notification; an answer's tag
+is the call id with bit 31 set):
   Request, Reply, Failure
 """
 

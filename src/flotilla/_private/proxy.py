@@ -43,7 +43,12 @@ class Proxy:
         self.ongoing = 0
         self.access = metrics.AccessLog("proxy")
         self.ids = metrics.RequestIds()
+        self.root_path: str = args.get("root_path") or ""
         metrics.declare_builtins(STORE)
+        lc = args.get("logging_config")
+        if lc is not None:
+            self.access.configure(lc.get("enable_access_log", True),
+                                  {"component_name": "proxy"} if lc.get("encoding") == "JSON" else None)
 
     def set_routes(self, table: dict[str, tuple[str, str]]) -> None:
         items = sorted(table.items(), key=lambda kv: len(kv[0]), reverse=True)
@@ -61,7 +66,7 @@ class Proxy:
             if scope["type"] == "websocket":
                 await send({"type": "websocket.close", "code": 1000})
             return
-        path = scope["path"]
+        path, root = http_util.mount(self.root_path, scope["path"])
         if path.startswith("/-/"):
             if path == "/-/healthz":
                 await http_util.reply(send, *http_util.plain(200, "success"))
@@ -81,13 +86,13 @@ class Proxy:
             request_id = self.ids.next()
         m = self.match(path)
         if not self.metrics:
-            await self._forward(scope, receive, send, m, request_id, model_id)
+            await self._forward(scope, receive, send, m, request_id, model_id, root)
             return
         t0 = time.perf_counter()
         self.ongoing += 1
         status = 500
         try:
-            status = await self._forward(scope, receive, send, m, request_id, model_id)
+            status = await self._forward(scope, receive, send, m, request_id, model_id, root)
         finally:
             self.ongoing -= 1
             ms = (time.perf_counter() - t0) * 1000.0
@@ -98,11 +103,11 @@ class Proxy:
             STORE.observe("ray_serve_http_request_latency_ms", key, ms)
             if status >= 400:
                 STORE.inc("ray_serve_num_http_error_requests", (prefix, str(status), method, app))
-            self.access.add(request_id.decode("latin-1"), f"{method} {path}", status, ms)
+            self.access.add(request_id.decode("latin-1"), f"{method} {scope['path']}", status, ms)
 
     async def _forward(
         self, scope: dict[str, Any], receive: Any, send: Any, m: tuple[str, DeploymentID] | None,
-        request_id: bytes, model_id: str | None,
+        request_id: bytes, model_id: str | None, root: str = "",
     ) -> int:
         """Send the request to a replica and its response to the client; returns the status."""
         rid_header = (b"x-request-id", request_id)
@@ -115,7 +120,7 @@ class Proxy:
             return 499
         if body is http_util.TOO_LARGE:
             return await http_util.reply(send, *http_util.too_large(self.max_body), rid_header)
-        fwd = http_util.forward_scope(scope, prefix)
+        fwd = http_util.forward_scope(scope, prefix, root)
         meta: dict[str, Any] = {"request_id": request_id.decode("latin-1"), "route": prefix}
         if model_id:
             meta["multiplexed_model_id"] = model_id
@@ -264,6 +269,10 @@ async def _amain(args: dict[str, Any]) -> None:
 
 def main(args: dict[str, Any]) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s proxy %(name)s: %(message)s")
+    if args.get("logging_config") is not None:  # serve.start(logging_config=...)
+        from flotilla._private import logfmt
+
+        logfmt.configure(args["logging_config"], "proxy", {"component_name": "proxy"}, request_id=False)
     import uvloop
 
     uvloop.run(_amain(args))

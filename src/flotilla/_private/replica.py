@@ -28,7 +28,7 @@ from typing import Any
 
 import cloudpickle
 
-from flotilla._private import context, http_util, metrics
+from flotilla._private import context, http_util, logfmt, metrics
 from flotilla._private.errors import error_reply
 from flotilla._private.metrics import STORE
 from flotilla._private.protocol import (
@@ -189,6 +189,17 @@ class Replica:
         self.asgi_app: Any = None
         self.lifespan: Any = None
         self.num_requests = 0
+        self.logging_config: dict[str, Any] | None = None
+        self.user_config: Any = None  # the last one given to reconfigure()
+
+    def _apply_logging(self, config: dict[str, Any] | None) -> None:
+        """Level and encoding of this process's log lines, and its access log (LoggingConfig)."""
+        self.logging_config = config
+        ctx = {"component_name": "replica", "application": self.app_name, "deployment": self.dep_name,
+               "replica": self.replica_id}
+        logfmt.configure(config, f"replica {self.replica_id}", ctx)
+        config = config or {}
+        self.access.configure(config.get("enable_access_log", True), ctx if config.get("encoding") == "JSON" else None)
 
     # ---- start-up -------------------------------------------------------------------
     async def run(self) -> None:
@@ -228,6 +239,7 @@ class Replica:
 
     async def _construct(self, spec: dict[str, Any]) -> None:
         cfg = spec["config"]
+        self._apply_logging(cfg.get("logging_config"))
         self.max_ongoing = cfg["max_ongoing_requests"]
         self.pool_size = max(2, self.max_ongoing)
         self.pool = ThreadPoolExecutor(self.pool_size, thread_name_prefix="replica")
@@ -259,7 +271,7 @@ class Replica:
             obj = target
         context.replica_context.servable_object = obj
         self.obj = obj
-        user_config = cfg.get("user_config")
+        user_config = self.user_config = cfg.get("user_config")
         if user_config is not None:
             await self._reconfigure(user_config)
         self.http_entry = self._ingress_callable(cfg)
@@ -330,7 +342,9 @@ class Replica:
         raise ValueError(f"unknown control op {op!r}")
 
     async def _update_config(self, light: dict[str, Any]) -> None:
-        """Apply a new `max_ongoing_requests` and `user_config` in place."""
+        """Apply a new `max_ongoing_requests`, `logging_config` and `user_config` in place."""
+        if light.get("logging_config") != self.logging_config:
+            self._apply_logging(light.get("logging_config"))
         n = light["max_ongoing_requests"]
         if n != self.max_ongoing:
             self.max_ongoing = n
@@ -347,8 +361,10 @@ class Replica:
                     fut.set_result(None)
                 else:
                     self.ongoing -= 1
-        if light.get("user_config") is not None:
-            await self._reconfigure(light["user_config"])
+        user_config = light.get("user_config")
+        if user_config is not None and user_config != self.user_config:
+            await self._reconfigure(user_config)
+        self.user_config = user_config
 
     async def _drain(self, wait_loop_s: float, timeout_s: float) -> None:
         """Stop taking work, let what runs finish (up to `timeout_s`), then clean up.
@@ -408,10 +424,13 @@ class Replica:
         proto.on_message = functools.partial(self._on_request, proto)
         proto.on_close = functools.partial(self._conn_lost, proto)
         proto.on_bad_frame = functools.partial(self._bad_request, proto)
+        proto.on_connect = functools.partial(self._conn_made, proto)
         self.conns.add(proto)
-        if self.draining:
-            proto.send(0, Drain())
         return proto
+
+    def _conn_made(self, proto: FrameProtocol) -> None:
+        if self.draining:  # a router that connects late learns at once
+            proto.send(0, Drain())
 
     def _conn_lost(self, proto: FrameProtocol, exc: BaseException | None) -> None:
         """The caller's process is gone: nobody will read the replies, free the slots."""
@@ -466,11 +485,12 @@ class Replica:
             raise
 
     def _release(self) -> None:
-        while self.waiters:
-            fut = self.waiters.popleft()
-            if not fut.done():
-                fut.set_result(None)
-                return
+        if self.ongoing <= self.max_ongoing:  # else the limit was lowered: shrink first
+            while self.waiters:
+                fut = self.waiters.popleft()
+                if not fut.done():
+                    fut.set_result(None)
+                    return
         self.ongoing -= 1
 
     async def _handle(self, proto: Any, tag: int, msg: Any, key: tuple[int, int]) -> None:

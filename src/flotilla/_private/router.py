@@ -277,11 +277,11 @@ class Router:
         )
 
     def _connected(self, conn: ReplicaConn) -> None:
-        if self.replicas.get(conn.id) is conn:
+        if self.replicas.get(conn.id) is not conn:
+            conn.close()
+        elif not conn.retired:  # a draining replica may say `Drain` before we get here
             self.ready.append(conn)
             self._dispatch()
-        else:
-            conn.close()
 
     def _retire(self, conn: ReplicaConn) -> None:
         """Choose `conn` no more; close it once nothing is in flight on it."""

@@ -67,9 +67,12 @@ class FrameProtocol(asyncio.Protocol):
         self.closed = False
         self.paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
+        self.on_connect: Callable[[], None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        if self.on_connect is not None:
+            self.on_connect()
 
     def data_received(self, data: bytes) -> None:
         if self._skip:
@@ -173,13 +176,18 @@ class PeerClosedError(ConnectionError):
 
 Handler = Callable[["RpcPeer", str, tuple[Any, ...]], Awaitable[Any] | Any]
 
+# Set in the tag of an answer (Reply/Failure). Both sides number their calls from 1, so
+# without it a frame that cannot be decoded could not be told apart: a call from the other
+# side, or the answer to our own call with the same id.
+_ANSWER = 1 << 31
+
 
 class RpcPeer:
     """Request/response calls in both directions over one `FrameProtocol` connection."""
 
     def __init__(self, handler: Handler | None = None, name: str = "peer") -> None:
         self._handler = handler
-        self._ids = itertools.count(1)
+        self._ids = itertools.cycle(range(1, _ANSWER))  # below the answer bit
         self._pending: dict[int, asyncio.Future[Any]] = {}
         self._on_close_cbs: list[Callable[[], None]] = []
         self.name = name
@@ -219,7 +227,7 @@ class RpcPeer:
         if cls is Request:
             asyncio.get_running_loop().create_task(self._serve(cid, msg.op, msg.args))
             return
-        fut = self._pending.pop(cid, None)
+        fut = self._pending.pop(cid & ~_ANSWER, None)
         if fut is None or fut.done():
             return
         if cls is Reply:
@@ -229,11 +237,12 @@ class RpcPeer:
             fut.set_exception(err if isinstance(err, BaseException) else RemoteCallError(err))
 
     def _on_bad_frame(self, cid: int, err: BaseException) -> None:
-        fut = self._pending.pop(cid, None)
-        if fut is not None and not fut.done():
-            fut.set_exception(RemoteCallError(f"the answer from {self.name} could not be decoded: {err!r}"))
+        if cid & _ANSWER:
+            fut = self._pending.pop(cid & ~_ANSWER, None)
+            if fut is not None and not fut.done():
+                fut.set_exception(RemoteCallError(f"the answer from {self.name} could not be decoded: {err!r}"))
         elif cid:
-            self.proto.send(cid, Failure(f"the call could not be decoded by {self.name}: {err!r}"))
+            self.proto.send(cid | _ANSWER, Failure(f"the call could not be decoded by {self.name}: {err!r}"))
         else:
             logger.error("could not decode a notification from %s: %r", self.name, err)
 
@@ -255,9 +264,9 @@ class RpcPeer:
 
     def _reply(self, cid: int, msg: Reply | Failure) -> None:
         try:
-            self.proto.send(cid, msg)
+            self.proto.send(cid | _ANSWER, msg)
         except Exception as e:
-            self.proto.send(cid, Failure(f"the answer could not be sent: {e!r}"))
+            self.proto.send(cid | _ANSWER, Failure(f"the answer could not be sent: {e!r}"))
 
     def _on_closed(self, exc: BaseException | None) -> None:
         pending, self._pending = self._pending, {}

@@ -34,6 +34,10 @@ _EXPORTS = {
     "status": "api",
 }
 
+# Submodules reachable as attributes right after `from flotilla import serve`, as in Ray
+# (`serve.metrics.Counter(...)`, `serve.schema.LoggingConfig`).
+_SUBMODULES = frozenset({"config", "exceptions", "handle", "metrics", "schema"})
+
 __all__ = [
     "Application",
     "AutoscalingConfig",
@@ -61,6 +65,8 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        return importlib.import_module(f"flotilla.serve.{name}")
     mod = _EXPORTS.get(name)
     if mod is None:
         raise AttributeError(f"module 'flotilla.serve' has no attribute {name!r}")
@@ -74,6 +80,11 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
+    from flotilla.serve import config as config
+    from flotilla.serve import exceptions as exceptions
+    from flotilla.serve import handle as handle
+    from flotilla.serve import metrics as metrics
+    from flotilla.serve import schema as schema
     from flotilla.serve.api import (
         delete,
         get_app_handle,

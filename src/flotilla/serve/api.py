@@ -14,7 +14,7 @@ import cloudpickle
 
 from flotilla._private import context
 from flotilla._private.client import Runtime
-from flotilla.serve.config import HTTPOptions, validate
+from flotilla.serve.config import HTTPOptions, LoggingConfig, validate, warn_not_honoured
 from flotilla.serve.deployments import Application, Deployment
 from flotilla.serve.exceptions import ConfigError, RayServeException
 from flotilla.serve.handle import DeploymentHandle
@@ -47,22 +47,73 @@ def _check_route_prefix(route_prefix: str | None) -> None:
         raise ConfigError(f"route_prefix may not contain wildcards, got {route_prefix!r}")
 
 
-def start(http_options: dict[str, Any] | HTTPOptions | None = None, **kwargs: Any) -> None:
-    """Start the HTTP proxy (default 127.0.0.1:8000). Implicit in `serve.run`."""
-    opts = _http_options(http_options)
+def start(
+    http_options: dict[str, Any] | HTTPOptions | None = None,
+    proxy_location: Any = None,
+    logging_config: dict[str, Any] | LoggingConfig | None = None,
+    **kwargs: Any,
+) -> None:
+    """Start the HTTP proxy (default 127.0.0.1:8000). Implicit in `serve.run`.
+
+    `proxy_location` (or `http_options["location"]`): "HeadOnly" and "EveryNode" both mean
+    one proxy on this machine; "Disabled" starts none (applications answer handles only).
+    `logging_config` applies to the proxy's log (level, encoding, access log, folder).
+    """
+    opts = _http_options(http_options, proxy_location)
+    options = opts.model_dump()
+    lc = _logging_config(logging_config)
+    if lc is not None:
+        options["logging_config"] = lc
+        warn_not_honoured(
+            "serve.start(logging_config=...)",
+            "applied to the HTTP proxy's log; the head process (controller) keeps logging TEXT "
+            "at INFO to head.log on the local backend. Deployments take theirs from "
+            "@serve.deployment(logging_config=...) or serve.run(logging_config=...).",
+        )
     rt = Runtime.get_or_start()
-    url = rt.call_head("start_http", opts.model_dump(), timeout=60)
-    logger.info("HTTP proxy listening at %s", url)
+    url = rt.call_head("start_http", options, timeout=60)
+    if url:
+        logger.info("HTTP proxy listening at %s", url)
+    elif opts.proxy_disabled:
+        logger.info("HTTP proxy disabled (location=%s): applications answer handles only", opts.location)
 
 
-def _http_options(http_options: dict[str, Any] | HTTPOptions | None) -> HTTPOptions:
+def _http_options(http_options: dict[str, Any] | HTTPOptions | None, proxy_location: Any = None) -> HTTPOptions:
     if isinstance(http_options, HTTPOptions):
-        return http_options
-    return validate(HTTPOptions, dict(http_options or {}), "http_options")
+        if proxy_location is None:
+            return http_options
+        http_options = http_options.model_dump(exclude_unset=True)
+    data = dict(http_options or {})
+    if proxy_location is not None and "location" not in data:
+        data["location"] = getattr(proxy_location, "value", proxy_location)
+    return validate(HTTPOptions, data, "http_options")
 
 
-def _walk(app: Application, app_name: str, out: dict[int, dict[str, Any]], names: dict[str, int]) -> str:
-    """Collect the deployments of an application graph; returns the root's unique name."""
+def _logging_config(value: dict[str, Any] | LoggingConfig | None) -> dict[str, Any] | None:
+    """A validated logging config as a plain dict (what travels to the processes), or None."""
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        value = validate(LoggingConfig, value, "logging_config", field_prefix="logging_config.")
+    if not isinstance(value, LoggingConfig):
+        raise ConfigError(f"logging_config must be a dict or a LoggingConfig, got {type(value).__name__}")
+    return _absolute_logs_dir(value.model_dump(mode="json"))
+
+
+def _absolute_logs_dir(config: dict[str, Any]) -> dict[str, Any]:
+    """A relative `logs_dir` is relative to the driver's working directory."""
+    if config.get("logs_dir"):
+        return {**config, "logs_dir": os.path.abspath(config["logs_dir"])}
+    return config
+
+
+def _walk(
+    app: Application, app_name: str, out: dict[int, dict[str, Any]], names: dict[str, int],
+    app_logging: dict[str, Any] | None = None,
+) -> str:
+    """Collect the deployments of an application graph; returns the root's unique name.
+
+    `app_logging`: the application's logging config, for deployments without their own."""
     if id(app) in out:
         return out[id(app)]["name"]
     dep = app.deployment
@@ -76,7 +127,7 @@ def _walk(app: Application, app_name: str, out: dict[int, dict[str, Any]], names
 
     def swap(v: Any) -> Any:
         if isinstance(v, Application):
-            return DeploymentHandle(_walk(v, app_name, out, names), app_name)
+            return DeploymentHandle(_walk(v, app_name, out, names, app_logging), app_name)
         if isinstance(v, Deployment):
             raise ConfigError(
                 f"deployment '{v.name}' was passed unbound to another deployment; call "
@@ -100,7 +151,12 @@ def _walk(app: Application, app_name: str, out: dict[int, dict[str, Any]], names
         raise ConfigError(f"the arguments bound to deployment '{name}' cannot be pickled: {e}") from e
     config = cfg.model_dump(mode="json")
     config["name"] = name
-    replica_opts = json.dumps([config["ray_actor_options"], config["max_batch_size"], config["batch_wait_timeout_s"]], sort_keys=True)
+    logging_config = config["logging_config"] = _absolute_logs_dir(config["logging_config"] or app_logging or {}) or None
+    # What a running replica cannot change in place: a change starts new replicas.
+    replica_opts = json.dumps([
+        config["ray_actor_options"], config["max_batch_size"], config["batch_wait_timeout_s"],
+        config["placement_group_bundles"], (logging_config or {}).get("logs_dir"),
+    ], sort_keys=True)
     version = hashlib.sha256(def_bytes + args_bytes + replica_opts.encode()).hexdigest()[:16]
     out[id(app)] = {
         "name": name,
@@ -109,7 +165,7 @@ def _walk(app: Application, app_name: str, out: dict[int, dict[str, Any]], names
         "args_bytes": args_bytes,
         "version": version,
         "initial_replicas": cfg.initial_replicas,
-        "demand": cfg.ray_actor_options.required(),
+        "demand": cfg.demand(),
         "env": dict(cfg.ray_actor_options.runtime_env.get("env_vars", {})),
         "sys_path": [os.path.abspath(p) if p else os.getcwd() for p in sys.path],
         "cwd": os.getcwd(),
@@ -122,15 +178,18 @@ def run(
     blocking: bool = False,
     name: str = "default",
     route_prefix: str | None = "/",
-    logging_config: Any = None,
+    logging_config: dict[str, Any] | LoggingConfig | None = None,
+    _local_testing_mode: bool = False,
     _blocking: bool = True,
     **_ray_compat: Any,
 ) -> DeploymentHandle:
     """Deploy an application and wait until it is running; returns the ingress handle.
 
     Re-running with the same name updates the app in place: unchanged deployments keep
-    their replicas, a new `user_config` calls `reconfigure()`, and changed code or options
-    replace replicas without failing accepted requests.
+    their replicas, a new `user_config` or `logging_config` is applied in place, and changed
+    code or options replace replicas without failing accepted requests.
+
+    `logging_config` applies to the application's deployments that set none themselves.
 
     Raises:
         TypeError: `target` is not a bound application.
@@ -144,8 +203,16 @@ def run(
     _check_route_prefix(route_prefix)
     if not isinstance(name, str) or not name:
         raise ConfigError(f"application name must be a non-empty string, got {name!r}")
+    app_logging = _logging_config(logging_config)
+    if _local_testing_mode:
+        warn_not_honoured(
+            "_local_testing_mode",
+            "the local backend always runs an application in its own processes (a head, a "
+            "proxy, one process per replica), which is already light; the application runs "
+            "as serve.run normally does.",
+        )
     collected: dict[int, dict[str, Any]] = {}
-    ingress = _walk(target, name, collected, {})
+    ingress = _walk(target, name, collected, {}, app_logging)
     spec = {
         "name": name,
         "route_prefix": route_prefix,

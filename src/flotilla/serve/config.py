@@ -8,7 +8,12 @@ as `ConfigError` (a `ValueError` and a `TypeError`) whose message names each bad
 from __future__ import annotations
 
 import json
+import logging
+import math
+import os
+import sys
 import warnings
+from enum import Enum
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -20,8 +25,11 @@ __all__ = [
     "AutoscalingConfig",
     "DeploymentConfig",
     "HTTPOptions",
+    "LoggingConfig",
     "RayActorOptions",
+    "RequestRouterConfig",
     "validate",
+    "warn_not_honoured",
 ]
 
 _SUPPORTED_RUNTIME_ENV = {"env_vars"}
@@ -91,6 +99,116 @@ class RayActorOptions(BaseModel):
         return {k: v for k, v in req.items() if v}
 
 
+# ---- options the local backend cannot honour: one warning per option per process -------------
+
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_warned: set[str] = set()
+
+
+def _user_stacklevel() -> int:
+    """The `stacklevel` that points `warnings.warn` (called by our caller) at the first frame
+    outside flotilla, so the warning names the user's line."""
+    frame = sys._getframe(2)
+    level = 2
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+        frame = frame.f_back  # type: ignore[assignment]
+        level += 1
+    return level
+
+
+def warn_not_honoured(option: str, why: str) -> None:
+    """Say once per process (a `UserWarning` and a log line) that `option` is not honoured."""
+    if option in _warned:
+        return
+    _warned.add(option)
+    message = f"{option}: {why}"
+    logging.getLogger("flotilla.serve").warning(message)
+    warnings.warn(message, UserWarning, stacklevel=_user_stacklevel())
+
+
+# ---- logging_config -----------------------------------------------------------------------------
+
+#: Attributes of `logging.LogRecord` that `additional_log_standard_attrs` may name (Ray's list).
+LOGRECORD_STANDARD_ATTRS = frozenset({
+    "args", "asctime", "created", "exc_info", "exc_text", "filename", "funcName", "levelname",
+    "levelno", "lineno", "message", "module", "msecs", "msg", "name", "pathname", "process",
+    "processName", "relativeCreated", "stack_info", "thread", "threadName", "taskName",
+})
+_ENCODINGS = ("TEXT", "JSON")
+
+
+class LoggingConfig(BaseModel):
+    """How a replica logs, as Ray Serve's `ray.serve.schema.LoggingConfig` (also importable
+    from `flotilla.serve.schema`). Give it to `@serve.deployment(logging_config=...)`,
+    `.options(...)` or `serve.run(..., logging_config=...)` (for deployments without their own),
+    as this object or as a dict.
+
+    - `encoding`: "TEXT" (default) or "JSON" (one JSON object per line, with the deployment,
+      replica, application and request id), for the replica's log lines and access lines.
+    - `log_level`: level of the replica's loggers (the root logger, so `ray.serve`, `flotilla`
+      and the user's own loggers): a name ("DEBUG") or a number (10).
+    - `logs_dir`: folder for the replica's log file instead of the session's `logs/`.
+    - `enable_access_log`: False drops the replica's one line per request.
+    - `additional_log_standard_attrs`: `LogRecord` attributes added to every line.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    encoding: str = "TEXT"
+    log_level: int | str = "INFO"
+    logs_dir: str | None = None
+    enable_access_log: bool = True
+    additional_log_standard_attrs: list[str] = Field(default_factory=list)
+
+    @field_validator("encoding", mode="before")
+    @classmethod
+    def _encoding(cls, v: Any) -> Any:
+        if isinstance(v, Enum):
+            v = v.value
+        if v not in _ENCODINGS:
+            raise ValueError(f"Got {v!r} for encoding. Encoding must be one of {set(_ENCODINGS)}.")
+        return v
+
+    @field_validator("log_level")
+    @classmethod
+    def _log_level(cls, v: int | str) -> str:
+        if isinstance(v, int):
+            if isinstance(v, bool) or v not in logging._levelToName:
+                raise ValueError(f"Got {v!r} for log_level. log_level must be one of {list(logging._levelToName)}.")
+            return logging._levelToName[v]
+        if v not in logging._nameToLevel:
+            raise ValueError(f"Got {v!r} for log_level. log_level must be one of {list(logging._nameToLevel)}.")
+        return v
+
+    @field_validator("additional_log_standard_attrs")
+    @classmethod
+    def _attrs(cls, v: list[str]) -> list[str]:
+        for attr in v:
+            if attr not in LOGRECORD_STANDARD_ATTRS:
+                raise ValueError(f"Unknown attribute {attr!r}; must be one of {sorted(LOGRECORD_STANDARD_ATTRS)}")
+        return sorted(set(v))
+
+
+class RequestRouterConfig(BaseModel):
+    """Ray Serve's custom request router settings: validated, not honoured on the local backend
+    (every deployment uses the built-in router; a warning says so)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+
+    request_router_class: Any = ""
+    request_router_kwargs: dict[str, Any] = Field(default_factory=dict)
+    request_routing_stats_period_s: float = Field(10.0, gt=0)
+    request_routing_stats_timeout_s: float = Field(30.0, gt=0)
+    initial_backoff_s: float = Field(0.025, gt=0)
+    backoff_multiplier: float = Field(2.0, gt=0)
+    max_backoff_s: float = Field(0.5, gt=0)
+
+
+_PG_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+#: Ray's bound on max_replicas_per_node.
+MAX_REPLICAS_PER_NODE = 100
+
+
 class DeploymentConfig(BaseModel):
     """Every option of a deployment, with Ray Serve's defaults."""
 
@@ -109,16 +227,91 @@ class DeploymentConfig(BaseModel):
     ray_actor_options: RayActorOptions = Field(default_factory=lambda: RayActorOptions.model_validate({}))
     max_batch_size: int | None = Field(None, ge=1, description="Deployment-level batching (seed form).")
     batch_wait_timeout_s: float = Field(0.0, ge=0)
-    logging_config: dict[str, Any] | None = None
+    logging_config: LoggingConfig | None = Field(None, description="How the replicas log (see LoggingConfig).")
+    max_replicas_per_node: int | None = Field(
+        None, ge=1, le=MAX_REPLICAS_PER_NODE,
+        description="Most replicas of this deployment on one node; this machine is one node, so "
+        "replicas beyond it stay pending (the status says why).",
+    )
+    placement_group_bundles: list[dict[str, float]] | None = Field(
+        None,
+        description="Resources reserved per replica, as Ray placement group bundles. The replica "
+        "runs in the first bundle; on one machine the replica reserves the sum of all bundles "
+        "(its GPUs are all in its CUDA_VISIBLE_DEVICES, for the processes it starts).",
+    )
+    placement_group_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] | None = None
+    request_router_config: RequestRouterConfig | None = Field(
+        None, exclude=True, description="Validated; the local backend uses its built-in router."
+    )
 
     @field_validator("num_replicas")
     @classmethod
     def _num_replicas(cls, v: int | str | None) -> int | str | None:
         if isinstance(v, bool):
-            raise ValueError("must be an int >= 0 or 'auto'")
+            raise ValueError("must be an int >= 1 or 'auto'")
         if isinstance(v, int) and v < 0:
-            raise ValueError(f"must be >= 0, got {v}")
+            raise ValueError(f"must be >= 1, got {v}")
+        if v == 0:
+            raise ValueError(
+                "num_replicas is expected to larger than 0. To let the deployment scale to zero, "
+                "set autoscaling_config={'min_replicas': 0, 'max_replicas': N} instead of num_replicas."
+            )
         return v
+
+    @field_validator("max_replicas_per_node", mode="before")
+    @classmethod
+    def _max_replicas_per_node(cls, v: Any) -> Any:
+        if isinstance(v, bool) or (v is not None and not isinstance(v, int)):
+            raise ValueError(
+                f"Expected None or an integer in the range of [1, {MAX_REPLICAS_PER_NODE}], got {v!r}"
+            )
+        return v
+
+    @field_validator("placement_group_bundles")
+    @classmethod
+    def _bundles(cls, v: list[dict[str, float]] | None) -> list[dict[str, float]] | None:
+        if v is None:
+            return v
+        if not v:
+            raise ValueError(
+                "Bundles must be a non-empty list of resource dictionaries, e.g. "
+                "[{'CPU': 1.0}, {'GPU': 1.0}]; got an empty list."
+            )
+        for i, bundle in enumerate(v):
+            for key, amount in bundle.items():
+                if amount < 0:
+                    raise ValueError(f"placement_group_bundles[{i}][{key!r}] must be >= 0, got {amount}")
+            if not bundle or all(amount == 0 for amount in bundle.values()):
+                raise ValueError(f"Bundles cannot be an empty dictionary or resources with only 0 values. Bundles: {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _placement(self) -> DeploymentConfig:
+        bundles = self.placement_group_bundles
+        if self.placement_group_strategy is not None and bundles is None:
+            raise ValueError(
+                "placement_group_strategy needs placement_group_bundles: if placement_group_strategy "
+                "is provided, placement_group_bundles must also be provided."
+            )
+        if bundles is None:
+            return self
+        if self.max_replicas_per_node is not None:
+            raise ValueError("Setting max_replicas_per_node is not allowed when placement_group_bundles is provided.")
+        first = bundles[0]
+        rao = self.ray_actor_options
+        prefix = ("When using placement_group_bundles, the replica runs in the first bundle, so its "
+                  "ray_actor_options must fit in the first bundle:")
+        if first.get("CPU", 0) < rao.num_cpus:
+            raise ValueError(f"{prefix} num_cpus for the replica is {rao.num_cpus:g} (1 unless set), "
+                             f"but the bundle only has {first.get('CPU', 0):g} CPU.")
+        if first.get("GPU", 0) < rao.num_gpus:
+            raise ValueError(f"{prefix} num_gpus for the replica is {rao.num_gpus:g}, but the bundle only "
+                             f"has {first.get('GPU', 0):g} GPU.")
+        for key, amount in rao.resources.items():
+            if first.get(key, 0) < amount:
+                raise ValueError(f"{prefix} the replica needs {amount:g} {key}, but the bundle only has "
+                                 f"{first.get(key, 0):g}.")
+        return self
 
     @field_validator("max_queued_requests")
     @classmethod
@@ -159,6 +352,40 @@ class DeploymentConfig(BaseModel):
                 warn_small_limit(self.name, self.max_ongoing_requests, self.max_batch_size)
         return self
 
+    def demand(self) -> dict[str, float]:
+        """What one replica reserves: its ray_actor_options, or the sum of its placement group
+        bundles (this machine is the only node, so every bundle is on it)."""
+        if not self.placement_group_bundles:
+            return self.ray_actor_options.required()
+        total: dict[str, float] = {}
+        for bundle in self.placement_group_bundles:
+            for key, amount in bundle.items():
+                if key != "object_store_memory":
+                    total[key] = total.get(key, 0.0) + amount
+        gpus = total.get("GPU", 0.0)
+        if gpus > 1 and gpus != int(gpus):
+            total["GPU"] = float(math.ceil(gpus))  # fractions adding up past one device: whole ones
+        if self.ray_actor_options.accelerator_type:
+            total[f"accelerator_type:{self.ray_actor_options.accelerator_type}"] = 0.001
+        return {k: v for k, v in total.items() if v}
+
+    def warn_unhonoured(self) -> None:
+        """One warning per process for each option set here that the local backend ignores."""
+        if self.request_router_config is not None:
+            warn_not_honoured(
+                "request_router_config",
+                "custom request routers need the Ray backend; on the local backend every "
+                "deployment uses the built-in router (the less loaded of two replicas with room, "
+                "with model-multiplexing affinity).",
+            )
+        bundles = self.placement_group_bundles or []
+        if self.placement_group_strategy == "STRICT_SPREAD" and len(bundles) > 1:
+            warn_not_honoured(
+                "placement_group_strategy",
+                "STRICT_SPREAD puts each bundle on a different node, but the local backend is one "
+                "node: the replica's bundles are reserved together on this machine.",
+            )
+
     @property
     def initial_replicas(self) -> int:
         if self.autoscaling_config is not None:
@@ -185,10 +412,19 @@ class HTTPOptions(BaseModel):
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
-    root_path: str = ""
+    root_path: str = Field(
+        "",
+        description="Mount every route under this path: '/serve' serves route '/api' at "
+        "'/serve/api' (requests outside it are routed as they are), with the ASGI root_path "
+        "set to it, as Ray Serve (uvicorn's root_path) does.",
+    )
     request_timeout_s: float | None = Field(None, gt=0)
     keep_alive_timeout_s: float = Field(5.0, gt=0)
-    location: str = "HeadOnly"
+    location: Literal["HeadOnly", "EveryNode", "Disabled", "NoServer"] | None = Field(
+        "HeadOnly",
+        description="Where proxies run. One machine is one node, so HeadOnly and EveryNode both "
+        "mean one proxy; Disabled (or NoServer) starts none: applications answer handles only.",
+    )
     direct_ingress: bool = Field(
         False,
         description="Replicas of the HTTP app's ingress deployment accept HTTP themselves on the "
@@ -207,19 +443,33 @@ class HTTPOptions(BaseModel):
         "header computed from how fast the deployment's queue drains.",
     )
 
+    @field_validator("root_path")
+    @classmethod
+    def _root_path(cls, v: str) -> str:
+        if v and (not v.startswith("/") or v.endswith("/")):
+            raise ValueError(f"must be empty or start with '/' and not end with '/', got {v!r}")
+        return v
 
-def validate(model: type[BaseModel], data: dict[str, Any], what: str) -> Any:
-    """Build `model` from `data`, turning pydantic's errors into one readable ConfigError."""
+    @property
+    def proxy_disabled(self) -> bool:
+        return self.location in ("Disabled", "NoServer")
+
+
+def validate(model: type[BaseModel], data: dict[str, Any], what: str, field_prefix: str = "") -> Any:
+    """Build `model` from `data`, turning pydantic's errors into one readable ConfigError
+    (each field named as `field_prefix` + its path)."""
     try:
         return model.model_validate(data)
     except ValidationError as e:
         lines = []
         for err in e.errors():
-            field = ".".join(str(p) for p in err["loc"]) or "(options)"
+            field = field_prefix + ".".join(str(p) for p in err["loc"]) or "(options)"
             msg = err["msg"]
-            if err["type"] == "extra_forbidden":
+            if err["type"] == "extra_forbidden" and len(err["loc"]) == 1:
                 allowed = ", ".join(sorted(model.model_fields))
                 msg = f"unknown option; allowed: {allowed}"
+            elif err["type"] == "extra_forbidden":
+                msg = "unknown field"
             got = err.get("input")
             lines.append(f"  {field}: {msg} (got {got!r})")
         raise ConfigError(f"invalid {what}:\n" + "\n".join(lines)) from None

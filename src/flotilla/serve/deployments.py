@@ -21,6 +21,7 @@ class Deployment:
         self._target = func_or_class
         self._options = options
         self._config: DeploymentConfig = validate(DeploymentConfig, options, f"options of deployment '{options.get('name')}'")
+        self._config.warn_unhonoured()
         if inspect.isclass(func_or_class):
             for value in vars(func_or_class).values():
                 size = getattr(value, "_opts", {}).get("max_batch_size") if hasattr(value, "_opts") else None
@@ -116,10 +117,6 @@ class Application:
 _COMPAT_IGNORED = {
     "version",
     "route_prefix",
-    "placement_group_bundles",
-    "placement_group_strategy",
-    "max_replicas_per_node",
-    "request_router_config",
     "max_constructor_retry_count",
 }
 
@@ -138,9 +135,13 @@ def deployment(
     graceful_shutdown_timeout_s: float | None = None,
     health_check_period_s: float | None = None,
     health_check_timeout_s: float | None = None,
-    logging_config: dict[str, Any] | None = None,
+    logging_config: dict[str, Any] | Any | None = None,
     max_batch_size: int | None = None,
     batch_wait_timeout_s: float | None = None,
+    max_replicas_per_node: int | None = None,
+    placement_group_bundles: list[dict[str, float]] | None = None,
+    placement_group_strategy: str | None = None,
+    request_router_config: dict[str, Any] | Any | None = None,
     **ray_only: Any,
 ) -> Any:
     """Turn a class or function into a `Deployment`, with or without options.
@@ -171,6 +172,10 @@ def deployment(
         "logging_config": logging_config,
         "max_batch_size": max_batch_size,
         "batch_wait_timeout_s": batch_wait_timeout_s,
+        "max_replicas_per_node": max_replicas_per_node,
+        "placement_group_bundles": placement_group_bundles,
+        "placement_group_strategy": placement_group_strategy,
+        "request_router_config": request_router_config,
     }
     options = {k: v for k, v in given.items() if v is not None}
 

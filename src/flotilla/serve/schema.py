@@ -4,7 +4,27 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from flotilla.serve.config import LoggingConfig as LoggingConfig
+
+
+def __getattr__(name: str) -> Any:
+    # `from flotilla.serve.schema import LoggingConfig`, as Ray users write it, without making
+    # every process that reads status objects import pydantic.
+    if name == "LoggingConfig":
+        from flotilla.serve.config import LoggingConfig
+
+        return LoggingConfig
+    raise AttributeError(f"module 'flotilla.serve.schema' has no attribute {name!r}")
+
+
+class EncodingType(str, Enum):
+    """Encodings of `LoggingConfig.encoding`."""
+
+    TEXT = "TEXT"
+    JSON = "JSON"
 
 
 class ApplicationStatus(str, Enum):

@@ -1,0 +1,850 @@
+"""The router against fake replicas: small Unix-socket servers in this process that speak
+the data-plane protocol (`protocol.py` messages over `transport.FrameProtocol`), answering
+as each test tells them. The router itself is the real one, with real connections.
+
+Covered: replica choice (power of two choices, never over `max_ongoing_requests`), FIFO
+queueing and dispatch on release, shedding (`BackPressureError`), cancelling a queued and an
+in-flight request, reject-and-retry and `Drain`, a replica dying mid-request, and
+`Router.update` adding and removing replicas.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from flotilla._private.errors import error_reply
+from flotilla._private.protocol import (
+    STREAM_WINDOW,
+    Call,
+    Cancel,
+    Chunk,
+    Credit,
+    Drain,
+    DrainAck,
+    End,
+    HttpFull,
+    HttpStart,
+    Ok,
+    Rejected,
+    Stream,
+    Yield,
+)
+from flotilla._private.router import Channel, ReplicaConn, Router
+from flotilla._private.transport import FrameProtocol
+from flotilla.exceptions import ActorDiedError, RaySystemError
+from flotilla.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from flotilla.serve.schema import DeploymentID
+from tests.unit.aio import Net, settle, until
+
+pytestmark = pytest.mark.timeout(10)
+
+
+def _explode() -> Any:
+    raise RuntimeError("this reply cannot be unpickled")
+
+
+class Unloadable:
+    def __reduce__(self) -> Any:
+        return (_explode, ())
+
+
+@dataclass
+class Req:
+    """A request a fake replica received; the test answers it."""
+
+    rep: FakeReplica
+    proto: FrameProtocol
+    tag: int
+    msg: Any
+
+    @property
+    def arg(self) -> Any:
+        return self.msg.args[0] if self.msg.args else None
+
+    def reply(self, *msgs: Any) -> None:
+        for m in msgs:
+            self.proto.send(self.tag, m)
+
+
+Auto = Callable[["Req"], Any]
+
+
+class _Proto(FrameProtocol):
+    def __init__(self, rep: FakeReplica) -> None:
+        super().__init__(lambda tag, msg: None)
+        self.rep = rep
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        if self.rep.draining:  # a draining replica tells each new connection at once
+            self.send(0, Drain())
+
+
+class FakeReplica:
+    """A replica's data-plane end: records requests, answers when told (or via `auto`)."""
+
+    def __init__(self, rid: str, path: str, auto: Auto | None = None, models: tuple[str, ...] = ()) -> None:
+        self.id = rid
+        self.path = path
+        self.auto = auto
+        self.models = models
+        self.requests: list[Req] = []
+        self.control: list[tuple[int, Any]] = []  # Cancel, Credit, DrainAck
+        self.conns: list[FrameProtocol] = []
+        self.lost = 0
+        self.draining = False
+        self.server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> FakeReplica:
+        self.server = await asyncio.get_running_loop().create_unix_server(self._make, self.path)
+        return self
+
+    def _make(self) -> FrameProtocol:
+        proto = _Proto(self)
+        proto.on_message = lambda tag, msg: self._on(proto, tag, msg)
+        proto.on_close = self._closed
+        self.conns.append(proto)
+        return proto
+
+    def _closed(self, exc: BaseException | None) -> None:
+        self.lost += 1
+
+    def _on(self, proto: FrameProtocol, tag: int, msg: Any) -> None:
+        if type(msg) in (Cancel, Credit, DrainAck):
+            self.control.append((tag, msg))
+            return
+        req = Req(self, proto, tag, msg)
+        self.requests.append(req)
+        if self.auto is not None:
+            self.auto(req)
+
+    def entry(self) -> tuple[str, str, tuple[str, ...]]:
+        return (self.id, self.path, self.models)
+
+    async def nth(self, n: int) -> Req:
+        """The n-th request (0-based) this replica received, waiting for it if need be."""
+        await until(lambda: len(self.requests) > n, what=f"request #{n} at {self.id}")
+        return self.requests[n]
+
+    def args(self) -> list[Any]:
+        return [r.arg for r in self.requests]
+
+    def drain(self) -> None:
+        """Like a replica told to stop: listen no more, tell every router `Drain`."""
+        self.draining = True
+        assert self.server is not None
+        self.server.close()
+        for p in self.conns:
+            p.send(0, Drain())
+
+    def kill(self) -> None:
+        """Die: stop listening and drop every connection."""
+        assert self.server is not None
+        self.server.close()
+        for p in self.conns:
+            p.close()
+
+    def controls(self, cls: type) -> list[tuple[int, Any]]:
+        return [(t, m) for t, m in self.control if type(m) is cls]
+
+
+def answer_ok(req: Req) -> None:
+    req.reply(Ok((req.rep.id, req.arg)))
+
+
+def reject(req: Req) -> None:
+    req.reply(Rejected())
+
+
+def info(reps: list[FakeReplica], max_ongoing: int = 2, max_queued: int = -1, exists: bool = True) -> dict[str, Any]:
+    """What the controller publishes for a deployment (see `Controller` "replicas")."""
+    return {
+        "exists": exists,
+        "max_ongoing_requests": max_ongoing,
+        "max_queued_requests": max_queued,
+        "replicas": [r.entry() for r in reps],
+    }
+
+
+async def connected(router: Router) -> None:
+    tasks = [c.connecting for c in router.replicas.values() if c.connecting is not None]
+    await asyncio.wait_for(asyncio.gather(*tasks), 1)
+
+
+async def make_router(reps: list[FakeReplica], **kw: Any) -> Router:
+    router = Router(DeploymentID("d", "app"), cold_start_timeout_s=kw.pop("cold_start_timeout_s", 2.0))
+    router.update(info(reps, **kw))
+    await connected(router)
+    return router
+
+
+def call(router: Router, arg: Any, meta: Any = None) -> asyncio.Future[Any]:
+    return asyncio.ensure_future(router.call("m", (arg,), {}, meta))
+
+
+def run(net: Net, body: Callable[[Callable[..., Awaitable[FakeReplica]]], Awaitable[None]]) -> None:
+    """Run `body(replica)` in a fresh loop; `await replica(name, auto=..., models=...)` starts one."""
+
+    async def main() -> None:
+        started: list[FakeReplica] = []
+
+        async def replica(name: str, auto: Auto | None = None, models: tuple[str, ...] = ()) -> FakeReplica:
+            rep = await FakeReplica(name, net.sock(name), auto, models).start()
+            started.append(rep)
+            return rep
+
+        try:
+            await body(replica)
+        finally:
+            for rep in started:
+                if rep.server is not None:
+                    rep.server.close()
+
+    net.run(main())
+
+
+async def result(fut: Awaitable[Any]) -> Any:
+    return await asyncio.wait_for(fut, 1)
+
+
+# ---- choosing a replica -----------------------------------------------------------------------
+
+
+def loads_router(loads: list[int], limit: int) -> Router:
+    router = Router(DeploymentID("d", "app"))
+    router.max_ongoing = limit
+    for i, n in enumerate(loads):
+        c = ReplicaConn(router, f"r{i}", "/nonexistent")
+        c.in_flight = n
+        router.ready.append(c)
+    return router
+
+
+def picks(router: Router, n: int = 300) -> list[str | None]:
+    out = []
+    for _ in range(n):
+        r = router._pick()
+        out.append(None if r is None else r.id)
+    return out
+
+
+def test_pick_none_when_no_replica_or_all_full() -> None:
+    assert picks(loads_router([], 2), 5) == [None] * 5
+    assert picks(loads_router([2], 2), 5) == [None] * 5
+    assert picks(loads_router([1], 2), 5) == ["r0"] * 5
+    assert picks(loads_router([2, 2, 2], 2), 50) == [None] * 50
+
+
+def test_pick_two_replicas_is_least_loaded() -> None:
+    assert set(picks(loads_router([3, 1], 5))) == {"r1"}
+    assert set(picks(loads_router([0, 4], 5))) == {"r0"}
+
+
+def test_pick_power_of_two_choices() -> None:
+    random.seed(7)
+    got = picks(loads_router([0, 2, 3], 5), 600)
+    # the most loaded is never the lesser of two; the least loaded always wins its pairs
+    assert "r2" not in got
+    assert got.count("r0") > got.count("r1") > 0
+
+
+def test_pick_skips_full_replicas() -> None:
+    random.seed(3)
+    # a random pair of two full replicas falls back to the least loaded one with room
+    assert set(picks(loads_router([4, 4, 2, 4], 4))) == {"r2"}
+    assert set(picks(loads_router([4, 1, 4], 4))) == {"r1"}
+
+
+def test_acquire_fills_replicas_evenly_up_to_the_limit(net: Net) -> None:
+    async def body(replica: Any) -> None:
+        a, b = await replica("a"), await replica("b")
+        router = await make_router([a, b], max_ongoing=3)
+        got = [await result(router.acquire()) for _ in range(6)]
+        assert sorted(c.id for c in got) == ["a", "a", "a", "b", "b", "b"]
+        assert [c.in_flight for c in router.ready] == [3, 3]
+        waiting = asyncio.ensure_future(router.acquire())
+        await settle()
+        assert not waiting.done() and len(router.queue) == 1
+        freed = got[4]
+        router.release(freed)
+        assert await result(waiting) is freed
+        assert freed.in_flight == 3 and not router.queue
+        router.close()
+
+    run(net, body)
+
+
+# ---- queueing and shedding ----------------------------------------------------------------
+
+
+def test_requests_queue_fifo_and_dispatch_on_release(net: Net) -> None:
+    async def body(replica: Any) -> None:
+        a = await replica("a")
+        router = await make_router([a], max_ongoing=2)
+        calls = [call(router, i) for i in range(6)]
+        await a.nth(1)
+        await until(lambda: len(router.queue) == 4, what="4 queued")
+        await settle()
+        assert a.args() == [0, 1]  # never more than max_ongoing_requests at the replica
+        for i in range(6):
+            (await a.nth(i)).reply(Ok(i * 10))
+            assert await result(calls[i]) == i * 10
+            if i + 2 < 6:
+                await a.nth(i + 2)  # the next in line went out on release
+            assert len(a.requests) == min(i + 3, 6)
+            assert router.replicas["a"].in_flight == min(2, 5 - i)
+        assert a.args() == list(range(6))
+        assert not router.queue
+        router.close()
+
+    run(net, body)
+
+
+def test_queued_requests_go_to_a_replica_that_connects_later(net: Net) -> None:
+    async def body(replica: Any) -> None:
+        router = Router(DeploymentID("d", "app"))
+        router.update(info([]))
+        calls = [call(router, i) for i in range(3)]
+        await settle()
+        assert len(router.queue) == 3
+        a = await replica("a", auto=answer_ok)
+        router.update(info([a], max_ongoing=5))
+        assert await result(asyncio.gather(*calls)) == [("a", 0), ("a", 1), ("a", 2)]
+        router.close()
+
+    run(net, body)
+
+
+def test_no_replica_within_cold_start_timeout(net: Net) -> None:
+    async def body(replica: Any) -> None:
+        router = Router(DeploymentID("d", "app"), cold_start_timeout_s=0.05)
+        router.update(info([]))
+        with pytest.raises(DeploymentUnavailableError, match=r"became available within 0\.05s"):
+            await result(call(router, 1))
+        assert not router.queue
+
+    run(net, body)
+
+
+def test_shed_beyond_max_queued_requests(net: Net) -> None:
+    async def body(replica: Any) -> None:
+        a = await replica("a")
+        router = await make_router([a], max_ongoing=1, max_queued=2)
+        calls = [call(router, i) for i in range(3)]
+        await a.nth(0)
+        await until(lambda: len(router.queue) == 2)
+        with pytest.raises(BackPressureError) as info_:
+            await result(call(router, 3))
+        assert info_.value.num_queued_requests == 2 and info_.value.max_queued_requests == 2
+        for i in range(3):
+            (await a.nth(i)).reply(Ok(i))
+        assert await result(asyncio.gather(*calls)) == [0, 1, 2]
+        assert a.args() == [0, 1, 2]
+        router.close()
+
+    run(net, body)
+
+
+def test_max_queued_zero_sheds_whatever_would_wait(net: Net) -> None:
+    async def body(replica: Any) -> None:
+        a = await replica("a")
+        router = await make_router([a], max_ongoing=1, max_queued=0)
+        first = call(router, 0)
+        await a.nth(0)
+        with pytest.raises(BackPressureError):
+            await result(call(router, 1))
+        a.requests[0].reply(Ok("done"))
+        assert await result(first) == "done"
+        router.close()
+
+    run(net, body)
+
+
+def test_update_sheds_what_was_queued_beyond_a_new_limit(net: Net) -> None:
+    async def body(replica: Any) -> None:
+        a = await replica("a")
+        router = await make_router([a], max_ongoing=1)
+        calls = [call(router, i) for i in range(5)]
+        await a.nth(0)
+        await until(lambda: len(router.queue) == 4)
+        router.update(info([a], max_ongoing=1, max_queued=1))
+        await settle()
+        for c in calls[2:]:  # the newest are shed
+            with pytest.raises(BackPressureError):
+                await result(c)
+        a.requests[0].reply(Ok(0))
+        (await a.nth(1)).reply(Ok(1))
+        assert await result(asyncio.gather(*calls[:2])) == [0, 1]
+        assert a.args() == [0, 1]
+        router.close()
+
+    run(net, body)
+
+
+def test_deployment_deleted_fails_the_queue(net: Net) -> None:
+    async def body(replica: Any) -> None:
+        a = await replica("a")
+        router = await make_router([a], max_ongoing=1)
+        first, queued = call(router, 0), call(router, 1)
+        await a.nth(0)
+        await until(lambda: len(router.queue) == 1)
+        router.update(info([], exists=False))
+        with pytest.raises(DeploymentUnavailableError, match="does not exist"):
+            await result(queued)
+        with pytest.raises(DeploymentUnavailableError):
+            await result(call(router, 2))
+        # what was in flight still finishes: the replica drains before it stops
+        a.requests[0].reply(Ok("last"))
+        assert await result(first) == "last"
+        await until(lambda: a.lost == 1, what="the connection to close")
+        router.close()
+
+    run(net, body)
+
+
+# ---- cancelling -------------------------------------------------------------------------------
+
+
+def test_cancel_a_queued_request(net: Net) -> None:
+    async def body(replica: Any) -> None:
+        a = await replica("a")
+        router = await make_router([a], max_ongoing=1)
+        first, queued = call(router, 0), call(router, 1)
+        await a.nth(0)
+        await until(lambda: len(router.queue) == 1)
+        queued.cancel()
+        await settle()
+        assert not router.queue
+        later = call(router, 2)
+        a.requests[0].reply(Ok(0))
+        assert await result(first) == 0
+        (await a.nth(1)).reply(Ok(2))
+        assert await result(later) == 2
+        assert a.args() == [0, 2]  # the cancelled one never left the router
+        assert not a.controls(Cancel)
+        assert router.replicas["a"].in_flight == 0
+        router.close()
+
+    run(net, body)
+
+
+def test_cancel_an_in_flight_request(net: Net) -> None:
+    async def body(replica: Any) -> None:
+        a = await replica("a")
+        router = await make_router([a], max_ongoing=1)
+        c = call(router, 0)
+        req = await a.nth(0)
+        c.cancel()
+        await until(lambda: a.controls(Cancel), what="Cancel at the replica")
+        assert a.controls(Cancel) == [(req.tag, Cancel())]
+        conn = router.replicas["a"]
+        assert conn.in_flight == 0 and not conn.pending
+        req.reply(Ok("too late"))  # a reply after the cancel is ignored
+        c2 = call(router, 1)
+        (await a.nth(1)).reply(Ok("next"))
+        assert await result(c2) == "next"
+        router.close()
+
+    run(net, body)
+
+
+def test_stream_stopped_early_sends_cancel(net: Net) -> None:
+    async def body(replica: Any) -> None:
+        a = await replica("a")
+        router = await make_router([a], max_ongoing=1)
+        gen = router.stream("g", (), {}, None)
+        first = asyncio.ensure_future(gen.__anext__())
+        req = await a.nth(0)
+        assert type(req.msg) is Stream
+        req.reply(Yield(1), Yield(2))
+        assert await result(first) == 1
+        await gen.aclose()
+        await until(lambda: a.controls(Cancel), what="Cancel at the replica")
+        assert a.controls(Cancel) == [(req.tag, Cancel())]
+        assert router.replicas["a"].in_flight == 0 and not router.replicas["a"].pending
+        router.close()
+
+    run(net, body)
+
+
+def test_stream_items_and_credit(net: Net) -> None:
+    n = STREAM_WINDOW * 2 + 5
+
+    def stream(req: Req) -> None:
+        req.reply(*(Yield(i) for i in range(n)), End())
+
+    async def body(replica: Any) -> None:
+        a = await replica("a", auto=stream)
+
+        async def consume() -> list[Any]:
+            return [x async for x in router.stream("g", (), {}, None)]
+
+        router = await make_router([a], max_ongoing=1)
+        assert await result(consume()) == list(range(n))
+        tag = a.requests[0].tag
+        # every half window taken is credited back
+        await until(lambda: len(a.controls(Credit)) == n // (STREAM_WINDOW // 2))
+        assert all(c == (tag, Credit(STREAM_WINDOW // 2)) for c in a.controls(Credit))
+        assert not a.controls(Cancel)
+        assert router.replicas["a"].in_flight == 0
+        router.close()
+
+    run(net, body)
+
+
+# ---- replies -----------------------------------------------------------------------------------
+
+
+def test_error_and_undecodable_replies(net: Net) -> None:
+    async def body(replica: Any) -> None:
+        a = await replica("a")
+        router = await make_router([a], max_ongoing=1)
+        c = call(router, 0)
+        (await a.nth(0)).reply(error_reply(ValueError("boom")))
+        with pytest.raises(ValueError, match="boom"):
+            await result(c)
+        c = call(router, 1)
+        (await a.nth(1)).reply(Ok(Unloadable()))
+        with pytest.raises(RaySystemError, match="could not be decoded"):
+            await result(c)  # fails, does not hang
+        assert router.replicas["a"].in_flight == 0
+        c = call(router, 2)
+        (await a.nth(2)).reply(Yield("not an answer to a call"))
+        with pytest.raises(RaySystemError, match="unexpected reply Yield"):
+            await result(c)
+        c = call(router, 3)
+        (await a.nth(3)).reply(Ok("fine"))
+        assert await result(c) == "fine"
+        router.close()
+
+    run(net, body)
+
+
+def test_undecodable_stream_item_fails_the_stream(net: Net) -> None:
+    async def body(replica: Any) -> None:
+        a = await replica("a")
+        router = await make_router([a], max_ongoing=1)
+
+        async def consume() -> list[Any]:
+            return [x async for x in router.stream("g", (), {}, None)]
+
+        c = asyncio.ensure_future(consume())
+        req = await a.nth(0)
+        req.reply(Yield(1), Yield(Unloadable()), Yield(3))
+        with pytest.raises(RaySystemError, match="could not be decoded"):
+            await result(c)
+        await until(lambda: a.controls(Cancel))
+        assert a.controls(Cancel) == [(req.tag, Cancel())]
+        router.close()
+
+    run(net, body)
+
+
+def test_http_whole_and_streaming(net: Net) -> None:
+    async def body(replica: Any) -> None:
+        a = await replica("a")
+        router = await make_router([a], max_ongoing=2)
+        whole = asyncio.ensure_future(router.http({"type": "http"}, b"body", None))
+        (await a.nth(0)).reply(HttpFull(201, [], b"made"))
+        assert await result(whole) == HttpFull(201, [], b"made")
+        streaming = asyncio.ensure_future(router.http({"type": "http"}, b"", None))
+        (await a.nth(1)).reply(HttpStart(200, [(b"a", b"b")]), Chunk(b"1"), Chunk(b"2"), End())
+        ch = await result(streaming)
+        assert isinstance(ch, Channel) and ch.start == HttpStart(200, [(b"a", b"b")])
+        assert [await result(ch.get()) for _ in range(3)] == [Chunk(b"1"), Chunk(b"2"), End()]
+        assert not router.replicas["a"].pending
+        router.close()
+
+    run(net, body)
+
+
+def test_multiplexed_model_goes_to_the_replica_holding_it(net: Net) -> None:
+    async def body(replica: Any) -> None:
+        a = await replica("a", auto=answer_ok)
+        b = await replica("b", auto=answer_ok, models=("m1",))
+        router = await make_router([a, b], max_ongoing=5)
+        meta = {"multiplexed_model_id": "m1"}
+        got = await result(asyncio.gather(*(call(router, i, meta) for i in range(5))))
+        assert {rid for rid, _ in got} == {"b"}
+        # with b full, a request for the model takes any replica with room
+        a.auto = b.auto = None
+        held = [call(router, i, meta) for i in range(6)]
+        await b.nth(9)
+        await a.nth(0)
+        assert len(b.requests) == 10 and len(a.requests) == 1
+        for r in [*a.requests, *b.requests[5:]]:
+            r.reply(Ok(r.rep.id))
+        assert sorted(await result(asyncio.gather(*held))) == ["a"] + ["b"] * 5
+        router.close()
+
+    run(net, body)
+
+
+# ---- reject-and-retry, drain -------------------------------------------------------------------
+
+
+def test_rejected_request_is_retried_on_another_replica(net: Net) -> None:
+    async def body(replica: Any) -> None:
+        a = await replica("a")
+        b = await replica("b", auto=answer_ok)
+        router = await make_router([a], max_ongoing=1)
+        c = call(router, 0)
+        req = await a.nth(0)
+        router.update(info([a, b], max_ongoing=1))
+        await connected(router)
+        # a drains, and rejects what it had not started
+        a.drain()
+        req.reply(Rejected())
+        assert await result(c) == ("b", 0)
+        await until(lambda: a.controls(DrainAck), what="DrainAck")
+        assert a.controls(DrainAck) == [(0, DrainAck())]
+        # the router closes its connection to a once nothing is in flight there
+        await until(lambda: a.lost == 1, what="the connection to a to close")
+        assert "a" not in router.replicas or router.replicas["a"].retired
+        assert await result(call(router, 1)) == ("b", 1)
+        router.close()
+
+    run(net, body)
+
+
+def test_rejected_request_goes_first_in_line(net: Net) -> None:
+    async def body(replica: Any) -> None:
+        a, b = await replica("a"), await replica("b")
+        router = await make_router([a], max_ongoing=1)
+        r0 = call(router, 0)
+        at_a = await a.nth(0)
+        router.update(info([a, b], max_ongoing=1))
+        await connected(router)
+        q1 = call(router, 1)
+        at_b = await b.nth(0)
+        q2 = call(router, 2)
+        await until(lambda: len(router.queue) == 1)
+        a.drain()
+        at_a.reply(Rejected())
+        await until(lambda: len(router.queue) == 2, what="the rejected request back in the queue")
+        at_b.reply(Ok("q1"))
+        assert await result(q1) == "q1"
+        (await b.nth(1)).reply(Ok("r0"))
+        (await b.nth(2)).reply(Ok("q2"))
+        assert b.args() == [1, 0, 2]  # the rejected request went before the one waiting
+        assert await result(asyncio.gather(r0, q2)) == ["r0", "q2"]
+        router.close()
+
+    run(net, body)
+
+
+def test_draining_replica_finishes_what_it_started(net: Net) -> None:
+    async def body(replica: Any) -> None:
+        a = await replica("a")
+        b = await replica("b", auto=answer_ok)
+        router = await make_router([a], max_ongoing=3)
+        held = [call(router, i) for i in range(2)]
+        await a.nth(1)
+        router.update(info([a, b], max_ongoing=3))
+        await connected(router)
+        a.drain()
+        await until(lambda: a.controls(DrainAck), what="DrainAck")
+        conn_a = router.replicas["a"]
+        assert conn_a.retired and conn_a.draining and conn_a not in router.ready
+        # new requests go to b only, even with a's slots free
+        got = await result(asyncio.gather(*(call(router, i) for i in range(10, 20))))
+        assert {rid for rid, _ in got} == {"b"}
+        assert len(a.requests) == 2 and a.lost == 0
+        # a's requests still complete; then the router lets go of a
+        a.requests[0].reply(Ok("a0"))
+        assert await result(held[0]) == "a0"
+        await settle()
+        assert a.lost == 0
+        a.requests[1].reply(Ok("a1"))
+        assert await result(held[1]) == "a1"
+        await until(lambda: a.lost == 1, what="the connection to a to close")
+        router.close()
+
+    run(net, body)
+
+
+def test_drain_of_the_only_replica_waits_for_a_new_one(net: Net) -> None:
+    async def body(replica: Any) -> None:
+        a = await replica("a")
+        router = await make_router([a], max_ongoing=1)
+        c = call(router, 0)
+        req = await a.nth(0)
+        a.drain()
+        req.reply(Rejected())
+        await until(lambda: len(router.queue) == 1, what="the request back in the queue")
+        assert len(a.requests) == 1  # not sent to the draining replica again
+        b = await replica("b", auto=answer_ok)
+        router.update(info([a, b], max_ongoing=1))
+        assert await result(c) == ("b", 0)
+        router.close()
+
+    run(net, body)
+
+
+# ---- replica death -----------------------------------------------------------------------------
+
+
+def test_replica_dies_mid_request(net: Net) -> None:
+    async def body(replica: Any) -> None:
+        a = await replica("a")
+        router = await make_router([a], max_ongoing=2)
+        started = [call(router, i) for i in range(2)]
+        queued = call(router, 2)
+        await a.nth(1)
+        await until(lambda: len(router.queue) == 1)
+        a.kill()
+        for c in started:
+            with pytest.raises(ActorDiedError, match="died while handling 2 request"):
+                await result(c)
+        # the request that never left the router does not fail: it waits for a replica
+        await settle()
+        assert not queued.done() and len(router.queue) == 1
+        assert "a" not in router.replicas and not router.ready
+        b = await replica("b", auto=answer_ok)
+        router.update(info([b], max_ongoing=2))
+        assert await result(queued) == ("b", 2)
+        assert len(a.requests) == 2
+        router.close()
+
+    run(net, body)
+
+
+def test_stream_fails_when_its_replica_dies(net: Net) -> None:
+    async def body(replica: Any) -> None:
+        a = await replica("a")
+        router = await make_router([a], max_ongoing=1)
+        gen = router.stream("g", (), {}, None)
+        first = asyncio.ensure_future(gen.__anext__())
+        (await a.nth(0)).reply(Yield("x"))
+        assert await result(first) == "x"
+        a.kill()
+        with pytest.raises(ActorDiedError):
+            await result(gen.__anext__())
+        router.close()
+
+    run(net, body)
+
+
+def test_unreachable_replica_is_dropped(net: Net) -> None:
+    async def body(replica: Any) -> None:
+        b = await replica("b", auto=answer_ok)
+        ghost = FakeReplica("ghost", net.sock("ghost"))  # never started: nothing listens
+        router = await make_router([ghost, b], max_ongoing=1)
+        assert list(router.replicas) == ["b"]
+        assert await result(asyncio.gather(*(call(router, i) for i in range(4)))) == [("b", i) for i in range(4)]
+        router.close()
+
+    run(net, body)
+
+
+# ---- updates ------------------------------------------------------------------------------------
+
+
+def test_update_adds_and_removes_replicas(net: Net) -> None:
+    async def body(replica: Any) -> None:
+        a = await replica("a")
+        b = await replica("b")
+        router = await make_router([a], max_ongoing=1)
+        on_a = call(router, 0)
+        await a.nth(0)
+        router.update(info([a, b], max_ongoing=1))
+        await connected(router)
+        assert sorted(c.id for c in router.ready) == ["a", "b"]
+        on_b = call(router, 1)  # a is full: b takes it
+        await b.nth(0)
+        assert b.args() == [1]
+        # a is removed while its request runs: the request still completes
+        router.update(info([b], max_ongoing=1))
+        assert list(router.replicas) == ["b"] and [c.id for c in router.ready] == ["b"]
+        b.auto = answer_ok
+        b.requests[0].reply(Ok(("b", 1)))
+        assert await result(on_b) == ("b", 1)
+        got = await result(asyncio.gather(*(call(router, i) for i in range(2, 6))))
+        assert got == [("b", i) for i in range(2, 6)]
+        assert len(a.requests) == 1 and a.lost == 0
+        a.requests[0].reply(Ok("a done"))
+        assert await result(on_a) == "a done"
+        await until(lambda: a.lost == 1, what="the removed replica's connection to close")
+        # an update that lists the same replicas again changes nothing
+        conn_b = router.replicas["b"]
+        router.update(info([b], max_ongoing=1))
+        assert router.replicas["b"] is conn_b
+        router.close()
+
+    run(net, body)
+
+
+def test_removed_idle_replica_is_closed_at_once(net: Net) -> None:
+    async def body(replica: Any) -> None:
+        a, b = await replica("a"), await replica("b")
+        router = await make_router([a, b])
+        router.update(info([b]))
+        await until(lambda: a.lost == 1)
+        assert list(router.replicas) == ["b"]
+        router.close()
+        await until(lambda: b.lost == 1)
+
+    run(net, body)
+
+
+def test_update_raises_max_ongoing_and_dispatches(net: Net) -> None:
+    async def body(replica: Any) -> None:
+        a = await replica("a")
+        router = await make_router([a], max_ongoing=1)
+        calls = [call(router, i) for i in range(3)]
+        await a.nth(0)
+        await until(lambda: len(router.queue) == 2)
+        router.update(info([a], max_ongoing=3))
+        await a.nth(2)  # the queue went out at once
+        assert not router.queue
+        for r in a.requests:
+            r.reply(Ok(r.arg))
+        assert await result(asyncio.gather(*calls)) == [0, 1, 2]
+        router.close()
+
+    run(net, body)
+
+
+def test_call_message_shape(net: Net) -> None:
+    async def body(replica: Any) -> None:
+        a = await replica("a", auto=answer_ok)
+        router = await make_router([a])
+        meta = {"request_id": "x"}
+        await result(router.call("m", (1, 2), {"k": 3}, meta))
+        assert a.requests[0].msg == Call("m", (1, 2), {"k": 3}, meta)
+        router.close()
+
+    run(net, body)
+
+
+def test_replica_draining_when_the_router_connects(net: Net) -> None:
+    """A replica that says `Drain` as soon as the router connects (it began draining before
+    the router heard of it) gets nothing, and a request waiting for it keeps waiting."""
+
+    async def body(replica: Any) -> None:
+        d = await replica("d")
+        d.draining = True  # still listening, but answers every new connection with Drain
+        router = Router(DeploymentID("d", "app"), cold_start_timeout_s=2.0)
+        router.update(info([]))
+        waiting = call(router, 0)
+        await settle()
+        router.update(info([d], max_ongoing=1))
+        await connected(router)
+        await until(lambda: d.controls(DrainAck), what="DrainAck")
+        await until(lambda: d.lost == 1, what="the connection to d to close")
+        await settle()
+        assert not waiting.done() and len(router.queue) == 1
+        assert d.requests == [] and not router.ready
+        b = await replica("b", auto=answer_ok)
+        router.update(info([b], max_ongoing=1))
+        assert await result(waiting) == ("b", 0)
+        assert d.requests == []
+        router.close()
+
+    run(net, body)

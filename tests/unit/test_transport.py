@@ -1,0 +1,736 @@
+"""Frames and messages: `protocol.py` (typed messages, encode/decode) and `transport.py`
+(`frame()`, `FrameProtocol` parsing and flow control, `RpcPeer` over real sockets)."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import pickle
+import random
+import socket
+import struct
+import threading
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from flotilla._private import protocol, transport
+from flotilla._private.errors import error_reply
+from flotilla._private.protocol import (
+    MESSAGES,
+    Abort,
+    Call,
+    Cancel,
+    Chunk,
+    Credit,
+    Drain,
+    DrainAck,
+    End,
+    Err,
+    Failure,
+    Http,
+    HttpFull,
+    HttpStart,
+    Ok,
+    Rejected,
+    Reply,
+    Request,
+    Stream,
+    UnknownMessageError,
+    Yield,
+    decode,
+    encode,
+)
+from flotilla._private.transport import (
+    HEADER,
+    FrameProtocol,
+    FrameTooLargeError,
+    PeerClosedError,
+    RemoteCallError,
+    RpcPeer,
+    frame,
+)
+from tests.unit.aio import Net, settle, until
+
+pytestmark = pytest.mark.timeout(10)
+
+HEAD = struct.Struct("<QI")
+
+
+def _explode() -> Any:
+    raise RuntimeError("this object cannot be unpickled")
+
+
+class Unloadable:
+    """Pickles fine, fails to unpickle (like a user type whose __init__ takes other args)."""
+
+    def __reduce__(self) -> Any:
+        return (_explode, ())
+
+
+class LocalThing:
+    def __init__(self, x: int) -> None:
+        self.x = x
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, LocalThing) and other.x == self.x
+
+
+# One example of every message type, with awkward values where a field allows them.
+EXAMPLES: list[tuple[Any, ...]] = [
+    Call("method", (1, "two", b"3"), {"k": [1, 2]}, {"request_id": "r1"}),
+    Stream("gen", (), {}, None),
+    Http({"type": "http", "path": "/x", "headers": [(b"a", b"b")]}, b"\x00\xffbody", {"route": "/"}),
+    Cancel(),
+    Credit(16),
+    DrainAck(),
+    Ok({"nested": (1, 2.5, None, LocalThing(3))}),
+    error_reply(ValueError("bad value")),
+    Err("T", "msg", "tb"),
+    HttpFull(200, [(b"content-type", b"text/plain")], b"ok"),
+    HttpStart(206, []),
+    Chunk(b"x" * 70_000),
+    Yield(lambda: 42),  # needs cloudpickle
+    End(),
+    Abort("generator raised"),
+    Rejected(),
+    Drain(),
+    Request("op", (1, {"a": 2})),
+    Reply([1, 2, 3]),
+    Failure(ValueError("remote")),
+]
+
+
+def same(a: Any, b: Any) -> bool:
+    """Equal messages; callables compare by result, exceptions by type and args."""
+    if type(a) is not type(b):
+        return False
+    for x, y in zip(a, b, strict=True):
+        if callable(x) and not isinstance(x, type):
+            if x() != y():
+                return False
+        elif isinstance(x, BaseException):
+            if type(x) is not type(y) or x.args != y.args:
+                return False
+        elif x != y:
+            return False
+    return True
+
+
+# ---- protocol -----------------------------------------------------------------------------
+
+
+def test_examples_cover_every_message_type() -> None:
+    assert {type(m) for m in EXAMPLES} == set(MESSAGES)
+
+
+@pytest.mark.parametrize("msg", EXAMPLES, ids=lambda m: type(m).__name__)
+def test_every_message_round_trips(msg: tuple[Any, ...]) -> None:
+    out = decode(encode(msg))
+    assert type(out) is type(msg)
+    assert out._fields == msg._fields  # type: ignore[attr-defined]
+    assert same(out, msg)
+    # also through a bytearray and a memoryview (what FrameProtocol hands to decode)
+    assert same(decode(bytearray(encode(msg))), msg)
+    assert same(decode(memoryview(encode(msg))), msg)
+
+
+def test_wire_form_is_a_plain_tuple_with_a_code() -> None:
+    t = pickle.loads(encode(Credit(7)))
+    assert type(t) is tuple
+    assert t == (MESSAGES.index(Credit), 7)
+
+
+def test_err_defaults_round_trip() -> None:
+    out = decode(encode(Err("KeyError", "'k'", "Traceback...")))
+    assert out == Err("KeyError", "'k'", "Traceback...", None, None)
+    assert out.error is None and out.error_type is None
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [pickle.dumps("hello"), pickle.dumps(5), pickle.dumps((999, 1)), pickle.dumps(("x", 1)), pickle.dumps(())],
+    ids=["str", "int", "bad-code", "str-code", "empty"],
+)
+def test_decode_refuses_what_is_not_a_message(payload: bytes) -> None:
+    with pytest.raises(UnknownMessageError):
+        decode(payload)
+
+
+def test_decode_raises_on_a_broken_pickle() -> None:
+    with pytest.raises(Exception):  # noqa: B017 - whatever pickle raises
+        decode(b"definitely not a pickle")
+    with pytest.raises(RuntimeError, match="cannot be unpickled"):
+        decode(encode(Ok(Unloadable())))
+
+
+def test_dumps_falls_back_to_cloudpickle() -> None:
+    def local(x: int) -> int:
+        return x + 1
+
+    assert pickle.loads(protocol.dumps(local))(1) == 2
+    assert pickle.loads(protocol.dumps([1, 2])) == [1, 2]
+
+
+# ---- frame() --------------------------------------------------------------------------------
+
+
+def test_frame_layout() -> None:
+    data = frame(77, Ok("x"))
+    size, tag = HEAD.unpack_from(data)
+    assert HEADER == 12
+    assert tag == 77
+    assert size == len(data) - HEADER
+    assert decode(data[HEADER:]) == Ok("x")
+
+
+def test_frame_refuses_an_oversize_message(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(transport, "MAX_FRAME", 64)
+    frame(1, Ok(b""))  # small: fine
+    with pytest.raises(FrameTooLargeError, match="64-byte frame limit"):
+        frame(1, Ok(b"x" * 100))
+    proto = FrameProtocol(lambda tag, msg: None)
+    proto.transport = FakeTransport()  # type: ignore[assignment]
+    with pytest.raises(FrameTooLargeError):
+        proto.send(1, Ok(b"x" * 100))
+    assert proto.transport.written == []  # type: ignore[attr-defined]
+
+
+def test_frame_error_is_a_value_error() -> None:
+    assert issubclass(FrameTooLargeError, ValueError)
+
+
+# ---- FrameProtocol parsing ------------------------------------------------------------------
+
+
+class FakeTransport:
+    """Records writes (only for send(), which needs a transport)."""
+
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.written.append(bytes(data))
+
+    def writelines(self, parts: Any) -> None:
+        self.written.append(b"".join(parts))
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class Sink:
+    """A FrameProtocol that records what it delivers."""
+
+    def __init__(self) -> None:
+        self.got: list[tuple[int, Any]] = []
+        self.bad: list[tuple[int, BaseException]] = []
+        self.proto = FrameProtocol(self._msg, on_bad_frame=self._bad)
+
+    def _msg(self, tag: int, msg: Any) -> None:
+        self.got.append((tag, msg))
+
+    def _bad(self, tag: int, err: BaseException) -> None:
+        self.bad.append((tag, err))
+
+    def feed(self, *chunks: bytes) -> Sink:
+        for c in chunks:
+            self.proto.data_received(c)
+        return self
+
+
+SEQUENCE: list[tuple[int, tuple[Any, ...]]] = [
+    (1, Call("f", (1,), {}, None)),
+    (2, Ok(b"y" * 300)),
+    (0, Drain()),
+    (3, Yield([1, 2, 3])),
+    (3, End()),
+    (4_000_000_000, Credit(16)),  # tags use the full 32 bits
+    (5, Cancel()),
+]
+BLOB = b"".join(frame(t, m) for t, m in SEQUENCE)
+
+
+def test_whole_sequence_in_one_chunk() -> None:
+    s = Sink().feed(BLOB)
+    assert s.got == SEQUENCE and not s.bad
+    assert not s.proto._buf
+
+
+def test_sequence_split_at_every_offset() -> None:
+    for i in range(len(BLOB) + 1):
+        s = Sink().feed(BLOB[:i], BLOB[i:])
+        assert s.got == SEQUENCE, f"split at {i}"
+        assert not s.bad and not s.proto._buf
+
+
+def test_sequence_byte_by_byte() -> None:
+    s = Sink()
+    for i in range(len(BLOB)):
+        s.proto.data_received(BLOB[i : i + 1])
+    assert s.got == SEQUENCE and not s.bad and not s.proto._buf
+
+
+def test_sequence_in_random_chunks() -> None:
+    rng = random.Random(1234)
+    for _ in range(300):
+        cuts = sorted(rng.sample(range(1, len(BLOB)), rng.randint(1, 8)))
+        bounds = [0, *cuts, len(BLOB)]
+        s = Sink().feed(*(BLOB[a:b] for a, b in itertools.pairwise(bounds)))
+        assert s.got == SEQUENCE, cuts
+
+
+def test_a_chunk_may_also_be_a_bytearray_or_hold_an_empty_chunk() -> None:
+    s = Sink().feed(b"", bytearray(BLOB[:5]), b"", BLOB[5:])
+    assert s.got == SEQUENCE
+
+
+def raw(tag: int, payload: bytes) -> bytes:
+    return HEAD.pack(len(payload), tag) + payload
+
+
+BAD_BLOB = b"".join([
+    frame(1, Ok(1)),
+    raw(2, b"not a pickle at all"),
+    frame(3, Ok(3)),
+    raw(4, pickle.dumps(("not", "ours"))),
+    frame(5, Ok(5)),
+    raw(6, encode(Ok(Unloadable()))),
+    frame(7, Ok(7)),
+    raw(8, b""),  # an empty payload
+    frame(9, Ok(9)),
+])
+
+
+def check_bad(s: Sink) -> None:
+    assert s.got == [(1, Ok(1)), (3, Ok(3)), (5, Ok(5)), (7, Ok(7)), (9, Ok(9))]
+    assert [t for t, _ in s.bad] == [2, 4, 6, 8]
+    assert isinstance(s.bad[1][1], UnknownMessageError)
+    assert isinstance(s.bad[2][1], RuntimeError)
+    assert not s.proto._buf
+
+
+def test_bad_payloads_are_reported_and_later_frames_still_arrive() -> None:
+    check_bad(Sink().feed(BAD_BLOB))
+
+
+def test_bad_payloads_split_at_every_offset() -> None:
+    for i in range(len(BAD_BLOB) + 1):
+        check_bad(Sink().feed(BAD_BLOB[:i], BAD_BLOB[i:]))
+
+
+def test_the_default_bad_frame_handler_logs(caplog: pytest.LogCaptureFixture) -> None:
+    got: list[Any] = []
+    proto = FrameProtocol(lambda t, m: got.append(m))
+    proto.data_received(raw(9, b"garbage") + frame(10, End()))
+    assert got == [End()]
+    assert "tag 9" in caplog.text
+
+
+def test_oversize_frames_are_skipped(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(transport, "MAX_FRAME", 64)
+    small = [(1, Ok(1)), (3, End()), (5, Ok("five")), (7, Credit(2))]
+    blob = b"".join([
+        frame(*small[0]),
+        raw(2, b"A" * 65),  # one byte over
+        frame(*small[1]),
+        raw(4, b"B" * 1000),
+        frame(*small[2]),
+        raw(6, b"C" * 100) + raw(8, b"D" * 200),  # two in a row
+        frame(*small[3]),
+    ])
+
+    def check(s: Sink, where: Any) -> None:
+        assert s.got == small, where
+        assert [t for t, _ in s.bad] == [2, 4, 6, 8], where
+        assert all(isinstance(e, FrameTooLargeError) for _, e in s.bad)
+        assert s.proto._skip == 0 and not s.proto._buf, where
+
+    check(Sink().feed(blob), "whole")
+    for i in range(len(blob) + 1):
+        check(Sink().feed(blob[:i], blob[i:]), i)
+    s = Sink()
+    for i in range(len(blob)):
+        s.proto.data_received(blob[i : i + 1])
+    check(s, "byte by byte")
+
+
+def test_exactly_max_frame_is_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
+    payload = encode(Ok(b"z" * 20))
+    monkeypatch.setattr(transport, "MAX_FRAME", len(payload))
+    s = Sink().feed(frame(1, Ok(b"z" * 20)))
+    assert s.got == [(1, Ok(b"z" * 20))] and not s.bad
+
+
+def test_an_oversize_header_reports_before_its_payload_arrives(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The request it belongs to fails at once, not after gigabytes have been read."""
+    monkeypatch.setattr(transport, "MAX_FRAME", 64)
+    s = Sink().feed(HEAD.pack(10_000, 42) + b"x" * 10)
+    assert [t for t, _ in s.bad] == [42]
+    assert s.proto._skip == 10_000 - 10
+    s.feed(b"x" * (10_000 - 10 - 3), b"xxx" + frame(43, End()))
+    assert s.got == [(43, End())] and s.proto._skip == 0
+
+
+def test_send_writes_whole_frames() -> None:
+    proto = FrameProtocol(lambda t, m: None)
+    ft = proto.transport = FakeTransport()  # type: ignore[assignment]
+    proto.send(3, Ok("small"))
+    proto.send(4, Chunk(b"b" * 100_000))  # large: header and payload written together
+    proto.send_raw(frame(5, End()))
+    s = Sink().feed(*ft.written)  # type: ignore[attr-defined]
+    assert s.got == [(3, Ok("small")), (4, Chunk(b"b" * 100_000)), (5, End())]
+
+
+def test_send_after_close_is_dropped() -> None:
+    proto = FrameProtocol(lambda t, m: None)
+    proto.send(1, End())  # not connected: nothing to write to, no error
+    ft = FakeTransport()
+    proto.connection_made(ft)  # type: ignore[arg-type]
+    proto.connection_lost(None)
+    proto.send(1, End())
+    proto.send_raw(frame(1, End()))
+    assert ft.written == [] and proto.closed
+
+
+# ---- flow control -----------------------------------------------------------------------------
+
+
+def run(coro: Awaitable[Any]) -> Any:
+    return asyncio.run(coro)  # type: ignore[arg-type]
+
+
+def test_drained_returns_at_once_when_not_paused() -> None:
+    async def main() -> None:
+        proto = FrameProtocol(lambda t, m: None)
+        await asyncio.wait_for(proto.drained(), 1)
+
+    run(main())
+
+
+def test_drained_waits_for_resume_writing() -> None:
+    async def main() -> None:
+        proto = FrameProtocol(lambda t, m: None)
+        proto.pause_writing()
+        assert proto.paused
+        waiters = [asyncio.ensure_future(proto.drained()) for _ in range(3)]
+        await settle()
+        assert not any(w.done() for w in waiters)
+        proto.resume_writing()
+        await asyncio.wait_for(asyncio.gather(*waiters), 1)
+        assert not proto.paused
+        # paused again: a new wait, released by the next resume
+        proto.pause_writing()
+        w = asyncio.ensure_future(proto.drained())
+        await settle()
+        assert not w.done()
+        proto.resume_writing()
+        await asyncio.wait_for(w, 1)
+        proto.resume_writing()  # a resume with nobody waiting is harmless
+
+    run(main())
+
+
+def test_drained_returns_when_the_connection_is_lost(net: Net) -> None:
+    async def main() -> None:
+        closed: list[Any] = []
+        proto = FrameProtocol(lambda t, m: None, on_close=closed.append)
+        proto.pause_writing()
+        w = asyncio.ensure_future(proto.drained())
+        await settle()
+        assert not w.done()
+        err = ConnectionResetError()
+        proto.connection_lost(err)
+        await asyncio.wait_for(w, 1)
+        assert closed == [err]
+        await asyncio.wait_for(proto.drained(), 1)  # still paused, but closed: no wait
+
+    net.run(main())
+
+
+async def socket_pair(
+    left: Callable[[], asyncio.Protocol], right: Callable[[], asyncio.Protocol]
+) -> tuple[asyncio.Transport, asyncio.Transport]:
+    loop = asyncio.get_running_loop()
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    ta, _ = await loop.create_unix_connection(left, sock=a)
+    tb, _ = await loop.create_unix_connection(right, sock=b)
+    return ta, tb
+
+
+def test_pause_writing_over_a_real_socket(net: Net) -> None:
+    """A reader that does not read pauses the writer; reading again resumes it."""
+
+    async def main() -> None:
+        got: list[tuple[int, Any]] = []
+        writer = FrameProtocol(lambda t, m: None)
+        reader = FrameProtocol(lambda t, m: got.append((t, m)))
+        tw, tr = await socket_pair(lambda: writer, lambda: reader)
+        tr.pause_reading()
+        tw.set_write_buffer_limits(high=4096)
+        big = Chunk(b"q" * 256 * 1024)
+        n = 0
+        while not writer.paused:  # fill the socket buffer, then the transport's
+            n += 1
+            writer.send(n, big)
+            assert n < 1000, "the transport never paused"
+        w = asyncio.ensure_future(writer.drained())
+        await settle()
+        assert not w.done()
+        tr.resume_reading()
+        await asyncio.wait_for(w, 1.5)
+        assert not writer.paused
+        await until(lambda: len(got) == n, what="every frame")
+        assert [t for t, _ in got] == list(range(1, n + 1))
+        assert all(m == big for _, m in got)
+        tw.close()
+        tr.close()
+
+    net.run(main())
+
+
+# ---- RpcPeer over a real connection -----------------------------------------------------------
+
+
+class Handler:
+    def __init__(self) -> None:
+        self.gate = asyncio.Event()
+        self.calls: list[tuple[str, tuple[Any, ...]]] = []
+        self.notified = asyncio.Event()
+
+    async def __call__(self, peer: RpcPeer, op: str, args: tuple[Any, ...]) -> Any:
+        self.calls.append((op, args))
+        if op == "add":
+            return args[0] + args[1]
+        if op == "sync":
+            return "not awaited"
+        if op == "wait":
+            await self.gate.wait()
+            return "released"
+        if op == "fail":
+            raise ValueError("remote failure")
+        if op == "unpicklable_error":
+            e = ValueError("with a lock")
+            e.lock = threading.Lock()  # type: ignore[attr-defined]
+            raise e
+        if op == "unloadable":
+            return Unloadable()
+        if op == "unsendable":
+            return threading.Lock()
+        if op == "note":
+            self.notified.set()
+            return None
+        if op == "echo":
+            return args
+        raise KeyError(op)
+
+
+async def peers(
+    ha: Any = None, hb: Any = None
+) -> tuple[RpcPeer, RpcPeer]:
+    a = RpcPeer(ha, name="a")
+    b = RpcPeer(hb, name="b")
+    await socket_pair(lambda: a.proto, lambda: b.proto)
+    return a, b
+
+
+def test_rpc_call_and_reply(net: Net) -> None:
+    async def main() -> None:
+        h = Handler()
+        a, _b = await peers(None, h)
+        assert await asyncio.wait_for(a.call("add", 2, 3), 1) == 5
+        assert await asyncio.wait_for(a.call("echo", LocalThing(1), b"x"), 1) == (LocalThing(1), b"x")
+        results = await asyncio.wait_for(asyncio.gather(*(a.call("add", i, i) for i in range(50))), 1)
+        assert results == [2 * i for i in range(50)]
+        a.close()
+
+    net.run(main())
+
+
+def test_rpc_sync_handler(net: Net) -> None:
+    async def main() -> None:
+        a, _b = await peers(None, lambda peer, op, args: (op, args))
+        assert await asyncio.wait_for(a.call("x", 1), 1) == ("x", (1,))
+        a.close()
+
+    net.run(main())
+
+
+def test_rpc_calls_in_both_directions_at_once(net: Net) -> None:
+    async def main() -> None:
+        ha, hb = Handler(), Handler()
+        a, b = await peers(ha, hb)
+        wa = a.call("wait")  # id 1 from a
+        wb = b.call("wait")  # id 1 from b: the same tag, the other direction
+        assert await asyncio.wait_for(a.call("add", 1, 1), 1) == 2
+        assert await asyncio.wait_for(b.call("add", 2, 2), 1) == 4
+        hb.gate.set()
+        assert await asyncio.wait_for(wa, 1) == "released"
+        assert not wb.done()
+        ha.gate.set()
+        assert await asyncio.wait_for(wb, 1) == "released"
+        a.close()
+
+    net.run(main())
+
+
+def test_rpc_remote_error(net: Net) -> None:
+    async def main() -> None:
+        a, b = await peers(None, Handler())
+        with pytest.raises(ValueError, match="remote failure"):
+            await asyncio.wait_for(a.call("fail"), 1)
+        with pytest.raises(KeyError):
+            await asyncio.wait_for(a.call("no such op"), 1)
+        # an exception that cannot be pickled arrives as its traceback
+        with pytest.raises(RemoteCallError, match="with a lock"):
+            await asyncio.wait_for(a.call("unpicklable_error"), 1)
+        # no handler at all
+        with pytest.raises(RemoteCallError, match="accepts no calls"):
+            await asyncio.wait_for(b.call("add", 1, 2), 1)
+        assert await asyncio.wait_for(a.call("add", 1, 2), 1) == 3  # still usable
+        a.close()
+
+    net.run(main())
+
+
+def test_rpc_undecodable_reply_fails_the_call(net: Net) -> None:
+    async def main() -> None:
+        a, _b = await peers(None, Handler())
+        with pytest.raises(RemoteCallError, match="could not be decoded"):
+            await asyncio.wait_for(a.call("unloadable"), 1)
+        assert not a._pending
+        assert await asyncio.wait_for(a.call("add", 1, 2), 1) == 3
+
+    net.run(main())
+
+
+def test_rpc_unsendable_reply_fails_the_call(net: Net) -> None:
+    async def main() -> None:
+        a, _b = await peers(None, Handler())
+        with pytest.raises(RemoteCallError, match="could not be sent"):
+            await asyncio.wait_for(a.call("unsendable"), 1)
+        assert await asyncio.wait_for(a.call("add", 1, 2), 1) == 3
+
+    net.run(main())
+
+
+def test_rpc_undecodable_call_is_answered(net: Net) -> None:
+    async def main() -> None:
+        h = Handler()
+        a, _b = await peers(None, h)
+        with pytest.raises(RemoteCallError, match="could not be decoded by b"):
+            await asyncio.wait_for(a.call("echo", Unloadable()), 1)
+        assert h.calls == []
+        assert await asyncio.wait_for(a.call("add", 1, 2), 1) == 3
+
+    net.run(main())
+
+
+def test_rpc_undecodable_call_does_not_fail_a_call_with_the_same_id(net: Net) -> None:
+    """Both sides number their calls from 1: a request from b that cannot be decoded must
+    fail b's call, not a's pending call that happens to carry the same id."""
+
+    async def main() -> None:
+        ha, hb = Handler(), Handler()
+        a, b = await peers(ha, hb)
+        wa = a.call("wait")  # a's call 1, pending in b
+        with pytest.raises(RemoteCallError, match="could not be decoded by a"):
+            await asyncio.wait_for(b.call("echo", Unloadable()), 1)  # b's call 1
+        assert not wa.done()
+        hb.gate.set()
+        assert await asyncio.wait_for(wa, 1) == "released"
+
+    net.run(main())
+
+
+def test_rpc_unsendable_call_fails_at_once(net: Net) -> None:
+    async def main() -> None:
+        a, _b = await peers(None, Handler())
+        fut = a.call("echo", threading.Lock())
+        assert fut.done()
+        with pytest.raises(TypeError):
+            fut.result()
+        assert not a._pending
+
+    net.run(main())
+
+
+def test_rpc_notification(net: Net) -> None:
+    async def main() -> None:
+        h = Handler()
+        a, _b = await peers(None, h)
+        a.notify("fail")  # fails there: logged, no answer
+        a.notify("echo", Unloadable())  # cannot be decoded there: logged, no answer
+        a.notify("note")
+        await asyncio.wait_for(h.notified.wait(), 1)
+        assert [op for op, _ in h.calls] == ["fail", "note"]
+        assert not a._pending
+        assert await asyncio.wait_for(a.call("add", 1, 2), 1) == 3
+
+    net.run(main())
+
+
+def test_rpc_peer_close_fails_pending_calls(net: Net) -> None:
+    async def main() -> None:
+        h = Handler()
+        a, b = await peers(None, h)
+        closed_a: list[str] = []
+        a.on_close(lambda: closed_a.append("a"))
+        calls = [a.call("wait") for _ in range(3)]
+        await until(lambda: len(h.calls) == 3, what="calls to arrive")
+        b.close()  # the other side goes away
+        for c in calls:
+            with pytest.raises(PeerClosedError):
+                await asyncio.wait_for(c, 1)
+        assert a.closed and closed_a == ["a"]
+        assert not a._pending
+        # after the close: fails at once, and a late on_close callback runs at once
+        with pytest.raises(PeerClosedError):
+            await asyncio.wait_for(a.call("add", 1, 2), 1)
+        a.on_close(lambda: closed_a.append("late"))
+        assert closed_a == ["a", "late"]
+
+    net.run(main())
+
+
+def test_rpc_on_close_callback_errors_are_contained(net: Net) -> None:
+    async def main() -> None:
+        a, _b = await peers(None, Handler())
+        ran: list[int] = []
+
+        def boom() -> None:
+            raise RuntimeError("callback failed")
+
+        a.on_close(boom)
+        a.on_close(lambda: ran.append(1))
+        a.close()
+        await until(lambda: a.closed)
+        assert ran == [1]
+
+    net.run(main())
+
+
+def test_rpc_over_unix_socket_server(net: Net) -> None:
+    path = net.sock("rpc")
+
+    async def main() -> None:
+        served: list[RpcPeer] = []
+
+        def make() -> RpcPeer:
+            p = RpcPeer(Handler(), name="server")
+            served.append(p)
+            return p
+
+        server = await transport.serve_unix(path, make)
+        try:
+            client = await transport.connect_unix(path, RpcPeer(None, name="client"))
+            assert await asyncio.wait_for(client.call("add", 20, 22), 1) == 42
+            assert len(served) == 1
+            client.close()
+            await until(lambda: served[0].closed)
+        finally:
+            server.close()
+
+    net.run(main())
