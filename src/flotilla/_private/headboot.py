@@ -3,10 +3,23 @@
 The zygote's preloading (~0.2 s) then overlaps with the head's own imports.
 """
 
+import os
 import subprocess
 import sys
 
 if __name__ == "__main__":
+    from flotilla._private.proctitle import set_title
+
+    set_title("flotilla::head")
+    from flotilla._private.keeper import keeper_from_env
+
+    keeper = keeper_from_env()
+    if keeper is not None:  # die with the keeper (replicas and the proxy watch it too)
+        from flotilla._private.zygote import die_with_parent
+
+        die_with_parent()
+        if os.getppid() != keeper[0]:
+            sys.exit(1)
     zygote = subprocess.Popen(
         [sys.executable, "-m", "flotilla._private.zygote"], stdin=subprocess.PIPE, stdout=subprocess.PIPE
     )
