@@ -15,6 +15,7 @@ import pytest
 
 from flotilla import serve
 from flotilla._private import checkpoint
+from flotilla._private.autoscaling import PolicyState
 from flotilla._private.controller import Controller, Replica
 from flotilla._private.lifecycle import RState, transition
 from flotilla._private.resources import ResourcePool
@@ -79,6 +80,7 @@ async def _round_trip(tmp: Path, live: list[subprocess.Popen[bytes]], dead_pid: 
     scaled = c.apps["s"].deployments["Scaled"]
     assert scaled.autoscale is not None
     scaled.autoscale.samples = [(10.0, 3.0), (10.25, 4.0)]
+    scaled.autoscale.policy = PolicyState(1, 10.0)  # wants up since t=10
     scaled.target = 3
     dep.failures = 1
 
@@ -119,7 +121,7 @@ async def _round_trip(tmp: Path, live: list[subprocess.Popen[bytes]], dead_pid: 
     assert dep2.spec["def_bytes"] == NOT_A_PICKLE  # opaque bytes, never unpickled
     scaled2 = c2.apps["s"].deployments["Scaled"]
     assert scaled2.target == 3 and scaled2.autoscale is not None
-    assert scaled2.autoscale.samples == [(10.0, 3.0), (10.25, 4.0)]
+    assert scaled2.autoscale.policy == PolicyState(1, 10.0) and scaled2.autoscale.samples == []
 
     assert set(c2.replicas) == {a.id, b.id, s1.id}  # the dead one is left out
     a2, b2, s2 = c2.replicas[a.id], c2.replicas[b.id], c2.replicas[s1.id]

@@ -6,7 +6,8 @@ temporary file, then `os.replace`), to `<session>/checkpoint.pkl`:
 
 - apps: name, route prefix, ingress, status, deploy time, deleting;
 - deployments: their spec by reference (see below), target, status, failure counts and
-  messages, autoscaling state (target, samples, the policy's pending wish, last decision);
+  messages, autoscaling state (target, the policy's pending wish and since when, the last
+  decision; not the load samples, which a restarted head takes anew);
 - replicas: id, app, deployment, spec by reference, state, pid and start time, socket path,
   resource allocation (units and GPU ids with shares), the config last applied, models held;
 - the proxy: pid and start time, URL, options; the metrics port.
@@ -144,8 +145,7 @@ def _autoscale(st: Any) -> dict[str, Any] | None:
     if st is None:
         return None
     policy = st.policy
-    return {
-        "samples": [tuple(x) for x in st.samples],
+    return {  # not the load samples: they change every tick; a restarted head samples anew
         "policy": None if policy is None else (policy.direction, policy.since),
         "last_decision": st.last_decision,
         "last_decision_time_s": st.last_decision_time_s,
@@ -216,7 +216,6 @@ def restore(c: Controller, state: dict[str, Any], specs: dict[str, dict[str, Any
         saved = d["autoscale"]
         if dep.autoscale is not None and saved is not None:
             st = dep.autoscale
-            st.samples = [tuple(x) for x in saved["samples"]]  # type: ignore[misc]
             if saved["policy"] is not None:
                 st.policy = PolicyState(*saved["policy"])
             st.last_decision = saved["last_decision"]

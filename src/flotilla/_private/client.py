@@ -100,7 +100,7 @@ class HeadLink:
         self.peer = None
         self.up.clear()
         if self.closed or self.gone:
-            self.up.set()
+            self.up.set()  # wake waiting calls: they raise
             return
         self.down_since = time.monotonic()
         logger.warning("lost the connection to the head; reconnecting")
@@ -155,6 +155,8 @@ class HeadLink:
         while True:
             if self.gone:
                 raise ClusterGoneError(self.gone)
+            if self.closed:
+                raise PeerClosedError(f"the connection to the {self.name} was closed")
             peer = self.peer
             if peer is None or peer.closed:
                 if deadline is None:
@@ -432,6 +434,7 @@ class Runtime:
                 self.call_head("shutdown", timeout=timeout, wait_s=min(2.0, head_wait_s()))
             except Exception:
                 pass
+        self.link.closed = True  # the head goes now: do not reconnect
         try:
             if proc.stdin:
                 proc.stdin.close()

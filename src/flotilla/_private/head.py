@@ -31,6 +31,9 @@ logger = logging.getLogger("flotilla.head")
 
 PROXY_START_TIMEOUT_S = 30.0
 PROXY_STOP_TIMEOUT_S = 3.0
+#: Control operations whose effect is checkpointed before they are answered.
+_DURABLE = frozenset({"deploy_app", "delete_app", "start_http", "serve_shutdown", "replica_register",
+                      "replica_reattach", "proxy_reattach", "proxy_ready"})
 #: The first restart of a dead proxy waits this long; repeated crashes back off to 5 s.
 PROXY_FIRST_RESTART_S = 0.05
 #: How long a graceful shutdown (SIGTERM, `shutdown`) may drain replicas before killing them.
@@ -415,6 +418,12 @@ class Head:
         self.done.set()
 
     async def handle(self, peer: RpcPeer, op: str, args: tuple[Any, ...]) -> Any:
+        result = await self._handle(peer, op, args)
+        if op in _DURABLE and self._ckpt_pending:
+            self._write_checkpoint()  # on disk before the caller hears it was done
+        return result
+
+    async def _handle(self, peer: RpcPeer, op: str, args: tuple[Any, ...]) -> Any:
         c = self.controller
         if op == "subscribe":
             return c.subscribe(peer, args[0])

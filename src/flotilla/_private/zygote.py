@@ -61,7 +61,10 @@ def watch_keeper() -> None:
         os._exit(1)  # the number names another process now: ours is gone
 
     def wait() -> None:
-        select.select([fd], [], [])
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        while not poller.poll():
+            pass
         os.killpg(0, signal.SIGKILL)
 
     threading.Thread(target=wait, name="flotilla-keeper-watch", daemon=True).start()
