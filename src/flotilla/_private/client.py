@@ -39,7 +39,7 @@ REPORT_PERIOD_S = 0.2
 #: Default of `FLOTILLA_HEAD_WAIT_S`: how long a control call waits for a head that is away.
 HEAD_WAIT_S = 10.0
 RECONNECT_FIRST_S = 0.02
-RECONNECT_MAX_S = 0.5
+RECONNECT_MAX_S = 0.2
 
 
 def head_wait_s() -> float:

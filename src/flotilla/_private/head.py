@@ -75,6 +75,7 @@ class ProxyManager:
         self.message = ""  # why the last start failed ("" after a success)
         self._restarting_since: float | None = None
         self._relaunch_task: asyncio.Task[None] | None = None
+        self._first_start = False  # serve.start is waiting: a crash now is its error, not retried
 
     async def start(self, options: dict[str, Any]) -> str:
         if self.options is not None and self.status in (ProxyStatus.HEALTHY, ProxyStatus.STARTING):
@@ -105,6 +106,7 @@ class ProxyManager:
             self._ready = None
             logger.info("direct ingress: replicas will accept on %s themselves", self.url)
             return self.url
+        self._first_start = True
         return await self._launch()
 
     async def _hold(self, sock: Any) -> None:
@@ -148,6 +150,7 @@ class ProxyManager:
             raise RuntimeError(f"the HTTP proxy did not start within {PROXY_START_TIMEOUT_S}s; see {log}") from None
 
     def ready(self, peer: RpcPeer, url: str, reattached: bool = False) -> None:
+        self._first_start = False
         self.peer = peer
         self.url = url
         self.status = ProxyStatus.HEALTHY
@@ -191,6 +194,17 @@ class ProxyManager:
                 self._ready.set_exception(RuntimeError(cause))
                 self._ready.exception()
         if self.stopping or self.options is None:
+            return
+        if self._first_start:  # serve.start gets this error; nothing is retried or held
+            self._first_start = False
+            logger.error("%s", cause)
+            self.status = ProxyStatus.UNHEALTHY
+            self.message = cause
+            self.options = None
+            self.shared.close()
+            self.shared = None
+            self.head.keeper.drop("http")
+            self.head.checkpoint_soon()
             return
         self.status = ProxyStatus.STARTING
         delay = self.backoff.failed()
@@ -296,7 +310,8 @@ class Head:
         loop = asyncio.get_running_loop()
         # Start the zygote first: it preloads the framework while this process imports the
         # controller (pydantic and friends).
-        await self.supervisor.use_zygote(self._zygote)
+        if self._zygote is not None:
+            await self.supervisor.use_zygote(self._zygote)
         from flotilla._private.controller import REATTACH_TIMEOUT_S, Controller
         from flotilla._private.resources import ResourcePool
 
@@ -338,6 +353,8 @@ class Head:
         ready = {"sock": self.sock, "resources": self.resources, "metrics_port": self.metrics_port, "pid": os.getpid()}
         sys.stdout.write(json.dumps(ready) + "\n")
         sys.stdout.flush()
+        if self._zygote is None:  # a restarted head: the fork server's preloading waited till now
+            await self.supervisor.use_zygote()
         await self.done.wait()
         controller_task.cancel()
         with contextlib.suppress(Exception):

@@ -3,6 +3,7 @@
 The zygote's preloading (~0.2 s) then overlaps with the head's own imports.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -20,7 +21,10 @@ if __name__ == "__main__":
         die_with_parent()
         if os.getppid() != keeper[0]:
             sys.exit(1)
-    zygote = subprocess.Popen(
+    # A restarted head (the keeper counts restarts) is ready sooner without the zygote's
+    # preloading competing for the CPU: it starts the zygote once it serves (`head.Head.run`).
+    restarted = bool(json.loads(sys.argv[1]).get("restarts"))
+    zygote = None if restarted else subprocess.Popen(
         [sys.executable, "-m", "flotilla._private.zygote"], stdin=subprocess.PIPE, stdout=subprocess.PIPE
     )
     from flotilla._private import head

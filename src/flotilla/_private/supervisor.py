@@ -368,7 +368,6 @@ class ZygoteSupervisor(Supervisor):
 
     async def start(self, kind: str, log_path: str, args: dict[str, Any],
                     on_exit: Callable[[Process], None] | None = None) -> Process:
-        assert self._ready is not None, "use_zygote() first"
         if not self._up.is_set():  # starting, or being restarted after it died
             try:
                 await asyncio.wait_for(self._up.wait(), ZYGOTE_START_TIMEOUT_S)
