@@ -318,6 +318,9 @@ def test_nothing_is_left_after_shutdown_or_driver_exit(tmp_path: Path) -> None:
         procs = ours()
         assert {t for t in procs.values()} >= {"flotilla::keeper", "flotilla::head", "flotilla::zygote",
                                                "flotilla::proxy", "flotilla::replica:left:Echo"}, procs
+        serve.shutdown()  # Serve goes (proxy, replicas); the cluster stays
+        wait_for(lambda: sorted(ours().values()) == ["flotilla::head", "flotilla::keeper", "flotilla::zygote"],
+                 timeout=15, what=f"only the cluster's own processes left: {ours()}")
     assert not flotilla.is_initialized()
     wait_for(lambda: gone(procs), timeout=15, what=f"every process gone after shutdown: {procs}")
 
