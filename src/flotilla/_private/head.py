@@ -321,9 +321,16 @@ class Head:
         saved = self._load_checkpoint()
         if saved is not None:
             state, specs = saved
-            n = checkpoint.restore(self.controller, state, specs, self.supervisor)
+            try:
+                n = checkpoint.restore(self.controller, state, specs, self.supervisor)
+                await self.proxy.restore(state.get("proxy"), self.held.pop("http", None))
+            except Exception:  # never a crash loop on a checkpoint: start empty instead
+                logger.exception("the checkpoint could not be restored; starting empty (kept as %s)",
+                                 self.ckpt.set_aside())
+                self.controller = Controller(self.session_dir, self.sock, ResourcePool(self.resources), self.supervisor)
+                self.controller.proxy = self.proxy = ProxyManager(self)
+                state, n = {}, 0
             metrics_port = int(state.get("metrics_port") or metrics_port)
-            await self.proxy.restore(state.get("proxy"), self.held.pop("http", None))
             logger.info("restarted from the checkpoint (restart %s): %d application(s), %d live replica(s) "
                         "re-adopted%s", self.cfg.get("restarts"), len(self.controller.apps), n,
                         ", and the HTTP proxy" if self.proxy.proc is not None else "")

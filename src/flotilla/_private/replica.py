@@ -16,6 +16,7 @@ pool so it never blocks the event loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import functools
 import inspect
@@ -234,6 +235,8 @@ class Replica:
         if self.direct is not None:
             await self.direct.stop()
         server.close()
+        with contextlib.suppress(OSError):
+            os.unlink(args["sock_path"])
 
     async def _failed(self, why: str) -> None:
         self.phase = "failed"
