@@ -120,7 +120,7 @@ def pid_of(answer: Hashable) -> int:
 
 @pytest.fixture(scope="module")
 def cluster() -> Any:
-    with running_cluster(num_cpus=8) as url:
+    with running_cluster(num_cpus=8, num_gpus=2) as url:
         yield url
 
 
@@ -248,6 +248,27 @@ def test_kill_replica_under_load(url: str) -> None:
         http.wait_ok(50)
     report("kill -9 replica", failed=http.failed, replaced_s=f"{replaced:.2f}")
     assert http.failed <= 4 and http.stuck == 0, http.report()  # at most its requests in flight
+
+
+@serve.deployment(ray_actor_options={"num_gpus": 1, "num_cpus": 0.25})
+class OnGpu:
+    def __call__(self, *args: Any) -> str:
+        return os.environ.get("CUDA_VISIBLE_DEVICES", "")
+
+
+def test_gpu_ids_survive_a_head_restart(url: str) -> None:
+    h = serve.run(OnGpu.bind(), name="gpu", route_prefix=None)
+    first = h.remote().result(timeout_s=10)
+    assert first in ("0", "1")
+    head = one("flotilla::head")
+    os.kill(head, signal.SIGKILL)
+    wait_for(lambda: [p for p in find("flotilla::head") if p != head], timeout=10, what="a new head")
+    # The restarted head re-took the GPU the replica holds: a second replica gets the other one.
+    h = serve.run(OnGpu.options(num_replicas=2).bind(), name="gpu", route_prefix=None)
+    seen = wait_for(lambda: {h.remote().result(timeout_s=10) for _ in range(20)} == {"0", "1"} and True,
+                    timeout=20, what="both GPUs in use")
+    assert seen
+    assert serve.status().applications["gpu"].deployments["OnGpu"].replica_states == {"RUNNING": 2}
 
 
 def test_status_waits_briefly_for_a_head_that_is_away(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
