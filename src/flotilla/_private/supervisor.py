@@ -364,7 +364,7 @@ class ZygoteSupervisor(Supervisor):
         except Exception as e:
             logger.error("the new fork server did not start: %r", e)
             return
-        logger.info("fork server restarted (pid %s) in %.2fs", self.zygote_pid, time.monotonic() - t0)
+        logger.debug("fork server restarted (pid %s) in %.2fs", self.zygote_pid, time.monotonic() - t0)
 
     async def start(self, kind: str, log_path: str, args: dict[str, Any],
                     on_exit: Callable[[Process], None] | None = None) -> Process:
