@@ -40,6 +40,7 @@ REPORT_PERIOD_S = 0.2
 HEAD_WAIT_S = 10.0
 RECONNECT_FIRST_S = 0.02
 RECONNECT_MAX_S = 0.2
+HELLO_TIMEOUT_S = 10.0
 
 
 def head_wait_s() -> float:
@@ -113,10 +114,12 @@ class HeadLink:
             try:
                 await connect_unix(self.path, peer)
                 if self.hello is not None:
-                    await self.hello(peer)
+                    await asyncio.wait_for(self.hello(peer), HELLO_TIMEOUT_S)
                 if peer.closed:
                     raise PeerClosedError("closed during hello")
-            except (OSError, PeerClosedError):
+            except Exception as e:  # not listening yet (OSError), gone again, or a hello that failed
+                if not isinstance(e, (OSError, TimeoutError)):
+                    logger.warning("reconnecting to the head: %r; trying again", e)
                 peer.close()
                 await asyncio.sleep(delay)
                 delay = min(RECONNECT_MAX_S, delay * 2)
