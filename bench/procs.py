@@ -153,10 +153,12 @@ def role_of(
     """A short name for what `pid` does in a served system (driver, proxy, replica, ...)."""
     if pid == root:
         return root_label
-    if pid == http_pid:
-        return "proxy"
     args = cmdline(pid)
     line = " ".join(args)
+    if line.startswith("flotilla::"):  # flotilla's process titles: keeper, head, zygote, proxy, replica
+        return line[len("flotilla::"):].split(":", 1)[0].strip()
+    if pid == http_pid:
+        return "proxy"
     for needle, role in _RAY_ROLES:
         if needle in line:
             return role

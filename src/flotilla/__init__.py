@@ -74,6 +74,9 @@ def init(
     from flotilla._private.client import Runtime
 
     with _init_lock:
+        if Runtime._instance is not None and Runtime._instance.dead:
+            rt, Runtime._instance = Runtime._instance, None  # its cluster is gone: start anew
+            rt.shutdown()
         if Runtime._instance is not None:
             if ignore_reinit_error:
                 return
@@ -101,10 +104,12 @@ def init(
 
 
 def is_initialized() -> bool:
-    """Whether `init()` has been called (and not shut down) in this process."""
+    """Whether `init()` has been called (and not shut down) in this process, and its cluster
+    still exists (False once the session's keeper process is gone)."""
     from flotilla._private.client import Runtime
 
-    return Runtime._instance is not None and Runtime._instance.process is not None
+    rt = Runtime._instance
+    return rt is not None and rt.process is not None and not rt.dead
 
 
 def shutdown() -> None:

@@ -50,7 +50,7 @@ def test_replicas_serve_http_themselves(url):
         assert c.get("/d/fail").status_code == 500
         assert c.get("/-/healthz").text == "success"
     # No proxy process: the head's children are the zygote, whose children are the replicas.
-    head = Runtime.current().process.pid
+    head = Runtime.current().head_pid
     assert len(alive(descendants(head))) == 3
     # Handles still work, and a second HTTP app is refused (one app per port).
     assert h.ping.remote().result() == "pong"

@@ -40,15 +40,15 @@ class Producer:
 
 
 def _proxy_rss_mib(port: int) -> float:
-    """RSS of the process listening on the HTTP port (the proxy)."""
+    """RSS of the proxy (the keeper and the head hold the listening socket too)."""
     for pid in descendants(os.getpid()):
         try:
             p = psutil.Process(pid)
-            if any(c.status == psutil.CONN_LISTEN and c.laddr.port == port for c in p.net_connections(kind="tcp")):
+            if p.cmdline()[:1] == ["flotilla::proxy"] and any(c.status == psutil.CONN_LISTEN and c.laddr.port == port for c in p.net_connections(kind="tcp")):
                 return p.memory_info().rss / 2**20
         except psutil.Error:
             continue
-    raise AssertionError("no process listens on the HTTP port")
+    raise AssertionError("no proxy listens on the HTTP port")
 
 
 def test_slow_streaming_client_slows_the_generator(url: str) -> None:

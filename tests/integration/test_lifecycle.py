@@ -121,7 +121,7 @@ def test_serve_shutdown_then_run_again():
         serve.start(http_options={"port": port})
         serve.run(hello.bind())
         assert httpx.get(f"http://127.0.0.1:{port}/", timeout=10).text == "hi"
-        head = Runtime.current().process.pid
+        head = Runtime.current().head_pid
         serve.shutdown()
         assert serve.status().applications == {}
         assert len(alive(descendants(head))) == 1  # only the zygote: proxy and replicas are gone

@@ -46,9 +46,7 @@ def pid(answer: Hashable) -> int:
 
 
 def head_pid() -> int:
-    proc = Runtime.current().process
-    assert proc is not None
-    return proc.pid
+    return Runtime.current().head_pid
 
 
 # ---- failed rollout ---------------------------------------------------------------------------

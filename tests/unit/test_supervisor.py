@@ -47,7 +47,7 @@ def quick_exit(args: dict[str, Any]) -> None:
 def with_supervisor(body: Callable[[ZygoteSupervisor], Awaitable[Any]]) -> Any:
     async def main() -> Any:
         sup = ZygoteSupervisor()
-        await sup.adopt()
+        await sup.use_zygote()
         try:
             return await body(sup)
         finally:

@@ -92,6 +92,8 @@ class Autoscaler:
     async def tick(self, dep: Deployment, now: float) -> None:
         st = dep.autoscale
         assert st is not None
+        if any(r.awaiting_reattach for r in dep.replicas.values()):
+            return  # a restarted head: their load is unknown until they reconnect
         load = await self.replica_load(dep) + self.routed_waiting(dep.key)
         st.samples.append((now, float(load)))
         horizon = now - st.eff.look_back_period_s - 1.0

@@ -2,6 +2,12 @@
 
 In the driver it owns a daemon thread running an event loop; in replica and proxy
 processes it rides on their own loop. `Runtime.current()` is the process-wide instance.
+
+The control connection (`HeadLink`) outlives the head: when it drops, it is made again, with
+backoff, to the same `head.sock` (the keeper restarts the head); routers keep the replica sets
+they know meanwhile and resubscribe once it is back. Control calls made while the head is away
+wait for it, up to `FLOTILLA_HEAD_WAIT_S` (10 s), then raise `HeadUnavailableError`. In the
+driver, the death of the keeper (the session) makes every call raise `ClusterGoneError` at once.
 """
 
 from __future__ import annotations
@@ -10,23 +16,179 @@ import asyncio
 import atexit
 import json
 import logging
+import math
 import os
 import select
 import subprocess
 import sys
 import threading
+import time
+from collections.abc import Awaitable, Callable
 from concurrent.futures import Future
 from typing import Any, ClassVar
 
 from flotilla._private import session
 from flotilla._private.router import Router
-from flotilla._private.transport import PeerClosedError, RpcPeer, connect_unix
+from flotilla._private.transport import Handler, PeerClosedError, RpcPeer, connect_unix
 from flotilla.serve.schema import DeploymentID
 
 logger = logging.getLogger("flotilla")
 
 HEAD_START_TIMEOUT_S = 30.0
 REPORT_PERIOD_S = 0.2
+#: Default of `FLOTILLA_HEAD_WAIT_S`: how long a control call waits for a head that is away.
+HEAD_WAIT_S = 10.0
+RECONNECT_FIRST_S = 0.02
+RECONNECT_MAX_S = 0.2
+HELLO_TIMEOUT_S = 10.0
+
+
+def head_wait_s() -> float:
+    try:
+        return float(os.environ.get("FLOTILLA_HEAD_WAIT_S", HEAD_WAIT_S))
+    except ValueError:
+        return HEAD_WAIT_S
+
+
+class HeadUnavailableError(RuntimeError):
+    """The head is away (being restarted) and did not come back within the wait."""
+
+
+class ClusterGoneError(RuntimeError):
+    """The session is over: its keeper process exited, and everything with it."""
+
+
+class HeadLink:
+    """The control connection to the head, made again (with backoff) whenever it drops.
+
+    `hello(peer)` runs on each new connection before anyone else may use it (a replica or the
+    proxy tells a restarted head who it is); `on_up` callbacks run after each reconnection
+    (resubscribing). `call` waits for the head while it is away, bounded, and asks again when
+    the head dies during a call: every control operation is idempotent.
+    """
+
+    def __init__(self, path: str, handler: Handler, name: str = "head",
+                 hello: Callable[[RpcPeer], Awaitable[None]] | None = None) -> None:
+        self.path = path
+        self.handler = handler
+        self.name = name
+        self.hello = hello
+        self.peer: RpcPeer | None = None
+        self.up = asyncio.Event()
+        self.on_up: list[Callable[[], Awaitable[None]]] = []
+        self.down_since: float | None = None
+        self.gone: str = ""  # why the cluster is gone for good ("" while it lives)
+        self.closed = False
+        self.reconnects = 0
+        self._task: asyncio.Task[None] | None = None
+
+    async def connect(self) -> RpcPeer:
+        """The first connection (raises OSError if the head does not listen)."""
+        peer = RpcPeer(self.handler, name=self.name)
+        await connect_unix(self.path, peer)
+        self._attach(peer)
+        return peer
+
+    def _attach(self, peer: RpcPeer) -> None:
+        self.peer = peer
+        self.down_since = None
+        self.up.set()
+        peer.on_close(lambda: self._lost(peer))
+
+    def _lost(self, peer: RpcPeer) -> None:
+        if peer is not self.peer:
+            return
+        self.peer = None
+        self.up.clear()
+        if self.closed or self.gone:
+            self.up.set()  # wake waiting calls: they raise
+            return
+        self.down_since = time.monotonic()
+        logger.warning("lost the connection to the head; reconnecting")
+        self._task = asyncio.get_running_loop().create_task(self._reconnect())
+
+    async def _reconnect(self) -> None:
+        delay = RECONNECT_FIRST_S
+        while not self.closed and not self.gone:
+            peer = RpcPeer(self.handler, name=self.name)
+            try:
+                await connect_unix(self.path, peer)
+                if self.hello is not None:
+                    await asyncio.wait_for(self.hello(peer), HELLO_TIMEOUT_S)
+                if peer.closed:
+                    raise PeerClosedError("closed during hello")
+            except Exception as e:  # not listening yet (OSError), gone again, or a hello that failed
+                if not isinstance(e, (OSError, TimeoutError)):
+                    logger.warning("reconnecting to the head: %r; trying again", e)
+                peer.close()
+                await asyncio.sleep(delay)
+                delay = min(RECONNECT_MAX_S, delay * 2)
+                continue
+            away = time.monotonic() - (self.down_since or time.monotonic())
+            self.reconnects += 1
+            self._attach(peer)
+            logger.info("reconnected to the head after %.2fs", away)
+            for cb in list(self.on_up):
+                try:
+                    await cb()
+                except Exception:
+                    logger.exception("after reconnecting to the head")
+            return
+
+    def fail(self, why: str) -> None:
+        """The cluster is gone: every waiting and future call raises ClusterGoneError."""
+        self.gone = why
+        self.up.set()
+        if self._task is not None:
+            self._task.cancel()
+
+    def describe_away(self, waited: float) -> str:
+        away = time.monotonic() - self.down_since if self.down_since is not None else 0.0
+        return (
+            f"the flotilla head is not answering: it is away (being restarted by the keeper) "
+            f"for {away:.1f}s; waited {waited:g}s (FLOTILLA_HEAD_WAIT_S). Replicas keep serving "
+            "meanwhile; retry later, or see head.log in the session's logs."
+        )
+
+    async def call(self, op: str, *args: Any, wait_s: float | None = None) -> Any:
+        """Call the head; while it is away wait for it (up to `wait_s`, default
+        `FLOTILLA_HEAD_WAIT_S`; math.inf: as long as it takes) and ask again."""
+        wait = head_wait_s() if wait_s is None else wait_s
+        deadline: float | None = None
+        while True:
+            if self.gone:
+                raise ClusterGoneError(self.gone)
+            if self.closed:
+                raise PeerClosedError(f"the connection to the {self.name} was closed")
+            peer = self.peer
+            if peer is None or peer.closed:
+                if deadline is None:
+                    deadline = time.monotonic() + wait
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise HeadUnavailableError(self.describe_away(wait))
+                try:
+                    await asyncio.wait_for(self.up.wait(), None if math.isinf(left) else left)
+                except TimeoutError:
+                    pass
+                continue
+            try:
+                return await peer.call(op, *args)
+            except PeerClosedError:
+                continue  # the head died during the call: wait for the next one, ask again
+
+    def notify(self, op: str, *args: Any) -> None:
+        """Fire and forget; dropped while the head is away."""
+        peer = self.peer
+        if peer is not None and not peer.closed:
+            peer.notify(op, *args)
+
+    def close(self) -> None:
+        self.closed = True
+        if self._task is not None:
+            self._task.cancel()
+        if self.peer is not None:
+            self.peer.close()
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
@@ -42,9 +204,10 @@ class Runtime:
     _instance: ClassVar[Runtime | None] = None
     _lock: ClassVar[threading.Lock] = threading.Lock()
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, head: RpcPeer) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, link: HeadLink) -> None:
         self.loop = loop
-        self.head = head
+        self.link = link
+        link.on_up.append(self._resubscribe)
         self.routers: dict[DeploymentID, Router] = {}
         self.listeners: dict[Any, list[Any]] = {}
         self.thread: threading.Thread | None = None
@@ -55,6 +218,10 @@ class Runtime:
         self.cold_start_timeout_s = float(os.environ.get("FLOTILLA_COLD_START_TIMEOUT_S", "60"))
         self._report_wake: asyncio.Event | None = None
         self._reporter: asyncio.Task[None] | None = None
+        self.head_pid = 0
+        self.dead = ""  # why the cluster is gone ("" while it lives)
+        self._closing = False
+        self._keeper_fd: int | None = None
 
     # ---- construction -----------------------------------------------------------------
     @classmethod
@@ -62,12 +229,16 @@ class Runtime:
         rt = cls._instance
         if rt is None:
             raise RuntimeError("flotilla is not initialized: call flotilla.init() or serve.run() first")
+        if rt.dead:
+            raise ClusterGoneError(rt.dead)
         return rt
 
     @classmethod
     def get_or_start(cls) -> Runtime:
         rt = cls._instance
         if rt is not None:
+            if rt.dead:
+                raise ClusterGoneError(rt.dead)
             return rt
         from flotilla import init
 
@@ -75,20 +246,20 @@ class Runtime:
         return cls.current()
 
     @classmethod
-    def attach(cls, loop: asyncio.AbstractEventLoop, head: RpcPeer) -> Runtime:
+    def attach(cls, loop: asyncio.AbstractEventLoop, link: HeadLink) -> Runtime:
         """Use in replica/proxy processes: share their loop and control connection."""
-        rt = cls(loop, head)
+        rt = cls(loop, link)
         cls._instance = rt
         return rt
 
     @classmethod
     def start_local(cls, resources: dict[str, float], metrics_port: int = 0) -> Runtime:
-        """Start a head process for this driver and connect to it."""
+        """Start this session's keeper (which starts the head) and connect to the head."""
         session_dir = session.create()
         cfg = {"session_dir": session_dir, "resources": resources, "metrics_port": metrics_port}
         log = open(os.path.join(session_dir, "logs", "head.log"), "ab")  # noqa: SIM115
         proc = subprocess.Popen(
-            [sys.executable, "-m", "flotilla._private.headboot", json.dumps(cfg)],
+            [sys.executable, "-m", "flotilla._private.keeper", json.dumps(cfg)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=log,
@@ -107,19 +278,58 @@ class Runtime:
             )
         info = json.loads(line)
         loop = new_event_loop()
-        head = RpcPeer(None, name="head")
-        rt = cls(loop, head)
-        head._handler = rt._on_head_call
+        link = HeadLink(info["sock"], lambda peer, op, args: rt._on_head_call(peer, op, args), name="head")
+        rt = cls(loop, link)
         rt.process = proc
         rt.session_dir = session_dir
         rt.resources = info["resources"]
         rt.metrics_port = info.get("metrics_port", 0)
+        rt.head_pid = info.get("pid", 0)
         rt.thread = threading.Thread(target=loop.run_forever, name="flotilla-loop", daemon=True)
         rt.thread.start()
-        asyncio.run_coroutine_threadsafe(connect_unix(info["sock"], head), loop).result(10)
+        asyncio.run_coroutine_threadsafe(link.connect(), loop).result(10)
+        if hasattr(os, "pidfd_open"):
+            rt._keeper_fd = os.pidfd_open(proc.pid)
+            loop.call_soon_threadsafe(loop.add_reader, rt._keeper_fd, rt._keeper_gone)
         cls._instance = rt
         atexit.register(_shutdown_at_exit)
         return rt
+
+    # ---- the head comes and goes; the keeper is the session ------------------------------------
+    async def _resubscribe(self) -> None:
+        """After reconnecting: learn the new head's pid, and every value we watch, again."""
+        if self._report_wake is not None:
+            self._report_wake.set()
+        keys = {("deployment", d.app_name, d.name) for d in self.routers} | set(self.listeners)
+        calls = [self.link.call("hello")] + [self.link.call("subscribe", k) for k in keys]
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        if isinstance(results[0], dict):
+            self.head_pid = results[0].get("pid", 0)
+        for key, value in zip(keys, results[1:], strict=True):
+            if isinstance(value, BaseException):
+                logger.warning("could not resubscribe to %s: %r", key, value)
+            else:
+                self.on_update(key, value)
+
+    def _keeper_gone(self) -> None:
+        """The keeper exited: the session is over, with every process in it."""
+        if self._keeper_fd is not None:
+            self.loop.remove_reader(self._keeper_fd)
+            os.close(self._keeper_fd)
+            self._keeper_fd = None
+        if self._closing:
+            return
+        pid = self.process.pid if self.process is not None else "?"
+        self.dead = (
+            f"the flotilla cluster is gone: its keeper process (pid {pid}) exited, and every "
+            f"process of the session with it; see {session.logs_root()}. Call flotilla.init() "
+            "(or serve.run()) after flotilla.shutdown() to start a new one."
+        )
+        logger.error("%s", self.dead)
+        self.link.fail(self.dead)
+        err = ClusterGoneError(self.dead)
+        for r in self.routers.values():
+            r._fail_queue(err)
 
     # ---- control plane ----------------------------------------------------------------
     def _on_head_call(self, peer: RpcPeer, op: str, args: tuple[Any, ...]) -> Any:
@@ -142,27 +352,30 @@ class Runtime:
         except RuntimeError:
             return False
 
-    def call_head(self, op: str, *args: Any, timeout: float | None = 60.0) -> Any:
-        """Call the head from a thread that is not the runtime's loop; blocks."""
+    def call_head(self, op: str, *args: Any, timeout: float | None = 60.0, wait_s: float | None = None) -> Any:
+        """Call the head from a thread that is not the runtime's loop; blocks.
+
+        While the head is away, waits for it up to `wait_s` (default `FLOTILLA_HEAD_WAIT_S`),
+        then raises HeadUnavailableError; raises ClusterGoneError at once when the session is over.
+        """
         if self.in_loop():
             raise RuntimeError(
                 "this serve API call blocks; it cannot run on the event loop of a replica. "
                 "Call it from a thread (e.g. a sync method) instead."
             )
-
-        async def go() -> Any:
-            return await self.head.call(op, *args)
-
-        fut: Future[Any] = asyncio.run_coroutine_threadsafe(go(), self.loop)
+        if self.dead:
+            raise ClusterGoneError(self.dead)
+        wait = head_wait_s() if wait_s is None else wait_s
+        fut: Future[Any] = asyncio.run_coroutine_threadsafe(self.link.call(op, *args, wait_s=wait), self.loop)
         try:
-            return fut.result(timeout)
+            return fut.result(None if timeout is None else timeout + wait)
         except PeerClosedError:
-            raise RuntimeError("the flotilla head process is gone") from None
+            raise HeadUnavailableError(self.link.describe_away(wait)) from None
 
     async def subscribe(self, key: Any, cb: Any = None) -> Any:
         if cb is not None:
             self.listeners.setdefault(key, []).append(cb)
-        value = await self.head.call("subscribe", key)
+        value = await self.link.call("subscribe", key, wait_s=math.inf)
         if cb is not None:
             cb(value)
         return value
@@ -178,8 +391,9 @@ class Runtime:
 
             async def sub() -> None:
                 try:
-                    r.update(await self.head.call("subscribe", ("deployment", dep.app_name, dep.name)))
-                except Exception as e:  # head gone
+                    key = ("deployment", dep.app_name, dep.name)
+                    r.update(await self.link.call("subscribe", key, wait_s=self.cold_start_timeout_s))
+                except Exception as e:  # head away too long, or the cluster gone
                     r._fail_queue(e)
 
             r.subscription = self.loop.create_task(sub())
@@ -193,12 +407,15 @@ class Runtime:
         """Tell the head how many requests wait in this process's routers (autoscaling)."""
         assert self._report_wake is not None
         last: dict[tuple[str, str, str], int] = {}
-        while not self.head.closed:
+        while not self._closing and not self.dead:
             try:
                 await asyncio.wait_for(self._report_wake.wait(), REPORT_PERIOD_S)
             except TimeoutError:
                 pass
             self._report_wake.clear()
+            if self.link.peer is None:
+                last.clear()  # a new head knows nothing: tell it everything once it is back
+                continue
             changed = {}
             for dep, r in self.routers.items():
                 key = ("deployment", dep.app_name, dep.name)
@@ -207,17 +424,20 @@ class Runtime:
                     changed[key] = n
             if changed:
                 last.update(changed)
-                self.head.notify("router_load", changed)
+                self.link.notify("router_load", changed)
 
     # ---- shutdown ---------------------------------------------------------------------
     def shutdown(self, timeout: float = 30.0) -> None:
         proc = self.process
         if proc is None:
             return
-        try:
-            self.call_head("shutdown", timeout=timeout)
-        except Exception:
-            pass
+        self._closing = True
+        if not self.dead and proc.poll() is None:
+            try:
+                self.call_head("shutdown", timeout=timeout, wait_s=min(2.0, head_wait_s()))
+            except Exception:
+                pass
+        self.link.closed = True  # the head goes now: do not reconnect
         try:
             if proc.stdin:
                 proc.stdin.close()
@@ -228,15 +448,19 @@ class Runtime:
         finally:
             if proc.stdout:
                 proc.stdout.close()
-        session.finish(self.session_dir)  # the head has exited: keep its logs, drop the folder
+        session.finish(self.session_dir)  # the keeper has exited: keep the logs, drop the folder
 
         async def close() -> None:
+            if self._keeper_fd is not None:
+                self.loop.remove_reader(self._keeper_fd)
+                os.close(self._keeper_fd)
+                self._keeper_fd = None
             if self._reporter is not None:
                 self._reporter.cancel()
                 await asyncio.gather(self._reporter, return_exceptions=True)
             for r in self.routers.values():
                 r.close()
-            self.head.close()
+            self.link.close()
             await asyncio.sleep(0)
             self.loop.stop()
 

@@ -72,6 +72,8 @@ STOP_REPLY_GRACE_S = 5.0
 EXIT_GRACE_S = 5.0
 #: Bound on the stats call that tells which replicas have the fewest requests in flight.
 LOAD_SAMPLE_TIMEOUT_S = 0.25
+#: How long a restarted head waits for a re-adopted replica to reconnect before replacing it.
+REATTACH_TIMEOUT_S = float(os.environ.get("FLOTILLA_REATTACH_TIMEOUT_S", "10"))
 _LIGHT = ("user_config", "max_ongoing_requests", "logging_config")
 
 
@@ -96,6 +98,12 @@ class Replica:
     config_sent: dict[str, Any] | None = None  # the light config it was last given
     config_want: dict[str, Any] | None = None  # the next one to give it
     config_task: asyncio.Task[None] | None = None
+    # Re-adopted by a restarted head from its checkpoint: set once it reconnected (or expired).
+    adopted: asyncio.Event | None = None
+
+    @property
+    def awaiting_reattach(self) -> bool:
+        return self.adopted is not None and not self.adopted.is_set()
 
     @property
     def version(self) -> str:
@@ -167,6 +175,7 @@ class Controller:
         self._tasks: set[asyncio.Task[Any]] = set()
         self.proxy: Any = None  # set by the head (ProxyManager)
         self.autoscaler = Autoscaler(self)
+        self.on_change: Any = None  # set by the head: schedules a checkpoint write
         self.metrics = Store()
         m = self.metrics
         m.declare("counter", "ray_serve_deployment_replica_starts", "Replica processes started.", ("deployment", "application"))
@@ -197,6 +206,12 @@ class Controller:
 
     def kick(self) -> None:
         self._dirty.set()
+        self._changed()
+
+    def _changed(self) -> None:
+        """Desired state or the replica set changed: the head checkpoints it (coalesced)."""
+        if self.on_change is not None:
+            self.on_change()
 
     async def run(self) -> None:
         self._spawn_task(self.autoscaler.run())
@@ -258,6 +273,7 @@ class Controller:
         raise KeyError(key)
 
     def publish(self, key: tuple[Any, ...]) -> None:
+        self._changed()
         peers = self.subs.get(key)
         if not peers:
             return
@@ -471,6 +487,7 @@ class Controller:
             self._replica_gone(r, f"could not start: {e}")
             return
         r.proc = proc
+        self._changed()
         self.metrics.inc("ray_serve_deployment_replica_starts", (dep.name, dep.app))
         logger.info("replica %s of %s/%s forked (pid %d)", r.id, dep.app, dep.name, proc.pid)
         if r.state is RState.DRAINING:  # stopped while it was being forked
@@ -483,10 +500,68 @@ class Controller:
         if r.proc is not None and r.proc.pid != pid:
             logger.warning("replica %s registered with pid %d, but was forked as pid %d", rid, pid, r.proc.pid)
         r.peer = peer
+        if r.adopted is not None:
+            r.adopted.set()
         peer.on_close(lambda: self._peer_closed(r))
         s = r.spec
         r.config_sent = light_config(s["config"])
         return {"config": s["config"], "def_bytes": s["def_bytes"], "args_bytes": s["args_bytes"]}
+
+    # ---- a restarted head: replicas reconnect --------------------------------------------
+    def reattach(self, peer: RpcPeer, rid: str, pid: int, phase: str, tb: str, models: list[str]) -> None:
+        """A replica of the previous head reconnected: bind it again (its id and pid must match
+        the checkpoint). `phase`: "constructing", "ready", "failed" or "draining"."""
+        r = self.replicas.get(rid)
+        if r is None or r.proc is None or r.proc.pid != pid or r.state in (RState.GONE, RState.PENDING):
+            raise RuntimeError(f"replica {rid} (pid {pid}) is not one of this head's replicas")
+        r.peer = peer
+        if r.adopted is not None:
+            r.adopted.set()
+        peer.on_close(lambda: self._peer_closed(r))
+        r.models = tuple(models)
+        logger.info("replica %s of %s (pid %d) reconnected (%s)", rid, r.label, pid, phase)
+        if phase == "failed":
+            self.replica_failed(rid, tb)
+        elif r.state is RState.DRAINING:
+            if phase == "draining":  # told to stop by the previous head: wait for its exit
+                self._spawn_task(self._await_exit(r))
+            else:
+                self._spawn_task(self._drain(r, True))
+        elif phase == "draining":
+            self._stop_replica(r, False, "it was draining when the head restarted")
+        elif phase == "ready":
+            if r.state is RState.STARTING:
+                self.replica_ready(rid)
+            else:
+                if r.state is RState.UPDATING:  # a reconfigure was cut short: give it again
+                    transition(r, RState.RUNNING, "re-adopted by a restarted head")
+                    r.config_sent = None
+                self._spawn_task(self._health_loop(r))
+                self._reconfigure(r)
+        self.publish(r.dep.key)
+        self.kick()
+
+    async def _await_exit(self, r: Replica) -> None:
+        cfg = r.spec["config"]
+        proc = r.proc
+        if proc is None:
+            return
+        if not await self.supervisor.wait(proc, cfg["graceful_shutdown_timeout_s"] + STOP_REPLY_GRACE_S + EXIT_GRACE_S):
+            self.supervisor.kill(proc)
+
+    def expire_adopted(self) -> None:
+        """Replicas of the previous head that did not reconnect in time: replace them."""
+        for r in list(self.replicas.values()):
+            if r.awaiting_reattach and r.state is not RState.GONE:
+                assert r.adopted is not None
+                r.adopted.set()
+                logger.warning("replica %s of %s (pid %s) did not reconnect to the restarted head within %gs; replacing it",
+                               r.id, r.label, r.pid, REATTACH_TIMEOUT_S)
+                if r.state is RState.DRAINING:
+                    if r.proc is not None:
+                        self.supervisor.kill(r.proc)
+                else:
+                    self._died(r, "it did not reconnect to the restarted head")
 
     def replica_models(self, rid: str, model_ids: list[str]) -> None:
         r = self.replicas.get(rid)
@@ -567,6 +642,11 @@ class Controller:
     async def _drain(self, r: Replica, graceful: bool) -> None:
         cfg = r.spec["config"]
         timeout = cfg["graceful_shutdown_timeout_s"]
+        if graceful and r.adopted is not None and not r.adopted.is_set():
+            try:  # re-adopted by a restarted head: drain it once it has reconnected
+                await asyncio.wait_for(r.adopted.wait(), REATTACH_TIMEOUT_S)
+            except TimeoutError:
+                pass
         if graceful and r.peer is not None and not r.peer.closed:
             try:
                 await asyncio.wait_for(
@@ -627,6 +707,7 @@ class Controller:
 
     # ---- reconciliation -----------------------------------------------------------------
     def reconcile(self) -> None:
+        self._changed()
         for app in list(self.apps.values()):
             for dep in list(app.deployments.values()):
                 self._reconcile_deployment(dep)

@@ -1,23 +1,28 @@
 """The head process: controller, proxy manager and the control socket.
 
-Started by `flotilla.init()` as `python -m flotilla._private.headboot CONFIG_JSON`. It prints
-one JSON line ({"sock": ..., "resources": ...}) when ready. It shuts everything down on the
-`shutdown` call or SIGTERM (draining replicas, as `serve.shutdown` does), or at once when its
-stdin closes (the driver exited); after a clean exit the session folder is removed and its
-logs kept (`session.py`).
+Started by the session's keeper as `python -m flotilla._private.headboot CONFIG_JSON`. It
+prints one JSON line ({"sock": ..., "resources": ..., "pid": ...}) when ready. It shuts
+everything down on the `shutdown` call or SIGTERM (draining replicas, as `serve.shutdown`
+does), or at once when its stdin closes (the driver exited), and then exits with code 0: the
+keeper ends the session. Any other exit is a crash: the keeper starts a new head, which loads
+the checkpoint (`checkpoint.py`), re-adopts the live replicas and the proxy, takes the HTTP
+port back from the keeper, binds the same `head.sock` and metrics port, and reconciles.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import signal
 import sys
+import time
 from typing import Any
 
-from flotilla._private import session
+from flotilla._private import checkpoint, session
+from flotilla._private.keeper import Backoff, KeeperLink
 from flotilla._private.supervisor import Process, ZygoteSupervisor
 from flotilla._private.transport import RpcPeer, serve_unix
 from flotilla.serve.schema import ProxyStatus
@@ -26,6 +31,11 @@ logger = logging.getLogger("flotilla.head")
 
 PROXY_START_TIMEOUT_S = 30.0
 PROXY_STOP_TIMEOUT_S = 3.0
+#: Control operations whose effect is checkpointed before they are answered.
+_DURABLE = frozenset({"deploy_app", "delete_app", "start_http", "serve_shutdown", "replica_register",
+                      "replica_reattach", "proxy_reattach", "proxy_ready"})
+#: The first restart of a dead proxy waits this long; repeated crashes back off to 5 s.
+PROXY_FIRST_RESTART_S = 0.05
 #: How long a graceful shutdown (SIGTERM, `shutdown`) may drain replicas before killing them.
 SHUTDOWN_DRAIN_TIMEOUT_S = 30.0
 
@@ -34,8 +44,25 @@ def _disabled(options: dict[str, Any]) -> bool:
     return options.get("location") in ("Disabled", "NoServer")
 
 
+def _last_line(path: str) -> str:
+    """The last non-empty line of a log file (the cause of a crash, usually)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, os.path.getsize(path) - 4096))
+            lines = [ln.strip() for ln in f.read().decode(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return ""
+    return lines[-1] if lines else ""
+
+
 class ProxyManager:
-    """Starts the HTTP proxy process, and restarts it if it dies."""
+    """Holds the HTTP port, runs the proxy process on it, and restarts the proxy if it dies.
+
+    The head binds the listening socket itself and hands it to the keeper, so the port outlives
+    the proxy process and the head: connections made while the proxy is being restarted wait in
+    the socket's backlog instead of being refused. The proxy (like direct-ingress replicas)
+    fetches a duplicate of it over a Unix socket in the session folder (`listener.py`).
+    """
 
     def __init__(self, head: Head) -> None:
         self.head = head
@@ -46,7 +73,13 @@ class ProxyManager:
         self.url = ""
         self._ready: asyncio.Future[str] | None = None
         self.stopping = False
-        self.shared: Any = None  # listener.SharedListener for direct ingress
+        self.shared: Any = None  # listener.SharedListener: the HTTP port, proxy or direct ingress
+        self.backoff = Backoff(first=PROXY_FIRST_RESTART_S)
+        self.restarts = 0
+        self.message = ""  # why the last start failed ("" after a success)
+        self._restarting_since: float | None = None
+        self._relaunch_task: asyncio.Task[None] | None = None
+        self._first_start = False  # serve.start is waiting: a crash now is its error, not retried
 
     async def start(self, options: dict[str, Any]) -> str:
         """Start the proxy (or direct ingress) with `options`; returns its URL, "" if disabled."""
@@ -63,26 +96,36 @@ class ProxyManager:
                 return await asyncio.shield(self._ready)
             return self.url
         self.options = options
-        if options.get("direct_ingress"):
-            from flotilla._private import listener
+        direct = bool(options.get("direct_ingress"))
+        host, port = options.get("host", "127.0.0.1"), int(options.get("port", 8000))
+        from flotilla._private import listener
 
-            host = options.get("host", "127.0.0.1")
-            try:
-                sock = listener.bind_tcp(host, int(options.get("port", 8000)))
-            except OSError as e:
-                self.options = None
-                raise RuntimeError(
-                    f"direct ingress could not listen on {host}:{options.get('port', 8000)}: {e.strerror}. "
-                    "Pass another port, e.g. serve.start(http_options={'port': 8001, 'direct_ingress': True})."
-                ) from None
-            self.shared = listener.SharedListener(sock, os.path.join(self.head.session_dir, "http.fd.sock"))
-            await self.shared.start()
-            self.url = f"http://{f'[{host}]' if ':' in host else host}:{self.shared.port}"
+        try:
+            sock = listener.bind_tcp(host, port)
+        except OSError as e:
+            self.options = None
+            extra = ", 'direct_ingress': True" if direct else ""
+            raise RuntimeError(
+                f"{'direct ingress' if direct else 'the HTTP proxy'} could not listen on {host}:{port}: "
+                f"{e.strerror}. Pass another port, e.g. serve.start(http_options={{'port': {port + 1}{extra}}})."
+            ) from None
+        await self._hold(sock)
+        self.url = f"http://{f'[{host}]' if ':' in host else host}:{self.shared.port}"
+        self.head.checkpoint_soon()
+        if direct:
             self.status = ProxyStatus.HEALTHY
             self._ready = None
             logger.info("direct ingress: replicas will accept on %s themselves", self.url)
             return self.url
+        self._first_start = True
         return await self._launch()
+
+    async def _hold(self, sock: Any) -> None:
+        from flotilla._private import listener
+
+        self.shared = listener.SharedListener(sock, os.path.join(self.head.session_dir, "http.fd.sock"))
+        await self.shared.start()
+        self.head.keeper.hold("http", sock)
 
     @property
     def direct(self) -> dict[str, Any] | None:
@@ -91,68 +134,171 @@ class ProxyManager:
             return None
         return {**self.options, "fd_sock": self.shared.path}
 
+    def checkpoint(self) -> dict[str, Any] | None:
+        if self.options is None:
+            return None
+        proc = self.proc
+        return {"options": self.options, "url": self.url,
+                "pid": proc.pid if proc is not None else None, "ticks": proc.ticks if proc is not None else None}
+
     async def _launch(self) -> str:
-        assert self.options is not None
+        assert self.options is not None and self.shared is not None
         loop = asyncio.get_running_loop()
         self._ready = loop.create_future()
         self.status = ProxyStatus.STARTING
         folder = (self.options.get("logging_config") or {}).get("logs_dir")
         log = os.path.join(folder or os.path.join(self.head.session_dir, "logs"), "proxy.log")
         os.makedirs(os.path.dirname(log), exist_ok=True)
-        args = dict(self.options, head_sock=self.head.sock, session_dir=self.head.session_dir)
+        args = dict(self.options, head_sock=self.head.sock, session_dir=self.head.session_dir,
+                    fd_sock=self.shared.path, url=self.url)
         self.proc = await self.head.supervisor.start("proxy", log, args, self.on_exit)
+        self.backoff.started()
+        self.head.checkpoint_soon()
         try:
             return await asyncio.wait_for(asyncio.shield(self._ready), PROXY_START_TIMEOUT_S)
         except TimeoutError:
             self.status = ProxyStatus.UNHEALTHY
+            if self.proc is not None:
+                self.head.supervisor.kill(self.proc)  # its exit starts another attempt
             raise RuntimeError(f"the HTTP proxy did not start within {PROXY_START_TIMEOUT_S}s; see {log}") from None
 
-    def ready(self, peer: RpcPeer, url: str) -> None:
+    def ready(self, peer: RpcPeer, url: str, reattached: bool = False) -> None:
+        self._first_start = False
         self.peer = peer
         self.url = url
         self.status = ProxyStatus.HEALTHY
-        logger.info("HTTP proxy ready at %s (pid %s)", url, self.proc.pid if self.proc else None)
-        peer.on_close(self._gone)
+        self.message = ""
+        pid = self.proc.pid if self.proc else None
+        if self._restarting_since is not None:
+            logger.info("HTTP proxy restarted (pid %s) in %.0f ms, serving %s", pid,
+                        (time.monotonic() - self._restarting_since) * 1000, url)
+            self._restarting_since = None
+        elif not reattached:
+            logger.info("HTTP proxy ready at %s (pid %s)", url, pid)
+        peer.on_close(lambda: self._peer_closed(peer))
         if self._ready is not None and not self._ready.done():
             self._ready.set_result(url)
+        self.head.checkpoint_soon()
+
+    def reattach(self, peer: RpcPeer, pid: int, url: str) -> None:
+        """The proxy of the previous head reconnected to this (restarted) head."""
+        if self.proc is None or self.proc.pid != pid:
+            raise RuntimeError(f"process {pid} is not this head's HTTP proxy")
+        logger.info("HTTP proxy (pid %d) reconnected", pid)
+        self.ready(peer, url, reattached=True)
 
     def failed(self, message: str) -> None:
         self.status = ProxyStatus.UNHEALTHY
-        self.options = None
+        self.message = message
         if self._ready is not None and not self._ready.done():
             self._ready.set_exception(RuntimeError(message))
 
     def on_exit(self, proc: Process) -> None:
-        if proc is self.proc:
-            self._gone()
-
-    def _gone(self) -> None:
-        if self.stopping or self.status is not ProxyStatus.HEALTHY:
-            if self._ready is not None and not self._ready.done():
-                self._ready.set_exception(RuntimeError("the HTTP proxy exited during start-up; see logs/proxy.log"))
-            return
-        logger.warning("HTTP proxy (%r) died; restarting it", self.proc)
-        self.status = ProxyStatus.STARTING
+        if proc is not self.proc:
+            return  # an earlier proxy: already replaced
+        self.proc = None
         self.peer = None
-        self._relaunch_task = asyncio.get_running_loop().create_task(self._relaunch())
+        log = os.path.join(self.head.session_dir, "logs", "proxy.log")
+        cause = f"its process exited with code {proc.exit_code}" if proc.exit_code is not None else "its process exited"
+        if self.status is ProxyStatus.STARTING:
+            last = _last_line(log)
+            cause = f"the HTTP proxy exited during start-up ({cause}){': ' + last if last else ''}; see {log}"
+            if self._ready is not None and not self._ready.done():
+                self._ready.set_exception(RuntimeError(cause))
+                self._ready.exception()
+        if self.stopping or self.options is None:
+            return
+        if self._first_start:  # serve.start gets this error; nothing is retried or held
+            self._first_start = False
+            logger.error("%s", cause)
+            self.status = ProxyStatus.UNHEALTHY
+            self.message = cause
+            self.options = None
+            self.shared.close()
+            self.shared = None
+            self.head.keeper.drop("http")
+            self.head.checkpoint_soon()
+            return
+        self.status = ProxyStatus.STARTING
+        delay = self.backoff.failed()
+        self.restarts += 1
+        if self._restarting_since is None:
+            self._restarting_since = time.monotonic()
+        if cause != self.message:
+            logger.warning("HTTP proxy (pid %d) is gone: %s; restarting it in %.2fs", proc.pid, cause, delay)
+        self.message = cause
+        self._relaunch_task = asyncio.get_running_loop().create_task(self._relaunch(delay))
 
-    async def _relaunch(self) -> None:
+    def _peer_closed(self, peer: RpcPeer) -> None:
+        if peer is not self.peer:
+            return
+        self.peer = None
+        if self.proc is not None and not self.stopping:
+            self.head.supervisor.kill(self.proc)  # a proxy without its head link: replace it
+
+    async def _relaunch(self, delay: float) -> None:
+        await asyncio.sleep(delay)
+        if self.stopping or self.options is None:
+            return
         try:
             await self._launch()
-        except Exception:
-            logger.exception("could not restart the HTTP proxy")
+        except Exception as e:
+            cause = str(e)
+            if cause != self.message:
+                logger.error("could not restart the HTTP proxy: %s", cause)
+            self.message = cause
+
+    async def restore(self, saved: dict[str, Any] | None, fd: int | None) -> None:
+        """A restarted head: take the HTTP port back from the keeper, re-adopt the proxy."""
+        if saved is not None and _disabled(saved["options"]):
+            self.options = saved["options"]
+        if saved is None or fd is None:
+            if fd is not None:
+                os.close(fd)
+                self.head.keeper.drop("http")
+            return
+        import socket
+
+        sock = socket.socket(fileno=fd)
+        sock.setblocking(False)
+        self.options = saved["options"]
+        self.url = saved["url"]
+        await self._hold(sock)
+        if self.options.get("direct_ingress"):
+            self.status = ProxyStatus.HEALTHY
+            return
+        self.status = ProxyStatus.STARTING
+        self._ready = asyncio.get_running_loop().create_future()
+        proc = None
+        if saved.get("pid"):
+            proc = self.head.supervisor.adopt(saved["pid"], "proxy", saved["ticks"], self.on_exit)
+        if proc is None:
+            logger.info("the HTTP proxy (pid %s) is gone; starting a new one", saved.get("pid"))
+            self._restarting_since = time.monotonic()
+            self._relaunch_task = asyncio.get_running_loop().create_task(self._relaunch(0.0))
+        else:
+            self.proc = proc
+
+    def expire_adopted(self) -> None:
+        if self.proc is not None and self.peer is None and self.status is ProxyStatus.STARTING and self._restarting_since is None:
+            logger.warning("the HTTP proxy (pid %d) did not reconnect to the restarted head; replacing it", self.proc.pid)
+            self.head.supervisor.kill(self.proc)
 
     async def stop(self) -> None:
         self.stopping = True
+        if self._relaunch_task is not None:
+            self._relaunch_task.cancel()
         proc, self.proc = self.proc, None
         if proc is not None:
             await self.head.supervisor.stop(proc, PROXY_STOP_TIMEOUT_S)
         if self.shared is not None:
             self.shared.close()
             self.shared = None
+            self.head.keeper.drop("http")
         self.options = None
         self.status = None
         self.stopping = False
+        self.head.checkpoint_soon()
 
 
 class Head:
@@ -164,6 +310,11 @@ class Head:
         self.sock = os.path.join(self.session_dir, "head.sock")
         self.resources: dict[str, float] = cfg["resources"]
         self.supervisor = ZygoteSupervisor()
+        self.keeper = KeeperLink(cfg.get("keeper_fd"))
+        self.held: dict[str, int] = {k: int(v) for k, v in cfg.get("held", {}).items()}
+        self.ckpt = checkpoint.Checkpoint(self.session_dir)
+        self._ckpt_pending = False
+        self._ckpt_error = ""
         self.proxy = ProxyManager(self)
         self.controller: Any = None
         self.done = asyncio.Event()
@@ -174,37 +325,98 @@ class Head:
         loop = asyncio.get_running_loop()
         # Start the zygote first: it preloads the framework while this process imports the
         # controller (pydantic and friends).
-        await self.supervisor.adopt(self._zygote)
-        from flotilla._private.controller import Controller
+        if self._zygote is not None:
+            await self.supervisor.use_zygote(self._zygote)
+        from flotilla._private.controller import REATTACH_TIMEOUT_S, Controller
         from flotilla._private.resources import ResourcePool
 
         self.controller = Controller(self.session_dir, self.sock, ResourcePool(self.resources), self.supervisor)
         self.controller.proxy = self.proxy
+        metrics_port = int(self.cfg.get("metrics_port") or 0)
+        saved = self._load_checkpoint()
+        if saved is not None:
+            state, specs = saved
+            try:
+                n = checkpoint.restore(self.controller, state, specs, self.supervisor)
+                await self.proxy.restore(state.get("proxy"), self.held.pop("http", None))
+            except Exception:  # never a crash loop on a checkpoint: start empty instead
+                logger.exception("the checkpoint could not be restored; starting empty (kept as %s)",
+                                 self.ckpt.set_aside())
+                self.controller = Controller(self.session_dir, self.sock, ResourcePool(self.resources), self.supervisor)
+                self.controller.proxy = self.proxy = ProxyManager(self)
+                state, n = {}, 0
+            metrics_port = int(state.get("metrics_port") or metrics_port)
+            logger.info("restarted from the checkpoint (restart %s): %d application(s), %d live replica(s) "
+                        "re-adopted%s", self.cfg.get("restarts"), len(self.controller.apps), n,
+                        ", and the HTTP proxy" if self.proxy.proc is not None else "")
+            loop.call_later(REATTACH_TIMEOUT_S, self._expire_adopted)
+        for name, fd in self.held.items():  # sockets the checkpoint no longer uses
+            os.close(fd)
+            self.keeper.drop(name)
+        self.held.clear()
+        self.controller.on_change = self.checkpoint_soon
+        try:
+            os.unlink(self.sock)  # left by a head that died
+        except FileNotFoundError:
+            pass
         server = await serve_unix(self.sock, lambda: RpcPeer(self.handle, name="client"))
         os.chmod(self.sock, 0o600)
         controller_task = loop.create_task(self.controller.run())
         from flotilla._private.metrics import serve_metrics
 
         try:
-            metrics_server, self.metrics_port = await serve_metrics(
-                "127.0.0.1", int(self.cfg.get("metrics_port") or 0), self.gather_metrics
-            )
+            metrics_server, self.metrics_port = await serve_metrics("127.0.0.1", metrics_port, self.gather_metrics)
         except OSError as e:
-            logger.warning("metrics endpoint: port %s unavailable (%s); using a free port", self.cfg.get("metrics_port"), e)
+            logger.warning("metrics endpoint: port %s unavailable (%s); using a free port", metrics_port, e)
             metrics_server, self.metrics_port = await serve_metrics("127.0.0.1", 0, self.gather_metrics)
         loop.add_reader(0, self._stdin_readable)
         loop.add_signal_handler(signal.SIGTERM, self._on_sigterm)
-        sys.stdout.write(json.dumps({"sock": self.sock, "resources": self.resources, "metrics_port": self.metrics_port}) + "\n")
+        self.checkpoint_soon()
+        ready = {"sock": self.sock, "resources": self.resources, "metrics_port": self.metrics_port, "pid": os.getpid()}
+        sys.stdout.write(json.dumps(ready) + "\n")
         sys.stdout.flush()
+        if self._zygote is None:  # a restarted head: the fork server's preloading waited till now
+            await self.supervisor.use_zygote()
         await self.done.wait()
         controller_task.cancel()
-        loop.remove_reader(0)
+        with contextlib.suppress(Exception):
+            loop.remove_reader(0)
         loop.remove_signal_handler(signal.SIGTERM)
         await self.controller.kill_all()
         await self.proxy.stop()
         await self.supervisor.close()
         server.close()
         metrics_server.close()
+
+    # ---- checkpoint ---------------------------------------------------------------------
+    def _load_checkpoint(self) -> tuple[dict[str, Any], dict[str, dict[str, Any]]] | None:
+        try:
+            return self.ckpt.load()
+        except Exception as e:
+            bad = self.ckpt.set_aside()
+            logger.error("the checkpoint could not be read (%r); starting empty (it is kept as %s)", e, bad)
+            return None
+
+    def checkpoint_soon(self) -> None:
+        """Write the checkpoint at the end of this turn of the loop (changes coalesce)."""
+        if self._ckpt_pending or self.controller is None:
+            return
+        self._ckpt_pending = True
+        asyncio.get_running_loop().call_soon(self._write_checkpoint)
+
+    def _write_checkpoint(self) -> None:
+        self._ckpt_pending = False
+        try:
+            self.ckpt.save(checkpoint.capture(self.controller, self.ckpt, self.proxy.checkpoint(), self.metrics_port))
+            self._ckpt_error = ""
+        except Exception as e:
+            if repr(e) != self._ckpt_error:
+                logger.exception("could not write the checkpoint")
+            self._ckpt_error = repr(e)
+
+    def _expire_adopted(self) -> None:
+        self.controller.expire_adopted()
+        self.proxy.expire_adopted()
 
     async def gather_metrics(self) -> bytes:
         """Prometheus text for every process: head, proxy and each running replica."""
@@ -226,6 +438,7 @@ class Head:
         except OSError:
             data = b""
         if not data:
+            asyncio.get_running_loop().remove_reader(0)
             logger.info("driver is gone; shutting down")
             self._start_shutdown(graceful=False)
 
@@ -244,6 +457,12 @@ class Head:
         self.done.set()
 
     async def handle(self, peer: RpcPeer, op: str, args: tuple[Any, ...]) -> Any:
+        result = await self._handle(peer, op, args)
+        if op in _DURABLE and self._ckpt_pending:
+            self._write_checkpoint()  # on disk before the caller hears it was done
+        return result
+
+    async def _handle(self, peer: RpcPeer, op: str, args: tuple[Any, ...]) -> Any:
         c = self.controller
         if op == "subscribe":
             return c.subscribe(peer, args[0])
@@ -259,6 +478,12 @@ class Head:
             return c.autoscaler.report_router_load(id(peer), args[0])
         if op == "replica_register":
             return c.register(peer, *args)
+        if op == "replica_reattach":
+            return c.reattach(peer, *args)
+        if op == "proxy_reattach":
+            return self.proxy.reattach(peer, *args)
+        if op == "hello":
+            return {"pid": os.getpid()}
         if op == "replica_ready":
             return c.replica_ready(*args)
         if op == "replica_models":
@@ -311,8 +536,11 @@ def main(zygote: Any = None) -> None:
         uvloop.run(Head(cfg, zygote).run())
     except ImportError:  # pragma: no cover
         asyncio.run(Head(cfg, zygote).run())
-    logger.info("head exiting; session folder %s removed, logs kept under %s", cfg["session_dir"], session.logs_root())
-    session.finish(cfg["session_dir"])
+    if cfg.get("keeper_fd") is None:  # else the keeper finishes the session, after the rest
+        logger.info("head exiting; session folder %s removed, logs kept under %s", cfg["session_dir"], session.logs_root())
+        session.finish(cfg["session_dir"])
+    else:
+        logger.info("head exiting")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import socket
+import math
+import os
 import time
 from typing import Any
 
@@ -19,7 +20,7 @@ from flotilla._private.client import Runtime
 from flotilla._private.metrics import STORE
 from flotilla._private.protocol import HttpFull
 from flotilla._private.router import Channel
-from flotilla._private.transport import RpcPeer, connect_unix
+from flotilla._private.transport import RemoteCallError, RpcPeer
 from flotilla.exceptions import RayActorError
 from flotilla.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from flotilla.serve.schema import DeploymentID
@@ -212,39 +213,40 @@ class Proxy:
 async def _amain(args: dict[str, Any]) -> None:
     import uvicorn
 
+    from flotilla._private import listener
+    from flotilla._private.client import HeadLink
+
     proxy = Proxy(args)
     loop = asyncio.get_running_loop()
-    rt_holder: dict[str, Runtime] = {}
+    url: str = args["url"]
+    state: dict[str, Any] = {"ready": False, "server": None}
 
     def on_call(peer: RpcPeer, op: str, a: tuple[Any, ...]) -> Any:
         if op == "update":
-            rt_holder["rt"].on_update(*a)
+            Runtime.current().on_update(*a)
             return None
         if op == "metrics":
             return proxy.snapshot()
         raise ValueError(op)
 
-    head = RpcPeer(on_call, name="head")
-    await connect_unix(args["head_sock"], head)
-    rt = rt_holder["rt"] = Runtime.attach(loop, head)
+    async def hello(peer: RpcPeer) -> None:
+        """A restarted head: tell it who we are (before ready, the proxy_ready call is retried)."""
+        if not state["ready"]:
+            return
+        try:
+            await peer.call("proxy_reattach", os.getpid(), url)
+        except (RemoteCallError, RuntimeError) as e:
+            logger.error("the restarted head does not know this proxy (%s); exiting", e)
+            if state["server"] is not None:
+                state["server"].should_exit = True
+
+    link = HeadLink(args["head_sock"], on_call, name="head", hello=hello)
+    await link.connect()
+    rt = Runtime.attach(loop, link)
     proxy.rt = rt
     await rt.subscribe(("routes",), proxy.set_routes)
-    host, port = args.get("host", "127.0.0.1"), int(args.get("port", 8000))
-    try:
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-        sock.listen(2048)
-        sock.setblocking(False)
-    except OSError as e:
-        await head.call(
-            "proxy_failed",
-            f"the HTTP proxy could not listen on {host}:{port}: {e.strerror}. Pass another port, "
-            "e.g. serve.start(http_options={'port': 8001}).",
-        )
-        return
-    port = sock.getsockname()[1]
+    # The listening socket belongs to the head (and the keeper): it outlives this process.
+    sock = await loop.run_in_executor(None, listener.receive, args["fd_sock"])
     config = uvicorn.Config(
         proxy,
         loop="none",
@@ -257,14 +259,14 @@ async def _amain(args: dict[str, Any]) -> None:
         proxy_headers=False,
         date_header=False,
     )
-    server = uvicorn.Server(config)
-    head.on_close(lambda: setattr(server, "should_exit", True))
+    server = state["server"] = uvicorn.Server(config)
     serve_task = loop.create_task(server.serve(sockets=[sock]))
     while not server.started and not serve_task.done():
         await asyncio.sleep(0.005)
-    url_host = f"[{host}]" if ":" in host else host
-    await head.call("proxy_ready", f"http://{url_host}:{port}")
+    await link.call("proxy_ready", url, wait_s=math.inf)
+    state["ready"] = True
     await serve_task
+    link.close()
 
 
 def main(args: dict[str, Any]) -> None:

@@ -3,7 +3,10 @@
 Started by the zygote (a fork). It listens on its own Unix socket for data-plane frames
 from routers, and keeps one control connection to the head: the head hands it the
 deployment's code on `replica_register`, asks for health checks and `reconfigure`, and
-tells it to drain and stop. When the control connection drops (head gone), it exits.
+tells it to drain and stop. When the control connection drops (the head died), it keeps
+serving and reconnects; the restarted head re-adopts it (`replica_reattach`, same id). It
+exits when told to stop, when a restarted head does not know it, or when the session's keeper
+is gone (`zygote.watch_keeper`).
 
 Concurrency: at most `max_ongoing_requests` requests run at once, whatever the number of
 routers sending; the rest wait here, in arrival order. Sync user code runs in a thread
@@ -13,11 +16,13 @@ pool so it never blocks the event loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import functools
 import inspect
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -48,7 +53,7 @@ from flotilla._private.protocol import (
     Stream,
     Yield,
 )
-from flotilla._private.transport import FrameProtocol, RpcPeer, connect_unix
+from flotilla._private.transport import FrameProtocol, RemoteCallError, RpcPeer
 from flotilla.exceptions import RaySystemError, TaskCancelledError
 from flotilla.serve.schema import DeploymentID, ReplicaContext, ReplicaID
 
@@ -177,7 +182,10 @@ class Replica:
         self.server: asyncio.AbstractServer | None = None
         self.direct: Any = None
         self.stopped = asyncio.Event()
-        self.head: RpcPeer | None = None
+        self.link: Any = None  # client.HeadLink
+        self.phase = "registering"  # then "constructing", "ready", "failed" or "draining"
+        self.failure = ""
+        self.models: list[str] = []
         self.http_entry: Any = None
         self.dep_name: str = args["deployment"]
         self.app_name: str = args["app"]
@@ -187,6 +195,7 @@ class Replica:
         STORE.declare("gauge", "ray_serve_replica_processing_queries", "Requests running in a replica.", ("deployment", "replica", "application"))
         STORE.declare("gauge", "flotilla_replica_queued_requests", "Requests waiting inside a replica for a slot (max_ongoing_requests).", ("deployment", "replica", "application"))
         self.asgi_app: Any = None
+        self.config: dict[str, Any] | None = None
         self.lifespan: Any = None
         self.num_requests = 0
         self.logging_config: dict[str, Any] | None = None
@@ -205,19 +214,19 @@ class Replica:
     async def run(self) -> None:
         args = self.args
         server = self.server = await self.loop.create_unix_server(self._make_conn, args["sock_path"])
-        self.head = RpcPeer(self._control, name="head")
-        await connect_unix(args["head_sock"], self.head)
-        self.head.on_close(self.stopped.set)
         from flotilla._private import client
 
-        client.Runtime.attach(self.loop, self.head)
-        spec = await self.head.call("replica_register", self.replica_id, os.getpid())
+        self.link = client.HeadLink(args["head_sock"], self._control, name="head", hello=self._hello)
+        await self.link.connect()
+        client.Runtime.attach(self.loop, self.link)
+        spec = await self.link.call("replica_register", self.replica_id, os.getpid(), wait_s=math.inf)
+        self.phase = "constructing"
         try:
             await self._construct(spec)
         except BaseException as e:
             tb = "".join(traceback.format_exception(e))
             logger.error("constructor failed:\n%s", tb)
-            await self.head.call("replica_failed", self.replica_id, tb)
+            await self._failed(tb)
             return
         if args.get("direct"):
             from flotilla._private.direct import DirectIngress
@@ -228,17 +237,45 @@ class Replica:
             except OSError as e:
                 msg = f"direct ingress could not get the listening socket for port {args['direct']['port']}: {e}"
                 logger.error(msg)
-                await self.head.call("replica_failed", self.replica_id, msg)
+                await self._failed(msg)
                 return
         logger.info("replica %s ready (pid %d)", self.replica_id, os.getpid())
-        await self.head.call("replica_ready", self.replica_id)
+        self.phase = "ready"
+        await self.link.call("replica_ready", self.replica_id, wait_s=math.inf)
         await self.stopped.wait()
         if self.direct is not None:
             await self.direct.stop()
         server.close()
+        with contextlib.suppress(OSError):
+            os.unlink(args["sock_path"])
+
+    async def _failed(self, why: str) -> None:
+        self.phase = "failed"
+        self.failure = why
+        await self.link.call("replica_failed", self.replica_id, why, wait_s=math.inf)
+
+    async def _hello(self, peer: RpcPeer) -> None:
+        """A restarted head: tell it who we are and where we are, so it re-adopts us."""
+        if self.phase == "registering":
+            return  # no code yet: the replica_register call is simply asked again
+        try:
+            await peer.call("replica_reattach", self.replica_id, os.getpid(), self.phase, self.failure, self.models)
+        except RemoteCallError as e:
+            self._unknown(e)
+        except RuntimeError as e:  # the head's refusal, as raised there
+            self._unknown(e)
+
+    def _unknown(self, e: BaseException) -> None:
+        logger.error("the restarted head does not know this replica (%s); draining and exiting", e)
+        if self.phase in ("ready", "draining"):
+            cfg = self.config or {}
+            self.loop.create_task(self._control(None, "stop", (
+                cfg.get("graceful_shutdown_wait_loop_s", 2.0), cfg.get("graceful_shutdown_timeout_s", 20.0))))
+        else:
+            self.stopped.set()
 
     async def _construct(self, spec: dict[str, Any]) -> None:
-        cfg = spec["config"]
+        cfg = self.config = spec["config"]
         self._apply_logging(cfg.get("logging_config"))
         self.max_ongoing = cfg["max_ongoing_requests"]
         self.pool_size = max(2, self.max_ongoing)
@@ -288,8 +325,9 @@ class Replica:
         return fn
 
     def _models_changed(self, model_ids: list[str]) -> None:
-        if self.head is not None:
-            self.head.notify("replica_models", self.replica_id, model_ids)
+        self.models = list(model_ids)
+        if self.link is not None:
+            self.link.notify("replica_models", self.replica_id, self.models)
 
     async def _reconfigure(self, user_config: Any) -> None:
         fn = getattr(self.obj, "reconfigure", None)
@@ -309,7 +347,7 @@ class Replica:
         return result
 
     # ---- control plane ----------------------------------------------------------------
-    async def _control(self, peer: RpcPeer, op: str, args: tuple[Any, ...]) -> Any:
+    async def _control(self, peer: RpcPeer | None, op: str, args: tuple[Any, ...]) -> Any:
         if op == "update":
             from flotilla._private import client
 
@@ -374,7 +412,11 @@ class Replica:
         slot, are answered `Rejected` (the router retries them elsewhere), so nothing that
         reached this replica is lost, whatever the timing of the controller's updates.
         """
+        if self.draining:
+            await self.stopped.wait()  # a second stop (a restarted head): the first one finishes
+            return
         self.draining = True
+        self.phase = "draining"
         if self.server is not None:
             self.server.close()
         if self.direct is not None:

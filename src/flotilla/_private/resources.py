@@ -90,6 +90,15 @@ class ResourcePool:
             self.gpu_free[i] -= s
         return Allocation(need, shares)
 
+    def take(self, demand: dict[str, int], gpu_shares: dict[int, int]) -> Allocation:
+        """Hold exactly this allocation (units, GPU id -> share) again: a restarted head
+        re-takes what its re-adopted replicas hold, GPU ids included."""
+        for k, v in demand.items():
+            self.free[k] = self.free.get(k, 0) - v
+        for i, sh in gpu_shares.items():
+            self.gpu_free[i] = self.gpu_free.get(i, 0) - sh
+        return Allocation(dict(demand), dict(gpu_shares))
+
     def release(self, alloc: Allocation) -> None:
         for k, v in alloc.demand.items():
             self.free[k] = min(self.total.get(k, 0), self.free.get(k, 0) + v)

@@ -1,9 +1,12 @@
-"""Session folders: one private temporary folder per cluster (sockets, logs, the head's pid).
+"""Session folders: one private temporary folder per cluster (sockets, logs, the checkpoint,
+the pid of the session's keeper).
 
 A cluster that shuts down cleanly removes its folder and keeps its logs under
 `<tmp>/flotilla-logs/<session>/`, where only the newest KEEP_LOGS sessions stay. A folder left
-behind by a head that died (SIGKILL, machine crash) is cleaned the same way by the next
-`flotilla.init()`: a session is finished when the process in its `head.pid` is gone.
+behind by a session whose keeper died (SIGKILL, machine crash) is cleaned the same way by the
+next `flotilla.init()`: a session is finished when the process in its `head.pid` is gone. (The
+file keeps its name; it records the keeper, whose life is the session's, not the head, which a
+session may restart.)
 """
 
 from __future__ import annotations

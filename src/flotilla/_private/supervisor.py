@@ -2,7 +2,14 @@
 
 `Supervisor` is the interface the controller and the proxy manager use; `ZygoteSupervisor`
 implements it with the preloaded fork server (`zygote.py`). Another backend (Ray actors)
-implements the same five operations.
+implements the same operations: start, adopt, alive, kill, wait, stop, close.
+
+Exits are seen through pidfds, so they are seen for processes that are not our children:
+workers orphaned by a dead zygote (reparented to the keeper), and the workers a restarted head
+`adopt`s from its checkpoint. For the zygote's own children its exit report (with the exit
+code) normally comes first; the pidfd is the fallback when the zygote is gone.
+
+A dead zygote is restarted with backoff (`keeper.restart_delay`); starts wait for the new one.
 
 Safety rules, so a signal never reaches the wrong process:
 - Each worker leads its own process group (`setsid` in the zygote's child); stopping it
@@ -26,13 +33,18 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
+
+from flotilla._private.keeper import Backoff
 
 logger = logging.getLogger("flotilla.supervisor")
 
 ZYGOTE_START_TIMEOUT_S = 30.0
 ZYGOTE_EXIT_TIMEOUT_S = 5.0
+#: How long an exit seen by pidfd waits for the zygote's report (which carries the exit code).
+EXIT_REPORT_GRACE_S = 1.0
 
 
 def start_ticks(pid: int) -> int | None:
@@ -73,6 +85,30 @@ class Process:
         self.exit_code: int | None = None
         self.exited = asyncio.Event()
         self.on_exit = on_exit
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wait_report: Callable[[], bool] | None = None
+
+    def watch(self, wait_report: Callable[[], bool] | None = None) -> None:
+        """Notice the exit through the pidfd, on the running loop. While `wait_report()` is
+        true (its zygote lives, and will report the exit code), wait a moment for that report."""
+        if self.pidfd is None or self._loop is not None:
+            return
+        self._loop = asyncio.get_running_loop()
+        self._wait_report = wait_report
+        self._loop.add_reader(self.pidfd, self._pidfd_readable)
+
+    def _unwatch(self) -> None:
+        if self._loop is not None and self.pidfd is not None:
+            self._loop.remove_reader(self.pidfd)
+        self._loop = None
+
+    def _pidfd_readable(self) -> None:
+        loop = self._loop
+        self._unwatch()
+        if loop is not None and self._wait_report is not None and self._wait_report():
+            loop.call_later(EXIT_REPORT_GRACE_S, self.mark_exited, None)
+        else:
+            self.mark_exited(None)
 
     def __repr__(self) -> str:
         state = "running" if self.exit_code is None and not self.exited.is_set() else f"exited {self.exit_code}"
@@ -122,6 +158,7 @@ class Process:
             return
         self.exit_code = code
         self.exited.set()
+        self._unwatch()
         if self.pidfd is not None:
             os.close(self.pidfd)
             self.pidfd = None
@@ -137,6 +174,25 @@ class Supervisor(abc.ABC):
     async def start(self, kind: str, log_path: str, args: dict[str, Any],
                     on_exit: Callable[[Process], None] | None = None) -> Process:
         """Start a worker of `kind` ("replica", "proxy" or "module:function") logging to `log_path`."""
+
+    def adopt(self, pid: int, kind: str, ticks: int | None,
+              on_exit: Callable[[Process], None] | None = None) -> Process | None:
+        """Take over a running worker this supervisor did not start (a restarted head re-adopts
+        what its checkpoint lists): None if `pid` no longer names the process that started at
+        `ticks`. Its exit is seen by pidfd (with no exit code: it is not our child)."""
+        proc = Process(pid, kind, ticks, on_exit)
+        if ticks is None or proc.pidfd is None or not proc.same_process():
+            if proc.pidfd is not None:
+                os.close(proc.pidfd)
+                proc.pidfd = None
+            return None
+        proc.watch()
+        self._adopted(proc)
+        return proc
+
+    @abc.abstractmethod
+    def _adopted(self, proc: Process) -> None:
+        """Remember an adopted process (it is killed at `close`, as started ones are)."""
 
     def alive(self, proc: Process) -> bool:
         """The process has not exited (a cheap ping of the OS, no message to the worker)."""
@@ -172,15 +228,20 @@ class Supervisor(abc.ABC):
 class ZygoteSupervisor(Supervisor):
     """Forks workers from the preloaded zygote (JSON lines on its stdin/stdout, see zygote.py)."""
 
-    def __init__(self) -> None:
+    def __init__(self, backoff: Backoff | None = None) -> None:
         self._proc: subprocess.Popen[bytes] | None = None
         self._ready: asyncio.Future[int] | None = None
+        self._up = asyncio.Event()  # a zygote is ready to fork
         self._waiting: list[tuple[str, Callable[[Process], None] | None, asyncio.Future[Process]]] = []
         self._live: dict[int, Process] = {}  # pid -> live process; dropped at its exit
         self._lock = asyncio.Lock()
         self._stdin: asyncio.WriteTransport | None = None
         self._reader: asyncio.Task[None] | None = None
         self._dead: BaseException | None = None
+        self._closing = False
+        self._restart: asyncio.Task[None] | None = None
+        self.backoff = backoff or Backoff()
+        self.zygote_restarts = 0
 
     @staticmethod
     def spawn_zygote() -> subprocess.Popen[bytes]:
@@ -192,12 +253,35 @@ class ZygoteSupervisor(Supervisor):
     def live(self) -> dict[int, Process]:
         return self._live
 
-    async def adopt(self, proc: subprocess.Popen[bytes] | None = None) -> None:
+    @property
+    def zygote_pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    def _adopted(self, proc: Process) -> None:
+        self._track(proc)
+
+    def _track(self, proc: Process) -> None:
+        """Keep `proc` in the table of live processes until its exit (however it is seen)."""
+        self._live[proc.pid] = proc
+        cb = proc.on_exit
+
+        def forget(p: Process) -> None:
+            if self._live.get(p.pid) is p:
+                del self._live[p.pid]
+            if cb is not None:
+                cb(p)
+
+        proc.on_exit = forget
+
+    async def use_zygote(self, proc: subprocess.Popen[bytes] | None = None) -> None:
         """Use the zygote process `proc` (started early by `headboot`), or start one."""
         if proc is None:
             proc = self.spawn_zygote()
         loop = asyncio.get_running_loop()
         self._ready = loop.create_future()
+        self._ready.add_done_callback(self._zygote_ready)
+        self._dead = None
+        self.backoff.started()
         self._proc = proc
         assert proc.stdout is not None and proc.stdin is not None
         stdout = asyncio.StreamReader()
@@ -206,9 +290,20 @@ class ZygoteSupervisor(Supervisor):
         self._stdin, _ = await loop.connect_write_pipe(asyncio.Protocol, proc.stdin)
         self._reader = loop.create_task(self._read(stdout))
 
+    def _zygote_ready(self, fut: asyncio.Future[int]) -> None:
+        if not fut.cancelled() and fut.exception() is None:
+            self._up.set()
+
+    def _zygote_lives(self, zygote: subprocess.Popen[bytes] | None) -> Callable[[], bool]:
+        return lambda: self._proc is zygote and self._dead is None
+
     async def _read(self, stdout: asyncio.StreamReader) -> None:
+        zygote = self._proc
         while True:
-            line = await stdout.readline()
+            try:
+                line = await stdout.readline()
+            except (OSError, ValueError):
+                line = b""
             if not line:
                 break
             msg = json.loads(line)
@@ -218,32 +313,70 @@ class ZygoteSupervisor(Supervisor):
             elif "pid" in msg:
                 kind, on_exit, fut = self._waiting.pop(0)
                 proc = Process(msg["pid"], kind, msg.get("start"), on_exit)
-                self._live[proc.pid] = proc
+                self._track(proc)
+                proc.watch(self._zygote_lives(zygote))
                 if not fut.done():
                     fut.set_result(proc)
             elif "exit" in msg:
-                proc_or_none = self._live.pop(msg["exit"], None)
+                proc_or_none = self._live.get(msg["exit"])
                 if proc_or_none is not None:
                     proc_or_none.mark_exited(msg["code"])
-        # The zygote is gone, and its children with it (PR_SET_PDEATHSIG).
-        self._dead = RuntimeError("the zygote process exited")
+        # The zygote is gone. Its children live on (they watch the keeper, not the zygote) and
+        # their exits are seen by pidfd; starts wait for a new zygote.
+        self._up.clear()
+        self._dead = RuntimeError("the fork server (zygote) exited before it answered")
         for _, _, fut in self._waiting:
             if not fut.done():
                 fut.set_exception(self._dead)
         self._waiting.clear()
         if self._ready is not None and not self._ready.done():
             self._ready.set_exception(self._dead)
-        for proc in list(self._live.values()):
-            proc.send(signal.SIGKILL)
-            proc.mark_exited(None)
-        self._live.clear()
+            self._ready.exception()  # retrieved: logged below, once
+        if self._stdin is not None:
+            self._stdin.close()
+            self._stdin = None
+        if not self._closing and zygote is not None and zygote is self._proc:
+            self._restart = asyncio.get_running_loop().create_task(self._restart_zygote(zygote))
+
+    async def _restart_zygote(self, old: subprocess.Popen[bytes]) -> None:
+        """Reap the dead zygote, wait out the backoff, start a new one (one log line each)."""
+        loop = asyncio.get_running_loop()
+        try:
+            code = await asyncio.wait_for(loop.run_in_executor(None, old.wait), ZYGOTE_EXIT_TIMEOUT_S)
+        except TimeoutError:
+            old.kill()
+            code = await loop.run_in_executor(None, old.wait)
+        uptime = self.backoff.uptime()
+        delay = self.backoff.failed()
+        self.zygote_restarts += 1
+        logger.warning(
+            "the fork server (zygote, pid %d) exited with code %s after %.1fs; restarting it in %.1fs "
+            "(restart %d); running replicas are not affected", old.pid, code, uptime, delay, self.zygote_restarts,
+        )
+        await asyncio.sleep(delay)
+        if self._closing:
+            return
+        t0 = time.monotonic()
+        await self.use_zygote()
+        try:
+            assert self._ready is not None
+            await asyncio.wait_for(asyncio.shield(self._ready), ZYGOTE_START_TIMEOUT_S)
+        except Exception as e:
+            logger.error("the new fork server did not start: %r", e)
+            return
+        logger.debug("fork server restarted (pid %s) in %.2fs", self.zygote_pid, time.monotonic() - t0)
 
     async def start(self, kind: str, log_path: str, args: dict[str, Any],
                     on_exit: Callable[[Process], None] | None = None) -> Process:
-        assert self._ready is not None, "adopt() a zygote first"
-        await asyncio.wait_for(asyncio.shield(self._ready), ZYGOTE_START_TIMEOUT_S)
+        if not self._up.is_set():  # starting, or being restarted after it died
+            try:
+                await asyncio.wait_for(self._up.wait(), ZYGOTE_START_TIMEOUT_S)
+            except TimeoutError:
+                raise RuntimeError(
+                    f"the fork server (zygote) was not ready within {ZYGOTE_START_TIMEOUT_S:g}s"
+                ) from None
         if self._dead is not None or self._stdin is None:
-            raise RuntimeError("the zygote process exited")
+            raise self._dead or RuntimeError("the fork server (zygote) exited")
         async with self._lock:
             fut: asyncio.Future[Process] = asyncio.get_running_loop().create_future()
             self._waiting.append((kind, on_exit, fut))
@@ -251,6 +384,9 @@ class ZygoteSupervisor(Supervisor):
         return await fut
 
     async def close(self) -> None:
+        self._closing = True
+        if self._restart is not None:
+            self._restart.cancel()
         for proc in list(self._live.values()):
             self.kill(proc)
         zygote = self._proc

@@ -10,7 +10,9 @@ Protocol on stdin/stdout, one JSON object per line:
   zygote -> head  {"exit": N, "code": C}          (a child exited; always after its "pid" line)
 Each child leads its own process group (setsid); when a child exits, the zygote kills what is
 left of its group before reaping it, so subprocesses of a replica never outlive it.
-Children die with the zygote (PR_SET_PDEATHSIG), and the zygote dies with the head.
+Children live as long as the session's keeper (`watch_keeper`), not as long as the zygote:
+they keep serving when the zygote or the head dies, and are reparented to the keeper (a
+child subreaper). The zygote dies with the head (PR_SET_PDEATHSIG); the head restarts it.
 """
 
 from __future__ import annotations
@@ -19,8 +21,13 @@ import ctypes
 import importlib
 import json
 import os
+import select
 import signal
 import sys
+import threading
+
+from flotilla._private.keeper import keeper_from_env
+from flotilla._private.proctitle import set_title
 
 PR_SET_PDEATHSIG = 1
 
@@ -32,6 +39,35 @@ def die_with_parent() -> None:
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     except (OSError, AttributeError):
         pass
+
+
+def watch_keeper() -> None:
+    """Tie this process's life (and its group's) to the session's keeper, not to its parent.
+
+    A replica or the proxy keeps serving when the zygote or the head dies; it exits when the
+    keeper is gone (the session is over). A thread blocks on a pidfd of the keeper, so a busy
+    event loop cannot delay it. Outside a keeper's session: die with the parent, as before.
+    """
+    k = keeper_from_env()
+    if k is None or not hasattr(os, "pidfd_open"):
+        die_with_parent()
+        return
+    pid, ticks = k
+    try:
+        fd = os.pidfd_open(pid)
+    except OSError:
+        os._exit(1)  # the keeper is already gone
+    if ticks is not None and _start_ticks(pid) != ticks:
+        os._exit(1)  # the number names another process now: ours is gone
+
+    def wait() -> None:
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        while not poller.poll():
+            pass
+        os.killpg(0, signal.SIGKILL)
+
+    threading.Thread(target=wait, name="flotilla-keeper-watch", daemon=True).start()
 
 
 def _write(obj: dict) -> None:
@@ -74,13 +110,23 @@ def _start_ticks(pid: int) -> int | None:
 _KINDS = {"replica": "flotilla._private.replica:main", "proxy": "flotilla._private.proxy:main"}
 
 
+def _title(req: dict) -> str:
+    kind = req["kind"]
+    if kind == "replica":
+        return f"flotilla::replica:{req['args'].get('app')}:{req['args'].get('deployment')}"
+    if kind == "proxy":
+        return "flotilla::proxy"
+    return f"flotilla::worker:{kind}"
+
+
 def _child(req: dict) -> None:
+    set_title(_title(req))
     os.setsid()
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    die_with_parent()
+    watch_keeper()
     log = os.open(req["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
@@ -108,6 +154,7 @@ def _child(req: dict) -> None:
 
 
 def main() -> None:
+    set_title("flotilla::zygote")
     die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # Preload what every child needs, once: forks then skip these imports.
