@@ -60,21 +60,46 @@ def _metrics() -> list[Metric]:
             Metric(f"chaos_{event}_requests", f"{label}: requests", "higher", "chaos", False),
             Metric(f"chaos_{event}_failed", f"{label}: failed requests", "lower", "chaos"),
             Metric(f"chaos_{event}_failed_pct", f"{label}: failed %", "lower", "chaos"),
+            Metric(
+                f"chaos_{event}_refused",
+                f"{label}: of the failed, refused connections",
+                "lower",
+                "chaos",
+                False,
+            ),
         ]
-        if event != "kill":
+        if event in CHAOS_RECOVERY:
+            m.append(
+                Metric(
+                    f"chaos_{event}_recovery_s",
+                    f"{label}: s to {CHAOS_RECOVERY[event]}",
+                    "lower",
+                    "chaos",
+                )
+            )
+        else:
             m.append(Metric(f"chaos_{event}_s", f"{label}: event s", "lower", "chaos", False))
-    m.append(
-        Metric("chaos_kill_recovery_s", "kill -9: s to a RUNNING replacement", "lower", "chaos")
-    )
     return m
 
 
-# The chaos scenario's events: (metric key part, label).
+# The chaos scenario's events, in the order they run: (metric key part, label).
 CHAOS_EVENTS = (
     ("rollout", "3 code rollouts, 2 replicas"),
     ("scaledown", "scale-down 4 -> 1"),
+    ("zygote", "kill -9 of the fork server (zygote)"),
     ("kill", "kill -9 of 1 of 2 replicas"),
+    ("proxy", "kill -9 of the HTTP proxy"),
+    ("head", "kill -9 of the head (Ray: its controller)"),
 )
+# Kill events: what their recovery time measures (from the kill to ...).
+CHAOS_RECOVERY = {
+    "zygote": "a new fork server",
+    "kill": "a RUNNING replacement",
+    "proxy": "HTTP 200 on a new connection",
+    "head": "a working serve.status()",
+}
+# Events a system has no counterpart for: (event, system) -> why.
+CHAOS_NA = {("zygote", "ray"): "no fork server"}
 
 
 METRICS = _metrics()
@@ -182,7 +207,16 @@ def raw_section(records: list[dict[str, Any]], scenario: str) -> str:
     return "\n".join(parts) + "\n"
 
 
-CHAOS_HEAD = ["event", "system", "requests", "failed", "failed %", "event s", "recovery s"]
+CHAOS_HEAD = [
+    "event",
+    "system",
+    "requests",
+    "failed",
+    "failed %",
+    "of which refused",
+    "event s",
+    "recovery s",
+]
 
 
 def chaos_rows(records: list[dict[str, Any]], rounds: int) -> list[list[str]]:
@@ -191,7 +225,11 @@ def chaos_rows(records: list[dict[str, Any]], rounds: int) -> list[list[str]]:
     for event, label in CHAOS_EVENTS:
         for system in ("flotilla", "ray"):
             cells = [label, system]
-            for key in ("requests", "failed", "failed_pct", "s", "recovery_s"):
+            na = CHAOS_NA.get((event, system))
+            if na and any(r["system"] == system and r["scenario"] == "chaos" for r in records):
+                rows.append([*cells, f"n/a ({na})", "", "", "", "", ""])
+                continue
+            for key in ("requests", "failed", "failed_pct", "refused", "s", "recovery_s"):
                 vals = series(records, system, f"chaos_{event}_{key}", rounds)
                 med = median(vals)
                 per_round = f" ({', '.join(fmt(v) for v in vals)})" if rounds > 1 else ""
@@ -208,12 +246,19 @@ def chaos_section(records: list[dict[str, Any]], rounds: int) -> str:
     return "\n".join(
         [
             "\n## Chaos: failed requests while the app changes under load\n",
-            "wrk `-t1 -c16` POSTs for 1 s before the event, during it and 1 s after it; failed = "
-            "non-2xx answers + socket errors + answers slower than 5 s + requests still "
-            "unanswered 4 s after the load stopped. `event s` is how long the event took (until its replicas are all "
-            "RUNNING and the old ones gone); for the kill, `recovery s` is from the kill to "
-            "a RUNNING replacement. What failed, by kind and status, is in the chaos raw "
-            "table's details.\n",
+            "wrk `-t1 -c16` POSTs for 1 s before the event, during it and 1 s after it (after "
+            "a kill of the fork server, proxy or head: until 1 s after recovery, at most 10 s "
+            "after the kill); failed = non-2xx answers + socket errors + answers slower than "
+            "5 s + requests still unanswered 4 s after the load stopped. `of which refused`: "
+            "attempts on a port nothing listens on (connect or first-write errors); wrk "
+            "retries those at once, without a pause, so while the port is closed this counts "
+            "its retry rate (about 100,000/s), not users. `event s` is how long the "
+            "event took (until its replicas are all RUNNING and the old ones gone). `recovery "
+            "s` is from the kill to: a new fork-server process (zygote); a RUNNING "
+            "replacement (replica); a 2xx answer to a POST on a new connection (proxy); a "
+            "`serve.status()` from the driver that works (head / Ray's ServeController). What "
+            "failed, by kind and status, and whether the replicas and proxy survived, is in the "
+            "chaos raw table's details.\n",
             md_table(CHAOS_HEAD, rows),
         ]
     )

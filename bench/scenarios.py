@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import procs
-from systems import BENCH, COMMANDS, Launched, System, ensure_wrk, launch_app
+from systems import BENCH, COMMANDS, Launched, System, ensure_wrk, http_ok, launch_app
 
 POST_LUA = BENCH / "apps" / "post.lua"
 CHAOS_LUA = BENCH / "apps" / "chaos.lua"
@@ -258,6 +258,24 @@ CHAOS_TAIL_S = 1.0  # load after the event
 CHAOS_DRAIN_S = 4.0
 CHAOS_TIMEOUT_S = 120.0  # for one deploy, or for a killed replica's replacement
 CHAOS_REPLICAS = 2
+# Kills of the control plane and the proxy: the load goes on after the kill until the
+# system has recovered, plus CHAOS_TAIL_S, but at most CHAOS_KILL_WINDOW_S; recovery is
+# then awaited without load up to CHAOS_RECOVERY_TIMEOUT_S from the kill.
+CHAOS_KILL_WINDOW_S = 10.0
+CHAOS_RECOVERY_TIMEOUT_S = 60.0
+# The process each kill event hits, by its role in the system's process tree (procs.roles);
+# a system missing from an entry has no such process.
+CHAOS_KILLS: dict[str, dict[str, str]] = {
+    "zygote": {"flotilla": "zygote"},  # Ray has no fork server
+    "proxy": {"flotilla": "proxy", "ray": "proxy"},
+    "head": {"flotilla": "head", "ray": "controller"},  # Ray: the ServeController actor
+}
+# How each kill event's recovery is detected.
+CHAOS_RECOVERED = {
+    "zygote": "a new fork-server process exists",
+    "proxy": "a POST on a new connection gets a 2xx answer",
+    "head": "a serve.status() call from the driver works",
+}
 
 
 def chaos_counts(w: dict[str, Any]) -> dict[str, int]:
@@ -281,7 +299,8 @@ def chaos_load(
     ctx: Ctx, what: str, event: Callable[[], dict[str, Any]]
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Run `event` under steady wrk load: CHAOS_LEAD_S of load, the event, CHAOS_TAIL_S
-    more; then wrk stops sending and waits up to CHAOS_DRAIN_S for the last answers.
+    more (less if the event's result has a `load_until`, a time.monotonic() value); then
+    wrk stops sending and waits up to CHAOS_DRAIN_S for the last answers.
     Returns chaos.lua's summary and what `event` returned."""
     stop_file = ctx.log_dir / f"r{ctx.round}-chaos-{what}.stop"
     drained = ctx.log_dir / f"r{ctx.round}-chaos-{what}.drained"
@@ -309,7 +328,9 @@ def chaos_load(
         if w.poll() is not None:
             raise RuntimeError(f"wrk exited early: {w.communicate()[1][-300:]}")
         result = event()
-        time.sleep(CHAOS_TAIL_S)
+        tail_end = time.monotonic() + CHAOS_TAIL_S
+        tail_end = min(tail_end, result.get("load_until", tail_end))
+        time.sleep(max(0.0, tail_end - time.monotonic()))
         stop_file.touch()
         deadline = time.monotonic() + CHAOS_DRAIN_S
         while not drained.exists() and time.monotonic() < deadline:
@@ -327,8 +348,18 @@ def chaos_load(
     raise RuntimeError(f"wrk gave no summary (rc {w.returncode}): {stdout[-300:]} {stderr[-300:]}")
 
 
+def role_procs(proc: Launched, role: str, port: int | None = None) -> list[procs.Proc]:
+    """The processes of `proc`'s tree that have `role` (see procs.roles)."""
+    out = []
+    for pid, r in procs.roles(proc.pid, port).items():
+        p = procs.read_proc(pid) if r == role else None
+        if p is not None:
+            out.append(p)
+    return out
+
+
 def replica_pids(proc: Launched, port: int) -> set[int]:
-    return {pid for pid, role in procs.roles(proc.pid, port).items() if role == "replica"}
+    return {p.pid for p in role_procs(proc, "replica", port)}
 
 
 def kill_replica(proc: Launched, port: int) -> dict[str, Any]:
@@ -350,10 +381,109 @@ def kill_replica(proc: Launched, port: int) -> dict[str, Any]:
     return {"recovery_s": time.monotonic() - t0, "killed_pid": victim.pid}
 
 
+def _new_process(proc: Launched, role: str, old: int, until: float) -> float | None:
+    """Poll until `proc`'s tree has a `role` process other than `old`; when it appeared
+    (time.monotonic()), or None at `until`."""
+    while time.monotonic() < until:
+        if any(p.pid != old for p in role_procs(proc, role)):
+            return time.monotonic()
+        time.sleep(0.05)
+    return None
+
+
+def _http_back(port: int, until: float) -> float | None:
+    """Poll with POSTs, each on a new connection, until one gets a 2xx answer; when it
+    came (time.monotonic()), or None at `until`."""
+    while time.monotonic() < until:
+        if http_ok(port, "/", timeout=max(0.05, min(1.0, until - time.monotonic()))):
+            return time.monotonic()
+        time.sleep(0.02)
+    return None
+
+
+def kill_process(proc: Launched, ctx: Ctx, event: str, role: str) -> dict[str, Any]:
+    """One kill event under load: kill -9 the single `role` process, then wait (under load,
+    at most CHAOS_KILL_WINDOW_S) for the event's sign of recovery. Returns what was killed,
+    the kill's time and the recovery's (None if not yet), and `load_until` for chaos_load."""
+    victims = role_procs(proc, role, ctx.port)
+    if len(victims) != 1:
+        raise RuntimeError(f"expected one {role} process in the tree, found {len(victims)}")
+    victim = victims[0]
+    t0 = time.monotonic()
+    if not procs.kill_procs([victim]):
+        raise RuntimeError(f"could not kill the {role} process {victim.pid}")
+    window_end = t0 + CHAOS_KILL_WINDOW_S
+    out: dict[str, Any] = {"killed_pid": victim.pid, "t0": t0, "load_until": window_end}
+    if event == "head":
+        proc.send(f"status {t0 + CHAOS_RECOVERY_TIMEOUT_S}")
+        try:
+            out["probe"] = proc.event(max(0.05, window_end - time.monotonic()))
+            out["t_ok"] = out["probe"]["t_ok"]
+        except TimeoutError:
+            pass  # still waiting: chaos_kill collects the answer after the load
+    elif event == "proxy":
+        out["t_ok"] = _http_back(ctx.port, window_end)
+    else:
+        out["t_ok"] = _new_process(proc, role, victim.pid, window_end)
+    return out
+
+
+def chaos_kill(proc: Launched, ctx: Ctx, system: System, event: str) -> tuple[dict, dict]:
+    """Run one kill event under load; afterwards (without load) wait for the recovery if it
+    took longer than the window, then for CHAOS_REPLICAS RUNNING replicas. Returns wrk's
+    summary and the event's figures and notes."""
+    role = CHAOS_KILLS[event][system.name]
+    data_plane = {
+        p.pid for r in ("replica", "proxy") if r != role for p in role_procs(proc, r, ctx.port)
+    }
+    w, ev = chaos_load(ctx, event, lambda: kill_process(proc, ctx, event, role))
+    t0 = ev["t0"]
+    until = t0 + CHAOS_RECOVERY_TIMEOUT_S
+    if event == "head" and "probe" not in ev:
+        ev["probe"] = proc.event(max(0.05, until - time.monotonic()) + 30)
+        ev["t_ok"] = ev["probe"]["t_ok"]
+    elif ev["t_ok"] is None:
+        if event == "proxy":
+            ev["t_ok"] = _http_back(ctx.port, until)
+        else:
+            ev["t_ok"] = _new_process(proc, role, ev["killed_pid"], until)
+    notes: dict[str, Any] = {f"killed {role} pid": ev["killed_pid"]}
+    if "probe" in ev:
+        notes["serve.status() attempts"] = ev["probe"]["attempts"]
+        if ev["probe"]["last_error"]:
+            notes["last serve.status() error"] = ev["probe"]["last_error"]
+    recovery = None if ev["t_ok"] is None else ev["t_ok"] - t0
+    if recovery is not None and recovery > CHAOS_KILL_WINDOW_S:
+        notes["recovered after the load window"] = True
+    now = {p.pid for p in role_procs(proc, role)}
+    notes[f"{role} pids now"] = sorted(now)
+    if recovery is None:
+        return w, {
+            "recovery_s": None,
+            "notes": notes,
+            "error": (
+                f"no recovery ({CHAOS_RECOVERED[event]}) within {CHAOS_RECOVERY_TIMEOUT_S:.0f} s"
+            ),
+        }
+    proc.send(f"settle {CHAOS_REPLICAS}")
+    proc.event(CHAOS_TIMEOUT_S)
+    notes[f"{CHAOS_REPLICAS} RUNNING afterwards"] = True  # else settle raised
+    after = {
+        p.pid for r in ("replica", "proxy") if r != role for p in role_procs(proc, r, ctx.port)
+    }
+    notes["replica/proxy processes that survived"] = f"{len(data_plane & after)}/{len(data_plane)}"
+    if event == "head":  # serve.run works again from the same driver
+        proc.send("rollouts 1")
+        notes["serve.run (a rollout) afterwards, s"] = round(
+            proc.event(CHAOS_TIMEOUT_S)["seconds"], 2
+        )
+    return w, {"recovery_s": recovery, "notes": notes}
+
+
 def chaos(system: System, ctx: Ctx) -> Result:
     """Failed requests under 16 connections of load during three code rollouts, a
-    4 -> 1 scale-down, and a kill -9 of one replica (with the time to a RUNNING
-    replacement)."""
+    4 -> 1 scale-down, and kill -9 of the fork server, a replica, the proxy and the head /
+    controller (with the time to recover)."""
     if not system.is_serve:
         raise NotImplementedError("no deployments to change in a bare server")
     why = ensure_wrk()
@@ -362,6 +492,7 @@ def chaos(system: System, ctx: Ctx) -> Result:
     cfg = {"port": ctx.port, "replicas": CHAOS_REPLICAS, "timeout": CHAOS_TIMEOUT_S}
     proc = launch_app(system, "chaos", cfg, ctx.log(system, "chaos"))
     out: Result = {"notes": {}}
+    errors: list[str] = []
 
     def command(line: str) -> Callable[[], dict[str, Any]]:
         def run() -> dict[str, Any]:
@@ -375,28 +506,71 @@ def chaos(system: System, ctx: Ctx) -> Result:
         out[f"chaos_{what}_requests"] = c["requests"]
         out[f"chaos_{what}_failed"] = c["failed"]
         out[f"chaos_{what}_failed_pct"] = 100.0 * c["failed"] / max(1, c["requests"])
+        # Of the failed: attempts on connections nothing accepted (a closed port fails the
+        # first write with ECONNREFUSED), which wrk retries at once, without a pause.
+        out[f"chaos_{what}_refused"] = c["connect"] + c["write"]
         if seconds is not None:
             out[f"chaos_{what}_s"] = seconds
         out["notes"][f"{what}: counts"] = {k: v for k, v in c.items() if v or k == "failed"}
         out["notes"][f"{what}: answers by status"] = w["codes"]
 
-    try:
-        proc.event(300)
-        proc.wait_http(ctx.port, 120.0)
-        wrk(ctx, CHAOS_CONNS, 1.0)  # warm-up, not measured
+    def attempt(what: str, fn: Callable[[], None]) -> None:
+        """One event; its failure is recorded and the scenario goes on with the next."""
+        try:
+            fn()
+        except Exception as e:
+            errors.append(f"{what}: {type(e).__name__}: {e}"[:400])
+
+    def rollout() -> None:
         w, ev = chaos_load(ctx, "rollout", command("rollouts 3"))
         record("rollout", w, ev["seconds"])
         out["notes"]["rollout: seconds per rollout"] = [round(x, 2) for x in ev["steps"]]
+
+    def scaledown() -> None:
         command("scale 4")()
         w, ev = chaos_load(ctx, "scaledown", command("scale 1"))
         record("scaledown", w, ev["seconds"])
         command(f"scale {CHAOS_REPLICAS}")()
+
+    def kill() -> None:
         w, ev = chaos_load(ctx, "kill", lambda: kill_replica(proc, ctx.port))
         record("kill", w, None)
         out["chaos_kill_recovery_s"] = ev["recovery_s"]
+
+    def kill_event(event: str) -> Callable[[], None]:
+        def run() -> None:
+            if system.name not in CHAOS_KILLS[event]:
+                out["notes"][f"{event}: n/a"] = f"{system.name} has no such process"
+                return
+            w, ev = chaos_kill(proc, ctx, system, event)
+            record(event, w, None)
+            if ev["recovery_s"] is not None:
+                out[f"chaos_{event}_recovery_s"] = ev["recovery_s"]
+            out["notes"].update({f"{event}: {k}": v for k, v in ev["notes"].items()})
+            if "error" in ev:
+                raise TimeoutError(ev["error"])
+
+        return run
+
+    try:
+        proc.event(300)
+        proc.wait_http(ctx.port, 120.0)
+        wrk(ctx, CHAOS_CONNS, 1.0)  # warm-up, not measured
+        # The fork server goes before the replica kill, whose replacement it must fork.
+        for what, fn in (
+            ("rollout", rollout),
+            ("scaledown", scaledown),
+            ("zygote", kill_event("zygote")),
+            ("kill", kill),
+            ("proxy", kill_event("proxy")),
+            ("head", kill_event("head")),
+        ):
+            attempt(what, fn)
         proc.snapshot()
     finally:
         proc.stop()
+    if errors:
+        out["error"] = "; ".join(errors)
     return out
 
 

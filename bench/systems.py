@@ -52,7 +52,8 @@ class System:
 
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
-        env.pop("PYTHONPATH", None)
+        if self.name != "flotilla":  # flotilla keeps it: PYTHONPATH=src runs a checkout's code
+            env.pop("PYTHONPATH", None)
         env["PYTHONUNBUFFERED"] = "1"
         env["RAY_USAGE_STATS_ENABLED"] = "0"  # no network here, and no prompt
         return env

@@ -13,7 +13,9 @@ Modes (each one process: the "driver" of the system under test):
   memory     deploy 0, 1, then 4 replicas, stopping after each for the parent to measure
   autoscale  time an autoscaling deployment going 1 -> 4 -> 1 replicas under 8 clients
   chaos      deploy a 2-replica app, then run the parent's commands (rollouts, scaling,
-             waiting for a killed replica's replacement) while the parent sends load
+             waiting for a killed replica's replacement, timing the first serve.status()
+             that works after the parent killed the head / controller) while the parent
+             sends load
 Output: one JSON object per line on stdout; logs go to stderr.
 """
 
@@ -251,16 +253,57 @@ def mode_autoscale(cfg: dict[str, Any]) -> None:
 def _settle(app: str, dep: str, n: int, timeout: float) -> None:
     """Wait until exactly `n` replicas exist and all are RUNNING (old ones gone)."""
     deadline = time.monotonic() + timeout
-    while not (_running(app, dep) == n and _total(app, dep) == n):
+    while True:
+        try:
+            if _running(app, dep) == n and _total(app, dep) == n:
+                return
+            last: Any = None
+        except Exception as e:  # a control plane that is coming back: ask again
+            last = e
         if time.monotonic() > deadline:
+            if last is not None:
+                raise TimeoutError(f"serve.status() failing after {timeout:.0f} s: {last!r}")
             states = serve.status().applications[app].deployments[dep].replica_states
             raise TimeoutError(f"not {n} RUNNING replicas after {timeout:.0f} s: {states}")
         time.sleep(0.05)
 
 
+def _status_into(box: dict[str, Any]) -> None:
+    try:
+        serve.status()
+        box["ok"] = True
+    except BaseException as e:  # any failure means "not yet"
+        box["error"] = f"{type(e).__name__}: {e}"[:200]
+
+
+def _status_works_by(deadline: float) -> dict[str, Any]:
+    """Call `serve.status()` until one call works or the deadline (time.monotonic(), which is
+    CLOCK_MONOTONIC: the same clock in every process) passes. Each call runs in a thread, so
+    one that blocks (a control plane that is away) cannot outlast the deadline. Returns the
+    monotonic time the first working call returned (None if none did), the attempts, and the
+    last error."""
+    attempts, last = 0, ""
+    while time.monotonic() < deadline:
+        attempts += 1
+        box: dict[str, Any] = {}
+        t = threading.Thread(target=_status_into, args=(box,), daemon=True)
+        t.start()
+        t.join(max(0.0, deadline - time.monotonic()))
+        if box.get("ok"):
+            return {"t_ok": time.monotonic(), "attempts": attempts, "last_error": last}
+        if t.is_alive():
+            last = "serve.status() still blocked at the deadline"
+            break
+        last = box.get("error", "")
+        time.sleep(0.05)
+    return {"t_ok": None, "attempts": attempts, "last_error": last}
+
+
 def mode_chaos(cfg: dict[str, Any]) -> None:
     """Commands from the parent, one a line; each answered by a "done" event:
-    `rollouts K` (K code rollouts in a row), `scale N`, `settle N` (wait for N RUNNING)."""
+    `rollouts K` (K code rollouts in a row), `scale N`, `settle N` (wait for N RUNNING),
+    `status DEADLINE` (call serve.status() until one works, at most until DEADLINE, a
+    time.monotonic() value)."""
     start(cfg)
     app, dep, timeout = "chaos", "EchoVersioned", cfg["timeout"]
     state = {"version": 0, "replicas": cfg["replicas"]}
@@ -287,6 +330,9 @@ def mode_chaos(cfg: dict[str, Any]) -> None:
             steps.append(deploy())
         elif cmd == "settle":
             _settle(app, dep, int(arg), timeout)
+        elif cmd == "status":
+            emit(event="done", cmd=cmd, **_status_works_by(float(arg)))
+            continue
         else:
             raise ValueError(f"unknown command {line!r}")
         emit(event="done", cmd=cmd, seconds=time.monotonic() - t0, steps=steps)
