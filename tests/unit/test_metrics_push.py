@@ -152,3 +152,43 @@ def test_intervals_from_the_environment(monkeypatch: Any) -> None:
     monkeypatch.setenv("FLOTILLA_METRICS_PUSH_INTERVAL_S", "0")
     monkeypatch.setenv("FLOTILLA_METRICS_RETAIN_S", "soon")
     assert metrics.push_interval_s() == metrics.PUSH_INTERVAL_S and metrics.retain_s() == metrics.RETAIN_S
+
+
+def test_the_metrics_endpoint() -> None:
+    async def get(port: int, *parts: bytes) -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        for part in parts:
+            writer.write(part)
+            await asyncio.sleep(0.01)
+        data = await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+        return data
+
+    async def main() -> None:
+        fail = [False]
+
+        def gather() -> bytes:
+            if fail[0]:
+                raise RuntimeError("boom")
+            return b"up 1\n"
+
+        async def gather_async() -> bytes:
+            return b"up 2\n"
+
+        server, port = await metrics.serve_metrics("127.0.0.1", 0, gather)
+        server2, port2 = await metrics.serve_metrics("127.0.0.1", 0, gather_async)
+        try:
+            ok = await get(port, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert ok.startswith(b"HTTP/1.1 200 OK\r\n") and ok.endswith(b"\r\n\r\nup 1\n")
+            assert b"Content-Length: 5\r\n" in ok and b"text/plain; version=0.0.4" in ok
+            ok2 = await get(port2, b"GET /metrics?x=1 HTTP/1.1\r\nHo", b"st: x\r\n\r\n")
+            assert ok2.startswith(b"HTTP/1.1 200 OK\r\n") and ok2.endswith(b"up 2\n")
+            assert (await get(port, b"GET /nope HTTP/1.1\r\n\r\n")).startswith(b"HTTP/1.1 404 ")
+            fail[0] = True
+            assert (await get(port, b"GET / HTTP/1.1\r\n\r\n")).startswith(b"HTTP/1.1 500 ")
+            assert await get(port, b"GET /metrics HTTP/1.1\r\nX: " + b"a" * (metrics.MAX_REQUEST_HEAD + 10)) == b""
+        finally:
+            server.close()
+            server2.close()
+
+    asyncio.run(main())

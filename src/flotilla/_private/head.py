@@ -424,7 +424,7 @@ class Head:
         self.controller.expire_adopted()
         self.proxy.expire_adopted()
 
-    async def gather_metrics(self) -> bytes:
+    def gather_metrics(self) -> bytes:
         """Prometheus text for every process: the controller's own metrics, and what the proxy
         and the replicas last pushed (stale by at most their push interval). No process is
         asked anything; the text is rendered again only when something changed."""

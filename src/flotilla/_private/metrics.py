@@ -16,6 +16,7 @@ import builtins
 import json
 import logging
 import os
+import sys
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -350,28 +351,91 @@ def _fmt(bound: float) -> str:
     return repr(float(bound))
 
 
-async def serve_metrics(host: str, port: int, gather: Any) -> tuple[asyncio.AbstractServer, int]:
-    """A minimal HTTP server answering GET /metrics with `await gather()` (bytes)."""
+#: A scrape's request head larger than this is refused (the connection is closed).
+MAX_REQUEST_HEAD = 64 * 1024
+#: A client that has not sent its whole request head by then is disconnected.
+REQUEST_HEAD_TIMEOUT_S = 10.0
+_last_gather_error = ""
 
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+
+class _MetricsHTTP(asyncio.Protocol):
+    """One connection to the /metrics endpoint: read a request head, answer, close.
+
+    A bare protocol rather than asyncio streams: a scrape storm costs the head little.
+    """
+
+    def __init__(self, gather: Any) -> None:
+        self.gather = gather
+        self.buf = b""
+        self.transport: asyncio.Transport | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.answered = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.timer = asyncio.get_running_loop().call_later(REQUEST_HEAD_TIMEOUT_S, transport.close)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+
+    def data_received(self, data: bytes) -> None:
+        if self.answered:
+            return
+        self.buf += data
+        if b"\r\n\r\n" not in self.buf:
+            if len(self.buf) > MAX_REQUEST_HEAD:
+                self.answered = True
+                assert self.transport is not None
+                self.transport.close()
+            return
+        self.answered = True
+        line = self.buf.split(b"\r\n", 1)[0]
+        path = line.split(b" ", 2)[1] if line.count(b" ") >= 2 else b"/"
+        if path.split(b"?")[0] not in (b"/metrics", b"/"):
+            self._reply(b"404 Not Found", b"text/plain", b"not found; try /metrics\n")
+            return
         try:
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
-            path = head.split(b" ", 2)[1] if head.count(b" ") >= 2 else b"/"
-            if path.split(b"?")[0] in (b"/metrics", b"/"):
-                body = await gather()
-                status = b"200 OK"
-                ctype = b"text/plain; version=0.0.4; charset=utf-8"
-            else:
-                body, status, ctype = b"not found; try /metrics\n", b"404 Not Found", b"text/plain"
-            writer.write(b"HTTP/1.1 " + status + b"\r\nContent-Type: " + ctype + b"\r\nContent-Length: "
-                         + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body)
-            await writer.drain()
+            body = self.gather()
         except Exception:
-            logger.debug("metrics request failed", exc_info=True)
-        finally:
-            writer.close()
+            self._failed()
+            return
+        if asyncio.iscoroutine(body):
+            asyncio.get_running_loop().create_task(self._reply_later(body))
+        else:
+            self._reply(b"200 OK", b"text/plain; version=0.0.4; charset=utf-8", body)
 
-    server = await asyncio.start_server(handle, host, port)
+    async def _reply_later(self, pending: Any) -> None:
+        try:
+            body = await pending
+        except Exception:
+            self._failed()
+            return
+        self._reply(b"200 OK", b"text/plain; version=0.0.4; charset=utf-8", body)
+
+    def _failed(self) -> None:
+        global _last_gather_error
+        e = sys.exc_info()[1]
+        if repr(e) != _last_gather_error:  # once per cause, not once per scrape
+            _last_gather_error = repr(e)
+            logger.exception("could not gather the metrics")
+        self._reply(b"500 Internal Server Error", b"text/plain", b"could not gather the metrics; see the head's log\n")
+
+    def _reply(self, status: bytes, ctype: bytes, body: bytes) -> None:
+        t = self.transport
+        assert t is not None
+        if t.is_closing():
+            return
+        t.write(b"HTTP/1.1 " + status + b"\r\nContent-Type: " + ctype + b"\r\nContent-Length: "
+                + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body)
+        t.close()  # after the buffered answer is written
+
+
+async def serve_metrics(host: str, port: int, gather: Any) -> tuple[asyncio.AbstractServer, int]:
+    """A minimal HTTP server answering GET /metrics with `gather()` (bytes, or a coroutine
+    returning them)."""
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(lambda: _MetricsHTTP(gather), host, port)
     return server, server.sockets[0].getsockname()[1]
 
 
