@@ -33,8 +33,9 @@ LATENCY_MS_BUCKETS = (
 #: Default of `FLOTILLA_METRICS_PUSH_INTERVAL_S`: how often each process pushes what changed.
 PUSH_INTERVAL_S = 1.0
 #: Default of `FLOTILLA_METRICS_RETAIN_S`: how long the head keeps the counters and histograms of
-#: a process that went away (Ray's metrics agent drops a dead worker's after 60 s unreported).
-RETAIN_S = 60.0
+#: a process that went away (Ray's metrics agent drops a dead worker's once it has gone
+#: `RAY_WORKER_TIMEOUT_S`, 120 s, unreported).
+RETAIN_S = 120.0
 
 
 def enabled() -> bool:
