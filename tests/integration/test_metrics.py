@@ -1,9 +1,21 @@
-"""Prometheus metrics from every process, custom metrics, request ids and access logs."""
+"""Prometheus metrics from every process, custom metrics, request ids and access logs.
+
+Processes push their metrics to the head every `FLOTILLA_METRICS_PUSH_INTERVAL_S` (here 0.25 s)
+and `/metrics` answers from the head's aggregate: a scrape never calls into a replica or the
+proxy, so it costs the data plane nothing, and answers while a replica's event loop is blocked.
+"""
 
 from __future__ import annotations
 
 import glob
 import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -14,9 +26,13 @@ import flotilla
 from flotilla import serve
 from flotilla._private.client import Runtime
 from flotilla.serve.metrics import Counter, Gauge, Histogram
-from tests.conftest import wait_for
+from tests.conftest import descendants, running_cluster, wait_for
+from tests.load import Load
 
 pytestmark = pytest.mark.slow
+
+PUSH_S = 0.25  # FLOTILLA_METRICS_PUSH_INTERVAL_S in this module's cluster
+RETAIN_S = 3.0  # FLOTILLA_METRICS_RETAIN_S: how long a departed process's counters are kept
 
 REQUESTS = Counter("my_model_requests_total", "Total requests", tag_keys=("kind",))
 LATENCY = Histogram("my_model_latency_seconds", "Request latency")
@@ -37,6 +53,22 @@ class Monitored:
         if request.query_params.get("fail"):
             raise ValueError("failing on purpose")
         return {"request_id": serve.get_request_context().request_id}
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[str]:
+    env = {"FLOTILLA_METRICS_PUSH_INTERVAL_S": str(PUSH_S), "FLOTILLA_METRICS_RETAIN_S": str(RETAIN_S)}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        with running_cluster(num_cpus=8) as url:
+            yield url
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def scrape() -> dict[str, list]:
@@ -64,7 +96,10 @@ def test_counts_latency_custom_metrics_and_request_ids(url):
     assert len({r.headers["x-request-id"] for r in ok}) == 20
     assert mine.headers["x-request-id"] == "my-id-123" and mine.json()["request_id"] == "my-id-123"
 
-    m = scrape()
+    # Pushed by each process within the push interval.
+    m = wait_for(lambda: (m := scrape()) and total(m, "ray_serve_num_http_requests_total", application="mon") == 26
+                 and total(m, "ray_serve_deployment_request_counter_total", application="mon") == 26 and m,
+                 timeout=10, what="the counts pushed")
     assert total(m, "ray_serve_num_http_requests_total", application="mon", route="/mon", status_code="200") == 21
     assert total(m, "ray_serve_num_http_requests_total", application="mon", status_code="500") == 5
     assert total(m, "ray_serve_num_http_error_requests_total", application="mon", error_code="500") == 5
@@ -112,3 +147,193 @@ def test_invalid_metric_definitions():
     c.inc()
     with pytest.raises(ValueError):
         Histogram("h", boundaries=[3, 1])
+
+
+# ---- pushed metrics: staleness, scrape cost, departed replicas, head restarts ----------------
+
+
+@serve.deployment(num_replicas=1, graceful_shutdown_wait_loop_s=0.05)
+class Blocking:
+    async def __call__(self, request):
+        block = float(request.query_params.get("block", 0))
+        if block:
+            time.sleep(block)  # on purpose: blocks this replica's event loop
+        return "ok"
+
+
+def series(m: dict[str, list], name: str, **labels: str) -> list:
+    return [s for s in m.get(name, []) if all(s.labels.get(k) == v for k, v in labels.items())]
+
+
+def title(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+def pids(name: str) -> list[int]:
+    return sorted(p for p in descendants(os.getpid()) if title(p) == name)
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def raw_scrape(port: int) -> bytes:
+    """One GET /metrics with a plain socket (cheap for the client: the storm measures the server)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        chunks = []
+        while chunk := s.recv(65536):
+            chunks.append(chunk)
+    data = b"".join(chunks)
+    assert data.startswith(b"HTTP/1.1 200"), data[:200]
+    return data
+
+
+SCRAPER = """
+import socket, sys, time
+port, rate, seconds = int(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3])
+n, t0 = 0, time.monotonic()
+while time.monotonic() - t0 < seconds:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(b"GET /metrics HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n")
+        while s.recv(65536):
+            pass
+    n += 1
+    time.sleep(max(0.0, t0 + n / rate - time.monotonic()))
+print(n)
+"""
+
+
+def test_metrics_arrive_within_the_push_interval(url):
+    serve.run(Blocking.bind(), name="fresh", route_prefix="/fresh")
+    with httpx.Client(base_url=url, timeout=30) as c:
+        for _ in range(10):
+            assert c.get("/fresh").status_code == 200
+    t0 = time.monotonic()
+    wait_for(lambda: total(m := scrape(), "ray_serve_num_http_requests_total", application="fresh") == 10
+             and total(m, "ray_serve_deployment_request_counter_total", application="fresh") == 10,
+             timeout=10, interval=0.01, what="the counts")
+    # Stale by at most one push interval (plus a scrape and scheduling on a busy 2-core box).
+    assert time.monotonic() - t0 < PUSH_S + 1.0
+
+
+def test_a_scrape_answers_while_every_replica_loop_is_blocked(url):
+    serve.run(Blocking.bind(), name="blk", route_prefix="/blk")
+    with httpx.Client(base_url=url, timeout=30) as c:
+        for _ in range(5):
+            assert c.get("/blk").status_code == 200
+    wait_for(lambda: total(scrape(), "ray_serve_deployment_request_counter_total", application="blk") == 5,
+             timeout=10, what="the counts")
+    blocked = threading.Thread(target=lambda: httpx.get(f"{url}/blk?block=4", timeout=30))
+    blocked.start()
+    try:
+        time.sleep(0.5)  # the replica's loop is now stuck in time.sleep
+        t0 = time.monotonic()
+        m = scrape()
+        took = time.monotonic() - t0
+        # Answered from the head's aggregate, not by asking the (stuck) replica.
+        assert took < 1.0, f"/metrics took {took:.2f}s while the replica's loop was blocked"
+        assert total(m, "ray_serve_deployment_request_counter_total", application="blk") == 5
+    finally:
+        blocked.join()
+
+
+def test_a_scrape_storm_costs_the_data_plane_nothing(url):
+    serve.run(Blocking.bind(), name="storm", route_prefix="/storm")
+    assert httpx.get(f"{url}/storm", timeout=30).status_code == 200
+    port = int(flotilla.metrics_url().split(":")[2].split("/")[0])
+    procs = pids("flotilla::proxy") + pids("flotilla::replica:storm:Blocking")
+    assert len(procs) == 2, procs
+    # Idle data plane: 2,000 scrapes must not cost the proxy or the replica CPU time.
+    before = [cpu_s(p) for p in procs]
+    t0 = time.monotonic()
+    for _ in range(2000):
+        raw_scrape(port)
+    took = time.monotonic() - t0
+    spent = [cpu_s(p) - b for p, b in zip(procs, before, strict=True)]
+    print(f"SCRAPE STORM: 2,000 scrapes in {took:.2f}s; CPU s spent meanwhile by the proxy, the replica: {spent}")
+    # What the processes spend anyway (pushes, timers) over the same time, for the message.
+    assert max(spent) < 0.03 + 0.01 * took, f"CPU s spent by proxy, replica during {took:.1f}s of scrapes: {spent}"
+
+    # Under load: a phase with a scrape storm (600 scrapes/s from another process, as a
+    # Prometheus would) serves about as many requests as the phases before and after it.
+    def phase(storm: bool, seconds: float = 2.0) -> tuple[float, int]:
+        with Load.http(url, "/storm", threads=4, max_s=30) as load:
+            load.wait_ok(20)
+            scraper = subprocess.Popen([sys.executable, "-c", SCRAPER, str(port), "600", str(seconds)],
+                                       stdout=subprocess.PIPE, text=True) if storm else None
+            ok0, t0 = load.ok, time.monotonic()
+            time.sleep(seconds)
+            rate = (load.ok - ok0) / (time.monotonic() - t0)
+            n = int(scraper.communicate(timeout=30)[0]) if scraper is not None else 0
+        assert load.failed == 0, load.report()
+        return rate, n
+
+    quiet1, _ = phase(False)
+    stormy, scrapes = phase(True)
+    quiet2, _ = phase(False)
+    quiet = (quiet1 + quiet2) / 2
+    print(f"SCRAPE STORM: {quiet:.0f} req/s without scrapes, {stormy:.0f} req/s with {scrapes / 2:.0f} scrapes/s")
+    assert scrapes >= 300, scrapes
+    assert stormy > 0.6 * quiet, (quiet1, stormy, quiet2, scrapes)
+
+
+def test_a_departed_replica_keeps_its_final_counters_for_a_while(url):
+    serve.run(Blocking.bind(), name="gone", route_prefix="/gone")
+    with httpx.Client(base_url=url, timeout=30) as c:
+        for _ in range(7):
+            assert c.get("/gone").status_code == 200
+    # Deleted at once, before the next periodic push: its last push on the way out counts all 7.
+    serve.delete("gone")
+    t0 = time.monotonic()
+    m = wait_for(lambda: (m := scrape()) and total(m, "ray_serve_deployment_request_counter_total", application="gone") == 7
+                 and m, timeout=2, what="the final counts")
+    assert total(m, "ray_serve_deployment_processing_latency_ms_count", application="gone") == 7
+    # Its gauges are gone at once (it has no requests in progress); its counters are kept for
+    # FLOTILLA_METRICS_RETAIN_S, then dropped (as Ray drops a dead worker's metrics).
+    assert series(m, "ray_serve_replica_processing_queries", application="gone") == []
+    wait_for(lambda: series(scrape(), "ray_serve_deployment_request_counter_total", application="gone") == [],
+             timeout=RETAIN_S + 10, what="the departed replica's counters dropped")
+    assert time.monotonic() - t0 > RETAIN_S - 1.0
+
+
+def test_counters_survive_a_head_restart(url):
+    serve.run(Blocking.bind(), name="hr", route_prefix="/hr")
+    with httpx.Client(base_url=url, timeout=30) as c:
+        for _ in range(12):
+            assert c.get("/hr").status_code == 200
+
+    def counts() -> tuple[float, float] | None:
+        try:
+            m = scrape()
+        except httpx.HTTPError:
+            return None  # the head is away
+        return (total(m, "ray_serve_num_http_requests_total", application="hr"),
+                total(m, "ray_serve_deployment_request_counter_total", application="hr"))
+
+    wait_for(lambda: counts() == (12, 12), timeout=10, what="the counts")
+    [head] = pids("flotilla::head")
+    os.kill(head, signal.SIGKILL)
+    wait_for(lambda: [p for p in pids("flotilla::head") if p != head], timeout=10, what="a new head")
+    # The new head re-learns from the next pushes: a series is absent meanwhile, never lower.
+    seen = []
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        got = counts()
+        if got is not None:
+            seen.append(got)
+            if got == (12, 12):
+                break
+        time.sleep(0.02)
+    assert seen and seen[-1] == (12, 12), seen
+    assert all(v in (0, 12) for pair in seen for v in pair), seen
+    with httpx.Client(base_url=url, timeout=30) as c:
+        assert c.get("/hr").status_code == 200
+    wait_for(lambda: counts() == (13, 13), timeout=10, what="counts after the restart")

@@ -320,6 +320,12 @@ class Head:
         self.done = asyncio.Event()
         self._load_peers: set[int] = set()
         self._shutdown_task: asyncio.Task[None] | None = None
+        from flotilla._private.metrics import Aggregate
+
+        self.pushed = Aggregate()  # what the proxy and the replicas push (`metrics_push`)
+        self._push_keys: dict[RpcPeer, int] = {}
+        self._next_push_key = 0
+        self._rendered: tuple[int, dict[str, Any], bytes] | None = None
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -418,19 +424,35 @@ class Head:
         self.controller.expire_adopted()
         self.proxy.expire_adopted()
 
-    async def gather_metrics(self) -> bytes:
-        """Prometheus text for every process: head, proxy and each running replica."""
+    def gather_metrics(self) -> bytes:
+        """Prometheus text for every process: the controller's own metrics, and what the proxy
+        and the replicas last pushed (stale by at most their push interval). No process is
+        asked anything; the text is rendered again only when something changed."""
         from flotilla._private.metrics import render
-        c = self.controller
-        calls = []
-        if self.proxy.peer is not None and not self.proxy.peer.closed:
-            calls.append(self.proxy.peer.call("metrics"))
-        for r in list(c.replicas.values()):
-            if r.peer is not None and r.state.routable:
-                calls.append(r.peer.call("metrics"))
-        results = await asyncio.gather(*(asyncio.wait_for(x, 5) for x in calls), return_exceptions=True)
-        snaps = [c.metrics_snapshot()] + [x for x in results if isinstance(x, dict)]
-        return render(snaps)
+
+        snaps = self.pushed.snapshots()
+        own = self.controller.metrics_snapshot()
+        cached = self._rendered
+        if cached is not None and cached[0] == self.pushed.version and cached[1] == own:
+            return cached[2]
+        text = render([own, *snaps])
+        self._rendered = (self.pushed.version, own, text)
+        return text
+
+    def _metrics_push(self, peer: RpcPeer, delta: dict[str, Any]) -> None:
+        key = self._push_keys.get(peer)
+        if key is None:
+            if peer.closed:
+                return
+            key = self._push_keys[peer] = self._next_push_key
+            self._next_push_key += 1
+
+            def gone() -> None:
+                self._push_keys.pop(peer, None)
+                self.pushed.departed(key)
+
+            peer.on_close(gone)
+        self.pushed.push(key, delta)
 
     def _stdin_readable(self) -> None:
         try:
@@ -476,6 +498,8 @@ class Head:
 
                 peer.on_close(forget)
             return c.autoscaler.report_router_load(id(peer), args[0])
+        if op == "metrics_push":
+            return self._metrics_push(peer, args[0])
         if op == "replica_register":
             return c.register(peer, *args)
         if op == "replica_reattach":

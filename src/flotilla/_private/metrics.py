@@ -1,18 +1,22 @@
-"""Per-process metric store, and the head's Prometheus exposition.
+"""Per-process metric store, its push to the head, and the head's Prometheus exposition.
 
 Every process (proxy, replicas, head) records into a `Store`: plain dicts keyed by label
 tuples, so the request path pays a dict update, never a lock or a prometheus_client call.
-On a scrape the head gathers each process's `snapshot()` over its control connections and
-renders them all with prometheus_client's text format.
+A `Pusher` sends the series that changed to the head every `FLOTILLA_METRICS_PUSH_INTERVAL_S`
+(absolute values, one-way, over the process's control connection); the head keeps them in an
+`Aggregate`, and a scrape renders that aggregate (with the controller's own store) with
+prometheus_client's text format, asking no process anything.
 """
 
 from __future__ import annotations
 
 import asyncio
 import bisect
+import builtins
 import json
 import logging
 import os
+import sys
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -26,9 +30,41 @@ LATENCY_MS_BUCKETS = (
 )
 
 
+#: Default of `FLOTILLA_METRICS_PUSH_INTERVAL_S`: how often each process pushes what changed.
+PUSH_INTERVAL_S = 1.0
+#: Default of `FLOTILLA_METRICS_RETAIN_S`: how long the head keeps the counters and histograms of
+#: a process that went away (Ray's metrics agent drops a dead worker's once it has gone
+#: `RAY_WORKER_TIMEOUT_S`, 120 s, unreported).
+RETAIN_S = 120.0
+
+
 def enabled() -> bool:
     """Metrics are on unless FLOTILLA_METRICS=0 (read when a process starts)."""
     return os.environ.get("FLOTILLA_METRICS", "1") != "0"
+
+
+def _env_seconds(name: str, default: float, minimum: float) -> float:
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not value >= minimum:  # also NaN
+        logger.warning("%s=%r is not a number >= %g; using %g", name, raw, minimum, default)
+        return default
+    return value
+
+
+def push_interval_s() -> float:
+    """Seconds between two pushes of a process's metrics (`FLOTILLA_METRICS_PUSH_INTERVAL_S`)."""
+    return _env_seconds("FLOTILLA_METRICS_PUSH_INTERVAL_S", PUSH_INTERVAL_S, 0.001)
+
+
+def retain_s() -> float:
+    """Seconds a departed process's counters stay exported (`FLOTILLA_METRICS_RETAIN_S`)."""
+    return _env_seconds("FLOTILLA_METRICS_RETAIN_S", RETAIN_S, 0.0)
 
 
 class Store:
@@ -74,6 +110,106 @@ class Store:
                        for name, vals in self.values.items()},
         }
 
+    def changes(self, sent: dict[str, dict[tuple[str, ...], Any]], meta_sent: builtins.set[str]) -> dict[str, Any] | None:
+        """The declarations and series that changed since `sent` (updated in place), as
+        absolute values; None if nothing did. A histogram changed when its count did.
+
+        Costs one comparison per series and nothing on the request path. The dicts are copied
+        before they are walked: user code in sync handlers records from other threads.
+        """
+        meta = {name: m for name, m in list(self.meta.items()) if name not in meta_sent}
+        meta_sent.update(meta)
+        values: dict[str, dict[tuple[str, ...], Any]] = {}
+        for name, vals in list(self.values.items()):
+            last = sent.get(name)
+            if last is None:
+                last = sent[name] = {}
+            changed: dict[tuple[str, ...], Any] | None = None
+            for key, v in list(vals.items()):
+                if v.__class__ is list:  # histogram: [bucket counts, sum, count]
+                    n = v[2]
+                    if last.get(key) != n:
+                        last[key] = n
+                        if changed is None:
+                            changed = values[name] = {}
+                        changed[key] = (list(v[0]), v[1], n)
+                elif last.get(key) != v:
+                    last[key] = v
+                    if changed is None:
+                        changed = values[name] = {}
+                    changed[key] = v
+        if not meta and not values:
+            return None
+        return {"meta": meta, "values": values}
+
+
+class Pusher:
+    """Sends this process's metrics to the head every `interval` seconds (default
+    `FLOTILLA_METRICS_PUSH_INTERVAL_S`): only the series that changed since the last push, as
+    absolute values, so a lost or repeated push can never make a counter go backwards; nothing
+    at all when nothing changed. On a new connection (a restarted head) everything is sent again,
+    at once. `before()` runs before each push (it sets gauges, e.g. requests in progress).
+    """
+
+    def __init__(self, store: Store, link: Any, before: Any = None, interval: float | None = None) -> None:
+        self.store = store
+        self.link = link  # client.HeadLink
+        self.before = before
+        self.interval = push_interval_s() if interval is None else interval
+        self.pushes = 0
+        self._peer: Any = None  # the connection the last push went to
+        self._sent: dict[str, dict[tuple[str, ...], Any]] = {}
+        self._meta_sent: set[str] = set()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+        self.link.on_up.append(self._reconnected)
+
+    async def _reconnected(self) -> None:
+        self.push()
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                self.push()
+            except Exception:
+                logger.exception("could not push metrics to the head")
+
+    def push(self) -> None:
+        """Send what changed now (dropped while the head is away: the next connection gets all)."""
+        peer = self.link.peer
+        if peer is None or peer.closed:
+            return
+        full = peer is not self._peer
+        if full:
+            self._peer = peer
+            self._sent = {}
+            self._meta_sent = set()
+        if self.before is not None:
+            self.before()
+        delta = self.store.changes(self._sent, self._meta_sent)
+        if delta is None:
+            return
+        delta["full"] = full  # the head starts this process's entry afresh
+        try:
+            peer.notify("metrics_push", delta)
+        except Exception:
+            self._peer = None  # send everything again next time
+            raise
+        self.pushes += 1
+
+    def stop(self) -> None:
+        """A last push (what changed since the previous one), then no more."""
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+        try:
+            self.push()
+        except Exception:
+            logger.debug("last metrics push failed", exc_info=True)
+
 
 #: This process's store.
 STORE = Store()
@@ -92,37 +228,116 @@ def declare_builtins(store: Store) -> None:
     store.declare(h, "ray_serve_deployment_processing_latency_ms", "Time a replica spent on a request, ms.", dep, LATENCY_MS_BUCKETS)
 
 
+class Aggregate:
+    """The head's copy of every process's metrics, kept up to date by their pushes.
+
+    Keyed by connection: a process's entry starts with its first push on a connection and is
+    marked departed when that connection closes (the process exited, or was replaced). A
+    departed process's gauges are dropped at once (it has nothing in progress); its counters
+    and histograms stay exported for `retain_s`, so the requests it served before going away
+    still count, then are dropped, as Ray's metrics agent drops a dead worker's metrics.
+    `version` changes whenever what `snapshots()` returns may have.
+    """
+
+    def __init__(self, retain: float | None = None) -> None:
+        self.retain_s = retain_s() if retain is None else retain
+        self.procs: dict[int, dict[str, Any]] = {}
+        self.version = 0
+
+    def push(self, key: int, delta: dict[str, Any]) -> None:
+        p = self.procs.get(key)
+        if p is None or delta.get("full"):
+            p = self.procs[key] = {"meta": {}, "values": {}, "gone": None}
+        p["meta"].update(delta["meta"])
+        values = p["values"]
+        for name, vals in delta["values"].items():
+            d = values.get(name)
+            if d is None:
+                values[name] = dict(vals)
+            else:
+                d.update(vals)
+        self.version += 1
+
+    def departed(self, key: int) -> None:
+        p = self.procs.get(key)
+        if p is None or p["gone"] is not None:
+            return
+        p["gone"] = time.monotonic()
+        for name, m in p["meta"].items():
+            if m[0] == "gauge":
+                p["values"].pop(name, None)
+        self.version += 1
+        self.expire()
+
+    def expire(self) -> None:
+        now = time.monotonic()
+        old = [k for k, p in self.procs.items() if p["gone"] is not None and now - p["gone"] >= self.retain_s]
+        for k in old:
+            del self.procs[k]
+        if old:
+            self.version += 1
+
+    def snapshots(self) -> list[dict[str, Any]]:
+        """Departed processes first, so a live one's gauge wins where labels are the same."""
+        self.expire()
+        procs = sorted(self.procs.values(), key=lambda p: p["gone"] is None)
+        return [{"meta": p["meta"], "values": p["values"]} for p in procs]
+
+
 def render(snapshots: Iterable[dict[str, Any]]) -> bytes:
-    """Prometheus text for several processes' snapshots (same names are merged)."""
+    """Prometheus text for several processes' snapshots (same names are merged).
+
+    A series with the same labels in several snapshots (a restarted proxy and the counters its
+    predecessor left, within the retention) is one sample: counters and histograms are
+    summed, and the last gauge wins.
+    """
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
     from prometheus_client.exposition import generate_latest
 
-    families: dict[str, Any] = {}
-    seen: dict[str, tuple[str, tuple[str, ...]]] = {}
+    seen: dict[str, tuple[str, str, tuple[str, ...]]] = {}
+    merged: dict[str, dict[tuple[str, ...], Any]] = {}
     for snap in snapshots:
         for name, (kind, doc, labels, buckets) in snap["meta"].items():
-            if name in seen and seen[name] != (kind, labels):
+            if name in seen and seen[name][::2] != (kind, labels):
                 logger.warning("metric %s has conflicting definitions across processes; skipping one", name)
                 continue
-            seen[name] = (kind, labels)
-            fam = families.get(name)
-            if fam is None:
-                cls = {"counter": CounterMetricFamily, "gauge": GaugeMetricFamily, "histogram": HistogramMetricFamily}[kind]
-                fam = families[name] = cls(name, doc or name, labels=list(labels))
+            if name not in seen:
+                seen[name] = (kind, doc, labels)
+                merged[name] = {}
+            dst = merged[name]
             for key, v in snap["values"].get(name, {}).items():
+                old = dst.get(key)
                 if kind == "histogram":
-                    counts, total, _n = v
-                    cum, acc = [], 0
-                    for bound, cnt in zip((*buckets, float("inf")), counts, strict=True):
-                        acc += cnt
-                        cum.append((_fmt(bound), acc))
-                    fam.add_metric(list(key), cum, total)
+                    counts, total, n = v
+                    if old is not None and old[3] == buckets:
+                        counts = [a + b for a, b in zip(old[0], counts, strict=True)]
+                        total += old[1]
+                        n += old[2]
+                    dst[key] = (counts, total, n, buckets)
+                elif kind == "counter" and old is not None:
+                    dst[key] = old + v
                 else:
-                    fam.add_metric(list(key), v)
+                    dst[key] = v
+
+    families: list[Any] = []
+    for name, (kind, doc, labels) in seen.items():
+        cls = {"counter": CounterMetricFamily, "gauge": GaugeMetricFamily, "histogram": HistogramMetricFamily}[kind]
+        fam = cls(name, doc or name, labels=list(labels))
+        for key, v in merged[name].items():
+            if kind == "histogram":
+                counts, total, _n, buckets = v
+                cum, acc = [], 0
+                for bound, cnt in zip((*buckets, float("inf")), counts, strict=True):
+                    acc += cnt
+                    cum.append((_fmt(bound), acc))
+                fam.add_metric(list(key), cum, total)
+            else:
+                fam.add_metric(list(key), v)
+        families.append(fam)
 
     class _Collector:
         def collect(self) -> Iterable[Any]:
-            return list(families.values())
+            return families
 
     from prometheus_client import CollectorRegistry
 
@@ -137,28 +352,91 @@ def _fmt(bound: float) -> str:
     return repr(float(bound))
 
 
-async def serve_metrics(host: str, port: int, gather: Any) -> tuple[asyncio.AbstractServer, int]:
-    """A minimal HTTP server answering GET /metrics with `await gather()` (bytes)."""
+#: A scrape's request head larger than this is refused (the connection is closed).
+MAX_REQUEST_HEAD = 64 * 1024
+#: A client that has not sent its whole request head by then is disconnected.
+REQUEST_HEAD_TIMEOUT_S = 10.0
+_last_gather_error = ""
 
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+
+class _MetricsHTTP(asyncio.Protocol):
+    """One connection to the /metrics endpoint: read a request head, answer, close.
+
+    A bare protocol rather than asyncio streams: a scrape storm costs the head little.
+    """
+
+    def __init__(self, gather: Any) -> None:
+        self.gather = gather
+        self.buf = b""
+        self.transport: asyncio.Transport | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.answered = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.timer = asyncio.get_running_loop().call_later(REQUEST_HEAD_TIMEOUT_S, transport.close)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+
+    def data_received(self, data: bytes) -> None:
+        if self.answered:
+            return
+        self.buf += data
+        if b"\r\n\r\n" not in self.buf:
+            if len(self.buf) > MAX_REQUEST_HEAD:
+                self.answered = True
+                assert self.transport is not None
+                self.transport.close()
+            return
+        self.answered = True
+        line = self.buf.split(b"\r\n", 1)[0]
+        path = line.split(b" ", 2)[1] if line.count(b" ") >= 2 else b"/"
+        if path.split(b"?")[0] not in (b"/metrics", b"/"):
+            self._reply(b"404 Not Found", b"text/plain", b"not found; try /metrics\n")
+            return
         try:
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
-            path = head.split(b" ", 2)[1] if head.count(b" ") >= 2 else b"/"
-            if path.split(b"?")[0] in (b"/metrics", b"/"):
-                body = await gather()
-                status = b"200 OK"
-                ctype = b"text/plain; version=0.0.4; charset=utf-8"
-            else:
-                body, status, ctype = b"not found; try /metrics\n", b"404 Not Found", b"text/plain"
-            writer.write(b"HTTP/1.1 " + status + b"\r\nContent-Type: " + ctype + b"\r\nContent-Length: "
-                         + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body)
-            await writer.drain()
+            body = self.gather()
         except Exception:
-            logger.debug("metrics request failed", exc_info=True)
-        finally:
-            writer.close()
+            self._failed()
+            return
+        if asyncio.iscoroutine(body):
+            asyncio.get_running_loop().create_task(self._reply_later(body))
+        else:
+            self._reply(b"200 OK", b"text/plain; version=0.0.4; charset=utf-8", body)
 
-    server = await asyncio.start_server(handle, host, port)
+    async def _reply_later(self, pending: Any) -> None:
+        try:
+            body = await pending
+        except Exception:
+            self._failed()
+            return
+        self._reply(b"200 OK", b"text/plain; version=0.0.4; charset=utf-8", body)
+
+    def _failed(self) -> None:
+        global _last_gather_error
+        e = sys.exc_info()[1]
+        if repr(e) != _last_gather_error:  # once per cause, not once per scrape
+            _last_gather_error = repr(e)
+            logger.exception("could not gather the metrics")
+        self._reply(b"500 Internal Server Error", b"text/plain", b"could not gather the metrics; see the head's log\n")
+
+    def _reply(self, status: bytes, ctype: bytes, body: bytes) -> None:
+        t = self.transport
+        assert t is not None
+        if t.is_closing():
+            return
+        t.write(b"HTTP/1.1 " + status + b"\r\nContent-Type: " + ctype + b"\r\nContent-Length: "
+                + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body)
+        t.close()  # after the buffered answer is written
+
+
+async def serve_metrics(host: str, port: int, gather: Any) -> tuple[asyncio.AbstractServer, int]:
+    """A minimal HTTP server answering GET /metrics with `gather()` (bytes, or a coroutine
+    returning them)."""
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(lambda: _MetricsHTTP(gather), host, port)
     return server, server.sockets[0].getsockname()[1]
 
 

@@ -205,9 +205,8 @@ class Proxy:
             if not done:
                 ch.cancel()
 
-    def snapshot(self) -> dict[str, Any]:
+    def set_gauges(self) -> None:
         STORE.set("ray_serve_num_ongoing_http_requests", ("head",), float(self.ongoing))
-        return STORE.snapshot()
 
 
 async def _amain(args: dict[str, Any]) -> None:
@@ -225,8 +224,6 @@ async def _amain(args: dict[str, Any]) -> None:
         if op == "update":
             Runtime.current().on_update(*a)
             return None
-        if op == "metrics":
-            return proxy.snapshot()
         raise ValueError(op)
 
     async def hello(peer: RpcPeer) -> None:
@@ -243,6 +240,8 @@ async def _amain(args: dict[str, Any]) -> None:
     link = HeadLink(args["head_sock"], on_call, name="head", hello=hello)
     await link.connect()
     rt = Runtime.attach(loop, link)
+    pusher = metrics.Pusher(STORE, link, proxy.set_gauges)
+    pusher.start()
     proxy.rt = rt
     await rt.subscribe(("routes",), proxy.set_routes)
     # The listening socket belongs to the head (and the keeper): it outlives this process.
@@ -266,6 +265,7 @@ async def _amain(args: dict[str, Any]) -> None:
     await link.call("proxy_ready", url, wait_s=math.inf)
     state["ready"] = True
     await serve_task
+    pusher.stop()
     link.close()
 
 

@@ -183,6 +183,7 @@ class Replica:
         self.direct: Any = None
         self.stopped = asyncio.Event()
         self.link: Any = None  # client.HeadLink
+        self.pusher: Any = None  # metrics.Pusher, on the link
         self.phase = "registering"  # then "constructing", "ready", "failed" or "draining"
         self.failure = ""
         self.models: list[str] = []
@@ -200,6 +201,11 @@ class Replica:
         self.num_requests = 0
         self.logging_config: dict[str, Any] | None = None
         self.user_config: Any = None  # the last one given to reconfigure()
+
+    def _set_gauges(self) -> None:
+        labels = (self.dep_name, self.replica_id, self.app_name)
+        STORE.set("ray_serve_replica_processing_queries", labels, float(self.ongoing))
+        STORE.set("flotilla_replica_queued_requests", labels, float(len(self.waiters)))
 
     def _apply_logging(self, config: dict[str, Any] | None) -> None:
         """Level and encoding of this process's log lines, and its access log (LoggingConfig)."""
@@ -219,6 +225,8 @@ class Replica:
         self.link = client.HeadLink(args["head_sock"], self._control, name="head", hello=self._hello)
         await self.link.connect()
         client.Runtime.attach(self.loop, self.link)
+        self.pusher = metrics.Pusher(STORE, self.link, self._set_gauges)
+        self.pusher.start()
         spec = await self.link.call("replica_register", self.replica_id, os.getpid(), wait_s=math.inf)
         self.phase = "constructing"
         try:
@@ -243,6 +251,7 @@ class Replica:
         self.phase = "ready"
         await self.link.call("replica_ready", self.replica_id, wait_s=math.inf)
         await self.stopped.wait()
+        self.pusher.stop()
         if self.direct is not None:
             await self.direct.stop()
         server.close()
@@ -366,15 +375,12 @@ class Replica:
             async with self.config_lock:
                 await self._update_config(args[0])
             return None
-        if op == "metrics":
-            labels = (self.dep_name, self.replica_id, self.app_name)
-            STORE.set("ray_serve_replica_processing_queries", labels, float(self.ongoing))
-            STORE.set("flotilla_replica_queued_requests", labels, float(len(self.waiters)))
-            return STORE.snapshot()
         if op == "stats":
             return {"ongoing": self.ongoing, "queued": len(self.waiters), "requests": self.num_requests}
         if op == "stop":
             await self._drain(*args)
+            if self.pusher is not None:
+                self.pusher.push()  # the final counts, to the head before the answer to `stop`
             self.loop.call_later(0.01, self.stopped.set)
             return None
         raise ValueError(f"unknown control op {op!r}")
