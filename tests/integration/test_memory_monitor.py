@@ -68,7 +68,7 @@ def test_machine_over_threshold_kills_the_biggest_replica(url: str) -> None:
     msg = wait_for(lambda: (m := deployment_message("hog", "Hog")) and "threshold" in m and m, timeout=30,
                    what="a status message naming the memory threshold")
     assert re.search(r"machine.*memory usage threshold", msg), msg
-    assert re.search(r"RSS [\d.]+ GiB", msg), msg
+    assert re.search(r"RSS [\d.]+ [GM]iB", msg), msg
     assert metric("flotilla_replica_memory_kills_total", application="hog", reason="machine_threshold") >= 1
     assert small.pid.remote().result() == small_pid, "the small replica was killed instead"
     assert metric("flotilla_replica_memory_kills_total", application="small") == 0
