@@ -17,7 +17,7 @@ import signal
 import sys
 from typing import Any
 
-from flotilla._private import session
+from flotilla._private import logrotate, session
 from flotilla._private.supervisor import Process, ZygoteSupervisor
 from flotilla._private.transport import RpcPeer, serve_unix
 from flotilla.serve.schema import ProxyStatus
@@ -291,6 +291,7 @@ def main(zygote: Any = None) -> None:
     """Run the head until shutdown; `zygote`: the fork server `headboot` started (or None)."""
     cfg = json.loads(sys.argv[1])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logrotate.rotate_own_log((2,))  # stderr is logs/head.log (stdout is the pipe to the driver)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         import uvloop

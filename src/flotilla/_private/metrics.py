@@ -173,8 +173,20 @@ class RequestIds:
         return f"{self.prefix}{self.n:08x}".encode()
 
 
+def access_log_sample() -> int:
+    """Log 1 request in N (FLOTILLA_ACCESS_LOG_SAMPLE, default 1: every request)."""
+    try:
+        return max(1, int(os.environ.get("FLOTILLA_ACCESS_LOG_SAMPLE", "1")))
+    except ValueError:
+        return 1
+
+
 class AccessLog:
-    """One line per request, written in batches (the request path only appends to a list)."""
+    """One line per request, written in batches (the request path only appends to a list).
+
+    With FLOTILLA_ACCESS_LOG_SAMPLE=N only every Nth request is logged, and every error
+    (status >= 500, or "ERROR" for handle calls) is logged whatever N is.
+    """
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -182,8 +194,14 @@ class AccessLog:
         self._scheduled = False
         self._second = 0
         self._prefix = ""
+        self.sample = access_log_sample()
+        self._n = 0
 
     def add(self, request_id: str, route: str, status: Any, ms: float) -> None:
+        if self.sample > 1:
+            self._n += 1
+            if self._n % self.sample and status != "ERROR" and not (isinstance(status, int) and status >= 500):
+                return
         now = int(time.time())
         if now != self._second:
             self._second = now

@@ -14,7 +14,7 @@ import socket
 import time
 from typing import Any
 
-from flotilla._private import http_util, metrics
+from flotilla._private import http_util, logrotate, metrics
 from flotilla._private.client import Runtime
 from flotilla._private.metrics import STORE
 from flotilla._private.protocol import HttpFull
@@ -264,6 +264,7 @@ async def _amain(args: dict[str, Any]) -> None:
 
 def main(args: dict[str, Any]) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s proxy %(name)s: %(message)s")
+    logrotate.rotate_own_log()
     import uvloop
 
     uvloop.run(_amain(args))

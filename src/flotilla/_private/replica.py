@@ -28,7 +28,7 @@ from typing import Any
 
 import cloudpickle
 
-from flotilla._private import context, http_util, metrics
+from flotilla._private import context, http_util, logrotate, metrics
 from flotilla._private.errors import error_reply
 from flotilla._private.metrics import STORE
 from flotilla._private.protocol import (
@@ -724,6 +724,7 @@ def main(args: dict[str, Any]) -> None:
     )
     for handler in logging.getLogger().handlers:
         handler.addFilter(_add_request_id)
+    logrotate.rotate_own_log()
     try:
         import uvloop
 
