@@ -14,7 +14,7 @@ import socket
 import time
 from typing import Any
 
-from flotilla._private import http_util, logrotate, metrics
+from flotilla._private import http_util, httpguard, logrotate, metrics
 from flotilla._private.client import Runtime
 from flotilla._private.metrics import STORE
 from flotilla._private.protocol import HttpFull
@@ -240,10 +240,11 @@ async def _amain(args: dict[str, Any]) -> None:
         )
         return
     port = sock.getsockname()[1]
+    bounded, _ = httpguard.protocol_class(args, "proxy")  # connection, header size and time limits
     config = uvicorn.Config(
         proxy,
         loop="none",
-        http="httptools",
+        http=bounded,
         lifespan="off",
         access_log=False,
         log_level="warning",
