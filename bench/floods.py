@@ -23,10 +23,10 @@ from collections.abc import Iterator
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import flotilla  # noqa: E402
-from flotilla import serve  # noqa: E402
-from tests.conftest import free_port  # noqa: E402
-from tests.integration.test_bounds import _listener_pid  # noqa: E402
+import flotilla
+from flotilla import serve
+from tests.conftest import free_port
+from tests.integration.test_bounds import _listener_pid
 
 
 @serve.deployment(max_ongoing_requests=100)

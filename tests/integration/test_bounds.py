@@ -106,7 +106,7 @@ def deployment_message(app: str, dep: str) -> str:
 
 
 @serve.deployment
-def ok() -> str:
+def ok(request: Any = None) -> str:
     return "ok"
 
 
