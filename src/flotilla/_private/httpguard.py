@@ -219,10 +219,15 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             else:
                 self._unsupported_upgrade_warning()
             return
-        if self._in_headers and counting and not self._began:
-            self._header_bytes += len(data)
-            if self._header_bytes > self.guard.max_header_bytes:
-                self._reject_too_large()
+        if self._in_headers or self in self.guard.waiting:
+            # Still no complete request line and headers (bare CRLFs count too): on a kept-alive
+            # connection their clock starts now; a request whose headers arrive in one read
+            # never pays for a timer.
+            self._arm_header_timer()
+            if self._in_headers and counting and not self._began:
+                self._header_bytes += len(data)
+                if self._header_bytes > self.guard.max_header_bytes:
+                    self._reject_too_large()
 
     def _bad_request(self) -> None:
         msg = "Invalid HTTP request received."
@@ -243,7 +248,6 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._in_headers = True
         self._began = True
         self._header_bytes = 0
-        self._arm_header_timer()  # a kept-alive connection: the next request's headers start now
 
     def on_headers_complete(self) -> None:
         self._in_headers = False
