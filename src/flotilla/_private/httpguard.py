@@ -128,6 +128,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._header_bytes = 0  # bytes of the current request's headers seen so far
         self._received = False  # anything arrived since the connection waits for a request
         self._began = False  # a request began during the current feed_data
+        self._chunk = 0  # length of the data being fed
         self._refused = False
 
     # ---- connection ---------------------------------------------------------------------------
@@ -201,6 +202,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         counting = self._in_headers  # the request began in an earlier chunk: all of this is header
         self._received = True
         self._began = False
+        self._chunk = len(data)
         self._unset_keepalive_if_required()
         try:
             self.parser.feed_data(data)
@@ -253,10 +255,14 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._in_headers = False
         self.guard.waiting.pop(self, None)
         self._cancel_header_timer()
-        size = len(self.url) + sum(len(k) + len(v) + 4 for k, v in self.headers)
-        if size > self.guard.max_header_bytes:
-            self._header_bytes = size
-            raise _TooLarge()
+        limit = self.guard.max_header_bytes
+        if not (self._began and self._chunk <= limit):  # else they fit in one read under the limit
+            size = len(self.url)
+            for k, v in self.headers:
+                size += len(k) + len(v) + 4
+            if size > limit:
+                self._header_bytes = size
+                raise _TooLarge()
         super().on_headers_complete()
 
     def on_response_complete(self) -> None:
