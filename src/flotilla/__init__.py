@@ -45,6 +45,25 @@ def _detect_memory() -> float:
         return 0.0
 
 
+_LOCAL_ONLY = "the local backend runs everything on this machine, in its own processes"
+#: Arguments of Ray's `ray.init` accepted and ignored (with a one-time warning), and why.
+INIT_IGNORED = {
+    **dict.fromkeys(
+        ("labels", "object_store_memory", "local_mode", "job_config", "namespace",
+         "enable_resource_isolation", "cgroup_path", "system_reserved_cpu", "system_reserved_memory",
+         "proxy_server_url", "_enable_object_reconstruction", "_plasma_directory", "_node_ip_address",
+         "_driver_object_store_memory", "_memory", "_redis_password", "_system_config",
+         "_tracing_startup_hook", "_node_name"),
+        _LOCAL_ONLY,
+    ),
+    **dict.fromkeys(("include_dashboard", "dashboard_host", "dashboard_port"), "there is no dashboard; see serve.status()"),
+    **dict.fromkeys(("configure_logging", "logging_level", "logging_format", "logging_config", "log_to_driver"),
+                    "replica and proxy logs are written under the session's logs/ folder"),
+    "runtime_env": "set env_vars per deployment with ray_actor_options={'runtime_env': {'env_vars': ...}}",
+    "_temp_dir": "session folders live in the system temporary folder",
+}
+
+
 def init(
     address: str | None = None,
     *,
@@ -53,6 +72,7 @@ def init(
     resources: dict[str, float] | None = None,
     ignore_reinit_error: bool = False,
     metrics_export_port: int | None = None,
+    _metrics_export_port: int | None = None,
     **_ray_compat: Any,
 ) -> None:
     """Start flotilla on this machine (a head process that owns replicas and the proxy).
@@ -66,12 +86,22 @@ def init(
         ignore_reinit_error: do nothing, instead of raising, if already initialized.
         metrics_export_port: port of the Prometheus endpoint on 127.0.0.1 (default: the
             FLOTILLA_METRICS_PORT environment variable, else a free port; see `metrics_url()`).
+            Ray's `_metrics_export_port` is the same.
+
+    Other `ray.init` arguments (`INIT_IGNORED`) are accepted with a one-time warning.
 
     Raises:
         RuntimeError: already initialized (unless ignore_reinit_error), or the head failed to start.
+        TypeError: an unknown keyword argument.
         ValueError: negative resource amounts, or an unsupported address.
     """
+    from flotilla._private.args import check
     from flotilla._private.client import Runtime
+
+    check("flotilla.init", _ray_compat, ("address", "num_cpus", "num_gpus", "resources", "ignore_reinit_error",
+                                         "metrics_export_port", "_metrics_export_port"), INIT_IGNORED)
+    if metrics_export_port is None:
+        metrics_export_port = _metrics_export_port
 
     with _init_lock:
         if Runtime._instance is not None and Runtime._instance.dead:

@@ -32,8 +32,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from flotilla._private.autoscaler_loop import Autoscaler, AutoscalerState, make_state
+from flotilla._private.bounds import (
+    Limits,
+    MemKill,
+    MemSample,
+    memory_decide,
+    slow_startup_message,
+    startup_check,
+    startup_timeout_message,
+)
 from flotilla._private.lifecycle import RState, transition
 from flotilla._private.metrics import Store
+from flotilla._private.procfs import group_rss, machine_memory
 from flotilla._private.reconcile import (
     MAX_CONSTRUCTOR_FAILURES,
     Desired,
@@ -104,6 +114,7 @@ class Replica:
     @property
     def awaiting_reattach(self) -> bool:
         return self.adopted is not None and not self.adopted.is_set()
+    slow_logged: bool = False  # its slow start was logged (once)
 
     @property
     def version(self) -> str:
@@ -185,7 +196,11 @@ class Controller:
         m.declare("gauge", "flotilla_deployment_replicas", "Replicas by state.", ("deployment", "application", "state"))
         m.declare("gauge", "flotilla_deployment_target_replicas", "Replicas the controller aims for (the autoscaler's target when autoscaling).", ("deployment", "application"))
         m.declare("gauge", "ray_serve_deployment_queued_queries", "Requests waiting in routers for a replica.", ("deployment", "application"))
+        m.declare("counter", "flotilla_replica_memory_kills", "Replicas killed for memory: over their own `memory` (memory_limit) or the replica using the most when the machine was over its threshold (machine_threshold).", ("deployment", "application", "reason"))
+        m.declare("counter", "flotilla_replica_startup_timeouts", "Replicas killed because their constructor ran past FLOTILLA_REPLICA_STARTUP_TIMEOUT_S.", ("deployment", "application"))
         self._autoscale_wake = asyncio.Event()
+        self.limits = Limits.from_env()
+        self._mem_victim: Replica | None = None  # killed for the machine threshold, not gone yet
 
     def kick_autoscaler(self) -> None:
         self._autoscale_wake.set()
@@ -215,6 +230,7 @@ class Controller:
 
     async def run(self) -> None:
         self._spawn_task(self.autoscaler.run())
+        self._spawn_task(self._memory_loop())
         while True:
             try:
                 await asyncio.wait_for(self._dirty.wait(), 0.5)
@@ -708,6 +724,7 @@ class Controller:
     # ---- reconciliation -----------------------------------------------------------------
     def reconcile(self) -> None:
         self._changed()
+        self._check_startups()
         for app in list(self.apps.values()):
             for dep in list(app.deployments.values()):
                 self._reconcile_deployment(dep)
@@ -763,6 +780,11 @@ class Controller:
                 f"that cannot be scheduled yet: each requires {fmt(demand)}; {why} "
                 f"(total {fmt(self.pool.totals())}).{ever}"
             )
+        now = time.monotonic()
+        slow = [now - r.placed_at for r in dep.replicas.values()
+                if r.state is RState.STARTING and now - r.placed_at > self.limits.slow_startup_warning_s]
+        if slow:
+            messages.append(slow_startup_message(dep.name, dep.app, slow, self.limits))
         if plan.waiting_for_node:
             messages.append(
                 f"Deployment '{dep.name}' in application '{dep.app}' has {plan.waiting_for_node} replica(s) "
@@ -815,6 +837,79 @@ class Controller:
         else:
             app.status = ApplicationStatus.DEPLOYING
             app.message = "; ".join(d.message for d in deps if d.message)
+
+    # ---- bounds: start-up time and memory (decisions in bounds.py) ---------------------
+    def _check_startups(self) -> None:
+        """Log replicas slow to construct (once each); kill those past the limit (a failed start)."""
+        now = time.monotonic()
+        starting = {r.id: now - r.placed_at for r in self.replicas.values() if r.state is RState.STARTING}
+        if not starting:
+            return
+        verdict = startup_check(starting, self.limits)
+        for rid in verdict.slow:
+            r = self.replicas[rid]
+            if not r.slow_logged:
+                r.slow_logged = True
+                logger.warning(
+                    "replica %s of %s/%s (pid %s) is slow to initialize: %.1fs so far (killed after %gs, "
+                    "FLOTILLA_REPLICA_STARTUP_TIMEOUT_S)", r.id, r.dep.app, r.dep.name, r.pid, starting[rid],
+                    self.limits.startup_timeout_s,
+                )
+        for rid in verdict.overdue:
+            r = self.replicas[rid]
+            self.metrics.inc("flotilla_replica_startup_timeouts", (r.dep.name, r.dep.app))
+            self._start_failed(r, startup_timeout_message(self.limits))
+            self._stop_replica(r, False, "its constructor ran past the start-up limit")
+
+    async def _memory_loop(self) -> None:
+        """Every `memory_monitor_refresh_s`: replicas over their `memory`, and the machine's usage."""
+        period = self.limits.memory_monitor_refresh_s
+        if period <= 0:
+            return
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(period)
+            try:
+                await self._check_memory(loop)
+            except Exception:
+                logger.exception("memory check failed")
+
+    async def _check_memory(self, loop: asyncio.AbstractEventLoop) -> None:
+        live = [r for r in self.replicas.values()
+                if r.proc is not None and r.state in (RState.STARTING, RState.RUNNING, RState.UPDATING)]
+        if not live:
+            return
+        limits = self.limits
+        used, total = (0, 0)
+        if limits.memory_usage_threshold < 1:
+            used, total = await loop.run_in_executor(None, machine_memory)
+        over = total > 0 and used > limits.memory_usage_threshold * total
+        limit_of = {r.id: r.spec["config"]["ray_actor_options"].get("memory") for r in live}
+        watch = live if over else [r for r in live if limit_of[r.id]]
+        if not watch:
+            return
+        rss = await loop.run_in_executor(None, group_rss, [r.pid for r in watch if r.pid is not None])
+        victim = self._mem_victim
+        if victim is not None and victim.state is RState.GONE:
+            victim = self._mem_victim = None
+        samples = [MemSample(r.id, rss.get(r.pid or 0, 0), limit_of[r.id]) for r in watch
+                   if r.state in (RState.STARTING, RState.RUNNING, RState.UPDATING)]
+        for kill in memory_decide(samples, used, total, limits, killing=victim is not None):
+            self._memory_kill(self.replicas[kill.id], kill)
+
+    def _memory_kill(self, r: Replica, kill: MemKill) -> None:
+        dep = r.dep
+        logger.error("replica %s of %s/%s (pid %s): %s; killing it", r.id, dep.app, dep.name, r.pid, kill.message)
+        self.metrics.inc("flotilla_replica_memory_kills", (dep.name, dep.app, kill.reason))
+        if kill.reason == "machine_threshold":
+            self._mem_victim = r
+        msg = f"Replica {r.id} was killed and is being restarted: {kill.message}."
+        if r.state is RState.STARTING:
+            self._start_failed(r, msg)
+        elif not dep.deleting:
+            dep.unhealthy_msg = msg
+            self.metrics.inc("flotilla_deployment_replica_restarts", (dep.name, dep.app))
+        self._stop_replica(r, False, f"memory ({kill.reason})")
 
     # ---- status -----------------------------------------------------------------------
     def status(self) -> ServeStatus:

@@ -21,7 +21,7 @@ import sys
 import time
 from typing import Any
 
-from flotilla._private import checkpoint, session
+from flotilla._private import checkpoint, logrotate, session
 from flotilla._private.keeper import Backoff, KeeperLink
 from flotilla._private.supervisor import Process, ZygoteSupervisor
 from flotilla._private.transport import RpcPeer, serve_unix
@@ -553,6 +553,7 @@ def main(zygote: Any = None) -> None:
     """Run the head until shutdown; `zygote`: the fork server `headboot` started (or None)."""
     cfg = json.loads(sys.argv[1])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logrotate.rotate_own_log((2,))  # stderr is logs/head.log (stdout is the pipe to the driver)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         import uvloop

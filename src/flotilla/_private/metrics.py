@@ -452,8 +452,20 @@ class RequestIds:
         return f"{self.prefix}{self.n:08x}".encode()
 
 
+def access_log_sample() -> int:
+    """Log 1 request in N (FLOTILLA_ACCESS_LOG_SAMPLE, default 1: every request)."""
+    try:
+        return max(1, int(os.environ.get("FLOTILLA_ACCESS_LOG_SAMPLE", "1")))
+    except ValueError:
+        return 1
+
+
 class AccessLog:
-    """One line per request, written in batches (the request path only appends to a list)."""
+    """One line per request, written in batches (the request path only appends to a list).
+
+    With FLOTILLA_ACCESS_LOG_SAMPLE=N only every Nth request is logged, and every error
+    (status >= 500, or "ERROR" for handle calls) is logged whatever N is.
+    """
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -464,6 +476,8 @@ class AccessLog:
         self._prefix = ""
         self.enabled = True
         self.json_context: dict[str, Any] | None = None  # set: one JSON object per line
+        self.sample = access_log_sample()
+        self._n = 0
 
     def configure(self, enabled: bool, json_context: dict[str, Any] | None) -> None:
         """Turn the access log on or off, and choose TEXT (None) or JSON lines."""
@@ -473,6 +487,10 @@ class AccessLog:
     def add(self, request_id: str, route: str, status: Any, ms: float) -> None:
         if not self.enabled:
             return
+        if self.sample > 1:
+            self._n += 1
+            if self._n % self.sample and status != "ERROR" and not (isinstance(status, int) and status >= 500):
+                return
         now = int(time.time())
         if now != self._second:
             self._second = now

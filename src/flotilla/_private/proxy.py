@@ -15,7 +15,7 @@ import os
 import time
 from typing import Any
 
-from flotilla._private import http_util, metrics
+from flotilla._private import http_util, httpguard, logrotate, metrics
 from flotilla._private.client import Runtime
 from flotilla._private.metrics import STORE
 from flotilla._private.protocol import HttpFull
@@ -246,10 +246,11 @@ async def _amain(args: dict[str, Any]) -> None:
     await rt.subscribe(("routes",), proxy.set_routes)
     # The listening socket belongs to the head (and the keeper): it outlives this process.
     sock = await loop.run_in_executor(None, listener.receive, args["fd_sock"])
+    bounded, _ = httpguard.protocol_class(args, "proxy")  # connection, header size and time limits
     config = uvicorn.Config(
         proxy,
         loop="none",
-        http="httptools",
+        http=bounded,
         lifespan="off",
         access_log=False,
         log_level="warning",
@@ -275,6 +276,7 @@ def main(args: dict[str, Any]) -> None:
         from flotilla._private import logfmt
 
         logfmt.configure(args["logging_config"], "proxy", {"component_name": "proxy"}, request_id=False)
+    logrotate.rotate_own_log()
     import uvloop
 
     uvloop.run(_amain(args))

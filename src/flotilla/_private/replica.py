@@ -33,7 +33,7 @@ from typing import Any
 
 import cloudpickle
 
-from flotilla._private import context, http_util, logfmt, metrics
+from flotilla._private import context, http_util, logfmt, logrotate, metrics
 from flotilla._private.errors import error_reply
 from flotilla._private.metrics import STORE
 from flotilla._private.protocol import (
@@ -792,6 +792,7 @@ def main(args: dict[str, Any]) -> None:
     )
     for handler in logging.getLogger().handlers:
         handler.addFilter(_add_request_id)
+    logrotate.rotate_own_log()
     try:
         import uvloop
 

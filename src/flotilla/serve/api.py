@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -13,6 +14,7 @@ from typing import Any
 import cloudpickle
 
 from flotilla._private import context
+from flotilla._private.args import check as check_kwargs
 from flotilla._private.client import Runtime
 from flotilla.serve.config import HTTPOptions, LoggingConfig, validate, warn_not_honoured
 from flotilla.serve.deployments import Application, Deployment
@@ -47,6 +49,23 @@ def _check_route_prefix(route_prefix: str | None) -> None:
         raise ConfigError(f"route_prefix may not contain wildcards, got {route_prefix!r}")
 
 
+#: Ray's `serve.start` arguments accepted and ignored (with a one-time warning), and why.
+START_IGNORED = {
+    "grpc_options": "gRPC ingress is not supported",
+    "detached": "a cluster lives as long as the driver that started it",
+    "dedicated_cpu": "the proxy reserves no CPU",
+}
+#: Ray's `serve.run` arguments accepted and ignored (with a one-time warning), and why.
+RUN_IGNORED = {
+    "external_scaler_enabled": "there is no external scaling API; use autoscaling_config",
+}
+#: Arguments Ray's `serve.run` no longer has; refused with what to use instead.
+RUN_REFUSED = {
+    "host": "removed from serve.run in Ray 2; use serve.start(http_options={'host': ...})",
+    "port": "removed from serve.run in Ray 2; use serve.start(http_options={'port': ...})",
+}
+
+
 def start(
     http_options: dict[str, Any] | HTTPOptions | None = None,
     proxy_location: Any = None,
@@ -58,7 +77,12 @@ def start(
     `proxy_location` (or `http_options["location"]`): "HeadOnly" and "EveryNode" both mean
     one proxy on this machine; "Disabled" starts none (applications answer handles only).
     `logging_config` applies to the proxy's log (level, encoding, access log, folder).
+
+    Raises:
+        TypeError: an unknown keyword argument (Ray's `grpc_options`, `detached` and
+            `dedicated_cpu` are accepted with a warning).
     """
+    check_kwargs("serve.start", kwargs, ("http_options", "proxy_location", "logging_config"), START_IGNORED)
     opts = _http_options(http_options, proxy_location)
     options = opts.model_dump()
     lc = _logging_config(logging_config)
@@ -192,10 +216,11 @@ def run(
     `logging_config` applies to the application's deployments that set none themselves.
 
     Raises:
-        TypeError: `target` is not a bound application.
+        TypeError: `target` is not a bound application, or an unknown keyword argument.
         ConfigError: bad route prefix, or the prefix is used by another application.
         RuntimeError: the application failed to deploy (the user's traceback is included).
     """
+    check_kwargs("serve.run", _ray_compat, _RUN_PARAMS, RUN_IGNORED, RUN_REFUSED)
     if isinstance(target, Deployment):
         raise TypeError(f"serve.run() needs a bound application: call {target.name}.bind(...) first")
     if not isinstance(target, Application):
@@ -233,6 +258,9 @@ def run(
     if blocking:
         _block_forever()
     return handle
+
+
+_RUN_PARAMS = tuple(p for p in inspect.signature(run).parameters if p not in ("target", "_ray_compat"))
 
 
 def _wait_running(rt: Runtime, name: str) -> None:

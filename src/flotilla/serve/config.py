@@ -442,6 +442,25 @@ class HTTPOptions(BaseModel):
         description="Status when max_queued_requests is exceeded; 429 adds a Retry-After "
         "header computed from how fast the deployment's queue drains.",
     )
+    max_connections: int = Field(
+        10_000,
+        gt=0,
+        description="Most open client connections; at the limit a new connection closes the one "
+        "idle longest (no request in progress), or gets 503 when none is idle. Lowered to the "
+        "descriptor limit (RLIMIT_NOFILE, raised to its hard limit) minus a reserve.",
+    )
+    max_request_header_bytes: int = Field(
+        64 * 1024,
+        gt=0,
+        description="Largest request line plus headers; a larger request gets 431 and is closed "
+        "without being read further.",
+    )
+    request_header_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="A request's line and headers must arrive within this long of the connection "
+        "opening (or of the request's first byte on a kept-alive connection); then 408 and close.",
+    )
 
     @field_validator("root_path")
     @classmethod

@@ -1,0 +1,108 @@
+"""Memory readings from /proc and the cgroup filesystem (Linux; no psutil).
+
+- `group_rss(pgids)`: resident memory of whole process groups (a replica and the processes
+  its user code started), in one pass over /proc.
+- `machine_memory()`: (used, total) bytes for the machine, or for the cgroup the cluster runs
+  in when that cgroup has a memory limit (as Ray's memory monitor reads it).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def group_rss(pgids: Iterable[int]) -> dict[int, int]:
+    """RSS in bytes of every process group in `pgids` (summed over its live processes)."""
+    want = set(pgids)
+    out = dict.fromkeys(want, 0)
+    if not want:
+        return out
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return out
+    for name in names:
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        # After the command: state ppid pgrp session ... rss is field 24 (index 21 here).
+        try:
+            pgrp = int(fields[2])
+            if pgrp in want:
+                out[pgrp] += int(fields[21]) * _PAGE
+        except (IndexError, ValueError):
+            continue
+    return out
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def _cgroup_dirs(controller: str, base: str) -> list[str]:
+    """Where this process's cgroup may be mounted: its own path, then the mount's root (the
+    path in /proc/self/cgroup is not visible inside a cgroup namespace)."""
+    dirs = []
+    for line in (_read("/proc/self/cgroup") or "").splitlines():
+        _, ctrls, path = line.split(":", 2)
+        if ctrls == controller or controller in ctrls.split(","):
+            dirs.append(os.path.join(base, path.lstrip("/")))
+    return [*dirs, base]
+
+
+def _stat_value(text: str, key: str) -> int:
+    for line in text.splitlines():
+        k, _, v = line.partition(" ")
+        if k == key:
+            return int(v)
+    return 0
+
+
+def _cgroup_memory(physical: int) -> tuple[int, int] | None:
+    """(used, limit) of the cgroup this process runs in, when it has a memory limit below the
+    machine's; page cache the kernel reclaims first (inactive files) does not count as used."""
+    for d in _cgroup_dirs("", "/sys/fs/cgroup"):  # v2
+        limit, current = _read(os.path.join(d, "memory.max")), _read(os.path.join(d, "memory.current"))
+        if limit is not None and current is not None:
+            if limit == "max" or int(limit) >= physical:
+                return None
+            inactive = _stat_value(_read(os.path.join(d, "memory.stat")) or "", "inactive_file")
+            return max(0, int(current) - inactive), int(limit)
+    for d in _cgroup_dirs("memory", "/sys/fs/cgroup/memory"):  # v1
+        limit, current = _read(os.path.join(d, "memory.limit_in_bytes")), _read(os.path.join(d, "memory.usage_in_bytes"))
+        if limit is not None and current is not None:
+            if int(limit) >= physical:
+                return None
+            inactive = _stat_value(_read(os.path.join(d, "memory.stat")) or "", "total_inactive_file")
+            return max(0, int(current) - inactive), int(limit)
+    return None
+
+
+def machine_memory() -> tuple[int, int]:
+    """(used, total) bytes: the cgroup's when it has a memory limit, else MemTotal - MemAvailable."""
+    info: dict[str, int] = {}
+    for line in (_read("/proc/meminfo") or "").splitlines():
+        key, _, rest = line.partition(":")
+        parts = rest.split()
+        if parts:
+            info[key] = int(parts[0]) * 1024
+    total = info.get("MemTotal", 0)
+    try:
+        cg = _cgroup_memory(total)
+    except (OSError, ValueError):
+        cg = None
+    if cg is not None:
+        return cg
+    available = info.get("MemAvailable", info.get("MemFree", 0))
+    return max(0, total - available), total

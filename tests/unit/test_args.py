@@ -1,0 +1,44 @@
+"""Keyword-argument checks of serve.run, serve.start and flotilla.init (no cluster needed)."""
+
+from __future__ import annotations
+
+import pytest
+
+import flotilla
+from flotilla import serve
+from flotilla._private import args
+from flotilla._private.client import Runtime
+
+
+def test_unknown_names_raise_with_a_suggestion() -> None:
+    with pytest.raises(TypeError, match=r"^f\(\) got an unexpected keyword argument 'colour' \(did you mean 'color'\?\)$"):
+        args.check("f", {"colour": 1}, ("color", "size"), {})
+    with pytest.raises(TypeError, match=r"unexpected keyword arguments 'a', 'zzz'"):
+        args.check("f", {"a": 1, "zzz": 2}, ("b",), {})
+
+
+def test_refused_names_say_what_to_use() -> None:
+    with pytest.raises(TypeError, match=r"'port' \(use http_options\)"):
+        args.check("f", {"port": 1}, (), {}, {"port": "use http_options"})
+
+
+def test_ignored_names_warn_once() -> None:
+    with pytest.warns(UserWarning, match=r"g\(\): 'old' is accepted for Ray compatibility but ignored: gone"):
+        args.check("g", {"old": 1}, (), {"old": "gone"})
+    args.check("g", {"old": 1}, (), {"old": "gone"})  # no second warning (warnings are errors here)
+
+
+def test_entry_points_refuse_typos_before_starting_anything() -> None:
+    started = Runtime._instance
+
+    @serve.deployment
+    def f() -> str:
+        return "x"
+
+    with pytest.raises(TypeError, match="route_prefx"):
+        serve.run(f.bind(), route_prefx="/typo")
+    with pytest.raises(TypeError, match="http_option"):
+        serve.start(http_option={})
+    with pytest.raises(TypeError, match="num_cpu"):
+        flotilla.init(num_cpu=1)
+    assert Runtime._instance is started  # nothing was started
