@@ -96,6 +96,11 @@ def metric(name: str, **labels: str) -> float:
     return sum(s.value for s in scrape().get(name, []) if all(s.labels.get(k) == v for k, v in labels.items()))
 
 
+def metric_reaches(name: str, at_least: float, **labels: str) -> float:
+    """Metrics are pushed to the head once a second: poll until `name` reaches `at_least`."""
+    return wait_for(lambda: (v := metric(name, **labels)) >= at_least and v, timeout=10, what=name)
+
+
 def deployment_message(app: str, dep: str) -> str:
     a = serve.status().applications.get(app)
     d = a.deployments.get(dep) if a is not None else None
@@ -125,8 +130,8 @@ def test_unknown_keyword_arguments_raise_type_error_naming_them(url: str) -> Non
 def test_documented_ray_arguments_are_accepted_with_a_warning(url: str) -> None:
     with pytest.warns(UserWarning, match="include_dashboard"):
         flotilla.init(include_dashboard=False, ignore_reinit_error=True)
-    with pytest.warns(UserWarning, match="proxy_location"):
-        serve.start(proxy_location="EveryNode", http_options={"port": httpx.URL(url).port, **HTTP})
+    with pytest.warns(UserWarning, match="grpc_options"):
+        serve.start(grpc_options={}, http_options={"port": httpx.URL(url).port, **HTTP})
 
 
 # ---- start-up bounds ------------------------------------------------------------------------
@@ -214,7 +219,7 @@ def test_replica_over_its_memory_is_restarted_with_a_clear_message(url: str) -> 
         return pid if pid != first else None
 
     wait_for(other_pid, timeout=20, what="a new replica serving")
-    assert metric("flotilla_replica_memory_kills_total", application="leaky", reason="memory_limit") >= 1
+    metric_reaches("flotilla_replica_memory_kills_total", 1, application="leaky", reason="memory_limit")
     log = read_logs("head.log*")
     assert re.search(r"replica \w+ of leaky/Leaky .*RSS [\d.]+ MiB.*memory limit of 100", log), log[-3000:]
     serve.delete("leaky")
@@ -272,7 +277,7 @@ def test_header_over_the_limit_gets_431(url: str) -> None:
         except OSError:
             head = b""
         assert head == b"" or head.startswith(b"HTTP/1.1 431"), head
-    assert metric("flotilla_http_header_too_large_total", server="proxy") >= 3
+    metric_reaches("flotilla_http_header_too_large_total", 3, server="proxy")
     assert _get(url) < 5
 
 
@@ -314,7 +319,7 @@ def test_slowloris_connections_are_closed_and_do_not_starve_clients(url: str) ->
         s.close()
     assert max(latencies) < 2.0, latencies
     assert statistics.median(latencies) < 0.5, latencies
-    assert metric("flotilla_http_connections_timed_out_total", server="proxy", phase="headers") >= 50
+    metric_reaches("flotilla_http_connections_timed_out_total", 50, server="proxy", phase="headers")
 
 
 def _listener_pid(port: int) -> int:
@@ -369,7 +374,7 @@ def test_idle_connection_flood_does_not_exhaust_descriptors_or_starve_clients(ur
     assert max(fds) <= MAX_CONNECTIONS + 100, f"proxy descriptors peaked at {max(fds)}"
     assert statistics.median(latencies) < 0.5, latencies
     assert max(latencies) < 5.0, latencies
-    assert metric("flotilla_http_connections_evicted_total", server="proxy") > before
+    metric_reaches("flotilla_http_connections_evicted_total", before + 1, server="proxy")
 
 
 # ---- logs -----------------------------------------------------------------------------------
