@@ -3,7 +3,8 @@
 A frame is a 12-byte header, `<QI`: payload length (8 bytes, so frames over 4 GiB are fine
 up to `MAX_FRAME`) and a tag (the request or call id), then the payload: a message from
 `protocol.py`. Frames are only exchanged over sockets in the session's private directory
-(mode 0700), so no stranger can send us a pickle.
+(mode 0700), so no stranger can send us a pickle; over TCP (`connect_tcp`/`serve_tcp`, for
+the Ray backend) a connection first passes `auth.py`'s handshake.
 
 `FrameProtocol` is the asyncio protocol both ends use. It never drops a frame silently: a
 payload that cannot be decoded is handed to `on_bad_frame(tag, error)`, so the request it
@@ -22,8 +23,9 @@ import pickle
 import struct
 import traceback
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
+from flotilla._private import auth
 from flotilla._private.protocol import Failure, Reply, Request, decode, encode
 
 logger = logging.getLogger(__name__)
@@ -302,3 +304,55 @@ async def connect_unix(path: str, peer: RpcPeer) -> RpcPeer:
 async def serve_unix(path: str, make_peer: Callable[[], RpcPeer]) -> asyncio.AbstractServer:
     loop = asyncio.get_running_loop()
     return await loop.create_unix_server(lambda: make_peer().proto, path)
+
+
+# ---- TCP (the Ray backend): the same frames after a mutual HMAC handshake (auth.py) ----------
+
+Conn = TypeVar("Conn", bound=RpcPeer | asyncio.Protocol)
+
+
+def _protocol(conn: RpcPeer | asyncio.Protocol) -> asyncio.Protocol:
+    return conn.proto if isinstance(conn, RpcPeer) else conn
+
+
+async def connect_tcp(
+    host: str, port: int, conn: Conn, secret: bytes, *, timeout: float = auth.HANDSHAKE_TIMEOUT
+) -> Conn:
+    """Connect `conn` (an `RpcPeer` or a data-plane `FrameProtocol`) to a `serve_tcp` server.
+
+    Returns once both ends proved they hold `secret`; `conn` sees no byte before that. Raises
+    `auth.AuthError` (a `ConnectionError`) when the handshake fails or takes over `timeout`
+    seconds, `OSError` when the connection cannot be made.
+    """
+    auth.check_secret(secret)
+    loop = asyncio.get_running_loop()
+    inner = _protocol(conn)
+    _, hs = await loop.create_connection(lambda: auth.ClientHandshake(inner, secret, timeout), host, port)
+    try:
+        await hs.done
+    except BaseException:
+        hs.abort()
+        raise
+    return conn
+
+
+async def serve_tcp(
+    host: str,
+    port: int,
+    factory: Callable[[], RpcPeer] | Callable[[], asyncio.Protocol],
+    secret: bytes,
+    *,
+    timeout: float = auth.HANDSHAKE_TIMEOUT,
+) -> asyncio.Server:
+    """Listen on `host:port` (a node's own address, not 0.0.0.0); `factory()` builds each
+    connection's `RpcPeer` or `FrameProtocol` only after its client proved it holds `secret`.
+    With port 0 the system picks one: `server.sockets[0].getsockname()[1]`.
+    A client that fails, or does not finish within `timeout` seconds, is closed and counted
+    (`auth.failures`)."""
+    auth.check_secret(secret)
+    loop = asyncio.get_running_loop()
+
+    def make() -> asyncio.Protocol:
+        return _protocol(factory())
+
+    return await loop.create_server(lambda: auth.ServerHandshake(make, secret, timeout), host, port)
