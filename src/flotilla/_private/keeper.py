@@ -37,6 +37,8 @@ import sys
 import time
 from collections.abc import Callable
 
+from flotilla._private.procfs import start_ticks
+
 PR_SET_CHILD_SUBREAPER = 36
 FIRST_DELAY_S = 0.2
 MAX_DELAY_S = 5.0
@@ -85,14 +87,6 @@ class Backoff:
         self.delay = restart_delay(self.delay, self.uptime(), self.first, self.cap, self.stable)
         self.failures += 1
         return self.delay
-
-
-def start_ticks(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return int(f.read().rsplit(b")", 1)[1].split()[19])
-    except (OSError, IndexError, ValueError):
-        return None
 
 
 def keeper_from_env() -> tuple[int, int | None] | None:

@@ -2,6 +2,7 @@
 
 - `group_rss(pgids)`: resident memory of whole process groups (a replica and the processes
   its user code started), in one pass over /proc.
+- `start_ticks(pid)`: when a process started (tells a live process from a reused PID).
 - `machine_memory()`: (used, total) bytes for the machine, or for the cgroup the cluster runs
   in when that cgroup has a memory limit (as Ray's memory monitor reads it).
 """
@@ -12,6 +13,15 @@ import os
 from collections.abc import Iterable
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def start_ticks(pid: int) -> int | None:
+    """The process's start time (clock ticks since boot, /proc/<pid>/stat field 22), or None."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return int(f.read().rsplit(b")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def group_rss(pgids: Iterable[int]) -> dict[int, int]:

@@ -18,19 +18,13 @@ import shutil
 import stat
 import tempfile
 
+from flotilla._private.procfs import start_ticks
+
 logger = logging.getLogger("flotilla")
 
 PREFIX = "flotilla-"
 KEEP_LOGS = 5
 HEAD_PID = "head.pid"
-
-
-def _ticks(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return int(f.read().rsplit(b")", 1)[1].split()[19])
-    except (OSError, IndexError, ValueError):
-        return None
 
 
 def logs_root(tmp: str | None = None) -> str:
@@ -63,7 +57,7 @@ def record_head(session_dir: str, pid: int | None = None) -> None:
     pid = pid or os.getpid()
     tmp = os.path.join(session_dir, HEAD_PID + ".tmp")
     with open(tmp, "w") as f:
-        f.write(f"{pid} {_ticks(pid)}\n")
+        f.write(f"{pid} {start_ticks(pid)}\n")
     os.replace(tmp, os.path.join(session_dir, HEAD_PID))
 
 
@@ -74,7 +68,7 @@ def head_alive(session_dir: str) -> bool | None:
             pid_s, ticks_s = f.read().split()
     except (OSError, ValueError):
         return None
-    ticks = _ticks(int(pid_s))
+    ticks = start_ticks(int(pid_s))
     return ticks is not None and str(ticks) == ticks_s
 
 

@@ -38,6 +38,7 @@ from collections.abc import Callable
 from typing import Any
 
 from flotilla._private.keeper import Backoff
+from flotilla._private.procfs import start_ticks
 
 logger = logging.getLogger("flotilla.supervisor")
 
@@ -45,19 +46,6 @@ ZYGOTE_START_TIMEOUT_S = 30.0
 ZYGOTE_EXIT_TIMEOUT_S = 5.0
 #: How long an exit seen by pidfd waits for the zygote's report (which carries the exit code).
 EXIT_REPORT_GRACE_S = 1.0
-
-
-def start_ticks(pid: int) -> int | None:
-    """The process's start time (clock ticks since boot, /proc/<pid>/stat field 22), or None."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            fields = f.read().rsplit(b")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    try:
-        return int(fields[19])
-    except (IndexError, ValueError):
-        return None
 
 
 def _open_pidfd(pid: int, ticks: int | None) -> int | None:

@@ -27,6 +27,7 @@ import sys
 import threading
 
 from flotilla._private.keeper import keeper_from_env
+from flotilla._private.procfs import start_ticks
 from flotilla._private.proctitle import set_title
 
 PR_SET_PDEATHSIG = 1
@@ -57,7 +58,7 @@ def watch_keeper() -> None:
         fd = os.pidfd_open(pid)
     except OSError:
         os._exit(1)  # the keeper is already gone
-    if ticks is not None and _start_ticks(pid) != ticks:
+    if ticks is not None and start_ticks(pid) != ticks:
         os._exit(1)  # the number names another process now: ours is gone
 
     def wait() -> None:
@@ -97,14 +98,6 @@ def _reap(signum: int, frame: object) -> None:
             pass
         _, status = os.waitpid(pid, 0)
         _write({"exit": pid, "code": os.waitstatus_to_exitcode(status)})
-
-
-def _start_ticks(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return int(f.read().rsplit(b")", 1)[1].split()[19])
-    except (OSError, IndexError, ValueError):
-        return None
 
 
 _KINDS = {"replica": "flotilla._private.replica:main", "proxy": "flotilla._private.proxy:main"}
@@ -185,7 +178,7 @@ def main() -> None:
             pid = os.fork()
             if pid == 0:
                 _child(req)
-            _write({"pid": pid, "start": _start_ticks(pid)})
+            _write({"pid": pid, "start": start_ticks(pid)})
         finally:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
     for sig in (signal.SIGTERM,):
