@@ -9,11 +9,13 @@ import asyncio
 import os
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Hashable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 import flotilla
@@ -231,7 +233,7 @@ class Slow:
         self.marks = Path(marks)
 
     async def __call__(self, *args: Any) -> str:
-        (self.marks / "started").touch()
+        (self.marks / f"started-{time.time_ns()}").touch()
         await asyncio.sleep(1.0)
         return "done"
 
@@ -244,7 +246,8 @@ def test_sigterm_to_the_head_drains_and_leaves_nothing(tmp_path: Path) -> None:
         flotilla.shutdown()
     flotilla.init(num_cpus=2)
     try:
-        serve.start(http_options={"port": free_port()})
+        port = free_port()
+        serve.start(http_options={"port": port})
         h = serve.run(Slow.bind(str(tmp_path)), name=APP, route_prefix="/")
         rt = Runtime.current()
         head = head_pid()
@@ -252,9 +255,22 @@ def test_sigterm_to_the_head_drains_and_leaves_nothing(tmp_path: Path) -> None:
         assert len(tree) >= 4  # head, zygote, proxy, replica
         folder = rt.session_dir
         resp = h.remote()
-        wait_for(lambda: (tmp_path / "started").exists(), timeout=10, what="the request running")
+        http: dict[str, Any] = {}
+
+        def post() -> None:
+            try:
+                r = httpx.post(f"http://127.0.0.1:{port}/", timeout=15)
+                http["answer"] = (r.status_code, r.text)
+            except Exception as e:  # noqa: BLE001 - reported by the assertion below
+                http["answer"] = repr(e)
+
+        client = threading.Thread(target=post)
+        client.start()
+        wait_for(lambda: len(list(tmp_path.glob("started-*"))) == 2, timeout=10, what="both requests running")
         os.kill(head, signal.SIGTERM)
         assert resp.result(timeout_s=15) == "done"  # in flight: drained, not dropped
+        client.join(15)
+        assert http.get("answer") == (200, "done"), "an HTTP request in flight is answered, not cut"
         wait_for(lambda: not alive(tree), timeout=20, what="every process gone after SIGTERM")
         assert (tmp_path / "deleted").exists()  # __del__ ran: a graceful stop
         assert rt.process is not None and rt.process.wait(10) == 0
