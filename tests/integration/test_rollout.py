@@ -261,7 +261,7 @@ def test_sigterm_to_the_head_drains_and_leaves_nothing(tmp_path: Path) -> None:
             try:
                 r = httpx.post(f"http://127.0.0.1:{port}/", timeout=15)
                 http["answer"] = (r.status_code, r.text)
-            except Exception as e:  # noqa: BLE001 - reported by the assertion below
+            except Exception as e:
                 http["answer"] = repr(e)
 
         client = threading.Thread(target=post)
