@@ -564,6 +564,33 @@ def test_http_whole_and_streaming(net: Net) -> None:
     run(net, body)
 
 
+def test_streaming_http_holds_its_slot_until_the_stream_ends(net: Net) -> None:
+    """As in Ray, a streaming response counts against max_ongoing_requests until it ends."""
+
+    async def body(replica: Any) -> None:
+        a = await replica("a")
+        router = await make_router([a], max_ongoing=1)
+        conn = router.replicas["a"]
+        first = asyncio.ensure_future(router.http({"type": "http"}, b"", None))
+        (await a.nth(0)).reply(HttpStart(200, []), Chunk(b"1"))
+        ch = await result(first)
+        assert isinstance(ch, Channel) and conn.in_flight == 1
+        second = asyncio.ensure_future(router.http({"type": "http"}, b"", None))
+        await asyncio.sleep(0)
+        assert len(a.requests) == 1 and not second.done(), "the second waits for the stream's slot"
+        (await a.nth(0)).reply(End())
+        assert [await result(ch.get()) for _ in range(2)] == [Chunk(b"1"), End()]
+        (await a.nth(1)).reply(HttpStart(200, []))
+        ch2 = await result(second)
+        assert isinstance(ch2, Channel) and conn.in_flight == 1
+        ch2.cancel()  # the consumer gives up: the slot comes back too
+        assert conn.in_flight == 0
+        await until(lambda: a.controls(Cancel), what="the replica told to stop the stream")
+        router.close()
+
+    run(net, body)
+
+
 def test_multiplexed_model_goes_to_the_replica_holding_it(net: Net) -> None:
     async def body(replica: Any) -> None:
         a = await replica("a", auto=answer_ok)

@@ -13,6 +13,7 @@ less loaded of two chosen at random (power of two choices).
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import math
@@ -66,7 +67,7 @@ class Channel:
     consumer slows the producer instead of filling this process's memory.
     """
 
-    __slots__ = ("_grant", "_items", "_taken", "_waiter", "cancel", "start")
+    __slots__ = ("_grant", "_items", "_on_end", "_taken", "_waiter", "cancel", "ended", "start")
 
     def __init__(self, grant: Callable[[int], None] | None = None, cancel: Callable[[], None] | None = None) -> None:
         self._items: deque[Any] = deque()
@@ -75,6 +76,22 @@ class Channel:
         self._taken = 0
         self.cancel: Callable[[], None] = cancel or _nothing
         self.start: HttpStart | None = None
+        self.ended = False  # its last message arrived, or it was cancelled
+        self._on_end: Callable[[], None] | None = None
+
+    def on_end(self, cb: Callable[[], None]) -> None:
+        """Call `cb` once when the stream ends (at once if it already has)."""
+        if self.ended:
+            cb()
+        else:
+            self._on_end = cb
+
+    def finish(self) -> None:
+        if not self.ended:
+            self.ended = True
+            cb, self._on_end = self._on_end, None
+            if cb is not None:
+                cb()
 
     def push(self, msg: Any) -> None:
         self._items.append(msg)
@@ -148,6 +165,7 @@ class ReplicaConn:
             h.push(msg)
             if type(msg) in _ENDS:
                 del self.pending[tag]
+                h.finish()
                 if self.retired:
                     self.maybe_close()
             return
@@ -171,10 +189,12 @@ class ReplicaConn:
         def cancel() -> None:
             if self.pending.pop(tag, None) is not None:
                 proto.send(tag, Cancel())
+                ch.finish()
                 if self.retired:
                     self.maybe_close()
 
-        return Channel(grant, cancel)
+        ch = Channel(grant, cancel)
+        return ch
 
     def _drain(self) -> None:
         """The replica drains: send it nothing new (requests waiting here go elsewhere)."""
@@ -190,6 +210,7 @@ class ReplicaConn:
         failed = Failed(undecodable_reply("reply", err))
         if h.__class__ is Channel:
             h.push(failed)
+            h.finish()
             self.proto.send(tag, Cancel())
         elif not h.done():
             h.set_result(failed)
@@ -205,6 +226,7 @@ class ReplicaConn:
             for h in pending.values():
                 if h.__class__ is Channel:
                     h.push(failed)
+                    h.finish()
                 elif not h.done():
                     h.set_result(failed)
         self.router._drop(self)
@@ -538,12 +560,15 @@ class Router:
             try:
                 reply = await fut
             except asyncio.CancelledError:
+                self.release(r)
                 self._abandon(r, tag, fut)
                 raise
-            finally:
-                self.release(r)
             cls = reply.__class__
-            if cls is HttpFull or cls is Channel:
+            if cls is Channel:  # a streaming response holds its slot until it ends
+                reply.on_end(functools.partial(self.release, r))
+                return reply  # type: ignore[no-any-return]
+            self.release(r)
+            if cls is HttpFull:
                 return reply  # type: ignore[no-any-return]
             if cls is Rejected:
                 front = True
