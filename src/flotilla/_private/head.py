@@ -461,7 +461,7 @@ class Head:
             data = b""
         if not data:
             asyncio.get_running_loop().remove_reader(0)
-            logger.info("driver is gone; shutting down")
+            logger.info("the keeper ended the session (stdin closed); stopping every process now")
             self._start_shutdown(graceful=False)
 
     def _on_sigterm(self) -> None:
