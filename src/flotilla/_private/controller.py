@@ -492,6 +492,8 @@ class Controller:
             "cwd": r.spec.get("cwd", ""),
             "env": self.replica_env(r),
         }
+        if not self.supervisor.local:  # Ray: the actor is created with them, as Ray Serve does
+            args["ray_actor_options"] = r.spec["config"]["ray_actor_options"]
         if direct is not None and app is not None and app.ingress == dep.name and app.route_prefix is not None:
             args["direct"] = {**direct, "route_prefix": app.route_prefix}
         try:
@@ -509,11 +511,17 @@ class Controller:
         if r.state is RState.DRAINING:  # stopped while it was being forked
             self.supervisor.kill(proc)
 
-    def register(self, peer: RpcPeer, rid: str, pid: int) -> dict[str, Any]:
+    def register(self, peer: RpcPeer, rid: str, pid: int, addr: str = "") -> dict[str, Any]:
+        """A starting replica connected; `addr`: where it serves ("tcp://host:port" for a Ray
+        actor; "" for the Unix socket it was given)."""
         r = self.replicas.get(rid)
         if r is None or r.state is not RState.STARTING:
             raise RuntimeError(f"replica {rid} is not expected")
-        if r.proc is not None and r.proc.pid != pid:
+        if addr:
+            r.sock = addr
+        if r.proc is not None and not r.proc.pid:  # a Ray actor: its pid is known from now on
+            r.proc.pid = pid
+        elif r.proc is not None and r.proc.pid != pid:
             logger.warning("replica %s registered with pid %d, but was forked as pid %d", rid, pid, r.proc.pid)
         r.peer = peer
         if r.adopted is not None:
@@ -626,7 +634,7 @@ class Controller:
             self._died(r, "its control connection closed")
 
     def _on_exit(self, r: Replica, proc: Process) -> None:
-        why = f"its process exited with code {proc.exit_code}"
+        why = proc.exit_reason or f"its process exited with code {proc.exit_code}"
         if r.state in (RState.STARTING, RState.RUNNING, RState.UPDATING):
             self._died(r, why, stop=False)
         self._replica_gone(r, why)
@@ -781,6 +789,16 @@ class Controller:
                 f"(total {fmt(self.pool.totals())}).{ever}"
             )
         now = time.monotonic()
+        unscheduled = sum(1 for r in dep.replicas.values()
+                          if r.state is RState.STARTING and r.peer is None and self.pool.unscheduled(r.spec["demand"], now - r.placed_at))
+        if unscheduled:  # Ray placed them but cannot schedule them yet (its pending demand)
+            demand = dep.spec["demand"]
+            messages.append(
+                f"Deployment '{dep.name}' in application '{dep.app}' has {unscheduled} replica(s) "
+                f"that cannot be scheduled yet: each requires {fmt(demand)}; "
+                f"{self.pool.shortfall(demand) or 'Ray has not found a node for them'} "
+                f"(total {fmt(self.pool.totals())})."
+            )
         slow = [now - r.placed_at for r in dep.replicas.values()
                 if r.state is RState.STARTING and now - r.placed_at > self.limits.slow_startup_warning_s]
         if slow:
@@ -864,8 +882,8 @@ class Controller:
     async def _memory_loop(self) -> None:
         """Every `memory_monitor_refresh_s`: replicas over their `memory`, and the machine's usage."""
         period = self.limits.memory_monitor_refresh_s
-        if period <= 0:
-            return
+        if period <= 0 or not self.supervisor.local:
+            return  # on Ray, Ray's memory monitor watches its workers (on their own nodes)
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(period)

@@ -107,6 +107,11 @@ class ResourcePool:
         alloc.demand = {}
         alloc.gpu_shares = {}
 
+    def unscheduled(self, demand: dict[str, float], waited: float) -> bool:
+        """A replica placed `waited` s ago has not started because the scheduler has no room
+        for it yet. Never here: this pool places only what fits (Ray's view says otherwise)."""
+        return False
+
     def shortfall(self, demand: dict[str, float]) -> str:
         """Why `demand` does not fit now, in words; '' when it fits."""
         return self._check(demand, self.free, self.gpu_free) or ""
