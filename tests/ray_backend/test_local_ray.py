@@ -143,3 +143,54 @@ def test_backend_selection_errors() -> None:
         flotilla.init(backend="kubernetes")
     with pytest.raises(ValueError, match="joining an existing Ray cluster"):
         flotilla.init(backend="ray", address="127.0.0.1:1", num_cpus=2)
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.5, "runtime_env": {"env_vars": {"GREETING": "hej"}}},
+                  graceful_shutdown_wait_loop_s=0.05)
+class Fragile:
+    def __init__(self, version: int = 1) -> None:
+        self.version = version
+
+    def __call__(self, request: object = None) -> tuple[int, str | None, int]:
+        return os.getpid(), os.environ.get("GREETING"), self.version
+
+    def crash(self) -> None:
+        os._exit(1)
+
+
+def test_a_dead_actor_fails_its_request_and_is_replaced(url: str) -> None:
+    from flotilla.exceptions import RayActorError
+
+    h = serve.run(Fragile.bind(), name="fragile", route_prefix=None)
+    pid, greeting, _ = h.remote().result(timeout_s=30)
+    assert greeting == "hej"  # the runtime_env went to Ray as it was
+    with pytest.raises(RayActorError):
+        h.crash.remote().result(timeout_s=30)
+
+    def replaced() -> bool:
+        try:
+            return h.remote().result(timeout_s=10)[0] != pid
+        except RayActorError:
+            return False
+
+    wait_for(replaced, timeout=30, interval=0.2, what="a new actor")
+    wait_for(lambda: serve.status().applications["fragile"].deployments["Fragile"].replica_states == {"RUNNING": 1},
+             timeout=30, what="RUNNING again")
+    # A new version rolls out: new actors first, the old one drains, then is killed.
+    h = serve.run(Fragile.bind(2), name="fragile", route_prefix=None)
+    assert h.remote().result(timeout_s=30)[2] == 2
+    serve.delete("fragile")
+
+
+def test_constructor_failure_is_deploy_failed(url: str) -> None:
+    @serve.deployment(ray_actor_options={"num_cpus": 0.5})
+    class Broken:
+        def __init__(self) -> None:
+            raise ZeroDivisionError("ctor exploded")
+
+    with pytest.raises(RuntimeError, match="ctor exploded"):
+        serve.run(Broken.bind(), name="broken", route_prefix=None)
+    app = serve.status().applications["broken"]
+    assert app.status == "DEPLOY_FAILED"
+    assert "ZeroDivisionError" in app.deployments["Broken"].message
+    serve.delete("broken")
