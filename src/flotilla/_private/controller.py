@@ -334,6 +334,10 @@ class Controller:
                     "deployment %s/%s needs %s per replica but the cluster has %s in total",
                     name, d["name"], fmt(demand), fmt(self.pool.totals()),
                 )
+            not_yet = [k for k in ("placement_group_bundles", "max_replicas_per_node") if d["config"].get(k)]
+            if not self.supervisor.local and not_yet:
+                logger.warning("deployment %s/%s: %s not honoured on the Ray backend yet (replicas are "
+                               "created with ray_actor_options alone)", name, d["name"], " and ".join(not_yet))
         app = self.apps.get(name)
         if app is None or app.deleting:
             if app is not None:  # being deleted: replace outright
@@ -754,7 +758,8 @@ class Controller:
             target=dep.target,
             failed=bool(dep.failed_msg),
             deleting=dep.deleting,
-            max_replicas_per_node=dep.config.get("max_replicas_per_node"),
+            # On Ray: not yet (the per-node limit would need Ray's nodes, not "this machine").
+            max_replicas_per_node=dep.config.get("max_replicas_per_node") if self.supervisor.local else None,
             fits_ever=self.pool.fits_ever(dep.spec["demand"]),
             unhealthy=bool(dep.unhealthy_msg),
             scaling=dep.scaling,

@@ -35,8 +35,8 @@ def fmt(resources: dict[str, float]) -> str:
     parts = []
     for k in sorted(resources):
         v = resources[k]
-        if k == "memory":
-            parts.append(f"memory: {v / 2**30:.1f} GiB")
+        if k in ("memory", "object_store_memory"):  # bytes (Ray reports both)
+            parts.append(f"{k}: {v / 2**30:.1f} GiB")
         else:
             parts.append(f"{k}: {int(v) if v == int(v) else round(v, 4)}")
     return "{" + ", ".join(parts) + "}"
