@@ -282,6 +282,11 @@ class Runtime:
         line = proc.stdout.readline() if ready else b""
         if not line:
             proc.kill()
+            if ray is not None:
+                raise RuntimeError(
+                    f"the flotilla head did not start or join Ray (address={ray.get('address')!r}) within "
+                    f"{RAY_HEAD_START_TIMEOUT_S:g}s; see {session_dir}/logs/head.log"
+                )
             raise RuntimeError(
                 f"the flotilla head process did not start; see {session_dir}/logs/head.log"
             )
