@@ -628,7 +628,8 @@ class Controller:
             dep.failed_msg = (
                 f"The deployment failed to start {dep.failures} times in a row. This may be "
                 f"due to a problem with its constructor or initial health check failing. "
-                f"See logs under {self.session_dir}/logs for details. Last error:\n{tb}"
+                f"See logs under {self.supervisor.logs_hint(os.path.join(self.session_dir, 'logs'))} for details. "
+                f"Last error:\n{tb}"
             )
         else:
             dep.unhealthy_msg = f"A replica's constructor failed (attempt {dep.failures}):\n{tb}"
@@ -648,7 +649,7 @@ class Controller:
         dep = r.dep
         logger.warning("replica %s of %s/%s (pid %s) died: %s", r.id, dep.app, dep.name, r.pid, why)
         if r.state is RState.STARTING:
-            self._start_failed(r, f"The replica process died before it was ready ({why}); see {self._log_path(r)}.")
+            self._start_failed(r, f"The replica process died before it was ready ({why}); see {self.supervisor.logs_hint(self._log_path(r))}.")
         elif r.state.routable and not dep.deleting:
             dep.unhealthy_msg = f"Replica {r.id} died unexpectedly ({why}); replacing it."
             self.metrics.inc("flotilla_deployment_replica_restarts", (dep.name, dep.app))

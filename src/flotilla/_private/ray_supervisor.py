@@ -154,6 +154,9 @@ class RaySupervisor(Supervisor):
         self.actors: dict[str, ActorProcess] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
 
+    def logs_hint(self, path: str) -> str:
+        return "Ray's worker logs on the replica's node (/tmp/ray/session_latest/logs/worker-*)"
+
     async def use_zygote(self, proc: Any = None) -> None:
         await self.zygote.use_zygote(proc)
 

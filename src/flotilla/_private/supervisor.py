@@ -174,6 +174,10 @@ class Supervisor(abc.ABC):
     #: Its workers are processes of this machine (pids the head may read in /proc and signal).
     local = True
 
+    def logs_hint(self, path: str) -> str:
+        """Where a worker's log is, for messages: `path` (the file the head gave it)."""
+        return path
+
     @abc.abstractmethod
     async def start(self, kind: str, log_path: str, args: dict[str, Any],
                     on_exit: Callable[[Process], None] | None = None) -> Process:
