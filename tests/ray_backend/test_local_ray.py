@@ -195,3 +195,42 @@ def test_constructor_failure_is_deploy_failed(url: str) -> None:
     assert "ZeroDivisionError" in app.deployments["Broken"].message
     assert "Ray's worker logs" in app.deployments["Broken"].message  # where its log is
     serve.delete("broken")
+
+
+def test_a_rollout_on_a_full_cluster_makes_room_and_fails_no_request(url: str) -> None:
+    """4 CPUs, 2 replicas of 2 CPUs: the new version's actors cannot be placed until an old
+    replica drains, so the controller stops one old replica at a time (as locally)."""
+    import threading
+
+    @serve.deployment(num_replicas=2, ray_actor_options={"num_cpus": 2}, graceful_shutdown_wait_loop_s=0.05)
+    class Full:
+        def __init__(self, version: int) -> None:
+            self.version = version
+
+        def __call__(self, request: object = None) -> int:
+            return self.version
+
+    h = serve.run(Full.bind(1), name="full", route_prefix=None)
+    assert h.remote().result(timeout_s=30) == 1
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        while not stop.is_set():
+            try:
+                h.remote().result(timeout_s=30)
+            except BaseException as e:
+                errors.append(e)
+
+    t = threading.Thread(target=load)
+    t.start()
+    try:
+        serve.run(Full.bind(2), name="full", route_prefix=None, _blocking=False)
+        wait_for(lambda: serve.status().applications["full"].deployments["Full"].replica_states == {"RUNNING": 2}
+                 and h.remote().result(timeout_s=30) == 2, timeout=60, interval=0.2, what="v2 rolled out")
+        wait_for(lambda: all(h.remote().result(timeout_s=30) == 2 for _ in range(10)), timeout=20, what="only v2")
+    finally:
+        stop.set()
+        t.join(30)
+    assert errors == []
+    serve.delete("full")

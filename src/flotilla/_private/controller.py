@@ -753,7 +753,15 @@ class Controller:
         self._spawn_task(self.notify_changed())
 
     def _reconcile_deployment(self, dep: Deployment) -> None:
-        observed = [Observed(r.id, r.version, r.state, r.in_flight, r.placed_at) for r in dep.replicas.values()]
+        # On Ray a replica becomes an actor at once; one that Ray has no room for yet (its pending
+        # demand) is, for reconcile, a replica not placed, and nothing more of its shape fits now:
+        # so a rollout on a full cluster stops an old replica to make room, as on this machine.
+        now = time.monotonic()
+        unscheduled = {r.id for r in dep.replicas.values()
+                       if r.state is RState.STARTING and r.peer is None
+                       and self.pool.unscheduled(r.spec["demand"], now - r.placed_at)}
+        observed = [Observed(r.id, r.version, RState.PENDING if r.id in unscheduled else r.state, r.in_flight,
+                             r.placed_at) for r in dep.replicas.values()]
         want = Desired(
             version=dep.version,
             target=dep.target,
@@ -765,7 +773,8 @@ class Controller:
             unhealthy=bool(dep.unhealthy_msg),
             scaling=dep.scaling,
         )
-        plan = reconcile(want, observed, self.pool.count_fits(dep.spec["demand"], max(0, dep.target)))
+        fits = 0 if unscheduled else self.pool.count_fits(dep.spec["demand"], max(0, dep.target))
+        plan = reconcile(want, observed, fits)
         for a in plan.actions:
             if isinstance(a, StartReplica):
                 r = self._new_replica(dep)
@@ -795,16 +804,6 @@ class Controller:
                 f"(total {fmt(self.pool.totals())}).{ever}"
             )
         now = time.monotonic()
-        unscheduled = sum(1 for r in dep.replicas.values()
-                          if r.state is RState.STARTING and r.peer is None and self.pool.unscheduled(r.spec["demand"], now - r.placed_at))
-        if unscheduled:  # Ray placed them but cannot schedule them yet (its pending demand)
-            demand = dep.spec["demand"]
-            messages.append(
-                f"Deployment '{dep.name}' in application '{dep.app}' has {unscheduled} replica(s) "
-                f"that cannot be scheduled yet: each requires {fmt(demand)}; "
-                f"{self.pool.shortfall(demand) or 'Ray has not found a node for them'} "
-                f"(total {fmt(self.pool.totals())})."
-            )
         slow = [now - r.placed_at for r in dep.replicas.values()
                 if r.state is RState.STARTING and now - r.placed_at > self.limits.slow_startup_warning_s]
         if slow:
