@@ -67,6 +67,7 @@ INIT_IGNORED = {
 def init(
     address: str | None = None,
     *,
+    backend: str | None = None,
     num_cpus: float | None = None,
     num_gpus: float | None = None,
     resources: dict[str, float] | None = None,
@@ -78,8 +79,13 @@ def init(
     """Start flotilla on this machine (a head process that owns replicas and the proxy).
 
     Args:
-        address: None, "local" or "auto" start a local head. (Joining a Ray cluster is the
-            Ray backend's job; it is not part of this release.)
+        address: local backend: None, "local" or "auto". Ray backend: None (or "local") starts
+            a private local Ray instance (unless RAY_ADDRESS is set: then it joins that),
+            "auto", "host:6379" or "ray://host:10001" join that Ray cluster (`ray.init(address=...)`).
+        backend: "local" (default: this machine, its own processes) or "ray" (replicas are Ray
+            actors placed by Ray). Default: the FLOTILLA_BACKEND environment variable, else
+            "ray" when `address` names a Ray cluster, else "local". Needs
+            `pip install "flotilla[ray]"`.
         num_cpus, num_gpus: override what is detected on this machine, e.g. to declare GPUs
             on a machine without any and test placement.
         resources: custom resources, e.g. {"accelerator_type:A100": 1, "my_res": 4}.
@@ -88,20 +94,34 @@ def init(
             FLOTILLA_METRICS_PORT environment variable, else a free port; see `metrics_url()`).
             Ray's `_metrics_export_port` is the same.
 
-    Other `ray.init` arguments (`INIT_IGNORED`) are accepted with a one-time warning.
+    Other `ray.init` arguments (`INIT_IGNORED`) are accepted with a one-time warning; on the Ray
+    backend those in `backend.RAY_INIT_OPTIONS` (runtime_env, namespace, _system_config, ...) go
+    to `ray.init`.
 
     Raises:
         RuntimeError: already initialized (unless ignore_reinit_error), or the head failed to start.
         TypeError: an unknown keyword argument.
         ValueError: negative resource amounts, or an unsupported address.
     """
+    from flotilla._private import backend as backends
     from flotilla._private.args import check
     from flotilla._private.client import Runtime
 
-    check("flotilla.init", _ray_compat, ("address", "num_cpus", "num_gpus", "resources", "ignore_reinit_error",
-                                         "metrics_export_port", "_metrics_export_port"), INIT_IGNORED)
+    chosen = backends.select(backend, address)
+    extra = {k: v for k, v in _ray_compat.items() if not (chosen == "ray" and k in backends.RAY_INIT_OPTIONS)}
+    check("flotilla.init", extra, ("address", "backend", "num_cpus", "num_gpus", "resources", "ignore_reinit_error",
+                                   "metrics_export_port", "_metrics_export_port"), INIT_IGNORED)
     if metrics_export_port is None:
         metrics_export_port = _metrics_export_port
+
+    ray_opts = None
+    if chosen == "ray":
+        backends.require_ray()
+        for name, amount in [("num_cpus", num_cpus), ("num_gpus", num_gpus), *(resources or {}).items()]:
+            if amount is not None and amount < 0:
+                raise ValueError(f"resource {name!r} must be >= 0, got {amount}")
+        passed = {k: v for k, v in _ray_compat.items() if k in backends.RAY_INIT_OPTIONS}
+        ray_opts = backends.ray_options(address, num_cpus, num_gpus, resources, passed)
 
     with _init_lock:
         if Runtime._instance is not None and Runtime._instance.dead:
@@ -114,9 +134,15 @@ def init(
                 "flotilla.init() was already called; call flotilla.shutdown() first, or pass "
                 "ignore_reinit_error=True"
             )
+        if metrics_export_port is None:
+            metrics_export_port = int(os.environ.get("FLOTILLA_METRICS_PORT", "0"))
+        if ray_opts is not None:
+            Runtime.start_local({}, metrics_export_port, ray=ray_opts)
+            return
         if address not in (None, "local", "auto"):
             raise ValueError(
-                f"address={address!r} is not supported by the local backend; use address=None"
+                f"address={address!r} is not supported by the local backend; use address=None, "
+                'or backend="ray" to join a Ray cluster'
             )
         total: dict[str, float] = {
             "CPU": float(os.cpu_count() or 1) if num_cpus is None else float(num_cpus),
@@ -128,8 +154,6 @@ def init(
         for k, v in total.items():
             if v < 0:
                 raise ValueError(f"resource {k!r} must be >= 0, got {v}")
-        if metrics_export_port is None:
-            metrics_export_port = int(os.environ.get("FLOTILLA_METRICS_PORT", "0"))
         Runtime.start_local(total, metrics_export_port)
 
 
@@ -157,7 +181,10 @@ def cluster_resources() -> dict[str, float]:
     """Total resources of the cluster."""
     from flotilla._private.client import Runtime
 
-    return dict(Runtime.current().resources)
+    rt = Runtime.current()
+    if rt.backend == "ray":  # Ray's nodes come and go
+        return dict(rt.call_head("cluster_resources"))
+    return dict(rt.resources)
 
 
 def available_resources() -> dict[str, float]:

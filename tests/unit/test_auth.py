@@ -326,7 +326,7 @@ def test_a_silent_client_is_closed_after_the_handshake_timeout(net: Net) -> None
             assert await until_closed(r) == b""
             elapsed = time.monotonic() - t0
             w.close()
-            assert 0.2 <= elapsed < 2.0
+            assert 0.19 <= elapsed < 2.0  # uvloop timers have 1 ms resolution: they may fire a hair early
             assert delta(before) == {("server", "timeout"): 1}
             assert s.made == []
         finally:

@@ -72,6 +72,24 @@ def new_secret() -> bytes:
     return secrets.token_bytes(32)
 
 
+_cluster_secret: bytes | None = None
+
+
+def set_cluster_secret(secret: bytes | None) -> None:
+    """Remember this process's cluster secret (the Ray backend: the driver and the proxy get it
+    from the head, replicas from their actor's arguments); in memory only."""
+    global _cluster_secret
+    _cluster_secret = None if secret is None else check_secret(secret)
+
+
+def cluster_secret() -> bytes:
+    """This process's cluster secret; raises AuthError when it has none (a local-backend
+    process asked to reach a TCP address)."""
+    if _cluster_secret is None:
+        raise AuthError("this process has no cluster secret, so it cannot reach a TCP address")
+    return _cluster_secret
+
+
 def check_secret(secret: Any) -> bytes:
     if not isinstance(secret, bytes):
         raise TypeError(f"the cluster secret must be bytes, not {type(secret).__name__}")

@@ -29,12 +29,14 @@ from typing import Any, ClassVar
 
 from flotilla._private import session
 from flotilla._private.router import Router
-from flotilla._private.transport import Handler, PeerClosedError, RpcPeer, connect_unix
+from flotilla._private.transport import Handler, PeerClosedError, RpcPeer, connect_addr
 from flotilla.serve.schema import DeploymentID
 
 logger = logging.getLogger("flotilla")
 
 HEAD_START_TIMEOUT_S = 30.0
+#: On the Ray backend the head starts (or joins) Ray first, which takes seconds.
+RAY_HEAD_START_TIMEOUT_S = 120.0
 REPORT_PERIOD_S = 0.2
 #: Default of `FLOTILLA_HEAD_WAIT_S`: how long a control call waits for a head that is away.
 HEAD_WAIT_S = 10.0
@@ -85,7 +87,7 @@ class HeadLink:
     async def connect(self) -> RpcPeer:
         """The first connection (raises OSError if the head does not listen)."""
         peer = RpcPeer(self.handler, name=self.name)
-        await connect_unix(self.path, peer)
+        await connect_addr(self.path, peer)
         self._attach(peer)
         return peer
 
@@ -112,7 +114,7 @@ class HeadLink:
         while not self.closed and not self.gone:
             peer = RpcPeer(self.handler, name=self.name)
             try:
-                await connect_unix(self.path, peer)
+                await connect_addr(self.path, peer)
                 if self.hello is not None:
                     await asyncio.wait_for(self.hello(peer), HELLO_TIMEOUT_S)
                 if peer.closed:
@@ -219,6 +221,7 @@ class Runtime:
         self._report_wake: asyncio.Event | None = None
         self._reporter: asyncio.Task[None] | None = None
         self.head_pid = 0
+        self.backend = "local"
         self.dead = ""  # why the cluster is gone ("" while it lives)
         self._closing = False
         self._keeper_fd: int | None = None
@@ -253,10 +256,16 @@ class Runtime:
         return rt
 
     @classmethod
-    def start_local(cls, resources: dict[str, float], metrics_port: int = 0) -> Runtime:
-        """Start this session's keeper (which starts the head) and connect to the head."""
+    def start_local(cls, resources: dict[str, float], metrics_port: int = 0,
+                    ray: dict[str, Any] | None = None) -> Runtime:
+        """Start this session's keeper (which starts the head) and connect to the head.
+
+        `ray`: the Ray backend's `ray.init` options (the head joins or starts Ray; replicas are
+        actors); None: the local backend."""
         session_dir = session.create()
-        cfg = {"session_dir": session_dir, "resources": resources, "metrics_port": metrics_port}
+        cfg: dict[str, Any] = {"session_dir": session_dir, "resources": resources, "metrics_port": metrics_port}
+        if ray is not None:
+            cfg.update(backend="ray", ray=ray)
         log = open(os.path.join(session_dir, "logs", "head.log"), "ab")  # noqa: SIM115
         proc = subprocess.Popen(
             [sys.executable, "-m", "flotilla._private.keeper", json.dumps(cfg)],
@@ -269,14 +278,30 @@ class Runtime:
         log.close()
         session.record_head(session_dir, proc.pid)
         assert proc.stdout is not None
-        ready, _, _ = select.select([proc.stdout], [], [], HEAD_START_TIMEOUT_S)
+        ready, _, _ = select.select([proc.stdout], [], [], HEAD_START_TIMEOUT_S if ray is None else RAY_HEAD_START_TIMEOUT_S)
         line = proc.stdout.readline() if ready else b""
         if not line:
             proc.kill()
+            if ray is not None:
+                raise RuntimeError(
+                    f"the flotilla head did not start or join Ray (address={ray.get('address')!r}) within "
+                    f"{RAY_HEAD_START_TIMEOUT_S:g}s; see {session_dir}/logs/head.log"
+                )
             raise RuntimeError(
                 f"the flotilla head process did not start; see {session_dir}/logs/head.log"
             )
         info = json.loads(line)
+        if "error" in info:  # the head could not start or join Ray; the session is over
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            session.finish(session_dir)
+            raise RuntimeError(f"{info['error']} (see {session.logs_root()})")
+        if info.get("secret"):  # the Ray backend: routers here reach replicas over TCP
+            from flotilla._private import auth
+
+            auth.set_cluster_secret(bytes.fromhex(info["secret"]))
         loop = new_event_loop()
         link = HeadLink(info["sock"], lambda peer, op, args: rt._on_head_call(peer, op, args), name="head")
         rt = cls(loop, link)
@@ -285,6 +310,7 @@ class Runtime:
         rt.resources = info["resources"]
         rt.metrics_port = info.get("metrics_port", 0)
         rt.head_pid = info.get("pid", 0)
+        rt.backend = info.get("backend", "local")
         rt.thread = threading.Thread(target=loop.run_forever, name="flotilla-loop", daemon=True)
         rt.thread.start()
         asyncio.run_coroutine_threadsafe(link.connect(), loop).result(10)
@@ -449,6 +475,10 @@ class Runtime:
             if proc.stdout:
                 proc.stdout.close()
         session.finish(self.session_dir)  # the keeper has exited: keep the logs, drop the folder
+        if self.backend == "ray":
+            from flotilla._private import auth
+
+            auth.set_cluster_secret(None)
 
         async def close() -> None:
             if self._keeper_fd is not None:

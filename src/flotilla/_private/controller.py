@@ -334,6 +334,10 @@ class Controller:
                     "deployment %s/%s needs %s per replica but the cluster has %s in total",
                     name, d["name"], fmt(demand), fmt(self.pool.totals()),
                 )
+            not_yet = [k for k in ("placement_group_bundles", "max_replicas_per_node") if d["config"].get(k)]
+            if not self.supervisor.local and not_yet:
+                logger.warning("deployment %s/%s: %s not honoured on the Ray backend yet (replicas are "
+                               "created with ray_actor_options alone)", name, d["name"], " and ".join(not_yet))
         app = self.apps.get(name)
         if app is None or app.deleting:
             if app is not None:  # being deleted: replace outright
@@ -492,6 +496,8 @@ class Controller:
             "cwd": r.spec.get("cwd", ""),
             "env": self.replica_env(r),
         }
+        if not self.supervisor.local:  # Ray: the actor is created with them, as Ray Serve does
+            args["ray_actor_options"] = r.spec["config"]["ray_actor_options"]
         if direct is not None and app is not None and app.ingress == dep.name and app.route_prefix is not None:
             args["direct"] = {**direct, "route_prefix": app.route_prefix}
         try:
@@ -509,11 +515,17 @@ class Controller:
         if r.state is RState.DRAINING:  # stopped while it was being forked
             self.supervisor.kill(proc)
 
-    def register(self, peer: RpcPeer, rid: str, pid: int) -> dict[str, Any]:
+    def register(self, peer: RpcPeer, rid: str, pid: int, addr: str = "") -> dict[str, Any]:
+        """A starting replica connected; `addr`: where it serves ("tcp://host:port" for a Ray
+        actor; "" for the Unix socket it was given)."""
         r = self.replicas.get(rid)
         if r is None or r.state is not RState.STARTING:
             raise RuntimeError(f"replica {rid} is not expected")
-        if r.proc is not None and r.proc.pid != pid:
+        if addr:
+            r.sock = addr
+        if r.proc is not None and not r.proc.pid:  # a Ray actor: its pid is known from now on
+            r.proc.pid = pid
+        elif r.proc is not None and r.proc.pid != pid:
             logger.warning("replica %s registered with pid %d, but was forked as pid %d", rid, pid, r.proc.pid)
         r.peer = peer
         if r.adopted is not None:
@@ -616,7 +628,8 @@ class Controller:
             dep.failed_msg = (
                 f"The deployment failed to start {dep.failures} times in a row. This may be "
                 f"due to a problem with its constructor or initial health check failing. "
-                f"See logs under {self.session_dir}/logs for details. Last error:\n{tb}"
+                f"See logs under {self.supervisor.logs_hint(os.path.join(self.session_dir, 'logs'))} for details. "
+                f"Last error:\n{tb}"
             )
         else:
             dep.unhealthy_msg = f"A replica's constructor failed (attempt {dep.failures}):\n{tb}"
@@ -626,7 +639,7 @@ class Controller:
             self._died(r, "its control connection closed")
 
     def _on_exit(self, r: Replica, proc: Process) -> None:
-        why = f"its process exited with code {proc.exit_code}"
+        why = proc.exit_reason or f"its process exited with code {proc.exit_code}"
         if r.state in (RState.STARTING, RState.RUNNING, RState.UPDATING):
             self._died(r, why, stop=False)
         self._replica_gone(r, why)
@@ -636,7 +649,7 @@ class Controller:
         dep = r.dep
         logger.warning("replica %s of %s/%s (pid %s) died: %s", r.id, dep.app, dep.name, r.pid, why)
         if r.state is RState.STARTING:
-            self._start_failed(r, f"The replica process died before it was ready ({why}); see {self._log_path(r)}.")
+            self._start_failed(r, f"The replica process died before it was ready ({why}); see {self.supervisor.logs_hint(self._log_path(r))}.")
         elif r.state.routable and not dep.deleting:
             dep.unhealthy_msg = f"Replica {r.id} died unexpectedly ({why}); replacing it."
             self.metrics.inc("flotilla_deployment_replica_restarts", (dep.name, dep.app))
@@ -740,18 +753,28 @@ class Controller:
         self._spawn_task(self.notify_changed())
 
     def _reconcile_deployment(self, dep: Deployment) -> None:
-        observed = [Observed(r.id, r.version, r.state, r.in_flight, r.placed_at) for r in dep.replicas.values()]
+        # On Ray a replica becomes an actor at once; one that Ray has no room for yet (its pending
+        # demand) is, for reconcile, a replica not placed, and nothing more of its shape fits now:
+        # so a rollout on a full cluster stops an old replica to make room, as on this machine.
+        now = time.monotonic()
+        unscheduled = {r.id for r in dep.replicas.values()
+                       if r.state is RState.STARTING and r.peer is None
+                       and self.pool.unscheduled(r.spec["demand"], now - r.placed_at)}
+        observed = [Observed(r.id, r.version, RState.PENDING if r.id in unscheduled else r.state, r.in_flight,
+                             r.placed_at) for r in dep.replicas.values()]
         want = Desired(
             version=dep.version,
             target=dep.target,
             failed=bool(dep.failed_msg),
             deleting=dep.deleting,
-            max_replicas_per_node=dep.config.get("max_replicas_per_node"),
+            # On Ray: not yet (the per-node limit would need Ray's nodes, not "this machine").
+            max_replicas_per_node=dep.config.get("max_replicas_per_node") if self.supervisor.local else None,
             fits_ever=self.pool.fits_ever(dep.spec["demand"]),
             unhealthy=bool(dep.unhealthy_msg),
             scaling=dep.scaling,
         )
-        plan = reconcile(want, observed, self.pool.count_fits(dep.spec["demand"], max(0, dep.target)))
+        fits = 0 if unscheduled else self.pool.count_fits(dep.spec["demand"], max(0, dep.target))
+        plan = reconcile(want, observed, fits)
         for a in plan.actions:
             if isinstance(a, StartReplica):
                 r = self._new_replica(dep)
@@ -864,8 +887,8 @@ class Controller:
     async def _memory_loop(self) -> None:
         """Every `memory_monitor_refresh_s`: replicas over their `memory`, and the machine's usage."""
         period = self.limits.memory_monitor_refresh_s
-        if period <= 0:
-            return
+        if period <= 0 or not self.supervisor.local:
+            return  # on Ray, Ray's memory monitor watches its workers (on their own nodes)
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(period)

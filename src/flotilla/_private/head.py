@@ -95,8 +95,13 @@ class ProxyManager:
             if self._ready is not None:
                 return await asyncio.shield(self._ready)
             return self.url
-        self.options = options
         direct = bool(options.get("direct_ingress"))
+        if direct and self.head.backend == "ray":
+            raise RuntimeError(
+                "direct ingress is not available on the Ray backend yet: replicas run on Ray's "
+                "nodes and cannot share this machine's listening socket; use the proxy"
+            )
+        self.options = options
         host, port = options.get("host", "127.0.0.1"), int(options.get("port", 8000))
         from flotilla._private import listener
 
@@ -151,6 +156,8 @@ class ProxyManager:
         os.makedirs(os.path.dirname(log), exist_ok=True)
         args = dict(self.options, head_sock=self.head.sock, session_dir=self.head.session_dir,
                     fd_sock=self.shared.path, url=self.url)
+        if self.head.secret is not None:  # the Ray backend: replicas are reached over TCP
+            args["secret"] = self.head.secret.hex()  # on the zygote's stdin pipe, nowhere else
         self.proc = await self.head.supervisor.start("proxy", log, args, self.on_exit)
         self.backoff.started()
         self.head.checkpoint_soon()
@@ -309,7 +316,19 @@ class Head:
         self.session_dir: str = cfg["session_dir"]
         self.sock = os.path.join(self.session_dir, "head.sock")
         self.resources: dict[str, float] = cfg["resources"]
-        self.supervisor = ZygoteSupervisor()
+        self.backend: str = cfg.get("backend", "local")
+        self.secret: bytes | None = None
+        self.supervisor: Any
+        self.tcp_addr = ""
+        self.ready_out: Any = sys.stdout  # where the ready line goes (the pipe to the keeper)
+        if self.backend == "ray":
+            from flotilla._private import auth
+            from flotilla._private.ray_supervisor import RaySupervisor
+
+            self.secret = auth.new_secret()
+            self.supervisor = RaySupervisor(self.secret, self.session_dir)
+        else:
+            self.supervisor = ZygoteSupervisor()
         self.keeper = KeeperLink(cfg.get("keeper_fd"))
         self.held: dict[str, int] = {k: int(v) for k, v in cfg.get("held", {}).items()}
         self.ckpt = checkpoint.Checkpoint(self.session_dir)
@@ -336,7 +355,16 @@ class Head:
         from flotilla._private.controller import REATTACH_TIMEOUT_S, Controller
         from flotilla._private.resources import ResourcePool
 
-        self.controller = Controller(self.session_dir, self.sock, ResourcePool(self.resources), self.supervisor)
+        pool_task = None
+        if self.backend == "ray":
+            from flotilla._private.ray_supervisor import RayResources
+
+            ray_pool = RayResources()
+            self.resources = ray_pool.totals()
+            pool_task = loop.create_task(ray_pool.run())
+            self.controller = Controller(self.session_dir, self.sock, ray_pool, self.supervisor)
+        else:
+            self.controller = Controller(self.session_dir, self.sock, ResourcePool(self.resources), self.supervisor)
         self.controller.proxy = self.proxy
         metrics_port = int(self.cfg.get("metrics_port") or 0)
         saved = self._load_checkpoint()
@@ -348,7 +376,8 @@ class Head:
             except Exception:  # never a crash loop on a checkpoint: start empty instead
                 logger.exception("the checkpoint could not be restored; starting empty (kept as %s)",
                                  self.ckpt.set_aside())
-                self.controller = Controller(self.session_dir, self.sock, ResourcePool(self.resources), self.supervisor)
+                pool = self.controller.pool if self.backend == "ray" else ResourcePool(self.resources)
+                self.controller = Controller(self.session_dir, self.sock, pool, self.supervisor)
                 self.controller.proxy = self.proxy = ProxyManager(self)
                 state, n = {}, 0
             metrics_port = int(state.get("metrics_port") or metrics_port)
@@ -367,6 +396,17 @@ class Head:
             pass
         server = await serve_unix(self.sock, lambda: RpcPeer(self.handle, name="client"))
         os.chmod(self.sock, 0o600)
+        tcp_server = None
+        if self.secret is not None:  # replicas on Ray's nodes register over authenticated TCP
+            import ray
+
+            from flotilla._private.transport import serve_tcp
+
+            host = ray.util.get_node_ip_address()
+            tcp_server = await serve_tcp(host, 0, lambda: RpcPeer(self.handle, name="client"), self.secret)
+            port = tcp_server.sockets[0].getsockname()[1]
+            self.tcp_addr = self.supervisor.head_addr = f"tcp://{f'[{host}]' if ':' in host else host}:{port}"
+            logger.info("Ray backend: control socket also on %s (authenticated)", self.tcp_addr)
         controller_task = loop.create_task(self.controller.run())
         from flotilla._private.metrics import serve_metrics
 
@@ -378,9 +418,12 @@ class Head:
         loop.add_reader(0, self._stdin_readable)
         loop.add_signal_handler(signal.SIGTERM, self._on_sigterm)
         self.checkpoint_soon()
-        ready = {"sock": self.sock, "resources": self.resources, "metrics_port": self.metrics_port, "pid": os.getpid()}
-        sys.stdout.write(json.dumps(ready) + "\n")
-        sys.stdout.flush()
+        ready: dict[str, Any] = {"sock": self.sock, "resources": self.resources, "metrics_port": self.metrics_port,
+                                 "pid": os.getpid()}
+        if self.secret is not None:  # on the pipe to the keeper, which hands it to the driver only
+            ready.update(backend=self.backend, secret=self.secret.hex())
+        self.ready_out.write(json.dumps(ready) + "\n")
+        self.ready_out.flush()
         if self._zygote is None:  # a restarted head: the fork server's preloading waited till now
             await self.supervisor.use_zygote()
         await self.done.wait()
@@ -392,6 +435,10 @@ class Head:
         await self.proxy.stop()
         await self.supervisor.close()
         server.close()
+        if tcp_server is not None:
+            tcp_server.close()
+        if pool_task is not None:
+            pool_task.cancel()
         metrics_server.close()
 
     # ---- checkpoint ---------------------------------------------------------------------
@@ -526,6 +573,8 @@ class Head:
             return c.status()
         if op == "available_resources":
             return c.pool.available()
+        if op == "cluster_resources":
+            return c.pool.totals()
         if op == "app_info":
             app = c.apps.get(args[0])
             if app is None or app.deleting:
@@ -549,18 +598,58 @@ class Head:
         raise ValueError(f"unknown op {op!r}")
 
 
+def _join_ray(cfg: dict[str, Any]) -> Any:
+    """The Ray backend: keep the pipe to the keeper for the ready line only (fd 1 becomes the
+    log, so nothing Ray or its child processes print reaches the keeper), then `ray.init`.
+    Returns the ready line's file, or None after writing an error line (the session ends)."""
+    out = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    try:
+        from flotilla._private.ray_supervisor import connect
+
+        connect(cfg.get("ray") or {})
+    except Exception as e:
+        logger.exception("could not start or join Ray")
+        out.write(json.dumps({"error": f"the Ray backend could not start: {type(e).__name__}: {e}"}) + "\n")
+        out.flush()
+        return None
+    return out
+
+
 def main(zygote: Any = None) -> None:
     """Run the head until shutdown; `zygote`: the fork server `headboot` started (or None)."""
     cfg = json.loads(sys.argv[1])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logrotate.rotate_own_log((2,))  # stderr is logs/head.log (stdout is the pipe to the driver)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    ready_out = None
+    if cfg.get("backend") == "ray":
+        if cfg.get("restarts"):
+            # Not yet: its actors died with the previous head (their owner), and routers hold
+            # the previous head's secret. End the session cleanly (exit 0) instead.
+            logger.error("the head of a Ray-backend session died; restarting it is not supported yet: "
+                         "ending the session (flotilla.init() starts a new one)")
+            if zygote is not None:
+                zygote.kill()
+            return
+        ready_out = _join_ray(cfg)
+        if ready_out is None:
+            if zygote is not None:
+                zygote.kill()
+            return  # exit code 0: the keeper ends the session; the driver raises the error
+    head = Head(cfg, zygote)
+    if ready_out is not None:
+        head.ready_out = ready_out
     try:
         import uvloop
 
-        uvloop.run(Head(cfg, zygote).run())
+        uvloop.run(head.run())
     except ImportError:  # pragma: no cover
-        asyncio.run(Head(cfg, zygote).run())
+        asyncio.run(head.run())
+    if head.backend == "ray":
+        import ray
+
+        ray.shutdown()
     if cfg.get("keeper_fd") is None:  # else the keeper finishes the session, after the rest
         logger.info("head exiting; session folder %s removed, logs kept under %s", cfg["session_dir"], session.logs_root())
         session.finish(cfg["session_dir"])

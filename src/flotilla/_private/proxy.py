@@ -215,6 +215,10 @@ async def _amain(args: dict[str, Any]) -> None:
     from flotilla._private import listener
     from flotilla._private.client import HeadLink
 
+    if args.get("secret"):  # the Ray backend: replicas serve on authenticated TCP
+        from flotilla._private import auth
+
+        auth.set_cluster_secret(bytes.fromhex(args.pop("secret")))
     proxy = Proxy(args)
     loop = asyncio.get_running_loop()
     url: str = args["url"]

@@ -181,6 +181,7 @@ class Replica:
         self.idle = asyncio.Event()  # set when a request ends or a router acks a drain
         self.server: asyncio.AbstractServer | None = None
         self.direct: Any = None
+        self.addr = ""  # "tcp://host:port" when it serves on TCP (a Ray actor)
         self.stopped = asyncio.Event()
         self.link: Any = None  # client.HeadLink
         self.pusher: Any = None  # metrics.Pusher, on the link
@@ -219,7 +220,17 @@ class Replica:
     # ---- start-up -------------------------------------------------------------------
     async def run(self) -> None:
         args = self.args
-        server = self.server = await self.loop.create_unix_server(self._make_conn, args["sock_path"])
+        tcp_host = args.get("tcp_host")
+        if tcp_host:  # a Ray actor: authenticated TCP on the node's own address, a free port
+            from flotilla._private.auth import cluster_secret
+            from flotilla._private.transport import serve_tcp
+
+            server = self.server = await serve_tcp(tcp_host, 0, self._make_conn, cluster_secret())
+            port = server.sockets[0].getsockname()[1]
+            self.addr = f"tcp://{f'[{tcp_host}]' if ':' in tcp_host else tcp_host}:{port}"
+        else:
+            server = self.server = await self.loop.create_unix_server(self._make_conn, args["sock_path"])
+            self.addr = ""
         from flotilla._private import client
 
         self.link = client.HeadLink(args["head_sock"], self._control, name="head", hello=self._hello)
@@ -227,7 +238,8 @@ class Replica:
         client.Runtime.attach(self.loop, self.link)
         self.pusher = metrics.Pusher(STORE, self.link, self._set_gauges)
         self.pusher.start()
-        spec = await self.link.call("replica_register", self.replica_id, os.getpid(), wait_s=math.inf)
+        register = (self.replica_id, os.getpid(), self.addr) if self.addr else (self.replica_id, os.getpid())
+        spec = await self.link.call("replica_register", *register, wait_s=math.inf)
         self.phase = "constructing"
         try:
             await self._construct(spec)
@@ -255,8 +267,9 @@ class Replica:
         if self.direct is not None:
             await self.direct.stop()
         server.close()
-        with contextlib.suppress(OSError):
-            os.unlink(args["sock_path"])
+        if not self.addr:
+            with contextlib.suppress(OSError):
+                os.unlink(args["sock_path"])
 
     async def _failed(self, why: str) -> None:
         self.phase = "failed"
@@ -776,12 +789,22 @@ def _add_request_id(record: logging.LogRecord) -> bool:
     return True
 
 
-def main(args: dict[str, Any]) -> None:
-    """Entry point in the forked child."""
+def setup_process(args: dict[str, Any], *, in_actor: bool = False) -> None:
+    """Environment, import path, working folder and logging of the process a replica runs in.
+
+    In a Ray actor (`in_actor`) the worker process is Ray's: the driver's import path is added
+    to (not replaced), the working folder is changed only when it exists here and the
+    deployment has no `runtime_env` working_dir, and logs go where Ray puts the worker's
+    (no rotation of Ray's files)."""
     os.environ.update(args.get("env", {}))
-    sys.path[:] = args.get("sys_path", sys.path)
+    if in_actor:
+        for p in reversed(args.get("sys_path", [])):
+            if p not in sys.path and os.path.isdir(p):
+                sys.path.insert(0, p)
+    else:
+        sys.path[:] = args.get("sys_path", sys.path)
     cwd = args.get("cwd")
-    if cwd:
+    if cwd and not (in_actor and args.get("has_working_dir")):
         try:
             os.chdir(cwd)
         except OSError:
@@ -792,7 +815,12 @@ def main(args: dict[str, Any]) -> None:
     )
     for handler in logging.getLogger().handlers:
         handler.addFilter(_add_request_id)
-    logrotate.rotate_own_log()
+    if not in_actor:
+        logrotate.rotate_own_log()
+
+
+def run_loop(args: dict[str, Any]) -> None:
+    """Run the replica on a new (uv)loop in this thread until it exits."""
     try:
         import uvloop
 
@@ -804,3 +832,9 @@ def main(args: dict[str, Any]) -> None:
         await Replica(args).run()
 
     runner(amain())
+
+
+def main(args: dict[str, Any]) -> None:
+    """Entry point in the forked child."""
+    setup_process(args)
+    run_loop(args)

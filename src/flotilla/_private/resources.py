@@ -35,8 +35,8 @@ def fmt(resources: dict[str, float]) -> str:
     parts = []
     for k in sorted(resources):
         v = resources[k]
-        if k == "memory":
-            parts.append(f"memory: {v / 2**30:.1f} GiB")
+        if k in ("memory", "object_store_memory"):  # bytes (Ray reports both)
+            parts.append(f"{k}: {v / 2**30:.1f} GiB")
         else:
             parts.append(f"{k}: {int(v) if v == int(v) else round(v, 4)}")
     return "{" + ", ".join(parts) + "}"
@@ -106,6 +106,11 @@ class ResourcePool:
             self.gpu_free[i] = min(_UNIT, self.gpu_free[i] + s)
         alloc.demand = {}
         alloc.gpu_shares = {}
+
+    def unscheduled(self, demand: dict[str, float], waited: float) -> bool:
+        """A replica placed `waited` s ago has not started because the scheduler has no room
+        for it yet. Never here: this pool places only what fits (Ray's view says otherwise)."""
+        return False
 
     def shortfall(self, demand: dict[str, float]) -> str:
         """Why `demand` does not fit now, in words; '' when it fits."""

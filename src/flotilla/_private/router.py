@@ -42,7 +42,7 @@ from flotilla._private.protocol import (
     Stream,
     Yield,
 )
-from flotilla._private.transport import FrameProtocol
+from flotilla._private.transport import FrameProtocol, connect_addr
 from flotilla.exceptions import ActorDiedError, RaySystemError
 from flotilla.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from flotilla.serve.schema import DeploymentID
@@ -142,9 +142,11 @@ class ReplicaConn:
         self.proto = FrameProtocol(self._on_message, self._on_close, self._on_bad_frame)
 
     async def connect(self) -> None:
-        loop = asyncio.get_running_loop()
         try:
-            await loop.create_unix_connection(lambda: self.proto, self.path)
+            if self.path.startswith("tcp://"):  # the Ray backend: authenticated TCP
+                await connect_addr(self.path, self.proto)
+            else:
+                await asyncio.get_running_loop().create_unix_connection(lambda: self.proto, self.path)
         except OSError as e:
             logger.warning("could not connect to replica %s: %s", self.id, e)
             self.router._drop(self)

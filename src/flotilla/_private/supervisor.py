@@ -71,6 +71,7 @@ class Process:
         self.ticks = ticks
         self.pidfd = _open_pidfd(pid, ticks)
         self.exit_code: int | None = None
+        self.exit_reason = ""  # why it exited, in words, when the exit code does not say (Ray)
         self.exited = asyncio.Event()
         self.on_exit = on_exit
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -157,6 +158,13 @@ class Process:
 
 class Supervisor(abc.ABC):
     """Starts worker processes and reports their exits; the head's one seam to the OS."""
+
+    #: Its workers are processes of this machine (pids the head may read in /proc and signal).
+    local = True
+
+    def logs_hint(self, path: str) -> str:
+        """Where a worker's log is, for messages: `path` (the file the head gave it)."""
+        return path
 
     @abc.abstractmethod
     async def start(self, kind: str, log_path: str, args: dict[str, Any],

@@ -356,3 +356,22 @@ async def serve_tcp(
         return _protocol(factory())
 
     return await loop.create_server(lambda: auth.ServerHandshake(make, secret, timeout), host, port)
+
+
+def tcp_address(addr: str) -> tuple[str, int] | None:
+    """(host, port) of a "tcp://host:port" address; None for a Unix socket path."""
+    if not addr.startswith("tcp://"):
+        return None
+    host, _, port = addr[6:].rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+async def connect_addr(addr: str, conn: Conn) -> Conn:
+    """Connect to a Unix socket path, or to "tcp://host:port" with this process's cluster
+    secret (`auth.cluster_secret()`, mutual handshake first)."""
+    tcp = tcp_address(addr)
+    if tcp is None:
+        loop = asyncio.get_running_loop()
+        await loop.create_unix_connection(lambda: _protocol(conn), addr)
+        return conn
+    return await connect_tcp(tcp[0], tcp[1], conn, auth.cluster_secret())

@@ -36,6 +36,15 @@ _SUPPORTED_RUNTIME_ENV = {"env_vars"}
 _IGNORED_RUNTIME_ENV = {"pip", "uv", "conda", "working_dir", "py_modules", "excludes", "container", "config", "image_uri", "py_executable", "nsight", "worker_process_setup_hook"}
 
 
+def _ray_backend() -> bool:
+    """The Ray backend runs (or will: FLOTILLA_BACKEND=ray): runtime_env is Ray's to honour."""
+    if os.environ.get("FLOTILLA_BACKEND", "").strip().lower() == "ray":
+        return True
+    client = sys.modules.get("flotilla._private.client")
+    rt = getattr(getattr(client, "Runtime", None), "_instance", None)
+    return getattr(rt, "backend", "local") == "ray"
+
+
 class RayActorOptions(BaseModel):
     """Resources and environment of each replica (the `ray_actor_options` dict)."""
 
@@ -71,6 +80,8 @@ class RayActorOptions(BaseModel):
     def _runtime_env(cls, v: dict[str, Any]) -> dict[str, Any]:
         for key in v:
             if key in _IGNORED_RUNTIME_ENV:
+                if _ray_backend():
+                    continue  # Ray sets the environment up
                 warnings.warn(
                     f"runtime_env[{key!r}] is ignored by the local backend: install dependencies "
                     "in the driver's environment instead",
