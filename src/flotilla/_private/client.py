@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import json
 import logging
 import math
@@ -458,15 +459,20 @@ class Runtime:
         if proc is None:
             return
         self._closing = True
+        asked = False
         if not self.dead and proc.poll() is None:
             try:
                 self.call_head("shutdown", timeout=timeout, wait_s=min(2.0, head_wait_s()))
+                asked = True
             except Exception:
                 pass
         self.link.closed = True  # the head goes now: do not reconnect
         try:
+            if asked:  # the head drains, exits, and the keeper ends the session: let it finish
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout)
             if proc.stdin:
-                proc.stdin.close()
+                proc.stdin.close()  # else (or if that took too long) the session ends at once
             proc.wait(timeout)
         except subprocess.TimeoutExpired:
             proc.kill()

@@ -428,6 +428,10 @@ class Head:
             await self.supervisor.use_zygote()
         await self.done.wait()
         controller_task.cancel()
+        task = self._shutdown_task
+        if task is not None and task is not asyncio.current_task() and not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
         with contextlib.suppress(Exception):
             loop.remove_reader(0)
         loop.remove_signal_handler(signal.SIGTERM)
@@ -517,6 +521,8 @@ class Head:
 
     def _start_shutdown(self, graceful: bool) -> None:
         if self._shutdown_task is None or (not graceful and not self.done.is_set()):
+            if self._shutdown_task is not None:
+                self._shutdown_task.cancel()  # a drain under way gives way to the immediate stop
             self._shutdown_task = asyncio.get_running_loop().create_task(self._shutdown(graceful))
 
     async def _shutdown(self, graceful: bool = True) -> None:
