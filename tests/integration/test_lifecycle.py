@@ -87,6 +87,9 @@ def test_cli_run_serves_and_stops_on_ctrl_c():
     proc = subprocess.Popen(
         [sys.executable, "-m", "flotilla.cli", "run", "examples.composition:app", "--port", str(port), "--num-cpus", "2"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        # As in a terminal: a test run started in the background (`cmd &`) ignores SIGINT, and
+        # a process started with SIGINT ignored keeps ignoring it (as `nohup` relies on).
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         line = proc.stdout.readline()
