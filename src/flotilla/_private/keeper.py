@@ -37,7 +37,7 @@ import sys
 import time
 from collections.abc import Callable
 
-from flotilla._private.procfs import start_ticks
+from flotilla._private.procfs import exited_child, reap_group, start_ticks
 
 PR_SET_CHILD_SUBREAPER = 36
 FIRST_DELAY_S = 0.2
@@ -302,27 +302,11 @@ class Keeper:
             os.close(fd)
 
     def _reap(self) -> None:
-        while True:
-            try:
-                info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-            except ChildProcessError:
-                return
-            if info is None or info.si_pid == 0:
-                return
-            pid = info.si_pid
+        while (pid := exited_child()) is not None:
             if self.head is not None and pid == self.head.pid:
                 self._head_exited(self.head.wait())
-                continue
-            # An orphaned worker (or the zygote): unreaped, its pid (and group id) cannot be
-            # reused, so kill what is left of its group (user subprocesses), then reap it.
-            try:
-                os.killpg(pid, signal.SIGKILL)
-            except OSError:
-                pass
-            try:
-                os.waitpid(pid, 0)
-            except ChildProcessError:
-                pass
+            else:  # an orphaned worker, or the zygote
+                reap_group(pid)
 
     # ---- main loop ------------------------------------------------------------------------
     def run(self) -> int:

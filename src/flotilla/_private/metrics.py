@@ -479,10 +479,11 @@ class AccessLog:
         self.sample = access_log_sample()
         self._n = 0
 
-    def configure(self, enabled: bool, json_context: dict[str, Any] | None) -> None:
-        """Turn the access log on or off, and choose TEXT (None) or JSON lines."""
-        self.enabled = enabled
-        self.json_context = json_context
+    def configure(self, logging_config: dict[str, Any] | None, context: dict[str, Any]) -> None:
+        """Apply a `LoggingConfig`: access log on or off, TEXT or JSON lines (with `context`)."""
+        config = logging_config or {}
+        self.enabled = config.get("enable_access_log", True)
+        self.json_context = context if config.get("encoding") == "JSON" else None
 
     def add(self, request_id: str, route: str, status: Any, ms: float) -> None:
         if not self.enabled:

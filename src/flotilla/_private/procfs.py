@@ -3,6 +3,7 @@
 - `group_rss(pgids)`: resident memory of whole process groups (a replica and the processes
   its user code started), in one pass over /proc.
 - `start_ticks(pid)`: when a process started (tells a live process from a reused PID).
+- `exited_child()`, `reap_group(pid)`: reap children whose process group may outlive them.
 - `machine_memory()`: (used, total) bytes for the machine, or for the cgroup the cluster runs
   in when that cgroup has a memory limit (as Ray's memory monitor reads it).
 """
@@ -10,6 +11,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Iterable
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
@@ -23,6 +25,29 @@ def start_ticks(pid: int) -> int | None:
     except (OSError, IndexError, ValueError):
         return None
 
+
+
+def exited_child() -> int | None:
+    """The pid of a child that has exited and is not reaped yet (left unreaped), or None."""
+    try:
+        info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return None
+    return info.si_pid if info is not None and info.si_pid else None
+
+
+def reap_group(pid: int) -> int | None:
+    """Kill what is left of an exited child's process group (its subprocesses), then reap it;
+    returns its exit code. Unreaped until then, its pid (the group id) cannot be reused."""
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except OSError:
+        pass
+    try:
+        _, status = os.waitpid(pid, 0)
+    except ChildProcessError:
+        return None
+    return os.waitstatus_to_exitcode(status)
 
 def group_rss(pgids: Iterable[int]) -> dict[int, int]:
     """RSS in bytes of every process group in `pgids` (summed over its live processes)."""

@@ -46,10 +46,7 @@ class Proxy:
         self.ids = metrics.RequestIds()
         self.root_path: str = args.get("root_path") or ""
         metrics.declare_builtins(STORE)
-        lc = args.get("logging_config")
-        if lc is not None:
-            self.access.configure(lc.get("enable_access_log", True),
-                                  {"component_name": "proxy"} if lc.get("encoding") == "JSON" else None)
+        self.access.configure(args.get("logging_config"), {"component_name": "proxy"})
 
     def set_routes(self, table: dict[str, tuple[str, str]]) -> None:
         items = sorted(table.items(), key=lambda kv: len(kv[0]), reverse=True)

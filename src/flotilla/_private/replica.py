@@ -214,8 +214,7 @@ class Replica:
         ctx = {"component_name": "replica", "application": self.app_name, "deployment": self.dep_name,
                "replica": self.replica_id}
         logfmt.configure(config, f"replica {self.replica_id}", ctx)
-        config = config or {}
-        self.access.configure(config.get("enable_access_log", True), ctx if config.get("encoding") == "JSON" else None)
+        self.access.configure(config, ctx)
 
     # ---- start-up -------------------------------------------------------------------
     async def run(self) -> None:

@@ -27,7 +27,7 @@ import sys
 import threading
 
 from flotilla._private.keeper import keeper_from_env
-from flotilla._private.procfs import start_ticks
+from flotilla._private.procfs import exited_child, reap_group, start_ticks
 from flotilla._private.proctitle import set_title
 
 PR_SET_PDEATHSIG = 1
@@ -82,22 +82,8 @@ def _write(obj: dict) -> None:
 
 
 def _reap(signum: int, frame: object) -> None:
-    while True:
-        try:
-            info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-        except ChildProcessError:
-            return
-        if info is None or info.si_pid == 0:
-            return
-        pid = info.si_pid
-        # Unreaped, the child's pid (its group id) cannot be reused: kill what is left of its
-        # group (the user's subprocesses), then reap it.
-        try:
-            os.killpg(pid, signal.SIGKILL)
-        except OSError:
-            pass
-        _, status = os.waitpid(pid, 0)
-        _write({"exit": pid, "code": os.waitstatus_to_exitcode(status)})
+    while (pid := exited_child()) is not None:
+        _write({"exit": pid, "code": reap_group(pid)})
 
 
 _KINDS = {"replica": "flotilla._private.replica:main", "proxy": "flotilla._private.proxy:main"}
