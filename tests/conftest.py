@@ -33,6 +33,15 @@ def wait_for(pred: Callable[[], Any], timeout: float = 20.0, interval: float = 0
     raise AssertionError(f"timed out after {timeout}s waiting for {what or pred}: last={last!r}")
 
 
+def title(pid: int) -> str:
+    """A process's title as `ps` shows it (e.g. `flotilla::head`), or "" if it is gone."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
 def descendants(root: int) -> set[int]:
     """PIDs of every live process below `root` (children, grandchildren, ...)."""
     parent: dict[int, int] = {}

@@ -26,7 +26,7 @@ import flotilla
 from flotilla import serve
 from flotilla._private.client import Runtime
 from flotilla.serve.metrics import Counter, Gauge, Histogram
-from tests.conftest import descendants, running_cluster, wait_for
+from tests.conftest import descendants, running_cluster, title, wait_for
 from tests.load import Load
 
 pytestmark = pytest.mark.slow
@@ -163,14 +163,6 @@ class Blocking:
 
 def series(m: dict[str, list], name: str, **labels: str) -> list:
     return [s for s in m.get(name, []) if all(s.labels.get(k) == v for k, v in labels.items())]
-
-
-def title(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
-    except OSError:
-        return ""
 
 
 def pids(name: str) -> list[int]:

@@ -28,7 +28,7 @@ import pytest
 import flotilla
 from flotilla import serve
 from flotilla._private.client import Runtime
-from tests.conftest import descendants, free_port, running_cluster, wait_for
+from tests.conftest import descendants, free_port, running_cluster, title, wait_for
 from tests.load import Load, combined, running
 
 pytestmark = pytest.mark.slow
@@ -36,14 +36,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 # ---- finding processes by title ---------------------------------------------------------------
-
-
-def title(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
-    except OSError:
-        return ""
 
 
 def ticks(pid: int) -> str | None:
