@@ -143,10 +143,7 @@ class ReplicaConn:
 
     async def connect(self) -> None:
         try:
-            if self.path.startswith("tcp://"):  # the Ray backend: authenticated TCP
-                await connect_addr(self.path, self.proto)
-            else:
-                await asyncio.get_running_loop().create_unix_connection(lambda: self.proto, self.path)
+            await connect_addr(self.path, self.proto)  # a Unix path, or authenticated "tcp://"
         except OSError as e:
             logger.warning("could not connect to replica %s: %s", self.id, e)
             self.router._drop(self)
