@@ -1,0 +1,189 @@
+"""Ray nodes that go away, and scale-down that empties nodes: a `ray.cluster_utils.Cluster` of
+its own (nodes are added and removed here, which the other modules' clusters must not see)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+ray = pytest.importorskip("ray", reason='the Ray backend tests need Ray: pip install "flotilla[ray]"')
+
+import httpx  # noqa: E402
+
+import flotilla  # noqa: E402
+from flotilla import serve  # noqa: E402
+from flotilla.exceptions import ActorDiedError  # noqa: E402
+from flotilla.serve.schema import ApplicationStatus, ReplicaState  # noqa: E402
+from tests.conftest import free_port, wait_for  # noqa: E402
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(300)]
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[dict[str, Any]]:
+    from ray.cluster_utils import Cluster
+
+    if flotilla.is_initialized():
+        flotilla.shutdown()
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    try:
+        c.wait_for_nodes()
+        flotilla.init(backend="ray", address=c.address)
+        try:
+            port = free_port()
+            serve.start(http_options={"port": port})
+            yield {"cluster": c, "url": f"http://127.0.0.1:{port}"}
+        finally:
+            flotilla.shutdown()
+    finally:
+        c.shutdown()
+
+
+def _add(c: Any, **resources: float) -> Any:
+    node = c.add_node(num_cpus=1, resources=resources)
+    c.wait_for_nodes()
+    return node
+
+
+def _where() -> dict[str, str]:
+    return {"node": ray.get_runtime_context().get_node_id(), "replica": serve.get_replica_context().replica_tag}
+
+
+def _replicas(h: Any, n: int, timeout: float = 60.0) -> dict[str, str]:
+    """Replica id -> node id, asking until `n` distinct replicas answered."""
+    seen: dict[str, str] = {}
+    deadline = time.monotonic() + timeout
+    while len(seen) < n and time.monotonic() < deadline:
+        for resp in [h.where.remote() for _ in range(4 * n)]:
+            got = resp.result(timeout_s=30)
+            seen[got["replica"]] = got["node"]
+    assert len(seen) >= n, seen
+    return seen
+
+
+def _settled(app: str, name: str, n: int) -> bool:
+    st = serve.status().applications.get(app)
+    if st is None or st.status is not ApplicationStatus.RUNNING:
+        return False
+    d = st.deployments[name]
+    return d.replica_states == {ReplicaState.RUNNING: n} and d.target_num_replicas == n
+
+
+# ---------------------------------------------------------------------------------------
+# A node dies under load
+# ---------------------------------------------------------------------------------------
+
+MAX_ONGOING = 2
+
+
+@serve.deployment(num_replicas=4, max_ongoing_requests=MAX_ONGOING, health_check_period_s=1,
+                  ray_actor_options={"num_cpus": 0.25, "resources": {"slot": 1}})
+class Worker:
+    async def __call__(self, request: object = None) -> dict[str, str]:
+        await asyncio.sleep(0.02)
+        return _where()
+
+    def where(self) -> dict[str, str]:
+        return _where()
+
+
+class Load:
+    """Bounded request loops in threads: handle calls and HTTP through the proxy."""
+
+    def __init__(self, h: Any, url: str, handle_threads: int = 4, http_threads: int = 2, max_s: float = 120.0) -> None:
+        self.h, self.url, self.max_s = h, url, max_s
+        self.stop = threading.Event()
+        self.lock = threading.Lock()
+        self.ok: list[tuple[float, str]] = []  # (time, node)
+        self.failed: list[tuple[float, str]] = []  # (time, error text)
+        self.threads = [threading.Thread(target=self._handle_loop, daemon=True) for _ in range(handle_threads)]
+        self.threads += [threading.Thread(target=self._http_loop, daemon=True) for _ in range(http_threads)]
+
+    def __enter__(self) -> Load:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(60)
+
+    def _record(self, node: str | None, err: str) -> None:
+        with self.lock:
+            if node is not None:
+                self.ok.append((time.monotonic(), node))
+            else:
+                self.failed.append((time.monotonic(), err))
+
+    def _running(self, start: float) -> bool:
+        return not self.stop.is_set() and time.monotonic() - start < self.max_s
+
+    def _handle_loop(self) -> None:
+        start = time.monotonic()
+        while self._running(start):
+            try:
+                self._record(self.h.remote().result(timeout_s=30)["node"], "")
+            except ActorDiedError as e:
+                self._record(None, f"handle: {e}")
+            except Exception as e:
+                self._record(None, f"handle, unexpected: {type(e).__name__}: {e}")
+
+    def _http_loop(self) -> None:
+        start = time.monotonic()
+        with httpx.Client(timeout=30) as c:
+            while self._running(start):
+                try:
+                    r = c.get(self.url)
+                except httpx.HTTPError as e:
+                    self._record(None, f"http, unexpected: {type(e).__name__}: {e}")
+                    continue
+                if r.status_code == 200:
+                    self._record(r.json()["node"], "")
+                else:
+                    self._record(None, f"http {r.status_code}: {r.text}")
+
+    def count_ok(self, after: float = 0.0) -> int:
+        with self.lock:
+            return sum(1 for t, _ in self.ok if t > after)
+
+
+def test_node_removed_under_load(cluster: dict[str, Any]) -> None:
+    c = cluster["cluster"]
+    n1, n2 = _add(c, slot=2), _add(c, slot=2)
+    h = serve.run(Worker.bind(), name="load", route_prefix="/load")
+    where = _replicas(h, 4)
+    per_node = Counter(where.values())
+    assert per_node == {n1.node_id: 2, n2.node_id: 2}, per_node
+    n3 = _add(c, slot=2)  # room for the replacements
+    doomed = {rid for rid, node in where.items() if node == n1.node_id}
+
+    with Load(h, f"{cluster['url']}/load") as load:
+        wait_for(lambda: load.count_ok() >= 50, timeout=60, what="load under way")
+        t0 = time.monotonic()
+        c.remove_node(n1)
+        t_removed = time.monotonic()
+        t_settled = wait_for(lambda: _settled("load", "Worker", 4) and time.monotonic(), timeout=120,
+                             interval=0.05, what="4 RUNNING replicas again")
+        wait_for(lambda: load.count_ok(after=t_settled) >= 50, timeout=60, what="requests after the replacement")
+    failed = load.failed
+    bound = MAX_ONGOING * len(doomed) * 2  # two routers (the driver and the proxy) may fill each replica
+    print(f"\nnode removal: remove_node took {t_removed - t0:.2f}s; 4 RUNNING again {t_settled - t0:.2f}s after it "
+          f"began; {len(load.ok)} ok, {len(failed)} failed (bound {bound})")
+    for t, err in failed:
+        print(f"  +{t - t0:.2f}s {err.splitlines()[0][:160]}")
+    assert len(failed) <= bound, failed
+    for _, err in failed:
+        assert "died" in err and any(rid in err for rid in doomed), err  # only what ran on the dead node
+    assert load.count_ok(after=t_removed) >= 50
+    assert not any(node == n1.node_id for t, node in load.ok if t > t_settled)
+    survivors = _replicas(h, 4)
+    assert n1.node_id not in survivors.values()
+    assert Counter(survivors.values()) == {n2.node_id: 2, n3.node_id: 2}, survivors
+    serve.delete("load")
