@@ -1,5 +1,5 @@
 """Ray nodes that go away, and scale-down that empties nodes: a `ray.cluster_utils.Cluster` of
-its own (nodes are added and removed here, which the other modules' clusters must not see)."""
+its own (each test adds and removes its nodes, which the other modules' clusters must not see)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import httpx  # noqa: E402
 import flotilla  # noqa: E402
 from flotilla import serve  # noqa: E402
 from flotilla.exceptions import ActorDiedError  # noqa: E402
-from flotilla.serve.schema import ApplicationStatus, ReplicaState  # noqa: E402
+from flotilla.serve.schema import ApplicationStatus, DeploymentID, ReplicaState  # noqa: E402
 from tests.conftest import free_port, wait_for  # noqa: E402
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(300)]
@@ -73,6 +73,13 @@ def _settled(app: str, name: str, n: int) -> bool:
         return False
     d = st.deployments[name]
     return d.replica_states == {ReplicaState.RUNNING: n} and d.target_num_replicas == n
+
+
+def _routed(app: str, name: str) -> set[str]:
+    """The replica ids this process's router for the deployment knows."""
+    from flotilla._private.client import Runtime
+
+    return set(Runtime.current().routers[DeploymentID(name, app)].replicas.copy())
 
 
 # ---------------------------------------------------------------------------------------
@@ -169,8 +176,8 @@ def test_node_removed_under_load(cluster: dict[str, Any]) -> None:
         t0 = time.monotonic()
         c.remove_node(n1)
         t_removed = time.monotonic()
-        t_settled = wait_for(lambda: _settled("load", "Worker", 4) and time.monotonic(), timeout=120,
-                             interval=0.05, what="4 RUNNING replicas again")
+        t_settled = wait_for(lambda: _settled("load", "Worker", 4) and not doomed & _routed("load", "Worker")
+                             and time.monotonic(), timeout=120, interval=0.05, what="4 RUNNING replicas again")
         wait_for(lambda: load.count_ok(after=t_settled) >= 50, timeout=60, what="requests after the replacement")
     failed = load.failed
     bound = MAX_ONGOING * len(doomed) * 2  # two routers (the driver and the proxy) may fill each replica
@@ -187,3 +194,41 @@ def test_node_removed_under_load(cluster: dict[str, Any]) -> None:
     assert n1.node_id not in survivors.values()
     assert Counter(survivors.values()) == {n2.node_id: 2, n3.node_id: 2}, survivors
     serve.delete("load")
+    c.remove_node(n2)
+    c.remove_node(n3)
+
+
+# ---------------------------------------------------------------------------------------
+# Scale-down empties the node with the fewest replicas first
+# ---------------------------------------------------------------------------------------
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0, "resources": {"pack": 1}})
+class Packed:
+    def where(self) -> dict[str, str]:
+        return _where()
+
+
+def _scale(n: int) -> Any:
+    h = serve.run(Packed.options(num_replicas=n).bind(), name="packed", route_prefix=None)
+    wait_for(lambda: _settled("packed", "Packed", n), timeout=120, interval=0.05, what=f"{n} RUNNING replicas")
+    return h
+
+
+def test_scale_down_empties_the_node_with_fewest_replicas(cluster: dict[str, Any]) -> None:
+    c = cluster["cluster"]
+    small = _add(c, pack=1)
+    _scale(1)  # the oldest replica, alone on its node: the one-node rules would keep it longest
+    big = _add(c, pack=3)
+    h = _scale(4)
+    before = _replicas(h, 4)
+    assert Counter(before.values()) == {small.node_id: 1, big.node_id: 3}, before
+    h = _scale(3)
+    after = _replicas(h, 3)
+    assert set(after.values()) == {big.node_id}, after
+    assert set(after) < set(before)
+    h = _scale(2)
+    assert set(_replicas(h, 2).values()) == {big.node_id}
+    serve.delete("packed")
+    c.remove_node(small)
+    c.remove_node(big)

@@ -28,8 +28,8 @@ from flotilla.serve.schema import DeploymentStatus, ReplicaState
 P, S, R, U, D = RState.PENDING, RState.STARTING, RState.RUNNING, RState.UPDATING, RState.DRAINING
 
 
-def rep(id: str, state: RState, version: str = "v1", in_flight: int = 0, placed_at: float = 0.0) -> Observed:
-    return Observed(id, version, state, in_flight, placed_at)
+def rep(id: str, state: RState, version: str = "v1", in_flight: int = 0, placed_at: float = 0.0, node: str = "") -> Observed:
+    return Observed(id, version, state, in_flight, placed_at, node)
 
 
 def stops(plan: Plan) -> list[str]:
@@ -85,6 +85,44 @@ def test_scaling_table(replicas, target, fits, want_stops, want_started, want_pl
     assert started(plan) == want_started
     assert placed(plan) == want_placed
     assert plan.status is status
+
+
+def on(node: str, *specs: tuple[str, RState, int, float]) -> list[Observed]:
+    """Replicas on `node`: (id, state, in flight, placed at)."""
+    return [rep(i, st, in_flight=f, placed_at=t, node=node) for i, st, f, t in specs]
+
+
+@pytest.mark.parametrize(
+    ("replicas", "target", "want_stops"),
+    [
+        # The node with fewer replicas is emptied first, even of its oldest, busiest replica.
+        (on("A", ("a1", R, 0, 2.0), ("a2", R, 0, 3.0), ("a3", R, 0, 4.0)) + on("B", ("b1", R, 9, 1.0)), 3, ["b1"]),
+        (on("A", ("a1", R, 0, 2.0), ("a2", R, 0, 3.0), ("a3", R, 0, 4.0)) + on("B", ("b1", R, 9, 1.0)), 1,
+         ["b1", "a3", "a2"]),
+        # One at a time: a node that became the emptiest is emptied next.
+        (on("A", ("a1", R, 0, 3.0), ("a2", R, 0, 4.0)) + on("B", ("b1", R, 0, 1.0), ("b2", R, 0, 2.0))
+         + on("C", ("c1", R, 0, 0.5)), 2, ["c1", "a2", "a1"]),
+        # Equal counts: the one-node rules decide (starting before serving, then fewest in flight).
+        (on("A", ("a1", R, 0, 1.0), ("a2", R, 0, 2.0)) + on("B", ("b1", R, 3, 3.0), ("b2", S, 0, 4.0)), 3, ["b2"]),
+        (on("A", ("a1", R, 5, 1.0), ("a2", R, 0, 2.0)) + on("B", ("b1", R, 3, 3.0), ("b2", R, 4, 4.0)), 3, ["a2"]),
+        # A starting replica on a fuller node stays; the serving one alone on its node goes.
+        (on("A", ("a1", R, 0, 1.0), ("a2", R, 0, 2.0), ("a3", S, 0, 3.0)) + on("B", ("b1", R, 0, 4.0)), 3, ["b1"]),
+        # Not placed, or not yet registered (node unknown): first, as on one node.
+        (on("A", ("a1", R, 0, 1.0)) + on("B", ("b1", R, 0, 2.0)) + [rep("s", S, placed_at=3.0), rep("p", P)], 2,
+         ["p", "s"]),
+        # Draining replicas are leaving: they do not count for their node.
+        (on("A", ("a1", R, 0, 1.0), ("a2", R, 0, 2.0), ("ad", D, 0, 0.5), ("ae", D, 0, 0.6))
+         + on("B", ("b1", R, 0, 3.0), ("b2", R, 0, 4.0), ("b3", R, 0, 5.0)), 4, ["a2"]),
+    ],
+)
+def test_scale_down_empties_the_emptiest_node_first(replicas, target, want_stops) -> None:
+    assert stops(reconcile(Desired("v1", target), replicas, 0)) == want_stops
+
+
+def test_rollout_stops_old_replicas_on_the_emptiest_node_first() -> None:
+    replicas = on("A", ("a1", R, 0, 1.0), ("a2", R, 0, 2.0)) + on("B", ("b1", R, 0, 0.5)) + [rep("n", R, "v2", node="A")]
+    plan = reconcile(Desired("v2", 3), replicas, 9)
+    assert stops(plan) == ["b1"] and started(plan) == [True, True]
 
 
 def test_scale_down_drains_serving_replicas_and_kills_the_others() -> None:

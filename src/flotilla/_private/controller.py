@@ -103,6 +103,7 @@ class Replica:
     peer: RpcPeer | None = None
     sock: str = ""
     placed_at: float = 0.0
+    node: str = ""  # the Ray node it runs on, once it registered ("" on the local backend)
     models: tuple[str, ...] = ()
     in_flight: int = 0  # running + queued in it, at the last stats sample
     config_sent: dict[str, Any] | None = None  # the light config it was last given
@@ -515,14 +516,15 @@ class Controller:
         if r.state is RState.DRAINING:  # stopped while it was being forked
             self.supervisor.kill(proc)
 
-    def register(self, peer: RpcPeer, rid: str, pid: int, addr: str = "") -> dict[str, Any]:
+    def register(self, peer: RpcPeer, rid: str, pid: int, addr: str = "", node: str = "") -> dict[str, Any]:
         """A starting replica connected; `addr`: where it serves ("tcp://host:port" for a Ray
-        actor; "" for the Unix socket it was given)."""
+        actor; "" for the Unix socket it was given); `node`: its Ray node id."""
         r = self.replicas.get(rid)
         if r is None or r.state is not RState.STARTING:
             raise RuntimeError(f"replica {rid} is not expected")
         if addr:
             r.sock = addr
+        r.node = node
         if r.proc is not None and not r.proc.pid:  # a Ray actor: its pid is known from now on
             r.proc.pid = pid
         elif r.proc is not None and r.proc.pid != pid:
@@ -761,7 +763,7 @@ class Controller:
                        if r.state is RState.STARTING and r.peer is None
                        and self.pool.unscheduled(r.spec["demand"], now - r.placed_at)}
         observed = [Observed(r.id, r.version, RState.PENDING if r.id in unscheduled else r.state, r.in_flight,
-                             r.placed_at) for r in dep.replicas.values()]
+                             r.placed_at, r.node) for r in dep.replicas.values()]
         want = Desired(
             version=dep.version,
             target=dep.target,

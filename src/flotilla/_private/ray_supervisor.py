@@ -16,7 +16,8 @@ driver ─▶ keeper ─▶ head (this machine; the Ray driver) ──ray.init�
   accelerator_type, object_store_memory, runtime_env), `max_restarts=0`, a name in the
   `flotilla` namespace; then calls its `run(args)`. The actor listens with
   `transport.serve_tcp` on its node's address (port 0) and registers with the head over
-  authenticated TCP, saying where it serves; routers then connect with `connect_tcp`.
+  authenticated TCP, saying where it serves and on which Ray node (scale-down empties the
+  nodes with the fewest replicas first); routers then connect with `connect_tcp`.
 - Ray places the actor (and sets `CUDA_VISIBLE_DEVICES`); the controller places nothing
   (`RayResources` says everything fits) and only reports, from Ray's pending demand, replicas
   Ray cannot schedule yet.
@@ -101,6 +102,7 @@ class ReplicaActor:
 
         auth.set_cluster_secret(args.pop("secret"))
         args["tcp_host"] = ray.util.get_node_ip_address()
+        args["node_id"] = ray.get_runtime_context().get_node_id()
         replica.setup_process(args, in_actor=True)
         replica.run_loop(args)
         return 0

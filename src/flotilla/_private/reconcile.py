@@ -3,9 +3,12 @@
 No I/O and no clock: the controller observes, calls `reconcile`, and turns the actions into
 effects (allocate and fork, drain, kill). The rules:
 
-- Scale: the current version gets `target` replicas. Extras are stopped replicas not yet
-  placed first, then starting ones, then among the serving ones those with the fewest requests
-  in flight (the newest on a tie).
+- Scale: the current version gets `target` replicas. Extras are stopped one at a time from the
+  node with the fewest replicas of the deployment left (so whole nodes empty and a cluster
+  autoscaler can release them; a replica whose node is unknown counts as alone on one), and
+  on that node: replicas not yet placed first, then starting ones, then among the serving
+  ones those with the fewest requests in flight (the newest on a tie). On one node (the local
+  backend) that is the last three rules alone.
 - Place: pending replicas get resources in order, as many as fit now, and never more placed
   replicas (of every version, draining ones included) than `max_replicas_per_node` (this
   machine is one node).
@@ -22,6 +25,7 @@ effects (allocate and fork, drain, kill). The rules:
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -40,6 +44,7 @@ class Observed:
     state: RState
     in_flight: int = 0  # requests running or queued in it, at the last stats sample
     placed_at: float = 0.0  # monotonic time it got resources (0 while pending)
+    node: str = ""  # the node it runs on, once known ("" on the local backend)
 
 
 @dataclass(frozen=True)
@@ -92,9 +97,24 @@ class Plan:
 
 
 def _stop_order(r: Observed) -> tuple[int, int, float]:
-    """Sort key: the replica to stop first sorts first."""
+    """Sort key on one node: the replica to stop first sorts first."""
     rank = {RState.PENDING: 0, RState.STARTING: 1}.get(r.state, 2)
     return (rank, r.in_flight if rank == 2 else 0, -r.placed_at)
+
+
+def _stop_sequence(candidates: Sequence[Observed], live: Sequence[Observed]) -> list[Observed]:
+    """`candidates` in the order to stop them: each time, one on the node where the fewest of
+    `live` remain, by `_stop_order` among those."""
+    left = Counter(r.node for r in live if r.node)
+    rest = list(candidates)
+    out: list[Observed] = []
+    while rest:
+        r = min(rest, key=lambda r: (left[r.node] if r.node else 0, *_stop_order(r)))
+        rest.remove(r)
+        out.append(r)
+        if r.node:
+            left[r.node] -= 1
+    return out
 
 
 def reconcile(want: Desired, observed: Sequence[Observed], fits: int) -> Plan:
@@ -124,7 +144,7 @@ def reconcile(want: Desired, observed: Sequence[Observed], fits: int) -> Plan:
             if r.state is RState.PENDING:
                 stop(r, "its version failed to start")
     else:
-        for r in sorted(cur, key=_stop_order)[: max(0, len(cur) - want.target)]:
+        for r in _stop_sequence(cur, live)[: max(0, len(cur) - want.target)]:
             stop(r, f"scaling down to {want.target}")
         new = max(0, want.target - len(cur))
     cur = [r for r in cur if r.id not in stopped]
@@ -147,7 +167,8 @@ def reconcile(want: Desired, observed: Sequence[Observed], fits: int) -> Plan:
         for r in old:
             if not r.state.routable:
                 stop(r, "replaced by a new version")
-        serving_old = sorted((r for r in old if r.state.routable), key=_stop_order)
+        staying = [r for r in live if r.id not in stopped]
+        serving_old = _stop_sequence([r for r in old if r.state.routable], staying)
         serving_new = sum(1 for r in cur if r.state.routable)
         surplus = serving_new + len(serving_old) - want.target
         for r in serving_old[: max(0, surplus)]:

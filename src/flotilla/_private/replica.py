@@ -237,7 +237,9 @@ class Replica:
         client.Runtime.attach(self.loop, self.link)
         self.pusher = metrics.Pusher(STORE, self.link, self._set_gauges)
         self.pusher.start()
-        register = (self.replica_id, os.getpid(), self.addr) if self.addr else (self.replica_id, os.getpid())
+        register: tuple[Any, ...] = (self.replica_id, os.getpid())
+        if self.addr:
+            register += (self.addr, args.get("node_id", ""))
         spec = await self.link.call("replica_register", *register, wait_s=math.inf)
         self.phase = "constructing"
         try:
