@@ -4,6 +4,9 @@ its own (each test adds and removes its nodes, which the other modules' clusters
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import signal
 import threading
 import time
 from collections import Counter
@@ -15,6 +18,7 @@ import pytest
 ray = pytest.importorskip("ray", reason='the Ray backend tests need Ray: pip install "flotilla[ray]"')
 
 import httpx  # noqa: E402
+from ray._private import ray_constants  # noqa: E402
 
 import flotilla  # noqa: E402
 from flotilla import serve  # noqa: E402
@@ -31,7 +35,9 @@ def cluster() -> Iterator[dict[str, Any]]:
 
     if flotilla.is_initialized():
         flotilla.shutdown()
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    # A node that stops answering is declared dead after about 3 s (Ray's default: about 15 s).
+    health = {"health_check_period_ms": 1000, "health_check_timeout_ms": 1000, "health_check_failure_threshold": 3}
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "_system_config": health})
     try:
         c.wait_for_nodes()
         flotilla.init(backend="ray", address=c.address)
@@ -161,7 +167,31 @@ class Load:
             return sum(1 for t, _ in self.ok if t > after)
 
 
-def test_node_removed_under_load(cluster: dict[str, Any]) -> None:
+def _freeze(node: Any) -> list[int]:
+    """SIGSTOP the node's raylet and every process under it (its workers): the node is gone
+    without closing a socket, as a machine that lost its network."""
+    raylet = node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rpartition(")")[2].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    pids, todo = [], [raylet]
+    while todo:
+        pid = todo.pop()
+        pids.append(pid)
+        todo.extend(children.get(pid, ()))
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    return pids
+
+
+@pytest.mark.parametrize("how", ["removed", "frozen"])
+def test_node_lost_under_load(cluster: dict[str, Any], how: str) -> None:
     c = cluster["cluster"]
     n1, n2 = _add(c, slot=2), _add(c, slot=2)
     h = serve.run(Worker.bind(), name="load", route_prefix="/load")
@@ -170,25 +200,35 @@ def test_node_removed_under_load(cluster: dict[str, Any]) -> None:
     assert per_node == {n1.node_id: 2, n2.node_id: 2}, per_node
     n3 = _add(c, slot=2)  # room for the replacements
     doomed = {rid for rid, node in where.items() if node == n1.node_id}
-
-    with Load(h, f"{cluster['url']}/load") as load:
-        wait_for(lambda: load.count_ok() >= 50, timeout=60, what="load under way")
-        t0 = time.monotonic()
-        c.remove_node(n1)
-        t_removed = time.monotonic()
-        t_settled = wait_for(lambda: _settled("load", "Worker", 4) and not doomed & _routed("load", "Worker")
-                             and time.monotonic(), timeout=120, interval=0.05, what="4 RUNNING replicas again")
-        wait_for(lambda: load.count_ok(after=t_settled) >= 50, timeout=60, what="requests after the replacement")
+    frozen: list[int] = []
+    try:
+        with Load(h, f"{cluster['url']}/load") as load:
+            wait_for(lambda: load.count_ok() >= 50, timeout=60, what="load under way")
+            t0 = time.monotonic()
+            if how == "removed":
+                c.remove_node(n1)
+            else:
+                frozen = _freeze(n1)
+            t_lost = time.monotonic()
+            t_settled = wait_for(lambda: _settled("load", "Worker", 4) and not doomed & _routed("load", "Worker")
+                                 and time.monotonic(), timeout=120, interval=0.05, what="4 RUNNING replicas again")
+            wait_for(lambda: load.count_ok(after=t_settled) >= 50, timeout=60, what="requests after the replacement")
+    finally:
+        if frozen:
+            c.remove_node(n1, allow_graceful=False)
+            for pid in frozen:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
     failed = load.failed
     bound = MAX_ONGOING * len(doomed) * 2  # two routers (the driver and the proxy) may fill each replica
-    print(f"\nnode removal: remove_node took {t_removed - t0:.2f}s; 4 RUNNING again {t_settled - t0:.2f}s after it "
-          f"began; {len(load.ok)} ok, {len(failed)} failed (bound {bound})")
+    print(f"\nnode {how}: took {t_lost - t0:.2f}s; 4 RUNNING again {t_settled - t0:.2f}s after it began; "
+          f"{len(load.ok)} ok, {len(failed)} failed (bound {bound})")
     for t, err in failed:
         print(f"  +{t - t0:.2f}s {err.splitlines()[0][:160]}")
     assert len(failed) <= bound, failed
     for _, err in failed:
-        assert "died" in err and any(rid in err for rid in doomed), err  # only what ran on the dead node
-    assert load.count_ok(after=t_removed) >= 50
+        assert "died" in err and any(rid in err for rid in doomed), err  # only what ran on the lost node
+    assert load.count_ok(after=t_lost) >= 50
     assert not any(node == n1.node_id for t, node in load.ok if t > t_settled)
     survivors = _replicas(h, 4)
     assert n1.node_id not in survivors.values()

@@ -4,8 +4,8 @@ as each test tells them. The router itself is the real one, with real connection
 
 Covered: replica choice (power of two choices, never over `max_ongoing_requests`), FIFO
 queueing and dispatch on release, shedding (`BackPressureError`), cancelling a queued and an
-in-flight request, reject-and-retry and `Drain`, a replica dying mid-request, and
-`Router.update` adding and removing replicas.
+in-flight request, reject-and-retry and `Drain`, a replica dying mid-request (its connection
+dropped, or the controller saying so), and `Router.update` adding and removing replicas.
 """
 
 from __future__ import annotations
@@ -753,6 +753,48 @@ def test_stream_fails_when_its_replica_dies(net: Net) -> None:
         a.kill()
         with pytest.raises(ActorDiedError):
             await result(gen.__anext__())
+        router.close()
+
+    run(net, body)
+
+
+def test_replica_the_controller_says_died_fails_its_requests_at_once(net: Net) -> None:
+    """A replica on a vanished node: its connection stays open, the controller lists it dead."""
+
+    async def body(replica: Any) -> None:
+        a = await replica("a")  # never answers, never closes
+        b = await replica("b", auto=answer_ok)
+        router = await make_router([a], max_ongoing=2)
+        on_a = [call(router, i) for i in range(2)]
+        await a.nth(1)
+        router.update(info([b], max_ongoing=2))  # removed: what runs there may still finish
+        await settle()
+        assert not any(f.done() for f in on_a) and a.lost == 0
+        router.update({**info([b], max_ongoing=2), "dead": ["a"]})
+        for f in on_a:
+            with pytest.raises(ActorDiedError, match="Replica a died while handling 2 request"):
+                await result(f)
+        await until(lambda: a.lost == 1)
+        assert not router.retiring
+        assert await result(call(router, 9)) == ("b", 9)
+        router.update({**info([b], max_ongoing=2), "dead": ["a"]})  # told again: nothing to do
+        router.close()
+
+    run(net, body)
+
+
+def test_replica_removed_and_dead_in_one_update(net: Net) -> None:
+    async def body(replica: Any) -> None:
+        a = await replica("a")
+        b = await replica("b", auto=answer_ok)
+        router = await make_router([a], max_ongoing=1)
+        on_a = call(router, 0)
+        await a.nth(0)
+        router.update({**info([b], max_ongoing=1), "dead": ["a"]})
+        with pytest.raises(ActorDiedError):
+            await result(on_a)
+        assert await result(call(router, 1)) == ("b", 1)
+        await until(lambda: a.lost == 1)
         router.close()
 
     run(net, body)

@@ -28,6 +28,7 @@ import logging
 import os
 import secrets
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -84,6 +85,8 @@ EXIT_GRACE_S = 5.0
 LOAD_SAMPLE_TIMEOUT_S = 0.25
 #: How long a restarted head waits for a re-adopted replica to reconnect before replacing it.
 REATTACH_TIMEOUT_S = float(os.environ.get("FLOTILLA_REATTACH_TIMEOUT_S", "10"))
+#: How many ids of replicas that died serving each deployment's routers are told of.
+DEAD_KEPT = 64
 _LIGHT = ("user_config", "max_ongoing_requests", "logging_config")
 
 
@@ -146,6 +149,9 @@ class Deployment:
     deleting: bool = False
     autoscale: AutoscalerState | None = None
     scaling: int = 0  # +1 / -1 while an autoscaling change is being carried out
+    # Replicas that died or were killed while serving, newest last: routers fail what they
+    # had in flight on them at once (their connections may never close: a vanished node).
+    dead: deque[str] = field(default_factory=lambda: deque(maxlen=DEAD_KEPT))
 
     @property
     def version(self) -> str:
@@ -284,6 +290,7 @@ class Controller:
                 "replicas": [(r.id, r.sock, r.models) for r in dep.replicas.values() if r.state.routable],
                 "max_ongoing_requests": dep.config["max_ongoing_requests"],
                 "max_queued_requests": dep.config["max_queued_requests"],
+                "dead": list(dep.dead),
             }
         if key[0] == "routes":
             return self.routes()
@@ -650,6 +657,8 @@ class Controller:
         """`r` went away without being asked: record it, and make sure its process is gone."""
         dep = r.dep
         logger.warning("replica %s of %s/%s (pid %s) died: %s", r.id, dep.app, dep.name, r.pid, why)
+        if r.state.routable:
+            dep.dead.append(r.id)
         if r.state is RState.STARTING:
             self._start_failed(r, f"The replica process died before it was ready ({why}); see {self.supervisor.logs_hint(self._log_path(r))}.")
         elif r.state.routable and not dep.deleting:
@@ -665,6 +674,8 @@ class Controller:
         if r.state is RState.PENDING:
             self._replica_gone(r, why)
             return
+        if r.state.routable and not graceful and r.id not in r.dep.dead:
+            r.dep.dead.append(r.id)
         graceful = graceful and r.state.routable
         transition(r, RState.DRAINING, why)
         self.publish(r.dep.key)  # routers stop choosing it before it is told to stop

@@ -234,6 +234,11 @@ class ReplicaConn:
         if self.in_flight == 0 and not self.pending:
             self.proto.close()
 
+    def abort(self) -> None:
+        """The controller says the replica died: fail what is in flight on it now, rather than
+        when TCP notices (never, for a node that vanished without closing its sockets)."""
+        self.proto.abort()
+
     def close(self) -> None:
         self.proto.close()
 
@@ -249,6 +254,7 @@ class Router:
         self.on_wait = on_wait
         self.cold_start_timeout_s = cold_start_timeout_s
         self.replicas: dict[str, ReplicaConn] = {}
+        self.retiring: dict[str, ReplicaConn] = {}  # no longer chosen, still open
         self.ready: list[ReplicaConn] = []
         # Waiting requests, FIFO: (future to hand a replica to, multiplexed model id or "").
         self.queue: deque[tuple[asyncio.Future[ReplicaConn], str]] = deque()
@@ -271,6 +277,10 @@ class Router:
             if rid not in wanted:
                 # Requests in flight there finish: the replica drains before it stops.
                 self._retire(self.replicas.pop(rid))
+        for rid in info.get("dead", ()):
+            conn = self.retiring.get(rid)
+            if conn is not None:
+                conn.abort()
         loop = asyncio.get_running_loop()
         for rid, path in wanted.items():
             if rid not in self.replicas:
@@ -307,6 +317,7 @@ class Router:
     def _retire(self, conn: ReplicaConn) -> None:
         """Choose `conn` no more; close it once nothing is in flight on it."""
         conn.retired = True
+        self.retiring[conn.id] = conn
         if conn in self.ready:
             self.ready.remove(conn)
         conn.maybe_close()
@@ -316,6 +327,8 @@ class Router:
             self.ready.remove(conn)
         if self.replicas.get(conn.id) is conn:
             del self.replicas[conn.id]
+        if self.retiring.get(conn.id) is conn:
+            del self.retiring[conn.id]
         if self.queue:
             self._dispatch()
 
@@ -326,9 +339,10 @@ class Router:
                 fut.set_exception(err)
 
     def close(self) -> None:
-        for conn in self.replicas.values():
+        for conn in [*self.replicas.values(), *self.retiring.values()]:
             conn.close()
         self.replicas.clear()
+        self.retiring.clear()
         self.ready.clear()
 
     # ---- choosing a replica -------------------------------------------------------------

@@ -167,6 +167,11 @@ class FrameProtocol(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
+    def abort(self) -> None:
+        """Close at once, unsent bytes dropped (the peer is known dead)."""
+        if self.transport is not None:
+            self.transport.abort()
+
 
 class RemoteCallError(Exception):
     """A control-plane call failed on the other side; the message carries its traceback."""
