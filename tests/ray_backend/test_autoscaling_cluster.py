@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -26,20 +27,19 @@ FAKE_HEAD_NODE_ID = "f" * 51 + "00000"
 PROVIDER = "ray.autoscaler._private.fake_multi_node.node_provider.FakeMultiNodeProvider"
 
 
-def _descendants(pid: int) -> list[int]:
-    """The processes below `pid` (through /proc children lists), deepest last."""
-    out: list[int] = []
-    todo = [pid]
-    while todo:
-        p = todo.pop()
-        try:
-            with open(f"/proc/{p}/task/{p}/children") as f:
-                kids = [int(k) for k in f.read().split()]
-        except OSError:
-            continue
-        out.extend(kids)
-        todo.extend(kids)
-    return out
+def _processes_of(session_dir: str) -> list[int]:
+    """The processes whose command line names `session_dir` (this cluster's own folder): the
+    worker nodes the provider started are not children of anything here."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    if session_dir.encode() in f.read():
+                        pids.append(int(entry))
+            except OSError:
+                pass
+    return pids
 
 
 def _alive_nodes() -> list[dict[str, Any]]:
@@ -99,22 +99,21 @@ def autoscaling(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-    monitor = cluster.head_node.all_processes["monitor"][0].process.pid
+    session_dir = cluster.head_node.get_session_dir_path()
     try:
         ray.init(address=cluster.address, log_to_driver=False)
         flotilla.init(backend="ray", address=cluster.address)
-        yield {"head": cluster.head_node.node_id, "monitor": monitor}
+        yield {"head": cluster.head_node.node_id}
     finally:
         try:
             if flotilla.is_initialized():
                 flotilla.shutdown()
             ray.shutdown()
         finally:
-            nodes = _descendants(monitor)  # worker nodes the provider started, if any are left
             cluster.shutdown()
-            for pid in reversed(nodes):
+            for pid in _processes_of(session_dir):  # worker nodes still up (a failed test)
                 try:
-                    os.kill(pid, 9)
+                    os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
 
@@ -129,7 +128,6 @@ def big(request: object = None) -> dict[str, Any]:
 
 
 def test_autoscaler_adds_a_node_and_releases_it(autoscaling: dict[str, Any]) -> None:
-    t0 = time.monotonic()
     assert len(_alive_nodes()) == 1
     serve.run(big.bind(), name="big", route_prefix=None, _blocking=False)
 
@@ -140,10 +138,53 @@ def test_autoscaler_adds_a_node_and_releases_it(autoscaling: dict[str, Any]) -> 
     msg = _poll(waiting, 30, "the deployment to say it waits for resources")
     assert "CPU" in msg, msg
     _poll(lambda: serve.status().applications["big"].status == "RUNNING", 90, "the app to run")
-    t_up = time.monotonic() - t0
     assert len(_alive_nodes()) == 2
     got = serve.get_app_handle("big").remote().result(timeout_s=30)
     assert got["node"] != autoscaling["head"]
     serve.delete("big")
     _poll(lambda: len(_alive_nodes()) == 1, 90, "the autoscaler to release the idle node")
-    print(f"up in {t_up:.1f}s, down in {time.monotonic() - t0 - t_up:.1f}s")
+
+
+@serve.deployment(num_replicas=2, max_replicas_per_node=1, ray_actor_options={"num_cpus": 0.25})
+def one_per_node(request: object = None) -> dict[str, Any]:
+    return _where()
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.25})
+class Spread:
+    """Its second bundle is on another node than the first (STRICT_SPREAD)."""
+
+    def __call__(self, request: object = None) -> dict[str, Any]:
+        from ray.util.placement_group import get_current_placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        def node() -> str:  # defined here: pickled by value for the task's worker
+            return str(ray.get_runtime_context().get_node_id())
+
+        strategy = PlacementGroupSchedulingStrategy(get_current_placement_group(), placement_group_bundle_index=1)
+        other = ray.get(ray.remote(num_cpus=0.25)(node).options(scheduling_strategy=strategy).remote())
+        return {"node": node(), "other": other}
+
+
+def test_autoscaler_sees_per_node_limits_and_placement_groups(autoscaling: dict[str, Any]) -> None:
+    """The head (1 CPU) holds one replica of each; the per-node limit and STRICT_SPREAD need a
+    second node, which the autoscaler adds."""
+    assert len(_alive_nodes()) == 1
+    spread = Spread.options(placement_group_bundles=[{"CPU": 0.25}, {"CPU": 0.25}],
+                            placement_group_strategy="STRICT_SPREAD")
+    serve.run(one_per_node.bind(), name="per-node", route_prefix=None, _blocking=False)
+    serve.run(spread.bind(), name="spread", route_prefix=None, _blocking=False)
+    for app in ("per-node", "spread"):
+        _poll(lambda app=app: serve.status().applications[app].status == "RUNNING", 90, f"{app} to run")
+    assert len(_alive_nodes()) == 2
+    h = serve.get_app_handle("per-node")
+    seen: set[str] = set()
+    deadline = time.monotonic() + 20
+    while len(seen) < 2 and time.monotonic() < deadline:
+        seen.add(h.remote().result(timeout_s=30)["node"])
+    assert autoscaling["head"] in seen and len(seen) == 2, seen
+    got = serve.get_app_handle("spread").remote().result(timeout_s=30)
+    assert got["node"] != got["other"] and autoscaling["head"] in (got["node"], got["other"]), got
+    serve.delete("per-node")
+    serve.delete("spread")
+    _poll(lambda: len(_alive_nodes()) == 1, 90, "the autoscaler to release the idle node")
