@@ -18,8 +18,11 @@ driver ─▶ keeper ─▶ head (this machine; the Ray driver) ──ray.init�
   `transport.serve_tcp` on its node's address (port 0) and registers with the head over
   authenticated TCP, saying where it serves; routers then connect with `connect_tcp`.
 - Ray places the actor (and sets `CUDA_VISIBLE_DEVICES`); the controller places nothing
-  (`RayResources` says everything fits) and only reports, from Ray's pending demand, replicas
-  Ray cannot schedule yet.
+  (`RayResources` says everything fits) and only reports, from Ray's pending demand (which an
+  autoscaler acts on too), replicas Ray cannot schedule yet.
+- `placement`: as Ray Serve, `placement_group_bundles` give each replica its own placement
+  group (the actor in bundle 0, its children captured), removed with the actor;
+  `max_replicas_per_node` is a share of an implicit resource every node has 1 of.
 - Exit: the awaited `run()` ObjectRef resolves (the replica drained and returned; the actor is
   then killed to free its resources) or fails (`ActorDiedError`: the worker or its node died,
   `RuntimeEnvSetupError`: a bad runtime_env, ...). Stop: the controller drains the replica
