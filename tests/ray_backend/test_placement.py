@@ -51,6 +51,17 @@ def _poll(pred: Callable[[], Any], timeout: float, what: str) -> Any:
         time.sleep(0.1)
 
 
+def test_per_node_share_and_pending_shapes() -> None:
+    from flotilla._private.ray_supervisor import _shape, per_node_share
+
+    for n in range(1, 101):
+        share = round(per_node_share(n) * 10_000)  # Ray's fixed point: 4 decimals
+        assert share * n <= 10_000 < share * (n + 1), n
+    pending = {"CPU": 0.5, "node:__internal_implicit_resource_flotilla:s:a:d": 0.3333, "object_store_memory": 1e8}
+    assert _shape(pending) == _shape({"CPU": 0.5}) == {"CPU": 0.5}
+    assert _shape({"GPU": 1.5, "accelerator_type:A100": 0.001}) == {"GPU": 2.0}
+
+
 @serve.deployment(max_replicas_per_node=1, ray_actor_options={"num_cpus": 0.5})
 class One:
     def __call__(self) -> str:
@@ -112,8 +123,16 @@ def test_placement_group_per_replica(nodes: dict[str, Any]) -> None:
     assert table[got["pg"]]["state"] == "CREATED"
     assert table[got["pg"]]["strategy"] == "STRICT_SPREAD"
     assert [b for b in table[got["pg"]]["bundles"].values()] == [{"CPU": 0.5}, {"CPU": 1.0}]
+    # The replica dies: its group goes, and its replacement gets a group of its own.
+    [name] = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if ":spread:Spread:" in a["name"]]
+    ray.kill(ray.get_actor(name, namespace="flotilla"))
+    _poll(lambda: placement_group_table()[got["pg"]]["state"] == "REMOVED", 20, "the dead replica's group to go")
+    h = serve.get_app_handle("spread")
+    again = _poll(lambda: serve.status().applications["spread"].status == "RUNNING" and h.remote().result(timeout_s=30),
+                  60, "a new replica")
+    assert again["pg"] not in (None, got["pg"]) and again["child_pg"] == again["pg"], again
     serve.delete("spread")
-    _poll(lambda: placement_group_table()[got["pg"]]["state"] == "REMOVED", 20, "the placement group to go")
+    _poll(lambda: placement_group_table()[again["pg"]]["state"] == "REMOVED", 20, "the placement group to go")
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 1}, placement_group_bundles=[{"CPU": 1}, {"CPU": 2}],
