@@ -237,3 +237,15 @@ def test_serve_submodules_are_attributes_after_from_flotilla_import_serve():
 def test_unknown_serve_attribute_still_raises():
     with pytest.raises(AttributeError):
         serve.no_such_thing  # noqa: B018
+
+
+def test_strict_spread_is_not_warned_about_on_the_ray_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+    from flotilla.serve import config
+
+    monkeypatch.setattr(config, "_warned", set())
+    monkeypatch.setenv("FLOTILLA_BACKEND", "ray")
+    serve.deployment(placement_group_bundles=[{"CPU": 1}, {"CPU": 1}], placement_group_strategy="STRICT_SPREAD")(f)
+    assert not config._warned  # Ray honours it (and filterwarnings=error would have raised)
+    monkeypatch.setenv("FLOTILLA_BACKEND", "local")
+    with pytest.warns(UserWarning, match="STRICT_SPREAD"):
+        serve.deployment(placement_group_bundles=[{"CPU": 1}, {"CPU": 1}], placement_group_strategy="STRICT_SPREAD")(f)

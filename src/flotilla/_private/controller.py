@@ -342,10 +342,6 @@ class Controller:
                     "deployment %s/%s needs %s per replica but the cluster has %s in total",
                     name, d["name"], fmt(demand), fmt(self.pool.totals()),
                 )
-            not_yet = [k for k in ("placement_group_bundles", "max_replicas_per_node") if d["config"].get(k)]
-            if not self.supervisor.local and not_yet:
-                logger.warning("deployment %s/%s: %s not honoured on the Ray backend yet (replicas are "
-                               "created with ray_actor_options alone)", name, d["name"], " and ".join(not_yet))
         app = self.apps.get(name)
         if app is None or app.deleting:
             if app is not None:  # being deleted: replace outright
@@ -505,7 +501,10 @@ class Controller:
             "env": self.replica_env(r),
         }
         if not self.supervisor.local:  # Ray: the actor is created with them, as Ray Serve does
-            args["ray_actor_options"] = r.spec["config"]["ray_actor_options"]
+            cfg = r.spec["config"]
+            for k in ("ray_actor_options", "placement_group_bundles", "placement_group_strategy",
+                      "max_replicas_per_node"):
+                args[k] = cfg.get(k)
         if direct is not None and app is not None and app.ingress == dep.name and app.route_prefix is not None:
             args["direct"] = {**direct, "route_prefix": app.route_prefix}
         try:
@@ -780,7 +779,7 @@ class Controller:
             target=dep.target,
             failed=bool(dep.failed_msg),
             deleting=dep.deleting,
-            # On Ray: not yet (the per-node limit would need Ray's nodes, not "this machine").
+            # On Ray, Ray holds the per-node limit (see ray_supervisor.placement).
             max_replicas_per_node=dep.config.get("max_replicas_per_node") if self.supervisor.local else None,
             fits_ever=self.pool.fits_ever(dep.spec["demand"]),
             unhealthy=bool(dep.unhealthy_msg),
@@ -809,7 +808,16 @@ class Controller:
         messages = []
         if plan.waiting_for_resources:
             demand = dep.spec["demand"]
-            why = self.pool.shortfall(demand) or "waiting for resources"
+            short = self.pool.shortfall(demand)
+            why = short or "waiting for resources"
+            per_node, bundles = dep.config.get("max_replicas_per_node"), dep.config.get("placement_group_bundles")
+            if per_node and not self.supervisor.local:  # Ray holds the limit on each node
+                why = (f"{short or 'no node has room'}: max_replicas_per_node={per_node} allows {per_node} "
+                       f"replica(s) of it on one node, and the nodes that run fewer lack the resources")
+            elif bundles and not self.supervisor.local:  # Ray places its placement group
+                why = (f"{short or 'no room'} for its placement group "
+                       f"[{', '.join(fmt(b) for b in bundles)}] "
+                       f"({dep.config.get('placement_group_strategy') or 'PACK'})")
             ever = "" if self.pool.fits_ever(demand) else " It can never fit on this cluster: lower the request or add resources with flotilla.init(...)."
             messages.append(
                 f"Deployment '{dep.name}' in application '{dep.app}' has {plan.waiting_for_resources} replica(s) "

@@ -19,8 +19,11 @@ driver ─▶ keeper ─▶ head (this machine; the Ray driver) ──ray.init�
   authenticated TCP, saying where it serves and on which Ray node (scale-down empties the
   nodes with the fewest replicas first); routers then connect with `connect_tcp`.
 - Ray places the actor (and sets `CUDA_VISIBLE_DEVICES`); the controller places nothing
-  (`RayResources` says everything fits) and only reports, from Ray's pending demand, replicas
-  Ray cannot schedule yet.
+  (`RayResources` says everything fits) and only reports, from Ray's pending demand (which an
+  autoscaler acts on too), replicas Ray cannot schedule yet.
+- `placement`: as Ray Serve, `placement_group_bundles` give each replica its own placement
+  group (the actor in bundle 0, its children captured), removed with the actor;
+  `max_replicas_per_node` is a share of an implicit resource every node has 1 of.
 - Exit: the awaited `run()` ObjectRef resolves (the replica drained and returned; the actor is
   then killed to free its resources) or fails (`ActorDiedError`: the worker or its node died,
   `RuntimeEnvSetupError`: a bad runtime_env, ...). Stop: the controller drains the replica
@@ -35,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import threading
 import time
@@ -60,6 +64,12 @@ UNSCHEDULED_AFTER_S = 1.0
 #: `ray_actor_options` fields handed to Ray as they are (None and empty ones left out).
 ACTOR_OPTIONS = ("num_cpus", "num_gpus", "memory", "object_store_memory", "resources",
                  "accelerator_type", "runtime_env")
+#: Where a replica runs (deployment options the controller passes in `start`'s args).
+PLACEMENT_ARGS = ("placement_group_bundles", "placement_group_strategy", "max_replicas_per_node")
+#: Ray's implicit resources: every node has 1 of each such name, unlisted (max_replicas_per_node).
+IMPLICIT_PREFIX = "node:__internal_implicit_resource_"
+#: Ray keeps resource amounts to 4 decimals.
+RESOURCE_UNIT = 10_000
 
 
 def connect(opts: dict[str, Any]) -> None:
@@ -88,6 +98,41 @@ def actor_options(rao: dict[str, Any]) -> dict[str, Any]:
             continue
         out[k] = int(v) if k in ("memory", "object_store_memory") else v
     return out
+
+
+def per_node_resource(tag: str, app: str, deployment: str) -> str:
+    """The implicit resource that bounds a deployment's replicas per node (one name per session)."""
+    return f"{IMPLICIT_PREFIX}flotilla:{tag}:{app}:{deployment}"
+
+
+def per_node_share(limit: int) -> float:
+    """What one replica takes of its per-node resource: `limit` shares fit in 1, `limit + 1` do
+    not (rounded down to Ray's 4 decimals, never up)."""
+    return math.floor(RESOURCE_UNIT / limit) / RESOURCE_UNIT
+
+
+def placement(name: str, tag: str, args: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+    """Where a replica runs, as Ray Serve does it: extra actor options, and the replica's own
+    placement group (or None).
+
+    - `placement_group_bundles`: a placement group per replica (named as its actor, strategy
+      `placement_group_strategy` or PACK); the actor runs in bundle 0 and the tasks and actors
+      it starts are placed in the group (`placement_group_capture_child_tasks`).
+    - `max_replicas_per_node`: each replica takes `1 / limit` of an implicit resource that every
+      node has 1 of, so Ray (and its autoscaler) put at most `limit` of them on a node.
+    """
+    bundles = args.get("placement_group_bundles")
+    if bundles:
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        pg = ray.util.placement_group(bundles, strategy=args.get("placement_group_strategy") or "PACK", name=name)
+        return {"scheduling_strategy": PlacementGroupSchedulingStrategy(
+            pg, placement_group_bundle_index=0, placement_group_capture_child_tasks=True)}, pg
+    limit = args.get("max_replicas_per_node")
+    if limit:
+        key = per_node_resource(tag, args["app"], args["deployment"])
+        return {"resources": {key: per_node_share(int(limit))}}, None
+    return {}, None
 
 
 class ReplicaActor:
@@ -131,6 +176,7 @@ class ActorProcess(Process):
         self.name = name
         self.actor: Any = None
         self.ref: Any = None
+        self.pg: Any = None  # its placement group (placement_group_bundles), removed with it
 
     def __repr__(self) -> str:
         state = "running" if not self.exited.is_set() else f"exited ({self.exit_reason or self.exit_code})"
@@ -170,12 +216,21 @@ class RaySupervisor(Supervisor):
         name = f"{self.tag}:{args['app']}:{args['deployment']}:{args['replica_id']}"
         proc = ActorProcess(kind, name, on_exit)
         opts = actor_options(rao)
+        extra, proc.pg = placement(name, self.tag, args)
+        if extra.get("resources"):
+            extra["resources"] = {**opts.get("resources", {}), **extra["resources"]}
+        opts.update(extra)
         run_args = dict(args, head_sock=self.head_addr, secret=self.secret,
                         has_working_dir=bool((rao.get("runtime_env") or {}).get("working_dir")))
-        run_args.pop("ray_actor_options", None)
-        proc.actor = _actor_class().options(
-            name=name, namespace=NAMESPACE, max_restarts=0, max_concurrency=4, **opts
-        ).remote()
+        for k in ("ray_actor_options", *PLACEMENT_ARGS):
+            run_args.pop(k, None)
+        try:
+            proc.actor = _actor_class().options(
+                name=name, namespace=NAMESPACE, max_restarts=0, max_concurrency=4, **opts
+            ).remote()
+        except BaseException:
+            remove_placement_group(proc)
+            raise
         proc.ref = proc.actor.run.remote(run_args)
         self.actors[name] = proc
         t = asyncio.get_running_loop().create_task(self._watch(proc))
@@ -204,12 +259,12 @@ class RaySupervisor(Supervisor):
 
     @staticmethod
     def _kill_actor(proc: ActorProcess) -> None:
-        if proc.actor is None:
-            return
-        try:
-            ray.kill(proc.actor, no_restart=True)
-        except Exception as e:  # already gone
-            logger.debug("ray.kill(%s): %r", proc.name, e)
+        if proc.actor is not None:
+            try:
+                ray.kill(proc.actor, no_restart=True)
+            except Exception as e:  # already gone
+                logger.debug("ray.kill(%s): %r", proc.name, e)
+        remove_placement_group(proc)
 
     def adopt(self, pid: int, kind: str, ticks: int | None,
               on_exit: Callable[[Process], None] | None = None) -> Process | None:
@@ -246,6 +301,17 @@ class RaySupervisor(Supervisor):
         for t in list(self._tasks):
             t.cancel()
         await self.zygote.close()
+
+
+def remove_placement_group(proc: ActorProcess) -> None:
+    """Remove the replica's placement group (what it and its children still run in it ends)."""
+    pg, proc.pg = proc.pg, None
+    if pg is None:
+        return
+    try:
+        ray.util.remove_placement_group(pg)
+    except Exception as e:  # already removed
+        logger.debug("remove_placement_group(%s): %r", proc.name, e)
 
 
 def _first_line(e: BaseException) -> str:
@@ -323,17 +389,38 @@ class RayResources(ResourcePool):
         pending = self._pending
         if pending is None:  # no pending demand from Ray: judge by what is free
             return bool(self.shortfall(demand))
-        want = {k: round(v, 4) for k, v in demand.items() if v}
-        return any({k: round(v, 4) for k, v in b.items() if v} == want for b in pending)
+        want = _shape(demand)
+        return any(_shape(b) == want for b in pending)
+
+
+def _shape(demand: dict[str, float]) -> dict[str, float]:
+    """A demand as compared with Ray's pending ones: without Ray's per-node and implicit
+    resources (max_replicas_per_node), the object store and accelerator types; fractions of
+    GPUs adding up past one rounded up as `DeploymentConfig.demand` does."""
+    out = {k: round(v, 4) for k, v in demand.items()
+           if v and not k.startswith(("node:", "accelerator_type:")) and k != "object_store_memory"}
+    gpus = out.get("GPU", 0.0)
+    if gpus > 1 and gpus != int(gpus):
+        out["GPU"] = float(math.ceil(gpus))
+    return out
 
 
 def _pending_demand() -> list[dict[str, float]] | None:
-    """The shapes of tasks and actors Ray cannot schedule yet (what `ray status` lists as
-    pending demand), or None when this Ray does not say."""
+    """The shapes of tasks, actors and placement groups (their bundles added up) that Ray cannot
+    schedule yet (what `ray status` lists as pending demand), or None when this Ray does not
+    say."""
     try:
         from ray.autoscaler.v2.sdk import get_cluster_status
 
         status = get_cluster_status(ray.get_runtime_context().gcs_address)
-        return [dict(b.bundle) for d in status.resource_demands.ray_task_actor_demand for b in d.bundles_by_count]
+        demands = status.resource_demands
+        out = [dict(b.bundle) for d in demands.ray_task_actor_demand for b in d.bundles_by_count]
+        for pg in demands.placement_group_demand:
+            total: dict[str, float] = {}
+            for b in pg.bundles_by_count:
+                for k, v in b.bundle.items():
+                    total[k] = total.get(k, 0.0) + v * b.count
+            out.append(total)
+        return out
     except Exception:
         return None

@@ -241,14 +241,15 @@ class DeploymentConfig(BaseModel):
     logging_config: LoggingConfig | None = Field(None, description="How the replicas log (see LoggingConfig).")
     max_replicas_per_node: int | None = Field(
         None, ge=1, le=MAX_REPLICAS_PER_NODE,
-        description="Most replicas of this deployment on one node; this machine is one node, so "
-        "replicas beyond it stay pending (the status says why).",
+        description="Most replicas of this deployment on one node (on the local backend this "
+        "machine is the one node); replicas beyond it stay pending (the status says why).",
     )
     placement_group_bundles: list[dict[str, float]] | None = Field(
         None,
         description="Resources reserved per replica, as Ray placement group bundles. The replica "
-        "runs in the first bundle; on one machine the replica reserves the sum of all bundles "
-        "(its GPUs are all in its CUDA_VISIBLE_DEVICES, for the processes it starts).",
+        "runs in the first bundle. On Ray each replica gets its own placement group (the tasks "
+        "and actors it starts run in it); on the local backend the replica reserves the sum of "
+        "all bundles (its GPUs are all in its CUDA_VISIBLE_DEVICES, for the processes it starts).",
     )
     placement_group_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] | None = None
     request_router_config: RequestRouterConfig | None = Field(
@@ -390,7 +391,7 @@ class DeploymentConfig(BaseModel):
                 "with model-multiplexing affinity).",
             )
         bundles = self.placement_group_bundles or []
-        if self.placement_group_strategy == "STRICT_SPREAD" and len(bundles) > 1:
+        if self.placement_group_strategy == "STRICT_SPREAD" and len(bundles) > 1 and not _on_ray():
             warn_not_honoured(
                 "placement_group_strategy",
                 "STRICT_SPREAD puts each bundle on a different node, but the local backend is one "
@@ -404,6 +405,16 @@ class DeploymentConfig(BaseModel):
 
             return initial_target(self.autoscaling_config)
         return 1 if self.num_replicas is None else int(self.num_replicas)  # type: ignore[arg-type]
+
+
+def _on_ray() -> bool:
+    """This process uses the Ray backend (initialized so, or FLOTILLA_BACKEND=ray), where Ray
+    places the bundles: options it honours are not warned about."""
+    client = sys.modules.get("flotilla._private.client")
+    rt = getattr(getattr(client, "Runtime", None), "_instance", None)
+    if rt is not None:
+        return bool(rt.backend == "ray")
+    return os.environ.get("FLOTILLA_BACKEND", "").strip().lower() == "ray"
 
 
 def warn_small_limit(name: str, max_ongoing: int, max_batch: int) -> None:
