@@ -65,6 +65,10 @@ class System:
         env["RAY_USAGE_STATS_ENABLED"] = "0"  # no network here, and no prompt
         if self.cluster is not None:
             env.update(self.cluster.client_env)
+        elif self.name == "ray":
+            # A private instance, as the app's ray.init(num_cpus=2) means: without this, Ray
+            # joins the latest `ray start` instance it finds on the machine (someone else's).
+            env["RAY_ADDRESS"] = "local"
         env.update(self.extra_env)
         return env
 
