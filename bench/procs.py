@@ -11,6 +11,7 @@ import ctypes
 import os
 import signal
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -132,6 +133,7 @@ _RAY_ROLES = [
     ("ray::ServeController", "controller"),
     ("ray::ProxyActor", "proxy"),
     ("ray::ServeReplica", "replica"),
+    ("ray::ReplicaActor", "replica"),  # flotilla's replicas on its Ray backend
     ("ray::IDLE", "idle_worker"),
     ("gcs_server", "gcs_server"),
     ("raylet", "raylet"),
@@ -142,6 +144,8 @@ _RAY_ROLES = [
     ("runtime_env/agent", "runtime_env_agent"),
     ("log_monitor", "log_monitor"),
     ("monitor.py", "monitor"),
+    ("ray.util.client.server", "ray_client_server"),
+    ("bin/ray start", "ray_start"),
     ("ray::", "ray_worker"),
     ("flotilla._private.head", "head"),
 ]
@@ -170,9 +174,13 @@ def role_of(
     return os.path.basename(args[0]) if args else "?"
 
 
-def roles(root: int, http_port: int | None, root_label: str = "driver") -> dict[int, str]:
+def roles(
+    root: int, http_port: int | None, root_label: str = "driver", extra_roots: Sequence[int] = ()
+) -> dict[int, str]:
+    """Every process of `root`'s tree, and of each of `extra_roots`' (a shared Ray
+    instance), by role."""
     procs = all_procs()
-    members = [p.pid for p in tree(root)]
+    members = list(dict.fromkeys(p.pid for r in [root, *extra_roots] for p in tree(r)))
     http_pid = listening_pid(http_port, members) if http_port else None
     return {pid: role_of(pid, root, procs, http_pid, root_label) for pid in members}
 

@@ -103,8 +103,23 @@ CHAOS_NA = {("zygote", "ray"): "no fork server"}
 
 
 METRICS = _metrics()
-SYSTEMS = ("flotilla", "ray", "bare")
-PAIRS = (("flotilla", "ray"), ("flotilla", "bare"))
+SYSTEMS = ("flotilla", "flotilla-ray", "ray", "bare")
+# Ratio columns: numerator / denominator, each shown when both systems are in the run.
+PAIRS = (
+    ("flotilla", "ray"),
+    ("flotilla", "bare"),
+    ("flotilla-ray", "ray"),
+    ("flotilla-ray", "flotilla"),
+)
+DEFAULT_COLUMNS = ("flotilla", "ray", "bare")
+
+
+def columns(systems: list[str] | None) -> tuple[list[str], list[tuple[str, str]]]:
+    """The summary's system columns (in SYSTEMS order) and ratio columns for a run of
+    `systems` (the ones asked for; None: the default three)."""
+    chosen = set(systems or DEFAULT_COLUMNS)
+    shown = [s for s in SYSTEMS if s in chosen]
+    return shown, [(a, b) for a, b in PAIRS if a in chosen and b in chosen]
 
 
 def fmt(v: float | None) -> str:
@@ -143,7 +158,10 @@ def ratios(a: list[float | None], b: list[float | None]) -> list[float | None]:
     ]
 
 
-def summary_rows(records: list[dict[str, Any]], rounds: int) -> list[list[str]]:
+def summary_rows(
+    records: list[dict[str, Any]], rounds: int, systems: list[str] | None = None
+) -> list[list[str]]:
+    shown, pairs = columns(systems)
     rows = []
     for m in METRICS:
         if not m.summary:
@@ -151,8 +169,8 @@ def summary_rows(records: list[dict[str, Any]], rounds: int) -> list[list[str]]:
         per = {s: series(records, s, m.key, rounds) for s in SYSTEMS}
         if all(median(v) is None for v in per.values()):
             continue
-        row = [m.label, m.better] + [fmt(median(per[s])) for s in SYSTEMS]
-        for a, b in PAIRS:
+        row = [m.label, m.better] + [fmt(median(per[s])) for s in shown]
+        for a, b in pairs:
             rs = ratios(per[a], per[b])
             med = median(rs)
             row.append(
@@ -163,7 +181,12 @@ def summary_rows(records: list[dict[str, Any]], rounds: int) -> list[list[str]]:
     return rows
 
 
-SUMMARY_HEAD = ["metric", "better", "flotilla", "ray", "bare", "flotilla/ray", "flotilla/bare"]
+def summary_head(systems: list[str] | None = None) -> list[str]:
+    shown, pairs = columns(systems)
+    return ["metric", "better", *shown, *(f"{a}/{b}" for a, b in pairs)]
+
+
+SUMMARY_HEAD = summary_head()  # the default run's
 
 
 def md_table(head: list[str], rows: list[list[str]]) -> str:
@@ -280,8 +303,16 @@ def markdown(info: dict[str, Any], records: list[dict[str, Any]], scenarios: lis
     out += [
         "\n## Summary (medians over rounds; ratios paired round by round, per-round values in brackets)\n",
         "`better` says which direction is good for the metric itself. A flotilla/ray ratio "
-        "above 1 on a `higher` metric, or below 1 on a `lower` one, means flotilla does better.\n",
-        md_table(SUMMARY_HEAD, summary_rows(records, rounds)),
+        "above 1 on a `higher` metric, or below 1 on a `lower` one, means flotilla does better"
+        + (
+            " (likewise flotilla-ray/ray: flotilla's Ray backend against Ray Serve, on the "
+            "same Ray instance).\n"
+            if "flotilla-ray" in info.get("columns", ())
+            else ".\n"
+        ),
+        md_table(
+            summary_head(info.get("columns")), summary_rows(records, rounds, info.get("columns"))
+        ),
         chaos_section(records, rounds),
         "\n## Raw results, run by run\n",
     ]

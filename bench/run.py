@@ -3,6 +3,7 @@
     bench/run                      # = .venv/bin/python bench/run.py; full run (~15 min)
     bench/run --quick              # smoke run: 1 round, 2 s points
     bench/run --systems flotilla,bare --scenarios http,handle --rounds 2 --duration 3
+    bench/run --systems flotilla-ray,ray     # the Ray backend against Ray Serve, one Ray instance
 
 Installs Ray Serve into bench/.venv-ray and wrk from apt when missing, alternates the
 systems within each round, and writes bench/RESULTS.md. See bench/README.md.
@@ -39,12 +40,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument(
-        "--systems", default="flotilla,ray,bare", help="comma-separated subset of flotilla,ray,bare"
+        "--systems",
+        default="flotilla,ray,bare",
+        help="comma-separated subset of flotilla,flotilla-ray,ray,bare (default "
+        "flotilla,ray,bare); with flotilla-ray, it and ray share one local Ray instance",
     )
     p.add_argument(
         "--scenarios",
-        default=",".join(scenarios.SCENARIOS),
-        help=f"comma-separated subset of {','.join(scenarios.SCENARIOS)}",
+        default=None,
+        help=f"comma-separated subset of {','.join(scenarios.SCENARIOS)} (default: all; with "
+        "flotilla-ray among the systems, those that apply to it)",
     )
     p.add_argument(
         "--rounds", type=int, default=3, help="rounds; systems alternate within each (default 3)"
@@ -75,6 +80,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default=sys.executable,
         help="Python with flotilla installed (default: this one)",
     )
+    p.add_argument(
+        "--ray-cpus",
+        type=int,
+        default=2,
+        help="--num-cpus of the shared Ray instance (flotilla-ray runs; default 2)",
+    )
     args = p.parse_args(argv)
     if args.quick:
         given = set(argv)
@@ -83,7 +94,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         if "--duration" not in given:
             args.duration = 2.0
     args.systems = [s for s in args.systems.split(",") if s]
-    args.scenarios = [s for s in args.scenarios.split(",") if s]
+    if args.scenarios is None:
+        args.scenarios = [
+            s
+            for s in scenarios.SCENARIOS
+            if "flotilla-ray" not in args.systems or "flotilla-ray" in scenarios.APPLIES[s]
+        ]
+    else:
+        args.scenarios = [s for s in args.scenarios.split(",") if s]
     for s in args.systems:
         if s not in report.SYSTEMS:
             p.error(f"unknown system {s!r}")
@@ -108,6 +126,7 @@ def machine() -> str:
 
 def build_systems(args: argparse.Namespace, notes: list[str]) -> list[systems.System]:
     out: list[systems.System] = []
+    install_log = systems.OUT / "logs" / "ray-install.log"
     for name in args.systems:
         try:
             if name == "flotilla":
@@ -117,18 +136,55 @@ def build_systems(args: argparse.Namespace, notes: list[str]) -> list[systems.Sy
             else:
                 why = None
                 if not args.no_install:
-                    why = systems.ensure_ray(
-                        args.ray_spec, systems.OUT / "logs" / "ray-install.log"
-                    )
+                    why = systems.ensure_ray(args.ray_spec, install_log)
+                    if why is None and name == "flotilla-ray":
+                        why = systems.ensure_flotilla_deps(args.python, install_log)
                 if why is None:
-                    out.append(systems.ray_system())
+                    if name == "flotilla-ray":
+                        out.append(systems.flotilla_ray_system(args.python))
+                    else:
+                        out.append(systems.ray_system())
                 else:
-                    notes.append(f"ray not measured: {why}")
+                    notes.append(f"{name} not measured: {why}")
         except Exception as e:
             if name == "flotilla":
                 raise
             notes.append(f"{name} not measured: {e}")
     return out
+
+
+def start_cluster(
+    syss: list[systems.System], args: argparse.Namespace, log_dir: Path, notes: list[str]
+) -> systems.RayCluster | None:
+    """Start the local Ray instance that flotilla-ray and ray share (`ray start --head`, with
+    bench/.venv-ray's Ray and flotilla's code on the PYTHONPATH of its workers) and point
+    both systems at it. If it does not start, flotilla-ray is dropped (noted)."""
+    flray = next(s for s in syss if s.name == "flotilla-ray")
+    print(f"[bench] starting the shared Ray instance ({args.ray_cpus} CPUs) ...", flush=True)
+    env = dict(os.environ)
+    env.pop("PYTHONPATH", None)
+    env.update(flray.extra_env)  # flotilla's code, for the replica actors
+    env.pop("FLOTILLA_BACKEND", None)
+    cluster = systems.RayCluster(flray.python, env, log_dir, args.ray_cpus)
+    try:
+        took = cluster.wait_ready()
+    except BaseException as e:
+        cluster.stop()
+        if not isinstance(e, Exception):
+            raise
+        syss.remove(flray)
+        notes.append(f"flotilla-ray not measured: the shared Ray instance did not start: {e}")
+        return None
+    for s in syss:
+        if s.name in ("flotilla-ray", "ray"):
+            s.cluster = cluster
+    shared = " and ".join(s.name for s in syss if s.cluster is not None)
+    notes.append(
+        f"{shared} joined one local Ray instance (`ray start --head --num-cpus={args.ray_cpus}`, "
+        f"started in {took:.1f} s, before the rounds): their cold start excludes starting Ray; "
+        "their memory and CPU figures include the instance's processes (GCS, raylet, workers)"
+    )
+    return cluster
 
 
 def run_one(system: systems.System, scenario: str, ctx: scenarios.Ctx) -> dict[str, Any]:
@@ -193,6 +249,9 @@ def main(argv: list[str]) -> int:
             notes.append(f"{why}: http and batch scenarios skipped")
             args.scenarios = [s for s in args.scenarios if s not in ("http", "batch")]
     syss = build_systems(args, notes)
+    cluster = None
+    if any(s.name == "flotilla-ray" for s in syss):
+        cluster = start_cluster(syss, args, log_dir, notes)
     versions = "; ".join(
         f"{s.name}: " + ", ".join(f"{k} {v}" for k, v in s.versions.items()) for s in syss
     )
@@ -228,6 +287,8 @@ def main(argv: list[str]) -> int:
         notes.append("interrupted: partial results")
         print("[bench] interrupted; writing partial results", flush=True)
     finally:
+        if cluster is not None:
+            cluster.stop()
         systems.kill_orphans("end of run")
 
     rounds_done = max((r["round"] for r in records), default=-1) + 1
@@ -239,6 +300,7 @@ def main(argv: list[str]) -> int:
         "rounds": max(rounds_done, 1),
         "duration": args.duration,
         "systems": [s.name for s in syss],
+        "columns": args.systems,
         "notes": notes,
         "leftovers": systems.LEFTOVERS,
         "commands": systems.COMMANDS,
@@ -249,7 +311,11 @@ def main(argv: list[str]) -> int:
     )
     Path(args.output).write_text(report.markdown(info, records, args.scenarios))
     print(
-        "\n" + report.text_table(report.SUMMARY_HEAD, report.summary_rows(records, info["rounds"]))
+        "\n"
+        + report.text_table(
+            report.summary_head(args.systems),
+            report.summary_rows(records, info["rounds"], args.systems),
+        )
     )
     errors = [r for r in records if r["error"]]
     for r in errors:

@@ -84,7 +84,7 @@ def wrk(ctx: Ctx, conns: int, duration: float, path: str = "/") -> dict[str, Any
 
 
 def cpu_by_role(srv: Launched, port: int) -> tuple[dict[int, str], dict[int, int]]:
-    roles = procs.roles(srv.pid, port, "driver" if srv.system.is_serve else "server")
+    roles = srv.roles(port, "driver" if srv.system.is_serve else "server")
     ticks = {pid: procs.cpu_ticks(pid) or 0 for pid in roles}
     return roles, ticks
 
@@ -114,7 +114,7 @@ def measure_http(srv: Launched, ctx: Ctx, conns: int, path: str = "/") -> dict[s
 
 def pss_by_role(srv: Launched, port: int | None) -> tuple[float, dict[str, float], dict[str, int]]:
     """Total PSS (MiB) of the process tree, and per role (MiB, process count)."""
-    roles = procs.roles(srv.pid, port, "driver" if srv.system.is_serve else "server")
+    roles = srv.roles(port, "driver" if srv.system.is_serve else "server")
     mib: dict[str, float] = {}
     count: dict[str, int] = {}
     for pid, role in roles.items():
@@ -351,7 +351,7 @@ def chaos_load(
 def role_procs(proc: Launched, role: str, port: int | None = None) -> list[procs.Proc]:
     """The processes of `proc`'s tree that have `role` (see procs.roles)."""
     out = []
-    for pid, r in procs.roles(proc.pid, port).items():
+    for pid, r in proc.roles(port).items():
         p = procs.read_proc(pid) if r == role else None
         if p is not None:
             out.append(p)
@@ -583,13 +583,14 @@ SCENARIOS: dict[str, Scenario] = {
     "autoscale": autoscale,
     "chaos": chaos,
 }
-# Which systems each scenario applies to.
+# Which systems each scenario applies to. flotilla-ray has no chaos: on the Ray backend the
+# head's end is the session's (phase one), and it has no fork server for replicas.
 APPLIES = {
-    "http": {"flotilla", "ray", "bare"},
-    "handle": {"flotilla", "ray"},
-    "batch": {"flotilla", "ray"},
-    "coldstart": {"flotilla", "ray", "bare"},
-    "memory": {"flotilla", "ray", "bare"},
-    "autoscale": {"flotilla", "ray"},
+    "http": {"flotilla", "flotilla-ray", "ray", "bare"},
+    "handle": {"flotilla", "flotilla-ray", "ray"},
+    "batch": {"flotilla", "flotilla-ray", "ray"},
+    "coldstart": {"flotilla", "flotilla-ray", "ray", "bare"},
+    "memory": {"flotilla", "flotilla-ray", "ray", "bare"},
+    "autoscale": {"flotilla", "flotilla-ray", "ray"},
     "chaos": {"flotilla", "ray"},
 }

@@ -16,6 +16,8 @@ Modes (each one process: the "driver" of the system under test):
              waiting for a killed replica's replacement, timing the first serve.status()
              that works after the parent killed the head / controller) while the parent
              sends load
+With an "address" in CONFIG_JSON the driver joins that Ray instance (`init(address=...)`;
+for flotilla that means its Ray backend) instead of starting its own.
 Output: one JSON object per line on stdout; logs go to stderr.
 """
 
@@ -91,7 +93,10 @@ def emit(**obj: Any) -> None:
 
 
 def start(cfg: dict[str, Any]) -> None:
-    runtime.init(num_cpus=cfg.get("num_cpus", 2), include_dashboard=False)
+    if cfg.get("address"):  # join the run's shared Ray instance (flotilla: its Ray backend)
+        runtime.init(address=cfg["address"])
+    else:
+        runtime.init(num_cpus=cfg.get("num_cpus", 2), include_dashboard=False)
     serve.start(http_options={"host": "127.0.0.1", "port": cfg["port"]})
 
 
