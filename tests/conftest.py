@@ -15,6 +15,22 @@ import flotilla
 from flotilla import serve
 
 
+#: The whole suite runs on either backend: `FLOTILLA_BACKEND=ray` runs it with replicas as Ray
+#: actors (scripts/test does, in .venv-ray, after the local run).
+RAY_BACKEND = os.environ.get("FLOTILLA_BACKEND", "").strip().lower() == "ray"
+
+
+def local_only(reason: str) -> pytest.MarkDecorator:
+    """Skip on the Ray backend: the test checks something only the local backend has."""
+    return pytest.mark.skipif(RAY_BACKEND, reason=f"local backend only: {reason}")
+
+
+def skip_direct_on_ray(mode: str) -> None:
+    """Direct ingress (replicas serving HTTP on the proxy's port) is local-backend only."""
+    if RAY_BACKEND and mode == "direct":
+        pytest.skip("local backend only: direct ingress shares this machine's listening socket")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

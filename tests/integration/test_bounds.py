@@ -27,7 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 import flotilla
 from flotilla import serve
 from flotilla._private.client import Runtime
-from tests.conftest import running_cluster, wait_for
+from tests.conftest import local_only, running_cluster, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -128,8 +128,8 @@ def test_unknown_keyword_arguments_raise_type_error_naming_them(url: str) -> Non
 
 
 def test_documented_ray_arguments_are_accepted_with_a_warning(url: str) -> None:
-    with pytest.warns(UserWarning, match="include_dashboard"):
-        flotilla.init(include_dashboard=False, ignore_reinit_error=True)
+    with pytest.warns(UserWarning, match="dashboard_port"):  # ignored on both backends
+        flotilla.init(dashboard_port=8265, ignore_reinit_error=True)
     with pytest.warns(UserWarning, match="grpc_options"):
         serve.start(grpc_options={}, http_options={"port": httpx.URL(url).port, **HTTP})
 
@@ -203,6 +203,7 @@ class Leaky:
         return os.getpid()
 
 
+@local_only("on Ray `memory` is a reservation Ray schedules by; Ray's memory monitor acts on use")
 def test_replica_over_its_memory_is_restarted_with_a_clear_message(url: str) -> None:
     h = serve.run(Leaky.bind(), name="leaky", route_prefix=None)
     first = h.pid.remote().result()

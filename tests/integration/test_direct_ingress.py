@@ -11,9 +11,9 @@ import pytest
 from flotilla import serve
 from flotilla._private.client import Runtime
 from flotilla.serve.exceptions import ConfigError
-from tests.conftest import alive, descendants, running_cluster, wait_for
+from tests.conftest import alive, descendants, local_only, running_cluster, wait_for
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, local_only("direct ingress shares this machine's listening socket")]
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from flotilla._private.procfs import machine_memory
 from tests.conftest import running_cluster, wait_for
 from tests.integration.test_bounds import deployment_message, environ, metric
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, local_only("Ray's own memory monitor watches its workers")]
 
 GiB = 1 << 30
 MARGIN = 1 * GiB  # the threshold sits this far above the usage at start

@@ -26,7 +26,7 @@ import flotilla
 from flotilla import serve
 from flotilla._private.client import Runtime
 from flotilla.serve.metrics import Counter, Gauge, Histogram
-from tests.conftest import descendants, running_cluster, title, wait_for
+from tests.conftest import descendants, local_only, running_cluster, title, wait_for
 from tests.load import Load
 
 pytestmark = pytest.mark.slow
@@ -237,6 +237,7 @@ def test_a_scrape_answers_while_every_replica_loop_is_blocked(url):
         blocked.join()
 
 
+@local_only("it finds the proxy and replica by their process titles")
 def test_a_scrape_storm_costs_the_data_plane_nothing(url):
     serve.run(Blocking.bind(), name="storm", route_prefix="/storm")
     assert httpx.get(f"{url}/storm", timeout=30).status_code == 200
@@ -296,6 +297,7 @@ def test_a_departed_replica_keeps_its_final_counters_for_a_while(url):
     assert time.monotonic() - t0 > RETAIN_S - 1.0
 
 
+@local_only("on Ray a head crash ends the session (no restart yet)")
 def test_counters_survive_a_head_restart(url):
     serve.run(Blocking.bind(), name="hr", route_prefix="/hr")
     with httpx.Client(base_url=url, timeout=30) as c:

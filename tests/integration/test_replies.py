@@ -27,7 +27,7 @@ from starlette.responses import Response, StreamingResponse
 from flotilla import serve
 from flotilla.exceptions import GetTimeoutError
 from flotilla.serve.handle import DeploymentHandle
-from tests.conftest import running_cluster
+from tests.conftest import running_cluster, skip_direct_on_ray
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(60)]
 
@@ -39,7 +39,9 @@ BOTH = pytest.mark.parametrize("cluster", ["proxy", "direct"], indirect=True)
 @pytest.fixture(scope="module")
 def cluster(request: pytest.FixtureRequest) -> Iterator[str]:
     """A cluster with the proxy (default), direct ingress ("direct"), or a body limit ("limit")."""
-    with running_cluster(MODES[getattr(request, "param", "proxy")], num_cpus=4) as url:
+    mode = getattr(request, "param", "proxy")
+    skip_direct_on_ray(mode)
+    with running_cluster(MODES[mode], num_cpus=4) as url:
         yield url
 
 

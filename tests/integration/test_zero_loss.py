@@ -34,6 +34,7 @@ BOTH = pytest.mark.parametrize("cluster", ["proxy", "direct"], indirect=True)
 def cluster(request: pytest.FixtureRequest) -> Iterator[str]:
     """A cluster whose HTTP ingress is the proxy (default) or direct ingress (param "direct")."""
     mode = getattr(request, "param", "proxy")
+    skip_direct_on_ray(mode)
     with running_cluster({"direct_ingress": True} if mode == "direct" else {}, num_cpus=8) as url:
         yield url
 

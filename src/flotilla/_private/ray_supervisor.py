@@ -37,9 +37,11 @@ driver ─▶ keeper ─▶ head (this machine; the Ray driver) ──ray.init�
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -148,7 +150,8 @@ class ReplicaActor:
         auth.set_cluster_secret(args.pop("secret"))
         args["tcp_host"] = ray.util.get_node_ip_address()
         args["node_id"] = ray.get_runtime_context().get_node_id()
-        replica.setup_process(args, in_actor=True)
+        own_log = _log_to(args.pop("log_path", ""))
+        replica.setup_process(args, in_actor=True, own_log=own_log)
         replica.run_loop(args)
         return 0
 
@@ -203,7 +206,8 @@ class RaySupervisor(Supervisor):
         self._tasks: set[asyncio.Task[Any]] = set()
 
     def logs_hint(self, path: str) -> str:
-        return "Ray's worker logs on the replica's node (/tmp/ray/session_latest/logs/worker-*)"
+        return (f"{path} (on a node without that folder: logs/flotilla/{os.path.basename(path)} in "
+                "Ray's session folder there, or Ray's worker-* logs if it never started)")
 
     async def use_zygote(self, proc: Any = None) -> None:
         await self.zygote.use_zygote(proc)
@@ -220,7 +224,7 @@ class RaySupervisor(Supervisor):
         if extra.get("resources"):
             extra["resources"] = {**opts.get("resources", {}), **extra["resources"]}
         opts.update(extra)
-        run_args = dict(args, head_sock=self.head_addr, secret=self.secret,
+        run_args = dict(args, head_sock=self.head_addr, secret=self.secret, log_path=log_path,
                         has_working_dir=bool((rao.get("runtime_env") or {}).get("working_dir")))
         for k in ("ray_actor_options", *PLACEMENT_ARGS):
             run_args.pop(k, None)
@@ -314,6 +318,34 @@ def remove_placement_group(proc: ActorProcess) -> None:
         logger.debug("remove_placement_group(%s): %r", proc.name, e)
 
 
+def _log_to(path: str) -> bool:
+    """Point this worker's stdout and stderr at the replica's log file, as the local backend
+    does: `path` where its folder exists on this node (the head's machine, a shared disk), else
+    the same name under `logs/flotilla/` in Ray's session folder here. False (Ray's worker
+    logs kept) when neither can be opened."""
+    if not path:
+        return False
+    if not os.path.isdir(os.path.dirname(path)):
+        try:
+            node = ray._private.worker.global_worker.node
+            folder = os.path.join(node.get_logs_dir_path(), "flotilla")
+            os.makedirs(folder, exist_ok=True)
+        except Exception:
+            return False
+        path = os.path.join(folder, os.path.basename(path))
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    except OSError:
+        return False
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    return True
+
+
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
@@ -377,7 +409,7 @@ class RayResources(ResourcePool):
             have = self._free.get(k, 0.0)
             if v > have + 1e-9:
                 total = self._totals.get(k, 0.0)
-                where = "" if total else ", and no node of the cluster has any"
+                where = "" if total else ", and no node of the cluster has any: it can never fit until one that has it joins"
                 short.append(f"{k} (needs {v:g}, {have:g} available{where})")
         return "not enough " + ", ".join(short) if short else ""
 

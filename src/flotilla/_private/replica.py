@@ -790,13 +790,13 @@ def _add_request_id(record: logging.LogRecord) -> bool:
     return True
 
 
-def setup_process(args: dict[str, Any], *, in_actor: bool = False) -> None:
+def setup_process(args: dict[str, Any], *, in_actor: bool = False, own_log: bool = True) -> None:
     """Environment, import path, working folder and logging of the process a replica runs in.
 
     In a Ray actor (`in_actor`) the worker process is Ray's: the driver's import path is added
     to (not replaced), the working folder is changed only when it exists here and the
-    deployment has no `runtime_env` working_dir, and logs go where Ray puts the worker's
-    (no rotation of Ray's files)."""
+    deployment has no `runtime_env` working_dir, and the log is rotated only when it is the
+    replica's own file (`own_log`), not Ray's worker log."""
     os.environ.update(args.get("env", {}))
     if in_actor:
         for p in reversed(args.get("sys_path", [])):
@@ -816,7 +816,7 @@ def setup_process(args: dict[str, Any], *, in_actor: bool = False) -> None:
     )
     for handler in logging.getLogger().handlers:
         handler.addFilter(_add_request_id)
-    if not in_actor:
+    if own_log:
         logrotate.rotate_own_log()
 
 
