@@ -16,11 +16,14 @@ import os
 import socket
 
 
-def bind_tcp(host: str, port: int, backlog: int = 2048) -> socket.socket:
-    """A non-blocking listening TCP socket on host:port (raises OSError)."""
+def bind_tcp(host: str, port: int, backlog: int = 2048, reuse_port: bool = False) -> socket.socket:
+    """A non-blocking listening TCP socket on host:port (raises OSError). `reuse_port`:
+    SO_REUSEPORT, so other proxies (Ray nodes sharing this address) can bind the port too."""
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((host, port))
         sock.listen(backlog)
         sock.setblocking(False)
