@@ -112,7 +112,7 @@ class ProxyManager:
         from flotilla._private import listener
 
         try:
-            sock = listener.bind_tcp(host, port, reuse_port=self.head.backend == "ray")
+            sock = listener.bind_tcp(host, port, reuse_port=self.head.backend == "ray", claim=True)
         except OSError as e:
             self.options = None
             extra = ", 'direct_ingress': True" if direct else ""
