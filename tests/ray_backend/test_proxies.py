@@ -128,7 +128,8 @@ def every_node(cluster: dict[str, Any]) -> Iterator[dict[str, Any]]:
     serve.run(hello.bind(), name="hello", route_prefix="/hello")
     _wait("a HEALTHY proxy per node", _healthy(cluster["nodes"]))
     yield {**cluster, "url": f"http://127.0.0.1:{port}/hello"}
-    serve.shutdown()
+    if flotilla.is_initialized():
+        serve.shutdown()
 
 
 def test_a_proxy_on_every_node(every_node: dict[str, Any]) -> None:
@@ -197,3 +198,21 @@ def test_head_only_and_disabled(cluster: dict[str, Any]) -> None:
     time.sleep(1.5)
     assert not _proxy_actors()
     serve.shutdown()
+
+
+def test_flotilla_shutdown_stops_every_proxy_actor(cluster: dict[str, Any]) -> None:
+    serve.start(http_options={"port": free_port()})
+    _wait("a HEALTHY proxy per node", _healthy(cluster["nodes"]))
+    pids = [_info(name)["pid"] for name in _proxy_actors().values()]
+    assert len(pids) == 2
+    flotilla.shutdown()
+    _wait("no proxy actor left", lambda: not _proxy_actors(), timeout=10)
+
+    def gone(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        return False
+
+    _wait("their processes gone", lambda: all(gone(p) for p in pids), timeout=10)

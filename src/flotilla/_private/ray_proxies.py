@@ -64,8 +64,8 @@ class Seat:
     """What the proxy loop in a `ProxyActor` shares with the actor's other methods (a plain
     object: an `async def` on the actor class would make Ray run it as an async actor)."""
 
-    def __init__(self, args: dict[str, Any]) -> None:
-        self.args = args
+    def __init__(self) -> None:
+        self.args: dict[str, Any] = {}
         self.loop: asyncio.AbstractEventLoop | None = None
         self.server: Any = None
         self.proxy: Any = None
@@ -94,15 +94,13 @@ class ProxyActor:
     `info` and `stop` answer meanwhile (a threaded actor)."""
 
     def __init__(self) -> None:
-        self.seat = Seat({})
+        self.seat = Seat()
 
     def run(self, args: dict[str, Any]) -> int:
         from flotilla._private import auth, proxy
 
         auth.set_cluster_secret(args.pop("secret"))
-        stopping = self.seat.stopping
-        self.seat = Seat(args)
-        self.seat.stopping = stopping
+        self.seat.args = args
         proxy.run_in_actor(args, self.seat)
         return 0
 
