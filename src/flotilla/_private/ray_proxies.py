@@ -24,6 +24,7 @@ head's machine                                  every other alive Ray node
   proxies of nodes that share an address, as `ray.cluster_utils.Cluster` makes them, share
   the port: the kernel spreads new connections among them), serves, and only then calls
   `node_proxy_ready`: HEALTHY. `serve.status().proxies` is keyed by Ray node id.
+- A proxy not ready `START_TIMEOUT_S` after its creation is killed, and so started again.
 - Stop: `stop()` on every actor (uvicorn stops accepting and finishes what is in flight),
   bounded by `STOP_TIMEOUT_S`, then `ray.kill`. Actors are the head's (not detached): they
   die with it.
@@ -35,6 +36,7 @@ import asyncio
 import logging
 import os
 import threading
+import time
 from typing import Any
 
 import ray
@@ -53,6 +55,8 @@ NODE_POLL_S = 1.0
 STOP_TIMEOUT_S = 3.0
 RESTART_FIRST_S = 0.2
 RESTART_CAP_S = 10.0
+#: A proxy actor not ready this long after its creation is killed (and so started again).
+START_TIMEOUT_S = 60.0
 
 
 def alive_nodes() -> dict[str, str]:
@@ -151,6 +155,7 @@ class NodeProxy:
         self.backoff = Backoff(first=RESTART_FIRST_S, cap=RESTART_CAP_S)
         self.relaunch: asyncio.TimerHandle | None = None
         self.restarts = 0
+        self.launched = 0.0  # time.monotonic() of the current actor's creation
 
 
 class ProxyFleet:
@@ -194,6 +199,13 @@ class ProxyFleet:
                 p = self.proxies[node_id] = NodeProxy(node_id, ip)
                 logger.info("starting the HTTP proxy of node %s (%s)", node_id, ip)
                 self._launch(p)
+        now = time.monotonic()
+        for p in self.proxies.values():
+            if p.status is ProxyStatus.STARTING and p.actor is not None and now - p.launched > START_TIMEOUT_S:
+                p.message = f"not ready {START_TIMEOUT_S:g}s after its start"
+                logger.warning("the HTTP proxy of node %s is %s; replacing it", p.node_id, p.message)
+                p.status = ProxyStatus.UNHEALTHY
+                _kill(p.actor)  # its exit starts another
         for node_id in [n for n in self.proxies if n not in nodes]:
             p = self.proxies.pop(node_id)
             logger.info("node %s is gone: its HTTP proxy is dropped", node_id)
@@ -221,6 +233,7 @@ class ProxyFleet:
             self._exited(p, p.generation, f"could not create its Ray actor: {type(e).__name__}: {_first_line(e)}")
             return
         p.backoff.started()
+        p.launched = time.monotonic()
         p.watch = asyncio.get_running_loop().create_task(self._watch(p, p.generation, p.actor, ref))
 
     async def _watch(self, p: NodeProxy, generation: int, actor: Any, ref: Any) -> None:
