@@ -979,9 +979,7 @@ class Controller:
                 deployments=deps,
                 route_prefix=app.route_prefix,
             )
-        proxies = {}
-        if self.proxy is not None and self.proxy.status is not None:
-            proxies["head"] = self.proxy.status
+        proxies = self.proxy.statuses() if self.proxy is not None else {}
         return ServeStatus(proxies=proxies, applications=apps)
 
     def metrics_snapshot(self) -> dict[str, Any]:

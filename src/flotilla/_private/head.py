@@ -62,6 +62,10 @@ class ProxyManager:
     the proxy process and the head: connections made while the proxy is being restarted wait in
     the socket's backlog instead of being refused. The proxy (like direct-ingress replicas)
     fetches a duplicate of it over a Unix socket in the session folder (`listener.py`).
+
+    On the Ray backend with location "EveryNode" (the default) `fleet` runs a proxy actor on
+    every other node (`ray_proxies.ProxyFleet`), on the same port: the head's socket then has
+    SO_REUSEPORT too, and `statuses()` is keyed by Ray node id.
     """
 
     def __init__(self, head: Head) -> None:
@@ -80,6 +84,8 @@ class ProxyManager:
         self._restarting_since: float | None = None
         self._relaunch_task: asyncio.Task[None] | None = None
         self._first_start = False  # serve.start is waiting: a crash now is its error, not retried
+        self.fleet: Any = None  # ray_proxies.ProxyFleet: the other nodes' proxies (Ray backend)
+        self._fleet_stop: asyncio.Task[None] | None = None
 
     async def start(self, options: dict[str, Any]) -> str:
         """Start the proxy (or direct ingress) with `options`; returns its URL, "" if disabled."""
@@ -106,7 +112,7 @@ class ProxyManager:
         from flotilla._private import listener
 
         try:
-            sock = listener.bind_tcp(host, port)
+            sock = listener.bind_tcp(host, port, reuse_port=self.head.backend == "ray", claim=True)
         except OSError as e:
             self.options = None
             extra = ", 'direct_ingress': True" if direct else ""
@@ -123,7 +129,37 @@ class ProxyManager:
             logger.info("direct ingress: replicas will accept on %s themselves", self.url)
             return self.url
         self._first_start = True
+        self._start_fleet()
         return await self._launch()
+
+    def _start_fleet(self) -> None:
+        """Ray backend, location "EveryNode": a proxy actor on each of the other nodes."""
+        if self.head.backend != "ray" or self.options is None or self.options.get("location") != "EveryNode":
+            return
+        from flotilla._private.ray_proxies import ProxyFleet
+
+        assert self.head.secret is not None and self.shared is not None
+        tag = os.path.basename(self.head.session_dir.rstrip("/"))
+        self.fleet = ProxyFleet(self.head.node_id, self.head.tcp_addr, self.head.secret, tag,
+                                dict(self.options, port=self.shared.port, url=self.url))
+        self.fleet.start()
+
+    async def _stop_fleet(self) -> None:
+        fleet, self.fleet = self.fleet, None
+        if fleet is not None:
+            await fleet.stop()
+
+    def statuses(self) -> dict[str, ProxyStatus]:
+        """`serve.status().proxies`: "head" (the local backend) or node id -> status."""
+        out = {} if self.status is None else {self.head.node_id or "head": self.status}
+        if self.fleet is not None:
+            out.update(self.fleet.statuses())
+        return out
+
+    def node_ready(self, peer: RpcPeer, *args: Any) -> None:
+        if self.fleet is None:
+            raise RuntimeError("no HTTP proxies run on other nodes")
+        self.fleet.ready(peer, *args)
 
     async def _hold(self, sock: Any) -> None:
         from flotilla._private import listener
@@ -158,6 +194,7 @@ class ProxyManager:
                     fd_sock=self.shared.path, url=self.url)
         if self.head.secret is not None:  # the Ray backend: replicas are reached over TCP
             args["secret"] = self.head.secret.hex()  # on the zygote's stdin pipe, nowhere else
+            args["node_id"] = self.head.node_id
         self.proc = await self.head.supervisor.start("proxy", log, args, self.on_exit)
         self.backoff.started()
         self.head.checkpoint_soon()
@@ -225,6 +262,8 @@ class ProxyManager:
             self.shared = None
             self.head.keeper.drop("http")
             self.head.checkpoint_soon()
+            if self.fleet is not None:
+                self._fleet_stop = asyncio.get_running_loop().create_task(self._stop_fleet())
             return
         self.status = ProxyStatus.STARTING
         delay = self.backoff.failed()
@@ -297,7 +336,9 @@ class ProxyManager:
             self._relaunch_task.cancel()
         proc, self.proc = self.proc, None
         if proc is not None:
-            await self.head.supervisor.stop(proc, PROXY_STOP_TIMEOUT_S)
+            await asyncio.gather(self.head.supervisor.stop(proc, PROXY_STOP_TIMEOUT_S), self._stop_fleet())
+        else:
+            await self._stop_fleet()
         if self.shared is not None:
             self.shared.close()
             self.shared = None
@@ -320,6 +361,7 @@ class Head:
         self.secret: bytes | None = None
         self.supervisor: Any
         self.tcp_addr = ""
+        self.node_id = ""  # the Ray node this head runs on (Ray backend)
         self.ready_out: Any = sys.stdout  # where the ready line goes (the pipe to the keeper)
         if self.backend == "ray":
             from flotilla._private import auth
@@ -403,6 +445,7 @@ class Head:
             from flotilla._private.transport import serve_tcp
 
             host = ray.util.get_node_ip_address()
+            self.node_id = ray.get_runtime_context().get_node_id()
             tcp_server = await serve_tcp(host, 0, lambda: RpcPeer(self.handle, name="client"), self.secret)
             port = tcp_server.sockets[0].getsockname()[1]
             self.tcp_addr = self.supervisor.head_addr = f"tcp://{f'[{host}]' if ':' in host else host}:{port}"
@@ -594,6 +637,8 @@ class Head:
             return self.proxy.ready(peer, *args)
         if op == "proxy_failed":
             return self.proxy.failed(*args)
+        if op == "node_proxy_ready":
+            return self.proxy.node_ready(peer, *args)
         if op == "serve_shutdown":
             await self.proxy.stop()
             await c.shutdown()

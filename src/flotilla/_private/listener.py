@@ -16,11 +16,20 @@ import os
 import socket
 
 
-def bind_tcp(host: str, port: int, backlog: int = 2048) -> socket.socket:
-    """A non-blocking listening TCP socket on host:port (raises OSError)."""
+def bind_tcp(host: str, port: int, backlog: int = 2048, reuse_port: bool = False,
+             claim: bool = False) -> socket.socket:
+    """A non-blocking listening TCP socket on host:port (raises OSError). `reuse_port`:
+    SO_REUSEPORT, so other proxies (Ray nodes sharing this address) can bind the port too;
+    with `claim`, only if no socket holds the port yet (else another session's proxies would
+    share it silently): a plain bind is tried first, and raises EADDRINUSE if one does."""
+    if reuse_port and claim:
+        with bind_tcp(host, port, backlog=1) as probe:
+            port = probe.getsockname()[1]
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((host, port))
         sock.listen(backlog)
         sock.setblocking(False)

@@ -3,6 +3,10 @@
 It reads the whole request body, forwards (scope, body) to a replica of the app's ingress
 deployment through a `Router`, and writes back the replica's response, streaming it when
 the replica streams. Route table and replica sets are pushed by the controller.
+
+It runs as a process forked by the zygote on the head's machine (`main`: the listening
+socket is the head's, fetched over a Unix socket), or inside a Ray actor on another node
+(`run_in_actor`, Ray backend: it binds the port itself with SO_REUSEPORT; `ray_proxies.py`).
 """
 
 from __future__ import annotations
@@ -42,6 +46,8 @@ class Proxy:
         self.max_body: int | None = args.get("max_request_body_bytes", MAX_REQUEST_BODY_BYTES)
         self.metrics = metrics.enabled()
         self.ongoing = 0
+        self.requests = 0  # HTTP requests received
+        self.node_label: str = args.get("node_id") or "head"
         self.access = metrics.AccessLog("proxy")
         self.ids = metrics.RequestIds()
         self.root_path: str = args.get("root_path") or ""
@@ -64,6 +70,7 @@ class Proxy:
             if scope["type"] == "websocket":
                 await send({"type": "websocket.close", "code": 1000})
             return
+        self.requests += 1
         path, root = http_util.mount(self.root_path, scope["path"])
         if path.startswith("/-/"):
             if path == "/-/healthz":
@@ -203,10 +210,12 @@ class Proxy:
                 ch.cancel()
 
     def set_gauges(self) -> None:
-        STORE.set("ray_serve_num_ongoing_http_requests", ("head",), float(self.ongoing))
+        STORE.set("ray_serve_num_ongoing_http_requests", (self.node_label,), float(self.ongoing))
 
 
-async def _amain(args: dict[str, Any]) -> None:
+async def _amain(args: dict[str, Any], seat: Any = None) -> None:
+    """Serve until told to stop. `seat`: a `ray_proxies.Seat` (in a Ray actor: this proxy
+    binds its own socket and registers as its node's), or None (the head's machine)."""
     import uvicorn
 
     from flotilla._private import listener
@@ -217,6 +226,8 @@ async def _amain(args: dict[str, Any]) -> None:
 
         auth.set_cluster_secret(bytes.fromhex(args.pop("secret")))
     proxy = Proxy(args)
+    if seat is not None:
+        seat.proxy = proxy
     loop = asyncio.get_running_loop()
     url: str = args["url"]
     state: dict[str, Any] = {"ready": False, "server": None}
@@ -238,15 +249,17 @@ async def _amain(args: dict[str, Any]) -> None:
             if state["server"] is not None:
                 state["server"].should_exit = True
 
-    link = HeadLink(args["head_sock"], on_call, name="head", hello=hello)
+    link = HeadLink(args["head_sock"], on_call, name="head", hello=hello if seat is None else None)
     await link.connect()
     rt = Runtime.attach(loop, link)
     pusher = metrics.Pusher(STORE, link, proxy.set_gauges)
     pusher.start()
     proxy.rt = rt
     await rt.subscribe(("routes",), proxy.set_routes)
-    # The listening socket belongs to the head (and the keeper): it outlives this process.
-    sock = await loop.run_in_executor(None, listener.receive, args["fd_sock"])
+    if seat is None:  # the listening socket belongs to the head (and the keeper): it outlives this process
+        sock = await loop.run_in_executor(None, listener.receive, args["fd_sock"])
+    else:  # bound only now that the routes are known, so no connection waits on a proxy that cannot route
+        sock = listener.bind_tcp(args.get("host", "127.0.0.1"), int(args["port"]), reuse_port=True)
     bounded, _ = httpguard.protocol_class(args, "proxy")  # connection, header size and time limits
     config = uvicorn.Config(
         proxy,
@@ -264,7 +277,10 @@ async def _amain(args: dict[str, Any]) -> None:
     serve_task = loop.create_task(server.serve(sockets=[sock]))
     while not server.started and not serve_task.done():
         await asyncio.sleep(0.005)
-    await link.call("proxy_ready", url, wait_s=math.inf)
+    if seat is None:
+        await link.call("proxy_ready", url, wait_s=math.inf)
+    else:
+        await seat.serving(link, server, url)
     state["ready"] = True
     await serve_task
     pusher.stop()
@@ -281,3 +297,15 @@ def main(args: dict[str, Any]) -> None:
     import uvloop
 
     uvloop.run(_amain(args))
+
+
+def run_in_actor(args: dict[str, Any], seat: Any) -> None:
+    """The proxy main loop in a Ray actor's thread (its worker's log is Ray's: not rotated)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s proxy %(name)s: %(message)s")
+    if args.get("logging_config") is not None:
+        from flotilla._private import logfmt
+
+        logfmt.configure(args["logging_config"], "proxy", {"component_name": "proxy"}, request_id=False)
+    import uvloop
+
+    uvloop.run(_amain(args, seat))

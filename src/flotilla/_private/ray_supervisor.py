@@ -8,7 +8,9 @@ driver ─▶ keeper ─▶ head (this machine; the Ray driver) ──ray.init�
                      │ zygote ─fork─▶ proxy (this machine)    on whichever node Ray picks)
                      │ control: head.sock (local processes)    run(): the replica's main loop
                      │          tcp://ip:port (actors)          on its own uvloop thread,
- routers (driver, proxy) ────── authenticated TCP frames ──▶    data plane on tcp://node-ip:port
+                     │                                          data plane on tcp://node-ip:port
+                     └ ProxyFleet (ray_proxies.py) ─────────▶ ProxyActor on each other node
+ routers (driver, proxies) ──── authenticated TCP frames ──▶  replicas
 ```
 
 - `RaySupervisor.start("replica", ...)` creates a `ReplicaActor` with the deployment's
@@ -28,7 +30,8 @@ driver ─▶ keeper ─▶ head (this machine; the Ray driver) ──ray.init�
   then killed to free its resources) or fails (`ActorDiedError`: the worker or its node died,
   `RuntimeEnvSetupError`: a bad runtime_env, ...). Stop: the controller drains the replica
   over its control connection as on the local backend, then `ray.kill`.
-- Other workers (the HTTP proxy) are still forked by a local zygote on the head's machine.
+- Other workers (the head machine's HTTP proxy) are still forked by a local zygote; the
+  other nodes' proxies are actors of `ray_proxies.ProxyFleet` (`proxy_location="EveryNode"`).
 - The per-cluster secret travels to actors as an argument of `run` (through Ray), to local
   processes over their pipe or the head's Unix socket; never on a command line, in a file or
   in the environment.

@@ -74,8 +74,9 @@ def start(
 ) -> None:
     """Start the HTTP proxy (default 127.0.0.1:8000). Implicit in `serve.run`.
 
-    `proxy_location` (or `http_options["location"]`): "HeadOnly" and "EveryNode" both mean
-    one proxy on this machine; "Disabled" starts none (applications answer handles only).
+    `proxy_location` (or `http_options["location"]`): "EveryNode" (the default) runs a proxy
+    on every Ray node on the Ray backend, all on the same port; "HeadOnly" one, on the head's
+    machine (on the local backend both mean that); "Disabled" none (handles only).
     `logging_config` applies to the proxy's log (level, encoding, access log, folder).
 
     Raises:

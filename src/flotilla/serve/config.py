@@ -443,9 +443,10 @@ class HTTPOptions(BaseModel):
     request_timeout_s: float | None = Field(None, gt=0)
     keep_alive_timeout_s: float = Field(5.0, gt=0)
     location: Literal["HeadOnly", "EveryNode", "Disabled", "NoServer"] | None = Field(
-        "HeadOnly",
-        description="Where proxies run. One machine is one node, so HeadOnly and EveryNode both "
-        "mean one proxy; Disabled (or NoServer) starts none: applications answer handles only.",
+        "EveryNode",
+        description="Where proxies run: EveryNode (on the Ray backend, a proxy on every node, "
+        "all on the same port), HeadOnly (one, on the head's machine; on the local backend both "
+        "mean that), Disabled (or NoServer): none, applications answer handles only.",
     )
     direct_ingress: bool = Field(
         False,
