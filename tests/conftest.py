@@ -14,7 +14,6 @@ import pytest
 import flotilla
 from flotilla import serve
 
-
 #: The whole suite runs on either backend: `FLOTILLA_BACKEND=ray` runs it with replicas as Ray
 #: actors (scripts/test does, in .venv-ray, after the local run).
 RAY_BACKEND = os.environ.get("FLOTILLA_BACKEND", "").strip().lower() == "ray"

@@ -17,7 +17,7 @@ import pytest
 
 from flotilla import serve
 from flotilla._private.procfs import machine_memory
-from tests.conftest import running_cluster, wait_for
+from tests.conftest import local_only, running_cluster, wait_for
 from tests.integration.test_bounds import deployment_message, environ, metric
 
 pytestmark = [pytest.mark.slow, local_only("Ray's own memory monitor watches its workers")]

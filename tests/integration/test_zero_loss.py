@@ -20,7 +20,7 @@ import pytest
 
 from flotilla import serve
 from flotilla.serve.schema import ReplicaState
-from tests.conftest import running_cluster, wait_for
+from tests.conftest import running_cluster, skip_direct_on_ray, wait_for
 from tests.load import Load, combined, running
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(90)]
