@@ -173,6 +173,7 @@ def test_kill_head_under_load(url: str) -> None:
     assert http.failed == 0 and hl.failed == 0 and http.stuck == 0 and hl.stuck == 0, combined(http, hl)
 
 
+@TITLES
 def test_kill_zygote_under_load(url: str) -> None:
     h = serve.run(Echo.bind(1), name="zyg", route_prefix="/zyg")
     log = head_log()

@@ -20,7 +20,7 @@ import pytest
 
 from flotilla import serve
 from flotilla.serve.schema import ReplicaState
-from tests.conftest import running_cluster, skip_direct_on_ray, wait_for
+from tests.conftest import RAY_BACKEND, running_cluster, skip_direct_on_ray, wait_for
 from tests.load import Load, combined, running
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(90)]
@@ -158,7 +158,8 @@ def test_autoscaler_scale_down_4_to_1_fails_no_request(url: str, request: pytest
             "max_replicas": 4,
             "target_ongoing_requests": 100,  # 8 client threads need one replica
             "upscale_delay_s": 0,
-            "downscale_delay_s": 0.5,
+            # Long enough that no decision falls before the 4 replicas run (Ray actors start slower).
+            "downscale_delay_s": 5.0 if RAY_BACKEND else 0.5,
             "metrics_interval_s": 0.1,
             "look_back_period_s": 0.5,
         },

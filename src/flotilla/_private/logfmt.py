@@ -77,3 +77,20 @@ def configure(config: dict[str, Any] | None, component: str, context: dict[str, 
         fmt = TextFormatter(component, attrs, request_id)
     for handler in root.handlers:
         handler.setFormatter(fmt)
+    _to_root("ray.serve", root)
+
+
+def _to_root(name: str, root: logging.Logger) -> None:
+    """Inside a Ray worker Ray's "ray" logger does not propagate: point `name` (Ray Serve's
+    logger, which user code logs to) at the root's handlers and level, as it is elsewhere."""
+    logger = logging.getLogger(name)
+    node: logging.Logger | None = logger
+    while node is not None and node is not root:
+        if not node.propagate:
+            break
+        node = node.parent
+    else:
+        return
+    logger.propagate = False
+    logger.setLevel(root.level)
+    logger.handlers = list(root.handlers)
