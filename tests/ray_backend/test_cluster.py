@@ -4,7 +4,6 @@ with no CPUs and two workers with different custom resources."""
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,7 +16,7 @@ import httpx  # noqa: E402
 import flotilla  # noqa: E402
 from flotilla import serve  # noqa: E402
 from flotilla.serve.schema import DeploymentID  # noqa: E402
-from tests.conftest import free_port  # noqa: E402
+from tests.conftest import free_port, wait_for  # noqa: E402
 from tests.ray_backend.conftest import send_unauthenticated_pickle  # noqa: E402
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(180)]
@@ -111,7 +110,14 @@ def test_unauthenticated_pickle_is_refused(nodes: dict[str, Any], tmp_path: Any)
     marker = str(tmp_path / "payload-ran")
     got = send_unauthenticated_pickle(addrs[0], marker)
     assert len(got) <= 36, got  # at most the server's HELLO; never an answer to a frame
-    time.sleep(0.5)
+
+    def refused() -> float:  # counted, and pushed to the head's /metrics within a second or two
+        text = httpx.get(flotilla.metrics_url(), timeout=10).text
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith("flotilla_auth_failures_total{") and 'component="replica"' in line
+                   and 'side="server"' in line)
+
+    wait_for(lambda: refused() >= 1, timeout=15, what="the refused handshake in /metrics")
     assert not os.path.exists(marker), "the unauthenticated pickle was loaded"
     assert h.remote().result(timeout_s=30)["node"] == nodes["a"]  # the replica serves on
 

@@ -43,7 +43,7 @@ from flotilla._private.bounds import (
     startup_timeout_message,
 )
 from flotilla._private.lifecycle import RState, transition
-from flotilla._private.metrics import Store
+from flotilla._private.metrics import Store, record_auth_failures
 from flotilla._private.procfs import group_rss, machine_memory
 from flotilla._private.reconcile import (
     MAX_CONSTRUCTOR_FAILURES,
@@ -998,6 +998,7 @@ class Controller:
                 m.set("flotilla_deployment_replicas", (d.name, d.app, state), float(n))
             m.set("flotilla_deployment_target_replicas", (d.name, d.app), float(d.target))
             m.set("ray_serve_deployment_queued_queries", (d.name, d.app), float(self.autoscaler.routed_waiting(d.key)))
+        record_auth_failures(m, "head")
         return m.snapshot()
 
     async def wait_app(self, name: str, timeout: float) -> tuple[str, str]:

@@ -284,6 +284,20 @@ class Aggregate:
         return [{"meta": p["meta"], "values": p["values"]} for p in procs]
 
 
+def record_auth_failures(store: Store, component: str) -> None:
+    """Copy this process's refused handshakes (`auth.failures`, absolute counts) into `store`,
+    as `flotilla_auth_failures_total{component, side, reason}`; nothing until there is one."""
+    from flotilla._private import auth
+
+    if not auth.failures:
+        return
+    store.declare("counter", auth.METRIC,
+                  "Connections to the authenticated TCP data and control plane refused at the handshake.",
+                  ("component", "side", "reason"))
+    for (side, reason), n in auth.failures.items():
+        store.set(auth.METRIC, (component, side, reason), float(n))
+
+
 def render(snapshots: Iterable[dict[str, Any]]) -> bytes:
     """Prometheus text for several processes' snapshots (same names are merged).
 

@@ -211,6 +211,7 @@ class Proxy:
 
     def set_gauges(self) -> None:
         STORE.set("ray_serve_num_ongoing_http_requests", (self.node_label,), float(self.ongoing))
+        metrics.record_auth_failures(STORE, "proxy")
 
 
 async def _amain(args: dict[str, Any], seat: Any = None) -> None:

@@ -207,6 +207,7 @@ class Replica:
         labels = (self.dep_name, self.replica_id, self.app_name)
         STORE.set("ray_serve_replica_processing_queries", labels, float(self.ongoing))
         STORE.set("flotilla_replica_queued_requests", labels, float(len(self.waiters)))
+        metrics.record_auth_failures(STORE, "replica")
 
     def _apply_logging(self, config: dict[str, Any] | None) -> None:
         """Level and encoding of this process's log lines, and its access log (LoggingConfig)."""
