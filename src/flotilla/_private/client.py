@@ -8,6 +8,9 @@ backoff, to the same `head.sock` (the keeper restarts the head); routers keep th
 they know meanwhile and resubscribe once it is back. Control calls made while the head is away
 wait for it, up to `FLOTILLA_HEAD_WAIT_S` (10 s), then raise `HeadUnavailableError`. In the
 driver, the death of the keeper (the session) makes every call raise `ClusterGoneError` at once.
+On a Ray cluster (`start_detached`) there is no keeper: the head runs in the detached controller
+actor, reached over authenticated TCP, and the link's loss makes the driver ask Ray whether
+that actor lives; if not, `ClusterGoneError` names it.
 """
 
 from __future__ import annotations
@@ -339,7 +342,11 @@ class Runtime:
         and connect to its head over authenticated TCP."""
         from flotilla._private import auth, ray_controller
 
-        actor, info = ray_controller.attach(ray, metrics_port)
+        try:
+            actor, info = ray_controller.attach(ray, metrics_port)
+        except BaseException:
+            ray_controller.release()
+            raise
         auth.set_cluster_secret(bytes.fromhex(info["secret"]))
         loop = new_event_loop()
         link = HeadLink(info["tcp_addr"], lambda peer, op, args: rt._on_head_call(peer, op, args), name="head")

@@ -7,6 +7,10 @@ does), or at once when its stdin closes (the driver exited), and then exits with
 keeper ends the session. Any other exit is a crash: the keeper starts a new head, which loads
 the checkpoint (`checkpoint.py`), re-adopts the live replicas and the proxy, takes the HTTP
 port back from the keeper, binds the same `head.sock` and metrics port, and reconciles.
+
+On a Ray cluster the head runs instead on a thread of the detached controller actor
+(`ray_controller.py`, `in_actor`): no keeper, stdin or signal handlers; the ready line's
+content goes to `on_ready`, and the actor's `serve.shutdown` (the `shutdown` call) ends it.
 """
 
 from __future__ import annotations

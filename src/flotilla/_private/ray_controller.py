@@ -117,6 +117,16 @@ class ControllerActor:
         return self.done.wait(timeout)
 
 
+_remote_cls: Any = None
+
+
+def _actor_class() -> Any:
+    global _remote_cls
+    if _remote_cls is None:
+        _remote_cls = ray.remote(ControllerActor)
+    return _remote_cls
+
+
 def namespace(opts: dict[str, Any]) -> str:
     """The Ray namespace of the controller actor: `flotilla.init(namespace=...)`, else "flotilla"."""
     return str(opts.get("namespace") or DEFAULT_NAMESPACE)
@@ -140,7 +150,11 @@ def _connect(opts: dict[str, Any]) -> None:
 
 def attach(opts: dict[str, Any], metrics_port: int) -> tuple[Any, dict[str, Any]]:
     """Join Ray, get or create the controller actor, and return it with its `info()`."""
-    _connect(opts)
+    try:
+        _connect(opts)
+    except Exception as e:
+        raise RuntimeError(f"the Ray backend could not join Ray at address={opts.get('address')!r}: "
+                           f"{type(e).__name__}: {_first_line(e)}") from e
     ns = namespace(opts)
     options: dict[str, Any] = dict(name=CONTROLLER_NAME, namespace=ns, lifetime="detached", get_if_exists=True,
                                    num_cpus=0, max_restarts=0, max_concurrency=8)
@@ -149,7 +163,7 @@ def attach(opts: dict[str, Any], metrics_port: int) -> tuple[Any, dict[str, Any]
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node, soft=True)
-    cls = ray.remote(ControllerActor)
+    cls = _actor_class()
     deadline = time.monotonic() + START_TIMEOUT_S
     while True:
         actor = cls.options(**options).remote({"metrics_port": metrics_port})
