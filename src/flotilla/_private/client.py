@@ -365,6 +365,7 @@ class Runtime:
         except BaseException:
             loop.call_soon_threadsafe(loop.stop)
             auth.set_cluster_secret(None)
+            ray_controller.release()
             raise
         link.on_down = rt._watch_controller
         cls._instance = rt
