@@ -89,6 +89,7 @@ class HeadLink:
         self.reconnects = 0
         self._task: asyncio.Task[None] | None = None
         self.on_down: Callable[[], None] | None = None  # called when the connection drops
+        self.away = "being restarted by the keeper"  # why the head is away, for HeadUnavailableError
 
     async def connect(self) -> RpcPeer:
         """The first connection (raises OSError if the head does not listen)."""
@@ -155,7 +156,7 @@ class HeadLink:
     def describe_away(self, waited: float) -> str:
         away = time.monotonic() - self.down_since if self.down_since is not None else 0.0
         return (
-            f"the flotilla head is not answering: it is away (being restarted by the keeper) "
+            f"the flotilla head is not answering: it is away ({self.away}) "
             f"for {away:.1f}s; waited {waited:g}s (FLOTILLA_HEAD_WAIT_S). Replicas keep serving "
             "meanwhile; retry later, or see head.log in the session's logs."
         )
@@ -368,6 +369,7 @@ class Runtime:
             ray_controller.release()
             raise
         link.on_down = rt._watch_controller
+        link.away = f"its connection dropped; {rt.actor_desc} is asked whether it lives"
         cls._instance = rt
         atexit.register(_shutdown_at_exit)
         return rt
@@ -398,9 +400,10 @@ class Runtime:
         if self._closing or self.dead:
             return
         self.dead = (
-            f"the flotilla cluster is gone: its controller, {self.actor_desc}, died ({why}), and its "
-            "applications, replicas and proxies with it. Call flotilla.shutdown(), then flotilla.init() "
-            "(or serve.run()) to start a new one."
+            f"the flotilla cluster is gone: its controller, {self.actor_desc}, died or was stopped "
+            f"(serve.shutdown() from a driver, or ray.kill), and its applications, replicas and proxies "
+            f"with it. Ray says: {why}. Call flotilla.shutdown(), then flotilla.init() (or serve.run()) "
+            "to start a new one."
         )
         self._fail_all()
 

@@ -158,7 +158,10 @@ def attach(opts: dict[str, Any], metrics_port: int) -> tuple[Any, dict[str, Any]
     ns = namespace(opts)
     options: dict[str, Any] = dict(name=CONTROLLER_NAME, namespace=ns, lifetime="detached", get_if_exists=True,
                                    num_cpus=0, max_restarts=0, max_concurrency=8)
-    node = ray.get_runtime_context().get_node_id()
+    try:
+        node = ray.get_runtime_context().get_node_id()
+    except Exception:  # a Ray client ("ray://"): no node of its own
+        node = None
     if node:
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
