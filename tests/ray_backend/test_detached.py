@@ -214,8 +214,12 @@ def test_a_dead_controller_is_a_clear_error(address: str) -> None:
     def f() -> int:
         return 1
 
-    h = serve.run(f.bind(), name="f", route_prefix=None)
+    serve.start(http_options={"port": free_port()})
+    h = serve.run(f.bind(), name="f", route_prefix="/f")
     assert h.remote().result(timeout_s=30) == 1
+    head_pid = Runtime.current().head_pid
+    workers = _descendants(head_pid)  # the zygote and the HTTP proxy
+    assert len(workers) >= 2
     ray.kill(ray.get_actor(CONTROLLER_NAME, namespace="flotilla"), no_restart=True)
 
     def gone() -> str:
@@ -232,3 +236,5 @@ def test_a_dead_controller_is_a_clear_error(address: str) -> None:
         h.remote().result(timeout_s=30)
     flotilla.shutdown()
     assert _wait("no flotilla actor left", lambda: not _flotilla_actors())
+    left = workers | {head_pid}
+    assert _wait("no flotilla process left", lambda: not any(_alive(p) for p in left)), [p for p in left if _alive(p)]
