@@ -203,6 +203,14 @@ def test_two_drivers_at_once_share_one_controller(address: str, tmp_path: Path) 
     assert len(heads) == 1, outs
     flotilla.init(backend="ray", address=address)
     assert Runtime.current().head_pid in heads
+    flotilla.shutdown()
+    # Another namespace: another controller, alongside.
+    flotilla.init(backend="ray", address=address, namespace="flotilla-other")
+    assert Runtime.current().head_pid not in heads
+    names = {(a["namespace"], a["name"]) for a in _flotilla_actors()}
+    assert {("flotilla", CONTROLLER_NAME), ("flotilla-other", CONTROLLER_NAME)} <= names, names
+    serve.shutdown()
+    flotilla.init(backend="ray", address=address)
     serve.shutdown()
     assert _wait("no flotilla actor left", lambda: not _flotilla_actors())
 
