@@ -149,7 +149,11 @@ def test_a_proxy_on_every_node(every_node: dict[str, Any]) -> None:
 
 @pytest.mark.parametrize("how", ["ray.kill", "SIGKILL"])
 def test_a_killed_proxy_comes_back(every_node: dict[str, Any], how: str) -> None:
-    node = every_node["a"] if how == "ray.kill" else every_node["b"]
+    # The two nodes other than the head's (the driver's node, whichever Ray gave it) have actors.
+    _wait("a HEALTHY proxy per node", _healthy(every_node["nodes"]))
+    others = sorted(_proxy_actors())
+    assert len(others) == 2, others
+    node = others[0] if how == "ray.kill" else others[1]
     name = _wait("the proxy actor", lambda: _proxy_actors().get(node))
     with Load(every_node["url"]) as load:
         _wait("some requests", lambda: load.ok >= 20)
