@@ -76,7 +76,9 @@ def init(
     _metrics_export_port: int | None = None,
     **_ray_compat: Any,
 ) -> None:
-    """Start flotilla on this machine (a head process that owns replicas and the proxy).
+    """Start flotilla on this machine (a head process that owns replicas and the proxy), or
+    join a Ray cluster: with an address (or RAY_ADDRESS) the controller is a detached Ray actor
+    that this driver creates or attaches to, and that outlives it (see `shutdown`).
 
     Args:
         address: local backend: None, "local" or "auto". Ray backend: None (or "local") starts
@@ -136,8 +138,13 @@ def init(
             )
         if metrics_export_port is None:
             metrics_export_port = int(os.environ.get("FLOTILLA_METRICS_PORT", "0"))
+        Runtime._reinit = None
         if ray_opts is not None:
-            Runtime.start_local({}, metrics_export_port, ray=ray_opts)
+            if backends.detached(address):
+                Runtime.start_detached(ray_opts, metrics_export_port)
+                Runtime._reinit = {"backend": "ray", "address": address, **passed}
+            else:
+                Runtime.start_local({}, metrics_export_port, ray=ray_opts)
             return
         if address not in (None, "local", "auto"):
             raise ValueError(
@@ -163,18 +170,27 @@ def is_initialized() -> bool:
     from flotilla._private.client import Runtime
 
     rt = Runtime._instance
-    return rt is not None and rt.process is not None and not rt.dead
+    return rt is not None and (rt.process is not None or rt.actor is not None) and not rt.dead
 
 
 def shutdown() -> None:
-    """Stop every application, replica, proxy and the head process. Safe to call twice."""
+    """Stop every application, replica, proxy and the head process. Safe to call twice.
+
+    On a Ray cluster joined with an address (the controller is a detached Ray actor) it only
+    disconnects this driver, as `ray.shutdown()` does for Ray Serve: the applications keep
+    running; `serve.shutdown()` stops them and the controller."""
+    import sys
+
     from flotilla._private.client import Runtime
 
     with _init_lock:
         rt = Runtime._instance
         Runtime._instance = None
+        Runtime._reinit = None
         if rt is not None:
             rt.shutdown()
+        if "flotilla._private.ray_controller" in sys.modules:
+            sys.modules["flotilla._private.ray_controller"].release()
 
 
 def cluster_resources() -> dict[str, float]:

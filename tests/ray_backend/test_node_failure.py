@@ -42,7 +42,9 @@ def cluster() -> Iterator[dict[str, Any]]:
         flotilla.init(backend="ray", address=c.address)
         try:
             port = free_port()
-            serve.start(http_options={"port": port})
+            # HeadOnly: HTTP goes through the head node's proxy, which no test here loses (a
+            # lost node's own proxy drops its connections: test_proxies.py covers that).
+            serve.start(http_options={"port": port}, proxy_location="HeadOnly")
             yield {"cluster": c, "url": f"http://127.0.0.1:{port}"}
         finally:
             flotilla.shutdown()

@@ -35,8 +35,8 @@ def cluster() -> Iterator[dict[str, Any]]:
         a = c.add_node(num_cpus=1)
         b = c.add_node(num_cpus=1)
         c.wait_for_nodes()
-        flotilla.init(backend="ray", address=c.address)
         ray.init(address=c.address, namespace="flotilla-tests", log_to_driver=False)  # to inspect actors
+        flotilla.init(backend="ray", address=c.address)
         try:
             yield {"cluster": c, "nodes": {c.head_node.node_id, a.node_id, b.node_id}, "a": a.node_id,
                    "b": b.node_id}
@@ -149,7 +149,11 @@ def test_a_proxy_on_every_node(every_node: dict[str, Any]) -> None:
 
 @pytest.mark.parametrize("how", ["ray.kill", "SIGKILL"])
 def test_a_killed_proxy_comes_back(every_node: dict[str, Any], how: str) -> None:
-    node = every_node["a"] if how == "ray.kill" else every_node["b"]
+    # The two nodes other than the head's (the driver's node, whichever Ray gave it) have actors.
+    _wait("a HEALTHY proxy per node", _healthy(every_node["nodes"]))
+    others = sorted(_proxy_actors())
+    assert len(others) == 2, others
+    node = others[0] if how == "ray.kill" else others[1]
     name = _wait("the proxy actor", lambda: _proxy_actors().get(node))
     with Load(every_node["url"]) as load:
         _wait("some requests", lambda: load.ok >= 20)
@@ -200,12 +204,18 @@ def test_head_only_and_disabled(cluster: dict[str, Any]) -> None:
     serve.shutdown()
 
 
-def test_flotilla_shutdown_stops_every_proxy_actor(cluster: dict[str, Any]) -> None:
+def test_serve_shutdown_stops_every_proxy_actor(cluster: dict[str, Any]) -> None:
+    if not flotilla.is_initialized():  # an earlier serve.shutdown() stopped the controller
+        flotilla.init(backend="ray", address=cluster["cluster"].address)
     serve.start(http_options={"port": free_port()})
     _wait("a HEALTHY proxy per node", _healthy(cluster["nodes"]))
     pids = [_info(name)["pid"] for name in _proxy_actors().values()]
     assert len(pids) == 2
-    flotilla.shutdown()
+    flotilla.shutdown()  # the controller is a detached actor: this driver only disconnects
+    time.sleep(1.0)
+    assert len(_proxy_actors()) == 2
+    flotilla.init(backend="ray", address=cluster["cluster"].address)
+    serve.shutdown()
     _wait("no proxy actor left", lambda: not _proxy_actors(), timeout=10)
 
     def gone(pid: int) -> bool:

@@ -38,6 +38,17 @@ def test_ray_options() -> None:
         backend.ray_options("auto", 4, None, None, {})
 
 
+def test_detached_controller_only_when_joining_a_cluster(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("FLOTILLA_RAY_DETACHED", raising=False)
+    assert not backend.detached(None) and not backend.detached("local")
+    assert backend.detached("auto") and backend.detached("10.0.0.1:6379")
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    assert backend.detached(None) and not backend.detached("local")
+    monkeypatch.setenv("FLOTILLA_RAY_DETACHED", "0")
+    assert not backend.detached("10.0.0.1:6379")
+
+
 def test_missing_ray_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real(name, *a))

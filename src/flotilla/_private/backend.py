@@ -35,6 +35,15 @@ def require_ray() -> None:
         raise ImportError(f'the Ray backend (backend="ray" or FLOTILLA_BACKEND=ray) needs Ray: {RAY_EXTRA}')
 
 
+def detached(address: str | None) -> bool:
+    """Whether the Ray backend runs the controller as a detached Ray actor: when joining an
+    existing cluster (an address, or RAY_ADDRESS), unless FLOTILLA_RAY_DETACHED=0. A private
+    local Ray instance keeps the keeper and head processes (nothing outlives that Ray)."""
+    if os.environ.get("FLOTILLA_RAY_DETACHED", "1").strip().lower() in ("0", "false", "no", "off"):
+        return False
+    return address not in (None, "local") or (address is None and bool(os.environ.get("RAY_ADDRESS")))
+
+
 def ray_options(address: str | None, num_cpus: float | None, num_gpus: float | None,
                 resources: dict[str, float] | None, passed: dict[str, Any]) -> dict[str, Any]:
     """What the head gives `ray.init` (JSON: it travels on the head's command line, so nothing

@@ -8,6 +8,9 @@ backoff, to the same `head.sock` (the keeper restarts the head); routers keep th
 they know meanwhile and resubscribe once it is back. Control calls made while the head is away
 wait for it, up to `FLOTILLA_HEAD_WAIT_S` (10 s), then raise `HeadUnavailableError`. In the
 driver, the death of the keeper (the session) makes every call raise `ClusterGoneError` at once.
+On a Ray cluster (`start_detached`) there is no keeper: the head runs in the detached controller
+actor, reached over authenticated TCP, and the link's loss makes the driver ask Ray whether
+that actor lives; if not, `ClusterGoneError` names it.
 """
 
 from __future__ import annotations
@@ -58,7 +61,8 @@ class HeadUnavailableError(RuntimeError):
 
 
 class ClusterGoneError(RuntimeError):
-    """The session is over: its keeper process exited, and everything with it."""
+    """The session is over: its keeper process (or, on a Ray cluster, the controller actor)
+    exited, and everything with it."""
 
 
 class HeadLink:
@@ -84,6 +88,8 @@ class HeadLink:
         self.closed = False
         self.reconnects = 0
         self._task: asyncio.Task[None] | None = None
+        self.on_down: Callable[[], None] | None = None  # called when the connection drops
+        self.away = "being restarted by the keeper"  # why the head is away, for HeadUnavailableError
 
     async def connect(self) -> RpcPeer:
         """The first connection (raises OSError if the head does not listen)."""
@@ -109,6 +115,8 @@ class HeadLink:
         self.down_since = time.monotonic()
         logger.warning("lost the connection to the head; reconnecting")
         self._task = asyncio.get_running_loop().create_task(self._reconnect())
+        if self.on_down is not None:
+            self.on_down()
 
     async def _reconnect(self) -> None:
         delay = RECONNECT_FIRST_S
@@ -148,7 +156,7 @@ class HeadLink:
     def describe_away(self, waited: float) -> str:
         away = time.monotonic() - self.down_since if self.down_since is not None else 0.0
         return (
-            f"the flotilla head is not answering: it is away (being restarted by the keeper) "
+            f"the flotilla head is not answering: it is away ({self.away}) "
             f"for {away:.1f}s; waited {waited:g}s (FLOTILLA_HEAD_WAIT_S). Replicas keep serving "
             "meanwhile; retry later, or see head.log in the session's logs."
         )
@@ -226,6 +234,9 @@ class Runtime:
         self.dead = ""  # why the cluster is gone ("" while it lives)
         self._closing = False
         self._keeper_fd: int | None = None
+        self.actor: Any = None  # the detached controller actor (a Ray cluster), or None
+        self.actor_desc = ""
+        self._watching = False
 
     # ---- construction -----------------------------------------------------------------
     @classmethod
@@ -246,8 +257,12 @@ class Runtime:
             return rt
         from flotilla import init
 
-        init()
+        init(**(cls._reinit or {}))
         return cls.current()
+
+    #: `init` arguments for the next implicit start: after `serve.shutdown()` stopped the
+    #: controller actor of a Ray cluster, `serve.run` starts a new one on the same cluster.
+    _reinit: ClassVar[dict[str, Any] | None] = None
 
     @classmethod
     def attach(cls, loop: asyncio.AbstractEventLoop, link: HeadLink) -> Runtime:
@@ -322,6 +337,76 @@ class Runtime:
         atexit.register(_shutdown_at_exit)
         return rt
 
+    @classmethod
+    def start_detached(cls, ray: dict[str, Any], metrics_port: int = 0) -> Runtime:
+        """Join the Ray cluster, get or create the detached controller actor (`ray_controller`),
+        and connect to its head over authenticated TCP."""
+        from flotilla._private import auth, ray_controller
+
+        try:
+            actor, info = ray_controller.attach(ray, metrics_port)
+        except BaseException:
+            ray_controller.release()
+            raise
+        auth.set_cluster_secret(bytes.fromhex(info["secret"]))
+        loop = new_event_loop()
+        link = HeadLink(info["tcp_addr"], lambda peer, op, args: rt._on_head_call(peer, op, args), name="head")
+        rt = cls(loop, link)
+        rt.actor = actor
+        rt.actor_desc = ray_controller.describe(ray_controller.namespace(ray))
+        rt.session_dir = info.get("session_dir", "")
+        rt.resources = info["resources"]
+        rt.metrics_port = info.get("metrics_port", 0)
+        rt.head_pid = info.get("pid", 0)
+        rt.backend = "ray"
+        rt.thread = threading.Thread(target=loop.run_forever, name="flotilla-loop", daemon=True)
+        rt.thread.start()
+        try:
+            asyncio.run_coroutine_threadsafe(link.connect(), loop).result(10)
+        except BaseException:
+            loop.call_soon_threadsafe(loop.stop)
+            auth.set_cluster_secret(None)
+            ray_controller.release()
+            raise
+        link.on_down = rt._watch_controller
+        link.away = f"its connection dropped; {rt.actor_desc} is asked whether it lives"
+        cls._instance = rt
+        atexit.register(_shutdown_at_exit)
+        return rt
+
+    def _watch_controller(self) -> None:
+        """The head link dropped (a Ray cluster): ask Ray, until it is back, whether the
+        controller actor still lives; if not, the cluster is gone."""
+        if self._watching or self.actor is None:
+            return
+        self._watching = True
+
+        def watch() -> None:
+            from flotilla._private import ray_controller
+
+            try:
+                while not self._closing and not self.dead and self.link.peer is None:
+                    why = ray_controller.alive(self.actor, timeout=5.0)
+                    if why:
+                        self.loop.call_soon_threadsafe(self._controller_gone, why)
+                        return
+                    time.sleep(0.5)
+            finally:
+                self._watching = False
+
+        threading.Thread(target=watch, name="flotilla-controller-watch", daemon=True).start()
+
+    def _controller_gone(self, why: str) -> None:
+        if self._closing or self.dead:
+            return
+        self.dead = (
+            f"the flotilla cluster is gone: its controller, {self.actor_desc}, died or was stopped "
+            f"(serve.shutdown() from a driver, or ray.kill), and its applications, replicas and proxies "
+            f"with it. Ray says: {why}. Call flotilla.shutdown(), then flotilla.init() (or serve.run()) "
+            "to start a new one."
+        )
+        self._fail_all()
+
     # ---- the head comes and goes; the keeper is the session ------------------------------------
     async def _resubscribe(self) -> None:
         """After reconnecting: learn the new head's pid, and every value we watch, again."""
@@ -352,6 +437,9 @@ class Runtime:
             f"process of the session with it; see {session.logs_root()}. Call flotilla.init() "
             "(or serve.run()) after flotilla.shutdown() to start a new one."
         )
+        self._fail_all()
+
+    def _fail_all(self) -> None:
         logger.error("%s", self.dead)
         self.link.fail(self.dead)
         err = ClusterGoneError(self.dead)
@@ -454,7 +542,25 @@ class Runtime:
                 self.link.notify("router_load", changed)
 
     # ---- shutdown ---------------------------------------------------------------------
+    def stop_controller(self, timeout: float = 60.0) -> None:
+        """`serve.shutdown()` on a Ray cluster: end the head, kill the controller actor, and
+        disconnect (everything it owned dies with it)."""
+        from flotilla._private import ray_controller
+
+        if self.actor is None:
+            return
+        with contextlib.suppress(Exception):
+            if not self.dead:
+                self.call_head("shutdown", timeout=timeout, wait_s=min(2.0, head_wait_s()))
+        self._closing = True
+        self.link.closed = True
+        ray_controller.stop(self.actor, timeout)
+        self.shutdown()
+
     def shutdown(self, timeout: float = 30.0) -> None:
+        if self.actor is not None:  # a Ray cluster: disconnect; the controller actor stays
+            self._close_detached()
+            return
         proc = self.process
         if proc is None:
             return
@@ -486,6 +592,19 @@ class Runtime:
 
             auth.set_cluster_secret(None)
 
+        self._stop_loop()
+        self.process = None
+
+    def _close_detached(self) -> None:
+        from flotilla._private import auth
+
+        self._closing = True
+        self.link.closed = True
+        self._stop_loop()
+        auth.set_cluster_secret(None)
+        self.actor = None
+
+    def _stop_loop(self) -> None:
         async def close() -> None:
             if self._keeper_fd is not None:
                 self.loop.remove_reader(self._keeper_fd)
@@ -500,16 +619,17 @@ class Runtime:
             await asyncio.sleep(0)
             self.loop.stop()
 
+        if self.loop.is_closed():
+            return
         asyncio.run_coroutine_threadsafe(close(), self.loop)
         if self.thread is not None:
             self.thread.join(5)
         if not self.loop.is_running():
             self.loop.close()
-        self.process = None
 
 
 def _shutdown_at_exit() -> None:
     rt = Runtime._instance
-    if rt is not None and rt.process is not None:
+    if rt is not None and (rt.process is not None or rt.actor is not None):
         Runtime._instance = None
         rt.shutdown(timeout=15)

@@ -7,6 +7,10 @@ does), or at once when its stdin closes (the driver exited), and then exits with
 keeper ends the session. Any other exit is a crash: the keeper starts a new head, which loads
 the checkpoint (`checkpoint.py`), re-adopts the live replicas and the proxy, takes the HTTP
 port back from the keeper, binds the same `head.sock` and metrics port, and reconciles.
+
+On a Ray cluster the head runs instead on a thread of the detached controller actor
+(`ray_controller.py`, `in_actor`): no keeper, stdin or signal handlers; the ready line's
+content goes to `on_ready`, and the actor's `serve.shutdown` (the `shutdown` call) ends it.
 """
 
 from __future__ import annotations
@@ -363,6 +367,10 @@ class Head:
         self.tcp_addr = ""
         self.node_id = ""  # the Ray node this head runs on (Ray backend)
         self.ready_out: Any = sys.stdout  # where the ready line goes (the pipe to the keeper)
+        #: In a Ray actor (`ray_controller`): no keeper, stdin or signals; `on_ready` gets the
+        #: ready line's content (with the TCP address and secret) instead of the pipe.
+        self.in_actor = bool(cfg.get("in_actor"))
+        self.on_ready: Any = None
         if self.backend == "ray":
             from flotilla._private import auth
             from flotilla._private.ray_supervisor import RaySupervisor
@@ -458,15 +466,19 @@ class Head:
         except OSError as e:
             logger.warning("metrics endpoint: port %s unavailable (%s); using a free port", metrics_port, e)
             metrics_server, self.metrics_port = await serve_metrics("127.0.0.1", 0, self.gather_metrics)
-        loop.add_reader(0, self._stdin_readable)
-        loop.add_signal_handler(signal.SIGTERM, self._on_sigterm)
+        if not self.in_actor:
+            loop.add_reader(0, self._stdin_readable)
+            loop.add_signal_handler(signal.SIGTERM, self._on_sigterm)
         self.checkpoint_soon()
         ready: dict[str, Any] = {"sock": self.sock, "resources": self.resources, "metrics_port": self.metrics_port,
                                  "pid": os.getpid()}
         if self.secret is not None:  # on the pipe to the keeper, which hands it to the driver only
             ready.update(backend=self.backend, secret=self.secret.hex())
-        self.ready_out.write(json.dumps(ready) + "\n")
-        self.ready_out.flush()
+        if self.on_ready is not None:  # a Ray actor: the driver asks for it through Ray
+            self.on_ready(dict(ready, tcp_addr=self.tcp_addr, node_id=self.node_id, session_dir=self.session_dir))
+        else:
+            self.ready_out.write(json.dumps(ready) + "\n")
+            self.ready_out.flush()
         if self._zygote is None:  # a restarted head: the fork server's preloading waited till now
             await self.supervisor.use_zygote()
         await self.done.wait()
@@ -475,9 +487,10 @@ class Head:
         if task is not None and task is not asyncio.current_task() and not task.done():
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
-        with contextlib.suppress(Exception):
-            loop.remove_reader(0)
-        loop.remove_signal_handler(signal.SIGTERM)
+        if not self.in_actor:
+            with contextlib.suppress(Exception):
+                loop.remove_reader(0)
+            loop.remove_signal_handler(signal.SIGTERM)
         await self.controller.kill_all()
         await self.proxy.stop()
         await self.supervisor.close()

@@ -14,8 +14,8 @@ head's machine                                  every other alive Ray node
                                                     metrics push; routers to replicas
 ```
 
-- The head's machine keeps its zygote-forked proxy: its socket, held by the keeper, outlives
-  proxy restarts (connections wait in the backlog), and the local backend's paths stay as
+- The head's node keeps its zygote-forked proxy: its socket, held by the head (and the keeper,
+  where there is one), outlives proxy restarts (connections wait in the backlog), and the local backend's paths stay as
   they are. Other nodes get a `ProxyActor` each.
 - `ProxyFleet` reads Ray's alive nodes in a thread every `NODE_POLL_S`: a node that appears
   gets a proxy; a node that is gone takes its proxy with it; a proxy that exits (or loses its

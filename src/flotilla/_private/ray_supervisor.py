@@ -1,14 +1,16 @@
 """The Ray backend: replicas are Ray actors, behind the same supervisor seam as the fork server.
 
-Imported only by a head started with `backend="ray"` (the local backend never imports Ray).
+Imported only by a head on the Ray backend (a head process, or the detached controller actor
+of `ray_controller.py`); the local backend never imports Ray.
 
 ```
-driver ─▶ keeper ─▶ head (this machine; the Ray driver) ──ray.init──▶ Ray cluster
-                     │ controller, proxy manager            ReplicaActor (one per replica,
-                     │ zygote ─fork─▶ proxy (this machine)    on whichever node Ray picks)
-                     │ control: head.sock (local processes)    run(): the replica's main loop
-                     │          tcp://ip:port (actors)          on its own uvloop thread,
-                     │                                          data plane on tcp://node-ip:port
+driver ─▶ keeper ─▶ head process (private local Ray)  ──ray.init──▶ Ray
+driver ─ray.init(address)─▶ ControllerActor (a cluster: detached, named; ray_controller.py)
+          either one runs the head:                  ReplicaActor (one per replica,
+                     │ controller, proxy manager            on whichever node Ray picks)
+                     │ zygote ─fork─▶ proxy (its node)       run(): the replica's main loop
+                     │ control: head.sock (local processes)   on its own uvloop thread,
+                     │          tcp://ip:port (actors, drivers) data plane on tcp://node-ip:port
                      └ ProxyFleet (ray_proxies.py) ─────────▶ ProxyActor on each other node
  routers (driver, proxies) ──── authenticated TCP frames ──▶  replicas
 ```
@@ -30,7 +32,7 @@ driver ─▶ keeper ─▶ head (this machine; the Ray driver) ──ray.init�
   then killed to free its resources) or fails (`ActorDiedError`: the worker or its node died,
   `RuntimeEnvSetupError`: a bad runtime_env, ...). Stop: the controller drains the replica
   over its control connection as on the local backend, then `ray.kill`.
-- Other workers (the head machine's HTTP proxy) are still forked by a local zygote; the
+- Other workers (the head's node's HTTP proxy) are still forked by a local zygote; the
   other nodes' proxies are actors of `ray_proxies.ProxyFleet` (`proxy_location="EveryNode"`).
 - The per-cluster secret travels to actors as an argument of `run` (through Ray), to local
   processes over their pipe or the head's Unix socket; never on a command line, in a file or

@@ -309,11 +309,20 @@ def status() -> ServeStatus:
 
 
 def shutdown() -> None:
-    """Delete every application and stop the proxy. The cluster (flotilla.init) stays up."""
+    """Delete every application and stop the proxy. The cluster (flotilla.init) stays up,
+    except on a Ray cluster joined with an address: there the controller actor is stopped too
+    (as Ray Serve's is), and the next `serve.run` or `serve.start` starts a new one."""
     rt = Runtime._instance
     if rt is None:
         return
     rt.call_head("serve_shutdown", timeout=120)
+    if rt.actor is not None:
+        import flotilla
+
+        with flotilla._init_lock:
+            if Runtime._instance is rt:
+                Runtime._instance = None
+            rt.stop_controller()
 
 
 def get_app_handle(name: str) -> DeploymentHandle:
