@@ -193,7 +193,7 @@ def test_constructor_failure_is_deploy_failed(url: str) -> None:
     app = serve.status().applications["broken"]
     assert app.status == "DEPLOY_FAILED"
     assert "ZeroDivisionError" in app.deployments["Broken"].message
-    assert "Ray's worker logs" in app.deployments["Broken"].message  # where its log is
+    assert "logs/flotilla/" in app.deployments["Broken"].message  # where its log is
     serve.delete("broken")
 
 

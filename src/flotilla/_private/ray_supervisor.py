@@ -211,8 +211,9 @@ class RaySupervisor(Supervisor):
         self._tasks: set[asyncio.Task[Any]] = set()
 
     def logs_hint(self, path: str) -> str:
-        return (f"{path} (on a node without that folder: logs/flotilla/{os.path.basename(path)} in "
-                "Ray's session folder there, or Ray's worker-* logs if it never started)")
+        name = os.path.basename(path) if path.endswith(".log") else ""
+        return (f"{path} (on a node without that folder: logs/flotilla/{name} in Ray's session "
+                "folder there; Ray's worker-* logs for a worker that never started)")
 
     async def use_zygote(self, proc: Any = None) -> None:
         await self.zygote.use_zygote(proc)
