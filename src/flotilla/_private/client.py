@@ -221,6 +221,7 @@ class Runtime:
         link.on_up.append(self._resubscribe)
         self.routers: dict[DeploymentID, Router] = {}
         self.listeners: dict[Any, list[Any]] = {}
+        self.splits: dict[str, Any] = {}  # traffic splits that split handles follow (handle.py)
         self.thread: threading.Thread | None = None
         self.process: subprocess.Popen[bytes] | None = None
         self.session_dir = ""

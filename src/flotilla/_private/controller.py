@@ -67,6 +67,7 @@ from flotilla.serve.schema import (
     DeploymentStatusTrigger,
     ReplicaState,
     ServeStatus,
+    TrafficStatus,
 )
 
 logger = logging.getLogger("flotilla.controller")
@@ -179,6 +180,21 @@ class App:
     was_running: bool = False
 
 
+@dataclass
+class Split:
+    """A split route: HTTP requests at `route_prefix` go to one of the `traffic` apps by weight."""
+
+    name: str
+    route_prefix: str
+    traffic: dict[str, float]
+    sticky_header: str | None = None
+    sticky_cookie: str | None = None
+
+    def plain(self) -> dict[str, Any]:
+        return {"name": self.name, "route_prefix": self.route_prefix, "traffic": dict(self.traffic),
+                "sticky_header": self.sticky_header, "sticky_cookie": self.sticky_cookie}
+
+
 class Controller:
     def __init__(self, session_dir: str, head_sock: str, pool: ResourcePool, supervisor: Supervisor) -> None:
         self.session_dir = session_dir
@@ -186,6 +202,7 @@ class Controller:
         self.pool = pool
         self.supervisor = supervisor
         self.apps: dict[str, App] = {}
+        self.splits: dict[str, Split] = {}  # traffic splits by name (serve.set_traffic)
         self.replicas: dict[str, Replica] = {}
         self.subs: dict[Any, set[RpcPeer]] = {}
         self.changed = asyncio.Condition()
@@ -294,6 +311,11 @@ class Controller:
             }
         if key[0] == "routes":
             return self.routes()
+        if key[0] == "split":
+            sp = self.splits.get(key[1])
+            if sp is None:
+                return {"exists": False}
+            return {"exists": True, "variants": self._variants(sp)}
         raise KeyError(key)
 
     def publish(self, key: tuple[Any, ...]) -> None:
@@ -305,12 +327,77 @@ class Controller:
         for p in list(peers):
             p.notify("update", key, v)
 
-    def routes(self) -> dict[str, tuple[str, str]]:
-        return {
+    def routes(self) -> dict[str, Any]:
+        """The proxy's route table: prefix -> (app, ingress) for an app's own route, or a dict
+        for a split route (its variants, the apps that exist now, and its sticky key)."""
+        table: dict[str, Any] = {
             a.route_prefix: (a.name, a.ingress)
             for a in self.apps.values()
             if a.route_prefix is not None and not a.deleting
         }
+        for sp in self.splits.values():
+            table[sp.route_prefix] = {
+                "split": sp.name, "variants": self._variants(sp),
+                "sticky_header": sp.sticky_header, "sticky_cookie": sp.sticky_cookie,
+            }
+        return table
+
+    def _variants(self, sp: Split) -> list[tuple[str, str, str | None, float]]:
+        """(app, ingress, the app's own route prefix, weight) of each variant that exists now."""
+        out = []
+        for name, w in sp.traffic.items():
+            a = self.apps.get(name)
+            if a is not None and not a.deleting:
+                out.append((name, a.ingress, a.route_prefix, w))
+        return out
+
+    # ---- traffic splits -------------------------------------------------------------------
+    def set_traffic(self, spec: dict[str, Any]) -> None:
+        """Create or update a split route (validated by the caller: weights, prefix shape)."""
+        name = spec["name"]
+        prefix = spec["route_prefix"]
+        traffic = dict(spec["traffic"])
+        if name in self.apps and not self.apps[name].deleting:
+            raise ConfigError(
+                f"\"{name}\" is the name of an application; a traffic split needs a name of its own "
+                f"(handles look both up by name)."
+            )
+        unknown = [a for a in traffic if a not in self.apps or self.apps[a].deleting]
+        if unknown:
+            have = sorted(a.name for a in self.apps.values() if not a.deleting)
+            raise ConfigError(
+                f"traffic split \"{name}\" names unknown application(s) {', '.join(map(repr, unknown))}; "
+                f"running applications: {have}. Deploy them first (serve.run(..., name=...))."
+            )
+        for a in self.apps.values():
+            if a.route_prefix == prefix and not a.deleting:
+                raise ConfigError(
+                    f"Prefix {prefix} is being used by application \"{a.name}\"; traffic split "
+                    f"\"{name}\" needs a route_prefix of its own."
+                )
+        for other in self.splits.values():
+            if other.name != name and other.route_prefix == prefix:
+                raise ConfigError(
+                    f"Prefix {prefix} is being used by traffic split \"{other.name}\"; traffic "
+                    f"split \"{name}\" needs a route_prefix of its own."
+                )
+        self.splits[name] = Split(name, prefix, traffic, spec.get("sticky_header"), spec.get("sticky_cookie"))
+        logger.info("traffic split %r at %s: %s", name, prefix, traffic)
+        self.publish(("split", name))
+        self.publish(("routes",))
+
+    def delete_traffic(self, name: str) -> bool:
+        if self.splits.pop(name, None) is None:
+            return False
+        logger.info("traffic split %r deleted", name)
+        self.publish(("split", name))
+        self.publish(("routes",))
+        return True
+
+    def _splits_changed(self) -> None:
+        """An application came or went: splits naming it publish their new variants."""
+        for sp in self.splits.values():
+            self.publish(("split", sp.name))
 
     async def notify_changed(self) -> None:
         async with self.changed:
@@ -335,6 +422,18 @@ class Controller:
                         f"Prefix {prefix} is being used by application \"{other.name}\". "
                         f"Failed to deploy application \"{name}\". Pick another route_prefix."
                     )
+            for sp in self.splits.values():
+                if sp.route_prefix == prefix:
+                    raise ConfigError(
+                        f"Prefix {prefix} is being used by traffic split \"{sp.name}\". Failed to "
+                        f"deploy application \"{name}\". Pick another route_prefix, or "
+                        f"serve.delete_traffic(\"{sp.name}\") first."
+                    )
+        if name in self.splits:
+            raise ConfigError(
+                f"\"{name}\" is the name of a traffic split; pick another application name, or "
+                f"serve.delete_traffic(\"{name}\") first."
+            )
         for d in spec["deployments"]:
             demand = d["demand"]
             if not self.pool.fits_ever(demand):
@@ -360,6 +459,7 @@ class Controller:
         for d in spec["deployments"]:
             self._deploy_one(app, d)
         logger.info("deploying application %r (%d deployments)", name, len(spec["deployments"]))
+        self._splits_changed()
         self.publish(("routes",))
         self.kick()
 
@@ -435,6 +535,7 @@ class Controller:
         app.status = ApplicationStatus.DELETING
         for dep in app.deployments.values():
             self._delete_deployment(dep)
+        self._splits_changed()
         self.publish(("routes",))
         self.kick()
         return True
@@ -980,7 +1081,16 @@ class Controller:
                 route_prefix=app.route_prefix,
             )
         proxies = self.proxy.statuses() if self.proxy is not None else {}
-        return ServeStatus(proxies=proxies, applications=apps)
+        traffic = {}
+        for sp in self.splits.values():
+            missing = [a for a in sp.traffic if a not in self.apps or self.apps[a].deleting]
+            traffic[sp.name] = TrafficStatus(
+                route_prefix=sp.route_prefix, traffic=dict(sp.traffic), sticky_header=sp.sticky_header,
+                sticky_cookie=sp.sticky_cookie,
+                message=(f"applications {missing} do not exist: their share goes to the others"
+                         if missing else ""),
+            )
+        return ServeStatus(proxies=proxies, applications=apps, traffic=traffic)
 
     def metrics_snapshot(self) -> dict[str, Any]:
         m = self.metrics
@@ -1034,6 +1144,8 @@ class Controller:
 
     async def shutdown(self, timeout: float = 30.0) -> None:
         """Delete every app through the drain path; what is left after `timeout` is killed."""
+        for name in list(self.splits):
+            self.delete_traffic(name)
         for name in list(self.apps):
             self.delete_app(name)
         deadline = time.monotonic() + timeout

@@ -12,10 +12,13 @@ socket is the head's, fetched over a Unix socket), or inside a Ray actor on anot
 from __future__ import annotations
 
 import asyncio
+import bisect
+import hashlib
 import json
 import logging
 import math
 import os
+import random
 import time
 from typing import Any
 
@@ -35,10 +38,88 @@ DISCONNECT_CHECK_S = 0.2
 MAX_REQUEST_BODY_BYTES = 1 << 30  # http_options["max_request_body_bytes"] default: 1 GiB
 
 
+class SplitRoute:
+    """A split route (`serve.set_traffic`): each request goes to one application by weight.
+
+    The variant is drawn at random by weight, or, with a sticky header or cookie present, from
+    a stable hash of its value (salted with the split's name), so one value always lands on the
+    same application while the weights stay the same. The path below the split's prefix is
+    passed on as if it had been requested under the chosen application's own prefix."""
+
+    __slots__ = ("cookie", "cum", "header", "name", "prefix", "salt", "targets", "total")
+
+    def __init__(self, prefix: str, spec: dict[str, Any]) -> None:
+        self.name: str = spec["split"]
+        self.prefix = prefix
+        self.salt = self.name.encode() + b"\0"
+        header = spec.get("sticky_header")
+        self.header: bytes | None = header.lower().encode("latin-1") if header else None
+        cookie = spec.get("sticky_cookie")
+        self.cookie: bytes | None = cookie.encode("latin-1") if cookie else None
+        self.targets: list[tuple[str | None, DeploymentID]] = []
+        self.cum: list[float] = []
+        total = 0.0
+        for app, ingress, app_prefix, weight in spec["variants"]:
+            if weight <= 0:
+                continue
+            total += weight
+            self.targets.append((app_prefix, DeploymentID(ingress, app)))
+            self.cum.append(total)
+        self.total = total
+
+    def sticky_value(self, scope: dict[str, Any]) -> bytes | None:
+        if self.header is not None:
+            for k, v in scope["headers"]:
+                if k == self.header:
+                    return bytes(v)
+            return None
+        if self.cookie is not None:
+            for k, v in scope["headers"]:
+                if k == b"cookie":
+                    for part in v.split(b";"):
+                        name, _, value = part.strip().partition(b"=")
+                        if name == self.cookie:
+                            return value
+        return None
+
+    def point(self, key: bytes | None) -> float:
+        """Where a request falls in [0, 1): a stable hash of its sticky value, or random."""
+        if key is None:
+            return random.random()
+        digest = hashlib.blake2b(self.salt + key, digest_size=8).digest()
+        return int.from_bytes(digest, "big") / 18446744073709551616.0  # 2**64
+
+    def pick(self, scope: dict[str, Any], path: str, root: str) -> tuple[dict[str, Any], str, DeploymentID] | None:
+        """(the scope to forward, the prefix it is under, the chosen ingress), or None when no
+        application of the split exists now."""
+        if not self.targets:
+            return None
+        u = self.point(self.sticky_value(scope) if (self.header or self.cookie) else None) * self.total
+        i = min(bisect.bisect_right(self.cum, u), len(self.targets) - 1)
+        app_prefix, dep = self.targets[i]
+        if app_prefix is None or app_prefix == self.prefix:  # handles-only app: served here
+            return scope, self.prefix, dep
+        below = "" if self.prefix == "/" else self.prefix  # what the path starts with
+        rest = path[len(below):]
+        if not below and rest == "/":
+            rest = ""  # "/" under a split at "/" is the app's prefix itself
+        to = "" if app_prefix == "/" else app_prefix
+        fscope = dict(scope)
+        fscope["path"] = root + ((to + rest) or "/")
+        raw = scope.get("raw_path")
+        if raw is not None:
+            old = (root + below).encode()
+            if raw.startswith(old) and rest:
+                fscope["raw_path"] = (root + to).encode() + raw[len(old):]
+            else:
+                fscope["raw_path"] = fscope["path"].encode()
+        return fscope, app_prefix, dep
+
+
 class Proxy:
     def __init__(self, args: dict[str, Any]) -> None:
         self.args = args
-        self.routes: list[tuple[str, DeploymentID]] = []
+        self.routes: list[tuple[str, DeploymentID | SplitRoute]] = []
         self.routes_json = b"{}"
         self.rt: Runtime | None = None
         self.request_timeout_s: float | None = args.get("request_timeout_s")
@@ -54,12 +135,17 @@ class Proxy:
         metrics.declare_builtins(STORE)
         self.access.configure(args.get("logging_config"), {"component_name": "proxy"})
 
-    def set_routes(self, table: dict[str, tuple[str, str]]) -> None:
+    def set_routes(self, table: dict[str, Any]) -> None:
+        """A new route table, swapped in whole (a split's new weights apply to the next request)."""
         items = sorted(table.items(), key=lambda kv: len(kv[0]), reverse=True)
-        self.routes = [(prefix, DeploymentID(ingress, app)) for prefix, (app, ingress) in items]
-        self.routes_json = json.dumps({p: a for p, (a, _) in table.items()}).encode()
+        self.routes = [
+            (prefix, SplitRoute(prefix, v) if isinstance(v, dict) else DeploymentID(v[1], v[0]))
+            for prefix, v in items
+        ]
+        self.routes_json = json.dumps(
+            {p: (v["split"] if isinstance(v, dict) else v[0]) for p, v in table.items()}).encode()
 
-    def match(self, path: str) -> tuple[str, DeploymentID] | None:
+    def match(self, path: str) -> tuple[str, DeploymentID | SplitRoute] | None:
         for prefix, dep in self.routes:
             if prefix == "/" or path == prefix or (path.startswith(prefix) and path[len(prefix)] == "/"):
                 return prefix, dep
@@ -89,19 +175,29 @@ class Proxy:
                 model_id = v.decode("latin-1")  # as Starlette decodes headers
         if request_id is None:
             request_id = self.ids.next()
-        m = self.match(path)
+        m: Any = self.match(path)
+        route = None
+        fscope = scope
+        if m is not None and m[1].__class__ is SplitRoute:  # only split routes pay for this
+            route = m[0]
+            picked = m[1].pick(scope, path, root)
+            if picked is None:
+                await self._no_variant(scope, send, m[1], request_id)
+                return
+            fscope, fprefix, dep = picked
+            m = (fprefix, dep)
         if not self.metrics:
-            await self._forward(scope, receive, send, m, request_id, model_id, root)
+            await self._forward(fscope, receive, send, m, request_id, model_id, root, route)
             return
         t0 = time.perf_counter()
         self.ongoing += 1
         status = 500
         try:
-            status = await self._forward(scope, receive, send, m, request_id, model_id, root)
+            status = await self._forward(fscope, receive, send, m, request_id, model_id, root, route)
         finally:
             self.ongoing -= 1
             ms = (time.perf_counter() - t0) * 1000.0
-            prefix, app = (m[0], m[1].app_name) if m is not None else ("", "")
+            prefix, app = (route or m[0], m[1].app_name) if m is not None else ("", "")
             method = scope["method"]
             key = (prefix, method, app, str(status))
             STORE.inc("ray_serve_num_http_requests", key)
@@ -110,11 +206,21 @@ class Proxy:
                 STORE.inc("ray_serve_num_http_error_requests", (prefix, str(status), method, app))
             self.access.add(request_id.decode("latin-1"), f"{method} {scope['path']}", status, ms)
 
+    async def _no_variant(self, scope: dict[str, Any], send: Any, split: SplitRoute, request_id: bytes) -> None:
+        text = (f"Traffic split '{split.name}' at {split.prefix} has no application to send to: "
+                "none of its applications with a weight above 0 exists now.")
+        status = await http_util.reply(send, *http_util.plain(503, text), (b"x-request-id", request_id))
+        if self.metrics:
+            STORE.inc("ray_serve_num_http_requests", (split.prefix, scope["method"], "", str(status)))
+            STORE.inc("ray_serve_num_http_error_requests", (split.prefix, str(status), scope["method"], ""))
+
     async def _forward(
         self, scope: dict[str, Any], receive: Any, send: Any, m: tuple[str, DeploymentID] | None,
-        request_id: bytes, model_id: str | None, root: str = "",
+        request_id: bytes, model_id: str | None, root: str = "", route: str | None = None,
     ) -> int:
-        """Send the request to a replica and its response to the client; returns the status."""
+        """Send the request to a replica and its response to the client; returns the status.
+
+        `route`: the split route the request came in by (`m` is then the chosen application's)."""
         rid_header = (b"x-request-id", request_id)
         if m is None:
             return await http_util.reply(send, *http_util.plain(
@@ -126,7 +232,7 @@ class Proxy:
         if body is http_util.TOO_LARGE:
             return await http_util.reply(send, *http_util.too_large(self.max_body), rid_header)
         fwd = http_util.forward_scope(scope, prefix, root)
-        meta: dict[str, Any] = {"request_id": request_id.decode("latin-1"), "route": prefix}
+        meta: dict[str, Any] = {"request_id": request_id.decode("latin-1"), "route": route or prefix}
         if model_id:
             meta["multiplexed_model_id"] = model_id
         assert self.rt is not None

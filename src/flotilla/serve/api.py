@@ -6,6 +6,7 @@ import hashlib
 import inspect
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -19,17 +20,19 @@ from flotilla._private.client import Runtime
 from flotilla.serve.config import HTTPOptions, LoggingConfig, validate, warn_not_honoured
 from flotilla.serve.deployments import Application, Deployment
 from flotilla.serve.exceptions import ConfigError, RayServeException
-from flotilla.serve.handle import DeploymentHandle
+from flotilla.serve.handle import DeploymentHandle, SplitHandle
 from flotilla.serve.schema import ReplicaContext, ServeStatus
 
 logger = logging.getLogger("flotilla")
 
 __all__ = [
     "delete",
+    "delete_traffic",
     "get_app_handle",
     "get_deployment_handle",
     "get_replica_context",
     "run",
+    "set_traffic",
     "shutdown",
     "start",
     "status",
@@ -326,12 +329,93 @@ def shutdown() -> None:
 
 
 def get_app_handle(name: str) -> DeploymentHandle:
-    """A handle to the ingress deployment of application `name`."""
+    """A handle to the ingress deployment of application `name`; for the name of a traffic
+    split (`set_traffic`), a handle that sends each call to one of its applications by weight."""
     rt = Runtime._instance
     info = rt.call_head("app_info", name) if rt is not None else None
     if info is None:
         raise RayServeException(f"Application '{name}' does not exist.")
+    if "split" in info:
+        return SplitHandle(name)
     return DeploymentHandle(info["ingress"], name)
+
+
+#: How far from 1 the weights of a traffic split may add up.
+WEIGHT_TOLERANCE = 1e-6
+
+
+def _check_traffic(name: str, traffic: Any) -> dict[str, float]:
+    """The weights as a plain dict of floats, or ValueError naming the bad entry."""
+    if not isinstance(traffic, dict) or not traffic:
+        raise ValueError(f"traffic for split '{name}' must be a non-empty dict of application name -> weight, got {traffic!r}")
+    out: dict[str, float] = {}
+    for app, w in traffic.items():
+        if not isinstance(app, str) or not app:
+            raise ValueError(f"traffic for split '{name}': key {app!r} is not an application name")
+        if isinstance(w, bool) or not isinstance(w, (int, float)):
+            raise ValueError(f"traffic for split '{name}': weight of '{app}' must be a number, got {w!r}")
+        w = float(w)
+        if not math.isfinite(w) or w < 0:
+            raise ValueError(f"traffic for split '{name}': weight of '{app}' must be a non-negative number, got {w!r}")
+        out[app] = w
+    total = math.fsum(out.values())
+    if abs(total - 1.0) > WEIGHT_TOLERANCE:
+        raise ValueError(
+            f"traffic for split '{name}': weights must add up to 1, but {out} add up to {total:g}")
+    return out
+
+
+def set_traffic(
+    name: str,
+    traffic: dict[str, float],
+    *,
+    route_prefix: str | None = None,
+    sticky_header: str | None = None,
+    sticky_cookie: str | None = None,
+) -> None:
+    """Create or update the traffic split `name`: HTTP requests at `route_prefix` (default
+    `/{name}`) go to the ingress of one of the applications named in `traffic`, by weight.
+
+    Weights are non-negative and add up to 1. The applications keep their own routes; the
+    path below the split's prefix reaches the chosen application as if requested under its
+    own prefix. With `sticky_header` (or `sticky_cookie`), the application is chosen by a
+    stable hash of that header's (cookie's) value: one value always gets the same application
+    while the weights stay the same; requests without it are drawn at random by weight.
+    Changing the weights swaps the proxy's route table at once; no request is dropped.
+    `serve.get_app_handle(name)` gives a handle that splits calls by the same weights.
+
+    Raises:
+        ValueError: bad weights (negative, not numbers, not adding up to 1), naming the entry.
+        ConfigError: an application that does not exist, a prefix another application or
+            split uses, a name that is an application's, or a bad route prefix.
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"a traffic split needs a non-empty name, got {name!r}")
+    weights = _check_traffic(name, traffic)
+    prefix = f"/{name}" if route_prefix is None else route_prefix
+    _check_route_prefix(prefix)
+    if sticky_header is not None and sticky_cookie is not None:
+        raise ValueError("give sticky_header or sticky_cookie, not both")
+    for what, v in (("sticky_header", sticky_header), ("sticky_cookie", sticky_cookie)):
+        if v is not None and (not isinstance(v, str) or not v):
+            raise ValueError(f"{what} must be a non-empty string, got {v!r}")
+    rt = Runtime.get_or_start()
+    if rt.call_head("http_url") is None:
+        start()
+    rt.call_head("set_traffic", {
+        "name": name, "route_prefix": prefix, "traffic": weights,
+        "sticky_header": sticky_header, "sticky_cookie": sticky_cookie,
+    })
+
+
+def delete_traffic(name: str) -> None:
+    """Remove the traffic split `name` and its route (its applications keep running).
+
+    Raises:
+        RayServeException: there is no traffic split of that name."""
+    rt = Runtime._instance
+    if rt is None or not rt.call_head("delete_traffic", name):
+        raise RayServeException(f"Traffic split '{name}' does not exist.")
 
 
 def get_deployment_handle(deployment_name: str, app_name: str | None = None, **_compat: Any) -> DeploymentHandle:

@@ -93,6 +93,14 @@ class Deployment:
             "`serve.run()` instead."
         )
 
+    def set_route(self, endpoint_name: str, traffic: dict[str, float]) -> None:
+        """Ray 1.x's traffic split: the route `/{endpoint_name}` sends requests to the named
+        deployments (each deployed with `.deploy()`, an application of its own name) by
+        weight. The same as `serve.set_traffic(endpoint_name, traffic)`."""
+        from flotilla.serve.api import set_traffic
+
+        set_traffic(endpoint_name, traffic)
+
     def __repr__(self) -> str:
         return f"Deployment(name={self.name})"
 

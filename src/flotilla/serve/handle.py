@@ -8,7 +8,9 @@ can be passed as arguments to other `.remote()` calls; they are resolved first.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import concurrent.futures
+import random
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -17,7 +19,7 @@ from flotilla._private.context import request_meta
 from flotilla.exceptions import GetTimeoutError, TaskCancelledError
 from flotilla.serve.schema import DeploymentID
 
-__all__ = ["DeploymentHandle", "DeploymentResponse", "DeploymentResponseGenerator"]
+__all__ = ["DeploymentHandle", "DeploymentResponse", "DeploymentResponseGenerator", "SplitHandle"]
 
 
 @dataclass(frozen=True)
@@ -112,10 +114,103 @@ class DeploymentHandle:
         return f"DeploymentHandle(deployment='{self._dep.name}', app='{self._dep.app_name}')"
 
 
-async def _call(rt: Runtime, dep: DeploymentID, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], meta: Any) -> Any:
+class SplitHandle(DeploymentHandle):
+    """A handle to a traffic split (`serve.set_traffic`): each call goes to the ingress of one
+    of the split's applications, drawn at random by weight; it follows weight changes."""
+
+    __slots__ = ("_split",)
+
+    def __init__(self, split_name: str, _options: _HandleOptions | None = None) -> None:
+        super().__init__("", split_name, _options)
+        self._split = split_name
+
+    def options(self, **kwargs: Any) -> SplitHandle:
+        h = super().options(**kwargs)
+        return SplitHandle(self._split, h._opts)
+
+    def remote(self, *args: Any, **kwargs: Any) -> DeploymentResponse | DeploymentResponseGenerator:
+        rt = Runtime.get_or_start()
+        opts = self._opts
+        meta = {"multiplexed_model_id": opts.multiplexed_model_id} if opts.multiplexed_model_id else None
+        parent = request_meta.get()
+        if parent is not None and "request_id" in parent:
+            meta = dict(meta or {}, request_id=parent["request_id"])
+        if opts.stream:
+            return DeploymentResponseGenerator(rt, self._split, opts.method_name, args, kwargs, meta)
+        coro = _call(rt, self._split, opts.method_name, args, kwargs, meta)
+        if rt.in_loop():
+            return DeploymentResponse(rt, rt.loop.create_task(coro), None)
+        return DeploymentResponse(rt, None, asyncio.run_coroutine_threadsafe(coro, rt.loop))
+
+    def _warm_up(self) -> None:
+        pass
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (SplitHandle, (self._split, self._opts))
+
+    def __repr__(self) -> str:
+        return f"SplitHandle(traffic_split='{self._split}')"
+
+
+class _SplitState:
+    """What a process knows of one traffic split: pushed by the head, read per call."""
+
+    def __init__(self) -> None:
+        self.ready = asyncio.Event()
+        self.exists = False
+        self.error: BaseException | None = None
+        self.deps: list[DeploymentID] = []
+        self.cum: list[float] = []
+
+    def update(self, value: dict[str, Any]) -> None:
+        deps, cum, total = [], [], 0.0
+        for app, ingress, _prefix, weight in value.get("variants", ()):
+            if weight > 0:
+                total += weight
+                deps.append(DeploymentID(ingress, app))
+                cum.append(total)
+        self.exists, self.deps, self.cum = bool(value.get("exists")), deps, cum
+        self.ready.set()
+
+    def pick(self, name: str) -> DeploymentID:
+        from flotilla.serve.exceptions import DeploymentUnavailableError, RayServeException
+
+        if not self.exists:
+            raise RayServeException(f"Traffic split '{name}' does not exist.")
+        if not self.deps:
+            raise DeploymentUnavailableError(
+                f"Traffic split '{name}' has no application to send to: none of its applications "
+                "with a weight above 0 exists now.")
+        i = bisect.bisect_right(self.cum, random.random() * self.cum[-1])
+        return self.deps[min(i, len(self.deps) - 1)]
+
+
+async def _split_target(rt: Runtime, name: str) -> DeploymentID:
+    st = rt.splits.get(name)
+    if st is None:
+        st = rt.splits[name] = _SplitState()
+
+        async def sub() -> None:
+            try:
+                await rt.subscribe(("split", name), st.update)
+            except Exception as e:
+                st.error = e
+                st.ready.set()
+
+        rt.loop.create_task(sub())
+    if not st.ready.is_set():
+        await st.ready.wait()
+    if st.error is not None and not st.exists:
+        raise st.error
+    return st.pick(name)
+
+
+async def _call(rt: Runtime, dep: DeploymentID | str, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], meta: Any) -> Any:
+    if dep.__class__ is str:  # a traffic split: pick its application for this call
+        dep = await _split_target(rt, dep)  # type: ignore[arg-type]
     if _has_response(args, kwargs):
         args, kwargs = await _resolve_args(args, kwargs)
-    return await rt.router(dep).call(method, args, kwargs, meta)
+    return await rt.router(dep).call(method, args, kwargs, meta)  # type: ignore[arg-type]
 
 
 class DeploymentResponse:
@@ -163,7 +258,7 @@ class DeploymentResponse:
 class DeploymentResponseGenerator:
     """The items of a streaming call (`handle.options(stream=True)`), iterable sync or async."""
 
-    def __init__(self, rt: Runtime, dep: DeploymentID, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], meta: Any) -> None:
+    def __init__(self, rt: Runtime, dep: DeploymentID | str, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], meta: Any) -> None:
         self._rt = rt
         self._agen: Any = None
         self._start = (dep, method, args, kwargs, meta)
@@ -174,8 +269,9 @@ class DeploymentResponseGenerator:
             rt = self._rt
 
             async def agen() -> Any:
+                target = (await _split_target(rt, dep)) if isinstance(dep, str) else dep
                 a, k = (await _resolve_args(args, kwargs)) if _has_response(args, kwargs) else (args, kwargs)
-                async for item in rt.router(dep).stream(method, a, k, meta):
+                async for item in rt.router(target).stream(method, a, k, meta):
                     yield item
 
             self._agen = agen()

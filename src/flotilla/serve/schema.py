@@ -110,10 +110,23 @@ class ApplicationStatusOverview:
 
 
 @dataclass
+class TrafficStatus:
+    """flotilla extra: a traffic split (`serve.set_traffic`), as `ServeStatus.traffic[name]`."""
+
+    route_prefix: str
+    traffic: dict[str, float] = field(default_factory=dict)
+    sticky_header: str | None = None
+    sticky_cookie: str | None = None
+    message: str = ""
+
+
+@dataclass
 class ServeStatus:
     proxies: dict[str, ProxyStatus] = field(default_factory=dict)
     applications: dict[str, ApplicationStatusOverview] = field(default_factory=dict)
     target_capacity: float | None = None
+    #: flotilla extra: traffic splits by name (`serve.set_traffic`).
+    traffic: dict[str, TrafficStatus] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
