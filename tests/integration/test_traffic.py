@@ -184,6 +184,22 @@ def test_delete_traffic_makes_the_route_404(url: str) -> None:
         serve.delete_traffic("ab")
 
 
+def test_a_deleted_application_leaves_the_split_to_the_others(url: str) -> None:
+    serve.run(Named.bind("c"), name="c", route_prefix="/c")
+    serve.set_traffic("ac", {"a": 0.5, "c": 0.5})
+    assert set(send(url, "/ac", 100, threads=4)) == {"a", "c"}
+    serve.delete("c")
+    assert set(send(url, "/ac", 50, threads=4)) == {"a"}
+    assert "'c'" in serve.status().traffic["ac"].message
+    serve.delete("a")
+    try:
+        r = httpx.get(f"{url}/ac")
+        assert r.status_code == 503 and "no application to send to" in r.text
+    finally:
+        serve.run(Named.bind("a"), name="a", route_prefix="/a")
+    assert set(send(url, "/ac", 20, threads=2)) == {"a"}  # back when the app is
+
+
 def test_split_handle(url: str) -> None:
     serve.set_traffic("ab", {"a": 0.8, "b": 0.2})
     h = serve.get_app_handle("ab")

@@ -83,6 +83,8 @@ async def _round_trip(tmp: Path, live: list[subprocess.Popen[bytes]], dead_pid: 
     scaled.autoscale.policy = PolicyState(1, 10.0)  # wants up since t=10
     scaled.target = 3
     dep.failures = 1
+    c.set_traffic({"name": "split", "route_prefix": "/split", "traffic": {"m": 0.25, "s": 0.75},
+                   "sticky_header": "x-user", "sticky_cookie": None})
 
     def proc(pid: int) -> Process:
         return Process(pid, "replica", start_ticks(pid) or 12345)
@@ -115,6 +117,7 @@ async def _round_trip(tmp: Path, live: list[subprocess.Popen[bytes]], dead_pid: 
     assert checkpoint.restore(c2, saved, specs, c2.supervisor) == 3
 
     assert set(c2.apps) == {"m", "s"}
+    assert c2.splits == c.splits and c2.routes() == c.routes()  # the split route comes back
     assert c2.apps["m"].route_prefix == "/m" and c2.apps["m"].ingress == "Model"
     dep2 = c2.apps["m"].deployments["Model"]
     assert dep2.version == dep.version and dep2.target == 2 and dep2.failures == 1

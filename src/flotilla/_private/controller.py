@@ -357,6 +357,11 @@ class Controller:
         name = spec["name"]
         prefix = spec["route_prefix"]
         traffic = dict(spec["traffic"])
+        if self.proxy is not None and self.proxy.direct is not None:
+            raise ConfigError(
+                "traffic splits need the HTTP proxy: with direct ingress the application's "
+                "replicas answer HTTP themselves, so no one could route by weight."
+            )
         if name in self.apps and not self.apps[name].deleting:
             raise ConfigError(
                 f"\"{name}\" is the name of an application; a traffic split needs a name of its own "
