@@ -252,7 +252,7 @@ def test_seed_set_route(url: str) -> None:
         old_model.set_route(endpoint_name="predict", traffic={"OldModel": 0.8, "NewModel": 0.2})
         got = collections.Counter(send(url, "/predict", 1000))
         print(f"seed set_route 0.8/0.2: {dict(got)}")
-        assert abs(got["NewModel"] / 1000 - 0.2) <= 0.04, got
+        assert abs(got["NewModel"] / 1000 - 0.2) <= 0.05, got  # 4 standard deviations
         old_model.set_route(endpoint_name="predict", traffic={"NewModel": 1.0})  # the version switch
         assert set(send(url, "/predict", 100)) == {"NewModel"}
     finally:
