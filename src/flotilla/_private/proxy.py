@@ -59,6 +59,16 @@ class Proxy:
         self.routes = [(prefix, DeploymentID(ingress, app)) for prefix, (app, ingress) in items]
         self.routes_json = json.dumps({p: a for p, (a, _) in table.items()}).encode()
 
+    def _not_found(self, path: str) -> str:
+        """The 404 text: the routes that exist, so a wrong path says where to go instead
+        (built only on this path)."""
+        if not self.routes:
+            return f"Path '{path}' not found: no application has a route yet."
+        routes = sorted(self.routes, key=lambda r: r[0])
+        listed = ", ".join(f"{prefix} (application '{dep.app_name}')" for prefix, dep in routes[:20])
+        more = f" and {len(routes) - 20} more" if len(routes) > 20 else ""
+        return f"Path '{path}' not found; routes: {listed}{more}. GET /-/routes lists them as JSON."
+
     def match(self, path: str) -> tuple[str, DeploymentID] | None:
         for prefix, dep in self.routes:
             if prefix == "/" or path == prefix or (path.startswith(prefix) and path[len(prefix)] == "/"):
@@ -117,8 +127,7 @@ class Proxy:
         """Send the request to a replica and its response to the client; returns the status."""
         rid_header = (b"x-request-id", request_id)
         if m is None:
-            return await http_util.reply(send, *http_util.plain(
-                404, f"Path '{scope['path']}' not found. Ping http://.../-/routes for available routes."), rid_header)
+            return await http_util.reply(send, *http_util.plain(404, self._not_found(scope["path"])), rid_header)
         prefix, dep = m
         body = await http_util.read_body(receive, scope, self.max_body)
         if body is None:
