@@ -648,6 +648,8 @@ class Head:
                     return {"split": args[0]}
                 return None
             return {"ingress": app.ingress, "route_prefix": app.route_prefix}
+        if op == "deployment_specs":  # serve.get_deployment / list_deployments (Ray 1.x API)
+            return _deployment_specs(c, args[0] if args else None)
         if op == "start_http":
             return await self.proxy.start(args[0])
         if op == "http_url":
@@ -666,6 +668,29 @@ class Head:
             self._start_shutdown(graceful=True)
             return None
         raise ValueError(f"unknown op {op!r}")
+
+
+def _deployment_specs(c: Any, only: str | None) -> list[dict[str, Any]]:
+    """What runs, per deployment (every application's, or those named `only`): its options,
+    its pickled code and arguments (as the driver sent them), its route (the application's,
+    for its ingress deployment) and its replica target."""
+    out = []
+    for app in c.apps.values():
+        if app.deleting:
+            continue
+        for d in app.deployments.values():
+            if d.deleting or (only is not None and d.name != only):
+                continue
+            out.append({
+                "app": app.name,
+                "name": d.name,
+                "route_prefix": app.route_prefix if d.name == app.ingress else None,
+                "config": d.spec["config"],
+                "def_bytes": d.spec["def_bytes"],
+                "args_bytes": d.spec["args_bytes"],
+                "target": d.target,
+            })
+    return out
 
 
 def _join_ray(cfg: dict[str, Any]) -> Any:

@@ -145,6 +145,18 @@ class Proxy:
         self.routes_json = json.dumps(
             {p: (v["split"] if isinstance(v, dict) else v[0]) for p, v in table.items()}).encode()
 
+    def _not_found(self, path: str) -> str:
+        """The 404 text: the routes that exist, so a wrong path says where to go instead
+        (built only on this path)."""
+        if not self.routes:
+            return f"Path '{path}' not found: no application has a route yet."
+        routes = sorted(self.routes, key=lambda r: r[0])
+        listed = ", ".join(
+            f"{prefix} (traffic split '{t.name}')" if isinstance(t, SplitRoute) else f"{prefix} (application '{t.app_name}')"
+            for prefix, t in routes[:20])
+        more = f" and {len(routes) - 20} more" if len(routes) > 20 else ""
+        return f"Path '{path}' not found; routes: {listed}{more}. GET /-/routes lists them as JSON."
+
     def match(self, path: str) -> tuple[str, DeploymentID | SplitRoute] | None:
         for prefix, dep in self.routes:
             if prefix == "/" or path == prefix or (path.startswith(prefix) and path[len(prefix)] == "/"):
@@ -223,8 +235,7 @@ class Proxy:
         `route`: the split route the request came in by (`m` is then the chosen application's)."""
         rid_header = (b"x-request-id", request_id)
         if m is None:
-            return await http_util.reply(send, *http_util.plain(
-                404, f"Path '{scope['path']}' not found. Ping http://.../-/routes for available routes."), rid_header)
+            return await http_util.reply(send, *http_util.plain(404, self._not_found(scope["path"])), rid_header)
         prefix, dep = m
         body = await http_util.read_body(receive, scope, self.max_body)
         if body is None:

@@ -21,6 +21,7 @@ from flotilla.serve.config import HTTPOptions, LoggingConfig, validate, warn_not
 from flotilla.serve.deployments import Application, Deployment
 from flotilla.serve.exceptions import ConfigError, RayServeException
 from flotilla.serve.handle import DeploymentHandle, SplitHandle
+from flotilla.serve.legacy import ServeControllerClient
 from flotilla.serve.schema import ReplicaContext, ServeStatus
 
 logger = logging.getLogger("flotilla")
@@ -74,8 +75,11 @@ def start(
     proxy_location: Any = None,
     logging_config: dict[str, Any] | LoggingConfig | None = None,
     **kwargs: Any,
-) -> None:
+) -> ServeControllerClient:
     """Start the HTTP proxy (default 127.0.0.1:8000). Implicit in `serve.run`.
+
+    Returns a `ServeControllerClient` (Ray 1.x's client: `get_handle`, `list_deployments`,
+    `delete_deployment`, `shutdown`); modern code ignores it.
 
     `proxy_location` (or `http_options["location"]`): "EveryNode" (the default) runs a proxy
     on every Ray node on the Ray backend, all on the same port; "HeadOnly" one, on the head's
@@ -86,6 +90,8 @@ def start(
         TypeError: an unknown keyword argument (Ray's `grpc_options`, `detached` and
             `dedicated_cpu` are accepted with a warning).
     """
+    if kwargs.get("detached") is False:  # Ray 1.x's default, and what happens here anyway
+        del kwargs["detached"]
     check_kwargs("serve.start", kwargs, ("http_options", "proxy_location", "logging_config"), START_IGNORED)
     opts = _http_options(http_options, proxy_location)
     options = opts.model_dump()
@@ -104,6 +110,7 @@ def start(
         logger.info("HTTP proxy listening at %s", url)
     elif opts.proxy_disabled:
         logger.info("HTTP proxy disabled (location=%s): applications answer handles only", opts.location)
+    return ServeControllerClient()
 
 
 def _http_options(http_options: dict[str, Any] | HTTPOptions | None, proxy_location: Any = None) -> HTTPOptions:

@@ -433,7 +433,10 @@ class HTTPOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)
+    port: int = Field(
+        default_factory=lambda: int(os.environ.get("RAY_SERVE_DEFAULT_HTTP_PORT", "8000")), ge=0, le=65535,
+        description="Default 8000, or $RAY_SERVE_DEFAULT_HTTP_PORT (as Ray Serve's).",
+    )
     root_path: str = Field(
         "",
         description="Mount every route under this path: '/serve' serves route '/api' at "

@@ -12,6 +12,9 @@ from flotilla.serve.exceptions import ConfigError
 __all__ = ["Application", "Deployment", "deployment"]
 
 _OPTION_NAMES = tuple(f for f in DeploymentConfig.model_fields if f != "name")
+# Kept with the options for the Ray 1.x API (`Deployment.deploy()`, flotilla.serve.legacy)
+# only: `route_prefix`, and the constructor arguments of a deployment from get_deployment.
+_LEGACY_KEYS = ("route_prefix", "_init")
 
 
 class Deployment:
@@ -20,6 +23,8 @@ class Deployment:
     def __init__(self, func_or_class: Callable[..., Any], options: dict[str, Any]) -> None:
         self._target = func_or_class
         self._options = options
+        if "route_prefix" in options or "_init" in options:
+            options = {k: v for k, v in options.items() if k not in _LEGACY_KEYS}
         self._config: DeploymentConfig = validate(DeploymentConfig, options, f"options of deployment '{options.get('name')}'")
         self._config.warn_unhonoured()
         if inspect.isclass(func_or_class):
@@ -70,7 +75,7 @@ class Deployment:
         if "max_concurrent_queries" in kwargs:  # Ray's old name
             kwargs.setdefault("max_ongoing_requests", kwargs.pop("max_concurrent_queries"))
         for key in kwargs:
-            if key != "name" and key not in _OPTION_NAMES and key not in _COMPAT_IGNORED:
+            if key not in ("name", "route_prefix") and key not in _OPTION_NAMES and key not in _COMPAT_IGNORED:
                 raise ConfigError(f"unknown deployment option {key!r}; allowed: name, " + ", ".join(_OPTION_NAMES))
         merged = dict(self._options)
         for key, value in kwargs.items():
@@ -86,6 +91,30 @@ class Deployment:
     def bind(self, *args: Any, **kwargs: Any) -> Application:
         """Bind constructor arguments; other bound deployments may be among them."""
         return Application(self, args, kwargs)
+
+    @property
+    def route_prefix(self) -> str | None:
+        """Where `.deploy()` serves it (Ray 1.x): the `route_prefix` option, else `/{name}`."""
+        return self._options.get("route_prefix", f"/{self.name}")
+
+    def deploy(self, *init_args: Any, _blocking: bool = True, **init_kwargs: Any) -> None:
+        """Ray 1.x: deploy as its own application, named after the deployment, at
+        `route_prefix`; see `flotilla.serve.legacy`."""
+        from flotilla.serve import legacy
+
+        legacy.deploy(self, init_args, init_kwargs, _blocking)
+
+    def delete(self) -> None:
+        """Ray 1.x: delete the application `.deploy()` made."""
+        from flotilla.serve import legacy
+
+        legacy.delete(self)
+
+    def get_handle(self) -> Any:
+        """Ray 1.x: a handle to the deployment `.deploy()` made (see `flotilla.serve.legacy`)."""
+        from flotilla.serve import legacy
+
+        return legacy.get_handle(self.name)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         raise RuntimeError(
@@ -124,7 +153,6 @@ class Application:
 # Options Ray accepts that have no meaning here; taken and ignored.
 _COMPAT_IGNORED = {
     "version",
-    "route_prefix",
     "max_constructor_retry_count",
 }
 
@@ -161,7 +189,7 @@ def deployment(
         value = ray_only.pop("max_concurrent_queries")
         if max_ongoing_requests is None:
             max_ongoing_requests = value
-    unknown = set(ray_only) - _COMPAT_IGNORED
+    unknown = set(ray_only) - _COMPAT_IGNORED - {"route_prefix"}
     if unknown:
         raise ConfigError(
             f"unknown deployment option(s) {sorted(unknown)}; allowed: name, " + ", ".join(_OPTION_NAMES)
@@ -186,6 +214,8 @@ def deployment(
         "request_router_config": request_router_config,
     }
     options = {k: v for k, v in given.items() if v is not None}
+    if "route_prefix" in ray_only:  # Ray 1.x: used by `.deploy()` only, not by serve.run
+        options["route_prefix"] = ray_only["route_prefix"]
 
     def decorate(target: Callable[..., Any]) -> Deployment:
         if not (inspect.isclass(target) or callable(target)):
