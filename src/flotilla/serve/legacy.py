@@ -20,7 +20,8 @@ only the import changed:
 Over HTTP a request's `.json()` already works without `await` for every deployment (the
 replica's request object returns the parsed body, which is itself awaitable), so a seed's
 `data = request.json()` and a modern `await request.json()` both work; nothing here changes
-the HTTP path. Traffic splitting (`set_route`) is not part of this module.
+the HTTP path. Traffic splitting (`set_route`) is `serve.set_traffic`; `get_handle` of its
+endpoint name gives a handle that splits calls the same way.
 """
 
 from __future__ import annotations
@@ -137,9 +138,22 @@ def get_handle(name: str) -> LegacyHandle:
 
     found = _pick(_specs())
     if name not in found:
+        split = _split_handle(name)
+        if split is not None:
+            return LegacyHandle(split)
         raise _missing(name, found)
     s = found[name]
     return LegacyHandle(DeploymentHandle(s["name"], s["app"]))
+
+
+def _split_handle(name: str) -> DeploymentHandle | None:
+    """A handle to the traffic split `name` (`set_route`'s endpoint), or None if there is none."""
+    from flotilla._private.client import Runtime
+    from flotilla.serve.handle import SplitHandle
+
+    rt = Runtime._instance
+    info = rt.call_head("app_info", name) if rt is not None else None
+    return SplitHandle(name) if info is not None and "split" in info else None
 
 
 class _AwaitableValue:
