@@ -180,3 +180,12 @@ def test_client_handles_wrap_a_single_argument_only(url: str) -> None:
     # Plain handles and serve.run applications are untouched.
     assert serve.get_app_handle("Inspect").remote(1).result() == (["int"], [])
     assert HandleRequest([1]).json() == [1]
+
+
+def test_seed_traffic_example_splits_80_20_then_switches_to_v2() -> None:
+    predict, recommend = run_example("seed_traffic.py").splitlines()
+    route, _, counts = predict.partition(" ")
+    split = ast.literal_eval(counts)  # a printed dict of str -> int
+    assert route == "/predict" and sum(split.values()) == 1000, predict
+    assert 740 <= split["OldModel"] <= 860 and split["OldModel"] + split["NewModel"] == 1000, predict
+    assert recommend == "/recommend {'v2': 1000}", recommend
