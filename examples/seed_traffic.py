@@ -6,7 +6,8 @@ returns its name, and 1,000 requests show where traffic goes.
     python examples/seed_traffic.py
 
 `/predict` splits 80/20 between the two deployments (each keeps its own route, `/OldModel`
-and `/NewModel`); `/recommend` then sends everything to `recommender_v2`. The HTTP proxy
+and `/NewModel`); `/recommend` then sends everything to `recommender_v2`. Between the two
+sections the first two deployments are deleted, so all four fit on a 2-core machine. The HTTP proxy
 listens on 8000 (or $RAY_SERVE_DEFAULT_HTTP_PORT).
 """
 
@@ -39,6 +40,24 @@ serve.get_deployment("OldModel").set_route(
     traffic={"OldModel": 0.8, "NewModel": 0.2},
 )
 
+url = f"http://127.0.0.1:{os.environ.get('RAY_SERVE_DEFAULT_HTTP_PORT', '8000')}"
+
+
+def where(endpoint):
+    """Where 1,000 requests to `endpoint` went."""
+    with httpx.Client(timeout=30) as http:
+        counts = collections.Counter(http.get(url + endpoint).text for _ in range(1000))
+    print(endpoint, dict(sorted(counts.items())))
+
+
+where("/predict")
+
+# (Not in the article, whose sections are separate examples: free the CPU each of these
+# replicas holds by default, so the next two deployments fit on a 2-core machine.)
+serve.delete_traffic("predict")
+OldModel.delete()
+NewModel.delete()
+
 @serve.deployment(name="recommender_v1")
 class RecommenderV1:
     def __call__(self, request):
@@ -58,9 +77,4 @@ serve.get_deployment("recommender_v1").set_route(
     traffic={"recommender_v2": 1.0},
 )
 
-# Where 1,000 requests to each endpoint went.
-url = f"http://127.0.0.1:{os.environ.get('RAY_SERVE_DEFAULT_HTTP_PORT', '8000')}"
-with httpx.Client(timeout=30) as http:
-    for endpoint in ("/predict", "/recommend"):
-        counts = collections.Counter(http.get(url + endpoint).text for _ in range(1000))
-        print(endpoint, dict(sorted(counts.items())))
+where("/recommend")

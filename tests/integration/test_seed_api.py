@@ -37,15 +37,6 @@ def test_seed_square_example_answers_at_its_name_and_the_404_says_where() -> Non
     assert lines[1].startswith("404 Path '/SquareModel' not found; routes: /square (application 'square')"), lines[1]
 
 
-def test_seed_traffic_split_example_splits_80_20_and_switches_to_v2() -> None:
-    lines = run_example("seed_traffic_split.py").splitlines()
-    split = ast.literal_eval(lines[0].removeprefix("predict "))
-    assert set(split) == {"OldModel", "NewModel"} and sum(split.values()) == 1000
-    assert abs(split["NewModel"] / 1000 - 0.2) <= 0.05, split  # 4 standard deviations
-    assert lines[1] == "handle ['NewModel', 'OldModel']"
-    assert lines[2] == "recommend {'recommender_v2': 100}"
-
-
 def test_seed_echo_example_prints_the_request() -> None:
     assert run_example("seed_echo_client.py").splitlines() == ["{'msg': 'hello'}"]
 

@@ -19,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import flotilla
 from flotilla import serve
+from flotilla.serve import legacy
 from flotilla.serve.exceptions import ConfigError, RayServeException
 from tests.conftest import running_cluster, wait_for
 from tests.load import Load
@@ -253,6 +254,8 @@ def test_seed_set_route(url: str) -> None:
         got = collections.Counter(send(url, "/predict", 1000))
         print(f"seed set_route 0.8/0.2: {dict(got)}")
         assert abs(got["NewModel"] / 1000 - 0.2) <= 0.05, got  # 4 standard deviations
+        client_handle = legacy.get_handle("predict")  # client.get_handle(endpoint) splits too
+        assert {client_handle.remote({"n": i}).result(timeout_s=30) for i in range(60)} == {"OldModel", "NewModel"}
         old_model.set_route(endpoint_name="predict", traffic={"NewModel": 1.0})  # the version switch
         assert set(send(url, "/predict", 100)) == {"NewModel"}
     finally:
