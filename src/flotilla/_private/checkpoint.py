@@ -12,6 +12,7 @@ temporary file, then `os.replace`), to `<session>/checkpoint.pkl`:
   resource allocation (units and GPU ids with shares), the config last applied, models held;
 - the proxy: pid and start time, URL, options; the metrics port;
 - traffic splits: name, route prefix, weights, sticky header or cookie.
+- shadowed routes: route, target application, fraction, queue size.
 
 A deployment spec holds the user's code and bound arguments as opaque cloudpickle bytes (the
 head never unpickles user code); each distinct spec is stored once, in
@@ -185,15 +186,18 @@ def capture(c: Controller, ckpt: Checkpoint, proxy: dict[str, Any] | None, metri
                     "config_sent": r.config_sent, "models": list(r.models),
                 })
     return {"apps": apps, "deployments": deps, "replicas": replicas, "proxy": proxy,
-            "metrics_port": metrics_port, "splits": [sp.plain() for sp in c.splits.values()]}
+            "metrics_port": metrics_port, "splits": [sp.plain() for sp in c.splits.values()],
+            "shadows": [sh.plain() for sh in c.shadows.values()]}
 
 
 def restore(c: Controller, state: dict[str, Any], specs: dict[str, dict[str, Any]], supervisor: Supervisor) -> int:
     """Rebuild `c` from a checkpoint; returns how many replica processes were re-adopted."""
     from flotilla._private.autoscaler_loop import make_state
     from flotilla._private.autoscaling import PolicyState
-    from flotilla._private.controller import App, Deployment, Replica, Split
+    from flotilla._private.controller import App, Deployment, Replica, Shadow, Split
 
+    for sh in state.get("shadows", []):
+        c.shadows[sh["route"]] = Shadow(sh["route"], sh["target"], float(sh["fraction"]), int(sh["max_queue"]))
     for sp in state.get("splits", []):
         c.splits[sp["name"]] = Split(sp["name"], sp["route_prefix"], dict(sp["traffic"]),
                                      sp["sticky_header"], sp["sticky_cookie"])

@@ -67,6 +67,7 @@ from flotilla.serve.schema import (
     DeploymentStatusTrigger,
     ReplicaState,
     ServeStatus,
+    ShadowStatus,
     TrafficStatus,
 )
 
@@ -195,6 +196,20 @@ class Split:
                 "sticky_header": self.sticky_header, "sticky_cookie": self.sticky_cookie}
 
 
+@dataclass
+class Shadow:
+    """A shadowed route: `fraction` of the HTTP requests on route `route` (an application's
+    or a split's) are mirrored to application `target` (`serve.set_shadow`)."""
+
+    route: str
+    target: str
+    fraction: float
+    max_queue: int = 100
+
+    def plain(self) -> dict[str, Any]:
+        return {"route": self.route, "target": self.target, "fraction": self.fraction, "max_queue": self.max_queue}
+
+
 class Controller:
     def __init__(self, session_dir: str, head_sock: str, pool: ResourcePool, supervisor: Supervisor) -> None:
         self.session_dir = session_dir
@@ -203,6 +218,7 @@ class Controller:
         self.supervisor = supervisor
         self.apps: dict[str, App] = {}
         self.splits: dict[str, Split] = {}  # traffic splits by name (serve.set_traffic)
+        self.shadows: dict[str, Shadow] = {}  # shadowed routes by route name (serve.set_shadow)
         self.replicas: dict[str, Replica] = {}
         self.subs: dict[Any, set[RpcPeer]] = {}
         self.changed = asyncio.Condition()
@@ -311,6 +327,8 @@ class Controller:
             }
         if key[0] == "routes":
             return self.routes()
+        if key[0] == "shadows":
+            return self.shadow_table()
         if key[0] == "split":
             sp = self.splits.get(key[1])
             if sp is None:
@@ -326,6 +344,8 @@ class Controller:
         v = self.value(key)
         for p in list(peers):
             p.notify("update", key, v)
+        if key[0] == "routes" and self.shadows:  # a shadow follows its route's and target's apps
+            self.publish(("shadows",))
 
     def routes(self) -> dict[str, Any]:
         """The proxy's route table: prefix -> (app, ingress) for an app's own route, or a dict
@@ -398,6 +418,69 @@ class Controller:
         self.publish(("split", name))
         self.publish(("routes",))
         return True
+
+    # ---- shadow traffic --------------------------------------------------------------------
+    def _live_app(self, name: str) -> App | None:
+        a = self.apps.get(name)
+        return a if a is not None and not a.deleting else None
+
+    def _route_prefix_of(self, name: str) -> str | None:
+        """The HTTP route prefix of application or split `name`, or None."""
+        if name in self.splits:
+            return self.splits[name].route_prefix
+        a = self._live_app(name)
+        return a.route_prefix if a is not None else None
+
+    def set_shadow(self, spec: dict[str, Any]) -> None:
+        """Mirror a fraction of route `route`'s requests to application `target` (fraction and
+        queue size are checked by the caller)."""
+        route, target = spec["route"], spec["target"]
+        have = sorted(a.name for a in self.apps.values() if not a.deleting)
+        if self._route_prefix_of(route) is None:
+            raise ConfigError(
+                f"set_shadow: \"{route}\" is neither an application with an HTTP route nor a traffic "
+                f"split; applications: {have}, traffic splits: {sorted(self.splits)}.")
+        if self._live_app(target) is None:
+            raise ConfigError(
+                f"set_shadow: target application \"{target}\" does not exist; applications: {have}. "
+                f"Deploy it first (serve.run(..., name=...)).")
+        if target == route:
+            raise ConfigError(f"set_shadow: \"{route}\" cannot mirror to itself.")
+        self.shadows[route] = Shadow(route, target, float(spec["fraction"]), int(spec.get("max_queue", 100)))
+        logger.info("shadow traffic on %r: %g to %r", route, spec["fraction"], target)
+        self.publish(("shadows",))
+
+    def delete_shadow(self, route: str) -> bool:
+        if self.shadows.pop(route, None) is None:
+            return False
+        logger.info("shadow traffic on %r deleted", route)
+        self.publish(("shadows",))
+        return True
+
+    def shadow_table(self) -> dict[str, Any]:
+        """The proxies' shadowed routes: route prefix -> target (its ingress and own prefix),
+        fraction, queue size; a shadow whose route or target does not exist now is left out."""
+        out: dict[str, Any] = {}
+        for sh in self.shadows.values():
+            prefix = self._route_prefix_of(sh.route)
+            target = self._live_app(sh.target)
+            if prefix is None or target is None:
+                continue
+            out[prefix] = {"route": sh.route, "target": sh.target, "ingress": target.ingress,
+                           "target_prefix": target.route_prefix, "fraction": sh.fraction,
+                           "max_queue": sh.max_queue}
+        return out
+
+    def _shadow_status(self) -> dict[str, Any]:
+        out = {}
+        for sh in self.shadows.values():
+            missing = [n for n, ok in ((sh.route, self._route_prefix_of(sh.route) is not None),
+                                       (sh.target, self._live_app(sh.target) is not None)) if not ok]
+            out[sh.route] = ShadowStatus(
+                route_prefix=self._route_prefix_of(sh.route), target=sh.target, fraction=sh.fraction,
+                max_queue=sh.max_queue,
+                message=f"{missing} do not exist now: not mirroring" if missing else "")
+        return out
 
     def _splits_changed(self) -> None:
         """An application came or went: splits naming it publish their new variants."""
@@ -1095,7 +1178,7 @@ class Controller:
                 message=(f"applications {missing} do not exist: their share goes to the others"
                          if missing else ""),
             )
-        return ServeStatus(proxies=proxies, applications=apps, traffic=traffic)
+        return ServeStatus(proxies=proxies, applications=apps, traffic=traffic, shadows=self._shadow_status())
 
     def metrics_snapshot(self) -> dict[str, Any]:
         m = self.metrics
@@ -1149,6 +1232,7 @@ class Controller:
 
     async def shutdown(self, timeout: float = 30.0) -> None:
         """Delete every app through the drain path; what is left after `timeout` is killed."""
+        self.shadows.clear()
         for name in list(self.splits):
             self.delete_traffic(name)
         for name in list(self.apps):

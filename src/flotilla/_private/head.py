@@ -36,7 +36,7 @@ logger = logging.getLogger("flotilla.head")
 PROXY_START_TIMEOUT_S = 30.0
 PROXY_STOP_TIMEOUT_S = 3.0
 #: Control operations whose effect is checkpointed before they are answered.
-_DURABLE = frozenset({"deploy_app", "delete_app", "set_traffic", "delete_traffic", "start_http", "serve_shutdown", "replica_register",
+_DURABLE = frozenset({"deploy_app", "delete_app", "set_traffic", "delete_traffic", "set_shadow", "delete_shadow", "start_http", "serve_shutdown", "replica_register",
                       "replica_reattach", "proxy_reattach", "proxy_ready"})
 #: The first restart of a dead proxy waits this long; repeated crashes back off to 5 s.
 PROXY_FIRST_RESTART_S = 0.05
@@ -641,6 +641,10 @@ class Head:
             return c.set_traffic(*args)
         if op == "delete_traffic":
             return c.delete_traffic(*args)
+        if op == "set_shadow":
+            return c.set_shadow(*args)
+        if op == "delete_shadow":
+            return c.delete_shadow(*args)
         if op == "app_info":
             app = c.apps.get(args[0])
             if app is None or app.deleting:

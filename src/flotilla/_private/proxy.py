@@ -22,7 +22,7 @@ import random
 import time
 from typing import Any
 
-from flotilla._private import http_util, httpguard, logrotate, metrics
+from flotilla._private import http_util, httpguard, logrotate, metrics, shadow
 from flotilla._private.client import Runtime
 from flotilla._private.metrics import STORE
 from flotilla._private.protocol import HttpFull
@@ -132,7 +132,10 @@ class Proxy:
         self.access = metrics.AccessLog("proxy")
         self.ids = metrics.RequestIds()
         self.root_path: str = args.get("root_path") or ""
+        self.shadows: dict[str, shadow.ShadowRoute] = {}  # shadowed routes by prefix (serve.set_shadow)
+        self._shadows: shadow.Shadows | None = None
         metrics.declare_builtins(STORE)
+        shadow.declare(STORE)
         self.access.configure(args.get("logging_config"), {"component_name": "proxy"})
 
     def set_routes(self, table: dict[str, Any]) -> None:
@@ -144,6 +147,12 @@ class Proxy:
         ]
         self.routes_json = json.dumps(
             {p: (v["split"] if isinstance(v, dict) else v[0]) for p, v in table.items()}).encode()
+
+    def set_shadows(self, table: dict[str, Any]) -> None:
+        """The shadowed routes (`serve.set_shadow`): prefix -> target and fraction."""
+        if self._shadows is None:
+            self._shadows = shadow.Shadows(self.rt)
+        self.shadows = self._shadows.set(table)
 
     def _not_found(self, path: str) -> str:
         """The 404 text: the routes that exist, so a wrong path says where to go instead
@@ -190,6 +199,11 @@ class Proxy:
         m: Any = self.match(path)
         route = None
         fscope = scope
+        mirror = None
+        if self.shadows and m is not None:  # only while some route is shadowed
+            sh = self.shadows.get(m[0])
+            if sh is not None:
+                mirror = (sh, scope, path)
         if m is not None and m[1].__class__ is SplitRoute:  # only split routes pay for this
             route = m[0]
             picked = m[1].pick(scope, path, root)
@@ -199,13 +213,13 @@ class Proxy:
             fscope, fprefix, dep = picked
             m = (fprefix, dep)
         if not self.metrics:
-            await self._forward(fscope, receive, send, m, request_id, model_id, root, route)
+            await self._forward(fscope, receive, send, m, request_id, model_id, root, route, mirror)
             return
         t0 = time.perf_counter()
         self.ongoing += 1
         status = 500
         try:
-            status = await self._forward(fscope, receive, send, m, request_id, model_id, root, route)
+            status = await self._forward(fscope, receive, send, m, request_id, model_id, root, route, mirror)
         finally:
             self.ongoing -= 1
             ms = (time.perf_counter() - t0) * 1000.0
@@ -229,10 +243,12 @@ class Proxy:
     async def _forward(
         self, scope: dict[str, Any], receive: Any, send: Any, m: tuple[str, DeploymentID] | None,
         request_id: bytes, model_id: str | None, root: str = "", route: str | None = None,
+        mirror: tuple[shadow.ShadowRoute, dict[str, Any], str] | None = None,
     ) -> int:
         """Send the request to a replica and its response to the client; returns the status.
 
-        `route`: the split route the request came in by (`m` is then the chosen application's)."""
+        `route`: the split route the request came in by (`m` is then the chosen application's).
+        `mirror`: (the shadowed route, the original scope and path) when the route is shadowed."""
         rid_header = (b"x-request-id", request_id)
         if m is None:
             return await http_util.reply(send, *http_util.plain(404, self._not_found(scope["path"])), rid_header)
@@ -242,6 +258,8 @@ class Proxy:
             return 499
         if body is http_util.TOO_LARGE:
             return await http_util.reply(send, *http_util.too_large(self.max_body), rid_header)
+        if mirror is not None:  # queues a copy (or not); never waits
+            mirror[0].offer(mirror[1], mirror[2], root, body, request_id)
         fwd = http_util.forward_scope(scope, prefix, root)
         meta: dict[str, Any] = {"request_id": request_id.decode("latin-1"), "route": route or prefix}
         if model_id:
@@ -374,6 +392,7 @@ async def _amain(args: dict[str, Any], seat: Any = None) -> None:
     pusher.start()
     proxy.rt = rt
     await rt.subscribe(("routes",), proxy.set_routes)
+    await rt.subscribe(("shadows",), proxy.set_shadows)
     if seat is None:  # the listening socket belongs to the head (and the keeper): it outlives this process
         sock = await loop.run_in_executor(None, listener.receive, args["fd_sock"])
     else:  # bound only now that the routes are known, so no connection waits on a proxy that cannot route

@@ -28,11 +28,13 @@ logger = logging.getLogger("flotilla")
 
 __all__ = [
     "delete",
+    "delete_shadow",
     "delete_traffic",
     "get_app_handle",
     "get_deployment_handle",
     "get_replica_context",
     "run",
+    "set_shadow",
     "set_traffic",
     "shutdown",
     "start",
@@ -423,6 +425,46 @@ def delete_traffic(name: str) -> None:
     rt = Runtime._instance
     if rt is None or not rt.call_head("delete_traffic", name):
         raise RayServeException(f"Traffic split '{name}' does not exist.")
+
+
+def set_shadow(name: str, target: str, fraction: float, *, max_queue: int = 100) -> None:
+    """Mirror `fraction` of the HTTP requests on route `name` (an application's route, or a
+    traffic split's from `set_traffic`) to application `target`.
+
+    The client's request is served as before; a copy chosen at random (method, headers, the
+    path below the route's prefix moved under the target's prefix, the body when at most
+    1 MiB) is queued in the proxy and sent to `target` in the background, its answer read and
+    discarded. Each proxy keeps at most `max_queue` copies waiting; more are dropped. Outcomes
+    (ok, error, dropped, skipped) and latency are exported as `flotilla_shadow_requests_total`
+    and `flotilla_shadow_latency_ms`. Calling it again replaces the route's shadow.
+
+    Raises:
+        ValueError: `fraction` not in (0, 1], or `max_queue` not a positive integer.
+        ConfigError: `name` is not an application with a route nor a split, or `target` is
+            not an application (the message lists those that exist).
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"set_shadow needs a route name (an application or a traffic split), got {name!r}")
+    if not isinstance(target, str) or not target:
+        raise ValueError(f"set_shadow needs a target application name, got {target!r}")
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not (0 < fraction <= 1):
+        raise ValueError(f"fraction for the shadow of '{name}' must be a number in (0, 1], got {fraction!r}")
+    if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 1:
+        raise ValueError(f"max_queue for the shadow of '{name}' must be a positive integer, got {max_queue!r}")
+    rt = Runtime.get_or_start()
+    if rt.call_head("http_url") is None:
+        start()
+    rt.call_head("set_shadow", {"route": name, "target": target, "fraction": float(fraction), "max_queue": max_queue})
+
+
+def delete_shadow(name: str) -> None:
+    """Stop mirroring route `name`'s requests (`set_shadow`).
+
+    Raises:
+        RayServeException: route `name` has no shadow."""
+    rt = Runtime._instance
+    if rt is None or not rt.call_head("delete_shadow", name):
+        raise RayServeException(f"Route '{name}' has no shadow traffic.")
 
 
 def get_deployment_handle(deployment_name: str, app_name: str | None = None, **_compat: Any) -> DeploymentHandle:

@@ -121,12 +121,25 @@ class TrafficStatus:
 
 
 @dataclass
+class ShadowStatus:
+    """flotilla extra: shadow traffic on a route (`serve.set_shadow`), as `ServeStatus.shadows[route]`."""
+
+    route_prefix: str | None
+    target: str
+    fraction: float
+    max_queue: int = 100
+    message: str = ""
+
+
+@dataclass
 class ServeStatus:
     proxies: dict[str, ProxyStatus] = field(default_factory=dict)
     applications: dict[str, ApplicationStatusOverview] = field(default_factory=dict)
     target_capacity: float | None = None
     #: flotilla extra: traffic splits by name (`serve.set_traffic`).
     traffic: dict[str, TrafficStatus] = field(default_factory=dict)
+    #: flotilla extra: shadowed routes by route name (`serve.set_shadow`).
+    shadows: dict[str, ShadowStatus] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
