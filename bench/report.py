@@ -42,6 +42,20 @@ def _metrics() -> list[Metric]:
         ]
     m += [
         Metric("batch_gain", "batched / plain req/s", "higher", "batch"),
+    ]
+    for c in (8, 32):
+        for label, what in (("plain", "plain route"), ("split", "0.5/0.5 split route"),
+                            ("shadow", "route with 10% shadow")):
+            m += [
+                Metric(f"traffic_{label}_rps_c{c}", f"{what} req/s, {c} conn", "higher", "traffic"),
+                Metric(f"traffic_{label}_p50_ms_c{c}", f"{what} p50 ms, {c} conn", "lower", "traffic", False),
+                Metric(f"traffic_{label}_errors_c{c}", f"{what} errors, {c} conn", "lower", "traffic", False),
+            ]
+        m += [
+            Metric(f"traffic_split_ratio_c{c}", f"split / plain req/s, {c} conn", "higher", "traffic"),
+            Metric(f"traffic_shadow_ratio_c{c}", f"10% shadow / plain req/s, {c} conn", "higher", "traffic"),
+        ]
+    m += [
         Metric(
             "cold_start_s", "cold start: script start to first HTTP 200, s", "lower", "coldstart"
         ),

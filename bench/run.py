@@ -98,6 +98,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         args.scenarios = [
             s
             for s in scenarios.SCENARIOS
+            if s not in scenarios.NOT_DEFAULT
             if "flotilla-ray" not in args.systems or "flotilla-ray" in scenarios.APPLIES[s]
         ]
     else:

@@ -574,6 +574,46 @@ def chaos(system: System, ctx: Ctx) -> Result:
     return out
 
 
+# The traffic scenario's apps: a plain route, a 0.5/0.5 split of two apps, and a route whose
+# requests are mirrored (10%) to a fifth app. Every app is the no-op Echo.
+TRAFFIC_SHADOW_FRACTION = 0.1
+
+
+def traffic(system: System, ctx: Ctx) -> Result:
+    """The cost of a split route and of 10% shadow traffic on the no-op HTTP path: wrk on a
+    plain route, a split route and a shadowed route of one server, taking turns, at 8 and 32
+    connections; req/s and the ratios to plain."""
+    if system.name != "flotilla":
+        raise NotImplementedError("traffic splitting and shadow traffic are flotilla's (serve.set_traffic/set_shadow)")
+    apps = [echo_app(f"/{n}", n) for n in ("plain", "a", "b", "shadowed", "mirror")]
+    srv = launch_app(system, "serve", {
+        "port": ctx.port, "apps": apps,
+        "traffic": [{"name": "split", "route": "/split", "weights": {"a": 0.5, "b": 0.5}}],
+        "shadows": [{"route": "shadowed", "target": "mirror", "fraction": TRAFFIC_SHADOW_FRACTION}],
+    }, ctx.log(system, "traffic"))
+    out: Result = {"notes": {}}
+    try:
+        srv.wait_http(ctx.port, 300.0, "/plain")
+        srv.event(60.0)  # "ready": apps, split and shadow are set
+        for path in ("/plain", "/split", "/shadowed"):
+            srv.wait_http(ctx.port, 60.0, path)
+            wrk(ctx, 8, 1.0, path)  # warm-up, not measured
+        for c in (8, 32):
+            for label, path in (("plain", "/plain"), ("split", "/split"), ("shadow", "/shadowed")):
+                m = measure_http(srv, ctx, c, path)
+                for k in ("rps", "p50_ms", "errors"):
+                    out[f"traffic_{label}_{k}_c{c}"] = m[k]
+                out["notes"][f"cpu_ms_per_req_by_process_{label}_c{c}"] = m["cpu_roles"]
+            plain = max(out[f"traffic_plain_rps_c{c}"], 1e-9)
+            out[f"traffic_split_ratio_c{c}"] = out[f"traffic_split_rps_c{c}"] / plain
+            out[f"traffic_shadow_ratio_c{c}"] = out[f"traffic_shadow_rps_c{c}"] / plain
+        srv.send("shadow_counts")
+        out["notes"]["shadow copies by outcome (/metrics)"] = srv.event(60.0)["counts"]
+    finally:
+        srv.stop()
+    return out
+
+
 SCENARIOS: dict[str, Scenario] = {
     "http": http,
     "handle": handle,
@@ -582,7 +622,10 @@ SCENARIOS: dict[str, Scenario] = {
     "memory": memory,
     "autoscale": autoscale,
     "chaos": chaos,
+    "traffic": traffic,
 }
+# Scenarios a run leaves out unless named in --scenarios.
+NOT_DEFAULT = frozenset({"traffic"})
 # Which systems each scenario applies to. flotilla-ray has no chaos: on the Ray backend the
 # head's end is the session's (phase one), and it has no fork server for replicas.
 APPLIES = {
@@ -593,4 +636,5 @@ APPLIES = {
     "memory": {"flotilla", "flotilla-ray", "ray", "bare"},
     "autoscale": {"flotilla", "flotilla-ray", "ray"},
     "chaos": {"flotilla", "ray"},
+    "traffic": {"flotilla"},
 }

@@ -115,9 +115,26 @@ def mode_serve(cfg: dict[str, Any]) -> None:
     for app in cfg["apps"]:
         dep = DEPLOYMENTS[app["deployment"]].options(**app.get("options", {}))
         serve.run(dep.bind(), name=app["name"], route_prefix=app["route"])
+    for sp in cfg.get("traffic", []):  # flotilla only (the traffic scenario)
+        serve.set_traffic(sp["name"], sp["weights"], route_prefix=sp["route"])
+    for sh in cfg.get("shadows", []):
+        serve.set_shadow(sh["route"], sh["target"], sh["fraction"])
     emit(event="ready", t=time.time())
-    wait_for_parent()
+    while wait_for_parent() == "shadow_counts":
+        emit(event="shadow_counts", counts=shadow_counts())
     stop()
+
+
+def shadow_counts() -> dict[str, float]:
+    """flotilla_shadow_requests_total by outcome, from /metrics (flotilla only)."""
+    counts: dict[str, float] = {}
+    text = urllib.request.urlopen(runtime.metrics_url(), timeout=30).read().decode()
+    for line in text.splitlines():
+        if line.startswith("flotilla_shadow_requests_total{"):
+            labels, value = line.rsplit(" ", 1)
+            outcome = labels.split('outcome="', 1)[1].split('"', 1)[0]
+            counts[outcome] = counts.get(outcome, 0.0) + float(value)
+    return counts
 
 
 def mode_handle(cfg: dict[str, Any]) -> None:
