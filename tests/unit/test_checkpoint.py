@@ -85,6 +85,7 @@ async def _round_trip(tmp: Path, live: list[subprocess.Popen[bytes]], dead_pid: 
     dep.failures = 1
     c.set_traffic({"name": "split", "route_prefix": "/split", "traffic": {"m": 0.25, "s": 0.75},
                    "sticky_header": "x-user", "sticky_cookie": None})
+    c.set_shadow({"route": "split", "target": "s", "fraction": 0.1, "max_queue": 7})
 
     def proc(pid: int) -> Process:
         return Process(pid, "replica", start_ticks(pid) or 12345)
@@ -118,6 +119,8 @@ async def _round_trip(tmp: Path, live: list[subprocess.Popen[bytes]], dead_pid: 
 
     assert set(c2.apps) == {"m", "s"}
     assert c2.splits == c.splits and c2.routes() == c.routes()  # the split route comes back
+    assert c2.shadows == c.shadows and c2.shadow_table() == c.shadow_table()  # and its shadow
+    assert c2.shadow_table()["/split"]["target_prefix"] == c.apps["s"].route_prefix
     assert c2.apps["m"].route_prefix == "/m" and c2.apps["m"].ingress == "Model"
     dep2 = c2.apps["m"].deployments["Model"]
     assert dep2.version == dep.version and dep2.target == 2 and dep2.failures == 1

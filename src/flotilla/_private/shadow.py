@@ -78,7 +78,7 @@ class ShadowRoute:
             STORE.inc(REQUESTS, (*self.labels, "dropped"))
             return
         self.queue.put_nowait((self._rewrite(scope, path, root), body, request_id.decode("latin-1") + "-shadow"))
-        if len(self.workers) < WORKERS and len(self.workers) <= self.queue.qsize():
+        if len(self.workers) < WORKERS:  # started on demand, then kept
             self.workers.append(asyncio.get_running_loop().create_task(self._work()))
 
     def _rewrite(self, scope: dict[str, Any], path: str, root: str) -> dict[str, Any]:
