@@ -33,6 +33,7 @@ _EXPORTS = {
     "multiplexed": "multiplex",
     "run": "api",
     "set_traffic": "api",
+    "start_canary": "api",
     "shutdown": "api",
     "start": "api",
     "status": "api",
@@ -68,6 +69,7 @@ __all__ = [
     "set_traffic",
     "shutdown",
     "start",
+    "start_canary",
     "status",
 ]
 
@@ -103,6 +105,7 @@ if TYPE_CHECKING:
         set_traffic,
         shutdown,
         start,
+        start_canary,
         status,
     )
     from flotilla.serve.batching import batch
