@@ -15,7 +15,7 @@ from flotilla._private.canary import (
 )
 
 CFG = CanaryConfig(steps=(0.01, 0.1, 0.5, 1.0), hold_s=10, max_error_rate_increase=0.01,
-                   max_p95_ratio=1.5, min_requests=20)
+                   max_p95_ratio=1.5, p95_slack_ms=1.0, min_requests=20)
 OLD = Figures(requests=1000, errors=5, p95_ms=10.0)  # 0.5% errors
 GOOD = Figures(requests=50, errors=0, p95_ms=11.0)
 FEW = Figures(requests=5, errors=5, p95_ms=500.0)  # too few to judge
@@ -39,9 +39,9 @@ FEW = Figures(requests=5, errors=5, p95_ms=500.0)  # too few to judge
         (CanaryState(1, 0.0), Figures(100, 2, 10.0), 1.0, CanaryPhase.ROLLED_BACK, 1, 0.0, True, "error rate 2.00%"),
         # exactly at the bound (0.5% + 1% = 1.5%): fine
         (CanaryState(1, 0.0), Figures(200, 3, 10.0), 10.0, CanaryPhase.RUNNING, 2, 0.5, True, "10% -> 50%"),
-        # p95 over 1.5x the old one's: rolled back
-        (CanaryState(2, 0.0), Figures(100, 0, 15.1), 3.0, CanaryPhase.ROLLED_BACK, 2, 0.0, True, "p95 latency 15.1 ms"),
-        (CanaryState(2, 0.0), Figures(100, 0, 15.0), 10.0, CanaryPhase.RUNNING, 3, 1.0, True, "50% -> 100%"),
+        # p95 over 1.5x the old one's + 1 ms: rolled back
+        (CanaryState(2, 0.0), Figures(100, 0, 16.1), 3.0, CanaryPhase.ROLLED_BACK, 2, 0.0, True, "p95 latency 16.1 ms"),
+        (CanaryState(2, 0.0), Figures(100, 0, 16.0), 10.0, CanaryPhase.RUNNING, 3, 1.0, True, "50% -> 100%"),
         # a finished canary stays as it is
         (CanaryState(1, 0.0, CanaryPhase.ROLLED_BACK, "x"), GOOD, 99.0, CanaryPhase.ROLLED_BACK, 1, 0.0, False, "x"),
         (CanaryState(3, 0.0, CanaryPhase.PROMOTED, "y"), FEW, 99.0, CanaryPhase.PROMOTED, 3, 1.0, False, "y"),
@@ -85,6 +85,7 @@ def test_an_old_version_with_errors_is_the_baseline() -> None:
         ({"steps": (0.1, 0.5)}, "last canary step must be 1.0"),
         ({"hold_s": -1}, "hold_s"),
         ({"max_p95_ratio": 0.5}, "max_p95_ratio"),
+        ({"p95_slack_ms": -1}, "p95_slack_ms"),
         ({"max_error_rate_increase": -0.1}, "max_error_rate_increase"),
         ({"min_requests": 0}, "min_requests"),
     ],
@@ -98,11 +99,11 @@ def test_bad_configs_say_what_is_wrong(kwargs: dict, match: str) -> None:
     ("counts", "want"),
     [
         ([0, 0, 0, 0], None),
-        ([100, 0, 0, 0], 1.0),
-        ([90, 4, 6, 0], 10.0),  # 94% within 5 ms: the 95th falls in the 10 ms bucket
+        ([100, 0, 0, 0], 0.95),  # all in (0, 1]: 95% of the way up
+        ([90, 4, 6, 0], 5.0 + 5.0 * 1 / 6),  # 94 within 5 ms: the 95th is 1/6 into (5, 10]
         ([95, 5, 0, 0], 1.0),
         ([0, 0, 0, 7], 10.0),  # all above the last bound: the last finite bound
     ],
 )
 def test_p95_from_buckets(counts: list[int], want: float | None) -> None:
-    assert p95([1.0, 5.0, 10.0], counts) == want
+    assert p95([1.0, 5.0, 10.0], counts) == pytest.approx(want)

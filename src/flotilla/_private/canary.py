@@ -36,8 +36,10 @@ class CanaryConfig:
     hold_s: float = 60.0
     #: The new version's error rate may exceed the old one's by at most this (0.01: one point).
     max_error_rate_increase: float = 0.01
-    #: The new version's p95 latency may be at most this many times the old one's.
+    #: The new version's p95 latency may be at most this many times the old one's, plus
+    #: `p95_slack_ms` (a few ms either way is noise on a busy machine, not a regression).
     max_p95_ratio: float = 1.5
+    p95_slack_ms: float = 5.0
     #: Requests the new version must have seen in a step before it is judged or promoted.
     min_requests: int = 20
 
@@ -59,6 +61,8 @@ class CanaryConfig:
             raise ValueError(f"max_error_rate_increase must be >= 0; got {self.max_error_rate_increase!r}")
         if self.max_p95_ratio < 1.0:
             raise ValueError(f"max_p95_ratio must be >= 1.0; got {self.max_p95_ratio!r}")
+        if self.p95_slack_ms < 0:
+            raise ValueError(f"p95_slack_ms must be >= 0; got {self.p95_slack_ms!r}")
         if self.min_requests < 1:
             raise ValueError(f"min_requests must be >= 1; got {self.min_requests!r}")
 
@@ -110,9 +114,10 @@ def breach(config: CanaryConfig, old: Figures, new: Figures) -> str:
     if new.error_rate > old.error_rate + config.max_error_rate_increase:
         return (f"error rate {new.error_rate:.2%} over {new.requests} requests, against the old version's "
                 f"{old.error_rate:.2%} (allowed: +{config.max_error_rate_increase:.2%})")
-    if new.p95_ms is not None and old.p95_ms is not None and new.p95_ms > old.p95_ms * config.max_p95_ratio:
+    if (new.p95_ms is not None and old.p95_ms is not None
+            and new.p95_ms > old.p95_ms * config.max_p95_ratio + config.p95_slack_ms):
         return (f"p95 latency {new.p95_ms:.1f} ms, against the old version's {old.p95_ms:.1f} ms "
-                f"(allowed: x{config.max_p95_ratio:g})")
+                f"(allowed: x{config.max_p95_ratio:g} + {config.p95_slack_ms:g} ms)")
     return ""
 
 
@@ -142,16 +147,20 @@ def decide(config: CanaryConfig, state: CanaryState, old: Figures, new: Figures,
 
 
 def p95(bounds: Sequence[float], counts: Sequence[int]) -> float | None:
-    """The 95th percentile from histogram buckets (`counts[i]`: observations <= `bounds[i]`, not
-    cumulative; one more count than bounds, for +Inf): the upper bound of the bucket it falls
-    in (the last finite bound for +Inf). None without observations."""
+    """The 95th percentile from histogram buckets (`counts[i]`: observations in (`bounds[i-1]`,
+    `bounds[i]`], not cumulative; one more count than bounds, for +Inf), interpolated linearly
+    within its bucket (as Prometheus' `histogram_quantile`; the last finite bound when it falls
+    in +Inf). None without observations."""
     total = sum(counts)
-    if not total:
+    if not total or not bounds:
         return None
     want = 0.95 * total
     seen = 0
     for i, n in enumerate(counts):
+        if n and seen + n >= want:
+            if i >= len(bounds):
+                return float(bounds[-1])
+            lo = float(bounds[i - 1]) if i else 0.0
+            return lo + (float(bounds[i]) - lo) * (want - seen) / n
         seen += n
-        if seen >= want:
-            return float(bounds[min(i, len(bounds) - 1)]) if bounds else None
-    return float(bounds[-1]) if bounds else None
+    return float(bounds[-1])

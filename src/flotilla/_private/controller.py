@@ -42,6 +42,7 @@ from flotilla._private.bounds import (
     startup_check,
     startup_timeout_message,
 )
+from flotilla._private.canary_loop import CanaryLoop, CanaryRun
 from flotilla._private.lifecycle import RState, transition
 from flotilla._private.metrics import Store, record_auth_failures
 from flotilla._private.procfs import group_rss, machine_memory
@@ -190,6 +191,7 @@ class Split:
     traffic: dict[str, float]
     sticky_header: str | None = None
     sticky_cookie: str | None = None
+    canary: CanaryRun | None = None  # a canary rollout moving its weights (serve.start_canary)
 
     def plain(self) -> dict[str, Any]:
         return {"name": self.name, "route_prefix": self.route_prefix, "traffic": dict(self.traffic),
@@ -226,6 +228,7 @@ class Controller:
         self._tasks: set[asyncio.Task[Any]] = set()
         self.proxy: Any = None  # set by the head (ProxyManager)
         self.autoscaler = Autoscaler(self)
+        self.canary = CanaryLoop(self)
         self.on_change: Any = None  # set by the head: schedules a checkpoint write
         self.metrics = Store()
         m = self.metrics
@@ -270,6 +273,7 @@ class Controller:
 
     async def run(self) -> None:
         self._spawn_task(self.autoscaler.run())
+        self._spawn_task(self.canary.run())
         self._spawn_task(self._memory_loop())
         while True:
             try:
@@ -410,6 +414,18 @@ class Controller:
         logger.info("traffic split %r at %s: %s", name, prefix, traffic)
         self.publish(("split", name))
         self.publish(("routes",))
+
+    def start_canary(self, spec: dict[str, Any]) -> None:
+        """Make split `spec["name"]` a canary from app `old` to app `new` (a new split, or one
+        whose weights the canary now owns), starting at the first step."""
+        from flotilla._private.canary import CanaryConfig
+
+        old, new = spec["old"], spec["new"]
+        config = CanaryConfig(**spec["config"])
+        self.set_traffic({**spec, "traffic": {old: 1.0 - config.steps[0], new: config.steps[0]}})
+        split = self.splits[spec["name"]]
+        split.canary = self.canary.begin(split, config, old, new)
+        self._changed()
 
     def delete_traffic(self, name: str) -> bool:
         if self.splits.pop(name, None) is None:
@@ -1174,7 +1190,7 @@ class Controller:
             missing = [a for a in sp.traffic if a not in self.apps or self.apps[a].deleting]
             traffic[sp.name] = TrafficStatus(
                 route_prefix=sp.route_prefix, traffic=dict(sp.traffic), sticky_header=sp.sticky_header,
-                sticky_cookie=sp.sticky_cookie,
+                sticky_cookie=sp.sticky_cookie, canary=sp.canary.status() if sp.canary is not None else None,
                 message=(f"applications {missing} do not exist: their share goes to the others"
                          if missing else ""),
             )

@@ -36,7 +36,7 @@ logger = logging.getLogger("flotilla.head")
 PROXY_START_TIMEOUT_S = 30.0
 PROXY_STOP_TIMEOUT_S = 3.0
 #: Control operations whose effect is checkpointed before they are answered.
-_DURABLE = frozenset({"deploy_app", "delete_app", "set_traffic", "delete_traffic", "set_shadow", "delete_shadow", "start_http", "serve_shutdown", "replica_register",
+_DURABLE = frozenset({"deploy_app", "delete_app", "set_traffic", "start_canary", "delete_traffic", "set_shadow", "delete_shadow", "start_http", "serve_shutdown", "replica_register",
                       "replica_reattach", "proxy_reattach", "proxy_ready"})
 #: The first restart of a dead proxy waits this long; repeated crashes back off to 5 s.
 PROXY_FIRST_RESTART_S = 0.05
@@ -416,6 +416,7 @@ class Head:
         else:
             self.controller = Controller(self.session_dir, self.sock, ResourcePool(self.resources), self.supervisor)
         self.controller.proxy = self.proxy
+        self.controller.canary.source = self.pushed.snapshots
         metrics_port = int(self.cfg.get("metrics_port") or 0)
         saved = self._load_checkpoint()
         if saved is not None:
@@ -429,6 +430,7 @@ class Head:
                 pool = self.controller.pool if self.backend == "ray" else ResourcePool(self.resources)
                 self.controller = Controller(self.session_dir, self.sock, pool, self.supervisor)
                 self.controller.proxy = self.proxy = ProxyManager(self)
+                self.controller.canary.source = self.pushed.snapshots
                 state, n = {}, 0
             metrics_port = int(state.get("metrics_port") or metrics_port)
             logger.info("restarted from the checkpoint (restart %s): %d application(s), %d live replica(s) "
@@ -639,6 +641,8 @@ class Head:
             return c.pool.totals()
         if op == "set_traffic":
             return c.set_traffic(*args)
+        if op == "start_canary":
+            return c.start_canary(*args)
         if op == "delete_traffic":
             return c.delete_traffic(*args)
         if op == "set_shadow":

@@ -35,6 +35,7 @@ _EXPORTS = {
     "run": "api",
     "set_shadow": "api",
     "set_traffic": "api",
+    "start_canary": "api",
     "shutdown": "api",
     "start": "api",
     "status": "api",
@@ -72,6 +73,7 @@ __all__ = [
     "set_traffic",
     "shutdown",
     "start",
+    "start_canary",
     "status",
 ]
 
@@ -109,6 +111,7 @@ if TYPE_CHECKING:
         set_traffic,
         shutdown,
         start,
+        start_canary,
         status,
     )
     from flotilla.serve.batching import batch

@@ -398,9 +398,16 @@ def set_traffic(
         ConfigError: an application that does not exist, a prefix another application or
             split uses, a name that is an application's, or a bad route prefix.
     """
+    spec = _split_spec(name, route_prefix, sticky_header, sticky_cookie)
+    spec["traffic"] = _check_traffic(name, traffic)
+    _split_runtime().call_head("set_traffic", spec)
+
+
+def _split_spec(name: Any, route_prefix: str | None, sticky_header: str | None,
+                sticky_cookie: str | None) -> dict[str, Any]:
+    """What every split has, checked: its name, prefix and sticky key."""
     if not isinstance(name, str) or not name:
         raise ValueError(f"a traffic split needs a non-empty name, got {name!r}")
-    weights = _check_traffic(name, traffic)
     prefix = f"/{name}" if route_prefix is None else route_prefix
     _check_route_prefix(prefix)
     if sticky_header is not None and sticky_cookie is not None:
@@ -408,13 +415,63 @@ def set_traffic(
     for what, v in (("sticky_header", sticky_header), ("sticky_cookie", sticky_cookie)):
         if v is not None and (not isinstance(v, str) or not v):
             raise ValueError(f"{what} must be a non-empty string, got {v!r}")
+    return {"name": name, "route_prefix": prefix, "sticky_header": sticky_header, "sticky_cookie": sticky_cookie}
+
+
+def _split_runtime() -> Runtime:
     rt = Runtime.get_or_start()
     if rt.call_head("http_url") is None:
         start()
-    rt.call_head("set_traffic", {
-        "name": name, "route_prefix": prefix, "traffic": weights,
-        "sticky_header": sticky_header, "sticky_cookie": sticky_cookie,
+    return rt
+
+
+def start_canary(
+    name: str,
+    old: str,
+    new: str,
+    *,
+    steps: tuple[float, ...] | list[float] = (0.01, 0.1, 0.5, 1.0),
+    hold_s: float = 60.0,
+    max_error_rate_increase: float = 0.01,
+    max_p95_ratio: float = 1.5,
+    p95_slack_ms: float = 5.0,
+    min_requests: int = 20,
+    route_prefix: str | None = None,
+    sticky_header: str | None = None,
+    sticky_cookie: str | None = None,
+) -> None:
+    """Roll traffic on the split `name` (at `route_prefix`, default `/{name}`) from application
+    `old` to application `new` in `steps` (the new one's share), each held `hold_s` seconds.
+
+    A step is promoted only while the new version's error rate (5xx) stays within
+    `max_error_rate_increase` of the old one's and its p95 latency within `max_p95_ratio`
+    times the old one's plus `p95_slack_ms`, judged once it has `min_requests` requests in the step; a breach
+    rolls all traffic back to `old` at once. The last step (1.0) held within bounds promotes
+    `new`. `serve.status().traffic[name].canary` shows the phase, step, both versions' figures
+    and the reason for the last decision; each decision is logged and counted in
+    `flotilla_canary_decisions_total`. A later `set_traffic(name, ...)` takes the weights back
+    (the canary stops); `delete_traffic(name)` removes the split.
+
+    Raises:
+        ValueError: bad steps or bounds (naming them), or `old` == `new`.
+        ConfigError: an application that does not exist, or a prefix in use.
+    """
+    from flotilla._private.canary import CanaryConfig
+
+    spec = _split_spec(name, route_prefix, sticky_header, sticky_cookie)
+    for what, app in (("old", old), ("new", new)):
+        if not isinstance(app, str) or not app:
+            raise ValueError(f"canary '{name}': {what} must be an application name, got {app!r}")
+    if old == new:
+        raise ValueError(f"canary '{name}': old and new are the same application ({old!r})")
+    config = CanaryConfig(steps=tuple(steps), hold_s=hold_s, max_error_rate_increase=max_error_rate_increase,
+                          max_p95_ratio=max_p95_ratio, p95_slack_ms=p95_slack_ms, min_requests=min_requests)
+    spec.update(old=old, new=new, config={
+        "steps": config.steps, "hold_s": config.hold_s, "max_error_rate_increase": config.max_error_rate_increase,
+        "max_p95_ratio": config.max_p95_ratio, "p95_slack_ms": config.p95_slack_ms,
+        "min_requests": config.min_requests,
     })
+    _split_runtime().call_head("start_canary", spec)
 
 
 def delete_traffic(name: str) -> None:

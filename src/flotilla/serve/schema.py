@@ -110,6 +110,27 @@ class ApplicationStatusOverview:
 
 
 @dataclass
+class CanaryStatus:
+    """flotilla extra: a canary rollout on a traffic split (`serve.start_canary`).
+
+    `phase`: RUNNING, PROMOTED or ROLLED_BACK; `share`: the new version's share now; `step`:
+    1-based index into `steps`; `old_figures` / `new_figures`: requests, errors (5xx), error
+    rate and p95 latency (ms) of the old version since the canary began and of the new one
+    since its step began; `reason`: why the last decision was taken."""
+
+    phase: str
+    old: str
+    new: str
+    share: float
+    step: int
+    steps: list[float] = field(default_factory=list)
+    reason: str = ""
+    last_decision_time_s: float = 0.0
+    old_figures: dict[str, Any] = field(default_factory=dict)
+    new_figures: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class TrafficStatus:
     """flotilla extra: a traffic split (`serve.set_traffic`), as `ServeStatus.traffic[name]`."""
 
@@ -118,6 +139,7 @@ class TrafficStatus:
     sticky_header: str | None = None
     sticky_cookie: str | None = None
     message: str = ""
+    canary: CanaryStatus | None = None
 
 
 @dataclass
