@@ -180,3 +180,8 @@ def test_seed_traffic_example_splits_80_20_then_switches_to_v2() -> None:
     assert route == "/predict" and sum(split.values()) == 1000, predict
     assert 740 <= split["OldModel"] <= 860 and split["OldModel"] + split["NewModel"] == 1000, predict
     assert recommend == "/recommend {'v2': 1000}", recommend
+
+
+def test_seed_feature_blocks_run_as_written() -> None:
+    lines = run_example("seed_features.py").splitlines()
+    assert lines == ["dict_keys(['churn_prob'])", "{'msg': 'handled'}", "2", "{'ok': True}"], lines
