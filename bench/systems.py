@@ -242,18 +242,23 @@ class Launched:
                 self.popen.wait()
         procs.POPEN_PIDS.discard(self.pid)
         # Give the system's own clean-up a moment, then kill what is left, by PID.
-        alive = procs.wait_gone(list(self.seen.values()), 10.0)
-        if alive:
-            LEFTOVERS.append(
-                f"{self.system.name}: {len(alive)} process(es) still alive 10 s after the driver "
-                f"exited: {', '.join(' '.join(procs.cmdline(p.pid))[:60] for p in alive)}"
-            )
-            procs.kill_procs(alive)
-            procs.wait_gone(alive, 5.0)
+        reap_leftovers(self.seen.values(), f"{self.system.name}", "the driver exited")
         if self.system.cluster is not None:
             self.system.cluster.clear(self.system, self.log)
         kill_orphans(f"{self.system.name} (re-parented)")
         self.log.close()
+
+
+def reap_leftovers(seen: Any, who: str, after: str) -> None:
+    """Wait (10 s) for the processes `seen` to exit; report and kill, by PID, those left."""
+    alive = procs.wait_gone(list(seen), 10.0)
+    if alive:
+        LEFTOVERS.append(
+            f"{who}: {len(alive)} process(es) still alive 10 s after {after}: "
+            f"{', '.join(' '.join(procs.cmdline(p.pid))[:60] for p in alive)}"
+        )
+        procs.kill_procs(alive)
+        procs.wait_gone(alive, 5.0)
 
 
 def kill_orphans(label: str) -> None:
@@ -507,14 +512,7 @@ class RayCluster:
             self.popen.kill()
             self.popen.wait()
         procs.POPEN_PIDS.discard(self.pid)
-        alive = procs.wait_gone(list(self.seen.values()), 10.0)
-        if alive:
-            LEFTOVERS.append(
-                f"ray instance: {len(alive)} process(es) still alive 10 s after `ray start` "
-                f"exited: {', '.join(' '.join(procs.cmdline(p.pid))[:60] for p in alive)}"
-            )
-            procs.kill_procs(alive)
-            procs.wait_gone(alive, 5.0)
+        reap_leftovers(self.seen.values(), "ray instance", "`ray start` exited")
         kill_orphans("ray instance (re-parented)")
         logs = self.tmp / "session_latest" / "logs"
         with contextlib.suppress(OSError, shutil.Error):

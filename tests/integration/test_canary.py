@@ -7,13 +7,11 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterator
 
-import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-import flotilla
 from flotilla import serve
 from tests.conftest import running_cluster, wait_for
+from tests.integration.test_bounds import metric
 from tests.load import Load, running
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
@@ -40,12 +38,6 @@ class Version:
 
 def deploy(name: str, **kwargs: object) -> None:
     serve.run(Version.bind(name, **kwargs), name=name, route_prefix=f"/{name}")
-
-
-def http_metric(name: str, **labels: str) -> float:
-    text = httpx.get(flotilla.metrics_url(), timeout=10).text
-    return sum(s.value for fam in text_string_to_metric_families(text) for s in fam.samples
-               if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
 
 
 def canary(name: str):  # type: ignore[no-untyped-def]
@@ -76,8 +68,8 @@ def test_a_healthy_new_version_is_promoted_step_by_step(url: str) -> None:
     assert status.traffic == {"v1": 0.0, "v2": 1.0}
     assert "promoted" in status.canary.reason and status.canary.new_figures["requests"] >= 10
     assert {"v1", "v2"} <= set(http.values)
-    assert http_metric("flotilla_canary_decisions_total", split="promote", decision="step") == 2
-    assert http_metric("flotilla_canary_decisions_total", split="promote", decision="promote") == 1
+    assert metric("flotilla_canary_decisions_total", split="promote", decision="step") == 2
+    assert metric("flotilla_canary_decisions_total", split="promote", decision="promote") == 1
 
 
 def test_a_new_version_that_fails_is_rolled_back_and_the_old_share_loses_nothing(url: str) -> None:
@@ -97,11 +89,11 @@ def test_a_new_version_that_fails_is_rolled_back_and_the_old_share_loses_nothing
     assert serve.status().traffic["rollback"].traffic == {"good": 1.0, "bad": 0.0}
     # Every failure was the broken version's (a 500 from "bad"); the old version's share lost nothing.
     assert set(http.failures) == {"HTTP 500"} and http.failed == failed_after_rollback, http.report()
-    wait_for(lambda: http_metric("ray_serve_num_http_requests_total", application="bad", status_code="500")
+    wait_for(lambda: metric("ray_serve_num_http_requests_total", application="bad", status_code="500")
              == http.failed, what="the bad version's 500s counted under it")
-    assert http_metric("ray_serve_num_http_error_requests_total", application="good") == 0
+    assert metric("ray_serve_num_http_error_requests_total", application="good") == 0
     assert set(http.values) == {"good"}
-    assert http_metric("flotilla_canary_decisions_total", split="rollback", decision="rollback") == 1
+    assert metric("flotilla_canary_decisions_total", split="rollback", decision="rollback") == 1
 
 
 def test_a_slower_new_version_is_rolled_back_on_p95(url: str) -> None:

@@ -34,6 +34,7 @@ from typing import Any
 import cloudpickle
 
 from flotilla._private import context, http_util, logfmt, logrotate, metrics
+from flotilla._private.awaitable import AwaitableBytes, json_value
 from flotilla._private.errors import error_reply
 from flotilla._private.metrics import STORE
 from flotilla._private.protocol import (
@@ -93,40 +94,6 @@ class _Window:
         self.avail -= 1
 
 
-class _Awaitable:
-    """A value that is also an already-finished awaitable (`await request.json()` works on a
-    body that has arrived, and so does the synchronous `request.json()` the seeds write)."""
-
-    __slots__ = ()
-
-    def __await__(self):  # type: ignore[no-untyped-def]
-        yield from ()
-        return self
-
-
-class _Ready(_Awaitable):
-    __slots__ = ("value",)
-
-    def __init__(self, value: Any) -> None:
-        self.value = value
-
-    def __await__(self):  # type: ignore[no-untyped-def]
-        yield from ()
-        return self.value
-
-
-class _AwaitableDict(_Awaitable, dict):  # type: ignore[type-arg]
-    __slots__ = ()
-
-
-class _AwaitableList(_Awaitable, list):  # type: ignore[type-arg]
-    __slots__ = ()
-
-
-class _AwaitableBytes(_Awaitable, bytes):
-    __slots__ = ()
-
-
 def _make_request_class() -> type:
     from starlette.requests import Request
 
@@ -139,17 +106,12 @@ def _make_request_class() -> type:
         """
 
         def body(self):  # type: ignore[override]
-            return _AwaitableBytes(self._body)
+            return AwaitableBytes(self._body)
 
         def json(self):  # type: ignore[override]
             if not hasattr(self, "_json"):
                 self._json = json.loads(self._body)
-            value = self._json
-            if isinstance(value, dict):
-                return _AwaitableDict(value)
-            if isinstance(value, list):
-                return _AwaitableList(value)
-            return _Ready(value)
+            return json_value(self._json)
 
     return ServeRequest
 

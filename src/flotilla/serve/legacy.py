@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import cloudpickle
 
+from flotilla._private.awaitable import Ready, json_value
 from flotilla.serve.exceptions import RayServeException
 
 if TYPE_CHECKING:
@@ -156,41 +157,6 @@ def _split_handle(name: str) -> DeploymentHandle | None:
     return SplitHandle(name) if info is not None and "split" in info else None
 
 
-class _AwaitableValue:
-    """`await request.json()` works on a handle request too (the value is at hand)."""
-
-    __slots__ = ()
-
-    def __await__(self):  # type: ignore[no-untyped-def]
-        yield from ()
-        return self
-
-
-class _JsonDict(_AwaitableValue, dict):  # type: ignore[type-arg]
-    __slots__ = ()
-
-    def __reduce__(self):  # type: ignore[no-untyped-def]
-        return (dict, (dict(self),))  # returned from a replica: a plain dict
-
-
-class _JsonList(_AwaitableValue, list):  # type: ignore[type-arg]
-    __slots__ = ()
-
-    def __reduce__(self):  # type: ignore[no-untyped-def]
-        return (list, (list(self),))
-
-
-class _Ready:
-    __slots__ = ("value",)
-
-    def __init__(self, value: Any) -> None:
-        self.value = value
-
-    def __await__(self):  # type: ignore[no-untyped-def]
-        yield from ()
-        return self.value
-
-
 class HandleRequest:
     """A handle call's single argument dressed as a request (Ray 1.x handle requests).
 
@@ -220,15 +186,11 @@ class HandleRequest:
             import json
 
             value = json.loads(value)
-        if isinstance(value, dict):
-            return _JsonDict(value)
-        if isinstance(value, list):
-            return _JsonList(value)
-        return _Ready(value)
+        return json_value(value)
 
     def body(self) -> Any:
         value = self.data
-        return _Ready(value.encode() if isinstance(value, str) else value)
+        return Ready(value.encode() if isinstance(value, str) else value)
 
     def __reduce__(self):  # type: ignore[no-untyped-def]
         return (HandleRequest, (self.data,))
