@@ -370,8 +370,8 @@ class Controller:
         """(app, ingress, the app's own route prefix, weight) of each variant that exists now."""
         out = []
         for name, w in sp.traffic.items():
-            a = self.apps.get(name)
-            if a is not None and not a.deleting:
+            a = self._live_app(name)
+            if a is not None:
                 out.append((name, a.ingress, a.route_prefix, w))
         return out
 
@@ -391,7 +391,7 @@ class Controller:
                 f"\"{name}\" is the name of an application; a traffic split needs a name of its own "
                 f"(handles look both up by name)."
             )
-        unknown = [a for a in traffic if a not in self.apps or self.apps[a].deleting]
+        unknown = [a for a in traffic if self._live_app(a) is None]
         if unknown:
             have = sorted(a.name for a in self.apps.values() if not a.deleting)
             raise ConfigError(
@@ -1187,7 +1187,7 @@ class Controller:
         proxies = self.proxy.statuses() if self.proxy is not None else {}
         traffic = {}
         for sp in self.splits.values():
-            missing = [a for a in sp.traffic if a not in self.apps or self.apps[a].deleting]
+            missing = [a for a in sp.traffic if self._live_app(a) is None]
             traffic[sp.name] = TrafficStatus(
                 route_prefix=sp.route_prefix, traffic=dict(sp.traffic), sticky_header=sp.sticky_header,
                 sticky_cookie=sp.sticky_cookie, canary=sp.canary.status() if sp.canary is not None else None,
