@@ -8,15 +8,24 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from flotilla.serve.config import LoggingConfig as LoggingConfig
+    from flotilla.serve.deploy_schema import DeploymentSchema as DeploymentSchema
+    from flotilla.serve.deploy_schema import ServeApplicationSchema as ServeApplicationSchema
+    from flotilla.serve.deploy_schema import ServeDeploySchema as ServeDeploySchema
+
+_CONFIG_SCHEMAS = ("DeploymentSchema", "ServeApplicationSchema", "ServeDeploySchema")
 
 
 def __getattr__(name: str) -> Any:
     # `from flotilla.serve.schema import LoggingConfig`, as Ray users write it, without making
-    # every process that reads status objects import pydantic.
+    # every process that reads status objects import pydantic (the config-file schemas too).
     if name == "LoggingConfig":
         from flotilla.serve.config import LoggingConfig
 
         return LoggingConfig
+    if name in _CONFIG_SCHEMAS:
+        from flotilla.serve import deploy_schema
+
+        return getattr(deploy_schema, name)
     raise AttributeError(f"module 'flotilla.serve.schema' has no attribute {name!r}")
 
 
