@@ -49,7 +49,7 @@ _LOCAL_ONLY = "the local backend runs everything on this machine, in its own pro
 #: Arguments of Ray's `ray.init` accepted and ignored (with a one-time warning), and why.
 INIT_IGNORED = {
     **dict.fromkeys(
-        ("labels", "object_store_memory", "local_mode", "job_config", "namespace",
+        ("labels", "object_store_memory", "local_mode", "job_config",
          "enable_resource_isolation", "cgroup_path", "system_reserved_cpu", "system_reserved_memory",
          "proxy_server_url", "_enable_object_reconstruction", "_plasma_directory", "_node_ip_address",
          "_driver_object_store_memory", "_memory", "_redis_password", "_system_config",
@@ -81,7 +81,10 @@ def init(
     that this driver creates or attaches to, and that outlives it (see `shutdown`).
 
     Args:
-        address: local backend: None, "local" or "auto". Ray backend: None (or "local") starts
+        address: local backend: None or "local" start a private cluster that stops with this
+            process; "auto" attaches to the running cluster of `namespace` (`flotilla start`),
+            as does a REST URL ("http://127.0.0.1:8265") or a session folder; the cluster
+            outlives this driver. Default: the FLOTILLA_ADDRESS environment variable. Ray backend: None (or "local") starts
             a private local Ray instance (unless RAY_ADDRESS is set: then it joins that),
             "auto", "host:6379" or "ray://host:10001" join that Ray cluster (`ray.init(address=...)`).
         backend: "local" (default: this machine, its own processes) or "ray" (replicas are Ray
@@ -92,6 +95,8 @@ def init(
             on a machine without any and test placement.
         resources: custom resources, e.g. {"accelerator_type:A100": 1, "my_res": 4}.
         ignore_reinit_error: do nothing, instead of raising, if already initialized.
+        namespace: the cluster to attach to with an address (`flotilla start --namespace`;
+            default: FLOTILLA_NAMESPACE, else "default"); on the Ray backend, Ray's namespace.
         metrics_export_port: port of the Prometheus endpoint on 127.0.0.1 (default: the
             FLOTILLA_METRICS_PORT environment variable, else a free port; see `metrics_url()`).
             Ray's `_metrics_export_port` is the same.
@@ -104,12 +109,17 @@ def init(
         RuntimeError: already initialized (unless ignore_reinit_error), or the head failed to start.
         TypeError: an unknown keyword argument.
         ValueError: negative resource amounts, or an unsupported address.
+        ConnectionError: no running cluster at `address` (the message says how to start one).
     """
     from flotilla._private import backend as backends
+    from flotilla._private import cluster
     from flotilla._private.args import check
     from flotilla._private.client import Runtime
 
-    chosen = backends.select(backend, address)
+    if address is None and backend is None and os.environ.get(cluster.ADDRESS_ENV):
+        address = os.environ[cluster.ADDRESS_ENV]
+    chosen = "local" if backend is None and cluster.is_local_address(address) else backends.select(backend, address)
+    namespace = _ray_compat.pop("namespace", None) if chosen == "local" else None
     extra = {k: v for k, v in _ray_compat.items() if not (chosen == "ray" and k in backends.RAY_INIT_OPTIONS)}
     check("flotilla.init", extra, ("address", "backend", "num_cpus", "num_gpus", "resources", "ignore_reinit_error",
                                    "metrics_export_port", "_metrics_export_port"), INIT_IGNORED)
@@ -146,11 +156,24 @@ def init(
             else:
                 Runtime.start_local({}, metrics_export_port, ray=ray_opts)
             return
-        if address not in (None, "local", "auto"):
-            raise ValueError(
-                f"address={address!r} is not supported by the local backend; use address=None, "
-                'or backend="ray" to join a Ray cluster'
-            )
+        if address not in (None, "local"):
+            if address != "auto" and not cluster.is_local_address(address):
+                raise ValueError(
+                    f"address={address!r} is not supported by the local backend; use None, 'auto', "
+                    'a flotilla REST URL or a session folder, or backend="ray" to join a Ray cluster'
+                )
+            for name, given in (("num_cpus", num_cpus), ("num_gpus", num_gpus), ("resources", resources)):
+                if given is not None:
+                    raise ValueError(f"{name} cannot be set when attaching to a running cluster "
+                                     f"(address={address!r}); pass it to `flotilla start` instead")
+            try:
+                info = cluster.resolve(address, namespace)
+            except cluster.NoClusterError as e:
+                raise ConnectionError(str(e)) from None
+            Runtime.attach_cluster(info)
+            return
+        if namespace is not None:
+            cluster.check_namespace(namespace)
         total: dict[str, float] = {
             "CPU": float(os.cpu_count() or 1) if num_cpus is None else float(num_cpus),
             "GPU": float(_detect_gpus()) if num_gpus is None else float(num_gpus),
@@ -170,7 +193,7 @@ def is_initialized() -> bool:
     from flotilla._private.client import Runtime
 
     rt = Runtime._instance
-    return rt is not None and (rt.process is not None or rt.actor is not None) and not rt.dead
+    return rt is not None and (rt.process is not None or rt.actor is not None or rt.attached is not None) and not rt.dead
 
 
 def shutdown() -> None:

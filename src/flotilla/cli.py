@@ -1,74 +1,416 @@
-"""`flotilla run module:app` — serve an application in the foreground (like `serve run`)."""
+"""The `flotilla` command (also `python -m flotilla`), mirroring Ray Serve's `serve` CLI.
+
+- `flotilla start`: a detached cluster (head, proxy, REST API) that outlives the shell;
+- `flotilla deploy CONFIG.yaml`, `status`, `config`, `shutdown`: talk to it over its REST API;
+- `flotilla build module:app -o config.yaml`: write a config file for an application;
+- `flotilla run module:app | CONFIG.yaml`: a private cluster in the foreground, until Ctrl-C.
+
+Every command that reaches a cluster takes `--address` (default FLOTILLA_ADDRESS, else "auto":
+the running cluster of the namespace) and `--namespace` (FLOTILLA_NAMESPACE, else "default").
+Errors print one line and exit non-zero.
+"""
 
 from __future__ import annotations
 
-import importlib
+import json
 import os
+import secrets
 import signal
+import socket
+import subprocess
 import sys
 import threading
+import time
+import urllib.error
+import urllib.request
 from typing import Any
 
 import click
 
+from flotilla._private import cluster
+
+START_TIMEOUT_S = 60.0
+SHUTDOWN_TIMEOUT_S = 90.0
+
+
+class _Group(click.Group):
+    """Any error ends the command with one readable line and exit code 1, never a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.Abort, KeyboardInterrupt):
+            raise
+        except Exception as e:
+            msg = " ".join(str(e).split()) or type(e).__name__
+            raise click.ClickException(msg if _plain(e) else f"{type(e).__name__}: {msg}") from None
+
+
+def _plain(e: Exception) -> bool:
+    return isinstance(e, (ConnectionError, ValueError, RuntimeError, OSError))
+
 
 def _load(import_path: str) -> Any:
-    if ":" not in import_path:
+    from flotilla._private.appbuild import import_application
+
+    if ":" not in import_path and "." not in import_path:
         raise click.BadParameter("expected MODULE:ATTRIBUTE, e.g. examples.sklearn_app:app", param_hint="IMPORT_PATH")
-    module_name, attr = import_path.split(":", 1)
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
+    return import_application(import_path)
+
+
+def _is_config(target: str) -> bool:
+    return target.endswith((".yaml", ".yml", ".json")) or os.path.isfile(target)
+
+
+address_option = click.option(
+    "--address", "-a", default=None, envvar=cluster.ADDRESS_ENV, show_envvar=True,
+    help='The cluster: "auto" (the running cluster of the namespace; default), or its REST URL, e.g. http://127.0.0.1:8265.')
+namespace_option = click.option(
+    "--namespace", "-n", default=None, envvar=cluster.NAMESPACE_ENV, show_envvar=True,
+    help='The cluster\'s namespace (default: "default"); each namespace is its own cluster.')
+
+
+def _rest(address: str | None, namespace: str | None) -> tuple[str, str | None, dict[str, Any] | None]:
+    """(REST URL, token, the local record or None) of the cluster addressed."""
+    addr = address or "auto"
+    if addr.startswith(("http://", "https://")):
+        return addr.rstrip("/"), os.environ.get(cluster.TOKEN_ENV), None
+    info = cluster.resolve(addr, namespace)
+    url = info.get("dashboard_url")
+    if not url:
+        raise click.ClickException(f"the cluster of namespace {info['namespace']!r} has no REST API")
+    return url, os.environ.get(cluster.TOKEN_ENV) or info.get("token"), info
+
+
+def _request(url: str, token: str | None, method: str, path: str, body: Any = None,
+             headers: dict[str, str] | None = None, timeout: float = 60.0) -> Any:
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url + path, data=data, method=method)
+    if data is not None:
+        req.add_header("Content-Type", "application/json")
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    for k, v in (headers or {}).items():
+        req.add_header(k, v)
     try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise click.ClickException(f"could not import {module_name!r}: {e}") from e
-    try:
-        target = getattr(module, attr)
-    except AttributeError:
-        raise click.ClickException(f"module {module_name!r} has no attribute {attr!r}") from None
-    from flotilla.serve.deployments import Application, Deployment
-
-    if isinstance(target, Deployment):
-        target = target.bind()
-    if not isinstance(target, Application):
-        raise click.ClickException(f"{import_path} is a {type(target).__name__}, not an application (Deployment.bind(...))")
-    return target
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            raw = resp.read()
+    except urllib.error.HTTPError as e:
+        text = e.read().decode(errors="replace").strip()
+        raise click.ClickException(text or f"{method} {path}: HTTP {e.code}") from None
+    except (urllib.error.URLError, OSError) as e:
+        raise click.ClickException(
+            f"no flotilla cluster answers at {url} ({getattr(e, 'reason', e)}); start one with `flotilla start`") from None
+    return json.loads(raw) if raw else None
 
 
-@click.group()
+@click.group(cls=_Group)
 @click.version_option(package_name="flotilla")
 def main() -> None:
     """flotilla: Ray Serve's API, served fast from one machine."""
 
 
+# ---- start ---------------------------------------------------------------------------------
+def _port_free(host: str, port: int) -> bool:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def _free_port(host: str) -> int:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def _pick_port(host: str, port: int | None, default: int, flag: str, notes: list[str]) -> int:
+    if port is not None:
+        if port and not _port_free(host, port):
+            raise click.ClickException(f"port {port} on {host} is in use; pass another {flag}")
+        return port
+    if _port_free(host, default):
+        return default
+    chosen = _free_port(host)
+    notes.append(f"port {default} is in use (another cluster?): {flag.lstrip('-').replace('-', ' ')} is {chosen}")
+    return chosen
+
+
 @main.command()
-@click.argument("import_path")
-@click.option("--host", default="127.0.0.1", show_default=True, envvar="FLOTILLA_HOST", help="Interface the HTTP proxy binds.")
-@click.option("--port", default=8000, show_default=True, type=int, envvar="FLOTILLA_PORT", help="HTTP port.")
-@click.option("--name", default="default", show_default=True, help="Application name.")
-@click.option("--route-prefix", default="/", show_default=True, help="Route prefix of the application.")
+@click.option("--http-host", default="127.0.0.1", show_default=True, help="Interface the HTTP proxy binds.")
+@click.option("--http-port", type=int, default=None, help="HTTP port (default 8000, or a free port if 8000 is taken).")
+@click.option("--proxy-location", type=click.Choice(["EveryNode", "HeadOnly", "Disabled"]), default="EveryNode", show_default=True)
+@namespace_option
 @click.option("--num-cpus", type=float, default=None, help="CPUs to offer replicas (default: detected).")
 @click.option("--num-gpus", type=float, default=None, help="GPUs to offer replicas (default: detected).")
-def run(import_path: str, host: str, port: int, name: str, route_prefix: str, num_cpus: float | None, num_gpus: float | None) -> None:
-    """Deploy IMPORT_PATH (module:application) and serve it until Ctrl-C.
+@click.option("--resources", default=None, help='Custom resources as JSON, e.g. \'{"accelerator": 2}\'.')
+@click.option("--dashboard-host", default="127.0.0.1", show_default=True, help="Interface of the REST API.")
+@click.option("--dashboard-port", type=int, default=None, help="REST API port (default 8265, or a free port if taken).")
+@click.option("--metrics-port", type=int, default=0, help="Prometheus endpoint port (default: a free port).")
+def start(http_host: str, http_port: int | None, proxy_location: str, namespace: str | None, num_cpus: float | None,
+          num_gpus: float | None, resources: str | None, dashboard_host: str, dashboard_port: int | None,
+          metrics_port: int) -> None:
+    """Start a cluster in the background that outlives this shell.
+
+    Drivers attach with flotilla.init(address="auto"); `flotilla deploy` applies config files;
+    `flotilla shutdown` stops it.
+    """
+    import flotilla
+    from flotilla._private import session
+    from flotilla._private.client import HEAD_START_TIMEOUT_S
+
+    ns = cluster.check_namespace(namespace)
+    running = cluster.find(ns)
+    if running is not None:
+        raise click.ClickException(
+            f"a flotilla cluster is already running in namespace {ns!r} (REST API {running.get('dashboard_url')}, "
+            f"keeper pid {running.get('keeper_pid')}); stop it with `flotilla shutdown{_ns_flag(ns)}`, or pick "
+            "another --namespace")
+    total: dict[str, float] = {
+        "CPU": float(os.cpu_count() or 1) if num_cpus is None else num_cpus,
+        "GPU": float(flotilla._detect_gpus()) if num_gpus is None else num_gpus,
+        "memory": flotilla._detect_memory(),
+    }
+    if resources:
+        try:
+            extra = json.loads(resources)
+            assert isinstance(extra, dict)
+            total.update({str(k): float(v) for k, v in extra.items()})
+        except (ValueError, AssertionError, TypeError):
+            raise click.BadParameter(f"expected a JSON object of name: amount, got {resources!r}",
+                                     param_hint="--resources") from None
+    for k, v in total.items():
+        if v < 0:
+            raise click.ClickException(f"resource {k!r} must be >= 0, got {v}")
+    notes: list[str] = []
+    if proxy_location != "Disabled":
+        http_port = _pick_port(http_host, http_port, 8000, "--http-port", notes)
+    dashboard_port = _pick_port(dashboard_host, dashboard_port, cluster.DEFAULT_DASHBOARD_PORT, "--dashboard-port", notes)
+    token = None
+    if dashboard_host not in ("127.0.0.1", "localhost", "::1"):
+        token = os.environ.get(cluster.TOKEN_ENV) or secrets.token_urlsafe(24)
+    from flotilla.serve.config import HTTPOptions, validate
+
+    http = validate(HTTPOptions, {"host": http_host, "port": http_port or 8000, "location": proxy_location},
+                    "http_options").model_dump()
+    session_dir = session.create()
+    cfg = {
+        "session_dir": session_dir, "resources": total, "metrics_port": metrics_port, "detached": True,
+        "namespace": ns, "http": http, "dashboard": {"host": dashboard_host, "port": dashboard_port},
+        "token": token, "record": cluster.record_path(ns),
+    }
+    env = {k: v for k, v in os.environ.items() if k not in (cluster.ADDRESS_ENV, "FLOTILLA_BACKEND")}
+    with open(os.path.join(session_dir, "logs", "head.log"), "ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "flotilla._private.keeper", json.dumps(cfg)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log, start_new_session=True,
+            close_fds=True, env=env, cwd=os.getcwd(),
+        )
+    session.record_head(session_dir, proc.pid)
+    assert proc.stdout is not None
+    import select
+
+    ready, _, _ = select.select([proc.stdout], [], [], max(START_TIMEOUT_S, HEAD_START_TIMEOUT_S))
+    line = proc.stdout.readline() if ready else b""
+    proc.stdout.close()
+    info = json.loads(line) if line.strip() else {"error": f"the cluster did not start; see {session_dir}/logs/head.log"}
+    if "error" in info:
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        session.finish(session_dir)
+        raise click.ClickException(info["error"])
+    proc.returncode = 0  # detached on purpose: no "still running" warning
+    rec = cluster.find(ns) or {}
+    click.echo(f"Started flotilla cluster {ns!r} (keeper pid {proc.pid}).")
+    for note in notes:
+        click.echo(f"  note: {note}")
+    click.echo(f"  HTTP:       {info.get('http_url') or 'disabled (proxy_location=Disabled)'}")
+    click.echo(f"  REST API:   {info.get('rest_url')}")
+    click.echo(f"  metrics:    http://127.0.0.1:{info.get('metrics_port')}/metrics")
+    click.echo(f"  logs:       {os.path.join(session_dir, 'logs')}")
+    if token and not os.environ.get(cluster.TOKEN_ENV):
+        click.echo(f"  token:      {token}   (the REST API is bound beyond 127.0.0.1: send 'Authorization: Bearer <token>')")
+    ns_arg = "" if ns == cluster.DEFAULT_NAMESPACE else f', namespace="{ns}"'
+    ns_env = "" if ns == cluster.DEFAULT_NAMESPACE else f" {cluster.NAMESPACE_ENV}={ns}"
+    click.echo(f'Attach a driver:  flotilla.init(address="auto"{ns_arg})  (or {cluster.ADDRESS_ENV}=auto{ns_env})')
+    click.echo(f"Deploy a config:  flotilla deploy config.yaml{_ns_flag(ns)}")
+    click.echo(f"Check it:         flotilla status{_ns_flag(ns)}")
+    click.echo(f"Stop it:          flotilla shutdown{_ns_flag(ns)}")
+    if not rec:
+        click.echo("  warning: the cluster's record was not written; attach with its REST URL", err=True)
+
+
+def _ns_flag(ns: str) -> str:
+    return "" if ns == cluster.DEFAULT_NAMESPACE else f" --namespace {ns}"
+
+
+# ---- deploy / status / config / shutdown -----------------------------------------------------
+@main.command()
+@click.argument("config_file", type=click.Path(dir_okay=False))
+@address_option
+@namespace_option
+def deploy(config_file: str, address: str | None, namespace: str | None) -> None:
+    """Apply CONFIG_FILE (Ray Serve's config schema) to the running cluster.
+
+    Applications not in the file are removed; unchanged ones are left alone; a changed
+    user_config is applied in place; changed code or resources roll out.
+    """
+    from flotilla.serve.deploy_schema import load_config_file
+
+    config = load_config_file(config_file).to_dict()
+    url, token, _ = _rest(address, namespace)
+    _request(url, token, "PUT", "/api/serve/applications/", config, headers={"X-Flotilla-Cwd": os.getcwd()})
+    names = ", ".join(a["name"] for a in config.get("applications", [])) or "(none)"
+    click.echo(f"Sent deploy request for application(s) {names} to {url}.")
+    click.echo(f"Use `flotilla status{_ns_flag(cluster.check_namespace(namespace))}` to follow them.")
+
+
+@main.command()
+@address_option
+@namespace_option
+@click.option("--name", default=None, help="Only this application.")
+def status(address: str | None, namespace: str | None, name: str | None) -> None:
+    """Print the status of the proxies, applications and deployments (YAML, like `serve status`)."""
+    import yaml
+
+    url, token, _ = _rest(address, namespace)
+    data = _request(url, token, "GET", "/api/flotilla/status/")
+    if name is not None:
+        apps = data.get("applications") or {}
+        if name not in apps:
+            raise click.ClickException(f"no application {name!r}; applications: {', '.join(apps) or '(none)'}")
+        data = {"applications": {name: apps[name]}}
+    click.echo(yaml.safe_dump(data, sort_keys=False).rstrip())
+
+
+@main.command()
+@address_option
+@namespace_option
+@click.option("--name", default=None, help="Only this application's config.")
+def config(address: str | None, namespace: str | None, name: str | None) -> None:
+    """Print the latest applied config (each application's, as YAML documents)."""
+    from flotilla._private.cliformat import config_yaml
+
+    url, token, _ = _rest(address, namespace)
+    applied = _request(url, token, "GET", "/api/flotilla/config/")
+    click.echo(config_yaml(applied, name).rstrip())
+
+
+@main.command()
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+@address_option
+@namespace_option
+def shutdown(yes: bool, address: str | None, namespace: str | None) -> None:
+    """Drain every replica and stop the cluster, leaving no process behind."""
+    url, token, info = _rest(address, namespace)
+    ns = info["namespace"] if info else cluster.check_namespace(namespace)
+    if not yes:
+        click.confirm(f"This stops the flotilla cluster {ns!r} at {url} and every application on it. Continue?",
+                      abort=True)
+    reply = _request(url, token, "POST", "/api/flotilla/shutdown/") or {}
+    pid = int(reply.get("keeper_pid") or (info or {}).get("keeper_pid") or 0)
+    ticks = (info or {}).get("keeper_ticks")
+    deadline = time.monotonic() + SHUTDOWN_TIMEOUT_S
+    from flotilla._private.procfs import start_ticks
+
+    while pid and time.monotonic() < deadline:
+        now = start_ticks(pid)
+        if now is None or (ticks is not None and now != ticks):
+            break
+        time.sleep(0.05)
+    else:
+        if pid:
+            raise click.ClickException(f"the cluster (keeper pid {pid}) did not stop within {SHUTDOWN_TIMEOUT_S:g}s")
+    click.echo(f"Cluster {ns!r} shut down.")
+
+
+# ---- build -----------------------------------------------------------------------------------
+@main.command()
+@click.argument("import_paths", nargs=-1, required=True)
+@click.option("--output-path", "-o", default=None, type=click.Path(dir_okay=False),
+              help="Write the config here (default: print it).")
+@click.option("--app-dir", "-d", default=".", show_default=True, help="Directory to import the applications from.")
+def build(import_paths: tuple[str, ...], output_path: str | None, app_dir: str) -> None:
+    """Write a config file for the applications at IMPORT_PATHS (module:app), to edit and
+    `flotilla deploy`."""
+    from flotilla._private.cliformat import build_yaml
+
+    sys.path.insert(0, os.path.abspath(app_dir))
+    apps: list[tuple[str, Any, str | None]] = [(path, _load(path), None) for path in import_paths]
+    text = build_yaml(apps)
+    if output_path:
+        with open(output_path, "w") as f:
+            f.write(text)
+        click.echo(f"Wrote the config of {len(apps)} application(s) to {output_path}.")
+    else:
+        click.echo(text.rstrip())
+
+
+# ---- run -------------------------------------------------------------------------------------
+@main.command()
+@click.argument("target")
+@click.option("--host", default=None, envvar="FLOTILLA_HOST", help="Interface the HTTP proxy binds (default 127.0.0.1).")
+@click.option("--port", default=None, type=int, envvar="FLOTILLA_PORT", help="HTTP port (default 8000).")
+@click.option("--name", default="default", show_default=True, help="Application name (module:app only).")
+@click.option("--route-prefix", default="/", show_default=True, help="Route prefix (module:app only).")
+@click.option("--num-cpus", type=float, default=None, help="CPUs to offer replicas (default: detected).")
+@click.option("--num-gpus", type=float, default=None, help="GPUs to offer replicas (default: detected).")
+def run(target: str, host: str | None, port: int | None, name: str, route_prefix: str, num_cpus: float | None,
+        num_gpus: float | None) -> None:
+    """Serve TARGET (module:application, or a config file) until Ctrl-C, in a private cluster.
 
     Blocks in the foreground; Ctrl-C or SIGTERM drains and stops every process it started.
     """
     import flotilla
     from flotilla import serve
 
-    app = _load(import_path)
+    config: dict[str, Any] | None = None
+    app = None
+    if _is_config(target):
+        from flotilla.serve.deploy_schema import load_config_file
+
+        config = load_config_file(target).to_dict()
+        http = dict(config.get("http_options") or {})
+        if host is not None:
+            http["host"] = host
+        if port is not None:
+            http["port"] = port
+        config["http_options"] = http
+    else:
+        app = _load(target)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    flotilla.init(num_cpus=num_cpus, num_gpus=num_gpus)
+    flotilla.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus)
     try:
-        serve.start(http_options={"host": host, "port": port})
-        serve.run(app, name=name, route_prefix=route_prefix)
         from flotilla._private.client import Runtime
 
-        url = Runtime.current().call_head("http_url")
-        suffix = "" if route_prefix == "/" else route_prefix
-        click.echo(f"Application '{name}' is serving at {url}{suffix} (Ctrl-C to stop)", err=False)
+        rt = Runtime.current()
+        if config is not None:
+            rt.call_head("apply_config", config, os.getcwd(), timeout=60)
+            _wait_config_running(rt, [a["name"] for a in config.get("applications", [])])
+            url = rt.call_head("http_url")
+            for a in config.get("applications", []):
+                prefix = a.get("route_prefix", "/")
+                where = "handles only" if prefix is None or not url else f"{url}{'' if prefix == '/' else prefix}"
+                click.echo(f"Application '{a['name']}' is serving at {where}")
+        else:
+            serve.start(http_options={"host": host or "127.0.0.1", "port": 8000 if port is None else port})
+            assert app is not None
+            serve.run(app, name=name, route_prefix=route_prefix)
+            url = rt.call_head("http_url")
+            suffix = "" if route_prefix == "/" else route_prefix
+            click.echo(f"Application '{name}' is serving at {url}{suffix}")
+        click.echo("(Ctrl-C to stop)")
         sys.stdout.flush()
         try:
             while not stop.wait(0.5):
@@ -78,6 +420,21 @@ def run(import_path: str, host: str, port: int, name: str, route_prefix: str, nu
         click.echo("Shutting down...")
     finally:
         flotilla.shutdown()
+
+
+def _wait_config_running(rt: Any, names: list[str], timeout: float = 600.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        st = rt.call_head("status")
+        states = {n: st.applications.get(n) for n in names}
+        failed = {n: a.message for n, a in states.items() if a is not None and a.status.value == "DEPLOY_FAILED"}
+        if failed:
+            raise click.ClickException("; ".join(f"application {n!r} failed to deploy: {m}" for n, m in failed.items()))
+        if all(a is not None and a.status.value == "RUNNING" for a in states.values()):
+            return
+        if time.monotonic() > deadline:
+            raise click.ClickException(f"the applications did not reach RUNNING within {timeout:g}s")
+        time.sleep(0.1)
 
 
 if __name__ == "__main__":

@@ -238,6 +238,8 @@ class Runtime:
         self.actor: Any = None  # the detached controller actor (a Ray cluster), or None
         self.actor_desc = ""
         self._watching = False
+        #: The record of the cluster this driver attached to (`attach_cluster`), or None.
+        self.attached: dict[str, Any] | None = None
 
     # ---- construction -----------------------------------------------------------------
     @classmethod
@@ -339,6 +341,38 @@ class Runtime:
         return rt
 
     @classmethod
+    def attach_cluster(cls, info: dict[str, Any]) -> Runtime:
+        """Attach this driver to a running cluster (`flotilla start`; `cluster.resolve`): connect
+        to its head's socket and watch its keeper. The cluster outlives this driver."""
+        loop = new_event_loop()
+        link = HeadLink(info["sock"], lambda peer, op, args: rt._on_head_call(peer, op, args), name="head")
+        rt = cls(loop, link)
+        rt.attached = info
+        rt.session_dir = info["session_dir"]
+        rt.resources = info.get("resources", {})
+        rt.metrics_port = info.get("metrics_port", 0)
+        rt.head_pid = info.get("pid", 0)
+        rt.thread = threading.Thread(target=loop.run_forever, name="flotilla-loop", daemon=True)
+        rt.thread.start()
+        try:
+            asyncio.run_coroutine_threadsafe(link.connect(), loop).result(10)
+        except BaseException as e:
+            rt._stop_loop()
+            raise ConnectionError(
+                f"could not connect to the flotilla cluster of namespace {info.get('namespace')!r} "
+                f"({info['sock']}): {e}") from None
+        if hasattr(os, "pidfd_open"):
+            try:
+                rt._keeper_fd = os.pidfd_open(int(info["keeper_pid"]))
+            except OSError:
+                rt._keeper_fd = None
+            if rt._keeper_fd is not None:
+                loop.call_soon_threadsafe(loop.add_reader, rt._keeper_fd, rt._keeper_gone)
+        cls._instance = rt
+        atexit.register(_shutdown_at_exit)
+        return rt
+
+    @classmethod
     def start_detached(cls, ray: dict[str, Any], metrics_port: int = 0) -> Runtime:
         """Join the Ray cluster, get or create the detached controller actor (`ray_controller`),
         and connect to its head over authenticated TCP."""
@@ -432,7 +466,7 @@ class Runtime:
             self._keeper_fd = None
         if self._closing:
             return
-        pid = self.process.pid if self.process is not None else "?"
+        pid = self.process.pid if self.process is not None else (self.attached or {}).get("keeper_pid", "?")
         self.dead = (
             f"the flotilla cluster is gone: its keeper process (pid {pid}) exited, and every "
             f"process of the session with it; see {session.logs_root()}. Call flotilla.init() "
@@ -562,6 +596,12 @@ class Runtime:
         if self.actor is not None:  # a Ray cluster: disconnect; the controller actor stays
             self._close_detached()
             return
+        if self.attached is not None:  # a running cluster (`flotilla start`): disconnect only
+            self._closing = True
+            self.link.closed = True
+            self._stop_loop()
+            self.attached = None
+            return
         proc = self.process
         if proc is None:
             return
@@ -631,6 +671,6 @@ class Runtime:
 
 def _shutdown_at_exit() -> None:
     rt = Runtime._instance
-    if rt is not None and (rt.process is not None or rt.actor is not None):
+    if rt is not None and (rt.process is not None or rt.actor is not None or rt.attached is not None):
         Runtime._instance = None
         rt.shutdown(timeout=15)

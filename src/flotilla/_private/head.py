@@ -395,6 +395,54 @@ class Head:
         self._push_keys: dict[RpcPeer, int] = {}
         self._next_push_key = 0
         self._rendered: tuple[int, dict[str, Any], bytes] | None = None
+        self.namespace: str = cfg.get("namespace") or "default"
+        self.detached = bool(cfg.get("detached"))  # `flotilla start`: outlives every driver
+        self.deployer: Any = None  # applies config files (`_private/deployer.py`)
+        self.rest: Any = None  # the REST API (`_private/rest.py`), when asked for
+        self.rest_url = ""
+        self.token: str | None = cfg.get("token")
+
+    def _fail_start(self, message: str) -> None:
+        """Before the ready line: tell whoever started the cluster why it cannot, then stop."""
+        logger.error("%s", message)
+        self.ready_out.write(json.dumps({"error": message}) + "\n")
+        self.ready_out.flush()
+        self.done.set()
+
+    def cluster_info(self) -> dict[str, Any]:
+        """Where this cluster is (`cluster.json`, the registry record, GET /api/flotilla/cluster)."""
+        from flotilla._private.keeper import keeper_from_env
+
+        keeper = keeper_from_env() or (0, None)
+        return {
+            "namespace": self.namespace, "session_dir": self.session_dir, "sock": self.sock,
+            "keeper_pid": keeper[0], "keeper_ticks": keeper[1], "pid": os.getpid(),
+            "resources": self.resources, "metrics_port": self.metrics_port,
+            "metrics_url": f"http://127.0.0.1:{self.metrics_port}/metrics",
+            "dashboard_url": self.rest_url, "http_url": self.proxy.url if self.proxy.status is ProxyStatus.HEALTHY else None,
+            "detached": self.detached, "logs": os.path.join(self.session_dir, "logs"),
+        }
+
+    def _write_records(self) -> None:
+        info = self.cluster_info()
+        path = os.path.join(self.session_dir, "cluster.json")
+        with open(path + ".tmp", "w") as f:
+            json.dump(info, f)
+        os.replace(path + ".tmp", path)
+        if self.detached and not self.in_actor:
+            from flotilla._private import cluster
+
+            cluster.write_record(dict(info, token=self.token))
+
+    async def _start_rest(self) -> None:
+        from flotilla._private import rest
+
+        opts = self.cfg["dashboard"]
+        host, port = opts.get("host", "127.0.0.1"), int(opts.get("port", 8265))
+        self.rest = rest.RestServer(_rest_routes(self), self.token if host not in rest.LOOPBACK else None)
+        port = await self.rest.start(host, port)
+        self.rest_url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+        logger.info("REST API at %s%s", self.rest_url, " (token required)" if self.rest.token else "")
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -417,6 +465,9 @@ class Head:
             self.controller = Controller(self.session_dir, self.sock, ResourcePool(self.resources), self.supervisor)
         self.controller.proxy = self.proxy
         self.controller.canary.source = self.pushed.snapshots
+        from flotilla._private.deployer import Deployer
+
+        self.deployer = Deployer(self)
         metrics_port = int(self.cfg.get("metrics_port") or 0)
         saved = self._load_checkpoint()
         if saved is not None:
@@ -471,6 +522,25 @@ class Head:
         if not self.in_actor:
             loop.add_reader(0, self._stdin_readable)
             loop.add_signal_handler(signal.SIGTERM, self._on_sigterm)
+        failed = ""
+        if self.cfg.get("dashboard"):
+            try:
+                await self._start_rest()
+            except OSError as e:
+                port = self.cfg["dashboard"].get("port")
+                failed = (f"the REST API could not listen on {self.cfg['dashboard'].get('host')}:{port}: "
+                          f"{e.strerror or e}; pass another --dashboard-port")
+        if not failed and self.cfg.get("http") and self.proxy.options is None:
+            try:
+                await self.proxy.start(self.cfg["http"])
+            except Exception as e:
+                failed = str(e).split(". Pass another port")[0] + "; pass another --http-port"
+        if failed and saved is None:
+            self._fail_start(failed)
+        elif failed:
+            logger.error("%s", failed)
+        if not self.done.is_set():
+            self._write_records()
         self.checkpoint_soon()
         ready: dict[str, Any] = {"sock": self.sock, "resources": self.resources, "metrics_port": self.metrics_port,
                                  "pid": os.getpid()}
@@ -478,7 +548,10 @@ class Head:
             ready.update(backend=self.backend, secret=self.secret.hex())
         if self.on_ready is not None:  # a Ray actor: the driver asks for it through Ray
             self.on_ready(dict(ready, tcp_addr=self.tcp_addr, node_id=self.node_id, session_dir=self.session_dir))
+        elif self.done.is_set():
+            pass  # _fail_start wrote the error line instead
         else:
+            ready.update(rest_url=self.rest_url, http_url=self.cluster_info()["http_url"])
             self.ready_out.write(json.dumps(ready) + "\n")
             self.ready_out.flush()
         if self._zygote is None:  # a restarted head: the fork server's preloading waited till now
@@ -502,6 +575,8 @@ class Head:
         if pool_task is not None:
             pool_task.cancel()
         metrics_server.close()
+        if self.rest is not None:
+            self.rest.close()
 
     # ---- checkpoint ---------------------------------------------------------------------
     def _load_checkpoint(self) -> tuple[dict[str, Any], dict[str, dict[str, Any]]] | None:
@@ -634,7 +709,13 @@ class Head:
         if op == "wait_deleted":
             return await c.wait_deleted(*args)
         if op == "status":
-            return c.status()
+            return self.deployer.overlay(c.status())
+        if op == "apply_config":
+            return await self.deployer.apply(*args)
+        if op == "applied_config":
+            return self.deployer.applied
+        if op == "cluster_info":
+            return self.cluster_info()
         if op == "available_resources":
             return c.pool.available()
         if op == "cluster_resources":
@@ -669,6 +750,10 @@ class Head:
         if op == "node_proxy_ready":
             return self.proxy.node_ready(peer, *args)
         if op == "serve_shutdown":
+            if self.detached:  # the cluster stays, with its proxy: only the applications go
+                await self.delete_all()
+                return None
+            self.deployer.forget()
             await self.proxy.stop()
             await c.shutdown()
             return None
@@ -676,6 +761,111 @@ class Head:
             self._start_shutdown(graceful=True)
             return None
         raise ValueError(f"unknown op {op!r}")
+
+
+    async def delete_all(self, timeout: float = 60.0) -> None:
+        """Delete every application (DELETE /api/serve/applications/, serve.shutdown() on a
+        detached cluster), and wait until they are gone."""
+        c = self.controller
+        self.deployer.forget()
+        names = list(c.apps)
+        for name in names:
+            c.delete_app(name)
+        await asyncio.gather(*(c.wait_deleted(name, timeout) for name in names))
+
+
+def _rest_routes(head: Head) -> dict[tuple[str, str], Any]:
+    """The REST API's endpoints (see `_private/rest.py`)."""
+    from flotilla._private import rest
+
+    apps_path = "/api/serve/applications/"
+
+    async def get_apps(body: bytes, headers: dict[str, str]) -> Any:
+        return rest.json_reply(_instance_details(head))
+
+    async def put_apps(body: bytes, headers: dict[str, str]) -> Any:
+        from flotilla.serve.exceptions import ConfigError
+
+        try:
+            data = json.loads(body or b"null")
+        except ValueError as e:
+            return rest.text_reply(400, f"request body: not valid JSON ({e})")
+        try:
+            await head.deployer.apply(data, headers.get("x-flotilla-cwd"))
+        except (ConfigError, ValueError, TypeError) as e:
+            return rest.text_reply(400, str(e))
+        except RuntimeError as e:  # e.g. the HTTP port is taken
+            return rest.text_reply(409, str(e))
+        return rest.json_reply({})
+
+    async def delete_apps(body: bytes, headers: dict[str, str]) -> Any:
+        await head.delete_all()
+        return rest.json_reply({})
+
+    async def get_cluster(body: bytes, headers: dict[str, str]) -> Any:
+        return rest.json_reply(head.cluster_info())
+
+    async def get_status(body: bytes, headers: dict[str, str]) -> Any:
+        from flotilla._private.cliformat import status_dict
+
+        return rest.json_reply(status_dict(head.deployer.overlay(head.controller.status())))
+
+    async def get_config(body: bytes, headers: dict[str, str]) -> Any:
+        return rest.json_reply(head.deployer.applied)
+
+    async def post_shutdown(body: bytes, headers: dict[str, str]) -> Any:
+        logger.info("REST API: shutdown asked; draining every replica, then exiting")
+        asyncio.get_running_loop().call_later(0.05, head._start_shutdown, True)
+        return rest.json_reply({"keeper_pid": head.cluster_info()["keeper_pid"]})
+
+    return {
+        ("GET", apps_path): get_apps, ("PUT", apps_path): put_apps, ("DELETE", apps_path): delete_apps,
+        ("GET", "/api/flotilla/cluster/"): get_cluster, ("GET", "/api/flotilla/status/"): get_status,
+        ("GET", "/api/flotilla/config/"): get_config, ("POST", "/api/flotilla/shutdown/"): post_shutdown,
+    }
+
+
+def _instance_details(head: Head) -> dict[str, Any]:
+    """GET /api/serve/applications/: Ray's `ServeInstanceDetails` shape."""
+    c = head.controller
+    status = head.deployer.overlay(c.status())
+    opts = head.proxy.options or {}
+    apps: dict[str, Any] = {}
+    for name, a in status.applications.items():
+        live = c.apps.get(name)
+        deps: dict[str, Any] = {}
+        for dname, d in a.deployments.items():
+            dep = live.deployments.get(dname) if live is not None else None
+            replicas = []
+            if dep is not None:
+                for r in dep.replicas.values():
+                    replicas.append({"replica_id": r.id, "state": r.state.public.value, "pid": r.pid,
+                                     "node_id": r.node or head.node_id or "local", "start_time_s": r.placed_at})
+            deps[dname] = {
+                "name": dname, "status": d.status.value, "status_trigger": d.status_trigger.value,
+                "message": d.message, "target_num_replicas": d.target_num_replicas,
+                "replica_states": {k.value: v for k, v in d.replica_states.items()},
+                "deployment_config": dict(dep.config) if dep is not None else None,
+                "replicas": replicas,
+            }
+        applied = head.deployer.app_config(name)
+        apps[name] = {
+            "name": name, "route_prefix": a.route_prefix, "docs_path": None, "status": a.status.value,
+            "message": a.message, "last_deployed_time_s": a.last_deployed_time_s,
+            "deployed_app_config": applied, "source": "DECLARATIVE" if applied is not None else "IMPERATIVE",
+            "deployments": deps,
+        }
+    return {
+        "controller_info": {"pid": os.getpid(), "node_id": head.node_id or "local",
+                            "log_file_path": os.path.join(head.session_dir, "logs", "head.log")},
+        "proxy_location": opts.get("location", "EveryNode"),
+        "http_options": {k: opts[k] for k in ("host", "port", "root_path", "request_timeout_s") if k in opts},
+        "grpc_options": {},
+        "proxies": {node: {"node_id": node, "status": st.value} for node, st in status.proxies.items()},
+        "deploy_mode": "MULTI_APP",
+        "applications": apps,
+        "target_capacity": None,
+    }
 
 
 def _deployment_specs(c: Any, only: str | None) -> list[dict[str, Any]]:

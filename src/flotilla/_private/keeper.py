@@ -15,7 +15,8 @@ when user code or the framework does):
   after a run of a minute), one log line per restart;
 - holds the listening sockets the head hands it (SCM_RIGHTS over a SEQPACKET socket pair),
   so the HTTP port outlives the proxy and the head, and passes them to each new head;
-- ends the session when the driver's stdin closes (the head is told by its own stdin closing),
+- ends the session when the driver's stdin closes (the head is told by its own stdin closing;
+  not for a detached cluster, `flotilla start`, whose record it removes at the end),
   when the head exits with code 0 (`shutdown`), or on SIGTERM (forwarded to the head, which
   drains); after a bounded wait it kills what is left, then `session.finish` keeps the logs
   and removes the session folder.
@@ -178,8 +179,9 @@ class Keeper:
         signal.signal(signal.SIGTERM, self._on_sigterm)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
-        os.set_blocking(0, False)
-        self.sel.register(0, selectors.EVENT_READ, "driver")
+        if not self.cfg.get("detached"):  # a detached cluster (`flotilla start`) outlives its shell
+            os.set_blocking(0, False)
+            self.sel.register(0, selectors.EVENT_READ, "driver")
         self.sel.register(self.mine, selectors.EVENT_READ, "held")
         self.sel.register(self._wake_r, selectors.EVENT_READ, "signal")
 
@@ -368,6 +370,15 @@ class Keeper:
             time.sleep(0.02)
         for s in self.held.values():
             s.close()
+        record = self.cfg.get("record")
+        if record:
+            try:
+                with open(record) as f:
+                    mine = json.load(f).get("keeper_pid") == os.getpid()
+                if mine:
+                    os.unlink(record)
+            except (OSError, ValueError):
+                pass
         if self.code == 0:
             from flotilla._private import session
 

@@ -144,13 +144,39 @@ def _absolute_logs_dir(config: dict[str, Any]) -> dict[str, Any]:
     return config
 
 
+_source_hashes: dict[tuple[str, float, int], bytes] = {}
+
+
+def _source_hash(obj: Any) -> bytes:
+    """A hash of the source file of `obj`'s module: cloudpickle pickles importable classes
+    by reference, so a changed file would otherwise leave the version unchanged."""
+    module = sys.modules.get(getattr(obj, "__module__", "") or "")
+    path = getattr(module, "__file__", None)
+    if not path:
+        return b""
+    try:
+        st = os.stat(path)
+        key = (path, st.st_mtime, st.st_size)
+        if key not in _source_hashes:
+            with open(path, "rb") as f:
+                _source_hashes[key] = hashlib.sha256(f.read()).digest()
+        return _source_hashes[key]
+    except OSError:
+        return b""
+
+
 def _walk(
     app: Application, app_name: str, out: dict[int, dict[str, Any]], names: dict[str, int],
-    app_logging: dict[str, Any] | None = None,
+    app_logging: dict[str, Any] | None = None, app_env: dict[str, str] | None = None,
+    code_version: str | None = None,
 ) -> str:
     """Collect the deployments of an application graph; returns the root's unique name.
 
-    `app_logging`: the application's logging config, for deployments without their own."""
+    `app_logging`: the application's logging config, for deployments without their own;
+    `app_env`: environment variables for all its replicas (a config file's
+    `runtime_env.env_vars`; a deployment's own take precedence); `code_version`: set by a
+    config file's builder (import path, args, runtime_env and the application's source files),
+    it stands for the code and its arguments, whose pickles differ from process to process."""
     if id(app) in out:
         return out[id(app)]["name"]
     dep = app.deployment
@@ -164,7 +190,7 @@ def _walk(
 
     def swap(v: Any) -> Any:
         if isinstance(v, Application):
-            return DeploymentHandle(_walk(v, app_name, out, names, app_logging), app_name)
+            return DeploymentHandle(_walk(v, app_name, out, names, app_logging, app_env, code_version), app_name)
         if isinstance(v, Deployment):
             raise ConfigError(
                 f"deployment '{v.name}' was passed unbound to another deployment; call "
@@ -190,11 +216,17 @@ def _walk(
     config["name"] = name
     logging_config = config["logging_config"] = _absolute_logs_dir(config["logging_config"] or app_logging or {}) or None
     # What a running replica cannot change in place: a change starts new replicas.
+    env = {**(app_env or {}), **cfg.ray_actor_options.runtime_env.get("env_vars", {})}
     replica_opts = json.dumps([
         config["ray_actor_options"], config["max_batch_size"], config["batch_wait_timeout_s"],
         config["placement_group_bundles"], (logging_config or {}).get("logs_dir"),
+        *([env] if app_env else []),
     ], sort_keys=True)
-    version = hashlib.sha256(def_bytes + args_bytes + replica_opts.encode()).hexdigest()[:16]
+    if code_version is not None:
+        code = f"{code_version}:{getattr(dep.func_or_class, '__qualname__', '')}:{name}".encode()
+    else:
+        code = def_bytes + _source_hash(dep.func_or_class) + args_bytes
+    version = hashlib.sha256(code + replica_opts.encode()).hexdigest()[:16]
     out[id(app)] = {
         "name": name,
         "config": config,
@@ -203,7 +235,7 @@ def _walk(
         "version": version,
         "initial_replicas": cfg.initial_replicas,
         "demand": cfg.demand(),
-        "env": dict(cfg.ray_actor_options.runtime_env.get("env_vars", {})),
+        "env": env,
         "sys_path": [os.path.abspath(p) if p else os.getcwd() for p in sys.path],
         "cwd": os.getcwd(),
     }
@@ -249,14 +281,8 @@ def run(
             "proxy, one process per replica), which is already light; the application runs "
             "as serve.run normally does.",
         )
-    collected: dict[int, dict[str, Any]] = {}
-    ingress = _walk(target, name, collected, {}, app_logging)
-    spec = {
-        "name": name,
-        "route_prefix": route_prefix,
-        "ingress": ingress,
-        "deployments": list(collected.values()),
-    }
+    spec = app_spec(target, name, route_prefix, app_logging)
+    ingress = spec["ingress"]
     rt = Runtime.get_or_start()
     if route_prefix is not None and rt.call_head("http_url") is None:
         start()
@@ -271,6 +297,15 @@ def run(
     if blocking:
         _block_forever()
     return handle
+
+
+def app_spec(target: Application, name: str, route_prefix: str | None,
+             app_logging: dict[str, Any] | None = None, app_env: dict[str, str] | None = None,
+             code_version: str | None = None) -> dict[str, Any]:
+    """What `deploy_app` sends the head for an application (serve.run and config builds)."""
+    collected: dict[int, dict[str, Any]] = {}
+    ingress = _walk(target, name, collected, {}, app_logging, app_env, code_version)
+    return {"name": name, "route_prefix": route_prefix, "ingress": ingress, "deployments": list(collected.values())}
 
 
 _RUN_PARAMS = tuple(p for p in inspect.signature(run).parameters if p not in ("target", "_ray_compat"))
