@@ -41,7 +41,7 @@ class NoClusterError(ConnectionError):
 
 def check_namespace(namespace: str | None) -> str:
     ns = namespace or os.environ.get(NAMESPACE_ENV) or DEFAULT_NAMESPACE
-    if not NAMESPACE_RE.match(ns):
+    if not NAMESPACE_RE.fullmatch(ns):  # not .match: "$" also matches before a final newline
         raise ValueError(
             f"namespace {ns!r} is not valid: use letters, digits, '_', '.' or '-' (at most 63, "
             "starting with a letter or digit)"
