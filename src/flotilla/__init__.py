@@ -56,7 +56,7 @@ INIT_IGNORED = {
          "_tracing_startup_hook", "_node_name"),
         _LOCAL_ONLY,
     ),
-    **dict.fromkeys(("include_dashboard", "dashboard_host", "dashboard_port"), "there is no dashboard; see serve.status()"),
+    **dict.fromkeys(("include_dashboard", "dashboard_host", "dashboard_port"), "the REST API runs on clusters started with `flotilla start --dashboard-port`; see serve.status()"),
     **dict.fromkeys(("configure_logging", "logging_level", "logging_format", "logging_config", "log_to_driver"),
                     "replica and proxy logs are written under the session's logs/ folder"),
     "runtime_env": "set env_vars per deployment with ray_actor_options={'runtime_env': {'env_vars': ...}}",

@@ -12,6 +12,7 @@ Errors print one line and exit non-zero.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -365,11 +366,16 @@ def build(import_paths: tuple[str, ...], output_path: str | None, app_dir: str) 
 @click.option("--route-prefix", default="/", show_default=True, help="Route prefix (module:app only).")
 @click.option("--num-cpus", type=float, default=None, help="CPUs to offer replicas (default: detected).")
 @click.option("--num-gpus", type=float, default=None, help="GPUs to offer replicas (default: detected).")
+@click.option("--address", "-a", default=None,
+              help='Run on this running cluster ("auto", or its REST URL) instead of a private one.')
+@namespace_option
 def run(target: str, host: str | None, port: int | None, name: str, route_prefix: str, num_cpus: float | None,
-        num_gpus: float | None) -> None:
+        num_gpus: float | None, address: str | None, namespace: str | None) -> None:
     """Serve TARGET (module:application, or a config file) until Ctrl-C, in a private cluster.
 
     Blocks in the foreground; Ctrl-C or SIGTERM drains and stops every process it started.
+    With --address (or --namespace), it deploys to that running cluster instead and, at
+    Ctrl-C, deletes what it deployed there; the cluster stays.
     """
     import flotilla
     from flotilla import serve
@@ -390,14 +396,23 @@ def run(target: str, host: str | None, port: int | None, name: str, route_prefix
         app = _load(target)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    flotilla.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus)
+    attach = address is not None or namespace is not None
+    if attach:
+        if num_cpus is not None or num_gpus is not None or host is not None or port is not None:
+            raise click.ClickException("--num-cpus, --num-gpus, --host and --port are the cluster's own "
+                                       "(flotilla start); they cannot be set when running on it")
+        flotilla.init(address=address or "auto", namespace=namespace)
+    else:
+        flotilla.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus)
+    deployed: list[str] = []
     try:
         from flotilla._private.client import Runtime
 
         rt = Runtime.current()
         if config is not None:
+            deployed = [a["name"] for a in config.get("applications", [])]
             rt.call_head("apply_config", config, os.getcwd(), timeout=60)
-            _wait_config_running(rt, [a["name"] for a in config.get("applications", [])])
+            _wait_config_running(rt, deployed)
             url = rt.call_head("http_url")
             for a in config.get("applications", []):
                 prefix = a.get("route_prefix", "/")
@@ -406,6 +421,7 @@ def run(target: str, host: str | None, port: int | None, name: str, route_prefix
         else:
             serve.start(http_options={"host": host or "127.0.0.1", "port": 8000 if port is None else port})
             assert app is not None
+            deployed = [name]
             serve.run(app, name=name, route_prefix=route_prefix)
             url = rt.call_head("http_url")
             suffix = "" if route_prefix == "/" else route_prefix
@@ -419,6 +435,10 @@ def run(target: str, host: str | None, port: int | None, name: str, route_prefix
             pass
         click.echo("Shutting down...")
     finally:
+        if attach:
+            for app_name in deployed:
+                with contextlib.suppress(Exception):
+                    serve.delete(app_name)
         flotilla.shutdown()
 
 

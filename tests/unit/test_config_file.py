@@ -380,7 +380,7 @@ def test_import_application_errors(mod, attr, args, pattern):
 
 
 def test_import_missing_module():
-    with pytest.raises(ConfigError, match="cannot import module 'no_such_module_xyz'"):
+    with pytest.raises(ConfigError, match="could not import module 'no_such_module_xyz'"):
         import_application("no_such_module_xyz:app")
 
 

@@ -35,7 +35,7 @@ def _import_attr(import_path: str) -> Any:
     try:
         obj: Any = importlib.import_module(module_name)
     except ImportError as e:
-        raise ConfigError(f"import path {import_path!r}: cannot import module {module_name!r}: {e}") from e
+        raise ConfigError(f"import path {import_path!r}: could not import module {module_name!r}: {e}") from e
     for part in attr.split("."):
         try:
             obj = getattr(obj, part)

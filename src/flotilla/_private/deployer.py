@@ -68,8 +68,12 @@ class Deployer:
         new = validate_config(data, source).to_dict()
         c = self.head.controller
         opts = self._proxy_options(new)
-        if opts is not None:
+        if self.head.proxy.options is None:
             await self.head.proxy.start(opts)
+        elif opts != self.head.proxy.options and isinstance(data, dict) and (
+                "http_options" in data or "proxy_location" in data):
+            logger.warning("config: the HTTP proxy keeps its options %s (a running proxy is not changed by a "
+                           "config; the file asks for %s)", self.head.proxy.options, opts)
         wanted = {a["name"]: a for a in new.get("applications", [])}
         for name in list(c.apps):
             if name not in wanted:
@@ -92,7 +96,7 @@ class Deployer:
         self._save()
         self.head.checkpoint_soon()
 
-    def _proxy_options(self, new: dict[str, Any]) -> dict[str, Any] | None:
+    def _proxy_options(self, new: dict[str, Any]) -> dict[str, Any]:
         from flotilla.serve.config import HTTPOptions, validate
 
         data = dict(new.get("http_options") or {})
@@ -119,9 +123,12 @@ class Deployer:
         env[cluster.ADDRESS_ENV] = self.head.session_dir
         env.pop(cluster.NAMESPACE_ENV, None)
         env.pop("FLOTILLA_BACKEND", None)
-        wd = (app.get("runtime_env") or {}).get("working_dir") or cwd or os.getcwd()
+        base = cwd if cwd and os.path.isdir(cwd) else os.getcwd()
+        wd = os.path.join(base, (app.get("runtime_env") or {}).get("working_dir") or "")
         if not os.path.isdir(wd):
-            wd = os.getcwd()
+            b.state = "FAILED"
+            b.message = f"runtime_env.working_dir {wd!r} is not a directory on the cluster's machine"
+            return
         log_path = os.path.join(self.head.session_dir, "logs", f"build-{app['name']}.log")
         payload = json.dumps({"app": app, "logging_config": app_logging})
         logger.info("config: building application %r from %s (in %s)", app["name"], app.get("import_path"), wd)

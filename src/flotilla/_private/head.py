@@ -441,7 +441,8 @@ class Head:
         host, port = opts.get("host", "127.0.0.1"), int(opts.get("port", 8265))
         self.rest = rest.RestServer(_rest_routes(self), self.token if host not in rest.LOOPBACK else None)
         port = await self.rest.start(host, port)
-        self.rest_url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+        reach = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+        self.rest_url = f"http://{f'[{reach}]' if ':' in reach else reach}:{port}"
         logger.info("REST API at %s%s", self.rest_url, " (token required)" if self.rest.token else "")
 
     async def run(self) -> None:

@@ -58,7 +58,7 @@ def _check_route_prefix(route_prefix: str | None) -> None:
 #: Ray's `serve.start` arguments accepted and ignored (with a one-time warning), and why.
 START_IGNORED = {
     "grpc_options": "gRPC ingress is not supported",
-    "detached": "a cluster lives as long as the driver that started it",
+    "detached": "a cluster started by a driver lives as long as it; `flotilla start` starts one that outlives every driver",
     "dedicated_cpu": "the proxy reserves no CPU",
 }
 #: Ray's `serve.run` arguments accepted and ignored (with a one-time warning), and why.

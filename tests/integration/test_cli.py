@@ -1,0 +1,417 @@
+"""The operating surface, driven as a user drives it: the real `flotilla` CLI in subprocesses.
+
+`flotilla start` (a detached cluster), `deploy` of a config file, `status`, `config`, `build`,
+`run config.yaml`, `shutdown`; drivers attaching with `address="auto"`; namespaces side by side.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from tests.conftest import alive, descendants, free_port, local_only, wait_for
+
+pytestmark = [
+    pytest.mark.slow,
+    local_only("a detached local cluster (flotilla start); on Ray the detached controller actor plays "
+               "that part (tests/ray_backend/test_detached.py)"),
+]
+
+APP = '''
+import os
+from flotilla import serve
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.5})
+class Greeter:
+    def __init__(self, greeting="hello"):
+        self.greeting = greeting
+
+    def reconfigure(self, config):
+        self.greeting = config.get("greeting", self.greeting)
+
+    def __call__(self, request):
+        return {"greeting": self.greeting, "pid": os.getpid(), "env": os.environ.get("GREETER_ENV")}
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.25})
+def echo(request):
+    return "echo"
+
+
+greeter = Greeter.bind()
+echo_app = echo.bind()
+
+
+def make(args):
+    return Greeter.bind(args.get("greeting", "built"))
+'''
+
+
+def cli(*args: str, env: dict[str, str] | None = None, cwd: str | None = None, timeout: float = 90,
+        input: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "flotilla", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})}, cwd=cwd, input=input)
+
+
+def ok(*args: str, **kw: Any) -> str:
+    r = cli(*args, **kw)
+    assert r.returncode == 0, f"flotilla {' '.join(args)} failed ({r.returncode}): {r.stdout}{r.stderr}"
+    return r.stdout
+
+
+def status(ns: str) -> dict[str, Any]:
+    return yaml.safe_load(ok("status", "-n", ns))
+
+
+def app_states(ns: str) -> dict[str, str]:
+    return {name: a["status"] for name, a in (status(ns).get("applications") or {}).items()}
+
+
+def record(ns: str) -> dict[str, Any]:
+    from flotilla._private import cluster
+
+    info = cluster.find(ns)
+    assert info is not None, f"no cluster record for namespace {ns}"
+    return info
+
+
+class Cluster:
+    def __init__(self, ns: str, http_port: int, rest_port: int, out: str) -> None:
+        self.ns, self.http_port, self.rest_port, self.out = ns, http_port, rest_port, out
+        self.url = f"http://127.0.0.1:{http_port}"
+        self.rest = f"http://127.0.0.1:{rest_port}"
+        self.keeper = record(ns)["keeper_pid"]
+
+
+def start_cluster(ns: str, *extra: str) -> Cluster:
+    http_port, rest_port = free_port(), free_port()
+    out = ok("start", "-n", ns, "--http-port", str(http_port), "--dashboard-port", str(rest_port),
+             "--num-cpus", "4", *extra)
+    return Cluster(ns, http_port, rest_port, out)
+
+
+def stop_cluster(c: Cluster) -> None:
+    r = cli("shutdown", "-y", "-n", c.ns)
+    if r.returncode != 0:  # never leave a cluster behind
+        for pid in descendants(c.keeper) | {c.keeper}:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> str:
+    d = tmp_path_factory.mktemp("project")
+    (d / "greetapp.py").write_text(APP)
+    return str(d)
+
+
+@pytest.fixture(scope="module")
+def cl() -> Iterator[Cluster]:
+    c = start_cluster(f"cli-{secrets.token_hex(3)}")
+    try:
+        yield c
+    finally:
+        stop_cluster(c)
+
+
+def write_config(project: str, name: str, greeter: dict[str, Any] | None = None, apps: str = "both",
+                 **http: Any) -> str:
+    config: dict[str, Any] = {"applications": []}
+    if http:
+        config["http_options"] = http
+    if apps in ("both", "greet"):
+        config["applications"].append({
+            "name": "greet", "route_prefix": "/greet", "import_path": "greetapp:greeter",
+            "runtime_env": {"env_vars": {"GREETER_ENV": "from-config"}},
+            "deployments": [{"name": "Greeter", **(greeter or {"num_replicas": 1, "user_config": {"greeting": "hi"}})}],
+        })
+    if apps in ("both", "echo"):
+        config["applications"].append({"name": "echo", "route_prefix": "/echo", "import_path": "greetapp:echo_app"})
+    path = os.path.join(project, name)
+    with open(path, "w") as f:
+        yaml.safe_dump(config, f, sort_keys=False)
+    return path
+
+
+def greeter_pids(c: Cluster, n: int) -> set[int]:
+    """The pids answering /greet, once `n` distinct ones have (bounded)."""
+    seen: set[int] = set()
+
+    def enough() -> bool:
+        seen.add(httpx.get(f"{c.url}/greet", timeout=10).json()["pid"])
+        return len(seen) >= n
+
+    wait_for(enough, timeout=30, what=f"{n} Greeter replicas answering")
+    return seen
+
+
+def test_start_deploy_status_http_config_and_a_changed_config(cl: Cluster, project: str) -> None:
+    assert f"http://127.0.0.1:{cl.http_port}" in cl.out and f"http://127.0.0.1:{cl.rest_port}" in cl.out
+    assert f'flotilla.init(address="auto", namespace="{cl.ns}")' in cl.out
+    path = write_config(project, "two.yaml")
+    out = ok("deploy", path, "-n", cl.ns, cwd=project)
+    assert "greet" in out and "echo" in out
+    wait_for(lambda: app_states(cl.ns) == {"greet": "RUNNING", "echo": "RUNNING"}, timeout=60,
+             what="both applications RUNNING")
+    st = status(cl.ns)
+    dep = st["applications"]["greet"]["deployments"]["Greeter"]
+    assert dep["status"] == "HEALTHY" and dep["replica_states"] == {"RUNNING": 1}
+    assert list(st["proxies"].values()) == ["HEALTHY"]
+    reply = httpx.get(f"{cl.url}/greet", timeout=10).json()
+    assert reply["greeting"] == "hi" and reply["env"] == "from-config"
+    assert httpx.get(f"{cl.url}/echo", timeout=10).text == "echo"
+    first_pid = reply["pid"]
+    first_time = st["applications"]["greet"]["last_deployed_time_s"]
+
+    # the same file again: nothing changes
+    ok("deploy", path, "-n", cl.ns, cwd=project)
+    assert app_states(cl.ns) == {"greet": "RUNNING", "echo": "RUNNING"}
+    assert status(cl.ns)["applications"]["greet"]["last_deployed_time_s"] == first_time
+    assert httpx.get(f"{cl.url}/greet", timeout=10).json()["pid"] == first_pid
+
+    # applied config, as given
+    shown = list(yaml.safe_load_all(ok("config", "-n", cl.ns)))
+    assert [d["name"] for d in shown] == ["greet", "echo"]
+    assert shown[0]["deployments"] == [{"name": "Greeter", "num_replicas": 1, "user_config": {"greeting": "hi"}}]
+    assert yaml.safe_load(ok("config", "-n", cl.ns, "--name", "echo"))["import_path"] == "greetapp:echo_app"
+
+    # 1 -> 2 replicas and a new user_config: the running replica is reconfigured in place
+    changed = write_config(project, "two-changed.yaml", {"num_replicas": 2, "user_config": {"greeting": "hey"}})
+    ok("deploy", changed, "-n", cl.ns, cwd=project)
+    wait_for(lambda: httpx.get(f"{cl.url}/greet", timeout=10).json()["greeting"] == "hey", timeout=30,
+             what="the new user_config")
+    pids = greeter_pids(cl, 2)
+    assert first_pid in pids, "the running replica was replaced instead of reconfigured in place"
+    wait_for(lambda: status(cl.ns)["applications"]["greet"]["deployments"]["Greeter"]["replica_states"]
+             == {"RUNNING": 2}, timeout=30, what="2 RUNNING replicas")
+    assert all(httpx.get(f"{cl.url}/greet", timeout=10).json()["greeting"] == "hey" for _ in range(6))
+    assert yaml.safe_load_all(ok("config", "-n", cl.ns)).__next__()["deployments"][0]["num_replicas"] == 2
+
+    # an application left out of the file is removed, as in Ray
+    ok("deploy", write_config(project, "greet-only.yaml", {"num_replicas": 2, "user_config": {"greeting": "hey"}},
+                              apps="greet"), "-n", cl.ns, cwd=project)
+    wait_for(lambda: app_states(cl.ns) == {"greet": "RUNNING"}, timeout=30, what="echo removed")
+    assert httpx.get(f"{cl.url}/echo", timeout=10).status_code == 404
+    assert first_pid in greeter_pids(cl, 2)  # the unchanged application was left alone
+
+
+def test_a_bad_config_is_refused_naming_the_file_and_field(cl: Cluster, project: str) -> None:
+    before = app_states(cl.ns)
+    bad = os.path.join(project, "bad.yaml")
+    with open(bad, "w") as f:
+        yaml.safe_dump({"applications": [{"name": "x", "import_path": "greetapp:greeter",
+                                          "deployments": [{"name": "Greeter", "num_replicas": "two"}]}]}, f)
+    r = cli("deploy", bad, "-n", cl.ns, cwd=project)
+    assert r.returncode != 0
+    assert "bad.yaml" in r.stderr and "applications[0].deployments[0].num_replicas" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr + r.stdout and len(r.stderr.strip().splitlines()) == 1
+    with open(bad, "w") as f:
+        f.write("applications: [name: x\n")
+    r = cli("deploy", bad, "-n", cl.ns, cwd=project)
+    assert r.returncode != 0 and "bad.yaml" in r.stderr and "Traceback" not in r.stderr
+    r = cli("deploy", os.path.join(project, "missing.yaml"), "-n", cl.ns)
+    assert r.returncode != 0 and "missing.yaml" in r.stderr
+    assert app_states(cl.ns) == before
+
+
+def test_an_application_that_does_not_import_fails_alone(cl: Cluster, project: str) -> None:
+    path = os.path.join(project, "broken.yaml")
+    with open(path, "w") as f:
+        yaml.safe_dump({"applications": [
+            {"name": "greet", "route_prefix": "/greet", "import_path": "greetapp:greeter"},
+            {"name": "broken", "route_prefix": "/broken", "import_path": "no_such_module_here:app"},
+        ]}, f)
+    ok("deploy", path, "-n", cl.ns, cwd=project)
+    wait_for(lambda: app_states(cl.ns).get("broken") == "DEPLOY_FAILED", timeout=60, what="broken DEPLOY_FAILED")
+    assert "no_such_module_here" in status(cl.ns)["applications"]["broken"]["message"]
+    wait_for(lambda: app_states(cl.ns).get("greet") == "RUNNING", timeout=60, what="greet RUNNING")
+    assert httpx.get(f"{cl.url}/greet", timeout=10).status_code == 200
+
+
+DRIVER = '''
+import sys
+import flotilla
+from flotilla import serve
+
+flotilla.init(address="auto", namespace=sys.argv[1])
+print(serve.get_app_handle("greet").remote(None).result()["greeting"], flush=True)
+print(serve.status().applications["greet"].status.value, flush=True)
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.25})
+def mine(request):
+    return "from a driver"
+
+serve.run(mine.bind(), name="driver-app", route_prefix="/mine")
+print("deployed", flush=True)
+'''
+
+
+def test_drivers_attach_and_the_cluster_outlives_them(cl: Cluster, project: str) -> None:
+    ok("deploy", write_config(project, "greet-only2.yaml", apps="greet"), "-n", cl.ns, cwd=project)
+    wait_for(lambda: app_states(cl.ns) == {"greet": "RUNNING"}, timeout=60, what="greet RUNNING")
+    script = os.path.join(project, "driver.py")
+    with open(script, "w") as f:
+        f.write(DRIVER)
+    r = subprocess.run([sys.executable, script, cl.ns], capture_output=True, text=True, timeout=90, cwd=project)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["hi", "RUNNING", "deployed"]
+    # the driver exited: its application and the config's keep serving
+    assert httpx.get(f"{cl.url}/mine", timeout=10).text == "from a driver"
+    assert httpx.get(f"{cl.url}/greet", timeout=10).status_code == 200
+    assert app_states(cl.ns) == {"greet": "RUNNING", "driver-app": "RUNNING"}
+    # a driver killed outright leaves it running too
+    p = subprocess.Popen([sys.executable, "-c", "import flotilla, sys, time\n"
+                          f"flotilla.init(address='auto', namespace={cl.ns!r})\nprint('up', flush=True)\ntime.sleep(60)"],
+                         stdout=subprocess.PIPE, text=True)
+    assert p.stdout is not None and p.stdout.readline().strip() == "up"
+    p.kill()
+    p.wait(10)
+    p.stdout.close()
+    assert httpx.get(f"{cl.url}/mine", timeout=10).text == "from a driver"
+    # FLOTILLA_ADDRESS attaches a plain flotilla.init() too
+    r = subprocess.run([sys.executable, "-c", "import flotilla; from flotilla import serve\nflotilla.init()\n"
+                        "print(sorted(serve.status().applications))"], capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "FLOTILLA_ADDRESS": "auto", "FLOTILLA_NAMESPACE": cl.ns})
+    assert r.returncode == 0 and r.stdout.strip() == "['driver-app', 'greet']", r.stderr
+
+
+def test_errors_are_one_line_with_a_nonzero_exit(project: str) -> None:
+    ns = f"none-{secrets.token_hex(3)}"
+    for args in (["status", "-n", ns], ["deploy", write_config(project, "any.yaml"), "-n", ns],
+                 ["config", "-n", ns], ["shutdown", "-y", "-n", ns]):
+        r = cli(*args)
+        assert r.returncode != 0, args
+        assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert f"flotilla start --namespace {ns}" in r.stderr, r.stderr
+    r = cli("status", "-a", f"http://127.0.0.1:{free_port()}")
+    assert r.returncode != 0 and "no flotilla cluster answers" in r.stderr
+    r = subprocess.run([sys.executable, "-c", f"import flotilla\nflotilla.init(address='auto', namespace={ns!r})"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and "ConnectionError" in r.stderr and "flotilla start" in r.stderr
+
+
+def test_two_namespaces_side_by_side_stay_isolated(cl: Cluster, project: str) -> None:
+    other = start_cluster(f"cli2-{secrets.token_hex(3)}")
+    try:
+        assert other.keeper != cl.keeper
+        ok("deploy", write_config(project, "echo-only.yaml", apps="echo"), "-n", other.ns, cwd=project)
+        wait_for(lambda: app_states(other.ns) == {"echo": "RUNNING"}, timeout=60, what="echo RUNNING")
+        assert "echo" not in app_states(cl.ns)
+        assert httpx.get(f"{other.url}/echo", timeout=10).text == "echo"
+        assert httpx.get(f"{other.url}/greet", timeout=10).status_code == 404
+        code = ("import flotilla, sys; from flotilla import serve\n"
+                "flotilla.init(address='auto', namespace=sys.argv[1])\nprint(sorted(serve.status().applications))")
+        r = subprocess.run([sys.executable, "-c", code, other.ns], capture_output=True, text=True, timeout=60)
+        assert r.stdout.strip() == "['echo']", r.stderr
+        assert record(other.ns)["session_dir"] != record(cl.ns)["session_dir"]
+        assert cli("start", "-n", other.ns).returncode != 0  # one cluster per namespace
+    finally:
+        stop_cluster(other)
+
+
+def test_build_writes_a_config_that_deploys(cl: Cluster, project: str) -> None:
+    out = os.path.join(project, "built.yaml")
+    ok("build", "greetapp:greeter", "-o", out, cwd=project)
+    with open(out) as f:
+        built = yaml.safe_load(f)
+    app = built["applications"][0]
+    assert app["import_path"] == "greetapp:greeter" and app["route_prefix"] == "/"
+    assert app["deployments"][0]["name"] == "Greeter"
+    assert app["deployments"][0]["ray_actor_options"]["num_cpus"] == 0.5
+    ok("deploy", out, "-n", cl.ns, cwd=project)
+    wait_for(lambda: app_states(cl.ns) == {"default": "RUNNING"}, timeout=60, what="the built config RUNNING")
+    assert httpx.get(f"{cl.url}/", timeout=10).json()["greeting"] == "hello"
+    r = cli("build", "greetapp:nothing", cwd=project)
+    assert r.returncode != 0 and "greetapp:nothing" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_run_serves_a_config_file_in_the_foreground(project: str) -> None:
+    port = free_port()
+    path = write_config(project, "run.yaml", apps="both", port=port)
+    p = subprocess.Popen([sys.executable, "-m", "flotilla", "run", path], cwd=project, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env={**os.environ, "FLOTILLA_ADDRESS": ""})
+    try:
+        assert p.stdout is not None
+        lines = [p.stdout.readline() for _ in range(2)]
+        assert any(f"http://127.0.0.1:{port}/greet" in line for line in lines), lines
+        assert httpx.get(f"http://127.0.0.1:{port}/echo", timeout=10).text == "echo"
+        tree = descendants(p.pid)
+        assert tree
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(60) == 0
+        wait_for(lambda: not alive(tree), timeout=30, what="no process left after flotilla run")
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        for stream in (p.stdout, p.stderr):
+            if stream is not None:
+                stream.close()
+
+
+def test_shutdown_leaves_no_process_and_frees_the_ports(project: str) -> None:
+    c = start_cluster(f"cli3-{secrets.token_hex(3)}")
+    try:
+        ok("deploy", write_config(project, "sd.yaml", apps="echo"), "-n", c.ns, cwd=project)
+        wait_for(lambda: app_states(c.ns) == {"echo": "RUNNING"}, timeout=60, what="echo RUNNING")
+        tree = descendants(c.keeper) | {c.keeper}
+        assert len(tree) >= 5  # keeper, head, zygote, proxy, replica
+        r = cli("shutdown", "-n", c.ns, input="n\n")  # asks first
+        assert r.returncode != 0 and httpx.get(f"{c.url}/echo", timeout=10).text == "echo"
+        assert "Cluster" in ok("shutdown", "-y", "-n", c.ns)
+        wait_for(lambda: not alive(tree), timeout=30, what="every process of the cluster gone")
+        import socket
+
+        for port in (c.http_port, c.rest_port):  # free for a new listener (as servers bind: SO_REUSEADDR)
+            with socket.socket() as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                s.bind(("127.0.0.1", port))
+                s.listen()
+        from flotilla._private import cluster
+
+        assert cluster.find(c.ns) is None
+        assert not os.path.exists(cluster.record_path(c.ns))
+    finally:
+        stop_cluster(c)
+
+
+def test_status_json_api_matches_the_cli(cl: Cluster) -> None:
+    data = httpx.get(f"{cl.rest}/api/flotilla/status/", timeout=10).json()
+    assert data == json.loads(json.dumps(status(cl.ns)))
+
+
+def test_run_on_a_running_cluster_deletes_only_what_it_deployed(cl: Cluster, project: str) -> None:
+    ok("deploy", write_config(project, "echo-kept.yaml", apps="echo"), "-n", cl.ns, cwd=project)
+    wait_for(lambda: app_states(cl.ns) == {"echo": "RUNNING"}, timeout=60, what="echo RUNNING")
+    p = subprocess.Popen([sys.executable, "-m", "flotilla", "run", "greetapp:greeter", "--name", "fg",
+                          "--route-prefix", "/fg", "-n", cl.ns], cwd=project, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout is not None
+        line = p.stdout.readline()
+        assert f"{cl.url}/fg" in line, line + (p.stderr.read() if p.poll() is not None and p.stderr else "")
+        assert httpx.get(f"{cl.url}/fg", timeout=10).json()["greeting"] == "hello"
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(60) == 0
+        assert app_states(cl.ns) == {"echo": "RUNNING"}  # its own application went, the cluster stays
+        assert httpx.get(f"{cl.url}/echo", timeout=10).text == "echo"
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        for stream in (p.stdout, p.stderr):
+            if stream is not None:
+                stream.close()
