@@ -69,7 +69,7 @@ address_option = click.option(
     "--address", "-a", default=None, envvar=cluster.ADDRESS_ENV, show_envvar=True,
     help='The cluster: "auto" (the running cluster of the namespace; default), or its REST URL, e.g. http://127.0.0.1:8265.')
 namespace_option = click.option(
-    "--namespace", "-n", default=None, envvar=cluster.NAMESPACE_ENV, show_envvar=True,
+    "--namespace", default=None, envvar=cluster.NAMESPACE_ENV, show_envvar=True,
     help='The cluster\'s namespace (default: "default"); each namespace is its own cluster.')
 
 
@@ -270,7 +270,10 @@ def deploy(config_file: str, address: str | None, namespace: str | None) -> None
 
     config = load_config_file(config_file).to_dict()
     url, token, _ = _rest(address, namespace)
-    _request(url, token, "PUT", "/api/serve/applications/", config, headers={"X-Flotilla-Cwd": os.getcwd()})
+    headers = {"X-Flotilla-Cwd": os.getcwd()}
+    if os.environ.get("PYTHONPATH"):
+        headers["X-Flotilla-Pythonpath"] = os.pathsep.join(os.path.abspath(p) for p in os.environ["PYTHONPATH"].split(os.pathsep) if p)
+    _request(url, token, "PUT", "/api/serve/applications/", config, headers=headers)
     names = ", ".join(a["name"] for a in config.get("applications", [])) or "(none)"
     click.echo(f"Sent deploy request for application(s) {names} to {url}.")
     click.echo(f"Use `flotilla status{_ns_flag(cluster.check_namespace(namespace))}` to follow them.")
@@ -279,7 +282,7 @@ def deploy(config_file: str, address: str | None, namespace: str | None) -> None
 @main.command()
 @address_option
 @namespace_option
-@click.option("--name", default=None, help="Only this application.")
+@click.option("--name", "-n", default=None, help="Only this application.")
 def status(address: str | None, namespace: str | None, name: str | None) -> None:
     """Print the status of the proxies, applications and deployments (YAML, like `serve status`)."""
     import yaml
@@ -297,7 +300,7 @@ def status(address: str | None, namespace: str | None, name: str | None) -> None
 @main.command()
 @address_option
 @namespace_option
-@click.option("--name", default=None, help="Only this application's config.")
+@click.option("--name", "-n", default=None, help="Only this application's config.")
 def config(address: str | None, namespace: str | None, name: str | None) -> None:
     """Print the latest applied config (each application's, as YAML documents)."""
     from flotilla._private.cliformat import config_yaml
@@ -341,9 +344,13 @@ def shutdown(yes: bool, address: str | None, namespace: str | None) -> None:
 @click.option("--output-path", "-o", default=None, type=click.Path(dir_okay=False),
               help="Write the config here (default: print it).")
 @click.option("--app-dir", "-d", default=".", show_default=True, help="Directory to import the applications from.")
-def build(import_paths: tuple[str, ...], output_path: str | None, app_dir: str) -> None:
+@address_option
+@namespace_option
+def build(import_paths: tuple[str, ...], output_path: str | None, app_dir: str, address: str | None,
+          namespace: str | None) -> None:
     """Write a config file for the applications at IMPORT_PATHS (module:app), to edit and
-    `flotilla deploy`."""
+    `flotilla deploy`. (--address and --namespace are accepted like everywhere, and unused:
+    this reads only the code.)"""
     from flotilla._private.cliformat import build_yaml
 
     sys.path.insert(0, os.path.abspath(app_dir))

@@ -71,7 +71,7 @@ def ok(*args: str, **kw: Any) -> str:
 
 
 def status(ns: str) -> dict[str, Any]:
-    return yaml.safe_load(ok("status", "-n", ns))
+    return yaml.safe_load(ok("status", "--namespace", ns))
 
 
 def app_states(ns: str) -> dict[str, str]:
@@ -96,13 +96,13 @@ class Cluster:
 
 def start_cluster(ns: str, *extra: str) -> Cluster:
     http_port, rest_port = free_port(), free_port()
-    out = ok("start", "-n", ns, "--http-port", str(http_port), "--dashboard-port", str(rest_port),
+    out = ok("start", "--namespace", ns, "--http-port", str(http_port), "--dashboard-port", str(rest_port),
              "--num-cpus", "4", *extra)
     return Cluster(ns, http_port, rest_port, out)
 
 
 def stop_cluster(c: Cluster) -> None:
-    r = cli("shutdown", "-y", "-n", c.ns)
+    r = cli("shutdown", "-y", "--namespace", c.ns)
     if r.returncode != 0:  # never leave a cluster behind
         for pid in descendants(c.keeper) | {c.keeper}:
             try:
@@ -162,7 +162,7 @@ def test_start_deploy_status_http_config_and_a_changed_config(cl: Cluster, proje
     assert f"http://127.0.0.1:{cl.http_port}" in cl.out and f"http://127.0.0.1:{cl.rest_port}" in cl.out
     assert f'flotilla.init(address="auto", namespace="{cl.ns}")' in cl.out
     path = write_config(project, "two.yaml")
-    out = ok("deploy", path, "-n", cl.ns, cwd=project)
+    out = ok("deploy", path, "--namespace", cl.ns, cwd=project)
     assert "greet" in out and "echo" in out
     wait_for(lambda: app_states(cl.ns) == {"greet": "RUNNING", "echo": "RUNNING"}, timeout=60,
              what="both applications RUNNING")
@@ -177,20 +177,20 @@ def test_start_deploy_status_http_config_and_a_changed_config(cl: Cluster, proje
     first_time = st["applications"]["greet"]["last_deployed_time_s"]
 
     # the same file again: nothing changes
-    ok("deploy", path, "-n", cl.ns, cwd=project)
+    ok("deploy", path, "--namespace", cl.ns, cwd=project)
     assert app_states(cl.ns) == {"greet": "RUNNING", "echo": "RUNNING"}
     assert status(cl.ns)["applications"]["greet"]["last_deployed_time_s"] == first_time
     assert httpx.get(f"{cl.url}/greet", timeout=10).json()["pid"] == first_pid
 
     # applied config, as given
-    shown = list(yaml.safe_load_all(ok("config", "-n", cl.ns)))
+    shown = list(yaml.safe_load_all(ok("config", "--namespace", cl.ns)))
     assert [d["name"] for d in shown] == ["greet", "echo"]
     assert shown[0]["deployments"] == [{"name": "Greeter", "num_replicas": 1, "user_config": {"greeting": "hi"}}]
-    assert yaml.safe_load(ok("config", "-n", cl.ns, "--name", "echo"))["import_path"] == "greetapp:echo_app"
+    assert yaml.safe_load(ok("config", "--namespace", cl.ns, "-n", "echo"))["import_path"] == "greetapp:echo_app"
 
     # 1 -> 2 replicas and a new user_config: the running replica is reconfigured in place
     changed = write_config(project, "two-changed.yaml", {"num_replicas": 2, "user_config": {"greeting": "hey"}})
-    ok("deploy", changed, "-n", cl.ns, cwd=project)
+    ok("deploy", changed, "--namespace", cl.ns, cwd=project)
     wait_for(lambda: httpx.get(f"{cl.url}/greet", timeout=10).json()["greeting"] == "hey", timeout=30,
              what="the new user_config")
     pids = greeter_pids(cl, 2)
@@ -198,11 +198,11 @@ def test_start_deploy_status_http_config_and_a_changed_config(cl: Cluster, proje
     wait_for(lambda: status(cl.ns)["applications"]["greet"]["deployments"]["Greeter"]["replica_states"]
              == {"RUNNING": 2}, timeout=30, what="2 RUNNING replicas")
     assert all(httpx.get(f"{cl.url}/greet", timeout=10).json()["greeting"] == "hey" for _ in range(6))
-    assert yaml.safe_load_all(ok("config", "-n", cl.ns)).__next__()["deployments"][0]["num_replicas"] == 2
+    assert yaml.safe_load_all(ok("config", "--namespace", cl.ns)).__next__()["deployments"][0]["num_replicas"] == 2
 
     # an application left out of the file is removed, as in Ray
     ok("deploy", write_config(project, "greet-only.yaml", {"num_replicas": 2, "user_config": {"greeting": "hey"}},
-                              apps="greet"), "-n", cl.ns, cwd=project)
+                              apps="greet"), "--namespace", cl.ns, cwd=project)
     wait_for(lambda: app_states(cl.ns) == {"greet": "RUNNING"}, timeout=30, what="echo removed")
     assert httpx.get(f"{cl.url}/echo", timeout=10).status_code == 404
     assert first_pid in greeter_pids(cl, 2)  # the unchanged application was left alone
@@ -214,15 +214,15 @@ def test_a_bad_config_is_refused_naming_the_file_and_field(cl: Cluster, project:
     with open(bad, "w") as f:
         yaml.safe_dump({"applications": [{"name": "x", "import_path": "greetapp:greeter",
                                           "deployments": [{"name": "Greeter", "num_replicas": "two"}]}]}, f)
-    r = cli("deploy", bad, "-n", cl.ns, cwd=project)
+    r = cli("deploy", bad, "--namespace", cl.ns, cwd=project)
     assert r.returncode != 0
     assert "bad.yaml" in r.stderr and "applications[0].deployments[0].num_replicas" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr + r.stdout and len(r.stderr.strip().splitlines()) == 1
     with open(bad, "w") as f:
         f.write("applications: [name: x\n")
-    r = cli("deploy", bad, "-n", cl.ns, cwd=project)
+    r = cli("deploy", bad, "--namespace", cl.ns, cwd=project)
     assert r.returncode != 0 and "bad.yaml" in r.stderr and "Traceback" not in r.stderr
-    r = cli("deploy", os.path.join(project, "missing.yaml"), "-n", cl.ns)
+    r = cli("deploy", os.path.join(project, "missing.yaml"), "--namespace", cl.ns)
     assert r.returncode != 0 and "missing.yaml" in r.stderr
     assert app_states(cl.ns) == before
 
@@ -234,7 +234,7 @@ def test_an_application_that_does_not_import_fails_alone(cl: Cluster, project: s
             {"name": "greet", "route_prefix": "/greet", "import_path": "greetapp:greeter"},
             {"name": "broken", "route_prefix": "/broken", "import_path": "no_such_module_here:app"},
         ]}, f)
-    ok("deploy", path, "-n", cl.ns, cwd=project)
+    ok("deploy", path, "--namespace", cl.ns, cwd=project)
     wait_for(lambda: app_states(cl.ns).get("broken") == "DEPLOY_FAILED", timeout=60, what="broken DEPLOY_FAILED")
     assert "no_such_module_here" in status(cl.ns)["applications"]["broken"]["message"]
     wait_for(lambda: app_states(cl.ns).get("greet") == "RUNNING", timeout=60, what="greet RUNNING")
@@ -260,7 +260,7 @@ print("deployed", flush=True)
 
 
 def test_drivers_attach_and_the_cluster_outlives_them(cl: Cluster, project: str) -> None:
-    ok("deploy", write_config(project, "greet-only2.yaml", apps="greet"), "-n", cl.ns, cwd=project)
+    ok("deploy", write_config(project, "greet-only2.yaml", apps="greet"), "--namespace", cl.ns, cwd=project)
     wait_for(lambda: app_states(cl.ns) == {"greet": "RUNNING"}, timeout=60, what="greet RUNNING")
     script = os.path.join(project, "driver.py")
     with open(script, "w") as f:
@@ -290,8 +290,8 @@ def test_drivers_attach_and_the_cluster_outlives_them(cl: Cluster, project: str)
 
 def test_errors_are_one_line_with_a_nonzero_exit(project: str) -> None:
     ns = f"none-{secrets.token_hex(3)}"
-    for args in (["status", "-n", ns], ["deploy", write_config(project, "any.yaml"), "-n", ns],
-                 ["config", "-n", ns], ["shutdown", "-y", "-n", ns]):
+    for args in (["status", "--namespace", ns], ["deploy", write_config(project, "any.yaml"), "--namespace", ns],
+                 ["config", "--namespace", ns], ["shutdown", "-y", "--namespace", ns]):
         r = cli(*args)
         assert r.returncode != 0, args
         assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
@@ -307,7 +307,7 @@ def test_two_namespaces_side_by_side_stay_isolated(cl: Cluster, project: str) ->
     other = start_cluster(f"cli2-{secrets.token_hex(3)}")
     try:
         assert other.keeper != cl.keeper
-        ok("deploy", write_config(project, "echo-only.yaml", apps="echo"), "-n", other.ns, cwd=project)
+        ok("deploy", write_config(project, "echo-only.yaml", apps="echo"), "--namespace", other.ns, cwd=project)
         wait_for(lambda: app_states(other.ns) == {"echo": "RUNNING"}, timeout=60, what="echo RUNNING")
         assert "echo" not in app_states(cl.ns)
         assert httpx.get(f"{other.url}/echo", timeout=10).text == "echo"
@@ -317,7 +317,7 @@ def test_two_namespaces_side_by_side_stay_isolated(cl: Cluster, project: str) ->
         r = subprocess.run([sys.executable, "-c", code, other.ns], capture_output=True, text=True, timeout=60)
         assert r.stdout.strip() == "['echo']", r.stderr
         assert record(other.ns)["session_dir"] != record(cl.ns)["session_dir"]
-        assert cli("start", "-n", other.ns).returncode != 0  # one cluster per namespace
+        assert cli("start", "--namespace", other.ns).returncode != 0  # one cluster per namespace
     finally:
         stop_cluster(other)
 
@@ -331,7 +331,7 @@ def test_build_writes_a_config_that_deploys(cl: Cluster, project: str) -> None:
     assert app["import_path"] == "greetapp:greeter" and app["route_prefix"] == "/"
     assert app["deployments"][0]["name"] == "Greeter"
     assert app["deployments"][0]["ray_actor_options"]["num_cpus"] == 0.5
-    ok("deploy", out, "-n", cl.ns, cwd=project)
+    ok("deploy", out, "--namespace", cl.ns, cwd=project)
     wait_for(lambda: app_states(cl.ns) == {"default": "RUNNING"}, timeout=60, what="the built config RUNNING")
     assert httpx.get(f"{cl.url}/", timeout=10).json()["greeting"] == "hello"
     r = cli("build", "greetapp:nothing", cwd=project)
@@ -365,13 +365,13 @@ def test_run_serves_a_config_file_in_the_foreground(project: str) -> None:
 def test_shutdown_leaves_no_process_and_frees_the_ports(project: str) -> None:
     c = start_cluster(f"cli3-{secrets.token_hex(3)}")
     try:
-        ok("deploy", write_config(project, "sd.yaml", apps="echo"), "-n", c.ns, cwd=project)
+        ok("deploy", write_config(project, "sd.yaml", apps="echo"), "--namespace", c.ns, cwd=project)
         wait_for(lambda: app_states(c.ns) == {"echo": "RUNNING"}, timeout=60, what="echo RUNNING")
         tree = descendants(c.keeper) | {c.keeper}
         assert len(tree) >= 5  # keeper, head, zygote, proxy, replica
-        r = cli("shutdown", "-n", c.ns, input="n\n")  # asks first
+        r = cli("shutdown", "--namespace", c.ns, input="n\n")  # asks first
         assert r.returncode != 0 and httpx.get(f"{c.url}/echo", timeout=10).text == "echo"
-        assert "Cluster" in ok("shutdown", "-y", "-n", c.ns)
+        assert "Cluster" in ok("shutdown", "-y", "--namespace", c.ns)
         wait_for(lambda: not alive(tree), timeout=30, what="every process of the cluster gone")
         import socket
 
@@ -394,10 +394,10 @@ def test_status_json_api_matches_the_cli(cl: Cluster) -> None:
 
 
 def test_run_on_a_running_cluster_deletes_only_what_it_deployed(cl: Cluster, project: str) -> None:
-    ok("deploy", write_config(project, "echo-kept.yaml", apps="echo"), "-n", cl.ns, cwd=project)
+    ok("deploy", write_config(project, "echo-kept.yaml", apps="echo"), "--namespace", cl.ns, cwd=project)
     wait_for(lambda: app_states(cl.ns) == {"echo": "RUNNING"}, timeout=60, what="echo RUNNING")
     p = subprocess.Popen([sys.executable, "-m", "flotilla", "run", "greetapp:greeter", "--name", "fg",
-                          "--route-prefix", "/fg", "-n", cl.ns], cwd=project, stdout=subprocess.PIPE,
+                          "--route-prefix", "/fg", "--namespace", cl.ns], cwd=project, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)
     try:
         assert p.stdout is not None
@@ -415,3 +415,19 @@ def test_run_on_a_running_cluster_deletes_only_what_it_deployed(cl: Cluster, pro
         for stream in (p.stdout, p.stderr):
             if stream is not None:
                 stream.close()
+
+
+def test_deploy_imports_from_the_commands_pythonpath(cl: Cluster, tmp_path) -> None:
+    lib, elsewhere = tmp_path / "lib", tmp_path / "elsewhere"
+    lib.mkdir()
+    elsewhere.mkdir()
+    (lib / "libapp.py").write_text(
+        "from flotilla import serve\n\n"
+        "@serve.deployment(ray_actor_options={'num_cpus': 0.25})\n"
+        "def lib(request):\n    return 'from lib'\n\napp = lib.bind()\n")
+    path = tmp_path / "lib.yaml"
+    path.write_text(yaml.safe_dump({"applications": [
+        {"name": "lib", "route_prefix": "/lib", "import_path": "libapp:app"}]}))
+    ok("deploy", str(path), "--namespace", cl.ns, cwd=str(elsewhere), env={"PYTHONPATH": str(lib)})
+    wait_for(lambda: app_states(cl.ns) == {"lib": "RUNNING"}, timeout=60, what="lib RUNNING")
+    assert httpx.get(f"{cl.url}/lib", timeout=10).text == "from lib"

@@ -93,7 +93,7 @@ def _start(dashboard_host: str = "127.0.0.1", **extra_env: str) -> Cluster:
     ns = f"rest-{secrets.token_hex(4)}"
     http_port, rest_port = free_port(), free_port()
     env = _env(**extra_env)
-    proc = _cli("start", "-n", ns, "--http-port", str(http_port), "--dashboard-port", str(rest_port),
+    proc = _cli("start", "--namespace", ns, "--http-port", str(http_port), "--dashboard-port", str(rest_port),
                 "--dashboard-host", dashboard_host, "--num-cpus", "4", env=env, timeout=STARTUP_S)
     assert proc.returncode == 0, f"flotilla start failed: {proc.stdout}{proc.stderr}"
     record = cluster.find(ns)
@@ -102,7 +102,7 @@ def _start(dashboard_host: str = "127.0.0.1", **extra_env: str) -> Cluster:
 
 
 def _stop(c: Cluster) -> None:
-    proc = _cli("shutdown", "-y", "-n", c.ns, env=c.env)
+    proc = _cli("shutdown", "-y", "--namespace", c.ns, env=c.env)
     pid, ticks = int(c.record["keeper_pid"]), c.record["keeper_ticks"]
     if proc.returncode != 0 and start_ticks(pid) == ticks:
         os.killpg(pid, signal.SIGTERM) if _leads_group(pid) else os.kill(pid, signal.SIGTERM)
@@ -419,7 +419,7 @@ def test_token_required_beyond_loopback(secured: Cluster) -> None:
     # the CLI reads the token from the local registry record (no FLOTILLA_TOKEN in its env)
     env = _env()
     assert cluster.TOKEN_ENV not in env
-    proc = _cli("status", "-n", secured.ns, env=env)
+    proc = _cli("status", "--namespace", secured.ns, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "proxies" in proc.stdout
     # ... and without the record, a wrong token is refused

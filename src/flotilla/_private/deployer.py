@@ -60,9 +60,11 @@ class Deployer:
             json.dump(self.applied, f)
         os.replace(tmp, self.path)
 
-    async def apply(self, data: Any, cwd: str | None = None, source: str = "request body") -> None:
+    async def apply(self, data: Any, cwd: str | None = None, source: str = "request body",
+                    pythonpath: str | None = None) -> None:
         """Validate and apply a config; raises ConfigError (naming the field) before anything
-        changes when it is bad."""
+        changes when it is bad. `cwd` and `pythonpath`: where the deploying command ran, and
+        its PYTHONPATH (the CLI on this machine sends both): builders import from there."""
         from flotilla.serve.deploy_schema import validate_config
 
         new = validate_config(data, source).to_dict()
@@ -91,7 +93,7 @@ class Deployer:
             if unchanged and (live or (b is not None and b.state == "BUILDING")):
                 continue
             self._cancel(name)
-            self._start(app, app_logging, cwd)
+            self._start(app, app_logging, cwd, pythonpath)
         self.applied = new
         self._save()
         self.head.checkpoint_soon()
@@ -111,14 +113,16 @@ class Deployer:
         if b is not None and b.task is not None and not b.task.done():
             b.task.cancel()
 
-    def _start(self, app: dict[str, Any], app_logging: Any, cwd: str | None) -> None:
+    def _start(self, app: dict[str, Any], app_logging: Any, cwd: str | None, pythonpath: str | None) -> None:
         b = Build(app)
         self.builds[app["name"]] = b
-        b.task = asyncio.get_running_loop().create_task(self._build(b, app_logging, cwd))
+        b.task = asyncio.get_running_loop().create_task(self._build(b, app_logging, cwd, pythonpath))
 
-    async def _build(self, b: Build, app_logging: Any, cwd: str | None) -> None:
+    async def _build(self, b: Build, app_logging: Any, cwd: str | None, pythonpath: str | None) -> None:
         app = b.app
         env = dict(os.environ)
+        if pythonpath:
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (pythonpath, env.get("PYTHONPATH")) if p)
         env.update((app.get("runtime_env") or {}).get("env_vars") or {})
         env[cluster.ADDRESS_ENV] = self.head.session_dir
         env.pop(cluster.NAMESPACE_ENV, None)

@@ -792,7 +792,8 @@ def _rest_routes(head: Head) -> dict[tuple[str, str], Any]:
         except ValueError as e:
             return rest.text_reply(400, f"request body: not valid JSON ({e})")
         try:
-            await head.deployer.apply(data, headers.get("x-flotilla-cwd"))
+            await head.deployer.apply(data, headers.get("x-flotilla-cwd"),
+                                      pythonpath=headers.get("x-flotilla-pythonpath"))
         except (ConfigError, ValueError, TypeError) as e:
             return rest.text_reply(400, str(e))
         except RuntimeError as e:  # e.g. the HTTP port is taken
