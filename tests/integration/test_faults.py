@@ -217,6 +217,7 @@ def test_backpressure_503_and_BackPressureError(url):
             return "done"
 
     h = serve.run(Busy.bind(), name="bp", route_prefix="/bp")
+    assert h.remote().result() == "done"  # the router holds a live connection: `first` goes straight in
     first = h.remote()
     second = h.remote()  # queued
     with pytest.raises(BackPressureError):
