@@ -10,17 +10,20 @@
   read (WebSocket: an HTTP 401 denial where the server offers it, else close 1008);
   `/-/healthz` stays open. Refusals count in `flotilla_auth_failures_total{side="http"}`.
 - Middlewares: `http_options["middlewares"]`, Starlette `Middleware` objects, travel as
-  cloudpickle bytes (`middlewares_pickle`) that only the proxy unpickles.
+  cloudpickle bytes (`middlewares_pickle`, base64) that only the proxy (or a direct-ingress
+  replica) unpickles.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import ipaddress
 import logging
 import os
 import ssl
+import sys
 from typing import Any
 
 from flotilla._private import http_util
@@ -31,6 +34,7 @@ TLS_FILES = ("ssl_certfile", "ssl_keyfile", "ssl_ca_certs")
 KEYS_ENV = "FLOTILLA_API_KEYS"
 DIGESTS = "api_key_sha256"  # the options' key holding the API keys' digests (hex)
 MIDDLEWARES = "middlewares_pickle"
+MIDDLEWARES_PATH = "middlewares_sys_path"  # the driver's import path, to unpickle them
 SECRET = ("api_keys", "ssl_keyfile_password", DIGESTS, MIDDLEWARES)
 AUTH_METRIC = "flotilla_auth_failures_total"
 _CHALLENGE = [(b"www-authenticate", b"Bearer")]
@@ -86,7 +90,8 @@ def driver_options(options: dict[str, Any]) -> dict[str, Any]:
     if mws:
         import cloudpickle
 
-        options[MIDDLEWARES] = cloudpickle.dumps(list(mws))
+        options[MIDDLEWARES] = base64.b64encode(cloudpickle.dumps(list(mws))).decode()  # control calls are JSON
+        options[MIDDLEWARES_PATH] = [os.path.abspath(p) if p else os.getcwd() for p in sys.path]
     if not options.get("proxy_disabled"):
         warn_if_open(options)
     return options
@@ -173,7 +178,10 @@ def wrap(app: Any, options: dict[str, Any], component: str) -> Any:
     if blob:
         import cloudpickle
 
-        for m in reversed(cloudpickle.loads(blob)):
+        for p in options.get(MIDDLEWARES_PATH) or ():  # classes pickled by reference import from there
+            if p not in sys.path and os.path.isdir(p):
+                sys.path.append(p)
+        for m in reversed(cloudpickle.loads(base64.b64decode(blob))):
             app = m.cls(app, *m.args, **m.kwargs)
     if options.get(DIGESTS):
         app = KeyGuard(app, options[DIGESTS], options.get("root_path") or "", component)
