@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from flotilla._private import cluster
+from flotilla._private import cluster, frontdoor
 
 logger = logging.getLogger("flotilla.deployer")
 
@@ -75,7 +75,7 @@ class Deployer:
         elif opts != self.head.proxy.options and isinstance(data, dict) and (
                 "http_options" in data or "proxy_location" in data):
             logger.warning("config: the HTTP proxy keeps its options %s (a running proxy is not changed by a "
-                           "config; the file asks for %s)", self.head.proxy.options, opts)
+                           "config; the file asks for %s)", frontdoor.redact(self.head.proxy.options), frontdoor.redact(opts))
         wanted = {a["name"]: a for a in new.get("applications", [])}
         for name in list(c.apps):
             if name not in wanted:
@@ -105,7 +105,7 @@ class Deployer:
         loc = new.get("proxy_location")
         if loc is not None and "location" not in data:
             data["location"] = loc
-        opts: dict[str, Any] = validate(HTTPOptions, data, "http_options").model_dump()
+        opts: dict[str, Any] = frontdoor.driver_options(validate(HTTPOptions, data, "http_options").model_dump())
         return opts
 
     def _cancel(self, name: str) -> None:

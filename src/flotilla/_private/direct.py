@@ -22,7 +22,7 @@ import asyncio
 import contextlib
 from typing import TYPE_CHECKING, Any
 
-from flotilla._private import http_util, httpguard, listener
+from flotilla._private import frontdoor, http_util, httpguard, listener
 from flotilla._private.metrics import RequestIds
 from flotilla._private.protocol import Http, HttpFull, HttpStart
 from flotilla._private.router import Channel
@@ -68,7 +68,7 @@ class DirectIngress:
         sock = await asyncio.get_running_loop().run_in_executor(None, listener.receive, self.opts["fd_sock"])
         bounded, _ = httpguard.protocol_class(self.opts, f"replica:{self.replica.replica_id}")
         config = uvicorn.Config(
-            self, loop="none", http=bounded, lifespan="off", access_log=False, log_level="warning",
+            frontdoor.wrap(self, self.opts, "replica"), **frontdoor.uvicorn_ssl(self.opts), loop="none", http=bounded, lifespan="off", access_log=False, log_level="warning",
             timeout_keep_alive=int(self.opts.get("keep_alive_timeout_s", 5)), server_header=False,
             date_header=False, proxy_headers=False,
         )

@@ -25,7 +25,7 @@ import sys
 import time
 from typing import Any
 
-from flotilla._private import checkpoint, logrotate, session
+from flotilla._private import checkpoint, frontdoor, logrotate, session
 from flotilla._private.keeper import Backoff, KeeperLink
 from flotilla._private.supervisor import Process, ZygoteSupervisor
 from flotilla._private.transport import RpcPeer, serve_unix
@@ -101,7 +101,8 @@ class ProxyManager:
             return ""
         if self.options is not None and self.status in (ProxyStatus.HEALTHY, ProxyStatus.STARTING):
             if options != self.options:
-                logger.warning("HTTP proxy already running with %s; ignoring new options %s", self.options, options)
+                logger.warning("HTTP proxy already running with %s; ignoring new options %s",
+                               frontdoor.redact(self.options), frontdoor.redact(options))
             if self._ready is not None:
                 return await asyncio.shield(self._ready)
             return self.url
@@ -111,6 +112,7 @@ class ProxyManager:
                 "direct ingress is not available on the Ray backend yet: replicas run on Ray's "
                 "nodes and cannot share this machine's listening socket; use the proxy"
             )
+        frontdoor.ssl_context(options)  # a bad TLS file fails serve.start here, naming it
         self.options = options
         host, port = options.get("host", "127.0.0.1"), int(options.get("port", 8000))
         from flotilla._private import listener
@@ -125,7 +127,7 @@ class ProxyManager:
                 f"{e.strerror}. Pass another port, e.g. serve.start(http_options={{'port': {port + 1}{extra}}})."
             ) from None
         await self._hold(sock)
-        self.url = f"http://{f'[{host}]' if ':' in host else host}:{self.shared.port}"
+        self.url = f"{frontdoor.scheme(options)}://{f'[{host}]' if ':' in host else host}:{self.shared.port}"
         self.head.checkpoint_soon()
         if direct:
             self.status = ProxyStatus.HEALTHY
@@ -515,11 +517,12 @@ class Head:
         controller_task = loop.create_task(self.controller.run())
         from flotilla._private.metrics import serve_metrics
 
+        mhost, mtoken = frontdoor.metrics_access(self.session_dir)  # beyond loopback: a bearer token
         try:
-            metrics_server, self.metrics_port = await serve_metrics("127.0.0.1", metrics_port, self.gather_metrics)
+            metrics_server, self.metrics_port = await serve_metrics(mhost, metrics_port, self.gather_metrics, mtoken)
         except OSError as e:
             logger.warning("metrics endpoint: port %s unavailable (%s); using a free port", metrics_port, e)
-            metrics_server, self.metrics_port = await serve_metrics("127.0.0.1", 0, self.gather_metrics)
+            metrics_server, self.metrics_port = await serve_metrics(mhost, 0, self.gather_metrics, mtoken)
         if not self.in_actor:
             loop.add_reader(0, self._stdin_readable)
             loop.add_signal_handler(signal.SIGTERM, self._on_sigterm)

@@ -284,6 +284,10 @@ class Aggregate:
         return [{"meta": p["meta"], "values": p["values"]} for p in procs]
 
 
+AUTH_FAILURES_DOC = ("Refused authentications: handshakes of the authenticated TCP planes (side server or "
+                     "client) and HTTP requests without a valid API key (side http).")
+
+
 def record_auth_failures(store: Store, component: str) -> None:
     """Copy this process's refused handshakes (`auth.failures`, absolute counts) into `store`,
     as `flotilla_auth_failures_total{component, side, reason}`; nothing until there is one."""
@@ -291,8 +295,7 @@ def record_auth_failures(store: Store, component: str) -> None:
 
     if not auth.failures:
         return
-    store.declare("counter", auth.METRIC,
-                  "Connections to the authenticated TCP data and control plane refused at the handshake.",
+    store.declare("counter", auth.METRIC, AUTH_FAILURES_DOC,
                   ("component", "side", "reason"))
     for (side, reason), n in auth.failures.items():
         store.set(auth.METRIC, (component, side, reason), float(n))
@@ -379,8 +382,9 @@ class _MetricsHTTP(asyncio.Protocol):
     A bare protocol rather than asyncio streams: a scrape storm costs the head little.
     """
 
-    def __init__(self, gather: Any) -> None:
+    def __init__(self, gather: Any, token: bytes | None = None) -> None:
         self.gather = gather
+        self.token = token  # required as 'Authorization: Bearer <token>' when set
         self.buf = b""
         self.transport: asyncio.Transport | None = None
         self.timer: asyncio.TimerHandle | None = None
@@ -407,6 +411,13 @@ class _MetricsHTTP(asyncio.Protocol):
         self.answered = True
         line = self.buf.split(b"\r\n", 1)[0]
         path = line.split(b" ", 2)[1] if line.count(b" ") >= 2 else b"/"
+        if self.token is not None:
+            from flotilla._private.frontdoor import bearer_ok
+
+            if not bearer_ok(self.buf.split(b"\r\n\r\n", 1)[0], self.token):
+                self._reply(b"401 Unauthorized\r\nWWW-Authenticate: Bearer", b"text/plain",
+                            b"unauthorized: send 'Authorization: Bearer <token>'\n")
+                return
         if path.split(b"?")[0] not in (b"/metrics", b"/"):
             self._reply(b"404 Not Found", b"text/plain", b"not found; try /metrics\n")
             return
@@ -446,11 +457,11 @@ class _MetricsHTTP(asyncio.Protocol):
         t.close()  # after the buffered answer is written
 
 
-async def serve_metrics(host: str, port: int, gather: Any) -> tuple[asyncio.AbstractServer, int]:
+async def serve_metrics(host: str, port: int, gather: Any, token: bytes | None = None) -> tuple[asyncio.AbstractServer, int]:
     """A minimal HTTP server answering GET /metrics with `gather()` (bytes, or a coroutine
-    returning them)."""
+    returning them); with `token`, only to requests bearing it (else 401)."""
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: _MetricsHTTP(gather), host, port)
+    server = await loop.create_server(lambda: _MetricsHTTP(gather, token), host, port)
     return server, server.sockets[0].getsockname()[1]
 
 

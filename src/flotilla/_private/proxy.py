@@ -22,7 +22,7 @@ import random
 import time
 from typing import Any
 
-from flotilla._private import http_util, httpguard, logrotate, metrics, shadow
+from flotilla._private import frontdoor, http_util, httpguard, logrotate, metrics, shadow
 from flotilla._private.client import Runtime
 from flotilla._private.metrics import STORE
 from flotilla._private.protocol import HttpFull
@@ -398,8 +398,10 @@ async def _amain(args: dict[str, Any], seat: Any = None) -> None:
     else:  # bound only now that the routes are known, so no connection waits on a proxy that cannot route
         sock = listener.bind_tcp(args.get("host", "127.0.0.1"), int(args["port"]), reuse_port=True)
     bounded, _ = httpguard.protocol_class(args, "proxy")  # connection, header size and time limits
+    tls = await frontdoor.proxy_tls(args, link if seat is None else None)
     config = uvicorn.Config(
-        proxy,
+        frontdoor.wrap(proxy, args, "proxy"),  # API keys, then the user's middlewares
+        **tls,
         loop="none",
         http=bounded,
         lifespan="off",

@@ -14,7 +14,7 @@ from typing import Any
 
 import cloudpickle
 
-from flotilla._private import context
+from flotilla._private import context, frontdoor
 from flotilla._private.args import check as check_kwargs
 from flotilla._private.client import Runtime
 from flotilla.serve.config import HTTPOptions, LoggingConfig, validate, warn_not_honoured
@@ -96,7 +96,7 @@ def start(
         del kwargs["detached"]
     check_kwargs("serve.start", kwargs, ("http_options", "proxy_location", "logging_config"), START_IGNORED)
     opts = _http_options(http_options, proxy_location)
-    options = opts.model_dump()
+    options = frontdoor.driver_options(opts.model_dump())  # API keys hashed, middlewares pickled
     lc = _logging_config(logging_config)
     if lc is not None:
         options["logging_config"] = lc

@@ -16,7 +16,14 @@ import warnings
 from enum import Enum
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from flotilla._private.autoscaling import AutoscalingConfig, auto_autoscaling_config
 from flotilla.serve.exceptions import ConfigError
@@ -487,6 +494,43 @@ class HTTPOptions(BaseModel):
         description="A request's line and headers must arrive within this long of the connection "
         "opening (or of the request's first byte on a kept-alive connection); then 408 and close.",
     )
+
+    ssl_certfile: str | None = Field(None, description="TLS: the server certificate (chain) file, PEM; serves https://.")
+    ssl_keyfile: str | None = Field(None, description="TLS: the private key file (else it is in ssl_certfile).")
+    ssl_keyfile_password: str | None = Field(None, description="TLS: the private key's password.", repr=False)
+    ssl_ca_certs: str | None = Field(
+        None, description="TLS: CA certificates; set, every client must present a certificate they signed.")
+    api_keys: list[str] | None = Field(
+        None, repr=False,
+        description="Every request needs 'Authorization: Bearer <one of these>' (else 401), but /-/healthz; "
+        "default: $FLOTILLA_API_KEYS, comma-separated.",
+    )
+    middlewares: list[Any] = Field(
+        default_factory=list,
+        description="starlette.middleware.Middleware objects wrapped around the proxy's ASGI app, "
+        "first = outermost (inside the API key check).",
+    )
+
+    @field_validator("ssl_certfile", "ssl_keyfile", "ssl_ca_certs")
+    @classmethod
+    def _tls_file(cls, v: str | None) -> str | None:
+        from flotilla._private.frontdoor import check_file
+
+        return check_file(v)
+
+    @field_validator("api_keys")
+    @classmethod
+    def _api_keys(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and any(not k or k != k.strip() or "," in k for k in v):
+            raise ValueError("API keys must be non-empty, without spaces at either end or commas")
+        return v
+
+    @field_validator("middlewares")
+    @classmethod
+    def _middlewares(cls, v: list[Any]) -> list[Any]:
+        from flotilla._private.frontdoor import check_middlewares
+
+        return check_middlewares(v)
 
     @field_validator("root_path")
     @classmethod
