@@ -35,6 +35,9 @@ service Greeter {
   rpc Count(Req) returns (stream Resp);
   rpc Fail(Req) returns (Resp);
   rpc Coded(Req) returns (Resp);
+  rpc Slow(Req) returns (Resp);
+  rpc Model(Req) returns (Resp);
+  rpc SyncCount(Req) returns (stream Resp);
 }
 """
 MODULE = "flotilla_greeter"
@@ -76,6 +79,23 @@ class Greeter:
             grpc_context.set_details(f"no such thing: {req.name}")
             return Resp()
         return Resp(text=f"metadata {dict(grpc_context.invocation_metadata()).get('x-custom', '')}")
+
+
+    async def Slow(self, req):
+        import asyncio
+
+        await asyncio.sleep(req.n)
+
+    def Model(self, req):
+        from flotilla_greeter_pb2 import Resp
+
+        return Resp(text=serve.get_multiplexed_model_id())
+
+    def SyncCount(self, req):
+        from flotilla_greeter_pb2 import Resp
+
+        for i in range(req.n):
+            yield Resp(text="sync", i=i)
 
 
 @pytest.fixture(scope="module")
@@ -173,3 +193,13 @@ def test_metrics(stub):
         return ok and err and "ray_serve_grpc_request_latency_ms_bucket" in text
 
     wait_for(counts, timeout=20, interval=0.2, what="gRPC metrics in /metrics")
+
+
+def test_deadline_multiplexed_model_and_sync_generator(stub):
+    serve.run(Greeter.bind(), name="more", route_prefix="/more")
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Slow(_req(n=30), timeout=0.5)
+    assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    r = stub.Model(_req(), metadata=[("multiplexed_model_id", "m-7")], timeout=30)
+    assert r.text == "m-7"
+    assert [x.i for x in stub.SyncCount(_req(n=4), timeout=30)] == [0, 1, 2, 3]
