@@ -22,7 +22,7 @@ def test_disabled_options_start_nothing() -> None:
     assert api._grpc_options(None) is None
     assert api._grpc_options({"port": 9000}) is None
     assert api._grpc_options({"port": 0, "grpc_servicer_functions": ["m.add_X_to_server"]}) is None
-    with pytest.raises(ConfigError, match="grpc_options.prot"):
+    with pytest.raises(ConfigError, match=r"grpc_options\.prot"):
         api._grpc_options({"prot": 1})
 
 
