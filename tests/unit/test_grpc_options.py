@@ -86,3 +86,23 @@ def test_context_records_what_the_method_sets() -> None:
 
     e = pickle.loads(pickle.dumps(gRPCStatusError("boom", "NOT_FOUND", "gone", [("a", "1")])))
     assert (e.code, e.details, e.trailing, str(e)) == ("NOT_FOUND", "gone", [("a", "1")], "gone")
+
+
+def test_status_mapping() -> None:
+    grpc = pytest.importorskip("grpc")
+    from flotilla._private import grpc_proxy as gp
+    from flotilla.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+    class P:
+        routes: list = []
+        request_timeout_s = None
+        node_label = "head"
+
+    ing = gp.GrpcIngress(P(), {})
+    assert ing._error(TimeoutError(), 2.0)[:2] == (grpc.StatusCode.DEADLINE_EXCEEDED, "Request timed out after 2.0s.")
+    bp = BackPressureError(num_queued_requests=3, max_queued_requests=2)
+    assert ing._error(bp, None)[0] is grpc.StatusCode.UNAVAILABLE
+    assert ing._error(DeploymentUnavailableError("gone"), None)[0] is grpc.StatusCode.UNAVAILABLE
+    assert ing._error(ValueError("bad input"), None)[:2] == (grpc.StatusCode.INTERNAL, "bad input")
+    assert ing._error(gRPCStatusError("boom", "PERMISSION_DENIED", "nope"), None)[:2] == (grpc.StatusCode.PERMISSION_DENIED, "nope")
+    assert ing._target({}) == ing._target({"application": ""}) and "metadata not set" in str(ing._target({}))
