@@ -130,8 +130,8 @@ def test_unknown_keyword_arguments_raise_type_error_naming_them(url: str) -> Non
 def test_documented_ray_arguments_are_accepted_with_a_warning(url: str) -> None:
     with pytest.warns(UserWarning, match="dashboard_port"):  # ignored on both backends
         flotilla.init(dashboard_port=8265, ignore_reinit_error=True)
-    with pytest.warns(UserWarning, match="grpc_options"):
-        serve.start(grpc_options={}, http_options={"port": httpx.URL(url).port, **HTTP})
+    with pytest.warns(UserWarning, match="dedicated_cpu"):
+        serve.start(dedicated_cpu=True, http_options={"port": httpx.URL(url).port, **HTTP})
 
 
 # ---- start-up bounds ------------------------------------------------------------------------

@@ -868,7 +868,7 @@ def _instance_details(head: Head) -> dict[str, Any]:
                             "log_file_path": os.path.join(head.session_dir, "logs", "head.log")},
         "proxy_location": opts.get("location", "EveryNode"),
         "http_options": {k: opts[k] for k in ("host", "port", "root_path", "request_timeout_s") if k in opts},
-        "grpc_options": {},
+        "grpc_options": {k: v for k, v in (opts.get("grpc_options") or {}).items() if k != "sys_path"},
         "proxies": {node: {"node_id": node, "status": st.value} for node, st in status.proxies.items()},
         "deploy_mode": "MULTI_APP",
         "applications": apps,

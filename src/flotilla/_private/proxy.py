@@ -393,6 +393,11 @@ async def _amain(args: dict[str, Any], seat: Any = None) -> None:
     proxy.rt = rt
     await rt.subscribe(("routes",), proxy.set_routes)
     await rt.subscribe(("shadows",), proxy.set_shadows)
+    grpc_server = None
+    if args.get("grpc_options"):  # serve.start(grpc_options=...): a grpc.aio server on this loop
+        from flotilla._private import grpc_proxy
+
+        grpc_server = await grpc_proxy.start(proxy, args)
     if seat is None:  # the listening socket belongs to the head (and the keeper): it outlives this process
         sock = await loop.run_in_executor(None, listener.receive, args["fd_sock"])
     else:  # bound only now that the routes are known, so no connection waits on a proxy that cannot route
@@ -422,6 +427,8 @@ async def _amain(args: dict[str, Any], seat: Any = None) -> None:
         await seat.serving(link, server, url)
     state["ready"] = True
     await serve_task
+    if grpc_server is not None:
+        await grpc_server.stop(5.0)
     pusher.stop()
     link.close()
 

@@ -590,6 +590,12 @@ class Replica:
         self.access.add((meta or {}).get("request_id", "-"), route, status, ms)
 
     def _resolve(self, method: str) -> tuple[Any, int]:
+        if method.startswith("grpc"):  # the gRPC ingress: `grpc:<Method>` / `grpcs:<Method>`
+            from flotilla._private import grpc_replica
+
+            if grpc_replica.is_grpc(method):
+                entry = self.methods[method] = grpc_replica.bind(self, method, _ASYNC, _ON_LOOP)
+                return entry
         if self.is_function:
             if method != "__call__":
                 raise AttributeError(f"function deployments only have __call__, not {method!r}")

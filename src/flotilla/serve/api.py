@@ -17,7 +17,13 @@ import cloudpickle
 from flotilla._private import context, frontdoor
 from flotilla._private.args import check as check_kwargs
 from flotilla._private.client import Runtime
-from flotilla.serve.config import HTTPOptions, LoggingConfig, validate, warn_not_honoured
+from flotilla.serve.config import (
+    HTTPOptions,
+    LoggingConfig,
+    gRPCOptions,
+    validate,
+    warn_not_honoured,
+)
 from flotilla.serve.deployments import Application, Deployment
 from flotilla.serve.exceptions import ConfigError, RayServeException
 from flotilla.serve.handle import DeploymentHandle, SplitHandle
@@ -57,7 +63,6 @@ def _check_route_prefix(route_prefix: str | None) -> None:
 
 #: Ray's `serve.start` arguments accepted and ignored (with a one-time warning), and why.
 START_IGNORED = {
-    "grpc_options": "gRPC ingress is not supported",
     "detached": "a cluster started by a driver lives as long as it; `flotilla start` starts one that outlives every driver",
     "dedicated_cpu": "the proxy reserves no CPU",
 }
@@ -76,6 +81,7 @@ def start(
     http_options: dict[str, Any] | HTTPOptions | None = None,
     proxy_location: Any = None,
     logging_config: dict[str, Any] | LoggingConfig | None = None,
+    grpc_options: dict[str, Any] | gRPCOptions | None = None,
     **kwargs: Any,
 ) -> ServeControllerClient:
     """Start the HTTP proxy (default 127.0.0.1:8000). Implicit in `serve.run`.
@@ -87,16 +93,22 @@ def start(
     on every Ray node on the Ray backend, all on the same port; "HeadOnly" one, on the head's
     machine (on the local backend both mean that); "Disabled" none (handles only).
     `logging_config` applies to the proxy's log (level, encoding, access log, folder).
+    `grpc_options` (a dict or `gRPCOptions`): a gRPC server in the proxy, on the HTTP host
+    (needs `flotilla[grpc]`); off when its port is 0 or it has no servicer functions.
 
     Raises:
-        TypeError: an unknown keyword argument (Ray's `grpc_options`, `detached` and
-            `dedicated_cpu` are accepted with a warning).
+        TypeError: an unknown keyword argument (Ray's `detached` and `dedicated_cpu` are
+            accepted with a warning).
+        ImportError: `grpc_options` without grpcio installed.
     """
     if kwargs.get("detached") is False:  # Ray 1.x's default, and what happens here anyway
         del kwargs["detached"]
-    check_kwargs("serve.start", kwargs, ("http_options", "proxy_location", "logging_config"), START_IGNORED)
+    check_kwargs("serve.start", kwargs, ("http_options", "proxy_location", "logging_config", "grpc_options"), START_IGNORED)
     opts = _http_options(http_options, proxy_location)
     options = frontdoor.driver_options(opts.model_dump())  # API keys hashed, middlewares pickled
+    grpc = _grpc_options(grpc_options)
+    if grpc is not None:
+        options["grpc_options"] = grpc
     lc = _logging_config(logging_config)
     if lc is not None:
         options["logging_config"] = lc
@@ -113,6 +125,26 @@ def start(
     elif opts.proxy_disabled:
         logger.info("HTTP proxy disabled (location=%s): applications answer handles only", opts.location)
     return ServeControllerClient()
+
+
+def _grpc_options(value: dict[str, Any] | gRPCOptions | None) -> dict[str, Any] | None:
+    """Validated gRPC options as a plain dict, or None when gRPC stays off."""
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        value = validate(gRPCOptions, value, "grpc_options", field_prefix="grpc_options.")
+    if not isinstance(value, gRPCOptions):
+        raise ConfigError(f"grpc_options must be a dict or a gRPCOptions, got {type(value).__name__}")
+    if not value.enabled:
+        return None
+    try:
+        import grpc  # noqa: F401
+    except ImportError:
+        raise ImportError(
+            "serve.start(grpc_options=...) needs grpcio: pip install 'flotilla[grpc]'"
+        ) from None
+    # The proxy imports the servicer functions: it gets the driver's sys.path (as replicas do).
+    return {**value.model_dump(), "sys_path": [os.path.abspath(p) if p else os.getcwd() for p in sys.path]}
 
 
 def _http_options(http_options: dict[str, Any] | HTTPOptions | None, proxy_location: Any = None) -> HTTPOptions:

@@ -544,6 +544,27 @@ class HTTPOptions(BaseModel):
         return self.location in ("Disabled", "NoServer")
 
 
+class gRPCOptions(BaseModel):
+    """Options of the gRPC ingress (`serve.start(grpc_options=...)`), Ray Serve's fields.
+
+    The server runs in the proxy, on `http_options.host`; it is off when `port` is 0 or
+    `grpc_servicer_functions` is empty (as in Ray)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    port: int = Field(9000, ge=0, le=65535)
+    grpc_servicer_functions: list[str] = Field(
+        default_factory=list,
+        description="Import paths of generated `add_XServicer_to_server` functions, e.g. "
+        "'pkg.module_pb2_grpc.add_XServicer_to_server'.",
+    )
+    request_timeout_s: float | None = Field(None, gt=0)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.port and self.grpc_servicer_functions)
+
+
 def validate(model: type[BaseModel], data: dict[str, Any], what: str, field_prefix: str = "") -> Any:
     """Build `model` from `data`, turning pydantic's errors into one readable ConfigError
     (each field named as `field_prefix` + its path)."""
