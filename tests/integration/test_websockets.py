@@ -15,6 +15,7 @@ from fastapi import FastAPI, WebSocket, WebSocketDisconnect
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
+import flotilla
 from flotilla import serve
 from tests.conftest import local_only, running_cluster, wait_for
 
@@ -170,6 +171,14 @@ def test_server_close_code(url):
         with pytest.raises(ConnectionClosed) as e:
             ws.recv(timeout=10)
     assert e.value.rcvd is not None and e.value.rcvd.code == 4001 and e.value.rcvd.reason == "bye"
+
+    def counted() -> bool:  # the proxy counts the socket when it ends, pushed within ~1 s
+        text = httpx.get(flotilla.metrics_url(), timeout=10).text
+        return any(line.startswith("ray_serve_num_http_requests") and 'method="WEBSOCKET"' in line
+                   and 'status_code="4001"' in line and 'application="chat"' in line
+                   for line in text.splitlines())
+
+    wait_for(counted, timeout=15, what="WEBSOCKET counted with its close code")
 
 
 def _stable(read, settle_s: float = 0.5, timeout: float = 30.0) -> int:
