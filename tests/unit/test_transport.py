@@ -38,6 +38,10 @@ from flotilla._private.protocol import (
     Request,
     Stream,
     UnknownMessageError,
+    WsCredit,
+    WsIn,
+    WsOpen,
+    WsOut,
     Yield,
     decode,
     encode,
@@ -99,6 +103,10 @@ EXAMPLES: list[tuple[Any, ...]] = [
     Request("op", (1, {"a": 2})),
     Reply([1, 2, 3]),
     Failure(ValueError("remote")),
+    WsOpen({"type": "websocket", "path": "/ws", "subprotocols": ["chat"]}, {"route": "/"}),
+    WsIn({"type": "websocket.receive", "bytes": b"\x00\xff"}),
+    WsOut({"type": "websocket.close", "code": 4001, "reason": "bye"}),
+    WsCredit(16),
 ]
 
 

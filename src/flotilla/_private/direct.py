@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING, Any
 
 from flotilla._private import frontdoor, http_util, httpguard, listener
 from flotilla._private.metrics import RequestIds
-from flotilla._private.protocol import Http, HttpFull, HttpStart
-from flotilla._private.router import Channel
+from flotilla._private.protocol import Http, HttpFull, HttpStart, WsCredit, WsOpen, WsOut
+from flotilla._private.router import Channel, WsLink
 
 if TYPE_CHECKING:
     from flotilla._private.replica import Replica
@@ -49,6 +49,21 @@ class _Sink:
 
     async def drained(self) -> None:
         return None
+
+
+class _WsSink(_Sink):
+    """A websocket's reply messages, in-process: WsCredit goes to the client-side window."""
+
+    __slots__ = ()
+
+    def send(self, tag: int, msg: tuple[Any, ...]) -> None:
+        if msg.__class__ is WsCredit:
+            if self.ch.on_credit is not None:
+                self.ch.on_credit(msg.n)
+            return
+        self.ch.push(msg)
+        if msg.__class__ is not WsOut:
+            self.ch.finish()
 
 
 class DirectIngress:
@@ -106,6 +121,8 @@ class DirectIngress:
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
+            if scope["type"] == "websocket":
+                await self._websocket(scope, receive, send)
             return
         path, root = http_util.mount(self.opts.get("root_path") or "", scope["path"])
         if path == "/-/healthz":
@@ -162,3 +179,46 @@ class DirectIngress:
                     task.cancel()
             return
         await http_util.reply(send, *http_util.plain(500, "Internal Server Error"), rid_header)
+
+    async def _websocket(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        """A WebSocket accepted here: run it on this replica, as one request (`ws.serve`)."""
+        from flotilla._private import ws
+
+        path, root = http_util.mount(self.opts.get("root_path") or "", scope["path"])
+        if not http_util.prefix_matches(self.prefix, path):
+            await ws.deny(send, scope, 404, f"Path '{scope['path']}' not found.")
+            return
+        request_id = None
+        for k, v in scope["headers"]:
+            if k == b"x-request-id":
+                request_id = v
+        meta = {"request_id": (request_id or self.ids.next()).decode("latin-1"), "route": self.prefix}
+        rep = self.replica
+        self._n += 1
+        tag = self._n
+        key = (id(self), tag)
+        loop = asyncio.get_running_loop()
+
+        def grant(n: int) -> None:
+            w = rep.windows.get(key)
+            if w is not None:
+                w.give(n)
+
+        def cancel() -> None:
+            if not task.done():
+                task.cancel()
+            ch.finish()
+
+        ch = Channel(grant, cancel)
+        sink = _WsSink(ch)
+        link = WsLink(ch, lambda m: rep.ws_feed(key, m), sink)
+        ch.on_credit = link.give
+        msg = WsOpen(ws.forward_scope(scope, self.prefix, root), meta)
+        task = loop.create_task(rep._handle(sink, tag, msg, key))
+        rep.tasks[key] = (task, sink, tag)
+        try:
+            link.first = await ch.get()
+            await ws.relay(send, receive, link)
+        finally:
+            if not task.done():
+                task.cancel()

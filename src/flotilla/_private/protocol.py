@@ -17,6 +17,15 @@ Data plane, replica -> router:
   Abort                    a stream broke after it started (the HTTP response must be aborted)
   Rejected                 the replica is draining and did not start the request: retry it
   Drain (tag 0)            the replica is draining: send it nothing new, answer DrainAck
+WebSockets (one socket = one request id, holding one slot on its replica until it ends):
+  WsOpen                   router -> replica: start the app on a forwarded websocket scope
+  WsIn                     router -> replica: a client ASGI message (`websocket.receive`,
+                           at most STREAM_WINDOW ahead of WsCredit; `websocket.disconnect`)
+  WsCredit                 replica -> router: the app consumed n `websocket.receive` messages
+  WsOut                    replica -> router: an ASGI message the app sent (accept, send,
+                           close, http.response.*), within the router's Credit window
+  End / Err / Rejected     replica -> router: the app returned / failed / never started
+  Cancel                   router -> replica: the client is gone and the app did not end
 Control plane (`transport.RpcPeer`, tag = call id, 0 for a notification; an answer's tag
 is the call id with bit 31 set):
   Request, Reply, Failure
@@ -115,6 +124,23 @@ class Drain(NamedTuple):
     pass
 
 
+class WsOpen(NamedTuple):
+    scope: dict[str, Any]
+    meta: dict[str, Any] | None
+
+
+class WsIn(NamedTuple):
+    message: dict[str, Any]
+
+
+class WsOut(NamedTuple):
+    message: dict[str, Any]
+
+
+class WsCredit(NamedTuple):
+    n: int
+
+
 class Request(NamedTuple):
     op: str
     args: tuple[Any, ...]
@@ -132,6 +158,7 @@ MESSAGES: tuple[type[tuple[Any, ...]], ...] = (
     Call, Stream, Http, Cancel, Credit, DrainAck,
     Ok, Err, HttpFull, HttpStart, Chunk, Yield, End, Abort, Rejected, Drain,
     Request, Reply, Failure,
+    WsOpen, WsIn, WsOut, WsCredit,  # appended: the codes above keep their values
 )
 _CODES: dict[type, int] = {cls: i for i, cls in enumerate(MESSAGES)}
 _new = tuple.__new__

@@ -175,7 +175,7 @@ class Proxy:
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             if scope["type"] == "websocket":
-                await send({"type": "websocket.close", "code": 1000})
+                await self._websocket(scope, receive, send)
             return
         self.requests += 1
         path, root = http_util.mount(self.root_path, scope["path"])
@@ -231,6 +231,58 @@ class Proxy:
             if status >= 400:
                 STORE.inc("ray_serve_num_http_error_requests", (prefix, str(status), method, app))
             self.access.add(request_id.decode("latin-1"), f"{method} {scope['path']}", status, ms)
+
+    async def _websocket(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        """Route a WebSocket like an HTTP request and carry it to one replica (`ws.relay`)."""
+        from flotilla._private import ws
+
+        self.requests += 1
+        t0 = time.perf_counter()
+        path, root = http_util.mount(self.root_path, scope["path"])
+        request_id = None
+        for k, v in scope["headers"]:
+            if k == b"x-request-id":
+                request_id = v
+        rid = (request_id or self.ids.next()).decode("latin-1")
+        m: Any = self.match(path)
+        route = m[0] if m is not None else ""
+        app = ""
+        self.ongoing += 1
+        status = 500
+        try:
+            if m is None:
+                status = await ws.deny(send, scope, 404, self._not_found(scope["path"]))
+                return
+            fscope = scope
+            if m[1].__class__ is SplitRoute:
+                picked = m[1].pick(scope, path, root)
+                if picked is None:
+                    status = await ws.deny(send, scope, 503, f"Traffic split '{m[1].name}' has no application.")
+                    return
+                fscope, fprefix, dep = picked
+                m = (fprefix, dep)
+            app = m[1].app_name
+            meta = {"request_id": rid, "route": route}
+            assert self.rt is not None
+            try:
+                link = await self.rt.router(m[1]).websocket(ws.forward_scope(fscope, m[0], root), meta)
+            except (BackPressureError, DeploymentUnavailableError) as e:
+                status = await ws.deny(send, scope, 503, str(e))
+                return
+            except Exception as e:
+                status = await ws.deny(send, scope, 500, str(e) or "Internal Server Error")
+                return
+            status = await ws.relay(send, receive, link)
+        finally:
+            self.ongoing -= 1
+            if self.metrics:
+                ms = (time.perf_counter() - t0) * 1000.0
+                key = (route, "WEBSOCKET", app, str(status))
+                STORE.inc("ray_serve_num_http_requests", key)
+                STORE.observe("ray_serve_http_request_latency_ms", key, ms)
+                if status == 1011 or 400 <= status < 1000:
+                    STORE.inc("ray_serve_num_http_error_requests", (route, str(status), "WEBSOCKET", app))
+                self.access.add(rid, f"WEBSOCKET {scope['path']}", status, ms)
 
     async def _no_variant(self, scope: dict[str, Any], send: Any, split: SplitRoute, request_id: bytes) -> None:
         text = (f"Traffic split '{split.name}' at {split.prefix} has no application to send to: "

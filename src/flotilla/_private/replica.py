@@ -52,6 +52,8 @@ from flotilla._private.protocol import (
     Ok,
     Rejected,
     Stream,
+    WsIn,
+    WsOpen,
     Yield,
 )
 from flotilla._private.transport import FrameProtocol, RemoteCallError, RpcPeer
@@ -132,6 +134,7 @@ class Replica:
         # request key (id of connection, request id) -> (task, connection, request id)
         self.tasks: dict[tuple[int, int], tuple[asyncio.Task[None], Any, int]] = {}
         self.windows: dict[tuple[int, int], _Window] = {}
+        self.inboxes: dict[tuple[int, int], Any] = {}  # open websockets' ws.Inbox
         self.methods: dict[str, tuple[Any, int]] = {}
         self.pool: ThreadPoolExecutor | None = None
         self.pool_size = 0
@@ -485,11 +488,19 @@ class Replica:
         elif cls is DrainAck:
             self.acked.add(proto)
             self.idle.set()
+        elif cls is WsIn:
+            self.ws_feed((id(proto), tag), msg.message)
         elif self.draining:
             proto.send(tag, _REJECTED)
         else:
             key = (id(proto), tag)
             self.tasks[key] = (self.loop.create_task(self._handle(proto, tag, msg, key)), proto, tag)
+
+    def ws_feed(self, key: tuple[int, int], message: dict[str, Any]) -> None:
+        """A client message for an open websocket (dropped once it has ended)."""
+        inbox = self.inboxes.get(key)
+        if inbox is not None:
+            inbox.push(message)
 
     async def _acquire(self) -> None:
         if self.ongoing < self.max_ongoing and not self.waiters:
@@ -543,6 +554,11 @@ class Replica:
             if cls is Http:
                 status = await self._handle_http(proto, tag, key, msg.scope, msg.body)
                 return
+            if cls is WsOpen:
+                from flotilla._private import ws
+
+                status = await ws.serve(self, proto, tag, key, msg.scope)
+                return
             method = msg.method
             fn, mode = self.methods.get(method) or self._resolve(method)
             if mode == _ASYNC:
@@ -581,7 +597,8 @@ class Replica:
 
     def _record(self, msg: Any, meta: Any, status: Any, t0: float) -> None:
         ms = (time.perf_counter() - t0) * 1000.0
-        route = (meta or {}).get("route", "") if msg.__class__ is Http else msg.method
+        cls = msg.__class__
+        route = (meta or {}).get("route", "") if cls is Http or cls is WsOpen else msg.method
         labels = (self.dep_name, self.replica_id, route, self.app_name)
         STORE.inc("ray_serve_deployment_request_counter", labels)
         STORE.observe("ray_serve_deployment_processing_latency_ms", labels, ms)

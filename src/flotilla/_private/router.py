@@ -40,6 +40,9 @@ from flotilla._private.protocol import (
     Ok,
     Rejected,
     Stream,
+    WsCredit,
+    WsIn,
+    WsOpen,
     Yield,
 )
 from flotilla._private.transport import FrameProtocol, connect_addr
@@ -67,7 +70,7 @@ class Channel:
     consumer slows the producer instead of filling this process's memory.
     """
 
-    __slots__ = ("_grant", "_items", "_on_end", "_taken", "_waiter", "cancel", "ended", "start")
+    __slots__ = ("_grant", "_items", "_on_end", "_taken", "_waiter", "cancel", "ended", "on_credit", "start")
 
     def __init__(self, grant: Callable[[int], None] | None = None, cancel: Callable[[], None] | None = None) -> None:
         self._items: deque[Any] = deque()
@@ -78,6 +81,7 @@ class Channel:
         self.start: HttpStart | None = None
         self.ended = False  # its last message arrived, or it was cancelled
         self._on_end: Callable[[], None] | None = None
+        self.on_credit: Callable[[int], None] | None = None  # a WebSocket's WsCredit
 
     def on_end(self, cb: Callable[[], None]) -> None:
         """Call `cb` once when the stream ends (at once if it already has)."""
@@ -161,6 +165,10 @@ class ReplicaConn:
                 self._drain()
             return  # the reply to a request its caller cancelled
         if h.__class__ is Channel:
+            if msg.__class__ is WsCredit:
+                if h.on_credit is not None:
+                    h.on_credit(msg.n)
+                return
             h.push(msg)
             if type(msg) in _ENDS:
                 del self.pending[tag]
@@ -587,6 +595,76 @@ class Router:
                 front = True
                 continue
             raise _stream_error(reply)
+
+
+    async def websocket(self, scope: dict[str, Any], meta: Any) -> WsLink:
+        """Open a WebSocket on one replica: the link holds its first reply message (`first`)
+        and the replica's slot until the socket ends (End, Err, Failed, or a cancel)."""
+        model = meta.get("multiplexed_model_id", "") if meta else ""
+        msg = WsOpen(scope, meta)
+        front = False
+        while True:
+            r = await self.acquire(model, front)
+            if not r.ready or r.draining:
+                self.release(r)
+                front = True
+                continue
+            tag = r.next_id()
+            ch = r.stream_channel(tag)
+            proto = r.proto
+            link = WsLink(ch, functools.partial(_send_in, proto, tag), proto)
+            ch.on_credit = link.give
+            proto.send(tag, msg)
+            r.pending[tag] = ch
+            try:
+                first = await ch.get()
+            except asyncio.CancelledError:
+                ch.cancel()
+                self.release(r)
+                raise
+            if first.__class__ is Rejected:
+                self.release(r)
+                front = True
+                continue
+            ch.on_end(functools.partial(self.release, r))
+            link.first = first
+            return link
+
+
+def _send_in(proto: FrameProtocol, tag: int, message: dict[str, Any]) -> None:
+    proto.send(tag, WsIn(message))
+
+
+class WsLink:
+    """The client side of one WebSocket carried to a replica: `ch` holds the replica's
+    messages (credited back as taken); `send_in` forwards a client message, at most
+    `STREAM_WINDOW` `websocket.receive` messages ahead of the replica's WsCredit."""
+
+    __slots__ = ("_send", "_waiter", "avail", "ch", "first", "proto")
+
+    def __init__(self, ch: Channel, send: Callable[[dict[str, Any]], None], proto: Any) -> None:
+        self.ch = ch
+        self._send = send
+        self.proto = proto
+        self.avail = STREAM_WINDOW
+        self._waiter: asyncio.Future[None] | None = None
+        self.first: Any = None
+
+    def give(self, n: int) -> None:
+        self.avail += n
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    async def send_in(self, message: dict[str, Any]) -> None:
+        if message["type"] == "websocket.receive":
+            while self.avail <= 0:
+                self._waiter = asyncio.get_running_loop().create_future()
+                await self._waiter
+            self.avail -= 1
+        self._send(message)
+        if self.proto.paused:
+            await self.proto.drained()
 
 
 def _stream_error(msg: Any) -> BaseException:

@@ -112,7 +112,7 @@ def _bound_endpoint(fn: Any, obj: Any) -> Any:
 def bind_routes(app: Any, cls: type, obj: Any) -> None:
     """Rebuild the app's method routes so their endpoints are bound to `obj`."""
     try:
-        from fastapi.routing import APIRoute
+        from fastapi.routing import APIRoute, APIWebSocketRoute
     except ImportError:  # plain Starlette/ASGI app: nothing to bind
         return
     router = getattr(app, "router", None)
@@ -120,7 +120,12 @@ def bind_routes(app: Any, cls: type, obj: Any) -> None:
         return
     methods = _class_functions(cls)
     init_params = [p for p in inspect.signature(APIRoute.__init__).parameters if p not in ("self", "path", "endpoint")]
+    ws_params = [p for p in inspect.signature(APIWebSocketRoute.__init__).parameters if p not in ("self", "path", "endpoint")]
     for i, route in enumerate(list(router.routes)):
+        if isinstance(route, APIWebSocketRoute) and id(route.endpoint) in methods:  # @app.websocket
+            kwargs = {name: getattr(route, name) for name in ws_params if hasattr(route, name)}
+            router.routes[i] = APIWebSocketRoute(route.path, _bound_endpoint(route.endpoint, obj), **kwargs)
+            continue
         if not isinstance(route, APIRoute) or id(route.endpoint) not in methods:
             continue
         kwargs = {name: getattr(route, name) for name in init_params if hasattr(route, name)}
