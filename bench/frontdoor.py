@@ -61,7 +61,8 @@ def certs(d: Path) -> dict[str, str]:
 
 class Server:
     def __init__(self, system: str, cfg: dict[str, Any], log: Path) -> None:
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        # Ray's proxy actor imports the servicer module in its own worker: on the path of all
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), cfg.get("grpc_dir")]))}
         env.pop("FLOTILLA_ADDRESS", None)
         self.log = open(log, "ab")  # noqa: SIM115
         self.p = subprocess.Popen([PYTHONS[system], str(BENCH / "apps" / "frontdoor_app.py"), system, json.dumps(cfg)],

@@ -4,13 +4,12 @@
 
 SYSTEM is "flotilla" or "ray" (the same code, `serve` imported from one or the other).
 CONFIG_JSON: {"port", "grpc_port", "tls": {"certfile", "keyfile"} | null, "grpc_dir"}. It
-deploys a no-op at /noop, a FastAPI WebSocket echo at /ws, and (with a grpc_port) a gRPC echo
+deploys a no-op at /noop, a FastAPI WebSocket echo at /ws (its app at prefix /), and (with a grpc_port) a gRPC echo
 service (bench_pb2 from grpc_dir), prints {"event": "ready"} and serves until stdin closes.
 """
 
-from __future__ import annotations
 
-import json
+import json  # (no `from __future__ import annotations`: FastAPI reads the WebSocket annotation)
 import sys
 
 from fastapi import FastAPI, WebSocket, WebSocketDisconnect
@@ -37,7 +36,7 @@ def main() -> None:
     @serve.deployment(max_ongoing_requests=100, ray_actor_options={"num_cpus": 0})
     @serve.ingress(api)
     class Echo:
-        @api.websocket("/")
+        @api.websocket("/ws")
         async def ws(self, websocket: WebSocket) -> None:
             await websocket.accept()
             try:
@@ -62,9 +61,9 @@ def main() -> None:
         grpc = {"port": cfg["grpc_port"], "grpc_servicer_functions": ["bench_pb2_grpc.add_BenchServicer_to_server"]}
     serve.start(http_options=http, **({"grpc_options": grpc} if grpc else {}))
     serve.run(Noop.bind(), name="noop", route_prefix="/noop")
-    serve.run(Echo.bind(), name="ws", route_prefix="/ws")
+    serve.run(Echo.bind(), name="ws", route_prefix="/")  # its route /ws: the same path on both systems
     if grpc:
-        serve.run(Grpc.bind(), name="grpc", route_prefix=None)
+        serve.run(Grpc.bind(), name="grpc", route_prefix="/grpc")
     print(json.dumps({"event": "ready"}), flush=True)
     sys.stdin.read()
     serve.shutdown()
