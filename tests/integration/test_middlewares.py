@@ -80,3 +80,37 @@ def test_cors_preflight(url: str) -> None:
 def test_non_middleware_entries_fail_start(url: str) -> None:
     with pytest.raises(ConfigError, match=r"not a starlette\.middleware\.Middleware"):
         serve.start(http_options={"port": free_port(), "middlewares": [AddHeader]})
+
+
+def test_cors_preflight_with_api_keys_reaches_the_cors_middleware_only() -> None:
+    """Browsers send CORS preflights without credentials: CORSMiddleware answers them, and
+    nothing else gets past the keys without one."""
+    cors = Middleware(CORSMiddleware, allow_origins=["https://example.com"], allow_methods=["GET"],
+                      allow_headers=["authorization"])
+    with running_cluster({"middlewares": [cors], "api_keys": ["k-123"]}, num_cpus=2) as url:
+        serve.run(hello.bind(), name="hello", route_prefix="/h")
+        pre = {"Origin": "https://example.com", "Access-Control-Request-Method": "GET",
+               "Access-Control-Request-Headers": "authorization"}
+        r = httpx.options(url + "/h", headers=pre, timeout=10)
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "https://example.com"
+        # a preflight-looking request from an origin CORS refuses never reaches the app
+        r = httpx.options(url + "/h", headers={**pre, "Origin": "https://evil.example"}, timeout=10)
+        assert r.status_code == 400 and "hi" not in r.text
+        assert httpx.get(url + "/h", headers={"Origin": "https://example.com"}, timeout=10).status_code == 401
+        ok = httpx.get(url + "/h", headers={"Origin": "https://example.com", "Authorization": "Bearer k-123"},
+                       timeout=10)
+        assert ok.status_code == 200 and ok.text == "hi"
+        assert ok.headers["access-control-allow-origin"] == "https://example.com"
+    # keys without middlewares: a preflight is refused like any other keyless request
+    with running_cluster({"api_keys": ["k-123"]}, num_cpus=2) as url:
+        serve.run(hello.bind(), name="hello", route_prefix="/h")
+        assert httpx.options(url + "/h", headers=pre, timeout=10).status_code == 401
+
+
+def test_a_preflight_no_middleware_answers_meets_the_inner_key_check() -> None:
+    with running_cluster({"middlewares": [Middleware(AddHeader, name="only")], "api_keys": ["k-123"]},
+                         num_cpus=2) as url:
+        serve.run(hello.bind(), name="hello", route_prefix="/h")
+        pre = {"Origin": "https://example.com", "Access-Control-Request-Method": "GET"}
+        r = httpx.options(url + "/h", headers=pre, timeout=10)
+        assert r.status_code == 401 and r.headers["www-authenticate"].startswith("Bearer")

@@ -173,8 +173,16 @@ def uvicorn_ssl(options: dict[str, Any]) -> dict[str, Any]:
 
 
 def wrap(app: Any, options: dict[str, Any], component: str) -> Any:
-    """`app` behind the user's middlewares (first = outermost) and, outermost, the API keys."""
+    """`app` behind the user's middlewares (first = outermost) and, outermost, the API keys.
+
+    With both, a CORS preflight (which browsers send without credentials) passes the outer
+    key check so that a CORS middleware can answer it; a second check in front of `app` turns
+    away whatever the middlewares let through without a key."""
     blob = options.get(MIDDLEWARES)
+    digests = options.get(DIGESTS)
+    root_path = options.get("root_path") or ""
+    if blob and digests:
+        app = KeyGuard(app, digests, root_path, component)
     if blob:
         import cloudpickle
 
@@ -183,17 +191,26 @@ def wrap(app: Any, options: dict[str, Any], component: str) -> Any:
                 sys.path.append(p)
         for m in reversed(cloudpickle.loads(base64.b64decode(blob))):
             app = m.cls(app, *m.args, **m.kwargs)
-    if options.get(DIGESTS):
-        app = KeyGuard(app, options[DIGESTS], options.get("root_path") or "", component)
+    if digests:
+        app = KeyGuard(app, digests, root_path, component, preflight=bool(blob))
     return app
+
+
+def _is_preflight(scope: dict[str, Any]) -> bool:
+    if scope["method"] != "OPTIONS":
+        return False
+    names = {k for k, _ in scope["headers"]}
+    return b"origin" in names and b"access-control-request-method" in names
 
 
 class KeyGuard:
     """ASGI: `Authorization: Bearer <key>` required on every HTTP and WebSocket request but
     `/-/healthz`; checked against every key's digest in constant time."""
 
-    def __init__(self, app: Any, digests: list[str], root_path: str, component: str) -> None:
+    def __init__(self, app: Any, digests: list[str], root_path: str, component: str,
+                 preflight: bool = False) -> None:
         self.app = app
+        self.preflight = preflight  # let CORS preflights through (to the user's middlewares)
         self.digests = [bytes.fromhex(d) for d in digests]
         self.root_path = root_path
         self.component = component
@@ -223,7 +240,9 @@ class KeyGuard:
             await self.app(scope, receive, send)
             return
         why = self.reason(scope["headers"])
-        if why is None or (kind == "http" and http_util.mount(self.root_path, scope["path"])[0] == "/-/healthz"):
+        if why is None or (kind == "http" and (
+                http_util.mount(self.root_path, scope["path"])[0] == "/-/healthz"
+                or (self.preflight and _is_preflight(scope)))):
             await self.app(scope, receive, send)
             return
         self.count(why)
