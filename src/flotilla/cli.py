@@ -155,9 +155,12 @@ def _pick_port(host: str, port: int | None, default: int, flag: str, notes: list
 @click.option("--dashboard-host", default="127.0.0.1", show_default=True, help="Interface of the REST API.")
 @click.option("--dashboard-port", type=int, default=None, help="REST API port (default 8265, or a free port if taken).")
 @click.option("--metrics-port", type=int, default=0, help="Prometheus endpoint port (default: a free port).")
+@click.option("--grpc-port", type=int, default=None, help="gRPC ingress port (default 9000, with servicer functions).")
+@click.option("--grpc-servicer-functions", multiple=True,
+              help="Servicer adders for the gRPC ingress, e.g. pkg.mod_pb2_grpc.add_XServicer_to_server (repeatable).")
 def start(http_host: str, http_port: int | None, proxy_location: str, namespace: str | None, num_cpus: float | None,
           num_gpus: float | None, resources: str | None, dashboard_host: str, dashboard_port: int | None,
-          metrics_port: int) -> None:
+          metrics_port: int, grpc_port: int | None, grpc_servicer_functions: tuple[str, ...]) -> None:
     """Start a cluster in the background that outlives this shell.
 
     Drivers attach with flotilla.init(address="auto"); `flotilla deploy` applies config files;
@@ -197,10 +200,19 @@ def start(http_host: str, http_port: int | None, proxy_location: str, namespace:
     token = None
     if dashboard_host not in ("127.0.0.1", "localhost", "::1"):
         token = os.environ.get(cluster.TOKEN_ENV) or secrets.token_urlsafe(24)
-    from flotilla.serve.config import HTTPOptions, validate
+    from flotilla._private import frontdoor
+    from flotilla.serve.config import HTTPOptions, gRPCOptions, validate
 
-    http = validate(HTTPOptions, {"host": http_host, "port": http_port or 8000, "location": proxy_location},
-                    "http_options").model_dump()
+    http = frontdoor.driver_options(validate(
+        HTTPOptions, {"host": http_host, "port": http_port or 8000, "location": proxy_location},
+        "http_options").model_dump())  # API keys from FLOTILLA_API_KEYS, as serve.start
+    if grpc_servicer_functions:
+        grpc = validate(gRPCOptions, {"grpc_servicer_functions": list(grpc_servicer_functions),
+                                      **({"port": grpc_port} if grpc_port is not None else {})}, "grpc_options")
+        if grpc.enabled:
+            if grpc.port and not _port_free(http_host, grpc.port):
+                raise click.ClickException(f"port {grpc.port} on {http_host} is in use; pass another --grpc-port")
+            http["grpc_options"] = {**grpc.model_dump(), "sys_path": [os.getcwd(), *sys.path]}
     session_dir = session.create()
     cfg = {
         "session_dir": session_dir, "resources": total, "metrics_port": metrics_port, "detached": True,
@@ -236,6 +248,8 @@ def start(http_host: str, http_port: int | None, proxy_location: str, namespace:
     for note in notes:
         click.echo(f"  note: {note}")
     click.echo(f"  HTTP:       {info.get('http_url') or 'disabled (proxy_location=Disabled)'}")
+    if "grpc_options" in http:
+        click.echo(f"  gRPC:       {http_host}:{http['grpc_options']['port']}")
     click.echo(f"  REST API:   {info.get('rest_url')}")
     click.echo(f"  metrics:    http://127.0.0.1:{info.get('metrics_port')}/metrics")
     click.echo(f"  logs:       {os.path.join(session_dir, 'logs')}")

@@ -431,3 +431,58 @@ def test_deploy_imports_from_the_commands_pythonpath(cl: Cluster, tmp_path) -> N
     ok("deploy", str(path), "--namespace", cl.ns, cwd=str(elsewhere), env={"PYTHONPATH": str(lib)})
     wait_for(lambda: app_states(cl.ns) == {"lib": "RUNNING"}, timeout=60, what="lib RUNNING")
     assert httpx.get(f"{cl.url}/lib", timeout=10).text == "from lib"
+
+
+GRPC_PROTO = """syntax = "proto3";
+package clitest;
+message Ping { string text = 1; }
+service Echo { rpc Say(Ping) returns (Ping); }
+"""
+GRPC_APP = """from flotilla import serve
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.25})
+class Echo:
+    def Say(self, request):
+        import clitest_pb2
+
+        return clitest_pb2.Ping(text="said " + request.text)
+
+
+app = Echo.bind()
+"""
+
+
+def test_start_with_grpc_ingress_and_deploy_a_grpc_app(tmp_path) -> None:
+    grpc = pytest.importorskip("grpc")
+    protoc = pytest.importorskip("grpc_tools.protoc")
+    (tmp_path / "clitest.proto").write_text(GRPC_PROTO)
+    assert protoc.main(["grpc_tools.protoc", f"-I{tmp_path}", f"--python_out={tmp_path}",
+                        f"--grpc_python_out={tmp_path}", str(tmp_path / "clitest.proto")]) == 0
+    (tmp_path / "grpcapp.py").write_text(GRPC_APP)
+    (tmp_path / "g.yaml").write_text(yaml.safe_dump({"applications": [
+        {"name": "echo", "route_prefix": "/echo", "import_path": "grpcapp:app"}]}))
+    ns, gport = f"cli4-{secrets.token_hex(3)}", free_port()
+    http_port, rest_port = free_port(), free_port()
+    out = ok("start", "--namespace", ns, "--http-port", str(http_port), "--dashboard-port", str(rest_port),
+             "--num-cpus", "2", "--grpc-port", str(gport),
+             "--grpc-servicer-functions", "clitest_pb2_grpc.add_EchoServicer_to_server", cwd=str(tmp_path))
+    c = Cluster(ns, http_port, rest_port, out)
+    try:
+        assert f"127.0.0.1:{gport}" in out
+        ok("deploy", str(tmp_path / "g.yaml"), "--namespace", ns, cwd=str(tmp_path))
+        wait_for(lambda: app_states(ns) == {"echo": "RUNNING"}, timeout=60, what="echo RUNNING")
+        import sys as _sys
+
+        _sys.path.insert(0, str(tmp_path))
+        try:
+            import clitest_pb2
+            import clitest_pb2_grpc
+
+            with grpc.insecure_channel(f"127.0.0.1:{gport}") as ch:
+                reply = clitest_pb2_grpc.EchoStub(ch).Say(clitest_pb2.Ping(text="hi"), timeout=30)
+            assert reply.text == "said hi"
+        finally:
+            _sys.path.remove(str(tmp_path))
+    finally:
+        stop_cluster(c)

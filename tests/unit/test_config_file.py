@@ -514,3 +514,13 @@ def test_build_several_apps():
     assert validate_config(config).applications[1].deployments[0].overrides() == {
         "num_replicas": 2, "ray_actor_options": {"num_cpus": 0.5, "num_gpus": 0.25},
     }
+
+
+def test_http_options_take_tls_files_and_grpc_options_are_kept() -> None:
+    from flotilla.serve.deploy_schema import validate_config
+
+    cfg = validate_config({"http_options": {"ssl_certfile": "/c.pem", "ssl_keyfile": "/k.pem"},
+                           "grpc_options": {"port": 9001, "grpc_servicer_functions": ["m.add_X_to_server"]},
+                           "applications": []}).to_dict()
+    assert cfg["http_options"]["ssl_certfile"] == "/c.pem" and cfg["http_options"]["ssl_keyfile"] == "/k.pem"
+    assert cfg["grpc_options"] == {"port": 9001, "grpc_servicer_functions": ["m.add_X_to_server"]}

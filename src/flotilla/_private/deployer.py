@@ -69,7 +69,7 @@ class Deployer:
 
         new = validate_config(data, source).to_dict()
         c = self.head.controller
-        opts = self._proxy_options(new)
+        opts = self._proxy_options(new, cwd, pythonpath)
         if self.head.proxy.options is None:
             await self.head.proxy.start(opts)
         elif opts != self.head.proxy.options and isinstance(data, dict) and (
@@ -98,14 +98,23 @@ class Deployer:
         self._save()
         self.head.checkpoint_soon()
 
-    def _proxy_options(self, new: dict[str, Any]) -> dict[str, Any]:
-        from flotilla.serve.config import HTTPOptions, validate
+    def _proxy_options(self, new: dict[str, Any], cwd: str | None = None,
+                       pythonpath: str | None = None) -> dict[str, Any]:
+        """The proxy's options from a config: as `serve.start` builds them (API keys from
+        FLOTILLA_API_KEYS, TLS files checked), plus its gRPC ingress; servicer modules are
+        imported from where the deploying command ran."""
+        from flotilla.serve.config import HTTPOptions, gRPCOptions, validate
 
         data = dict(new.get("http_options") or {})
         loc = new.get("proxy_location")
         if loc is not None and "location" not in data:
             data["location"] = loc
         opts: dict[str, Any] = frontdoor.driver_options(validate(HTTPOptions, data, "http_options").model_dump())
+        if new.get("grpc_options"):
+            grpc = validate(gRPCOptions, new["grpc_options"], "grpc_options", field_prefix="grpc_options.")
+            if grpc.enabled:
+                path = [p for p in (pythonpath or "").split(os.pathsep) if p]
+                opts["grpc_options"] = {**grpc.model_dump(), "sys_path": [cwd or os.getcwd(), *path, *sys.path]}
         return opts
 
     def _cancel(self, name: str) -> None:

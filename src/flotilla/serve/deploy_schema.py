@@ -189,6 +189,10 @@ class HTTPOptionsSchema(BaseModel):
     root_path: str = ""
     request_timeout_s: float | None = Field(None, gt=0)
     keep_alive_timeout_s: float = Field(5.0, gt=0)
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    ssl_keyfile_password: str | None = None
+    ssl_ca_certs: str | None = None
 
     @field_validator("root_path")
     @classmethod
@@ -203,7 +207,10 @@ class ServeDeploySchema(BaseModel):
 
     proxy_location: Literal["Disabled", "HeadOnly", "EveryNode"] = "EveryNode"
     http_options: HTTPOptionsSchema = Field(default_factory=lambda: HTTPOptionsSchema.model_validate({}))
-    grpc_options: dict[str, Any] = Field(default_factory=dict, description="Accepted and ignored.")
+    grpc_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="gRPC ingress (port, grpc_servicer_functions, request_timeout_s), as serve.start's; "
+        "applied when the proxy starts (flotilla run config.yaml); a running proxy keeps its own.")
     logging_config: LoggingConfig | None = None
     target_capacity: float | None = Field(None, ge=0, le=100)
     applications: list[ServeApplicationSchema] = Field(default_factory=list)
