@@ -101,6 +101,16 @@ def start_cluster(ns: str, *extra: str) -> Cluster:
     return Cluster(ns, http_port, rest_port, out)
 
 
+def _reap(p: subprocess.Popen[str]) -> None:
+    """Kill a foreground `flotilla run` if a test left it running, and close its pipes."""
+    if p.poll() is None:
+        p.kill()
+        p.wait()
+    for stream in (p.stdout, p.stderr):
+        if stream is not None:
+            stream.close()
+
+
 def stop_cluster(c: Cluster) -> None:
     r = cli("shutdown", "-y", "--namespace", c.ns)
     if r.returncode != 0:  # never leave a cluster behind
@@ -354,12 +364,7 @@ def test_run_serves_a_config_file_in_the_foreground(project: str) -> None:
         assert p.wait(60) == 0
         wait_for(lambda: not alive(tree), timeout=30, what="no process left after flotilla run")
     finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
-        for stream in (p.stdout, p.stderr):
-            if stream is not None:
-                stream.close()
+        _reap(p)
 
 
 def test_shutdown_leaves_no_process_and_frees_the_ports(project: str) -> None:
@@ -409,12 +414,7 @@ def test_run_on_a_running_cluster_deletes_only_what_it_deployed(cl: Cluster, pro
         assert app_states(cl.ns) == {"echo": "RUNNING"}  # its own application went, the cluster stays
         assert httpx.get(f"{cl.url}/echo", timeout=10).text == "echo"
     finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
-        for stream in (p.stdout, p.stderr):
-            if stream is not None:
-                stream.close()
+        _reap(p)
 
 
 def test_deploy_imports_from_the_commands_pythonpath(cl: Cluster, tmp_path) -> None:

@@ -20,7 +20,7 @@ from flotilla._private.controller import Controller, Replica
 from flotilla._private.lifecycle import RState, transition
 from flotilla._private.resources import ResourcePool
 from flotilla._private.supervisor import Process, ZygoteSupervisor, start_ticks
-from flotilla.serve.api import _walk
+from flotilla.serve import api
 
 NOT_A_PICKLE = b"\x80\x05user code the head must never unpickle"
 
@@ -36,13 +36,11 @@ class Scaled:
 
 
 def app_spec(name: str, app: Any, version_tag: str = "") -> dict[str, Any]:
-    collected: dict[int, dict[str, Any]] = {}
-    ingress = _walk(app, name, collected, {})
-    deps = list(collected.values())
-    for d in deps:
+    spec = api.app_spec(app, name, f"/{name}")
+    for d in spec["deployments"]:
         d["def_bytes"] = NOT_A_PICKLE
         d["version"] += version_tag
-    return {"name": name, "route_prefix": f"/{name}", "ingress": ingress, "deployments": deps}
+    return spec
 
 
 def place(c: Controller, r: Replica, proc: Process, state: RState) -> None:

@@ -7,13 +7,13 @@ import inspect
 import os
 import sys
 import typing
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
 from flotilla.serve.config import validate
-from flotilla.serve.deployments import Application, Deployment
+from flotilla.serve.deployments import Application, Deployment, map_nested, walk_deployments
 from flotilla.serve.exceptions import ConfigError
 
 if TYPE_CHECKING:
@@ -100,44 +100,6 @@ def import_application(import_path: str, args: dict[str, Any] | None = None) -> 
     return app
 
 
-def _children(value: Any) -> Iterator[Application]:
-    """The bound Applications among constructor arguments, in the order `serve.run` finds them."""
-    if isinstance(value, Application):
-        yield value
-    elif isinstance(value, (list, tuple)):
-        for v in value:
-            yield from _children(v)
-    elif isinstance(value, dict):
-        for v in value.values():
-            yield from _children(v)
-
-
-def walk_deployments(app: Application) -> list[tuple[str, Application]]:
-    """Each distinct bound deployment of the graph with the name it is deployed under: the
-    first of a name keeps it, later ones get `_1`, `_2`... (as `serve.run` names them)."""
-    seen: dict[int, str] = {}
-    names: dict[str, int] = {}
-    out: list[tuple[str, Application]] = []
-
-    def visit(node: Application) -> None:
-        if id(node) in seen:
-            return
-        name = node.deployment.name
-        if name in names:
-            names[name] += 1
-            name = f"{name}_{names[name]}"
-        else:
-            names[name] = 0
-        seen[id(node)] = name
-        out.append((name, node))
-        for arg in (*node._args, *node._kwargs.values()):
-            for child in _children(arg):
-                visit(child)
-
-    visit(app)
-    return out
-
-
 def deployment_names(app: Application) -> list[str]:
     """The names the graph's deployments are deployed under, ingress first."""
     return [name for name, _ in walk_deployments(app)]
@@ -173,20 +135,13 @@ def apply_overrides(app: Application, deployments: list[DeploymentSchema]) -> Ap
     copies: dict[int, Application] = {}
 
     def copy(value: Any) -> Any:
-        if isinstance(value, Application):
-            if id(value) not in copies:
-                new = Application(new_deps.get(id(value), value.deployment), (), {})
-                copies[id(value)] = new
-                new._args = tuple(copy(a) for a in value._args)
-                new._kwargs = {k: copy(v) for k, v in value._kwargs.items()}
-            return copies[id(value)]
-        if isinstance(value, list):
-            return [copy(v) for v in value]
-        if isinstance(value, tuple):
-            return tuple(copy(v) for v in value)
-        if isinstance(value, dict):
-            return {k: copy(v) for k, v in value.items()}
-        return value
+        if not isinstance(value, Application):
+            return value
+        if id(value) not in copies:
+            new = copies[id(value)] = Application(new_deps.get(id(value), value.deployment), (), {})
+            new._args = tuple(map_nested(a, copy) for a in value._args)
+            new._kwargs = {k: map_nested(v, copy) for k, v in value._kwargs.items()}
+        return copies[id(value)]
 
     result: Application = copy(app)
     return result

@@ -23,6 +23,8 @@ def code_version(app_cfg: dict[str, Any], root: str | None = None) -> str:
     of every module imported from its working directory. The same inputs give the same version
     in any process (pickles by value do not: they carry per-process ids), so deploying an
     unchanged application again changes nothing, and editing one of its files rolls it out."""
+    from flotilla.serve.api import file_digest
+
     root = os.path.realpath(root or os.getcwd()) + os.sep
     h = hashlib.sha256(json.dumps([app_cfg.get("import_path"), app_cfg.get("args") or {},
                                    app_cfg.get("runtime_env") or {}], sort_keys=True, default=str).encode())
@@ -32,11 +34,7 @@ def code_version(app_cfg: dict[str, Any], root: str | None = None) -> str:
         if path and os.path.realpath(path).startswith(root) and os.sep + "site-packages" + os.sep not in path:
             files.add(os.path.realpath(path))
     for path in sorted(files):
-        try:
-            with open(path, "rb") as f:
-                h.update(path.encode() + b"\0" + hashlib.sha256(f.read()).digest())
-        except OSError:
-            continue
+        h.update(path.encode() + b"\0" + file_digest(path))
     return h.hexdigest()[:16]
 
 

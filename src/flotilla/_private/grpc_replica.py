@@ -90,11 +90,7 @@ def bind(replica: Any, method: str, async_mode: int, on_loop: int) -> tuple[Any,
                 async for item in result:
                     yield item
             elif inspect.isgenerator(result):
-                sentinel = object()
-                while True:
-                    item = await replica.loop.run_in_executor(replica.pool, next, result, sentinel)
-                    if item is sentinel:
-                        break
+                async for item in replica.sync_items(result):
                     yield item
             else:
                 raise TypeError(f"method '{name}' serves a server-streaming RPC: it must be a generator")

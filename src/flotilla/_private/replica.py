@@ -643,11 +643,7 @@ class Replica:
                 if proto.paused:
                     await proto.drained()
         elif inspect.isgenerator(result):
-            sentinel = object()
-            while True:
-                item = await self.loop.run_in_executor(self.pool, next, result, sentinel)
-                if item is sentinel:
-                    break
+            async for item in self.sync_items(result):
                 await window.take()
                 proto.send(tag, Yield(item))
                 if proto.paused:
@@ -655,6 +651,15 @@ class Replica:
         else:
             raise TypeError("handle.options(stream=True) needs a method that returns a generator")
         proto.send(tag, End())
+
+    async def sync_items(self, gen: Any) -> Any:
+        """The items of a sync generator, each produced in the thread pool (user code may block)."""
+        sentinel = object()
+        while True:
+            item = await self.loop.run_in_executor(self.pool, next, gen, sentinel)
+            if item is sentinel:
+                return
+            yield item
 
     async def _handle_http(self, proto: Any, tag: int, key: tuple[int, int], scope: dict[str, Any], body: bytes) -> int:
         """Run the HTTP ingress for one request; returns the status code sent."""

@@ -24,7 +24,7 @@ from flotilla.serve.config import (
     validate,
     warn_not_honoured,
 )
-from flotilla.serve.deployments import Application, Deployment
+from flotilla.serve.deployments import Application, Deployment, map_nested, walk_deployments
 from flotilla.serve.exceptions import ConfigError, RayServeException
 from flotilla.serve.handle import DeploymentHandle, SplitHandle
 from flotilla.serve.legacy import ServeControllerClient
@@ -179,13 +179,8 @@ def _absolute_logs_dir(config: dict[str, Any]) -> dict[str, Any]:
 _source_hashes: dict[tuple[str, float, int], bytes] = {}
 
 
-def _source_hash(obj: Any) -> bytes:
-    """A hash of the source file of `obj`'s module: cloudpickle pickles importable classes
-    by reference, so a changed file would otherwise leave the version unchanged."""
-    module = sys.modules.get(getattr(obj, "__module__", "") or "")
-    path = getattr(module, "__file__", None)
-    if not path:
-        return b""
+def file_digest(path: str) -> bytes:
+    """SHA-256 of a file's content (b"" if unreadable), read again only when it changed."""
     try:
         st = os.stat(path)
         key = (path, st.st_mtime, st.st_size)
@@ -197,14 +192,23 @@ def _source_hash(obj: Any) -> bytes:
         return b""
 
 
+def _source_hash(obj: Any) -> bytes:
+    """A hash of the source file of `obj`'s module: cloudpickle pickles importable classes
+    by reference, so a changed file would otherwise leave the version unchanged."""
+    module = sys.modules.get(getattr(obj, "__module__", "") or "")
+    path = getattr(module, "__file__", None)
+    return file_digest(path) if path else b""
+
+
 def _walk(
-    app: Application, app_name: str, out: dict[int, dict[str, Any]], names: dict[str, int],
+    app: Application, app_name: str, out: dict[int, dict[str, Any]], names: dict[int, str],
     app_logging: dict[str, Any] | None = None, app_env: dict[str, str] | None = None,
     code_version: str | None = None,
 ) -> str:
     """Collect the deployments of an application graph; returns the root's unique name.
 
-    `app_logging`: the application's logging config, for deployments without their own;
+    `names`: each bound deployment's name (`walk_deployments`); `app_logging`: the
+    application's logging config, for deployments without their own;
     `app_env`: environment variables for all its replicas (a config file's
     `runtime_env.env_vars`; a deployment's own take precedence); `code_version`: set by a
     config file's builder (import path, args, runtime_env and the application's source files),
@@ -212,12 +216,7 @@ def _walk(
     if id(app) in out:
         return out[id(app)]["name"]
     dep = app.deployment
-    name = dep.name
-    if name in names:
-        names[name] += 1
-        name = f"{name}_{names[dep.name]}"
-    else:
-        names[name] = 0
+    name = names[id(app)]
     out[id(app)] = {"name": name}
 
     def swap(v: Any) -> Any:
@@ -228,16 +227,10 @@ def _walk(
                 f"deployment '{v.name}' was passed unbound to another deployment; call "
                 f"{v.name}.bind(...) first"
             )
-        if isinstance(v, list):
-            return [swap(x) for x in v]
-        if isinstance(v, tuple):
-            return tuple(swap(x) for x in v)
-        if isinstance(v, dict):
-            return {k: swap(x) for k, x in v.items()}
         return v
 
-    args = tuple(swap(a) for a in app._args)
-    kwargs = {k: swap(v) for k, v in app._kwargs.items()}
+    args = tuple(map_nested(a, swap) for a in app._args)
+    kwargs = {k: map_nested(v, swap) for k, v in app._kwargs.items()}
     cfg = dep.config
     def_bytes = cloudpickle.dumps(dep.func_or_class)
     try:
@@ -336,7 +329,8 @@ def app_spec(target: Application, name: str, route_prefix: str | None,
              code_version: str | None = None) -> dict[str, Any]:
     """What `deploy_app` sends the head for an application (serve.run and config builds)."""
     collected: dict[int, dict[str, Any]] = {}
-    ingress = _walk(target, name, collected, {}, app_logging, app_env, code_version)
+    names = {id(node): n for n, node in walk_deployments(target)}
+    ingress = _walk(target, name, collected, names, app_logging, app_env, code_version)
     return {"name": name, "route_prefix": route_prefix, "ingress": ingress, "deployments": list(collected.values())}
 
 

@@ -150,6 +150,44 @@ class Application:
         return f"Application({self._deployment.name})"
 
 
+def map_nested(value: Any, leaf: Callable[[Any], Any]) -> Any:
+    """`value` rebuilt with `leaf` applied to everything inside it that is not a list, tuple or
+    dict: how bound applications are found in (and swapped out of) constructor arguments."""
+    if isinstance(value, list):
+        return [map_nested(v, leaf) for v in value]
+    if isinstance(value, tuple):
+        return tuple(map_nested(v, leaf) for v in value)
+    if isinstance(value, dict):
+        return {k: map_nested(v, leaf) for k, v in value.items()}
+    return leaf(value)
+
+
+def walk_deployments(app: Application) -> list[tuple[str, Application]]:
+    """Each distinct bound deployment of the graph, ingress first, with the name it is deployed
+    under: the first of a name keeps it, later ones get `_1`, `_2`..."""
+    seen: set[int] = set()
+    counts: dict[str, int] = {}
+    out: list[tuple[str, Application]] = []
+
+    def visit(node: Any) -> Any:
+        if not isinstance(node, Application) or id(node) in seen:
+            return node
+        seen.add(id(node))
+        name = node.deployment.name
+        if name in counts:
+            counts[name] += 1
+            name = f"{name}_{counts[name]}"
+        else:
+            counts[name] = 0
+        out.append((name, node))
+        for arg in (*node._args, *node._kwargs.values()):
+            map_nested(arg, visit)
+        return node
+
+    visit(app)
+    return out
+
+
 # Options Ray accepts that have no meaning here; taken and ignored.
 _COMPAT_IGNORED = {
     "version",
