@@ -19,6 +19,7 @@ __all__ = [
     "__version__",
     "available_resources",
     "cluster_resources",
+    "dashboard_url",
     "init",
     "is_initialized",
     "metrics_url",
@@ -56,7 +57,6 @@ INIT_IGNORED = {
          "_tracing_startup_hook", "_node_name"),
         _LOCAL_ONLY,
     ),
-    **dict.fromkeys(("include_dashboard", "dashboard_host", "dashboard_port"), "the REST API runs on clusters started with `flotilla start --dashboard-port`; see serve.status()"),
     **dict.fromkeys(("configure_logging", "logging_level", "logging_format", "logging_config", "log_to_driver"),
                     "replica and proxy logs are written under the session's logs/ folder"),
     "runtime_env": "set env_vars per deployment with ray_actor_options={'runtime_env': {'env_vars': ...}}",
@@ -100,6 +100,11 @@ def init(
         metrics_export_port: port of the Prometheus endpoint on 127.0.0.1 (default: the
             FLOTILLA_METRICS_PORT environment variable, else a free port; see `metrics_url()`).
             Ray's `_metrics_export_port` is the same.
+        include_dashboard, dashboard_host, dashboard_port: as Ray's, for the dashboard and REST
+            API a private local cluster's head serves (see `dashboard_url()`): on unless
+            include_dashboard=False, on 127.0.0.1:8265 by default (a free port when 8265 is
+            taken; a port given and taken is an error). On the Ray backend they go to `ray.init`
+            (Ray's own dashboard) and flotilla's takes 8265 or a free port.
 
     Other `ray.init` arguments (`INIT_IGNORED`) are accepted with a one-time warning; on the Ray
     backend those in `backend.RAY_INIT_OPTIONS` (runtime_env, namespace, _system_config, ...) go
@@ -115,11 +120,16 @@ def init(
     from flotilla._private import cluster
     from flotilla._private.args import check
     from flotilla._private.client import Runtime
+    from flotilla._private.dashboard import DEFAULT
 
     if address is None and backend is None and os.environ.get(cluster.ADDRESS_ENV):
         address = os.environ[cluster.ADDRESS_ENV]
     chosen = "local" if backend is None and cluster.is_local_address(address) else backends.select(backend, address)
     namespace = _ray_compat.pop("namespace", None) if chosen == "local" else None
+    dashboard: dict[str, Any] | None = None
+    if chosen == "local":
+        dashboard = _dashboard_options(_ray_compat.pop("include_dashboard", None),
+                                       _ray_compat.pop("dashboard_host", None), _ray_compat.pop("dashboard_port", None))
     extra = {k: v for k, v in _ray_compat.items() if not (chosen == "ray" and k in backends.RAY_INIT_OPTIONS)}
     check("flotilla.init", extra, ("address", "backend", "num_cpus", "num_gpus", "resources", "ignore_reinit_error",
                                    "metrics_export_port", "_metrics_export_port"), INIT_IGNORED)
@@ -154,7 +164,7 @@ def init(
                 Runtime.start_detached(ray_opts, metrics_export_port)
                 Runtime._reinit = {"backend": "ray", "address": address, **passed}
             else:
-                Runtime.start_local({}, metrics_export_port, ray=ray_opts)
+                Runtime.start_local({}, metrics_export_port, ray=ray_opts, dashboard=dict(DEFAULT))
             return
         if address not in (None, "local"):
             if address != "auto" and not cluster.is_local_address(address):
@@ -184,7 +194,26 @@ def init(
         for k, v in total.items():
             if v < 0:
                 raise ValueError(f"resource {k!r} must be >= 0, got {v}")
-        Runtime.start_local(total, metrics_export_port)
+        Runtime.start_local(total, metrics_export_port, dashboard=dashboard)
+
+
+def _dashboard_options(include: bool | None, host: str | None, port: int | None) -> dict[str, Any] | None:
+    from flotilla._private.dashboard import DEFAULT as DASHBOARD
+
+    if include is False:
+        return None
+    if port is not None and (not isinstance(port, int) or not 0 <= port < 65536):
+        raise ValueError(f"dashboard_port must be a port number, got {port!r}")
+    return {"host": host or DASHBOARD["host"], "port": DASHBOARD["port"] if port is None else port,
+            "fallback": port is None}
+
+
+def dashboard_url() -> str | None:
+    """URL of the dashboard (and REST API) of the cluster this driver is connected to, e.g.
+    "http://127.0.0.1:8265"; None when it runs none (`init(include_dashboard=False)`)."""
+    from flotilla._private.client import Runtime
+
+    return Runtime.current().dashboard_url
 
 
 def is_initialized() -> bool:

@@ -1,6 +1,6 @@
 """The `flotilla` command (also `python -m flotilla`), mirroring Ray Serve's `serve` CLI.
 
-- `flotilla start`: a detached cluster (head, proxy, REST API) that outlives the shell;
+- `flotilla start`: a detached cluster (head, proxy, dashboard and REST API) that outlives the shell;
 - `flotilla deploy CONFIG.yaml`, `status`, `config`, `shutdown`: talk to it over its REST API;
 - `flotilla build module:app -o config.yaml`: write a config file for an application;
 - `flotilla run module:app | CONFIG.yaml`: a private cluster in the foreground, until Ctrl-C.
@@ -250,11 +250,12 @@ def start(http_host: str, http_port: int | None, proxy_location: str, namespace:
     click.echo(f"  HTTP:       {info.get('http_url') or 'disabled (proxy_location=Disabled)'}")
     if "grpc_options" in http:
         click.echo(f"  gRPC:       {http_host}:{http['grpc_options']['port']}")
-    click.echo(f"  REST API:   {info.get('rest_url')}")
+    click.echo(f"  dashboard:  {info.get('rest_url')}   (also the REST API)")
     click.echo(f"  metrics:    http://127.0.0.1:{info.get('metrics_port')}/metrics")
     click.echo(f"  logs:       {os.path.join(session_dir, 'logs')}")
     if token and not os.environ.get(cluster.TOKEN_ENV):
-        click.echo(f"  token:      {token}   (the REST API is bound beyond 127.0.0.1: send 'Authorization: Bearer <token>')")
+        click.echo(f"  token:      {token}   (the REST API is bound beyond 127.0.0.1: send 'Authorization: Bearer <token>';"
+                   f" in a browser open {info.get('rest_url')}/?token=<token> once)")
     ns_arg = "" if ns == cluster.DEFAULT_NAMESPACE else f', namespace="{ns}"'
     ns_env = "" if ns == cluster.DEFAULT_NAMESPACE else f" {cluster.NAMESPACE_ENV}={ns}"
     click.echo(f'Attach a driver:  flotilla.init(address="auto"{ns_arg})  (or {cluster.ADDRESS_ENV}=auto{ns_env})')
@@ -447,6 +448,8 @@ def run(target: str, host: str | None, port: int | None, name: str, route_prefix
             url = rt.call_head("http_url")
             suffix = "" if route_prefix == "/" else route_prefix
             click.echo(f"Application '{name}' is serving at {url}{suffix}")
+        if flotilla.dashboard_url():
+            click.echo(f"Dashboard: {flotilla.dashboard_url()}")
         click.echo("(Ctrl-C to stop)")
         sys.stdout.flush()
         try:

@@ -425,3 +425,20 @@ def test_token_required_beyond_loopback(secured: Cluster) -> None:
     # ... and without the record, a wrong token is refused
     proc = _cli("status", "-a", secured.rest, env=_env(**{cluster.TOKEN_ENV: "wrong"}))
     assert proc.returncode != 0 and "Bearer" in proc.stderr
+
+
+def test_a_browser_opens_the_dashboard_with_the_token_once(secured: Cluster) -> None:
+    with httpx.Client(base_url=secured.rest, timeout=30.0) as c:
+        r = c.get("/")
+        assert r.status_code == 401 and "/?token=" in r.text
+        assert c.get("/", params={"token": "wrong"}).status_code == 401
+        r = c.get("/", params={"token": TOKEN})
+        assert r.status_code == 303 and r.headers["location"] == "/"
+        cookie = r.headers["set-cookie"]
+        assert cookie.startswith(f"flotilla_token={TOKEN};") and "HttpOnly" in cookie and "SameSite=Strict" in cookie
+        jar = {"flotilla_token": TOKEN}
+        assert b"/static/dashboard.js" in c.get("/", cookies=jar).content
+        assert c.get("/api/flotilla/dashboard/", cookies=jar).json()["applications"] == {}
+        # the cookie reads; it never changes anything (a bearer token does)
+        assert c.post("/api/flotilla/shutdown/", cookies=jar).status_code == 401
+        assert c.delete(APPS, cookies={"flotilla_token": TOKEN}).status_code == 401

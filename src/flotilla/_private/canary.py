@@ -146,16 +146,16 @@ def decide(config: CanaryConfig, state: CanaryState, old: Figures, new: Figures,
                                 f"{share:.0%} -> {nxt:.0%}: held {held:.0f}s within bounds"), nxt, True)
 
 
-def p95(bounds: Sequence[float], counts: Sequence[int]) -> float | None:
-    """The 95th percentile from histogram buckets (`counts[i]`: observations in (`bounds[i-1]`,
-    `bounds[i]`], not cumulative; one more count than bounds, for +Inf), interpolated linearly
-    within its bucket (as Prometheus' `histogram_quantile`; the last finite bound when it falls
-    in +Inf). None without observations."""
+def quantile(bounds: Sequence[float], counts: Sequence[float], q: float) -> float | None:
+    """The `q` quantile (0 < q <= 1) from histogram buckets (`counts[i]`: observations in
+    (`bounds[i-1]`, `bounds[i]`], not cumulative; one more count than bounds, for +Inf),
+    interpolated linearly within its bucket (as Prometheus' `histogram_quantile`; the last finite
+    bound when it falls in +Inf). None without observations."""
     total = sum(counts)
     if not total or not bounds:
         return None
-    want = 0.95 * total
-    seen = 0
+    want = q * total
+    seen = 0.0
     for i, n in enumerate(counts):
         if n and seen + n >= want:
             if i >= len(bounds):
@@ -164,3 +164,8 @@ def p95(bounds: Sequence[float], counts: Sequence[int]) -> float | None:
             return lo + (float(bounds[i]) - lo) * (want - seen) / n
         seen += n
     return float(bounds[-1])
+
+
+def p95(bounds: Sequence[float], counts: Sequence[float]) -> float | None:
+    """The 95th percentile (`quantile`)."""
+    return quantile(bounds, counts, 0.95)

@@ -227,6 +227,7 @@ class Runtime:
         self.session_dir = ""
         self.resources: dict[str, float] = {}
         self.metrics_port = 0
+        self.dashboard_url: str | None = None  # the head's dashboard and REST API, if it runs one
         self.cold_start_timeout_s = float(os.environ.get("FLOTILLA_COLD_START_TIMEOUT_S", "60"))
         self._report_wake: asyncio.Event | None = None
         self._reporter: asyncio.Task[None] | None = None
@@ -276,13 +277,16 @@ class Runtime:
 
     @classmethod
     def start_local(cls, resources: dict[str, float], metrics_port: int = 0,
-                    ray: dict[str, Any] | None = None) -> Runtime:
+                    ray: dict[str, Any] | None = None, dashboard: dict[str, Any] | None = None) -> Runtime:
         """Start this session's keeper (which starts the head) and connect to the head.
 
         `ray`: the Ray backend's `ray.init` options (the head joins or starts Ray; replicas are
-        actors); None: the local backend."""
+        actors); None: the local backend. `dashboard`: where the head serves the dashboard
+        ({"host", "port", "fallback": take a free port when `port` is taken}); None: nowhere."""
         session_dir = session.create()
         cfg: dict[str, Any] = {"session_dir": session_dir, "resources": resources, "metrics_port": metrics_port}
+        if dashboard is not None:
+            cfg["dashboard"] = dashboard
         if ray is not None:
             cfg.update(backend="ray", ray=ray)
         log = open(os.path.join(session_dir, "logs", "head.log"), "ab")  # noqa: SIM115
@@ -328,6 +332,7 @@ class Runtime:
         rt.session_dir = session_dir
         rt.resources = info["resources"]
         rt.metrics_port = info.get("metrics_port", 0)
+        rt.dashboard_url = info.get("rest_url") or None
         rt.head_pid = info.get("pid", 0)
         rt.backend = info.get("backend", "local")
         rt.thread = threading.Thread(target=loop.run_forever, name="flotilla-loop", daemon=True)
@@ -351,6 +356,7 @@ class Runtime:
         rt.session_dir = info["session_dir"]
         rt.resources = info.get("resources", {})
         rt.metrics_port = info.get("metrics_port", 0)
+        rt.dashboard_url = info.get("dashboard_url") or None
         rt.head_pid = info.get("pid", 0)
         rt.thread = threading.Thread(target=loop.run_forever, name="flotilla-loop", daemon=True)
         rt.thread.start()
@@ -392,6 +398,7 @@ class Runtime:
         rt.session_dir = info.get("session_dir", "")
         rt.resources = info["resources"]
         rt.metrics_port = info.get("metrics_port", 0)
+        rt.dashboard_url = info.get("rest_url") or None
         rt.head_pid = info.get("pid", 0)
         rt.backend = "ray"
         rt.thread = threading.Thread(target=loop.run_forever, name="flotilla-loop", daemon=True)

@@ -90,6 +90,8 @@ LOAD_SAMPLE_TIMEOUT_S = 0.25
 REATTACH_TIMEOUT_S = float(os.environ.get("FLOTILLA_REATTACH_TIMEOUT_S", "10"))
 #: How many ids of replicas that died serving each deployment's routers are told of.
 DEAD_KEPT = 64
+#: Replicas replaced without being asked, kept per deployment for the dashboard.
+DEATHS_KEPT = 10
 _LIGHT = ("user_config", "max_ongoing_requests", "logging_config")
 
 
@@ -137,6 +139,17 @@ class Replica:
 
 
 @dataclass
+class Death:
+    """A replica that went away without being asked (`Deployment.deaths`)."""
+
+    id: str
+    pid: int | None
+    reason: str
+    time_s: float  # wall clock
+    log: str
+
+
+@dataclass
 class Deployment:
     app: str
     name: str
@@ -155,6 +168,8 @@ class Deployment:
     # Replicas that died or were killed while serving, newest last: routers fail what they
     # had in flight on them at once (their connections may never close: a vanished node).
     dead: deque[str] = field(default_factory=lambda: deque(maxlen=DEAD_KEPT))
+    #: Replicas replaced after dying, failing a health check or being killed, newest last.
+    deaths: deque[Death] = field(default_factory=lambda: deque(maxlen=DEATHS_KEPT))
 
     @property
     def version(self) -> str:
@@ -852,9 +867,12 @@ class Controller:
             self._died(r, "its control connection closed")
 
     def _on_exit(self, r: Replica, proc: Process) -> None:
-        why = proc.exit_reason or f"its process exited with code {proc.exit_code}"
+        why = proc.ending
         if r.state in (RState.STARTING, RState.RUNNING, RState.UPDATING):
             self._died(r, why, stop=False)
+        for death in r.dep.deaths:
+            if death.id == r.id:  # its connection closed first: say how its process ended
+                death.reason = f"died: {why}"
         self._replica_gone(r, why)
 
     def _died(self, r: Replica, why: str, stop: bool = True) -> None:
@@ -867,9 +885,16 @@ class Controller:
             self._start_failed(r, f"The replica process died before it was ready ({why}); see {self.supervisor.logs_hint(self._log_path(r))}.")
         elif r.state.routable and not dep.deleting:
             dep.unhealthy_msg = f"Replica {r.id} died unexpectedly ({why}); replacing it."
-            self.metrics.inc("flotilla_deployment_replica_restarts", (dep.name, dep.app))
+            self._restarting(r, f"died: {why}")
         if stop:
             self._stop_replica(r, False, why)
+
+    def _restarting(self, r: Replica, why: str) -> None:
+        """A serving replica is being replaced without being asked to go: count it
+        (`flotilla_deployment_replica_restarts`) and keep a record of it for the dashboard."""
+        dep = r.dep
+        self.metrics.inc("flotilla_deployment_replica_restarts", (dep.name, dep.app))
+        dep.deaths.append(Death(r.id, r.pid, why, time.time(), self._log_path(r)))
 
     def _stop_replica(self, r: Replica, graceful: bool, why: str) -> None:
         """Take `r` out of routing, then drain it (if it serves and `graceful`) or kill it."""
@@ -945,9 +970,8 @@ class Controller:
                 logger.warning("replica %s failed its health check (%s); replacing it", r.id, why)
                 r.dep.unhealthy_msg = f"Replica {r.id} failed its health check ({why}); replacing it."
                 r.dep.trigger = DeploymentStatusTrigger.HEALTH_CHECK_FAILED
-                labels = (r.dep.name, r.dep.app)
-                self.metrics.inc("flotilla_deployment_health_check_failures", labels)
-                self.metrics.inc("flotilla_deployment_replica_restarts", labels)
+                self.metrics.inc("flotilla_deployment_health_check_failures", (r.dep.name, r.dep.app))
+                self._restarting(r, f"health check {why}")
                 self._stop_replica(r, False, f"health check {why}")
                 return
 
@@ -1157,7 +1181,7 @@ class Controller:
             self._start_failed(r, msg)
         elif not dep.deleting:
             dep.unhealthy_msg = msg
-            self.metrics.inc("flotilla_deployment_replica_restarts", (dep.name, dep.app))
+            self._restarting(r, kill.message)
         self._stop_replica(r, False, f"memory ({kill.reason})")
 
     # ---- status -----------------------------------------------------------------------

@@ -249,7 +249,7 @@ class ProxyManager:
         self.proc = None
         self.peer = None
         log = os.path.join(self.head.session_dir, "logs", "proxy.log")
-        cause = f"its process exited with code {proc.exit_code}" if proc.exit_code is not None else "its process exited"
+        cause = proc.ending
         if self.status is ProxyStatus.STARTING:
             last = _last_line(log)
             cause = f"the HTTP proxy exited during start-up ({cause}){': ' + last if last else ''}; see {log}"
@@ -400,8 +400,9 @@ class Head:
         self.namespace: str = cfg.get("namespace") or "default"
         self.detached = bool(cfg.get("detached"))  # `flotilla start`: outlives every driver
         self.deployer: Any = None  # applies config files (`_private/deployer.py`)
-        self.rest: Any = None  # the REST API (`_private/rest.py`), when asked for
+        self.rest: Any = None  # the REST API and dashboard (`_private/rest.py`), when asked for
         self.rest_url = ""
+        self.sampler: Any = None  # the dashboard's series (`dashboard.Sampler`), with the REST API
         self.token: str | None = cfg.get("token")
 
     def _fail_start(self, message: str) -> None:
@@ -437,15 +438,24 @@ class Head:
             cluster.write_record(dict(info, token=self.token))
 
     async def _start_rest(self) -> None:
-        from flotilla._private import rest
+        from flotilla._private import dashboard, rest
 
         opts = self.cfg["dashboard"]
         host, port = opts.get("host", "127.0.0.1"), int(opts.get("port", 8265))
         self.rest = rest.RestServer(_rest_routes(self), self.token if host not in rest.LOOPBACK else None)
-        port = await self.rest.start(host, port)
+        try:
+            port = await self.rest.start(host, port)
+        except OSError as e:
+            if not opts.get("fallback"):
+                raise
+            logger.info("dashboard: port %s unavailable (%s); using a free port", port, e.strerror or e)
+            port = await self.rest.start(host, 0)
+        if self.sampler is None:
+            self.sampler = dashboard.Sampler(self)
+            self._dashboard_task = asyncio.get_running_loop().create_task(self.sampler.run())
         reach = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
         self.rest_url = f"http://{f'[{reach}]' if ':' in reach else reach}:{port}"
-        logger.info("REST API at %s%s", self.rest_url, " (token required)" if self.rest.token else "")
+        logger.info("dashboard and REST API at %s%s", self.rest_url, " (token required)" if self.rest.token else "")
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -532,8 +542,9 @@ class Head:
                 await self._start_rest()
             except OSError as e:
                 port = self.cfg["dashboard"].get("port")
-                failed = (f"the REST API could not listen on {self.cfg['dashboard'].get('host')}:{port}: "
-                          f"{e.strerror or e}; pass another --dashboard-port")
+                failed = (f"the dashboard and REST API could not listen on {self.cfg['dashboard'].get('host')}:{port}: "
+                          f"{e.strerror or e}; pass another port (flotilla start --dashboard-port, "
+                          f"flotilla.init(dashboard_port=...))")
         if not failed and self.cfg.get("http") and self.proxy.options is None:
             try:
                 await self.proxy.start(self.cfg["http"])
@@ -551,7 +562,8 @@ class Head:
         if self.secret is not None:  # on the pipe to the keeper, which hands it to the driver only
             ready.update(backend=self.backend, secret=self.secret.hex())
         if self.on_ready is not None:  # a Ray actor: the driver asks for it through Ray
-            self.on_ready(dict(ready, tcp_addr=self.tcp_addr, node_id=self.node_id, session_dir=self.session_dir))
+            self.on_ready(dict(ready, tcp_addr=self.tcp_addr, node_id=self.node_id, session_dir=self.session_dir,
+                               rest_url=self.rest_url))
         elif self.done.is_set():
             pass  # _fail_start wrote the error line instead
         else:
@@ -779,55 +791,104 @@ class Head:
 
 
 def _rest_routes(head: Head) -> dict[tuple[str, str], Any]:
-    """The REST API's endpoints (see `_private/rest.py`)."""
-    from flotilla._private import rest
+    """The REST API's endpoints (see `_private/rest.py`), the dashboard's among them."""
+    from flotilla._private import dashboard, rest
 
     apps_path = "/api/serve/applications/"
 
-    async def get_apps(body: bytes, headers: dict[str, str]) -> Any:
+    async def get_apps(req: rest.Request) -> rest.Reply:
         return rest.json_reply(_instance_details(head))
 
-    async def put_apps(body: bytes, headers: dict[str, str]) -> Any:
+    async def put_apps(req: rest.Request) -> rest.Reply:
         from flotilla.serve.exceptions import ConfigError
 
         try:
-            data = json.loads(body or b"null")
+            data = json.loads(req.body or b"null")
         except ValueError as e:
             return rest.text_reply(400, f"request body: not valid JSON ({e})")
         try:
-            await head.deployer.apply(data, headers.get("x-flotilla-cwd"),
-                                      pythonpath=headers.get("x-flotilla-pythonpath"))
+            await head.deployer.apply(data, req.headers.get("x-flotilla-cwd"),
+                                      pythonpath=req.headers.get("x-flotilla-pythonpath"))
         except (ConfigError, ValueError, TypeError) as e:
             return rest.text_reply(400, str(e))
         except RuntimeError as e:  # e.g. the HTTP port is taken
             return rest.text_reply(409, str(e))
         return rest.json_reply({})
 
-    async def delete_apps(body: bytes, headers: dict[str, str]) -> Any:
+    async def delete_apps(req: rest.Request) -> rest.Reply:
         await head.delete_all()
         return rest.json_reply({})
 
-    async def get_cluster(body: bytes, headers: dict[str, str]) -> Any:
+    async def get_cluster(req: rest.Request) -> rest.Reply:
         return rest.json_reply(head.cluster_info())
 
-    async def get_status(body: bytes, headers: dict[str, str]) -> Any:
+    async def get_status(req: rest.Request) -> rest.Reply:
         from flotilla._private.cliformat import status_dict
 
         return rest.json_reply(status_dict(head.deployer.overlay(head.controller.status())))
 
-    async def get_config(body: bytes, headers: dict[str, str]) -> Any:
+    async def get_config(req: rest.Request) -> rest.Reply:
         return rest.json_reply(head.deployer.applied)
 
-    async def post_shutdown(body: bytes, headers: dict[str, str]) -> Any:
+    async def post_shutdown(req: rest.Request) -> rest.Reply:
         logger.info("REST API: shutdown asked; draining every replica, then exiting")
         asyncio.get_running_loop().call_later(0.05, head._start_shutdown, True)
         return rest.json_reply({"keeper_pid": head.cluster_info()["keeper_pid"]})
 
-    return {
+    async def get_dashboard(req: rest.Request) -> rest.Reply:
+        return rest.json_reply(dashboard.snapshot(head))
+
+    async def get_timeseries(req: rest.Request) -> rest.Reply:
+        since = req.query.get("since")
+        try:
+            after = float(since) if since is not None else None
+        except ValueError:
+            return rest.text_reply(400, f"since={since!r}: expected epoch seconds")
+        return rest.json_reply(head.sampler.series.since(after))
+
+    async def get_logs(req: rest.Request) -> rest.Reply:
+        rid = req.query.get("replica", "")
+        path = dashboard.log_path(head, rid)
+        if path is None:
+            return rest.text_reply(404, f"no replica {rid!r} (ids: GET /api/flotilla/dashboard/)")
+        try:
+            offset = int(req.query["offset"]) if "offset" in req.query else None
+            lines = int(req.query.get("lines", "200"))
+        except ValueError:
+            return rest.text_reply(400, "offset and lines must be integers")
+        try:
+            got = await asyncio.get_running_loop().run_in_executor(None, dashboard.read_log, path, offset, lines)
+        except OSError as e:
+            return rest.text_reply(404, f"the log of replica {rid} cannot be read here: {e.strerror or e} ({path})")
+        return rest.json_reply(dict(got, replica=rid, path=path))
+
+    routes: dict[tuple[str, str], Any] = {
         ("GET", apps_path): get_apps, ("PUT", apps_path): put_apps, ("DELETE", apps_path): delete_apps,
         ("GET", "/api/flotilla/cluster/"): get_cluster, ("GET", "/api/flotilla/status/"): get_status,
         ("GET", "/api/flotilla/config/"): get_config, ("POST", "/api/flotilla/shutdown/"): post_shutdown,
+        ("GET", "/api/flotilla/dashboard/"): get_dashboard, ("GET", "/api/flotilla/timeseries/"): get_timeseries,
+        ("GET", "/api/flotilla/logs/"): get_logs,
     }
+    for path, name, ctype in (("/", "dashboard.html", "text/html; charset=utf-8"),
+                              ("/static/dashboard.js", "dashboard.js", "text/javascript; charset=utf-8"),
+                              ("/static/dashboard.css", "dashboard.css", "text/css; charset=utf-8")):
+        routes[("GET", path)] = _static(name, ctype)
+    return routes
+
+
+def _static(name: str, ctype: str) -> Any:
+    """A route serving the dashboard's file `name` (read once)."""
+    from flotilla._private import rest
+
+    data: list[bytes] = []
+
+    async def get(req: rest.Request) -> rest.Reply:
+        if not data:
+            with open(os.path.join(os.path.dirname(__file__), "static", name), "rb") as f:
+                data.append(f.read())
+        return rest.Reply(200, ctype, data[0], (("cache-control", "no-cache"),))
+
+    return get
 
 
 def _instance_details(head: Head) -> dict[str, Any]:

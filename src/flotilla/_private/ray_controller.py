@@ -35,6 +35,7 @@ from typing import Any
 import ray
 
 from flotilla._private.backend import RAY_INIT_OPTIONS
+from flotilla._private.dashboard import DEFAULT as DASHBOARD
 
 logger = logging.getLogger("flotilla.ray.controller")
 
@@ -169,7 +170,7 @@ def attach(opts: dict[str, Any], metrics_port: int) -> tuple[Any, dict[str, Any]
     cls = _actor_class()
     deadline = time.monotonic() + START_TIMEOUT_S
     while True:
-        actor = cls.options(**options).remote({"metrics_port": metrics_port})
+        actor = cls.options(**options).remote({"metrics_port": metrics_port, "dashboard": dict(DASHBOARD)})
         try:
             return actor, ray.get(actor.info.remote(), timeout=START_TIMEOUT_S + 10)
         except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as e:

@@ -57,6 +57,10 @@ class ResourcePool:
     def available(self) -> dict[str, float]:
         return {k: _f(v) for k, v in self.free.items()}
 
+    def gpus(self) -> dict[int, float]:
+        """The free share of each GPU, by id."""
+        return {i: _f(v) for i, v in self.gpu_free.items()}
+
     def fits_ever(self, demand: dict[str, float]) -> bool:
         """Could this demand fit on an empty node?"""
         return self._check(demand, self.total, {i: _UNIT for i in self.gpu_free}) is None

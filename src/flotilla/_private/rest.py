@@ -8,11 +8,16 @@ Ray's shape where Ray has one:
 
 flotilla's own, under `/api/flotilla/`: `cluster` (where the cluster is: namespace, session
 folder, URLs), `status` (what `flotilla status` prints, as JSON), `config` (the latest applied
-config), `POST shutdown` (drain and stop the cluster); and `GET /-/healthz`.
+config), `POST shutdown` (drain and stop the cluster); the dashboard's `dashboard`,
+`timeseries` and `logs` (see `dashboard.py` and docs/DASHBOARD.md); and `GET /-/healthz`. The
+dashboard page is `/`, its files under `/static/`.
 
 Bound beyond 127.0.0.1 it requires `Authorization: Bearer <token>` on everything but healthz
-(compared in constant time; failures counted, never logged with the token). JSON only: nothing
-is unpickled here.
+(compared in constant time; failures counted, never logged with the token). A browser opens
+`/?token=<token>` once: that sets an HttpOnly, SameSite=Strict cookie, which is accepted in place
+of the header for GET requests only. A request that changes something (not GET) and carries an
+`Origin` that is not this server is refused (403), so a web page elsewhere cannot drive a local
+cluster from a browser. JSON only: nothing is unpickled here.
 """
 
 from __future__ import annotations
@@ -23,7 +28,9 @@ import hmac
 import json
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+from urllib.parse import parse_qs, urlsplit
 
 import h11
 
@@ -33,16 +40,42 @@ MAX_BODY = 16 << 20
 READ_TIMEOUT_S = 30.0
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
-Reply = tuple[int, str, bytes]
-Route = Callable[[bytes, dict[str, str]], Awaitable[Reply]]
+COOKIE = "flotilla_token"
+
+
+class Reply(NamedTuple):
+    status: int
+    ctype: str
+    body: bytes
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass
+class Request:
+    method: str
+    path: str
+    body: bytes = b""
+    headers: dict[str, str] = field(default_factory=dict)
+    query: dict[str, str] = field(default_factory=dict)  # the first value of each parameter
+
+
+Route = Callable[[Request], Awaitable[Reply]]
 
 
 def json_reply(value: Any, status: int = 200) -> Reply:
-    return status, "application/json", json.dumps(value, default=str).encode()
+    return Reply(status, "application/json", json.dumps(value, default=str).encode())
 
 
 def text_reply(status: int, text: str) -> Reply:
-    return status, "text/plain; charset=utf-8", (text.rstrip("\n") + "\n").encode()
+    return Reply(status, "text/plain; charset=utf-8", (text.rstrip("\n") + "\n").encode())
+
+
+def _cookie(headers: dict[str, str], name: str) -> str:
+    for part in headers.get("cookie", "").split(";"):
+        key, _, value = part.strip().partition("=")
+        if key == name:
+            return value
+    return ""
 
 
 class RestServer:
@@ -72,8 +105,8 @@ class RestServer:
                 if got is None:
                     break
                 req, body = got
-                status, ctype, payload = await self._dispatch(req, body)
-                headers = [("content-type", ctype), ("content-length", str(len(payload)))]
+                status, ctype, payload, extra = await self._dispatch(req, body)
+                headers = [("content-type", ctype), ("content-length", str(len(payload))), *extra]
                 if status == 401:
                     headers.append(("www-authenticate", 'Bearer realm="flotilla"'))
                 writer.write(conn.send(h11.Response(status_code=status, headers=headers)) or b"")
@@ -115,18 +148,30 @@ class RestServer:
 
     async def _dispatch(self, req: h11.Request, body: bytes) -> Reply:
         method = req.method.decode()
-        path = req.target.decode().split("?", 1)[0]
+        target = urlsplit(req.target.decode("latin-1"))
+        path = target.path
         headers = {k.decode().lower(): v.decode("latin-1") for k, v in req.headers}
+        query = {k: v[0] for k, v in parse_qs(target.query).items()}
         if path == "/-/healthz":
             return text_reply(200, "success")
+        if method != "GET" and not _same_origin(headers):
+            return text_reply(403, f"{method} {path} from the web page at {headers.get('origin')} is not allowed")
         if self.token is not None:
             given = headers.get("authorization", "")
             scheme, _, value = given.partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), self.token.encode()):
+            if method == "GET" and path == "/" and "token" in query and self._valid(query["token"]):
+                return Reply(303, "text/plain", b"", (
+                    ("location", "/"),
+                    ("set-cookie", f"{COOKIE}={query['token']}; HttpOnly; SameSite=Strict; Path=/")))
+            ok = scheme.lower() == "bearer" and self._valid(value.strip())
+            if not ok and method == "GET":
+                ok = self._valid(_cookie(headers, COOKIE))
+            if not ok:
                 self.auth_failures += 1
                 return text_reply(401, "this flotilla REST API needs 'Authorization: Bearer <token>' "
-                                       "(the token `flotilla start` printed, or FLOTILLA_TOKEN)")
-        if not path.endswith("/"):
+                                       "(the token `flotilla start` printed, or FLOTILLA_TOKEN); "
+                                       "in a browser, open /?token=<token> once")
+        if not path.endswith("/") and not path.startswith("/static/"):
             path += "/"
         route = self.routes.get((method, path))
         if route is None:
@@ -135,7 +180,19 @@ class RestServer:
                 return text_reply(405, f"{method} is not allowed on {path}; use {', '.join(allowed)}")
             return text_reply(404, f"no such endpoint {path}; see /api/serve/applications/")
         try:
-            return await route(body, headers)
+            return await route(Request(method, path, body, headers, query))
         except Exception as e:
             logger.exception("REST API %s %s failed", method, path)
             return text_reply(500, f"internal error: {type(e).__name__}: {e}")
+
+    def _valid(self, given: str) -> bool:
+        assert self.token is not None
+        return bool(given) and hmac.compare_digest(given.encode(), self.token.encode())
+
+
+def _same_origin(headers: dict[str, str]) -> bool:
+    """No `Origin` (not a browser), or the page's origin is this server."""
+    origin = headers.get("origin")
+    if origin is None:
+        return True
+    return urlsplit(origin).netloc == headers.get("host", "")

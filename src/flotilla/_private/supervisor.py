@@ -77,6 +77,21 @@ class Process:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wait_report: Callable[[], bool] | None = None
 
+    @property
+    def ending(self) -> str:
+        """How it ended, in words: its exit reason, the signal that killed it, or its exit code."""
+        if self.exit_reason:
+            return self.exit_reason
+        if self.exit_code is None:
+            return "its process exited"
+        if self.exit_code < 0:
+            try:
+                name = signal.Signals(-self.exit_code).name
+            except ValueError:
+                name = "unknown signal"
+            return f"its process was killed by signal {-self.exit_code} ({name})"
+        return f"its process exited with code {self.exit_code}"
+
     def watch(self, wait_report: Callable[[], bool] | None = None) -> None:
         """Notice the exit through the pidfd, on the running loop. While `wait_report()` is
         true (its zygote lives, and will report the exit code), wait a moment for that report."""
