@@ -19,10 +19,10 @@ import urllib.request
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-import flotilla  # noqa: E402
-from examples.composition import Sentiment, Tokenizer  # noqa: E402
-from flotilla import serve  # noqa: E402
-from tests import browser  # noqa: E402
+import flotilla
+from examples.composition import Sentiment, Tokenizer
+from flotilla import serve
+from tests import browser
 
 
 def load(url: str, stop: threading.Event, paused: threading.Event) -> None:

@@ -16,7 +16,7 @@ CHROMEDRIVER = os.environ.get("FLOTILLA_CHROMEDRIVER", "/usr/bin/chromedriver")
 
 def missing() -> str:
     """Why no browser can be started here ('' when one can)."""
-    for path, what in ((CHROMIUM, "chromium"), (CHROMEDRIVER, "chromium-driver")):
+    for path in (CHROMIUM, CHROMEDRIVER):
         if not os.access(path, os.X_OK):
             return f"{path} not found: install Debian's chromium and chromium-driver (scripts/setup-browser)"
     try:
