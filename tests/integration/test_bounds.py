@@ -128,8 +128,8 @@ def test_unknown_keyword_arguments_raise_type_error_naming_them(url: str) -> Non
 
 
 def test_documented_ray_arguments_are_accepted_with_a_warning(url: str) -> None:
-    with pytest.warns(UserWarning, match="dashboard_port"):  # ignored on both backends
-        flotilla.init(dashboard_port=8265, ignore_reinit_error=True)
+    with pytest.warns(UserWarning, match="log_to_driver"):  # ignored on both backends
+        flotilla.init(log_to_driver=False, ignore_reinit_error=True)
     with pytest.warns(UserWarning, match="dedicated_cpu"):
         serve.start(dedicated_cpu=True, http_options={"port": httpx.URL(url).port, **HTTP})
 

@@ -3,6 +3,7 @@ a replica's log, and a replica killed under load shown as restarted."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -109,8 +110,9 @@ def test_a_replica_killed_under_load_shows_as_restarted(cluster: str, page: Any)
     rows = wait_for(lambda: js(page, f"return [...document.querySelectorAll('{dep} tr.replica:not(.dead)')]"
                                      ".map(r => r.dataset.replica)") or None, timeout=20, what="replica rows")
     victim = rows[0]
-    cells = js(page, f"return [...document.querySelectorAll('{dep} tr.replica[data-replica=\"{victim}\"] td')].map(c => c.textContent.trim())")
-    pid = next(int(c) for c in cells if c.isdigit() and int(c) > 1)
+    with urllib.request.urlopen(f"{flotilla.dashboard_url()}/api/flotilla/dashboard/", timeout=10) as r:
+        snap = json.load(r)
+    pid = next(r["pid"] for r in snap["applications"]["greeter"]["deployments"]["Greeter"]["replicas"] if r["id"] == victim)
     restarts = int(text(page, f"{dep} .dep-restarts") or 0)
     with Load(f"{cluster}/greet") as load:
         os.kill(pid, signal.SIGKILL)

@@ -13,6 +13,7 @@ RAY_EXTRA = 'pip install "flotilla[ray]"'
 #: `flotilla.init` arguments that the Ray backend hands to `ray.init` (the local backend
 #: ignores them, with a warning).
 RAY_INIT_OPTIONS = ("runtime_env", "namespace", "object_store_memory", "_system_config", "include_dashboard",
+                    "dashboard_host", "dashboard_port",
                     "_temp_dir", "labels", "logging_level", "_node_ip_address")
 
 

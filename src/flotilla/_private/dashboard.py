@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from flotilla._private.canary import quantile
+from flotilla._private.cluster import DEFAULT_DASHBOARD_PORT
 from flotilla._private.lifecycle import RState
 from flotilla._private.metrics import LATENCY_MS_BUCKETS
 
@@ -30,7 +31,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("flotilla.dashboard")
 
 #: Where a head serves the dashboard unless told otherwise: 8265 as Ray's, a free port when taken.
-DEFAULT: dict[str, Any] = {"host": "127.0.0.1", "port": 8265, "fallback": True}
+DEFAULT: dict[str, Any] = {"host": "127.0.0.1", "port": DEFAULT_DASHBOARD_PORT, "fallback": True}
 #: Seconds between two samples (`FLOTILLA_DASHBOARD_INTERVAL_S`).
 INTERVAL_S = 1.0
 #: Seconds of history kept.
