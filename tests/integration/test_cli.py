@@ -169,7 +169,7 @@ def greeter_pids(c: Cluster, n: int) -> set[int]:
 
 
 def test_start_deploy_status_http_config_and_a_changed_config(cl: Cluster, project: str) -> None:
-    assert f"http://127.0.0.1:{cl.http_port}" in cl.out and f"http://127.0.0.1:{cl.rest_port}" in cl.out
+    assert f"http://127.0.0.1:{cl.http_port}" in cl.out and f"dashboard:  http://127.0.0.1:{cl.rest_port}" in cl.out
     assert f'flotilla.init(address="auto", namespace="{cl.ns}")' in cl.out
     path = write_config(project, "two.yaml")
     out = ok("deploy", path, "--namespace", cl.ns, cwd=project)
@@ -355,8 +355,11 @@ def test_run_serves_a_config_file_in_the_foreground(project: str) -> None:
                          stderr=subprocess.PIPE, text=True, env={**os.environ, "FLOTILLA_ADDRESS": ""})
     try:
         assert p.stdout is not None
-        lines = [p.stdout.readline() for _ in range(2)]
+        lines = [p.stdout.readline() for _ in range(3)]
         assert any(f"http://127.0.0.1:{port}/greet" in line for line in lines), lines
+        assert any(line.startswith("Dashboard: http://127.0.0.1:") for line in lines), lines
+        board = next(line for line in lines if line.startswith("Dashboard: ")).split()[1]
+        assert httpx.get(f"{board}/api/flotilla/dashboard/", timeout=10).json()["applications"].keys() == {"greet", "echo"}
         assert httpx.get(f"http://127.0.0.1:{port}/echo", timeout=10).text == "echo"
         tree = descendants(p.pid)
         assert tree
