@@ -109,3 +109,36 @@ def test_torch_cnn_example_batches_over_http(url):
     assert {o["class"] for o in out} == {single["class"]}
     assert 1 < max(o["batch_size"] for o in out) <= 16
     assert single["batch_size"] == 1
+
+
+@serve.deployment(max_batch_size=8, batch_wait_timeout_s=1.0, batch_latency_target_s=0.2)
+class Adaptive:
+    async def __call__(self, batch):
+        await asyncio.sleep(0.005)
+        return [{"x": req.json()["x"], "batch": len(batch)} for req in batch]
+
+
+def test_latency_target_batching_skips_the_wait_alone_and_batches_under_load(url):
+    import flotilla
+
+    serve.run(Adaptive.bind(), name="adaptive", route_prefix="/adaptive")
+    with httpx.Client(base_url=url, timeout=30) as c:
+        for i in range(3):  # one at a time: no 1 s wait (the fixed timeout it replaces)
+            t0 = time.perf_counter()
+            assert c.post("/adaptive", json={"x": i}).json() == {"x": i, "batch": 1}
+            assert time.perf_counter() - t0 < 0.15
+        with concurrent.futures.ThreadPoolExecutor(32) as pool:
+            out = list(pool.map(lambda i: c.post("/adaptive", json={"x": i}).json(), range(96)))
+    assert [o["x"] for o in out] == list(range(96))
+    assert max(o["batch"] for o in out) > 1
+
+    def fill() -> float | None:
+        text = httpx.get(flotilla.metrics_url(), timeout=10).text
+        line = next((ln for ln in text.splitlines() if ln.startswith("flotilla_batch_fill_ratio{")
+                     and 'application="adaptive"' in ln), None)
+        return float(line.rsplit(" ", 1)[1]) if line else None
+
+    from tests.conftest import wait_for
+
+    ratio = wait_for(fill, timeout=10, what="flotilla_batch_fill_ratio in /metrics")
+    assert 0 < ratio <= 1

@@ -573,3 +573,73 @@ def test_sync_functions_and_other_misuse_are_rejected():
         batched_caller(gen, 2, 0.01)
     with pytest.raises(TypeError):
         batched_caller(42, 2, 0.01)  # type: ignore[arg-type]
+
+
+# -- adaptive wait (batch_latency_target_s) -------------------------------------------------
+@pytest.mark.parametrize(
+    ("case", "args", "want"),
+    [
+        ("no arrivals expected: go at once", (0.05, 1, 8, 0.0, 0.001, 0.001), 0.0),
+        ("full: go at once", (0.05, 8, 8, 1000.0, 0.001, 0.001), 0.0),
+        ("the batch alone overruns the target", (0.01, 4, 8, 1000.0, 0.02, 0.0), 0.0),
+        # room = 0.05 - 0.01 - 0.001*2 = 0.038; w = 0.038 / (1 + 0.001*100) = 0.0345...; fill = 6/100
+        ("waits what the target leaves", (0.05, 2, 8, 100.0, 0.01, 0.001), 0.038 / 1.1),
+        # fast arrivals fill the batch before the target would force it out
+        ("no longer than filling takes", (0.05, 2, 8, 1000.0, 0.001, 0.0), 6 / 1000),
+        ("a rare arrival is not worth waiting for", (0.01, 1, 1000, 50.0, 0.0, 0.0), 0.0),
+        ("never beyond the target", (0.01, 1, 1000, 150.0, 0.0, 0.0), 0.01),
+    ],
+)
+def test_adaptive_wait(case, args, want):
+    from flotilla.serve.batching import adaptive_wait
+
+    assert adaptive_wait(*args) == pytest.approx(want), case
+
+
+def test_a_lone_request_does_not_wait_with_a_latency_target():
+    @batch(max_batch_size=8, batch_wait_timeout_s=LONG, batch_latency_target_s=LONG)
+    async def double(xs):
+        return [2 * x for x in xs]
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        t = loop.time()
+        assert await double(1) == 2
+        assert await double(2) == 4  # one at a time: nothing more is expected
+        return loop.time() - t
+
+    assert asyncio.run(main()) < 1.0  # not LONG
+    assert double.get_batch_latency_target_s() == LONG
+
+
+def test_a_burst_is_batched_within_the_target_and_the_wait_is_recorded():
+    from flotilla.serve.batching import BATCH_WAIT_S
+
+    sizes = []
+
+    @batch(max_batch_size=16, batch_latency_target_s=0.2)
+    async def double(xs):
+        sizes.append(len(xs))
+        await asyncio.sleep(0.001)
+        return [2 * x for x in xs]
+
+    async def one(x):
+        result = await double(x)
+        return result, BATCH_WAIT_S.get()
+
+    async def main():
+        for _ in range(3):  # learn the arrival rate and the cost
+            await asyncio.gather(*(one(i) for i in range(16)))
+        return await asyncio.gather(*(one(i) for i in range(16)))
+
+    out = asyncio.run(main())
+    assert [r for r, _ in out] == [2 * i for i in range(16)]
+    assert max(sizes) == 16
+    assert all(0 <= w < 0.2 for _, w in out)
+    assert BATCH_WAIT_S.get() == 0.0  # set in the callers' contexts only
+
+
+def test_bad_latency_target_is_a_config_error():
+    for bad in (0, -1, "fast", float("nan")):
+        with pytest.raises(ConfigError, match="batch_latency_target_s"):
+            batch(batch_latency_target_s=bad)

@@ -158,6 +158,7 @@ class Replica:
         self.app_name: str = args["app"]
         self.metrics = metrics.enabled()
         self.access = metrics.AccessLog(f"replica {self.replica_id}")
+        self._batch_seen: dict[int, tuple[int, int]] = {}  # batch queue -> (batches, items) at the last push
         metrics.declare_builtins(STORE)
         STORE.declare("gauge", "ray_serve_replica_processing_queries", "Requests running in a replica.", ("deployment", "replica", "application"))
         STORE.declare("gauge", "flotilla_replica_queued_requests", "Requests waiting inside a replica for a slot (max_ongoing_requests).", ("deployment", "replica", "application"))
@@ -172,7 +173,39 @@ class Replica:
         labels = (self.dep_name, self.replica_id, self.app_name)
         STORE.set("ray_serve_replica_processing_queries", labels, float(self.ongoing))
         STORE.set("flotilla_replica_queued_requests", labels, float(len(self.waiters)))
+        if "flotilla.serve.batching" in sys.modules:
+            self._batch_gauges(labels)
         metrics.record_auth_failures(STORE, "replica")
+
+    def _batch_gauges(self, labels: tuple[str, str, str]) -> None:
+        """`flotilla_batch_fill_ratio` (items per batch over max_batch_size, since the last push)
+        and `flotilla_batch_wait_s` (the wait a batch would get now), over this process's
+        batch queues; nothing until a batch ran."""
+        from flotilla.serve.batching import QUEUES
+
+        batches = items = 0
+        capacity = 0.0
+        waits = []
+        for q in list(QUEUES):
+            st = q.stats()
+            seen = self._batch_seen.get(id(q), (0, 0))
+            self._batch_seen[id(q)] = (st.batches, st.items)
+            batches += st.batches - seen[0]
+            items += st.items - seen[1]
+            capacity += (st.batches - seen[0]) * q.get_max_batch_size()
+            if st.batches:
+                waits.append(q.current_wait_s())
+        if not waits:
+            return
+        if "flotilla_batch_fill_ratio" not in STORE.meta:
+            STORE.declare("gauge", "flotilla_batch_fill_ratio", "Items per batch over max_batch_size, "
+                          "over the batches since the last push (1 = full).", ("deployment", "replica", "application"))
+            STORE.declare("gauge", "flotilla_batch_wait_s", "The wait a new batch would get now (fixed "
+                          "batch_wait_timeout_s, or adapted to batch_latency_target_s); the longest of the replica's queues.",
+                          ("deployment", "replica", "application"))
+        if batches:
+            STORE.set("flotilla_batch_fill_ratio", labels, items / capacity)
+        STORE.set("flotilla_batch_wait_s", labels, max(waits))
 
     def _apply_logging(self, config: dict[str, Any] | None) -> None:
         """Level and encoding of this process's log lines, and its access log (LoggingConfig)."""
@@ -309,7 +342,8 @@ class Replica:
         if cfg.get("max_batch_size"):
             from flotilla.serve.batching import batched_caller
 
-            fn = batched_caller(fn, cfg["max_batch_size"], cfg.get("batch_wait_timeout_s", 0.0))
+            fn = batched_caller(fn, cfg["max_batch_size"], cfg.get("batch_wait_timeout_s", 0.0),
+                                batch_latency_target_s=cfg.get("batch_latency_target_s"))
             self.methods["__call__"] = (fn, _ASYNC)
         return fn
 

@@ -244,6 +244,7 @@ def _walk(
     env = {**(app_env or {}), **cfg.ray_actor_options.runtime_env.get("env_vars", {})}
     replica_opts = json.dumps([
         config["ray_actor_options"], config["max_batch_size"], config["batch_wait_timeout_s"],
+        config.get("batch_latency_target_s"),
         config["placement_group_bundles"], (logging_config or {}).get("logs_dir"),
         *([env] if app_env else []),
     ], sort_keys=True)

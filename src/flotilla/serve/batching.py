@@ -3,7 +3,10 @@
 Callers submit one item each; a `BatchQueue` calls the user's function once per list of items.
 A batch goes out when full (``max_batch_size``) or ``batch_wait_timeout_s`` after its first
 item arrived (loop clock), with at most ``max_concurrent_batches`` running; the next batch is
-formed when a slot frees up. Async generator functions stream: each yield is a list with one
+formed when a slot frees up. With ``batch_latency_target_s`` instead, the wait is chosen per
+batch (`adaptive_wait`) from the observed arrival rate and batch cost, so that the first
+item's wait plus its batch's run time stays within the target: a lone request goes at once,
+and under load batches grow as far as the target allows. Async generator functions stream: each yield is a list with one
 element per caller, and ``StopIteration`` (class or instance) as an element ends that caller's
 stream. Queue state lives in the running loop and is created lazily: one queue per function,
 one per instance for methods (first parameter ``self``). Cancelled callers are skipped.
@@ -13,9 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import functools
 import inspect
 import math
+import time
+import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -24,7 +30,15 @@ from typing import Any
 
 from flotilla.serve.exceptions import ConfigError, RayServeException
 
-__all__ = ["BatchQueue", "BatchResultError", "BatchStats", "batch", "batched_caller"]
+__all__ = ["BATCH_WAIT_S", "BatchQueue", "BatchResultError", "BatchStats", "adaptive_wait", "batch", "batched_caller"]
+
+#: Seconds the current request's calls to batched functions waited for their batch to start,
+#: added up in the caller's context (the replica reads it as the request's batch-wait stage).
+BATCH_WAIT_S: contextvars.ContextVar[float] = contextvars.ContextVar("flotilla_batch_wait_s", default=0.0)
+#: Every live queue of this process, for the replica's batch metrics.
+QUEUES: weakref.WeakSet[BatchQueue] = weakref.WeakSet()
+#: Weight of a new observation in the arrival-rate and batch-cost averages.
+_EWMA = 0.2
 
 _VALUE, _DONE, _ERROR = 0, 1, 2  # stream channel message kinds
 _RUNTIME = ("_loop", "_pending", "_wake", "_slots", "_worker", "_running")
@@ -76,11 +90,41 @@ def _is_stop(value: Any) -> bool:
     return value is sentinels[0] or value is sentinels[1] or isinstance(value, sentinels)
 
 
+def _check_target(value: Any) -> float | None:
+    if value is None:
+        return None
+    ok = isinstance(value, int | float) and not isinstance(value, bool)
+    if not ok or math.isnan(value) or value <= 0:
+        raise ConfigError(f"batch_latency_target_s must be a number of seconds > 0, got {value!r}")
+    return float(value)
+
+
+def adaptive_wait(target_s: float, waiting: int, max_batch: int, rate_per_s: float,
+                  fixed_s: float, per_item_s: float) -> float:
+    """How long the oldest of `waiting` items may wait for more, given a latency target.
+
+    A batch of n items is expected to run `fixed_s + per_item_s * n`; while waiting w seconds,
+    `rate_per_s * w` more items arrive (up to `max_batch`). The longest w with
+    w + cost(n(w)) <= target, so the oldest item still makes its target; 0 when not even one
+    more item is expected within that time, or the batch is full; never more than the target."""
+    n = min(waiting, max_batch)
+    if n >= max_batch or rate_per_s <= 0:
+        return 0.0
+    room = target_s - fixed_s - per_item_s * n
+    if room <= 0:
+        return 0.0
+    w = min(room / (1.0 + per_item_s * rate_per_s), target_s)
+    if rate_per_s * w < 1.0:
+        return 0.0  # not even one more item expected: waiting only adds latency
+    return min(w, (max_batch - n) / rate_per_s)  # a full batch goes at once: no longer than filling takes
+
+
 class _Item:
-    __slots__ = ("chan", "closed", "fut", "payload", "t")
+    __slots__ = ("chan", "closed", "fut", "payload", "started", "t")
 
     def __init__(self, payload: Any, t: float, fut: Any = None, chan: Any = None) -> None:
         self.payload, self.t, self.fut, self.chan, self.closed = payload, t, fut, chan, False
+        self.started = 0.0  # loop time its batch started
 
     @property
     def gone(self) -> bool:
@@ -113,14 +157,21 @@ class BatchQueue:
         batch_wait_timeout_s: float = 0.01,
         max_concurrent_batches: int = 1,
         streaming: bool = False,
+        batch_latency_target_s: float | None = None,
     ) -> None:
         self._run_batch = run_batch
         self._max = _check_count(max_batch_size, "max_batch_size")
         self._timeout = _check_timeout(batch_wait_timeout_s)
+        self._target = _check_target(batch_latency_target_s)
         self._concurrency = _check_count(max_concurrent_batches, "max_concurrent_batches")
         self.streaming = streaming
         self._batches = self._items = self._largest = self._skipped = 0
+        # what the adaptive wait learns: arrivals per second, and a batch's fixed and per-item cost
+        self._rate = 0.0
+        self._fixed_s = self._per_item_s = 0.0
+        self._cost_known = False
         self._reset()
+        QUEUES.add(self)
 
     def _reset(self) -> None:
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -155,6 +206,21 @@ class BatchQueue:
         self._timeout = _check_timeout(new_batch_wait_timeout_s)
         self._poke()
 
+    def get_batch_latency_target_s(self) -> float | None:
+        """The latency target the wait adapts to (None: the fixed ``batch_wait_timeout_s``)."""
+        return self._target
+
+    def set_batch_latency_target_s(self, target_s: float | None) -> None:
+        """Adapt the wait to `target_s` (None: back to the fixed ``batch_wait_timeout_s``)."""
+        self._target = _check_target(target_s)
+        self._poke()
+
+    def current_wait_s(self, waiting: int = 1) -> float:
+        """How long a batch of `waiting` items would wait now."""
+        if self._target is None:
+            return self._timeout
+        return adaptive_wait(self._target, waiting, self._max, self._rate, self._fixed_s, self._per_item_s)
+
     def stats(self) -> BatchStats:
         """A snapshot of this queue's counters."""
         queued = sum(1 for item in self._pending if not item.gone)
@@ -171,8 +237,13 @@ class BatchQueue:
         """Queue one item and wait for its result."""
         loop = self._attach()
         fut = loop.create_future()
-        self._put(_Item(payload, loop.time(), fut=fut))
-        return await fut
+        item = _Item(payload, loop.time(), fut=fut)
+        self._put(item)
+        try:
+            return await fut
+        finally:
+            if item.started:
+                BATCH_WAIT_S.set(BATCH_WAIT_S.get() + item.started - item.t)
 
     def stream(self, payload: Any) -> AsyncIterator[Any]:
         """Queue one item now; iterate the returned generator for its results."""
@@ -206,8 +277,8 @@ class BatchQueue:
 
     def _put(self, item: _Item) -> None:
         self._pending.append(item)
-        if len(self._pending) == 1 or len(self._pending) >= self._max:
-            self._wake.set()
+        if len(self._pending) == 1 or len(self._pending) >= self._max or self._target is not None:
+            self._wake.set()  # (with a target, each arrival shortens the wait: re-decide)
 
     async def _work(self) -> None:
         loop, slots = self._loop, self._slots
@@ -234,9 +305,12 @@ class BatchQueue:
                 wake.clear()
                 await wake.wait()
                 continue
-            deadline = pending[0].t + self._timeout
+            deadline = pending[0].t + self.current_wait_s(len(pending))
             if loop.time() >= deadline or self._full():
-                return [pending.popleft() for _ in range(min(self._max, len(pending)))]
+                n = min(self._max, len(pending))
+                if self._target is not None:
+                    self._learn_rate(n, loop.time() - pending[0].t)
+                return [pending.popleft() for _ in range(n)]
             wake.clear()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout_at(deadline):
@@ -252,6 +326,30 @@ class BatchQueue:
         pending.extend(live)
         return len(pending) >= self._max
 
+    def _learn_rate(self, n: int, waited: float) -> None:
+        """Arrivals per second while a batch's first item waited: what waiting gains. (Not the
+        overall rate: a client that sends its next request after the reply arrives often but
+        never while one waits, and waiting for it only adds latency.)"""
+        if waited < 1e-4:
+            return
+        sample = (n - 1) / waited
+        self._rate = sample if not self._rate else (1 - _EWMA) * self._rate + _EWMA * sample
+
+    def _learn_cost(self, n: int, seconds: float) -> None:
+        """Fold one batch's run time into the cost model: per item when batches differ in size,
+        otherwise as fixed cost (the first batch sets both)."""
+        if self._target is None:
+            return
+        if not self._cost_known:
+            self._fixed_s, self._per_item_s, self._cost_known = seconds * 0.5, seconds * 0.5 / n, True
+            return
+        predicted = self._fixed_s + self._per_item_s * n
+        err = seconds - predicted
+        # split the error between the two terms in proportion to their share of this batch
+        share = (self._per_item_s * n) / predicted if predicted > 0 else 0.5
+        self._per_item_s = max(0.0, self._per_item_s + _EWMA * err * share / n)
+        self._fixed_s = max(0.0, self._fixed_s + _EWMA * err * (1 - share))
+
     async def _execute(self, batch: list[_Item], slots: asyncio.Semaphore) -> None:
         live = [item for item in batch if not item.gone]
         self._skipped += len(batch) - len(live)
@@ -263,9 +361,14 @@ class BatchQueue:
             self._batches += 1
             self._items += len(live)
             self._largest = max(self._largest, len(live))
+            now = self._loop.time() if self._loop is not None else 0.0
+            for item in live:
+                item.started = now
+            began = time.perf_counter()
             out = self._run_batch([item.payload for item in live])
             if not self.streaming:
                 results = await out
+                self._learn_cost(len(live), time.perf_counter() - began)
                 _check_results(results, len(live))
                 for item, result in zip(live, results, strict=True):
                     if not item.fut.done():
@@ -382,6 +485,8 @@ def _expose(wrapper: Any, queue: BatchQueue) -> Any:
     wrapper.get_max_batch_size = wrapper._get_max_batch_size = queue.get_max_batch_size
     wrapper.get_batch_wait_timeout_s = queue.get_batch_wait_timeout_s
     wrapper._get_batch_wait_timeout_s = queue.get_batch_wait_timeout_s
+    wrapper.set_batch_latency_target_s = queue.set_batch_latency_target_s
+    wrapper.get_batch_latency_target_s = queue.get_batch_latency_target_s
     return wrapper
 
 
@@ -436,6 +541,7 @@ def batch(
     max_batch_size: int = 10,
     batch_wait_timeout_s: float = 0.01,
     max_concurrent_batches: int = 1,
+    batch_latency_target_s: float | None = None,
 ) -> Any:
     """Batch calls to an async function or method, like Ray Serve's ``@serve.batch``.
 
@@ -445,6 +551,10 @@ def batch(
     async generator of its own elements. The wrapper has ``set_max_batch_size``,
     ``set_batch_wait_timeout_s`` and matching getters for live tuning (e.g. in
     ``reconfigure``), and ``batch_queue`` for ``stats()``.
+
+    flotilla extra: ``batch_latency_target_s`` replaces the fixed ``batch_wait_timeout_s`` with
+    a wait chosen per batch from the observed arrival rate and batch cost, so that an item's
+    wait plus its batch's run time stays within the target (see `adaptive_wait`).
     """
     if _func is not None and not callable(_func):
         raise TypeError(
@@ -455,6 +565,7 @@ def batch(
         "max_batch_size": _check_count(max_batch_size, "max_batch_size"),
         "batch_wait_timeout_s": _check_timeout(batch_wait_timeout_s),
         "max_concurrent_batches": _check_count(max_concurrent_batches, "max_concurrent_batches"),
+        "batch_latency_target_s": _check_target(batch_latency_target_s),
     }
 
     def decorate(fn: Callable[..., Any]) -> Any:
@@ -478,6 +589,7 @@ def batched_caller(
     batch_wait_timeout_s: float,
     *,
     max_concurrent_batches: int = 1,
+    batch_latency_target_s: float | None = None,
 ) -> Callable[[Any], Awaitable[Any]]:
     """Wrap ``fn(list) -> list`` (sync or async) as an async one-item function with batching.
 
@@ -492,6 +604,7 @@ def batched_caller(
         max_batch_size=max_batch_size,
         batch_wait_timeout_s=batch_wait_timeout_s,
         max_concurrent_batches=max_concurrent_batches,
+        batch_latency_target_s=batch_latency_target_s,
     )
 
     async def call(item: Any) -> Any:

@@ -245,6 +245,9 @@ class DeploymentConfig(BaseModel):
     ray_actor_options: RayActorOptions = Field(default_factory=lambda: RayActorOptions.model_validate({}))
     max_batch_size: int | None = Field(None, ge=1, description="Deployment-level batching (seed form).")
     batch_wait_timeout_s: float = Field(0.0, ge=0)
+    batch_latency_target_s: float | None = Field(
+        None, gt=0, description="flotilla extra: with max_batch_size, adapt the wait to this latency target "
+                                "instead of the fixed batch_wait_timeout_s.")
     logging_config: LoggingConfig | None = Field(None, description="How the replicas log (see LoggingConfig).")
     max_replicas_per_node: int | None = Field(
         None, ge=1, le=MAX_REPLICAS_PER_NODE,
