@@ -1,0 +1,96 @@
+"""Live findings on real processes: a CPU-bound deployment reserving 2 CPUs shows as GIL-bound
+in `serve.status()`, `flotilla status`, `flotilla doctor`, the dashboard JSON and /metrics."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+import flotilla
+from flotilla import serve
+from flotilla.cli import main
+from tests.conftest import local_only, running_cluster, wait_for
+
+pytestmark = local_only("the controller reads the replicas' CPU use from this machine's /proc")
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[str]:
+    saved = {k: os.environ.get(k) for k in ("FLOTILLA_CPU_SAMPLE_S", "FLOTILLA_FINDINGS_WINDOW_S")}
+    os.environ.update(FLOTILLA_CPU_SAMPLE_S="0.25", FLOTILLA_FINDINGS_WINDOW_S="2")
+    try:
+        with running_cluster(num_cpus=4) as url:
+            yield url
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 2}, max_ongoing_requests=4)
+class Spin:
+    def __call__(self, ms: float = 30.0) -> int:
+        end, n = time.perf_counter() + ms / 1000.0, 0
+        while time.perf_counter() < end:
+            n += 1
+        return n
+
+
+def _json(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=10) as r:
+        return json.loads(r.read())
+
+
+def _gil(status: Any) -> list[dict[str, str]]:
+    return [f for f in status.applications["spin"].deployments["Spin"].findings if f["code"] == "gil-bound"]
+
+
+def test_a_gil_bound_deployment_reserving_2_cpus_is_found(cluster: str) -> None:
+    handle = serve.run(Spin.bind(), name="spin", route_prefix="/spin")
+    stop = threading.Event()
+
+    def load() -> None:
+        while not stop.is_set():
+            handle.remote(30.0).result(timeout_s=10)
+
+    threads = [threading.Thread(target=load, daemon=True) for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        wait_for(lambda: _gil(serve.status()), timeout=15, interval=0.2, what="the gil-bound finding")
+        found = _gil(serve.status())[0]
+        assert "num_cpus=1" in found["fix"] and found["severity"] == "warning"
+
+        base = flotilla.dashboard_url()
+        assert base
+        snap = _json(base + "/api/flotilla/dashboard/")
+        dep = snap["applications"]["spin"]["deployments"]["Spin"]
+        assert any(f["code"] == "gil-bound" and f["fix"] for f in dep["findings"])
+
+        out = CliRunner().invoke(main, ["status", "--address", base])
+        assert out.exit_code == 0, out.output
+        assert "findings:" in out.output and "gil-bound" in out.output
+
+        out = CliRunner().invoke(main, ["doctor", "--address", base, "--strict"])
+        assert out.exit_code == 1 and "gil-bound" in out.output and "fix:" in out.output, out.output
+
+        metrics = urllib.request.urlopen(flotilla.metrics_url(), timeout=10).read().decode()
+        lines = [ln for ln in metrics.splitlines() if ln.startswith("flotilla_deployment_cpu_cores{")
+                 and 'deployment="Spin"' in ln]
+        assert lines and float(lines[0].rsplit(" ", 1)[1]) > 0.3, lines
+        assert 'flotilla_replica_cpu_cores{' in metrics
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=15)
+        serve.delete("spin")
