@@ -69,6 +69,7 @@ def test_a_gil_bound_deployment_reserving_2_cpus_is_found(cluster: str) -> None:
     try:
         wait_for(lambda: _gil(serve.status()), timeout=15, interval=0.2, what="the gil-bound finding")
         found = _gil(serve.status())[0]
+        print("doctor-test:", found["message"])
         assert "num_cpus=1" in found["fix"] and found["severity"] == "warning"
 
         base = flotilla.dashboard_url()
@@ -88,6 +89,7 @@ def test_a_gil_bound_deployment_reserving_2_cpus_is_found(cluster: str) -> None:
         lines = [ln for ln in metrics.splitlines() if ln.startswith("flotilla_deployment_cpu_cores{")
                  and 'deployment="Spin"' in ln]
         assert lines and float(lines[0].rsplit(" ", 1)[1]) > 0.3, lines
+        print("doctor-test:", lines[0])
         assert 'flotilla_replica_cpu_cores{' in metrics
     finally:
         stop.set()

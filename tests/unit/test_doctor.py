@@ -257,3 +257,30 @@ def test_watch_restarts_a_replaced_process_and_dropped_counters() -> None:
     w.observe_metrics(0.0, [_snap(1000, 100, 5000, 100)])
     w.observe_metrics(1.0, [_snap(10, 1, 50, 1)])
     assert w.mean_ms(("app", "D")) == (None, 0.0)
+
+
+def test_the_doctor_command_on_a_config_file(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    from flotilla.cli import main
+
+    (tmp_path / "doc_app_mod.py").write_text(
+        "from flotilla import serve\n"
+        "@serve.deployment(ray_actor_options={'num_cpus': 1})\n"
+        "class M:\n"
+        "    def __call__(self, x):\n"
+        "        return x\n"
+        "app = M.bind()\n")
+    (tmp_path / "cfg.yaml").write_text(
+        "applications:\n- name: a\n  import_path: doc_app_mod:app\n"
+        "  deployments:\n  - name: M\n    num_replicas: 6\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    runner = CliRunner()
+    out = runner.invoke(main, ["doctor", "cfg.yaml", "--num-cpus", "4"])
+    assert out.exit_code == 0, out.output
+    assert "oversubscribed-cpu  (a/M)" in out.output and "2 will stay PENDING" in out.output
+    assert "num_replicas=4" in out.output
+    assert runner.invoke(main, ["doctor", "cfg.yaml", "--num-cpus", "4", "--strict"]).exit_code == 1
+    ok = runner.invoke(main, ["doctor", "doc_app_mod:app", "--num-cpus", "4", "--strict"])
+    assert ok.exit_code == 0 and "No problems found" in ok.output, ok.output
