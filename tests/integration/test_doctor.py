@@ -27,7 +27,7 @@ def cluster() -> Iterator[str]:
     saved = {k: os.environ.get(k) for k in ("FLOTILLA_CPU_SAMPLE_S", "FLOTILLA_FINDINGS_WINDOW_S")}
     os.environ.update(FLOTILLA_CPU_SAMPLE_S="0.25", FLOTILLA_FINDINGS_WINDOW_S="2")
     try:
-        with running_cluster(num_cpus=4) as url:
+        with running_cluster(http_options={"request_timeout_s": 0.5}, num_cpus=4) as url:
             yield url
     finally:
         for k, v in saved.items():
@@ -96,3 +96,25 @@ def test_a_gil_bound_deployment_reserving_2_cpus_is_found(cluster: str) -> None:
         for t in threads:
             t.join(timeout=15)
         serve.delete("spin")
+
+
+@serve.deployment(autoscaling_config={"min_replicas": 0, "initial_replicas": 1, "max_replicas": 1})
+class Cold:
+    def __init__(self) -> None:
+        time.sleep(0.8)
+
+    def __call__(self) -> str:
+        return "ok"
+
+
+def test_scale_to_zero_with_a_start_up_slower_than_the_request_timeout(cluster: str) -> None:
+    serve.run(Cold.bind(), name="cold", route_prefix=None)
+    try:
+        def cold() -> list[dict[str, str]]:
+            deps = serve.status().applications["cold"].deployments["Cold"]
+            return [f for f in deps.findings if f["code"] == "cold-start-too-slow"]
+
+        (f,) = wait_for(cold, timeout=10, interval=0.1, what="the cold-start finding")
+        assert "min_replicas=1" in f["fix"] and "0.5s" in f["message"], f
+    finally:
+        serve.delete("cold")

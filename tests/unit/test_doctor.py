@@ -284,3 +284,17 @@ def test_the_doctor_command_on_a_config_file(tmp_path: Any, monkeypatch: pytest.
     assert runner.invoke(main, ["doctor", "cfg.yaml", "--num-cpus", "4", "--strict"]).exit_code == 1
     ok = runner.invoke(main, ["doctor", "doc_app_mod:app", "--num-cpus", "4", "--strict"])
     assert ok.exit_code == 0 and "No problems found" in ok.output, ok.output
+
+
+def test_check_cluster_uses_targets_and_adds_live_findings() -> None:
+    details = {
+        "http_options": {"request_timeout_s": 5},
+        "applications": {"app": {"deployments": {
+            "D": {"target_num_replicas": 6, "deployment_config": {"name": "D", "num_replicas": 1,
+                                                                  "ray_actor_options": {"num_cpus": 1}}},
+        }}},
+    }
+    status = {"applications": {"app": {"deployments": {"D": {"findings": [
+        {"code": "gil-bound", "severity": "warning", "message": "m.", "fix": "f."}]}}}}}
+    found = doctor.check_cluster(details, {"CPU": 4.0}, status)
+    assert codes(found["app"]) == [("oversubscribed-cpu", "D"), ("gil-bound", "D")]

@@ -43,6 +43,7 @@ from flotilla._private.bounds import (
     startup_timeout_message,
 )
 from flotilla._private.canary_loop import CanaryLoop, CanaryRun
+from flotilla._private.doctor import DepSpec, check_cold_start
 from flotilla._private.findings import Watch, sample_s
 from flotilla._private.lifecycle import RState, transition
 from flotilla._private.metrics import Store, record_auth_failures
@@ -125,6 +126,7 @@ class Replica:
     def awaiting_reattach(self) -> bool:
         return self.adopted is not None and not self.adopted.is_set()
     slow_logged: bool = False  # its slow start was logged (once)
+    startup_s: float | None = None  # placed to ready (process start plus the constructor)
 
     @property
     def version(self) -> str:
@@ -171,6 +173,8 @@ class Deployment:
     dead: deque[str] = field(default_factory=lambda: deque(maxlen=DEAD_KEPT))
     #: Replicas replaced after dying, failing a health check or being killed, newest last.
     deaths: deque[Death] = field(default_factory=lambda: deque(maxlen=DEATHS_KEPT))
+    #: Seconds the latest replica took from placed to ready (the doctor's cold-start check).
+    startup_s: float | None = None
 
     @property
     def version(self) -> str:
@@ -835,7 +839,9 @@ class Controller:
         r = self.replicas.get(rid)
         if r is None or r.state is not RState.STARTING:
             return
-        transition(r, RState.RUNNING, f"ready after {(time.monotonic() - r.placed_at) * 1000:.0f} ms")
+        r.startup_s = time.monotonic() - r.placed_at
+        transition(r, RState.RUNNING, f"ready after {r.startup_s * 1000:.0f} ms")
+        r.dep.startup_s = r.startup_s
         if r.version == r.dep.version:
             r.dep.failures = 0
         self._spawn_task(self._health_loop(r))
@@ -1205,6 +1211,7 @@ class Controller:
         self.watch.keep(r.id for r in live)
         self.watch.observe_metrics(now, self.canary.source())
         found: dict[tuple[str, str, str], list[Any]] = {}
+        request_timeout = (getattr(self.proxy, "options", None) or {}).get("request_timeout_s")
         for app in self.apps.values():
             for d in app.deployments.values():
                 opts = d.config.get("ray_actor_options") or {}
@@ -1212,6 +1219,9 @@ class Controller:
                 f = self.watch.findings(app.name, d.name, reserved, int(d.config.get("max_ongoing_requests") or 5),
                                         [r.id for r in d.replicas.values() if r.version == d.version],
                                         ingress=app.ingress == d.name)
+                if (d.config.get("autoscaling_config") or {}).get("min_replicas") == 0 and d.startup_s is not None:
+                    f += check_cold_start([DepSpec(d.name, min_replicas=0, constructor_s=d.startup_s)],
+                                          request_timeout, 0.0)
                 if f:
                     found[d.key] = f
         self.live_findings = found

@@ -14,7 +14,7 @@ import logging
 import math
 import os
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 logger = logging.getLogger("flotilla")
@@ -481,6 +481,11 @@ def check_target(target: str, totals: Mapping[str, float], *, latency_budget_ms:
     return out
 
 
+def _with_target(spec: DepSpec, target: Any) -> DepSpec:
+    """A running deployment counts with the replicas it aims for now."""
+    return replace(spec, replicas=int(target)) if isinstance(target, int) else spec
+
+
 def check_cluster(details: Mapping[str, Any], totals: Mapping[str, float], status: Mapping[str, Any] | None = None,
                   *, latency_budget_ms: float | None = None) -> dict[str, list[Finding]]:
     """Findings per application of a running cluster: static checks of each deployment's
@@ -489,8 +494,8 @@ def check_cluster(details: Mapping[str, Any], totals: Mapping[str, float], statu
     request_timeout = (details.get("http_options") or {}).get("request_timeout_s")
     out: dict[str, list[Finding]] = {}
     for app_name, app in (details.get("applications") or {}).items():
-        specs = [spec_from_config(dn, d["deployment_config"]) for dn, d in (app.get("deployments") or {}).items()
-                 if d.get("deployment_config")]
+        specs = [_with_target(spec_from_config(dn, d["deployment_config"]), d.get("target_num_replicas"))
+                 for dn, d in (app.get("deployments") or {}).items() if d.get("deployment_config")]
         found = run_checks(specs, totals, latency_budget_ms=latency_budget_ms, request_timeout_s=request_timeout)
         live = (((status or {}).get("applications") or {}).get(app_name) or {}).get("deployments") or {}
         for dn, d in live.items():
