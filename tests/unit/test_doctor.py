@@ -298,3 +298,18 @@ def test_check_cluster_uses_targets_and_adds_live_findings() -> None:
         {"code": "gil-bound", "severity": "warning", "message": "m.", "fix": "f."}]}}}}}
     found = doctor.check_cluster(details, {"CPU": 4.0}, status)
     assert codes(found["app"]) == [("oversubscribed-cpu", "D"), ("gil-bound", "D")]
+
+
+def test_group_cpu_reads_this_process_groups_cpu_seconds() -> None:
+    import os
+
+    from flotilla._private.procfs import group_cpu, group_rss
+
+    pgid = os.getpgrp()
+    before = group_cpu([pgid])[pgid]
+    end = time.process_time() + 0.2
+    while time.process_time() < end:
+        pass
+    after = group_cpu([pgid])[pgid]
+    assert after - before >= 0.1
+    assert group_rss([pgid])[pgid] > 0 and group_cpu([]) == {}
