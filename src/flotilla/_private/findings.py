@@ -28,7 +28,7 @@ MIN_INTERVALS = 3
 #: Busy CPU use at or below this many cores, with N >= 2 reserved: likely GIL-bound.
 GIL_CORES = 1.2
 #: ... and at least this much (below it the replica waits on I/O, not on the GIL).
-GIL_MIN_CORES = 0.3
+GIL_MIN_CORES = 0.2
 #: Share of intervals a replica must be busy (requests running) to be judged GIL-bound.
 BUSY_SHARE = 0.6
 #: Share of intervals at max_ongoing_requests (saturated) or with nothing running (idle).
