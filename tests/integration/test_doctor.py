@@ -124,3 +124,39 @@ def test_scale_to_zero_with_a_start_up_slower_than_the_request_timeout(cluster: 
         assert "min_replicas=1" in f["fix"] and "0.5s" in f["message"], f
     finally:
         serve.delete("cold")
+
+
+@serve.deployment(max_ongoing_requests=1)
+class Narrow:
+    async def __call__(self, request: Any = None) -> str:
+        import asyncio
+
+        await asyncio.sleep(0.02)
+        return "ok"
+
+
+def test_latency_mostly_queueing_is_found(cluster: str) -> None:
+    serve.run(Narrow.bind(), name="narrow", route_prefix="/narrow")
+    stop = threading.Event()
+
+    def load() -> None:
+        while not stop.is_set():
+            with urllib.request.urlopen(cluster + "/narrow", timeout=10) as r:
+                r.read()
+
+    threads = [threading.Thread(target=load, daemon=True) for _ in range(6)]
+    for t in threads:
+        t.start()
+    try:
+        def outside() -> list[dict[str, str]]:
+            deps = serve.status().applications["narrow"].deployments["Narrow"]
+            return [f for f in deps.findings if f["code"] == "latency-outside-code"]
+
+        f = wait_for(outside, timeout=15, interval=0.2, what="the latency-outside-code finding")[0]
+        print("doctor-test:", f["message"])
+        assert f["severity"] == "info" and "replicas" in f["fix"]
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=15)
+        serve.delete("narrow")
