@@ -17,6 +17,7 @@ from click.testing import CliRunner
 import flotilla
 from flotilla import serve
 from flotilla.cli import main
+from tests import browser
 from tests.conftest import local_only, running_cluster, wait_for
 
 pytestmark = local_only("the controller reads the replicas' CPU use from this machine's /proc")
@@ -155,6 +156,35 @@ def test_latency_mostly_queueing_is_found(cluster: str) -> None:
         f = wait_for(outside, timeout=15, interval=0.2, what="the latency-outside-code finding")[0]
         print("doctor-test:", f["message"])
         assert f["severity"] == "info" and "replicas" in f["fix"]
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=15)
+        serve.delete("narrow")
+
+
+@pytest.mark.skipif(bool(browser.missing()), reason=f"no browser: {browser.missing()}")
+def test_the_dashboard_page_lists_the_findings(cluster: str) -> None:
+    serve.run(Narrow.bind(), name="narrow", route_prefix="/narrow")
+    stop = threading.Event()
+
+    def load() -> None:
+        while not stop.is_set():
+            with urllib.request.urlopen(cluster + "/narrow", timeout=10) as r:
+                r.read()
+
+    threads = [threading.Thread(target=load, daemon=True) for _ in range(6)]
+    for t in threads:
+        t.start()
+    item = '[data-deployment="narrow/Narrow"] .dep-findings li[data-code="latency-outside-code"]'
+    try:
+        with browser.chrome() as page:
+            page.set_page_load_timeout(20)
+            page.get(str(flotilla.dashboard_url()) + "/")
+            got = wait_for(lambda: page.execute_script(
+                f"const e = document.querySelector({item!r}); return e && !e.parentElement.hidden ? e.textContent : null;"),
+                timeout=20, interval=0.2, what="the finding listed under the deployment")
+        assert "Fix:" in got
     finally:
         stop.set()
         for t in threads:
