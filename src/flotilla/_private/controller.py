@@ -4,6 +4,8 @@ replica processes that run. Lives in the head process, on its event loop.
 The decisions are pure (`reconcile.py`); this module observes, asks, and carries them out:
 allocating and forking replicas, draining and killing them, health checks, reconfigure, status.
 Each replica moves through the state machine of `lifecycle.py`.
+On the local backend it also samples each replica's CPU use (`_cpu_loop`) for the live
+findings of `findings.py`, shown in the status, the dashboard and the cpu_cores gauges.
 
 Guarantees:
 - Idempotent deploys: re-deploying an unchanged deployment changes nothing; a changed
