@@ -3,7 +3,8 @@
 - `flotilla start`: a detached cluster (head, proxy, dashboard and REST API) that outlives the shell;
 - `flotilla deploy CONFIG.yaml`, `status`, `config`, `shutdown`: talk to it over its REST API;
 - `flotilla build module:app -o config.yaml`: write a config file for an application;
-- `flotilla run module:app | CONFIG.yaml`: a private cluster in the foreground, until Ctrl-C.
+- `flotilla run module:app | CONFIG.yaml`: a private cluster in the foreground, until Ctrl-C;
+- `flotilla doctor [module:app | CONFIG.yaml]`: check options against the machine (or cluster).
 
 Every command that reaches a cluster takes `--address` (default FLOTILLA_ADDRESS, else "auto":
 the running cluster of the namespace) and `--namespace` (FLOTILLA_NAMESPACE, else "default").
@@ -377,6 +378,48 @@ def build(import_paths: tuple[str, ...], output_path: str | None, app_dir: str, 
         click.echo(f"Wrote the config of {len(apps)} application(s) to {output_path}.")
     else:
         click.echo(text.rstrip())
+
+
+# ---- doctor ----------------------------------------------------------------------------------
+@main.command()
+@click.argument("target", required=False)
+@click.option("--latency-budget-ms", type=float, default=None, help="Warn about batch waits longer than this.")
+@click.option("--measure", is_flag=True, help="Construct each deployment once (in a child process) and time it.")
+@click.option("--measure-timeout", type=float, default=60.0, show_default=True, help="Longest a constructor may run when measured.")
+@click.option("--num-cpus", type=float, default=None, help="Check against this many CPUs (default: this machine's).")
+@click.option("--num-gpus", type=float, default=None, help="Check against this many GPUs (default: detected).")
+@click.option("--strict", is_flag=True, help="Exit with code 1 when there is any warning.")
+@address_option
+@namespace_option
+def doctor(target: str | None, latency_budget_ms: float | None, measure: bool, measure_timeout: float,
+           num_cpus: float | None, num_gpus: float | None, strict: bool, address: str | None,
+           namespace: str | None) -> None:
+    """Check deployment options against the machine and print each finding with its fix.
+
+    TARGET is module:app or a config file, checked against this machine; without it, the
+    applications running on the cluster are checked against its resources, with the live
+    findings it measured. Exit code 0 unless --strict and a warning was found.
+    """
+    from flotilla._private import doctor as doc
+
+    if target is not None:
+        if os.getcwd() not in sys.path:
+            sys.path.insert(0, os.getcwd())
+        found = doc.check_target(target, doc.machine_totals(num_cpus, num_gpus), latency_budget_ms=latency_budget_ms,
+                                 measure=measure, measure_timeout=measure_timeout)
+    else:
+        url, token, _ = _rest(address, namespace)
+        details = _request(url, token, "GET", "/api/serve/applications/")
+        totals = dict((_request(url, token, "GET", "/api/flotilla/dashboard/") or {}).get("resources", {}).get("total") or {})
+        if num_cpus is not None:
+            totals["CPU"] = num_cpus
+        if num_gpus is not None:
+            totals["GPU"] = num_gpus
+        status_data = _request(url, token, "GET", "/api/flotilla/status/")
+        found = doc.check_cluster(details or {}, totals, status_data, latency_budget_ms=latency_budget_ms)
+    click.echo(doc.report(found))
+    if strict and any(f.severity == doc.WARNING for fs in found.values() for f in fs):
+        sys.exit(1)
 
 
 # ---- run -------------------------------------------------------------------------------------

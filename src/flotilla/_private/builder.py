@@ -38,11 +38,12 @@ def code_version(app_cfg: dict[str, Any], root: str | None = None) -> str:
     return h.hexdigest()[:16]
 
 
-def build(payload: dict[str, Any]) -> None:
+def build(payload: dict[str, Any]) -> list[str]:
+    """Import, override and deploy one application; returns the config doctor's findings."""
     import flotilla
     from flotilla._private.appbuild import apply_overrides, import_application
     from flotilla._private.client import Runtime
-    from flotilla.serve.api import _logging_config, app_spec
+    from flotilla.serve.api import _logging_config, app_spec, doctor_warnings
     from flotilla.serve.deploy_schema import DeploymentSchema
 
     app_cfg = payload["app"]
@@ -57,9 +58,11 @@ def build(payload: dict[str, Any]) -> None:
                     code_version(app_cfg))
     flotilla.init(address=os.environ.get("FLOTILLA_ADDRESS"))
     try:
+        found = doctor_warnings(Runtime.current(), app, spec, env)
         Runtime.current().call_head("deploy_app", spec, timeout=60)
     finally:
         flotilla.shutdown()
+    return [f.line() for f in found]
 
 
 def main() -> None:
@@ -69,14 +72,14 @@ def main() -> None:
     out = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)  # what user code prints goes to the build log, not the result line
     try:
-        build(json.loads(sys.argv[1]))
+        findings = build(json.loads(sys.argv[1]))
     except BaseException as e:
         traceback.print_exc()
         msg = str(e) if type(e).__name__ in ("ConfigError", "ConfigFileError") else f"{type(e).__name__}: {e}"
         out.write(json.dumps({"error": msg}) + "\n")
         out.flush()
         sys.exit(1)
-    out.write(json.dumps({"ok": True}) + "\n")
+    out.write(json.dumps({"ok": True, "findings": findings}) + "\n")
     out.flush()
 
 

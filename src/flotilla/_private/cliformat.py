@@ -44,6 +44,9 @@ def _deployment(d: DeploymentStatusOverview) -> dict[str, Any]:
     }
     if d.autoscaling is not None:
         out["autoscaler"] = _plain(d.autoscaling)
+    findings = getattr(d, "findings", None)
+    if findings:
+        out["findings"] = [{k: f[k] for k in ("code", "severity", "message", "fix")} for f in findings]
     return out
 
 

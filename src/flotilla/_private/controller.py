@@ -4,6 +4,8 @@ replica processes that run. Lives in the head process, on its event loop.
 The decisions are pure (`reconcile.py`); this module observes, asks, and carries them out:
 allocating and forking replicas, draining and killing them, health checks, reconfigure, status.
 Each replica moves through the state machine of `lifecycle.py`.
+On the local backend it also samples each replica's CPU use (`_cpu_loop`) for the live
+findings of `findings.py`, shown in the status, the dashboard and the cpu_cores gauges.
 
 Guarantees:
 - Idempotent deploys: re-deploying an unchanged deployment changes nothing; a changed
@@ -43,9 +45,11 @@ from flotilla._private.bounds import (
     startup_timeout_message,
 )
 from flotilla._private.canary_loop import CanaryLoop, CanaryRun
+from flotilla._private.doctor import DepSpec, check_cold_start
+from flotilla._private.findings import Watch, sample_s
 from flotilla._private.lifecycle import RState, transition
 from flotilla._private.metrics import Store, record_auth_failures
-from flotilla._private.procfs import group_rss, machine_memory
+from flotilla._private.procfs import group_cpu, group_rss, machine_memory
 from flotilla._private.reconcile import (
     MAX_CONSTRUCTOR_FAILURES,
     Desired,
@@ -124,6 +128,7 @@ class Replica:
     def awaiting_reattach(self) -> bool:
         return self.adopted is not None and not self.adopted.is_set()
     slow_logged: bool = False  # its slow start was logged (once)
+    startup_s: float | None = None  # placed to ready (process start plus the constructor)
 
     @property
     def version(self) -> str:
@@ -170,6 +175,8 @@ class Deployment:
     dead: deque[str] = field(default_factory=lambda: deque(maxlen=DEAD_KEPT))
     #: Replicas replaced after dying, failing a health check or being killed, newest last.
     deaths: deque[Death] = field(default_factory=lambda: deque(maxlen=DEATHS_KEPT))
+    #: Seconds the latest replica took from placed to ready (the doctor's cold-start check).
+    startup_s: float | None = None
 
     @property
     def version(self) -> str:
@@ -256,6 +263,10 @@ class Controller:
         m.declare("gauge", "ray_serve_deployment_queued_queries", "Requests waiting in routers for a replica.", ("deployment", "application"))
         m.declare("counter", "flotilla_replica_memory_kills", "Replicas killed for memory: over their own `memory` (memory_limit) or the replica using the most when the machine was over its threshold (machine_threshold).", ("deployment", "application", "reason"))
         m.declare("counter", "flotilla_replica_startup_timeouts", "Replicas killed because their constructor ran past FLOTILLA_REPLICA_STARTUP_TIMEOUT_S.", ("deployment", "application"))
+        m.declare("gauge", "flotilla_replica_cpu_cores", "CPU cores a replica's processes used over the last sample (local backend).", ("deployment", "replica", "application"))
+        m.declare("gauge", "flotilla_deployment_cpu_cores", "CPU cores a deployment's replicas used over the last sample (local backend).", ("deployment", "application"))
+        self.watch = Watch()  # CPU and latency samples behind the live findings (findings.py)
+        self.live_findings: dict[tuple[str, str, str], list[Any]] = {}
         self._autoscale_wake = asyncio.Event()
         self.limits = Limits.from_env()
         self._mem_victim: Replica | None = None  # killed for the machine threshold, not gone yet
@@ -290,6 +301,7 @@ class Controller:
         self._spawn_task(self.autoscaler.run())
         self._spawn_task(self.canary.run())
         self._spawn_task(self._memory_loop())
+        self._spawn_task(self._cpu_loop())
         while True:
             try:
                 await asyncio.wait_for(self._dirty.wait(), 0.5)
@@ -829,7 +841,9 @@ class Controller:
         r = self.replicas.get(rid)
         if r is None or r.state is not RState.STARTING:
             return
-        transition(r, RState.RUNNING, f"ready after {(time.monotonic() - r.placed_at) * 1000:.0f} ms")
+        r.startup_s = time.monotonic() - r.placed_at
+        transition(r, RState.RUNNING, f"ready after {r.startup_s * 1000:.0f} ms")
+        r.dep.startup_s = r.startup_s
         if r.version == r.dep.version:
             r.dep.failures = 0
         self._spawn_task(self._health_loop(r))
@@ -1170,6 +1184,50 @@ class Controller:
         for kill in memory_decide(samples, used, total, limits, killing=victim is not None):
             self._memory_kill(self.replicas[kill.id], kill)
 
+    async def _cpu_loop(self) -> None:
+        """Every `FLOTILLA_CPU_SAMPLE_S`: the CPU each local replica used and what it runs, for
+        the live findings (`findings.Watch`) and the cpu_cores gauges."""
+        period = sample_s()
+        if period <= 0 or not self.supervisor.local:
+            return  # on Ray, replicas may be on other nodes: their /proc is not ours
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(period)
+            try:
+                await self._sample_cpu(loop)
+            except Exception:
+                logger.exception("cpu sample failed")
+
+    async def _sample_cpu(self, loop: asyncio.AbstractEventLoop) -> None:
+        live = [r for r in self.replicas.values()
+                if r.pid is not None and r.peer is not None and r.state in (RState.RUNNING, RState.UPDATING)]
+        cpu = await loop.run_in_executor(None, group_cpu, [r.pid for r in live if r.pid is not None])
+        stats = await asyncio.gather(
+            *(asyncio.wait_for(r.peer.call("stats"), LOAD_SAMPLE_TIMEOUT_S) for r in live if r.peer is not None),
+            return_exceptions=True,
+        )
+        now = time.monotonic()
+        for r, st in zip(live, stats, strict=True):
+            if isinstance(st, dict) and r.pid is not None:
+                self.watch.add(r.id, now, cpu.get(r.pid, 0.0), int(st["ongoing"]))
+        self.watch.keep(r.id for r in live)
+        self.watch.observe_metrics(now, self.canary.source())
+        found: dict[tuple[str, str, str], list[Any]] = {}
+        request_timeout = (getattr(self.proxy, "options", None) or {}).get("request_timeout_s")
+        for app in self.apps.values():
+            for d in app.deployments.values():
+                opts = d.config.get("ray_actor_options") or {}
+                reserved = float(opts.get("num_cpus", 1) or 0)
+                f = self.watch.findings(app.name, d.name, reserved, int(d.config.get("max_ongoing_requests") or 5),
+                                        [r.id for r in d.replicas.values() if r.version == d.version],
+                                        ingress=app.ingress == d.name)
+                if (d.config.get("autoscaling_config") or {}).get("min_replicas") == 0 and d.startup_s is not None:
+                    f += check_cold_start([DepSpec(d.name, min_replicas=0, constructor_s=d.startup_s)],
+                                          request_timeout, 0.0)
+                if f:
+                    found[d.key] = f
+        self.live_findings = found
+
     def _memory_kill(self, r: Replica, kill: MemKill) -> None:
         dep = r.dep
         logger.error("replica %s of %s/%s (pid %s): %s; killing it", r.id, dep.app, dep.name, r.pid, kill.message)
@@ -1200,6 +1258,7 @@ class Controller:
                     message=d.message,
                     target_num_replicas=d.target,
                     autoscaling=self.autoscaler.status(d),
+                    findings=[f.plain() for f in self.live_findings.get(d.key, [])],
                 )
             apps[app.name] = ApplicationStatusOverview(
                 status=app.status,
@@ -1223,15 +1282,23 @@ class Controller:
     def metrics_snapshot(self) -> dict[str, Any]:
         m = self.metrics
         for name in ("ray_serve_deployment_replica_healthy", "flotilla_deployment_replicas",
-                     "flotilla_deployment_target_replicas", "ray_serve_deployment_queued_queries"):
+                     "flotilla_deployment_target_replicas", "ray_serve_deployment_queued_queries",
+                     "flotilla_replica_cpu_cores", "flotilla_deployment_cpu_cores"):
             m.values[name] = {}
         for d in self.all_deployments():
             counts: dict[str, int] = {}
+            dep_cores: float | None = None
             for r in d.replicas.values():
                 state = r.state.public.value
                 counts[state] = counts.get(state, 0) + 1
                 if r.state is RState.RUNNING:
                     m.set("ray_serve_deployment_replica_healthy", (d.name, r.id, d.app), 1.0)
+                cores = self.watch.cores(r.id)
+                if cores is not None:
+                    m.set("flotilla_replica_cpu_cores", (d.name, r.id, d.app), round(cores, 3))
+                    dep_cores = (dep_cores or 0.0) + cores
+            if dep_cores is not None:
+                m.set("flotilla_deployment_cpu_cores", (d.name, d.app), round(dep_cores, 3))
             for state, n in counts.items():
                 m.set("flotilla_deployment_replicas", (d.name, d.app, state), float(n))
             m.set("flotilla_deployment_target_replicas", (d.name, d.app), float(d.target))

@@ -286,6 +286,7 @@ def snapshot(head: Head) -> dict[str, Any]:
             dep = live.deployments.get(dname) if live is not None else None
             out = dict(plain["applications"][name]["deployments"][dname])
             out.pop("autoscaler", None)
+            out.setdefault("findings", [])
             out.update(target=d.target_num_replicas, autoscaler=plain["applications"][name]["deployments"][dname].get("autoscaler"),
                        restarts=int(restarts.get((dname, name), 0)), config=None, now=latest.get(f"{name}/{dname}"),
                        replicas=[], recent_deaths=[])

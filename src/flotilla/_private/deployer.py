@@ -159,6 +159,8 @@ class Deployer:
             if proc.returncode == 0 and result.get("ok"):
                 b.state, b.message = "DONE", ""
                 logger.info("config: application %r built and deployed", app["name"])
+                for line in result.get("findings") or []:
+                    logger.warning("config: application %r: %s", app["name"], line)
             else:
                 b.state = "FAILED"
                 b.message = result.get("error") or (

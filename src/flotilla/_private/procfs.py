@@ -4,6 +4,7 @@
   its user code started), in one pass over /proc.
 - `start_ticks(pid)`: when a process started (tells a live process from a reused PID).
 - `exited_child()`, `reap_group(pid)`: reap children whose process group may outlive them.
+- `group_cpu(pgids)`: CPU seconds (user + system) used so far by whole process groups.
 - `machine_memory()`: (used, total) bytes for the machine, or for the cgroup the cluster runs
   in when that cgroup has a memory limit (as Ray's memory monitor reads it).
 """
@@ -15,6 +16,7 @@ import signal
 from collections.abc import Iterable
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
 def start_ticks(pid: int) -> int | None:
@@ -51,8 +53,18 @@ def reap_group(pid: int) -> int | None:
 
 def group_rss(pgids: Iterable[int]) -> dict[int, int]:
     """RSS in bytes of every process group in `pgids` (summed over its live processes)."""
+    return {k: int(v) for k, v in _group_sum(pgids, (21,), _PAGE).items()}
+
+
+def group_cpu(pgids: Iterable[int]) -> dict[int, float]:
+    """CPU seconds (utime + stime, all threads) used so far by every process group in `pgids`,
+    summed over its live processes."""
+    return _group_sum(pgids, (11, 12), 1.0 / _TICKS)
+
+
+def _group_sum(pgids: Iterable[int], idx: tuple[int, ...], scale: float) -> dict[int, float]:
     want = set(pgids)
-    out = dict.fromkeys(want, 0)
+    out = dict.fromkeys(want, 0.0)
     if not want:
         return out
     try:
@@ -67,11 +79,12 @@ def group_rss(pgids: Iterable[int]) -> dict[int, int]:
                 fields = f.read().rsplit(b")", 1)[1].split()
         except (OSError, IndexError):
             continue
-        # After the command: state ppid pgrp session ... rss is field 24 (index 21 here).
+        # After the command: state ppid pgrp session ...; utime, stime, rss are fields 14, 15
+        # and 24 (indexes 11, 12, 21 here).
         try:
             pgrp = int(fields[2])
             if pgrp in want:
-                out[pgrp] += int(fields[21]) * _PAGE
+                out[pgrp] += sum(int(fields[i]) for i in idx) * scale
         except (IndexError, ValueError):
             continue
     return out

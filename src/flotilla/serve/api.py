@@ -312,6 +312,7 @@ def run(
     rt = Runtime.get_or_start()
     if route_prefix is not None and rt.call_head("http_url") is None:
         start()
+    doctor_warnings(rt, target, spec)
     rt.call_head("deploy_app", spec)
     handle = DeploymentHandle(ingress, name)
     handle._warm_up()
@@ -333,6 +334,20 @@ def app_spec(target: Application, name: str, route_prefix: str | None,
     names = {id(node): n for n, node in walk_deployments(target)}
     ingress = _walk(target, name, collected, names, app_logging, app_env, code_version)
     return {"name": name, "route_prefix": route_prefix, "ingress": ingress, "deployments": list(collected.values())}
+
+
+def doctor_warnings(rt: Runtime, target: Application, spec: dict[str, Any],
+                    env: dict[str, str] | None = None) -> list[Any]:
+    """Log the config doctor's findings for an application being deployed (WARNING on the
+    `flotilla` logger), once per deployment version; a deploy never fails for them."""
+    from flotilla._private import doctor
+
+    try:
+        totals = dict(rt.call_head("cluster_resources")) if rt.backend == "ray" else dict(rt.resources)
+    except Exception:
+        return []
+    versions = {d["name"]: d["version"] for d in spec["deployments"]}
+    return doctor.deploy_warnings(target, spec["name"], totals, versions, env)
 
 
 _RUN_PARAMS = tuple(p for p in inspect.signature(run).parameters if p not in ("target", "_ray_compat"))

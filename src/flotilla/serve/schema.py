@@ -107,6 +107,9 @@ class DeploymentStatusOverview:
     message: str = ""
     target_num_replicas: int = 0
     autoscaling: AutoscalingStatus | None = None
+    #: flotilla extra: live findings on its running replicas ({code, severity, deployment,
+    #: message, fix}; see `flotilla doctor`), empty when there are none.
+    findings: list[dict[str, str]] = field(default_factory=list)
 
 
 @dataclass

@@ -219,6 +219,7 @@ function appSkeleton(name, app) {
         <span class="pill">restarts <b class="dep-restarts"></b></span></div>
       <div class="msg dep-msg" hidden></div>
       <div class="dep-auto" hidden></div>
+      <ul class="dep-findings" hidden></ul>
       <div class="figures">
         <div class="fig"><div class="v dep-rps"></div><div class="l">req/s</div></div>
         <div class="fig"><div class="v f-p50"></div><div class="l">p50 ms</div></div>
@@ -272,6 +273,10 @@ function fillDeployment(el, dep, now) {
     (a.last_decision ? ` · last decision: <span class="decision">${esc(a.last_decision)}</span>` +
       (a.last_decision_time_s ? ` <span class="muted">(${esc(clock(a.last_decision_time_s))}, ${esc(dur(now - a.last_decision_time_s))} ago)</span>` : "")
       : ' · <span class="muted">no decision yet</span>'));
+  const fs = dep.findings || [], fl = q(".dep-findings");
+  fl.hidden = !fs.length;
+  setHTML(fl, fs.map((f) => `<li class="finding ${f.severity === "warning" ? "warn" : ""}" data-code="${esc(f.code)}">` +
+    `<b>${esc(f.code)}</b> ${esc(f.message)} <span class="fix">Fix: ${esc(f.fix)}</span></li>`).join(""));
   const n = dep.now || {};
   setText(q(".dep-rps"), n.rps == null ? "0" : num(n.rps, 1, false));
   setText(q(".f-p50"), num(n.p50_ms, 2));
