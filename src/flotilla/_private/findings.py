@@ -89,7 +89,8 @@ def gil_bound(name: str, reserved: float, replicas: Mapping[str, Sequence[Interv
     return Finding(
         "gil-bound", WARNING, name,
         f"uses about {used:.1f} core(s) of the {reserved:g} it reserves while busy: its code is likely "
-        f"GIL-bound (one Python thread at a time).",
+        + ("GIL-bound (one Python thread at a time)." if used >= 0.5 else
+           "GIL-bound (one Python thread at a time) or waiting on I/O, not computing."),
         f"use num_cpus=1 and more replicas (e.g. num_replicas={max(1, int(n * reserved))}).",
     )
 
