@@ -175,3 +175,22 @@ def test_sweep_lists_every_level() -> None:
 ])
 def test_bisect_level(levels: list[LevelResult], want: int | None) -> None:
     assert tune.bisect_level(levels, 50) == want
+
+
+def test_finalists_are_the_best_two_and_the_references() -> None:
+    code, plain = Setting(2, 0.5, 5), tune.DEFAULTS
+    trials = [
+        Trial(code, level(300, 10)), Trial(plain, level(100, 60)), Trial(Setting(2, 1, 5), level(400, 10)),
+        Trial(Setting(2, 1, 8), level(350, 10)), Trial(Setting(2, 1, 32), level(500, 90)), Trial(Setting(1, 2, 5), None),
+    ]
+    got = [t.setting for t in tune.finalists(trials, 50, keep=(code, plain))]
+    assert got == [Setting(2, 1, 5), Setting(2, 1, 8), code, plain]  # plain missed the SLO: measured again anyway
+    assert [t.setting for t in tune.finalists(trials, 50, keep=(Setting(1, 2, 5),), top=1)] == [Setting(2, 1, 5)]
+
+
+def test_median_result_takes_the_median_round_and_every_error() -> None:
+    rounds = [level(300, 10), level(100, 20, errors=1), level(200, 15)]
+    med = tune.median_result(rounds)
+    assert med is not None and med.rps == 200 and med.p95_ms == 15 and med.errors == 1
+    assert tune.median_result(rounds[:2]).rps == 100  # type: ignore[union-attr]  # the lower of two
+    assert tune.median_result([]) is None

@@ -17,9 +17,25 @@ from collections.abc import Sequence
 from typing import Any
 
 __all__ = [
-    "DEFAULTS", "DIMENSIONS", "LevelResult", "Setting", "Trial", "best_level", "bisect_level", "concurrency_levels", "first_candidates",
+    "DEFAULTS",
+    "DIMENSIONS",
+    "LevelResult",
+    "Setting",
+    "Trial",
+    "best_level",
+    "bisect_level",
+    "concurrency_levels",
+    "finalists",
+    "first_candidates",
     "format_table",
-    "percentile", "pick_best", "progress_bar", "stage_candidates", "summarize", "trial_budget", "tuned_config",
+    "median_result",
+    "percentile",
+    "pick_best",
+    "progress_bar",
+    "stage_candidates",
+    "summarize",
+    "trial_budget",
+    "tuned_config",
     "within_slo",
 ]
 
@@ -139,6 +155,27 @@ def bisect_level(levels: Sequence[LevelResult], slo_p95_ms: float) -> int | None
     lo, hi = levels[-2].concurrency, levels[-1].concurrency
     mid = round(math.sqrt(lo * hi))
     return mid if lo < mid < hi else None
+
+
+def finalists(trials: Sequence[Trial], slo_p95_ms: float, keep: Sequence[Setting] = (), top: int = 2) -> list[Trial]:
+    """The trials to measure again: the `top` best within the SLO, then those of `keep`
+    (the code's options, the plain defaults) that were tried, each once."""
+    ok = sorted((t for t in trials if within_slo(t.result, slo_p95_ms)), key=lambda t: -t.result.rps)  # type: ignore[union-attr]
+    out = ok[:top]
+    for s in keep:
+        t = next((t for t in trials if t.setting == s and t.result is not None), None)
+        if t is not None and t not in out:
+            out.append(t)
+    return out
+
+
+def median_result(rounds: Sequence[LevelResult]) -> LevelResult | None:
+    """The round with the median req/s (the lower one of an even count), carrying the errors
+    of every round, so that one failed request anywhere disqualifies the setting."""
+    if not rounds:
+        return None
+    mid = sorted(rounds, key=lambda r: r.rps)[(len(rounds) - 1) // 2]
+    return dataclasses.replace(mid, errors=sum(r.errors for r in rounds))
 
 
 def stage_candidates(dim: str, best: Setting, cores: int) -> list[Setting]:

@@ -21,12 +21,16 @@ from typing import Any
 from flotilla._private import tune
 from flotilla._private.tune import LevelResult, Setting, Trial
 
-__all__ = ["TuneReport", "batched_methods", "cluster_cpu_ticks", "run_tune"]
+__all__ = ["TuneReport", "batched_methods", "cluster_cpu_ticks", "run_tune", "tuned_yaml", "write_progress"]
 
 LOADGEN_WARN_CORES = 0.8
 _TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 #: Kept back from the budget for stopping the cluster and writing the file.
 SHUTDOWN_RESERVE_S = 4.0
+#: The search's part of the budget; the rest measures the finalists again (`_confirm`).
+SEARCH_SHARE = 0.55
+#: The least time one confirmation run (a redeploy and a measurement) is given.
+CONFIRM_SLOT_MIN_S = 6.0
 _REQUEST_TIMEOUT_S = 30.0
 
 
@@ -225,6 +229,10 @@ def run_tune(
 
     start = time.monotonic()
     deadline = start + budget_s - SHUTDOWN_RESERVE_S
+    confirm_s = (budget_s - SHUTDOWN_RESERVE_S) * (1 - SEARCH_SHARE)
+    if confirm_s < 2 * 2 * CONFIRM_SLOT_MIN_S:
+        confirm_s = 0.0  # too short a budget to measure two finalists twice: all of it searches
+    search_deadline = deadline - confirm_s
     cores = cores or os.cpu_count() or 1
     say = progress or (lambda line: None)
     name, node = walk_deployments(app)[0]
@@ -267,7 +275,7 @@ def run_tune(
                     continue
                 later = sum(len(tune.stage_candidates(d, best, cores)) - 1 for d in stages[i + 1:] if d != "start")
                 left = sum(1 for s in stage[j:] if s not in tried) + later
-                share = tune.trial_budget(deadline - time.monotonic(), left)
+                share = tune.trial_budget(search_deadline - time.monotonic(), left)
                 if share <= 0:
                     notes.append(f"out of time after {len(trials)} trial(s): stopped before {setting.label()}")
                     break
@@ -283,17 +291,71 @@ def run_tune(
                     best = chosen.setting
                 continue
             break
+        final = tune.finalists(trials, slo_p95_ms, keep=(base, tune.DEFAULTS))
+        confirmed = _confirm(serve, apply_overrides, DeploymentSchema, app, name, final, prefix, request, port, keeper,
+                             deadline, say, lambda what: say(tune.progress_bar(time.monotonic() - start, budget_s, what)))
         say(tune.progress_bar(time.monotonic() - start, budget_s, "stopping the cluster"))
     finally:
         with contextlib.suppress(Exception):
             flotilla.shutdown()
-    chosen = tune.pick_best(trials, slo_p95_ms)
+    if confirmed:
+        n = max(len(t.levels) for t in confirmed)
+        notes.append(f"the finalists were measured again, up to {n} rounds interleaved (a round whose redeploy "
+                     "left no time to measure is missing): their rows (marked 'median of ...') are the medians; "
+                     "the others are single runs")
+        by_setting = {t.setting: t for t in confirmed}
+        trials = [by_setting.get(t.setting, t) for t in trials]
+        tried = {t.setting: t for t in trials}
+    chosen = tune.pick_best(confirmed or trials, slo_p95_ms)
     hot = [t.result.loadgen_cpu for t in trials if t.result is not None]
     if hot and max(hot) > LOADGEN_WARN_CORES:
         notes.append(f"the load generator used up to {max(hot):.0%} of a core: it may have limited the req/s measured")
     config = tune.tuned_config(base_cfg, name, chosen.setting) if chosen is not None else None
     return TuneReport(trials, chosen, tried.get(base), tried.get(tune.DEFAULTS), name, config, notes,
                       time.monotonic() - start)
+
+
+def _confirm(serve: Any, apply_overrides: Any, schema: Any, app: Any, name: str, final: list[Trial], prefix: str,
+             request: bytes, port: int, keeper: int, deadline: float, say: Callable[[str], None],
+             bar: Callable[[str], None]) -> list[Trial]:
+    """Measure each finalist again at the client count of its best level, round-robin, as
+    many rounds (2 or 3) as the time left allows; [] when there is no time for two rounds or
+    fewer than two finalists. A machine shared with other work makes single runs noisy:
+    interleaved rounds and medians keep a burst of that work from picking the winner."""
+    if len(final) < 2:
+        return []
+    left = deadline - time.monotonic()
+    rounds = next((r for r in (3, 2) if left / (r * len(final)) >= CONFIRM_SLOT_MIN_S), 0)
+    if not rounds:
+        return []
+    slot = left / (rounds * len(final))
+    got: dict[Setting, list[LevelResult]] = {t.setting: [] for t in final}
+    for k in range(rounds):
+        for t in final:
+            assert t.result is not None
+            bar(f"confirming, round {k + 1}/{rounds}: {t.setting.label()}")
+            until = time.monotonic() + slot
+            with contextlib.suppress(Exception):
+                serve.delete("tune")
+            entry = schema(name=name, num_replicas=t.setting.num_replicas,
+                           max_ongoing_requests=t.setting.max_ongoing_requests,
+                           ray_actor_options={"num_cpus": t.setting.num_cpus})
+            try:
+                serve.run(apply_overrides(app, [entry]), name="tune", route_prefix=prefix)
+            except Exception:
+                continue
+            if until - time.monotonic() >= 0.5:
+                got[t.setting].append(asyncio.run(
+                    _level("127.0.0.1", port, request, t.result.concurrency, until - time.monotonic(), keeper)))
+    out = []
+    for t in final:
+        med = tune.median_result(got[t.setting])
+        if med is None:
+            continue
+        out.append(Trial(t.setting, med, f"median of {len(got[t.setting])}", levels=tuple(got[t.setting])))
+        say(f"    {t.setting.label()}: " + " | ".join(f"{r.rps:.0f} req/s p95 {r.p95_ms:.1f} ms"
+                                                    for r in got[t.setting]))
+    return out
 
 
 def _trial(serve: Any, apply_overrides: Any, schema: Any, app: Any, name: str, setting: Setting, prefix: str,
