@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from flotilla._private.tune import DIMENSIONS
 from flotilla.serve.deploy_schema import load_config_file
 from tests.conftest import local_only
 
@@ -72,7 +71,6 @@ def test_tune_writes_a_deployable_config_within_budget(tmp_path: Path) -> None:
     label = " ".join(cells[:3])
     assert label == (f"replicas={entry['num_replicas']} cpus={entry['ray_actor_options']['num_cpus']:g} "
                      f"max_ongoing={entry['max_ongoing_requests']}")
-    assert len(DIMENSIONS) == 3
 
 
 def test_tune_fails_clearly_when_nothing_meets_the_slo(tmp_path: Path) -> None:

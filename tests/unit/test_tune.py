@@ -194,3 +194,61 @@ def test_median_result_takes_the_median_round_and_every_error() -> None:
     assert med is not None and med.rps == 200 and med.p95_ms == 15 and med.errors == 1
     assert tune.median_result(rounds[:2]).rps == 100  # type: ignore[union-attr]  # the lower of two
     assert tune.median_result([]) is None
+
+
+def test_batched_methods_are_found_with_their_code_options() -> None:
+    from flotilla import serve
+    from flotilla._private.tuner import batched_methods
+
+    class Base:
+        @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+        async def handle(self, items: list[int]) -> list[int]:
+            return items
+
+    class Model(Base):
+        async def __call__(self, x: int) -> int:
+            return await self.handle(x)
+
+    got = batched_methods(Model)
+    assert list(got) == ["handle"]
+    assert got["handle"]["max_batch_size"] == 8 and got["handle"]["batch_wait_timeout_s"] == 0.01
+    assert batched_methods(object) == {}
+
+
+def test_cluster_cpu_ticks_covers_the_process_tree() -> None:
+    import os
+    import subprocess
+    import sys
+
+    from flotilla._private.tuner import cluster_cpu_ticks
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(5)"])
+    try:
+        got = cluster_cpu_ticks(os.getpid())
+        assert os.getpid() in got and child.pid in got and got[os.getpid()] >= 0
+        assert os.getppid() not in got
+    finally:
+        child.kill()
+        child.wait()
+
+
+@pytest.mark.parametrize(("raw", "status", "keep", "rest"), [
+    (b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nokNEXT", 200, True, b"NEXT"),
+    (b"HTTP/1.1 503 Busy\r\nContent-Length: 0\r\n\r\nNEXT", 503, True, b"NEXT"),
+    (b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\nNEXT", 200, True, b"NEXT"),
+    (b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\nconnection: close\r\n\r\nxNEXT", 200, False, b"NEXT"),
+    (b"HTTP/1.1 200 OK\r\n\r\nuntil the end", 200, False, b""),
+])
+def test_read_response(raw: bytes, status: int, keep: bool, rest: bytes) -> None:
+    import asyncio
+
+    from flotilla._private.tuner import _read_response
+
+    async def go() -> tuple[int, bool, bytes]:
+        reader = asyncio.StreamReader()
+        reader.feed_data(raw)
+        reader.feed_eof()
+        got = await _read_response(reader)
+        return (*got, await reader.read())
+
+    assert asyncio.run(go()) == (status, keep, rest)
