@@ -109,7 +109,7 @@ def main() -> None:
     ap.add_argument("--out", default=os.path.join(HERE, "latency_target.png"))
     args = ap.parse_args()
     try:
-        import matplotlib  # noqa: F401
+        import matplotlib
     except ImportError:
         subprocess.run([sys.executable, "-m", "pip", "install", "-q", "matplotlib"], check=True)
     import flotilla

@@ -420,6 +420,54 @@ def doctor(target: str | None, latency_budget_ms: float | None, measure: bool, m
     click.echo(doc.report(found))
     if strict and any(f.severity == doc.WARNING for fs in found.values() for f in fs):
         sys.exit(1)
+# ---- tune ------------------------------------------------------------------------------------
+@main.command()
+@click.argument("import_path")
+@click.option("--slo-p95-ms", type=float, required=True, help="Latency objective: p95 in milliseconds.")
+@click.option("--body", "body_file", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="POST this file's bytes as the request body (default: GET).")
+@click.option("--route", default=None, help="Path to request (default: the route prefix, /).")
+@click.option("--budget-s", type=float, default=120.0, show_default=True, help="Time for the whole search.")
+@click.option("--output-path", "-o", default="tuned.yaml", show_default=True, type=click.Path(dir_okay=False),
+              help="Write the chosen config here.")
+@click.option("--app-dir", "-d", default=".", show_default=True, help="Directory to import the application from.")
+def tune(import_path: str, slo_p95_ms: float, body_file: str | None, route: str | None, budget_s: float,
+         output_path: str, app_dir: str) -> None:
+    """Load-test IMPORT_PATH (module:app) in a private cluster over a small search of
+    num_replicas, num_cpus and max_ongoing_requests; print a table, and write the setting with
+    the most req/s within the SLO (p95 <= --slo-p95-ms, no errors) as a config file."""
+    from flotilla._private.tune import format_table, within_slo
+    from flotilla._private.tuner import run_tune, tuned_yaml, write_progress
+
+    if slo_p95_ms <= 0 or budget_s <= 0:
+        raise click.BadParameter("--slo-p95-ms and --budget-s must be > 0")
+    sys.path.insert(0, os.path.abspath(app_dir))
+    body = None
+    if body_file:
+        with open(body_file, "rb") as f:
+            body = f.read()
+    report = run_tune(import_path, _load(import_path), slo_p95_ms, body=body, route=route, budget_s=budget_s,
+                      progress=write_progress)
+    click.echo(format_table(report.trials, slo_p95_ms, report.chosen))
+    for note in report.notes:
+        click.echo(f"note: {note}")
+    click.echo(f"{len(report.trials)} setting(s) tried in {report.elapsed_s:.0f}s (budget {budget_s:g}s).")
+    if report.chosen is None or report.chosen.result is None:
+        raise click.ClickException(f"no setting met the SLO (p95 <= {slo_p95_ms:g} ms, no errors); nothing written")
+    c = report.chosen.result
+    click.echo(f"Chosen: {report.chosen.setting.label()}: {c.rps:.0f} req/s, p95 {c.p95_ms:.1f} ms.")
+    refs = [("the code's options", report.default)]
+    if report.plain_defaults is not report.default:
+        refs.append(("the plain defaults", report.plain_defaults))
+    for what, ref in refs:
+        if ref is not None and ref.result is not None and within_slo(ref.result, slo_p95_ms):
+            click.echo(f"  {c.rps / max(ref.result.rps, 1e-9):.2f}x {what} ({ref.setting.label()}: "
+                       f"{ref.result.rps:.0f} req/s)")
+        elif ref is not None:
+            click.echo(f"  {what} ({ref.setting.label()}) missed the SLO")
+    with open(output_path, "w") as f:
+        f.write(tuned_yaml(report, "flotilla tune " + " ".join(sys.argv[2:]), slo_p95_ms))
+    click.echo(f"Wrote {output_path}. Deploy it with:  flotilla start && flotilla deploy {output_path}")
 
 
 # ---- run -------------------------------------------------------------------------------------
