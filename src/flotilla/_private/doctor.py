@@ -100,7 +100,7 @@ def spec_from_config(name: str, config: Mapping[str, Any], batch: tuple[int | No
     env_vars.update(env or {})
     size, wait = batch
     if size is None and cfg.max_batch_size:
-        size, wait = cfg.max_batch_size, cfg.batch_wait_timeout_s
+        size, wait = cfg.max_batch_size, cfg.batch_latency_target_s or cfg.batch_wait_timeout_s
     return DepSpec(
         name=name,
         replicas=cfg.initial_replicas,
@@ -124,11 +124,14 @@ def batch_options(target: Any) -> tuple[int | None, float | None]:
     for value in members:
         opts = getattr(value, "_opts", None)  # a batched method (serve.batching._BatchedMethod)
         if isinstance(opts, dict) and isinstance(opts.get("max_batch_size"), int):
-            found.append((opts["max_batch_size"], float(opts.get("batch_wait_timeout_s", 0.0))))
+            # with a latency target the wait adapts, never beyond the target
+            wait = opts.get("batch_latency_target_s") or opts.get("batch_wait_timeout_s", 0.0)
+            found.append((opts["max_batch_size"], float(wait)))
             continue
         queue = getattr(value, "batch_queue", None)  # a batched function
         if queue is not None and hasattr(queue, "get_max_batch_size"):
-            found.append((int(queue.get_max_batch_size()), float(queue.get_batch_wait_timeout_s())))
+            target = getattr(queue, "get_batch_latency_target_s", lambda: None)()
+            found.append((int(queue.get_max_batch_size()), float(target or queue.get_batch_wait_timeout_s())))
     if not found:
         return None, None
     return max(found)
@@ -256,7 +259,8 @@ def check_batching(specs: list[DepSpec], latency_budget_ms: float | None = None)
                 "batch-wait-over-budget", WARNING, s.name,
                 f"batch_wait_timeout_s={_fmt(s.batch_wait_timeout_s)} ({_fmt(s.batch_wait_timeout_s * 1000)} ms) "
                 f"is longer than the latency budget of {_fmt(latency_budget_ms)} ms.",
-                f"set batch_wait_timeout_s <= {_fmt(latency_budget_ms / 1000.0 / 2)} (half the budget).",
+                f"set batch_wait_timeout_s <= {_fmt(latency_budget_ms / 1000.0 / 2)} (half the budget), or "
+                f"batch_latency_target_s={_fmt(latency_budget_ms / 1000.0)} to let the wait adapt to it.",
             ))
     return out
 
