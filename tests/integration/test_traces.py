@@ -132,3 +132,9 @@ def test_stage_histograms_are_exported(cluster: str) -> None:
     want = {("Outer", "router_queue"), ("Outer", "replica_queue"), ("Outer", "user_code"), ("Outer", "downstream"),
             ("Inner", "router_queue"), ("Inner", "user_code")}
     wait_for(lambda: want <= stages(), timeout=15, what="stage histograms")
+
+
+def test_dashboard_has_a_trace_lookup(cluster: str) -> None:
+    base = flotilla.dashboard_url()
+    assert 'id="trace-form"' in httpx.get(f"{base}/", timeout=10).text
+    assert "/api/flotilla/trace/?id=" in httpx.get(f"{base}/static/dashboard.js", timeout=10).text

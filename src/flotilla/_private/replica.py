@@ -175,11 +175,15 @@ class Replica:
         dep_id = DeploymentID(name=self.dep_name, app_name=self.app_name)
         self.latency: trace.LatencyRing | None = None  # kept when the autoscaler may use it
         self._custom_stats: asyncio.Task[Any] | None = None
+        self._stages: dict[str, list[Any]] = {}
         self._rq_hist = trace.series(dep_id, "replica_queue")
         self._user_hist = trace.series(dep_id, "user_code")
 
     def _stage(self, stage: str) -> list[Any]:
-        return trace.series(DeploymentID(name=self.dep_name, app_name=self.app_name), stage)
+        h = self._stages.get(stage)
+        if h is None:
+            h = self._stages[stage] = trace.series(DeploymentID(name=self.dep_name, app_name=self.app_name), stage)
+        return h
 
     def _set_gauges(self) -> None:
         labels = (self.dep_name, self.replica_id, self.app_name)

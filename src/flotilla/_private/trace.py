@@ -17,6 +17,7 @@ process's metric store as `flotilla_request_stage_ms{deployment, application, st
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from typing import Any
@@ -129,7 +130,7 @@ class LatencyRing:
 def percentile(values: list[float], q: float) -> float:
     """The q-th percentile (nearest rank) of a non-empty list."""
     v = sorted(values)
-    return v[max(0, min(len(v) - 1, -(-len(v) * q // 100) - 1))]  # type: ignore[call-overload]
+    return v[max(0, min(len(v) - 1, math.ceil(len(v) * q / 100) - 1))]
 
 
 def stage_ms(stages: dict[str, float], e2e_ms: float) -> dict[str, float]:
