@@ -57,3 +57,36 @@ def test_assemble_without_the_proxy_and_unknown() -> None:
     t = trace.assemble("r1", src)
     assert t is not None and t["deployment"] == "A" and t["e2e_ms"] == 92.0 and t["status"] is None
     assert trace.assemble("r2", {}) is None
+
+
+def test_replica_stages_with_batch_wait_downstream_and_router_queue(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A replica splits its handler time into batch wait (read from batching's BATCH_WAIT_S,
+    where it exists), downstream calls (added up in the request's meta) and user code; the
+    router's wait (in meta) counts in its latency samples."""
+    import asyncio
+    import contextvars
+
+    from flotilla._private import replica as rmod
+    from flotilla._private.protocol import Call
+
+    wait: contextvars.ContextVar[float] = contextvars.ContextVar("BATCH_WAIT_S", default=0.0)
+    monkeypatch.setattr(rmod, "_BATCH_WAIT", wait)
+
+    async def main() -> None:
+        rep = rmod.Replica({"replica_id": "r-1", "deployment": "D", "app": "a"})
+        rep.latency = trace.LatencyRing(8)
+        wait.set(0.020)
+        meta = {"request_id": "req-bw", trace.DOWNSTREAM_KEY: 0.030, trace.ROUTER_QUEUE_KEY: 0.005}
+        t_in = 100.0
+        t0 = t_in + 0.001  # 1 ms in the replica's queue
+        monkeypatch.setattr(rmod.time, "perf_counter", lambda: t0 + 0.100)  # a 100 ms handler
+        rep._record(Call("__call__", (), {}, meta), meta, "OK", t0, t_in)
+        [ev] = trace.RING.find("req-bw")
+        _, kind, app, dep, rid, rq, bw, user, ds, total, _wall = ev
+        assert (kind, app, dep, rid) == ("replica", "a", "D", "r-1")
+        assert rq == pytest.approx(1.0) and bw == pytest.approx(20.0) and ds == pytest.approx(30.0)
+        assert user == pytest.approx(50.0) and total == pytest.approx(101.0)
+        lat, queue, n = rep.latency.p95(10.0, now=t0 + 0.100)
+        assert n == 1 and lat == pytest.approx(106.0) and queue == pytest.approx(6.0)
+
+    asyncio.run(main())
