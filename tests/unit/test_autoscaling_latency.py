@@ -155,3 +155,14 @@ def test_latency_ring_p95_over_the_window() -> None:
     lat, queue, n = ring.p95(window_s=50.0, now=99.0)
     assert n == 50 and lat == 97.0 and queue == pytest.approx(9.7)
     assert ring.p95(1.0, now=500.0) == (None, None, 0)
+
+
+def test_latency_only_survives_the_wire() -> None:
+    """The head reads the dumped config: an unset target_ongoing_requests must stay unset."""
+    only = DeploymentConfig(name="d", autoscaling_config={"target_latency_ms": 60, "max_replicas": 3})
+    wire = only.model_dump(mode="json")["autoscaling_config"]
+    assert "target_ongoing_requests" not in wire
+    assert AutoscalingConfig.model_validate(wire).latency_only
+    both = DeploymentConfig(name="d", autoscaling_config={"target_latency_ms": 60, "target_ongoing_requests": 2})
+    wire = both.model_dump(mode="json")["autoscaling_config"]
+    assert wire["target_ongoing_requests"] == 2 and not AutoscalingConfig.model_validate(wire).latency_only

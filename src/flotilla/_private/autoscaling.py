@@ -30,6 +30,7 @@ from pydantic import (
     Field,
     field_serializer,
     field_validator,
+    model_serializer,
     model_validator,
 )
 
@@ -170,6 +171,15 @@ class AutoscalingConfig(BaseModel):
         None, description="A custom policy (Ray's AutoscalingPolicy): policy_function is "
         "'module:function' or a callable taking an AutoscalingContext.",
     )
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: Any) -> Any:
+        # Latency targets only: leave target_ongoing_requests out, so it stays unset (and the
+        # ongoing rule only permits scale-down) wherever the dumped config is read back.
+        data = handler(self)
+        if self.latency_only and isinstance(data, dict):
+            data.pop("target_ongoing_requests", None)
+        return data
 
     @property
     def uses_latency(self) -> bool:
