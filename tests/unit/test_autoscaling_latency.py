@@ -166,3 +166,12 @@ def test_latency_only_survives_the_wire() -> None:
     both = DeploymentConfig(name="d", autoscaling_config={"target_latency_ms": 60, "target_ongoing_requests": 2})
     wire = both.model_dump(mode="json")["autoscaling_config"]
     assert wire["target_ongoing_requests"] == 2 and not AutoscalingConfig.model_validate(wire).latency_only
+
+
+def test_config_files_name_policies_by_import_path() -> None:
+    from flotilla.serve.deploy_schema import DeploymentSchema
+
+    ok = DeploymentSchema(name="d", autoscaling_config={"policy": {"policy_function": "pkg.mod:fn"}})
+    assert ok.autoscaling_config is not None and ok.autoscaling_config.policy is not None
+    with pytest.raises(ValidationError, match="module:function"):
+        DeploymentSchema(name="d", autoscaling_config={"policy": {"policy_function": "cloudpickle:AAAA"}})
