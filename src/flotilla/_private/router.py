@@ -556,37 +556,46 @@ class Router:
         model = meta.get("multiplexed_model_id", "") if meta else ""
         msg = Stream(method, args, kwargs, meta)
         front = False
-        while True:
-            r = await self.acquire(model, front)
-            ch: Channel | None = None
-            done = False
-            try:
-                if not r.ready or r.draining:
-                    front = True
-                    continue
-                tag = r.next_id()
-                ch = r.stream_channel(tag)
-                r.proto.send(tag, msg)
-                r.pending[tag] = ch
-                while True:
-                    m = await ch.get()
-                    cls = m.__class__
-                    if cls is Yield:
-                        yield m.item
-                    elif cls is End:
-                        done = True
-                        return
-                    elif cls is Rejected:
-                        done = True
+        ta = t0 = time.perf_counter()
+        queued = 0.0
+        try:
+            while True:
+                r = await self.acquire(model, front)
+                queued += time.perf_counter() - ta
+                ch: Channel | None = None
+                done = False
+                try:
+                    if not r.ready or r.draining:
                         front = True
-                        break
-                    else:
-                        done = True
-                        raise _stream_error(m)
-            finally:
-                if ch is not None and not done:
-                    ch.cancel()  # the consumer stopped early: stop the generator there
-                self.release(r)
+                        ta = time.perf_counter()
+                        continue
+                    tag = r.next_id()
+                    ch = r.stream_channel(tag)
+                    r.proto.send(tag, msg)
+                    r.pending[tag] = ch
+                    while True:
+                        m = await ch.get()
+                        cls = m.__class__
+                        if cls is Yield:
+                            yield m.item
+                        elif cls is End:
+                            done = True
+                            return
+                        elif cls is Rejected:
+                            done = True
+                            front = True
+                            ta = time.perf_counter()
+                            break
+                        else:
+                            done = True
+                            raise _stream_error(m)
+                finally:
+                    if ch is not None and not done:
+                        ch.cancel()  # the consumer stopped early: stop the generator there
+                    self.release(r)
+        finally:  # the stream's whole life, consumer included: not added to a parent's downstream
+            if trace.ON:
+                trace.routed(self._queue_hist, self.deployment_id, meta, t0, queued, None)
 
     async def http(self, scope: dict[str, Any], body: bytes, meta: Any) -> HttpFull | Channel:
         """Send an HTTP request: a whole response, or a `Channel` of a streaming one (whose
