@@ -636,6 +636,10 @@ class Replica:
                 self.idle.set()
             if self.metrics:
                 self._record(msg, meta, status, t0, t_in)
+            elif self.latency is not None:  # latency targets work with FLOTILLA_METRICS=0 too
+                t1 = time.perf_counter()
+                q = meta.get(trace.ROUTER_QUEUE_KEY, 0.0) * 1000.0 if meta else 0.0
+                self.latency.add(t1, q + (t1 - t_in) * 1000.0, q + (t0 - t_in) * 1000.0)
 
     def _record(self, msg: Any, meta: Any, status: Any, t0: float, t_in: float) -> None:
         t1 = time.perf_counter()
