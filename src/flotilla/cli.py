@@ -327,6 +327,22 @@ def config(address: str | None, namespace: str | None, name: str | None) -> None
 
 
 @main.command()
+@click.argument("request_id")
+@address_option
+@namespace_option
+@click.option("--json", "as_json", is_flag=True, help="Print the trace as JSON.")
+def trace(request_id: str, address: str | None, namespace: str | None, as_json: bool) -> None:
+    """Print one request's latency breakdown (its x-request-id): stages, nested calls."""
+    import urllib.parse
+
+    from flotilla._private.trace import format_trace
+
+    url, token, _ = _rest(address, namespace)
+    got = _request(url, token, "GET", "/api/flotilla/trace/?id=" + urllib.parse.quote(request_id, safe=""))
+    click.echo(json.dumps(got, indent=2) if as_json else format_trace(got).rstrip())
+
+
+@main.command()
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
 @address_option
 @namespace_option

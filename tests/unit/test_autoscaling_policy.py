@@ -334,6 +334,10 @@ def test_defaults_match_ray():
         "downscale_to_zero_delay_s": None,
         "upscale_delay_s": 30.0,
         "aggregation_function": "mean",
+        # flotilla's latency targets; Ray's custom policy (None: the built-in rule)
+        "target_latency_ms": None,
+        "target_queue_delay_ms": None,
+        "policy": None,
     }
     assert c.get_upscaling_factor() == c.get_downscaling_factor() == 1.0
     assert all(f.description for f in AutoscalingConfig.model_fields.values())

@@ -48,6 +48,16 @@ class AutoscalerState:
         self.last_decision_time_s = 0.0
         self.next_due = 0.0
         self.zero_since: float | None = None
+        # Latency targets: the deployment's latest (p95 latency ms, p95 queue delay ms).
+        self.latency: tuple[float | None, float | None] = (None, None)
+        # Custom policies: metric -> replica id -> [(time, value)], the policy's own state.
+        self.raw: dict[str, dict[str, list[tuple[float, float]]]] = {}
+        self.policy_state: dict[str, Any] = {}
+        self.policy_fn: Any = None
+        self.policy_failed = False  # logged once until it works again
+        self.last_up: float | None = None
+        self.last_down: float | None = None
+        self.last_ongoing = (0.0, 0.0)  # (running, queued) in replicas, latest sample
 
 
 class Autoscaler:
@@ -77,16 +87,45 @@ class Autoscaler:
     def routed_waiting(self, key: tuple[str, str, str]) -> int:
         return sum(n for (_, k), n in self.router_load.items() if k == key)
 
-    async def replica_load(self, dep: Deployment) -> int:
+    async def replica_load(self, dep: Deployment, now: float | None = None) -> int:
         """Requests running or queued in the deployment's serving replicas (each replica's
-        `in_flight` is updated too: scale-down stops the least busy ones first)."""
+        `in_flight` is updated too: scale-down stops the least busy ones first). With latency
+        targets or a custom policy, also their p95s and custom metrics (into `dep.autoscale`)."""
+        st = dep.autoscale
         serving = [r for r in dep.replicas.values() if r.peer is not None and r.state.routable]
-        calls = [asyncio.wait_for(r.peer.call("stats"), STATS_TIMEOUT_S) for r in serving if r.peer is not None]
+        window = st.eff.look_back_period_s if st is not None else None
+        extra = (window,) if window is not None and (st is not None and (st.cfg.uses_latency or st.cfg.policy)) else ()
+        calls = [asyncio.wait_for(r.peer.call("stats", *extra), STATS_TIMEOUT_S) for r in serving if r.peer is not None]
         total = 0
+        running = queued = 0.0
+        lat: list[float] = []
+        qd: list[float] = []
         for r, res in zip(serving, await asyncio.gather(*calls, return_exceptions=True), strict=True):
             if isinstance(res, dict):
                 r.in_flight = int(res["ongoing"]) + int(res["queued"])
                 total += r.in_flight
+                running += res["ongoing"]
+                queued += res["queued"]
+                if res.get("latency_ms") is not None:
+                    lat.append(res["latency_ms"])
+                    qd.append(res["queue_delay_ms"])
+                if st is not None and now is not None and res.get("custom"):
+                    for name, v in res["custom"].items():
+                        st.raw.setdefault(name, {}).setdefault(r.id, []).append((now, float(v)))
+        if st is not None:
+            # The deployment's p95: the slowest replica's (conservative; pooled samples would
+            # need every sample shipped).
+            st.latency = (max(lat) if lat else None, max(qd) if qd else None)
+            st.last_ongoing = (running, queued)
+            if st.raw and now is not None and window is not None:
+                live = {r.id for r in serving}
+                for series in st.raw.values():
+                    for rid in list(series):
+                        kept = [x for x in series[rid] if x[0] > now - window] if rid in live else []
+                        if kept:
+                            series[rid] = kept
+                        else:
+                            del series[rid]
         return total
 
     async def tick(self, dep: Deployment, now: float) -> None:
@@ -94,7 +133,7 @@ class Autoscaler:
         assert st is not None
         if any(r.awaiting_reattach for r in dep.replicas.values()):
             return  # a restarted head: their load is unknown until they reconnect
-        load = await self.replica_load(dep) + self.routed_waiting(dep.key)
+        load = await self.replica_load(dep, now) + self.routed_waiting(dep.key)
         st.samples.append((now, float(load)))
         horizon = now - st.eff.look_back_period_s - 1.0
         while st.samples and st.samples[0][0] < horizon:
@@ -102,10 +141,19 @@ class Autoscaler:
         running = sum(1 for r in dep.replicas.values() if r.state.routable)
         from flotilla._private.autoscaling import decide
 
-        d = decide(st.eff, st.samples, dep.target, running, now, st.policy)
+        if st.cfg.policy is not None:
+            d = self.custom(dep, now, load, running)
+            if d is None:
+                return
+        else:
+            d = decide(st.eff, st.samples, dep.target, running, now, st.policy, st.latency)
         st.policy = d.state
         if d.target != dep.target:
             old = dep.target
+            if d.target > old:
+                st.last_up = now
+            else:
+                st.last_down = now
             logger.info("autoscaling %s/%s: %s", dep.app, dep.name, d.reason)
             st.last_decision = d.reason
             st.last_decision_time_s = time.time()
@@ -115,6 +163,42 @@ class Autoscaler:
             dep.scaling = 1 if d.target > old else -1
             dep.trigger = DeploymentStatusTrigger.AUTOSCALING
             self.c.kick()
+
+    def custom(self, dep: Deployment, now: float, load: float, running: int) -> Any:
+        """One tick of a custom policy: build its AutoscalingContext, call it, clamp (see
+        `autoscaling.apply_custom`). A policy that fails (or cannot be loaded) is logged once
+        and the target is kept; None then."""
+        from flotilla._private.autoscaling import AutoscalingContext, TimeStampedValue, apply_custom
+        from flotilla.serve.schema import DeploymentID
+
+        st = dep.autoscale
+        assert st is not None and st.cfg.policy is not None
+        replicas = [rid for rid, r in dep.replicas.items() if r.state.routable]
+        raw = {name: {rid: [TimeStampedValue(t, v) for t, v in vals] for rid, vals in series.items()}
+               for name, series in st.raw.items()}
+        agg = {name: {rid: sum(v for _, v in vals) / len(vals) for rid, vals in series.items() if vals}
+               for name, series in st.raw.items()}
+        ctx = AutoscalingContext(
+            deployment_id=DeploymentID(dep.name, dep.app), deployment_name=dep.name, app_name=dep.app,
+            current_num_replicas=running, target_num_replicas=dep.target, running_replicas=replicas,
+            total_num_requests=load, total_queued_requests=load - st.last_ongoing[0],
+            total_running_requests=st.last_ongoing[0], aggregated_metrics=agg, raw_metrics=raw,
+            capacity_adjusted_min_replicas=st.cfg.min_replicas, capacity_adjusted_max_replicas=st.cfg.max_replicas,
+            policy_state=dict(st.policy_state), last_scale_up_time=st.last_up, last_scale_down_time=st.last_down,
+            current_time=now, config=st.cfg, latency_p95_ms=st.latency[0], queue_delay_p95_ms=st.latency[1],
+        )
+        try:
+            if st.policy_fn is None:
+                st.policy_fn = load_policy(st.cfg, dep.spec.get("sys_path") or [])
+            d, st.policy_state = apply_custom(st.policy_fn(ctx), ctx)
+        except Exception as e:
+            if not st.policy_failed:
+                st.policy_failed = True
+                logger.exception("autoscaling %s/%s: the custom policy failed (%r); keeping %d replicas "
+                                 "(logged once until it works again)", dep.app, dep.name, e, dep.target)
+            return None
+        st.policy_failed = False
+        return d
 
     async def run(self) -> None:
         while True:
@@ -149,3 +233,15 @@ def make_state(config: dict[str, Any]) -> AutoscalerState | None:
     from flotilla._private.autoscaling import AutoscalingConfig
 
     return AutoscalerState(AutoscalingConfig.model_validate(ac))
+
+
+def load_policy(cfg: AutoscalingConfig, path: list[str]) -> Any:
+    """The deployment's policy function, imported (or unpickled) in the head with the
+    deploying driver's import path appended to the head's (as replicas get it)."""
+    import sys
+
+    for p in path:
+        if p not in sys.path:
+            sys.path.append(p)
+    assert cfg.policy is not None
+    return cfg.policy.get_policy()

@@ -20,22 +20,35 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_serializer,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 __all__ = [
     "AUTO_MAX_ONGOING_REQUESTS",
     "AutoscalingConfig",
+    "AutoscalingContext",
+    "AutoscalingPolicy",
     "Decision",
     "PolicyState",
+    "TimeStampedValue",
     "aggregate_load",
+    "apply_custom",
     "auto_autoscaling_config",
     "decide",
     "desired_replicas",
     "initial_target",
+    "latency_wanted",
 ]
 
 _OLD_TARGET = "target_num_ongoing_requests_per_replica"
@@ -43,6 +56,58 @@ _EPS = 1e-9  # tolerance for float clocks and float rounding
 
 #: `max_ongoing_requests` Ray pairs with `num_replicas="auto"` (also its plain default).
 AUTO_MAX_ONGOING_REQUESTS = 5
+
+
+#: Prefix of a callable policy function in its wire form (cloudpickled, base64).
+PICKLED_POLICY = "cloudpickle:"
+
+
+class AutoscalingPolicy(BaseModel):
+    """A custom autoscaling policy (Ray's `ray.serve.config.AutoscalingPolicy`).
+
+    `policy_function`: "module:function" (imported where the controller runs) or a callable;
+    a callable travels cloudpickled, as deployment code does, and is loaded by the head.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+
+    policy_function: str | Callable[..., Any]
+
+    @field_validator("policy_function")
+    @classmethod
+    def _form(cls, v: Any) -> Any:
+        if isinstance(v, str) and not v.startswith(PICKLED_POLICY) and ":" not in v and "." not in v:
+            raise ValueError(f"policy_function {v!r}: expected 'module:function' or a callable")
+        return v
+
+    @field_serializer("policy_function", when_used="json")
+    def _wire(self, v: Any) -> str:
+        if isinstance(v, str):
+            return v
+        import base64
+
+        import cloudpickle
+
+        return PICKLED_POLICY + base64.b64encode(cloudpickle.dumps(v)).decode()
+
+    def get_policy(self) -> Callable[..., Any]:
+        """The policy function (imported or unpickled)."""
+        v = self.policy_function
+        if not isinstance(v, str):
+            return v
+        if v.startswith(PICKLED_POLICY):
+            import base64
+
+            import cloudpickle
+
+            return cloudpickle.loads(base64.b64decode(v[len(PICKLED_POLICY):]))  # type: ignore[no-any-return]
+        import importlib
+
+        mod, _, attr = v.partition(":") if ":" in v else v.rpartition(".")
+        fn = importlib.import_module(mod)
+        for part in attr.split("."):
+            fn = getattr(fn, part)
+        return fn  # type: ignore[return-value]
 
 
 class AutoscalingConfig(BaseModel):
@@ -94,6 +159,38 @@ class AutoscalingConfig(BaseModel):
     aggregation_function: Literal["mean", "max", "min"] = Field(
         "mean", description="How the samples in the look-back window are combined."
     )
+    target_latency_ms: float | None = Field(
+        None, gt=0, description="p95 of the time from a request's arrival at a router to its "
+        "reply to aim below (flotilla); with or instead of target_ongoing_requests.",
+    )
+    target_queue_delay_ms: float | None = Field(
+        None, gt=0, description="p95 of the time requests wait (router + replica queue) before a "
+        "replica starts them, to aim below (flotilla).",
+    )
+    policy: AutoscalingPolicy | None = Field(
+        None, description="A custom policy (Ray's AutoscalingPolicy): policy_function is "
+        "'module:function' or a callable taking an AutoscalingContext.",
+    )
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: Any) -> Any:
+        # Latency targets only: leave target_ongoing_requests out, so it stays unset (and the
+        # ongoing rule only permits scale-down) wherever the dumped config is read back.
+        data = handler(self)
+        if self.latency_only and isinstance(data, dict):
+            data.pop("target_ongoing_requests", None)
+        return data
+
+    @property
+    def uses_latency(self) -> bool:
+        """A latency or queue-delay target is set (replicas then keep latency samples)."""
+        return self.target_latency_ms is not None or self.target_queue_delay_ms is not None
+
+    @property
+    def latency_only(self) -> bool:
+        """Latency targets given and target_ongoing_requests left unset: the ongoing-requests
+        rule then only permits scale-down, it never scales up."""
+        return self.uses_latency and "target_ongoing_requests" not in self.model_fields_set
 
     @model_validator(mode="before")
     @classmethod
@@ -234,6 +331,7 @@ def decide(
     running: int,
     now: float,
     state: PolicyState | None,
+    latency: tuple[float | None, float | None] = (None, None),
 ) -> Decision:
     """One autoscaling step; pure (the caller supplies the clock and keeps `state`).
 
@@ -242,6 +340,8 @@ def decide(
     A `current_target` outside [min, max] (e.g. after a config change) is clamped at once.
     No samples in the window: hold `current_target` and reset the delay timer (no evidence).
     Scale from zero looks at the latest sample in the window (a request still waiting).
+    latency: the observed (p95 latency ms, p95 queue delay ms) over the look-back window,
+    None where there were no requests; used when the config sets those targets.
     """
     state = state or PolicyState()
     cur = current_target
@@ -263,7 +363,11 @@ def decide(
         return Decision(new, f"{why}: {what}", PolicyState())
 
     per = load / running
-    want = _clamp(desired_replicas(load, config, running), config)
+    want = desired_replicas(load, config, running)
+    lat_why = ""
+    if config.uses_latency:
+        want, lat_why = _with_latency(config, want, running, latency)
+    want = _clamp(want, config)
     if want > cur:
         direction, delay, delay_name = 1, config.upscale_delay_s, "upscale_delay_s"
     elif want < cur:
@@ -278,7 +382,7 @@ def decide(
         direction = 0
     target = config.target_ongoing_requests
     sign = ">" if per > target else "<" if per < target else "=="
-    head = f"avg ongoing {load:.1f} over {running} replicas ({per:.2f}/replica) {sign} target {target:g}"
+    head = f"avg ongoing {load:.1f} over {running} replicas ({per:.2f}/replica) {sign} target {target:g}{lat_why}"
     if direction == 0:
         return Decision(cur, f"{head}: steady at {cur}", PolicyState())
 
@@ -289,3 +393,102 @@ def decide(
         return Decision(want, reason, PolicyState())
     reason = f"{head} for {waited:.1f}s < {delay_name} {delay:g}: hold {cur} (wants {want})"
     return Decision(cur, reason, PolicyState(direction, since))
+
+
+#: Latency well below its target ("comfortably"): below this share of it, scale-down may go.
+COMFORT = 0.5
+#: Most a latency rule multiplies the replica count by in one step.
+MAX_LATENCY_STEP = 2.0
+
+
+def latency_wanted(p95: float | None, target: float | None, running: int) -> int | None:
+    """Replicas one latency rule wants: above target, running * p95/target (at most doubled,
+    at least one more); below COMFORT * target, one fewer; else hold. None: no opinion (no
+    target, or no requests in the window)."""
+    if target is None or p95 is None:
+        return None
+    if p95 > target:
+        return max(running + 1, math.ceil(running * min(MAX_LATENCY_STEP, p95 / target) - _EPS))
+    if p95 < COMFORT * target:
+        return max(0, running - 1)
+    return running
+
+
+def _with_latency(config: AutoscalingConfig, ongoing_want: int, running: int,
+                  latency: tuple[float | None, float | None]) -> tuple[int, str]:
+    """Combine the ongoing-requests wish with the latency rules: the max of the wishes, so
+    any rule can scale up and scale-down needs all of them to allow it. With latency targets
+    only, the ongoing rule may only hold or lower the count (its permission to go down)."""
+    lat, queue = latency
+    wants = [w for w in (latency_wanted(lat, config.target_latency_ms, running),
+                         latency_wanted(queue, config.target_queue_delay_ms, running)) if w is not None]
+    parts = []
+    if config.target_latency_ms is not None:
+        parts.append(f"p95 latency {'-' if lat is None else f'{lat:.1f}'} ms (target {config.target_latency_ms:g})")
+    if config.target_queue_delay_ms is not None:
+        parts.append(f"p95 queue delay {'-' if queue is None else f'{queue:.1f}'} ms "
+                     f"(target {config.target_queue_delay_ms:g})")
+    why = "; " + ", ".join(parts)
+    if config.latency_only:
+        ongoing_want = min(ongoing_want, running)
+    return max([ongoing_want, *wants]), why
+
+
+class TimeStampedValue(NamedTuple):
+    """One sample of a metric: `timestamp` (seconds, the controller's clock) and `value`."""
+
+    timestamp: float
+    value: float
+
+
+@dataclass
+class AutoscalingContext:
+    """What a custom policy is given each tick (Ray's `ray.serve.config.AutoscalingContext`).
+
+    Metrics are keyed by metric name, then by replica id. `aggregated_metrics` holds the mean
+    of each replica's samples over `look_back_period_s`; `raw_metrics` the samples. The
+    built-in "ongoing requests" figures are the latest sample. flotilla adds the observed
+    p95 latency and queue delay (ms, None without requests in the window).
+    """
+
+    deployment_id: Any
+    deployment_name: str
+    app_name: str | None
+    current_num_replicas: int
+    target_num_replicas: int
+    running_replicas: list[Any]
+    total_num_requests: float
+    total_queued_requests: float | None
+    total_running_requests: float | None
+    aggregated_metrics: dict[str, dict[Any, float]]
+    raw_metrics: dict[str, dict[Any, list[TimeStampedValue]]]
+    capacity_adjusted_min_replicas: int
+    capacity_adjusted_max_replicas: int
+    policy_state: dict[str, Any]
+    last_scale_up_time: float | None
+    last_scale_down_time: float | None
+    current_time: float | None
+    config: Any | None
+    latency_p95_ms: float | None = None
+    queue_delay_p95_ms: float | None = None
+
+
+def apply_custom(result: Any, ctx: AutoscalingContext) -> tuple[Decision, dict[str, Any]]:
+    """Turn a policy function's return value into a Decision (pure).
+
+    Ray's shape is `(target, policy_state)`; a bare number is accepted too (state kept). The
+    target is rounded up and clamped to the capacity-adjusted [min, max]. A custom policy
+    owns its timing: no up/down delays are added. Raises TypeError on another shape.
+    """
+    state = ctx.policy_state
+    if isinstance(result, tuple) and len(result) == 2:
+        result, state = result
+        if not isinstance(state, dict):
+            raise TypeError(f"the policy returned a policy_state of type {type(state).__name__}, not a dict")
+    if isinstance(result, bool) or not isinstance(result, (int, float)) or result != result:
+        raise TypeError(f"the policy returned {result!r}; expected (target_replicas, policy_state)")
+    lo, hi = ctx.capacity_adjusted_min_replicas, ctx.capacity_adjusted_max_replicas
+    target = max(lo, min(hi, math.ceil(result - _EPS)))
+    cur = ctx.target_num_replicas
+    what = f"{cur} -> {target}" if target != cur else f"steady at {cur}"
+    return Decision(target, f"custom policy asked for {result:g}: {what}", PolicyState()), state

@@ -862,18 +862,52 @@ def _rest_routes(head: Head) -> dict[tuple[str, str], Any]:
             return rest.text_reply(404, f"the log of replica {rid} cannot be read here: {e.strerror or e} ({path})")
         return rest.json_reply(dict(got, replica=rid, path=path))
 
+    async def get_trace(req: rest.Request) -> rest.Reply:
+        rid = req.query.get("id", "")
+        if not rid:
+            return rest.text_reply(400, "give the request id: /api/flotilla/trace/?id=<x-request-id>")
+        got = await gather_trace(head, rid)
+        if got is None:
+            return rest.text_reply(404, f"no trace of request {rid!r} (the last requests of each process are kept)")
+        return rest.json_reply(got)
+
     routes: dict[tuple[str, str], Any] = {
         ("GET", apps_path): get_apps, ("PUT", apps_path): put_apps, ("DELETE", apps_path): delete_apps,
         ("GET", "/api/flotilla/cluster/"): get_cluster, ("GET", "/api/flotilla/status/"): get_status,
         ("GET", "/api/flotilla/config/"): get_config, ("POST", "/api/flotilla/shutdown/"): post_shutdown,
         ("GET", "/api/flotilla/dashboard/"): get_dashboard, ("GET", "/api/flotilla/timeseries/"): get_timeseries,
-        ("GET", "/api/flotilla/logs/"): get_logs,
+        ("GET", "/api/flotilla/logs/"): get_logs, ("GET", "/api/flotilla/trace/"): get_trace,
     }
     for path, name, ctype in (("/", "dashboard.html", "text/html; charset=utf-8"),
                               ("/static/dashboard.js", "dashboard.js", "text/javascript; charset=utf-8"),
                               ("/static/dashboard.css", "dashboard.css", "text/css; charset=utf-8")):
         routes[("GET", path)] = _static(name, ctype)
     return routes
+
+
+#: Seconds each process has to answer a `trace` look-up.
+TRACE_TIMEOUT_S = 2.0
+
+
+async def gather_trace(head: Head, request_id: str) -> dict[str, Any] | None:
+    """One request's latency breakdown: its events from the proxy and every replica (asked
+    over their authenticated control connections), nested by `trace.assemble`."""
+    from flotilla._private import trace
+
+    peers: dict[str, Any] = {}
+    if head.proxy.peer is not None:
+        peers["proxy"] = head.proxy.peer
+    if head.controller is not None:
+        for dep in head.controller.all_deployments():
+            for rid, r in dep.replicas.items():
+                if r.peer is not None:
+                    peers[str(rid)] = r.peer
+    names = list(peers)
+    results = await asyncio.gather(
+        *(asyncio.wait_for(peers[n].call("trace", request_id), TRACE_TIMEOUT_S) for n in names),
+        return_exceptions=True)
+    sources = {n: res for n, res in zip(names, results, strict=True) if isinstance(res, list) and res}
+    return trace.assemble(request_id, sources)
 
 
 def _static(name: str, ctype: str) -> Any:

@@ -103,6 +103,15 @@ class Store:
         h[1] += value
         h[2] += 1
 
+    def series(self, name: str, labels: tuple[str, ...]) -> list[Any]:
+        """The live `[bucket counts, sum, count]` of one histogram series, created if new: a
+        hot path keeps it and calls `observe_into`, skipping the look-ups of `observe`."""
+        d = self.values[name]
+        h = d.get(labels)
+        if h is None:
+            h = d[labels] = [[0] * (len(self.meta[name][3]) + 1), 0.0, 0]
+        return h  # type: ignore[no-any-return]
+
     def snapshot(self) -> dict[str, Any]:
         return {
             "meta": dict(self.meta),
@@ -213,6 +222,13 @@ class Pusher:
 
 #: This process's store.
 STORE = Store()
+
+
+def observe_into(h: list[Any], buckets: tuple[float, ...], value: float) -> None:
+    """`Store.observe` on a series kept from `Store.series` (same buckets)."""
+    h[0][bisect.bisect_left(buckets, value)] += 1
+    h[1] += value
+    h[2] += 1
 
 
 def declare_builtins(store: Store) -> None:

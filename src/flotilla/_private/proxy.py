@@ -22,7 +22,7 @@ import random
 import time
 from typing import Any
 
-from flotilla._private import frontdoor, http_util, httpguard, logrotate, metrics, shadow
+from flotilla._private import frontdoor, http_util, httpguard, logrotate, metrics, shadow, trace
 from flotilla._private.client import Runtime
 from flotilla._private.metrics import STORE
 from flotilla._private.protocol import HttpFull
@@ -230,7 +230,9 @@ class Proxy:
             STORE.observe("ray_serve_http_request_latency_ms", key, ms)
             if status >= 400:
                 STORE.inc("ray_serve_num_http_error_requests", (prefix, str(status), method, app))
-            self.access.add(request_id.decode("latin-1"), f"{method} {scope['path']}", status, ms)
+            rid = request_id.decode("latin-1")
+            self.access.add(rid, f"{method} {scope['path']}", status, ms)
+            trace.RING.add((rid, "http", prefix, app, status, ms, time.time()))
 
     async def _websocket(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         """Route a WebSocket like an HTTP request and carry it to one replica (`ws.relay`)."""
@@ -424,6 +426,8 @@ async def _amain(args: dict[str, Any], seat: Any = None) -> None:
         if op == "update":
             Runtime.current().on_update(*a)
             return None
+        if op == "trace":
+            return trace.RING.find(str(a[0]))
         raise ValueError(op)
 
     async def hello(peer: RpcPeer) -> None:

@@ -33,7 +33,7 @@ from typing import Any
 
 import cloudpickle
 
-from flotilla._private import context, http_util, logfmt, logrotate, metrics
+from flotilla._private import context, http_util, logfmt, logrotate, metrics, trace
 from flotilla._private.awaitable import AwaitableBytes, json_value
 from flotilla._private.errors import error_reply
 from flotilla._private.metrics import STORE
@@ -58,12 +58,17 @@ from flotilla._private.protocol import (
 )
 from flotilla._private.transport import FrameProtocol, RemoteCallError, RpcPeer
 from flotilla.exceptions import RaySystemError, TaskCancelledError
+from flotilla.serve import batching as _batching
 from flotilla.serve.schema import DeploymentID, ReplicaContext, ReplicaID
 
 logger = logging.getLogger("flotilla.replica")
 
 _SYNC, _ASYNC, _ON_LOOP = 0, 1, 2  # how a user method is invoked
 _REJECTED = Rejected()
+#: `serve.batching.BATCH_WAIT_S` (seconds the request waited for its batch), where it exists.
+_BATCH_WAIT: Any = getattr(_batching, "BATCH_WAIT_S", None)
+#: How long a `stats` call waits for the user's record_autoscaling_stats().
+CUSTOM_STATS_TIMEOUT_S = 1.0
 
 
 class _DrainRejection(Exception):
@@ -168,6 +173,18 @@ class Replica:
         self.num_requests = 0
         self.logging_config: dict[str, Any] | None = None
         self.user_config: Any = None  # the last one given to reconfigure()
+        dep_id = DeploymentID(name=self.dep_name, app_name=self.app_name)
+        self.latency: trace.LatencyRing | None = None  # kept when the autoscaler may use it
+        self._custom_stats: asyncio.Task[Any] | None = None
+        self._stages: dict[str, list[Any]] = {}
+        self._rq_hist = trace.series(dep_id, "replica_queue")
+        self._user_hist = trace.series(dep_id, "user_code")
+
+    def _stage(self, stage: str) -> list[Any]:
+        h = self._stages.get(stage)
+        if h is None:
+            h = self._stages[stage] = trace.series(DeploymentID(name=self.dep_name, app_name=self.app_name), stage)
+        return h
 
     def _set_gauges(self) -> None:
         labels = (self.dep_name, self.replica_id, self.app_name)
@@ -298,6 +315,9 @@ class Replica:
 
     async def _construct(self, spec: dict[str, Any]) -> None:
         cfg = self.config = spec["config"]
+        ac = cfg.get("autoscaling_config") or {}
+        if ac.get("target_latency_ms") or ac.get("target_queue_delay_ms") or ac.get("policy"):
+            self.latency = trace.LatencyRing()
         self._apply_logging(cfg.get("logging_config"))
         self.max_ongoing = cfg["max_ongoing_requests"]
         self.pool_size = max(2, self.max_ongoing)
@@ -390,7 +410,14 @@ class Replica:
                 await self._update_config(args[0])
             return None
         if op == "stats":
-            return {"ongoing": self.ongoing, "queued": len(self.waiters), "requests": self.num_requests}
+            out: dict[str, Any] = {"ongoing": self.ongoing, "queued": len(self.waiters), "requests": self.num_requests}
+            if self.latency is not None and args:
+                out["latency_ms"], out["queue_delay_ms"], out["samples"] = self.latency.p95(float(args[0]))
+            if args and hasattr(self.obj, "record_autoscaling_stats"):
+                out["custom"] = await self._record_autoscaling_stats()
+            return out
+        if op == "trace":
+            return trace.RING.find(str(args[0]))
         if op == "stop":
             await self._drain(*args)
             if self.pusher is not None:
@@ -398,6 +425,20 @@ class Replica:
             self.loop.call_later(0.01, self.stopped.set)
             return None
         raise ValueError(f"unknown control op {op!r}")
+
+    async def _record_autoscaling_stats(self) -> dict[str, float] | None:
+        """The user's `record_autoscaling_stats()` (sync or async): {metric name: value}.
+        One call at a time; one that fails or is not a dict of numbers is logged, None."""
+        if self._custom_stats is None or self._custom_stats.done():
+            self._custom_stats = self.loop.create_task(self._invoke(self.obj.record_autoscaling_stats, (), {}))
+        try:
+            got = await asyncio.wait_for(asyncio.shield(self._custom_stats), CUSTOM_STATS_TIMEOUT_S)
+            return {str(k): float(v) for k, v in dict(got).items()}
+        except TimeoutError:
+            return None
+        except Exception as e:
+            logger.warning("record_autoscaling_stats() failed: %r", e)
+            return None
 
     async def _update_config(self, light: dict[str, Any]) -> None:
         """Apply a new `max_ongoing_requests`, `logging_config` and `user_config` in place."""
@@ -564,6 +605,7 @@ class Replica:
         self.ongoing -= 1
 
     async def _handle(self, proto: Any, tag: int, msg: Any, key: tuple[int, int]) -> None:
+        t_in = time.perf_counter()
         while True:
             try:
                 await self._acquire()
@@ -627,10 +669,39 @@ class Replica:
             if self.draining:
                 self.idle.set()
             if self.metrics:
-                self._record(msg, meta, status, t0)
+                self._record(msg, meta, status, t0, t_in)
+            elif self.latency is not None:  # latency targets work with FLOTILLA_METRICS=0 too
+                t1 = time.perf_counter()
+                q = meta.get(trace.ROUTER_QUEUE_KEY, 0.0) * 1000.0 if meta else 0.0
+                self.latency.add(t1, q + (t1 - t_in) * 1000.0, q + (t0 - t_in) * 1000.0)
 
-    def _record(self, msg: Any, meta: Any, status: Any, t0: float) -> None:
-        ms = (time.perf_counter() - t0) * 1000.0
+    def _record(self, msg: Any, meta: Any, status: Any, t0: float, t_in: float) -> None:
+        t1 = time.perf_counter()
+        ms = (t1 - t0) * 1000.0
+        # Stages: waiting for a slot here, then the handler's time split into batch wait,
+        # downstream handle calls (capped: concurrent calls overlap) and the rest (user code).
+        # BATCH_WAIT_S needs no reset: each request's task starts from the connection's
+        # context, where it is never set.
+        rq = (t0 - t_in) * 1000.0
+        bw = _BATCH_WAIT.get() * 1000.0 if _BATCH_WAIT is not None else 0.0
+        ds_s = meta.get(trace.DOWNSTREAM_KEY, 0.0) if meta else 0.0
+        user = ms - bw
+        ds = 0.0
+        if ds_s:
+            ds = min(ds_s * 1000.0, max(0.0, user))
+            user -= ds
+            metrics.observe_into(self._stage("downstream"), trace.BUCKETS, ds)
+        if bw:
+            metrics.observe_into(self._stage("batch_wait"), trace.BUCKETS, bw)
+        metrics.observe_into(self._rq_hist, trace.BUCKETS, rq)
+        metrics.observe_into(self._user_hist, trace.BUCKETS, max(0.0, user))
+        if self.latency is not None:
+            q = meta.get(trace.ROUTER_QUEUE_KEY, 0.0) * 1000.0 if meta else 0.0
+            self.latency.add(t1, q + (t1 - t_in) * 1000.0, q + rq)
+        rid = meta.get("request_id") if meta else None
+        if rid is not None:
+            trace.RING.add((rid, "replica", self.app_name, self.dep_name, self.replica_id, rq, bw,
+                            max(0.0, user), ds, (t1 - t_in) * 1000.0, time.time()))
         cls = msg.__class__
         route = (meta or {}).get("route", "") if cls is Http or cls is WsOpen else msg.method
         labels = (self.dep_name, self.replica_id, route, self.app_name)

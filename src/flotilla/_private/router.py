@@ -23,6 +23,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from typing import Any, NamedTuple
 
+from flotilla._private import trace
 from flotilla._private.errors import local_error, undecodable_reply
 from flotilla._private.protocol import (
     STREAM_WINDOW,
@@ -273,6 +274,7 @@ class Router:
         self._rate_t = time.monotonic()
         self._rate = 0.0
         self.subscription: asyncio.Task[None] | None = None
+        self._queue_hist = trace.series(deployment_id, "router_queue")
 
     # ---- updates from the controller ----------------------------------------------------
     def update(self, info: dict[str, Any]) -> None:
@@ -506,68 +508,94 @@ class Router:
         elif fut.done() and not fut.cancelled() and fut.result().__class__ is Channel:
             fut.result().cancel()
 
-    async def call(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], meta: Any) -> Any:
+    async def call(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], meta: Any,
+                   parent: dict[str, Any] | None = None) -> Any:
+        """One request; `parent`: the meta of the request being served that made this call
+        (a replica's user code), whose downstream time it adds to."""
         model = meta.get("multiplexed_model_id", "") if meta else ""
         msg = Call(method, args, kwargs, meta)
         front = False
-        while True:
-            r = await self.acquire(model, front)
-            tag, fut = self._send(r, msg)
-            try:
-                reply = await fut
-            except asyncio.CancelledError:
-                self._abandon(r, tag, fut)
-                raise
-            finally:
-                self.release(r)
-            cls = reply.__class__
-            if cls is Ok:
-                return reply.result
-            if cls is Rejected:
-                front = True
-                continue
-            if cls is Err:
-                raise local_error(reply)
-            if cls is Failed:
-                raise reply.error
-            raise RaySystemError(f"unexpected reply {cls.__name__} to a call")
+        ta = t0 = time.perf_counter()
+        queued = 0.0
+        try:
+            while True:
+                r = await self.acquire(model, front)
+                queued += time.perf_counter() - ta
+                if queued > trace.QUEUED_S:  # the replica counts it in latency and queue delay
+                    if meta is None:
+                        meta = {}
+                        msg = Call(method, args, kwargs, meta)
+                    meta[trace.ROUTER_QUEUE_KEY] = queued
+                tag, fut = self._send(r, msg)
+                try:
+                    reply = await fut
+                except asyncio.CancelledError:
+                    self._abandon(r, tag, fut)
+                    raise
+                finally:
+                    self.release(r)
+                cls = reply.__class__
+                if cls is Rejected:
+                    front = True
+                    ta = time.perf_counter()
+                    continue
+                break
+        finally:
+            if trace.ON:
+                trace.routed(self._queue_hist, self.deployment_id, meta, t0, queued, parent)
+        if cls is Ok:
+            return reply.result
+        if cls is Err:
+            raise local_error(reply)
+        if cls is Failed:
+            raise reply.error
+        raise RaySystemError(f"unexpected reply {cls.__name__} to a call")
 
     async def stream(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], meta: Any) -> AsyncIterator[Any]:
         """Yield the items of a generator method, as the replica produces them."""
         model = meta.get("multiplexed_model_id", "") if meta else ""
         msg = Stream(method, args, kwargs, meta)
         front = False
-        while True:
-            r = await self.acquire(model, front)
-            ch: Channel | None = None
-            done = False
-            try:
-                if not r.ready or r.draining:
-                    front = True
-                    continue
-                tag = r.next_id()
-                ch = r.stream_channel(tag)
-                r.proto.send(tag, msg)
-                r.pending[tag] = ch
-                while True:
-                    m = await ch.get()
-                    cls = m.__class__
-                    if cls is Yield:
-                        yield m.item
-                    elif cls is End:
-                        done = True
-                        return
-                    elif cls is Rejected:
-                        done = True
+        ta = t0 = time.perf_counter()
+        queued = 0.0
+        try:
+            while True:
+                r = await self.acquire(model, front)
+                queued += time.perf_counter() - ta
+                ch: Channel | None = None
+                done = False
+                try:
+                    if not r.ready or r.draining:
                         front = True
-                        break
-                    else:
-                        done = True
-                        raise _stream_error(m)
-            finally:
-                if ch is not None and not done:
-                    ch.cancel()  # the consumer stopped early: stop the generator there
-                self.release(r)
+                        ta = time.perf_counter()
+                        continue
+                    tag = r.next_id()
+                    ch = r.stream_channel(tag)
+                    r.proto.send(tag, msg)
+                    r.pending[tag] = ch
+                    while True:
+                        m = await ch.get()
+                        cls = m.__class__
+                        if cls is Yield:
+                            yield m.item
+                        elif cls is End:
+                            done = True
+                            return
+                        elif cls is Rejected:
+                            done = True
+                            front = True
+                            ta = time.perf_counter()
+                            break
+                        else:
+                            done = True
+                            raise _stream_error(m)
+                finally:
+                    if ch is not None and not done:
+                        ch.cancel()  # the consumer stopped early: stop the generator there
+                    self.release(r)
+        finally:  # the stream's whole life, consumer included: not added to a parent's downstream
+            if trace.ON:
+                trace.routed(self._queue_hist, self.deployment_id, meta, t0, queued, None)
 
     async def http(self, scope: dict[str, Any], body: bytes, meta: Any) -> HttpFull | Channel:
         """Send an HTTP request: a whole response, or a `Channel` of a streaming one (whose
@@ -575,26 +603,36 @@ class Router:
         model = meta.get("multiplexed_model_id", "") if meta else ""
         msg = Http(scope, body, meta)
         front = False
-        while True:
-            r = await self.acquire(model, front)
-            tag, fut = self._send(r, msg)
-            try:
-                reply = await fut
-            except asyncio.CancelledError:
+        ta = t0 = time.perf_counter()
+        queued = 0.0
+        try:
+            while True:
+                r = await self.acquire(model, front)
+                queued += time.perf_counter() - ta
+                if queued > trace.QUEUED_S and meta is not None:
+                    meta[trace.ROUTER_QUEUE_KEY] = queued
+                tag, fut = self._send(r, msg)
+                try:
+                    reply = await fut
+                except asyncio.CancelledError:
+                    self.release(r)
+                    self._abandon(r, tag, fut)
+                    raise
+                cls = reply.__class__
+                if cls is Channel:  # a streaming response holds its slot until it ends
+                    reply.on_end(functools.partial(self.release, r))
+                    return reply  # type: ignore[no-any-return]
                 self.release(r)
-                self._abandon(r, tag, fut)
-                raise
-            cls = reply.__class__
-            if cls is Channel:  # a streaming response holds its slot until it ends
-                reply.on_end(functools.partial(self.release, r))
-                return reply  # type: ignore[no-any-return]
-            self.release(r)
-            if cls is HttpFull:
-                return reply  # type: ignore[no-any-return]
-            if cls is Rejected:
-                front = True
-                continue
-            raise _stream_error(reply)
+                if cls is HttpFull:
+                    return reply  # type: ignore[no-any-return]
+                if cls is Rejected:
+                    front = True
+                    ta = time.perf_counter()
+                    continue
+                raise _stream_error(reply)
+        finally:
+            if trace.ON:
+                trace.routed(self._queue_hist, self.deployment_id, meta, t0, queued, None)
 
 
     async def websocket(self, scope: dict[str, Any], meta: Any) -> WsLink:

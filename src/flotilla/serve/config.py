@@ -25,11 +25,18 @@ from pydantic import (
     model_validator,
 )
 
-from flotilla._private.autoscaling import AutoscalingConfig, auto_autoscaling_config
+from flotilla._private.autoscaling import (
+    AutoscalingConfig,
+    AutoscalingContext,
+    AutoscalingPolicy,
+    auto_autoscaling_config,
+)
 from flotilla.serve.exceptions import ConfigError
 
 __all__ = [
     "AutoscalingConfig",
+    "AutoscalingContext",
+    "AutoscalingPolicy",
     "DeploymentConfig",
     "HTTPOptions",
     "LoggingConfig",

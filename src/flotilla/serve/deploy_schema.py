@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from flotilla._private.autoscaling import PICKLED_POLICY
 from flotilla.serve.config import DeploymentConfig, HTTPOptions, LoggingConfig, RequestRouterConfig
 from flotilla.serve.exceptions import ConfigError
 
@@ -67,6 +68,10 @@ class DeploymentSchema(DeploymentConfig):
                 "num_replicas and autoscaling_config are mutually exclusive: set num_replicas "
                 "to None or 'auto' when autoscaling_config is given"
             )
+        policy = self.autoscaling_config.policy if self.autoscaling_config is not None else None
+        if policy is not None and not (isinstance(policy.policy_function, str) and ":" in policy.policy_function
+                                       and not policy.policy_function.startswith(PICKLED_POLICY)):
+            raise ValueError("autoscaling_config.policy.policy_function: a config file names it as 'module:function'")
         return self
 
     @model_validator(mode="after")

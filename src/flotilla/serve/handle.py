@@ -97,7 +97,8 @@ class DeploymentHandle:
             meta = dict(meta or {}, request_id=parent["request_id"])
         if opts.stream:
             return DeploymentResponseGenerator(rt, self._dep, opts.method_name, args, kwargs, meta)
-        coro = _call(rt, self._dep, opts.method_name, args, kwargs, meta)
+        # `parent`: the serving request's meta, which adds up the time of its downstream calls.
+        coro = _call(rt, self._dep, opts.method_name, args, kwargs, meta, parent)
         if rt.in_loop():
             return DeploymentResponse(rt, rt.loop.create_task(coro), None)
         return DeploymentResponse(rt, None, asyncio.run_coroutine_threadsafe(coro, rt.loop))
@@ -205,12 +206,13 @@ async def _split_target(rt: Runtime, name: str) -> DeploymentID:
     return st.pick(name)
 
 
-async def _call(rt: Runtime, dep: DeploymentID | str, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], meta: Any) -> Any:
+async def _call(rt: Runtime, dep: DeploymentID | str, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], meta: Any,
+                parent: dict[str, Any] | None = None) -> Any:
     if dep.__class__ is str:  # a traffic split: pick its application for this call
         dep = await _split_target(rt, dep)  # type: ignore[arg-type]
     if _has_response(args, kwargs):
         args, kwargs = await _resolve_args(args, kwargs)
-    return await rt.router(dep).call(method, args, kwargs, meta)  # type: ignore[arg-type]
+    return await rt.router(dep).call(method, args, kwargs, meta, parent)  # type: ignore[arg-type]
 
 
 class DeploymentResponse:

@@ -462,6 +462,33 @@ $("log-close").addEventListener("click", closeLog);
 $("log-follow").addEventListener("change", () => { if ($("log-follow").checked) { const v = $("log-view"); v.scrollTop = v.scrollHeight; } });
 document.addEventListener("keydown", (e) => { if (e.key === "Escape" && !$("log-panel").hidden) closeLog(); });
 
+// ---- request trace: GET /api/flotilla/trace/?id= (stages per call, nested calls indented)
+const STAGES = ["router_queue", "replica_queue", "batch_wait", "user_code", "downstream", "other"];
+function traceText(t) {
+  const out = [`request ${t.request_id}  ${t.route || ""}  status ${t.status ?? "-"}  end-to-end ${t.e2e_ms.toFixed(2)} ms`];
+  const block = (n, ind) => {
+    out.push(`${ind}${n.application}/${n.deployment}${n.replica ? `  (replica ${n.replica})` : ""}`);
+    for (const s of STAGES) out.push(`${ind}  ${s.padEnd(14)}${(n.stages[s] || 0).toFixed(2).padStart(10)} ms`);
+    for (const c of n.downstream_calls || []) {
+      out.push(`${ind}  call ${c.application}/${c.deployment}: ${c.e2e_ms.toFixed(2)} ms`);
+      block(c, ind + "    ");
+    }
+  };
+  block(t, "  ");
+  return out.join("\n");
+}
+$("trace-form").addEventListener("submit", async (e) => {
+  e.preventDefault();
+  const id = $("trace-id").value.trim(), view = $("trace-view");
+  if (!id) return;
+  try {
+    const r = await fetch(`/api/flotilla/trace/?id=${encodeURIComponent(id)}`, {cache: "no-store"});
+    view.textContent = r.ok ? traceText(await r.json()) : await r.text();
+  } catch (err) {
+    view.textContent = "could not reach the head: " + err;
+  }
+});
+
 window.addEventListener("error", (e) => {
   const box = $("js-error");
   box.hidden = false;

@@ -1,0 +1,141 @@
+"""Per-request latency breakdown: stage histograms, `GET /api/flotilla/trace/`, `flotilla trace`."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+from click.testing import CliRunner
+from prometheus_client.parser import text_string_to_metric_families
+
+import flotilla
+from flotilla import serve
+from flotilla._private.trace import STAGES
+from tests.conftest import running_cluster, wait_for
+
+pytestmark = pytest.mark.slow
+
+
+@serve.deployment
+class Inner:
+    async def __call__(self, x: int) -> int:
+        await asyncio.sleep(0.04)
+        return x + 1
+
+
+@serve.deployment
+class Outer:
+    def __init__(self, inner) -> None:
+        self.inner = inner
+
+    async def __call__(self, request) -> dict:
+        await asyncio.sleep(0.03)
+        y = await self.inner.remote(1)
+        await asyncio.sleep(0.02)
+        return {"y": y, "request_id": serve.get_request_context().request_id}
+
+
+@serve.deployment
+class SyncOuter:
+    def __init__(self, inner) -> None:
+        self.inner = inner
+
+    def __call__(self, request) -> dict:
+        time.sleep(0.03)
+        return {"y": self.inner.remote(1).result()}
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[str]:
+    with running_cluster(num_cpus=8) as url:
+        yield url
+
+
+def _trace(rid: str) -> dict | None:
+    r = httpx.get(f"{flotilla.dashboard_url()}/api/flotilla/trace/", params={"id": rid}, timeout=10)
+    return r.json() if r.status_code == 200 else None
+
+
+def _check_sums(node: dict) -> None:
+    total = sum(node["stages"].values())
+    assert total == pytest.approx(node["e2e_ms"], rel=1e-6, abs=1e-6)
+    for child in node["downstream_calls"]:
+        _check_sums(child)
+
+
+def test_stages_add_up_to_the_end_to_end_time(cluster: str) -> None:
+    serve.run(Outer.bind(Inner.bind()), name="traced", route_prefix="/traced")
+    for i in range(3):  # warm: the first request pays for connections
+        httpx.get(f"{cluster}/traced", headers={"x-request-id": f"warm-{i}"}, timeout=10)
+    coverage = []
+    for i in range(3):
+        rid = f"trace-me-{i}"
+        r = httpx.get(f"{cluster}/traced", headers={"x-request-id": rid}, timeout=10)
+        assert r.status_code == 200 and r.json()["request_id"] == rid
+        t = wait_for(lambda rid=rid: _trace(rid), timeout=10, what="the trace")
+        assert t["request_id"] == rid and t["status"] == 200 and t["deployment"] == "Outer"
+        assert set(t["stages"]) == set(STAGES)
+        assert t["e2e_ms"] >= 90.0  # 30 + 40 + 20 ms of sleeps
+        # The stages sum exactly to the proxy's end-to-end time ("other" is the rest)...
+        _check_sums(t)
+        assert t["stages"]["downstream"] == pytest.approx(40.0, abs=15.0)
+        assert t["stages"]["user_code"] == pytest.approx(50.0, abs=15.0)
+        [call] = t["downstream_calls"]
+        assert call["deployment"] == "Inner" and call["replica"]
+        assert call["stages"]["user_code"] == pytest.approx(40.0, abs=15.0)
+        coverage.append(sum(v for k, v in t["stages"].items() if k != "other") / t["e2e_ms"])
+    # ... and the named ones cover at least 95% of it (the median of three requests: on a
+    # loaded machine one can wait for a CPU between processes, which is "other").
+    assert sorted(coverage)[1] >= 0.95, coverage
+
+
+def test_downstream_from_sync_code_and_unknown_id(cluster: str) -> None:
+    serve.run(SyncOuter.bind(Inner.bind()), name="synctraced", route_prefix="/sync")
+    httpx.get(f"{cluster}/sync", timeout=10)
+    rid = "trace-me-sync"
+    assert httpx.get(f"{cluster}/sync", headers={"x-request-id": rid}, timeout=10).status_code == 200
+    t = wait_for(lambda: _trace(rid), timeout=10, what="the trace")
+    assert t["stages"]["downstream"] == pytest.approx(40.0, abs=15.0)
+    assert [c["deployment"] for c in t["downstream_calls"]] == ["Inner"]
+    r = httpx.get(f"{flotilla.dashboard_url()}/api/flotilla/trace/", params={"id": "never-seen"}, timeout=10)
+    assert r.status_code == 404
+    assert httpx.get(f"{flotilla.dashboard_url()}/api/flotilla/trace/", timeout=10).status_code == 400
+
+
+def test_cli_prints_the_trace(cluster: str) -> None:
+    from flotilla.cli import main
+
+    serve.run(Outer.bind(Inner.bind()), name="traced", route_prefix="/traced")
+    rid = "trace-me-cli"
+    assert httpx.get(f"{cluster}/traced", headers={"x-request-id": rid}, timeout=10).status_code == 200
+    wait_for(lambda: _trace(rid), timeout=10, what="the trace")
+    res = CliRunner().invoke(main, ["trace", rid, "--address", flotilla.dashboard_url()])
+    assert res.exit_code == 0, res.output
+    assert f"request {rid}" in res.output and "end-to-end" in res.output
+    for stage in STAGES:
+        assert stage in res.output
+    assert "call traced/Inner" in res.output
+
+
+def test_stage_histograms_are_exported(cluster: str) -> None:
+    serve.run(Outer.bind(Inner.bind()), name="traced", route_prefix="/traced")
+    httpx.get(f"{cluster}/traced", timeout=10)
+
+    def stages() -> set[tuple[str, str]]:
+        text = httpx.get(flotilla.metrics_url(), timeout=10).text
+        return {(s.labels["deployment"], s.labels["stage"])
+                for fam in text_string_to_metric_families(text) if fam.name == "flotilla_request_stage_ms"
+                for s in fam.samples if s.name.endswith("_count") and s.value > 0}
+
+    want = {("Outer", "router_queue"), ("Outer", "replica_queue"), ("Outer", "user_code"), ("Outer", "downstream"),
+            ("Inner", "router_queue"), ("Inner", "user_code")}
+    wait_for(lambda: want <= stages(), timeout=15, what="stage histograms")
+
+
+def test_dashboard_has_a_trace_lookup(cluster: str) -> None:
+    base = flotilla.dashboard_url()
+    assert 'id="trace-form"' in httpx.get(f"{base}/", timeout=10).text
+    assert "/api/flotilla/trace/?id=" in httpx.get(f"{base}/static/dashboard.js", timeout=10).text
