@@ -139,3 +139,25 @@ def test_dashboard_has_a_trace_lookup(cluster: str) -> None:
     base = flotilla.dashboard_url()
     assert 'id="trace-form"' in httpx.get(f"{base}/", timeout=10).text
     assert "/api/flotilla/trace/?id=" in httpx.get(f"{base}/static/dashboard.js", timeout=10).text
+
+
+@serve.deployment(max_ongoing_requests=8)
+class BatchedModel:
+    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05)
+    async def infer(self, xs: list[int]) -> list[int]:
+        return xs
+
+    async def __call__(self, request) -> dict:
+        return {"y": await self.infer(1)}
+
+
+def test_a_lone_batched_request_shows_its_batch_wait(cluster: str) -> None:
+    serve.run(BatchedModel.bind(), name="batched", route_prefix="/batched")
+    httpx.get(f"{cluster}/batched", timeout=10)  # warm
+    rid = "batch-wait-1"
+    assert httpx.get(f"{cluster}/batched", headers={"x-request-id": rid}, timeout=10).status_code == 200
+    t = wait_for(lambda: _trace(rid), timeout=10, what="the trace")
+    # alone, it waits out the 50 ms timeout for a batch that never fills
+    assert 45 <= t["stages"]["batch_wait"] <= 150, t["stages"]
+    assert t["stages"]["user_code"] < t["stages"]["batch_wait"]
+    _check_sums(t)
