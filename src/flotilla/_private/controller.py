@@ -142,6 +142,11 @@ class Replica:
     def label(self) -> str:
         return f"{self.dep.app}/{self.dep.name}"
 
+    @property
+    def placed_wall_s(self) -> float | None:
+        """When it was placed, in epoch seconds (`placed_at` is monotonic); None before."""
+        return time.time() - (time.monotonic() - self.placed_at) if self.placed_at else None
+
 
 @dataclass
 class Death:

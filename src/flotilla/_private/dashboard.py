@@ -285,9 +285,9 @@ def snapshot(head: Head) -> dict[str, Any]:
         for dname, d in a.deployments.items():
             dep = live.deployments.get(dname) if live is not None else None
             out = dict(plain["applications"][name]["deployments"][dname])
-            out.pop("autoscaler", None)
             out.setdefault("findings", [])
-            out.update(target=d.target_num_replicas, autoscaler=plain["applications"][name]["deployments"][dname].get("autoscaler"),
+            out.setdefault("autoscaler", None)
+            out.update(target=d.target_num_replicas,
                        restarts=int(restarts.get((dname, name), 0)), config=None, now=latest.get(f"{name}/{dname}"),
                        replicas=[], recent_deaths=[])
             if dep is not None:
@@ -302,7 +302,7 @@ def snapshot(head: Head) -> dict[str, Any]:
                     out["replicas"].append({
                         "id": r.id, "state": state, "pid": r.pid, "node": r.node or head.node_id or "local",
                         "gpu_ids": gpu_ids, "running": running, "queued": queued, "version": r.version,
-                        "started_s": time.time() - (time.monotonic() - r.placed_at) if r.placed_at else None,
+                        "started_s": r.placed_wall_s,
                         "pending_reason": (pool.shortfall(r.spec["demand"]) or "waiting for resources")
                         if state == "PENDING" else None,
                     })

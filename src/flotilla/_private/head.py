@@ -941,9 +941,7 @@ def _instance_details(head: Head) -> dict[str, Any]:
                 for r in dep.replicas.values():
                     replicas.append({"replica_id": r.id, "state": r.state.public.value, "pid": r.pid,
                                      "node_id": r.node or head.node_id or "local",
-                                     # placed_at is monotonic; Ray's start_time_s is epoch seconds
-                                     "start_time_s": time.time() - (time.monotonic() - r.placed_at)
-                                     if r.placed_at else None})
+                                     "start_time_s": r.placed_wall_s})
             deps[dname] = {
                 "name": dname, "status": d.status.value, "status_trigger": d.status_trigger.value,
                 "message": d.message, "target_num_replicas": d.target_num_replicas,
