@@ -61,7 +61,8 @@ from flotilla._private.reconcile import (
     reconcile,
 )
 from flotilla._private.resources import Allocation, ResourcePool, fmt, visible_devices
-from flotilla._private.supervisor import Process, Supervisor
+from flotilla._private.supervisor import Process, Supervisor, Template
+from flotilla._private.templates import Templates
 from flotilla._private.transport import RpcPeer
 from flotilla.serve.exceptions import ConfigError
 from flotilla.serve.schema import (
@@ -256,6 +257,7 @@ class Controller:
         self.proxy: Any = None  # set by the head (ProxyManager)
         self.autoscaler = Autoscaler(self)
         self.canary = CanaryLoop(self)
+        self.templates = Templates(supervisor)
         self.on_change: Any = None  # set by the head: schedules a checkpoint write
         self.metrics = Store()
         m = self.metrics
@@ -713,18 +715,51 @@ class Controller:
         folder = (r.spec["config"].get("logging_config") or {}).get("logs_dir")
         return os.path.join(folder or os.path.join(self.session_dir, "logs"), f"replica_{r.dep.app}_{r.dep.name}_{r.id}.log")
 
-    def replica_env(self, r: Replica) -> dict[str, str]:
-        env = dict(r.spec.get("env", {}))
-        ncpu = r.spec["config"]["ray_actor_options"].get("num_cpus", 1) or 0
+    @staticmethod
+    def version_env(spec: dict[str, Any]) -> dict[str, str]:
+        """The environment every replica of the version `spec` gets (and its template)."""
+        env = dict(spec.get("env", {}))
+        ncpu = spec["config"]["ray_actor_options"].get("num_cpus", 1) or 0
         if "OMP_NUM_THREADS" not in env and "OMP_NUM_THREADS" not in os.environ:
             env["OMP_NUM_THREADS"] = str(max(1, int(ncpu)))
+        return env
+
+    def replica_env(self, r: Replica) -> dict[str, str]:
+        env = self.version_env(r.spec)
         if r.alloc is not None and r.alloc.gpu_shares:
             env["CUDA_VISIBLE_DEVICES"] = visible_devices(r.alloc.gpu_ids, os.environ.get("CUDA_VISIBLE_DEVICES"))
         env["FLOTILLA_REPLICA_ID"] = r.id
         return env
 
+    async def _template(self, dep: Deployment, spec: dict[str, Any]) -> Template | None:
+        """The ready fork_after_init template of the version `spec` is, if it asks for one and can
+        have one (opened now if needed)."""
+        if not spec["config"].get("fork_after_init"):
+            return None
+        key = (dep.app, dep.name, str(spec["version"]))
+        args = {"app": dep.app, "deployment": dep.name, "head_sock": self.head_sock,
+                "sys_path": spec.get("sys_path", []), "cwd": spec.get("cwd", ""), "env": self.version_env(spec)}
+        folder = (spec["config"].get("logging_config") or {}).get("logs_dir") or os.path.join(self.session_dir, "logs")
+        os.makedirs(folder, exist_ok=True)
+        return await self.templates.get(key, self.templates.log_path(folder, key), args, spec)
+
+    async def _warm_template(self, dep: Deployment) -> None:
+        """Open the template of `dep`'s version before any replica asks (it serves scale-from-zero)."""
+        try:
+            await self._template(dep, dep.spec)
+        except Exception:
+            logger.exception("fork_after_init template of %s/%s", dep.app, dep.name)
+
     async def _spawn(self, r: Replica) -> None:
         dep = r.dep
+        try:
+            template = await self._template(dep, r.spec)
+        except Exception as e:
+            logger.error("fork_after_init template of %s/%s: %r", dep.app, dep.name, e)
+            template = None
+        if r.state is not RState.STARTING:  # stopped while its template was being built
+            self._replica_gone(r, "stopped before it started")
+            return
         direct = self.proxy.direct if self.proxy is not None else None
         app = self.apps.get(dep.app)
         args = {
@@ -747,7 +782,8 @@ class Controller:
         try:
             log = self._log_path(r)
             os.makedirs(os.path.dirname(log), exist_ok=True)  # a logging_config.logs_dir
-            proc = await self.supervisor.start("replica", log, args, lambda p: self._on_exit(r, p))
+            starter = template if template is not None else self.supervisor
+            proc = await starter.start("replica", log, args, lambda p: self._on_exit(r, p))
         except Exception as e:
             logger.error("could not start replica %s: %s", r.id, e)
             self._replica_gone(r, f"could not start: {e}")
@@ -755,7 +791,8 @@ class Controller:
         r.proc = proc
         self._changed()
         self.metrics.inc("ray_serve_deployment_replica_starts", (dep.name, dep.app))
-        logger.info("replica %s of %s/%s forked (pid %d)", r.id, dep.app, dep.name, proc.pid)
+        logger.info("replica %s of %s/%s forked (pid %d%s)", r.id, dep.app, dep.name, proc.pid,
+                    f", from its template, pid {template.pid}" if template is not None else "")
         if r.state is RState.DRAINING:  # stopped while it was being forked
             self.supervisor.kill(proc)
 
@@ -998,6 +1035,11 @@ class Controller:
     def reconcile(self) -> None:
         self._changed()
         self._check_startups()
+        forking = [d for d in self.all_deployments() if not d.deleting and d.config.get("fork_after_init")]
+        self.templates.retire((d.app, d.name, d.version) for d in forking)
+        for d in forking:
+            if not self.templates.opened((d.app, d.name, d.version)) and not d.failed_msg:
+                self._spawn_task(self._warm_template(d))
         for app in list(self.apps.values()):
             for dep in list(app.deployments.values()):
                 self._reconcile_deployment(dep)
@@ -1263,7 +1305,8 @@ class Controller:
                     message=d.message,
                     target_num_replicas=d.target,
                     autoscaling=self.autoscaler.status(d),
-                    findings=[f.plain() for f in self.live_findings.get(d.key, [])],
+                    findings=[f.plain() for f in [*self.live_findings.get(d.key, []),
+                                                  *filter(None, [self.templates.finding(d.app, d.name, d.version)])]],
                 )
             apps[app.name] = ApplicationStatusOverview(
                 status=app.status,
@@ -1364,6 +1407,7 @@ class Controller:
 
     async def kill_all(self) -> None:
         """Kill every replica process now (their process groups), and forget all apps."""
+        await self.templates.close()
         procs = [r.proc for r in self.replicas.values() if r.proc is not None]
         for p in procs:
             self.supervisor.kill(p)
