@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from flotilla import serve
+from flotilla._private.procfs import process_memory
 from tests.conftest import RAY_BACKEND, local_only, running_cluster, title, wait_for
 
 pytestmark = pytest.mark.slow
@@ -30,8 +31,16 @@ MB = 1 << 20
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[str]:
-    with running_cluster(num_cpus=4, num_gpus=1) as url:
-        yield url
+    old = os.environ.get("FLOTILLA_CPU_SAMPLE_S")
+    os.environ["FLOTILLA_CPU_SAMPLE_S"] = "0.2"  # memory figures in the status within a moment
+    try:
+        with running_cluster(num_cpus=4, num_gpus=1) as url:
+            yield url
+    finally:
+        if old is None:
+            os.environ.pop("FLOTILLA_CPU_SAMPLE_S", None)
+        else:
+            os.environ["FLOTILLA_CPU_SAMPLE_S"] = old
 
 
 @pytest.fixture
@@ -95,8 +104,6 @@ def test_scale_out_forks_in_milliseconds_and_shares_the_weights(url: str, tmp_pa
     assert {p.name for p in tmp_path.glob("post-*")} == {f"post-{pid}" for pid in replicas}
     answers = {httpx.get(f"{url}/fork").json()["built_in"] for _ in range(20)}
     assert answers == {templates[0]}
-    from flotilla._private.procfs import process_memory
-
     mem = [process_memory(pid) for pid in replicas]
     pss = sum(m.pss for m in mem if m is not None)
     shared = min(m.shared for m in mem if m is not None)
@@ -104,6 +111,15 @@ def test_scale_out_forks_in_milliseconds_and_shares_the_weights(url: str, tmp_pa
     # of the one array add up to 8/9 of it, plus each interpreter's own pages.
     assert pss < 1.6 * ARRAY_MB * MB, f"the 8 replicas' PSS is {pss / MB:.0f} MB"
     assert shared > 0.9 * ARRAY_MB * MB, f"a replica shares only {shared / MB:.0f} MB"
+
+    def told() -> serve.schema.DeploymentStatusOverview | None:  # the same, as the status tells it
+        st = _dep("fork", "Big")
+        return st if len(st.replica_memory) == 8 and st.template_memory is not None else None
+
+    st = wait_for(told, timeout=10, what="replica_memory and template_memory in the status")
+    assert st.template_memory.uss_bytes > 0.9 * ARRAY_MB * MB  # the one copy, private to the template
+    assert all(m.shared_bytes > 0.9 * ARRAY_MB * MB and m.uss_bytes < 0.2 * ARRAY_MB * MB
+               for m in st.replica_memory.values()), st.replica_memory
 
     serve.delete("fork")
     wait_for(lambda: not _pids("flotilla::template:fork:Big") and not _pids("flotilla::replica:fork:Big"),

@@ -32,7 +32,7 @@ import secrets
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, overload
 
 from flotilla._private.autoscaler_loop import Autoscaler, AutoscalerState, make_state
 from flotilla._private.bounds import (
@@ -49,7 +49,7 @@ from flotilla._private.doctor import DepSpec, check_cold_start
 from flotilla._private.findings import Watch, sample_s
 from flotilla._private.lifecycle import RState, transition
 from flotilla._private.metrics import Store, record_auth_failures
-from flotilla._private.procfs import group_cpu, group_rss, machine_memory
+from flotilla._private.procfs import Memory, group_cpu, group_rss, machine_memory, memory_of
 from flotilla._private.reconcile import (
     MAX_CONSTRUCTOR_FAILURES,
     Desired,
@@ -71,6 +71,7 @@ from flotilla.serve.schema import (
     DeploymentStatus,
     DeploymentStatusOverview,
     DeploymentStatusTrigger,
+    ReplicaMemory,
     ReplicaState,
     ServeStatus,
     ShadowStatus,
@@ -98,6 +99,14 @@ DEAD_KEPT = 64
 #: Replicas replaced without being asked, kept per deployment for the dashboard.
 DEATHS_KEPT = 10
 _LIGHT = ("user_config", "max_ongoing_requests", "logging_config")
+
+
+@overload
+def _memory(m: Memory) -> ReplicaMemory: ...
+@overload
+def _memory(m: Memory | None) -> ReplicaMemory | None: ...
+def _memory(m: Memory | None) -> ReplicaMemory | None:
+    return ReplicaMemory(m.rss, m.pss, m.uss, m.shared) if m is not None else None
 
 
 def light_config(config: dict[str, Any]) -> dict[str, Any]:
@@ -130,6 +139,7 @@ class Replica:
         return self.adopted is not None and not self.adopted.is_set()
     slow_logged: bool = False  # its slow start was logged (once)
     startup_s: float | None = None  # placed to ready (process start plus the constructor)
+    memory: Memory | None = None  # its process's RSS/PSS/USS/shared at the last sample (local)
 
     @property
     def version(self) -> str:
@@ -258,6 +268,7 @@ class Controller:
         self.autoscaler = Autoscaler(self)
         self.canary = CanaryLoop(self)
         self.templates = Templates(supervisor)
+        self.template_memory: dict[tuple[str, str, str], Memory] = {}  # (app, deployment, version) ->
         self.on_change: Any = None  # set by the head: schedules a checkpoint write
         self.metrics = Store()
         m = self.metrics
@@ -271,6 +282,9 @@ class Controller:
         m.declare("counter", "flotilla_replica_memory_kills", "Replicas killed for memory: over their own `memory` (memory_limit) or the replica using the most when the machine was over its threshold (machine_threshold).", ("deployment", "application", "reason"))
         m.declare("counter", "flotilla_replica_startup_timeouts", "Replicas killed because their constructor ran past FLOTILLA_REPLICA_STARTUP_TIMEOUT_S.", ("deployment", "application"))
         m.declare("gauge", "flotilla_replica_cpu_cores", "CPU cores a replica's processes used over the last sample (local backend).", ("deployment", "replica", "application"))
+        m.declare("gauge", "flotilla_replica_memory_uss_bytes", "A replica process's private memory (USS: what its exit frees) at the last sample (local backend).", ("deployment", "replica", "application"))
+        m.declare("gauge", "flotilla_replica_memory_pss_bytes", "A replica process's proportional memory (PSS: each shared page split between the processes mapping it) at the last sample (local backend).", ("deployment", "replica", "application"))
+        m.declare("gauge", "flotilla_replica_memory_shared_bytes", "A replica process's resident memory shared with other processes (e.g. copy-on-write from a template) at the last sample (local backend).", ("deployment", "replica", "application"))
         m.declare("gauge", "flotilla_deployment_cpu_cores", "CPU cores a deployment's replicas used over the last sample (local backend).", ("deployment", "application"))
         self.watch = Watch()  # CPU and latency samples behind the live findings (findings.py)
         self.live_findings: dict[tuple[str, str, str], list[Any]] = {}
@@ -1233,7 +1247,8 @@ class Controller:
 
     async def _cpu_loop(self) -> None:
         """Every `FLOTILLA_CPU_SAMPLE_S`: the CPU each local replica used and what it runs, for
-        the live findings (`findings.Watch`) and the cpu_cores gauges."""
+        the live findings (`findings.Watch`) and the cpu_cores gauges; and each one's memory
+        (`Replica.memory`: status's replica_memory and the memory gauges)."""
         period = sample_s()
         if period <= 0 or not self.supervisor.local:
             return  # on Ray, replicas may be on other nodes: their /proc is not ours
@@ -1246,6 +1261,18 @@ class Controller:
                 logger.exception("cpu sample failed")
 
     async def _sample_cpu(self, loop: asyncio.AbstractEventLoop) -> None:
+        # Memory of each replica process (USS/PSS/shared: RSS over-counts pages shared
+        # copy-on-write), for the status's replica_memory and the memory gauges.
+        sampled = [r for r in self.replicas.values() if r.pid is not None
+                   and r.state in (RState.STARTING, RState.RUNNING, RState.UPDATING)]
+        templates = self.templates.pids()
+        mem = await loop.run_in_executor(None, memory_of, [*(r.pid for r in sampled if r.pid is not None),
+                                                           *templates.values()])
+        self.template_memory = {key: mem[pid] for key, pid in templates.items() if pid in mem}
+        for r in self.replicas.values():
+            r.memory = None
+        for r in sampled:
+            r.memory = mem.get(r.pid) if r.pid is not None else None
         live = [r for r in self.replicas.values()
                 if r.pid is not None and r.peer is not None and r.state in (RState.RUNNING, RState.UPDATING)]
         cpu = await loop.run_in_executor(None, group_cpu, [r.pid for r in live if r.pid is not None])
@@ -1307,6 +1334,8 @@ class Controller:
                     autoscaling=self.autoscaler.status(d),
                     findings=[f.plain() for f in [*self.live_findings.get(d.key, []),
                                                   *filter(None, [self.templates.finding(d.app, d.name, d.version)])]],
+                    replica_memory={r.id: _memory(r.memory) for r in d.replicas.values() if r.memory is not None},
+                    template_memory=_memory(self.template_memory.get((d.app, d.name, d.version))),
                 )
             apps[app.name] = ApplicationStatusOverview(
                 status=app.status,
@@ -1331,7 +1360,9 @@ class Controller:
         m = self.metrics
         for name in ("ray_serve_deployment_replica_healthy", "flotilla_deployment_replicas",
                      "flotilla_deployment_target_replicas", "ray_serve_deployment_queued_queries",
-                     "flotilla_replica_cpu_cores", "flotilla_deployment_cpu_cores"):
+                     "flotilla_replica_cpu_cores", "flotilla_deployment_cpu_cores",
+                     "flotilla_replica_memory_uss_bytes", "flotilla_replica_memory_pss_bytes",
+                     "flotilla_replica_memory_shared_bytes"):
             m.values[name] = {}
         for d in self.all_deployments():
             counts: dict[str, int] = {}
@@ -1345,6 +1376,9 @@ class Controller:
                 if cores is not None:
                     m.set("flotilla_replica_cpu_cores", (d.name, r.id, d.app), round(cores, 3))
                     dep_cores = (dep_cores or 0.0) + cores
+                if r.memory is not None:
+                    for kind in ("uss", "pss", "shared"):
+                        m.set(f"flotilla_replica_memory_{kind}_bytes", (d.name, r.id, d.app), float(getattr(r.memory, kind)))
             if dep_cores is not None:
                 m.set("flotilla_deployment_cpu_cores", (d.name, d.app), round(dep_cores, 3))
             for state, n in counts.items():

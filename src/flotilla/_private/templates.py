@@ -118,6 +118,10 @@ class Templates:
         t = task.result()
         return t.pid if t is not None and t.usable else None
 
+    def pids(self) -> dict[Key, int]:
+        """The pid of every ready template."""
+        return {key: pid for key in self._open if (pid := self.pid(*key)) is not None}
+
     def retire(self, keep: Iterable[Key]) -> None:
         """Close every template (and forget every fallback) whose key is not in `keep`."""
         keep = set(keep)
