@@ -95,3 +95,39 @@ def test_fork_unsafe_names_the_threads_left_running() -> None:
     first, second = out.stdout.splitlines()
     assert first == "''"
     assert "1 thread(s) running (warmup)" in second
+
+
+def test_a_closed_template_leaves_no_descriptor_to_close_twice(tmp_path: Path) -> None:
+    """Once a template is closed, the pipes' file objects are closed too. Left open, the
+    garbage collector would close their descriptor numbers a second time, by then perhaps
+    another template's pipes (which broke a later template's protocol)."""
+    import asyncio
+
+    import uvloop
+
+    from flotilla._private.supervisor import TemplateUnusable, ZygoteSupervisor
+
+    def spec(target: Any, *init: Any) -> dict[str, Any]:
+        return {"config": {}, "def_bytes": base64.b64encode(cloudpickle.dumps(target)).decode(),
+                "args_bytes": base64.b64encode(cloudpickle.dumps((init, {}))).decode()}
+
+    args = {"app": "app", "deployment": "Dep", "sys_path": sys.path, "cwd": str(tmp_path), "env": {}}
+
+    async def main() -> None:
+        sup = ZygoteSupervisor()
+        try:
+            for target, init in ((ThreadedModel, ()), (GoodModel, (10,))):
+                t = await sup.start_template(str(tmp_path / "t.log"), args, spec(target, *init))
+                try:
+                    await asyncio.wait_for(t.ready(), 30)
+                    assert t.usable
+                except TemplateUnusable:
+                    assert target is ThreadedModel
+                await t.close()
+                proc = t._proc
+                assert proc is not None and proc.stdout is not None and proc.stdin is not None
+                assert proc.stdout.closed and proc.stdin.closed
+        finally:
+            await sup.close()
+
+    uvloop.run(main())

@@ -262,6 +262,7 @@ class ZygoteSupervisor(Supervisor):
         self._live: dict[int, Process] = {}  # pid -> live process; dropped at its exit
         self._lock = asyncio.Lock()
         self._stdin: asyncio.WriteTransport | None = None
+        self._stdout: asyncio.ReadTransport | None = None
         self._reader: asyncio.Task[None] | None = None
         self._dead: BaseException | None = None
         self._closing = False
@@ -313,7 +314,7 @@ class ZygoteSupervisor(Supervisor):
         assert proc.stdout is not None and proc.stdin is not None
         stdout = asyncio.StreamReader()
         protocol = asyncio.StreamReaderProtocol(stdout)
-        await loop.connect_read_pipe(lambda: protocol, proc.stdout)
+        self._stdout, _ = await loop.connect_read_pipe(lambda: protocol, proc.stdout)
         self._stdin, _ = await loop.connect_write_pipe(asyncio.Protocol, proc.stdin)
         self._reader = loop.create_task(self._read(stdout))
 
@@ -365,6 +366,12 @@ class ZygoteSupervisor(Supervisor):
         if self._stdin is not None:
             self._stdin.close()
             self._stdin = None
+        # Closed here, not left to the garbage collector: uvloop closes the descriptor when a
+        # transport is collected but not the Popen's file object, whose own finaliser would
+        # then close the number again, by then perhaps another pipe's.
+        if self._stdout is not None:
+            self._stdout.close()
+            self._stdout = None
         if self.restarts and not self._closing and zygote is not None and zygote is self._proc:
             self._restart = asyncio.get_running_loop().create_task(self._restart_zygote(zygote))
 
