@@ -128,10 +128,10 @@ def digits_row() -> list[float]:
 def classify(pid: int) -> str | None:
     """"replica", "template" or None, from the process title / command line."""
     line = " ".join(procs.cmdline(pid))
-    if "template" in line:
-        return "template"
     if line.startswith("flotilla::replica") or "ray::ServeReplica" in line:
         return "replica"
+    if "template" in line:
+        return "template"
     return None
 
 
@@ -246,16 +246,17 @@ def report(args: argparse.Namespace, model: dict[str, Any], versions: dict[str, 
         f"`num_replicas={n}` (in a thread) and poll `serve.status()` every 10 ms until {n} are "
         "RUNNING.",
         "",
-        "| system | first deploy (1 replica) s | 1 → N, until N RUNNING s | serve.run returned s "
-        "| replicas answering (of N) |",
-        "|---|---|---|---|---|",
+        "| system | init + serve.start s | first deploy (1 replica) s | 1 → N, until N RUNNING s "
+        "| serve.run returned s | replicas answering (of N) |",
+        "|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
         if "error" in r and "scale_s" not in r:
-            lines.append(f"| {LABELS[name]} | failed: {r['error'][:150]} | | | |")
+            lines.append(f"| {LABELS[name]} | failed: {r['error'][:150]} | | | | |")
             continue
         lines.append(
-            f"| {LABELS[name]} | {fmt(r.get('deploy1_s'))} | {fmt(r.get('scale_s'))} | "
+            f"| {LABELS[name]} | {fmt(r.get('start_s'))} | {fmt(r.get('deploy1_s'))} | "
+            f"{fmt(r.get('scale_s'))} | "
             f"{fmt(r.get('run_returned_s'))} | {r.get('pids_answering', '—')} |"
         )
     lines += [
@@ -267,8 +268,9 @@ def report(args: argparse.Namespace, model: dict[str, Any], versions: dict[str, 
         f"Private_Dirty. \"x model\" = PSS / the model file's {model_mb:.0f} MB. The fork "
         "template is listed on its own.",
         "",
-        "| system | replicas | RSS MB | PSS MB | USS MB | PSS x model | template RSS / PSS / USS MB |",
-        "|---|---|---|---|---|---|---|",
+        "| system | replicas | RSS MB | PSS MB | USS MB | PSS per replica MB | PSS x model "
+        "| template RSS / PSS / USS MB |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
         m = r.get("memory_n")
@@ -280,7 +282,8 @@ def report(args: argparse.Namespace, model: dict[str, Any], versions: dict[str, 
         pss_total = rep["pss_mb"] + tpl["pss_mb"]
         lines.append(
             f"| {LABELS[name]} | {rep['count']} | {rep['rss_mb']:.0f} | {rep['pss_mb']:.0f} | "
-            f"{rep['uss_mb']:.0f} | {rep['pss_mb'] / model_mb:.2f} (with template "
+            f"{rep['uss_mb']:.0f} | {rep['pss_mb'] / max(rep['count'], 1):.0f} | "
+            f"{rep['pss_mb'] / model_mb:.2f} (with template "
             f"{pss_total / model_mb:.2f}) | {tpl_s} |"
         )
     lines += [
