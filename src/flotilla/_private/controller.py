@@ -32,7 +32,7 @@ import secrets
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, overload
 
 from flotilla._private.autoscaler_loop import Autoscaler, AutoscalerState, make_state
 from flotilla._private.bounds import (
@@ -49,7 +49,7 @@ from flotilla._private.doctor import DepSpec, check_cold_start
 from flotilla._private.findings import Watch, sample_s
 from flotilla._private.lifecycle import RState, transition
 from flotilla._private.metrics import Store, record_auth_failures
-from flotilla._private.procfs import group_cpu, group_rss, machine_memory
+from flotilla._private.procfs import Memory, group_cpu, group_rss, machine_memory, memory_of
 from flotilla._private.reconcile import (
     MAX_CONSTRUCTOR_FAILURES,
     Desired,
@@ -61,7 +61,8 @@ from flotilla._private.reconcile import (
     reconcile,
 )
 from flotilla._private.resources import Allocation, ResourcePool, fmt, visible_devices
-from flotilla._private.supervisor import Process, Supervisor
+from flotilla._private.supervisor import Process, Supervisor, Template
+from flotilla._private.templates import Templates
 from flotilla._private.transport import RpcPeer
 from flotilla.serve.exceptions import ConfigError
 from flotilla.serve.schema import (
@@ -70,6 +71,7 @@ from flotilla.serve.schema import (
     DeploymentStatus,
     DeploymentStatusOverview,
     DeploymentStatusTrigger,
+    ReplicaMemory,
     ReplicaState,
     ServeStatus,
     ShadowStatus,
@@ -97,6 +99,14 @@ DEAD_KEPT = 64
 #: Replicas replaced without being asked, kept per deployment for the dashboard.
 DEATHS_KEPT = 10
 _LIGHT = ("user_config", "max_ongoing_requests", "logging_config")
+
+
+@overload
+def _memory(m: Memory) -> ReplicaMemory: ...
+@overload
+def _memory(m: Memory | None) -> ReplicaMemory | None: ...
+def _memory(m: Memory | None) -> ReplicaMemory | None:
+    return ReplicaMemory(m.rss, m.pss, m.uss, m.shared) if m is not None else None
 
 
 def light_config(config: dict[str, Any]) -> dict[str, Any]:
@@ -129,6 +139,7 @@ class Replica:
         return self.adopted is not None and not self.adopted.is_set()
     slow_logged: bool = False  # its slow start was logged (once)
     startup_s: float | None = None  # placed to ready (process start plus the constructor)
+    memory: Memory | None = None  # its process's RSS/PSS/USS/shared at the last sample (local)
 
     @property
     def version(self) -> str:
@@ -256,6 +267,8 @@ class Controller:
         self.proxy: Any = None  # set by the head (ProxyManager)
         self.autoscaler = Autoscaler(self)
         self.canary = CanaryLoop(self)
+        self.templates = Templates(supervisor)
+        self.template_memory: dict[tuple[str, str, str], Memory] = {}  # (app, deployment, version) ->
         self.on_change: Any = None  # set by the head: schedules a checkpoint write
         self.metrics = Store()
         m = self.metrics
@@ -269,6 +282,9 @@ class Controller:
         m.declare("counter", "flotilla_replica_memory_kills", "Replicas killed for memory: over their own `memory` (memory_limit) or the replica using the most when the machine was over its threshold (machine_threshold).", ("deployment", "application", "reason"))
         m.declare("counter", "flotilla_replica_startup_timeouts", "Replicas killed because their constructor ran past FLOTILLA_REPLICA_STARTUP_TIMEOUT_S.", ("deployment", "application"))
         m.declare("gauge", "flotilla_replica_cpu_cores", "CPU cores a replica's processes used over the last sample (local backend).", ("deployment", "replica", "application"))
+        m.declare("gauge", "flotilla_replica_memory_uss_bytes", "A replica process's private memory (USS: what its exit frees) at the last sample (local backend).", ("deployment", "replica", "application"))
+        m.declare("gauge", "flotilla_replica_memory_pss_bytes", "A replica process's proportional memory (PSS: each shared page split between the processes mapping it) at the last sample (local backend).", ("deployment", "replica", "application"))
+        m.declare("gauge", "flotilla_replica_memory_shared_bytes", "A replica process's resident memory shared with other processes (e.g. copy-on-write from a template) at the last sample (local backend).", ("deployment", "replica", "application"))
         m.declare("gauge", "flotilla_deployment_cpu_cores", "CPU cores a deployment's replicas used over the last sample (local backend).", ("deployment", "application"))
         self.watch = Watch()  # CPU and latency samples behind the live findings (findings.py)
         self.live_findings: dict[tuple[str, str, str], list[Any]] = {}
@@ -713,18 +729,51 @@ class Controller:
         folder = (r.spec["config"].get("logging_config") or {}).get("logs_dir")
         return os.path.join(folder or os.path.join(self.session_dir, "logs"), f"replica_{r.dep.app}_{r.dep.name}_{r.id}.log")
 
-    def replica_env(self, r: Replica) -> dict[str, str]:
-        env = dict(r.spec.get("env", {}))
-        ncpu = r.spec["config"]["ray_actor_options"].get("num_cpus", 1) or 0
+    @staticmethod
+    def version_env(spec: dict[str, Any]) -> dict[str, str]:
+        """The environment every replica of the version `spec` gets (and its template)."""
+        env = dict(spec.get("env", {}))
+        ncpu = spec["config"]["ray_actor_options"].get("num_cpus", 1) or 0
         if "OMP_NUM_THREADS" not in env and "OMP_NUM_THREADS" not in os.environ:
             env["OMP_NUM_THREADS"] = str(max(1, int(ncpu)))
+        return env
+
+    def replica_env(self, r: Replica) -> dict[str, str]:
+        env = self.version_env(r.spec)
         if r.alloc is not None and r.alloc.gpu_shares:
             env["CUDA_VISIBLE_DEVICES"] = visible_devices(r.alloc.gpu_ids, os.environ.get("CUDA_VISIBLE_DEVICES"))
         env["FLOTILLA_REPLICA_ID"] = r.id
         return env
 
+    async def _template(self, dep: Deployment, spec: dict[str, Any]) -> Template | None:
+        """The ready fork_after_init template of the version `spec` is, if it asks for one and can
+        have one (opened now if needed)."""
+        if not spec["config"].get("fork_after_init"):
+            return None
+        key = (dep.app, dep.name, str(spec["version"]))
+        args = {"app": dep.app, "deployment": dep.name, "head_sock": self.head_sock,
+                "sys_path": spec.get("sys_path", []), "cwd": spec.get("cwd", ""), "env": self.version_env(spec)}
+        folder = (spec["config"].get("logging_config") or {}).get("logs_dir") or os.path.join(self.session_dir, "logs")
+        os.makedirs(folder, exist_ok=True)
+        return await self.templates.get(key, self.templates.log_path(folder, key), args, spec)
+
+    async def _warm_template(self, dep: Deployment) -> None:
+        """Open the template of `dep`'s version before any replica asks (it serves scale-from-zero)."""
+        try:
+            await self._template(dep, dep.spec)
+        except Exception:
+            logger.exception("fork_after_init template of %s/%s", dep.app, dep.name)
+
     async def _spawn(self, r: Replica) -> None:
         dep = r.dep
+        try:
+            template = await self._template(dep, r.spec)
+        except Exception as e:
+            logger.error("fork_after_init template of %s/%s: %r", dep.app, dep.name, e)
+            template = None
+        if r.state is not RState.STARTING:  # stopped while its template was being built
+            self._replica_gone(r, "stopped before it started")
+            return
         direct = self.proxy.direct if self.proxy is not None else None
         app = self.apps.get(dep.app)
         args = {
@@ -747,7 +796,8 @@ class Controller:
         try:
             log = self._log_path(r)
             os.makedirs(os.path.dirname(log), exist_ok=True)  # a logging_config.logs_dir
-            proc = await self.supervisor.start("replica", log, args, lambda p: self._on_exit(r, p))
+            starter = template if template is not None else self.supervisor
+            proc = await starter.start("replica", log, args, lambda p: self._on_exit(r, p))
         except Exception as e:
             logger.error("could not start replica %s: %s", r.id, e)
             self._replica_gone(r, f"could not start: {e}")
@@ -755,7 +805,8 @@ class Controller:
         r.proc = proc
         self._changed()
         self.metrics.inc("ray_serve_deployment_replica_starts", (dep.name, dep.app))
-        logger.info("replica %s of %s/%s forked (pid %d)", r.id, dep.app, dep.name, proc.pid)
+        logger.info("replica %s of %s/%s forked (pid %d%s)", r.id, dep.app, dep.name, proc.pid,
+                    f", from its template, pid {template.pid}" if template is not None else "")
         if r.state is RState.DRAINING:  # stopped while it was being forked
             self.supervisor.kill(proc)
 
@@ -998,6 +1049,11 @@ class Controller:
     def reconcile(self) -> None:
         self._changed()
         self._check_startups()
+        forking = [d for d in self.all_deployments() if not d.deleting and d.config.get("fork_after_init")]
+        self.templates.retire((d.app, d.name, d.version) for d in forking)
+        for d in forking:
+            if not self.templates.opened((d.app, d.name, d.version)) and not d.failed_msg:
+                self._spawn_task(self._warm_template(d))
         for app in list(self.apps.values()):
             for dep in list(app.deployments.values()):
                 self._reconcile_deployment(dep)
@@ -1191,7 +1247,8 @@ class Controller:
 
     async def _cpu_loop(self) -> None:
         """Every `FLOTILLA_CPU_SAMPLE_S`: the CPU each local replica used and what it runs, for
-        the live findings (`findings.Watch`) and the cpu_cores gauges."""
+        the live findings (`findings.Watch`) and the cpu_cores gauges; and each one's memory
+        (`Replica.memory`: status's replica_memory and the memory gauges)."""
         period = sample_s()
         if period <= 0 or not self.supervisor.local:
             return  # on Ray, replicas may be on other nodes: their /proc is not ours
@@ -1204,6 +1261,18 @@ class Controller:
                 logger.exception("cpu sample failed")
 
     async def _sample_cpu(self, loop: asyncio.AbstractEventLoop) -> None:
+        # Memory of each replica process (USS/PSS/shared: RSS over-counts pages shared
+        # copy-on-write), for the status's replica_memory and the memory gauges.
+        sampled = [r for r in self.replicas.values() if r.pid is not None
+                   and r.state in (RState.STARTING, RState.RUNNING, RState.UPDATING)]
+        templates = self.templates.pids()
+        mem = await loop.run_in_executor(None, memory_of, [*(r.pid for r in sampled if r.pid is not None),
+                                                           *templates.values()])
+        self.template_memory = {key: mem[pid] for key, pid in templates.items() if pid in mem}
+        for r in self.replicas.values():
+            r.memory = None
+        for r in sampled:
+            r.memory = mem.get(r.pid) if r.pid is not None else None
         live = [r for r in self.replicas.values()
                 if r.pid is not None and r.peer is not None and r.state in (RState.RUNNING, RState.UPDATING)]
         cpu = await loop.run_in_executor(None, group_cpu, [r.pid for r in live if r.pid is not None])
@@ -1263,7 +1332,10 @@ class Controller:
                     message=d.message,
                     target_num_replicas=d.target,
                     autoscaling=self.autoscaler.status(d),
-                    findings=[f.plain() for f in self.live_findings.get(d.key, [])],
+                    findings=[f.plain() for f in [*self.live_findings.get(d.key, []),
+                                                  *filter(None, [self.templates.finding(d.app, d.name, d.version)])]],
+                    replica_memory={r.id: _memory(r.memory) for r in d.replicas.values() if r.memory is not None},
+                    template_memory=_memory(self.template_memory.get((d.app, d.name, d.version))),
                 )
             apps[app.name] = ApplicationStatusOverview(
                 status=app.status,
@@ -1288,7 +1360,9 @@ class Controller:
         m = self.metrics
         for name in ("ray_serve_deployment_replica_healthy", "flotilla_deployment_replicas",
                      "flotilla_deployment_target_replicas", "ray_serve_deployment_queued_queries",
-                     "flotilla_replica_cpu_cores", "flotilla_deployment_cpu_cores"):
+                     "flotilla_replica_cpu_cores", "flotilla_deployment_cpu_cores",
+                     "flotilla_replica_memory_uss_bytes", "flotilla_replica_memory_pss_bytes",
+                     "flotilla_replica_memory_shared_bytes"):
             m.values[name] = {}
         for d in self.all_deployments():
             counts: dict[str, int] = {}
@@ -1302,6 +1376,9 @@ class Controller:
                 if cores is not None:
                     m.set("flotilla_replica_cpu_cores", (d.name, r.id, d.app), round(cores, 3))
                     dep_cores = (dep_cores or 0.0) + cores
+                if r.memory is not None:
+                    for kind in ("uss", "pss", "shared"):
+                        m.set(f"flotilla_replica_memory_{kind}_bytes", (d.name, r.id, d.app), float(getattr(r.memory, kind)))
             if dep_cores is not None:
                 m.set("flotilla_deployment_cpu_cores", (d.name, d.app), round(dep_cores, 3))
             for state, n in counts.items():
@@ -1364,6 +1441,7 @@ class Controller:
 
     async def kill_all(self) -> None:
         """Kill every replica process now (their process groups), and forget all apps."""
+        await self.templates.close()
         procs = [r.proc for r in self.replicas.values() if r.proc is not None]
         for p in procs:
             self.supervisor.kill(p)

@@ -27,6 +27,7 @@ from flotilla._private.metrics import LATENCY_MS_BUCKETS
 
 if TYPE_CHECKING:
     from flotilla._private.head import Head
+    from flotilla._private.procfs import Memory
 
 logger = logging.getLogger("flotilla.dashboard")
 
@@ -262,6 +263,12 @@ class Sampler:
         self.latest = rows
 
 
+def memory_fields(m: Memory | None) -> dict[str, int | None]:
+    """A replica's memory figures (`procfs.Memory`) as the REST API and the dashboard carry
+    them: uss_bytes, pss_bytes, shared_bytes, rss_bytes; None before its first sample."""
+    return {f"{k}_bytes": getattr(m, k) if m is not None else None for k in ("uss", "pss", "shared", "rss")}
+
+
 def snapshot(head: Head) -> dict[str, Any]:
     """`GET /api/flotilla/dashboard/`: applications, deployments and replicas with the status
     `flotilla status` shows, the resources, traffic splits, and each deployment's latest figures."""
@@ -302,7 +309,7 @@ def snapshot(head: Head) -> dict[str, Any]:
                     out["replicas"].append({
                         "id": r.id, "state": state, "pid": r.pid, "node": r.node or head.node_id or "local",
                         "gpu_ids": gpu_ids, "running": running, "queued": queued, "version": r.version,
-                        "started_s": r.placed_wall_s,
+                        "started_s": r.placed_wall_s, **memory_fields(r.memory),
                         "pending_reason": (pool.shortfall(r.spec["demand"]) or "waiting for resources")
                         if state == "PENDING" else None,
                     })

@@ -302,8 +302,9 @@ def check_cold_start(specs: list[DepSpec], request_timeout_s: float | None = Non
                 f"min_replicas=0 and the constructor takes {s.constructor_s:.1f}s, longer than the HTTP "
                 f"request timeout ({_fmt(request_timeout_s)}s): the first request after an idle spell "
                 f"times out.",
-                "set autoscaling_config.min_replicas=1, or raise http_options.request_timeout_s above "
-                f"{math.ceil(s.constructor_s * 1.5)}.",
+                "set autoscaling_config.min_replicas=1, or fork_after_init=True (a warm template: the "
+                "first request waits for a fork, not the constructor), or raise http_options.request_timeout_s "
+                f"above {math.ceil(s.constructor_s * 1.5)}.",
             ))
     return out
 

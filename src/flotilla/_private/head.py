@@ -926,7 +926,10 @@ def _static(name: str, ctype: str) -> Any:
 
 
 def _instance_details(head: Head) -> dict[str, Any]:
-    """GET /api/serve/applications/: Ray's `ServeInstanceDetails` shape."""
+    """GET /api/serve/applications/: Ray's `ServeInstanceDetails` shape (plus each replica's
+    memory figures, flotilla's)."""
+    from flotilla._private.dashboard import memory_fields
+
     c = head.controller
     status = head.deployer.overlay(c.status())
     opts = head.proxy.options or {}
@@ -941,7 +944,7 @@ def _instance_details(head: Head) -> dict[str, Any]:
                 for r in dep.replicas.values():
                     replicas.append({"replica_id": r.id, "state": r.state.public.value, "pid": r.pid,
                                      "node_id": r.node or head.node_id or "local",
-                                     "start_time_s": r.placed_wall_s})
+                                     "start_time_s": r.placed_wall_s, **memory_fields(r.memory)})
             deps[dname] = {
                 "name": dname, "status": d.status.value, "status_trigger": d.status_trigger.value,
                 "message": d.message, "target_num_replicas": d.target_num_replicas,

@@ -7,6 +7,9 @@
 - `group_cpu(pgids)`: CPU seconds (user + system) used so far by whole process groups.
 - `machine_memory()`: (used, total) bytes for the machine, or for the cgroup the cluster runs
   in when that cgroup has a memory limit (as Ray's memory monitor reads it).
+- `process_memory(pid)`, `memory_of(pids)`: one process's RSS, PSS, USS (private) and shared
+  bytes from /proc/<pid>/smaps_rollup (or smaps): RSS counts pages shared copy-on-write with
+  other processes in full in each of them; USS and PSS do not.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import os
 import signal
 from collections.abc import Iterable
+from typing import NamedTuple
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 _TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
@@ -50,6 +54,63 @@ def reap_group(pid: int) -> int | None:
     except ChildProcessError:
         return None
     return os.waitstatus_to_exitcode(status)
+
+class Memory(NamedTuple):
+    """One process's memory in bytes: `rss` resident; `pss` proportional (each shared page
+    divided by the number of processes mapping it); `uss` private (Private_Clean +
+    Private_Dirty: freed when it exits); `shared` resident pages other processes map too."""
+
+    rss: int
+    pss: int
+    uss: int
+    shared: int
+
+
+_SMAPS_KEYS = {b"Rss": 0, b"Pss": 1, b"Private_Clean": 2, b"Private_Dirty": 2,
+               b"Shared_Clean": 3, b"Shared_Dirty": 3}
+
+
+def _sum_smaps(data: bytes) -> Memory:
+    sums = [0, 0, 0, 0]
+    for line in data.splitlines():
+        key, sep, rest = line.partition(b":")
+        i = _SMAPS_KEYS.get(key) if sep else None
+        if i is not None:
+            parts = rest.split()
+            if parts:
+                sums[i] += int(parts[0]) * 1024  # kB
+    return Memory(*sums)
+
+
+def process_memory(pid: int) -> Memory | None:
+    """`pid`'s memory from /proc/<pid>/smaps_rollup (summed from /proc/<pid>/smaps on kernels
+    before 4.14); None when the process is gone or its maps are unreadable."""
+    for name in ("smaps_rollup", "smaps"):
+        try:
+            with open(f"/proc/{pid}/{name}", "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            if name == "smaps" or not os.path.isdir(f"/proc/{pid}"):
+                return None
+            continue  # no smaps_rollup on this kernel
+        except OSError:
+            return None
+        try:
+            return _sum_smaps(data)
+        except ValueError:
+            return None
+    return None
+
+
+def memory_of(pids: Iterable[int]) -> dict[int, Memory]:
+    """`process_memory` of each pid in `pids` that could be read."""
+    out = {}
+    for pid in set(pids):
+        m = process_memory(pid)
+        if m is not None:
+            out[pid] = m
+    return out
+
 
 def group_rss(pgids: Iterable[int]) -> dict[int, int]:
     """RSS in bytes of every process group in `pgids` (summed over its live processes)."""

@@ -29,7 +29,7 @@ import time
 import traceback
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, NamedTuple
 
 import cloudpickle
 
@@ -126,9 +126,40 @@ def _make_request_class() -> type:
 _request_class: Any = None
 
 
+class Built(NamedTuple):
+    """A deployment's constructed object: made here, or in the template this replica was forked from."""
+
+    obj: Any
+    asgi: Any  # the class's ASGI app (serve.ingress), routes bound to `obj`; None if none
+    is_function: bool
+    user_config: Any = None  # what reconfigure() was given already (in the template)
+
+
+def set_replica_context(app: str, deployment: str, tag: str) -> None:
+    """What `serve.get_replica_context()` returns in this process."""
+    dep = DeploymentID(deployment, app)
+    context.replica_context = ReplicaContext(app_name=app, deployment=deployment, replica_tag=tag,
+                                             replica_id=ReplicaID(tag, dep))
+
+
+def instantiate(target: Any, init_args: tuple[Any, ...], init_kwargs: dict[str, Any]) -> Built:
+    """Run the deployment's constructor (a class), or take the function as it is."""
+    if not inspect.isclass(target):
+        return Built(target, None, True)
+    obj = target(*init_args, **init_kwargs)
+    asgi = getattr(target, "__flotilla_asgi_app__", None)
+    if asgi is not None:
+        from flotilla.serve.asgi import bind_routes
+
+        bind_routes(asgi, target, obj)
+    return Built(obj, asgi, False)
+
+
 class Replica:
-    def __init__(self, args: dict[str, Any]) -> None:
+    def __init__(self, args: dict[str, Any], prebuilt: Built | None = None) -> None:
         self.args = args
+        #: Forked from a `fork_after_init` template: its object is built; only `__post_fork__` runs.
+        self.prebuilt = prebuilt
         self.replica_id: str = args["replica_id"]
         self.loop = asyncio.get_running_loop()
         self.obj: Any = None
@@ -323,35 +354,31 @@ class Replica:
         self.pool_size = max(2, self.max_ongoing)
         self.pool = ThreadPoolExecutor(self.pool_size, thread_name_prefix="replica")
         self.loop.set_default_executor(self.pool)
-        target = cloudpickle.loads(spec["def_bytes"])
-        init_args, init_kwargs = cloudpickle.loads(spec["args_bytes"])
-        dep = DeploymentID(self.args["deployment"], self.args["app"])
         context.on_models_changed = self._models_changed
-        context.replica_context = ReplicaContext(
-            app_name=dep.app_name,
-            deployment=dep.name,
-            replica_tag=self.replica_id,
-            replica_id=ReplicaID(self.replica_id, dep),
-        )
-        if inspect.isclass(target):
-            obj = target(*init_args, **init_kwargs)
-            asgi = getattr(target, "__flotilla_asgi_app__", None)
-            if asgi is not None:
-                from flotilla.serve.asgi import bind_routes
-
-                bind_routes(asgi, target, obj)
-                self.asgi_app = asgi
-                lifespan = getattr(getattr(asgi, "router", None), "lifespan_context", None)
-                if lifespan is not None:
-                    self.lifespan = lifespan(asgi)
-                    await self.lifespan.__aenter__()
-        else:
-            self.is_function = True
-            obj = target
+        set_replica_context(self.app_name, self.dep_name, self.replica_id)
+        built = self.prebuilt
+        if built is None:
+            target = cloudpickle.loads(spec["def_bytes"])
+            init_args, init_kwargs = cloudpickle.loads(spec["args_bytes"])
+            built = instantiate(target, init_args, init_kwargs)
+        obj = self.obj = built.obj
+        self.is_function = built.is_function
+        assert context.replica_context is not None
         context.replica_context.servable_object = obj
-        self.obj = obj
+        if built.asgi is not None:
+            self.asgi_app = built.asgi
+            lifespan = getattr(getattr(built.asgi, "router", None), "lifespan_context", None)
+            if lifespan is not None:
+                self.lifespan = lifespan(built.asgi)
+                await self.lifespan.__aenter__()
+        if self.prebuilt is not None:
+            hook = getattr(obj, "__post_fork__", None)
+            if hook is not None:
+                result = hook()
+                if inspect.isawaitable(result):
+                    await result
         user_config = self.user_config = cfg.get("user_config")
-        if user_config is not None:
+        if user_config is not None and (self.prebuilt is None or user_config != self.prebuilt.user_config):
             await self._reconfigure(user_config)
         self.http_entry = self._ingress_callable(cfg)
 
@@ -886,13 +913,14 @@ def _add_request_id(record: logging.LogRecord) -> bool:
     return True
 
 
-def setup_process(args: dict[str, Any], *, in_actor: bool = False, own_log: bool = True) -> None:
+def setup_process(args: dict[str, Any], *, in_actor: bool = False, own_log: bool = True, forked: bool = False) -> None:
     """Environment, import path, working folder and logging of the process a replica runs in.
 
     In a Ray actor (`in_actor`) the worker process is Ray's: the driver's import path is added
     to (not replaced), the working folder is changed only when it exists here and the
     deployment has no `runtime_env` working_dir, and the log is rotated only when it is the
-    replica's own file (`own_log`), not Ray's worker log."""
+    replica's own file (`own_log`), not Ray's worker log. `forked`: from a template, whose log
+    handlers this process replaces with its own."""
     os.environ.update(args.get("env", {}))
     if in_actor:
         for p in reversed(args.get("sys_path", [])):
@@ -906,6 +934,10 @@ def setup_process(args: dict[str, Any], *, in_actor: bool = False, own_log: bool
             os.chdir(cwd)
         except OSError:
             pass
+    if forked:
+        root = logging.getLogger()
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
     logging.basicConfig(
         level=logging.INFO,
         format=f"%(asctime)s %(levelname)s replica {args['replica_id']} [%(request_id)s] %(name)s: %(message)s",
@@ -916,7 +948,7 @@ def setup_process(args: dict[str, Any], *, in_actor: bool = False, own_log: bool
         logrotate.rotate_own_log()
 
 
-def run_loop(args: dict[str, Any]) -> None:
+def run_loop(args: dict[str, Any], prebuilt: Built | None = None) -> None:
     """Run the replica on a new (uv)loop in this thread until it exits."""
     try:
         import uvloop
@@ -926,7 +958,7 @@ def run_loop(args: dict[str, Any]) -> None:
         runner = asyncio.run
 
     async def amain() -> None:
-        await Replica(args).run()
+        await Replica(args, prebuilt).run()
 
     runner(amain())
 
@@ -935,3 +967,9 @@ def main(args: dict[str, Any]) -> None:
     """Entry point in the forked child."""
     setup_process(args)
     run_loop(args)
+
+
+def main_forked(args: dict[str, Any], built: Built) -> None:
+    """Entry point in a child of a `fork_after_init` template: `built` is the template's object."""
+    setup_process(args, forked=True)
+    run_loop(args, built)

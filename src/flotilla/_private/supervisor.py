@@ -231,13 +231,28 @@ class Supervisor(abc.ABC):
             self.kill(proc)
             await self.wait(proc, timeout)
 
+    async def start_template(self, log_path: str, args: dict[str, Any], spec: dict[str, Any]) -> Template:
+        """Start a `fork_after_init` template (template.py) that builds `spec`'s object once and
+        forks replicas from it; wait for it with `Template.ready()`."""
+        raise TemplateUnusable("fork_after_init works on the local backend only; on Ray each replica "
+                               "is an actor that constructs its own copy")
+
     @abc.abstractmethod
     async def close(self) -> None:
         """Stop everything this supervisor started."""
 
 
+class TemplateUnusable(Exception):
+    """A template cannot fork replicas (its constructor failed, or it is not fork-safe): why."""
+
+
 class ZygoteSupervisor(Supervisor):
     """Forks workers from the preloaded zygote (JSON lines on its stdin/stdout, see zygote.py)."""
+
+    #: The fork server, in messages.
+    what = "the fork server (zygote)"
+    #: A dead one is started again (a template is not: the controller decides).
+    restarts = True
 
     def __init__(self, backoff: Backoff | None = None) -> None:
         self._proc: subprocess.Popen[bytes] | None = None
@@ -253,6 +268,7 @@ class ZygoteSupervisor(Supervisor):
         self._restart: asyncio.Task[None] | None = None
         self.backoff = backoff or Backoff()
         self.zygote_restarts = 0
+        self._templates: set[Template] = set()
 
     @staticmethod
     def spawn_zygote() -> subprocess.Popen[bytes]:
@@ -332,10 +348,13 @@ class ZygoteSupervisor(Supervisor):
                 proc_or_none = self._live.get(msg["exit"])
                 if proc_or_none is not None:
                     proc_or_none.mark_exited(msg["code"])
+            elif ("failed" in msg or "unsafe" in msg) and self._ready is not None and not self._ready.done():
+                # a template's answer instead of "ready"
+                self._ready.set_exception(TemplateUnusable(msg.get("unsafe") or "its constructor failed"))
         # The zygote is gone. Its children live on (they watch the keeper, not the zygote) and
         # their exits are seen by pidfd; starts wait for a new zygote.
         self._up.clear()
-        self._dead = RuntimeError("the fork server (zygote) exited before it answered")
+        self._dead = RuntimeError(f"{self.what} exited before it answered")
         for _, _, fut in self._waiting:
             if not fut.done():
                 fut.set_exception(self._dead)
@@ -346,7 +365,7 @@ class ZygoteSupervisor(Supervisor):
         if self._stdin is not None:
             self._stdin.close()
             self._stdin = None
-        if not self._closing and zygote is not None and zygote is self._proc:
+        if self.restarts and not self._closing and zygote is not None and zygote is self._proc:
             self._restart = asyncio.get_running_loop().create_task(self._restart_zygote(zygote))
 
     async def _restart_zygote(self, old: subprocess.Popen[bytes]) -> None:
@@ -394,12 +413,27 @@ class ZygoteSupervisor(Supervisor):
             self._stdin.write((json.dumps({"kind": kind, "log": log_path, "args": args}) + "\n").encode())
         return await fut
 
+    async def start_template(self, log_path: str, args: dict[str, Any], spec: dict[str, Any]) -> Template:
+        t = Template(self, {"log": log_path, "args": args, "spec": spec})
+        self._templates.add(t)
+        try:
+            await t.use_zygote()
+        except BaseException:
+            await t.close()
+            raise
+        return t
+
     async def close(self) -> None:
         self._closing = True
         if self._restart is not None:
             self._restart.cancel()
         for proc in list(self._live.values()):
             self.kill(proc)
+        await asyncio.gather(*(t.close() for t in list(self._templates)))
+        await self._close_server()
+
+    async def _close_server(self) -> None:
+        """Close the fork server's stdin and wait for it to exit (killing it if it does not)."""
         zygote = self._proc
         if zygote is None:
             return
@@ -414,3 +448,58 @@ class ZygoteSupervisor(Supervisor):
         if self._reader is not None:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await asyncio.wait_for(self._reader, ZYGOTE_EXIT_TIMEOUT_S)
+
+
+class Template(ZygoteSupervisor):
+    """A `fork_after_init` template (template.py): the zygote protocol, after the constructor.
+
+    The replicas it forks are its owner's to track and kill (one table of live processes);
+    closing a template stops only the template, so a retired version's replicas drain as usual.
+    """
+
+    what = "the fork_after_init template"
+    restarts = False
+
+    def __init__(self, owner: ZygoteSupervisor, first: dict[str, Any]) -> None:
+        super().__init__()
+        self.owner = owner
+        self._live = owner._live
+        self._first = first
+
+    def spawn_zygote(self) -> subprocess.Popen[bytes]:  # type: ignore[override]
+        return subprocess.Popen([sys.executable, "-m", "flotilla._private.template"],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+
+    async def use_zygote(self, proc: subprocess.Popen[bytes] | None = None) -> None:
+        await super().use_zygote(proc)
+        assert self._stdin is not None
+        self._stdin.write((json.dumps(self._first) + "\n").encode())  # buffered: the loop never blocks
+        self._first = {}
+
+    @property
+    def pid(self) -> int | None:
+        return self.zygote_pid
+
+    @property
+    def usable(self) -> bool:
+        """It forks on request: ready, and not exited or closed."""
+        return self._up.is_set() and self._dead is None and not self._closing
+
+    async def ready(self) -> None:
+        """Wait until it built the object and can fork; raises TemplateUnusable saying why not."""
+        assert self._ready is not None
+        try:
+            await asyncio.shield(self._ready)
+        except TemplateUnusable:
+            raise
+        except Exception as e:
+            code = self._proc.poll() if self._proc is not None else None
+            raise TemplateUnusable(f"it exited before it was ready (exit code {code})" if code is not None
+                                   else str(e)) from None
+
+    async def close(self) -> None:
+        self._closing = True
+        self.owner._templates.discard(self)
+        if self._proc is not None and not self._up.is_set() and self._proc.poll() is None:
+            self._proc.kill()  # still constructing: nothing to wait for
+        await self._close_server()

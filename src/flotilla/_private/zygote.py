@@ -25,6 +25,8 @@ import select
 import signal
 import sys
 import threading
+from collections.abc import Callable
+from typing import BinaryIO
 
 from flotilla._private.keeper import keeper_from_env
 from flotilla._private.procfs import exited_child, reap_group, start_ticks
@@ -71,11 +73,16 @@ def watch_keeper() -> None:
     threading.Thread(target=wait, name="flotilla-keeper-watch", daemon=True).start()
 
 
+#: Where protocol lines go: stdout for the zygote, a private copy of it for a template (whose
+#: stdout is its log, so that the user's prints cannot break the protocol).
+_out_fd = 1
+
+
 def _write(obj: dict) -> None:
     data = (json.dumps(obj) + "\n").encode()
     while data:
         try:
-            n = os.write(1, data)
+            n = os.write(_out_fd, data)
         except InterruptedError:
             continue
         data = data[n:]
@@ -98,7 +105,16 @@ def _title(req: dict) -> str:
     return f"flotilla::worker:{kind}"
 
 
-def _child(req: dict) -> None:
+def _run_kind(req: dict) -> None:
+    module, _, func = _KINDS.get(req["kind"], req["kind"]).partition(":")
+    getattr(importlib.import_module(module), func)(req["args"])
+
+
+def _child(req: dict, run: Callable[[dict], None] = _run_kind, close: tuple[int, ...] = ()) -> None:
+    """The forked child: its own session, its log as stdout/stderr, then `run(req)`; never returns.
+    `close`: the parent's protocol descriptors, which the child must not hold open."""
+    for fd in close:
+        os.close(fd)
     set_title(_title(req))
     os.setsid()
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
@@ -115,8 +131,7 @@ def _child(req: dict) -> None:
     os.close(null)
     code = 0
     try:
-        module, _, func = _KINDS.get(req["kind"], req["kind"]).partition(":")
-        getattr(importlib.import_module(module), func)(req["args"])
+        run(req)
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else 1
     except BaseException:
@@ -132,11 +147,8 @@ def _child(req: dict) -> None:
             os._exit(code)
 
 
-def main() -> None:
-    set_title("flotilla::zygote")
-    die_with_parent()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # Preload what every child needs, once: forks then skip these imports.
+def preload() -> None:
+    """Import what every child needs, once: forks then skip these imports."""
     import cloudpickle  # noqa: F401
     import starlette.requests
     import starlette.responses  # noqa: F401
@@ -150,9 +162,11 @@ def main() -> None:
     import flotilla._private.proxy
     import flotilla._private.replica  # noqa: F401
 
+
+def serve_forks(stdin: BinaryIO, run: Callable[[dict], None] = _run_kind, close: tuple[int, ...] = ()) -> None:
+    """Say ready, then fork a child per request line until stdin closes (see the protocol above)."""
     signal.signal(signal.SIGCHLD, _reap)
     _write({"ready": os.getpid()})
-    stdin = sys.stdin.buffer
     while True:
         line = stdin.readline()
         if not line:
@@ -163,12 +177,20 @@ def main() -> None:
         try:
             pid = os.fork()
             if pid == 0:
-                _child(req)
+                _child(req, run, close)
             _write({"pid": pid, "start": start_ticks(pid)})
         finally:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
     for sig in (signal.SIGTERM,):
         signal.signal(sig, signal.SIG_DFL)
+
+
+def main() -> None:
+    set_title("flotilla::zygote")
+    die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    preload()
+    serve_forks(sys.stdin.buffer)
 
 
 if __name__ == "__main__":

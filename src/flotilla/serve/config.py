@@ -272,6 +272,10 @@ class DeploymentConfig(BaseModel):
     request_router_config: RequestRouterConfig | None = Field(
         None, exclude=True, description="Validated; the local backend uses its built-in router."
     )
+    fork_after_init: bool = Field(
+        False, description="flotilla extra: run the constructor once in a template process and fork "
+        "replicas from it (ready in milliseconds, CPU weights shared copy-on-write); see README.",
+    )
 
     @field_validator("num_replicas")
     @classmethod

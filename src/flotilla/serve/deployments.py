@@ -217,6 +217,7 @@ def deployment(
     placement_group_bundles: list[dict[str, float]] | None = None,
     placement_group_strategy: str | None = None,
     request_router_config: dict[str, Any] | Any | None = None,
+    fork_after_init: bool | None = None,
     **ray_only: Any,
 ) -> Any:
     """Turn a class or function into a `Deployment`, with or without options.
@@ -252,6 +253,7 @@ def deployment(
         "placement_group_bundles": placement_group_bundles,
         "placement_group_strategy": placement_group_strategy,
         "request_router_config": request_router_config,
+        "fork_after_init": fork_after_init,
     }
     options = {k: v for k, v in given.items() if v is not None}
     if "route_prefix" in ray_only:  # Ray 1.x: used by `.deploy()` only, not by serve.run

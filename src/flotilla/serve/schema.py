@@ -100,6 +100,19 @@ class AutoscalingStatus:
 
 
 @dataclass
+class ReplicaMemory:
+    """flotilla extra: one replica process's memory in bytes (local backend). `uss_bytes`:
+    private, freed when it exits; `shared_bytes`: resident pages other processes map too
+    (e.g. weights shared copy-on-write); `pss_bytes`: private plus its share of each shared
+    page; `rss_bytes`: private plus shared, which over-counts shared pages across replicas."""
+
+    rss_bytes: int
+    pss_bytes: int
+    uss_bytes: int
+    shared_bytes: int
+
+
+@dataclass
 class DeploymentStatusOverview:
     status: DeploymentStatus
     status_trigger: DeploymentStatusTrigger = DeploymentStatusTrigger.UNSPECIFIED
@@ -110,6 +123,12 @@ class DeploymentStatusOverview:
     #: flotilla extra: live findings on its running replicas ({code, severity, deployment,
     #: message, fix}; see `flotilla doctor`), empty when there are none.
     findings: list[dict[str, str]] = field(default_factory=list)
+    #: flotilla extra: replica id -> its process's memory at the last sample; empty until the
+    #: first sample (`FLOTILLA_CPU_SAMPLE_S`) and on the Ray backend.
+    replica_memory: dict[str, ReplicaMemory] = field(default_factory=dict)
+    #: flotilla extra: the memory of its version's `fork_after_init` template (which holds the
+    #: one copy its replicas share), None when it has none.
+    template_memory: ReplicaMemory | None = None
 
 
 @dataclass

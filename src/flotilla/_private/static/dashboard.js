@@ -207,11 +207,11 @@ function appSkeleton(name, app) {
     const rows = (dep.replicas || []).map((r) =>
       `<tr class="replica" data-replica="${esc(r.id)}" data-state="${esc(r.state)}"><td><code>${esc(r.id)}</code></td>` +
       `<td class="c-state"></td><td class="c-pid"></td><td class="c-node"></td><td class="c-gpu"></td><td class="c-run num"></td>` +
-      `<td class="c-q num"></td><td class="c-ver"></td><td class="c-up"></td><td class="c-pend"></td>` +
+      `<td class="c-q num"></td><td class="mem num"></td><td class="c-ver"></td><td class="c-up"></td><td class="c-pend"></td>` +
       `<td><button class="log-btn" data-replica="${esc(r.id)}" type="button">log</button></td></tr>`).join("");
     const deaths = (dep.recent_deaths || []).slice().reverse().map((r) =>
       `<tr class="replica dead" data-replica="${esc(r.id)}" data-state="DEAD"><td><code>${esc(r.id)}</code></td>` +
-      `<td>${badge("DEAD")}</td><td>${esc(r.pid ?? "—")}</td><td colspan="6" class="reason">${esc(r.reason)}</td>` +
+      `<td>${badge("DEAD")}</td><td>${esc(r.pid ?? "—")}</td><td colspan="7" class="reason">${esc(r.reason)}</td>` +
       `<td class="c-ago"></td><td><button class="log-btn" data-replica="${esc(r.id)}" type="button">log</button></td></tr>`).join("");
     return `<div class="deployment" data-deployment="${esc(key)}">
       <div class="dep-head"><h3>${esc(dn)}</h3><span class="dep-badge"></span><span class="dep-trigger muted"></span>
@@ -230,9 +230,9 @@ function appSkeleton(name, app) {
       </div>
       <div class="charts">${charts}</div>
       <table class="replicas"><thead><tr><th>replica</th><th>state</th><th>PID</th><th>node</th><th>GPU</th>
-        <th class="num">running</th><th class="num">queued</th><th>version</th><th>up</th><th>pending</th><th></th></tr></thead>
-        <tbody>${rows || '<tr class="empty"><td colspan="11" class="muted">no replicas</td></tr>'}</tbody>
-        ${deaths ? `<tbody class="deaths"><tr class="sep"><td colspan="11">recent deaths</td></tr>${deaths}</tbody>` : ""}</table>
+        <th class="num">running</th><th class="num">queued</th><th class="num" title="private (USS) + shared with other processes">Memory</th><th>version</th><th>up</th><th>pending</th><th></th></tr></thead>
+        <tbody>${rows || '<tr class="empty"><td colspan="12" class="muted">no replicas</td></tr>'}</tbody>
+        ${deaths ? `<tbody class="deaths"><tr class="sep"><td colspan="12">recent deaths</td></tr>${deaths}</tbody>` : ""}</table>
     </div>`;
   }).join("");
   return `<div class="app-head"><h2>${esc(name)}</h2><span class="app-badge"></span><span class="app-meta muted"></span></div>
@@ -296,6 +296,10 @@ function fillDeployment(el, dep, now) {
     setText(c(".c-gpu"), (r.gpu_ids || []).join(", ") || "—");
     setText(c(".c-run"), r.running ?? "—");
     setText(c(".c-q"), r.queued ?? "—");
+    const mem = c(".mem");
+    setText(mem, r.uss_bytes == null ? "—" : `${bytes(r.uss_bytes)} + ${bytes(r.shared_bytes)} shared`);
+    const memTitle = r.uss_bytes == null ? "not sampled yet" : `USS ${bytes(r.uss_bytes)} (private), shared ${bytes(r.shared_bytes)}, PSS ${bytes(r.pss_bytes)}, RSS ${bytes(r.rss_bytes)}`;
+    if (mem && mem.title !== memTitle) mem.title = memTitle;
     setHTML(c(".c-ver"), r.version ? `<code title="${esc(r.version)}">${esc(String(r.version).slice(0, 8))}</code>` : "—");
     setText(c(".c-up"), r.started_s ? dur(now - r.started_s) : "—");
     setHTML(c(".c-pend"), r.pending_reason ? `<span class="pending">${esc(r.pending_reason)}</span>` : "");
