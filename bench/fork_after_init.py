@@ -163,6 +163,27 @@ def memory(label: str) -> dict[str, Any]:
     return out
 
 
+def wait_template_warm(app: str, min_rss_mb: float, timeout: float) -> float | None:
+    """Seconds until the fork template of `app` (`flotilla::template:<app>:...`) exists with
+    an RSS above `min_rss_mb` that held still for 0.5 s (its constructor has loaded the model);
+    None if not by `timeout`."""
+    t0 = time.monotonic()
+    last, since = -1, t0
+    while time.monotonic() - t0 < timeout:
+        rss = -1
+        for p in procs.tree(os.getpid(), include_root=False):
+            if " ".join(procs.cmdline(p.pid)).startswith(f"flotilla::template:{app}:"):
+                sm = procs.smaps_rollup(p.pid) or {}
+                rss = sm.get("Rss", 0)
+        now = time.monotonic()
+        if rss != last:
+            last, since = rss, now
+        elif rss / 1024 > min_rss_mb and now - since >= 0.5:
+            return since - t0
+        time.sleep(0.05)
+    return None
+
+
 def run_system(name: str, sys_: systems.System, cfg: dict[str, Any], log: Path) -> dict[str, Any]:
     argv = [sys_.python, str(DRIVER), name, json.dumps(cfg)]
     proc = systems.Launched(sys_, argv, log)
@@ -181,6 +202,10 @@ def run_system(name: str, sys_: systems.System, cfg: dict[str, Any], log: Path) 
         ev = proc.event(timeout)
         assert ev["event"] == "zero_deployed", ev
         res.update({k: v for k, v in ev.items() if k != "event"})
+        if name == "flotilla-fork":  # the first request should find the template warm
+            res["template_warm_s"] = wait_template_warm("digits0", cfg["model_mb"], timeout)
+            print(f"[fork] {name}: template warm {res['template_warm_s']} s after "
+                  f"zero_deployed (+{cfg['idle_before_request']} s idle)", flush=True)
         proc.snapshot()
         res["memory_zero"] = memory(f"{name} at zero replicas")
         proc.send("next")
@@ -265,12 +290,14 @@ def report(args: argparse.Namespace, model: dict[str, Any], versions: dict[str, 
         "",
         "Sums over the replica processes (found by title: `flotilla::replica:...`, "
         "`ray::ServeReplica:...`), from `/proc/PID/smaps_rollup`; USS = Private_Clean + "
-        f"Private_Dirty. \"x model\" = PSS / the model file's {model_mb:.0f} MB. The fork "
+        f"Private_Dirty. \"x model\" = PSS / the model file's {model_mb:.0f} MB; \"x one "
+        f"loaded process\" = PSS (template included) / the {pr['loaded_rss_mb']:.0f} MB RSS of a "
+        "plain Python process that imported scikit-learn and loaded the model. The fork "
         "template is listed on its own.",
         "",
         "| system | replicas | RSS MB | PSS MB | USS MB | PSS per replica MB | PSS x model "
-        "| template RSS / PSS / USS MB |",
-        "|---|---|---|---|---|---|---|---|",
+        "| PSS x one loaded process | template RSS / PSS / USS MB |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
         m = r.get("memory_n")
@@ -284,7 +311,7 @@ def report(args: argparse.Namespace, model: dict[str, Any], versions: dict[str, 
             f"| {LABELS[name]} | {rep['count']} | {rep['rss_mb']:.0f} | {rep['pss_mb']:.0f} | "
             f"{rep['uss_mb']:.0f} | {rep['pss_mb'] / max(rep['count'], 1):.0f} | "
             f"{rep['pss_mb'] / model_mb:.2f} (with template "
-            f"{pss_total / model_mb:.2f}) | {tpl_s} |"
+            f"{pss_total / model_mb:.2f}) | {pss_total / pr['loaded_rss_mb']:.2f} | {tpl_s} |"
         )
     lines += [
         "",
@@ -292,20 +319,24 @@ def report(args: argparse.Namespace, model: dict[str, Any], versions: dict[str, 
         "",
         "`autoscaling_config={min_replicas: 0, max_replicas: 1, initial_replicas: 0, "
         "upscale_delay_s: 0}`; after `serve.run` returned (0 replicas) and "
-        f"{args.idle} s idle, one HTTP POST is timed from send to response; then a second.",
+        f"{args.idle} s idle (with the option: and then until the template's RSS is above the "
+        "model's size and still for 0.5 s, i.e. its constructor is done), one HTTP POST is "
+        "timed from send to response; then a second.",
         "",
-        "| system | deploy at 0 replicas s | template at 0 replicas (PSS MB) | first response s "
-        "| second response ms |",
-        "|---|---|---|---|---|",
+        "| system | deploy at 0 replicas s | template warm after serve.run s | template at 0 replicas "
+        "RSS / PSS MB | first response s | second response ms |",
+        "|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
         if "deploy0_s" not in r:
             continue
         tz = (r.get("memory_zero") or {}).get("template", {})
-        tz_s = f"{tz['pss_mb']:.0f}" if tz.get("count") else "—"
+        tz_s = f"{tz['rss_mb']:.0f} / {tz['pss_mb']:.0f}" if tz.get("count") else "—"
         sec = r.get("second_response_s")
+        warm = r.get("template_warm_s")
+        warm_s = "—" if warm is None else f"{args.idle + warm:.2f}"
         lines.append(
-            f"| {LABELS[name]} | {fmt(r.get('deploy0_s'))} | {tz_s} | "
+            f"| {LABELS[name]} | {fmt(r.get('deploy0_s'))} | {warm_s} | {tz_s} | "
             f"{fmt(r.get('first_response_s'))} | {fmt(sec * 1000 if sec else None, 1)} |"
         )
     f, base, ray = (results.get(k, {}) for k in ("flotilla-fork", "flotilla", "ray"))
@@ -335,14 +366,34 @@ def report(args: argparse.Namespace, model: dict[str, Any], versions: dict[str, 
     notes += [f"- {x}" for x in systems.LEFTOVERS]
     notes += [f"- {LABELS[k]}: left after stop: {r['left_after_stop']}"
               for k, r in results.items() if r.get("left_after_stop")]  # fmt: skip
+    notes.append(
+        "- 1-minute load average before / after each system (2 cores; other sessions' "
+        "processes count too): "
+        + "; ".join(f"{LABELS[k]} {r['loadavg_1m'][0]:.1f} / {r['loadavg_1m'][1]:.1f}"
+                    for k, r in results.items() if "loadavg_1m" in r) + "."
+    )  # fmt: skip
     lines += ["", "## Notes", ""]
-    lines += notes or ["- No errors; no process left behind after any system (checked by PID)."]
+    if not any(r.get("error") or r.get("left_after_stop") for r in results.values()) and not (
+        systems.LEFTOVERS
+    ):
+        lines.append("- No errors; no process left behind after any system (checked by PID).")
+    lines += notes
     lines += [
         "- Raw numbers (per process): `bench/out/fork-after-init.json`; logs: "
         "`bench/out/fork-after-init-logs/`.",
         "",
     ]
     return "\n".join(lines)
+
+
+def git_head() -> str:
+    """The commit of this checkout (the flotilla code run when PYTHONPATH points at it)."""
+    try:
+        r = subprocess.run(["git", "-C", str(BENCH.parent), "log", "-1", "--format=%h %s"],
+                           capture_output=True, text=True, timeout=30)  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return "commit ?"
+    return f"commit {r.stdout.strip()[:70]}" if r.returncode == 0 else "commit ?"
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -373,7 +424,7 @@ def main(argv: list[str]) -> int:
         elif "flotilla" not in versions:
             v = systems.probe_versions(args.python, ["flotilla", "scikit-learn", "numpy"])
             versions["flotilla"] = (f"flotilla {v['flotilla']} (code from PYTHONPATH="
-                                    f"{os.environ.get('PYTHONPATH', '')}), scikit-learn "
+                                    f"{os.environ.get('PYTHONPATH', '')}, {git_head()}), scikit-learn "
                                     f"{v['scikit-learn']}, Python {v['python']}")  # fmt: skip
         if name != "ray":
             sysmap[name] = systems.System("flotilla", args.python, DRIVER)
@@ -384,14 +435,16 @@ def main(argv: list[str]) -> int:
             cfg = {
                 "port": port, "replicas": args.replicas, "poll": 0.01, "timeout": args.timeout,
                 "model": model["path"], "row": digits_row(), "idle_before_request": args.idle,
-                "settle": 2.0,
+                "settle": 2.0, "model_mb": model["bytes"] / MB,
             }  # fmt: skip
             print(f"[fork] === {name} (port {port}) ===", flush=True)
+            load_before = os.getloadavg()[0]
             try:
                 results[name] = run_system(name, sysmap[name], cfg, logs / f"{name}.log")
             except Exception as e:
                 traceback.print_exc()
                 results[name] = {"error": f"{type(e).__name__}: {e}"[:500]}
+            results[name]["loadavg_1m"] = [load_before, os.getloadavg()[0]]
     finally:
         systems.kill_orphans("end of run")
     wall = time.monotonic() - t_run
