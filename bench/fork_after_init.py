@@ -272,7 +272,7 @@ def report(args: argparse.Namespace, model: dict[str, Any], versions: dict[str, 
         "RUNNING.",
         "",
         "| system | init + serve.start s | first deploy (1 replica) s | 1 → N, until N RUNNING s "
-        "| serve.run returned s | replicas answering (of N) |",
+        "| serve.run returned s | replicas that answered 4N requests |",
         "|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
@@ -372,6 +372,7 @@ def report(args: argparse.Namespace, model: dict[str, Any], versions: dict[str, 
         + "; ".join(f"{LABELS[k]} {r['loadavg_1m'][0]:.1f} / {r['loadavg_1m'][1]:.1f}"
                     for k, r in results.items() if "loadavg_1m" in r) + "."
     )  # fmt: skip
+    notes.append("- One run of each; the timings move with the machine's load (above).")
     lines += ["", "## Notes", ""]
     if not any(r.get("error") or r.get("left_after_stop") for r in results.values()) and not (
         systems.LEFTOVERS
