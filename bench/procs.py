@@ -94,6 +94,20 @@ def pss_kib(pid: int) -> int | None:
     return None
 
 
+def smaps_rollup(pid: int) -> dict[str, int] | None:
+    """The KiB fields of /proc/PID/smaps_rollup (Rss, Pss, Private_Clean, ...)."""
+    out: dict[str, int] = {}
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) == 3 and parts[2] == "kB":
+                    out[parts[0].rstrip(":")] = int(parts[1])
+    except OSError:
+        return None
+    return out or None
+
+
 def cmdline(pid: int) -> list[str]:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
