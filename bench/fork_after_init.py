@@ -36,7 +36,6 @@ import systems
 BENCH = systems.BENCH
 OUT = systems.OUT
 DRIVER = BENCH / "apps" / "fork_app.py"
-MAIN_RAY_VENV = Path("/work/main/bench/.venv-ray")
 SYSTEMS = ("flotilla-fork", "flotilla", "ray")
 LABELS = {
     "flotilla-fork": "flotilla, fork_after_init=True",
@@ -61,8 +60,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument(
         "--ray-python",
         default=None,
-        help="Python with ray[serve] and scikit-learn (bench/.venv-ray, else "
-        f"{MAIN_RAY_VENV}/bin/python)",
+        help="Python with ray[serve] and scikit-learn (bench/.venv-ray, made by bench/run)",
     )
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per step (300)")
     args = p.parse_args(argv)
@@ -74,12 +72,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def ray_python(arg: str | None) -> str:
-    if arg:
-        return arg
-    for venv in (systems.RAY_VENV, MAIN_RAY_VENV):
-        if (venv / "bin" / "python").exists():
-            return str(venv / "bin" / "python")
-    return str(systems.RAY_VENV / "bin" / "python")
+    return arg or str(systems.RAY_VENV / "bin" / "python")
 
 
 def ensure_model(python: str, params: dict[str, Any], log: Path) -> dict[str, Any]:
@@ -420,6 +413,12 @@ def main(argv: list[str]) -> int:
     for name in args.systems:
         if name == "ray":
             v = systems.probe_versions(rp, ["ray", "scikit-learn"])
+            want = systems.probe_versions(args.python, ["scikit-learn", "joblib"])
+            if v["scikit-learn"] != want["scikit-learn"]:  # the model file is a pickle: same versions
+                pins = [f"scikit-learn=={want['scikit-learn']}", f"joblib=={want['joblib']}"]
+                print(f"[fork] installing {' '.join(pins)} into {rp}", flush=True)
+                subprocess.run([rp, "-m", "pip", "install", "-q", *pins], check=True, timeout=900)
+                v = systems.probe_versions(rp, ["ray", "scikit-learn"])
             versions["Ray Serve"] = f"ray {v['ray']}, scikit-learn {v['scikit-learn']}"
             sysmap[name] = systems.System("ray", rp, DRIVER, v)
         elif "flotilla" not in versions:
