@@ -195,3 +195,43 @@ def test_a_failing_constructor_fails_the_deployment_as_without_the_option(url: s
     st = _dep("broken", "Broken")
     assert st.status == serve.schema.DeploymentStatus.DEPLOY_FAILED
     assert "no weights here" in st.message
+
+
+@serve.deployment
+class Doubler:
+    def __call__(self, x: int) -> int:
+        return 2 * x
+
+
+@serve.deployment(fork_after_init=True, ray_actor_options={"num_cpus": 0})
+class Composed:
+    def __init__(self, doubler: serve.handle.DeploymentHandle) -> None:
+        self.doubler = doubler
+        self.built_in = os.getpid()
+
+    async def __call__(self, request: object = None) -> dict[str, int]:
+        return {"pid": os.getpid(), "built_in": self.built_in, "value": await self.doubler.remote(21)}
+
+
+@local_only("templates fork on this machine")
+def test_a_handle_given_to_the_constructor_works_in_forked_replicas(url: str) -> None:
+    serve.run(Composed.options(num_replicas=2).bind(Doubler.bind()), name="composed", route_prefix="/composed")
+    for _ in range(6):
+        got = httpx.get(f"{url}/composed").json()
+        assert got["value"] == 42 and got["built_in"] != got["pid"]
+    assert not _fallback("composed", "Composed")
+
+
+@local_only("templates are processes of this machine")
+def test_a_killed_template_is_replaced_and_its_replicas_keep_serving(url: str, tmp_path: Path) -> None:
+    serve.run(Big.options(num_replicas=2).bind(str(tmp_path), 0.0), name="kill", route_prefix="/kill")
+    [old] = _pids("flotilla::template:kill:Big")
+    os.kill(old, 9)
+    wait_for(lambda: _pids("flotilla::template:kill:Big") not in ([], [old]), timeout=30,
+             what="a new template")
+    for _ in range(10):
+        assert httpx.get(f"{url}/kill").json()["sum"] == 4.0
+    serve.run(Big.options(num_replicas=4).bind(str(tmp_path), 0.0), name="kill", route_prefix="/kill")
+    [new] = _pids("flotilla::template:kill:Big")
+    built_in = {httpx.get(f"{url}/kill").json()["built_in"] for _ in range(40)}
+    assert new in built_in and built_in <= {old, new}
