@@ -392,6 +392,55 @@ def test_send_writes_whole_frames() -> None:
     assert s.got == [(3, Ok("small")), (4, Chunk(b"b" * 100_000)), (5, End())]
 
 
+def _sent(*msgs: tuple[int, tuple[Any, ...]]) -> bytes:
+    """The bytes `send` writes for `msgs` (out-of-band frames included)."""
+    proto = FrameProtocol(lambda t, m: None)
+    ft = proto.transport = FakeTransport()  # type: ignore[assignment]
+    for tag, msg in msgs:
+        proto.send(tag, msg)
+    return b"".join(ft.written)  # type: ignore[attr-defined]
+
+
+def test_large_buffers_travel_out_of_band_and_decode_in_place() -> None:
+    np = pytest.importorskip("numpy")
+    big = np.arange(300_000, dtype=np.float64)  # 2.4 MB: out of band
+    small = np.arange(10)  # in the pickle
+    blob = _sent((1, Ok("a")), (2, Call("f", (big, small, pickle.PickleBuffer(b"z" * 70_000)), {}, None)),
+                 (3, End()))
+    size, _ = HEAD.unpack_from(blob, len(frame(1, Ok("a"))))
+    assert size & transport.OOB and (size & ~transport.OOB) > big.nbytes
+    for cuts in ([], [5], [len(blob) // 2], [13, 100_000, 2_000_000, len(blob) - 3]):
+        bounds = [0, *cuts, len(blob)]
+        s = Sink().feed(*(blob[a:b] for a, b in itertools.pairwise(bounds)))
+        assert not s.bad and [t for t, _ in s.got] == [1, 2, 3], cuts
+        call = s.got[1][1]
+        got_big, got_small, got_raw = call.args
+        assert (got_big == big).all() and (got_small == small).all() and bytes(got_raw) == b"z" * 70_000
+        assert got_big.flags.writeable and got_big.flags.aligned  # a view of the frame, which is ours
+        assert not s.proto._buf and s.proto._big is None
+
+
+def test_an_out_of_band_frame_behind_a_partial_one_gets_memory_of_its_own() -> None:
+    np = pytest.importorskip("numpy")
+    arr = np.ones(20_000)  # 160 KB
+    head = frame(1, Ok("x" * 100))
+    blob = head + _sent((2, Ok(arr)))
+    s = Sink().feed(head[:10], blob[10:])  # the second chunk completes one frame and holds another
+    assert [t for t, _ in s.got] == [1, 2] and (s.got[1][1].result == arr).all()
+    s.got[1][1].result[0] = 7  # its own memory: writable, and the connection's buffer can move
+    s.feed(frame(3, End()))
+    assert s.got[2] == (3, End())
+
+
+def test_bodies_wrapped_by_oob_arrive_as_views_and_as_bytes_copies() -> None:
+    body = b"b" * 100_000
+    blob = _sent((4, Http({"type": "http"}, protocol.oob(body), None)), (5, HttpFull(200, [], protocol.oob(b"s"))))
+    s = Sink().feed(blob)
+    got = s.got[0][1].body
+    assert isinstance(got, memoryview) and protocol.as_bytes(got) == body
+    assert s.got[1][1].body == b"s"
+
+
 def test_send_after_close_is_dropped() -> None:
     proto = FrameProtocol(lambda t, m: None)
     proto.send(1, End())  # not connected: nothing to write to, no error

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from pickle import PickleBuffer
 from typing import TYPE_CHECKING, Any
 
 from flotilla._private import frontdoor, http_util, httpguard, listener
@@ -45,6 +46,8 @@ class _Sink:
         self.ch = ch
 
     def send(self, tag: int, msg: tuple[Any, ...]) -> None:
+        if type(msg) is HttpFull and type(msg.body) is PickleBuffer:  # protocol.oob: not pickled here
+            msg = msg._replace(body=memoryview(msg.body))
         self.ch.push(msg)
 
     async def drained(self) -> None:

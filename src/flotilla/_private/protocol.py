@@ -189,9 +189,45 @@ def encode(msg: tuple[Any, ...]) -> bytes:
         return cloudpickle.dumps(t, protocol=5)  # type: ignore[no-any-return]
 
 
-def decode(payload: bytes | bytearray | memoryview) -> Any:
-    """The message in a frame's payload; raises if it cannot be unpickled or is not ours."""
-    t = _ploads(payload)
+#: Contiguous buffers (numpy arrays, PickleBuffer-wrapped bytes) at least this large travel
+#: out of band: after the pickle, written from the caller's memory, not copied into it.
+OOB_MIN = 1 << 16
+
+
+def oob(data: bytes) -> Any:
+    """`data` as a message field: large ones wrapped so that they travel out of band (the
+    receiver gets a memoryview of its frame; `as_bytes` makes it bytes where bytes are needed)."""
+    return pickle.PickleBuffer(data) if len(data) >= OOB_MIN else data
+
+
+def as_bytes(data: Any) -> bytes:
+    """A bytes field as bytes (a copy of an out-of-band memoryview)."""
+    return data if type(data) is bytes else bytes(data)
+
+
+def encode_parts(msg: tuple[Any, ...]) -> tuple[bytes, list[memoryview]]:
+    """`msg` pickled, and the large buffers it holds, left out of the pickle (protocol 5)."""
+    t = (_CODES[msg.__class__], *msg)
+    bufs: list[memoryview] = []
+
+    def out_of_band(pb: pickle.PickleBuffer) -> bool:
+        m = memoryview(pb)
+        if m.nbytes < OOB_MIN or not m.contiguous:
+            return True  # in the pickle
+        bufs.append(pb.raw())
+        return False
+
+    try:
+        return _pdumps(t, 5, buffer_callback=out_of_band), bufs
+    except Exception:
+        bufs.clear()
+        return cloudpickle.dumps(t, protocol=5, buffer_callback=out_of_band), bufs
+
+
+def decode(payload: bytes | bytearray | memoryview, buffers: list[memoryview] | None = None) -> Any:
+    """The message in a frame's payload (with its out-of-band `buffers`, in order); raises if it
+    cannot be unpickled or is not ours."""
+    t = _ploads(payload, buffers=buffers)
     try:
         return _new(MESSAGES[t[0]], t[1:])
     except (TypeError, IndexError, KeyError):

@@ -55,6 +55,7 @@ from flotilla._private.protocol import (
     WsIn,
     WsOpen,
     Yield,
+    oob,
 )
 from flotilla._private.transport import FrameProtocol, RemoteCallError, RpcPeer
 from flotilla.exceptions import RaySystemError, TaskCancelledError
@@ -113,7 +114,8 @@ def _make_request_class() -> type:
         """
 
         def body(self):  # type: ignore[override]
-            return AwaitableBytes(self._body)
+            body = self._body
+            return body if type(body) is AwaitableBytes else AwaitableBytes(body)
 
         def json(self):  # type: ignore[override]
             if not hasattr(self, "_json"):
@@ -797,6 +799,7 @@ class Replica:
         """Run the HTTP ingress for one request; returns the status code sent."""
         from starlette.responses import Response
 
+        body = AwaitableBytes(body)  # the one copy of an out-of-band body, and awaitable
         global _request_class
         if _request_class is None:
             _request_class = _make_request_class()
@@ -844,7 +847,7 @@ class Replica:
             logger.exception("could not encode the return value as JSON")
             proto.send(tag, HttpFull(*http_util.plain(500, "Internal Server Error")))
             return 500
-        proto.send(tag, HttpFull(status, headers, payload))
+        proto.send(tag, HttpFull(status, headers, oob(payload)))
         if proto.paused:
             await proto.drained()
         return status
@@ -873,7 +876,7 @@ class Replica:
                 if not state["streaming"]:
                     if not more:
                         state["done"] = True
-                        proto.send(tag, HttpFull(state["status"], state["headers"], chunk))
+                        proto.send(tag, HttpFull(state["status"], state["headers"], oob(chunk)))
                         return
                     state["streaming"] = True
                     self.windows[key] = _Window()

@@ -45,6 +45,7 @@ from flotilla._private.protocol import (
     WsIn,
     WsOpen,
     Yield,
+    oob,
 )
 from flotilla._private.transport import FrameProtocol, connect_addr
 from flotilla.exceptions import ActorDiedError, RaySystemError
@@ -601,7 +602,7 @@ class Router:
         """Send an HTTP request: a whole response, or a `Channel` of a streaming one (whose
         `start` holds status and headers, followed by Chunk... End, or Abort/Failed)."""
         model = meta.get("multiplexed_model_id", "") if meta else ""
-        msg = Http(scope, body, meta)
+        msg = Http(scope, oob(body), meta)
         front = False
         ta = t0 = time.perf_counter()
         queued = 0.0

@@ -26,13 +26,31 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from flotilla._private import auth
-from flotilla._private.protocol import Failure, Reply, Request, decode, encode
+from flotilla._private.protocol import (
+    OOB_MIN,
+    Failure,
+    Reply,
+    Request,
+    decode,
+    encode,
+    encode_parts,
+)
 
 logger = logging.getLogger(__name__)
 
 _HEAD = struct.Struct("<QI")
 HEADER = _HEAD.size
 MAX_FRAME = 1 << 36  # 64 GiB: far above any body or reply limit, below what breaks the length
+#: Set in a header's length: the payload is `<IQ` (n, pickle length), n `<Q` buffer sizes, the
+#: pickle, then the n out-of-band buffers (protocol 5), each at an offset of the payload that is
+#: a multiple of ALIGN (zero bytes between). They decode in place, as writable views of the
+#: received frame's own memory.
+OOB = 1 << 63
+ALIGN = 64
+_OOB_META = struct.Struct("<IQ")
+#: A frame at least this large that has not fully arrived is received into a buffer of its own
+#: size, filled as its bytes come (one copy), instead of the connection's shared buffer.
+BIG_FRAME = OOB_MIN
 
 
 class FrameTooLargeError(ValueError):
@@ -45,6 +63,33 @@ def frame(tag: int, msg: tuple[Any, ...]) -> bytes:
     if len(payload) > MAX_FRAME:
         raise FrameTooLargeError(f"a message of {len(payload)} bytes is over the {MAX_FRAME}-byte frame limit")
     return _HEAD.pack(len(payload), tag) + payload
+
+
+def _aligned(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+def _oob_layout(pickle_len: int, sizes: list[int] | tuple[int, ...]) -> tuple[int, list[int], int]:
+    """Where the pickle and each buffer start in an out-of-band payload, and its length."""
+    start = _OOB_META.size + 8 * len(sizes)
+    offsets = []
+    end = start + pickle_len
+    for size in sizes:
+        off = _aligned(end)
+        offsets.append(off)
+        end = off + size
+    return start, offsets, end
+
+
+def _split(payload: bytearray) -> tuple[memoryview, list[memoryview]]:
+    """An out-of-band frame's pickle and its buffers, as views of `payload`."""
+    view = memoryview(payload)
+    n, pickle_len = _OOB_META.unpack_from(view, 0)
+    sizes = struct.unpack_from(f"<{n}Q", view, _OOB_META.size)
+    start, offsets, end = _oob_layout(pickle_len, sizes)
+    if end != len(view):
+        raise ValueError(f"an out-of-band frame of {len(view)} bytes says it holds {end}")
+    return view[start : start + pickle_len], [view[o : o + size] for o, size in zip(offsets, sizes, strict=True)]
 
 
 def _ignore_bad_frame(tag: int, err: BaseException) -> None:
@@ -65,6 +110,10 @@ class FrameProtocol(asyncio.Protocol):
         self.on_bad_frame = on_bad_frame
         self._buf = bytearray()
         self._skip = 0  # bytes still to discard of an oversize frame
+        self._big: bytearray | None = None  # a large frame being received, `_fill` bytes so far
+        self._fill = 0
+        self._big_tag = 0
+        self._big_oob = False
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.paused = False
@@ -77,6 +126,19 @@ class FrameProtocol(asyncio.Protocol):
             self.on_connect()
 
     def data_received(self, data: bytes) -> None:
+        if self._big is not None:  # filling a large frame
+            big, fill = self._big, self._fill
+            need = len(big) - fill
+            if len(data) < need:
+                big[fill : fill + len(data)] = data
+                self._fill = fill + len(data)
+                return
+            big[fill:] = memoryview(data)[:need]
+            self._big = None
+            self._deliver(self._big_tag, big, self._big_oob)
+            if len(data) == need:
+                return
+            data = data[need:]
         if self._skip:
             if len(data) <= self._skip:
                 self._skip -= len(data)
@@ -93,6 +155,8 @@ class FrameProtocol(asyncio.Protocol):
         pos = 0
         while n - pos >= HEADER:
             size, tag = _HEAD.unpack_from(view, pos)
+            oob = size & OOB
+            size &= ~OOB
             start = pos + HEADER
             if size > MAX_FRAME:
                 self.on_bad_frame(tag, FrameTooLargeError(f"a frame of {size} bytes is over the {MAX_FRAME}-byte limit"))
@@ -105,26 +169,55 @@ class FrameProtocol(asyncio.Protocol):
                 continue
             end = start + size
             if end > n:
+                if size >= BIG_FRAME:  # the rest comes into a buffer of its own
+                    big = self._big = bytearray(size)
+                    big[: n - start] = memoryview(view)[start:n]
+                    self._fill, self._big_tag, self._big_oob = n - start, tag, bool(oob)
+                    pos = n
                 break
-            self._deliver(tag, view[start:end])
+            if oob:  # its buffers become the message's: writable memory of its own
+                self._deliver(tag, bytearray(memoryview(view)[start:end]), True)
+            elif size < BIG_FRAME or view is buf:
+                self._deliver(tag, view[start:end], False)
+            else:
+                self._deliver(tag, memoryview(view)[start:end], False)
             pos = end
         if view is buf:
             del buf[:pos]
         elif pos < n:
             buf += view[pos:]
 
-    def _deliver(self, tag: int, payload: bytes | bytearray) -> None:
+    def _deliver(self, tag: int, payload: bytes | bytearray | memoryview, oob: bool) -> None:
         try:
-            msg = decode(payload)
+            msg = decode(*_split(payload)) if oob else decode(payload)  # type: ignore[arg-type]
         except Exception as e:
             self.on_bad_frame(tag, e)
             return
         self.on_message(tag, msg)
 
     def send(self, tag: int, msg: tuple[Any, ...]) -> None:
-        """Queue one message; raises FrameTooLargeError (or a pickling error) for what cannot go."""
+        """Queue one message; raises FrameTooLargeError (or a pickling error) for what cannot go.
+
+        Large buffers in it (numpy arrays, PickleBuffers) are written from their own memory
+        after the pickle, not copied: they are read until the transport has written them."""
         if self.transport is not None and not self.closed:
-            payload = encode(msg)
+            payload, bufs = encode_parts(msg)
+            if bufs:
+                sizes = [len(b) for b in bufs]
+                start, offsets, total = _oob_layout(len(payload), sizes)
+                if total > MAX_FRAME:
+                    raise FrameTooLargeError(f"a message of {total} bytes is over the {MAX_FRAME}-byte frame limit")
+                parts: list[bytes | memoryview] = [
+                    _HEAD.pack(total | OOB, tag) + _OOB_META.pack(len(bufs), len(payload))
+                    + struct.pack(f"<{len(bufs)}Q", *sizes) + payload]
+                at = start + len(payload)
+                for off, b in zip(offsets, bufs, strict=True):
+                    if off > at:
+                        parts.append(bytes(off - at))
+                    parts.append(b)
+                    at = off + len(b)
+                self.transport.writelines(parts)
+                return
             if len(payload) > MAX_FRAME:
                 raise FrameTooLargeError(f"a message of {len(payload)} bytes is over the {MAX_FRAME}-byte frame limit")
             if len(payload) < 65536:
