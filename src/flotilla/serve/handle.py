@@ -45,11 +45,12 @@ def _has_response(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
 class DeploymentHandle:
     """A client for one deployment. Picklable: pass it to other deployments."""
 
-    __slots__ = ("_dep", "_opts")
+    __slots__ = ("_dep", "_methods", "_opts")
 
     def __init__(self, deployment_name: str, app_name: str = "default", _options: _HandleOptions | None = None) -> None:
         self._dep = DeploymentID(deployment_name, app_name)
         self._opts = _options or _HandleOptions()
+        self._methods: dict[str, DeploymentHandle] | None = None  # `handle.<method>`, made once each
 
     @property
     def deployment_name(self) -> str:
@@ -85,7 +86,13 @@ class DeploymentHandle:
     def __getattr__(self, name: str) -> DeploymentHandle:
         if name.startswith("_"):
             raise AttributeError(name)
-        return self.options(method_name=name)
+        methods = self._methods
+        if methods is None:
+            methods = self._methods = {}
+        h = methods.get(name)
+        if h is None:
+            h = methods[name] = self.options(method_name=name)
+        return h
 
     def remote(self, *args: Any, **kwargs: Any) -> DeploymentResponse | DeploymentResponseGenerator:
         """Send one request; returns immediately."""
