@@ -55,6 +55,17 @@ def _metrics() -> list[Metric]:
             Metric(f"traffic_split_ratio_c{c}", f"split / plain req/s, {c} conn", "higher", "traffic"),
             Metric(f"traffic_shadow_ratio_c{c}", f"10% shadow / plain req/s, {c} conn", "higher", "traffic"),
         ]
+    for key, what in (
+        ("handle", "handle, array as argument"),
+        ("handle_rt", "handle, array there and back"),
+        ("http", "HTTP POST, length answered"),
+        ("http_echo", "HTTP POST, body echoed"),
+    ):
+        for mb in (1, 10, 100):
+            m += [
+                Metric(f"payload_{key}_gbps_{mb}mb", f"{what}, {mb} MB: GB/s", "higher", "payload"),
+                Metric(f"payload_{key}_ms_{mb}mb", f"{what}, {mb} MB: ms per call", "lower", "payload"),
+            ]
     m += [
         Metric(
             "cold_start_s", "cold start: script start to first HTTP 200, s", "lower", "coldstart"

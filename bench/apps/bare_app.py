@@ -13,7 +13,7 @@ import threading
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 
@@ -22,7 +22,23 @@ async def echo(request: Request) -> JSONResponse:
     return JSONResponse({"ok": True})
 
 
-app = Starlette(routes=[Route("/", echo, methods=["POST"])])
+async def size(request: Request) -> JSONResponse:
+    """The payload scenario: the body's length."""
+    return JSONResponse({"n": len(await request.body())})
+
+
+async def echo_body(request: Request) -> Response:
+    """The payload scenario: the body back."""
+    return Response(await request.body(), media_type="application/octet-stream")
+
+
+app = Starlette(
+    routes=[
+        Route("/", echo, methods=["POST"]),
+        Route("/size", size, methods=["POST"]),
+        Route("/echo", echo_body, methods=["POST"]),
+    ]
+)
 
 
 def main() -> None:

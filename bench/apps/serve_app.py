@@ -12,6 +12,8 @@ Modes (each one process: the "driver" of the system under test):
   deploy     time `serve.run` of a 4-replica app on an already running cluster
   memory     deploy 0, 1, then 4 replicas, stopping after each for the parent to measure
   autoscale  time an autoscaling deployment going 1 -> 4 -> 1 replicas under 8 clients
+  payload    time handle calls with 1/10/100 MB numpy arrays (argument, round trip), then
+             serve the same deployment over HTTP for the parent's POSTs until stdin closes
   chaos      deploy a 2-replica app, then run the parent's commands (rollouts, scaling,
              waiting for a killed replica's replacement, timing the first serve.status()
              that works after the parent killed the head / controller) while the parent
@@ -31,6 +33,8 @@ import time
 import traceback
 import urllib.request
 from typing import Any
+
+from starlette.responses import Response
 
 import flotilla as runtime  # BENCH-IMPORT
 from flotilla import serve  # BENCH-IMPORT
@@ -82,6 +86,24 @@ class EchoVersioned:
     async def __call__(self, request: Any) -> dict[str, bool]:
         await request.body()
         return {"ok": True}
+
+
+@serve.deployment(ray_actor_options=NO_CPU)
+class Payload:
+    """Large payloads: a numpy array as a method's argument (`size`) and back (`echo`);
+    over HTTP, POST /size answers the body's length and POST /echo the body itself."""
+
+    async def size(self, a: Any) -> int:
+        return int(a.nbytes)
+
+    async def echo(self, a: Any) -> Any:
+        return a
+
+    async def __call__(self, request: Any) -> Any:
+        body = await request.body()
+        if request.url.path.rstrip("/").endswith("/echo"):
+            return Response(body, media_type="application/octet-stream")
+        return {"n": len(body)}
 
 
 DEPLOYMENTS = {"Echo": Echo, "EchoBatched": EchoBatched, "Sleeper": Sleeper}
@@ -181,6 +203,33 @@ def _waves(handle: Any, inflight: int, duration: float) -> float:
             r.result()
         count += inflight
     return count / (time.perf_counter() - t0)
+
+
+def mode_payload(cfg: dict[str, Any]) -> None:
+    """For each size: `size` calls (array as argument) and `echo` calls (array back),
+    sequential, for `seconds` and at least `min_calls` each, after one unmeasured call."""
+    import numpy as np
+
+    start(cfg)
+    handle = serve.run(Payload.bind(), name="payload", route_prefix="/")
+    out: dict[str, Any] = {}
+    for mb in cfg["sizes_mb"]:
+        a = np.random.default_rng(mb).random(mb * 125_000)  # mb * 10**6 bytes of float64
+        for label, method in (("arg", handle.size), ("rt", handle.echo)):
+            r = method.remote(a).result()  # warm-up, and a check of the answer
+            got = r if label == "arg" else r.nbytes
+            if got != a.nbytes:
+                raise RuntimeError(f"{label} {mb} MB: answer has {got} bytes, not {a.nbytes}")
+            n, t0 = 0, time.perf_counter()
+            while n < cfg["min_calls"] or time.perf_counter() - t0 < cfg["seconds"]:
+                method.remote(a).result()
+                n += 1
+            out[f"{label}_{mb}"] = {"calls": n, "s": time.perf_counter() - t0, "bytes": a.nbytes}
+        del a
+    emit(event="handle", results=out)
+    emit(event="ready")
+    wait_for_parent()
+    stop()
 
 
 def mode_deploy(cfg: dict[str, Any]) -> None:
@@ -365,6 +414,7 @@ MODES = {
     "serve": mode_serve,
     "handle": mode_handle,
     "deploy": mode_deploy,
+    "payload": mode_payload,
     "memory": mode_memory,
     "autoscale": mode_autoscale,
     "chaos": mode_chaos,
