@@ -404,7 +404,7 @@ def _sent(*msgs: tuple[int, tuple[Any, ...]]) -> bytes:
 def test_large_buffers_travel_out_of_band_and_decode_in_place() -> None:
     np = pytest.importorskip("numpy")
     big = np.arange(300_000, dtype=np.float64)  # 2.4 MB: out of band
-    small = np.arange(10)  # in the pickle
+    small = np.arange(10)  # out of band too
     blob = _sent((1, Ok("a")), (2, Call("f", (big, small, pickle.PickleBuffer(b"z" * 70_000)), {}, None)),
                  (3, End()))
     size, _ = HEAD.unpack_from(blob, len(frame(1, Ok("a"))))

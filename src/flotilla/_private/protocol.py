@@ -189,8 +189,8 @@ def encode(msg: tuple[Any, ...]) -> bytes:
         return cloudpickle.dumps(t, protocol=5)  # type: ignore[no-any-return]
 
 
-#: Contiguous buffers (numpy arrays, PickleBuffer-wrapped bytes) at least this large travel
-#: out of band: after the pickle, written from the caller's memory, not copied into it.
+#: Bytes fields at least this large are wrapped (`oob`) to travel out of band, as numpy arrays
+#: and other protocol-5 buffers always do: after the pickle, written from their own memory.
 OOB_MIN = 1 << 16
 
 
@@ -206,22 +206,19 @@ def as_bytes(data: Any) -> bytes:
 
 
 def encode_parts(msg: tuple[Any, ...]) -> tuple[bytes, list[memoryview]]:
-    """`msg` pickled, and the large buffers it holds, left out of the pickle (protocol 5)."""
+    """`msg` pickled, and the buffers it holds (numpy arrays, `oob` bodies), left out of the
+    pickle (protocol 5) to be written after it from their own memory."""
     t = (_CODES[msg.__class__], *msg)
-    bufs: list[memoryview] = []
-
-    def out_of_band(pb: pickle.PickleBuffer) -> bool:
-        m = memoryview(pb)
-        if m.nbytes < OOB_MIN or not m.contiguous:
-            return True  # in the pickle
-        bufs.append(pb.raw())
-        return False
-
+    found: list[pickle.PickleBuffer] = []
     try:
-        return _pdumps(t, 5, buffer_callback=out_of_band), bufs
+        payload = _pdumps(t, 5, buffer_callback=found.append)
     except Exception:
-        bufs.clear()
-        return cloudpickle.dumps(t, protocol=5, buffer_callback=out_of_band), bufs
+        found.clear()
+        payload = cloudpickle.dumps(t, protocol=5, buffer_callback=found.append)
+    return payload, [b.raw() for b in found] if found else _NONE
+
+
+_NONE: list[memoryview] = []
 
 
 def decode(payload: bytes | bytearray | memoryview, buffers: list[memoryview] | None = None) -> Any:
