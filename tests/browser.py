@@ -46,3 +46,15 @@ def chrome(width: int = 1400, height: int = 1000) -> Iterator[Any]:
         with contextlib.suppress(Exception):
             driver.quit()
         shutil.rmtree(profile, ignore_errors=True)
+
+
+def on_dashboard(page: Any, css: str, test: str, timeout: float = 10.0) -> Any:
+    """Open this cluster's dashboard in `page` and wait until the element `css` matches the
+    JavaScript condition `test` (on `e`); returns `test`'s value."""
+    import flotilla
+    from tests.conftest import wait_for
+
+    page.set_page_load_timeout(20)
+    page.get(str(flotilla.dashboard_url()) + "/")
+    return wait_for(lambda: page.execute_script(f"const e = document.querySelector({css!r}); return e && {test};"),
+                    timeout=timeout, interval=0.1, what=f"{css} on the dashboard")

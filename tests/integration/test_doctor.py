@@ -179,11 +179,7 @@ def test_the_dashboard_page_lists_the_findings(cluster: str) -> None:
     item = '[data-deployment="narrow/Narrow"] .dep-findings li[data-code="latency-outside-code"]'
     try:
         with browser.chrome() as page:
-            page.set_page_load_timeout(20)
-            page.get(str(flotilla.dashboard_url()) + "/")
-            got = wait_for(lambda: page.execute_script(
-                f"const e = document.querySelector({item!r}); return e && !e.parentElement.hidden ? e.textContent : null;"),
-                timeout=20, interval=0.2, what="the finding listed under the deployment")
+            got = browser.on_dashboard(page, item, "!e.parentElement.hidden ? e.textContent : null", timeout=20)
         assert "Fix:" in got
     finally:
         stop.set()

@@ -22,7 +22,7 @@ import pytest
 
 from flotilla import serve
 from flotilla._private.procfs import process_memory
-from tests.conftest import RAY_BACKEND, local_only, running_cluster, title, wait_for
+from tests.conftest import RAY_BACKEND, local_only, sampling_cluster, title, wait_for
 
 pytestmark = pytest.mark.slow
 ARRAY_MB = 300
@@ -31,23 +31,8 @@ MB = 1 << 20
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[str]:
-    old = os.environ.get("FLOTILLA_CPU_SAMPLE_S")
-    os.environ["FLOTILLA_CPU_SAMPLE_S"] = "0.2"  # memory figures in the status within a moment
-    try:
-        with running_cluster(num_cpus=4, num_gpus=1) as url:
-            yield url
-    finally:
-        if old is None:
-            os.environ.pop("FLOTILLA_CPU_SAMPLE_S", None)
-        else:
-            os.environ["FLOTILLA_CPU_SAMPLE_S"] = old
-
-
-@pytest.fixture
-def url(cluster: str) -> Iterator[str]:
-    yield cluster
-    for name in list(serve.status().applications):
-        serve.delete(name)
+    with sampling_cluster(num_cpus=4, num_gpus=1) as url:
+        yield url
 
 
 @serve.deployment(fork_after_init=True, ray_actor_options={"num_cpus": 0})

@@ -4,7 +4,6 @@ private memory (USS) in `serve.status()`, the REST API, the dashboard snapshot a
 from __future__ import annotations
 
 import json
-import os
 import urllib.request
 from collections.abc import Iterator
 from typing import Any
@@ -14,7 +13,7 @@ import pytest
 import flotilla
 from flotilla import serve
 from tests import browser
-from tests.conftest import local_only, running_cluster, wait_for
+from tests.conftest import local_only, sampling_cluster, wait_for
 
 pytestmark = local_only("the controller reads the replicas' memory from this machine's /proc")
 
@@ -23,16 +22,8 @@ MB = 1 << 20
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[str]:
-    saved = os.environ.get("FLOTILLA_CPU_SAMPLE_S")
-    os.environ["FLOTILLA_CPU_SAMPLE_S"] = "0.2"
-    try:
-        with running_cluster(num_cpus=2) as url:
-            yield url
-    finally:
-        if saved is None:
-            os.environ.pop("FLOTILLA_CPU_SAMPLE_S", None)
-        else:
-            os.environ["FLOTILLA_CPU_SAMPLE_S"] = saved
+    with sampling_cluster(num_cpus=2) as url:
+        yield url
 
 
 @serve.deployment
@@ -95,11 +86,7 @@ def test_the_dashboard_page_shows_private_and_shared_memory(cluster: str) -> Non
     cell = '[data-deployment="mem2/Holder"] tr.replica:not(.dead) td.mem'
     try:
         with browser.chrome() as page:
-            page.set_page_load_timeout(20)
-            page.get(str(flotilla.dashboard_url()) + "/")
-            got = wait_for(lambda: page.execute_script(
-                f"const e = document.querySelector({cell!r}); return e && e.textContent.includes('MiB +') ? "
-                "[e.textContent, e.title] : null;"), timeout=10, interval=0.1, what="the replica's memory cell")
+            got = browser.on_dashboard(page, cell, "e.textContent.includes('MiB +') ? [e.textContent, e.title] : null")
         print("memory-test: page shows", got)
         assert got[0].endswith(" shared") and "USS" in got[1] and "PSS" in got[1] and "RSS" in got[1]
     finally:

@@ -106,13 +106,7 @@ def main() -> None:
         return
     args = first["args"]
     set_title(f"flotilla::template:{args['app']}:{args['deployment']}")
-    log = os.open(first["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    null = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(null, 0)
-    os.dup2(log, 1)
-    os.dup2(log, 2)
-    os.close(log)
-    os.close(null)
+    zygote.redirect_output(first["log"])
     from flotilla._private.replica import main_forked, setup_process
 
     setup_process({**args, "replica_id": "template"}, own_log=False)  # its rotation thread: in replicas

@@ -105,6 +105,17 @@ def _title(req: dict) -> str:
     return f"flotilla::worker:{kind}"
 
 
+def redirect_output(log_path: str) -> None:
+    """stdin from /dev/null; stdout and stderr appended to `log_path`."""
+    log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    os.close(log)
+    os.close(null)
+
+
 def _run_kind(req: dict) -> None:
     module, _, func = _KINDS.get(req["kind"], req["kind"]).partition(":")
     getattr(importlib.import_module(module), func)(req["args"])
@@ -122,13 +133,7 @@ def _child(req: dict, run: Callable[[dict], None] = _run_kind, close: tuple[int,
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     watch_keeper()
-    log = os.open(req["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    null = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(null, 0)
-    os.dup2(log, 1)
-    os.dup2(log, 2)
-    os.close(log)
-    os.close(null)
+    redirect_output(req["log"])
     code = 0
     try:
         run(req)
