@@ -220,3 +220,20 @@ def test_a_killed_template_is_replaced_and_its_replicas_keep_serving(url: str, t
     [new] = _pids("flotilla::template:kill:Big")
     built_in = {httpx.get(f"{url}/kill").json()["built_in"] for _ in range(40)}
     assert new in built_in and built_in <= {old, new}
+
+
+@local_only("templates fork on this machine")
+def test_a_version_replaced_while_its_template_builds_leaves_nothing_stuck(url: str, tmp_path: Path) -> None:
+    v1 = tmp_path / "v1"
+    v2 = tmp_path / "v2"
+    v1.mkdir()
+    v2.mkdir()
+    serve.run(Big.options(num_replicas=1).bind(str(v1), 2.0), name="swap", route_prefix="/swap", _blocking=False)
+    wait_for(lambda: _pids("flotilla::template:swap:Big"), timeout=10, what="v1's template")
+    serve.run(Big.options(num_replicas=1).bind(str(v2), 0.0), name="swap", route_prefix="/swap")
+    st = wait_for(lambda: (d := _dep("swap", "Big")).replica_states == {serve.schema.ReplicaState.RUNNING: 1} and d,
+                  timeout=30, what="one RUNNING replica of v2 and nothing else")
+    assert st.status == serve.schema.DeploymentStatus.HEALTHY
+    got = httpx.get(f"{url}/swap").json()
+    assert got["built_in"] != got["pid"] and Path(v2, f"built-{got['built_in']}").exists()
+    wait_for(lambda: len(_pids("flotilla::template:swap:Big")) == 1, timeout=10, what="v1's template gone")

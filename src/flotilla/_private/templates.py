@@ -57,7 +57,13 @@ class Templates:
                 task = None
         if task is None:
             task = self._open[key] = asyncio.get_running_loop().create_task(self._start(key, log_path, args, spec))
-        return await asyncio.shield(task)
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            me = asyncio.current_task()
+            if task.cancelled() and (me is None or not me.cancelling()):
+                return None  # retired while it was starting: the caller decides what to do
+            raise
 
     async def _start(self, key: Key, log_path: str, args: dict[str, Any], spec: dict[str, Any]) -> Template | None:
         if wants_gpu(spec["demand"]):
