@@ -105,19 +105,27 @@ def running_cluster(http_options: dict[str, Any] | None = None, **init_kwargs: A
 
 
 @contextlib.contextmanager
+def env_vars(**env: str) -> Iterator[None]:
+    """Set environment variables for the block (clusters started in it read them), then put
+    back what was there."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@contextlib.contextmanager
 def sampling_cluster(**init_kwargs: Any) -> Iterator[str]:
     """`running_cluster` whose head samples replicas' CPU and memory every 0.2 s
     (FLOTILLA_CPU_SAMPLE_S), so that findings and memory figures show within a moment."""
-    saved = os.environ.get("FLOTILLA_CPU_SAMPLE_S")
-    os.environ["FLOTILLA_CPU_SAMPLE_S"] = "0.2"
-    try:
-        with running_cluster(**init_kwargs) as url:
-            yield url
-    finally:
-        if saved is None:
-            os.environ.pop("FLOTILLA_CPU_SAMPLE_S", None)
-        else:
-            os.environ["FLOTILLA_CPU_SAMPLE_S"] = saved
+    with env_vars(FLOTILLA_CPU_SAMPLE_S="0.2"), running_cluster(**init_kwargs) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 import flotilla
 from flotilla import serve
 from flotilla._private.client import Runtime
-from tests.conftest import local_only, running_cluster, wait_for
+from tests.conftest import env_vars, local_only, running_cluster, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -50,23 +50,9 @@ HTTP = {
 }
 
 
-@contextlib.contextmanager
-def environ(values: dict[str, str]) -> Iterator[None]:
-    old = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[str]:
-    with environ(ENV), running_cluster(HTTP, num_cpus=8) as url:
+    with env_vars(**ENV), running_cluster(HTTP, num_cpus=8) as url:
         yield url
 
 

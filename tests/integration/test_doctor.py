@@ -3,8 +3,8 @@ in `serve.status()`, `flotilla status`, `flotilla doctor`, the dashboard JSON an
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
 import threading
 import time
 import urllib.request
@@ -18,24 +18,16 @@ import flotilla
 from flotilla import serve
 from flotilla.cli import main
 from tests import browser
-from tests.conftest import local_only, running_cluster, wait_for
+from tests.conftest import env_vars, local_only, running_cluster, wait_for
 
 pytestmark = local_only("the controller reads the replicas' CPU use from this machine's /proc")
 
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[str]:
-    saved = {k: os.environ.get(k) for k in ("FLOTILLA_CPU_SAMPLE_S", "FLOTILLA_FINDINGS_WINDOW_S")}
-    os.environ.update(FLOTILLA_CPU_SAMPLE_S="0.25", FLOTILLA_FINDINGS_WINDOW_S="2")
-    try:
-        with running_cluster(http_options={"request_timeout_s": 0.5}, num_cpus=4) as url:
-            yield url
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    with env_vars(FLOTILLA_CPU_SAMPLE_S="0.25", FLOTILLA_FINDINGS_WINDOW_S="2"), \
+            running_cluster(http_options={"request_timeout_s": 0.5}, num_cpus=4) as url:
+        yield url
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 2}, max_ongoing_requests=4)
@@ -136,7 +128,9 @@ class Narrow:
         return "ok"
 
 
-def test_latency_mostly_queueing_is_found(cluster: str) -> None:
+@contextlib.contextmanager
+def narrow_under_load(cluster: str) -> Iterator[None]:
+    """`Narrow` deployed and kept busy by 6 client threads until the block ends."""
     serve.run(Narrow.bind(), name="narrow", route_prefix="/narrow")
     stop = threading.Event()
 
@@ -149,40 +143,28 @@ def test_latency_mostly_queueing_is_found(cluster: str) -> None:
     for t in threads:
         t.start()
     try:
-        def outside() -> list[dict[str, str]]:
-            deps = serve.status().applications["narrow"].deployments["Narrow"]
-            return [f for f in deps.findings if f["code"] == "latency-outside-code"]
-
-        f = wait_for(outside, timeout=15, interval=0.2, what="the latency-outside-code finding")[0]
-        print("doctor-test:", f["message"])
-        assert f["severity"] == "info" and "replicas" in f["fix"]
+        yield
     finally:
         stop.set()
         for t in threads:
             t.join(timeout=15)
         serve.delete("narrow")
+
+
+def test_latency_mostly_queueing_is_found(cluster: str) -> None:
+    def outside() -> list[dict[str, str]]:
+        deps = serve.status().applications["narrow"].deployments["Narrow"]
+        return [f for f in deps.findings if f["code"] == "latency-outside-code"]
+
+    with narrow_under_load(cluster):
+        f = wait_for(outside, timeout=15, interval=0.2, what="the latency-outside-code finding")[0]
+    print("doctor-test:", f["message"])
+    assert f["severity"] == "info" and "replicas" in f["fix"]
 
 
 @pytest.mark.skipif(bool(browser.missing()), reason=f"no browser: {browser.missing()}")
 def test_the_dashboard_page_lists_the_findings(cluster: str) -> None:
-    serve.run(Narrow.bind(), name="narrow", route_prefix="/narrow")
-    stop = threading.Event()
-
-    def load() -> None:
-        while not stop.is_set():
-            with urllib.request.urlopen(cluster + "/narrow", timeout=10) as r:
-                r.read()
-
-    threads = [threading.Thread(target=load, daemon=True) for _ in range(6)]
-    for t in threads:
-        t.start()
     item = '[data-deployment="narrow/Narrow"] .dep-findings li[data-code="latency-outside-code"]'
-    try:
-        with browser.chrome() as page:
-            got = browser.on_dashboard(page, item, "!e.parentElement.hidden ? e.textContent : null", timeout=20)
-        assert "Fix:" in got
-    finally:
-        stop.set()
-        for t in threads:
-            t.join(timeout=15)
-        serve.delete("narrow")
+    with narrow_under_load(cluster), browser.chrome() as page:
+        got = browser.on_dashboard(page, item, "!e.parentElement.hidden ? e.textContent : null", timeout=20)
+    assert "Fix:" in got

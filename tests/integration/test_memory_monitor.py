@@ -17,8 +17,8 @@ import pytest
 
 from flotilla import serve
 from flotilla._private.procfs import machine_memory
-from tests.conftest import local_only, running_cluster, wait_for
-from tests.integration.test_bounds import deployment_message, environ, metric
+from tests.conftest import env_vars, local_only, running_cluster, wait_for
+from tests.integration.test_bounds import deployment_message, metric
 
 pytestmark = [pytest.mark.slow, local_only("Ray's own memory monitor watches its workers")]
 
@@ -34,7 +34,7 @@ def cluster() -> Iterator[str]:
         pytest.skip(f"needs {3 * HOG / GiB:.0f} GiB of free memory; {(total - used) / GiB:.1f} GiB free")
     threshold = (used + MARGIN) / total
     env = {"FLOTILLA_MEMORY_USAGE_THRESHOLD": f"{threshold:.6f}", "FLOTILLA_MEMORY_MONITOR_REFRESH_MS": "100"}
-    with environ(env), running_cluster(num_cpus=4) as url:
+    with env_vars(**env), running_cluster(num_cpus=4) as url:
         yield url
 
 

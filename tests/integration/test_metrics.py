@@ -26,7 +26,7 @@ import flotilla
 from flotilla import serve
 from flotilla._private.client import Runtime
 from flotilla.serve.metrics import Counter, Gauge, Histogram
-from tests.conftest import descendants, local_only, running_cluster, title, wait_for
+from tests.conftest import descendants, env_vars, local_only, running_cluster, title, wait_for
 from tests.load import Load
 
 pytestmark = pytest.mark.slow
@@ -58,17 +58,8 @@ class Monitored:
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[str]:
     env = {"FLOTILLA_METRICS_PUSH_INTERVAL_S": str(PUSH_S), "FLOTILLA_METRICS_RETAIN_S": str(RETAIN_S)}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        with running_cluster(num_cpus=8) as url:
-            yield url
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    with env_vars(**env), running_cluster(num_cpus=8) as url:
+        yield url
 
 
 def scrape() -> dict[str, list]:

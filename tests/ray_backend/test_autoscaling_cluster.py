@@ -17,7 +17,7 @@ ray = pytest.importorskip("ray", reason='the Ray backend tests need Ray: pip ins
 
 import flotilla  # noqa: E402
 from flotilla import serve  # noqa: E402
-from tests.conftest import free_port  # noqa: E402
+from tests.conftest import env_vars, free_port  # noqa: E402
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -86,19 +86,11 @@ def autoscaling(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
     }
     path = tmp_path_factory.mktemp("autoscaler") / "config.json"
     path.write_text(json.dumps(config))
-    saved = {k: os.environ.get(k) for k in ("RAY_FAKE_CLUSTER", "AUTOSCALER_UPDATE_INTERVAL_S")}
-    os.environ.update(RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1")
-    try:
+    with env_vars(RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1"):
         cluster = Cluster(initialize_head=True, head_node_args={
             "num_cpus": 1, "gcs_server_port": port, "include_dashboard": False, "autoscaling_config": str(path),
             "env_vars": {"RAY_OVERRIDE_NODE_ID_FOR_TESTING": FAKE_HEAD_NODE_ID},
         })
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
     session_dir = cluster.head_node.get_session_dir_path()
     try:
         ray.init(address=cluster.address, log_to_driver=False)

@@ -4,7 +4,7 @@ replica processes that run. Lives in the head process, on its event loop.
 The decisions are pure (`reconcile.py`); this module observes, asks, and carries them out:
 allocating and forking replicas, draining and killing them, health checks, reconfigure, status.
 Each replica moves through the state machine of `lifecycle.py`.
-On the local backend it also samples each replica's CPU use (`_cpu_loop`) for the live
+On the local backend it also samples each replica's CPU use (`_sample_cpu`) for the live
 findings of `findings.py`, shown in the status, the dashboard and the cpu_cores gauges.
 
 Guarantees:
@@ -321,8 +321,11 @@ class Controller:
     async def run(self) -> None:
         self._spawn_task(self.autoscaler.run())
         self._spawn_task(self.canary.run())
-        self._spawn_task(self._memory_loop())
-        self._spawn_task(self._cpu_loop())
+        # Replicas over their `memory`, and the machine's usage.
+        self._spawn_task(self._local_loop(self.limits.memory_monitor_refresh_s, self._check_memory, "memory check"))
+        # The CPU each replica used and what it runs (live findings, the cpu_cores gauges) and
+        # its memory (status's replica_memory, the memory gauges).
+        self._spawn_task(self._local_loop(sample_s(), self._sample_cpu, "cpu sample"))
         while True:
             try:
                 await asyncio.wait_for(self._dirty.wait(), 0.5)
@@ -1209,18 +1212,18 @@ class Controller:
             self._start_failed(r, startup_timeout_message(self.limits))
             self._stop_replica(r, False, "its constructor ran past the start-up limit")
 
-    async def _memory_loop(self) -> None:
-        """Every `memory_monitor_refresh_s`: replicas over their `memory`, and the machine's usage."""
-        period = self.limits.memory_monitor_refresh_s
+    async def _local_loop(self, period: float, step: Any, what: str) -> None:
+        """Every `period` s (none if 0): `await step(loop)`, on the local backend only (on Ray,
+        replicas may be on other nodes, whose /proc is not ours, and Ray watches their memory)."""
         if period <= 0 or not self.supervisor.local:
-            return  # on Ray, Ray's memory monitor watches its workers (on their own nodes)
+            return
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(period)
             try:
-                await self._check_memory(loop)
+                await step(loop)
             except Exception:
-                logger.exception("memory check failed")
+                logger.exception("%s failed", what)
 
     async def _check_memory(self, loop: asyncio.AbstractEventLoop) -> None:
         live = [r for r in self.replicas.values()
@@ -1245,20 +1248,6 @@ class Controller:
         for kill in memory_decide(samples, used, total, limits, killing=victim is not None):
             self._memory_kill(self.replicas[kill.id], kill)
 
-    async def _cpu_loop(self) -> None:
-        """Every `FLOTILLA_CPU_SAMPLE_S`: the CPU each local replica used and what it runs, for
-        the live findings (`findings.Watch`) and the cpu_cores gauges; and each one's memory
-        (`Replica.memory`: status's replica_memory and the memory gauges)."""
-        period = sample_s()
-        if period <= 0 or not self.supervisor.local:
-            return  # on Ray, replicas may be on other nodes: their /proc is not ours
-        loop = asyncio.get_running_loop()
-        while True:
-            await asyncio.sleep(period)
-            try:
-                await self._sample_cpu(loop)
-            except Exception:
-                logger.exception("cpu sample failed")
 
     async def _sample_cpu(self, loop: asyncio.AbstractEventLoop) -> None:
         # Memory of each replica process (USS/PSS/shared: RSS over-counts pages shared

@@ -5,7 +5,7 @@ used so far, requests running) and, per deployment and application, the cumulati
 of the pushed histograms; it holds no clock of its own. The decisions are pure functions of
 that history: `gil_bound`, `unbalanced`, `latency_outside_code`, `batch_underfilled`, gathered
 by `Watch.findings`. The controller samples local replicas every `FLOTILLA_CPU_SAMPLE_S`
-(`Controller._cpu_loop`) and shows the result in `serve.status()`, the dashboard and /metrics.
+(`Controller._sample_cpu`) and shows the result in `serve.status()`, the dashboard and /metrics.
 """
 
 from __future__ import annotations

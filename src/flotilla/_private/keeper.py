@@ -38,7 +38,7 @@ import sys
 import time
 from collections.abc import Callable
 
-from flotilla._private.procfs import exited_child, reap_group, start_ticks
+from flotilla._private.procfs import exited_child, proc_stats, reap_group, start_ticks
 
 PR_SET_CHILD_SUBREAPER = 36
 FIRST_DELAY_S = 0.2
@@ -132,18 +132,7 @@ def _log(level: str, msg: str) -> None:
 
 
 def _children(pid: int) -> list[int]:
-    out = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as f:
-                fields = f.read().rsplit(b")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            out.append(int(name))
-    return out
+    return [child for child, fields in proc_stats() if int(fields[1]) == pid]
 
 
 class Keeper:

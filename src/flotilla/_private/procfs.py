@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import NamedTuple
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
@@ -123,25 +123,30 @@ def group_cpu(pgids: Iterable[int]) -> dict[int, float]:
     return _group_sum(pgids, (11, 12), 1.0 / _TICKS)
 
 
-def _group_sum(pgids: Iterable[int], idx: tuple[int, ...], scale: float) -> dict[int, float]:
-    want = set(pgids)
-    out = dict.fromkeys(want, 0.0)
-    if not want:
-        return out
+def proc_stats() -> Iterator[tuple[int, list[bytes]]]:
+    """(pid, fields of /proc/<pid>/stat after the command: state, ppid, pgrp, ...) of every
+    live process, in one pass over /proc."""
     try:
         names = os.listdir("/proc")
     except OSError:
-        return out
+        return
     for name in names:
         if not name.isdigit():
             continue
         try:
             with open(f"/proc/{name}/stat", "rb") as f:
-                fields = f.read().rsplit(b")", 1)[1].split()
+                yield int(name), f.read().rsplit(b")", 1)[1].split()
         except (OSError, IndexError):
             continue
-        # After the command: state ppid pgrp session ...; utime, stime, rss are fields 14, 15
-        # and 24 (indexes 11, 12, 21 here).
+
+
+def _group_sum(pgids: Iterable[int], idx: tuple[int, ...], scale: float) -> dict[int, float]:
+    want = set(pgids)
+    out = dict.fromkeys(want, 0.0)
+    if not want:
+        return out
+    for _, fields in proc_stats():
+        # utime, stime, rss are stat's fields 14, 15 and 24 (indexes 11, 12, 21 here).
         try:
             pgrp = int(fields[2])
             if pgrp in want:

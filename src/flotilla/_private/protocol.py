@@ -196,13 +196,8 @@ OOB_MIN = 1 << 16
 
 def oob(data: bytes) -> Any:
     """`data` as a message field: large ones wrapped so that they travel out of band (the
-    receiver gets a memoryview of its frame; `as_bytes` makes it bytes where bytes are needed)."""
+    receiver gets a memoryview of its frame; the replica makes it bytes once, `AwaitableBytes`)."""
     return pickle.PickleBuffer(data) if len(data) >= OOB_MIN else data
-
-
-def as_bytes(data: Any) -> bytes:
-    """A bytes field as bytes (a copy of an out-of-band memoryview)."""
-    return data if type(data) is bytes else bytes(data)
 
 
 def encode_parts(msg: tuple[Any, ...]) -> tuple[bytes, list[memoryview]]:

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from flotilla._private import tune
+from flotilla._private.procfs import proc_stats
 from flotilla._private.tune import LevelResult, Setting, Trial
 
 __all__ = ["TuneReport", "batched_methods", "cluster_cpu_ticks", "run_tune", "tuned_yaml", "write_progress"]
@@ -53,15 +54,9 @@ class TuneReport:
 def cluster_cpu_ticks(root: int) -> dict[int, int]:
     """utime+stime (clock ticks) of `root` and every live process below it, by pid."""
     stats: dict[int, tuple[int, int]] = {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as f:
-                fields = f.read().rsplit(b")", 1)[1].split()
-            stats[int(name)] = (int(fields[1]), int(fields[11]) + int(fields[12]))
-        except (OSError, IndexError, ValueError):
-            continue
+    for pid, fields in proc_stats():
+        with contextlib.suppress(IndexError, ValueError):
+            stats[pid] = (int(fields[1]), int(fields[11]) + int(fields[12]))
     children: dict[int, list[int]] = {}
     for pid, (ppid, _) in stats.items():
         children.setdefault(ppid, []).append(pid)
