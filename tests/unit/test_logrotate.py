@@ -84,7 +84,7 @@ def test_access_log_sampling_keeps_one_in_n_and_every_error(monkeypatch: pytest.
         log.add("e1", "GET /", 500, 1.0)
         log.add("e2", "method", "ERROR", 1.0)
         lines = list(log.lines)
-        log.lines.clear()
+        log.pending.clear()
         return lines
 
     lines = asyncio.run(go())

@@ -32,6 +32,7 @@ from concurrent.futures import Future
 from typing import Any, ClassVar
 
 from flotilla._private import session
+from flotilla._private.hop import Inbox
 from flotilla._private.router import Router
 from flotilla._private.transport import Handler, PeerClosedError, RpcPeer, connect_addr
 from flotilla.serve.schema import DeploymentID
@@ -217,6 +218,7 @@ class Runtime:
 
     def __init__(self, loop: asyncio.AbstractEventLoop, link: HeadLink) -> None:
         self.loop = loop
+        self.inbox = Inbox(loop)  # work for the loop from other threads (handle calls)
         self.link = link
         link.on_up.append(self._resubscribe)
         self.routers: dict[DeploymentID, Router] = {}

@@ -510,7 +510,7 @@ class AccessLog:
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self.lines: list[str] = []
+        self.pending: list[tuple[float, str, str, Any, float]] = []
         self._scheduled = False
         self._second = 0
         self._time = ""
@@ -527,35 +527,44 @@ class AccessLog:
         self.json_context = context if config.get("encoding") == "JSON" else None
 
     def add(self, request_id: str, route: str, status: Any, ms: float) -> None:
+        """Keep one request's line; it is formatted when the batch is written, off the hot path."""
         if not self.enabled:
             return
         if self.sample > 1:
             self._n += 1
             if self._n % self.sample and status != "ERROR" and not (isinstance(status, int) and status >= 500):
                 return
-        now = int(time.time())
+        self.pending.append((time.time(), request_id, route, status, ms))
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_later(0.1, self.flush)
+
+    def _format(self, t: float, request_id: str, route: str, status: Any, ms: float) -> str:
+        now = int(t)
         if now != self._second:
             self._second = now
             self._time = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now))
             self._prefix = self._time + " " + self.name
         if self.json_context is None:
-            self.lines.append(f"{self._prefix} {request_id} {route} {status} {ms:.2f}ms\n")
-        else:
-            self.lines.append(json.dumps({
-                "asctime": self._time, "levelname": "INFO",
-                "message": f"{request_id} {route} {status} {ms:.2f}ms", **self.json_context,
-                "request_id": request_id, "route": route, "status": status,
-                "duration_ms": round(ms, 3), "serve_access_log": True,
-            }) + "\n")
-        if not self._scheduled:
-            self._scheduled = True
-            asyncio.get_running_loop().call_later(0.1, self.flush)
+            return f"{self._prefix} {request_id} {route} {status} {ms:.2f}ms\n"
+        return json.dumps({
+            "asctime": self._time, "levelname": "INFO",
+            "message": f"{request_id} {route} {status} {ms:.2f}ms", **self.json_context,
+            "request_id": request_id, "route": route, "status": status,
+            "duration_ms": round(ms, 3), "serve_access_log": True,
+        }) + "\n"
+
+    @property
+    def lines(self) -> list[str]:
+        """The lines not written yet."""
+        return [self._format(*p) for p in self.pending]
 
     def flush(self) -> None:
         self._scheduled = False
-        lines, self.lines = self.lines, []
-        if lines:
+        pending, self.pending = self.pending, []
+        if pending:
+            fmt = self._format
             try:
-                os.write(2, "".join(lines).encode())
+                os.write(2, "".join([fmt(*p) for p in pending]).encode())
             except OSError:
                 pass

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-import concurrent.futures
 import random
+import threading
+from collections.abc import Coroutine
 from dataclasses import dataclass, replace
 from typing import Any
 
 from flotilla._private.client import Runtime
 from flotilla._private.context import request_meta
+from flotilla._private.hop import Inbox, inbox_for
 from flotilla.exceptions import GetTimeoutError, TaskCancelledError
 from flotilla.serve.schema import DeploymentID
 
@@ -106,9 +108,7 @@ class DeploymentHandle:
             return DeploymentResponseGenerator(rt, self._dep, opts.method_name, args, kwargs, meta)
         # `parent`: the serving request's meta, which adds up the time of its downstream calls.
         coro = _call(rt, self._dep, opts.method_name, args, kwargs, meta, parent)
-        if rt.in_loop():
-            return DeploymentResponse(rt, rt.loop.create_task(coro), None)
-        return DeploymentResponse(rt, None, asyncio.run_coroutine_threadsafe(coro, rt.loop))
+        return DeploymentResponse(rt, coro)
 
     def _warm_up(self) -> None:
         """Create the router now so the first call does not wait for the replica set."""
@@ -146,9 +146,7 @@ class SplitHandle(DeploymentHandle):
         if opts.stream:
             return DeploymentResponseGenerator(rt, self._split, opts.method_name, args, kwargs, meta)
         coro = _call(rt, self._split, opts.method_name, args, kwargs, meta)
-        if rt.in_loop():
-            return DeploymentResponse(rt, rt.loop.create_task(coro), None)
-        return DeploymentResponse(rt, None, asyncio.run_coroutine_threadsafe(coro, rt.loop))
+        return DeploymentResponse(rt, coro)
 
     def _warm_up(self) -> None:
         pass
@@ -223,45 +221,142 @@ async def _call(rt: Runtime, dep: DeploymentID | str, method: str, args: tuple[A
 
 
 class DeploymentResponse:
-    """The future result of one `handle.remote()` call."""
+    """The future result of one `handle.remote()` call.
 
-    __slots__ = ("_cf", "_rt", "_task")
+    The call runs as a task on the runtime's event loop. Made on that loop (a replica's code),
+    the response is that task. Made on another thread, the call reaches the loop through the
+    runtime's `Inbox` and its outcome comes back without a per-call thread hop: to the
+    caller's own loop in batches, through that loop's inbox (`await`), or to a blocked
+    `result()` through a lock.
+    """
 
-    def __init__(self, rt: Runtime, task: asyncio.Task[Any] | None, cf: concurrent.futures.Future[Any] | None) -> None:
+    __slots__ = ("_back", "_cancel", "_done", "_fut", "_latch", "_local", "_rt", "_task")
+
+    def __init__(self, rt: Runtime, coro: Coroutine[Any, Any, Any]) -> None:
         self._rt = rt
-        self._task = task
-        self._cf = cf
+        self._task: asyncio.Task[Any] | None = None
+        self._fut: asyncio.Future[Any] | None = None  # the caller's loop's view of the outcome
+        self._back: Inbox | None = None  # the caller's loop's inbox
+        self._latch: threading.Lock | None = None  # held until done, for result()
+        self._done = False
+        self._cancel = False
+        try:
+            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        self._local = loop is rt.loop
+        if self._local:
+            self._task = rt.loop.create_task(coro)
+            return
+        if loop is None:
+            latch = threading.Lock()
+            latch.acquire()
+            self._latch = latch
+        else:
+            fut = self._fut = loop.create_future()
+            self._back = inbox_for(loop)
+            fut.add_done_callback(self._caller_done)
+        try:
+            rt.inbox.put(self._start, coro)
+        except BaseException:
+            coro.close()
+            raise
+
+    # ---- on the runtime's loop ----------------------------------------------------------
+    def _start(self, coro: Coroutine[Any, Any, Any]) -> None:
+        t = self._task = self._rt.loop.create_task(coro)
+        if self._cancel:
+            t.cancel()
+        t.add_done_callback(self._finished)
+
+    def _finished(self, t: asyncio.Task[Any]) -> None:
+        self._done = True
+        latch = self._latch
+        if latch is not None:
+            latch.release()
+        if self._fut is not None:
+            self._back.put(_settle, self._fut, t)  # type: ignore[union-attr]
+
+    def _watch(self, fut: asyncio.Future[Any], back: Inbox) -> None:
+        t = self._task
+        assert t is not None
+        if t.done():
+            back.put(_settle, fut, t)
+        else:
+            t.add_done_callback(lambda t: back.put(_settle, fut, t))
+
+    def _cancel_task(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+    # ---- the caller's side --------------------------------------------------------------
+    def _caller_done(self, fut: asyncio.Future[Any]) -> None:
+        if fut.cancelled() and not self._done:  # the awaiting task was cancelled: so is the call
+            self.cancel()
 
     def result(self, *, timeout_s: float | None = None) -> Any:
         """Block until the result is ready (from sync code only)."""
-        if self._cf is None:
+        if self._local:
             raise RuntimeError(
                 "DeploymentResponse.result() cannot be called on the event loop that made the "
                 "call; use `await response` instead"
             )
-        try:
-            return self._cf.result(timeout_s)
-        except concurrent.futures.TimeoutError:
-            raise GetTimeoutError(f"Did not get a result within {timeout_s}s.") from None
-        except concurrent.futures.CancelledError:
-            raise TaskCancelledError("the request was cancelled") from None
+        if not self._done:
+            latch = self._latch
+            if latch is None:  # made on an event loop, waited for here
+                latch = threading.Lock()
+                latch.acquire()
+                self._latch = latch
+            if not self._done:  # checked again: `_finished` may have missed the new latch
+                if not latch.acquire(timeout=-1 if timeout_s is None else max(0.0, timeout_s)):
+                    raise GetTimeoutError(f"Did not get a result within {timeout_s}s.")
+                latch.release()  # open for other waiters
+        t = self._task
+        assert t is not None
+        if t.cancelled():
+            raise TaskCancelledError("the request was cancelled")
+        return t.result()
 
     def __await__(self):  # type: ignore[no-untyped-def]
-        if self._task is not None:
-            return self._task.__await__()
-        assert self._cf is not None
-        return asyncio.wrap_future(self._cf).__await__()
+        loop = asyncio.get_running_loop()
+        fut = self._fut
+        if fut is not None and fut.get_loop() is loop:
+            return fut.__await__()
+        if loop is self._rt.loop:
+            if self._task is None:  # its hand-over is still queued: run it now
+                self._rt.inbox.run()
+            return self._task.__await__()  # type: ignore[union-attr]
+        fut = loop.create_future()  # made elsewhere, awaited on this loop
+        self._rt.inbox.put(self._watch, fut, inbox_for(loop))
+        return fut.__await__()
 
     def cancel(self) -> None:
         """Cancel the request; the replica stops working on it if it already started."""
-        if self._task is not None:
-            self._task.cancel()
-        elif self._cf is not None:
-            self._cf.cancel()
+        if self._local:
+            self._task.cancel()  # type: ignore[union-attr]
+            return
+        if self._cancel or self._done:
+            return
+        self._cancel = True
+        self._rt.inbox.put(self._cancel_task)
 
     def cancelled(self) -> bool:
-        f = self._task or self._cf
-        return bool(f and f.cancelled())
+        t = self._task
+        return self._cancel or bool(t is not None and t.done() and t.cancelled())
+
+
+def _settle(fut: asyncio.Future[Any], t: asyncio.Task[Any]) -> None:
+    """On the caller's loop: give `fut` the outcome of the finished task `t`."""
+    if fut.done():
+        return
+    if t.cancelled():
+        fut.cancel()
+        return
+    e = t.exception()
+    if e is None:
+        fut.set_result(t.result())
+    else:
+        fut.set_exception(e)
 
 
 class DeploymentResponseGenerator:

@@ -1,0 +1,152 @@
+"""Handle calls from threads and event loops other than the runtime's: every way a response
+can be made and then waited for, and cancellation across the hand-over (hop.py's inboxes)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from flotilla import serve
+from flotilla.exceptions import GetTimeoutError, TaskCancelledError
+
+from tests.conftest import wait_for
+
+pytestmark = pytest.mark.slow
+
+
+class Boom(Exception):
+    pass
+
+
+@serve.deployment(max_ongoing_requests=200)
+class Worker:
+    def __init__(self) -> None:
+        self.cancelled: list[str] = []
+
+    async def add(self, a: int, b: int = 0) -> int:
+        return a + b
+
+    async def slow(self, key: str, s: float) -> str:
+        try:
+            await asyncio.sleep(s)
+        except asyncio.CancelledError:
+            self.cancelled.append(key)
+            raise
+        return key
+
+    def seen_cancelled(self) -> list[str]:
+        return self.cancelled
+
+    def fail(self) -> None:
+        raise Boom("from the replica")
+
+
+@pytest.fixture
+def h(url: str) -> serve.DeploymentHandle:
+    return serve.run(Worker.bind(), name="threads", route_prefix=None)
+
+
+def test_64_tasks_on_a_driver_loop_each_get_their_own_answers(h) -> None:
+    async def main() -> list[int]:
+        async def one(i: int) -> list[int]:
+            return [await h.add.remote(i, b=j) for j in range(40)]
+
+        rows = await asyncio.gather(*(one(i) for i in range(64)))
+        return [x for row in rows for x in row]
+
+    assert asyncio.run(main()) == [i + j for i in range(64) for j in range(40)]
+
+
+def test_a_response_made_on_one_loop_is_awaited_on_another(h) -> None:
+    made = h.add.remote(1, b=2)  # sync code: no loop
+
+    async def on_a_loop() -> int:
+        return await made
+
+    assert asyncio.run(on_a_loop()) == 3
+
+    async def make() -> serve.DeploymentResponse:
+        return h.add.remote(3, b=4)
+
+    r = asyncio.run(make())  # made on a loop that is gone before anyone waits
+    assert r.result(timeout_s=10) == 7
+    assert asyncio.run(on_a_loop()) == 3  # awaited twice, on two loops
+    assert asyncio.run(asyncio.wait_for(_await(r), 10)) == 7
+
+
+async def _await(r: serve.DeploymentResponse) -> object:
+    return await r
+
+
+def test_result_from_a_thread_while_its_loop_waits(h) -> None:
+    """A response made on a loop, waited for with result() from another thread."""
+
+    async def main() -> int:
+        r = h.add.remote(5, b=5)
+        return await asyncio.get_running_loop().run_in_executor(None, lambda: r.result(timeout_s=10))
+
+    assert asyncio.run(main()) == 10
+
+
+def test_responses_from_a_driver_loop_compose(h) -> None:
+    async def main() -> int:
+        first = h.add.remote(1, b=1)
+        return await h.add.remote(first, b=h.add.remote(10))
+
+    assert asyncio.run(main()) == 12
+
+
+def test_errors_and_timeouts_keep_their_types_across_the_hand_over(h) -> None:
+    async def main() -> None:
+        with pytest.raises(Boom, match="from the replica"):
+            await h.fail.remote()
+
+    asyncio.run(main())
+    with pytest.raises(Boom):
+        h.fail.remote().result(timeout_s=10)
+    r = h.slow.remote("timeout", 0.5)
+    with pytest.raises(GetTimeoutError):
+        r.result(timeout_s=0.05)
+    assert r.result(timeout_s=10) == "timeout"  # still waitable after a timeout
+
+
+def test_cancelling_the_awaiting_task_cancels_the_request_in_the_replica(h) -> None:
+    async def main() -> None:
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(_await(h.slow.remote("driver-loop", 30)), 0.3)
+
+    asyncio.run(main())
+    wait_for(lambda: "driver-loop" in h.seen_cancelled.remote().result(timeout_s=10), 10,
+             what="the replica's call cancelled")
+
+
+def test_cancel_from_sync_code(h) -> None:
+    r = h.slow.remote("sync", 30)
+    wait_for(lambda: r._task is not None, 10)  # handed over (the replica may not have it yet)
+    r.cancel()
+    assert r.cancelled()
+    with pytest.raises(TaskCancelledError):
+        r.result(timeout_s=10)
+    wait_for(lambda: "sync" in h.seen_cancelled.remote().result(timeout_s=10), 10,
+             what="the replica's call cancelled")
+
+
+def test_many_threads_block_on_results_at_once(h) -> None:
+    errors: list[BaseException] = []
+
+    def caller(k: int) -> None:
+        try:
+            for j in range(150):
+                assert h.add.remote(k, b=j).result(timeout_s=30) == k + j
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=caller, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not any(t.is_alive() for t in threads)
+    assert errors == []
