@@ -107,6 +107,27 @@ def top_self(raw: Path, n: int = TOP) -> tuple[int, list[tuple[str, int]]]:
     return total, self_time.most_common(n)
 
 
+#: Frames whose time is the cost of metrics, access logs and trace events: the per-request
+#: recording (`_record` in proxy and replica, `_fold` in the replica) and what they call, and
+#: the periodic flushes.
+ACCOUNTING = re.compile(
+    r"^(\S+\._(?:record|fold)|AccessLog\.\w+|Store\.\w+|observe_into|Ring\.add|LatencyRing\.add|routed|Pusher\.\w+) \("
+)
+
+
+def accounting(raw: Path) -> tuple[int, int]:
+    """Samples, and those with a metrics / access-log / trace frame anywhere on the stack."""
+    total = hit = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        total += int(count)
+        if any(ACCOUNTING.match(f.strip()) for f in stack.split(";")):
+            hit += int(count)
+    return total, hit
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--label", required=True, help="file name prefix, e.g. before, after")
@@ -146,12 +167,19 @@ def main() -> int:
         f"# py-spy record -r {RATE} -d {SPY_S} --nonblocking, from 1 s into wrk; self time "
         "= samples with the frame at the top of the stack (line numbers merged)",
     ]
+    spent = {role: accounting(raw) for role, raw in raws.items()}
+    all_samples = sum(t for t, _ in spent.values())
+    all_hits = sum(h for _, h in spent.values())
+    lines.append(
+        "# metrics, access logs and trace events (stacks through " + ACCOUNTING.pattern + "): "
+        + ", ".join(f"{role} {100.0 * h / max(t, 1):.1f}%" for role, (t, h) in spent.items())
+        + f"; both processes {100.0 * all_hits / max(all_samples, 1):.1f}% of their samples")
     for role, raw in raws.items():
         total, top = top_self(raw)
         lines += ["", f"## {role} (pid {pids[role]}): {total} samples"]
         lines += [f"{c:6d} {100.0 * c / max(total, 1):5.1f}%  {frame}" for frame, c in top]
     (out_dir / f"{args.label}-top.txt").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines[:2]))
+    print("\n".join(lines[:4]))
     for p in svgs.values():
         print(f"{p}: {p.stat().st_size / 1e3:.0f} kB")
     return 0

@@ -350,7 +350,7 @@ def test_a_client_gives_up_on_a_silent_server(net: Net) -> None:
             t0 = time.monotonic()
             with pytest.raises(AuthError, match="timeout"):
                 await connect_tcp(HOST, port, client, auth.new_secret(), timeout=0.2)
-            assert 0.2 <= time.monotonic() - t0 < 2.0
+            assert 0.19 <= time.monotonic() - t0 < 2.0  # uvloop rounds timers to 1 ms
             assert delta(before) == {("client", "timeout"): 1}
             assert client.transport is None
         finally:

@@ -24,7 +24,7 @@ from typing import Any
 
 from flotilla._private import frontdoor, http_util, httpguard, logrotate, metrics, shadow, trace
 from flotilla._private.client import Runtime
-from flotilla._private.metrics import STORE
+from flotilla._private.metrics import STORE, observe_into
 from flotilla._private.protocol import HttpFull
 from flotilla._private.router import Channel
 from flotilla._private.transport import RemoteCallError, RpcPeer
@@ -32,6 +32,7 @@ from flotilla.exceptions import RayActorError
 from flotilla.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from flotilla.serve.schema import DeploymentID
 
+_LATENCY_BUCKETS = tuple(sorted(metrics.LATENCY_MS_BUCKETS))  # as the store keeps them
 logger = logging.getLogger("flotilla.proxy")
 
 DISCONNECT_CHECK_S = 0.2
@@ -130,6 +131,8 @@ class Proxy:
         self.requests = 0  # HTTP requests received
         self.node_label: str = args.get("node_id") or "head"
         self.access = metrics.AccessLog("proxy")
+        #: (prefix, method, app, status) -> metric labels and latency series, made once each
+        self._series: dict[tuple[str, str, str, int], tuple[tuple[str, ...], list[Any]]] = {}
         self.ids = metrics.RequestIds()
         self.root_path: str = args.get("root_path") or ""
         self.shadows: dict[str, shadow.ShadowRoute] = {}  # shadowed routes by prefix (serve.set_shadow)
@@ -222,17 +225,28 @@ class Proxy:
             status = await self._forward(fscope, receive, send, m, request_id, model_id, root, route, mirror)
         finally:
             self.ongoing -= 1
-            ms = (time.perf_counter() - t0) * 1000.0
-            prefix, app = (route or m[0], m[1].app_name) if m is not None else ("", "")
-            method = scope["method"]
-            key = (prefix, method, app, str(status))
-            STORE.inc("ray_serve_num_http_requests", key)
-            STORE.observe("ray_serve_http_request_latency_ms", key, ms)
-            if status >= 400:
-                STORE.inc("ray_serve_num_http_error_requests", (prefix, str(status), method, app))
-            rid = request_id.decode("latin-1")
-            self.access.add(rid, f"{method} {scope['path']}", status, ms)
-            trace.RING.add((rid, "http", prefix, app, status, ms, time.time()))
+            self._record(scope, m, route, status, t0, request_id)
+
+    def _record(self, scope: dict[str, Any], m: Any, route: str | None, status: int, t0: float,
+                request_id: bytes) -> None:
+        """Metrics, access log line and trace event of one HTTP request."""
+        ms = (time.perf_counter() - t0) * 1000.0
+        prefix, app = (route or m[0], m[1].app_name) if m is not None else ("", "")
+        method = scope["method"]
+        per_key = self._series.get((prefix, method, app, status))
+        if per_key is None:
+            key: tuple[str, ...] = (prefix, method, app, str(status))
+            per_key = (key, STORE.series("ray_serve_http_request_latency_ms", key))
+            if len(self._series) < 1000:  # methods come from clients: keep the cache bounded
+                self._series[(prefix, method, app, status)] = per_key
+        key, hist = per_key
+        STORE.inc("ray_serve_num_http_requests", key)
+        observe_into(hist, _LATENCY_BUCKETS, ms)
+        if status >= 400:
+            STORE.inc("ray_serve_num_http_error_requests", (prefix, str(status), method, app))
+        rid = request_id.decode("latin-1")
+        self.access.add(rid, f"{method} {scope['path']}", status, ms)
+        trace.RING.add((rid, "http", prefix, app, status, ms, time.time()))
 
     async def _websocket(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         """Route a WebSocket like an HTTP request and carry it to one replica (`ws.relay`)."""

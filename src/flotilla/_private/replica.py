@@ -16,6 +16,7 @@ pool so it never blocks the event loop.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import contextvars
 import functools
@@ -65,6 +66,9 @@ from flotilla.serve.schema import DeploymentID, ReplicaContext, ReplicaID
 logger = logging.getLogger("flotilla.replica")
 
 _SYNC, _ASYNC, _ON_LOOP = 0, 1, 2  # how a user method is invoked
+_LATENCY_BUCKETS = tuple(sorted(metrics.LATENCY_MS_BUCKETS))  # as the store keeps them
+#: Requests' figures reach the metrics and the access log this long after the first of a batch.
+FOLD_S = 0.1
 _REJECTED = Rejected()
 #: `serve.batching.BATCH_WAIT_S` (seconds the request waited for its batch), where it exists.
 _BATCH_WAIT: Any = getattr(_batching, "BATCH_WAIT_S", None)
@@ -100,6 +104,14 @@ class _Window:
             self.waiter = asyncio.get_running_loop().create_future()
             await self.waiter
         self.avail -= 1
+
+
+def _http_mode(fn: Any) -> int:
+    if inspect.iscoroutinefunction(fn):
+        return _ASYNC
+    if inspect.isasyncgenfunction(fn) or inspect.isgeneratorfunction(fn):
+        return _ON_LOOP
+    return _SYNC
 
 
 def _make_request_class() -> type:
@@ -192,6 +204,7 @@ class Replica:
         self.failure = ""
         self.models: list[str] = []
         self.http_entry: Any = None
+        self.http_mode = _SYNC  # how `http_entry` is called: _ASYNC, _ON_LOOP (a generator) or _SYNC
         self.dep_name: str = args["deployment"]
         self.app_name: str = args["app"]
         self.metrics = metrics.enabled()
@@ -211,6 +224,10 @@ class Replica:
         self._custom_stats: asyncio.Task[Any] | None = None
         self._stages: dict[str, list[Any]] = {}
         self._rq_hist = trace.series(dep_id, "replica_queue")
+        #: route (or method) -> its metric labels and latency series, made once each
+        self._per_route: dict[str, tuple[tuple[str, ...], list[Any]]] = {}
+        #: requests recorded (`_record`) and not yet added to the metrics (`_fold`)
+        self._done: list[tuple[Any, ...]] = []
         self._user_hist = trace.series(dep_id, "user_code")
 
     def _stage(self, stage: str) -> list[Any]:
@@ -220,6 +237,7 @@ class Replica:
         return h
 
     def _set_gauges(self) -> None:
+        self._fold()  # a push carries every request recorded so far
         labels = (self.dep_name, self.replica_id, self.app_name)
         STORE.set("ray_serve_replica_processing_queries", labels, float(self.ongoing))
         STORE.set("flotilla_replica_queued_requests", labels, float(len(self.waiters)))
@@ -313,6 +331,7 @@ class Replica:
         self.phase = "ready"
         await self.link.call("replica_ready", self.replica_id, wait_s=math.inf)
         await self.stopped.wait()
+        self._fold()
         self.pusher.stop()
         if self.direct is not None:
             await self.direct.stop()
@@ -383,6 +402,7 @@ class Replica:
         if user_config is not None and (self.prebuilt is None or user_config != self.prebuilt.user_config):
             await self._reconfigure(user_config)
         self.http_entry = self._ingress_callable(cfg)
+        self.http_mode = _http_mode(self.http_entry)
 
     def _ingress_callable(self, cfg: dict[str, Any]) -> Any:
         fn = self.obj if self.is_function else getattr(self.obj, "__call__", None)  # noqa: B004
@@ -705,6 +725,8 @@ class Replica:
                 self.latency.add(t1, q + (t1 - t_in) * 1000.0, q + (t0 - t_in) * 1000.0)
 
     def _record(self, msg: Any, meta: Any, status: Any, t0: float, t_in: float) -> None:
+        """One request's figures: split into stages now (its trace event and the latency
+        window need them at once), kept as a tuple for metrics and the access log (`_fold`)."""
         t1 = time.perf_counter()
         ms = (t1 - t0) * 1000.0
         # Stages: waiting for a slot here, then the handler's time split into batch wait,
@@ -713,32 +735,72 @@ class Replica:
         # context, where it is never set.
         rq = (t0 - t_in) * 1000.0
         bw = _BATCH_WAIT.get() * 1000.0 if _BATCH_WAIT is not None else 0.0
-        ds_s = meta.get(trace.DOWNSTREAM_KEY, 0.0) if meta else 0.0
         user = ms - bw
         ds = 0.0
-        if ds_s:
-            ds = min(ds_s * 1000.0, max(0.0, user))
-            user -= ds
-            metrics.observe_into(self._stage("downstream"), trace.BUCKETS, ds)
-        if bw:
-            metrics.observe_into(self._stage("batch_wait"), trace.BUCKETS, bw)
-        metrics.observe_into(self._rq_hist, trace.BUCKETS, rq)
-        metrics.observe_into(self._user_hist, trace.BUCKETS, max(0.0, user))
-        if self.latency is not None:
-            q = meta.get(trace.ROUTER_QUEUE_KEY, 0.0) * 1000.0 if meta else 0.0
-            self.latency.add(t1, q + (t1 - t_in) * 1000.0, q + rq)
-        rid = meta.get("request_id") if meta else None
-        if rid is not None:
-            trace.RING.add((rid, "replica", self.app_name, self.dep_name, self.replica_id, rq, bw,
-                            max(0.0, user), ds, (t1 - t_in) * 1000.0, time.time()))
         cls = msg.__class__
-        route = (meta or {}).get("route", "") if cls is Http or cls is WsOpen else msg.method
-        labels = (self.dep_name, self.replica_id, route, self.app_name)
-        STORE.inc("ray_serve_deployment_request_counter", labels)
-        STORE.observe("ray_serve_deployment_processing_latency_ms", labels, ms)
-        if status == "ERROR" or (isinstance(status, int) and status >= 500):
-            STORE.inc("ray_serve_deployment_error_counter", labels)
-        self.access.add((meta or {}).get("request_id", "-"), route, status, ms)
+        if meta is None:
+            rid = None
+            route = "" if cls is Http or cls is WsOpen else msg.method
+        else:
+            ds_s = meta.get(trace.DOWNSTREAM_KEY, 0.0)
+            if ds_s:
+                ds = min(ds_s * 1000.0, max(0.0, user))
+                user -= ds
+            if self.latency is not None:
+                q = meta.get(trace.ROUTER_QUEUE_KEY, 0.0) * 1000.0
+                self.latency.add(t1, q + (t1 - t_in) * 1000.0, q + rq)
+            rid = meta.get("request_id")
+            if rid is not None:
+                trace.RING.add((rid, "replica", self.app_name, self.dep_name, self.replica_id, rq, bw,
+                                max(0.0, user), ds, (t1 - t_in) * 1000.0, time.time()))
+            route = meta.get("route", "") if cls is Http or cls is WsOpen else msg.method
+        if meta is None and self.latency is not None:
+            self.latency.add(t1, (t1 - t_in) * 1000.0, rq)
+        done = self._done
+        done.append((route, status, ms, rq, max(0.0, user), bw, ds, rid))
+        if len(done) == 1:
+            self.loop.call_later(FOLD_S, self._fold)
+
+    def _fold(self) -> None:
+        """Add the requests recorded since the last fold to the metrics and the access log:
+        off the request path, with each series looked up once per route, not per request."""
+        done, self._done = self._done, []
+        if not done:
+            return
+        per_route = self._per_route
+        rq_hist, user_hist, buckets = self._rq_hist, self._user_hist, trace.BUCKETS
+        counts: dict[tuple[str, ...], int] = {}
+        errors: dict[tuple[str, ...], int] = {}
+        access = self.access
+        for route, status, ms, rq, user, bw, ds, rid in done:
+            entry = per_route.get(route)
+            if entry is None:
+                labels: tuple[str, ...] = (self.dep_name, self.replica_id, route, self.app_name)
+                entry = per_route[route] = (
+                    labels, STORE.series("ray_serve_deployment_processing_latency_ms", labels))
+            labels, hist = entry
+            counts[labels] = counts.get(labels, 0) + 1
+            hist[0][bisect.bisect_left(_LATENCY_BUCKETS, ms)] += 1
+            hist[1] += ms
+            hist[2] += 1
+            rq_hist[0][bisect.bisect_left(buckets, rq)] += 1
+            rq_hist[1] += rq
+            rq_hist[2] += 1
+            user_hist[0][bisect.bisect_left(buckets, user)] += 1
+            user_hist[1] += user
+            user_hist[2] += 1
+            if ds:
+                metrics.observe_into(self._stage("downstream"), buckets, ds)
+            if bw:
+                metrics.observe_into(self._stage("batch_wait"), buckets, bw)
+            if status == "ERROR" or (status.__class__ is int and status >= 500):
+                errors[labels] = errors.get(labels, 0) + 1
+            access.add(rid or "-", route, status, ms)
+        for labels, n in counts.items():
+            STORE.inc("ray_serve_deployment_request_counter", labels, n)
+        for labels, n in errors.items():
+            STORE.inc("ray_serve_deployment_error_counter", labels, n)
+        access.flush()
 
     def _resolve(self, method: str) -> tuple[Any, int]:
         if method.startswith("grpc"):  # the gRPC ingress: `grpc:<Method>` / `grpcs:<Method>`
@@ -823,9 +885,10 @@ class Replica:
                 )
             request = _request_class(scope, receive)
             request._body = body
-            if inspect.iscoroutinefunction(fn):
+            mode = self.http_mode
+            if mode == _ASYNC:
                 result = await fn(request)
-            elif inspect.isasyncgenfunction(fn) or inspect.isgeneratorfunction(fn):
+            elif mode == _ON_LOOP:
                 result = fn(request)  # a generator: streamed below
             else:
                 result = await self._invoke(fn, (request,), {})
