@@ -10,7 +10,6 @@ import pytest
 
 from flotilla import serve
 from flotilla.exceptions import GetTimeoutError, TaskCancelledError
-
 from tests.conftest import wait_for
 
 pytestmark = pytest.mark.slow
@@ -150,3 +149,13 @@ def test_many_threads_block_on_results_at_once(h) -> None:
         t.join(60)
     assert not any(t.is_alive() for t in threads)
     assert errors == []
+
+
+def test_a_call_that_outlives_the_loop_that_made_it_ends_quietly(h, caplog: pytest.LogCaptureFixture) -> None:
+    async def make() -> serve.DeploymentResponse:
+        return h.slow.remote("orphan", 0.3)
+
+    r = asyncio.run(make())  # that loop is closed before the answer comes
+    assert r.result(timeout_s=10) == "orphan"
+    assert h.add.remote(1).result(timeout_s=10) == 1  # the runtime loop went past the first's end
+    assert "Exception in callback" not in caplog.text and "Traceback" not in caplog.text

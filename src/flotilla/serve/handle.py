@@ -275,15 +275,15 @@ class DeploymentResponse:
         if latch is not None:
             latch.release()
         if self._fut is not None:
-            self._back.put(_settle, self._fut, t)  # type: ignore[union-attr]
+            _post(self._back, self._fut, t)  # type: ignore[arg-type]
 
     def _watch(self, fut: asyncio.Future[Any], back: Inbox) -> None:
         t = self._task
         assert t is not None
         if t.done():
-            back.put(_settle, fut, t)
+            _post(back, fut, t)
         else:
-            t.add_done_callback(lambda t: back.put(_settle, fut, t))
+            t.add_done_callback(lambda t: _post(back, fut, t))
 
     def _cancel_task(self) -> None:
         if self._task is not None:
@@ -343,6 +343,13 @@ class DeploymentResponse:
     def cancelled(self) -> bool:
         t = self._task
         return self._cancel or bool(t is not None and t.done() and t.cancelled())
+
+
+def _post(back: Inbox, fut: asyncio.Future[Any], t: asyncio.Task[Any]) -> None:
+    try:
+        back.put(_settle, fut, t)
+    except RuntimeError:  # the caller's loop is closed: nobody waits there any more
+        pass
 
 
 def _settle(fut: asyncio.Future[Any], t: asyncio.Task[Any]) -> None:
