@@ -159,3 +159,17 @@ def test_a_call_that_outlives_the_loop_that_made_it_ends_quietly(h, caplog: pyte
     assert r.result(timeout_s=10) == "orphan"
     assert h.add.remote(1).result(timeout_s=10) == 1  # the runtime loop went past the first's end
     assert "Exception in callback" not in caplog.text and "Traceback" not in caplog.text
+
+
+def test_threads_waiting_on_one_response_made_on_a_loop_all_get_it(h) -> None:
+    async def make() -> serve.DeploymentResponse:
+        return h.slow.remote("shared", 0.3)
+
+    r = asyncio.run(make())
+    got: list[object] = []
+    threads = [threading.Thread(target=lambda: got.append(r.result(timeout_s=20))) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert got == ["shared"] * 6

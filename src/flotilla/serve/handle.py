@@ -303,10 +303,13 @@ class DeploymentResponse:
             )
         if not self._done:
             latch = self._latch
-            if latch is None:  # made on an event loop, waited for here
-                latch = threading.Lock()
-                latch.acquire()
-                self._latch = latch
+            if latch is None:  # made on an event loop, waited for here: one latch for all waiters
+                with _LATCH_MADE:
+                    latch = self._latch
+                    if latch is None:
+                        latch = threading.Lock()
+                        latch.acquire()
+                        self._latch = latch
             if not self._done:  # checked again: `_finished` may have missed the new latch
                 if not latch.acquire(timeout=-1 if timeout_s is None else max(0.0, timeout_s)):
                     raise GetTimeoutError(f"Did not get a result within {timeout_s}s.")
@@ -343,6 +346,10 @@ class DeploymentResponse:
     def cancelled(self) -> bool:
         t = self._task
         return self._cancel or bool(t is not None and t.done() and t.cancelled())
+
+
+#: Serialises making a latch late (several threads may call result() on one response).
+_LATCH_MADE = threading.Lock()
 
 
 def _post(back: Inbox, fut: asyncio.Future[Any], t: asyncio.Task[Any]) -> None:
