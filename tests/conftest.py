@@ -98,7 +98,8 @@ def running_cluster(http_options: dict[str, Any] | None = None, **init_kwargs: A
     flotilla.init(**init_kwargs)
     try:
         port = free_port()
-        serve.start(http_options={**(http_options or {}), "port": port})
+        # One proxy process unless a test asks for more: tests find "the" proxy by its title.
+        serve.start(http_options={"num_proxies": 1, **(http_options or {}), "port": port})
         yield f"http://127.0.0.1:{port}"
     finally:
         flotilla.shutdown()

@@ -149,6 +149,8 @@ def _pick_port(host: str, port: int | None, default: int, flag: str, notes: list
 @click.option("--http-host", default="127.0.0.1", show_default=True, help="Interface the HTTP proxy binds.")
 @click.option("--http-port", type=int, default=None, help="HTTP port (default 8000, or a free port if 8000 is taken).")
 @click.option("--proxy-location", type=click.Choice(["EveryNode", "HeadOnly", "Disabled"]), default="EveryNode", show_default=True)
+@click.option("--num-proxies", type=click.IntRange(1, 64), default=None,
+              help="Proxy processes sharing the HTTP port (default: half the cores, at most 8).")
 @namespace_option
 @click.option("--num-cpus", type=float, default=None, help="CPUs to offer replicas (default: detected).")
 @click.option("--num-gpus", type=float, default=None, help="GPUs to offer replicas (default: detected).")
@@ -159,7 +161,7 @@ def _pick_port(host: str, port: int | None, default: int, flag: str, notes: list
 @click.option("--grpc-port", type=int, default=None, help="gRPC ingress port (default 9000, with servicer functions).")
 @click.option("--grpc-servicer-functions", multiple=True,
               help="Servicer adders for the gRPC ingress, e.g. pkg.mod_pb2_grpc.add_XServicer_to_server (repeatable).")
-def start(http_host: str, http_port: int | None, proxy_location: str, namespace: str | None, num_cpus: float | None,
+def start(http_host: str, http_port: int | None, proxy_location: str, num_proxies: int | None, namespace: str | None, num_cpus: float | None,
           num_gpus: float | None, resources: str | None, dashboard_host: str, dashboard_port: int | None,
           metrics_port: int, grpc_port: int | None, grpc_servicer_functions: tuple[str, ...]) -> None:
     """Start a cluster in the background that outlives this shell.
@@ -205,7 +207,7 @@ def start(http_host: str, http_port: int | None, proxy_location: str, namespace:
     from flotilla.serve.config import HTTPOptions, gRPCOptions, validate
 
     http = frontdoor.driver_options(validate(
-        HTTPOptions, {"host": http_host, "port": http_port or 8000, "location": proxy_location},
+        HTTPOptions, {"host": http_host, "port": http_port or 8000, "location": proxy_location, "num_proxies": num_proxies},
         "http_options").model_dump())  # API keys from FLOTILLA_API_KEYS, as serve.start
     if grpc_servicer_functions:
         grpc = validate(gRPCOptions, {"grpc_servicer_functions": list(grpc_servicer_functions),

@@ -19,7 +19,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.conftest import alive, descendants, free_port, local_only, wait_for
+from tests.conftest import alive, descendants, free_port, local_only, title, wait_for
 
 pytestmark = [
     pytest.mark.slow,
@@ -489,3 +489,16 @@ def test_start_with_grpc_ingress_and_deploy_a_grpc_app(tmp_path) -> None:
             _sys.path.remove(str(tmp_path))
     finally:
         stop_cluster(c)
+
+
+def test_start_with_two_proxies(project: str) -> None:
+    c = start_cluster(f"cli4-{secrets.token_hex(3)}", "--num-proxies", "2")
+    try:
+        wait_for(lambda: sum(title(p) == "flotilla::proxy" for p in descendants(c.keeper)) == 2
+                 and status(c.ns)["proxies"] == {"head": "HEALTHY"}, timeout=30, what="two healthy proxies")
+        ok("deploy", write_config(project, "two.yaml", apps="echo"), "--namespace", c.ns, cwd=project)
+        wait_for(lambda: app_states(c.ns) == {"echo": "RUNNING"}, timeout=60, what="echo RUNNING")
+        assert all(httpx.get(f"{c.url}/echo", timeout=10).text == "echo" for _ in range(20))
+    finally:
+        stop_cluster(c)
+    assert "--num-proxies" in ok("start", "--help")

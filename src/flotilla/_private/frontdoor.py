@@ -274,7 +274,7 @@ async def proxy_tls(options: dict[str, Any], link: Any) -> dict[str, Any]:
     except RuntimeError as e:
         logger.error("%s", e)
         if link is not None:
-            await link.call("proxy_failed", str(e))
+            await link.call("proxy_failed", str(e), os.getpid())
         raise
 
 

@@ -59,6 +59,116 @@ def _last_line(path: str) -> str:
     return lines[-1] if lines else ""
 
 
+#: The default number of proxy processes is half the cores, at most this many.
+MAX_DEFAULT_PROXIES = 8
+
+
+def default_num_proxies(cores: int) -> int:
+    """Proxy processes sharing the HTTP port by default: one up to 3 cores, then one per two
+    cores (a proxy spends about as much CPU per request as the replica it forwards to)."""
+    return max(1, min(MAX_DEFAULT_PROXIES, cores // 2))
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+class ExtraProxy:
+    """One more proxy process on the HTTP port (`num_proxies` > 1), started after the first one
+    is serving: it accepts on the same listening socket (the kernel spreads the connections) and
+    is restarted with backoff when it dies, like the first one."""
+
+    def __init__(self, manager: ProxyManager, index: int) -> None:
+        self.m = manager
+        self.index = index
+        self.proc: Process | None = None
+        self.peer: RpcPeer | None = None
+        self.status = ProxyStatus.STARTING
+        self.backoff = Backoff(first=PROXY_FIRST_RESTART_S)
+        self.restarts = 0
+        self.message = ""
+        self.stopping = False
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def log(self) -> str:
+        return self.m.log_path(f"proxy-{self.index}.log")
+
+    def launch_soon(self, delay: float = 0.0) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._launch(delay))
+
+    async def _launch(self, delay: float) -> None:
+        if delay:
+            await asyncio.sleep(delay)
+        if self.stopping or self.m.options is None:
+            return
+        self.status = ProxyStatus.STARTING
+        try:
+            self.proc = await self.m.head.supervisor.start("proxy", self.log, self.m.proxy_args(), self.on_exit)
+        except Exception as e:
+            self.status = ProxyStatus.UNHEALTHY
+            self.message = f"could not start HTTP proxy {self.index}: {e}"
+            logger.error("%s", self.message)
+            self.launch_soon(self.backoff.failed())
+            return
+        self.backoff.started()
+        self.m.head.checkpoint_soon()
+
+    def adopt(self, pid: int, ticks: Any) -> bool:
+        """A restarted head: take over the previous head's process; False if it is gone."""
+        self.proc = self.m.head.supervisor.adopt(pid, "proxy", ticks, self.on_exit)
+        return self.proc is not None
+
+    def ready(self, peer: RpcPeer) -> None:
+        self.peer = peer
+        if self.status is not ProxyStatus.HEALTHY:
+            logger.info("HTTP proxy %d ready (pid %s)", self.index, self.proc.pid if self.proc else None)
+        self.status = ProxyStatus.HEALTHY
+        self.message = ""
+        peer.on_close(lambda: self._peer_closed(peer))
+        self.m.head.checkpoint_soon()
+
+    def on_exit(self, proc: Process) -> None:
+        if proc is not self.proc:
+            return
+        self.proc = None
+        self.peer = None
+        if self.stopping or self.m.options is None:
+            return
+        self.status = ProxyStatus.STARTING
+        self.restarts += 1
+        delay = self.backoff.failed()
+        cause = proc.ending
+        if cause != self.message:
+            logger.warning("HTTP proxy %d (pid %d) is gone: %s; restarting it in %.2fs", self.index, proc.pid, cause, delay)
+        self.message = cause
+        self.launch_soon(delay)
+
+    def _peer_closed(self, peer: RpcPeer) -> None:
+        if peer is not self.peer:
+            return
+        self.peer = None
+        if self.proc is not None and not self.stopping:
+            self.m.head.supervisor.kill(self.proc)  # a proxy without its head link: replace it
+
+    def expire_adopted(self) -> None:
+        if self.proc is not None and self.peer is None and self.status is ProxyStatus.STARTING:
+            logger.warning("HTTP proxy %d (pid %d) did not reconnect to the restarted head; replacing it",
+                           self.index, self.proc.pid)
+            self.m.head.supervisor.kill(self.proc)
+
+    async def stop(self) -> None:
+        self.stopping = True
+        if self._task is not None:
+            self._task.cancel()
+        proc, self.proc = self.proc, None
+        if proc is not None:
+            await self.m.head.supervisor.stop(proc, PROXY_STOP_TIMEOUT_S)
+
+
 class ProxyManager:
     """Holds the HTTP port, runs the proxy process on it, and restarts the proxy if it dies.
 
@@ -90,6 +200,7 @@ class ProxyManager:
         self._first_start = False  # serve.start is waiting: a crash now is its error, not retried
         self.fleet: Any = None  # ray_proxies.ProxyFleet: the other nodes' proxies (Ray backend)
         self._fleet_stop: asyncio.Task[None] | None = None
+        self.extras: list[ExtraProxy] = []  # proxies 1.. on the same port (`num_proxies`)
 
     async def start(self, options: dict[str, Any]) -> str:
         """Start the proxy (or direct ingress) with `options`; returns its URL, "" if disabled."""
@@ -136,7 +247,57 @@ class ProxyManager:
             return self.url
         self._first_start = True
         self._start_fleet()
-        return await self._launch()
+        url = await self._launch()
+        self._start_extras()
+        return url
+
+    def wanted(self) -> int:
+        """How many proxy processes share the port: `num_proxies`, else half the cores this
+        process may use (and at most the cluster's CPUs), at most MAX_DEFAULT_PROXIES."""
+        if self.options is None or self.options.get("direct_ingress") or self.head.backend != "local":
+            return 1  # the Ray backend has one per node (the fleet); direct ingress none
+        n = self.options.get("num_proxies")
+        if n:
+            return int(n)
+        cores = _cores()
+        cpus = self.head.resources.get("CPU")
+        return default_num_proxies(min(cores, int(cpus)) if cpus else cores)
+
+    def _start_extras(self) -> None:
+        for i in range(len(self.extras) + 1, self.wanted()):
+            x = ExtraProxy(self, i)
+            self.extras.append(x)
+            x.launch_soon()
+
+    def _extra(self, pid: int | None) -> ExtraProxy | None:
+        if pid is None:
+            return None
+        for x in self.extras:
+            if x.proc is not None and x.proc.pid == pid:
+                return x
+        return None
+
+    def peers(self) -> dict[str, RpcPeer]:
+        """The live proxies' head connections, by name ("proxy", "proxy-1", ...)."""
+        out = {"proxy": self.peer} if self.peer is not None else {}
+        out.update({f"proxy-{x.index}": x.peer for x in self.extras if x.peer is not None})
+        return out
+
+    def log_path(self, name: str) -> str:
+        assert self.options is not None
+        folder = (self.options.get("logging_config") or {}).get("logs_dir")
+        log = os.path.join(folder or os.path.join(self.head.session_dir, "logs"), name)
+        os.makedirs(os.path.dirname(log), exist_ok=True)
+        return log
+
+    def proxy_args(self) -> dict[str, Any]:
+        assert self.options is not None and self.shared is not None
+        args = dict(self.options, head_sock=self.head.sock, session_dir=self.head.session_dir,
+                    fd_sock=self.shared.path, url=self.url)
+        if self.head.secret is not None:  # the Ray backend: replicas are reached over TCP
+            args["secret"] = self.head.secret.hex()  # on the zygote's stdin pipe, nowhere else
+            args["node_id"] = self.head.node_id
+        return args
 
     def _start_fleet(self) -> None:
         """Ray backend, location "EveryNode": a proxy actor on each of the other nodes."""
@@ -156,8 +317,15 @@ class ProxyManager:
             await fleet.stop()
 
     def statuses(self) -> dict[str, ProxyStatus]:
-        """`serve.status().proxies`: "head" (the local backend) or node id -> status."""
-        out = {} if self.status is None else {self.head.node_id or "head": self.status}
+        """`serve.status().proxies`: "head" (the local backend) or node id -> status. With
+        several proxy processes on the port, "head" is HEALTHY once all of them are."""
+        status = self.status
+        if status is ProxyStatus.HEALTHY:
+            for x in self.extras:
+                if x.status is not ProxyStatus.HEALTHY:
+                    status = x.status
+                    break
+        out = {} if status is None else {self.head.node_id or "head": status}
         if self.fleet is not None:
             out.update(self.fleet.statuses())
         return out
@@ -186,22 +354,16 @@ class ProxyManager:
             return None
         proc = self.proc
         return {"options": self.options, "url": self.url,
-                "pid": proc.pid if proc is not None else None, "ticks": proc.ticks if proc is not None else None}
+                "pid": proc.pid if proc is not None else None, "ticks": proc.ticks if proc is not None else None,
+                "extras": [[x.proc.pid, x.proc.ticks] if x.proc is not None else None for x in self.extras]}
 
     async def _launch(self) -> str:
         assert self.options is not None and self.shared is not None
         loop = asyncio.get_running_loop()
         self._ready = loop.create_future()
         self.status = ProxyStatus.STARTING
-        folder = (self.options.get("logging_config") or {}).get("logs_dir")
-        log = os.path.join(folder or os.path.join(self.head.session_dir, "logs"), "proxy.log")
-        os.makedirs(os.path.dirname(log), exist_ok=True)
-        args = dict(self.options, head_sock=self.head.sock, session_dir=self.head.session_dir,
-                    fd_sock=self.shared.path, url=self.url)
-        if self.head.secret is not None:  # the Ray backend: replicas are reached over TCP
-            args["secret"] = self.head.secret.hex()  # on the zygote's stdin pipe, nowhere else
-            args["node_id"] = self.head.node_id
-        self.proc = await self.head.supervisor.start("proxy", log, args, self.on_exit)
+        log = self.log_path("proxy.log")
+        self.proc = await self.head.supervisor.start("proxy", log, self.proxy_args(), self.on_exit)
         self.backoff.started()
         self.head.checkpoint_soon()
         try:
@@ -212,7 +374,11 @@ class ProxyManager:
                 self.head.supervisor.kill(self.proc)  # its exit starts another attempt
             raise RuntimeError(f"the HTTP proxy did not start within {PROXY_START_TIMEOUT_S}s; see {log}") from None
 
-    def ready(self, peer: RpcPeer, url: str, reattached: bool = False) -> None:
+    def ready(self, peer: RpcPeer, url: str, pid: int | None = None, reattached: bool = False) -> None:
+        x = self._extra(pid)
+        if x is not None:
+            x.ready(peer)
+            return
         self._first_start = False
         self.peer = peer
         self.url = url
@@ -232,12 +398,22 @@ class ProxyManager:
 
     def reattach(self, peer: RpcPeer, pid: int, url: str) -> None:
         """The proxy of the previous head reconnected to this (restarted) head."""
+        x = self._extra(pid)
+        if x is not None:
+            logger.info("HTTP proxy %d (pid %d) reconnected", x.index, pid)
+            x.ready(peer)
+            return
         if self.proc is None or self.proc.pid != pid:
             raise RuntimeError(f"process {pid} is not this head's HTTP proxy")
         logger.info("HTTP proxy (pid %d) reconnected", pid)
         self.ready(peer, url, reattached=True)
 
-    def failed(self, message: str) -> None:
+    def failed(self, message: str, pid: int | None = None) -> None:
+        x = self._extra(pid)
+        if x is not None:  # it exits next, and is restarted
+            x.message = message
+            logger.error("HTTP proxy %d could not start: %s", x.index, message)
+            return
         self.status = ProxyStatus.UNHEALTHY
         self.message = message
         if self._ready is not None and not self._ready.done():
@@ -330,8 +506,16 @@ class ProxyManager:
             self._relaunch_task = asyncio.get_running_loop().create_task(self._relaunch(0.0))
         else:
             self.proc = proc
+        for i, entry in enumerate(saved.get("extras") or [], start=1):
+            x = ExtraProxy(self, i)
+            self.extras.append(x)
+            if entry is None or not x.adopt(entry[0], entry[1]):
+                x.launch_soon()
+        self._start_extras()  # as many as wanted now
 
     def expire_adopted(self) -> None:
+        for x in self.extras:
+            x.expire_adopted()
         if self.proc is not None and self.peer is None and self.status is ProxyStatus.STARTING and self._restarting_since is None:
             logger.warning("the HTTP proxy (pid %d) did not reconnect to the restarted head; replacing it", self.proc.pid)
             self.head.supervisor.kill(self.proc)
@@ -341,10 +525,11 @@ class ProxyManager:
         if self._relaunch_task is not None:
             self._relaunch_task.cancel()
         proc, self.proc = self.proc, None
+        extras, self.extras = self.extras, []
+        stops = [x.stop() for x in extras]
         if proc is not None:
-            await asyncio.gather(self.head.supervisor.stop(proc, PROXY_STOP_TIMEOUT_S), self._stop_fleet())
-        else:
-            await self._stop_fleet()
+            stops.append(self.head.supervisor.stop(proc, PROXY_STOP_TIMEOUT_S))
+        await asyncio.gather(*stops, self._stop_fleet())
         if self.shared is not None:
             self.shared.close()
             self.shared = None
@@ -895,8 +1080,7 @@ async def gather_trace(head: Head, request_id: str) -> dict[str, Any] | None:
     from flotilla._private import trace
 
     peers: dict[str, Any] = {}
-    if head.proxy.peer is not None:
-        peers["proxy"] = head.proxy.peer
+    peers.update(head.proxy.peers())
     if head.controller is not None:
         for dep in head.controller.all_deployments():
             for rid, r in dep.replicas.items():

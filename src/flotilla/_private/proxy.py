@@ -492,7 +492,7 @@ async def _amain(args: dict[str, Any], seat: Any = None) -> None:
     while not server.started and not serve_task.done():
         await asyncio.sleep(0.005)
     if seat is None:
-        await link.call("proxy_ready", url, wait_s=math.inf)
+        await link.call("proxy_ready", url, os.getpid(), wait_s=math.inf)
     else:
         await seat.serving(link, server, url)
     state["ready"] = True

@@ -484,6 +484,14 @@ class HTTPOptions(BaseModel):
         description="Largest request body accepted; a larger one gets 413 without being read "
         "(a Content-Length over the limit is refused before any of the body arrives).",
     )
+    num_proxies: int | None = Field(
+        None,
+        ge=1,
+        le=64,
+        description="Proxy processes sharing the port (the local backend): each accepts on the "
+        "same listening socket, so more cores serve more HTTP. Default: half the cores this "
+        "machine gives the cluster (at most its num_cpus), at least 1 and at most 8; 1 on 2 cores.",
+    )
     backpressure_status_code: Literal[503, 429] = Field(
         503,
         description="Status when max_queued_requests is exceeded; 429 adds a Retry-After "
