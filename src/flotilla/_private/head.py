@@ -88,7 +88,6 @@ class ExtraProxy:
         self.peer: RpcPeer | None = None
         self.status = ProxyStatus.STARTING
         self.backoff = Backoff(first=PROXY_FIRST_RESTART_S)
-        self.restarts = 0
         self.message = ""
         self.stopping = False
         self._task: asyncio.Task[None] | None = None
@@ -139,7 +138,6 @@ class ExtraProxy:
         if self.stopping or self.m.options is None:
             return
         self.status = ProxyStatus.STARTING
-        self.restarts += 1
         delay = self.backoff.failed()
         cause = proc.ending
         if cause != self.message:

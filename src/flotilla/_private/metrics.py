@@ -527,17 +527,22 @@ class AccessLog:
         self.json_context = context if config.get("encoding") == "JSON" else None
 
     def add(self, request_id: str, route: str, status: Any, ms: float) -> None:
-        """Keep one request's line; it is formatted when the batch is written, off the hot path."""
+        """Keep one request's line, written with its batch 0.1 s after the batch's first."""
+        if self.keep(time.time(), request_id, route, status, ms) and not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_later(0.1, self.flush)
+
+    def keep(self, t: float, request_id: str, route: str, status: Any, ms: float) -> bool:
+        """Keep the line of a request that ended at `t` (wall clock) for the next `flush`, which
+        the caller runs; formatting waits for it, off the request path. False if not kept."""
         if not self.enabled:
-            return
+            return False
         if self.sample > 1:
             self._n += 1
             if self._n % self.sample and status != "ERROR" and not (isinstance(status, int) and status >= 500):
-                return
-        self.pending.append((time.time(), request_id, route, status, ms))
-        if not self._scheduled:
-            self._scheduled = True
-            asyncio.get_running_loop().call_later(0.1, self.flush)
+                return False
+        self.pending.append((t, request_id, route, status, ms))
+        return True
 
     def _format(self, t: float, request_id: str, route: str, status: Any, ms: float) -> str:
         now = int(t)

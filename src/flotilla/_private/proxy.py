@@ -32,7 +32,6 @@ from flotilla.exceptions import RayActorError
 from flotilla.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from flotilla.serve.schema import DeploymentID
 
-_LATENCY_BUCKETS = tuple(sorted(metrics.LATENCY_MS_BUCKETS))  # as the store keeps them
 logger = logging.getLogger("flotilla.proxy")
 
 DISCONNECT_CHECK_S = 0.2
@@ -241,7 +240,7 @@ class Proxy:
                 self._series[(prefix, method, app, status)] = per_key
         key, hist = per_key
         STORE.inc("ray_serve_num_http_requests", key)
-        observe_into(hist, _LATENCY_BUCKETS, ms)
+        observe_into(hist, metrics.LATENCY_MS_BUCKETS, ms)
         if status >= 400:
             STORE.inc("ray_serve_num_http_error_requests", (prefix, str(status), method, app))
         rid = request_id.decode("latin-1")

@@ -16,7 +16,6 @@ pool so it never blocks the event loop.
 from __future__ import annotations
 
 import asyncio
-import bisect
 import contextlib
 import contextvars
 import functools
@@ -66,7 +65,6 @@ from flotilla.serve.schema import DeploymentID, ReplicaContext, ReplicaID
 logger = logging.getLogger("flotilla.replica")
 
 _SYNC, _ASYNC, _ON_LOOP = 0, 1, 2  # how a user method is invoked
-_LATENCY_BUCKETS = tuple(sorted(metrics.LATENCY_MS_BUCKETS))  # as the store keeps them
 #: Requests' figures reach the metrics and the access log this long after the first of a batch.
 FOLD_S = 0.1
 _REJECTED = Rejected()
@@ -720,9 +718,13 @@ class Replica:
             if self.metrics:
                 self._record(msg, meta, status, t0, t_in)
             elif self.latency is not None:  # latency targets work with FLOTILLA_METRICS=0 too
-                t1 = time.perf_counter()
-                q = meta.get(trace.ROUTER_QUEUE_KEY, 0.0) * 1000.0 if meta else 0.0
-                self.latency.add(t1, q + (t1 - t_in) * 1000.0, q + (t0 - t_in) * 1000.0)
+                self._latency(meta, time.perf_counter(), t0, t_in)
+
+    def _latency(self, meta: Any, t1: float, t0: float, t_in: float) -> None:
+        """Into the latency window: from arrival at the router to now, and the queue delay
+        (the router's wait, which rides in `meta`, plus the wait here until `t0`)."""
+        q = meta.get(trace.ROUTER_QUEUE_KEY, 0.0) * 1000.0 if meta else 0.0
+        self.latency.add(t1, q + (t1 - t_in) * 1000.0, q + (t0 - t_in) * 1000.0)  # type: ignore[union-attr]
 
     def _record(self, msg: Any, meta: Any, status: Any, t0: float, t_in: float) -> None:
         """One request's figures: split into stages now (its trace event and the latency
@@ -737,27 +739,25 @@ class Replica:
         bw = _BATCH_WAIT.get() * 1000.0 if _BATCH_WAIT is not None else 0.0
         user = ms - bw
         ds = 0.0
-        cls = msg.__class__
+        now = time.time()
+        http = msg.__class__ is Http or msg.__class__ is WsOpen
         if meta is None:
             rid = None
-            route = "" if cls is Http or cls is WsOpen else msg.method
+            route = "" if http else msg.method
         else:
             ds_s = meta.get(trace.DOWNSTREAM_KEY, 0.0)
             if ds_s:
                 ds = min(ds_s * 1000.0, max(0.0, user))
                 user -= ds
-            if self.latency is not None:
-                q = meta.get(trace.ROUTER_QUEUE_KEY, 0.0) * 1000.0
-                self.latency.add(t1, q + (t1 - t_in) * 1000.0, q + rq)
             rid = meta.get("request_id")
             if rid is not None:
                 trace.RING.add((rid, "replica", self.app_name, self.dep_name, self.replica_id, rq, bw,
-                                max(0.0, user), ds, (t1 - t_in) * 1000.0, time.time()))
-            route = meta.get("route", "") if cls is Http or cls is WsOpen else msg.method
-        if meta is None and self.latency is not None:
-            self.latency.add(t1, (t1 - t_in) * 1000.0, rq)
+                                max(0.0, user), ds, (t1 - t_in) * 1000.0, now))
+            route = meta.get("route", "") if http else msg.method
+        if self.latency is not None:
+            self._latency(meta, t1, t0, t_in)
         done = self._done
-        done.append((route, status, ms, rq, max(0.0, user), bw, ds, rid))
+        done.append((now, route, status, ms, rq, max(0.0, user), bw, ds, rid))
         if len(done) == 1:
             self.loop.call_later(FOLD_S, self._fold)
 
@@ -768,11 +768,12 @@ class Replica:
         if not done:
             return
         per_route = self._per_route
-        rq_hist, user_hist, buckets = self._rq_hist, self._user_hist, trace.BUCKETS
+        observe, buckets = metrics.observe_into, trace.BUCKETS
+        rq_hist, user_hist = self._rq_hist, self._user_hist
         counts: dict[tuple[str, ...], int] = {}
         errors: dict[tuple[str, ...], int] = {}
         access = self.access
-        for route, status, ms, rq, user, bw, ds, rid in done:
+        for now, route, status, ms, rq, user, bw, ds, rid in done:
             entry = per_route.get(route)
             if entry is None:
                 labels: tuple[str, ...] = (self.dep_name, self.replica_id, route, self.app_name)
@@ -780,22 +781,16 @@ class Replica:
                     labels, STORE.series("ray_serve_deployment_processing_latency_ms", labels))
             labels, hist = entry
             counts[labels] = counts.get(labels, 0) + 1
-            hist[0][bisect.bisect_left(_LATENCY_BUCKETS, ms)] += 1
-            hist[1] += ms
-            hist[2] += 1
-            rq_hist[0][bisect.bisect_left(buckets, rq)] += 1
-            rq_hist[1] += rq
-            rq_hist[2] += 1
-            user_hist[0][bisect.bisect_left(buckets, user)] += 1
-            user_hist[1] += user
-            user_hist[2] += 1
+            observe(hist, metrics.LATENCY_MS_BUCKETS, ms)
+            observe(rq_hist, buckets, rq)
+            observe(user_hist, buckets, user)
             if ds:
-                metrics.observe_into(self._stage("downstream"), buckets, ds)
+                observe(self._stage("downstream"), buckets, ds)
             if bw:
-                metrics.observe_into(self._stage("batch_wait"), buckets, bw)
+                observe(self._stage("batch_wait"), buckets, bw)
             if status == "ERROR" or (status.__class__ is int and status >= 500):
                 errors[labels] = errors.get(labels, 0) + 1
-            access.add(rid or "-", route, status, ms)
+            access.keep(now, rid or "-", route, status, ms)
         for labels, n in counts.items():
             STORE.inc("ray_serve_deployment_request_counter", labels, n)
         for labels, n in errors.items():

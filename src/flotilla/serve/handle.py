@@ -230,7 +230,7 @@ class DeploymentResponse:
     `result()` through a lock.
     """
 
-    __slots__ = ("_back", "_cancel", "_done", "_fut", "_latch", "_local", "_rt", "_task")
+    __slots__ = ("_back", "_cancel", "_fut", "_latch", "_local", "_rt", "_task")
 
     def __init__(self, rt: Runtime, coro: Coroutine[Any, Any, Any]) -> None:
         self._rt = rt
@@ -238,7 +238,6 @@ class DeploymentResponse:
         self._fut: asyncio.Future[Any] | None = None  # the caller's loop's view of the outcome
         self._back: Inbox | None = None  # the caller's loop's inbox
         self._latch: threading.Lock | None = None  # held until done, for result()
-        self._done = False
         self._cancel = False
         try:
             loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
@@ -269,8 +268,12 @@ class DeploymentResponse:
             t.cancel()
         t.add_done_callback(self._finished)
 
-    def _finished(self, t: asyncio.Task[Any]) -> None:
-        self._done = True
+    @property
+    def _done(self) -> bool:
+        t = self._task
+        return t is not None and t.done()
+
+    def _finished(self, t: asyncio.Task[Any]) -> None:  # after `t.done()` reads True
         latch = self._latch
         if latch is not None:
             latch.release()
