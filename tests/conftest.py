@@ -36,8 +36,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_for(pred: Callable[[], Any], timeout: float = 20.0, interval: float = 0.02, what: str = "") -> Any:
-    """Poll `pred` until it returns something truthy, or fail after `timeout` seconds."""
+def wait_for(pred: Callable[[], Any], timeout: float = 20.0, interval: float = 0.02,
+             what: str | Callable[[], str] = "") -> Any:
+    """Poll `pred` until it returns something truthy, or fail after `timeout` seconds.
+    `what` names the awaited state in the failure; a callable is asked at the failure, so
+    it can report the state then (e.g. a load's counts), not when the wait began."""
     deadline = time.monotonic() + timeout
     last: Any = None
     while time.monotonic() < deadline:
@@ -45,6 +48,8 @@ def wait_for(pred: Callable[[], Any], timeout: float = 20.0, interval: float = 0
         if last:
             return last
         time.sleep(interval)
+    if callable(what):
+        what = what()
     raise AssertionError(f"timed out after {timeout}s waiting for {what or pred}: last={last!r}")
 
 

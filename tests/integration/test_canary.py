@@ -60,7 +60,7 @@ def test_a_healthy_new_version_is_promoted_step_by_step(url: str) -> None:
         return c.phase == "PROMOTED"
 
     with running(http):
-        wait_for(promoted, timeout=40, what=f"the canary promoted ({http.report()})")
+        wait_for(promoted, timeout=40, what=lambda: f"the canary promoted ({http.report()}; shares seen {seen}; {canary('promote')})")
         http.wait_answers(lambda a: a == "v2", n=50)
     assert http.failed == 0 and http.stuck == 0, http.report()
     assert seen[0] == 0.2 and seen[-1] == 1.0 and seen == sorted(seen), seen  # never back
@@ -79,7 +79,7 @@ def test_a_new_version_that_fails_is_rolled_back_and_the_old_share_loses_nothing
     http = Load.http(url, "/rollback", threads=4, max_s=60)
     with running(http):
         wait_for(lambda: canary("rollback").phase == "ROLLED_BACK", timeout=30,
-                 what=f"the canary rolled back ({http.report()})")
+                 what=lambda: f"the canary rolled back ({http.report()})")
         http.wait_ok(100)  # (requests already sent to "bad" have come back)
         failed_after_rollback = http.failed
         http.wait_ok(200)
@@ -104,7 +104,7 @@ def test_a_slower_new_version_is_rolled_back_on_p95(url: str) -> None:
     http = Load.http(url, "/latency", threads=4, max_s=60)
     with running(http):
         wait_for(lambda: canary("latency").phase == "ROLLED_BACK", timeout=30,
-                 what=f"the canary rolled back ({http.report()})")
+                 what=lambda: f"the canary rolled back ({http.report()})")
     assert http.failed == 0, http.report()
     assert "p95 latency" in canary("latency").reason
 

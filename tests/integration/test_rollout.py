@@ -71,7 +71,7 @@ def test_failed_rollout_keeps_v1_serving_then_v3_rolls_out(url: str) -> None:
     http = Load.http(url, PREFIX, threads=4, max_s=45)
     hl = Load.handle(h, threads=2, max_s=45)
     with running(http, hl):
-        wait_for(lambda: len({pid(a) for a in http.values}) == 2, timeout=15, what=f"both v1 replicas answering ({http.report()})")
+        wait_for(lambda: len({pid(a) for a in http.values}) == 2, timeout=15, what=lambda: f"both v1 replicas answering ({http.report()})")
         v1 = {pid(a) for a in http.values}
         with pytest.raises(RuntimeError, match="weights for v2 are missing"):
             serve.run(Model.bind(2, broken=True), name=APP, route_prefix=PREFIX)
@@ -131,14 +131,14 @@ def test_reconfigure_under_load_keeps_replicas_routable(url: str) -> None:
     http = Load.http(url, PREFIX, threads=4, max_s=45)
     hl = Load.handle(h, threads=2, max_s=45)
     with running(http, hl):
-        wait_for(lambda: len({pid(a) for a in http.values}) == 2, timeout=15, what=f"both replicas answering ({http.report()})")
+        wait_for(lambda: len({pid(a) for a in http.values}) == 2, timeout=15, what=lambda: f"both replicas answering ({http.report()})")
         pids = {pid(a) for a in http.values}
         # A slow reconfigure: both replicas are UPDATING, and both keep answering meanwhile.
         serve.run(Tunable.options(user_config={"tag": "b", "delay": 1.5}).bind(), name=APP, route_prefix=PREFIX, _blocking=False)
         wait_for(lambda: replica_states("Tunable") == {"UPDATING": 2}, timeout=10, what="both replicas UPDATING")
         mark = http.ok
         wait_for(lambda: http.ok >= mark + 40 and {pid(a) for a in http.recent(40)} == pids, timeout=10,
-                 what=f"both UPDATING replicas answering ({http.report()})")
+                 what=lambda: f"both UPDATING replicas answering ({http.report()})")
         assert replica_states("Tunable") == {"UPDATING": 2}, "the reconfigure ended before the check"
         wait_for(lambda: replica_states("Tunable") == {"RUNNING": 2}, timeout=15, what="back to RUNNING")
         for ld in (http, hl):

@@ -194,7 +194,7 @@ def test_kill_zygote_under_load(url: str) -> None:
         # A scale-up afterwards forks new replicas from the new zygote.
         serve.run(Echo.options(num_replicas=3).bind(1), name="zyg", route_prefix="/zyg")
         wait_for(lambda: len({pid_of(a) for a in http.recent(60)}) == 3, timeout=20,
-                 what=f"three replicas answering ({http.report()})")
+                 what=lambda: f"three replicas answering ({http.report()})")
         assert len(find("flotilla::replica:zyg:Echo")) == 3
         grown = log.stat().st_size - size
         zygote_lines = [ln for ln in log.read_text().splitlines()[-400:] if "fork server" in ln]

@@ -139,7 +139,7 @@ def test_scale_down_4_to_1_fails_no_request(url: str, request: pytest.FixtureReq
     http, hl = loads(url, h, is_direct(request))
     with running(http, hl):
         # Every one of the 4 replicas has traffic before the scale-down.
-        wait_for(lambda: len({pid(a) for a in http.values}) == 4, timeout=15, what=f"4 replicas answering ({http.report()})")
+        wait_for(lambda: len({pid(a) for a in http.values}) == 4, timeout=15, what=lambda: f"4 replicas answering ({http.report()})")
         hl.wait_ok(10)
         serve.run(Versioned.options(num_replicas=1).bind(1), name=APP, route_prefix=PREFIX)
         wait_for(lambda: replica_states() == {"RUNNING": 1}, timeout=20, what="1 replica left")
@@ -170,7 +170,7 @@ def test_autoscaler_scale_down_4_to_1_fails_no_request(url: str, request: pytest
     with running(http, hl):
         http.wait_ok(30)
         hl.wait_ok(10)
-        wait_for(lambda: replica_states() == {"RUNNING": 1}, timeout=20, what=f"autoscaled down to 1 ({http.report()})")
+        wait_for(lambda: replica_states() == {"RUNNING": 1}, timeout=20, what=lambda: f"autoscaled down to 1 ({http.report()})")
         for ld in (http, hl):
             ld.wait_answers(lambda a: True, n=30, timeout=15)
     assert_no_failures(http, hl)
@@ -187,7 +187,7 @@ def test_kill_9_fails_only_the_requests_in_flight_and_is_replaced_fast(url: str)
     h = serve.run(Victim.bind(), name=APP, route_prefix=PREFIX)
     http, hl = loads(url, h, False)
     with running(http, hl):
-        wait_for(lambda: len({pid(a) for a in http.values}) == 2, timeout=15, what=f"both replicas answering ({http.report()})")
+        wait_for(lambda: len({pid(a) for a in http.values}) == 2, timeout=15, what=lambda: f"both replicas answering ({http.report()})")
         hl.wait_ok(10)
         before = {pid(a) for a in http.values}
         victim = next(iter(before))
@@ -198,7 +198,7 @@ def test_kill_9_fails_only_the_requests_in_flight_and_is_replaced_fast(url: str)
             fresh = {pid(a) for a in http.recent(40)} - before
             return bool(fresh) and replica_states("Victim") == {"RUNNING": 2}
 
-        wait_for(replaced, timeout=10, what=f"a replacement replica RUNNING and serving ({http.report()})")
+        wait_for(replaced, timeout=10, what=lambda: f"a replacement replica RUNNING and serving ({http.report()})")
         took = time.monotonic() - t0
         http.wait_ok(30)
         hl.wait_ok(10)
