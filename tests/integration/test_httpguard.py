@@ -22,6 +22,15 @@ from tests.conftest import free_port
 pytestmark = pytest.mark.slow
 
 HEADER_TIMEOUT_S = 0.5
+LEAN = {"on": False}
+
+
+@pytest.fixture(autouse=True, params=[False, True], ids=["uvicorn", "lean"])
+def lean(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Every bound holds on uvicorn's protocol and on the proxy's lean one (`lean_http`)."""
+    LEAN["on"] = request.param
+    yield
+    LEAN["on"] = False
 
 
 async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -36,7 +45,7 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
 @contextlib.contextmanager
 def server(**options: Any) -> Iterator[tuple[tuple[str, int], httpguard.Guard]]:
     port = free_port()
-    proto, guard = httpguard.protocol_class({"request_header_timeout_s": HEADER_TIMEOUT_S, **options}, "test")
+    proto, guard = httpguard.protocol_class({"request_header_timeout_s": HEADER_TIMEOUT_S, **options}, "test", lean=LEAN["on"])
     config = uvicorn.Config(app, host="127.0.0.1", port=port, http=proto, lifespan="off", log_level="warning",
                             timeout_keep_alive=5)
     srv = uvicorn.Server(config)

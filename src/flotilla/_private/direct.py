@@ -84,7 +84,7 @@ class DirectIngress:
         import uvicorn
 
         sock = await asyncio.get_running_loop().run_in_executor(None, listener.receive, self.opts["fd_sock"])
-        bounded, _ = httpguard.protocol_class(self.opts, f"replica:{self.replica.replica_id}")
+        bounded, _ = httpguard.protocol_class(self.opts, f"replica:{self.replica.replica_id}", lean=True)
         config = uvicorn.Config(
             frontdoor.wrap(self, self.opts, "replica"), **frontdoor.uvicorn_ssl(self.opts), loop="none", http=bounded, lifespan="off", access_log=False, log_level="warning",
             timeout_keep_alive=int(self.opts.get("keep_alive_timeout_s", 5)), server_header=False,

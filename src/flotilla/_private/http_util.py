@@ -148,10 +148,19 @@ async def relay_stream(send: Any, ch: Any) -> bool:
             return False
 
 
+def _whole_writer(send: Any) -> Any:
+    """The server's one-write `whole(status, headers, body, extra)` behind `send`, if it has
+    one (`lean_http.LeanCycle`); else None."""
+    return getattr(getattr(send, "__self__", None), "whole", None)
+
+
 async def reply(
     send: Any, status: int, headers: list[tuple[bytes, bytes]], body: bytes, extra: tuple[bytes, bytes] | None = None
 ) -> int:
     """Send a whole response; returns its status."""
+    whole = _whole_writer(send)
+    if whole is not None:
+        return await whole(status, headers, body, extra)  # type: ignore[no-any-return]
     if extra is not None:
         headers = [*headers, extra]
     await send({"type": "http.response.start", "status": status, "headers": headers})
@@ -161,6 +170,9 @@ async def reply(
 
 async def send_whole(send: Any, status: int, headers: list[tuple[bytes, bytes]], body: bytes, extra: tuple[bytes, bytes]) -> int:
     """Send a replica's whole response (an HFULL frame's parts), adding one header; returns status."""
+    whole = _whole_writer(send)
+    if whole is not None:
+        return await whole(status, headers, body, extra)  # type: ignore[no-any-return]
     headers.append(extra)
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})

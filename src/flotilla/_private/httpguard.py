@@ -263,6 +263,11 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             if size > limit:
                 self._header_bytes = size
                 raise _TooLarge()
+        self._begin_request()
+
+    def _begin_request(self) -> None:
+        """The request line and headers are in, within bounds: uvicorn's request cycle
+        (`lean_http.LeanProtocol` takes plain requests another way)."""
         super().on_headers_complete()
 
     def on_response_complete(self) -> None:
@@ -276,8 +281,14 @@ class _TooLarge(Exception):
     pass
 
 
-def protocol_class(options: dict[str, Any], server: str) -> tuple[type[BoundedHttpToolsProtocol], Guard]:
-    """A protocol class for uvicorn's `http=` with the limits in `options` (HTTPOptions fields)."""
+def protocol_class(options: dict[str, Any], server: str, lean: bool = False) -> tuple[type[BoundedHttpToolsProtocol], Guard]:
+    """A protocol class for uvicorn's `http=` with the limits in `options` (HTTPOptions fields);
+    `lean`: plain requests skip uvicorn's ASGI cycle (`lean_http`)."""
     guard = Guard(options, server)
-    cls = type("BoundedHttpTools", (BoundedHttpToolsProtocol,), {"guard": guard})
+    base: type[BoundedHttpToolsProtocol] = BoundedHttpToolsProtocol
+    if lean:
+        from flotilla._private.lean_http import LeanProtocol
+
+        base = LeanProtocol
+    cls = type("BoundedHttpTools", (base,), {"guard": guard})
     return cls, guard

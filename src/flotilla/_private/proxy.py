@@ -24,6 +24,7 @@ from typing import Any
 
 from flotilla._private import frontdoor, http_util, httpguard, logrotate, metrics, shadow, trace
 from flotilla._private.client import Runtime
+from flotilla._private.lean_http import LeanCycle
 from flotilla._private.metrics import STORE, observe_into
 from flotilla._private.protocol import HttpFull
 from flotilla._private.router import Channel
@@ -333,19 +334,26 @@ class Proxy:
             meta["multiplexed_model_id"] = model_id
         assert self.rt is not None
         router = self.rt.router(dep)
-        # A request still running after DISCONNECT_CHECK_S gets a watcher: if the client goes
-        # away, the request is cancelled in the replica (and its downstream calls with it).
-        loop = asyncio.get_running_loop()
-        task = asyncio.current_task()
+        # If the client goes away, the request is cancelled in the replica (and its downstream
+        # calls with it): at once on the lean path (the connection cancels the task), else
+        # by a watcher that a request still running after DISCONNECT_CHECK_S gets.
         watch: dict[str, Any] = {"gone": False, "task": None}
-        timer = loop.call_later(DISCONNECT_CHECK_S, self._arm_watcher, loop, receive, task, watch)
+        lean = getattr(send, "__self__", None)
+        timer = None
+        if lean.__class__ is LeanCycle:
+            task = lean.cancel_on_gone = lean.task
+        else:
+            lean = None
+            task = asyncio.current_task()
+            loop = asyncio.get_running_loop()
+            timer = loop.call_later(DISCONNECT_CHECK_S, self._arm_watcher, loop, receive, task, watch)
         try:
             if self.request_timeout_s is None:
                 res = await router.http(fwd, body, meta)
             else:
                 res = await asyncio.wait_for(router.http(fwd, body, meta), self.request_timeout_s)
         except asyncio.CancelledError:
-            if watch["gone"] and task is not None:
+            if (watch["gone"] or (lean is not None and lean.disconnected)) and task is not None:
                 task.uncancel()
                 return 499
             raise
@@ -365,10 +373,15 @@ class Proxy:
             logger.warning("request %s failed: %s", request_id.decode("latin-1"), e)
             return await http_util.reply(send, *http_util.plain(500, str(e) or "Internal Server Error"), rid_header)
         finally:
-            timer.cancel()
-            if watch["task"] is not None:
-                watch["task"].cancel()
+            if lean is not None:
+                lean.cancel_on_gone = None
+            else:
+                timer.cancel()  # type: ignore[union-attr]
+                if watch["task"] is not None:
+                    watch["task"].cancel()
         if res.__class__ is HttpFull:
+            if lean is not None:
+                return await lean.whole(res.status, res.headers, res.body, rid_header)
             return await http_util.send_whole(send, res.status, res.headers, res.body, rid_header)
         assert isinstance(res, Channel) and res.start is not None
         await self._stream(send, receive, res, rid_header)
@@ -471,7 +484,8 @@ async def _amain(args: dict[str, Any], seat: Any = None) -> None:
         sock = await loop.run_in_executor(None, listener.receive, args["fd_sock"])
     else:  # bound only now that the routes are known, so no connection waits on a proxy that cannot route
         sock = listener.bind_tcp(args.get("host", "127.0.0.1"), int(args["port"]), reuse_port=True)
-    bounded, _ = httpguard.protocol_class(args, "proxy")  # connection, header size and time limits
+    # connection, header size and time limits; plain requests on the lean path
+    bounded, _ = httpguard.protocol_class(args, "proxy", lean=True)
     tls = await frontdoor.proxy_tls(args, link if seat is None else None)
     config = uvicorn.Config(
         frontdoor.wrap(proxy, args, "proxy"),  # API keys, then the user's middlewares

@@ -131,7 +131,8 @@ class ReplicaConn:
     closes when nothing is in flight or pending on it any more.
     """
 
-    __slots__ = ("_ids", "connecting", "draining", "id", "in_flight", "models", "path", "pending", "proto", "ready", "retired", "router")
+    __slots__ = ("_ids", "connecting", "draining", "id", "in_flight", "loop", "models", "path", "pending", "proto", "ready",
+                 "retired", "router")
 
     def __init__(self, router: Router, replica_id: str, path: str) -> None:
         self.router = router
@@ -154,6 +155,7 @@ class ReplicaConn:
             logger.warning("could not connect to replica %s: %s", self.id, e)
             self.router._drop(self)
             return
+        self.loop = asyncio.get_running_loop()  # the loop its replies arrive on (3.11's getter costs a getpid)
         self.ready = True
         self.router._connected(self)
 
@@ -492,10 +494,11 @@ class Router:
         """Send one request on `r` (slot held); returns its tag and the future of its first
         reply message. A replica that is gone or draining before the request was sent counts
         as a rejection: the request never started, so the caller retries it elsewhere."""
-        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         if not r.ready or r.draining:
+            fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
             fut.set_result(_REJECTED)
             return 0, fut
+        fut = r.loop.create_future()
         tag = r.next_id()
         r.proto.send(tag, msg)
         r.pending[tag] = fut
