@@ -38,6 +38,7 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         while True:
             m = await receive()
             reads += 1
+            SEEN["body_type"] = type(m.get("body")).__name__
             body += m.get("body", b"")
             if not m.get("more_body"):
                 break
@@ -79,9 +80,9 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
 
 
 @contextlib.contextmanager
-def server() -> Iterator[tuple[str, int]]:
+def server(**lean: Any) -> Iterator[tuple[str, int]]:
     port = free_port()
-    proto, _ = httpguard.protocol_class({}, "test", lean=True)
+    proto, _ = httpguard.protocol_class({}, "test", lean=True, **lean)
     config = uvicorn.Config(app, host="127.0.0.1", port=port, http=proto, lifespan="off", log_level="critical",
                             timeout_keep_alive=5, server_header=False, date_header=False)
     srv = uvicorn.Server(config)
@@ -238,3 +239,20 @@ def test_a_client_that_goes_away_cancels_the_task_at_once(addr: tuple[str, int])
     s.close()
     wait_for(lambda: "cancelled" in SEEN, timeout=5, what="the app's task cancelled")
     assert SEEN["cancelled"] - t0 < 0.5
+
+
+@pytest.mark.parametrize("views", [False, True])
+def test_large_bodies_up_to_the_limit_arrive_whole_in_one_buffer(views: bool) -> None:
+    limit = 8 << 20
+    with server(large_bodies=limit, body_views=views) as addr, connect(addr) as s:
+        body = bytes(range(256)) * (3 << 12)  # 3 MiB
+        s.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body))
+        for i in range(0, len(body), 100_000):  # in pieces, as a slow client sends
+            s.sendall(body[i:i + 100_000])
+        _, headers, got = read_response(s)
+        assert got == body and headers[b"x-reads"] == b"1" and SEEN["cycle"] == "LeanCycle"
+        assert SEEN["body_type"] == ("memoryview" if views else "bytes")
+        over = b"y" * (limit + 1)  # over the limit: uvicorn's cycle, chunk by chunk
+        s.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(over) + over)
+        _, headers, got = read_response(s)
+        assert got == over and SEEN["cycle"] == "RequestResponseCycle" and int(headers[b"x-reads"]) > 1

@@ -281,14 +281,18 @@ class _TooLarge(Exception):
     pass
 
 
-def protocol_class(options: dict[str, Any], server: str, lean: bool = False) -> tuple[type[BoundedHttpToolsProtocol], Guard]:
+def protocol_class(options: dict[str, Any], server: str, lean: bool = False, large_bodies: int | None = None,
+                   body_views: bool = False) -> tuple[type[BoundedHttpToolsProtocol], Guard]:
     """A protocol class for uvicorn's `http=` with the limits in `options` (HTTPOptions fields);
-    `lean`: plain requests skip uvicorn's ASGI cycle (`lean_http`)."""
+    `lean`: plain requests skip uvicorn's ASGI cycle (`lean_http`, which says what
+    `large_bodies` and `body_views` do)."""
     guard = Guard(options, server)
     base: type[BoundedHttpToolsProtocol] = BoundedHttpToolsProtocol
+    attrs: dict[str, Any] = {"guard": guard}
     if lean:
         from flotilla._private.lean_http import LeanProtocol
 
         base = LeanProtocol
-    cls = type("BoundedHttpTools", (base,), {"guard": guard})
+        attrs.update(large_bodies=large_bodies, body_views=body_views)
+    cls = type("BoundedHttpTools", (base,), attrs)
     return cls, guard

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import http
 import logging
+import mmap
 import re
 from typing import Any
 from urllib.parse import unquote
@@ -33,7 +34,8 @@ from flotilla._private.httpguard import BoundedHttpToolsProtocol
 
 logger = logging.getLogger("flotilla.http")
 
-#: Larger request bodies (or chunked ones) are streamed to the app by uvicorn's cycle.
+#: Larger request bodies (or chunked ones) are streamed to the app by uvicorn's cycle, unless
+#: the protocol takes large bodies (`large_bodies`): then they are received into one buffer.
 LEAN_BODY_BYTES = 1 << 20
 #: Larger response bodies are written after their headers rather than copied behind them.
 JOIN_BODY_BYTES = 1 << 16
@@ -58,7 +60,16 @@ def status_line(status: int) -> bytes:
 
 class LeanProtocol(BoundedHttpToolsProtocol):
     """uvicorn's httptools protocol (with `httpguard`'s bounds) that runs plain requests on a
-    `LeanCycle`."""
+    `LeanCycle`.
+
+    `large_bodies`: bodies over `LEAN_BODY_BYTES` and up to this many bytes are plain too,
+    received into one buffer of their declared size (lazily backed memory: pages are taken as
+    bytes arrive) instead of chunk by chunk; None: they take uvicorn's cycle. `body_views`:
+    such a body reaches the app as a memoryview of that buffer, not copied into bytes (for an
+    app that only forwards it: the proxy without middlewares)."""
+
+    large_bodies: int | None = None
+    body_views = False
 
     def _begin_request(self) -> None:
         current = self.cycle
@@ -66,16 +77,17 @@ class LeanProtocol(BoundedHttpToolsProtocol):
                 or self.parser.should_upgrade() or self.limit_concurrency is not None):
             super()._begin_request()
             return
+        size = 0
         for name, value in self.headers:
             if name == b"content-length":
                 try:
-                    if int(value) <= LEAN_BODY_BYTES:
-                        continue
+                    size = int(value)
                 except ValueError:
-                    pass
-                super()._begin_request()
-                return
-            if name == b"transfer-encoding":
+                    size = -1
+                if size < 0 or (size > LEAN_BODY_BYTES and (self.large_bodies is None or size > self.large_bodies)):
+                    super()._begin_request()
+                    return
+            elif name == b"transfer-encoding":
                 super()._begin_request()
                 return
         parser = self.parser
@@ -93,7 +105,10 @@ class LeanProtocol(BoundedHttpToolsProtocol):
         scope["path"] = root + path
         scope["raw_path"] = root.encode("ascii") + raw if root else raw
         scope["query_string"] = url.query or b""
-        self.cycle = LeanCycle(self, scope, version != "1.0" and parser.should_keep_alive())  # type: ignore[assignment]
+        cycle = LeanCycle(self, scope, version != "1.0" and parser.should_keep_alive())
+        if size > LEAN_BODY_BYTES:
+            cycle.reserve(size)
+        self.cycle = cycle  # type: ignore[assignment]
 
     def on_body(self, body: bytes) -> None:
         cycle: Any = self.cycle
@@ -116,7 +131,7 @@ class LeanCycle:
     uvicorn's protocol reads and sets `response_complete`, `disconnected` and `keep_alive`,
     and calls `message_event.set()` when the connection is lost, as on its own cycle."""
 
-    __slots__ = ("_body", "_chunked", "_ended", "_left", "cancel_on_gone", "disconnected", "keep_alive",
+    __slots__ = ("_body", "_chunked", "_ended", "_fill", "_left", "cancel_on_gone", "disconnected", "keep_alive",
                  "more_body", "proto", "response_complete", "response_started", "scope", "task")
 
     def __init__(self, proto: LeanProtocol, scope: Any, keep_alive: bool) -> None:
@@ -131,7 +146,8 @@ class LeanCycle:
         self.cancel_on_gone: asyncio.Task[Any] | None = None
         #: The task running the app (`asyncio.current_task()` there, without its getpid).
         self.task: asyncio.Task[None] | None = None
-        self._body: bytes | bytearray | None = b""
+        self._body: bytes | bytearray | memoryview | None = b""
+        self._fill = -1  # bytes received into a reserved buffer (-1: none reserved)
         self._ended: asyncio.Event | None = None  # made only when `receive` has to wait
         self._chunked = False
         self._left = 0  # body bytes still owed under a Content-Length
@@ -150,7 +166,18 @@ class LeanCycle:
             task.cancel()
 
     # ---- request ------------------------------------------------------------------------------
+    def reserve(self, size: int) -> None:
+        """Receive a body of `size` bytes into one buffer of that size (anonymous memory,
+        backed page by page as it is written)."""
+        self._body = memoryview(mmap.mmap(-1, size))
+        self._fill = 0
+
     def add(self, data: bytes) -> None:
+        fill = self._fill
+        if fill >= 0:
+            self._body[fill:fill + len(data)] = data  # type: ignore[index]
+            self._fill = fill + len(data)
+            return
         body = self._body
         if not body:
             self._body = data
@@ -195,7 +222,9 @@ class LeanCycle:
         body = self._body
         if body is not None:
             self._body = None
-            return {"type": "http.request", "body": body if body.__class__ is bytes else bytes(body), "more_body": False}
+            if body.__class__ is not bytes and not (self._fill >= 0 and self.proto.body_views):
+                body = bytes(body)
+            return {"type": "http.request", "body": body, "more_body": False}
         if not self.disconnected and not self.response_complete:
             ended = self._ended
             if ended is None:

@@ -484,11 +484,14 @@ async def _amain(args: dict[str, Any], seat: Any = None) -> None:
         sock = await loop.run_in_executor(None, listener.receive, args["fd_sock"])
     else:  # bound only now that the routes are known, so no connection waits on a proxy that cannot route
         sock = listener.bind_tcp(args.get("host", "127.0.0.1"), int(args["port"]), reuse_port=True)
-    # connection, header size and time limits; plain requests on the lean path
-    bounded, _ = httpguard.protocol_class(args, "proxy", lean=True)
+    app = frontdoor.wrap(proxy, args, "proxy")  # API keys, then the user's middlewares
+    # Connection, header size and time limits; plain requests on the lean path, bodies up to
+    # the limit received whole into one buffer, which the proxy alone forwards without a copy.
+    bounded, _ = httpguard.protocol_class(args, "proxy", lean=True, large_bodies=proxy.max_body,
+                                          body_views=app is proxy)
     tls = await frontdoor.proxy_tls(args, link if seat is None else None)
     config = uvicorn.Config(
-        frontdoor.wrap(proxy, args, "proxy"),  # API keys, then the user's middlewares
+        app,
         **tls,
         loop="none",
         http=bounded,
