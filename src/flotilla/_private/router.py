@@ -277,6 +277,7 @@ class Router:
         self._rate_t = time.monotonic()
         self._rate = 0.0
         self.subscription: asyncio.Task[None] | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None  # the loop it runs on, once known
         self._queue_hist = trace.series(deployment_id, "router_queue")
 
     # ---- updates from the controller ----------------------------------------------------
@@ -409,7 +410,10 @@ class Router:
             raise BackPressureError(
                 num_queued_requests=len(self.queue), max_queued_requests=self.max_queued
             )
-        fut: asyncio.Future[ReplicaConn] = asyncio.get_running_loop().create_future()
+        loop = self.loop
+        if loop is None:  # (3.11's get_running_loop costs a getpid: once per router)
+            loop = self.loop = asyncio.get_running_loop()
+        fut: asyncio.Future[ReplicaConn] = loop.create_future()
         entry = (fut, model_id)
         if front:
             self.queue.appendleft(entry)
