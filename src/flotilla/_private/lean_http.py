@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import http
 import logging
-import mmap
 import re
 from typing import Any
 from urllib.parse import unquote
@@ -31,6 +30,7 @@ from urllib.parse import unquote
 import httptools
 
 from flotilla._private.httpguard import BoundedHttpToolsProtocol
+from flotilla._private.transport import big_buffer
 
 logger = logging.getLogger("flotilla.http")
 
@@ -107,7 +107,11 @@ class LeanProtocol(BoundedHttpToolsProtocol):
         scope["query_string"] = url.query or b""
         cycle = LeanCycle(self, scope, version != "1.0" and parser.should_keep_alive())
         if size > LEAN_BODY_BYTES:
-            cycle.reserve(size)
+            try:
+                cycle.reserve(size)
+            except (OSError, ValueError, MemoryError):  # no address space for it: chunk by chunk
+                super()._begin_request()
+                return
         self.cycle = cycle  # type: ignore[assignment]
 
     def on_body(self, body: bytes) -> None:
@@ -167,9 +171,9 @@ class LeanCycle:
 
     # ---- request ------------------------------------------------------------------------------
     def reserve(self, size: int) -> None:
-        """Receive a body of `size` bytes into one buffer of that size (anonymous memory,
-        backed page by page as it is written)."""
-        self._body = memoryview(mmap.mmap(-1, size))
+        """Receive a body of `size` bytes into one buffer of that size (`big_buffer`: backed
+        page by page as it is written)."""
+        self._body = big_buffer(size)
         self._fill = 0
 
     def add(self, data: bytes) -> None:
