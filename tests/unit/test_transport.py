@@ -791,3 +791,21 @@ def test_rpc_over_unix_socket_server(net: Net) -> None:
             server.close()
 
     net.run(main())
+
+
+def test_big_buffer_is_writable_memory_of_its_size_with_or_without_numpy() -> None:
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\n"
+        "from flotilla._private.transport import big_buffer\n"
+        "b = big_buffer(8 << 20)\n"
+        "b[-3:] = b'xyz'\n"
+        "assert b.nbytes == 8 << 20 and bytes(b[-3:]) == b'xyz' and not b.readonly\n"
+        "print(type(b.obj).__name__, 'numpy' in sys.modules)\n"
+    )
+    plain = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert plain.stdout.split() == ["mmap", "False"], plain.stderr  # no numpy: huge-page mapping
+    with_np = subprocess.run([sys.executable, "-c", "import numpy\n" + script], capture_output=True, text=True, timeout=60)
+    assert with_np.stdout.split() == ["ndarray", "True"], with_np.stderr
