@@ -47,7 +47,10 @@ def canary(name: str):  # type: ignore[no-untyped-def]
 def test_a_healthy_new_version_is_promoted_step_by_step(url: str) -> None:
     deploy("v1")
     deploy("v2")
-    serve.start_canary("promote", "v1", "v2", steps=(0.2, 0.5, 1.0), hold_s=1.0, min_requests=10)
+    # Both versions are the same code: this test is about stepping, so latency noise on a busy
+    # machine (one slow request is the p95 of a 10-request step) must not roll it back.
+    serve.start_canary("promote", "v1", "v2", steps=(0.2, 0.5, 1.0), hold_s=1.0, min_requests=10,
+                       p95_slack_ms=10_000.0)
     c = canary("promote")
     assert (c.phase, c.step, c.share, c.old, c.new) == ("RUNNING", 1, 0.2, "v1", "v2")
     http = Load.http(url, "/promote", threads=4, max_s=60)
@@ -57,6 +60,7 @@ def test_a_healthy_new_version_is_promoted_step_by_step(url: str) -> None:
         c = canary("promote")
         if not seen or seen[-1] != c.share:
             seen.append(c.share)
+        assert c.phase != "ROLLED_BACK", f"rolled back: {c.reason} ({http.report()})"
         return c.phase == "PROMOTED"
 
     with running(http):
