@@ -14,8 +14,8 @@ a `LeanCycle`, whose `receive` returns the body at once and then waits for a dis
 whose `whole()` writes a complete response (status line, headers, body) in one write. Any
 ASGI app runs on it unchanged; every other request takes uvicorn's cycle.
 
-A task may ask to be cancelled the moment its client goes away (`LeanCycle.cancel_on_gone`):
-the proxy uses it instead of a timer and a watcher task per request.
+The app's task can be cancelled the moment its client goes away (`LeanCycle.watch`): the
+proxy uses it instead of a timer and a watcher task per request.
 """
 
 from __future__ import annotations
@@ -136,13 +136,12 @@ class LeanCycle:
     and calls `message_event.set()` when the connection is lost, as on its own cycle."""
 
     __slots__ = ("_body", "_chunked", "_ended", "_fill", "_left", "cancel_on_gone", "disconnected", "keep_alive",
-                 "more_body", "proto", "response_complete", "response_started", "scope", "task")
+                 "proto", "response_complete", "response_started", "scope", "task")
 
     def __init__(self, proto: LeanProtocol, scope: Any, keep_alive: bool) -> None:
         self.proto = proto
         self.scope = scope
         self.keep_alive = keep_alive
-        self.more_body = True
         self.response_started = False
         self.response_complete = False
         self.disconnected = False
@@ -159,6 +158,14 @@ class LeanCycle:
     @property
     def message_event(self) -> LeanCycle:
         return self
+
+    def watch(self) -> asyncio.Task[None] | None:
+        """Cancel the app's task if the client goes away before `unwatch`; returns the task."""
+        self.cancel_on_gone = self.task
+        return self.task
+
+    def unwatch(self) -> None:
+        self.cancel_on_gone = None
 
     def set(self) -> None:
         """The connection was lost (uvicorn's protocol: `cycle.message_event.set()`)."""
@@ -194,7 +201,6 @@ class LeanCycle:
 
     def start(self) -> None:
         proto = self.proto
-        self.more_body = False
         task = self.task = proto.loop.create_task(self.run(proto.app))
         tasks = proto.tasks
         tasks.add(task)
@@ -295,21 +301,12 @@ class LeanCycle:
             raise RuntimeError("Unexpected whole response after the response started.")
         self.response_started = True
         head = self._head(status, headers, extra, len(body))
-        write = proto.transport.write
-        if self.scope["method"] == "HEAD":
-            write(head)
-        elif self._chunked:
-            write(head + (b"%x\r\n%b\r\n0\r\n\r\n" % (len(body), body) if body else b"0\r\n\r\n"))
+        data = self._framed(body, False)
+        if len(data) > JOIN_BODY_BYTES:
+            proto.transport.write(head)
+            proto.transport.write(data)
         else:
-            if self._left != len(body):
-                raise RuntimeError(f"Response content {'longer' if len(body) > self._left else 'shorter'} "
-                                   "than Content-Length")
-            self._left = 0
-            if len(body) > JOIN_BODY_BYTES:
-                write(head)
-                write(body)
-            else:
-                write(head + body)
+            proto.transport.write(head + data)
         self._complete()
         return status
 
@@ -330,24 +327,27 @@ class LeanCycle:
             raise RuntimeError(f"Unexpected ASGI message '{kind}' sent, after response already completed.")
         if kind != "http.response.body":
             raise RuntimeError(f"Expected ASGI message 'http.response.body', but got '{kind}'.")
-        body = message.get("body", b"")
         more = message.get("more_body", False)
-        if self.scope["method"] != "HEAD":
-            if self._chunked:
-                data = b"%x\r\n%b\r\n" % (len(body), body) if body else b""
-                if not more:
-                    data += b"0\r\n\r\n"
-                if data:
-                    proto.transport.write(data)
-            elif body:
-                if len(body) > self._left:
-                    raise RuntimeError("Response content longer than Content-Length")
-                self._left -= len(body)
-                proto.transport.write(body)
+        data = self._framed(message.get("body", b""), more)
+        if data:
+            proto.transport.write(data)
         if not more:
-            if self._left and not self._chunked and self.scope["method"] != "HEAD":
-                raise RuntimeError("Response content shorter than Content-Length")
             self._complete()
+
+    def _framed(self, body: bytes, more: bool) -> bytes:
+        """What to write for one part of the body: chunk-encoded, or counted against the
+        Content-Length (which the last part must fill exactly); nothing for HEAD."""
+        if self.scope["method"] == "HEAD":
+            return b""
+        if self._chunked:
+            data = b"%x\r\n%b\r\n" % (len(body), body) if body else b""
+            return data if more else data + b"0\r\n\r\n"
+        if len(body) > self._left:
+            raise RuntimeError("Response content longer than Content-Length")
+        self._left -= len(body)
+        if not more and self._left:
+            raise RuntimeError("Response content shorter than Content-Length")
+        return body
 
     def _complete(self) -> None:
         self.response_complete = True

@@ -117,6 +117,35 @@ class SplitRoute:
         return fscope, app_prefix, dep
 
 
+class _Watcher:
+    """On uvicorn's request cycle: a request still running after DISCONNECT_CHECK_S gets a
+    task that waits for its client's disconnect and then cancels it (`LeanCycle.watch` does
+    this without a timer or a task)."""
+
+    __slots__ = ("_task", "_timer", "disconnected")
+
+    def __init__(self, receive: Any, task: asyncio.Task[Any] | None) -> None:
+        loop = asyncio.get_running_loop()
+        self.disconnected = False
+        self._task: asyncio.Task[None] | None = None
+        self._timer = loop.call_later(DISCONNECT_CHECK_S, self._arm, loop, receive, task)
+
+    def _arm(self, loop: asyncio.AbstractEventLoop, receive: Any, task: asyncio.Task[Any] | None) -> None:
+        async def wait_disconnect() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            self.disconnected = True
+            if task is not None:
+                task.cancel()
+
+        self._task = loop.create_task(wait_disconnect())
+
+    def unwatch(self) -> None:
+        self._timer.cancel()
+        if self._task is not None:
+            self._task.cancel()
+
+
 class Proxy:
     def __init__(self, args: dict[str, Any]) -> None:
         self.args = args
@@ -337,23 +366,19 @@ class Proxy:
         # If the client goes away, the request is cancelled in the replica (and its downstream
         # calls with it): at once on the lean path (the connection cancels the task), else
         # by a watcher that a request still running after DISCONNECT_CHECK_S gets.
-        watch: dict[str, Any] = {"gone": False, "task": None}
-        lean = getattr(send, "__self__", None)
-        timer = None
-        if lean.__class__ is LeanCycle:
-            task = lean.cancel_on_gone = lean.task
+        watch: LeanCycle | _Watcher = getattr(send, "__self__", None)  # type: ignore[assignment]
+        if watch.__class__ is LeanCycle:
+            task = watch.watch()  # type: ignore[union-attr]
         else:
-            lean = None
             task = asyncio.current_task()
-            loop = asyncio.get_running_loop()
-            timer = loop.call_later(DISCONNECT_CHECK_S, self._arm_watcher, loop, receive, task, watch)
+            watch = _Watcher(receive, task)
         try:
             if self.request_timeout_s is None:
                 res = await router.http(fwd, body, meta)
             else:
                 res = await asyncio.wait_for(router.http(fwd, body, meta), self.request_timeout_s)
         except asyncio.CancelledError:
-            if (watch["gone"] or (lean is not None and lean.disconnected)) and task is not None:
+            if watch.disconnected and task is not None:
                 task.uncancel()
                 return 499
             raise
@@ -373,29 +398,12 @@ class Proxy:
             logger.warning("request %s failed: %s", request_id.decode("latin-1"), e)
             return await http_util.reply(send, *http_util.plain(500, str(e) or "Internal Server Error"), rid_header)
         finally:
-            if lean is not None:
-                lean.cancel_on_gone = None
-            else:
-                timer.cancel()  # type: ignore[union-attr]
-                if watch["task"] is not None:
-                    watch["task"].cancel()
+            watch.unwatch()
         if res.__class__ is HttpFull:
-            if lean is not None:
-                return await lean.whole(res.status, res.headers, res.body, rid_header)
             return await http_util.send_whole(send, res.status, res.headers, res.body, rid_header)
         assert isinstance(res, Channel) and res.start is not None
         await self._stream(send, receive, res, rid_header)
         return res.start.status
-
-    @staticmethod
-    def _arm_watcher(loop: asyncio.AbstractEventLoop, receive: Any, task: Any, watch: dict[str, Any]) -> None:
-        async def wait_disconnect() -> None:
-            while (await receive())["type"] != "http.disconnect":
-                pass
-            watch["gone"] = True
-            task.cancel()
-
-        watch["task"] = loop.create_task(wait_disconnect())
 
     async def _stream(self, send: Any, receive: Any, ch: Channel, rid_header: tuple[bytes, bytes]) -> None:
         """Relay a streaming response; a client that goes away stops the generator."""

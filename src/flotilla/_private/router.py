@@ -131,8 +131,7 @@ class ReplicaConn:
     closes when nothing is in flight or pending on it any more.
     """
 
-    __slots__ = ("_ids", "connecting", "draining", "id", "in_flight", "loop", "models", "path", "pending", "proto", "ready",
-                 "retired", "router")
+    __slots__ = ("_ids", "connecting", "draining", "id", "in_flight", "models", "path", "pending", "proto", "ready", "retired", "router")
 
     def __init__(self, router: Router, replica_id: str, path: str) -> None:
         self.router = router
@@ -155,7 +154,6 @@ class ReplicaConn:
             logger.warning("could not connect to replica %s: %s", self.id, e)
             self.router._drop(self)
             return
-        self.loop = asyncio.get_running_loop()  # the loop its replies arrive on (3.11's getter costs a getpid)
         self.ready = True
         self.router._connected(self)
 
@@ -277,7 +275,9 @@ class Router:
         self._rate_t = time.monotonic()
         self._rate = 0.0
         self.subscription: asyncio.Task[None] | None = None
-        self.loop: asyncio.AbstractEventLoop | None = None  # the loop it runs on, once known
+        #: The loop it runs on, known from the first update or queued request (3.11's
+        #: `get_running_loop` costs a getpid: not once per request).
+        self.loop: asyncio.AbstractEventLoop | None = None
         self._queue_hist = trace.series(deployment_id, "router_queue")
 
     # ---- updates from the controller ----------------------------------------------------
@@ -295,7 +295,7 @@ class Router:
             conn = self.retiring.get(rid)
             if conn is not None:
                 conn.abort()
-        loop = asyncio.get_running_loop()
+        loop = self.loop = asyncio.get_running_loop()
         for rid, path in wanted.items():
             if rid not in self.replicas:
                 conn = ReplicaConn(self, rid, path)
@@ -411,7 +411,7 @@ class Router:
                 num_queued_requests=len(self.queue), max_queued_requests=self.max_queued
             )
         loop = self.loop
-        if loop is None:  # (3.11's get_running_loop costs a getpid: once per router)
+        if loop is None:  # queued before the first update
             loop = self.loop = asyncio.get_running_loop()
         fut: asyncio.Future[ReplicaConn] = loop.create_future()
         entry = (fut, model_id)
@@ -502,7 +502,7 @@ class Router:
             fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
             fut.set_result(_REJECTED)
             return 0, fut
-        fut = r.loop.create_future()
+        fut = r.router.loop.create_future()  # type: ignore[union-attr]  # set by the update that made `r`
         tag = r.next_id()
         r.proto.send(tag, msg)
         r.pending[tag] = fut
