@@ -28,6 +28,14 @@ def _metrics() -> list[Metric]:
                 f"http_cpu_ms_c{c}", f"CPU ms/request (all processes), {c} conn", "lower", "http"
             ),
         ]
+    for c in (8, 32):
+        m += [
+            Metric(f"http_rps_nometrics_c{c}", f"HTTP req/s, {c} conn, FLOTILLA_METRICS=0", "higher", "http"),
+            Metric(f"http_cpu_ms_nometrics_c{c}", f"CPU ms/request, {c} conn, FLOTILLA_METRICS=0", "lower", "http"),
+            Metric(f"metrics_cost_rps_c{c}", f"req/s lost to metrics, access logs, traces, {c} conn", "lower", "http"),
+            Metric(f"metrics_cost_cpu_c{c}", f"CPU/request added by metrics, access logs, traces, {c} conn",
+                   "lower", "http"),
+        ]
     m += [
         Metric("handle_seq_cps", "handle calls/s, sequential", "higher", "handle"),
         Metric("handle_64_cps", "handle calls/s, 64 in flight", "higher", "handle"),

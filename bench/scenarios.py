@@ -12,7 +12,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from http.client import HTTPConnection
 from pathlib import Path
 from typing import Any
@@ -139,7 +139,29 @@ def http(system: System, ctx: Ctx) -> Result:
             out["notes"][f"cpu_ms_per_req_by_process_c{c}"] = m["cpu_roles"]
     finally:
         srv.stop()
+    if system.name == "flotilla":
+        _metrics_cost(system, ctx, out)
     return out
+
+
+def _metrics_cost(system: System, ctx: Ctx, out: Result) -> None:
+    """The same app with FLOTILLA_METRICS=0 (no metrics, access logs or traces), at 8 and 32
+    connections: what they cost, in req/s and CPU per request, against the run just made."""
+    off = replace(system, extra_env={**system.extra_env, "FLOTILLA_METRICS": "0"})
+    srv = start_server(off, ctx, "http-metrics-off", [echo_app()])
+    try:
+        wrk(ctx, 8, 1.0)
+        for c in (8, 32):
+            if f"http_rps_c{c}" not in out:
+                continue
+            m = measure_http(srv, ctx, c)
+            out[f"http_rps_nometrics_c{c}"] = m["rps"]
+            out[f"http_cpu_ms_nometrics_c{c}"] = m["cpu_ms"]
+            out[f"metrics_cost_rps_c{c}"] = 1.0 - out[f"http_rps_c{c}"] / max(m["rps"], 1e-9)
+            out[f"metrics_cost_cpu_c{c}"] = out[f"http_cpu_ms_c{c}"] / max(m["cpu_ms"], 1e-9) - 1.0
+            out["notes"][f"cpu_ms_per_req_by_process_nometrics_c{c}"] = m["cpu_roles"]
+    finally:
+        srv.stop()
 
 
 def batch(system: System, ctx: Ctx) -> Result:

@@ -105,6 +105,29 @@ def test_downstream_from_sync_code_and_unknown_id(cluster: str) -> None:
     assert httpx.get(f"{flotilla.dashboard_url()}/api/flotilla/trace/", timeout=10).status_code == 400
 
 
+def test_a_trace_is_whole_as_soon_as_the_response_is(cluster: str) -> None:
+    """The proxy and replicas keep each request's figures for a batch (0.1 s) and fold them
+    into metrics, access lines and trace events later; a lookup folds first, so one made at
+    once (no polling) already sees every process's part."""
+    def whole(t: dict | None) -> bool:
+        return (t is not None and t.get("status") == 200 and bool(t["replica"])
+                and [bool(c["replica"]) for c in t["downstream_calls"]] == [True])
+
+    serve.run(Outer.bind(Inner.bind()), name="traced", route_prefix="/traced")
+    before = "trace-at-once-warm"
+    httpx.get(f"{cluster}/traced", headers={"x-request-id": before}, timeout=10)
+    for i in range(3):
+        # Once the last request's trace is whole, no batch is pending in any process: the
+        # next request's figures would otherwise wait 0.1 s, longer than the look-up takes.
+        wait_for(lambda rid=before: whole(_trace(rid)), timeout=10, what="the previous trace")
+        rid = before = f"trace-at-once-{i}"
+        assert httpx.get(f"{cluster}/traced", headers={"x-request-id": rid}, timeout=10).status_code == 200
+        t = _trace(rid)
+        assert whole(t), f"right after the response, the trace was {t}"
+        assert t["deployment"] == "Outer" and t["downstream_calls"][0]["deployment"] == "Inner"  # type: ignore[index]
+        _check_sums(t)  # type: ignore[arg-type]
+
+
 def test_cli_prints_the_trace(cluster: str) -> None:
     from flotilla.cli import main
 

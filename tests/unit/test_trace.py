@@ -61,8 +61,9 @@ def test_assemble_without_the_proxy_and_unknown() -> None:
 
 def test_replica_stages_with_batch_wait_downstream_and_router_queue(monkeypatch: pytest.MonkeyPatch) -> None:
     """A replica splits its handler time into batch wait (read from batching's BATCH_WAIT_S,
-    where it exists), downstream calls (added up in the request's meta) and user code; the
-    router's wait (in meta) counts in its latency samples."""
+    where it exists), downstream calls (added up in the request's meta) and user code, when
+    it folds what it recorded; the router's wait (in meta) counts in its latency samples at
+    once."""
     import asyncio
     import contextvars
 
@@ -81,6 +82,8 @@ def test_replica_stages_with_batch_wait_downstream_and_router_queue(monkeypatch:
         t0 = t_in + 0.001  # 1 ms in the replica's queue
         monkeypatch.setattr(rmod.time, "perf_counter", lambda: t0 + 0.100)  # a 100 ms handler
         rep._record(Call("__call__", (), {}, meta), meta, "OK", t0, t_in)
+        assert trace.RING.find("req-bw") == []  # kept for the fold, which a trace look-up runs first
+        rep._fold()
         [ev] = trace.RING.find("req-bw")
         _, kind, app, dep, rid, rq, bw, user, ds, total, _wall = ev
         assert (kind, app, dep, rid) == ("replica", "a", "D", "r-1")

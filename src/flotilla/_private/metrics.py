@@ -30,6 +30,9 @@ LATENCY_MS_BUCKETS = (
 )
 
 
+#: Requests' figures reach the metrics and the access log this long after the first of a batch
+#: (the proxy's and a replica's `fold`): the request path only keeps a tuple.
+FOLD_S = 0.1
 #: Default of `FLOTILLA_METRICS_PUSH_INTERVAL_S`: how often each process pushes what changed.
 PUSH_INTERVAL_S = 1.0
 #: Default of `FLOTILLA_METRICS_RETAIN_S`: how long the head keeps the counters and histograms of
@@ -544,14 +547,29 @@ class AccessLog:
         self.pending.append((t, request_id, route, status, ms))
         return True
 
-    def _format(self, t: float, request_id: str, route: str, status: Any, ms: float) -> str:
-        now = int(t)
+    def _at(self, now: int) -> str:
+        """The line prefix of second `now` (time and name), made once per second."""
         if now != self._second:
             self._second = now
             self._time = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now))
             self._prefix = self._time + " " + self.name
+        return self._prefix
+
+    def _text(self, pending: list[tuple[float, str, str, Any, float]]) -> str:
+        if self.json_context is not None:
+            return "".join([self._format(*p) for p in pending])
+        second, prefix, out = -1, "", []
+        for t, request_id, route, status, ms in pending:
+            if int(t) != second:
+                second = int(t)
+                prefix = self._at(second)
+            out.append(f"{prefix} {request_id} {route} {status} {ms:.2f}ms\n")
+        return "".join(out)
+
+    def _format(self, t: float, request_id: str, route: str, status: Any, ms: float) -> str:
+        prefix = self._at(int(t))
         if self.json_context is None:
-            return f"{self._prefix} {request_id} {route} {status} {ms:.2f}ms\n"
+            return f"{prefix} {request_id} {route} {status} {ms:.2f}ms\n"
         return json.dumps({
             "asctime": self._time, "levelname": "INFO",
             "message": f"{request_id} {route} {status} {ms:.2f}ms", **self.json_context,
@@ -568,8 +586,7 @@ class AccessLog:
         self._scheduled = False
         pending, self.pending = self.pending, []
         if pending:
-            fmt = self._format
             try:
-                os.write(2, "".join([fmt(*p) for p in pending]).encode())
+                os.write(2, self._text(pending).encode())
             except OSError:
                 pass

@@ -65,8 +65,6 @@ from flotilla.serve.schema import DeploymentID, ReplicaContext, ReplicaID
 logger = logging.getLogger("flotilla.replica")
 
 _SYNC, _ASYNC, _ON_LOOP = 0, 1, 2  # how a user method is invoked
-#: Requests' figures reach the metrics and the access log this long after the first of a batch.
-FOLD_S = 0.1
 _REJECTED = Rejected()
 #: `serve.batching.BATCH_WAIT_S` (seconds the request waited for its batch), where it exists.
 _BATCH_WAIT: Any = getattr(_batching, "BATCH_WAIT_S", None)
@@ -464,6 +462,7 @@ class Replica:
                 out["custom"] = await self._record_autoscaling_stats()
             return out
         if op == "trace":
+            self._fold()
             return trace.RING.find(str(args[0]))
         if op == "stop":
             await self._drain(*args)
@@ -727,53 +726,54 @@ class Replica:
         self.latency.add(t1, q + (t1 - t_in) * 1000.0, q + (t0 - t_in) * 1000.0)  # type: ignore[union-attr]
 
     def _record(self, msg: Any, meta: Any, status: Any, t0: float, t_in: float) -> None:
-        """One request's figures: split into stages now (its trace event and the latency
-        window need them at once), kept as a tuple for metrics and the access log (`_fold`)."""
+        """Keep one request's times for `_fold`, as a tuple of strings and numbers alone (the
+        collector untracks it at once, never promotes it); only the latency window (when a
+        latency target uses it) takes them at once. BATCH_WAIT_S needs no reset: each
+        request's task starts from the connection's context, where it is never set."""
         t1 = time.perf_counter()
-        ms = (t1 - t0) * 1000.0
-        # Stages: waiting for a slot here, then the handler's time split into batch wait,
-        # downstream handle calls (capped: concurrent calls overlap) and the rest (user code).
-        # BATCH_WAIT_S needs no reset: each request's task starts from the connection's
-        # context, where it is never set.
-        rq = (t0 - t_in) * 1000.0
-        bw = _BATCH_WAIT.get() * 1000.0 if _BATCH_WAIT is not None else 0.0
-        user = ms - bw
-        ds = 0.0
-        now = time.time()
-        http = msg.__class__ is Http or msg.__class__ is WsOpen
-        if meta is None:
-            rid = None
-            route = "" if http else msg.method
-        else:
-            ds_s = meta.get(trace.DOWNSTREAM_KEY, 0.0)
-            if ds_s:
-                ds = min(ds_s * 1000.0, max(0.0, user))
-                user -= ds
-            rid = meta.get("request_id")
-            if rid is not None:
-                trace.RING.add((rid, "replica", self.app_name, self.dep_name, self.replica_id, rq, bw,
-                                max(0.0, user), ds, (t1 - t_in) * 1000.0, now))
-            route = meta.get("route", "") if http else msg.method
         if self.latency is not None:
             self._latency(meta, t1, t0, t_in)
+        cls = msg.__class__
+        http = cls is Http or cls is WsOpen
+        if meta is None:
+            route, rid, ds_s = ("" if http else msg.method), None, 0.0
+        else:
+            route = meta.get("route", "") if http else msg.method
+            rid, ds_s = meta.get("request_id"), meta.get(trace.DOWNSTREAM_KEY, 0.0)
         done = self._done
-        done.append((now, route, status, ms, rq, max(0.0, user), bw, ds, rid))
+        done.append((t_in, t0, t1, _BATCH_WAIT.get() if _BATCH_WAIT is not None else 0.0, route, rid, ds_s, status))
         if len(done) == 1:
-            self.loop.call_later(FOLD_S, self._fold)
+            self.loop.call_later(metrics.FOLD_S, self._fold)
 
     def _fold(self) -> None:
-        """Add the requests recorded since the last fold to the metrics and the access log:
-        off the request path, with each series looked up once per route, not per request."""
+        """The metrics, access log lines and trace events of the requests recorded since the
+        last fold, off the request path, each series looked up once per route."""
         done, self._done = self._done, []
         if not done:
             return
+        to_wall = time.time() - time.perf_counter()
         per_route = self._per_route
         observe, buckets = metrics.observe_into, trace.BUCKETS
         rq_hist, user_hist = self._rq_hist, self._user_hist
         counts: dict[tuple[str, ...], int] = {}
         errors: dict[tuple[str, ...], int] = {}
-        access = self.access
-        for now, route, status, ms, rq, user, bw, ds, rid in done:
+        access, ring = self.access, trace.RING
+        app, dep, replica_id = self.app_name, self.dep_name, self.replica_id
+        for t_in, t0, t1, bw, route, rid, ds_s, status in done:
+            # Stages: waiting for a slot here, then the handler's time split into batch wait,
+            # downstream handle calls (capped: concurrent calls overlap) and the rest (user code).
+            ms = (t1 - t0) * 1000.0
+            rq = (t0 - t_in) * 1000.0
+            bw *= 1000.0
+            user = ms - bw
+            ds = 0.0
+            now = to_wall + t1
+            if ds_s:
+                ds = min(ds_s * 1000.0, max(0.0, user))
+                user -= ds
+            user = max(0.0, user)
+            if rid is not None:
+                ring.add((rid, "replica", app, dep, replica_id, rq, bw, user, ds, (t1 - t_in) * 1000.0, now))
             entry = per_route.get(route)
             if entry is None:
                 labels: tuple[str, ...] = (self.dep_name, self.replica_id, route, self.app_name)
