@@ -106,9 +106,9 @@ def test_downstream_from_sync_code_and_unknown_id(cluster: str) -> None:
 
 
 def test_a_trace_is_whole_as_soon_as_the_response_is(cluster: str) -> None:
-    """The proxy and replicas keep each request's figures for a batch (0.1 s) and fold them
-    into metrics, access lines and trace events later; a lookup folds first, so one made at
-    once (no polling) already sees every process's part."""
+    """Replicas keep each request's figures for a batch (0.1 s) and fold them into metrics,
+    access lines and trace events later; a look-up folds first, so one made at once (no
+    polling) already sees every process's part."""
     def whole(t: dict | None) -> bool:
         return (t is not None and t.get("status") == 200 and bool(t["replica"])
                 and [bool(c["replica"]) for c in t["downstream_calls"]] == [True])

@@ -30,8 +30,8 @@ LATENCY_MS_BUCKETS = (
 )
 
 
-#: Requests' figures reach the metrics and the access log this long after the first of a batch
-#: (the proxy's and a replica's `fold`): the request path only keeps a tuple.
+#: A replica's requests reach the metrics, access log and traces this long after the first of
+#: a batch (`Replica._fold`): its request path only keeps a tuple.
 FOLD_S = 0.1
 #: Default of `FLOTILLA_METRICS_PUSH_INTERVAL_S`: how often each process pushes what changed.
 PUSH_INTERVAL_S = 1.0

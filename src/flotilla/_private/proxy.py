@@ -162,8 +162,6 @@ class Proxy:
         self.access = metrics.AccessLog("proxy")
         #: (prefix, method, app, status) -> metric labels and latency series, made once each
         self._series: dict[tuple[str, str, str, int], tuple[tuple[str, ...], list[Any]]] = {}
-        #: requests recorded (`_record`) and not yet added to the metrics (`_fold`)
-        self._done: list[tuple[Any, ...]] = []
         self.ids = metrics.RequestIds()
         self.root_path: str = args.get("root_path") or ""
         self.shadows: dict[str, shadow.ShadowRoute] = {}  # shadowed routes by prefix (serve.set_shadow)
@@ -260,43 +258,24 @@ class Proxy:
 
     def _record(self, scope: dict[str, Any], m: Any, route: str | None, status: int, t0: float,
                 request_id: bytes) -> None:
-        """Keep one HTTP request's figures for `_fold`: the request path only appends a tuple,
-        of strings and numbers alone (the collector untracks it at once, never promotes it)."""
+        """Metrics, access log line and trace event of one HTTP request."""
+        ms = (time.perf_counter() - t0) * 1000.0
         prefix, app = (route or m[0], m[1].app_name) if m is not None else ("", "")
-        done = self._done
-        done.append((t0, time.perf_counter(), scope["method"], scope["path"], prefix, app, status, request_id))
-        if len(done) == 1:
-            asyncio.get_running_loop().call_later(metrics.FOLD_S, self._fold)
-
-    def _fold(self) -> None:
-        """The metrics, access log lines and trace events of the requests kept since the last
-        fold: `FOLD_S` after the first of them, and before each metrics push and trace lookup."""
-        done, self._done = self._done, []
-        if not done:
-            return
-        to_wall = time.time() - time.perf_counter()
-        series, access, ring = self._series, self.access, trace.RING
-        counts: dict[tuple[str, ...], int] = {}
-        for t0, t1, method, path, prefix, app, status, request_id in done:
-            ms = (t1 - t0) * 1000.0
-            per_key = series.get((prefix, method, app, status))
-            if per_key is None:
-                key: tuple[str, ...] = (prefix, method, app, str(status))
-                per_key = (key, STORE.series("ray_serve_http_request_latency_ms", key))
-                if len(series) < 1000:  # methods come from clients: keep the cache bounded
-                    series[(prefix, method, app, status)] = per_key
-            key, hist = per_key
-            counts[key] = counts.get(key, 0) + 1
-            observe_into(hist, metrics.LATENCY_MS_BUCKETS, ms)
-            if status >= 400:
-                STORE.inc("ray_serve_num_http_error_requests", (prefix, str(status), method, app))
-            rid = request_id.decode("latin-1")
-            wall = to_wall + t1
-            access.keep(wall, rid, f"{method} {path}", status, ms)
-            ring.add((rid, "http", prefix, app, status, ms, wall))
-        for key, n in counts.items():
-            STORE.inc("ray_serve_num_http_requests", key, n)
-        access.flush()
+        method = scope["method"]
+        per_key = self._series.get((prefix, method, app, status))
+        if per_key is None:
+            key: tuple[str, ...] = (prefix, method, app, str(status))
+            per_key = (key, STORE.series("ray_serve_http_request_latency_ms", key))
+            if len(self._series) < 1000:  # methods come from clients: keep the cache bounded
+                self._series[(prefix, method, app, status)] = per_key
+        key, hist = per_key
+        STORE.inc("ray_serve_num_http_requests", key)
+        observe_into(hist, metrics.LATENCY_MS_BUCKETS, ms)
+        if status >= 400:
+            STORE.inc("ray_serve_num_http_error_requests", (prefix, str(status), method, app))
+        rid = request_id.decode("latin-1")
+        self.access.add(rid, f"{method} {scope['path']}", status, ms)
+        trace.RING.add((rid, "http", prefix, app, status, ms, time.time()))
 
     async def _websocket(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         """Route a WebSocket like an HTTP request and carry it to one replica (`ws.relay`)."""
@@ -454,7 +433,6 @@ class Proxy:
                 ch.cancel()
 
     def set_gauges(self) -> None:
-        self._fold()  # a push carries every request recorded so far
         STORE.set("ray_serve_num_ongoing_http_requests", (self.node_label,), float(self.ongoing))
         metrics.record_auth_failures(STORE, "proxy")
 
@@ -483,7 +461,6 @@ async def _amain(args: dict[str, Any], seat: Any = None) -> None:
             Runtime.current().on_update(*a)
             return None
         if op == "trace":
-            proxy._fold()
             return trace.RING.find(str(a[0]))
         raise ValueError(op)
 
