@@ -30,9 +30,6 @@ LATENCY_MS_BUCKETS = (
 )
 
 
-#: A replica's requests reach the metrics, access log and traces this long after the first of
-#: a batch (`Replica._fold`): its request path only keeps a tuple.
-FOLD_S = 0.1
 #: Default of `FLOTILLA_METRICS_PUSH_INTERVAL_S`: how often each process pushes what changed.
 PUSH_INTERVAL_S = 1.0
 #: Default of `FLOTILLA_METRICS_RETAIN_S`: how long the head keeps the counters and histograms of
@@ -556,8 +553,9 @@ class AccessLog:
         return self._prefix
 
     def _text(self, pending: list[tuple[float, str, str, Any, float]]) -> str:
+        """The lines of `pending`, one string (text lines formatted in one loop)."""
         if self.json_context is not None:
-            return "".join([self._format(*p) for p in pending])
+            return "".join([self._json(*p) for p in pending])
         second, prefix, out = -1, "", []
         for t, request_id, route, status, ms in pending:
             if int(t) != second:
@@ -566,13 +564,11 @@ class AccessLog:
             out.append(f"{prefix} {request_id} {route} {status} {ms:.2f}ms\n")
         return "".join(out)
 
-    def _format(self, t: float, request_id: str, route: str, status: Any, ms: float) -> str:
-        prefix = self._at(int(t))
-        if self.json_context is None:
-            return f"{prefix} {request_id} {route} {status} {ms:.2f}ms\n"
+    def _json(self, t: float, request_id: str, route: str, status: Any, ms: float) -> str:
+        self._at(int(t))
         return json.dumps({
             "asctime": self._time, "levelname": "INFO",
-            "message": f"{request_id} {route} {status} {ms:.2f}ms", **self.json_context,
+            "message": f"{request_id} {route} {status} {ms:.2f}ms", **(self.json_context or {}),
             "request_id": request_id, "route": route, "status": status,
             "duration_ms": round(ms, 3), "serve_access_log": True,
         }) + "\n"
@@ -580,7 +576,7 @@ class AccessLog:
     @property
     def lines(self) -> list[str]:
         """The lines not written yet."""
-        return [self._format(*p) for p in self.pending]
+        return self._text(self.pending).splitlines(keepends=True)
 
     def flush(self) -> None:
         self._scheduled = False

@@ -65,6 +65,9 @@ from flotilla.serve.schema import DeploymentID, ReplicaContext, ReplicaID
 logger = logging.getLogger("flotilla.replica")
 
 _SYNC, _ASYNC, _ON_LOOP = 0, 1, 2  # how a user method is invoked
+#: Requests' figures reach the metrics, access log and traces this long after the first of a
+#: batch (`_fold`): the request path only keeps a tuple.
+FOLD_S = 0.1
 _REJECTED = Rejected()
 #: `serve.batching.BATCH_WAIT_S` (seconds the request waited for its batch), where it exists.
 _BATCH_WAIT: Any = getattr(_batching, "BATCH_WAIT_S", None)
@@ -743,7 +746,7 @@ class Replica:
         done = self._done
         done.append((t_in, t0, t1, _BATCH_WAIT.get() if _BATCH_WAIT is not None else 0.0, route, rid, ds_s, status))
         if len(done) == 1:
-            self.loop.call_later(metrics.FOLD_S, self._fold)
+            self.loop.call_later(FOLD_S, self._fold)
 
     def _fold(self) -> None:
         """The metrics, access log lines and trace events of the requests recorded since the
@@ -776,7 +779,7 @@ class Replica:
                 ring.add((rid, "replica", app, dep, replica_id, rq, bw, user, ds, (t1 - t_in) * 1000.0, now))
             entry = per_route.get(route)
             if entry is None:
-                labels: tuple[str, ...] = (self.dep_name, self.replica_id, route, self.app_name)
+                labels: tuple[str, ...] = (dep, replica_id, route, app)
                 entry = per_route[route] = (
                     labels, STORE.series("ray_serve_deployment_processing_latency_ms", labels))
             labels, hist = entry
