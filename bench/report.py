@@ -6,6 +6,8 @@ import statistics
 from dataclasses import dataclass
 from typing import Any
 
+import wakeup
+
 
 @dataclass(frozen=True)
 class Metric:
@@ -322,11 +324,13 @@ def chaos_section(records: list[dict[str, Any]], rounds: int) -> str:
 
 def markdown(info: dict[str, Any], records: list[dict[str, Any]], scenarios: list[str]) -> str:
     rounds = info["rounds"]
+    wake = info.get("wakeup") or {}
     out = [
         "# flotilla benchmark results\n",
         "Written by `bench/run.py`; see bench/README.md for what each number means.\n",
         f"- Date: {info['date']}",
         f"- Machine: {info['machine']}",
+        f"- Wake-ups: {wakeup.describe(wake.get('start'), wake.get('end'))}",
         f"- Versions: {info['versions']}",
         f"- Command: `{info['command']}`",
         f"- Rounds: {rounds}; {info['duration']} s per measured HTTP / handle point; "

@@ -31,6 +31,7 @@ import procs
 import report
 import scenarios
 import systems
+import wakeup
 
 DEFAULT_RAY = "ray[serve]==2.60.0"
 
@@ -224,6 +225,17 @@ def progress(rec: dict[str, Any]) -> str:
     )
 
 
+def _wakeup(when: str) -> dict[str, float] | None:
+    """This machine's process round trip now (bench/wakeup.py); None if it cannot be measured."""
+    try:
+        m = wakeup.measure()
+    except Exception as e:
+        print(f"[bench] wake-up round trip ({when}) not measured: {e!r}", flush=True)
+        return None
+    print(f"[bench] wake-up round trip ({when}): {m}", flush=True)
+    return m
+
+
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
@@ -264,6 +276,7 @@ def main(argv: list[str]) -> int:
     for n in notes:
         print(f"[bench] note: {n}", flush=True)
 
+    wake_start = _wakeup("start")
     records: list[dict[str, Any]] = []
     port = systems.pick_port(args.port)
     try:
@@ -291,6 +304,7 @@ def main(argv: list[str]) -> int:
         if cluster is not None:
             cluster.stop()
         systems.kill_orphans("end of run")
+    wake_end = _wakeup("end")
 
     rounds_done = max((r["round"] for r in records), default=-1) + 1
     info = {
@@ -306,6 +320,7 @@ def main(argv: list[str]) -> int:
         "leftovers": systems.LEFTOVERS,
         "commands": systems.COMMANDS,
         "wall_min": (time.monotonic() - t_start) / 60,
+        "wakeup": {"start": wake_start, "end": wake_end},
     }
     (systems.OUT / f"results-{stamp}.json").write_text(
         json.dumps({"info": info, "records": records}, indent=1)
