@@ -192,3 +192,15 @@ def test_the_metrics_endpoint() -> None:
             server2.close()
 
     asyncio.run(main())
+
+
+def test_observe_sorted_counts_as_observe_into_each() -> None:
+    """On bucket edges, between them, past the last and with nothing."""
+    buckets = (0.1, 1.0, 10.0)
+    for values in ([], [0.05], [0.1], [0.1, 0.1000001, 1.0, 5.0, 10.0, 10.5, 99.0], [11.0, 12.0], [0.0] * 4):
+        one: list[Any] = [[0] * 4, 0.0, 0]
+        many: list[Any] = [[0] * 4, 0.0, 0]
+        for v in values:
+            metrics.observe_into(one, buckets, v)
+        metrics.observe_sorted(many, buckets, sorted(values))
+        assert many == one, values

@@ -93,3 +93,77 @@ def test_replica_stages_with_batch_wait_downstream_and_router_queue(monkeypatch:
         assert n == 1 and lat == pytest.approx(106.0) and queue == pytest.approx(6.0)
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("cap,before,batch", [(5, 0, 3), (5, 3, 4), (5, 2, 5), (5, 1, 12), (0, 0, 3), (4, 4, 4)])
+def test_ring_extend_is_add_of_each(cap: int, before: int, batch: int) -> None:
+    one, many = trace.Ring(cap), trace.Ring(cap)
+    for i in range(before):
+        one.add(("r", i))
+        many.add(("r", i))
+    events = [("r", 100 + i) for i in range(batch)]
+    for e in events:
+        one.add(e)
+    many.extend(events)
+    assert many.find("r") == one.find("r")
+    assert many.i == one.i
+
+
+def test_the_common_batch_folds_a_column_at_a_time_to_what_the_loop_gives(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`_fold` of a batch of one route without batch wait, downstream calls or errors, a
+    column at a time, gives the histograms, counters, trace events and access lines that the
+    per-request loop gives for the same batch."""
+    import asyncio
+
+    from flotilla._private import replica as rmod
+    from flotilla._private.metrics import STORE
+    from flotilla._private.protocol import Http
+
+    times = [(10.0 + i * 0.01, 10.0 + i * 0.01 + q, 10.0 + i * 0.01 + q + d)
+             for i, (q, d) in enumerate([(0.00001, 0.0001), (0.0002, 0.0003), (0.001, 0.004),
+                                         (0.0, 0.0009), (0.003, 0.2), (0.0004, 2.0)])]
+
+    def run(dep: str, columns: bool) -> tuple[dict, list, list]:
+        async def main() -> tuple[dict, list, list]:
+            rep = rmod.Replica({"replica_id": f"{dep}-1", "deployment": dep, "app": "a"})
+            if not columns:
+                monkeypatch.setattr(rep, "_fold_columns", lambda done, to_wall: False)
+            monkeypatch.setattr(rep.access, "flush", lambda: None)
+            for i, (t_in, t0, t1) in enumerate(times):
+                meta = {"request_id": f"{dep}-req-{i}", "route": "/p"}
+                monkeypatch.setattr(rmod.time, "perf_counter", lambda t1=t1: t1)
+                rep._record(Http({"path": "/p"}, b"", meta), meta, 200, t0, t_in)
+            monkeypatch.undo()
+            monkeypatch.setattr(rmod.time, "time", lambda: 1000.0)
+            monkeypatch.setattr(rmod.time, "perf_counter", lambda: 20.0)
+            folded: list[bool] = []
+            by_columns = rep._fold_columns
+            monkeypatch.setattr(rep, "_fold_columns",
+                                lambda done, to_wall: folded.append(columns and by_columns(done, to_wall)) or folded[-1])
+            monkeypatch.setattr(rep.access, "flush", lambda: None)
+            rep._fold()
+            assert folded == [columns]
+            labels = (dep, f"{dep}-1", "/p", "a")
+            series = {
+                "latency": STORE.values["ray_serve_deployment_processing_latency_ms"][labels],
+                "count": STORE.values["ray_serve_deployment_request_counter"][labels],
+                **{stage: STORE.values[trace.METRIC][(dep, "a", stage)] for stage in ("replica_queue", "user_code")},
+            }
+            events = [e[1:] for i in range(len(times)) for e in trace.RING.find(f"{dep}-req-{i}")]
+            lines = list(rep.access.pending)
+            monkeypatch.undo()
+            return series, events, lines
+
+        return asyncio.run(main())
+
+    col, loop = run("Col", True), run("Loop", False)
+    assert col[0]["count"] == loop[0]["count"] == len(times)
+    for name in ("latency", "replica_queue", "user_code"):
+        assert col[0][name][0] == loop[0][name][0], name  # bucket counts
+        assert col[0][name][1] == pytest.approx(loop[0][name][1]) and col[0][name][2] == loop[0][name][2]
+    assert [e[:3] for e in col[1]] == [["replica", "a", "Col"]] * len(times)
+    assert [x for e in col[1] for x in e[4:]] == pytest.approx([x for e in loop[1] for x in e[4:]])
+    assert [line[2:4] for line in col[2]] == [line[2:4] for line in loop[2]]
+    assert [x for line in col[2] for x in (line[0], line[4])] == pytest.approx(
+        [x for line in loop[2] for x in (line[0], line[4])])
+    assert [line[1] for line in col[2]] == [f"Col-req-{i}" for i in range(len(times))]

@@ -231,6 +231,26 @@ def observe_into(h: list[Any], buckets: tuple[float, ...], value: float) -> None
     h[2] += 1
 
 
+def observe_sorted(h: list[Any], buckets: tuple[float, ...], values: list[float]) -> None:
+    """`observe_into` of every value of `values`, sorted ascending: one search per bucket
+    edge instead of one per value."""
+    n = len(values)
+    if not n:
+        return
+    counts = h[0]
+    below = 0  # values <= the previous edge
+    for i, edge in enumerate(buckets):
+        k = bisect.bisect_right(values, edge, below)
+        counts[i] += k - below
+        below = k
+        if k == n:
+            break
+    else:
+        counts[len(buckets)] += n - below
+    h[1] += sum(values)
+    h[2] += n
+
+
 def declare_builtins(store: Store) -> None:
     c, g, h = "counter", "gauge", "histogram"
     route = ("route", "method", "application", "status_code")
@@ -543,6 +563,16 @@ class AccessLog:
                 return False
         self.pending.append((t, request_id, route, status, ms))
         return True
+
+    def keep_many(self, lines: Iterable[tuple[float, str, str, Any, float]]) -> None:
+        """`keep` of many (time, request id, route, status, ms) at once."""
+        if not self.enabled:
+            return
+        if self.sample > 1:
+            for line in lines:
+                self.keep(*line)
+            return
+        self.pending.extend(lines)
 
     def _at(self, now: int) -> str:
         """The line prefix of second `now` (time and name), made once per second."""

@@ -29,6 +29,8 @@ import time
 import traceback
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from itertools import repeat
+from operator import sub as _SUB
 from typing import Any, NamedTuple
 
 import cloudpickle
@@ -755,6 +757,9 @@ class Replica:
         if not done:
             return
         to_wall = time.time() - time.perf_counter()
+        if self._fold_columns(done, to_wall):
+            self.access.flush()
+            return
         per_route = self._per_route
         observe, buckets = metrics.observe_into, trace.BUCKETS
         rq_hist, user_hist = self._rq_hist, self._user_hist
@@ -777,12 +782,7 @@ class Replica:
             user = max(0.0, user)
             if rid is not None:
                 ring.add((rid, "replica", app, dep, replica_id, rq, bw, user, ds, (t1 - t_in) * 1000.0, now))
-            entry = per_route.get(route)
-            if entry is None:
-                labels: tuple[str, ...] = (dep, replica_id, route, app)
-                entry = per_route[route] = (
-                    labels, STORE.series("ray_serve_deployment_processing_latency_ms", labels))
-            labels, hist = entry
+            labels, hist = per_route.get(route) or self._route_entry(route)
             counts[labels] = counts.get(labels, 0) + 1
             observe(hist, metrics.LATENCY_MS_BUCKETS, ms)
             observe(rq_hist, buckets, rq)
@@ -799,6 +799,45 @@ class Replica:
         for labels, n in errors.items():
             STORE.inc("ray_serve_deployment_error_counter", labels, n)
         access.flush()
+
+    def _fold_columns(self, done: list[tuple[Any, ...]], to_wall: float) -> bool:
+        """`_fold` of the common batch (one route, every request with an id, no batch wait,
+        no downstream calls, no errors) a column at a time, each step one C loop over the
+        batch; False, having done nothing, for any other batch."""
+        t_in, t0, t1, bw, route, rid, ds_s, status = zip(*done, strict=True)
+        if any(bw) or any(ds_s) or None in rid:
+            return False
+        routes = set(route)
+        if len(routes) > 1:
+            return False
+        for st in set(status):
+            if st == "ERROR" or (st.__class__ is int and st >= 500):
+                return False
+        labels, hist = self._route_entry(routes.pop())
+        took = [x * 1000.0 for x in map(_SUB, t1, t0)]  # ms, in arrival order
+        waited = [x * 1000.0 for x in map(_SUB, t0, t_in)]
+        total = [x * 1000.0 for x in map(_SUB, t1, t_in)]
+        now = [to_wall + x for x in t1]
+        buckets = trace.BUCKETS
+        took_sorted = sorted(took)
+        metrics.observe_sorted(hist, buckets, took_sorted)
+        metrics.observe_sorted(self._user_hist, buckets, took_sorted)  # all of it is user code here
+        metrics.observe_sorted(self._rq_hist, buckets, sorted(waited))
+        STORE.inc("ray_serve_deployment_request_counter", labels, len(done))
+        trace.RING.extend(list(zip(
+            rid, repeat("replica"), repeat(self.app_name), repeat(self.dep_name), repeat(self.replica_id),
+            waited, repeat(0.0), took, repeat(0.0), total, now, strict=False)))
+        self.access.keep_many(zip(now, rid, route, status, took, strict=True))
+        return True
+
+    def _route_entry(self, route: str) -> tuple[tuple[str, ...], list[Any]]:
+        """The metric labels and latency series of `route` (made once)."""
+        entry = self._per_route.get(route)
+        if entry is None:
+            labels = (self.dep_name, self.replica_id, route, self.app_name)
+            entry = self._per_route[route] = (
+                labels, STORE.series("ray_serve_deployment_processing_latency_ms", labels))
+        return entry
 
     def _resolve(self, method: str) -> tuple[Any, int]:
         if method.startswith("grpc"):  # the gRPC ingress: `grpc:<Method>` / `grpcs:<Method>`

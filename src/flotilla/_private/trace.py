@@ -65,6 +65,25 @@ class Ring:
             self.items[i] = event
             self.i = i + 1 if i + 1 < self.cap else 0
 
+    def extend(self, events: list[tuple[Any, ...]]) -> None:
+        """`add` of each of `events`, in order, in at most two slice writes."""
+        cap = self.cap
+        if not cap:
+            return
+        i = self.i
+        over = len(events) - cap
+        if over > 0:  # the first `over` would be overwritten at once
+            events = events[over:]
+            i = (i + over) % cap
+        end = i + len(events)
+        if end <= cap:
+            self.items[i:end] = events
+        else:
+            first = cap - i
+            self.items[i:] = events[:first]
+            self.items[: end - cap] = events[first:]
+        self.i = end % cap
+
     def find(self, request_id: str) -> list[list[Any]]:
         """This id's events, oldest first, as lists (plain data for the control reply)."""
         n, i = self.cap, self.i
