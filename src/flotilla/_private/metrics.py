@@ -231,6 +231,11 @@ def observe_into(h: list[Any], buckets: tuple[float, ...], value: float) -> None
     h[2] += 1
 
 
+def is_error(status: Any) -> bool:
+    """A request's status counts as an error: HTTP 5xx, or "ERROR" for a handle call."""
+    return status == "ERROR" or (isinstance(status, int) and status >= 500)
+
+
 def observe_sorted(h: list[Any], buckets: tuple[float, ...], values: list[float]) -> None:
     """`observe_into` of every value of `values`, sorted ascending: one search per bucket
     edge instead of one per value."""
@@ -559,7 +564,7 @@ class AccessLog:
             return False
         if self.sample > 1:
             self._n += 1
-            if self._n % self.sample and status != "ERROR" and not (isinstance(status, int) and status >= 500):
+            if self._n % self.sample and not is_error(status):
                 return False
         self.pending.append((t, request_id, route, status, ms))
         return True

@@ -791,7 +791,7 @@ class Replica:
                 observe(self._stage("downstream"), buckets, ds)
             if bw:
                 observe(self._stage("batch_wait"), buckets, bw)
-            if status == "ERROR" or (status.__class__ is int and status >= 500):
+            if metrics.is_error(status):
                 errors[labels] = errors.get(labels, 0) + 1
             access.keep(now, rid or "-", route, status, ms)
         for labels, n in counts.items():
@@ -810,9 +810,8 @@ class Replica:
         routes = set(route)
         if len(routes) > 1:
             return False
-        for st in set(status):
-            if st == "ERROR" or (st.__class__ is int and st >= 500):
-                return False
+        if any(map(metrics.is_error, set(status))):
+            return False
         labels, hist = self._route_entry(routes.pop())
         took = [x * 1000.0 for x in map(_SUB, t1, t0)]  # ms, in arrival order
         waited = [x * 1000.0 for x in map(_SUB, t0, t_in)]
