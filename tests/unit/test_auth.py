@@ -186,17 +186,27 @@ def test_data_plane_frames_flow_over_authenticated_tcp(net: Net) -> None:
         s = await Served(frame_server).start(secret)
         got: list[tuple[int, Any]] = []
         client = FrameProtocol(lambda tag, msg: got.append((tag, msg)))
+        reads: list[int] = []
+        get_buffer = client.get_buffer
+
+        def spy(hint: int) -> memoryview:
+            reads.append(hint)
+            return get_buffer(hint)
+
+        client.get_buffer = spy  # type: ignore[method-assign]
         try:
             assert await connect_tcp(HOST, s.port, client, secret) is client
             # the Drain the server sent the moment it was authenticated arrives first
             await until(lambda: got, what="the server's first frame")
             assert got[0] == (0, Drain())
+            reads.clear()  # the Drain may have come with the handshake's last bytes
             calls = [Call("m", (i, b"x" * (i * 997)), {}, None) for i in range(1, 101)]
             calls.append(Call("big", (b"y" * (3 << 20),), {}, {"request_id": "r"}))
             for i, c in enumerate(calls, 1):
                 client.send(i, c)
             await until(lambda: len(got) == len(calls) + 1, timeout=5, what="every answer")
             assert got[1:] == [(i, Ok(c)) for i, c in enumerate(calls, 1)]
+            assert reads, "after the handshake the loop reads into the protocol's own memory"
             client.close()
             await until(lambda: s.made[0].closed, what="the server side to close")
         finally:

@@ -10,12 +10,13 @@ import random
 import socket
 import struct
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from flotilla._private import protocol, transport
+from flotilla._private import auth, protocol, transport
 from flotilla._private.errors import error_reply
 from flotilla._private.protocol import (
     MESSAGES,
@@ -228,9 +229,15 @@ class FakeTransport:
     def close(self) -> None:
         self.closed = True
 
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return default
+
 
 class Sink:
-    """A FrameProtocol that records what it delivers."""
+    """A FrameProtocol that records what it delivers; `feed` hands it bytes as a transport
+    would, by `data_received` or (`buffered`) into the memory `get_buffer` gives."""
+
+    buffered = False
 
     def __init__(self) -> None:
         self.got: list[tuple[int, Any]] = []
@@ -245,8 +252,19 @@ class Sink:
 
     def feed(self, *chunks: bytes) -> Sink:
         for c in chunks:
-            self.proto.data_received(c)
+            if self.buffered:
+                auth.feed(self.proto, c)
+            else:
+                self.proto.data_received(c)
         return self
+
+
+@pytest.fixture(autouse=True, params=["data_received", "get_buffer"])
+def feed_mode(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Every parsing test twice: bytes handed over, and bytes read into the protocol's memory."""
+    Sink.buffered = request.param == "get_buffer"
+    yield
+    Sink.buffered = False
 
 
 SEQUENCE: list[tuple[int, tuple[Any, ...]]] = [
@@ -277,7 +295,7 @@ def test_sequence_split_at_every_offset() -> None:
 def test_sequence_byte_by_byte() -> None:
     s = Sink()
     for i in range(len(BLOB)):
-        s.proto.data_received(BLOB[i : i + 1])
+        s.feed(BLOB[i : i + 1])
     assert s.got == SEQUENCE and not s.bad and not s.proto._buf
 
 
@@ -542,6 +560,50 @@ def test_pause_writing_over_a_real_socket(net: Net) -> None:
         await until(lambda: len(got) == n, what="every frame")
         assert [t for t, _ in got] == list(range(1, n + 1))
         assert all(m == big for _, m in got)
+        tw.close()
+        tr.close()
+
+    net.run(main())
+
+
+def test_a_large_frame_is_read_into_its_own_memory_over_a_real_socket(net: Net) -> None:
+    """After its first bytes, the loop reads a large frame straight into the frame's buffer
+    (what `get_buffer` hands out is longer than the shared scratch buffer), many MB per read
+    where the kernel lets a Unix socket hold that much, and the array decodes in place."""
+    np = pytest.importorskip("numpy")
+
+    async def main() -> None:
+        got: list[tuple[int, Any]] = []
+        sizes: list[int] = []
+        reads: list[int] = []
+        writer = FrameProtocol(lambda t, m: None)
+        reader = FrameProtocol(lambda t, m: got.append((t, m)))
+        get_buffer, buffer_updated = reader.get_buffer, reader.buffer_updated
+
+        def spy_get(hint: int) -> memoryview:
+            view = get_buffer(hint)
+            sizes.append(len(view))
+            return view
+
+        def spy_updated(n: int) -> None:
+            reads.append(n)
+            buffer_updated(n)
+
+        reader.get_buffer = spy_get  # type: ignore[method-assign]
+        reader.buffer_updated = spy_updated  # type: ignore[method-assign]
+        tw, tr = await socket_pair(lambda: writer, lambda: reader)
+        arr = np.arange(2_500_000, dtype=np.float64)  # 20 MB
+        writer.send(7, Ok(arr))
+        writer.send(8, End())
+        await until(lambda: len(got) == 2, what="both frames")
+        assert got[0][0] == 7 and (got[0][1].result == arr).all() and got[1] == (8, End())
+        assert got[0][1].result.flags.writeable
+        assert max(sizes) > transport.READ_SIZE, sizes[:5]  # the frame's own buffer
+        wmem_max = int(Path("/proc/sys/net/core/wmem_max").read_text())
+        sndbuf = tw.get_extra_info("socket").getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+        assert sndbuf >= 2 * min(transport.UNIX_SNDBUF, wmem_max)
+        if wmem_max >= transport.UNIX_SNDBUF:  # the socket holds 1 MB or more: few, big reads
+            assert max(reads) > 512 * 1024 and len(reads) < 200, (len(reads), max(reads))
         tw.close()
         tr.close()
 

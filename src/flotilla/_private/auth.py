@@ -115,6 +115,20 @@ def _nodelay(transport: asyncio.BaseTransport) -> None:
             pass
 
 
+def feed(proto: asyncio.BaseProtocol, data: bytes) -> None:
+    """Hand `data` to `proto` as its transport would (by `get_buffer` for a buffered one)."""
+    if not isinstance(proto, asyncio.BufferedProtocol):
+        proto.data_received(data)  # type: ignore[attr-defined]
+        return
+    view = memoryview(data)
+    while view:
+        buf = memoryview(proto.get_buffer(len(view)))
+        n = min(len(buf), len(view))
+        buf[:n] = view[:n]
+        proto.buffer_updated(n)
+        view = view[n:]
+
+
 class _Handshake(asyncio.Protocol):
     """What both ends share: a bounded buffer, a deadline, refusal; then the hand-over."""
 
@@ -156,7 +170,7 @@ class _Handshake(asyncio.Protocol):
     def refused(self, reason: Reason) -> None:
         """Hook: the handshake failed for `reason`."""
 
-    def hand_over(self, inner: asyncio.Protocol, rest: bytes) -> None:
+    def hand_over(self, inner: asyncio.BaseProtocol, rest: bytes) -> None:
         """The peer is authenticated: `inner` gets the transport, then any bytes after the handshake."""
         self.finished = True
         self._stop_timer()
@@ -165,7 +179,7 @@ class _Handshake(asyncio.Protocol):
         t.set_protocol(inner)
         inner.connection_made(t)
         if rest and not t.is_closing():
-            inner.data_received(rest)
+            feed(inner, rest)
 
     def _stop_timer(self) -> None:
         if self._timer is not None:
@@ -186,7 +200,7 @@ class ServerHandshake(_Handshake):
 
     side: Side = "server"
 
-    def __init__(self, factory: Callable[[], asyncio.Protocol], secret: bytes, timeout: float) -> None:
+    def __init__(self, factory: Callable[[], asyncio.BaseProtocol], secret: bytes, timeout: float) -> None:
         super().__init__(secret, timeout)
         self.factory = factory
         self.ns = secrets.token_bytes(NONCE)
@@ -227,7 +241,7 @@ class ClientHandshake(_Handshake):
 
     side: Side = "client"
 
-    def __init__(self, inner: asyncio.Protocol, secret: bytes, timeout: float) -> None:
+    def __init__(self, inner: asyncio.BaseProtocol, secret: bytes, timeout: float) -> None:
         super().__init__(secret, timeout)
         self.inner = inner
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()

@@ -6,9 +6,9 @@ up to `MAX_FRAME`) and a tag (the request or call id), then the payload: a messa
 (mode 0700), so no stranger can send us a pickle; over TCP (`connect_tcp`/`serve_tcp`, for
 the Ray backend) a connection first passes `auth.py`'s handshake.
 
-`FrameProtocol` is the asyncio protocol both ends use. It never drops a frame silently: a
-payload that cannot be decoded is handed to `on_bad_frame(tag, error)`, so the request it
-belongs to fails, and a frame over `MAX_FRAME` is skipped the same way. It honours
+`FrameProtocol` is the (buffered) asyncio protocol both ends use. It never drops a frame
+silently: a payload that cannot be decoded is handed to `on_bad_frame(tag, error)`, so the
+request it belongs to fails, and a frame over `MAX_FRAME` is skipped the same way. It honours
 `pause_writing`/`resume_writing`: senders that can wait call `await proto.drained()`.
 `RpcPeer` adds request/response calls in both directions on one connection (the control
 plane). The data plane (router <-> replica) uses `FrameProtocol` directly.
@@ -22,8 +22,10 @@ import itertools
 import logging
 import mmap
 import pickle
+import socket
 import struct
 import sys
+import threading
 import traceback
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -126,8 +128,32 @@ def _ignore_bad_frame(tag: int, err: BaseException) -> None:
     logger.error("could not decode a frame (tag %d): %r", tag, err)
 
 
-class FrameProtocol(asyncio.Protocol):
-    """Parses frames and hands each decoded message to `on_message(tag, msg)`."""
+#: SO_SNDBUF of a Unix socket: how many bytes one side may have written that the other has
+#: not read yet. Linux's default (about 208 KiB) makes a 100 MB frame take ~500 turns of
+#: writer and reader, each a wake-up of the other process; the kernel caps this at
+#: net.core.wmem_max (and doubles it), and it only bounds memory, it does not reserve any.
+UNIX_SNDBUF = 1 << 20
+#: Bytes a connection reads at a time between large frames (the kernel copies them into this
+#: thread's `_scratch`, and the frames in them are decoded from there).
+READ_SIZE = 1 << 16
+_THREAD = threading.local()
+
+
+def _scratch() -> memoryview:
+    """This thread's read buffer (the protocols of one event loop take turns using it)."""
+    s: memoryview | None = getattr(_THREAD, "scratch", None)
+    if s is None:
+        s = _THREAD.scratch = memoryview(bytearray(READ_SIZE))
+    return s
+
+
+class FrameProtocol(asyncio.BufferedProtocol):
+    """Parses frames and hands each decoded message to `on_message(tag, msg)`.
+
+    The loop reads into memory the protocol hands it (`get_buffer`): a large frame straight
+    into a buffer of its own size, so its bytes are copied once, by the kernel; anything else
+    into the thread's scratch buffer, parsed before the next read. `data_received` takes
+    bytes the same way (a connection handed over by `auth`, tests)."""
 
     def __init__(
         self,
@@ -141,6 +167,8 @@ class FrameProtocol(asyncio.Protocol):
         self._buf = bytearray()
         self._skip = 0  # bytes still to discard of an oversize frame
         self._big: bytearray | memoryview | None = None  # a large frame being received, `_fill` bytes so far
+        self._big_view: memoryview | None = None
+        self._scratch: memoryview | None = None
         self._fill = 0
         self._big_tag = 0
         self._big_oob = False
@@ -152,10 +180,35 @@ class FrameProtocol(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family == socket.AF_UNIX:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, UNIX_SNDBUF)
         if self.on_connect is not None:
             self.on_connect()
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        view = self._big_view
+        if view is not None:
+            return view[self._fill :]
+        s = self._scratch
+        if s is None:
+            s = self._scratch = _scratch()
+        return s
+
+    def buffer_updated(self, nbytes: int) -> None:
+        big = self._big
+        if big is None:
+            self.data_received(self._scratch[:nbytes])  # type: ignore[index]
+            return
+        fill = self._fill + nbytes
+        if fill < len(big):
+            self._fill = fill
+            return
+        self._big = self._big_view = None
+        self._deliver(self._big_tag, big, self._big_oob)
+
+    def data_received(self, data: bytes | bytearray | memoryview) -> None:
         if self._big is not None:  # filling a large frame
             big, fill = self._big, self._fill
             need = len(big) - fill
@@ -164,7 +217,7 @@ class FrameProtocol(asyncio.Protocol):
                 self._fill = fill + len(data)
                 return
             big[fill:] = memoryview(data)[:need]
-            self._big = None
+            self._big = self._big_view = None
             self._deliver(self._big_tag, big, self._big_oob)
             if len(data) == need:
                 return
@@ -178,7 +231,7 @@ class FrameProtocol(asyncio.Protocol):
         buf = self._buf
         if buf:
             buf += data
-            view: bytes | bytearray = buf
+            view: bytes | bytearray | memoryview = buf
         else:
             view = data  # fast path: nothing buffered (usually whole frames)
         n = len(view)
@@ -201,6 +254,7 @@ class FrameProtocol(asyncio.Protocol):
             if end > n:
                 if size >= BIG_FRAME:  # the rest comes into a buffer of its own
                     big = self._big = _frame_buffer(size)
+                    self._big_view = memoryview(big)
                     big[: n - start] = memoryview(view)[start:n]
                     self._fill, self._big_tag, self._big_oob = n - start, tag, bool(oob)
                     pos = n
@@ -436,10 +490,10 @@ async def serve_unix(path: str, make_peer: Callable[[], RpcPeer]) -> asyncio.Abs
 
 # ---- TCP (the Ray backend): the same frames after a mutual HMAC handshake (auth.py) ----------
 
-Conn = TypeVar("Conn", bound=RpcPeer | asyncio.Protocol)
+Conn = TypeVar("Conn", bound=RpcPeer | asyncio.BaseProtocol)
 
 
-def _protocol(conn: RpcPeer | asyncio.Protocol) -> asyncio.Protocol:
+def _protocol(conn: RpcPeer | asyncio.BaseProtocol) -> asyncio.BaseProtocol:
     return conn.proto if isinstance(conn, RpcPeer) else conn
 
 
@@ -467,7 +521,7 @@ async def connect_tcp(
 async def serve_tcp(
     host: str,
     port: int,
-    factory: Callable[[], RpcPeer] | Callable[[], asyncio.Protocol],
+    factory: Callable[[], RpcPeer] | Callable[[], asyncio.BaseProtocol],
     secret: bytes,
     *,
     timeout: float = auth.HANDSHAKE_TIMEOUT,
@@ -480,7 +534,7 @@ async def serve_tcp(
     auth.check_secret(secret)
     loop = asyncio.get_running_loop()
 
-    def make() -> asyncio.Protocol:
+    def make() -> asyncio.BaseProtocol:
         return _protocol(factory())
 
     return await loop.create_server(lambda: auth.ServerHandshake(make, secret, timeout), host, port)
