@@ -155,6 +155,18 @@ def test_unpicklable_result_is_an_error_not_a_hang(url: str) -> None:
         assert h.ok.remote().result(timeout_s=1) == "fine"
 
 
+def test_unpicklable_arguments_are_an_error_and_free_their_slots(url: str) -> None:
+    """Twice max_ongoing_requests (2) calls whose arguments cannot be pickled each fail at once,
+    and the deployment still serves: a call that never reached a replica holds no slot."""
+    h = serve.run(Thrower.bind(), name="thr", route_prefix=None)
+    for _ in range(4):
+        with pytest.raises(Exception) as info:
+            h.ok.remote(threading.Lock()).result(timeout_s=2)
+        assert not isinstance(info.value, GetTimeoutError), "a call that was never sent holds a slot"
+        assert "pickle" in str(info.value), str(info.value)
+    assert h.ok.remote().result(timeout_s=2) == "fine"
+
+
 @serve.deployment(ray_actor_options={"num_cpus": 0.5})
 class Echo:
     async def __call__(self, request: Request) -> Response:

@@ -508,6 +508,15 @@ class Router:
         r.pending[tag] = fut
         return tag, fut
 
+    def _send_held(self, r: ReplicaConn, msg: tuple[Any, ...]) -> tuple[int, asyncio.Future[Any]]:
+        """`_send`; if the message cannot go (it does not pickle, or is over the frame limit),
+        its slot is freed before the error reaches the caller."""
+        try:
+            return self._send(r, msg)
+        except BaseException:
+            self.release(r)
+            raise
+
     @staticmethod
     def _abandon(r: ReplicaConn, tag: int, fut: asyncio.Future[Any]) -> None:
         """The caller was cancelled while waiting for the reply to `tag`: cancel it there."""
@@ -534,7 +543,7 @@ class Router:
                         meta = {}
                         msg = Call(method, args, kwargs, meta)
                     meta[trace.ROUTER_QUEUE_KEY] = queued
-                tag, fut = self._send(r, msg)
+                tag, fut = self._send_held(r, msg)
                 try:
                     reply = await fut
                 except asyncio.CancelledError:
@@ -619,7 +628,7 @@ class Router:
                 queued += time.perf_counter() - ta
                 if queued > trace.QUEUED_S and meta is not None:
                     meta[trace.ROUTER_QUEUE_KEY] = queued
-                tag, fut = self._send(r, msg)
+                tag, fut = self._send_held(r, msg)
                 try:
                     reply = await fut
                 except asyncio.CancelledError:
