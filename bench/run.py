@@ -225,7 +225,7 @@ def progress(rec: dict[str, Any]) -> str:
     )
 
 
-def _wakeup(when: str) -> dict[str, float] | None:
+def _wakeup(when: str) -> dict[str, Any] | None:
     """This machine's process round trip now (bench/wakeup.py); None if it cannot be measured."""
     try:
         m = wakeup.measure()

@@ -20,6 +20,7 @@ import statistics
 import subprocess
 import sys
 import time
+from typing import Any
 
 _ECHO = (
     "import os, socket, sys\n"
@@ -69,25 +70,54 @@ def _round_trip_us(cpu_here: int, cpu_there: int, n: int, batches: int) -> float
             child.wait()
 
 
-def measure(n: int = 1000, batches: int = 5) -> dict[str, float]:
-    """{"cross_cpu_us": ..., "same_cpu_us": ...}; cross_cpu_us is absent with one CPU."""
-    cpus = sorted(os.sched_getaffinity(0))
-    out = {"same_cpu_us": round(_round_trip_us(cpus[0], cpus[0], n, batches), 1)}
-    if len(cpus) > 1:
-        out["cross_cpu_us"] = round(_round_trip_us(cpus[0], cpus[1], n, batches), 1)
+def _read(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def idle_polling() -> dict[str, Any]:
+    """How this machine's idle CPUs wait: the cpuidle driver and, under the `haltpoll` driver
+    (KVM guests), how long an idle vCPU polls before it halts (`guest_halt_poll_ns`). A
+    vCPU that halts at once (0) costs the host an exit and a re-entry to wake."""
+    out: dict[str, Any] = {}
+    driver = _read("/sys/devices/system/cpu/cpuidle/current_driver")
+    if driver:
+        out["cpuidle"] = driver
+    poll = _read("/sys/module/haltpoll/parameters/guest_halt_poll_ns")
+    if poll is not None and poll.isdigit():
+        out["guest_halt_poll_ns"] = int(poll)
     return out
 
 
-def describe(start: dict[str, float] | None, end: dict[str, float] | None) -> str:
+def measure(n: int = 1000, batches: int = 5) -> dict[str, Any]:
+    """{"cross_cpu_us": ..., "same_cpu_us": ..., and `idle_polling()`}; cross_cpu_us is
+    absent with one CPU."""
+    cpus = sorted(os.sched_getaffinity(0))
+    out: dict[str, Any] = {"same_cpu_us": round(_round_trip_us(cpus[0], cpus[0], n, batches), 1)}
+    if len(cpus) > 1:
+        out["cross_cpu_us"] = round(_round_trip_us(cpus[0], cpus[1], n, batches), 1)
+    out.update(idle_polling())
+    return out
+
+
+def describe(start: dict[str, Any] | None, end: dict[str, Any] | None) -> str:
     """One line for the report."""
 
-    def one(m: dict[str, float] | None) -> str:
+    def one(m: dict[str, Any] | None) -> str:
         if not m:
             return "not measured"
         cross = f"{m['cross_cpu_us']:.0f} µs across CPUs, " if "cross_cpu_us" in m else ""
         return f"{cross}{m['same_cpu_us']:.0f} µs on one CPU"
 
-    return f"process round trip (bench/wakeup.py): at the start {one(start)}; at the end {one(end)}"
+    line = f"process round trip (bench/wakeup.py): at the start {one(start)}; at the end {one(end)}"
+    m = start or end or {}
+    if "cpuidle" in m:
+        poll = m.get("guest_halt_poll_ns")
+        line += f"; cpuidle driver {m['cpuidle']}" + (f", guest_halt_poll_ns {poll}" if poll is not None else "")
+    return line
 
 
 if __name__ == "__main__":
