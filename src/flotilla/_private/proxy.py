@@ -37,6 +37,9 @@ logger = logging.getLogger("flotilla.proxy")
 
 DISCONNECT_CHECK_S = 0.2
 MAX_REQUEST_BODY_BYTES = 1 << 30  # http_options["max_request_body_bytes"] default: 1 GiB
+#: HTTP requests' figures reach the metrics, access log and traces this long after the first
+#: of a batch (`Proxy.fold`); a metrics push or a trace lookup folds at once.
+FOLD_S = 0.1
 
 
 class SplitRoute:
@@ -162,6 +165,8 @@ class Proxy:
         self.access = metrics.AccessLog("proxy")
         #: (prefix, method, app, status) -> metric labels and latency series, made once each
         self._series: dict[tuple[str, str, str, int], tuple[tuple[str, ...], list[Any]]] = {}
+        #: HTTP requests recorded (`_record`) and not yet in the metrics (`fold`)
+        self._done: list[tuple[Any, ...]] = []
         self.ids = metrics.RequestIds()
         self.root_path: str = args.get("root_path") or ""
         self.shadows: dict[str, shadow.ShadowRoute] = {}  # shadowed routes by prefix (serve.set_shadow)
@@ -258,24 +263,46 @@ class Proxy:
 
     def _record(self, scope: dict[str, Any], m: Any, route: str | None, status: int, t0: float,
                 request_id: bytes) -> None:
-        """Metrics, access log line and trace event of one HTTP request."""
-        ms = (time.perf_counter() - t0) * 1000.0
+        """Keep one HTTP request's figures for `fold`, as a tuple of strings and numbers alone
+        (the collector untracks it at once): the request path does no more."""
         prefix, app = (route or m[0], m[1].app_name) if m is not None else ("", "")
-        method = scope["method"]
-        per_key = self._series.get((prefix, method, app, status))
-        if per_key is None:
-            key: tuple[str, ...] = (prefix, method, app, str(status))
-            per_key = (key, STORE.series("ray_serve_http_request_latency_ms", key))
-            if len(self._series) < 1000:  # methods come from clients: keep the cache bounded
-                self._series[(prefix, method, app, status)] = per_key
-        key, hist = per_key
-        STORE.inc("ray_serve_num_http_requests", key)
-        observe_into(hist, metrics.LATENCY_MS_BUCKETS, ms)
-        if status >= 400:
-            STORE.inc("ray_serve_num_http_error_requests", (prefix, str(status), method, app))
-        rid = request_id.decode("latin-1")
-        self.access.add(rid, f"{method} {scope['path']}", status, ms)
-        trace.RING.add((rid, "http", prefix, app, status, ms, time.time()))
+        done = self._done
+        done.append((t0, time.perf_counter(), prefix, app, scope["method"], scope["path"], status, request_id))
+        if len(done) == 1:
+            asyncio.get_running_loop().call_later(FOLD_S, self.fold)
+
+    def fold(self) -> None:
+        """The metrics, access log lines and trace events of the HTTP requests kept since the
+        last fold, off the request path, each series looked up once per batch."""
+        done, self._done = self._done, []
+        if not done:
+            return
+        to_wall = time.time() - time.perf_counter()
+        series, access, add = self._series, self.access, trace.RING.add
+        buckets = metrics.LATENCY_MS_BUCKETS
+        counts: dict[tuple[str, ...], int] = {}
+        for t0, t1, prefix, app, method, path, status, request_id in done:
+            ms = (t1 - t0) * 1000.0
+            key, hist = series.get((prefix, method, app, status)) or self._series_for(prefix, method, app, status)
+            counts[key] = counts.get(key, 0) + 1
+            observe_into(hist, buckets, ms)
+            if status >= 400:
+                STORE.inc("ray_serve_num_http_error_requests", (prefix, str(status), method, app))
+            rid = request_id.decode("latin-1")
+            now = to_wall + t1
+            access.keep(now, rid, f"{method} {path}", status, ms)
+            add((rid, "http", prefix, app, status, ms, now))
+        for key, n in counts.items():
+            STORE.inc("ray_serve_num_http_requests", key, n)
+        access.flush()
+
+    def _series_for(self, prefix: str, method: str, app: str, status: int) -> tuple[tuple[str, ...], list[Any]]:
+        """The metric labels and latency series of (route, method, application, status)."""
+        key: tuple[str, ...] = (prefix, method, app, str(status))
+        per_key = (key, STORE.series("ray_serve_http_request_latency_ms", key))
+        if len(self._series) < 1000:  # methods come from clients: keep the cache bounded
+            self._series[(prefix, method, app, status)] = per_key
+        return per_key
 
     async def _websocket(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         """Route a WebSocket like an HTTP request and carry it to one replica (`ws.relay`)."""
@@ -433,6 +460,7 @@ class Proxy:
                 ch.cancel()
 
     def set_gauges(self) -> None:
+        self.fold()  # a push carries every request recorded so far
         STORE.set("ray_serve_num_ongoing_http_requests", (self.node_label,), float(self.ongoing))
         metrics.record_auth_failures(STORE, "proxy")
 
@@ -461,6 +489,7 @@ async def _amain(args: dict[str, Any], seat: Any = None) -> None:
             Runtime.current().on_update(*a)
             return None
         if op == "trace":
+            proxy.fold()
             return trace.RING.find(str(a[0]))
         raise ValueError(op)
 

@@ -1,0 +1,87 @@
+"""The proxy's per-request recording (`Proxy._record`) keeps a tuple; `Proxy.fold` turns a
+batch of them into the request counters, latency histograms, access log lines and trace
+events, at once when asked (a metrics push, a trace lookup) and else FOLD_S later."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from flotilla._private import trace
+from flotilla._private.metrics import STORE
+from flotilla._private.proxy import FOLD_S, Proxy
+from flotilla.serve.schema import DeploymentID
+
+
+def _count(name: str, labels: tuple[str, ...]) -> float:
+    return STORE.values[name].get(labels, 0.0)
+
+
+def _hist_count(labels: tuple[str, ...]) -> int:
+    h = STORE.values["ray_serve_http_request_latency_ms"].get(labels)
+    return 0 if h is None else h[2]
+
+
+def test_a_batch_folds_into_counters_histograms_access_lines_and_trace_events() -> None:
+    p = Proxy({})
+    m = ("/fold", DeploymentID("D", "foldapp"))
+    ok, err = ("/fold", "GET", "foldapp", "200"), ("/fold", "POST", "foldapp", "503")
+    nowhere = ("", "GET", "", "404")
+    before = (_count("ray_serve_num_http_requests", ok), _count("ray_serve_num_http_requests", err),
+              _count("ray_serve_num_http_error_requests", ("/fold", "503", "POST", "foldapp")), _hist_count(ok),
+              _count("ray_serve_num_http_requests", nowhere))
+    t0 = time.perf_counter() - 0.002  # each request took about 2 ms
+
+    async def main() -> None:
+        for i in range(5):
+            p._record({"method": "GET", "path": f"/fold/{i}"}, m, None, 200, t0, f"fold-ok-{i}".encode())
+        p._record({"method": "POST", "path": "/fold/x"}, m, None, 503, t0, b"fold-err")
+        p._record({"method": "GET", "path": "/nowhere"}, None, None, 404, t0, b"fold-404")
+        # nothing reaches the metrics on the request path
+        assert _count("ray_serve_num_http_requests", ok) == before[0]
+        assert not trace.RING.find("fold-err")
+        p.fold()
+
+    asyncio.run(main())
+    assert _count("ray_serve_num_http_requests", ok) == before[0] + 5
+    assert _count("ray_serve_num_http_requests", err) == before[1] + 1
+    assert _count("ray_serve_num_http_error_requests", ("/fold", "503", "POST", "foldapp")) == before[2] + 1
+    assert _count("ray_serve_num_http_requests", nowhere) == before[4] + 1
+    assert _hist_count(ok) == before[3] + 5
+    h = STORE.values["ray_serve_http_request_latency_ms"][ok]
+    assert h[1] / h[2] >= 1.5  # the mean latency: about 2 ms
+    events = trace.RING.find("fold-err")
+    assert len(events) == 1 and events[0][1:5] == ["http", "/fold", "foldapp", 503]
+    assert abs(events[0][6] - time.time()) < 5  # wall time of the request's end
+    assert not p._done
+
+
+def test_access_lines_are_written_by_the_fold(capfd: Any) -> None:
+    p = Proxy({})
+    m = ("/acc", DeploymentID("D", "accapp"))
+
+    async def main() -> None:
+        p._record({"method": "GET", "path": "/acc/1"}, m, None, 200, time.perf_counter(), b"acc-1")
+        p.fold()
+
+    asyncio.run(main())
+    assert "acc-1 GET /acc/1 200" in capfd.readouterr().err
+
+
+def test_a_kept_request_is_folded_fold_s_later_without_a_push() -> None:
+    p = Proxy({})
+    m = ("/late", DeploymentID("D", "lateapp"))
+    labels = ("/late", "GET", "lateapp", "200")
+    before = _count("ray_serve_num_http_requests", labels)
+
+    async def main() -> float:
+        p._record({"method": "GET", "path": "/late"}, m, None, 200, time.perf_counter(), b"late-1")
+        t = time.monotonic()
+        while _count("ray_serve_num_http_requests", labels) == before:
+            assert time.monotonic() - t < 5 * FOLD_S + 1, "never folded"
+            await asyncio.sleep(0.01)
+        return time.monotonic() - t
+
+    took = asyncio.run(main())
+    assert FOLD_S * 0.5 <= took <= 5 * FOLD_S + 1
