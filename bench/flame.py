@@ -108,10 +108,10 @@ def top_self(raw: Path, n: int = TOP) -> tuple[int, list[tuple[str, int]]]:
 
 
 #: Frames whose time is the cost of metrics, access logs and trace events: the per-request
-#: recording (`_record` in proxy and replica, `_fold` and `_fold_columns` in the replica) and
-#: what they call, and the periodic flushes.
+#: recording (`_record` in proxy and replica, `Proxy.fold`, `_fold` and `_fold_columns` in the
+#: replica) and what they call, and the periodic flushes.
 ACCOUNTING = re.compile(
-    r"^(\S+\._(?:record|fold|fold_columns)|AccessLog\.\w+|Store\.\w+|observe_(?:into|sorted)|Ring\.(?:add|extend)"
+    r"^(\S+\._(?:record|fold|fold_columns)|Proxy\.fold|AccessLog\.\w+|Store\.\w+|observe_(?:into|sorted)|Ring\.(?:add|extend)"
     r"|LatencyRing\.add|routed|Pusher\.\w+) \("
 )
 
