@@ -20,6 +20,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 _ECHO = (
@@ -72,8 +73,7 @@ def _round_trip_us(cpu_here: int, cpu_there: int, n: int, batches: int) -> float
 
 def _read(path: str) -> str | None:
     try:
-        with open(path) as f:
-            return f.read().strip()
+        return Path(path).read_text().strip()
     except OSError:
         return None
 
