@@ -28,6 +28,10 @@ def _default(obj: Any) -> Any:
     raise TypeError(f"Object of type {type(obj).__name__} is not JSON serializable")
 
 
+#: `json.dumps(result, default=_default)`'s encoder, made once (dumps makes one per call).
+_JSON = json.JSONEncoder(default=_default)
+
+
 def encode_result(result: Any) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
     """Status, headers and body for a plain return value (not a Starlette Response)."""
     if isinstance(result, str):
@@ -37,7 +41,7 @@ def encode_result(result: Any) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
         body = bytes(result)
         ctype = OCTETS
     else:
-        body = json.dumps(result, default=_default).encode()
+        body = _JSON.encode(result).encode()
         ctype = JSON
     return 200, [ctype[0], (b"content-length", str(len(body)).encode())], body
 
