@@ -4,6 +4,7 @@ can be made and then waited for, and cancellation across the hand-over (hop.py's
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
 
 import pytest
@@ -159,6 +160,22 @@ def test_a_call_that_outlives_the_loop_that_made_it_ends_quietly(h, caplog: pyte
     assert r.result(timeout_s=10) == "orphan"
     assert h.add.remote(1).result(timeout_s=10) == 1  # the runtime loop went past the first's end
     assert "Exception in callback" not in caplog.text and "Traceback" not in caplog.text
+
+
+def test_a_call_whose_caller_timed_out_ends_quietly_when_its_deployment_goes(
+        url: str, caplog: pytest.LogCaptureFixture) -> None:
+    """The caller asked for the result and gave up: the call's later failure (its deployment
+    deleted while it waited for a slot) is not logged as an exception nobody retrieved."""
+    h = serve.run(Worker.options(max_ongoing_requests=1).bind(), name="goes", route_prefix=None)
+    busy = h.slow.remote("busy", 1.0)
+    r = h.add.remote(1)  # waits in the router behind `busy`
+    with pytest.raises(GetTimeoutError):
+        r.result(timeout_s=0.2)
+    serve.delete("goes")
+    wait_for(lambda r=r: r._done, timeout=20)
+    del r, busy
+    gc.collect()
+    assert "never retrieved" not in caplog.text
 
 
 def test_threads_waiting_on_one_response_made_on_a_loop_all_get_it(h) -> None:

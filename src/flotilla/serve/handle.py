@@ -230,7 +230,7 @@ class DeploymentResponse:
     `result()` through a lock.
     """
 
-    __slots__ = ("_back", "_cancel", "_fut", "_latch", "_local", "_rt", "_task")
+    __slots__ = ("_asked", "_back", "_cancel", "_fut", "_latch", "_local", "_rt", "_task")
 
     def __init__(self, rt: Runtime, coro: Coroutine[Any, Any, Any]) -> None:
         self._rt = rt
@@ -239,6 +239,7 @@ class DeploymentResponse:
         self._back: Inbox | None = None  # the caller's loop's inbox
         self._latch: threading.Lock | None = None  # held until done, for result()
         self._cancel = False
+        self._asked = False  # result() gave up waiting: its caller saw this call's outcome as a timeout
         try:
             loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
         except RuntimeError:
@@ -277,6 +278,8 @@ class DeploymentResponse:
         latch = self._latch
         if latch is not None:
             latch.release()
+        if self._asked:
+            _seen(t)
         if self._fut is not None:
             _post(self._back, self._fut, t)  # type: ignore[arg-type]
 
@@ -315,6 +318,9 @@ class DeploymentResponse:
                         self._latch = latch
             if not self._done:  # checked again: `_finished` may have missed the new latch
                 if not latch.acquire(timeout=-1 if timeout_s is None else max(0.0, timeout_s)):
+                    self._asked = True
+                    if self._done:  # `_finished` ran before `_asked` was set
+                        _seen(self._task)  # type: ignore[arg-type]
                     raise GetTimeoutError(f"Did not get a result within {timeout_s}s.")
                 latch.release()  # open for other waiters
         t = self._task
@@ -353,6 +359,13 @@ class DeploymentResponse:
 
 #: Serialises making a latch late (several threads may call result() on one response).
 _LATCH_MADE = threading.Lock()
+
+
+def _seen(t: asyncio.Task[Any]) -> None:
+    """Mark the exception of a finished call as retrieved: its caller already had its answer
+    (a timeout), so asyncio must not log it as "never retrieved" when the task goes."""
+    if not t.cancelled():
+        t.exception()
 
 
 def _post(back: Inbox, fut: asyncio.Future[Any], t: asyncio.Task[Any]) -> None:
