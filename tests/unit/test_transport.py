@@ -872,3 +872,22 @@ def test_big_buffer_is_writable_memory_of_its_size_with_or_without_numpy() -> No
     pytest.importorskip("numpy")
     with_np = subprocess.run([sys.executable, "-c", "import numpy\n" + script], capture_output=True, text=True, timeout=60)
     assert with_np.stdout.split() == ["ndarray", "True"], with_np.stderr
+
+
+def test_big_buffer_comes_from_kept_memory_in_a_process_that_keeps_it() -> None:
+    import subprocess
+    import sys
+
+    script = (
+        "from flotilla._private import heap\n"
+        "from flotilla._private.transport import _frame_buffer, big_buffer\n"
+        "assert heap.keep_freed() == 64\n"
+        "b = big_buffer(8 << 20)\n"
+        "b[-3:] = b'xyz'\n"
+        "assert b.nbytes == 8 << 20 and bytes(b[-3:]) == b'xyz' and not b.readonly\n"
+        "f = _frame_buffer(1 << 20)\n"
+        "print(type(b.obj).__name__, type(f).__name__, type(big_buffer(64 << 20).obj).__name__)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                         env={"PATH": "/usr/bin:/bin"})
+    assert out.stdout.split() == ["bytearray", "memoryview", "mmap"], out.stderr  # over 32 MiB: mapped

@@ -22,7 +22,16 @@ import random
 import time
 from typing import Any
 
-from flotilla._private import frontdoor, http_util, httpguard, logrotate, metrics, shadow, trace
+from flotilla._private import (
+    frontdoor,
+    heap,
+    http_util,
+    httpguard,
+    logrotate,
+    metrics,
+    shadow,
+    trace,
+)
 from flotilla._private.client import Runtime
 from flotilla._private.lean_http import LeanCycle
 from flotilla._private.metrics import STORE, observe_into
@@ -557,6 +566,7 @@ async def _amain(args: dict[str, Any], seat: Any = None) -> None:
 
 
 def main(args: dict[str, Any]) -> None:
+    heap.keep_freed()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s proxy %(name)s: %(message)s")
     if args.get("logging_config") is not None:  # serve.start(logging_config=...)
         from flotilla._private import logfmt
@@ -570,6 +580,7 @@ def main(args: dict[str, Any]) -> None:
 
 def run_in_actor(args: dict[str, Any], seat: Any) -> None:
     """The proxy main loop in a Ray actor's thread (its worker's log is Ray's: not rotated)."""
+    heap.keep_freed()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s proxy %(name)s: %(message)s")
     if args.get("logging_config") is not None:
         from flotilla._private import logfmt

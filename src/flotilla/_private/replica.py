@@ -35,7 +35,7 @@ from typing import Any, NamedTuple
 
 import cloudpickle
 
-from flotilla._private import context, http_util, logfmt, logrotate, metrics, trace
+from flotilla._private import context, heap, http_util, logfmt, logrotate, metrics, trace
 from flotilla._private.awaitable import AwaitableBytes, json_value
 from flotilla._private.errors import error_reply
 from flotilla._private.metrics import STORE
@@ -1024,6 +1024,7 @@ def setup_process(args: dict[str, Any], *, in_actor: bool = False, own_log: bool
     replica's own file (`own_log`), not Ray's worker log. `forked`: from a template, whose log
     handlers this process replaces with its own."""
     os.environ.update(args.get("env", {}))
+    heap.keep_freed()  # after the deployment's env_vars, which may set FLOTILLA_KEEP_FREED_MB
     if in_actor:
         for p in reversed(args.get("sys_path", [])):
             if p not in sys.path and os.path.isdir(p):

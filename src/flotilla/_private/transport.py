@@ -30,7 +30,7 @@ import traceback
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from flotilla._private import auth
+from flotilla._private import auth, heap
 from flotilla._private.protocol import (
     OOB_MIN,
     Failure,
@@ -73,12 +73,16 @@ def frame(tag: int, msg: tuple[Any, ...]) -> bytes:
 def big_buffer(size: int) -> memoryview:
     """Writable memory of `size` bytes for data about to be written into it, not zeroed first.
 
-    With numpy loaded (it is, where large arrays travel) an uninitialised numpy buffer: the
+    Up to `heap.REUSED` (in a proxy or replica, which keep freed memory: heap.py) an
+    uninitialised bytearray from memory the process already touched: no page faults. Else, with
+    numpy loaded (it is, where large arrays travel) an uninitialised numpy buffer: the
     allocator hands back memory already touched (under glibc's adaptive mmap threshold, up
     to 32 MB) and numpy asks for huge pages above it. Else fresh private anonymous pages with
     huge pages asked for. Filling 100 MB then takes about 13 ms on the 2-core machine of
     bench/RESULTS.md instead of about 70 (a bytearray, zeroed and in 4 KiB pages) or 105 (a
     shared anonymous mapping)."""
+    if size <= heap.REUSED:
+        return memoryview(heap.uninitialized(size))
     np = sys.modules.get("numpy")
     if np is not None:
         return memoryview(np.empty(size, np.uint8))
@@ -89,8 +93,8 @@ def big_buffer(size: int) -> memoryview:
 
 
 def _frame_buffer(size: int) -> bytearray | memoryview:
-    """Writable memory for a large frame."""
-    return big_buffer(size) if size >= MAPPED_FRAME else bytearray(size)
+    """Writable memory for a large frame (zeroed only where it is a plain bytearray)."""
+    return big_buffer(size) if size >= MAPPED_FRAME or size <= heap.REUSED else bytearray(size)
 
 
 #: From this size a frame's buffer is `big_buffer`'s.

@@ -1,0 +1,51 @@
+"""A proxy and a replica keep the memory of a large body's buffers for the next one (heap.py,
+issue 19): after the first requests, 3 MiB bodies cost them next to no page faults."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import httpx
+import pytest
+from starlette.requests import Request
+
+from flotilla import serve
+from tests.conftest import descendants, title
+
+pytestmark = pytest.mark.slow
+
+BODY = 3 << 20  # over lean_http.LEAN_BODY_BYTES: the proxy reserves one buffer, the replica reads one frame
+PAGES = BODY // 4096
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+class Size:
+    async def __call__(self, request: Request) -> dict[str, Any]:
+        return {"n": len(await request.body())}
+
+
+def minor_faults(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[7])
+
+
+def test_large_bodies_reuse_the_memory_of_the_last_ones(url: str) -> None:
+    serve.run(Size.bind(), name="heap", route_prefix="/heap")
+    pids = {p: title(p) for p in descendants(os.getpid())}
+    servers = [p for p, t in pids.items() if t == "flotilla::proxy" or t == "flotilla::replica:heap:Size"]
+    assert any(pids[p] == "flotilla::proxy" for p in servers) and any(pids[p].startswith("flotilla::replica") for p in servers), pids
+    body = os.urandom(BODY)
+    with httpx.Client(base_url=url, timeout=30) as c:
+        def post() -> None:
+            r = c.post("/heap", content=body)
+            assert r.status_code == 200 and r.json() == {"n": BODY}, r.text
+
+        for _ in range(3):
+            post()
+        before = sum(minor_faults(p) for p in servers)
+        for _ in range(10):
+            post()
+        per_request = (sum(minor_faults(p) for p in servers) - before) / 10
+    # Fresh buffers would fault in most of their pages: the proxy's and the replica's.
+    assert per_request < PAGES / 8, f"{per_request:.0f} page faults a request for a body of {PAGES} pages"
