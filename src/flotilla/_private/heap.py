@@ -8,8 +8,9 @@ is fresh memory again and every 4 KiB page of it costs a page fault when first w
 replica, most of its time.
 
 `keep_freed()` asks glibc (`mallopt(M_TOP_PAD)`) to keep `FLOTILLA_KEEP_FREED_MB` (default 64)
-MiB at the top of the heap when it trims, and to grow the heap by as much: buffers up to about
-that size then come from memory the process has already touched. The price is resident memory:
+MiB at the top of the heap when it trims, and to grow the heap by as much, and fixes its mmap
+threshold at that size (at most 32 MiB, glibc's largest): buffers up to the threshold then
+come from memory the process has already touched. The price is resident memory:
 a process that served large requests keeps up to that much more. An idle process is unchanged
 (the pad is address space until it is written). 0 keeps glibc's behaviour, as does
 `MALLOC_TOP_PAD_` in the environment (glibc reads that one itself). Where the C library is not
