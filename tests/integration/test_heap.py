@@ -24,6 +24,9 @@ class Size:
     async def __call__(self, request: Request) -> dict[str, Any]:
         return {"n": len(await request.body())}
 
+    def pid(self) -> int:
+        return os.getpid()
+
 
 def minor_faults(pid: int) -> int:
     with open(f"/proc/{pid}/stat") as f:
@@ -31,10 +34,10 @@ def minor_faults(pid: int) -> int:
 
 
 def test_large_bodies_reuse_the_memory_of_the_last_ones(url: str) -> None:
-    serve.run(Size.bind(), name="heap", route_prefix="/heap")
-    pids = {p: title(p) for p in descendants(os.getpid())}
-    servers = [p for p, t in pids.items() if t == "flotilla::proxy" or t == "flotilla::replica:heap:Size"]
-    assert any(pids[p] == "flotilla::proxy" for p in servers) and any(pids[p].startswith("flotilla::replica") for p in servers), pids
+    h = serve.run(Size.bind(), name="heap", route_prefix="/heap")
+    proxies = [p for p in descendants(os.getpid()) if title(p) == "flotilla::proxy"]
+    assert proxies, "no proxy process found"
+    servers = [*proxies, h.pid.remote().result(timeout_s=30)]  # on Ray too: the replica says where it runs
     body = os.urandom(BODY)
     with httpx.Client(base_url=url, timeout=30) as c:
         def post() -> None:
