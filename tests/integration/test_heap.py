@@ -52,3 +52,22 @@ def test_large_bodies_reuse_the_memory_of_the_last_ones(url: str) -> None:
         per_request = (sum(minor_faults(p) for p in servers) - before) / 10
     # Fresh buffers would fault in most of their pages: the proxy's and the replica's.
     assert per_request < PAGES / 8, f"{per_request:.0f} page faults a request for a body of {PAGES} pages"
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+class Kept:
+    def reused(self) -> int:
+        from flotilla._private import heap
+
+        return heap.REUSED
+
+
+def test_a_deployment_sets_its_own_amount_in_its_env_vars(url: str) -> None:
+    default = serve.run(Kept.bind(), name="kept", route_prefix=None)
+    off = serve.run(Kept.options(ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": {"FLOTILLA_KEEP_FREED_MB": "0"}}})
+                    .bind(), name="kept-off", route_prefix=None)
+    small = serve.run(Kept.options(ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": {"FLOTILLA_KEEP_FREED_MB": "8"}}})
+                      .bind(), name="kept-8", route_prefix=None)
+    assert default.reused.remote().result(timeout_s=30) == 32 << 20
+    assert off.reused.remote().result(timeout_s=30) == 0
+    assert small.reused.remote().result(timeout_s=30) == 8 << 20
