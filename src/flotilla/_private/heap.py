@@ -3,9 +3,8 @@
 A proxy or replica that receives a large HTTP body or handle argument reads it into a buffer
 of its own and frees that buffer after the reply. glibc gives such memory back to the kernel
 at once (it trims the top of the heap, or unmaps a large block), so the next request's buffer
-is fresh memory again and every 4 KiB page of it costs a page fault when first written. On the
-2-vCPU VM of bench/RESULTS.md a 1 MB body cost about 1,000 faults a request across proxy and
-replica, most of its time.
+is fresh memory again and every 4 KiB page of it costs a page fault when first written
+(measured: docs/ARCHITECTURE.md, "Freed memory is kept").
 
 `keep_freed()` asks glibc (`mallopt(M_TOP_PAD)`) to keep `FLOTILLA_KEEP_FREED_MB` (default 64)
 MiB at the top of the heap when it trims, and to grow the heap by as much, and fixes its mmap
