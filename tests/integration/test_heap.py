@@ -54,6 +54,30 @@ def test_large_bodies_reuse_the_memory_of_the_last_ones(url: str) -> None:
     assert per_request < PAGES / 8, f"{per_request:.0f} page faults a request for a body of {PAGES} pages"
 
 
+def test_a_body_beyond_kept_memory_is_read_straight_into_the_bytes_the_app_gets(url: str) -> None:
+    """A body over `heap.REUSED` needs fresh memory: the replica's one buffer is the bytes
+    object `request.body()` returns, which the kernel fills (before: a frame buffer, then a
+    bytes copy and a copy of that copy for `AwaitableBytes`, each fresh: 2 pages' faults per
+    page of body and more)."""
+    size = 40 << 20
+    pages = size // 4096
+    h = serve.run(Size.bind(), name="straight", route_prefix="/straight")
+    replica = h.pid.remote().result(timeout_s=30)
+    body = os.urandom(size)
+    with httpx.Client(base_url=url, timeout=60) as c:
+        def post() -> None:
+            r = c.post("/straight", content=body)
+            assert r.status_code == 200 and r.json() == {"n": size}, r.text
+
+        post()
+        before = minor_faults(replica)
+        for _ in range(3):
+            post()
+        per_request = (minor_faults(replica) - before) / 3
+    # one fresh buffer in 4 KiB pages faults `pages` times (fewer in 2 MiB pages, where it has them)
+    assert per_request < 1.5 * pages, f"{per_request:.0f} page faults a request for a body of {pages} pages"
+
+
 @serve.deployment(ray_actor_options={"num_cpus": 0})
 class Kept:
     def reused(self) -> int:

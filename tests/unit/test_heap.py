@@ -4,12 +4,15 @@ faults of buffers freed and made again (each case in a fresh interpreter: mallop
 from __future__ import annotations
 
 import logging
+import pickle
+import random
 import subprocess
 import sys
 
 import pytest
 
 from flotilla._private import heap
+from flotilla._private.awaitable import AwaitableBytes
 
 CHURN = """
 import resource, sys
@@ -79,3 +82,37 @@ def test_kept_memory_spares_the_page_faults_of_buffers_made_again() -> None:
 def test_malloc_top_pad_in_the_environment_is_left_to_glibc() -> None:
     kept, reused, _ = run_churn({"MALLOC_TOP_PAD_": "1048576"})
     assert (kept, reused) == (0, 0)
+
+
+@pytest.mark.parametrize("cls", [bytes, AwaitableBytes])
+@pytest.mark.parametrize("size", [0, 1, 100, 70_000, 5 << 20])
+def test_blank_bytes_is_an_ordinary_bytes_object_once_filled(cls: type, size: int) -> None:
+    assert heap.BLANK_BYTES  # CPython: the layout was confirmed at import
+    made = heap.blank_bytes(cls, size)
+    assert made is not None
+    obj, view = made
+    data = bytes(random.Random(size).getrandbits(8) for _ in range(min(size, 1000))) * (size // 1000 + 1)
+    view[:] = data[:size]
+    assert not view.readonly and len(view) == size and view.format == "B"
+    assert type(obj) is cls and len(obj) == size and obj == data[:size]
+    assert hash(obj) == hash(data[:size]) and obj[size:] == b"" and bytes(obj) == data[:size]
+    assert pickle.loads(pickle.dumps(obj)) == data[:size]
+    del made, view
+    assert size == 0 or sys.getrefcount(obj) == 2  # only ours: freed with the last reference
+
+
+def test_blank_bytes_are_freed() -> None:
+    got = subprocess.run([sys.executable, "-c", """
+import resource
+from flotilla._private import heap
+from flotilla._private.awaitable import AwaitableBytes
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096
+base = rss()
+for _ in range(10):
+    obj, view = heap.blank_bytes(AwaitableBytes, 50 << 20)
+    view[:] = b"x" * (50 << 20)
+    del obj, view
+print(rss() - base)
+"""], capture_output=True, text=True, timeout=60, check=True)
+    assert int(got.stdout) < 60 << 20, got.stdout  # 10 filled 50 MiB objects, not 500 MiB kept

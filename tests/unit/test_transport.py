@@ -16,7 +16,8 @@ from typing import Any
 
 import pytest
 
-from flotilla._private import auth, protocol, transport
+from flotilla._private import auth, heap, protocol, transport
+from flotilla._private.awaitable import AwaitableBytes
 from flotilla._private.errors import error_reply
 from flotilla._private.protocol import (
     MESSAGES,
@@ -435,7 +436,7 @@ def test_large_buffers_travel_out_of_band_and_decode_in_place() -> None:
         got_big, got_small, got_raw = call.args
         assert (got_big == big).all() and (got_small == small).all() and bytes(got_raw) == b"z" * 70_000
         assert got_big.flags.writeable and got_big.flags.aligned  # a view of the frame, which is ours
-        assert not s.proto._buf and s.proto._big is None
+        assert not s.proto._buf and s.proto._want is None and s.proto._pieces is None
 
 
 def test_an_out_of_band_frame_behind_a_partial_one_gets_memory_of_its_own() -> None:
@@ -450,13 +451,69 @@ def test_an_out_of_band_frame_behind_a_partial_one_gets_memory_of_its_own() -> N
     assert s.got[2] == (3, End())
 
 
-def test_bodies_wrapped_by_oob_arrive_as_views_of_the_frame() -> None:
+def test_bodies_wrapped_by_oob_arrive_as_awaitable_bytes() -> None:
     body = b"b" * 100_000
     blob = _sent((4, Http({"type": "http"}, protocol.oob(body), None)), (5, HttpFull(200, [], protocol.oob(b"s"))))
     s = Sink().feed(blob)
     got = s.got[0][1].body
-    assert isinstance(got, memoryview) and bytes(got) == body
+    assert type(got) is AwaitableBytes and got == body and hash(got) == hash(body)
     assert s.got[1][1].body == b"s"
+
+
+def _mixed() -> tuple[bytes, bytes, Any, Any]:
+    """A frame of two bodies (one from a bytes object, one from a writable buffer) and two
+    arrays, one writable and one not: the bytes sent and what they hold."""
+    np = pytest.importorskip("numpy")
+    body = bytes(range(256)) * 400  # 102,400 bytes
+    arr = np.arange(20_000, dtype=np.float64)
+    frozen = np.arange(9_000, dtype=np.int32)
+    frozen.flags.writeable = False
+    view_body = memoryview(bytearray(b"v" * 70_001))
+    msg = Call("f", (protocol.oob(body), arr, protocol.oob(view_body), frozen), {}, None)
+    return _sent((1, Ok("a")), (2, msg), (3, End())), body, arr, frozen
+
+
+def _check_mixed(s: Sink, body: bytes, arr: Any, frozen: Any, where: object) -> None:
+    assert not s.bad and [t for t, _ in s.got] == [1, 2, 3], where
+    got_body, got_arr, got_view_body, got_frozen = s.got[1][1].args
+    assert type(got_body) is AwaitableBytes and got_body == body, where
+    assert type(got_view_body) is AwaitableBytes and got_view_body == b"v" * 70_001, where
+    assert (got_arr == arr).all() and got_arr.flags.writeable and got_arr.flags.aligned, where
+    assert (got_frozen == frozen).all() and not got_frozen.flags.writeable, where
+    assert s.proto._want is None and s.proto._pieces is None and not s.proto._buf, where
+
+
+def test_a_large_frame_split_anywhere_gives_bodies_as_bytes_and_arrays_as_writable_views() -> None:
+    """Every split point of the frame's layout (header, sizes, pickle, padding, each buffer)
+    in a second chunk; read-only buffers arrive as bytes, writable ones as views."""
+    blob, body, arr, frozen = _mixed()
+    first = len(frame(1, Ok("a")))
+    for cut in [*range(first, first + 200), *range(first + 200, len(blob), 997)]:
+        _check_mixed(Sink().feed(blob[:cut], blob[cut:]), body, arr, frozen, cut)
+    rng = random.Random(7)
+    for _ in range(20):
+        cuts = sorted(rng.sample(range(1, len(blob)), 12))
+        bounds = [0, *cuts, len(blob)]
+        _check_mixed(Sink().feed(*(blob[a:b] for a, b in itertools.pairwise(bounds))), body, arr, frozen, cuts)
+
+
+def test_without_blank_bytes_a_body_is_copied_into_bytes_once_it_arrived(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(heap, "BLANK_BYTES", False)
+    blob, body, arr, frozen = _mixed()
+    _check_mixed(Sink().feed(blob[:100], blob[100:]), body, arr, frozen, "in two")
+    _check_mixed(Sink().feed(blob), body, arr, frozen, "whole")
+
+
+def test_a_large_frame_whose_layout_does_not_add_up_is_skipped() -> None:
+    blob = _sent((2, HttpFull(200, [], protocol.oob(b"x" * 100_000))))
+    payload = bytearray(blob[HEADER:])
+    struct.pack_into("<Q", payload, transport._OOB_META.size, 100_001 | transport.AS_BYTES)  # one byte too many
+    bad = blob[:HEADER] + bytes(payload)
+    after = frame(3, End())
+    for cut in (HEADER + 5, HEADER + 20, 1000):
+        s = Sink().feed(bad[:cut], bad[cut:] + after)
+        assert [t for t, _ in s.bad] == [2] and "says it holds" in str(s.bad[0][1]), cut
+        assert s.got == [(3, End())], cut
 
 
 def test_send_after_close_is_dropped() -> None:
@@ -593,12 +650,17 @@ def test_a_large_frame_is_read_into_its_own_memory_over_a_real_socket(net: Net) 
         reader.buffer_updated = spy_updated  # type: ignore[method-assign]
         tw, tr = await socket_pair(lambda: writer, lambda: reader)
         arr = np.arange(2_500_000, dtype=np.float64)  # 20 MB
+        body = bytes(range(256)) * 20_000  # 5,120,000 bytes
         writer.send(7, Ok(arr))
         writer.send(8, End())
-        await until(lambda: len(got) == 2, what="both frames")
+        writer.send(9, Http({"type": "http"}, protocol.oob(body), None))
+        await until(lambda: len(got) == 3, what="all three frames")
         assert got[0][0] == 7 and (got[0][1].result == arr).all() and got[1] == (8, End())
         assert got[0][1].result.flags.writeable
         assert max(sizes) > transport.READ_SIZE, sizes[:5]  # the frame's own buffer
+        assert type(got[2][1].body) is AwaitableBytes and got[2][1].body == body
+        # after the read that held its start, the kernel reads the rest straight into the bytes
+        assert any(len(body) - transport.READ_SIZE <= n <= len(body) for n in sizes), sizes
         wmem_max = int(Path("/proc/sys/net/core/wmem_max").read_text())
         sndbuf = tw.get_extra_info("socket").getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
         assert sndbuf >= 2 * min(transport.UNIX_SNDBUF, wmem_max)

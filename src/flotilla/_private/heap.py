@@ -17,7 +17,9 @@ glibc, nothing changes.
 
 Where it applied, `uninitialized(n)` makes the buffers that a large frame or body is read into
 from that memory, without zeroing them first (they are written whole before anything reads
-them); `REUSED` is the size up to which it is used.
+them); `REUSED` is the size up to which it is used. `blank_bytes(cls, n)` makes a bytes object
+the same way, with a writable view of its contents, so that a large body is received straight
+into the `bytes` the application gets instead of being copied into one after it arrived.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+from typing import Any
 
 logger = logging.getLogger("flotilla")
 
@@ -84,3 +87,66 @@ def uninitialized(size: int) -> bytearray:
     """A bytearray of `size` bytes whose contents are whatever the allocator hands back (no
     zeroing, no page touched): for a caller that writes all of it before reading any."""
     return _new_bytearray(None, size)  # type: ignore[no-any-return]
+
+
+_api = ctypes.pythonapi
+_new_gc_var: Any = getattr(_api, "_PyObject_GC_NewVar", None)  # (what PyObject_GC_NewVar calls)
+if _new_gc_var is not None:
+    _new_gc_var.argtypes = (ctypes.py_object, ctypes.c_ssize_t)
+    _new_gc_var.restype = ctypes.py_object
+_new_var = _api.PyBytes_FromStringAndSize
+_new_var.argtypes = (ctypes.c_void_p, ctypes.c_ssize_t)
+_new_var.restype = ctypes.py_object
+_view_of = _api.PyMemoryView_FromMemory
+_view_of.argtypes = (ctypes.c_void_p, ctypes.c_ssize_t, ctypes.c_int)
+_view_of.restype = ctypes.py_object
+_PYBUF_WRITE = 0x200
+#: Where a bytes object's contents start (its struct ends with them, one byte counted).
+_DATA = bytes.__basicsize__ - 1
+_HUGE = 2 << 20
+_MADV_HUGEPAGE = 14
+try:
+    _madvise: Any = ctypes.CDLL(None, use_errno=True).madvise
+    _madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+except (OSError, AttributeError):
+    _madvise = None
+
+
+def _blank(cls: type, size: int) -> tuple[bytes, memoryview]:
+    if size == 0:  # (b"" is shared: never written)
+        return cls(), memoryview(bytearray())
+    # a subclass (a heap type) is allocated with the garbage collector's header its type has
+    obj = _new_var(None, size) if cls is bytes else _new_gc_var(cls, size)
+    at = id(obj) + _DATA
+    ctypes.c_ssize_t.from_address(at - ctypes.sizeof(ctypes.c_ssize_t)).value = -1  # hash not cached
+    ctypes.c_char.from_address(at + size).value = b"\0"
+    if size > REUSED and size >= 2 * _HUGE and _madvise is not None:
+        # a fresh mapping, filled at once: in 2 MiB pages, a fault each instead of 512
+        lo, hi = -(-at // _HUGE) * _HUGE, (at + size) // _HUGE * _HUGE
+        _madvise(lo, hi - lo, _MADV_HUGEPAGE)
+    return obj, _view_of(at, size, _PYBUF_WRITE)
+
+
+def _works() -> bool:
+    from flotilla._private.awaitable import AwaitableBytes
+
+    try:
+        for cls in (bytes, AwaitableBytes):
+            obj, view = _blank(cls, 3)
+            view[:] = b"abc"
+            if not (type(obj) is cls and obj == b"abc" and hash(obj) == hash(b"abc") and len(obj) == 3):
+                return False
+    except Exception:  # another interpreter's layout, or no C API: copy instead
+        return False
+    return True
+
+
+BLANK_BYTES = _works()
+
+
+def blank_bytes(cls: type, size: int) -> tuple[bytes, memoryview] | None:
+    """A new `cls` (bytes or a subclass of it that adds no fields) of `size` bytes whose
+    contents are not set yet, and a writable view of them; None where this interpreter's
+    layout was not confirmed. The caller fills the view before the object is used (a bytes
+    object is immutable once others see it) and keeps the object while it writes."""
+    return _blank(cls, size) if BLANK_BYTES else None

@@ -194,10 +194,12 @@ def encode(msg: tuple[Any, ...]) -> bytes:
 OOB_MIN = 1 << 16
 
 
-def oob(data: bytes) -> Any:
-    """`data` as a message field: large ones wrapped so that they travel out of band (the
-    receiver gets a memoryview of its frame; the replica makes it bytes once, `AwaitableBytes`)."""
-    return pickle.PickleBuffer(data) if len(data) >= OOB_MIN else data
+def oob(data: bytes | bytearray | memoryview) -> Any:
+    """`data` as a bytes message field: large ones wrapped, read-only, so that they travel out
+    of band and the receiver reads them straight into the `AwaitableBytes` it gets (transport.py)."""
+    if len(data) < OOB_MIN:
+        return data
+    return pickle.PickleBuffer(data if data.__class__ is bytes else memoryview(data).toreadonly())
 
 
 def encode_parts(msg: tuple[Any, ...]) -> tuple[bytes, list[memoryview]]:

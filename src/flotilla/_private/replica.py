@@ -897,7 +897,8 @@ class Replica:
         """Run the HTTP ingress for one request; returns the status code sent."""
         from starlette.responses import Response
 
-        body = AwaitableBytes(body)  # the one copy of an out-of-band body, and awaitable
+        if body.__class__ is not AwaitableBytes:  # a large body arrives as one (transport.py)
+            body = AwaitableBytes(body)
         global _request_class
         if _request_class is None:
             _request_class = _make_request_class()

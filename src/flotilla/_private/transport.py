@@ -27,10 +27,11 @@ import struct
 import sys
 import threading
 import traceback
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Generator
 from typing import Any, TypeVar
 
 from flotilla._private import auth, heap
+from flotilla._private.awaitable import AwaitableBytes
 from flotilla._private.protocol import (
     OOB_MIN,
     Failure,
@@ -48,9 +49,13 @@ HEADER = _HEAD.size
 MAX_FRAME = 1 << 36  # 64 GiB: far above any body or reply limit, below what breaks the length
 #: Set in a header's length: the payload is `<IQ` (n, pickle length), n `<Q` buffer sizes, the
 #: pickle, then the n out-of-band buffers (protocol 5), each at an offset of the payload that is
-#: a multiple of ALIGN (zero bytes between). They decode in place, as writable views of the
-#: received frame's own memory.
+#: a multiple of ALIGN (zero bytes between). A large frame's pickle and buffers are each read
+#: into memory of their own; they decode in place: a read-only buffer (a bytes field that
+#: `protocol.oob` wrapped) as `AwaitableBytes` whose contents the kernel wrote, any other
+#: (numpy arrays) as a writable view.
 OOB = 1 << 63
+#: Set in an out-of-band buffer's size: the sender's buffer was read-only; it arrives as bytes.
+AS_BYTES = 1 << 63
 ALIGN = 64
 _OOB_META = struct.Struct("<IQ")
 #: A frame at least this large that has not fully arrived is received into a buffer of its own
@@ -117,15 +122,88 @@ def _oob_layout(pickle_len: int, sizes: list[int] | tuple[int, ...]) -> tuple[in
     return start, offsets, end
 
 
-def _split(payload: bytearray | memoryview) -> tuple[memoryview, list[memoryview]]:
-    """An out-of-band frame's pickle and its buffers, as views of `payload`."""
+def _split(payload: bytearray | memoryview) -> tuple[memoryview, list[Any]]:
+    """A whole out-of-band frame's pickle and its buffers (views of `payload`; a read-only
+    one copied into bytes)."""
     view = memoryview(payload)
     n, pickle_len = _OOB_META.unpack_from(view, 0)
     sizes = struct.unpack_from(f"<{n}Q", view, _OOB_META.size)
-    start, offsets, end = _oob_layout(pickle_len, sizes)
+    start, offsets, end = _oob_layout(pickle_len, [s & ~AS_BYTES for s in sizes])
     if end != len(view):
         raise ValueError(f"an out-of-band frame of {len(view)} bytes says it holds {end}")
-    return view[start : start + pickle_len], [view[o : o + size] for o, size in zip(offsets, sizes, strict=True)]
+    bufs: list[Any] = []
+    for o, size in zip(offsets, sizes, strict=True):
+        if size & AS_BYTES:
+            size &= ~AS_BYTES
+            obj, into = _bytes_buffer(size)
+            into[:] = view[o : o + size]
+            bufs.append(obj)
+        else:
+            bufs.append(view[o : o + size])
+    return view[start : start + pickle_len], _settle(bufs)
+
+
+def _bytes_buffer(size: int) -> tuple[bytes, memoryview]:
+    """`AwaitableBytes` of `size` to be filled, and a writable view of its contents (where
+    this interpreter cannot make one, a buffer whose contents become bytes when filled)."""
+    made = heap.blank_bytes(AwaitableBytes, size)
+    if made is not None:
+        return made
+    view = big_buffer(size)
+    return _Later(view), view  # type: ignore[return-value]
+
+
+class _Later:
+    """A buffer to become bytes once it is filled (`_settle`)."""
+
+    __slots__ = ("view",)
+
+    def __init__(self, view: memoryview) -> None:
+        self.view = view
+
+
+def _settle(bufs: list[Any]) -> list[Any]:
+    return [AwaitableBytes(b.view) if b.__class__ is _Later else b for b in bufs]
+
+
+def _whole_piece(size: int) -> Generator[memoryview, None, tuple[Any, list[Any] | None]]:
+    """A large frame's memory, to be filled: its payload in one buffer of its own."""
+    buf = _frame_buffer(size)
+    yield memoryview(buf)
+    return buf, None
+
+
+def _oob_pieces(size: int) -> Generator[memoryview, None, tuple[Any, list[Any] | None]]:
+    """A large out-of-band frame's memory, part by part as the layout read so far says: its
+    pickle, then each buffer in memory of its own (no copy after the kernel's)."""
+    meta = bytearray(_OOB_META.size)
+    yield memoryview(meta)
+    n, pickle_len = _OOB_META.unpack(meta)
+    if _OOB_META.size + 8 * n + pickle_len > size:
+        raise ValueError(f"an out-of-band frame of {size} bytes says its layout alone is longer")
+    raw = bytearray(8 * n)
+    yield memoryview(raw)
+    sizes = struct.unpack(f"<{n}Q", raw)
+    start, offsets, end = _oob_layout(pickle_len, [s & ~AS_BYTES for s in sizes])
+    if end != size:
+        raise ValueError(f"an out-of-band frame of {size} bytes says it holds {end}")
+    pickled = _frame_buffer(pickle_len) if pickle_len >= BIG_FRAME else bytearray(pickle_len)
+    yield memoryview(pickled)
+    at = start + pickle_len
+    bufs: list[Any] = []
+    for off, size in zip(offsets, sizes, strict=True):
+        if off > at:
+            yield memoryview(bytearray(off - at))  # alignment padding
+        if size & AS_BYTES:
+            size &= ~AS_BYTES
+            obj, view = _bytes_buffer(size)
+            bufs.append(obj)
+        else:
+            view = memoryview(_frame_buffer(size))
+            bufs.append(view)
+        yield view
+        at = off + size
+    return pickled, _settle(bufs)
 
 
 def _ignore_bad_frame(tag: int, err: BaseException) -> None:
@@ -155,7 +233,8 @@ class FrameProtocol(asyncio.BufferedProtocol):
     """Parses frames and hands each decoded message to `on_message(tag, msg)`.
 
     The loop reads into memory the protocol hands it (`get_buffer`): a large frame straight
-    into a buffer of its own size, so its bytes are copied once, by the kernel; anything else
+    into memory of its own (an out-of-band one piece by piece: `_oob_pieces`), so its bytes
+    are copied once, by the kernel; anything else
     into the thread's scratch buffer, parsed before the next read. `data_received` takes
     bytes the same way (a connection handed over by `auth`, tests)."""
 
@@ -170,12 +249,15 @@ class FrameProtocol(asyncio.BufferedProtocol):
         self.on_bad_frame = on_bad_frame
         self._buf = bytearray()
         self._skip = 0  # bytes still to discard of an oversize frame
-        self._big: bytearray | memoryview | None = None  # a large frame being received, `_fill` bytes so far
-        self._big_view: memoryview | None = None
-        self._scratch: memoryview | None = None
+        # A large frame being received: `_pieces` hands out the memory for it piece by piece;
+        # `_want` is the piece being filled (`_fill` bytes so far), `_left` the frame's bytes
+        # still to come.
+        self._pieces: Generator[memoryview, None, tuple[Any, list[Any] | None]] | None = None
+        self._want: memoryview | None = None
         self._fill = 0
+        self._left = 0
         self._big_tag = 0
-        self._big_oob = False
+        self._scratch: memoryview | None = None
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.paused = False
@@ -192,40 +274,74 @@ class FrameProtocol(asyncio.BufferedProtocol):
             self.on_connect()
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        view = self._big_view
-        if view is not None:
-            return view[self._fill :]
+        want = self._want
+        if want is not None:
+            return want[self._fill :]
         s = self._scratch
         if s is None:
             s = self._scratch = _scratch()
         return s
 
     def buffer_updated(self, nbytes: int) -> None:
-        big = self._big
-        if big is None:
+        want = self._want
+        if want is None:
             self.data_received(self._scratch[:nbytes])  # type: ignore[index]
             return
+        self._left -= nbytes
         fill = self._fill + nbytes
-        if fill < len(big):
+        if fill < len(want):
             self._fill = fill
             return
-        self._big = self._big_view = None
-        self._deliver(self._big_tag, big, self._big_oob)
+        self._next_piece()
+
+    def _start_big(self, tag: int, size: int, oob: bool) -> None:
+        self._pieces = _oob_pieces(size) if oob else _whole_piece(size)
+        self._big_tag, self._left = tag, size
+        self._next_piece()
+
+    def _next_piece(self) -> None:
+        """The piece being filled is full: on to the next (or deliver the whole frame)."""
+        pieces = self._pieces
+        assert pieces is not None
+        self._fill = 0
+        try:
+            want = next(pieces)
+            while not want:
+                want = next(pieces)
+        except StopIteration as done:
+            self._pieces = self._want = None
+            payload, bufs = done.value
+            self._deliver_pieces(self._big_tag, payload, bufs)
+            return
+        except Exception as e:  # a layout that does not add up: skip the rest of the frame
+            self._pieces = self._want = None
+            self._skip, self._left = self._left, 0
+            self.on_bad_frame(self._big_tag, e)
+            return
+        self._want = want
+
+    def _feed(self, data: memoryview) -> int:
+        """Copy `data` into the large frame being received; returns the bytes it took."""
+        took = 0
+        while self._want is not None and took < len(data):
+            want, fill = self._want, self._fill
+            n = min(len(want) - fill, len(data) - took)
+            want[fill : fill + n] = data[took : took + n]
+            took += n
+            self._left -= n
+            if fill + n < len(want):
+                self._fill = fill + n
+            else:
+                self._next_piece()
+        return took
 
     def data_received(self, data: bytes | bytearray | memoryview) -> None:
-        if self._big is not None:  # filling a large frame
-            big, fill = self._big, self._fill
-            need = len(big) - fill
-            if len(data) < need:
-                big[fill : fill + len(data)] = data
-                self._fill = fill + len(data)
+        if self._want is not None:  # filling a large frame
+            data = memoryview(data)
+            took = self._feed(data)
+            if took == len(data):
                 return
-            big[fill:] = memoryview(data)[:need]
-            self._big = self._big_view = None
-            self._deliver(self._big_tag, big, self._big_oob)
-            if len(data) == need:
-                return
-            data = data[need:]
+            data = data[took:]
         if self._skip:
             if len(data) <= self._skip:
                 self._skip -= len(data)
@@ -256,11 +372,14 @@ class FrameProtocol(asyncio.BufferedProtocol):
                 continue
             end = start + size
             if end > n:
-                if size >= BIG_FRAME:  # the rest comes into a buffer of its own
-                    big = self._big = _frame_buffer(size)
-                    self._big_view = memoryview(big)
-                    big[: n - start] = memoryview(view)[start:n]
-                    self._fill, self._big_tag, self._big_oob = n - start, tag, bool(oob)
+                if size >= BIG_FRAME:  # the rest comes into memory of its own
+                    self._start_big(tag, size, bool(oob))
+                    pos = start + self._feed(memoryview(view)[start:n])
+                    if self._want is None:  # refused on its layout: skip what of it is here
+                        k = min(self._skip, n - pos)
+                        self._skip -= k
+                        pos += k
+                        continue
                     pos = n
                 break
             if oob:  # its buffers become the message's: writable memory of its own
@@ -283,6 +402,14 @@ class FrameProtocol(asyncio.BufferedProtocol):
             return
         self.on_message(tag, msg)
 
+    def _deliver_pieces(self, tag: int, payload: Any, bufs: list[Any] | None) -> None:
+        try:
+            msg = decode(payload, bufs)
+        except Exception as e:
+            self.on_bad_frame(tag, e)
+            return
+        self.on_message(tag, msg)
+
     def send(self, tag: int, msg: tuple[Any, ...]) -> None:
         """Queue one message; raises FrameTooLargeError (or a pickling error) for what cannot go.
 
@@ -295,9 +422,10 @@ class FrameProtocol(asyncio.BufferedProtocol):
                 start, offsets, total = _oob_layout(len(payload), sizes)
                 if total > MAX_FRAME:
                     raise FrameTooLargeError(f"a message of {total} bytes is over the {MAX_FRAME}-byte frame limit")
+                flagged = [len(b) | AS_BYTES if b.readonly else len(b) for b in bufs]
                 parts: list[bytes | memoryview] = [
                     _HEAD.pack(total | OOB, tag) + _OOB_META.pack(len(bufs), len(payload))
-                    + struct.pack(f"<{len(bufs)}Q", *sizes) + payload]
+                    + struct.pack(f"<{len(bufs)}Q", *flagged) + payload]
                 at = start + len(payload)
                 for off, b in zip(offsets, bufs, strict=True):
                     if off > at:
