@@ -654,13 +654,16 @@ def test_a_large_frame_is_read_into_its_own_memory_over_a_real_socket(net: Net) 
         writer.send(7, Ok(arr))
         writer.send(8, End())
         writer.send(9, Http({"type": "http"}, protocol.oob(body), None))
-        await until(lambda: len(got) == 3, what="all three frames")
+        writer.send(10, Ok(protocol.wire(body[:4_000_000])))
+        await until(lambda: len(got) == 4, what="all four frames")
         assert got[0][0] == 7 and (got[0][1].result == arr).all() and got[1] == (8, End())
         assert got[0][1].result.flags.writeable
         assert max(sizes) > transport.READ_SIZE, sizes[:5]  # the frame's own buffer
         assert type(got[2][1].body) is AwaitableBytes and got[2][1].body == body
         # after the read that held its start, the kernel reads the rest straight into the bytes
         assert any(len(body) - transport.READ_SIZE <= n <= len(body) for n in sizes), sizes
+        assert type(got[3][1].result) is bytes and got[3][1].result == body[:4_000_000]
+        assert any(4_000_000 - transport.READ_SIZE <= n <= 4_000_000 for n in sizes), sizes
         wmem_max = int(Path("/proc/sys/net/core/wmem_max").read_text())
         sndbuf = tw.get_extra_info("socket").getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
         assert sndbuf >= 2 * min(transport.UNIX_SNDBUF, wmem_max)
@@ -953,3 +956,27 @@ def test_big_buffer_comes_from_kept_memory_in_a_process_that_keeps_it() -> None:
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
                          env={"PATH": "/usr/bin:/bin"})
     assert out.stdout.split() == ["bytearray", "memoryview", "mmap"], out.stderr  # over 32 MiB: mapped
+
+
+def test_large_bytes_arguments_and_results_travel_out_of_band_as_plain_bytes() -> None:
+    """`protocol.wire`: a bytes object (or AwaitableBytes) of 64 KiB or more, as an argument,
+    keyword argument or result, is written from its own memory and arrives as a plain bytes
+    object; smaller ones, and bytes inside containers, stay in the pickle, as before."""
+    big, kw, small = bytes(range(256)) * 400, b"k" * 70_000, b"s" * 100
+    inner = [b"i" * 70_000]
+    args, kwargs = protocol.wire_args((big, small, inner, AwaitableBytes(b"a" * 65_536)), {"kw": kw, "n": 1})
+    assert type(args[0]) is pickle.PickleBuffer and args[1] is small and args[2] is inner
+    assert type(args[3]) is pickle.PickleBuffer and type(kwargs["kw"]) is pickle.PickleBuffer and kwargs["n"] == 1
+    assert protocol.wire_args((small,), {}) == ((small,), {})
+    blob = _sent((1, Call("f", args, kwargs, None)), (2, Ok(protocol.wire(big))), (3, Yield(protocol.wire(kw))))
+    for cut in (50, 1000, len(blob) // 2):
+        s = Sink().feed(blob[:cut], blob[cut:])
+        assert not s.bad and [t for t, _ in s.got] == [1, 2, 3], cut
+        call = s.got[0][1]
+        assert [type(a) for a in call.args] == [bytes, bytes, list, bytes], cut
+        assert call.args[0] == big and call.args[1] == small and call.args[2] == inner and call.args[3] == b"a" * 65_536
+        assert type(call.kwargs["kw"]) is bytes and call.kwargs == {"kw": kw, "n": 1}
+        assert type(s.got[1][1].result) is bytes and s.got[1][1].result == big
+        assert type(s.got[2][1].item) is bytes and s.got[2][1].item == kw
+    size, _ = HEAD.unpack_from(blob, 0)
+    assert size & transport.OOB and (size & ~transport.OOB) > len(big) + len(kw)  # out of band

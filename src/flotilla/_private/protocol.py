@@ -195,11 +195,32 @@ OOB_MIN = 1 << 16
 
 
 def oob(data: bytes | bytearray | memoryview) -> Any:
-    """`data` as a bytes message field: large ones wrapped, read-only, so that they travel out
-    of band and the receiver reads them straight into the `AwaitableBytes` it gets (transport.py)."""
+    """`data` as a body field: large ones wrapped, read-only, so that they travel out of band
+    and the receiver reads them straight into the `AwaitableBytes` it gets (transport.py)."""
     if len(data) < OOB_MIN:
         return data
-    return pickle.PickleBuffer(data if data.__class__ is bytes else memoryview(data).toreadonly())
+    return pickle.PickleBuffer(memoryview(data).toreadonly())
+
+
+def wire(value: Any) -> Any:
+    """A value about to be sent: a large bytes object wrapped so that it travels out of band
+    and arrives as a bytes object the receiver's kernel wrote (pickle keeps bytes in band)."""
+    if isinstance(value, bytes) and len(value) >= OOB_MIN:
+        return pickle.PickleBuffer(value)
+    return value
+
+
+def wire_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """A call's arguments with their large bytes objects (not those inside containers) `wire`d."""
+    for a in args:
+        if isinstance(a, bytes) and len(a) >= OOB_MIN:
+            args = tuple(map(wire, args))
+            break
+    for v in kwargs.values():
+        if isinstance(v, bytes) and len(v) >= OOB_MIN:
+            kwargs = {k: wire(v) for k, v in kwargs.items()}
+            break
+    return args, kwargs
 
 
 def encode_parts(msg: tuple[Any, ...]) -> tuple[bytes, list[memoryview]]:

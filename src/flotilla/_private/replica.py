@@ -58,6 +58,7 @@ from flotilla._private.protocol import (
     WsOpen,
     Yield,
     oob,
+    wire,
 )
 from flotilla._private.transport import FrameProtocol, RemoteCallError, RpcPeer
 from flotilla.exceptions import RaySystemError, TaskCancelledError
@@ -703,7 +704,7 @@ class Replica:
                     "handle.options(stream=True) to receive its items."
                 )
             try:
-                proto.send(tag, Ok(result))
+                proto.send(tag, Ok(wire(result)))
             except Exception as e:
                 raise TypeError(f"the return value of '{method}' could not be pickled: {e!r}") from e
             if proto.paused:
@@ -871,13 +872,13 @@ class Replica:
         if inspect.isasyncgen(result) or hasattr(result, "__aiter__"):
             async for item in result:
                 await window.take()
-                proto.send(tag, Yield(item))
+                proto.send(tag, Yield(wire(item)))
                 if proto.paused:
                     await proto.drained()
         elif inspect.isgenerator(result):
             async for item in self.sync_items(result):
                 await window.take()
-                proto.send(tag, Yield(item))
+                proto.send(tag, Yield(wire(item)))
                 if proto.paused:
                     await proto.drained()
         else:

@@ -46,6 +46,7 @@ from flotilla._private.protocol import (
     WsOpen,
     Yield,
     oob,
+    wire_args,
 )
 from flotilla._private.transport import FrameProtocol, connect_addr
 from flotilla.exceptions import ActorDiedError, RaySystemError
@@ -530,6 +531,7 @@ class Router:
         """One request; `parent`: the meta of the request being served that made this call
         (a replica's user code), whose downstream time it adds to."""
         model = meta.get("multiplexed_model_id", "") if meta else ""
+        args, kwargs = wire_args(args, kwargs)
         msg = Call(method, args, kwargs, meta)
         front = False
         ta = t0 = time.perf_counter()
@@ -571,6 +573,7 @@ class Router:
     async def stream(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], meta: Any) -> AsyncIterator[Any]:
         """Yield the items of a generator method, as the replica produces them."""
         model = meta.get("multiplexed_model_id", "") if meta else ""
+        args, kwargs = wire_args(args, kwargs)
         msg = Stream(method, args, kwargs, meta)
         front = False
         ta = t0 = time.perf_counter()

@@ -54,8 +54,12 @@ MAX_FRAME = 1 << 36  # 64 GiB: far above any body or reply limit, below what bre
 #: `protocol.oob` wrapped) as `AwaitableBytes` whose contents the kernel wrote, any other
 #: (numpy arrays) as a writable view.
 OOB = 1 << 63
-#: Set in an out-of-band buffer's size: the sender's buffer was read-only; it arrives as bytes.
+#: Set in an out-of-band buffer's size: the sender's buffer was read-only; it arrives as bytes,
+#: `AwaitableBytes` (a body: `protocol.oob`) unless PLAIN is set too (a bytes object itself:
+#: `protocol.wire`).
 AS_BYTES = 1 << 63
+PLAIN = 1 << 62
+_SIZE = PLAIN - 1
 ALIGN = 64
 _OOB_META = struct.Struct("<IQ")
 #: A frame at least this large that has not fully arrived is received into a buffer of its own
@@ -128,42 +132,48 @@ def _split(payload: bytearray | memoryview) -> tuple[memoryview, list[Any]]:
     view = memoryview(payload)
     n, pickle_len = _OOB_META.unpack_from(view, 0)
     sizes = struct.unpack_from(f"<{n}Q", view, _OOB_META.size)
-    start, offsets, end = _oob_layout(pickle_len, [s & ~AS_BYTES for s in sizes])
+    start, offsets, end = _oob_layout(pickle_len, [s & _SIZE for s in sizes])
     if end != len(view):
         raise ValueError(f"an out-of-band frame of {len(view)} bytes says it holds {end}")
     bufs: list[Any] = []
     for o, size in zip(offsets, sizes, strict=True):
         if size & AS_BYTES:
-            size &= ~AS_BYTES
             obj, into = _bytes_buffer(size)
-            into[:] = view[o : o + size]
+            into[:] = view[o : o + (size & _SIZE)]
             bufs.append(obj)
         else:
             bufs.append(view[o : o + size])
     return view[start : start + pickle_len], _settle(bufs)
 
 
-def _bytes_buffer(size: int) -> tuple[bytes, memoryview]:
-    """`AwaitableBytes` of `size` to be filled, and a writable view of its contents (where
-    this interpreter cannot make one, a buffer whose contents become bytes when filled)."""
-    made = heap.blank_bytes(AwaitableBytes, size)
+def _bytes_buffer(flagged: int) -> tuple[bytes, memoryview]:
+    """The bytes (or `AwaitableBytes`) that a buffer's flagged size asks for, to be filled, and
+    a writable view of its contents (where this interpreter cannot make one, a buffer whose
+    contents become bytes when filled)."""
+    size, cls = flagged & _SIZE, bytes if flagged & PLAIN else AwaitableBytes
+    made = heap.blank_bytes(cls, size)
     if made is not None:
         return made
     view = big_buffer(size)
-    return _Later(view), view  # type: ignore[return-value]
+    return _Later(cls, view), view  # type: ignore[return-value]
 
 
 class _Later:
-    """A buffer to become bytes once it is filled (`_settle`)."""
+    """A buffer to become `cls` once it is filled (`_settle`)."""
 
-    __slots__ = ("view",)
+    __slots__ = ("cls", "view")
 
-    def __init__(self, view: memoryview) -> None:
-        self.view = view
+    def __init__(self, cls: type, view: memoryview) -> None:
+        self.cls, self.view = cls, view
 
 
 def _settle(bufs: list[Any]) -> list[Any]:
-    return [AwaitableBytes(b.view) if b.__class__ is _Later else b for b in bufs]
+    return [b.cls(b.view) if b.__class__ is _Later else b for b in bufs]
+
+
+def _flagged(buf: memoryview) -> int:
+    """A read-only buffer's size with the flags that say what it arrives as."""
+    return len(buf) | (AS_BYTES | PLAIN if isinstance(buf.obj, bytes) else AS_BYTES)
 
 
 def _whole_piece(size: int) -> Generator[memoryview, None, tuple[Any, list[Any] | None]]:
@@ -184,7 +194,7 @@ def _oob_pieces(size: int) -> Generator[memoryview, None, tuple[Any, list[Any] |
     raw = bytearray(8 * n)
     yield memoryview(raw)
     sizes = struct.unpack(f"<{n}Q", raw)
-    start, offsets, end = _oob_layout(pickle_len, [s & ~AS_BYTES for s in sizes])
+    start, offsets, end = _oob_layout(pickle_len, [s & _SIZE for s in sizes])
     if end != size:
         raise ValueError(f"an out-of-band frame of {size} bytes says it holds {end}")
     pickled = _frame_buffer(pickle_len) if pickle_len >= BIG_FRAME else bytearray(pickle_len)
@@ -195,14 +205,13 @@ def _oob_pieces(size: int) -> Generator[memoryview, None, tuple[Any, list[Any] |
         if off > at:
             yield memoryview(bytearray(off - at))  # alignment padding
         if size & AS_BYTES:
-            size &= ~AS_BYTES
             obj, view = _bytes_buffer(size)
             bufs.append(obj)
         else:
             view = memoryview(_frame_buffer(size))
             bufs.append(view)
         yield view
-        at = off + size
+        at = off + len(view)
     return pickled, _settle(bufs)
 
 
@@ -422,7 +431,7 @@ class FrameProtocol(asyncio.BufferedProtocol):
                 start, offsets, total = _oob_layout(len(payload), sizes)
                 if total > MAX_FRAME:
                     raise FrameTooLargeError(f"a message of {total} bytes is over the {MAX_FRAME}-byte frame limit")
-                flagged = [len(b) | AS_BYTES if b.readonly else len(b) for b in bufs]
+                flagged = [_flagged(b) if b.readonly else len(b) for b in bufs]
                 parts: list[bytes | memoryview] = [
                     _HEAD.pack(total | OOB, tag) + _OOB_META.pack(len(bufs), len(payload))
                     + struct.pack(f"<{len(bufs)}Q", *flagged) + payload]
