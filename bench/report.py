@@ -68,6 +68,8 @@ def _metrics() -> list[Metric]:
     for key, what in (
         ("handle", "handle, array as argument"),
         ("handle_rt", "handle, array there and back"),
+        ("handle_bytes", "handle, bytes as argument"),
+        ("handle_bytes_rt", "handle, bytes there and back"),
         ("http", "HTTP POST, length answered"),
         ("http_echo", "HTTP POST, body echoed"),
     ):

@@ -645,8 +645,9 @@ def post_loop(port: int, path: str, body: bytes, echo: bool) -> tuple[int, float
 
 
 def payload(system: System, ctx: Ctx) -> Result:
-    """1, 10 and 100 MB: float64 arrays through a handle (as the argument, and back), and
-    bodies POSTed over HTTP (length answered, and the body echoed); GB/s and ms per call."""
+    """1, 10 and 100 MB: float64 arrays and bytes objects through a handle (as the argument,
+    and back), and bodies POSTed over HTTP (length answered, and the body echoed); GB/s and
+    ms per call."""
     out: Result = {"notes": {}}
     if system.is_serve:
         cfg = {
@@ -662,7 +663,8 @@ def payload(system: System, ctx: Ctx) -> Result:
         if system.is_serve:
             results = srv.event(600.0)["results"]
             for mb in PAYLOAD_SIZES_MB:
-                for label, key in (("arg", "handle"), ("rt", "handle_rt")):
+                for label, key in (("arg", "handle"), ("rt", "handle_rt"), ("barg", "handle_bytes"),
+                                   ("brt", "handle_bytes_rt")):
                     r = results[f"{label}_{mb}"]
                     gbps, ms = _gbps_ms(r["bytes"], r["calls"], r["s"])
                     out[f"payload_{key}_gbps_{mb}mb"] = gbps

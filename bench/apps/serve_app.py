@@ -90,11 +90,12 @@ class EchoVersioned:
 
 @serve.deployment(ray_actor_options=NO_CPU)
 class Payload:
-    """Large payloads: a numpy array as a method's argument (`size`) and back (`echo`);
-    over HTTP, POST /size answers the body's length and POST /echo the body itself."""
+    """Large payloads: a numpy array or a bytes object as a method's argument (`size`) and
+    back (`echo`); over HTTP, POST /size answers the body's length and POST /echo the body
+    itself."""
 
     async def size(self, a: Any) -> int:
-        return int(a.nbytes)
+        return len(a) if isinstance(a, bytes) else int(a.nbytes)
 
     async def echo(self, a: Any) -> Any:
         return a
@@ -206,26 +207,32 @@ def _waves(handle: Any, inflight: int, duration: float) -> float:
 
 
 def mode_payload(cfg: dict[str, Any]) -> None:
-    """For each size: `size` calls (array as argument) and `echo` calls (array back),
-    sequential, for `seconds` and at least `min_calls` each, after one unmeasured call."""
+    """For each size, a numpy array and then a bytes object: `size` calls (as the argument)
+    and `echo` calls (there and back), sequential, for `seconds` and at least `min_calls`
+    each, after one unmeasured call."""
     import numpy as np
 
     start(cfg)
     handle = serve.run(Payload.bind(), name="payload", route_prefix="/")
     out: dict[str, Any] = {}
-    for mb in cfg["sizes_mb"]:
-        a = np.random.default_rng(mb).random(mb * 125_000)  # mb * 10**6 bytes of float64
-        for label, method in (("arg", handle.size), ("rt", handle.echo)):
-            r = method.remote(a).result()  # warm-up, and a check of the answer
-            got = r if label == "arg" else r.nbytes
-            if got != a.nbytes:
-                raise RuntimeError(f"{label} {mb} MB: answer has {got} bytes, not {a.nbytes}")
-            n, t0 = 0, time.perf_counter()
-            while n < cfg["min_calls"] or time.perf_counter() - t0 < cfg["seconds"]:
-                method.remote(a).result()
-                n += 1
-            out[f"{label}_{mb}"] = {"calls": n, "s": time.perf_counter() - t0, "bytes": a.nbytes}
-        del a
+    for kind in ("array", "bytes"):
+        for mb in cfg["sizes_mb"]:
+            a: Any = np.random.default_rng(mb).random(mb * 125_000)  # mb * 10**6 bytes of float64
+            if kind == "bytes":
+                a = a.tobytes()
+            nbytes = len(a) if kind == "bytes" else a.nbytes
+            for label, method in (("arg", handle.size), ("rt", handle.echo)):
+                r = method.remote(a).result()  # warm-up, and a check of the answer
+                got = r if label == "arg" else len(r) if kind == "bytes" else r.nbytes
+                if got != nbytes:
+                    raise RuntimeError(f"{kind} {label} {mb} MB: answer has {got} bytes, not {nbytes}")
+                n, t0 = 0, time.perf_counter()
+                while n < cfg["min_calls"] or time.perf_counter() - t0 < cfg["seconds"]:
+                    method.remote(a).result()
+                    n += 1
+                key = f"{label}_{mb}" if kind == "array" else f"b{label}_{mb}"
+                out[key] = {"calls": n, "s": time.perf_counter() - t0, "bytes": nbytes}
+            del a
     emit(event="handle", results=out)
     emit(event="ready")
     wait_for_parent()
