@@ -320,7 +320,7 @@ class FrameProtocol(asyncio.BufferedProtocol):
         except StopIteration as done:
             self._pieces = self._want = None
             payload, bufs = done.value
-            self._deliver_pieces(self._big_tag, payload, bufs)
+            self._deliver(self._big_tag, payload, False, bufs)
             return
         except Exception as e:  # a layout that does not add up: skip the rest of the frame
             self._pieces = self._want = None
@@ -403,17 +403,11 @@ class FrameProtocol(asyncio.BufferedProtocol):
         elif pos < n:
             buf += view[pos:]
 
-    def _deliver(self, tag: int, payload: bytes | bytearray | memoryview, oob: bool) -> None:
+    def _deliver(self, tag: int, payload: Any, oob: bool, bufs: list[Any] | None = None) -> None:
+        """Decode a frame's payload (`oob`: a whole out-of-band one; `bufs`: the out-of-band
+        buffers of one received piece by piece) and hand the message on."""
         try:
-            msg = decode(*_split(payload)) if oob else decode(payload)  # type: ignore[arg-type]
-        except Exception as e:
-            self.on_bad_frame(tag, e)
-            return
-        self.on_message(tag, msg)
-
-    def _deliver_pieces(self, tag: int, payload: Any, bufs: list[Any] | None) -> None:
-        try:
-            msg = decode(payload, bufs)
+            msg = decode(*_split(payload)) if oob else decode(payload, bufs)
         except Exception as e:
             self.on_bad_frame(tag, e)
             return
