@@ -461,22 +461,23 @@ def test_bodies_wrapped_by_oob_arrive_as_awaitable_bytes() -> None:
 
 
 def _mixed() -> tuple[bytes, bytes, Any, Any]:
-    """A frame of two bodies (one from a bytes object, one from a writable buffer) and two
-    arrays, one writable and one not: the bytes sent and what they hold."""
+    """A frame of two bodies (one from a bytes object, one from a writable buffer), two
+    arrays (one writable, one not) and a bytes argument: the bytes sent and what they hold."""
     np = pytest.importorskip("numpy")
     body = bytes(range(256)) * 400  # 102,400 bytes
     arr = np.arange(20_000, dtype=np.float64)
     frozen = np.arange(9_000, dtype=np.int32)
     frozen.flags.writeable = False
     view_body = memoryview(bytearray(b"v" * 70_001))
-    msg = Call("f", (protocol.oob(body), arr, protocol.oob(view_body), frozen), {}, None)
+    msg = Call("f", (protocol.oob(body), arr, protocol.oob(view_body), frozen, protocol.wire(body[::-1])), {}, None)
     return _sent((1, Ok("a")), (2, msg), (3, End())), body, arr, frozen
 
 
 def _check_mixed(s: Sink, body: bytes, arr: Any, frozen: Any, where: object) -> None:
     assert not s.bad and [t for t, _ in s.got] == [1, 2, 3], where
-    got_body, got_arr, got_view_body, got_frozen = s.got[1][1].args
+    got_body, got_arr, got_view_body, got_frozen, got_plain = s.got[1][1].args
     assert type(got_body) is AwaitableBytes and got_body == body, where
+    assert type(got_plain) is bytes and got_plain == body[::-1], where
     assert type(got_view_body) is AwaitableBytes and got_view_body == b"v" * 70_001, where
     assert (got_arr == arr).all() and got_arr.flags.writeable and got_arr.flags.aligned, where
     assert (got_frozen == frozen).all() and not got_frozen.flags.writeable, where
