@@ -126,24 +126,19 @@ def _oob_layout(pickle_len: int, sizes: list[int] | tuple[int, ...]) -> tuple[in
     return start, offsets, end
 
 
-def _split(payload: bytearray | memoryview) -> tuple[memoryview, list[Any]]:
-    """A whole out-of-band frame's pickle and its buffers (views of `payload`; a read-only
-    one copied into bytes)."""
+def _split(payload: bytearray | memoryview) -> tuple[Any, list[Any] | None]:
+    """A whole out-of-band frame's pickle and its buffers, each copied into memory of its own
+    as if it had been received piece by piece (`_oob_pieces`)."""
     view = memoryview(payload)
-    n, pickle_len = _OOB_META.unpack_from(view, 0)
-    sizes = struct.unpack_from(f"<{n}Q", view, _OOB_META.size)
-    start, offsets, end = _oob_layout(pickle_len, [s & _SIZE for s in sizes])
-    if end != len(view):
-        raise ValueError(f"an out-of-band frame of {len(view)} bytes says it holds {end}")
-    bufs: list[Any] = []
-    for o, size in zip(offsets, sizes, strict=True):
-        if size & AS_BYTES:
-            obj, into = _bytes_buffer(size)
-            into[:] = view[o : o + (size & _SIZE)]
-            bufs.append(obj)
-        else:
-            bufs.append(view[o : o + size])
-    return view[start : start + pickle_len], _settle(bufs)
+    pieces = _oob_pieces(len(view))
+    at = 0
+    try:
+        while True:
+            want = next(pieces)
+            want[:] = view[at : at + len(want)]
+            at += len(want)
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]
 
 
 def _bytes_buffer(flagged: int) -> tuple[bytes, memoryview]:
@@ -197,7 +192,7 @@ def _oob_pieces(size: int) -> Generator[memoryview, None, tuple[Any, list[Any] |
     start, offsets, end = _oob_layout(pickle_len, [s & _SIZE for s in sizes])
     if end != size:
         raise ValueError(f"an out-of-band frame of {size} bytes says it holds {end}")
-    pickled = _frame_buffer(pickle_len) if pickle_len >= BIG_FRAME else bytearray(pickle_len)
+    pickled = _frame_buffer(pickle_len)
     yield memoryview(pickled)
     at = start + pickle_len
     bufs: list[Any] = []
@@ -296,12 +291,16 @@ class FrameProtocol(asyncio.BufferedProtocol):
         if want is None:
             self.data_received(self._scratch[:nbytes])  # type: ignore[index]
             return
+        self._filled(want, nbytes)
+
+    def _filled(self, want: memoryview, nbytes: int) -> None:
+        """`nbytes` more of the piece `want` arrived."""
         self._left -= nbytes
         fill = self._fill + nbytes
         if fill < len(want):
             self._fill = fill
-            return
-        self._next_piece()
+        else:
+            self._next_piece()
 
     def _start_big(self, tag: int, size: int, oob: bool) -> None:
         self._pieces = _oob_pieces(size) if oob else _whole_piece(size)
@@ -337,11 +336,7 @@ class FrameProtocol(asyncio.BufferedProtocol):
             n = min(len(want) - fill, len(data) - took)
             want[fill : fill + n] = data[took : took + n]
             took += n
-            self._left -= n
-            if fill + n < len(want):
-                self._fill = fill + n
-            else:
-                self._next_piece()
+            self._filled(want, n)
         return took
 
     def data_received(self, data: bytes | bytearray | memoryview) -> None:
@@ -391,7 +386,7 @@ class FrameProtocol(asyncio.BufferedProtocol):
                         continue
                     pos = n
                 break
-            if oob:  # its buffers become the message's: writable memory of its own
+            if oob:  # copied out first: no view of the shared buffer outlives this call
                 self._deliver(tag, bytearray(memoryview(view)[start:end]), True)
             elif size < BIG_FRAME or view is buf:
                 self._deliver(tag, view[start:end], False)
