@@ -20,6 +20,10 @@ from that memory, without zeroing them first (they are written whole before anyt
 them); `REUSED` is the size up to which it is used. `blank_bytes(cls, n)` makes a bytes object
 the same way, with a writable view of its contents, so that a large body is received straight
 into the `bytes` the application gets instead of being copied into one after it arrived.
+
+Larger buffers are kept whole: `KEPT`, this process's `Buffers`, holds up to
+`FLOTILLA_KEEP_BUFFERS_MB` (default 256) MiB of the buffers and bytes objects large payloads
+were received into, and hands one out again once nothing else refers to it.
 """
 
 from __future__ import annotations
@@ -27,6 +31,9 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import sys
+import threading
+from collections.abc import Callable
 from typing import Any
 
 logger = logging.getLogger("flotilla")
@@ -42,19 +49,23 @@ MMAP_THRESHOLD_MAX_MB = 32  # glibc's largest on 64-bit
 REUSED = 0
 
 
-def keep_freed_mb() -> int:
-    """MiB of freed memory to keep, from `FLOTILLA_KEEP_FREED_MB` (0: glibc's default)."""
-    raw = os.environ.get(ENV, "")
+def _env_mb(name: str, default: int, most: int) -> int:
+    raw = os.environ.get(name, "")
     if raw == "":
-        return DEFAULT_MB
+        return default
     try:
         mb = int(raw)
     except ValueError:
         mb = -1
-    if not 0 <= mb <= MAX_MB:
-        logger.warning("%s=%r is not a whole number of MiB from 0 to %d; using %d", ENV, raw, MAX_MB, DEFAULT_MB)
-        return DEFAULT_MB
+    if not 0 <= mb <= most:
+        logger.warning("%s=%r is not a whole number of MiB from 0 to %d; using %d", name, raw, most, default)
+        return default
     return mb
+
+
+def keep_freed_mb() -> int:
+    """MiB of freed memory to keep, from `FLOTILLA_KEEP_FREED_MB` (0: glibc's default)."""
+    return _env_mb(ENV, DEFAULT_MB, MAX_MB)
 
 
 def keep_freed() -> int:
@@ -103,6 +114,8 @@ _view_of.restype = ctypes.py_object
 _PYBUF_WRITE = 0x200
 #: Where a bytes object's contents start (its struct ends with them, one byte counted).
 _DATA = bytes.__basicsize__ - 1
+#: Where a variable-size object's length is (after its reference count and type).
+_SIZE_AT = 2 * ctypes.sizeof(ctypes.c_void_p)
 _HUGE = 2 << 20
 _MADV_HUGEPAGE = 14
 try:
@@ -127,6 +140,15 @@ def _blank(cls: type, size: int) -> tuple[bytes, memoryview]:
     return obj, _view_of(at, size, _PYBUF_WRITE)
 
 
+def _set_size(obj: bytes, size: int) -> None:
+    """Make a kept bytes object (nothing else refers to it) `size` bytes long, at most its
+    allocated length; its contents are then to be written."""
+    at = id(obj) + _DATA
+    ctypes.c_ssize_t.from_address(id(obj) + _SIZE_AT).value = size
+    ctypes.c_ssize_t.from_address(at - ctypes.sizeof(ctypes.c_ssize_t)).value = -1  # hash not cached
+    ctypes.c_char.from_address(at + size).value = b"\0"
+
+
 def _works() -> bool:
     from flotilla._private.awaitable import AwaitableBytes
 
@@ -136,6 +158,9 @@ def _works() -> bool:
             view[:] = b"abc"
             if not (type(obj) is cls and obj == b"abc" and hash(obj) == hash(b"abc") and len(obj) == 3):
                 return False
+            _set_size(obj, 2)
+            if not (obj == b"ab" and hash(obj) == hash(b"ab") and len(obj) == 2):
+                return False
     except Exception:  # another interpreter's layout, or no C API: copy instead
         return False
     return True
@@ -144,9 +169,99 @@ def _works() -> bool:
 BLANK_BYTES = _works()
 
 
+BUFFERS_ENV = "FLOTILLA_KEEP_BUFFERS_MB"
+DEFAULT_BUFFERS_MB = 256
+MAX_BUFFERS_MB = 1 << 20
+
+
+class Buffers:
+    """Large buffers used again once nothing refers to them.
+
+    A buffer handed out lives on in what was read into it: a received array's memory, a
+    `bytes` object, a frame being decoded. The pool keeps a reference to each buffer it made
+    and takes one back when that is the only reference left, so a process that receives large
+    payloads again and again fills the same memory instead of fresh pages that fault on first
+    write. It holds at most `cap` bytes in all, in use or not; it drops idle buffers to make
+    room, and a buffer it cannot make room for is handed out without being kept."""
+
+    def __init__(self, cap: int | None = None) -> None:
+        self._cap = cap
+        self._held: list[Any] = []
+        self._sizes: list[int] = []
+        self._kinds: list[object] = []
+        self._lock = threading.Lock()
+
+    def cap(self) -> int:
+        """Bytes the pool may hold (read from `FLOTILLA_KEEP_BUFFERS_MB` on first use)."""
+        if self._cap is None:
+            self._cap = _env_mb(BUFFERS_ENV, DEFAULT_BUFFERS_MB, MAX_BUFFERS_MB) << 20
+        return self._cap
+
+    def _idle(self, i: int) -> bool:
+        return sys.getrefcount(self._held[i]) == 2  # the list's reference and the argument's
+
+    def take(self, size: int, make: Callable[[int], Any]) -> tuple[Any, bool]:
+        """(an idle kept buffer that `make` made, with room for `size` bytes (the smallest
+        such), True), else (`make(size)`, False). A kept buffer's contents are unset."""
+        with self._lock:
+            best = -1
+            for i, n in enumerate(self._sizes):
+                if n >= size and self._kinds[i] == make and (best < 0 or n < self._sizes[best]) and self._idle(i):
+                    best = i
+            if best >= 0:
+                return self._held[best], True
+            room = self.cap() - sum(self._sizes) - size
+            i = 0
+            while room < 0 and i < len(self._held):
+                if self._idle(i):
+                    del self._held[i], self._kinds[i]
+                    room += self._sizes.pop(i)
+                else:
+                    i += 1
+            buf = make(size)
+            if room >= 0:
+                self._held.append(buf)
+                self._sizes.append(size)
+                self._kinds.append(make)
+            return buf, False
+
+    def get(self, size: int, make: Callable[[int], Any]) -> memoryview:
+        """A writable view of `size` bytes of a buffer `take` gave."""
+        return memoryview(self.take(size, make)[0])[:size]
+
+    def kept(self) -> tuple[int, int]:
+        """(buffers held, bytes held)."""
+        with self._lock:
+            return len(self._held), sum(self._sizes)
+
+
+#: This process's pool of large receive buffers.
+KEPT = Buffers()
+#: From this size a blank bytes object comes from `KEPT` (above `REUSED`).
+KEPT_MIN = 4 << 20
+
+
 def blank_bytes(cls: type, size: int) -> tuple[bytes, memoryview] | None:
     """A new `cls` (bytes or a subclass of it that adds no fields) of `size` bytes whose
     contents are not set yet, and a writable view of them; None where this interpreter's
     layout was not confirmed. The caller fills the view before the object is used (a bytes
     object is immutable once others see it) and keeps the object while it writes."""
-    return _blank(cls, size) if BLANK_BYTES else None
+    if not BLANK_BYTES:
+        return None
+    if size < KEPT_MIN or size <= REUSED:
+        return _blank(cls, size)
+    obj, again = KEPT.take(size, _BLANK_MAKERS.get(cls) or _blank_maker(cls))
+    at = id(obj) + _DATA
+    if again:
+        _set_size(obj, size)
+    return obj, _view_of(at, size, _PYBUF_WRITE)
+
+
+_BLANK_MAKERS: dict[type, Callable[[int], bytes]] = {}
+
+
+def _blank_maker(cls: type) -> Callable[[int], bytes]:
+    def make(size: int) -> bytes:
+        return _blank(cls, size)[0]
+
+    return _BLANK_MAKERS.setdefault(cls, make)
