@@ -69,8 +69,10 @@ def test_bytes_and_arrays_arrive_as_sent_in_both_directions() -> None:
     assert (back_arr == arr).all() and back_arr.flags.writeable
     small = b"x" * 100
     assert h.same.remote(small).result(timeout_s=30) == small
-    nested = {"a": [blob[:200_000]], "b": (blob[:70_000],)}
-    assert h.same.remote(nested).result(timeout_s=30) == nested
+    nested = {"a": [blob[:200_000]], "b": (blob[:70_000],), "c": [[blob[:80_000]]]}
+    back_nested = h.same.remote(nested).result(timeout_s=30)
+    assert back_nested == nested and type(back_nested["a"][0]) is bytes and type(back_nested["b"]) is tuple
+    assert h.describe.remote(blob, extra=[blob[:MB]]).result(timeout_s=30)["extra"] == ("list", 1)
     items = list(h.options(stream=True).pieces.remote(blob, 3))
     assert [type(i) for i in items] == [bytes] * 3 and b"".join(items) == blob
 

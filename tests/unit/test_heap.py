@@ -87,7 +87,7 @@ def test_malloc_top_pad_in_the_environment_is_left_to_glibc() -> None:
 
 @pytest.mark.parametrize("cls", [bytes, AwaitableBytes])
 @pytest.mark.parametrize("size", [0, 1, 100, 70_000, 5 << 20])
-def test_blank_bytes_is_an_ordinary_bytes_object_once_filled(cls: type, size: int) -> None:
+def test_blank_bytes_is_an_ordinary_bytes_object_once_filled(cls: type, size: int, own_pool: heap.Buffers) -> None:
     assert heap.BLANK_BYTES  # CPython: the layout was confirmed at import
     made = heap.blank_bytes(cls, size)
     assert made is not None
@@ -250,8 +250,16 @@ def test_buffers_are_safe_to_take_from_several_threads() -> None:
     assert len(seen) == 800 and len(made) <= 8
 
 
+@pytest.fixture
+def own_pool(monkeypatch: pytest.MonkeyPatch) -> heap.Buffers:
+    """A pool of this test's own in place of the process's (other tests fill that one)."""
+    pool = heap.Buffers(64 << 20)
+    monkeypatch.setattr(heap, "KEPT", pool)
+    return pool
+
+
 @pytest.mark.parametrize("cls", [bytes, AwaitableBytes])
-def test_a_large_blank_bytes_object_nothing_refers_to_is_filled_again(cls: type) -> None:
+def test_a_large_blank_bytes_object_nothing_refers_to_is_filled_again(cls: type, own_pool: heap.Buffers) -> None:
     size = heap.KEPT_MIN + 10
     made = heap.blank_bytes(cls, size)
     assert made is not None
@@ -273,3 +281,4 @@ def test_a_large_blank_bytes_object_nothing_refers_to_is_filled_again(cls: type)
     assert type(obj) is cls and len(obj) == size - 7 and obj == b"c" * (size - 7)
     assert hash(obj) == hash(b"c" * (size - 7)) and bytes(obj[-2:]) == b"cc"
     assert pickle.loads(pickle.dumps(obj)) == b"c" * (size - 7)
+    assert own_pool.kept() == (2, 2 * size - 3)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import pickle
 import random
@@ -961,12 +962,13 @@ def test_big_buffer_comes_from_kept_memory_in_a_process_that_keeps_it() -> None:
 
 def test_large_bytes_arguments_and_results_travel_out_of_band_as_plain_bytes() -> None:
     """`protocol.wire`: a bytes object (or AwaitableBytes) of 64 KiB or more, as an argument,
-    keyword argument or result, is written from its own memory and arrives as a plain bytes
-    object; smaller ones, and bytes inside containers, stay in the pickle, as before."""
+    keyword argument or result, or in a list, tuple or dict up to two levels down, is written
+    from its own memory and arrives as a plain bytes object; smaller ones stay in the pickle."""
     big, kw, small = bytes(range(256)) * 400, b"k" * 70_000, b"s" * 100
     inner = [b"i" * 70_000]
     args, kwargs = protocol.wire_args((big, small, inner, AwaitableBytes(b"a" * 65_536)), {"kw": kw, "n": 1})
-    assert type(args[0]) is pickle.PickleBuffer and args[1] is small and args[2] is inner
+    assert type(args[0]) is pickle.PickleBuffer and args[1] is small and args[2] is not inner
+    assert type(args[2]) is list and type(args[2][0]) is pickle.PickleBuffer and type(inner[0]) is bytes
     assert type(args[3]) is pickle.PickleBuffer and type(kwargs["kw"]) is pickle.PickleBuffer and kwargs["n"] == 1
     assert protocol.wire_args((small,), {}) == ((small,), {})
     blob = _sent((1, Call("f", args, kwargs, None)), (2, Ok(protocol.wire(big))), (3, Yield(protocol.wire(kw))))
@@ -979,5 +981,35 @@ def test_large_bytes_arguments_and_results_travel_out_of_band_as_plain_bytes() -
         assert type(call.kwargs["kw"]) is bytes and call.kwargs == {"kw": kw, "n": 1}
         assert type(s.got[1][1].result) is bytes and s.got[1][1].result == big
         assert type(s.got[2][1].item) is bytes and s.got[2][1].item == kw
+        assert type(call.args[2][0]) is bytes
     size, _ = HEAD.unpack_from(blob, 0)
     assert size & transport.OOB and (size & ~transport.OOB) > len(big) + len(kw)  # out of band
+
+
+def _out_of_band(value: Any) -> list[int]:
+    """The sizes of the buffers `value`, `wire`d, leaves out of the pickle."""
+    return [len(b) for b in protocol.encode_parts(Ok(protocol.wire(value)))[1]]
+
+
+def test_wire_looks_two_levels_into_plain_containers_and_no_further() -> None:
+    big = b"b" * 70_000
+    assert _out_of_band({"image": big, "n": 1}) == [70_000]
+    assert _out_of_band([big, (b"x" * 65_536, 2)]) == [70_000, 65_536]
+    assert _out_of_band({"batch": [big, big]}) == [70_000, 70_000]
+    assert _out_of_band(([[big]],)) == []  # three levels down: in the pickle
+    assert _out_of_band([big] + [0] * protocol.WIRE_ITEMS) == []  # too many items to look at
+    assert _out_of_band(collections.OrderedDict(a=big)) == []  # only exact lists, tuples, dicts
+    assert _out_of_band({"a": b"s" * 100}) == []
+    value = {"a": [big], "t": (1, big), "k": "v"}
+    wired = protocol.wire(value)
+    assert wired is not value and value == {"a": [big], "t": (1, big), "k": "v"}  # the caller's untouched
+    assert type(wired["t"]) is tuple and wired["k"] == "v"
+    plain = {"a": [1, 2], "b": "x"}
+    assert protocol.wire(plain) is plain
+    got = protocol.decode(*_frame_parts(Ok(wired)))
+    assert got.result == value and type(got.result["a"][0]) is bytes and type(got.result["t"]) is tuple
+
+
+def _frame_parts(msg: Any) -> tuple[bytes, list[Any]]:
+    payload, bufs = protocol.encode_parts(msg)
+    return payload, [bytes(b) for b in bufs]

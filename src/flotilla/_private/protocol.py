@@ -202,22 +202,54 @@ def oob(data: bytes | bytearray | memoryview) -> Any:
     return pickle.PickleBuffer(memoryview(data).toreadonly())
 
 
-def wire(value: Any) -> Any:
-    """A value about to be sent: a large bytes object wrapped so that it travels out of band
-    and arrives as a bytes object the receiver's kernel wrote (pickle keeps bytes in band)."""
-    if isinstance(value, bytes) and len(value) >= OOB_MIN:
+#: Container levels (exact lists, tuples and dicts) `wire` looks into for large bytes objects,
+#: and the most items a container may have for it to look.
+WIRE_DEPTH = 2
+WIRE_ITEMS = 64
+_CONTAINERS = frozenset((list, tuple, dict))
+
+
+def _wired(value: Any, depth: int) -> bool:
+    """Whether `wire` would change `value`: a large bytes object, or an exact list, tuple or
+    dict of at most WIRE_ITEMS items holding an exact one within `depth` more levels."""
+    cls = value.__class__
+    if cls is list or cls is tuple or cls is dict:
+        if not depth or len(value) > WIRE_ITEMS:
+            return False
+        items = value.values() if cls is dict else value
+        kinds = set(map(type, items))  # (one pass in C: most containers hold neither)
+        if bytes in kinds and any(v.__class__ is bytes and len(v) >= OOB_MIN for v in items):
+            return True
+        if depth > 1 and not kinds.isdisjoint(_CONTAINERS):
+            return any(v.__class__ in _CONTAINERS and _wired(v, depth - 1) for v in items)
+        return False
+    return isinstance(value, bytes) and len(value) >= OOB_MIN
+
+
+def wire(value: Any, depth: int = WIRE_DEPTH) -> Any:
+    """A value about to be sent: its large bytes objects, alone or in lists, tuples and dicts
+    up to `depth` levels down, wrapped so that they travel out of band and arrive as bytes
+    objects the receiver's kernel wrote (pickle keeps bytes in band). Containers that hold
+    one are copied, shallowly, with the wrapped objects in them; others are sent as they are."""
+    if not _wired(value, depth):
+        return value
+    cls = value.__class__
+    if cls is dict:
+        return {k: wire(v, depth - 1) for k, v in value.items()}
+    if cls is not list and cls is not tuple:
         return pickle.PickleBuffer(value)
-    return value
+    wired = [wire(v, depth - 1) for v in value]
+    return wired if cls is list else tuple(wired)
 
 
 def wire_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """A call's arguments with their large bytes objects (not those inside containers) `wire`d."""
+    """A call's arguments with their large bytes objects `wire`d (an argument is a level)."""
     for a in args:
-        if isinstance(a, bytes) and len(a) >= OOB_MIN:
+        if _wired(a, WIRE_DEPTH):
             args = tuple(map(wire, args))
             break
     for v in kwargs.values():
-        if isinstance(v, bytes) and len(v) >= OOB_MIN:
+        if _wired(v, WIRE_DEPTH):
             kwargs = {k: wire(v) for k, v in kwargs.items()}
             break
     return args, kwargs
