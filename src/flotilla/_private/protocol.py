@@ -245,11 +245,11 @@ def wire(value: Any, depth: int = WIRE_DEPTH) -> Any:
 def wire_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """A call's arguments with their large bytes objects `wire`d (an argument is a level)."""
     for a in args:
-        if _wired(a, WIRE_DEPTH):
+        if (a.__class__ in _CONTAINERS or isinstance(a, bytes)) and _wired(a, WIRE_DEPTH):
             args = tuple(map(wire, args))
             break
     for v in kwargs.values():
-        if _wired(v, WIRE_DEPTH):
+        if (v.__class__ in _CONTAINERS or isinstance(v, bytes)) and _wired(v, WIRE_DEPTH):
             kwargs = {k: wire(v) for k, v in kwargs.items()}
             break
     return args, kwargs
