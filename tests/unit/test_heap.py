@@ -282,3 +282,27 @@ def test_a_large_blank_bytes_object_nothing_refers_to_is_filled_again(cls: type,
     assert hash(obj) == hash(b"c" * (size - 7)) and bytes(obj[-2:]) == b"cc"
     assert pickle.loads(pickle.dumps(obj)) == b"c" * (size - 7)
     assert own_pool.kept() == (2, 2 * size - 3)
+
+
+def test_a_child_forked_while_another_thread_held_the_pool_can_use_it() -> None:
+    script = """
+import os, signal, threading
+from flotilla._private import heap
+held, release = threading.Event(), threading.Event()
+def hold():
+    with heap.KEPT._lock:
+        held.set()
+        release.wait(10)
+threading.Thread(target=hold, daemon=True).start()
+held.wait(10)
+pid = os.fork()
+if pid == 0:
+    signal.alarm(10)  # a lock left held would hang here: SIGALRM ends the child
+    view = heap.KEPT.get(8 << 20, bytearray)
+    os._exit(0 if len(view) == 8 << 20 else 1)
+release.set()
+_, status = os.waitpid(pid, 0)
+print(os.waitstatus_to_exitcode(status))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "0", (out.stdout, out.stderr)

@@ -234,9 +234,14 @@ class Buffers:
         with self._lock:
             return len(self._held), sum(self._sizes)
 
+    def _forked(self) -> None:
+        self._lock = threading.Lock()  # (a fork while another thread held it)
+
 
 #: This process's pool of large receive buffers.
 KEPT = Buffers()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=lambda: KEPT._forked())
 #: From this size a blank bytes object comes from `KEPT` (above `REUSED`).
 KEPT_MIN = 4 << 20
 
