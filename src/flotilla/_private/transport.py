@@ -110,7 +110,6 @@ def _fresh_buffer(size: int) -> Any:
     return m
 
 
-
 def _frame_buffer(size: int) -> bytearray | memoryview:
     """Writable memory for a large frame (zeroed only where it is a plain bytearray)."""
     return big_buffer(size) if size >= MAPPED_FRAME or size <= heap.REUSED else bytearray(size)
