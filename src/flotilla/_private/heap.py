@@ -29,6 +29,7 @@ were received into, and hands one out again once nothing else refers to it.
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import os
 import sys
@@ -255,18 +256,17 @@ def blank_bytes(cls: type, size: int) -> tuple[bytes, memoryview] | None:
         return None
     if size < KEPT_MIN or size <= REUSED:
         return _blank(cls, size)
-    obj, again = KEPT.take(size, _BLANK_MAKERS.get(cls) or _blank_maker(cls))
+    obj, again = KEPT.take(size, _blank_maker(cls))
     at = id(obj) + _DATA
     if again:
         _set_size(obj, size)
     return obj, _view_of(at, size, _PYBUF_WRITE)
 
 
-_BLANK_MAKERS: dict[type, Callable[[int], bytes]] = {}
-
-
+@functools.cache
 def _blank_maker(cls: type) -> Callable[[int], bytes]:
+    """`cls`'s maker for `KEPT` (one per class: the pool tells kinds apart by maker)."""
     def make(size: int) -> bytes:
         return _blank(cls, size)[0]
 
-    return _BLANK_MAKERS.setdefault(cls, make)
+    return make

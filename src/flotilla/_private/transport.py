@@ -395,8 +395,8 @@ class FrameProtocol(asyncio.BufferedProtocol):
                         continue
                     pos = n
                 break
-            if oob:  # copied out first: no view of the shared buffer outlives this call
-                self._deliver(tag, bytearray(memoryview(view)[start:end]), True)
+            if oob:  # `_split` copies each part into memory of its own before decoding
+                self._deliver(tag, memoryview(view)[start:end], True)
             elif size < BIG_FRAME or view is buf:
                 self._deliver(tag, view[start:end], False)
             else:
