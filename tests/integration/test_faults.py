@@ -15,7 +15,7 @@ import pytest
 from flotilla import serve
 from flotilla.exceptions import RayActorError
 from flotilla.serve.exceptions import BackPressureError
-from tests.conftest import wait_for
+from tests.conftest import env_vars, running_cluster, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -24,6 +24,8 @@ pytestmark = pytest.mark.slow
 class Fragile:
     def __init__(self):
         self.healthy = True
+        self.checks = 0
+        self.fail_checks = 0
 
     def __call__(self):
         return os.getpid()
@@ -35,10 +37,25 @@ class Fragile:
         asyncio.get_running_loop().call_later(0.3, os._exit, 1)
         await asyncio.sleep(60)
 
+    async def slow(self, s):
+        await asyncio.sleep(s)
+        return os.getpid()
+
     def set_healthy(self, v):
         self.healthy = v
 
+    def fail_next_checks(self, n):
+        self.fail_checks = n
+        return self.checks
+
+    def checks_done(self):
+        return self.checks
+
     def check_health(self):
+        self.checks += 1
+        if self.fail_checks > 0:
+            self.fail_checks -= 1
+            raise RuntimeError("a passing failure")
         if not self.healthy:
             raise RuntimeError("unhealthy on purpose")
 
@@ -78,14 +95,30 @@ def test_failed_health_check_replaces_replica(url):
     pid = h.remote().result()
     h.set_healthy.remote(False).result()
 
-    def replaced() -> bool:
-        try:
-            return h.remote().result(timeout_s=10) != pid
-        except RayActorError:  # sent to the failing replica just before it was stopped (as Ray does, at once)
-            return False
-
-    wait_for(replaced, timeout=20, what="replacement after health check")
+    # The failing replica drains (as Ray Serve stops an unhealthy one by default): no call fails.
+    wait_for(lambda: h.remote().result(timeout_s=10) != pid, timeout=20, what="replacement after health check")
     wait_for(lambda: _running("health"), what="RUNNING again")
+
+
+def test_two_failed_health_checks_in_a_row_are_tolerated(url):
+    # As Ray Serve: a replica is unhealthy after 3 failed checks in a row; a success resets the count.
+    h = serve.run(Fragile.bind(), name="health-flaky", route_prefix=None)
+    pid = h.remote().result()
+    for _ in range(2):
+        start = h.fail_next_checks.remote(2).result()
+        wait_for(lambda s=start: h.checks_done.remote().result() >= s + 3, what="two failed checks, then a good one")
+    assert h.remote().result() == pid
+    assert serve.status().applications["health-flaky"].deployments["Fragile"].status == "HEALTHY"
+
+
+def test_failed_health_check_drains_calls_in_flight(url):
+    h = serve.run(Fragile.options(graceful_shutdown_timeout_s=30).bind(), name="health-drain", route_prefix=None)
+    pid = h.remote().result()
+    slow = h.slow.remote(3)
+    h.set_healthy.remote(False).result()
+    wait_for(lambda: h.remote().result(timeout_s=10) != pid, timeout=20, what="replacement after health check")
+    assert slow.result(timeout_s=20) == pid  # answered by the replica that failed its check
+    wait_for(lambda: _running("health-drain"), what="RUNNING again")
 
 
 def test_constructor_failure_is_deploy_failed_with_traceback(url):
@@ -233,3 +266,17 @@ def test_backpressure_503_and_BackPressureError(url):
     with httpx.Client(base_url=url, timeout=30) as c, concurrent.futures.ThreadPoolExecutor(6) as pool:
         codes = sorted(f.result().status_code for f in [pool.submit(c.get, "/bp") for _ in range(6)])
     assert 503 in codes and 200 in codes
+
+
+def test_force_stop_unhealthy_replicas_kills_at_once() -> None:
+    # Ray Serve's RAY_SERVE_FORCE_STOP_UNHEALTHY_REPLICAS=1: no drain, the call in flight fails.
+    with env_vars(FLOTILLA_FORCE_STOP_UNHEALTHY_REPLICAS="1"), running_cluster(num_cpus=2):
+        h = serve.run(Fragile.options(graceful_shutdown_timeout_s=30).bind(), name="health-force", route_prefix=None)
+        pid = h.remote().result()
+        slow = h.slow.remote(10)
+        h.set_healthy.remote(False).result()
+        t0 = time.monotonic()
+        with pytest.raises(RayActorError):
+            slow.result(timeout_s=20)
+        assert time.monotonic() - t0 < 5
+        wait_for(lambda: h.remote().result(timeout_s=10) != pid, timeout=20, what="replacement after health check")

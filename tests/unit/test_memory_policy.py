@@ -102,6 +102,10 @@ def test_limits_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RAY_memory_usage_threshold", "0.8")
     monkeypatch.setenv("FLOTILLA_MEMORY_MONITOR_REFRESH_MS", "0")
     assert Limits.from_env() == Limits(12, 60, 0.8, 0.0)
+    monkeypatch.setenv("RAY_SERVE_FORCE_STOP_UNHEALTHY_REPLICAS", "1")
+    assert Limits.from_env().force_stop_unhealthy
+    monkeypatch.setenv("FLOTILLA_FORCE_STOP_UNHEALTHY_REPLICAS", "0")  # ours first
+    assert not Limits.from_env().force_stop_unhealthy
     monkeypatch.setenv("FLOTILLA_MEMORY_USAGE_THRESHOLD", "lots")
     with pytest.raises(ValueError, match="FLOTILLA_MEMORY_USAGE_THRESHOLD='lots' is not a number"):
         Limits.from_env()

@@ -6,6 +6,8 @@ and the machine may use. No I/O and no clock; the controller measures and carrie
   `startup_timeout_s` it is killed and counts as a failed start (3 in a row: DEPLOY_FAILED).
 - Memory limit: a replica whose process group's RSS exceeds its `ray_actor_options["memory"]`
   is killed and replaced.
+- Health: a replica that fails its health check drains like any replica being stopped (Ray
+  Serve's default); `force_stop_unhealthy` kills it at once instead.
 - Machine threshold (as Ray's memory monitor): when the machine's used memory is over
   `memory_usage_threshold` of its total, the replica using the most memory is killed; one at a
   time (the next only once the previous one has exited).
@@ -41,6 +43,7 @@ class Limits:
     startup_timeout_s: float = 1800.0  # 0: no limit
     memory_usage_threshold: float = 0.95  # fraction of the machine; 1 (or more): off
     memory_monitor_refresh_s: float = 0.25  # 0: the memory checks are off
+    force_stop_unhealthy: bool = False  # kill a replica that fails its health check instead of draining it
 
     @classmethod
     def from_env(cls) -> Limits:
@@ -49,6 +52,8 @@ class Limits:
             startup_timeout_s=_env(("FLOTILLA_REPLICA_STARTUP_TIMEOUT_S",), 1800.0),
             memory_usage_threshold=_env(("FLOTILLA_MEMORY_USAGE_THRESHOLD", "RAY_memory_usage_threshold"), 0.95),
             memory_monitor_refresh_s=_env(("FLOTILLA_MEMORY_MONITOR_REFRESH_MS", "RAY_memory_monitor_refresh_ms"), 250.0) / 1000.0,
+            force_stop_unhealthy=_env(
+                ("FLOTILLA_FORCE_STOP_UNHEALTHY_REPLICAS", "RAY_SERVE_FORCE_STOP_UNHEALTHY_REPLICAS"), 0.0) != 0,
         )
 
 

@@ -92,6 +92,8 @@ STOP_REPLY_GRACE_S = 5.0
 EXIT_GRACE_S = 5.0
 #: Bound on the stats call that tells which replicas have the fewest requests in flight.
 LOAD_SAMPLE_TIMEOUT_S = 0.25
+#: Failed health checks in a row after which a replica is replaced (Ray Serve's threshold).
+UNHEALTHY_AFTER = 3
 #: How long a restarted head waits for a re-adopted replica to reconnect before replacing it.
 REATTACH_TIMEOUT_S = float(os.environ.get("FLOTILLA_REATTACH_TIMEOUT_S", "10"))
 #: How many ids of replicas that died serving each deployment's routers are told of.
@@ -1030,22 +1032,33 @@ class Controller:
         cfg = r.spec["config"]
         period = cfg["health_check_period_s"]
         timeout = cfg["health_check_timeout_s"]
+        failed = 0
         while r.state.routable:
             await asyncio.sleep(period)
             if not r.state.routable or r.peer is None:
                 return
             try:
                 await asyncio.wait_for(r.peer.call("health"), timeout)
+                failed = 0
             except Exception as e:
                 if not r.state.routable:
                     return
                 why = "timed out" if isinstance(e, TimeoutError) else f"raised {e!r}"
-                logger.warning("replica %s failed its health check (%s); replacing it", r.id, why)
-                r.dep.unhealthy_msg = f"Replica {r.id} failed its health check ({why}); replacing it."
-                r.dep.trigger = DeploymentStatusTrigger.HEALTH_CHECK_FAILED
+                failed += 1
                 self.metrics.inc("flotilla_deployment_health_check_failures", (r.dep.name, r.dep.app))
+                if failed < UNHEALTHY_AFTER:
+                    logger.warning("replica %s failed its health check (%s), %d of %d in a row",
+                                   r.id, why, failed, UNHEALTHY_AFTER)
+                    continue
+                logger.warning("replica %s failed its health check %d times in a row (last: %s); replacing it",
+                               r.id, failed, why)
+                r.dep.unhealthy_msg = (f"Replica {r.id} failed its health check {failed} times in a row "
+                                       f"(last: {why}); replacing it.")
+                r.dep.trigger = DeploymentStatusTrigger.HEALTH_CHECK_FAILED
                 self._restarting(r, f"health check {why}")
-                self._stop_replica(r, False, f"health check {why}")
+                # Drained like any replica stopped on purpose (calls in flight there are answered),
+                # unless told to kill it; its replacement starts at once either way.
+                self._stop_replica(r, not self.limits.force_stop_unhealthy, f"health check {why}")
                 return
 
     # ---- reconciliation -----------------------------------------------------------------
