@@ -22,3 +22,17 @@ def test_ray_serve_names_are_present():
 def test_top_level_api():
     assert set(flotilla.__all__) >= {"init", "shutdown", "is_initialized", "__version__"}
     assert not flotilla.is_initialized()
+
+
+def test_request_cancelled_error_is_ray_serves_and_the_older_name() -> None:
+    import pickle
+
+    from flotilla.exceptions import TaskCancelledError
+    from flotilla.serve.exceptions import RayServeException, RequestCancelledError
+
+    e = RequestCancelledError("abc")
+    assert isinstance(e, RayServeException) and isinstance(e, TaskCancelledError)
+    assert str(e) == "Request abc was cancelled." and e.request_id == "abc"
+    back = pickle.loads(pickle.dumps(e))
+    assert back.__class__ is RequestCancelledError and str(back) == str(e)
+    assert str(RequestCancelledError()) == "The request was cancelled."

@@ -4,12 +4,14 @@
 RayServeException
  ├── BackPressureError          max_queued_requests exceeded (HTTP 503)
  ├── DeploymentUnavailableError  the deployment has been deleted or never existed
- ├── RequestCancelledError      the request was cancelled (client gone, timeout)
+ ├── RequestCancelledError      the request was cancelled (also a flotilla.exceptions.TaskCancelledError)
  └── ConfigError                invalid deployment or application options (also ValueError/TypeError)
 ```
 """
 
 from __future__ import annotations
+
+from flotilla.exceptions import TaskCancelledError
 
 
 class RayServeException(Exception):
@@ -40,8 +42,16 @@ class DeploymentUnavailableError(RayServeException):
     """The deployment a handle points at is not running (deleted, or never deployed)."""
 
 
-class RequestCancelledError(RayServeException):
-    """The request was cancelled before it finished."""
+class RequestCancelledError(RayServeException, TaskCancelledError):
+    """The request was cancelled before it finished (`response.cancel()`): raised by waiting for
+    its result or its stream's next item. Also a `TaskCancelledError`, the name older Ray used."""
+
+    def __init__(self, request_id: str | None = None) -> None:
+        self.request_id = request_id
+        super().__init__(f"Request {request_id} was cancelled." if request_id else "The request was cancelled.")
+
+    def __reduce__(self):  # one optional argument, not the message
+        return (RequestCancelledError, (self.request_id,))
 
 
 class ConfigError(RayServeException, ValueError, TypeError):

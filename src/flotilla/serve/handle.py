@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import concurrent.futures
 import random
 import threading
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Coroutine
 from dataclasses import dataclass, replace
 from typing import Any
 
 from flotilla._private.client import Runtime
 from flotilla._private.context import request_meta
 from flotilla._private.hop import Inbox, inbox_for
-from flotilla.exceptions import GetTimeoutError, TaskCancelledError
+from flotilla.exceptions import GetTimeoutError
+from flotilla.serve.exceptions import RequestCancelledError
 from flotilla.serve.schema import DeploymentID
 
 __all__ = ["DeploymentHandle", "DeploymentResponse", "DeploymentResponseGenerator", "SplitHandle"]
@@ -230,7 +232,7 @@ class DeploymentResponse:
     `result()` through a lock.
     """
 
-    __slots__ = ("_asked", "_back", "_cancel", "_fut", "_latch", "_local", "_rt", "_task")
+    __slots__ = ("_asked", "_back", "_by_user", "_cancel", "_fut", "_latch", "_local", "_rt", "_task")
 
     def __init__(self, rt: Runtime, coro: Coroutine[Any, Any, Any]) -> None:
         self._rt = rt
@@ -239,6 +241,7 @@ class DeploymentResponse:
         self._back: Inbox | None = None  # the caller's loop's inbox
         self._latch: threading.Lock | None = None  # held until done, for result()
         self._cancel = False
+        self._by_user = False  # cancel() was called: waiting raises RequestCancelledError
         self._asked = False  # result() gave up waiting: its caller saw this call's outcome as a timeout
         try:
             loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
@@ -298,7 +301,7 @@ class DeploymentResponse:
     # ---- the caller's side --------------------------------------------------------------
     def _caller_done(self, fut: asyncio.Future[Any]) -> None:
         if fut.cancelled() and not self._done:  # the awaiting task was cancelled: so is the call
-            self.cancel()
+            self._cancel_call()
 
     def result(self, *, timeout_s: float | None = None) -> Any:
         """Block until the result is ready (from sync code only)."""
@@ -326,24 +329,38 @@ class DeploymentResponse:
         t = self._task
         assert t is not None
         if t.cancelled():
-            raise TaskCancelledError("the request was cancelled")
+            raise RequestCancelledError()
         return t.result()
 
     def __await__(self):  # type: ignore[no-untyped-def]
+        try:
+            return (yield from self._awaitable().__await__())
+        except asyncio.CancelledError:
+            if self._by_user:  # cancel() was called, not the awaiting task cancelled
+                raise RequestCancelledError() from None
+            raise
+
+    def _awaitable(self) -> Awaitable[Any]:
         loop = asyncio.get_running_loop()
         fut = self._fut
         if fut is not None and fut.get_loop() is loop:
-            return fut.__await__()
+            return fut
         if loop is self._rt.loop:
             if self._task is None:  # its hand-over is still queued: run it now
                 self._rt.inbox.run()
-            return self._task.__await__()  # type: ignore[union-attr]
+            return self._task  # type: ignore[return-value]
         fut = loop.create_future()  # made elsewhere, awaited on this loop
         self._rt.inbox.put(self._watch, fut, inbox_for(loop))
-        return fut.__await__()
+        return fut
 
     def cancel(self) -> None:
-        """Cancel the request; the replica stops working on it if it already started."""
+        """Cancel the request: it is not sent if it has not been yet, and the replica stops
+        working on it if it started. Waiting for it then raises `RequestCancelledError`."""
+        if not self._done:
+            self._by_user = True
+        self._cancel_call()
+
+    def _cancel_call(self) -> None:
         if self._local:
             self._task.cancel()  # type: ignore[union-attr]
             return
@@ -396,6 +413,10 @@ class DeploymentResponseGenerator:
         self._rt = rt
         self._agen: Any = None
         self._start = (dep, method, args, kwargs, meta)
+        self._cancelled = False
+        #: The item being waited for, for cancel(): the waiting task (on the runtime's loop)
+        #: or the concurrent future of the hand-over (from another thread or loop).
+        self._pending: Any = None
 
     def _gen(self) -> Any:
         if self._agen is None:
@@ -415,10 +436,27 @@ class DeploymentResponseGenerator:
         return self
 
     async def __anext__(self) -> Any:
+        if self._cancelled:
+            raise RequestCancelledError()
         if self._rt.in_loop():
-            return await self._gen().__anext__()
-        cf = asyncio.run_coroutine_threadsafe(self._gen().__anext__(), self._rt.loop)
-        return await asyncio.wrap_future(cf)
+            me = self._pending = asyncio.current_task()
+            try:
+                return await self._gen().__anext__()
+            except asyncio.CancelledError:
+                if self._cancelled and me is not None and me.uncancel() == 0:  # by cancel(), not the caller's
+                    raise RequestCancelledError() from None
+                raise
+            finally:
+                self._pending = None
+        cf = self._pending = asyncio.run_coroutine_threadsafe(self._gen().__anext__(), self._rt.loop)
+        try:
+            return await asyncio.wrap_future(cf)
+        except asyncio.CancelledError:
+            if self._cancelled and cf.cancelled():
+                raise RequestCancelledError() from None
+            raise
+        finally:
+            self._pending = None
 
     def __iter__(self) -> DeploymentResponseGenerator:
         return self
@@ -426,12 +464,35 @@ class DeploymentResponseGenerator:
     def __next__(self) -> Any:
         if self._rt.in_loop():
             raise RuntimeError("iterate a streaming response with `async for` on the event loop")
-        cf = asyncio.run_coroutine_threadsafe(self._gen().__anext__(), self._rt.loop)
+        if self._cancelled:
+            raise RequestCancelledError()
+        cf = self._pending = asyncio.run_coroutine_threadsafe(self._gen().__anext__(), self._rt.loop)
         try:
             return cf.result()
         except StopAsyncIteration:
             raise StopIteration from None
+        except concurrent.futures.CancelledError:
+            raise RequestCancelledError() from None
+        finally:
+            self._pending = None
 
     def cancel(self) -> None:
-        if self._agen is not None:
-            asyncio.run_coroutine_threadsafe(self._agen.aclose(), self._rt.loop)
+        """Cancel the stream: the replica's generator stops, and the next item (or the one
+        being waited for) raises `RequestCancelledError`."""
+        if self._cancelled:
+            return
+        self._cancelled = True
+        pending = self._pending
+        if pending is None:
+            if self._agen is not None:  # between items: close it where it stopped
+                asyncio.run_coroutine_threadsafe(self._agen.aclose(), self._rt.loop)
+        elif not isinstance(pending, asyncio.Task):
+            pending.cancel()  # the hand-over's future: thread-safe, cancels the wait on the loop
+        elif self._rt.in_loop():
+            pending.cancel()  # suspended in __anext__ (it is not running: this code is)
+        else:
+            self._rt.loop.call_soon_threadsafe(self._cancel_wait, pending)
+
+    def _cancel_wait(self, task: asyncio.Task[Any]) -> None:
+        if self._pending is task:  # still waiting for that item: not somewhere else by now
+            task.cancel()

@@ -1,0 +1,204 @@
+"""`DeploymentResponse.cancel()` and `DeploymentResponseGenerator.cancel()` as Ray Serve does
+them: the replica's call is cancelled (or, still queued, never sent), and waiting for the
+response then raises `RequestCancelledError`, from sync code, from `await`, and from the next
+item of a stream. Cancelling one call leaves the others alone."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from flotilla import serve
+from flotilla.exceptions import TaskCancelledError
+from flotilla.serve.exceptions import RequestCancelledError
+from tests.conftest import wait_for
+
+pytestmark = pytest.mark.slow
+
+
+@serve.deployment(max_ongoing_requests=10)
+class Target:
+    def __init__(self) -> None:
+        self.started: list[str] = []
+        self.cancelled: list[str] = []
+        self.release = asyncio.Event()
+
+    async def wait(self, key: str, timeout: float = 30) -> str:
+        self.started.append(key)
+        try:
+            await asyncio.wait_for(self.release.wait(), timeout)
+        except TimeoutError:
+            pass
+        except asyncio.CancelledError:
+            self.cancelled.append(key)
+            raise
+        return key
+
+    async def stream(self, key: str) -> Any:
+        self.started.append(key)
+        yield "hi"
+        try:
+            await self.release.wait()
+        except asyncio.CancelledError:
+            self.cancelled.append(key)
+            raise
+        yield "never"
+
+    def open(self) -> None:
+        self.release.set()
+
+    def close(self) -> None:
+        self.release.clear()
+
+    def seen(self) -> dict[str, list[str]]:
+        return {"started": self.started, "cancelled": self.cancelled}
+
+
+@serve.deployment
+class Caller:
+    def __init__(self, target: Any) -> None:
+        self.target = target
+
+    async def cancel_running(self) -> str:
+        r = self.target.wait.remote("async-running")
+        while "async-running" not in (await self.target.seen.remote())["started"]:
+            await asyncio.sleep(0.01)
+        r.cancel()
+        try:
+            await r
+        except RequestCancelledError:
+            return "RequestCancelledError"
+        return "not cancelled"
+
+    async def cancel_stream(self) -> str:
+        g = self.target.options(stream=True).stream.remote("async-stream")
+        assert await g.__anext__() == "hi"
+        g.cancel()
+        try:
+            await g.__anext__()
+        except RequestCancelledError:
+            return "RequestCancelledError"
+        return "not cancelled"
+
+    async def outer_cancelled(self) -> str:
+        # Cancelling the task that awaits a response is asyncio cancellation, not the request's.
+        t = asyncio.ensure_future(self._await(self.target.wait.remote("async-outer")))
+        while "async-outer" not in (await self.target.seen.remote())["started"]:
+            await asyncio.sleep(0.01)
+        t.cancel()
+        try:
+            await t
+        except asyncio.CancelledError:
+            return "CancelledError"
+        return "not cancelled"
+
+    @staticmethod
+    async def _await(r: Any) -> Any:
+        return await r
+
+
+@pytest.fixture
+def target(url: str) -> serve.DeploymentHandle:
+    return serve.run(Target.bind(), name="cancel", route_prefix=None)
+
+
+def _seen(h: serve.DeploymentHandle) -> dict[str, list[str]]:
+    return h.seen.remote().result(timeout_s=10)
+
+
+def test_cancel_a_running_call_from_sync_code(target: serve.DeploymentHandle) -> None:
+    r = target.wait.remote("sync")
+    wait_for(lambda: "sync" in _seen(target)["started"], what="the call running")
+    r.cancel()
+    wait_for(lambda: "sync" in _seen(target)["cancelled"], what="the replica's call cancelled")
+    with pytest.raises(RequestCancelledError):
+        r.result(timeout_s=10)
+    with pytest.raises(TaskCancelledError):  # Ray's older name still catches it
+        r.result(timeout_s=10)
+    assert r.cancelled()
+
+
+def test_a_call_cancelled_while_queued_never_reaches_the_replica(url: str) -> None:
+    h = serve.run(Target.options(max_ongoing_requests=1).bind(), name="cancel", route_prefix=None)
+    h.close.remote().result(timeout_s=10)  # the router has a live connection: `first` goes straight in
+    first = h.wait.remote("first", 1.0)
+    second = h.wait.remote("second")  # max_ongoing_requests=1: waits in the router
+    second.cancel()
+    with pytest.raises(RequestCancelledError):
+        second.result(timeout_s=10)
+    assert first.result(timeout_s=10) == "first"
+    for i in range(5):
+        assert h.wait.remote(f"after-{i}", 0).result(timeout_s=10) == f"after-{i}"
+    assert "second" not in _seen(h)["started"]
+
+
+def test_cancelling_one_call_leaves_the_others(url: str) -> None:
+    h = serve.run(Target.options(max_ongoing_requests=5).bind(), name="cancel", route_prefix=None)
+    r1, r2 = h.wait.remote("r1"), h.wait.remote("r2")
+    wait_for(lambda: {"r1", "r2"} <= set(_seen(h)["started"]), what="both calls running")
+    r1.cancel()
+    with pytest.raises(RequestCancelledError):
+        r1.result(timeout_s=10)
+    h.open.remote().result(timeout_s=10)
+    assert r2.result(timeout_s=10) == "r2"
+    assert _seen(h)["cancelled"] == ["r1"]
+
+
+def test_cancel_a_running_call_from_a_driver_event_loop(target: serve.DeploymentHandle) -> None:
+    async def main() -> None:
+        r = target.wait.remote("loop")
+        while "loop" not in (await target.seen.remote())["started"]:
+            await asyncio.sleep(0.01)
+        r.cancel()
+        with pytest.raises(RequestCancelledError):
+            await r
+
+    asyncio.run(main())
+    wait_for(lambda: "loop" in _seen(target)["cancelled"], what="the replica's call cancelled")
+
+
+def test_cancel_in_a_deployment_raises_request_cancelled_on_await(url: str) -> None:
+    h = serve.run(Caller.bind(Target.options(max_ongoing_requests=5).bind()), name="cancel", route_prefix=None)
+    assert h.cancel_running.remote().result(timeout_s=20) == "RequestCancelledError"
+    assert h.outer_cancelled.remote().result(timeout_s=20) == "CancelledError"
+    assert h.cancel_stream.remote().result(timeout_s=20) == "RequestCancelledError"
+    t = serve.get_deployment_handle("Target", "cancel")
+    wait_for(lambda: {"async-running", "async-outer", "async-stream"} <= set(_seen(t)["cancelled"]),
+             what="the replica's calls cancelled")
+
+
+def test_cancel_a_stream_from_sync_code(target: serve.DeploymentHandle) -> None:
+    g = target.options(stream=True).stream.remote("sync-stream")
+    assert next(g) == "hi"
+    g.cancel()
+    with pytest.raises(RequestCancelledError):
+        next(g)
+    wait_for(lambda: "sync-stream" in _seen(target)["cancelled"], what="the replica's stream cancelled")
+
+
+def test_cancel_a_stream_while_an_item_is_awaited(target: serve.DeploymentHandle) -> None:
+    async def main() -> None:
+        g = target.options(stream=True).stream.remote("waiting-stream")
+        assert await g.__anext__() == "hi"
+        pending = asyncio.ensure_future(g.__anext__())  # waits on the replica's release
+        while "waiting-stream" not in (await target.seen.remote())["started"]:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0)
+        g.cancel()
+        with pytest.raises(RequestCancelledError):
+            await pending
+        with pytest.raises(RequestCancelledError):
+            await g.__anext__()
+
+    asyncio.run(main())
+    wait_for(lambda: "waiting-stream" in _seen(target)["cancelled"], what="the replica's stream cancelled")
+
+
+def test_a_stream_cancelled_before_its_first_item(target: serve.DeploymentHandle) -> None:
+    g = target.options(stream=True).stream.remote("never-started")
+    g.cancel()
+    with pytest.raises(RequestCancelledError):
+        next(g)
+    assert "never-started" not in _seen(target)["started"]
