@@ -98,6 +98,27 @@ class Caller:
     async def _await(r: Any) -> Any:
         return await r
 
+    async def spawn_and_wait(self, key: str) -> None:
+        self.target.wait.remote(key)  # not awaited: cancelled with this request all the same
+        await asyncio.sleep(60)
+
+    async def spawn_and_return(self, key: str) -> str:
+        self.target.wait.remote(key, 1.0)  # outlives this request, which is not cancelled
+        return key
+
+
+@serve.deployment
+class EarlyCaller:
+    def __init__(self, target: Any) -> None:
+        self.target = target
+        self.early = target.wait.remote("out-of-band", 3.0)  # made outside any request
+
+    async def __call__(self) -> None:
+        await self.target.wait.remote("in-request")
+
+    async def early_result(self) -> str:
+        return await self.early
+
 
 @pytest.fixture
 def target(url: str) -> serve.DeploymentHandle:
@@ -202,3 +223,28 @@ def test_a_stream_cancelled_before_its_first_item(target: serve.DeploymentHandle
     with pytest.raises(RequestCancelledError):
         next(g)
     assert "never-started" not in _seen(target)["started"]
+
+
+def test_cancellation_cascades_to_calls_the_request_spawned(url: str) -> None:
+    # Ray Serve: cancelling a request cancels the handle calls made while serving it, awaited or not.
+    h = serve.run(Caller.bind(Target.options(max_ongoing_requests=5).bind()), name="cancel", route_prefix=None)
+    t = serve.get_deployment_handle("Target", "cancel")
+    r = h.spawn_and_wait.remote("spawned")
+    wait_for(lambda: "spawned" in _seen(t)["started"], what="the spawned call running")
+    r.cancel()
+    wait_for(lambda: "spawned" in _seen(t)["cancelled"], what="the spawned call cancelled")
+    assert h.spawn_and_return.remote("survivor").result(timeout_s=10) == "survivor"
+    wait_for(lambda: "survivor" in _seen(t)["started"], what="the second spawned call running")
+    t.open.remote().result(timeout_s=10)
+    assert "survivor" not in _seen(t)["cancelled"]
+
+
+def test_a_call_made_outside_any_request_is_not_cancelled_with_one(url: str) -> None:
+    h = serve.run(EarlyCaller.bind(Target.options(max_ongoing_requests=5).bind()), name="cancel", route_prefix=None)
+    t = serve.get_deployment_handle("Target", "cancel")
+    r = h.remote()
+    wait_for(lambda: "in-request" in _seen(t)["started"], what="the request's call running")
+    r.cancel()
+    wait_for(lambda: "in-request" in _seen(t)["cancelled"], what="the request's call cancelled")
+    assert h.early_result.remote().result(timeout_s=10) == "out-of-band"
+    assert "out-of-band" not in _seen(t)["cancelled"]

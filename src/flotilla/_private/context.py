@@ -14,5 +14,28 @@ replica_context: ReplicaContext | None = None
 #: Metadata of the request being handled (request_id, multiplexed_model_id, route...).
 request_meta: ContextVar[dict[str, Any] | None] = ContextVar("flotilla_request_meta", default=None)
 
+#: Under this key of a request's meta: the handle calls made while serving it, awaited or not
+#: (`spawned`); cancelling the request cancels them too (`cancel_spawned`), as Ray Serve cascades.
+SPAWNED = "spawned"
+
+
+def spawned(meta: dict[str, Any], call: Any) -> None:
+    """Keep `call` (a `DeploymentResponse` or `DeploymentResponseGenerator`) with the request."""
+    calls = meta.get(SPAWNED)
+    if calls is None:
+        meta[SPAWNED] = [call]
+        return
+    if len(calls) >= 64:  # a long request making many calls: forget those already over
+        calls[:] = [c for c in calls if not c._over()]
+    calls.append(call)
+
+
+def cancel_spawned(meta: dict[str, Any]) -> None:
+    """The request was cancelled: cancel the calls it made that are not over."""
+    for call in meta.pop(SPAWNED, ()):
+        if not call._over():
+            call._cascade()
+
+
 #: Set by the replica: called with the model ids a multiplexed loader now holds.
 on_models_changed: Callable[[list[str]], None] | None = None

@@ -676,8 +676,9 @@ class Replica:
         status: Any = "OK"
         cls = msg.__class__
         meta = msg.meta
-        if meta is not None:
-            context.request_meta.set(meta)
+        if meta is None:  # a driver's call: a meta all the same, to keep the calls it makes
+            meta = {}
+        context.request_meta.set(meta)
         try:
             if cls is Http:
                 status = await self._handle_http(proto, tag, key, msg.scope, msg.body)
@@ -711,6 +712,8 @@ class Replica:
                 await proto.drained()
         except asyncio.CancelledError:
             status = "CANCELLED"
+            if context.SPAWNED in meta:
+                context.cancel_spawned(meta)
         except BaseException as e:
             status = "ERROR"
             proto.send(tag, error_reply(e))

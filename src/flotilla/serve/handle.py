@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from flotilla._private.client import Runtime
-from flotilla._private.context import request_meta
+from flotilla._private.context import request_meta, spawned
 from flotilla._private.hop import Inbox, inbox_for
 from flotilla.exceptions import GetTimeoutError
 from flotilla.serve.exceptions import RequestCancelledError
@@ -106,11 +106,20 @@ class DeploymentHandle:
         parent = request_meta.get()
         if parent is not None and "request_id" in parent:  # a call made while serving a request
             meta = dict(meta or {}, request_id=parent["request_id"])
+        target = self._target()
+        call: DeploymentResponse | DeploymentResponseGenerator
         if opts.stream:
-            return DeploymentResponseGenerator(rt, self._dep, opts.method_name, args, kwargs, meta)
-        # `parent`: the serving request's meta, which adds up the time of its downstream calls.
-        coro = _call(rt, self._dep, opts.method_name, args, kwargs, meta, parent)
-        return DeploymentResponse(rt, coro)
+            call = DeploymentResponseGenerator(rt, target, opts.method_name, args, kwargs, meta)
+        else:
+            # `parent`: the serving request's meta, which adds up the time of its downstream calls.
+            call = DeploymentResponse(rt, _call(rt, target, opts.method_name, args, kwargs, meta, parent))
+        if parent is not None:
+            spawned(parent, call)
+        return call
+
+    def _target(self) -> DeploymentID | str:
+        """Where calls go: the deployment (a traffic split's name for a `SplitHandle`)."""
+        return self._dep
 
     def _warm_up(self) -> None:
         """Create the router now so the first call does not wait for the replica set."""
@@ -138,17 +147,8 @@ class SplitHandle(DeploymentHandle):
         h = super().options(**kwargs)
         return SplitHandle(self._split, h._opts)
 
-    def remote(self, *args: Any, **kwargs: Any) -> DeploymentResponse | DeploymentResponseGenerator:
-        rt = Runtime.get_or_start()
-        opts = self._opts
-        meta = {"multiplexed_model_id": opts.multiplexed_model_id} if opts.multiplexed_model_id else None
-        parent = request_meta.get()
-        if parent is not None and "request_id" in parent:
-            meta = dict(meta or {}, request_id=parent["request_id"])
-        if opts.stream:
-            return DeploymentResponseGenerator(rt, self._split, opts.method_name, args, kwargs, meta)
-        coro = _call(rt, self._split, opts.method_name, args, kwargs, meta)
-        return DeploymentResponse(rt, coro)
+    def _target(self) -> DeploymentID | str:
+        return self._split
 
     def _warm_up(self) -> None:
         pass
@@ -360,6 +360,13 @@ class DeploymentResponse:
             self._by_user = True
         self._cancel_call()
 
+    def _over(self) -> bool:
+        return self._done
+
+    def _cascade(self) -> None:
+        """The request that made this call was cancelled: so is this call."""
+        self._cancel_call()
+
     def _cancel_call(self) -> None:
         if self._local:
             self._task.cancel()  # type: ignore[union-attr]
@@ -492,6 +499,13 @@ class DeploymentResponseGenerator:
             pending.cancel()  # suspended in __anext__ (it is not running: this code is)
         else:
             self._rt.loop.call_soon_threadsafe(self._cancel_wait, pending)
+
+    def _over(self) -> bool:
+        return self._cancelled
+
+    def _cascade(self) -> None:
+        """The request that made this call was cancelled: so is this stream."""
+        self.cancel()
 
     def _cancel_wait(self, task: asyncio.Task[Any]) -> None:
         if self._pending is task:  # still waiting for that item: not somewhere else by now
