@@ -101,3 +101,38 @@ def test_concurrent_requests(url):
     with httpx.Client(base_url=url) as c, concurrent.futures.ThreadPoolExecutor(16) as pool:
         codes = list(pool.map(lambda i: c.post("/api/json", json=i).json()["got"], range(200)))
     assert codes == list(range(200))
+
+
+def _idle_close_after(base: str) -> float:
+    """Seconds from a response on a kept-alive connection until the server closes it; a
+    second request sent at once on that connection must be answered first."""
+    import socket
+    import time
+    from urllib.parse import urlsplit
+
+    u = urlsplit(base)
+    with socket.create_connection((u.hostname, u.port), timeout=10) as s:
+        req = b"GET /ka/text HTTP/1.1\r\nHost: x\r\n\r\n"
+        for _ in range(2):
+            s.sendall(req)
+            got = b""
+            while b"plain text" not in got:
+                chunk = s.recv(65536)
+                assert chunk, f"closed before the response: {got!r}"
+                got += chunk
+        t0 = time.monotonic()
+        assert s.recv(1) == b""  # the server closes the idle connection
+        return time.monotonic() - t0
+
+
+def test_keep_alive_timeout_s_fractional_and_from_ray_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.conftest import running_cluster
+
+    with running_cluster(http_options={"keep_alive_timeout_s": 0.6}) as base:
+        serve.run(Api.bind(), name="ka", route_prefix="/ka")
+        assert 0.3 < _idle_close_after(base) < 3
+    # Ray Serve: RAY_SERVE_HTTP_KEEP_ALIVE_TIMEOUT_S wins over keep_alive_timeout_s.
+    monkeypatch.setenv("RAY_SERVE_HTTP_KEEP_ALIVE_TIMEOUT_S", "1.5")
+    with running_cluster(http_options={"keep_alive_timeout_s": 30}) as base:
+        serve.run(Api.bind(), name="ka", route_prefix="/ka")
+        assert 1.2 < _idle_close_after(base) < 5

@@ -115,3 +115,13 @@ def test_required_resources():
     req = d.config.ray_actor_options.required()
     assert req["CPU"] == 2 and req["GPU"] == 0.5 and req["r"] == 1
     assert "accelerator_type:A100" in req
+
+
+def test_http_keep_alive_from_ray_env_wins(monkeypatch) -> None:
+    from flotilla.serve.config import HTTPOptions
+
+    assert HTTPOptions().keep_alive_timeout_s == 5.0
+    assert HTTPOptions(keep_alive_timeout_s=0.5).keep_alive_timeout_s == 0.5
+    monkeypatch.setenv("RAY_SERVE_HTTP_KEEP_ALIVE_TIMEOUT_S", "7")
+    assert HTTPOptions(keep_alive_timeout_s=0.5).keep_alive_timeout_s == 7.0
+    assert HTTPOptions().keep_alive_timeout_s == 7.0

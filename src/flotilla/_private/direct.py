@@ -87,7 +87,7 @@ class DirectIngress:
         bounded, _ = httpguard.protocol_class(self.opts, f"replica:{self.replica.replica_id}", lean=True)
         config = uvicorn.Config(
             frontdoor.wrap(self, self.opts, "replica"), **frontdoor.uvicorn_ssl(self.opts), loop="none", http=bounded, lifespan="off", access_log=False, log_level="warning",
-            timeout_keep_alive=int(self.opts.get("keep_alive_timeout_s", 5)), server_header=False,
+            timeout_keep_alive=self.opts.get("keep_alive_timeout_s", 5), server_header=False,
             date_header=False, proxy_headers=False,
         )
         server = self.server = uvicorn.Server(config)

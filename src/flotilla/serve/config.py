@@ -453,6 +453,14 @@ class HTTPOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _keep_alive_from_env(cls, data: Any) -> Any:
+        env = os.environ.get("RAY_SERVE_HTTP_KEEP_ALIVE_TIMEOUT_S")
+        if env and isinstance(data, dict):
+            data = {**data, "keep_alive_timeout_s": env}
+        return data
+
     host: str = "127.0.0.1"
     port: int = Field(
         default_factory=lambda: int(os.environ.get("RAY_SERVE_DEFAULT_HTTP_PORT", "8000")), ge=0, le=65535,
@@ -465,7 +473,11 @@ class HTTPOptions(BaseModel):
         "set to it, as Ray Serve (uvicorn's root_path) does.",
     )
     request_timeout_s: float | None = Field(None, gt=0)
-    keep_alive_timeout_s: float = Field(5.0, gt=0)
+    keep_alive_timeout_s: float = Field(
+        5.0, gt=0,
+        description="How long an idle kept-alive connection stays open; "
+        "$RAY_SERVE_HTTP_KEEP_ALIVE_TIMEOUT_S, when set, wins over it (as in Ray Serve).",
+    )
     location: Literal["HeadOnly", "EveryNode", "Disabled", "NoServer"] | None = Field(
         "EveryNode",
         description="Where proxies run: EveryNode (on the Ray backend, a proxy on every node, "
