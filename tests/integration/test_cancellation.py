@@ -46,6 +46,11 @@ class Target:
             raise
         yield "never"
 
+    async def raise_cancelled(self) -> None:
+        t = asyncio.ensure_future(asyncio.sleep(10))
+        t.cancel()
+        await t  # CancelledError from code it awaited: the request itself was not cancelled
+
     def open(self) -> None:
         self.release.set()
 
@@ -248,3 +253,50 @@ def test_a_call_made_outside_any_request_is_not_cancelled_with_one(url: str) -> 
     wait_for(lambda: "in-request" in _seen(t)["cancelled"], what="the request's call cancelled")
     assert h.early_result.remote().result(timeout_s=10) == "out-of-band"
     assert "out-of-band" not in _seen(t)["cancelled"]
+
+
+@serve.deployment(max_ongoing_requests=10)
+class Batcher:
+    def __init__(self, target: Any) -> None:
+        self.target = target
+
+    @serve.batch(max_batch_size=2, batch_wait_timeout_s=1.0)
+    async def both(self, keys: list[str]) -> list[str]:
+        await self.target.wait.remote("+".join(keys), 1.0)  # the batch's own downstream call
+        return keys
+
+    async def __call__(self, key: str) -> str:
+        return await self.both(key)
+
+
+def test_cancelling_the_request_that_started_a_batch_leaves_the_batch(url: str) -> None:
+    h = serve.run(Batcher.bind(Target.options(max_ongoing_requests=5).bind()), name="cancel", route_prefix=None)
+    t = serve.get_deployment_handle("Target", "cancel")
+    first, second = h.remote("a"), h.remote("b")
+    wait_for(lambda: "a+b" in _seen(t)["started"] or "b+a" in _seen(t)["started"], what="the batch's call running")
+    first.cancel()
+    assert second.result(timeout_s=10) == "b"
+    assert not _seen(t)["cancelled"]
+
+
+def test_a_method_that_raises_cancelled_error_uncancelled_gets_an_answer(target: serve.DeploymentHandle) -> None:
+    # Not a hang: the caller learns the request was cut off by a CancelledError inside it.
+    with pytest.raises(TaskCancelledError, match="CancelledError"):
+        target.raise_cancelled.remote().result(timeout_s=10)
+    assert target.wait.remote("after", 0).result(timeout_s=10) == "after"
+
+
+def test_an_http_request_that_raises_cancelled_error_uncancelled_gets_500(url: str) -> None:
+    import httpx
+
+    @serve.deployment
+    class Http:
+        async def __call__(self, request: Any) -> str:
+            t = asyncio.ensure_future(asyncio.sleep(10))
+            t.cancel()
+            await t
+            return "unreachable"
+
+    serve.run(Http.bind(), name="cancel-http", route_prefix="/cancel-http")
+    r = httpx.get(f"{url}/cancel-http", timeout=10)
+    assert r.status_code == 500

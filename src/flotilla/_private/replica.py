@@ -711,9 +711,17 @@ class Replica:
             if proto.paused:
                 await proto.drained()
         except asyncio.CancelledError:
-            status = "CANCELLED"
-            if context.SPAWNED in meta:
-                context.cancel_spawned(meta)
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                status = "CANCELLED"
+                if context.SPAWNED in meta:
+                    context.cancel_spawned(meta)
+            else:  # raised by something it awaited, the request not cancelled: answer, never hang
+                status = "ERROR"
+                proto.send(tag, error_reply(TaskCancelledError(
+                    f"The request to replica {self.replica_id} ended with asyncio.CancelledError raised by "
+                    "code it awaited (a task or future cancelled there), not by a cancellation of the request."
+                )))
         except BaseException as e:
             status = "ERROR"
             proto.send(tag, error_reply(e))

@@ -272,7 +272,9 @@ class BatchQueue:
             self._reset()
             self._loop = loop
         if self._worker is None or self._worker.done():
-            self._worker = loop.create_task(self._work(), name="flotilla-batch-queue")
+            # A context of its own: not the first caller's request (whose cancellation would
+            # otherwise cancel the handle calls every batch makes).
+            self._worker = loop.create_task(self._work(), name="flotilla-batch-queue", context=contextvars.Context())
         return loop
 
     def _put(self, item: _Item) -> None:
