@@ -42,3 +42,12 @@ def test_entry_points_refuse_typos_before_starting_anything() -> None:
     with pytest.raises(TypeError, match="num_cpu"):
         flotilla.init(num_cpu=1)
     assert Runtime._instance is started  # nothing was started
+
+
+def test_handle_options_refuse_typos_and_warn_on_ray_private_names() -> None:
+    h = serve.DeploymentHandle("D", "app")
+    with pytest.raises(TypeError, match=r"'multiplex_model_id' \(did you mean 'multiplexed_model_id'\?\)"):
+        h.options(multiplex_model_id="m")
+    with pytest.warns(UserWarning, match="_prefer_local_routing"):
+        assert h.options(_prefer_local_routing=True, method_name="m")._opts.method_name == "m"
+    assert h.options(use_new_handle_api=True)._opts == h._opts

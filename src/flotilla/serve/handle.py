@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Coroutine
 from dataclasses import dataclass, replace
 from typing import Any
 
+from flotilla._private import args as _args
 from flotilla._private.client import Runtime
 from flotilla._private.context import request_meta, spawned
 from flotilla._private.hop import Inbox, inbox_for
@@ -44,6 +45,17 @@ def _has_response(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
         if isinstance(a, DeploymentResponse):
             return True
     return any(isinstance(v, DeploymentResponse) for v in kwargs.values()) if kwargs else False
+
+
+_OPTIONS = ("method_name", "multiplexed_model_id", "stream", "use_new_handle_api")
+#: Ray's private or newer `options()` keywords: accepted, with a warning, and ignored.
+_RAY_PRIVATE_OPTIONS = {
+    "_prefer_local_routing": "the router does not choose replicas by node",
+    "_router_cls": "flotilla has one router",
+    "_by_reference": "arguments and results always travel by value (large buffers out of band)",
+    "request_serialization": "requests are always pickled (cloudpickle, protocol 5)",
+    "response_serialization": "responses are always pickled (cloudpickle, protocol 5)",
+}
 
 
 class DeploymentHandle:
@@ -75,9 +87,12 @@ class DeploymentHandle:
         multiplexed_model_id: str | None = None,
         stream: bool | None = None,
         use_new_handle_api: bool | None = None,
-        **_ignored: Any,
+        **ray_private: Any,
     ) -> DeploymentHandle:
-        """A handle with some call options changed (the original is unchanged)."""
+        """A handle with some call options changed (the original is unchanged). A keyword
+        that Ray's `options()` does not have either raises TypeError, as there."""
+        if ray_private:
+            _args.check("DeploymentHandle.options", ray_private, _OPTIONS, _RAY_PRIVATE_OPTIONS)
         changes: dict[str, Any] = {}
         if method_name is not None:
             changes["method_name"] = method_name
