@@ -51,3 +51,9 @@ def test_handle_options_refuse_typos_and_warn_on_ray_private_names() -> None:
     with pytest.warns(UserWarning, match="_prefer_local_routing"):
         assert h.options(_prefer_local_routing=True, method_name="m")._opts.method_name == "m"
     assert h.options(use_new_handle_api=True)._opts == h._opts
+
+
+def test_get_deployment_handle_takes_rays_keywords_and_no_others() -> None:
+    assert serve.get_deployment_handle("D", "app", _check_exists=False, _record_telemetry=False).app_name == "app"
+    with pytest.raises(TypeError, match="check_exist"):
+        serve.get_deployment_handle("D", "app", check_exist=False)  # type: ignore[call-arg]

@@ -601,14 +601,15 @@ def delete_shadow(name: str) -> None:
         raise RayServeException(f"Route '{name}' has no shadow traffic.")
 
 
-def get_deployment_handle(deployment_name: str, app_name: str | None = None, **_compat: Any) -> DeploymentHandle:
+def get_deployment_handle(deployment_name: str, app_name: str | None = None, _check_exists: bool = True,
+                          _record_telemetry: bool = True) -> DeploymentHandle:
     """A handle to deployment `deployment_name` of `app_name` (default: this replica's app,
-    or "default" outside a replica)."""
+    or "default" outside a replica). `_check_exists=False` (Ray's) skips asking the head."""
     if app_name is None:
         ctx = context.replica_context
         app_name = ctx.app_name if ctx is not None else "default"
     rt = Runtime._instance
-    if rt is not None and not rt.in_loop():
+    if _check_exists and rt is not None and not rt.in_loop():
         info = rt.call_head("status")
         app = info.applications.get(app_name)
         if app is None or deployment_name not in app.deployments:
