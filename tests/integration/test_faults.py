@@ -111,6 +111,52 @@ def test_two_failed_health_checks_in_a_row_are_tolerated(url):
     assert serve.status().applications["health-flaky"].deployments["Fragile"].status == "HEALTHY"
 
 
+def test_a_replica_must_pass_a_first_health_check_to_start(url):
+    # As Ray Serve: a replica is not ready until its check_health() passed once after the
+    # constructor; a deployment whose check always fails does not deploy.
+    @serve.deployment(health_check_timeout_s=2)
+    class AlwaysUnhealthy:
+        def check_health(self):
+            raise RuntimeError("intended to fail")
+
+        def __call__(self):
+            return 1
+
+    with pytest.raises(RuntimeError, match="intended to fail"):
+        serve.run(AlwaysUnhealthy.bind(), name="never-healthy", route_prefix=None)
+    st = serve.status().applications["never-healthy"]
+    assert st.status == "DEPLOY_FAILED"
+    assert "health check" in st.deployments["AlwaysUnhealthy"].message
+
+
+def test_a_deployment_whose_replacements_fail_their_check_stays_unhealthy(url, tmp_path):
+    flag = tmp_path / "fail"
+
+    @serve.deployment(health_check_period_s=0.2, health_check_timeout_s=1)
+    class WillBeUnhealthy:
+        def check_health(self):
+            if flag.exists():
+                raise RuntimeError("intended to fail")
+
+        def __call__(self):
+            return 1
+
+    serve.run(WillBeUnhealthy.bind(), name="turns-unhealthy", route_prefix=None)
+
+    def status():
+        return serve.status().applications["turns-unhealthy"].deployments["WillBeUnhealthy"].status
+
+    assert status() == "HEALTHY"
+    flag.touch()
+    wait_for(lambda: status() == "UNHEALTHY", what="UNHEALTHY")
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:  # its replacements fail their first check: never HEALTHY again
+        assert status() == "UNHEALTHY"
+        time.sleep(0.1)
+    flag.unlink()
+    wait_for(lambda: status() == "HEALTHY", timeout=30, what="HEALTHY once checks pass again")
+
+
 def test_failed_health_check_drains_calls_in_flight(url):
     h = serve.run(Fragile.options(graceful_shutdown_timeout_s=30).bind(), name="health-drain", route_prefix=None)
     pid = h.remote().result()

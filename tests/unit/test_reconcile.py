@@ -21,6 +21,7 @@ from flotilla._private.reconcile import (
     StartReplica,
     StopReplica,
     reconcile,
+    start_backoff_s,
 )
 from flotilla._private.resources import ResourcePool, visible_devices
 from flotilla.serve.schema import DeploymentStatus, ReplicaState
@@ -399,3 +400,8 @@ def test_count_fits() -> None:
 )
 def test_visible_devices_map_through_the_parents_list(ids: list[int], parent: str | None, want: str) -> None:
     assert visible_devices(ids, parent) == want
+
+
+@pytest.mark.parametrize(("failures", "wait"), [(0, 0.0), (2, 0.0), (3, 1.0), (4, 2.0), (6, 8.0), (9, 8.0), (50, 8.0)])
+def test_start_backoff_after_failed_starts(failures: int, wait: float) -> None:
+    assert start_backoff_s(failures) == wait

@@ -59,6 +59,7 @@ from flotilla._private.reconcile import (
     StartReplica,
     StopReplica,
     reconcile,
+    start_backoff_s,
 )
 from flotilla._private.resources import Allocation, ResourcePool, fmt, visible_devices
 from flotilla._private.supervisor import Process, Supervisor, Template
@@ -195,6 +196,11 @@ class Deployment:
     deaths: deque[Death] = field(default_factory=lambda: deque(maxlen=DEATHS_KEPT))
     #: Seconds the latest replica took from placed to ready (the doctor's cold-start check).
     startup_s: float | None = None
+    #: The latest version a replica of which became ready: a version that has served is not
+    #: failed by failed starts (they back off instead), as in Ray Serve.
+    started_version: str | None = None
+    #: No replica is started before this (monotonic clock): the backoff after failed starts.
+    retry_at: float = 0.0
 
     @property
     def version(self) -> str:
@@ -640,6 +646,7 @@ class Controller:
             dep.target = target
         dep.failed_msg = ""
         dep.failures = 0
+        dep.retry_at = 0.0
         dep.status = DeploymentStatus.UPDATING
         dep.trigger = DeploymentStatusTrigger.CONFIG_UPDATE_STARTED
         # Replicas of this version take the new config; serving ones apply it in place.
@@ -907,6 +914,8 @@ class Controller:
         r.dep.startup_s = r.startup_s
         if r.version == r.dep.version:
             r.dep.failures = 0
+            r.dep.retry_at = 0.0
+            r.dep.started_version = r.version
         self._spawn_task(self._health_loop(r))
         self.publish(r.dep.key)
         self._reconfigure(r)  # a config that changed while it started
@@ -927,7 +936,7 @@ class Controller:
             return
         dep.failures += 1
         serving = any(x.state.routable and x.version == dep.version for x in dep.replicas.values())
-        if dep.failures >= MAX_CONSTRUCTOR_FAILURES and not serving:
+        if dep.failures >= MAX_CONSTRUCTOR_FAILURES and not serving and dep.started_version != dep.version:
             dep.failed_msg = (
                 f"The deployment failed to start {dep.failures} times in a row. This may be "
                 f"due to a problem with its constructor or initial health check failing. "
@@ -935,7 +944,11 @@ class Controller:
                 f"Last error:\n{tb}"
             )
         else:
-            dep.unhealthy_msg = f"A replica's constructor failed (attempt {dep.failures}):\n{tb}"
+            wait = start_backoff_s(dep.failures)
+            dep.retry_at = time.monotonic() + wait
+            then = f"; the next start in {wait:g}s" if wait else ""
+            dep.unhealthy_msg = (f"A replica failed to start (attempt {dep.failures}: its constructor or first "
+                                 f"health check){then}:\n{tb}")
 
     def _peer_closed(self, r: Replica) -> None:
         if r.state in (RState.STARTING, RState.RUNNING, RState.UPDATING):
@@ -1109,6 +1122,8 @@ class Controller:
         plan = reconcile(want, observed, fits)
         for a in plan.actions:
             if isinstance(a, StartReplica):
+                if dep.retry_at > now:  # backing off after failed starts (reconcile runs again within 0.5 s)
+                    continue
                 r = self._new_replica(dep)
                 if a.place:
                     self._place(r)

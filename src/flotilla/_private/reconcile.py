@@ -17,9 +17,10 @@ effects (allocate and fork, drain, kill). The rules:
   resources). When a new replica cannot be placed and nothing is starting or draining, one
   old replica is stopped to make room (replace one at a time), unless the new replica could
   never fit on the node.
-- Failed version (its constructor failed MAX_CONSTRUCTOR_FAILURES times in a row with none of
-  its replicas serving): no new replica of it is made, and the old version's replicas keep
-  serving, untouched. Status DEPLOY_FAILED until the next deploy.
+- Failed version (its constructor or first health check failed MAX_CONSTRUCTOR_FAILURES times
+  in a row, none of its replicas serving and none ever ready): no new replica of it is made,
+  and the old version's replicas keep serving, untouched. Status DEPLOY_FAILED until the next
+  deploy. A version that has served keeps being retried instead (`start_backoff_s`), UNHEALTHY.
 - A reconfiguring (UPDATING) replica serves and counts as running capacity.
 """
 
@@ -33,6 +34,18 @@ from flotilla._private.lifecycle import RState
 from flotilla.serve.schema import DeploymentStatus
 
 MAX_CONSTRUCTOR_FAILURES = 3
+#: Longest wait between two starts of a version that has run before and keeps failing to start.
+MAX_START_BACKOFF_S = 8.0
+
+
+def start_backoff_s(failures: int) -> float:
+    """Seconds to wait before starting another replica after `failures` failed starts in a row
+    of a version that has served (one that never has fails instead): none before
+    MAX_CONSTRUCTOR_FAILURES, then 1, 2, 4, 8 s (MAX_START_BACKOFF_S): a version that cannot start
+    does not fork replicas in a tight loop, and one that recovers is back within seconds."""
+    if failures < MAX_CONSTRUCTOR_FAILURES:
+        return 0.0
+    return min(2.0 ** (failures - MAX_CONSTRUCTOR_FAILURES), MAX_START_BACKOFF_S)
 
 
 @dataclass(frozen=True)

@@ -405,6 +405,28 @@ class Replica:
             await self._reconfigure(user_config)
         self.http_entry = self._ingress_callable(cfg)
         self.http_mode = _http_mode(self.http_entry)
+        await self._first_health_check(cfg.get("health_check_timeout_s", 30.0))
+
+    async def _check_health(self) -> None:
+        """The deployment's `check_health()`, if it has one."""
+        fn = getattr(self.obj, "check_health", None)
+        if fn is not None:
+            if inspect.iscoroutinefunction(fn):
+                await fn()
+            else:  # its own thread: a saturated user pool must not fail the check
+                ctx = contextvars.copy_context()
+                await self.loop.run_in_executor(self.health_pool, functools.partial(ctx.run, fn))
+
+    async def _first_health_check(self, timeout_s: float) -> None:
+        """As Ray Serve: a replica is not ready before its health check passed once; failing
+        it is failing to start."""
+        try:
+            await asyncio.wait_for(self._check_health(), timeout_s)
+        except TimeoutError:
+            raise RuntimeError(f"The replica's first health check did not finish within "
+                               f"health_check_timeout_s={timeout_s:g}s.") from None
+        except Exception as e:
+            raise RuntimeError(f"The replica's first health check failed: {type(e).__name__}: {e}") from e
 
     def _ingress_callable(self, cfg: dict[str, Any]) -> Any:
         fn = self.obj if self.is_function else getattr(self.obj, "__call__", None)  # noqa: B004
@@ -448,13 +470,7 @@ class Replica:
             client.Runtime.current().on_update(*args)
             return None
         if op == "health":
-            fn = getattr(self.obj, "check_health", None)
-            if fn is not None:
-                if inspect.iscoroutinefunction(fn):
-                    await fn()
-                else:  # its own thread: a saturated user pool must not fail the check
-                    ctx = contextvars.copy_context()
-                    await self.loop.run_in_executor(self.health_pool, functools.partial(ctx.run, fn))
+            await self._check_health()
             return self.ongoing
         if op == "update_config":
             async with self.config_lock:
