@@ -300,3 +300,17 @@ def test_an_http_request_that_raises_cancelled_error_uncancelled_gets_500(url: s
     serve.run(Http.bind(), name="cancel-http", route_prefix="/cancel-http")
     r = httpx.get(f"{url}/cancel-http", timeout=10)
     assert r.status_code == 500
+
+
+def test_a_stream_is_iterated_not_awaited_nor_result(target: serve.DeploymentHandle) -> None:
+    g = target.options(stream=True).stream.remote("iterated")
+    with pytest.raises(TypeError, match="iterate"):
+        g.result()
+
+    async def main() -> None:
+        with pytest.raises(TypeError, match="async for"):
+            await g
+
+    asyncio.run(main())
+    assert next(g) == "hi"
+    g.cancel()
