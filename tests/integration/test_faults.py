@@ -111,6 +111,21 @@ def test_two_failed_health_checks_in_a_row_are_tolerated(url):
     assert serve.status().applications["health-flaky"].deployments["Fragile"].status == "HEALTHY"
 
 
+def test_max_constructor_retry_count_bounds_the_attempts(url, tmp_path):
+    tries = tmp_path / "tries"
+
+    @serve.deployment(max_constructor_retry_count=2)
+    class Broken:
+        def __init__(self):
+            with open(tries, "a") as f:
+                f.write("x")
+            raise ZeroDivisionError("ctor exploded")
+
+    with pytest.raises(RuntimeError, match="failed to start 2 times in a row"):
+        serve.run(Broken.bind(), name="retries", route_prefix=None)
+    assert tries.read_text() == "xx"
+
+
 def test_a_replica_must_pass_a_first_health_check_to_start(url):
     # As Ray Serve: a replica is not ready until its check_health() passed once after the
     # constructor; a deployment whose check always fails does not deploy.

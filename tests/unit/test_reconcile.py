@@ -20,6 +20,7 @@ from flotilla._private.reconcile import (
     Plan,
     StartReplica,
     StopReplica,
+    failed_start_limit,
     reconcile,
     start_backoff_s,
 )
@@ -404,4 +405,11 @@ def test_visible_devices_map_through_the_parents_list(ids: list[int], parent: st
 
 @pytest.mark.parametrize(("failures", "wait"), [(0, 0.0), (2, 0.0), (3, 1.0), (4, 2.0), (6, 8.0), (9, 8.0), (50, 8.0)])
 def test_start_backoff_after_failed_starts(failures: int, wait: float) -> None:
-    assert start_backoff_s(failures) == wait
+    assert start_backoff_s(failures, 3) == wait
+
+
+@pytest.mark.parametrize(("retries", "target", "limit"), [
+    (20, 1, 3), (20, 2, 6), (20, 0, 3), (20, 10, 20), (4, 5, 4), (1, 1, 1),
+])
+def test_failed_start_limit_is_rays(retries: int, target: int, limit: int) -> None:
+    assert failed_start_limit(retries, target) == limit

@@ -58,6 +58,7 @@ from flotilla._private.reconcile import (
     Plan,
     StartReplica,
     StopReplica,
+    failed_start_limit,
     reconcile,
     start_backoff_s,
 )
@@ -929,14 +930,16 @@ class Controller:
         self._stop_replica(r, False, "its constructor failed")
 
     def _start_failed(self, r: Replica, tb: str) -> None:
-        """Count a failed start of `r`; the MAX_CONSTRUCTOR_FAILURES-th in a row fails the version."""
+        """Count a failed start of `r`; the `failed_start_limit`-th in a row fails a version that
+        never served, one that has served backs off (`start_backoff_s`)."""
         dep = r.dep
         logger.error("replica %s of %s/%s failed to start:\n%s", r.id, dep.app, dep.name, tb)
         if r.version != dep.version or dep.deleting:
             return
         dep.failures += 1
         serving = any(x.state.routable and x.version == dep.version for x in dep.replicas.values())
-        if dep.failures >= MAX_CONSTRUCTOR_FAILURES and not serving and dep.started_version != dep.version:
+        limit = failed_start_limit(dep.config.get("max_constructor_retry_count", 20), dep.target)
+        if dep.failures >= limit and not serving and dep.started_version != dep.version:
             dep.failed_msg = (
                 f"The deployment failed to start {dep.failures} times in a row. This may be "
                 f"due to a problem with its constructor or initial health check failing. "
@@ -944,7 +947,7 @@ class Controller:
                 f"Last error:\n{tb}"
             )
         else:
-            wait = start_backoff_s(dep.failures)
+            wait = start_backoff_s(dep.failures, limit)
             dep.retry_at = time.monotonic() + wait
             then = f"; the next start in {wait:g}s" if wait else ""
             dep.unhealthy_msg = (f"A replica failed to start (attempt {dep.failures}: its constructor or first "

@@ -17,8 +17,8 @@ effects (allocate and fork, drain, kill). The rules:
   resources). When a new replica cannot be placed and nothing is starting or draining, one
   old replica is stopped to make room (replace one at a time), unless the new replica could
   never fit on the node.
-- Failed version (its constructor or first health check failed MAX_CONSTRUCTOR_FAILURES times
-  in a row, none of its replicas serving and none ever ready): no new replica of it is made,
+- Failed version (its constructor or first health check failed `failed_start_limit` times in
+  a row, none of its replicas serving and none ever ready): no new replica of it is made,
   and the old version's replicas keep serving, untouched. Status DEPLOY_FAILED until the next
   deploy. A version that has served keeps being retried instead (`start_backoff_s`), UNHEALTHY.
 - A reconfiguring (UPDATING) replica serves and counts as running capacity.
@@ -33,19 +33,27 @@ from dataclasses import dataclass
 from flotilla._private.lifecycle import RState
 from flotilla.serve.schema import DeploymentStatus
 
+#: Failed starts in a row allowed per target replica (Ray Serve's MAX_PER_REPLICA_RETRY_COUNT).
 MAX_CONSTRUCTOR_FAILURES = 3
 #: Longest wait between two starts of a version that has run before and keeps failing to start.
 MAX_START_BACKOFF_S = 8.0
 
 
-def start_backoff_s(failures: int) -> float:
+def failed_start_limit(max_constructor_retry_count: int, target: int) -> int:
+    """Failed starts in a row (constructor or first health check) that fail a version none of
+    whose replicas ever served: `max_constructor_retry_count`, or 3 per target replica if that
+    is fewer, as Ray Serve counts."""
+    return max(1, min(max_constructor_retry_count, max(1, target) * MAX_CONSTRUCTOR_FAILURES))
+
+
+def start_backoff_s(failures: int, limit: int) -> float:
     """Seconds to wait before starting another replica after `failures` failed starts in a row
-    of a version that has served (one that never has fails instead): none before
-    MAX_CONSTRUCTOR_FAILURES, then 1, 2, 4, 8 s (MAX_START_BACKOFF_S): a version that cannot start
-    does not fork replicas in a tight loop, and one that recovers is back within seconds."""
-    if failures < MAX_CONSTRUCTOR_FAILURES:
+    of a version that has served (one that never has fails at `limit` instead): none before
+    `limit`, then 1, 2, 4, 8 s (MAX_START_BACKOFF_S): a version that cannot start does not
+    fork replicas in a tight loop, and one that recovers is back within seconds."""
+    if failures < limit:
         return 0.0
-    return min(2.0 ** (failures - MAX_CONSTRUCTOR_FAILURES), MAX_START_BACKOFF_S)
+    return min(2.0 ** (failures - limit), MAX_START_BACKOFF_S)
 
 
 @dataclass(frozen=True)

@@ -249,6 +249,11 @@ class DeploymentConfig(BaseModel):
     graceful_shutdown_timeout_s: float = Field(20.0, ge=0)
     health_check_period_s: float = Field(10.0, gt=0)
     health_check_timeout_s: float = Field(30.0, gt=0)
+    max_constructor_retry_count: int = Field(
+        20, gt=0,
+        description="Failed starts in a row (constructor or first health check) after which a version "
+        "that never served is DEPLOY_FAILED: this, or 3 per target replica if fewer (as Ray Serve).",
+    )
     ray_actor_options: RayActorOptions = Field(default_factory=lambda: RayActorOptions.model_validate({}))
     max_batch_size: int | None = Field(None, ge=1, description="Deployment-level batching (seed form).")
     batch_wait_timeout_s: float = Field(0.0, ge=0)

@@ -191,7 +191,6 @@ def walk_deployments(app: Application) -> list[tuple[str, Application]]:
 # Options Ray accepts that have no meaning here; taken and ignored.
 _COMPAT_IGNORED = {
     "version",
-    "max_constructor_retry_count",
 }
 
 
@@ -210,6 +209,7 @@ def deployment(
     health_check_period_s: float | None = None,
     health_check_timeout_s: float | None = None,
     logging_config: dict[str, Any] | Any | None = None,
+    max_constructor_retry_count: int | None = None,
     max_batch_size: int | None = None,
     batch_wait_timeout_s: float | None = None,
     batch_latency_target_s: float | None = None,
@@ -246,6 +246,7 @@ def deployment(
         "health_check_period_s": health_check_period_s,
         "health_check_timeout_s": health_check_timeout_s,
         "logging_config": logging_config,
+        "max_constructor_retry_count": max_constructor_retry_count,
         "max_batch_size": max_batch_size,
         "batch_wait_timeout_s": batch_wait_timeout_s,
         "batch_latency_target_s": batch_latency_target_s,
