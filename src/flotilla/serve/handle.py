@@ -457,10 +457,6 @@ class DeploymentResponseGenerator:
     def __aiter__(self) -> DeploymentResponseGenerator:
         return self
 
-    def __await__(self):  # type: ignore[no-untyped-def]
-        raise TypeError("a streaming response cannot be awaited: iterate it with `async for` "
-                        "(or `await response.__anext__()`)")
-
     def result(self, *, timeout_s: float | None = None) -> Any:
         """Not for streams (as in Ray Serve): always raises TypeError."""
         raise TypeError("a streaming response has no result(): iterate it, `for item in response` "
