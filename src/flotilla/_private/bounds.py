@@ -3,7 +3,7 @@ and the machine may use. No I/O and no clock; the controller measures and carrie
 
 - Start-up: a replica still constructing after `slow_startup_warning_s` is reported in its
   deployment's status (Ray's wording, with the elapsed time) and logged once; after
-  `startup_timeout_s` it is killed and counts as a failed start (3 in a row: DEPLOY_FAILED).
+  `startup_timeout_s` it is killed and counts as a failed start (see `reconcile.failed_start_limit`).
 - Memory limit: a replica whose process group's RSS exceeds its `ray_actor_options["memory"]`
   is killed and replaced.
 - Health: a replica that fails its health check drains like any replica being stopped (Ray
