@@ -25,7 +25,7 @@ def spawned(meta: dict[str, Any], call: Any) -> None:
     if calls is None:
         meta[SPAWNED] = [call]
         return
-    if len(calls) >= 64:  # a long request making many calls: forget those already over
+    if len(calls) % 64 == 0:  # a long request making many calls: now and then, forget those over
         calls[:] = [c for c in calls if not c._over()]
     calls.append(call)
 
@@ -34,7 +34,7 @@ def cancel_spawned(meta: dict[str, Any]) -> None:
     """The request was cancelled: cancel the calls it made that are not over."""
     for call in meta.pop(SPAWNED, ()):
         if not call._over():
-            call._cascade()
+            call._cancel_call()
 
 
 #: Set by the replica: called with the model ids a multiplexed loader now holds.

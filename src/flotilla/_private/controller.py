@@ -51,7 +51,6 @@ from flotilla._private.lifecycle import RState, transition
 from flotilla._private.metrics import Store, record_auth_failures
 from flotilla._private.procfs import Memory, group_cpu, group_rss, machine_memory, memory_of
 from flotilla._private.reconcile import (
-    MAX_CONSTRUCTOR_FAILURES,
     Desired,
     Observed,
     PlaceReplica,
@@ -82,7 +81,7 @@ from flotilla.serve.schema import (
 
 logger = logging.getLogger("flotilla.controller")
 
-__all__ = ["MAX_CONSTRUCTOR_FAILURES", "Controller"]
+__all__ = ["Controller"]
 
 _SERVING = (DeploymentStatus.HEALTHY, DeploymentStatus.UPSCALING, DeploymentStatus.DOWNSCALING)
 #: Longest a replica's reconfigure() (update_config) may take; then the replica is replaced.

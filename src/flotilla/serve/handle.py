@@ -378,11 +378,9 @@ class DeploymentResponse:
     def _over(self) -> bool:
         return self._done
 
-    def _cascade(self) -> None:
-        """The request that made this call was cancelled: so is this call."""
-        self._cancel_call()
-
     def _cancel_call(self) -> None:
+        """Cancel the call, not as the caller's cancel(): also when the awaiting task or the
+        request that made it (`context.cancel_spawned`) was cancelled."""
         if self._local:
             self._task.cancel()  # type: ignore[union-attr]
             return
@@ -523,9 +521,7 @@ class DeploymentResponseGenerator:
     def _over(self) -> bool:
         return self._cancelled
 
-    def _cascade(self) -> None:
-        """The request that made this call was cancelled: so is this stream."""
-        self.cancel()
+    _cancel_call = cancel  # the request that made this stream was cancelled (`context.cancel_spawned`)
 
     def _cancel_wait(self, task: asyncio.Task[Any]) -> None:
         if self._pending is task:  # still waiting for that item: not somewhere else by now
