@@ -23,6 +23,14 @@ def _hist_count(labels: tuple[str, ...]) -> int:
     return 0 if h is None else h[2]
 
 
+def _meta(rid: bytes, queued_s: float | None = None) -> dict[str, Any]:
+    """The meta the proxy makes for a routed request (the router adds its queue time)."""
+    meta: dict[str, Any] = {"request_id": rid.decode(), "route": "/"}
+    if queued_s is not None:
+        meta[trace.ROUTER_QUEUE_KEY] = queued_s
+    return meta
+
+
 def test_a_batch_folds_into_counters_histograms_access_lines_and_trace_events() -> None:
     p = Proxy({})
     m = ("/fold", DeploymentID("D", "foldapp"))
@@ -35,9 +43,10 @@ def test_a_batch_folds_into_counters_histograms_access_lines_and_trace_events() 
 
     async def main() -> None:
         for i in range(5):
-            p._record({"method": "GET", "path": f"/fold/{i}"}, m, None, 200, t0, f"fold-ok-{i}".encode())
-        p._record({"method": "POST", "path": "/fold/x"}, m, None, 503, t0, b"fold-err")
-        p._record({"method": "GET", "path": "/nowhere"}, None, None, 404, t0, b"fold-404")
+            rid = f"fold-ok-{i}".encode()
+            p._record({"method": "GET", "path": f"/fold/{i}"}, m, None, 200, t0, rid, _meta(rid))
+        p._record({"method": "POST", "path": "/fold/x"}, m, None, 503, t0, b"fold-err", _meta(b"fold-err", 0.004))
+        p._record({"method": "GET", "path": "/nowhere"}, None, None, 404, t0, b"fold-404", None)
         # nothing reaches the metrics on the request path
         assert _count("ray_serve_num_http_requests", ok) == before[0]
         assert not trace.RING.find("fold-err")
@@ -54,6 +63,8 @@ def test_a_batch_folds_into_counters_histograms_access_lines_and_trace_events() 
     events = trace.RING.find("fold-err")
     assert len(events) == 1 and events[0][1:5] == ["http", "/fold", "foldapp", 503]
     assert abs(events[0][6] - time.time()) < 5  # wall time of the request's end
+    assert events[0][7:] == ["D", 4.0]  # the deployment called and the router's queue ms
+    assert trace.RING.find("fold-404")[0][7:] == ["", 0.0]
     assert not p._done
 
 
@@ -62,7 +73,7 @@ def test_access_lines_are_written_by_the_fold(capfd: Any) -> None:
     m = ("/acc", DeploymentID("D", "accapp"))
 
     async def main() -> None:
-        p._record({"method": "GET", "path": "/acc/1"}, m, None, 200, time.perf_counter(), b"acc-1")
+        p._record({"method": "GET", "path": "/acc/1"}, m, None, 200, time.perf_counter(), b"acc-1", _meta(b"acc-1"))
         p.fold()
 
     asyncio.run(main())
@@ -76,7 +87,7 @@ def test_a_kept_request_is_folded_fold_s_later_without_a_push() -> None:
     before = _count("ray_serve_num_http_requests", labels)
 
     async def main() -> float:
-        p._record({"method": "GET", "path": "/late"}, m, None, 200, time.perf_counter(), b"late-1")
+        p._record({"method": "GET", "path": "/late"}, m, None, 200, time.perf_counter(), b"late-1", _meta(b"late-1"))
         t = time.monotonic()
         while _count("ray_serve_num_http_requests", labels) == before:
             assert time.monotonic() - t < 5 * FOLD_S + 1, "never folded"
@@ -85,3 +96,30 @@ def test_a_kept_request_is_folded_fold_s_later_without_a_push() -> None:
 
     took = asyncio.run(main())
     assert FOLD_S * 0.5 <= took <= 5 * FOLD_S + 1
+
+
+def test_a_batch_of_one_kind_folds_by_columns_with_the_same_figures() -> None:
+    """The common batch (one route, method, application, status) takes the column path: the
+    same counters, latency and router-queue histograms, access lines and trace events."""
+    p = Proxy({})
+    m = ("/cols", DeploymentID("C", "colsapp"))
+    labels = ("/cols", "GET", "colsapp", "200")
+    queue = trace.series(DeploymentID("C", "colsapp"), "router_queue")
+    before = (_count("ray_serve_num_http_requests", labels), _hist_count(labels), queue[2], queue[1])
+    t0 = time.perf_counter() - 0.002
+
+    async def main() -> None:
+        for i in range(50):
+            rid = f"cols-{i}".encode()
+            p._record({"method": "GET", "path": "/cols"}, m, None, 200, t0, rid,
+                      _meta(rid, 0.003 if i == 7 else None))
+        p.fold()
+
+    asyncio.run(main())
+    assert _count("ray_serve_num_http_requests", labels) == before[0] + 50
+    assert _hist_count(labels) == before[1] + 50
+    assert queue[2] == before[2] + 50 and abs(queue[1] - before[3] - 3.0) < 1e-6
+    e = trace.RING.find("cols-7")
+    assert len(e) == 1 and e[0][1:5] == ["http", "/cols", "colsapp", 200] and e[0][7:] == ["C", 3.0]
+    assert e[0][5] >= 1.5
+    assert trace.RING.find("cols-8")[0][8] == 0.0

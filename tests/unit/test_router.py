@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
 
+from flotilla._private import trace
 from flotilla._private.errors import error_reply
 from flotilla._private.protocol import (
     STREAM_WINDOW,
@@ -28,6 +30,7 @@ from flotilla._private.protocol import (
     Drain,
     DrainAck,
     End,
+    Http,
     HttpFull,
     HttpStart,
     Ok,
@@ -914,6 +917,38 @@ def test_replica_draining_when_the_router_connects(net: Net) -> None:
         router.update(info([b], max_ongoing=1))
         assert await result(waiting) == ("b", 0)
         assert d.requests == []
+        router.close()
+
+    run(net, body)
+
+
+def test_finished_calls_reach_the_ring_and_queue_histogram_in_a_batch(net: Net) -> None:
+    """A call's trace event and router_queue figure are kept, not made, on the request path:
+    `fold_calls` (FOLD_S after the first of a batch, or a trace lookup) makes them; a
+    parent's downstream time is added at once; `http(..., traced=False)` keeps nothing."""
+    async def body(replica: Any) -> None:
+        a = await replica("a", auto=lambda r: r.reply(HttpFull(200, [], b"")) if isinstance(r.msg, Http) else answer_ok(r))
+        router = await make_router([a])
+        hist = router._queue_hist
+        n = random.getrandbits(48)  # ids of this run (the ring is the process's)
+        before = hist[2]
+        parent: dict[str, Any] = {}
+        assert await result(router.call("m", (1,), {}, {"request_id": f"fold-call-1-{n}"}, parent)) == ("a", 1)
+        assert parent[trace.DOWNSTREAM_KEY] > 0
+        assert trace.RING.find(f"fold-call-1-{n}") == [] and hist[2] == before
+        router.fold_calls()
+        [e] = trace.RING.find(f"fold-call-1-{n}")
+        assert e[1:4] == ["call", "app", "d"] and e[5] > 0 and abs(e[6] - time.time()) < 5
+        assert hist[2] == before + 1
+        assert await result(router.call("m", (2,), {}, {"request_id": f"fold-call-2-{n}"})) == ("a", 2)
+        deadline = time.monotonic() + 5 * trace.FOLD_S + 2
+        while not trace.RING.find(f"fold-call-2-{n}"):  # folded by its timer
+            assert time.monotonic() < deadline, "never folded"
+            await asyncio.sleep(0.01)
+        http = asyncio.ensure_future(router.http({"type": "http"}, b"", {"request_id": f"fold-http-{n}"}, False))
+        assert await result(http) == HttpFull(200, [], b"")
+        router.fold_calls()
+        assert trace.RING.find(f"fold-http-{n}") == [] and hist[2] == before + 2
         router.close()
 
     run(net, body)

@@ -41,6 +41,22 @@ def test_assemble_nests_calls_and_sums_to_e2e() -> None:
     assert "request r1" in trace.format_trace(t) and "call app/B" in trace.format_trace(t)
 
 
+def test_assemble_from_the_proxys_http_event_alone() -> None:
+    """The proxy records its call in its http event (deployment, router queue ms): the same
+    tree as from a separate call event, the root call lasting the whole request."""
+    src = _sources()
+    src["proxy"] = [["r1", "http", "/", "app", 200, 100.0, 100.1, "A", 0.5]]
+    t = trace.assemble("r1", src)
+    assert t is not None
+    assert t["e2e_ms"] == 100.0 and t["deployment"] == "A" and t["replica"] == "ra" and t["status"] == 200
+    assert t["stages"] == pytest.approx({"router_queue": 0.5, "replica_queue": 0.2, "batch_wait": 0.0,
+                                         "user_code": 50.0, "downstream": 40.0, "other": 9.3})
+    assert [c["deployment"] for c in t["downstream_calls"]] == ["B"]
+    src["proxy"] = [["r1", "http", "/nowhere", "", 404, 1.0, 100.1, "", 0.0]]
+    t = trace.assemble("r1", {"proxy": src["proxy"]})
+    assert t is not None and t["status"] == 404 and t["deployment"] is None
+
+
 def test_assemble_trims_stages_longer_than_the_call() -> None:
     src = _sources()
     src["ra"][0][7] = 70.0  # the replica's closing clock read came late
@@ -96,17 +112,37 @@ def test_replica_stages_with_batch_wait_downstream_and_router_queue(monkeypatch:
 
 
 @pytest.mark.parametrize("cap,before,batch", [(5, 0, 3), (5, 3, 4), (5, 2, 5), (5, 1, 12), (0, 0, 3), (4, 4, 4)])
-def test_ring_extend_is_add_of_each(cap: int, before: int, batch: int) -> None:
-    one, many = trace.Ring(cap), trace.Ring(cap)
+def test_ring_keeps_the_last_cap_events_dropping_whole_batches(cap: int, before: int, batch: int) -> None:
+    """A batch (`extend`, `columns`) is kept or dropped whole: the ring holds the newest
+    events in order, at least `cap` of them, and no batch it would not need for `cap`."""
+    ring = trace.Ring(cap)
     for i in range(before):
-        one.add(("r", i))
-        many.add(("r", i))
-    events = [("r", 100 + i) for i in range(batch)]
-    for e in events:
-        one.add(e)
-    many.extend(events)
-    assert many.find("r") == one.find("r")
-    assert many.i == one.i
+        ring.add(("r", i))
+    ring.extend([("r", 100 + i) for i in range(batch)])
+    got = [e[1] for e in ring.find("r")]
+    every = list(range(before)) + [100 + i for i in range(batch)]
+    if cap == 0:
+        assert got == []
+        return
+    assert got == every[len(every) - len(got):]
+    assert len(got) >= min(cap, len(every))
+    assert len(got) <= cap or got == [100 + i for i in range(batch)]
+    assert ring.n == len(got)
+
+
+def test_ring_columns_make_events_only_when_found() -> None:
+    ring = trace.Ring(100)
+    made: list[int] = []
+    ids = ["a", "b", "a"]
+
+    def event(i: int) -> tuple[str, int]:
+        made.append(i)
+        return (ids[i], i)
+
+    ring.columns(ids, event)
+    assert made == []
+    assert ring.find("a") == [["a", 0], ["a", 2]] and made == [0, 2]
+    assert ring.find("zz") == [] and made == [0, 2]
 
 
 def test_the_common_batch_folds_a_column_at_a_time_to_what_the_loop_gives(monkeypatch: pytest.MonkeyPatch) -> None:

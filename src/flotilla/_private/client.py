@@ -539,6 +539,11 @@ class Runtime:
             cb(value)
         return value
 
+    def fold_calls(self) -> None:
+        """Every router's finished calls into the metrics and trace ring now (a trace lookup)."""
+        for r in list(self.routers.values()):
+            r.fold_calls()
+
     def router(self, dep: DeploymentID) -> Router:
         """The router for `dep` (create on first use); call on the runtime's loop."""
         r = self.routers.get(dep)

@@ -29,7 +29,6 @@ import time
 import traceback
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from itertools import repeat
 from operator import sub as _SUB
 from typing import Any, NamedTuple
 
@@ -484,7 +483,10 @@ class Replica:
                 out["custom"] = await self._record_autoscaling_stats()
             return out
         if op == "trace":
+            from flotilla._private import client
+
             self._fold()
+            client.Runtime.current().fold_calls()
             return trace.RING.find(str(args[0]))
         if op == "stop":
             await self._drain(*args)
@@ -793,7 +795,8 @@ class Replica:
         rq_hist, user_hist = self._rq_hist, self._user_hist
         counts: dict[tuple[str, ...], int] = {}
         errors: dict[tuple[str, ...], int] = {}
-        access, ring = self.access, trace.RING
+        access = self.access
+        events: list[tuple[Any, ...]] = []
         app, dep, replica_id = self.app_name, self.dep_name, self.replica_id
         for t_in, t0, t1, bw, route, rid, ds_s, status in done:
             # Stages: waiting for a slot here, then the handler's time split into batch wait,
@@ -809,7 +812,7 @@ class Replica:
                 user -= ds
             user = max(0.0, user)
             if rid is not None:
-                ring.add((rid, "replica", app, dep, replica_id, rq, bw, user, ds, (t1 - t_in) * 1000.0, now))
+                events.append((rid, "replica", app, dep, replica_id, rq, bw, user, ds, (t1 - t_in) * 1000.0, now))
             labels, hist = per_route.get(route) or self._route_entry(route)
             counts[labels] = counts.get(labels, 0) + 1
             observe(hist, metrics.LATENCY_MS_BUCKETS, ms)
@@ -822,6 +825,7 @@ class Replica:
             if metrics.is_error(status):
                 errors[labels] = errors.get(labels, 0) + 1
             access.keep(now, rid or "-", route, status, ms)
+        trace.RING.extend(events)
         for labels, n in counts.items():
             STORE.inc("ray_serve_deployment_request_counter", labels, n)
         for labels, n in errors.items():
@@ -851,9 +855,9 @@ class Replica:
         metrics.observe_sorted(self._user_hist, buckets, took_sorted)  # all of it is user code here
         metrics.observe_sorted(self._rq_hist, buckets, sorted(waited))
         STORE.inc("ray_serve_deployment_request_counter", labels, len(done))
-        trace.RING.extend(list(zip(
-            rid, repeat("replica"), repeat(self.app_name), repeat(self.dep_name), repeat(self.replica_id),
-            waited, repeat(0.0), took, repeat(0.0), total, now, strict=False)))
+        app, dep, replica_id = self.app_name, self.dep_name, self.replica_id
+        trace.RING.columns(rid, lambda i: (
+            rid[i], "replica", app, dep, replica_id, waited[i], 0.0, took[i], 0.0, total[i], now[i]))
         self.access.keep_many(zip(now, rid, route, status, took, strict=True))
         return True
 

@@ -280,6 +280,23 @@ class Router:
         #: `get_running_loop` costs a getpid: not once per request).
         self.loop: asyncio.AbstractEventLoop | None = None
         self._queue_hist = trace.series(deployment_id, "router_queue")
+        #: finished calls (meta, asked-for time, end time, seconds queued) for `fold_calls`
+        self._calls: list[tuple[Any, float, float, float]] = []
+
+    def _traced(self, meta: Any, t0: float, queued: float) -> None:
+        """Keep a finished call for `fold_calls`; the request path does no more."""
+        done = self._calls
+        done.append((meta, t0, time.perf_counter(), queued))
+        if len(done) == 1:
+            (self.loop or asyncio.get_running_loop()).call_later(trace.FOLD_S, self.fold_calls)
+        elif len(done) >= trace.FOLD_MAX:
+            self.fold_calls()
+
+    def fold_calls(self) -> None:
+        """The calls kept since the last fold into the router_queue histogram and the trace ring."""
+        done, self._calls = self._calls, []
+        if done:
+            trace.calls_done(self._queue_hist, self.deployment_id, done)
 
     # ---- updates from the controller ----------------------------------------------------
     def update(self, info: dict[str, Any]) -> None:
@@ -561,7 +578,9 @@ class Router:
                 break
         finally:
             if trace.ON:
-                trace.routed(self._queue_hist, self.deployment_id, meta, t0, queued, parent)
+                if parent is not None:
+                    parent[trace.DOWNSTREAM_KEY] = parent.get(trace.DOWNSTREAM_KEY, 0.0) + (time.perf_counter() - t0)
+                self._traced(meta, t0, queued)
         if cls is Ok:
             return reply.result
         if cls is Err:
@@ -615,11 +634,13 @@ class Router:
                     self.release(r)
         finally:  # the stream's whole life, consumer included: not added to a parent's downstream
             if trace.ON:
-                trace.routed(self._queue_hist, self.deployment_id, meta, t0, queued, None)
+                self._traced(meta, t0, queued)
 
-    async def http(self, scope: dict[str, Any], body: bytes, meta: Any) -> HttpFull | Channel:
+    async def http(self, scope: dict[str, Any], body: bytes, meta: Any, traced: bool = True) -> HttpFull | Channel:
         """Send an HTTP request: a whole response, or a `Channel` of a streaming one (whose
-        `start` holds status and headers, followed by Chunk... End, or Abort/Failed)."""
+        `start` holds status and headers, followed by Chunk... End, or Abort/Failed).
+        `traced=False`: the caller records the call (the proxy, with its request's figures;
+        the time queued here is in `meta` when over `trace.QUEUED_S`)."""
         model = meta.get("multiplexed_model_id", "") if meta else ""
         msg = Http(scope, oob(body), meta)
         front = False
@@ -651,8 +672,8 @@ class Router:
                     continue
                 raise _stream_error(reply)
         finally:
-            if trace.ON:
-                trace.routed(self._queue_hist, self.deployment_id, meta, t0, queued, None)
+            if traced and trace.ON:
+                self._traced(meta, t0, queued)
 
 
     async def websocket(self, scope: dict[str, Any], meta: Any) -> WsLink:

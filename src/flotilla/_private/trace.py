@@ -20,7 +20,8 @@ from __future__ import annotations
 import math
 import os
 import time
-from bisect import bisect_left
+from collections import deque
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from flotilla._private import metrics
@@ -49,46 +50,42 @@ def capacity() -> int:
 
 
 class Ring:
-    """The last `cap` events of this process: a fixed list written round (O(1), no eviction
-    bookkeeping); looking an id up scans it, which only `trace` requests do."""
+    """About the last `cap` events of this process, kept as batches: a batch is its events'
+    request ids and a function making event i, so the folds keep the columns they computed
+    and no tuple is made per event until a trace asks. The oldest batches go whole once the
+    rest hold `cap` events; looking an id up scans the ids, which only `trace` requests do."""
 
-    __slots__ = ("cap", "i", "items")
+    __slots__ = ("batches", "cap", "n")
 
     def __init__(self, cap: int) -> None:
         self.cap = cap
-        self.items: list[tuple[Any, ...] | None] = [None] * cap
-        self.i = 0
+        self.n = 0
+        self.batches: deque[tuple[Sequence[Any], Callable[[int], tuple[Any, ...]]]] = deque()
 
     def add(self, event: tuple[Any, ...]) -> None:
-        if self.cap:
-            i = self.i
-            self.items[i] = event
-            self.i = i + 1 if i + 1 < self.cap else 0
+        self.columns((event[0],), lambda i: event)
 
     def extend(self, events: list[tuple[Any, ...]]) -> None:
-        """`add` of each of `events`, in order, in at most two slice writes."""
-        cap = self.cap
-        if not cap:
+        """`add` of each of `events`, in order."""
+        self.columns([e[0] for e in events], events.__getitem__)
+
+    def columns(self, ids: Sequence[Any], event: Callable[[int], tuple[Any, ...]]) -> None:
+        """Keep a batch: `ids[i]` is event i's request id, `event(i)` makes it."""
+        if not self.cap or not ids:
             return
-        i = self.i
-        over = len(events) - cap
-        if over > 0:  # the first `over` would be overwritten at once
-            events = events[over:]
-            i = (i + over) % cap
-        end = i + len(events)
-        if end <= cap:
-            self.items[i:end] = events
-        else:
-            first = cap - i
-            self.items[i:] = events[:first]
-            self.items[: end - cap] = events[first:]
-        self.i = end % cap
+        batches = self.batches
+        batches.append((ids, event))
+        self.n += len(ids)
+        while self.n - len(batches[0][0]) >= self.cap:
+            self.n -= len(batches.popleft()[0])
 
     def find(self, request_id: str) -> list[list[Any]]:
         """This id's events, oldest first, as lists (plain data for the control reply)."""
-        n, i = self.cap, self.i
-        order = self.items[i:n] + self.items[:i]
-        return [list(e) for e in order if e is not None and e[0] == request_id]
+        out: list[list[Any]] = []
+        for ids, event in self.batches:
+            if request_id in ids:
+                out.extend(list(event(i)) for i, r in enumerate(ids) if r == request_id)
+        return out
 
 
 RING = Ring(capacity())
@@ -106,19 +103,29 @@ def series(dep: Any, stage: str) -> list[Any]:
     return STORE.series(METRIC, (dep.name, dep.app_name, stage))
 
 
-def routed(hist: list[Any], dep: Any, meta: Any, t0: float, queued_s: float, parent: Any) -> None:
-    """A router's request ended: `t0` when it was asked for, `queued_s` waiting for a slot;
-    `parent`: the meta of the request being served that made this call, if any."""
-    t1 = time.perf_counter()
-    q = queued_s * 1000.0
-    hist[0][bisect_left(BUCKETS, q)] += 1  # observe_into, inlined: this runs per request
-    hist[1] += q
-    hist[2] += 1
-    if parent is not None:
-        parent[DOWNSTREAM_KEY] = parent.get(DOWNSTREAM_KEY, 0.0) + (t1 - t0)
-    rid = meta.get("request_id") if meta else None
-    if rid is not None:
-        RING.add((rid, "call", dep.app_name, dep.name, q, (t1 - t0) * 1000.0, time.time()))
+#: A router's finished calls wait this long (from the first of a batch) for `calls_done`.
+FOLD_S = 0.1
+#: ... or until this many wait (a router whose loop stopped never runs its timer).
+FOLD_MAX = 4096
+
+
+def calls_done(hist: list[Any], dep: Any, done: list[tuple[Any, float, float, float]]) -> None:
+    """A router's finished calls, each (meta, asked-for time, end time, seconds queued for a
+    slot), into its router_queue histogram and the ring, a column at a time. Downstream time
+    is added to the parent request at once, by the router: it is read when that one ends."""
+    metas, t0, t1, queued = zip(*done, strict=True)
+    q = [x * 1000.0 for x in queued]
+    metrics.observe_sorted(hist, BUCKETS, sorted(q))
+    to_wall = time.time() - time.perf_counter()
+    app, name = dep.app_name, dep.name
+    if None in metas or not all(["request_id" in m for m in metas]):
+        RING.extend([
+            (m["request_id"], "call", app, name, qm, (b - a) * 1000.0, to_wall + b)
+            for m, qm, a, b in zip(metas, q, t0, t1, strict=True) if m and m.get("request_id") is not None
+        ])
+        return
+    ids = [m["request_id"] for m in metas]
+    RING.columns(ids, lambda i: (ids[i], "call", app, name, q[i], (t1[i] - t0[i]) * 1000.0, to_wall + t1[i]))
 
 
 class LatencyRing:
@@ -226,6 +233,10 @@ def assemble(request_id: str, sources: dict[str, list[list[Any]]]) -> dict[str, 
     # The root: the proxy's call, else (a handle call from a driver, or the proxy's ring no
     # longer has it) whichever call or replica event started first.
     starts = [(c[6] - c[5] / 1000.0, s, c) for s, c in calls if http is None or s == "proxy"]
+    if http is not None and not starts and len(http) > 8 and http[7]:
+        # The proxy records its call in the http event: (..., deployment, router queue ms).
+        starts.append((http[6] - http[5] / 1000.0, "proxy",
+                       [request_id, "call", http[3], http[7], http[8], http[5], http[6]]))
     if http is None:
         starts += [(r[10] - r[9] / 1000.0, "", [request_id, "call", r[2], r[3], 0.0, r[9], r[10]])
                    for _, r in replicas]
