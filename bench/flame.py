@@ -111,8 +111,8 @@ def top_self(raw: Path, n: int = TOP) -> tuple[int, list[tuple[str, int]]]:
 #: recording (`_record` in proxy and replica, `Proxy.fold`, `_fold` and `_fold_columns` in the
 #: replica) and what they call, and the periodic flushes.
 ACCOUNTING = re.compile(
-    r"^(\S+\._(?:record|fold|fold_columns)|Proxy\.fold|AccessLog\.\w+|Store\.\w+|observe_(?:into|sorted)|Ring\.(?:add|extend)"
-    r"|LatencyRing\.add|routed|Pusher\.\w+) \("
+    r"^(\S+\._(?:record|fold|fold_columns|traced)|Proxy\.fold|Router\.fold_calls|calls_done|AccessLog\.\w+|Store\.\w+"
+    r"|observe_(?:into|sorted)|Ring\.(?:add|extend|columns)|LatencyRing\.add|routed|Pusher\.\w+) \("
 )
 
 
