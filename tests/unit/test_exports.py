@@ -35,4 +35,4 @@ def test_request_cancelled_error_is_ray_serves_and_the_older_name() -> None:
     assert str(e) == "Request abc was cancelled." and e.request_id == "abc"
     back = pickle.loads(pickle.dumps(e))
     assert back.__class__ is RequestCancelledError and str(back) == str(e)
-    assert str(RequestCancelledError()) == "The request was cancelled."
+    assert str(RequestCancelledError()) == "Request was cancelled."  # as Ray Serve words it

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import os
 from collections.abc import Callable
 from contextvars import ContextVar
 from typing import Any
@@ -13,6 +15,25 @@ replica_context: ReplicaContext | None = None
 
 #: Metadata of the request being handled (request_id, multiplexed_model_id, route...).
 request_meta: ContextVar[dict[str, Any] | None] = ContextVar("flotilla_request_meta", default=None)
+
+_id_prefix = os.urandom(6).hex()
+_id_count = itertools.count(1)
+
+
+def _new_id_prefix() -> None:
+    global _id_prefix, _id_count
+    _id_prefix, _id_count = os.urandom(6).hex(), itertools.count(1)
+
+
+os.register_at_fork(after_in_child=_new_id_prefix)  # a forked replica makes ids of its own
+
+
+def new_request_id() -> str:
+    """The id of a handle call made outside any request, in a UUID's form as Ray Serve's: a
+    random prefix per process and a counter (no syscall per id; safe across threads)."""
+    h = f"{_id_prefix}{next(_id_count):020x}"
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
 
 #: Under this key of a request's meta: the handle calls made while serving it, awaited or not
 #: (`spawned`); cancelling the request cancels them too (`cancel_spawned`), as Ray Serve cascades.

@@ -917,10 +917,12 @@ class Replica:
         proto.send(tag, End())
 
     async def sync_items(self, gen: Any) -> Any:
-        """The items of a sync generator, each produced in the thread pool (user code may block)."""
+        """The items of a sync generator, each produced in the thread pool (user code may block),
+        in the request's context (its id for `get_request_context`, logging and handle calls)."""
         sentinel = object()
+        ctx = contextvars.copy_context()
         while True:
-            item = await self.loop.run_in_executor(self.pool, next, gen, sentinel)
+            item = await self.loop.run_in_executor(self.pool, ctx.run, next, gen, sentinel)
             if item is sentinel:
                 return
             yield item

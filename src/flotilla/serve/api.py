@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import inspect
 import json
@@ -10,6 +11,8 @@ import math
 import os
 import sys
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import cloudpickle
@@ -353,6 +356,76 @@ def doctor_warnings(rt: Runtime, target: Application, spec: dict[str, Any],
 _RUN_PARAMS = tuple(p for p in inspect.signature(run).parameters if p not in ("target", "_ray_compat"))
 
 
+@dataclass
+class RunTarget:
+    """One application for `run_many`: what `serve.run` takes besides `blocking`."""
+
+    target: Application
+    name: str = "default"
+    route_prefix: str | None = "/"
+    logging_config: dict[str, Any] | LoggingConfig | None = None
+    external_scaler_enabled: bool = False
+
+
+def run_many(
+    targets: Sequence[RunTarget],
+    blocking: bool = False,
+    wait_for_ingress_deployment_creation: bool = True,
+    wait_for_applications_running: bool = True,
+    _local_testing_mode: bool = False,
+    controller_options: Any = None,
+) -> list[DeploymentHandle]:
+    """Deploy several applications at once (as Ray Serve's `run_many`); returns their ingress
+    handles in order. All are checked before any is deployed: a bad target, or two with the
+    same name or route prefix, deploys none. With `wait_for_applications_running` (the
+    default) it returns once every one is RUNNING, raising for one that failed."""
+    if not targets:
+        raise ValueError("No applications provided.")
+    names: set[str] = set()
+    prefixes: set[str] = set()
+    specs = []
+    for t in targets:
+        if not isinstance(t, RunTarget):
+            raise TypeError(f"serve.run_many() takes RunTarget(target=..., name=...) items, got {type(t).__name__}")
+        if not isinstance(t.target, Application):
+            raise TypeError(f"RunTarget '{t.name}': target must be an Application (from Deployment.bind()), "
+                            f"got {type(t.target).__name__}")
+        _check_route_prefix(t.route_prefix)
+        if not isinstance(t.name, str) or not t.name:
+            raise ConfigError(f"application name must be a non-empty string, got {t.name!r}")
+        if t.name in names:
+            raise ConfigError(f"two RunTargets are named '{t.name}': application names must be unique")
+        if t.route_prefix is not None and t.route_prefix in prefixes:
+            raise ConfigError(f"two RunTargets use route_prefix '{t.route_prefix}': give each application its own")
+        names.add(t.name)
+        if t.route_prefix is not None:
+            prefixes.add(t.route_prefix)
+        if t.external_scaler_enabled:
+            warn_not_honoured("external_scaler_enabled", RUN_IGNORED["external_scaler_enabled"])
+        specs.append(app_spec(t.target, t.name, t.route_prefix, _logging_config(t.logging_config)))
+    if _local_testing_mode:
+        warn_not_honoured("_local_testing_mode", "the local backend always runs applications in processes of their own")
+    if controller_options is not None:
+        warn_not_honoured("controller_options", "flotilla's controller takes its options from flotilla.init and "
+                          "the environment")
+    rt = Runtime.get_or_start()
+    if prefixes and rt.call_head("http_url") is None:
+        start()
+    handles = []
+    for t, spec in zip(targets, specs, strict=True):
+        doctor_warnings(rt, t.target, spec)
+        rt.call_head("deploy_app", spec)
+        handle = DeploymentHandle(spec["ingress"], t.name)
+        handle._warm_up()
+        handles.append(handle)
+    if wait_for_applications_running:
+        for t in targets:
+            _wait_running(rt, t.name)
+    if blocking:
+        _block_forever()
+    return handles
+
+
 def _wait_running(rt: Runtime, name: str) -> None:
     last_log = time.monotonic()
     while True:
@@ -395,6 +468,11 @@ def status() -> ServeStatus:
     if rt is None:
         return ServeStatus()
     return rt.call_head("status")
+
+
+async def shutdown_async() -> None:
+    """`shutdown` for async code: the same, without blocking the caller's event loop."""
+    await asyncio.get_running_loop().run_in_executor(None, shutdown)
 
 
 def shutdown() -> None:

@@ -48,7 +48,7 @@ class RequestCancelledError(RayServeException, TaskCancelledError):
 
     def __init__(self, request_id: str | None = None) -> None:
         self.request_id = request_id
-        super().__init__(f"Request {request_id} was cancelled." if request_id else "The request was cancelled.")
+        super().__init__(f"Request {request_id} was cancelled." if request_id else "Request was cancelled.")
 
     def __reduce__(self):  # one optional argument, not the message
         return (RequestCancelledError, (self.request_id,))

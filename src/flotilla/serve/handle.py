@@ -18,7 +18,7 @@ from typing import Any
 
 from flotilla._private import args as _args
 from flotilla._private.client import Runtime
-from flotilla._private.context import request_meta, spawned
+from flotilla._private.context import new_request_id, request_meta, spawned
 from flotilla._private.hop import Inbox, inbox_for
 from flotilla.exceptions import GetTimeoutError
 from flotilla.serve.exceptions import RequestCancelledError
@@ -117,17 +117,21 @@ class DeploymentHandle:
         """Send one request; returns immediately."""
         rt = Runtime.get_or_start()
         opts = self._opts
-        meta = {"multiplexed_model_id": opts.multiplexed_model_id} if opts.multiplexed_model_id else None
         parent = request_meta.get()
         if parent is not None and "request_id" in parent:  # a call made while serving a request
-            meta = dict(meta or {}, request_id=parent["request_id"])
+            rid = parent["request_id"]
+        else:
+            rid = new_request_id()
+        meta = {"request_id": rid}
+        if opts.multiplexed_model_id:
+            meta["multiplexed_model_id"] = opts.multiplexed_model_id
         target = self._target()
         call: DeploymentResponse | DeploymentResponseGenerator
         if opts.stream:
             call = DeploymentResponseGenerator(rt, target, opts.method_name, args, kwargs, meta)
         else:
             # `parent`: the serving request's meta, which adds up the time of its downstream calls.
-            call = DeploymentResponse(rt, _call(rt, target, opts.method_name, args, kwargs, meta, parent))
+            call = DeploymentResponse(rt, _call(rt, target, opts.method_name, args, kwargs, meta, parent), rid)
         if parent is not None:
             spawned(parent, call)
         return call
@@ -247,10 +251,11 @@ class DeploymentResponse:
     `result()` through a lock.
     """
 
-    __slots__ = ("_asked", "_back", "_by_user", "_cancel", "_fut", "_latch", "_local", "_rt", "_task")
+    __slots__ = ("_asked", "_back", "_by_user", "_cancel", "_fut", "_latch", "_local", "_request_id", "_rt", "_task")
 
-    def __init__(self, rt: Runtime, coro: Coroutine[Any, Any, Any]) -> None:
+    def __init__(self, rt: Runtime, coro: Coroutine[Any, Any, Any], request_id: str = "") -> None:
         self._rt = rt
+        self._request_id = request_id
         self._task: asyncio.Task[Any] | None = None
         self._fut: asyncio.Future[Any] | None = None  # the caller's loop's view of the outcome
         self._back: Inbox | None = None  # the caller's loop's inbox
@@ -344,7 +349,7 @@ class DeploymentResponse:
         t = self._task
         assert t is not None
         if t.cancelled():
-            raise RequestCancelledError()
+            raise RequestCancelledError(self._request_id)
         return t.result()
 
     def __await__(self):  # type: ignore[no-untyped-def]
@@ -352,7 +357,7 @@ class DeploymentResponse:
             return (yield from self._awaitable().__await__())
         except asyncio.CancelledError:
             if self._by_user:  # cancel() was called, not the awaiting task cancelled
-                raise RequestCancelledError() from None
+                raise RequestCancelledError(self._request_id) from None
             raise
 
     def _awaitable(self) -> Awaitable[Any]:
@@ -367,6 +372,12 @@ class DeploymentResponse:
         fut = loop.create_future()  # made elsewhere, awaited on this loop
         self._rt.inbox.put(self._watch, fut, inbox_for(loop))
         return fut
+
+    @property
+    def request_id(self) -> str:
+        """The id this call carries (the serving request's, for a call made while serving one;
+        else one made for it): `serve.get_request_context().request_id` in the replica."""
+        return self._request_id
 
     def cancel(self) -> None:
         """Cancel the request: it is not sent if it has not been yet, and the replica stops
@@ -433,6 +444,7 @@ class DeploymentResponseGenerator:
         self._rt = rt
         self._agen: Any = None
         self._start = (dep, method, args, kwargs, meta)
+        self._request_id: str = (meta or {}).get("request_id", "")
         self._cancelled = False
         #: The item being waited for, for cancel(): the waiting task (on the runtime's loop)
         #: or the concurrent future of the hand-over (from another thread or loop).
@@ -462,14 +474,14 @@ class DeploymentResponseGenerator:
 
     async def __anext__(self) -> Any:
         if self._cancelled:
-            raise RequestCancelledError()
+            raise RequestCancelledError(self._request_id)
         if self._rt.in_loop():
             me = self._pending = asyncio.current_task()
             try:
                 return await self._gen().__anext__()
             except asyncio.CancelledError:
                 if self._cancelled and me is not None and me.uncancel() == 0:  # by cancel(), not the caller's
-                    raise RequestCancelledError() from None
+                    raise RequestCancelledError(self._request_id) from None
                 raise
             finally:
                 self._pending = None
@@ -478,7 +490,7 @@ class DeploymentResponseGenerator:
             return await asyncio.wrap_future(cf)
         except asyncio.CancelledError:
             if self._cancelled and cf.cancelled():
-                raise RequestCancelledError() from None
+                raise RequestCancelledError(self._request_id) from None
             raise
         finally:
             self._pending = None
@@ -490,16 +502,21 @@ class DeploymentResponseGenerator:
         if self._rt.in_loop():
             raise RuntimeError("iterate a streaming response with `async for` on the event loop")
         if self._cancelled:
-            raise RequestCancelledError()
+            raise RequestCancelledError(self._request_id)
         cf = self._pending = asyncio.run_coroutine_threadsafe(self._gen().__anext__(), self._rt.loop)
         try:
             return cf.result()
         except StopAsyncIteration:
             raise StopIteration from None
         except concurrent.futures.CancelledError:
-            raise RequestCancelledError() from None
+            raise RequestCancelledError(self._request_id) from None
         finally:
             self._pending = None
+
+    @property
+    def request_id(self) -> str:
+        """The id this call carries, as `DeploymentResponse.request_id`."""
+        return self._request_id
 
     def cancel(self) -> None:
         """Cancel the stream: the replica's generator stops, and the next item (or the one
