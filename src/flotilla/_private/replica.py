@@ -922,7 +922,7 @@ class Replica:
         sentinel = object()
         ctx = contextvars.copy_context()
         while True:
-            item = await self.loop.run_in_executor(self.pool, ctx.run, next, gen, sentinel)
+            item = await self.loop.run_in_executor(self.pool, functools.partial(ctx.run, next, gen, sentinel))
             if item is sentinel:
                 return
             yield item
