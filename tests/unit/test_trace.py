@@ -10,11 +10,11 @@ from flotilla._private import trace
 def test_ring_keeps_the_last_events_in_order() -> None:
     ring = trace.Ring(3)
     for i in range(5):
-        ring.add(("a" if i % 2 else "b", "x", i))
+        ring.extend([("a" if i % 2 else "b", "x", i)])
     assert ring.find("b") == [["b", "x", 2], ["b", "x", 4]]
     assert ring.find("a") == [["a", "x", 3]]
     off = trace.Ring(0)
-    off.add(("a",))
+    off.extend([("a",)])
     assert off.find("a") == []
 
 
@@ -117,7 +117,7 @@ def test_ring_keeps_the_last_cap_events_dropping_whole_batches(cap: int, before:
     events in order, at least `cap` of them, and no batch it would not need for `cap`."""
     ring = trace.Ring(cap)
     for i in range(before):
-        ring.add(("r", i))
+        ring.extend([("r", i)])
     ring.extend([("r", 100 + i) for i in range(batch)])
     got = [e[1] for e in ring.find("r")]
     every = list(range(before)) + [100 + i for i in range(batch)]

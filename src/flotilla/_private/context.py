@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import itertools
 import os
 from collections.abc import Callable
 from contextvars import ContextVar
 from typing import Any
 
+from flotilla._private.metrics import RequestIds
 from flotilla.serve.schema import ReplicaContext
 
 #: Set once in a replica process, before the user's constructor runs.
@@ -16,23 +16,20 @@ replica_context: ReplicaContext | None = None
 #: Metadata of the request being handled (request_id, multiplexed_model_id, route...).
 request_meta: ContextVar[dict[str, Any] | None] = ContextVar("flotilla_request_meta", default=None)
 
-_id_prefix = os.urandom(6).hex()
-_id_count = itertools.count(1)
+_ids = RequestIds()
 
 
-def _new_id_prefix() -> None:
-    global _id_prefix, _id_count
-    _id_prefix, _id_count = os.urandom(6).hex(), itertools.count(1)
+def _new_ids() -> None:
+    global _ids
+    _ids = RequestIds()
 
 
-os.register_at_fork(after_in_child=_new_id_prefix)  # a forked replica makes ids of its own
+os.register_at_fork(after_in_child=_new_ids)  # a forked replica makes ids of its own
 
 
 def new_request_id() -> str:
-    """The id of a handle call made outside any request, in a UUID's form as Ray Serve's: a
-    random prefix per process and a counter (no syscall per id; safe across threads)."""
-    h = f"{_id_prefix}{next(_id_count):020x}"
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+    """The id of a handle call made outside any request, in a UUID's form as Ray Serve's."""
+    return _ids.uuid()
 
 
 #: Under this key of a request's meta: the handle calls made while serving it, awaited or not

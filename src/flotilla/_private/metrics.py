@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import builtins
+import itertools
 import json
 import logging
 import os
@@ -507,15 +508,22 @@ async def serve_metrics(host: str, port: int, gather: Any, token: bytes | None =
 
 
 class RequestIds:
-    """Unique request ids: a random per-process prefix and a counter (no syscall per id)."""
+    """Unique request ids: a random prefix and a counter (no syscall per id; `next(count)` is
+    safe across threads). Make one per process, after any fork."""
 
     def __init__(self) -> None:
         self.prefix = os.urandom(6).hex()
-        self.n = 0
+        self._uuid_prefix = f"{self.prefix[:8]}-{self.prefix[8:]}-"
+        self._count = itertools.count(1)
 
     def next(self) -> bytes:
-        self.n += 1
-        return f"{self.prefix}{self.n:08x}".encode()
+        """A short id (the proxy's, as header bytes)."""
+        return f"{self.prefix}{next(self._count):08x}".encode()
+
+    def uuid(self) -> str:
+        """An id in a UUID's form, as Ray Serve's handle calls carry."""
+        c = f"{next(self._count):020x}"
+        return f"{self._uuid_prefix}{c[:4]}-{c[4:8]}-{c[8:]}"
 
 
 def access_log_sample() -> int:

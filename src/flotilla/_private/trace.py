@@ -62,11 +62,8 @@ class Ring:
         self.n = 0
         self.batches: deque[tuple[Sequence[Any], Callable[[int], tuple[Any, ...]]]] = deque()
 
-    def add(self, event: tuple[Any, ...]) -> None:
-        self.columns((event[0],), lambda i: event)
-
     def extend(self, events: list[tuple[Any, ...]]) -> None:
-        """`add` of each of `events`, in order."""
+        """Keep `events` (each a tuple whose first item is its request id) as one batch."""
         self.columns([e[0] for e in events], events.__getitem__)
 
     def columns(self, ids: Sequence[Any], event: Callable[[int], tuple[Any, ...]]) -> None:
@@ -118,13 +115,7 @@ def calls_done(hist: list[Any], dep: Any, done: list[tuple[Any, float, float, fl
     metrics.observe_sorted(hist, BUCKETS, sorted(q))
     to_wall = time.time() - time.perf_counter()
     app, name = dep.app_name, dep.name
-    if None in metas or not all(["request_id" in m for m in metas]):
-        RING.extend([
-            (m["request_id"], "call", app, name, qm, (b - a) * 1000.0, to_wall + b)
-            for m, qm, a, b in zip(metas, q, t0, t1, strict=True) if m and m.get("request_id") is not None
-        ])
-        return
-    ids = [m["request_id"] for m in metas]
+    ids = [m.get("request_id") if m else None for m in metas]  # None: never found
     RING.columns(ids, lambda i: (ids[i], "call", app, name, q[i], (t1[i] - t0[i]) * 1000.0, to_wall + t1[i]))
 
 

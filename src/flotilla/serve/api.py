@@ -295,14 +295,7 @@ def run(
         RuntimeError: the application failed to deploy (the user's traceback is included).
     """
     check_kwargs("serve.run", _ray_compat, _RUN_PARAMS, RUN_IGNORED, RUN_REFUSED)
-    if isinstance(target, Deployment):
-        raise TypeError(f"serve.run() needs a bound application: call {target.name}.bind(...) first")
-    if not isinstance(target, Application):
-        raise TypeError(f"serve.run() needs an Application (from Deployment.bind()), got {type(target).__name__}")
-    _check_route_prefix(route_prefix)
-    if not isinstance(name, str) or not name:
-        raise ConfigError(f"application name must be a non-empty string, got {name!r}")
-    app_logging = _logging_config(logging_config)
+    spec = _checked_spec("serve.run()", target, name, route_prefix, logging_config)
     if _local_testing_mode:
         warn_not_honoured(
             "_local_testing_mode",
@@ -310,23 +303,45 @@ def run(
             "proxy, one process per replica), which is already light; the application runs "
             "as serve.run normally does.",
         )
-    spec = app_spec(target, name, route_prefix, app_logging)
-    ingress = spec["ingress"]
-    rt = Runtime.get_or_start()
-    if route_prefix is not None and rt.call_head("http_url") is None:
-        start()
-    doctor_warnings(rt, target, spec)
-    rt.call_head("deploy_app", spec)
-    handle = DeploymentHandle(ingress, name)
-    handle._warm_up()
-    if _blocking:
-        _wait_running(rt, name)
-        url = rt.call_head("http_url")
-        if url and route_prefix is not None:
-            logger.info("Application '%s' is ready at %s%s", name, url, "" if route_prefix == "/" else route_prefix)
+    [handle] = _deploy([(target, spec)], _blocking)
     if blocking:
         _block_forever()
     return handle
+
+
+def _checked_spec(who: str, target: Any, name: Any, route_prefix: str | None,
+                  logging_config: dict[str, Any] | LoggingConfig | None) -> dict[str, Any]:
+    """The `deploy_app` spec of one application, its arguments checked first."""
+    if isinstance(target, Deployment):
+        raise TypeError(f"{who} needs a bound application: call {target.name}.bind(...) first")
+    if not isinstance(target, Application):
+        raise TypeError(f"{who} needs an Application (from Deployment.bind()), got {type(target).__name__}")
+    _check_route_prefix(route_prefix)
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"application name must be a non-empty string, got {name!r}")
+    return app_spec(target, name, route_prefix, _logging_config(logging_config))
+
+
+def _deploy(apps: list[tuple[Application, dict[str, Any]]], wait: bool) -> list[DeploymentHandle]:
+    """Deploy checked applications (the HTTP proxy started first if one has a route); with
+    `wait`, return once each is RUNNING. Returns their ingress handles, in order."""
+    rt = Runtime.get_or_start()
+    if any(spec["route_prefix"] is not None for _, spec in apps) and rt.call_head("http_url") is None:
+        start()
+    handles = []
+    for target, spec in apps:
+        doctor_warnings(rt, target, spec)
+        rt.call_head("deploy_app", spec)
+        handle = DeploymentHandle(spec["ingress"], spec["name"])
+        handle._warm_up()
+        handles.append(handle)
+    if wait:
+        for _, spec in apps:
+            _wait_running(rt, spec["name"])
+            url, prefix = rt.call_head("http_url"), spec["route_prefix"]
+            if url and prefix is not None:
+                logger.info("Application '%s' is ready at %s%s", spec["name"], url, "" if prefix == "/" else prefix)
+    return handles
 
 
 def app_spec(target: Application, name: str, route_prefix: str | None,
@@ -378,49 +393,29 @@ def run_many(
     """Deploy several applications at once (as Ray Serve's `run_many`); returns their ingress
     handles in order. All are checked before any is deployed: a bad target, or two with the
     same name or route prefix, deploys none. With `wait_for_applications_running` (the
-    default) it returns once every one is RUNNING, raising for one that failed."""
+    default) it returns once every one is RUNNING, raising for one that failed; the ingress
+    deployments exist once it returns either way (`wait_for_ingress_deployment_creation`)."""
     if not targets:
         raise ValueError("No applications provided.")
-    names: set[str] = set()
-    prefixes: set[str] = set()
-    specs = []
+    apps: list[tuple[Application, dict[str, Any]]] = []
     for t in targets:
         if not isinstance(t, RunTarget):
             raise TypeError(f"serve.run_many() takes RunTarget(target=..., name=...) items, got {type(t).__name__}")
-        if not isinstance(t.target, Application):
-            raise TypeError(f"RunTarget '{t.name}': target must be an Application (from Deployment.bind()), "
-                            f"got {type(t.target).__name__}")
-        _check_route_prefix(t.route_prefix)
-        if not isinstance(t.name, str) or not t.name:
-            raise ConfigError(f"application name must be a non-empty string, got {t.name!r}")
-        if t.name in names:
-            raise ConfigError(f"two RunTargets are named '{t.name}': application names must be unique")
-        if t.route_prefix is not None and t.route_prefix in prefixes:
-            raise ConfigError(f"two RunTargets use route_prefix '{t.route_prefix}': give each application its own")
-        names.add(t.name)
-        if t.route_prefix is not None:
-            prefixes.add(t.route_prefix)
+        spec = _checked_spec(f"RunTarget '{t.name}'", t.target, t.name, t.route_prefix, t.logging_config)
+        for _, other in apps:
+            if other["name"] == t.name:
+                raise ConfigError(f"two RunTargets are named '{t.name}': application names must be unique")
+            if t.route_prefix is not None and other["route_prefix"] == t.route_prefix:
+                raise ConfigError(f"two RunTargets use route_prefix '{t.route_prefix}': give each application its own")
         if t.external_scaler_enabled:
             warn_not_honoured("external_scaler_enabled", RUN_IGNORED["external_scaler_enabled"])
-        specs.append(app_spec(t.target, t.name, t.route_prefix, _logging_config(t.logging_config)))
+        apps.append((t.target, spec))
     if _local_testing_mode:
         warn_not_honoured("_local_testing_mode", "the local backend always runs applications in processes of their own")
     if controller_options is not None:
         warn_not_honoured("controller_options", "flotilla's controller takes its options from flotilla.init and "
                           "the environment")
-    rt = Runtime.get_or_start()
-    if prefixes and rt.call_head("http_url") is None:
-        start()
-    handles = []
-    for t, spec in zip(targets, specs, strict=True):
-        doctor_warnings(rt, t.target, spec)
-        rt.call_head("deploy_app", spec)
-        handle = DeploymentHandle(spec["ingress"], t.name)
-        handle._warm_up()
-        handles.append(handle)
-    if wait_for_applications_running:
-        for t in targets:
-            _wait_running(rt, t.name)
+    handles = _deploy(apps, wait_for_applications_running)
     if blocking:
         _block_forever()
     return handles

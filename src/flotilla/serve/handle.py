@@ -444,7 +444,7 @@ class DeploymentResponseGenerator:
         self._rt = rt
         self._agen: Any = None
         self._start = (dep, method, args, kwargs, meta)
-        self._request_id: str = (meta or {}).get("request_id", "")
+        self._request_id: str = meta["request_id"]  # `remote()` always gives one
         self._cancelled = False
         #: The item being waited for, for cancel(): the waiting task (on the runtime's loop)
         #: or the concurrent future of the hand-over (from another thread or loop).
