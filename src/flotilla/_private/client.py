@@ -33,6 +33,7 @@ from typing import Any, ClassVar
 
 from flotilla._private import session
 from flotilla._private.hop import Inbox
+from flotilla._private.looprouter import LoopRouters
 from flotilla._private.router import Router
 from flotilla._private.transport import Handler, PeerClosedError, RpcPeer, connect_addr
 from flotilla.serve.schema import DeploymentID
@@ -222,6 +223,7 @@ class Runtime:
         self.link = link
         link.on_up.append(self._resubscribe)
         self.routers: dict[DeploymentID, Router] = {}
+        self.loop_routers = LoopRouters(self)  # routers on callers' own loops (handle calls)
         self.listeners: dict[Any, list[Any]] = {}
         self.splits: dict[str, Any] = {}  # traffic splits that split handles follow (handle.py)
         self.thread: threading.Thread | None = None
@@ -488,7 +490,7 @@ class Runtime:
         self.link.fail(self.dead)
         err = ClusterGoneError(self.dead)
         for r in self.routers.values():
-            r._fail_queue(err)
+            r.fail_all(err)
 
     # ---- control plane ----------------------------------------------------------------
     def _on_head_call(self, peer: RpcPeer, op: str, args: tuple[Any, ...]) -> Any:
@@ -558,7 +560,7 @@ class Runtime:
                     key = ("deployment", dep.app_name, dep.name)
                     r.update(await self.link.call("subscribe", key, wait_s=self.cold_start_timeout_s))
                 except Exception as e:  # head away too long, or the cluster gone
-                    r._fail_queue(e)
+                    r.fail_all(e)
 
             r.subscription = self.loop.create_task(sub())
         return r
@@ -583,7 +585,7 @@ class Runtime:
             changed = {}
             for dep, r in self.routers.items():
                 key = ("deployment", dep.app_name, dep.name)
-                n = len(r.queue)
+                n = len(r.queue) + sum(len(f.queue) for f in r.followers)
                 if last.get(key, 0) != n:
                     changed[key] = n
             if changed:
@@ -670,6 +672,7 @@ class Runtime:
                 await asyncio.gather(self._reporter, return_exceptions=True)
             for r in self.routers.values():
                 r.close()
+            self.loop_routers.close()
             self.link.close()
             await asyncio.sleep(0)
             self.loop.stop()

@@ -282,6 +282,10 @@ class Router:
         self._queue_hist = trace.series(deployment_id, "router_queue")
         #: finished calls (meta, asked-for time, end time, seconds queued) for `fold_calls`
         self._calls: list[tuple[Any, float, float, float]] = []
+        self.info: dict[str, Any] | None = None  # the last update
+        #: routers of this deployment on other loops of this process, fed each update
+        #: (`looprouter.Follower`)
+        self.followers: list[Any] = []
 
     def _traced(self, meta: Any, t0: float, queued: float) -> None:
         """Keep a finished call for `fold_calls`; the request path does no more."""
@@ -300,6 +304,9 @@ class Router:
 
     # ---- updates from the controller ----------------------------------------------------
     def update(self, info: dict[str, Any]) -> None:
+        self.info = info
+        for f in self.followers:
+            f.tell(f.update, info)
         self.exists = info.get("exists", False)
         self.max_ongoing = info.get("max_ongoing_requests", 5)
         self.max_queued = info.get("max_queued_requests", -1)
@@ -363,6 +370,12 @@ class Router:
             del self.retiring[conn.id]
         if self.queue:
             self._dispatch()
+
+    def fail_all(self, err: BaseException) -> None:
+        """Fail every request waiting here and in the followers (the cluster is gone)."""
+        self._fail_queue(err)
+        for f in self.followers:
+            f.tell(f._fail_queue, err)
 
     def _fail_queue(self, err: BaseException) -> None:
         while self.queue:

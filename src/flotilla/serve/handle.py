@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import concurrent.futures
+import functools
 import random
 import threading
 from collections.abc import Awaitable, Coroutine
@@ -129,6 +130,10 @@ class DeploymentHandle:
         call: DeploymentResponse | DeploymentResponseGenerator
         if opts.stream:
             call = DeploymentResponseGenerator(rt, target, opts.method_name, args, kwargs, meta)
+        elif parent is None and target.__class__ is DeploymentID and not _has_response(args, kwargs) and (
+                home := asyncio._get_running_loop()) is not None and home is not rt.loop:
+            # made on a loop of the caller's: the call runs there, through that loop's router
+            call = DeploymentResponse._on_loop(rt, home, target, opts.method_name, args, kwargs, meta, rid)  # type: ignore[arg-type]
         else:
             # `parent`: the serving request's meta, which adds up the time of its downstream calls.
             call = DeploymentResponse(rt, _call(rt, target, opts.method_name, args, kwargs, meta, parent), rid)
@@ -248,14 +253,20 @@ class DeploymentResponse:
     the response is that task. Made on another thread, the call reaches the loop through the
     runtime's `Inbox` and its outcome comes back without a per-call thread hop: to the
     caller's own loop in batches, through that loop's inbox (`await`), or to a blocked
-    `result()` through a lock.
+    `result()` through a lock. A plain call made on a caller's own running loop (`_on_loop`)
+    runs on that loop instead, through its router there (`looprouter`): no thread hop at all.
     """
 
-    __slots__ = ("_asked", "_back", "_by_user", "_cancel", "_fut", "_latch", "_local", "_request_id", "_rt", "_task")
+    __slots__ = ("_asked", "_awaited", "_back", "_box", "_by_user", "_cancel", "_fut", "_home", "_latch", "_local",
+                 "_make", "_request_id", "_rt", "_task")
 
     def __init__(self, rt: Runtime, coro: Coroutine[Any, Any, Any], request_id: str = "") -> None:
         self._rt = rt
         self._request_id = request_id
+        self._home: asyncio.AbstractEventLoop | None = None  # the caller's loop it runs on (`_on_loop`)
+        self._make: tuple[Any, ...] | None = None  # that call's target and arguments (for `_divert`)
+        self._box = rt.inbox  # the inbox of the loop that runs the call
+        self._awaited = False  # awaited on `_home`: a cancel there is the caller's
         self._task: asyncio.Task[Any] | None = None
         self._fut: asyncio.Future[Any] | None = None  # the caller's loop's view of the outcome
         self._back: Inbox | None = None  # the caller's loop's inbox
@@ -285,6 +296,55 @@ class DeploymentResponse:
             coro.close()
             raise
 
+    @classmethod
+    def _on_loop(cls, rt: Runtime, home: asyncio.AbstractEventLoop, dep: DeploymentID, method: str,
+                 args: tuple[Any, ...], kwargs: dict[str, Any], meta: Any, request_id: str) -> DeploymentResponse:
+        """A call made on `home`, a running loop of the caller's: it runs there, through the
+        loop's own router (`looprouter`), from the loop's next turn (or at once when awaited)."""
+        self = cls.__new__(cls)
+        self._rt = rt
+        self._request_id = request_id
+        self._task = self._fut = self._back = self._latch = None
+        self._cancel = self._by_user = self._asked = self._local = self._awaited = False
+        self._home = home
+        self._make = (dep, method, args, kwargs, meta)
+        self._box = inbox_for(home)
+        home.call_soon(self._start_home)
+        return self
+
+    def _start_home(self) -> None:
+        """On the caller's loop: the call's task (once; not after `_divert`)."""
+        if self._task is not None or self._home is None:
+            return
+        t = self._task = self._home.create_task(self._run_home())
+        if self._cancel:
+            t.cancel()
+        t.add_done_callback(self._finished)
+
+    async def _run_home(self) -> Any:
+        dep, method, args, kwargs, meta = self._make  # type: ignore[misc]
+        self._make = None  # started here: it stays here
+        return await self._rt.loop_routers.get(self._home, dep).call(method, args, kwargs, meta)  # type: ignore[arg-type]
+
+    def _divert(self) -> bool:
+        """Run the call on the runtime's loop instead of its caller's, where it has not started:
+        `result()` would block that loop, or the loop ended first. False if it has started."""
+        make = self._make
+        if make is None:
+            return False
+        t = self._task
+        if t is not None:
+            t.remove_done_callback(self._finished)
+            t.cancel()
+        self._make = self._home = self._task = None
+        self._box = self._rt.inbox
+        latch = self._latch
+        if latch is None:
+            latch = self._latch = threading.Lock()
+            latch.acquire()
+        self._rt.inbox.put(self._start, _call(self._rt, *make))
+        return True
+
     # ---- on the runtime's loop ----------------------------------------------------------
     def _start(self, coro: Coroutine[Any, Any, Any]) -> None:
         t = self._task = self._rt.loop.create_task(coro)
@@ -298,6 +358,9 @@ class DeploymentResponse:
         return t is not None and t.done()
 
     def _finished(self, t: asyncio.Task[Any]) -> None:  # after `t.done()` reads True
+        if self._make is not None and not (self._cancel or self._awaited) and t.cancelled():
+            self._divert()  # its loop cancelled it unstarted (`asyncio.run` ending): not the caller
+            return
         latch = self._latch
         if latch is not None:
             latch.release()
@@ -307,12 +370,21 @@ class DeploymentResponse:
             _post(self._back, self._fut, t)  # type: ignore[arg-type]
 
     def _watch(self, fut: asyncio.Future[Any], back: Inbox) -> None:
+        if self._task is None and self._home is not None:
+            self._start_home()
         t = self._task
-        assert t is not None
-        if t.done():
-            _post(back, fut, t)
+        if t is None:  # diverted (`_divert`): watch it where it runs now
+            self._box.put(self._watch, fut, back)
+        elif t.done():
+            self._watched(fut, back, t)
         else:
-            t.add_done_callback(lambda t: _post(back, fut, t))
+            t.add_done_callback(functools.partial(self._watched, fut, back))
+
+    def _watched(self, fut: asyncio.Future[Any], back: Inbox, t: asyncio.Task[Any]) -> None:
+        if self._task is t:
+            _post(back, fut, t)
+        else:  # diverted as its loop ended
+            self._box.put(self._watch, fut, back)
 
     def _cancel_task(self) -> None:
         if self._task is not None:
@@ -330,6 +402,15 @@ class DeploymentResponse:
                 "DeploymentResponse.result() cannot be called on the event loop that made the "
                 "call; use `await response` instead"
             )
+        home = self._home
+        if (home is not None and not self._done and (asyncio._get_running_loop() is home or home.is_closed())
+                and not self._divert()):
+            if home.is_closed():
+                raise RuntimeError(
+                    "the event loop this call was made on (and runs on) was closed before it finished")
+            raise RuntimeError(
+                "DeploymentResponse.result() cannot wait on the event loop that runs the call "
+                "(the loop it was made on); use `await response` instead.")
         if not self._done:
             latch = self._latch
             if latch is None:  # made on an event loop, waited for here: one latch for all waiters
@@ -362,6 +443,16 @@ class DeploymentResponse:
 
     def _awaitable(self) -> Awaitable[Any]:
         loop = asyncio.get_running_loop()
+        home = self._home
+        if home is not None:
+            if loop is home:
+                self._awaited = True
+                if self._task is None:
+                    self._start_home()
+                return self._task  # type: ignore[return-value]
+            there = loop.create_future()  # awaited on another loop than the one it runs on
+            self._box.put(self._watch, there, inbox_for(loop))
+            return there
         fut = self._fut
         if fut is not None and fut.get_loop() is loop:
             return fut
@@ -398,7 +489,10 @@ class DeploymentResponse:
         if self._cancel or self._done:
             return
         self._cancel = True
-        self._rt.inbox.put(self._cancel_task)
+        try:
+            self._box.put(self._cancel_task)
+        except RuntimeError:  # its loop is closed: the call went with it
+            pass
 
     def cancelled(self) -> bool:
         t = self._task

@@ -1,0 +1,159 @@
+"""Handle calls made on a caller's own event loop run there, through that loop's router
+(looprouter.py): no thread hop. What that must not break: loops that stop or close (replicas
+waiting for their DrainAck), `result()` on the loop, scale from zero, and serve.shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from flotilla import serve
+from flotilla._private import looprouter
+from flotilla._private.client import Runtime
+from flotilla.serve.schema import DeploymentID
+from tests.conftest import wait_for
+
+pytestmark = pytest.mark.slow
+
+
+@serve.deployment(graceful_shutdown_timeout_s=30, max_ongoing_requests=100)
+class Version:
+    def __init__(self, v: str = "v1") -> None:
+        self.v = v
+
+    async def get(self) -> str:
+        return self.v
+
+    async def slow(self, s: float) -> str:
+        await asyncio.sleep(s)
+        return "slow"
+
+
+def _followers(app: str, name: str = "Version") -> list[looprouter.Follower]:
+    dep = DeploymentID(name, app)
+    return [f for f in Runtime.get_or_start().loop_routers.all() if f.deployment_id == dep]
+
+
+def test_calls_on_a_driver_loop_go_through_that_loops_router(url: str) -> None:
+    h = serve.run(Version.bind(), name="onloop", route_prefix=None)
+
+    async def main() -> tuple[list[str], bool]:
+        got = [await h.get.remote() for _ in range(20)]
+        got += await asyncio.gather(*(h.get.remote() for _ in range(50)))
+        loop = asyncio.get_running_loop()
+        return got, any(f.home is loop and f.replicas for f in _followers("onloop"))
+
+    got, here = asyncio.run(main())
+    assert got == ["v1"] * 70 and here
+    # the loop is closed now: its follower is cut off and forgotten
+    wait_for(lambda: not _followers("onloop"), 10, what="the closed loop's router forgotten")
+
+
+def test_a_closed_driver_loop_does_not_hold_up_a_redeploy(url: str) -> None:
+    """A replica drains only once every connection acked: one from a loop that is gone must
+    not make it wait for graceful_shutdown_timeout_s (30 s here)."""
+    h = serve.run(Version.bind(), name="closed", route_prefix=None)
+
+    async def main() -> str:
+        return await h.get.remote()
+
+    assert asyncio.run(main()) == "v1"
+    t0 = time.monotonic()
+    serve.run(Version.bind("v2"), name="closed", route_prefix=None)
+    assert h.get.remote().result(timeout_s=10) == "v2"
+    serve.delete("closed")
+    assert time.monotonic() - t0 < 10
+
+
+def test_a_stopped_loop_parks_its_connections_and_resumes(url: str) -> None:
+    h = serve.run(Version.bind(), name="parked", route_prefix=None)
+    loop = asyncio.new_event_loop()
+    try:
+        assert loop.run_until_complete(_get(h)) == "v1"
+        wait_for(lambda: any(f.parked for f in _followers("parked")), 10, what="the stopped loop's router parked")
+        serve.run(Version.bind("v2"), name="parked", route_prefix=None)
+        wait_for(lambda: serve.status().applications["parked"].deployments["Version"].replica_states == {"RUNNING": 1},
+                 10, what="v1 drained (no DrainAck owed by the parked loop)")
+        assert loop.run_until_complete(_get(h)) == "v2"  # the same loop again: connects anew
+        assert not any(f.parked for f in _followers("parked"))
+    finally:
+        loop.close()
+
+
+async def _get(h: serve.DeploymentHandle) -> str:
+    return await h.get.remote()  # type: ignore[no-any-return]
+
+
+def test_result_on_the_loop_that_made_the_call(url: str) -> None:
+    h = serve.run(Version.bind(), name="blocking", route_prefix=None)
+
+    async def main() -> None:
+        assert h.get.remote().result(timeout_s=10) == "v1"  # not started here yet: runs elsewhere
+        r = h.slow.remote(2.0)
+        await asyncio.sleep(0.1)  # started on this loop: blocking it would deadlock
+        with pytest.raises(RuntimeError, match="use `await response` instead"):
+            r.result(timeout_s=10)
+        assert await r == "slow"
+
+    asyncio.run(main())
+
+
+def test_fire_and_forget_from_a_loop_that_ends_still_runs(url: str) -> None:
+    h = serve.run(Version.bind(), name="forget", route_prefix=None)
+
+    async def main() -> list[serve.DeploymentResponse]:
+        return [h.get.remote() for _ in range(5)]  # the loop ends before they start
+
+    assert [r.result(timeout_s=10) for r in asyncio.run(main())] == ["v1"] * 5
+
+
+@serve.deployment(
+    autoscaling_config={"min_replicas": 0, "max_replicas": 1, "upscale_delay_s": 0, "metrics_interval_s": 0.1},
+)
+class Lazy:
+    async def __call__(self) -> str:
+        return "up"
+
+
+def test_a_call_on_a_driver_loop_scales_a_deployment_up_from_zero(url: str) -> None:
+    h = serve.run(Lazy.bind(), name="zero-loop", route_prefix=None)
+    wait_for(lambda: serve.status().applications["zero-loop"].deployments["Lazy"].replica_states == {}, 20,
+             what="no replica")
+
+    async def main() -> str:
+        return await asyncio.wait_for(_call(h), 30)  # type: ignore[no-any-return]
+
+    assert asyncio.run(main()) == "up"
+
+
+async def _call(h: serve.DeploymentHandle) -> object:
+    return await h.remote()
+
+
+def test_a_loop_in_another_thread_keeps_calling_across_a_redeploy(url: str) -> None:
+    h = serve.run(Version.bind(), name="thread-loop", route_prefix=None)
+    seen: list[str] = []
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    async def caller() -> None:
+        while not stop.is_set():
+            try:
+                seen.append(await h.get.remote())
+            except BaseException as e:
+                errors.append(e)
+                return
+
+    t = threading.Thread(target=lambda: asyncio.run(caller()))
+    t.start()
+    try:
+        wait_for(lambda: len(seen) > 20, 20, what="calls from the thread's loop")
+        serve.run(Version.bind("v2"), name="thread-loop", route_prefix=None)
+        wait_for(lambda: seen[-1] == "v2", 20, what="calls reach the new version")
+    finally:
+        stop.set()
+        t.join(20)
+    assert not t.is_alive() and errors == []
