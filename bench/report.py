@@ -40,6 +40,7 @@ def _metrics() -> list[Metric]:
         ]
     m += [
         Metric("handle_seq_cps", "handle calls/s, sequential", "higher", "handle"),
+        Metric("handle_aseq_cps", "handle calls/s, sequential, awaited on an asyncio loop", "higher", "handle"),
         Metric("handle_64_cps", "handle calls/s, 64 in flight", "higher", "handle"),
     ]
     for label in ("plain", "batched"):

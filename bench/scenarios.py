@@ -207,6 +207,7 @@ def handle(system: System, ctx: Ctx) -> Result:
     r = run_to_result(system, ctx, "handle", cfg, 240 + 3 * ctx.duration)
     return {
         "handle_seq_cps": r["seq_cps"],
+        "handle_aseq_cps": r.get("aseq_cps"),
         "handle_64_cps": r["inflight_cps"],
         "notes": {"64 in flight via": r["how"]},
     }

@@ -173,10 +173,11 @@ def mode_handle(cfg: dict[str, Any]) -> None:
     seq = n / (time.perf_counter() - t0)
     try:
         conc, how = asyncio.run(_in_flight(handle, inflight, duration)), "asyncio tasks"
+        aseq = asyncio.run(_in_flight(handle, 1, duration))
     except Exception as e:  # a handle that cannot be awaited here: fall back to waves
         print(f"awaiting handle calls failed ({e!r}); using waves", file=sys.stderr)
-        conc, how = _waves(handle, inflight, duration), "waves"
-    emit(event="result", seq_cps=seq, inflight_cps=conc, inflight=inflight, how=how)
+        conc, how, aseq = _waves(handle, inflight, duration), "waves", None
+    emit(event="result", seq_cps=seq, aseq_cps=aseq, inflight_cps=conc, inflight=inflight, how=how)
     stop()
 
 

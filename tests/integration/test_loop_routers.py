@@ -13,6 +13,7 @@ import pytest
 from flotilla import serve
 from flotilla._private import looprouter
 from flotilla._private.client import Runtime
+from flotilla.serve.exceptions import RequestCancelledError
 from flotilla.serve.schema import DeploymentID
 from tests.conftest import wait_for
 
@@ -23,13 +24,21 @@ pytestmark = pytest.mark.slow
 class Version:
     def __init__(self, v: str = "v1") -> None:
         self.v = v
+        self.cancelled: list[str] = []
 
     async def get(self) -> str:
         return self.v
 
-    async def slow(self, s: float) -> str:
-        await asyncio.sleep(s)
+    async def slow(self, s: float, key: str = "") -> str:
+        try:
+            await asyncio.sleep(s)
+        except asyncio.CancelledError:
+            self.cancelled.append(key)
+            raise
         return "slow"
+
+    def seen_cancelled(self) -> list[str]:
+        return self.cancelled
 
 
 def _followers(app: str, name: str = "Version") -> list[looprouter.Follower]:
@@ -157,3 +166,46 @@ def test_a_loop_in_another_thread_keeps_calling_across_a_redeploy(url: str) -> N
         stop.set()
         t.join(20)
     assert not t.is_alive() and errors == []
+
+
+def test_cancel_while_it_is_awaited_on_its_loop(url: str) -> None:
+    """Awaited where it was made, the call runs in the awaiting task: cancel() reaches the
+    replica, the awaiter gets RequestCancelledError and goes on (its task not left cancelled)."""
+    h = serve.run(Version.bind(), name="inline-cancel", route_prefix=None)
+
+    async def main() -> None:
+        r = h.slow.remote(30, "awaited")
+
+        async def cancel_soon() -> None:
+            await asyncio.sleep(0.2)
+            r.cancel()
+
+        c = asyncio.create_task(cancel_soon())
+        with pytest.raises(RequestCancelledError):
+            await r
+        await c
+        assert asyncio.current_task().cancelling() == 0  # type: ignore[union-attr]
+        assert r.cancelled()
+        with pytest.raises(RequestCancelledError):
+            await r  # awaited again
+        assert await h.get.remote() == "v1"
+
+    asyncio.run(main())
+    wait_for(lambda: "awaited" in h.seen_cancelled.remote().result(timeout_s=10), 10,
+             what="the replica's call cancelled")
+
+
+def test_one_response_awaited_by_several_tasks_and_a_thread(url: str) -> None:
+    h = serve.run(Version.bind(), name="shared-await", route_prefix=None)
+
+    async def main() -> list[object]:
+        r = h.slow.remote(0.3)
+
+        async def waiter() -> object:
+            return await r
+
+        loop = asyncio.get_running_loop()
+        from_thread = loop.run_in_executor(None, lambda: r.result(timeout_s=10))
+        return [*(await asyncio.gather(waiter(), waiter(), waiter())), await from_thread]
+
+    assert asyncio.run(main()) == ["slow"] * 4

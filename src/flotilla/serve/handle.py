@@ -13,7 +13,7 @@ import concurrent.futures
 import functools
 import random
 import threading
-from collections.abc import Awaitable, Coroutine
+from collections.abc import Awaitable, Coroutine, Generator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -130,8 +130,8 @@ class DeploymentHandle:
         call: DeploymentResponse | DeploymentResponseGenerator
         if opts.stream:
             call = DeploymentResponseGenerator(rt, target, opts.method_name, args, kwargs, meta)
-        elif parent is None and target.__class__ is DeploymentID and not _has_response(args, kwargs) and (
-                home := asyncio._get_running_loop()) is not None and home is not rt.loop:
+        elif parent is None and (home := asyncio._get_running_loop()) is not None and home is not rt.loop and (
+                target.__class__ is DeploymentID and not _has_response(args, kwargs)):
             # made on a loop of the caller's: the call runs there, through that loop's router
             call = DeploymentResponse._on_loop(rt, home, target, opts.method_name, args, kwargs, meta, rid)  # type: ignore[arg-type]
         else:
@@ -257,8 +257,8 @@ class DeploymentResponse:
     runs on that loop instead, through its router there (`looprouter`): no thread hop at all.
     """
 
-    __slots__ = ("_asked", "_awaited", "_back", "_box", "_by_user", "_cancel", "_fut", "_home", "_latch", "_local",
-                 "_make", "_request_id", "_rt", "_task")
+    __slots__ = ("_asked", "_awaited", "_back", "_box", "_by_user", "_cancel", "_fut", "_home", "_inline_task",
+                 "_latch", "_local", "_make", "_request_id", "_rt", "_task")
 
     def __init__(self, rt: Runtime, coro: Coroutine[Any, Any, Any], request_id: str = "") -> None:
         self._rt = rt
@@ -267,6 +267,7 @@ class DeploymentResponse:
         self._make: tuple[Any, ...] | None = None  # that call's target and arguments (for `_divert`)
         self._box = rt.inbox  # the inbox of the loop that runs the call
         self._awaited = False  # awaited on `_home`: a cancel there is the caller's
+        self._inline_task: asyncio.Task[Any] | None = None  # the task it runs in (`_inline`)
         self._task: asyncio.Task[Any] | None = None
         self._fut: asyncio.Future[Any] | None = None  # the caller's loop's view of the outcome
         self._back: Inbox | None = None  # the caller's loop's inbox
@@ -306,6 +307,7 @@ class DeploymentResponse:
         self._request_id = request_id
         self._task = self._fut = self._back = self._latch = None
         self._cancel = self._by_user = self._asked = self._local = self._awaited = False
+        self._inline_task = None
         self._home = home
         self._make = (dep, method, args, kwargs, meta)
         self._box = inbox_for(home)
@@ -387,8 +389,14 @@ class DeploymentResponse:
             self._box.put(self._watch, fut, back)
 
     def _cancel_task(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        t = self._task
+        if t is None:
+            return
+        if self._inline_task is not None:  # running in the task that awaits it (`_inline`)
+            if not t.done():
+                self._inline_task.cancel()
+        else:
+            t.cancel()
 
     # ---- the caller's side --------------------------------------------------------------
     def _caller_done(self, fut: asyncio.Future[Any]) -> None:
@@ -434,12 +442,44 @@ class DeploymentResponse:
         return t.result()
 
     def __await__(self):  # type: ignore[no-untyped-def]
+        if (self._task is None and self._make is not None and not self._cancel
+                and asyncio._get_running_loop() is self._home and asyncio.current_task() is not None):
+            return (yield from self._inline())
         try:
             return (yield from self._awaitable().__await__())
         except asyncio.CancelledError:
             if self._by_user:  # cancel() was called, not the awaiting task cancelled
                 raise RequestCancelledError(self._request_id) from None
             raise
+
+    def _inline(self) -> Generator[Any, None, Any]:
+        """Awaited on its loop before it started there: the call runs in the awaiting task
+        itself, no task of its own; `_task` is a future with the outcome for anyone else."""
+        fut: asyncio.Future[Any] = self._home.create_future()  # type: ignore[union-attr]
+        self._task = fut  # type: ignore[assignment]
+        self._awaited = True
+        waiter = self._inline_task = asyncio.current_task()
+        try:
+            result = yield from self._run_home().__await__()
+        except asyncio.CancelledError:
+            fut.cancel()
+            self._finished(fut)  # type: ignore[arg-type]
+            if self._by_user:  # cancel() cancelled the awaiting task to reach the call
+                waiter.uncancel()  # type: ignore[union-attr]
+                raise RequestCancelledError(self._request_id) from None
+            raise
+        except Exception as e:
+            fut.set_exception(e)
+            fut.exception()  # the awaiting task has it: not "never retrieved"
+            self._finished(fut)  # type: ignore[arg-type]
+            raise
+        except BaseException:
+            fut.cancel()
+            self._finished(fut)  # type: ignore[arg-type]
+            raise
+        fut.set_result(result)
+        self._finished(fut)  # type: ignore[arg-type]
+        return result
 
     def _awaitable(self) -> Awaitable[Any]:
         loop = asyncio.get_running_loop()
