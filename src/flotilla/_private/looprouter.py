@@ -33,6 +33,19 @@ if TYPE_CHECKING:
 CHECK_S = 0.25
 
 
+CUT, PARK, KEEP = "cut", "park", "keep"
+
+
+def fate(closed: bool, running: bool, parked: bool, idle_with_connections: bool) -> str:
+    """What becomes of a follower, from its loop's state: CUT off and forgotten (the loop is
+    closed), PARK (stopped, with connections and nothing in flight), else KEEP."""
+    if closed:
+        return CUT
+    if not running and not parked and idle_with_connections:
+        return PARK
+    return KEEP
+
+
 class Follower(Router):
     """A router on a caller's loop, fed the replica set by the runtime's router (`lead`)."""
 
@@ -101,21 +114,17 @@ class LoopRouters:
         self._checker: asyncio.Task[None] | None = None
 
     def get(self, loop: asyncio.AbstractEventLoop, dep: DeploymentID) -> Follower:
-        """The follower of `dep` on `loop` (the running loop of the caller)."""
-        routers = self.by_loop.get(loop)
-        f = routers.get(dep) if routers is not None else None
-        if f is None:
-            with self.lock:
-                f = self.by_loop.setdefault(loop, {}).get(dep)
-                if f is None:
-                    f = self.by_loop[loop][dep] = Follower(self.rt, dep, loop)
-                    self.rt.inbox.put(self._follow, f)
+        """The follower of `dep` on `loop`, the caller's running loop. Under the lock: `_check`
+        parks a follower only while its loop is stopped, checked under the same lock."""
+        with self.lock:
+            routers = self.by_loop.get(loop)
+            f = routers.get(dep) if routers is not None else None
+            if f is None:
+                f = self.by_loop.setdefault(loop, {})[dep] = Follower(self.rt, dep, loop)
+                self.rt.inbox.put(self._follow, f)
+            elif f.parked:
+                f.resume()
             return f
-        if f.parked:
-            with self.lock:
-                if f.parked:
-                    f.resume()
-        return f
 
     # ---- on the runtime's loop ----------------------------------------------------------
     def _follow(self, f: Follower) -> None:
@@ -132,16 +141,15 @@ class LoopRouters:
             await asyncio.sleep(CHECK_S)
             with self.lock:
                 for loop in list(self.by_loop):
-                    closed = loop.is_closed()
-                    if not closed and loop.is_running():
-                        continue
+                    closed, running = loop.is_closed(), loop.is_running()
                     for f in list(self.by_loop[loop].values()):
-                        if closed:
+                        what = fate(closed, running, f.parked, bool(f.replicas or f.retiring) and f.idle())
+                        if what == CUT:
                             f.sever()
                             if f.lead is not None:
                                 with contextlib.suppress(ValueError):
                                     f.lead.followers.remove(f)
-                        elif not f.parked and f.idle() and (f.replicas or f.retiring):
+                        elif what == PARK:
                             f.parked = True
                             f.sever()
                     if closed:

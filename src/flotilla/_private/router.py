@@ -305,8 +305,8 @@ class Router:
     # ---- updates from the controller ----------------------------------------------------
     def update(self, info: dict[str, Any]) -> None:
         self.info = info
-        for f in self.followers:
-            f.tell(f.update, info)
+        if self.followers:  # those whose loop is closed are dropped
+            self.followers = [f for f in self.followers if f.tell(f.update, info)]
         self.exists = info.get("exists", False)
         self.max_ongoing = info.get("max_ongoing_requests", 5)
         self.max_queued = info.get("max_queued_requests", -1)
