@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from typing import Any
 
 import pytest
 
@@ -209,3 +210,73 @@ def test_one_response_awaited_by_several_tasks_and_a_thread(url: str) -> None:
         return [*(await asyncio.gather(waiter(), waiter(), waiter())), await from_thread]
 
     assert asyncio.run(main()) == ["slow"] * 4
+
+
+@serve.deployment(graceful_shutdown_timeout_s=30)
+class Counter:
+    def __init__(self) -> None:
+        self.stopped: list[str] = []
+
+    async def count(self, n: int, key: str = "") -> Any:
+        try:
+            for i in range(n):
+                yield i
+                if n > 10_000:
+                    await asyncio.sleep(0.01)
+        except (asyncio.CancelledError, GeneratorExit):
+            self.stopped.append(key)
+            raise
+
+    def seen_stopped(self) -> list[str]:
+        return self.stopped
+
+
+def test_a_stream_iterated_on_a_driver_loop_runs_there(url: str) -> None:
+    h = serve.run(Counter.bind(), name="loop-stream", route_prefix=None).options(stream=True)
+
+    async def main() -> tuple[list[int], bool]:
+        got = [i async for i in h.count.remote(5000)]
+        loop = asyncio.get_running_loop()
+        return got, any(f.home is loop for f in _followers("loop-stream", "Counter"))
+
+    got, here = asyncio.run(main())
+    assert got == list(range(5000)) and here
+
+
+def test_cancel_a_stream_on_a_driver_loop(url: str) -> None:
+    h = serve.run(Counter.bind(), name="loop-stream-cancel", route_prefix=None)
+    hs = h.options(stream=True)
+
+    async def main() -> list[int]:
+        gen = hs.count.remote(1_000_000, "cancelled")
+        got = []
+        with pytest.raises(RequestCancelledError):
+            async for i in gen:
+                got.append(i)
+                if i == 3:
+                    gen.cancel()
+        return got
+
+    assert asyncio.run(main()) == [0, 1, 2, 3]
+    wait_for(lambda: "cancelled" in h.seen_stopped.remote().result(timeout_s=10), 10,
+             what="the replica's generator stopped")
+
+
+def test_a_loop_that_ends_mid_stream_stops_the_replicas_generator(url: str) -> None:
+    h = serve.run(Counter.bind(), name="loop-stream-ends", route_prefix=None)
+    hs = h.options(stream=True)
+
+    async def main() -> list[int]:
+        got = []
+        async for i in hs.count.remote(1_000_000, "abandoned"):
+            got.append(i)
+            if len(got) == 2:
+                return got  # the generator is left open; asyncio.run closes it
+        return got
+
+    assert asyncio.run(main()) == [0, 1]
+    wait_for(lambda: "abandoned" in h.seen_stopped.remote().result(timeout_s=10), 10,
+             what="the replica's generator stopped")
+    t0 = time.monotonic()
+    serve.delete("loop-stream-ends")  # nothing owed by the closed loop: no 30 s drain
+    assert time.monotonic() - t0 < 10

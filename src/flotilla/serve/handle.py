@@ -129,7 +129,7 @@ class DeploymentHandle:
         target = self._target()
         call: DeploymentResponse | DeploymentResponseGenerator
         if opts.stream:
-            call = DeploymentResponseGenerator(rt, target, opts.method_name, args, kwargs, meta)
+            call = DeploymentResponseGenerator(rt, target, opts.method_name, args, kwargs, meta, follow=parent is None)
         elif parent is None and (home := asyncio._get_running_loop()) is not None and home is not rt.loop and (
                 target.__class__ is DeploymentID and not _has_response(args, kwargs)):
             # made on a loop of the caller's: the call runs there, through that loop's router
@@ -574,15 +574,21 @@ def _settle(fut: asyncio.Future[Any], t: asyncio.Task[Any]) -> None:
 class DeploymentResponseGenerator:
     """The items of a streaming call (`handle.options(stream=True)`), iterable sync or async."""
 
-    def __init__(self, rt: Runtime, dep: DeploymentID | str, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], meta: Any) -> None:
+    def __init__(self, rt: Runtime, dep: DeploymentID | str, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], meta: Any,
+                 follow: bool = False) -> None:
         self._rt = rt
         self._agen: Any = None
         self._start = (dep, method, args, kwargs, meta)
         self._request_id: str = meta["request_id"]  # `remote()` always gives one
         self._cancelled = False
-        #: The item being waited for, for cancel(): the waiting task (on the runtime's loop)
-        #: or the concurrent future of the hand-over (from another thread or loop).
+        #: The item being waited for, for cancel(): the waiting task (on the runtime's loop or
+        #: `_home`) or the concurrent future of the hand-over (from another thread or loop).
         self._pending: Any = None
+        #: Iterated first with `async for` on a loop of the caller's (not made while serving a
+        #: request; a plain deployment, no response among the arguments): the stream runs
+        #: there, through that loop's router (`looprouter`), this loop being `_home`.
+        self._follow = follow and dep.__class__ is DeploymentID and not _has_response(args, kwargs)
+        self._home: asyncio.AbstractEventLoop | None = None
 
     def _gen(self) -> Any:
         if self._agen is None:
@@ -609,7 +615,12 @@ class DeploymentResponseGenerator:
     async def __anext__(self) -> Any:
         if self._cancelled:
             raise RequestCancelledError(self._request_id)
-        if self._rt.in_loop():
+        loop = asyncio.get_running_loop()
+        if loop is self._rt.loop or loop is self._home or (self._follow and self._agen is None):
+            if self._agen is None and loop is not self._rt.loop:
+                dep, method, args, kwargs, meta = self._start
+                self._home = loop
+                self._agen = self._rt.loop_routers.get(loop, dep).stream(method, args, kwargs, meta)  # type: ignore[arg-type]
             me = self._pending = asyncio.current_task()
             try:
                 return await self._gen().__anext__()
@@ -619,6 +630,7 @@ class DeploymentResponseGenerator:
                 raise
             finally:
                 self._pending = None
+        self._not_home()
         cf = self._pending = asyncio.run_coroutine_threadsafe(self._gen().__anext__(), self._rt.loop)
         try:
             return await asyncio.wrap_future(cf)
@@ -632,9 +644,16 @@ class DeploymentResponseGenerator:
     def __iter__(self) -> DeploymentResponseGenerator:
         return self
 
+    def _not_home(self) -> None:
+        if self._home is not None:
+            raise RuntimeError(
+                "this streaming response is being iterated with `async for` on another event loop "
+                "(where it runs); iterate it there")
+
     def __next__(self) -> Any:
         if self._rt.in_loop():
             raise RuntimeError("iterate a streaming response with `async for` on the event loop")
+        self._not_home()
         if self._cancelled:
             raise RequestCancelledError(self._request_id)
         cf = self._pending = asyncio.run_coroutine_threadsafe(self._gen().__anext__(), self._rt.loop)
@@ -659,15 +678,19 @@ class DeploymentResponseGenerator:
             return
         self._cancelled = True
         pending = self._pending
-        if pending is None:
-            if self._agen is not None:  # between items: close it where it stopped
-                asyncio.run_coroutine_threadsafe(self._agen.aclose(), self._rt.loop)
-        elif not isinstance(pending, asyncio.Task):
-            pending.cancel()  # the hand-over's future: thread-safe, cancels the wait on the loop
-        elif self._rt.in_loop():
-            pending.cancel()  # suspended in __anext__ (it is not running: this code is)
-        else:
-            self._rt.loop.call_soon_threadsafe(self._cancel_wait, pending)
+        loop = self._home or self._rt.loop  # where it runs
+        try:
+            if pending is None:
+                if self._agen is not None:  # between items: close it where it stopped
+                    asyncio.run_coroutine_threadsafe(self._agen.aclose(), loop)
+            elif not isinstance(pending, asyncio.Task):
+                pending.cancel()  # the hand-over's future: thread-safe, cancels the wait on the loop
+            elif asyncio._get_running_loop() is loop:
+                pending.cancel()  # suspended in __anext__ (it is not running: this code is)
+            else:
+                loop.call_soon_threadsafe(self._cancel_wait, pending)
+        except RuntimeError:  # its loop is closed: the stream was closed with it
+            pass
 
     def _over(self) -> bool:
         return self._cancelled
