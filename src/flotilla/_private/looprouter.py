@@ -53,9 +53,14 @@ class Follower(Router):
         super().__init__(dep, self._waiting, rt.cold_start_timeout_s)
         self.rt = rt
         self.lead: Router | None = None  # set on the runtime's loop (`LoopRouters._follow`)
-        self.home = home
-        self.loop = home
+        self.loop = home  # fixed: a follower lives and dies with its caller's loop
         self.parked = False
+
+    @property
+    def home(self) -> asyncio.AbstractEventLoop:
+        """The caller's loop it runs on."""
+        assert self.loop is not None
+        return self.loop
 
     def _waiting(self, cold: bool) -> None:
         if cold:  # no replica at all: the autoscaler hears of it now (`Runtime._on_router_wait`)
@@ -68,8 +73,7 @@ class Follower(Router):
             self.rt.inbox.put(trace.calls_done, self._queue_hist, self.deployment_id, done)
 
     def idle(self) -> bool:
-        return not self.queue and all(
-            c.in_flight == 0 and not c.pending for c in [*self.replicas.values(), *self.retiring.values()])
+        return not self.queue and all(c.in_flight == 0 and not c.pending for c in self.conns())
 
     def tell(self, fn: Any, *args: Any) -> bool:
         """Run `fn(*args)` on the follower's loop; False if that loop is closed."""
@@ -82,7 +86,7 @@ class Follower(Router):
     def sever(self) -> None:
         """Shut its sockets down from another thread (its loop is stopped or closed): the
         replicas see the connections end; the transports go with their loop."""
-        for c in [*self.replicas.values(), *self.retiring.values()]:
+        for c in self.conns():
             t = c.proto.transport
             if t is None:
                 continue
@@ -143,7 +147,7 @@ class LoopRouters:
                 for loop in list(self.by_loop):
                     closed, running = loop.is_closed(), loop.is_running()
                     for f in list(self.by_loop[loop].values()):
-                        what = fate(closed, running, f.parked, bool(f.replicas or f.retiring) and f.idle())
+                        what = fate(closed, running, f.parked, bool(f.conns()) and f.idle())
                         if what == CUT:
                             f.sever()
                             if f.lead is not None:

@@ -383,8 +383,12 @@ class Router:
             if not fut.done():
                 fut.set_exception(err)
 
+    def conns(self) -> list[ReplicaConn]:
+        """Every open connection: to replicas chosen and retiring."""
+        return [*self.replicas.values(), *self.retiring.values()]
+
     def close(self) -> None:
-        for conn in [*self.replicas.values(), *self.retiring.values()]:
+        for conn in self.conns():
             conn.close()
         self.replicas.clear()
         self.retiring.clear()

@@ -41,6 +41,12 @@ async def _resolve_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[
     return args, kwargs
 
 
+def _plain(parent: Any, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """A call that may run on its caller's own loop (`looprouter`): not made while serving a
+    request, to a deployment (not a traffic split), no response among its arguments."""
+    return parent is None and target.__class__ is DeploymentID and not _has_response(args, kwargs)
+
+
 def _has_response(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
     for a in args:
         if isinstance(a, DeploymentResponse):
@@ -129,14 +135,14 @@ class DeploymentHandle:
         target = self._target()
         call: DeploymentResponse | DeploymentResponseGenerator
         if opts.stream:
-            call = DeploymentResponseGenerator(rt, target, opts.method_name, args, kwargs, meta, follow=parent is None)
-        elif parent is None and (home := asyncio._get_running_loop()) is not None and home is not rt.loop and (
-                target.__class__ is DeploymentID and not _has_response(args, kwargs)):
+            call = DeploymentResponseGenerator(rt, target, opts.method_name, args, kwargs, meta,
+                                               follow=_plain(parent, target, args, kwargs))
+        elif (loop := asyncio._get_running_loop()) is not None and loop is not rt.loop and _plain(parent, target, args, kwargs):
             # made on a loop of the caller's: the call runs there, through that loop's router
-            call = DeploymentResponse._on_loop(rt, home, target, opts.method_name, args, kwargs, meta, rid)  # type: ignore[arg-type]
+            call = DeploymentResponse._on_loop(rt, loop, target, opts.method_name, args, kwargs, meta, rid)  # type: ignore[arg-type]
         else:
             # `parent`: the serving request's meta, which adds up the time of its downstream calls.
-            call = DeploymentResponse(rt, _call(rt, target, opts.method_name, args, kwargs, meta, parent), rid)
+            call = DeploymentResponse(rt, _call(rt, target, opts.method_name, args, kwargs, meta, parent), rid, loop)
         if parent is not None:
             spawned(parent, call)
         return call
@@ -259,26 +265,15 @@ class DeploymentResponse:
 
     __slots__ = ("_asked", "_awaited", "_back", "_box", "_by_user", "_cancel", "_fut", "_home", "_inline_task",
                  "_latch", "_local", "_make", "_request_id", "_rt", "_task")
+    _task: asyncio.Task[Any] | None
+    _fut: asyncio.Future[Any] | None
+    _back: Inbox | None
+    _latch: threading.Lock | None
 
-    def __init__(self, rt: Runtime, coro: Coroutine[Any, Any, Any], request_id: str = "") -> None:
-        self._rt = rt
-        self._request_id = request_id
-        self._home: asyncio.AbstractEventLoop | None = None  # the caller's loop it runs on (`_on_loop`)
-        self._make: tuple[Any, ...] | None = None  # that call's target and arguments (for `_divert`)
-        self._box = rt.inbox  # the inbox of the loop that runs the call
-        self._awaited = False  # awaited on `_home`: a cancel there is the caller's
-        self._inline_task: asyncio.Task[Any] | None = None  # the task it runs in (`_inline`)
-        self._task: asyncio.Task[Any] | None = None
-        self._fut: asyncio.Future[Any] | None = None  # the caller's loop's view of the outcome
-        self._back: Inbox | None = None  # the caller's loop's inbox
-        self._latch: threading.Lock | None = None  # held until done, for result()
-        self._cancel = False
-        self._by_user = False  # cancel() was called: waiting raises RequestCancelledError
-        self._asked = False  # result() gave up waiting: its caller saw this call's outcome as a timeout
-        try:
-            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
-        except RuntimeError:
-            loop = None
+    def __init__(self, rt: Runtime, coro: Coroutine[Any, Any, Any], request_id: str,
+                 loop: asyncio.AbstractEventLoop | None) -> None:
+        """`loop`: the running loop of the caller (None from sync code)."""
+        self._blank(rt, request_id)
         self._local = loop is rt.loop
         if self._local:
             self._task = rt.loop.create_task(coro)
@@ -297,17 +292,30 @@ class DeploymentResponse:
             coro.close()
             raise
 
+    def _blank(self, rt: Runtime, request_id: str) -> None:
+        self._rt = rt
+        self._request_id = request_id
+        self._home: asyncio.AbstractEventLoop | None = None  # the caller's loop it runs on (`_on_loop`)
+        self._make: tuple[Any, ...] | None = None  # that call's target and arguments, until it starts there
+        self._box = rt.inbox  # the inbox of the loop that runs the call
+        self._awaited = False  # awaited on `_home`: a cancel there is the caller's
+        self._inline_task: asyncio.Task[Any] | None = None  # the task it runs in (`_inline`)
+        self._task = None
+        self._fut = None  # the caller's loop's view of the outcome
+        self._back = None  # the caller's loop's inbox
+        self._latch = None  # held until done, for result()
+        self._local = False  # made on the runtime's loop
+        self._cancel = False
+        self._by_user = False  # cancel() was called: waiting raises RequestCancelledError
+        self._asked = False  # result() gave up waiting: its caller saw this call's outcome as a timeout
+
     @classmethod
     def _on_loop(cls, rt: Runtime, home: asyncio.AbstractEventLoop, dep: DeploymentID, method: str,
                  args: tuple[Any, ...], kwargs: dict[str, Any], meta: Any, request_id: str) -> DeploymentResponse:
         """A call made on `home`, a running loop of the caller's: it runs there, through the
         loop's own router (`looprouter`), from the loop's next turn (or at once when awaited)."""
         self = cls.__new__(cls)
-        self._rt = rt
-        self._request_id = request_id
-        self._task = self._fut = self._back = self._latch = None
-        self._cancel = self._by_user = self._asked = self._local = self._awaited = False
-        self._inline_task = None
+        self._blank(rt, request_id)
         self._home = home
         self._make = (dep, method, args, kwargs, meta)
         self._box = inbox_for(home)
@@ -587,7 +595,7 @@ class DeploymentResponseGenerator:
         #: Iterated first with `async for` on a loop of the caller's (not made while serving a
         #: request; a plain deployment, no response among the arguments): the stream runs
         #: there, through that loop's router (`looprouter`), this loop being `_home`.
-        self._follow = follow and dep.__class__ is DeploymentID and not _has_response(args, kwargs)
+        self._follow = follow
         self._home: asyncio.AbstractEventLoop | None = None
 
     def _gen(self) -> Any:
