@@ -16,6 +16,8 @@ class Metric:
     better: str  # "higher" | "lower"
     scenario: str
     summary: bool = True  # False: only in the raw tables
+    #: A flotilla-only variant's row: the other systems show (and are compared on) this key.
+    vs: str | None = None
 
 
 def _metrics() -> list[Metric]:
@@ -37,6 +39,13 @@ def _metrics() -> list[Metric]:
             Metric(f"metrics_cost_rps_c{c}", f"req/s lost to metrics, access logs, traces, {c} conn", "lower", "http"),
             Metric(f"metrics_cost_cpu_c{c}", f"CPU/request added by metrics, access logs, traces, {c} conn",
                    "lower", "http"),
+        ]
+    for c in (8, 32):
+        m += [
+            Metric(f"http_rps_2proxies_c{c}", f"HTTP req/s, {c} conn, flotilla num_proxies=2", "higher", "http",
+                   vs=f"http_rps_c{c}"),
+            Metric(f"http_cpu_ms_2proxies_c{c}", f"CPU ms/request, {c} conn, flotilla num_proxies=2", "lower", "http",
+                   vs=f"http_cpu_ms_c{c}"),
         ]
     m += [
         Metric("handle_seq_cps", "handle calls/s, sequential", "higher", "handle"),
@@ -207,6 +216,8 @@ def summary_rows(
         per = {s: series(records, s, m.key, rounds) for s in SYSTEMS}
         if all(median(v) is None for v in per.values()):
             continue
+        if m.vs is not None:
+            per = {s: v if median(v) is not None else series(records, s, m.vs, rounds) for s, v in per.items()}
         row = [m.label, m.better] + [fmt(median(per[s])) for s in shown]
         for a, b in pairs:
             rs = ratios(per[a], per[b])

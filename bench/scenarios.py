@@ -44,10 +44,15 @@ Scenario = Callable[[System, Ctx], Result]
 
 
 # ---- helpers ------------------------------------------------------------------------------
-def start_server(system: System, ctx: Ctx, what: str, apps: list[dict[str, Any]]) -> Launched:
-    """Start a serving process and wait for its first HTTP 200 (cold_start_s is recorded)."""
+def start_server(system: System, ctx: Ctx, what: str, apps: list[dict[str, Any]],
+                 num_proxies: int | None = None) -> Launched:
+    """Start a serving process and wait for its first HTTP 200 (cold_start_s is recorded).
+    `num_proxies`: flotilla's `http_options["num_proxies"]` (else its default)."""
     if system.is_serve:
-        srv = launch_app(system, "serve", {"port": ctx.port, "apps": apps}, ctx.log(system, what))
+        cfg: dict[str, Any] = {"port": ctx.port, "apps": apps}
+        if num_proxies is not None:
+            cfg["num_proxies"] = num_proxies
+        srv = launch_app(system, "serve", cfg, ctx.log(system, what))
     else:
         srv = launch_app(system, "serve", {"port": ctx.port}, ctx.log(system, what))
     try:
@@ -141,7 +146,25 @@ def http(system: System, ctx: Ctx) -> Result:
         srv.stop()
     if system.name == "flotilla":
         _metrics_cost(system, ctx, out)
+        _two_proxies(system, ctx, out)
     return out
+
+
+def _two_proxies(system: System, ctx: Ctx, out: Result) -> None:
+    """The same app with `num_proxies=2` (two proxy processes on the port; the default on
+    two cores is one), at 8 and 32 connections."""
+    srv = start_server(system, ctx, "http-two-proxies", [echo_app()], num_proxies=2)
+    try:
+        wrk(ctx, 8, 1.0)
+        for c in (8, 32):
+            if f"http_rps_c{c}" not in out:
+                continue
+            m = measure_http(srv, ctx, c)
+            out[f"http_rps_2proxies_c{c}"] = m["rps"]
+            out[f"http_cpu_ms_2proxies_c{c}"] = m["cpu_ms"]
+            out["notes"][f"cpu_ms_per_req_by_process_2proxies_c{c}"] = m["cpu_roles"]
+    finally:
+        srv.stop()
 
 
 def _metrics_cost(system: System, ctx: Ctx, out: Result) -> None:

@@ -120,7 +120,10 @@ def start(cfg: dict[str, Any]) -> None:
         runtime.init(address=cfg["address"])
     else:
         runtime.init(num_cpus=cfg.get("num_cpus", 2), include_dashboard=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": cfg["port"]})
+    http_options = {"host": "127.0.0.1", "port": cfg["port"]}
+    if cfg.get("num_proxies"):
+        http_options["num_proxies"] = cfg["num_proxies"]
+    serve.start(http_options=http_options)
 
 
 def wait_for_parent() -> str:
