@@ -103,10 +103,18 @@ def test_result_on_the_loop_that_made_the_call(url: str) -> None:
     async def main() -> None:
         assert h.get.remote().result(timeout_s=10) == "v1"  # not started here yet: runs elsewhere
         r = h.slow.remote(2.0)
-        await asyncio.sleep(0.1)  # started on this loop: blocking it would deadlock
-        with pytest.raises(RuntimeError, match="use `await response` instead"):
-            r.result(timeout_s=10)
+
+        async def block() -> None:
+            await asyncio.sleep(0.1)  # r runs in main's task on this loop: blocking it would deadlock
+            with pytest.raises(RuntimeError, match="use `await response` instead"):
+                r.result(timeout_s=10)
+
+        t = asyncio.create_task(block())
         assert await r == "slow"
+        await t
+        r2 = h.slow.remote(0.2)
+        await asyncio.sleep(0)  # not awaited at once: it went to flotilla's loop, so waiting blocks, no more
+        assert r2.result(timeout_s=10) == "slow"
 
     asyncio.run(main())
 
@@ -118,6 +126,20 @@ def test_fire_and_forget_from_a_loop_that_ends_still_runs(url: str) -> None:
         return [h.get.remote() for _ in range(5)]  # the loop ends before they start
 
     assert [r.result(timeout_s=10) for r in asyncio.run(main())] == ["v1"] * 5
+
+
+def test_a_call_sent_before_its_loop_ends_still_finishes(url: str) -> None:
+    """As in Ray, a call outlives the loop it was made on: one not awaited at once runs on
+    flotilla's loop, so asyncio.run ending does not cancel it in the replica."""
+    h = serve.run(Version.bind(), name="outlives", route_prefix=None)
+
+    async def main() -> serve.DeploymentResponse:
+        r = h.slow.remote(0.3, "left")
+        await asyncio.sleep(0.1)  # sent and running in the replica when the loop ends
+        return r
+
+    assert asyncio.run(main()).result(timeout_s=10) == "slow"
+    assert h.seen_cancelled.remote().result(timeout_s=10) == []
 
 
 @serve.deployment(

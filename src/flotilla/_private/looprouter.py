@@ -2,8 +2,9 @@
 thread hop (a driver running asyncio, a web app calling deployments).
 
 The runtime's router of a deployment (on the runtime's loop) is the one the head updates. A
-handle call made on another running loop goes through a `Follower` on that loop instead: its
-own connections to the replicas, the replica set forwarded to it by the runtime's router.
+handle call made on another running loop and awaited there at once (or a stream iterated there)
+goes through a `Follower` on that loop instead: its own connections to the replicas, the
+replica set forwarded to it by the runtime's router.
 Request, reply and routing all happen on the caller's thread.
 
 A loop that stops (`asyncio.run` returned, or a kept loop between `run_until_complete` calls)

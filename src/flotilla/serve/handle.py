@@ -260,10 +260,12 @@ class DeploymentResponse:
     runtime's `Inbox` and its outcome comes back without a per-call thread hop: to the
     caller's own loop in batches, through that loop's inbox (`await`), or to a blocked
     `result()` through a lock. A plain call made on a caller's own running loop (`_on_loop`)
-    runs on that loop instead, through its router there (`looprouter`): no thread hop at all.
+    and awaited there at once runs in the awaiting task instead, through the loop's router
+    (`looprouter`): no thread hop at all. Not awaited by the loop's next turn, it goes to the
+    runtime's loop like any other, so that it outlives the caller's loop as Ray's calls do.
     """
 
-    __slots__ = ("_asked", "_awaited", "_back", "_box", "_by_user", "_cancel", "_fut", "_home", "_inline_task",
+    __slots__ = ("_asked", "_back", "_box", "_by_user", "_cancel", "_fut", "_home", "_inline_task",
                  "_latch", "_local", "_make", "_request_id", "_rt", "_task")
     _task: asyncio.Task[Any] | None
     _fut: asyncio.Future[Any] | None
@@ -298,7 +300,6 @@ class DeploymentResponse:
         self._home: asyncio.AbstractEventLoop | None = None  # the caller's loop it runs on (`_on_loop`)
         self._make: tuple[Any, ...] | None = None  # that call's target and arguments, until it starts there
         self._box = rt.inbox  # the inbox of the loop that runs the call
-        self._awaited = False  # awaited on `_home`: a cancel there is the caller's
         self._inline_task: asyncio.Task[Any] | None = None  # the task it runs in (`_inline`)
         self._task = None
         self._fut = None  # the caller's loop's view of the outcome
@@ -312,8 +313,8 @@ class DeploymentResponse:
     @classmethod
     def _on_loop(cls, rt: Runtime, home: asyncio.AbstractEventLoop, dep: DeploymentID, method: str,
                  args: tuple[Any, ...], kwargs: dict[str, Any], meta: Any, request_id: str) -> DeploymentResponse:
-        """A call made on `home`, a running loop of the caller's: it runs there, through the
-        loop's own router (`looprouter`), from the loop's next turn (or at once when awaited)."""
+        """A call made on `home`, a running loop of the caller's: awaited there before the
+        loop's next turn, it runs in the awaiting task (`_inline`); else on the runtime's loop."""
         self = cls.__new__(cls)
         self._blank(rt, request_id)
         self._home = home
@@ -323,30 +324,30 @@ class DeploymentResponse:
         return self
 
     def _start_home(self) -> None:
-        """On the caller's loop: the call's task (once; not after `_divert`)."""
-        if self._task is not None or self._home is None:
+        """On the caller's loop, the call not awaited at once: it goes to the runtime's loop
+        (where a loop that ends, `asyncio.run` returning, does not cancel it), its outcome
+        coming back to this loop as a sync-made call's does."""
+        home = self._home
+        if self._make is None or home is None:  # running in the task that awaited it, or diverted
             return
-        t = self._task = self._home.create_task(self._run_home())
-        if self._cancel:
-            t.cancel()
-        t.add_done_callback(self._finished)
+        fut = self._fut = home.create_future()
+        self._back = inbox_for(home)
+        fut.add_done_callback(self._caller_done)
+        self._divert()
 
     async def _run_home(self) -> Any:
+        """The call, in the task on `_home` that awaited it at once, through that loop's router."""
         dep, method, args, kwargs, meta = self._make  # type: ignore[misc]
         self._make = None  # started here: it stays here
         return await self._rt.loop_routers.get(self._home, dep).call(method, args, kwargs, meta)  # type: ignore[arg-type]
 
     def _divert(self) -> bool:
-        """Run the call on the runtime's loop instead of its caller's, where it has not started:
-        `result()` would block that loop, or the loop ended first. False if it has started."""
+        """Run the call on the runtime's loop instead of its caller's, where it has not started
+        (not awaited at once, or `result()` would block that loop). False if it has started."""
         make = self._make
         if make is None:
             return False
-        t = self._task
-        if t is not None:
-            t.remove_done_callback(self._finished)
-            t.cancel()
-        self._make = self._home = self._task = None
+        self._make = self._home = None
         self._box = self._rt.inbox
         latch = self._latch
         if latch is None:
@@ -368,9 +369,6 @@ class DeploymentResponse:
         return t is not None and t.done()
 
     def _finished(self, t: asyncio.Task[Any]) -> None:  # after `t.done()` reads True
-        if self._make is not None and not (self._cancel or self._awaited) and t.cancelled():
-            self._divert()  # its loop cancelled it unstarted (`asyncio.run` ending): not the caller
-            return
         latch = self._latch
         if latch is not None:
             latch.release()
@@ -386,15 +384,9 @@ class DeploymentResponse:
         if t is None:  # diverted (`_divert`): watch it where it runs now
             self._box.put(self._watch, fut, back)
         elif t.done():
-            self._watched(fut, back, t)
-        else:
-            t.add_done_callback(functools.partial(self._watched, fut, back))
-
-    def _watched(self, fut: asyncio.Future[Any], back: Inbox, t: asyncio.Task[Any]) -> None:
-        if self._task is t:
             _post(back, fut, t)
-        else:  # diverted as its loop ended
-            self._box.put(self._watch, fut, back)
+        else:
+            t.add_done_callback(functools.partial(_post, back, fut))
 
     def _cancel_task(self) -> None:
         t = self._task
@@ -465,7 +457,6 @@ class DeploymentResponse:
         itself, no task of its own; `_task` is a future with the outcome for anyone else."""
         fut: asyncio.Future[Any] = self._home.create_future()  # type: ignore[union-attr]
         self._task = fut  # type: ignore[assignment]
-        self._awaited = True
         waiter = self._inline_task = asyncio.current_task()
         try:
             result = yield from self._run_home().__await__()
@@ -493,14 +484,13 @@ class DeploymentResponse:
         loop = asyncio.get_running_loop()
         home = self._home
         if home is not None:
-            if loop is home:
-                self._awaited = True
-                if self._task is None:
-                    self._start_home()
-                return self._task  # type: ignore[return-value]
-            there = loop.create_future()  # awaited on another loop than the one it runs on
-            self._box.put(self._watch, there, inbox_for(loop))
-            return there
+            if loop is not home:
+                there = loop.create_future()  # awaited on another loop than the one it runs on
+                self._box.put(self._watch, there, inbox_for(loop))
+                return there
+            if self._task is not None:  # it ran in the task that awaited it first
+                return self._task
+            self._start_home()  # not to run inline (no task awaits it, or cancelled): diverted
         fut = self._fut
         if fut is not None and fut.get_loop() is loop:
             return fut
