@@ -146,45 +146,37 @@ def http(system: System, ctx: Ctx) -> Result:
         srv.stop()
     if system.name == "flotilla":
         _metrics_cost(system, ctx, out)
-        _two_proxies(system, ctx, out)
+        _variant(system, ctx, out, "two-proxies", "2proxies", num_proxies=2)
     return out
 
 
-def _two_proxies(system: System, ctx: Ctx, out: Result) -> None:
-    """The same app with `num_proxies=2` (two proxy processes on the port; the default on
-    two cores is one), at 8 and 32 connections."""
-    srv = start_server(system, ctx, "http-two-proxies", [echo_app()], num_proxies=2)
+def _variant(system: System, ctx: Ctx, out: Result, what: str, tag: str,
+             num_proxies: int | None = None) -> dict[int, dict[str, Any]]:
+    """The same app started again as `system` with `num_proxies`, measured at 8 and 32
+    connections (those of the run just made): `http_rps_<tag>_c*`, `http_cpu_ms_<tag>_c*`."""
+    srv = start_server(system, ctx, f"http-{what}", [echo_app()], num_proxies=num_proxies)
+    got: dict[int, dict[str, Any]] = {}
     try:
         wrk(ctx, 8, 1.0)
         for c in (8, 32):
             if f"http_rps_c{c}" not in out:
                 continue
-            m = measure_http(srv, ctx, c)
-            out[f"http_rps_2proxies_c{c}"] = m["rps"]
-            out[f"http_cpu_ms_2proxies_c{c}"] = m["cpu_ms"]
-            out["notes"][f"cpu_ms_per_req_by_process_2proxies_c{c}"] = m["cpu_roles"]
+            m = got[c] = measure_http(srv, ctx, c)
+            out[f"http_rps_{tag}_c{c}"] = m["rps"]
+            out[f"http_cpu_ms_{tag}_c{c}"] = m["cpu_ms"]
+            out["notes"][f"cpu_ms_per_req_by_process_{tag}_c{c}"] = m["cpu_roles"]
     finally:
         srv.stop()
+    return got
 
 
 def _metrics_cost(system: System, ctx: Ctx, out: Result) -> None:
     """The same app with FLOTILLA_METRICS=0 (no metrics, access logs or traces), at 8 and 32
     connections: what they cost, in req/s and CPU per request, against the run just made."""
     off = replace(system, extra_env={**system.extra_env, "FLOTILLA_METRICS": "0"})
-    srv = start_server(off, ctx, "http-metrics-off", [echo_app()])
-    try:
-        wrk(ctx, 8, 1.0)
-        for c in (8, 32):
-            if f"http_rps_c{c}" not in out:
-                continue
-            m = measure_http(srv, ctx, c)
-            out[f"http_rps_nometrics_c{c}"] = m["rps"]
-            out[f"http_cpu_ms_nometrics_c{c}"] = m["cpu_ms"]
-            out[f"metrics_cost_rps_c{c}"] = 1.0 - out[f"http_rps_c{c}"] / max(m["rps"], 1e-9)
-            out[f"metrics_cost_cpu_c{c}"] = out[f"http_cpu_ms_c{c}"] / max(m["cpu_ms"], 1e-9) - 1.0
-            out["notes"][f"cpu_ms_per_req_by_process_nometrics_c{c}"] = m["cpu_roles"]
-    finally:
-        srv.stop()
+    for c, m in _variant(off, ctx, out, "metrics-off", "nometrics").items():
+        out[f"metrics_cost_rps_c{c}"] = 1.0 - out[f"http_rps_c{c}"] / max(m["rps"], 1e-9)
+        out[f"metrics_cost_cpu_c{c}"] = out[f"http_cpu_ms_c{c}"] / max(m["cpu_ms"], 1e-9) - 1.0
 
 
 def batch(system: System, ctx: Ctx) -> Result:
