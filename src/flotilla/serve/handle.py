@@ -403,8 +403,9 @@ class DeploymentResponse:
         if fut.cancelled() and not self._done:  # the awaiting task was cancelled: so is the call
             self._cancel_call()
 
-    def result(self, *, timeout_s: float | None = None) -> Any:
-        """Block until the result is ready (from sync code only)."""
+    def result(self, *, timeout_s: float | None = None, _skip_asyncio_check: bool = False) -> Any:
+        """Block until the result is ready (from sync code only). `_skip_asyncio_check`
+        (Ray's): accepted; waiting on a running loop raises only where it would deadlock."""
         if self._local:
             raise RuntimeError(
                 "DeploymentResponse.result() cannot be called on the event loop that made the "
@@ -605,7 +606,7 @@ class DeploymentResponseGenerator:
     def __aiter__(self) -> DeploymentResponseGenerator:
         return self
 
-    def result(self, *, timeout_s: float | None = None) -> Any:
+    def result(self, *, timeout_s: float | None = None, _skip_asyncio_check: bool = False) -> Any:
         """Not for streams (as in Ray Serve): always raises TypeError."""
         raise TypeError("a streaming response has no result(): iterate it, `for item in response` "
                         "(outside a deployment) or `async for item in response` (inside one)")
@@ -689,6 +690,10 @@ class DeploymentResponseGenerator:
                 loop.call_soon_threadsafe(self._cancel_wait, pending)
         except RuntimeError:  # its loop is closed: the stream was closed with it
             pass
+
+    def cancelled(self) -> bool:
+        """Whether `cancel()` was called (or the request that made this stream was cancelled)."""
+        return self._cancelled
 
     def _over(self) -> bool:
         return self._cancelled
