@@ -142,3 +142,27 @@ def test_latency_target_batching_skips_the_wait_alone_and_batches_under_load(url
 
     ratio = wait_for(fill, timeout=10, what="flotilla_batch_fill_ratio in /metrics")
     assert 0 < ratio <= 1
+
+
+@serve.deployment(max_ongoing_requests=32)
+class Tokens:
+    def __init__(self):
+        self.sizes = []
+
+    @serve.batch(max_batch_size=12, batch_wait_timeout_s=0.05, batch_size_fn=lambda texts: sum(len(t.split()) for t in texts))
+    async def handle(self, texts):
+        self.sizes.append(sum(len(t.split()) for t in texts))
+        return [len(t.split()) for t in texts]
+
+    def token_sizes(self):
+        return self.sizes
+
+
+def test_batch_size_fn_bounds_each_batch_by_its_items_in_a_replica(url):
+    h = serve.run(Tokens.bind(), name="tokens", route_prefix=None)
+    texts = ["a b c", "d e", "f g h i", "j", "k l m n o", "p q"] * 4
+    assert [r.result(timeout_s=30) for r in [h.handle.remote(t) for t in texts]] == [len(t.split()) for t in texts]
+    sizes = h.token_sizes.remote().result(timeout_s=30)
+    assert sum(sizes) == sum(len(t.split()) for t in texts) and max(sizes) <= 12
+    with pytest.raises(RuntimeError, match="greater than max_batch_size"):
+        h.handle.remote("w " * 13).result(timeout_s=30)

@@ -643,3 +643,96 @@ def test_bad_latency_target_is_a_config_error():
     for bad in (0, -1, "fast", float("nan")):
         with pytest.raises(ConfigError, match="batch_latency_target_s"):
             batch(batch_latency_target_s=bad)
+
+
+# -- batch_size_fn (Ray 2.60): a batch's size is a function of its items ------------------------
+def test_batch_size_fn_sizes_batches_by_their_items_and_sends_one_when_the_next_does_not_fit():
+    wait = 0.5
+    calls = []
+
+    @batch(max_batch_size=10, batch_wait_timeout_s=wait, batch_size_fn=lambda items: sum(len(x) for x in items))
+    async def lengths(xs):
+        calls.append((asyncio.get_running_loop().time(), list(xs)))
+        return [len(x) for x in xs]
+
+    async def main():
+        start = asyncio.get_running_loop().time()
+        out = await asyncio.gather(*(lengths(w) for w in ("aaaa", "bbbb", "ccc", "dd", "e")))
+        return out, start
+
+    out, start = asyncio.run(main())
+    assert out == [4, 4, 3, 2, 1]
+    (t1, first), (t2, second) = calls
+    assert first == ["aaaa", "bbbb"] and t1 - start < wait / 2  # 4+4+3 > 10: it goes at once
+    assert second == ["ccc", "dd", "e"] and t2 - start >= wait - 0.05  # 6 < 10: waits it out
+
+
+def test_batch_size_fn_batch_that_reaches_the_size_goes_at_once():
+    calls = []
+
+    @batch(max_batch_size=6, batch_wait_timeout_s=LONG, batch_size_fn=lambda items: 2 * len(items))
+    async def ident(xs):
+        calls.append(list(xs))
+        return xs
+
+    async def main():
+        start = asyncio.get_running_loop().time()
+        out = await asyncio.gather(*(ident(i) for i in range(6)))
+        return out, asyncio.get_running_loop().time() - start
+
+    out, elapsed = asyncio.run(main())
+    assert out == list(range(6))
+    assert calls == [[0, 1, 2], [3, 4, 5]]
+    assert elapsed < 1.0
+
+
+def test_batch_size_fn_an_item_over_the_limit_alone_fails_and_the_rest_go_on():
+    @batch(max_batch_size=5, batch_wait_timeout_s=0.01, batch_size_fn=lambda items: sum(items))
+    async def ident(xs):
+        return xs
+
+    async def main():
+        return await asyncio.gather(ident(2), ident(9), ident(3), return_exceptions=True)
+
+    a, big, c = asyncio.run(main())
+    assert (a, c) == (2, 3)
+    assert isinstance(big, RuntimeError) and "greater than max_batch_size" in str(big)
+
+
+def test_batch_size_fn_that_raises_fails_that_caller_only():
+    def size(items):
+        if "bad" in items:
+            raise ValueError("cannot size 'bad'")
+        return len(items)
+
+    @batch(max_batch_size=4, batch_wait_timeout_s=0.01, batch_size_fn=size)
+    async def ident(xs):
+        return xs
+
+    async def main():
+        return await asyncio.gather(ident("a"), ident("bad"), ident("c"), return_exceptions=True)
+
+    a, bad, c = asyncio.run(main())
+    assert (a, c) == ("a", "c")
+    assert isinstance(bad, ValueError)
+
+
+def test_batch_size_fn_on_a_method_sees_the_items_not_self():
+    seen = []
+
+    class Model:
+        @batch(max_batch_size=3, batch_wait_timeout_s=0.01, batch_size_fn=lambda items: seen.append(list(items)) or len(items))
+        async def handle(self, xs):
+            return [x + 1 for x in xs]
+
+    async def main():
+        m = Model()
+        return await asyncio.gather(m.handle(1), m.handle(xs=2))
+
+    assert asyncio.run(main()) == [2, 3]
+    assert [1, 2] in seen
+
+
+def test_batch_size_fn_must_be_callable():
+    with pytest.raises(TypeError, match="batch_size_fn must be a callable"):
+        batch(batch_size_fn=3)

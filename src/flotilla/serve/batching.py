@@ -6,7 +6,11 @@ item arrived (loop clock), with at most ``max_concurrent_batches`` running; the 
 formed when a slot frees up. With ``batch_latency_target_s`` instead, the wait is chosen per
 batch (`adaptive_wait`) from the observed arrival rate and batch cost, so that the first
 item's wait plus its batch's run time stays within the target: a lone request goes at once,
-and under load batches grow as far as the target allows. Async generator functions stream: each yield is a list with one
+and under load batches grow as far as the target allows. With ``batch_size_fn`` a batch's size
+is that function of its items (tokens, graph nodes, ...) instead of their count: a batch
+takes items from the front while their size stays within ``max_batch_size`` and goes at once
+when the next one does not fit; an item over the limit alone fails with RuntimeError.
+Async generator functions stream: each yield is a list with one
 element per caller, and ``StopIteration`` (class or instance) as an element ends that caller's
 stream. Queue state lives in the running loop and is created lazily: one queue per function,
 one per instance for methods (first parameter ``self``). Cancelled callers are skipped.
@@ -90,6 +94,12 @@ def _is_stop(value: Any) -> bool:
     return value is sentinels[0] or value is sentinels[1] or isinstance(value, sentinels)
 
 
+def _check_size_fn(value: Any) -> Callable[[list[Any]], int] | None:
+    if value is not None and not callable(value):
+        raise TypeError(f"batch_size_fn must be a callable or None, got {type(value)}")
+    return value  # type: ignore[no-any-return]
+
+
 def _check_target(value: Any) -> float | None:
     if value is None:
         return None
@@ -158,8 +168,11 @@ class BatchQueue:
         max_concurrent_batches: int = 1,
         streaming: bool = False,
         batch_latency_target_s: float | None = None,
+        batch_size_fn: Callable[[list[Any]], int] | None = None,
     ) -> None:
+        """`batch_size_fn`: the size of a list of payloads (else their count)."""
         self._run_batch = run_batch
+        self._size = _check_size_fn(batch_size_fn)
         self._max = _check_count(max_batch_size, "max_batch_size")
         self._timeout = _check_timeout(batch_wait_timeout_s)
         self._target = _check_target(batch_latency_target_s)
@@ -279,8 +292,9 @@ class BatchQueue:
 
     def _put(self, item: _Item) -> None:
         self._pending.append(item)
-        if len(self._pending) == 1 or len(self._pending) >= self._max or self._target is not None:
-            self._wake.set()  # (with a target, each arrival shortens the wait: re-decide)
+        if (len(self._pending) == 1 or len(self._pending) >= self._max or self._target is not None
+                or self._size is not None):
+            self._wake.set()  # (with a target or a size function, each arrival: re-decide)
 
     async def _work(self) -> None:
         loop, slots = self._loop, self._slots
@@ -308,8 +322,20 @@ class BatchQueue:
                 await wake.wait()
                 continue
             deadline = pending[0].t + self.current_wait_s(len(pending))
-            if loop.time() >= deadline or self._full():
+            if self._size is None:
+                ready = loop.time() >= deadline or self._full()
                 n = min(self._max, len(pending))
+            else:
+                n, full = self._fit()
+                if not pending:
+                    continue
+                if n == 0:
+                    pending.popleft().fail(RuntimeError(
+                        "Size of item is greater than max_batch_size. Please increase the "
+                        "max_batch_size or check the implementation of the batch_size_fn."))
+                    continue
+                ready = full or loop.time() >= deadline
+            if ready:
                 if self._target is not None:
                     self._learn_rate(n, loop.time() - pending[0].t)
                 return [pending.popleft() for _ in range(n)]
@@ -327,6 +353,37 @@ class BatchQueue:
         pending.clear()
         pending.extend(live)
         return len(pending) >= self._max
+
+    def _fit(self) -> tuple[int, bool]:
+        """With a `batch_size_fn`: how many items from the front make a batch whose size is at
+        most max_batch_size, and whether that batch is full (the next item does not fit, or it
+        reached the size). Gone items are dropped first; an item whose size the function
+        cannot compute fails with its error. 0 (items pending): the first one alone is over."""
+        pending = self._pending
+        live = [item for item in pending if not item.gone]
+        self._skipped += len(pending) - len(live)
+        size, limit = self._size, self._max
+        assert size is not None
+        payloads: list[Any] = []
+        kept: list[_Item] = []
+        n = 0
+        for i, item in enumerate(live):
+            payloads.append(item.payload)
+            try:
+                n = size(payloads)
+            except Exception as e:
+                payloads.pop()
+                item.fail(e)
+                continue
+            kept.append(item)
+            if n >= limit:
+                kept.extend(live[i + 1:])
+                break
+        pending.clear()
+        pending.extend(kept)
+        if n > limit:
+            return len(payloads) - 1, True
+        return len(payloads), n == limit
 
     def _learn_rate(self, n: int, waited: float) -> None:
         """Arrivals per second while a batch's first item waited: what waiting gains. (Not the
@@ -458,6 +515,13 @@ def _new_queue(fn: Any, self_arg: tuple, opts: dict[str, Any], streaming: bool) 
         args, kwargs = _collate(payloads, sig)
         return fn(*self_arg, *args, **kwargs)
 
+    size_fn = opts.get("batch_size_fn")
+    if size_fn is not None:  # it sees each caller's item (its first argument), as in Ray
+
+        def size(payloads: list[Any]) -> int:
+            return size_fn([args[0] if args else next(iter(kwargs.values()), None) for args, kwargs in payloads])
+
+        opts = {**opts, "batch_size_fn": size}
     return BatchQueue(run, streaming=streaming, **opts)
 
 
@@ -544,6 +608,7 @@ def batch(
     batch_wait_timeout_s: float = 0.01,
     max_concurrent_batches: int = 1,
     batch_latency_target_s: float | None = None,
+    batch_size_fn: Callable[[list[Any]], int] | None = None,
 ) -> Any:
     """Batch calls to an async function or method, like Ray Serve's ``@serve.batch``.
 
@@ -552,7 +617,9 @@ def batch(
     of the same length. Async generator functions yield such lists and each caller gets an
     async generator of its own elements. The wrapper has ``set_max_batch_size``,
     ``set_batch_wait_timeout_s`` and matching getters for live tuning (e.g. in
-    ``reconfigure``), and ``batch_queue`` for ``stats()``.
+    ``reconfigure``), and ``batch_queue`` for ``stats()``. ``batch_size_fn(items)``, as in
+    Ray: a batch's size is that of its items (their count without it), each at most
+    ``max_batch_size``; an item over it alone fails with RuntimeError.
 
     flotilla extra: ``batch_latency_target_s`` replaces the fixed ``batch_wait_timeout_s`` with
     a wait chosen per batch from the observed arrival rate and batch cost, so that an item's
@@ -568,6 +635,7 @@ def batch(
         "batch_wait_timeout_s": _check_timeout(batch_wait_timeout_s),
         "max_concurrent_batches": _check_count(max_concurrent_batches, "max_concurrent_batches"),
         "batch_latency_target_s": _check_target(batch_latency_target_s),
+        "batch_size_fn": _check_size_fn(batch_size_fn),
     }
 
     def decorate(fn: Callable[..., Any]) -> Any:
