@@ -330,9 +330,10 @@ class BatchQueue:
                 if not pending:
                     continue
                 if n == 0:
-                    pending.popleft().fail(RuntimeError(
-                        "Size of item is greater than max_batch_size. Please increase the "
-                        "max_batch_size or check the implementation of the batch_size_fn."))
+                    item = pending.popleft()
+                    item.fail(RuntimeError(
+                        f"one item's size, {self._size([item.payload])} by batch_size_fn, is greater than "
+                        f"max_batch_size={self._max}: raise max_batch_size or check batch_size_fn"))
                     continue
                 ready = full or loop.time() >= deadline
             if ready:

@@ -320,10 +320,10 @@ class DeploymentResponse:
         self._home = home
         self._make = (dep, method, args, kwargs, meta)
         self._box = inbox_for(home)
-        home.call_soon(self._start_home)
+        home.call_soon(self._hand_off)
         return self
 
-    def _start_home(self) -> None:
+    def _hand_off(self) -> None:
         """On the caller's loop, the call not awaited at once: it goes to the runtime's loop
         (where a loop that ends, `asyncio.run` returning, does not cancel it), its outcome
         coming back to this loop as a sync-made call's does."""
@@ -379,7 +379,7 @@ class DeploymentResponse:
 
     def _watch(self, fut: asyncio.Future[Any], back: Inbox) -> None:
         if self._task is None and self._home is not None:
-            self._start_home()
+            self._hand_off()
         t = self._task
         if t is None:  # diverted (`_divert`): watch it where it runs now
             self._box.put(self._watch, fut, back)
@@ -491,7 +491,7 @@ class DeploymentResponse:
                 return there
             if self._task is not None:  # it ran in the task that awaited it first
                 return self._task
-            self._start_home()  # not to run inline (no task awaits it, or cancelled): diverted
+            self._hand_off()  # not to run inline (no task awaits it, or cancelled): diverted
         fut = self._fut
         if fut is not None and fut.get_loop() is loop:
             return fut
