@@ -24,6 +24,7 @@ import asyncio
 import http
 import logging
 import re
+from time import perf_counter
 from typing import Any
 from urllib.parse import unquote
 
@@ -136,7 +137,7 @@ class LeanCycle:
     and calls `message_event.set()` when the connection is lost, as on its own cycle."""
 
     __slots__ = ("_body", "_chunked", "_ended", "_fill", "_left", "cancel_on_gone", "disconnected", "keep_alive",
-                 "proto", "response_complete", "response_started", "scope", "task")
+                 "proto", "response_complete", "response_started", "scope", "sent_at", "task")
 
     def __init__(self, proto: LeanProtocol, scope: Any, keep_alive: bool) -> None:
         self.proto = proto
@@ -154,6 +155,9 @@ class LeanCycle:
         self._ended: asyncio.Event | None = None  # made only when `receive` has to wait
         self._chunked = False
         self._left = 0  # body bytes still owed under a Content-Length
+        #: `perf_counter()` just before the response's last write (0.0 until then): where the
+        #: proxy's end-to-end time ends, as the write can hand the CPU to the waking client.
+        self.sent_at = 0.0
 
     @property
     def message_event(self) -> LeanCycle:
@@ -302,6 +306,7 @@ class LeanCycle:
         self.response_started = True
         head = self._head(status, headers, extra, len(body))
         data = self._framed(body, False)
+        self.sent_at = perf_counter()
         if len(data) > JOIN_BODY_BYTES:
             proto.transport.write(head)
             proto.transport.write(data)
@@ -329,6 +334,8 @@ class LeanCycle:
             raise RuntimeError(f"Expected ASGI message 'http.response.body', but got '{kind}'.")
         more = message.get("more_body", False)
         data = self._framed(message.get("body", b""), more)
+        if not more:
+            self.sent_at = perf_counter()
         if data:
             proto.transport.write(data)
         if not more:

@@ -277,19 +277,22 @@ class Proxy:
             status = await self._forward(fscope, receive, send, m, request_id, meta, root, mirror)
         finally:
             self.ongoing -= 1
-            self._record(scope, m, route, status, t0, request_id, meta)
+            self._record(scope, m, route, status, t0, request_id, meta, send)
 
     def _record(self, scope: dict[str, Any], m: Any, route: str | None, status: int, t0: float,
-                request_id: bytes, meta: dict[str, Any] | None) -> None:
+                request_id: bytes, meta: dict[str, Any] | None, send: Any = None) -> None:
         """Keep one HTTP request's figures and meta (which holds the router's queue time, when
-        there was one) for `fold`: the request path does no more."""
+        there was one) for `fold`: the request path does no more. The request ends when its
+        response's last write began (the lean path notes when), else now."""
+        cycle = getattr(send, "__self__", None)
+        t1 = cycle.sent_at if cycle.__class__ is LeanCycle else 0.0  # type: ignore[union-attr]
         if m is None:
             prefix, app, name = "", "", ""
         else:
             dep = m[1]
             prefix, app, name = route or m[0], dep.app_name, dep.name
         done = self._done
-        done.append((t0, time.perf_counter(), prefix, app, name, scope["method"], scope["path"], status,
+        done.append((t0, t1 or time.perf_counter(), prefix, app, name, scope["method"], scope["path"], status,
                      request_id, meta))
         if len(done) == 1:
             asyncio.get_running_loop().call_later(FOLD_S, self.fold)
