@@ -183,7 +183,7 @@ def capture(c: Controller, ckpt: Checkpoint, proxy: dict[str, Any] | None, metri
                     "state": r.state.name, "pid": r.proc.pid, "ticks": r.proc.ticks, "sock": r.sock,
                     "demand": dict(alloc.demand) if alloc else {},
                     "gpu_shares": dict(alloc.gpu_shares) if alloc else {},
-                    "config_sent": r.config_sent, "models": list(r.models),
+                    "config_sent": r.config_sent, "models": list(r.models), "node": r.node,
                 })
     return {"apps": apps, "deployments": deps, "replicas": replicas, "proxy": proxy,
             "metrics_port": metrics_port, "splits": [sp.plain() for sp in c.splits.values()],
@@ -195,6 +195,7 @@ def restore(c: Controller, state: dict[str, Any], specs: dict[str, dict[str, Any
     from flotilla._private.autoscaler_loop import make_state
     from flotilla._private.autoscaling import PolicyState
     from flotilla._private.controller import App, Deployment, Replica, Shadow, Split
+    from flotilla.serve.schema import ReplicaRank
 
     for sh in state.get("shadows", []):
         c.shadows[sh["route"]] = Shadow(sh["route"], sh["target"], float(sh["fraction"]), int(sh["max_queue"]))
@@ -249,6 +250,12 @@ def restore(c: Controller, state: dict[str, Any], specs: dict[str, dict[str, Any
         r.placed_at = now
         r.config_sent = x["config_sent"]
         r.models = tuple(x["models"])
+        r.node = x.get("node", "")
+        held = (r.config_sent or {}).get("rank")
+        if held is not None:  # its rank, as it was last told it
+            r.rank = ReplicaRank(*held)
+            r.world_size = r.config_sent["world_size"]  # type: ignore[index]
+            owner.ranks.recover(r.id, r.node, r.rank)
         r.adopted = asyncio.Event()
         owner.replicas[r.id] = r
         c.replicas[r.id] = r

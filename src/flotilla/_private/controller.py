@@ -50,6 +50,7 @@ from flotilla._private.findings import Watch, sample_s
 from flotilla._private.lifecycle import RState, transition
 from flotilla._private.metrics import Store, record_auth_failures
 from flotilla._private.procfs import Memory, group_cpu, group_rss, machine_memory, memory_of
+from flotilla._private.ranks import DeploymentRanks
 from flotilla._private.reconcile import (
     Desired,
     Observed,
@@ -73,6 +74,7 @@ from flotilla.serve.schema import (
     DeploymentStatusOverview,
     DeploymentStatusTrigger,
     ReplicaMemory,
+    ReplicaRank,
     ReplicaState,
     ServeStatus,
     ShadowStatus,
@@ -117,6 +119,22 @@ def light_config(config: dict[str, Any]) -> dict[str, Any]:
     return {k: config.get(k) for k in _LIGHT}
 
 
+def world_size(dep: Deployment) -> int:
+    """What `ReplicaContext.world_size` says: the deployment's num_replicas, else (autoscaling)
+    its target replica count now."""
+    n = dep.config.get("num_replicas")
+    return n if isinstance(n, int) else max(1, dep.target)
+
+
+def replica_light(r: Replica) -> dict[str, Any]:
+    """`light_config` of `r`'s config with its rank and world size: what `update_config` gives it."""
+    out = light_config(r.spec["config"])
+    if r.rank is not None:
+        out["rank"] = [int(r.rank), r.rank.node_rank, r.rank.local_rank]
+        out["world_size"] = r.world_size
+    return out
+
+
 @dataclass(eq=False)
 class Replica:
     id: str
@@ -136,6 +154,8 @@ class Replica:
     config_task: asyncio.Task[None] | None = None
     # Re-adopted by a restarted head from its checkpoint: set once it reconnected (or expired).
     adopted: asyncio.Event | None = None
+    rank: ReplicaRank | None = None  # from its registration until it is gone
+    world_size: int = 1  # the deployment's size when it was given its rank
 
     @property
     def awaiting_reattach(self) -> bool:
@@ -201,6 +221,9 @@ class Deployment:
     started_version: str | None = None
     #: No replica is started before this (monotonic clock): the backoff after failed starts.
     retry_at: float = 0.0
+    ranks: DeploymentRanks = field(default_factory=DeploymentRanks)
+    #: The replicas holding a rank when the ranks were last made contiguous.
+    ranked: frozenset[str] = frozenset()
 
     @property
     def version(self) -> str:
@@ -653,12 +676,14 @@ class Controller:
         for r in dep.replicas.values():
             if r.version == dep.version and r.state is not RState.DRAINING:
                 r.spec = d
+                if r.rank is not None:
+                    r.world_size = world_size(dep)
                 if r.state.routable:
                     self._reconfigure(r)
         self.publish(dep.key)
 
     def _reconfigure(self, r: Replica) -> None:
-        want = light_config(r.spec["config"])
+        want = replica_light(r)
         if want == r.config_sent and r.config_want is None:
             return
         r.config_want = want  # latest wins: a call in progress is followed by this one only
@@ -840,8 +865,11 @@ class Controller:
             r.adopted.set()
         peer.on_close(lambda: self._peer_closed(r))
         s = r.spec
-        r.config_sent = light_config(s["config"])
-        return {"config": s["config"], "def_bytes": s["def_bytes"], "args_bytes": s["args_bytes"]}
+        r.rank = r.dep.ranks.assign(r.id, node)
+        r.world_size = world_size(r.dep)
+        r.config_sent = replica_light(r)
+        return {"config": s["config"], "def_bytes": s["def_bytes"], "args_bytes": s["args_bytes"],
+                "rank": r.config_sent["rank"], "world_size": r.world_size}
 
     # ---- a restarted head: replicas reconnect --------------------------------------------
     def reattach(self, peer: RpcPeer, rid: str, pid: int, phase: str, tb: str, models: list[str]) -> None:
@@ -1031,6 +1059,7 @@ class Controller:
             return
         transition(r, RState.GONE, why)
         dep = r.dep
+        dep.ranks.release(r.id)
         if r.alloc is not None:
             self.pool.release(r.alloc)
             r.alloc = None
@@ -1088,6 +1117,7 @@ class Controller:
         for app in list(self.apps.values()):
             for dep in list(app.deployments.values()):
                 self._reconcile_deployment(dep)
+                self._compact_ranks(dep)
                 if dep.deleting and not dep.replicas:
                     if app.deployments.get(dep.name) is dep:
                         del app.deployments[dep.name]
@@ -1140,6 +1170,24 @@ class Controller:
                 self._stop_replica(found, a.graceful, a.reason)
         if not dep.deleting:
             self._deployment_status(dep, plan)
+
+    def _compact_ranks(self, dep: Deployment) -> None:
+        """Once `dep` is healthy with no replica starting, and its replicas changed since the
+        last time: ranks 0..N-1 again, each replica whose rank moved told through reconfigure."""
+        if dep.status is not DeploymentStatus.HEALTHY or any(r.state is RState.STARTING for r in dep.replicas.values()):
+            return
+        held = frozenset(r for r in dep.replicas if dep.ranks.holds(r))
+        if held == dep.ranked:
+            return
+        dep.ranked = held
+        for rid in dep.ranks.compact():
+            r = dep.replicas.get(rid)
+            if r is None:
+                continue
+            r.rank = dep.ranks.get(rid)
+            r.world_size = world_size(dep)
+            if r.state.routable:
+                self._reconfigure(r)
 
     def _deployment_status(self, dep: Deployment, plan: Plan) -> None:
         messages = []

@@ -62,7 +62,7 @@ from flotilla._private.protocol import (
 from flotilla._private.transport import FrameProtocol, RemoteCallError, RpcPeer
 from flotilla.exceptions import RaySystemError, TaskCancelledError
 from flotilla.serve import batching as _batching
-from flotilla.serve.schema import DeploymentID, ReplicaContext, ReplicaID
+from flotilla.serve.schema import DeploymentID, ReplicaContext, ReplicaID, ReplicaRank
 
 logger = logging.getLogger("flotilla.replica")
 
@@ -150,11 +150,24 @@ class Built(NamedTuple):
     user_config: Any = None  # what reconfigure() was given already (in the template)
 
 
-def set_replica_context(app: str, deployment: str, tag: str) -> None:
+def set_replica_context(app: str, deployment: str, tag: str, rank: ReplicaRank | None = None,
+                        world_size: int = 1) -> None:
     """What `serve.get_replica_context()` returns in this process."""
     dep = DeploymentID(deployment, app)
     context.replica_context = ReplicaContext(app_name=app, deployment=deployment, replica_tag=tag,
-                                             replica_id=ReplicaID(tag, dep))
+                                             replica_id=ReplicaID(tag, dep), rank=rank or ReplicaRank(),
+                                             world_size=world_size)
+
+
+def _takes_rank(obj: Any) -> bool:
+    """Whether `obj.reconfigure` has a `rank` parameter (then it is given the replica's rank)."""
+    fn = getattr(obj, "reconfigure", None)
+    if fn is None:
+        return False
+    try:
+        return "rank" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def instantiate(target: Any, init_args: tuple[Any, ...], init_kwargs: dict[str, Any]) -> Built:
@@ -220,6 +233,7 @@ class Replica:
         self.num_requests = 0
         self.logging_config: dict[str, Any] | None = None
         self.user_config: Any = None  # the last one given to reconfigure()
+        self.rank = ReplicaRank()  # given at registration, moved by reconfigure when ranks are compacted
         dep_id = DeploymentID(name=self.dep_name, app_name=self.app_name)
         self.latency: trace.LatencyRing | None = None  # kept when the autoscaler may use it
         self._custom_stats: asyncio.Task[Any] | None = None
@@ -377,7 +391,9 @@ class Replica:
         self.pool = ThreadPoolExecutor(self.pool_size, thread_name_prefix="replica")
         self.loop.set_default_executor(self.pool)
         context.on_models_changed = self._models_changed
-        set_replica_context(self.app_name, self.dep_name, self.replica_id)
+        rank = spec.get("rank")
+        self.rank = ReplicaRank(*rank) if rank is not None else ReplicaRank()
+        set_replica_context(self.app_name, self.dep_name, self.replica_id, self.rank, spec.get("world_size", 1))
         built = self.prebuilt
         if built is None:
             target = cloudpickle.loads(spec["def_bytes"])
@@ -400,7 +416,8 @@ class Replica:
                 if inspect.isawaitable(result):
                     await result
         user_config = self.user_config = cfg.get("user_config")
-        if user_config is not None and (self.prebuilt is None or user_config != self.prebuilt.user_config):
+        if ((user_config is not None and (self.prebuilt is None or user_config != self.prebuilt.user_config))
+                or (not self.is_function and _takes_rank(obj))):
             await self._reconfigure(user_config)
         self.http_entry = self._ingress_callable(cfg)
         self.http_mode = _http_mode(self.http_entry)
@@ -445,12 +462,13 @@ class Replica:
             self.link.notify("replica_models", self.replica_id, self.models)
 
     async def _reconfigure(self, user_config: Any) -> None:
+        """The class's `reconfigure(user_config)`, with `rank=` too where it takes one."""
         fn = getattr(self.obj, "reconfigure", None)
         if fn is None:
             raise RuntimeError(
                 "user_config was given but the deployment class defines no reconfigure(self, config)"
             )
-        await self._invoke(fn, (user_config,), {})
+        await self._invoke(fn, (user_config,), {"rank": self.rank} if _takes_rank(self.obj) else {})
 
     async def _invoke(self, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if inspect.iscoroutinefunction(fn):
@@ -531,7 +549,17 @@ class Replica:
                 else:
                     self.ongoing -= 1
         user_config = light.get("user_config")
-        if user_config is not None and user_config != self.user_config:
+        rank = light.get("rank")
+        moved = False
+        if rank is not None:
+            new = ReplicaRank(*rank)
+            moved = (int(new), new.node_rank, new.local_rank) != (int(self.rank), self.rank.node_rank, self.rank.local_rank)
+            self.rank = new
+            ctx = context.replica_context
+            if ctx is not None:
+                ctx.rank = new
+                ctx.world_size = light.get("world_size", ctx.world_size)
+        if (user_config is not None and user_config != self.user_config) or (moved and _takes_rank(self.obj)):
             await self._reconfigure(user_config)
         self.user_config = user_config
 

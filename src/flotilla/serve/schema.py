@@ -216,6 +216,37 @@ class ReplicaID:
         return self.to_full_id_str()
 
 
+class ReplicaRank(int):
+    """A replica's rank in its deployment: `rank` (0..N-1 across the deployment), `node_rank`
+    (its node's, among the deployment's nodes) and `local_rank` (among the deployment's
+    replicas on its node). It is also the int `rank`, so code written for either form works."""
+
+    node_rank: int
+    local_rank: int
+
+    def __new__(cls, rank: int = 0, node_rank: int = 0, local_rank: int = 0) -> ReplicaRank:
+        self = super().__new__(cls, rank)
+        self.node_rank = int(node_rank)
+        self.local_rank = int(local_rank)
+        return self
+
+    @property
+    def rank(self) -> int:
+        return int(self)
+
+    def model_dump(self) -> dict[str, int]:
+        return {"rank": int(self), "node_rank": self.node_rank, "local_rank": self.local_rank}
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (ReplicaRank, (int(self), self.node_rank, self.local_rank))
+
+    def __repr__(self) -> str:
+        return f"ReplicaRank(rank={int(self)}, node_rank={self.node_rank}, local_rank={self.local_rank})"
+
+    def __str__(self) -> str:
+        return str(int(self))
+
+
 @dataclass
 class ReplicaContext:
     """What `serve.get_replica_context()` returns inside a replica."""
@@ -225,5 +256,5 @@ class ReplicaContext:
     replica_tag: str
     replica_id: ReplicaID
     servable_object: Any = None
-    rank: int = 0
+    rank: ReplicaRank = field(default_factory=ReplicaRank)
     world_size: int = 1
