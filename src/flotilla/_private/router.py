@@ -606,6 +606,49 @@ class Router:
             raise reply.error
         raise RaySystemError(f"unexpected reply {cls.__name__} to a call")
 
+    async def broadcast(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], meta: Any) -> list[Any]:
+        """The call on every replica the router knows, at once (past `max_ongoing_requests` and
+        the queue: a control-plane call); each replica's result or exception, in replica order.
+        Waits (bounded, as a call does) for a first replica if there is none and for the
+        connections still being made; a replica that drains before it gets the call is left out."""
+        r = await self.acquire()
+        self.release(r)
+        joining = [c.connecting for c in self.replicas.values() if c.connecting is not None and not c.connecting.done()]
+        if joining:  # replicas the router knows of and is still connecting to: wait for them
+            await asyncio.wait(joining, timeout=self.cold_start_timeout_s)
+        args, kwargs = wire_args(args, kwargs)
+        msg = Call(method, args, kwargs, meta)
+        sent: list[tuple[ReplicaConn, int, asyncio.Future[Any]]] = []
+        for conn in list(self.ready):
+            if conn.draining:
+                continue
+            conn.in_flight += 1
+            tag, fut = self._send_held(conn, msg)
+            sent.append((conn, tag, fut))
+        out: list[Any] = []
+        try:
+            for _, _, fut in sent:
+                try:
+                    reply = await fut
+                except asyncio.CancelledError:
+                    for c, t, f in sent:
+                        if not f.done():
+                            self._abandon(c, t, f)
+                    raise
+                cls = reply.__class__
+                if cls is Ok:
+                    out.append(reply.result)
+                elif cls is Err:
+                    out.append(local_error(reply))
+                elif cls is Failed:
+                    out.append(reply.error)
+                elif cls is not Rejected:
+                    out.append(RaySystemError(f"unexpected reply {cls.__name__} to a call"))
+        finally:
+            for conn, _, _ in sent:
+                self.release(conn)
+        return out
+
     async def stream(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], meta: Any) -> AsyncIterator[Any]:
         """Yield the items of a generator method, as the replica produces them."""
         model = meta.get("multiplexed_model_id", "") if meta else ""

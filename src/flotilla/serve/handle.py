@@ -25,7 +25,8 @@ from flotilla.exceptions import GetTimeoutError
 from flotilla.serve.exceptions import RequestCancelledError
 from flotilla.serve.schema import DeploymentID
 
-__all__ = ["DeploymentHandle", "DeploymentResponse", "DeploymentResponseGenerator", "SplitHandle"]
+__all__ = ["DeploymentBroadcastResponse", "DeploymentHandle", "DeploymentResponse", "DeploymentResponseGenerator",
+           "SplitHandle"]
 
 
 @dataclass(frozen=True)
@@ -68,12 +69,13 @@ _RAY_PRIVATE_OPTIONS = {
 class DeploymentHandle:
     """A client for one deployment. Picklable: pass it to other deployments."""
 
-    __slots__ = ("_dep", "_methods", "_opts")
+    __slots__ = ("_dep", "_inited", "_methods", "_opts")
 
     def __init__(self, deployment_name: str, app_name: str = "default", _options: _HandleOptions | None = None) -> None:
         self._dep = DeploymentID(deployment_name, app_name)
         self._opts = _options or _HandleOptions()
         self._methods: dict[str, DeploymentHandle] | None = None  # `handle.<method>`, made once each
+        self._inited = False  # Ray's `is_initialized`: set by `remote`, `options`, `broadcast`, `_init`
 
     @property
     def deployment_name(self) -> str:
@@ -107,7 +109,10 @@ class DeploymentHandle:
             changes["multiplexed_model_id"] = multiplexed_model_id
         if stream is not None:
             changes["stream"] = stream
-        return DeploymentHandle(self._dep.name, self._dep.app_name, replace(self._opts, **changes))
+        self._inited = True
+        h = DeploymentHandle(self._dep.name, self._dep.app_name, replace(self._opts, **changes))
+        h._inited = True
+        return h
 
     def __getattr__(self, name: str) -> DeploymentHandle:
         if name.startswith("_"):
@@ -123,6 +128,7 @@ class DeploymentHandle:
     def remote(self, *args: Any, **kwargs: Any) -> DeploymentResponse | DeploymentResponseGenerator:
         """Send one request; returns immediately."""
         rt = Runtime.get_or_start()
+        self._inited = True
         opts = self._opts
         parent = request_meta.get()
         if parent is not None and "request_id" in parent:  # a call made while serving a request
@@ -146,6 +152,45 @@ class DeploymentHandle:
         if parent is not None:
             spawned(parent, call)
         return call
+
+    def broadcast(self, method_name: str, *args: Any, **kwargs: Any) -> DeploymentBroadcastResponse:
+        """Call `method_name` on every replica of the deployment at once (as Ray 2.60's
+        `handle.broadcast`): for control-plane calls such as a cache reset, not the request
+        path (it passes by the queue and `max_queued_requests`). The call is sent now, to the
+        replicas ready now; `.results()` collects one result per replica."""
+        rt = Runtime.get_or_start()
+        self._inited = True
+        meta = {"request_id": new_request_id()}
+        return DeploymentBroadcastResponse(asyncio.run_coroutine_threadsafe(
+            _broadcast(rt, self._target(), method_name, args, kwargs, meta), rt.loop))
+
+    @property
+    def is_initialized(self) -> bool:
+        """Whether this handle was used (`remote`, `options`, `broadcast`) or `_init`ed."""
+        return self._inited
+
+    def running_replicas_populated(self) -> bool:
+        """Whether this process's router for the deployment knows a ready replica."""
+        rt = Runtime._instance
+        router = rt.routers.get(self._dep) if rt is not None and self._inited else None
+        return router is not None and bool(router.ready)
+
+    def _init(self, **kwargs: Any) -> None:
+        """Start routing to the deployment now (Ray's `_init`; its options are accepted). Once
+        only, before the handle is used, as in Ray."""
+        if self._inited:
+            raise RuntimeError(
+                "Handle has already been initialized: a handle is initialized by its first "
+                "`.remote()`, `.options()` or `.broadcast()`, or by `_init()`; call `_init()` once, before those.")
+        self._inited = True
+        self._warm_up()
+
+    def shutdown(self) -> None:
+        """Accepted for Ray compatibility: routers are shared by every handle to a deployment
+        in a process and end with `serve.shutdown()` / the process."""
+
+    async def shutdown_async(self) -> None:
+        """`shutdown`, awaitable."""
 
     def _target(self) -> DeploymentID | str:
         """Where calls go: the deployment (a traffic split's name for a `SplitHandle`)."""
@@ -174,8 +219,9 @@ class SplitHandle(DeploymentHandle):
         self._split = split_name
 
     def options(self, **kwargs: Any) -> SplitHandle:
-        h = super().options(**kwargs)
-        return SplitHandle(self._split, h._opts)
+        h = SplitHandle(self._split, super().options(**kwargs)._opts)
+        h._inited = True
+        return h
 
     def _target(self) -> DeploymentID | str:
         return self._split
@@ -250,6 +296,55 @@ async def _call(rt: Runtime, dep: DeploymentID | str, method: str, args: tuple[A
     if _has_response(args, kwargs):
         args, kwargs = await _resolve_args(args, kwargs)
     return await rt.router(dep).call(method, args, kwargs, meta, parent)  # type: ignore[arg-type]
+
+
+async def _broadcast(rt: Runtime, dep: DeploymentID | str, method: str, args: tuple[Any, ...], kwargs: dict[str, Any],
+                     meta: Any) -> list[Any]:
+    if dep.__class__ is str:
+        dep = await _split_target(rt, dep)  # type: ignore[arg-type]
+    if _has_response(args, kwargs):
+        args, kwargs = await _resolve_args(args, kwargs)
+    return await rt.router(dep).broadcast(method, args, kwargs, meta)  # type: ignore[arg-type]
+
+
+class DeploymentBroadcastResponse:
+    """The results of one `handle.broadcast()` call: one per replica it reached, each its
+    method's return value or the exception it raised (in no particular order)."""
+
+    def __init__(self, fut: concurrent.futures.Future[list[Any]]) -> None:
+        self._fut = fut
+
+    @staticmethod
+    def _outcome(got: list[Any], return_exceptions: bool) -> list[Any]:
+        if not return_exceptions:
+            for x in got:
+                if isinstance(x, BaseException):
+                    raise x
+        return list(got)
+
+    def results(self, *, timeout_s: float | None = None, return_exceptions: bool = False) -> list[Any]:
+        """Every replica's result, waiting up to `timeout_s` (TimeoutError after). The first
+        exception a replica raised is raised, unless `return_exceptions`: then it is in the list."""
+        if asyncio._get_running_loop() is not None:
+            raise RuntimeError("Sync methods should not be called from within an `asyncio` event loop. "
+                               "Use `await response.results_async()` instead.")
+        if timeout_s is not None and timeout_s < 0:
+            raise ValueError("timeout_s must be None or non-negative.")
+        try:
+            got = self._fut.result(timeout=timeout_s)
+        except concurrent.futures.TimeoutError:
+            raise TimeoutError("Timed out waiting for broadcast results.") from None
+        return self._outcome(got, return_exceptions)
+
+    async def results_async(self, *, timeout_s: float | None = None, return_exceptions: bool = False) -> list[Any]:
+        """`results`, awaited."""
+        if timeout_s is not None and timeout_s < 0:
+            raise ValueError("timeout_s must be None or non-negative.")
+        try:
+            got = await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(self._fut)), timeout_s)
+        except TimeoutError:
+            raise TimeoutError("Timed out waiting for broadcast results.") from None
+        return self._outcome(got, return_exceptions)
 
 
 class DeploymentResponse:
