@@ -38,7 +38,7 @@ from flotilla._private.protocol import (
     Stream,
     Yield,
 )
-from flotilla._private.router import Channel, ReplicaConn, Router
+from flotilla._private.router import Channel, ReplicaConn, Router, ahead_for
 from flotilla._private.transport import FrameProtocol
 from flotilla.exceptions import ActorDiedError, RaySystemError
 from flotilla.serve.exceptions import BackPressureError, DeploymentUnavailableError
@@ -949,6 +949,96 @@ def test_finished_calls_reach_the_ring_and_queue_histogram_in_a_batch(net: Net) 
         assert await result(http) == HttpFull(200, [], b"")
         router.fold_calls()
         assert trace.RING.find(f"fold-http-{n}") == [] and hist[2] == before + 2
+        router.close()
+
+    run(net, body)
+
+
+# ---- sending ahead: a replica at its limit may hold a few more in its own queue ----------------
+
+
+def ahead(router: Router, n: int) -> Router:
+    """Pin how many requests past max_ongoing_requests each replica may hold (as the router's
+    throughput would set it)."""
+    router._ahead_n, router._ahead_t = n, float("inf")
+    return router
+
+
+@pytest.mark.parametrize(
+    ("rate", "replicas", "queue_s", "want"),
+    [
+        (0.0, 1, 0.005, 0),  # no throughput known yet: Ray's strict rule
+        (150.0, 1, 0.005, 0),  # slow requests: less than one request of work in 5 ms
+        (1000.0, 1, 0.005, 5),
+        (20000.0, 1, 0.005, 32),  # capped
+        (4000.0, 4, 0.005, 5),  # the rate is shared between the replicas
+        (20000.0, 1, 0.0, 0),  # FLOTILLA_REPLICA_QUEUE_MS=0: off
+    ],
+)
+def test_how_far_ahead_follows_the_throughput(rate: float, replicas: int, queue_s: float, want: int) -> None:
+    assert ahead_for(rate, replicas, queue_s) == want
+
+
+def test_pick_sends_ahead_only_when_every_replica_is_at_its_limit() -> None:
+    random.seed(5)
+    assert set(picks(ahead(loads_router([2, 1], 2), 3))) == {"r1"}  # room first
+    assert set(picks(ahead(loads_router([2, 3], 2), 3))) == {"r0"}  # then the least loaded
+    assert set(picks(ahead(loads_router([5, 5], 2), 3))) == {None}  # each holds its 3 extra
+    assert set(picks(ahead(loads_router([2, 2], 2), 0))) == {None}  # nothing ahead: strict
+
+
+def test_requests_sent_ahead_wait_in_the_replica_and_count_as_queued(net: Net) -> None:
+    async def body(replica: Any) -> None:
+        a = await replica("a")
+        router = ahead(await make_router([a], max_ongoing=1), 2)
+        calls = [call(router, i) for i in range(5)]
+        await a.nth(2)
+        await until(lambda: len(router.queue) == 2, what="2 queued in the router")
+        assert a.args() == [0, 1, 2]  # one in its slot, two ahead; the rest wait here
+        assert router.ready[0].in_flight == 3 and router.queued() == 4
+        for i in range(5):
+            (await a.nth(i)).reply(Ok(i))
+            assert await result(calls[i]) == i
+        assert a.args() == [0, 1, 2, 3, 4]  # FIFO: the queue's head went ahead as slots freed
+        router.close()
+
+    run(net, body)
+
+
+def test_max_queued_requests_counts_what_was_sent_ahead(net: Net) -> None:
+    async def body(replica: Any) -> None:
+        a = await replica("a")
+        router = ahead(await make_router([a], max_ongoing=1, max_queued=2), 5)
+        calls = [call(router, i) for i in range(3)]
+        await a.nth(2)
+        assert router.queued() == 2 and not router.queue
+        with pytest.raises(BackPressureError) as info_:
+            await result(call(router, 3))
+        assert info_.value.num_queued_requests == 2
+        for i in range(3):
+            (await a.nth(i)).reply(Ok(i))
+        assert await result(asyncio.gather(*calls)) == [0, 1, 2]
+        router.close()
+
+    run(net, body)
+
+
+def test_a_draining_replica_is_not_sent_ahead() -> None:
+    router = ahead(loads_router([2], 2), 3)
+    router.ready[0].draining = True
+    assert router._pick() is None
+
+
+def test_a_websocket_session_is_never_sent_ahead(net: Net) -> None:
+    async def body(replica: Any) -> None:
+        a = await replica("a")
+        router = ahead(await make_router([a], max_ongoing=1), 3)
+        first = await result(router.acquire())
+        session = asyncio.ensure_future(router.acquire("", False, False))  # as `websocket` asks
+        await settle()
+        assert not session.done() and len(router.queue) == 1
+        router.release(first)  # a real slot: the session takes it
+        assert await result(session) is first and first.in_flight == 1
         router.close()
 
     run(net, body)

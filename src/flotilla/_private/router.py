@@ -17,6 +17,7 @@ import functools
 import itertools
 import logging
 import math
+import os
 import random
 import time
 from collections import deque
@@ -57,6 +58,28 @@ logger = logging.getLogger(__name__)
 
 _ENDS = (End, Err, Abort, Rejected)  # messages after which a stream's request id is free
 _REJECTED = Rejected()
+
+
+def _queue_ms() -> float:
+    try:
+        return max(0.0, float(os.environ.get("FLOTILLA_REPLICA_QUEUE_MS", "5")))
+    except ValueError:
+        return 5.0
+
+
+#: When every replica is at max_ongoing_requests, a router may still send a replica about this
+#: much of its recent work (ms at its throughput) to wait in the replica's own queue, at most
+#: REPLICA_QUEUE_MAX requests: the replica's slots still bound its user code to
+#: max_ongoing_requests, and neither process sleeps between requests. 0: Ray's strict rule,
+#: every request past the limits waits in the router.
+REPLICA_QUEUE_S = _queue_ms() / 1000.0
+REPLICA_QUEUE_MAX = 32
+
+
+def ahead_for(rate: float, replicas: int, queue_s: float = REPLICA_QUEUE_S, cap: int = REPLICA_QUEUE_MAX) -> int:
+    """How many requests past max_ongoing_requests one of `replicas` replicas may hold when
+    the router finishes `rate` requests/s: `queue_s` of its share, at most `cap`."""
+    return max(0, min(cap, int(rate / max(1, replicas) * queue_s)))
 
 
 class Failed(NamedTuple):
@@ -268,9 +291,14 @@ class Router:
         self.retiring: dict[str, ReplicaConn] = {}  # no longer chosen, still open
         self.ready: list[ReplicaConn] = []
         # Waiting requests, FIFO: (future to hand a replica to, multiplexed model id or "").
-        self.queue: deque[tuple[asyncio.Future[ReplicaConn], str]] = deque()
+        # (future to hand a replica to, multiplexed model id or "", may go ahead (`_queue_ahead`))
+        self.queue: deque[tuple[asyncio.Future[ReplicaConn], str, bool]] = deque()
         self.max_ongoing = 5
         self.max_queued = -1
+        #: requests a replica may hold past max_ongoing_requests now (`_ahead`), and when
+        #: that was worked out
+        self._ahead_n = 0
+        self._ahead_t = 0.0
         self.exists: bool | None = None  # None until the controller has answered
         self._done = 0  # requests finished since _rate_t (for the drain rate)
         self._rate_t = time.monotonic()
@@ -333,7 +361,7 @@ class Router:
         self._dispatch()
         # Requests queued before the limits were known: shed what exceeds them now.
         while self.max_queued != -1 and len(self.queue) > self.max_queued:
-            fut, _ = self.queue.pop()
+            fut, _, _ = self.queue.pop()
             if not fut.done():
                 fut.set_exception(
                     BackPressureError(num_queued_requests=len(self.queue), max_queued_requests=self.max_queued)
@@ -379,7 +407,7 @@ class Router:
 
     def _fail_queue(self, err: BaseException) -> None:
         while self.queue:
-            fut, _ = self.queue.popleft()
+            fut, _, _ = self.queue.popleft()
             if not fut.done():
                 fut.set_exception(err)
 
@@ -395,61 +423,103 @@ class Router:
         self.ready.clear()
 
     # ---- choosing a replica -------------------------------------------------------------
-    def _pick(self) -> ReplicaConn | None:
+    def _pick(self, head: bool = False, ahead: bool = True) -> ReplicaConn | None:
         ready = self.ready
         n = len(ready)
         limit = self.max_ongoing
         if n == 1:
             r = ready[0]
-            return r if r.in_flight < limit else None
-        if n == 0:
+            if r.in_flight < limit:
+                return r
+        elif n == 0:
             return None
-        a, b = random.sample(ready, 2)
-        r = a if a.in_flight <= b.in_flight else b
-        if r.in_flight < limit:
-            return r
-        r = min(ready, key=lambda c: c.in_flight)
-        return r if r.in_flight < limit else None
+        else:
+            a, b = random.sample(ready, 2)
+            r = a if a.in_flight <= b.in_flight else b
+            if r.in_flight < limit:
+                return r
+            r = min(ready, key=lambda c: c.in_flight)
+            if r.in_flight < limit:
+                return r
+        return self._queue_ahead(r, head) if ahead else None
 
-    def _pick_for_model(self, model_id: str) -> ReplicaConn | None:
-        """A replica that already holds `model_id` and has room, the least loaded first."""
+    def _queue_ahead(self, r: ReplicaConn, head: bool = False) -> ReplicaConn | None:
+        """`r` (the least loaded replica, at its limit) if it may take one more request to
+        wait in its own queue: when the router is fast enough for that wait to be short
+        (`_ahead`), within max_queued_requests, which counts those requests too. For a request
+        first in line: a new one when the queue is empty, or the queue's `head` (counted
+        already)."""
+        if r.in_flight >= self.max_ongoing + self._ahead() or r.draining:
+            return None
+        if self.max_queued != -1 and not head and self.queued() >= self.max_queued:
+            return None
+        return r
+
+    def _ahead(self) -> int:
+        """How many requests past max_ongoing_requests one replica may hold: REPLICA_QUEUE_S
+        of the router's recent throughput per replica, at most REPLICA_QUEUE_MAX (worked out
+        at most every 0.1 s)."""
+        now = time.monotonic()
+        if now - self._ahead_t >= 0.1:
+            self._ahead_t = now
+            self._ahead_n = ahead_for(self.drain_rate(), len(self.ready), REPLICA_QUEUE_S)
+        return self._ahead_n
+
+    def queued(self) -> int:
+        """Requests waiting for a slot: in this router's queue, and sent ahead to replicas
+        at their limit (waiting in theirs)."""
+        limit = self.max_ongoing
+        return len(self.queue) + sum(c.in_flight - limit for c in self.ready if c.in_flight > limit)
+
+    def _pick_for_model(self, model_id: str, ahead: bool = False, head: bool = False) -> ReplicaConn | None:
+        """A replica that already holds `model_id` and has room, the least loaded first;
+        `ahead`: or one at its limit that may take a request into its own queue."""
         best = None
         for r in self.ready:
-            if model_id in r.models and r.in_flight < self.max_ongoing and (best is None or r.in_flight < best.in_flight):
+            if model_id in r.models and (best is None or r.in_flight < best.in_flight):
                 best = r
-        return best
+        if best is None or best.in_flight < self.max_ongoing:
+            return best
+        return self._queue_ahead(best, head) if ahead else None
 
-    def _choose(self, model_id: str) -> ReplicaConn | None:
+    def _choose(self, model_id: str, head: bool = False, ahead: bool = True) -> ReplicaConn | None:
+        """A replica for a request (`head`: the queue's first); `ahead`: it may wait in a
+        replica's own queue (not a WebSocket session, which holds its slot for its life)."""
         if not model_id:
-            return self._pick()
+            return self._pick(head, ahead)
         r = self._pick_for_model(model_id)
         if r is not None:
             return r
         if any(model_id in c.models and not c.ready for c in self.replicas.values()):
             return None  # its replica is still connecting: wait a moment for it
-        return self._pick()
+        ready = self.ready
+        r = min(ready, key=lambda c: c.in_flight) if ready else None
+        if r is not None and r.in_flight < self.max_ongoing:
+            return r
+        if not ahead:
+            return None
+        return self._pick_for_model(model_id, True, head) or (self._queue_ahead(r, head) if r is not None else None)
 
-    async def acquire(self, model_id: str = "", front: bool = False) -> ReplicaConn:
-        """A replica with a slot reserved for the caller; waits in FIFO order if none.
+    async def acquire(self, model_id: str = "", front: bool = False, ahead: bool = True) -> ReplicaConn:
+        """A replica with a slot reserved for the caller (or, `ahead`, a place in the queue
+        of a replica at its limit); waits in FIFO order if none.
 
         `front`: the request was rejected by a draining replica; it goes first in line.
         """
         if not self.queue:
-            r = self._choose(model_id)
+            r = self._choose(model_id, False, ahead)
             if r is not None:
                 r.in_flight += 1
                 return r
         if self.exists is False:
             raise self._unavailable()
-        if self.max_queued != -1 and len(self.queue) >= self.max_queued and not front:
-            raise BackPressureError(
-                num_queued_requests=len(self.queue), max_queued_requests=self.max_queued
-            )
+        if self.max_queued != -1 and not front and (queued := self.queued()) >= self.max_queued:
+            raise BackPressureError(num_queued_requests=queued, max_queued_requests=self.max_queued)
         loop = self.loop
         if loop is None:  # queued before the first update
             loop = self.loop = asyncio.get_running_loop()
         fut: asyncio.Future[ReplicaConn] = loop.create_future()
-        entry = (fut, model_id)
+        entry = (fut, model_id, ahead)
         if front:
             self.queue.appendleft(entry)
         else:
@@ -516,8 +586,8 @@ class Router:
 
     def _dispatch(self) -> None:
         while self.queue:
-            fut, model_id = self.queue[0]
-            r = self._choose(model_id)
+            fut, model_id, ahead = self.queue[0]
+            r = self._choose(model_id, True, ahead)
             if r is None:
                 return
             self.queue.popleft()
@@ -743,7 +813,7 @@ class Router:
         msg = WsOpen(scope, meta)
         front = False
         while True:
-            r = await self.acquire(model, front)
+            r = await self.acquire(model, front, False)
             if not r.ready or r.draining:
                 self.release(r)
                 front = True
