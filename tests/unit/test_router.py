@@ -1042,3 +1042,15 @@ def test_a_websocket_session_is_never_sent_ahead(net: Net) -> None:
         router.close()
 
     run(net, body)
+
+
+def test_sending_ahead_stops_within_a_tenth_of_a_second_once_requests_stop_finishing() -> None:
+    router = loads_router([2], 2)
+    t = 1000.0
+    router._ahead_t = t
+    router._finished = 2000  # 20k requests/s finished over the last 0.1 s
+    assert router._ahead(t + 0.1) == 32
+    assert router._ahead(t + 0.15) == 32  # worked out at most every 0.1 s
+    router._finished += 30  # then they slow down: 300/s, 1.5 requests per 5 ms
+    assert router._ahead(t + 0.21) == 1
+    assert router._ahead(t + 0.32) == 0  # and block: none finished in the last 0.1 s

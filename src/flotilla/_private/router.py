@@ -295,10 +295,12 @@ class Router:
         self.queue: deque[tuple[asyncio.Future[ReplicaConn], str, bool]] = deque()
         self.max_ongoing = 5
         self.max_queued = -1
-        #: requests a replica may hold past max_ongoing_requests now (`_ahead`), and when
-        #: that was worked out
+        #: requests a replica may hold past max_ongoing_requests now (`_ahead`), when that
+        #: was worked out, and `_finished` then
         self._ahead_n = 0
         self._ahead_t = 0.0
+        self._ahead_done = 0
+        self._finished = 0  # requests finished, ever
         self.exists: bool | None = None  # None until the controller has answered
         self._done = 0  # requests finished since _rate_t (for the drain rate)
         self._rate_t = time.monotonic()
@@ -455,14 +457,17 @@ class Router:
             return None
         return r
 
-    def _ahead(self) -> int:
+    def _ahead(self, now: float | None = None) -> int:
         """How many requests past max_ongoing_requests one replica may hold: REPLICA_QUEUE_S
-        of the router's recent throughput per replica, at most REPLICA_QUEUE_MAX (worked out
-        at most every 0.1 s)."""
-        now = time.monotonic()
-        if now - self._ahead_t >= 0.1:
-            self._ahead_t = now
-            self._ahead_n = ahead_for(self.drain_rate(), len(self.ready), REPLICA_QUEUE_S)
+        of the router's throughput per replica since the last time (worked out at most every
+        0.1 s: requests that stop finishing, blocked or slow, stop it within 0.1 s), at most
+        REPLICA_QUEUE_MAX."""
+        if now is None:
+            now = time.monotonic()
+        dt = now - self._ahead_t
+        if dt >= 0.1:
+            self._ahead_n = ahead_for((self._finished - self._ahead_done) / dt, len(self.ready), REPLICA_QUEUE_S)
+            self._ahead_t, self._ahead_done = now, self._finished
         return self._ahead_n
 
     def queued(self) -> int:
@@ -578,6 +583,7 @@ class Router:
 
     def release(self, r: ReplicaConn) -> None:
         self._done += 1
+        self._finished += 1
         r.in_flight -= 1
         if r.retired:
             r.maybe_close()
