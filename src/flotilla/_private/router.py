@@ -290,8 +290,8 @@ class Router:
         self.replicas: dict[str, ReplicaConn] = {}
         self.retiring: dict[str, ReplicaConn] = {}  # no longer chosen, still open
         self.ready: list[ReplicaConn] = []
-        # Waiting requests, FIFO: (future to hand a replica to, multiplexed model id or "").
-        # (future to hand a replica to, multiplexed model id or "", may go ahead (`_queue_ahead`))
+        # Waiting requests, FIFO: (future to hand a replica to, multiplexed model id or "",
+        # whether it may wait in a replica's own queue (`_queue_ahead`)).
         self.queue: deque[tuple[asyncio.Future[ReplicaConn], str, bool]] = deque()
         self.max_ongoing = 5
         self.max_queued = -1

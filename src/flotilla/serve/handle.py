@@ -307,6 +307,11 @@ async def _broadcast(rt: Runtime, dep: DeploymentID | str, method: str, args: tu
     return await rt.router(dep).broadcast(method, args, kwargs, meta)  # type: ignore[arg-type]
 
 
+def _check_timeout(timeout_s: float | None) -> None:
+    if timeout_s is not None and timeout_s < 0:
+        raise ValueError(f"timeout_s={timeout_s} is negative; give None (no limit) or a number of seconds >= 0.")
+
+
 class DeploymentBroadcastResponse:
     """The results of one `handle.broadcast()` call: one per replica it reached, each its
     method's return value or the exception it raised (in no particular order)."""
@@ -326,24 +331,22 @@ class DeploymentBroadcastResponse:
         """Every replica's result, waiting up to `timeout_s` (TimeoutError after). The first
         exception a replica raised is raised, unless `return_exceptions`: then it is in the list."""
         if asyncio._get_running_loop() is not None:
-            raise RuntimeError("Sync methods should not be called from within an `asyncio` event loop. "
-                               "Use `await response.results_async()` instead.")
-        if timeout_s is not None and timeout_s < 0:
-            raise ValueError("timeout_s must be None or non-negative.")
+            raise RuntimeError("results() would block this thread's running event loop; "
+                               "use `await response.results_async()` there.")
+        _check_timeout(timeout_s)
         try:
             got = self._fut.result(timeout=timeout_s)
         except concurrent.futures.TimeoutError:
-            raise TimeoutError("Timed out waiting for broadcast results.") from None
+            raise TimeoutError(f"The broadcast's results did not all arrive within {timeout_s}s.") from None
         return self._outcome(got, return_exceptions)
 
     async def results_async(self, *, timeout_s: float | None = None, return_exceptions: bool = False) -> list[Any]:
         """`results`, awaited."""
-        if timeout_s is not None and timeout_s < 0:
-            raise ValueError("timeout_s must be None or non-negative.")
+        _check_timeout(timeout_s)
         try:
             got = await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(self._fut)), timeout_s)
         except TimeoutError:
-            raise TimeoutError("Timed out waiting for broadcast results.") from None
+            raise TimeoutError(f"The broadcast's results did not all arrive within {timeout_s}s.") from None
         return self._outcome(got, return_exceptions)
 
 
