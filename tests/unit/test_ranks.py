@@ -100,3 +100,16 @@ def test_replica_rank_is_an_int_with_its_parts() -> None:
         back = pickle.loads(dumps(r))
         assert type(back) is ReplicaRank and back.model_dump() == r.model_dump()
     assert ReplicaRank() == 0 and ReplicaRank().node_rank == 0
+
+
+def test_rank_zero_on_another_node_reaches_the_replica_context() -> None:
+    from flotilla._private import context
+    from flotilla._private.replica import set_replica_context
+
+    saved = context.replica_context
+    try:
+        set_replica_context("app", "dep", "r1", ReplicaRank(0, node_rank=1, local_rank=0), 3)
+        ctx = context.replica_context
+        assert ctx is not None and ctx.rank.parts == (0, 1, 0) and ctx.world_size == 3
+    finally:
+        context.replica_context = saved

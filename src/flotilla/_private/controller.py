@@ -130,7 +130,7 @@ def replica_light(r: Replica) -> dict[str, Any]:
     """`light_config` of `r`'s config with its rank and world size: what `update_config` gives it."""
     out = light_config(r.spec["config"])
     if r.rank is not None:
-        out["rank"] = [int(r.rank), r.rank.node_rank, r.rank.local_rank]
+        out["rank"] = list(r.rank.parts)
         out["world_size"] = r.world_size
     return out
 

@@ -107,8 +107,4 @@ class DeploymentRanks:
         self.nodes.compact()
         for book in self.local.values():
             book.compact()
-        return [r for r, old in before.items() if _triple(self.get(r)) != _triple(old)]
-
-
-def _triple(r: ReplicaRank) -> tuple[int, int, int]:
-    return (int(r), r.node_rank, r.local_rank)
+        return [r for r, old in before.items() if self.get(r).parts != old.parts]

@@ -155,7 +155,8 @@ def set_replica_context(app: str, deployment: str, tag: str, rank: ReplicaRank |
     """What `serve.get_replica_context()` returns in this process."""
     dep = DeploymentID(deployment, app)
     context.replica_context = ReplicaContext(app_name=app, deployment=deployment, replica_tag=tag,
-                                             replica_id=ReplicaID(tag, dep), rank=rank or ReplicaRank(),
+                                             replica_id=ReplicaID(tag, dep),
+                                             rank=rank if rank is not None else ReplicaRank(),
                                              world_size=world_size)
 
 
@@ -553,7 +554,7 @@ class Replica:
         moved = False
         if rank is not None:
             new = ReplicaRank(*rank)
-            moved = (int(new), new.node_rank, new.local_rank) != (int(self.rank), self.rank.node_rank, self.rank.local_rank)
+            moved = new.parts != self.rank.parts
             self.rank = new
             ctx = context.replica_context
             if ctx is not None:

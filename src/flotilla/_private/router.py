@@ -300,9 +300,9 @@ class Router:
         self._ahead_n = 0
         self._ahead_t = 0.0
         self._ahead_done = 0
-        self._finished = 0  # requests finished, ever
+        self._finished = 0  # requests finished, ever (the drain rate and `_ahead` read it)
         self.exists: bool | None = None  # None until the controller has answered
-        self._done = 0  # requests finished since _rate_t (for the drain rate)
+        self._rate_done = 0  # `_finished` at _rate_t
         self._rate_t = time.monotonic()
         self._rate = 0.0
         self.subscription: asyncio.Task[None] | None = None
@@ -566,12 +566,12 @@ class Router:
         now = time.monotonic()
         dt = now - self._rate_t
         if dt >= 1.0:
-            rate = self._done / dt
+            rate = (self._finished - self._rate_done) / dt
             self._rate = rate if self._rate == 0 else 0.5 * self._rate + 0.5 * rate
-            self._done = 0
+            self._rate_done = self._finished
             self._rate_t = now
-        elif self._rate == 0 and dt > 0 and self._done:
-            return self._done / dt
+        elif self._rate == 0 and dt > 0 and self._finished > self._rate_done:
+            return (self._finished - self._rate_done) / dt
         return self._rate
 
     def retry_after_s(self) -> int:
@@ -582,7 +582,6 @@ class Router:
         return max(1, math.ceil(len(self.queue) / rate))
 
     def release(self, r: ReplicaConn) -> None:
-        self._done += 1
         self._finished += 1
         r.in_flight -= 1
         if r.retired:

@@ -234,6 +234,11 @@ class ReplicaRank(int):
     def rank(self) -> int:
         return int(self)
 
+    @property
+    def parts(self) -> tuple[int, int, int]:
+        """(rank, node_rank, local_rank): what tells two ranks apart (`==` compares the int)."""
+        return (int(self), self.node_rank, self.local_rank)
+
     def model_dump(self) -> dict[str, int]:
         return {"rank": int(self), "node_rank": self.node_rank, "local_rank": self.local_rank}
 
