@@ -5,6 +5,8 @@ through `reconfigure(config, rank=...)` when it takes a `rank`)."""
 
 from __future__ import annotations
 
+import collections
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -126,3 +128,59 @@ def test_a_replaced_replica_takes_the_free_rank(cluster: str) -> None:
 
     wait_for(replaced, timeout=30, what="a replacement holding rank 0")
     serve.delete("pids")
+
+
+@serve.deployment(num_replicas=2)
+class SlowToHear:
+    def __init__(self, v: int) -> None:
+        self.v = v
+        self.told = 0
+
+    def reconfigure(self, config: dict[str, Any], rank) -> None:
+        import time
+
+        if self.told:  # told of a new rank (the first call is at start)
+            time.sleep(1.0)
+        self.told += 1
+
+    async def __call__(self, hold_s: float = 0.0) -> dict[str, Any]:
+        import asyncio
+
+        await asyncio.sleep(hold_s)
+        ctx = serve.get_replica_context()
+        return {"rank": ctx.rank.rank, "replica": ctx.replica_tag, "v": self.v, "told": self.told}
+
+
+def test_new_ranks_after_a_rollout_leave_the_app_running(cluster: str) -> None:
+    """The new version's replicas start while the old ones still hold ranks 0 and 1; moving them
+    to 0 and 1 afterwards is news for them, not a config change: the app stays RUNNING."""
+    old = serve.run(SlowToHear.bind(1), name="roll", route_prefix=None)
+    held = [old.remote(hold_s=2.0) for _ in range(4)]  # the old replicas drain for 2 s
+    h = serve.run(SlowToHear.bind(2), name="roll", route_prefix=None)
+    statuses: list[str] = []
+    got: dict[str, dict[str, Any]] = {}
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            statuses.append(serve.status().applications["roll"].status)
+            done.wait(0.01)
+
+    def compacted() -> bool:
+        got.clear()
+        for out in [h.remote() for _ in range(8)]:
+            res = out.result(timeout_s=10)
+            got[res["replica"]] = res
+        return ({r["v"] for r in got.values()} == {2} and sorted(r["rank"] for r in got.values()) == [0, 1]
+                and {r["told"] for r in got.values()} == {2})  # both moved, their reconfigure returned
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        wait_for(compacted, timeout=20, what="the new version's replicas told of ranks 0 and 1")
+    finally:
+        done.set()
+        watcher.join(5)
+    assert set(statuses) == {"RUNNING"}, collections.Counter(statuses)
+    assert {r.result(timeout_s=10)["v"] for r in held} == {1}
+    serve.delete("roll")

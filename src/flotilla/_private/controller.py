@@ -135,6 +135,14 @@ def replica_light(r: Replica) -> dict[str, Any]:
     return out
 
 
+def same_user_config(a: dict[str, Any] | None, b: dict[str, Any] | None) -> bool:
+    """Whether two `replica_light` configs differ at most in rank and world size."""
+    if a is None or b is None:
+        return a is b
+    rankless = ("rank", "world_size")
+    return {k: v for k, v in a.items() if k not in rankless} == {k: v for k, v in b.items() if k not in rankless}
+
+
 @dataclass(eq=False)
 class Replica:
     id: str
@@ -696,13 +704,16 @@ class Controller:
             want, r.config_want = r.config_want, None
             if want == r.config_sent:
                 continue
-            if r.state is RState.RUNNING:
+            # A new rank alone (ranks compacted after a rollout or scale-down) is news for the
+            # replica, not a config change: it keeps RUNNING and its deployment stays HEALTHY.
+            if r.state is RState.RUNNING and not same_user_config(want, r.config_sent):
                 transition(r, RState.UPDATING, "applying a new config in place")
                 self.publish(r.dep.key)
+            state = r.state
             try:
                 await asyncio.wait_for(r.peer.call("update_config", want), RECONFIGURE_TIMEOUT_S)
             except Exception as e:
-                if r.state is not RState.UPDATING:
+                if r.state is not state:
                     return  # stopped or gone meanwhile
                 why = (f"did not finish within {RECONFIGURE_TIMEOUT_S:g}s" if isinstance(e, TimeoutError)
                        else f"failed: {e}")
