@@ -534,16 +534,23 @@ def access_log_sample() -> int:
         return 1
 
 
+#: Fields of one access line in `AccessLog.pending`: time, request id, route, status, ms.
+LINE_FIELDS = 5
+
+
 class AccessLog:
     """One line per request, written in batches (the request path only appends to a list).
 
+    Lines wait in one flat list, LINE_FIELDS items each, so no object per line outlives its
+    request (the garbage collector never runs for them).
     With FLOTILLA_ACCESS_LOG_SAMPLE=N only every Nth request is logged, and every error
     (status >= 500, or "ERROR" for handle calls) is logged whatever N is.
     """
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self.pending: list[tuple[float, str, str, Any, float]] = []
+        self.pending: list[Any] = []
+        self.ready: list[str] = []  # lines formatted already (`keep_columns`), before `pending`
         self._scheduled = False
         self._second = 0
         self._time = ""
@@ -574,18 +581,56 @@ class AccessLog:
             self._n += 1
             if self._n % self.sample and not is_error(status):
                 return False
-        self.pending.append((t, request_id, route, status, ms))
+        self.pending += (t, request_id, route, status, ms)
         return True
 
-    def keep_many(self, lines: Iterable[tuple[float, str, str, Any, float]]) -> None:
-        """`keep` of many (time, request id, route, status, ms) at once."""
-        if not self.enabled:
+    def keep_columns(self, t: Sequence[float], request_ids: Sequence[str], routes: Sequence[str] | str,
+                     statuses: Sequence[Any], ms: Sequence[float]) -> None:
+        """`keep` of many lines given a column at a time (`routes`: one for all when a str).
+        Text lines of one route and status are formatted at once, a second at a time."""
+        if not self.enabled or not t:
             return
+        n = len(t)
+        if isinstance(routes, str):
+            if self.sample == 1 and self.json_context is None and statuses.count(statuses[0]) == n:
+                text = self._uniform_text(t, request_ids, routes, statuses[0], ms)
+                if text is not None:
+                    if self.pending:  # lines kept before these go first
+                        self.ready.append(self._text(self.pending))
+                        self.pending = []
+                    self.ready.append(text)
+                    return
+            routes = [routes] * n
         if self.sample > 1:
-            for line in lines:
+            for line in zip(t, request_ids, routes, statuses, ms, strict=True):
                 self.keep(*line)
             return
-        self.pending.extend(lines)
+        block: list[Any] = [None] * (LINE_FIELDS * n)
+        block[0::LINE_FIELDS] = t
+        block[1::LINE_FIELDS] = request_ids
+        block[2::LINE_FIELDS] = routes
+        block[3::LINE_FIELDS] = statuses
+        block[4::LINE_FIELDS] = ms
+        self.pending += block
+
+    def _uniform_text(self, t: Sequence[float], request_ids: Sequence[str], route: str, status: Any,
+                      ms: Sequence[float]) -> str | None:
+        """The text lines of requests of one route and status, one `%` format per second
+        (None when `t` is not in order: `_text` takes them a line at a time)."""
+        secs = list(map(int, t))
+        n = len(secs)
+        if secs.count(secs[0]) == n:
+            spans = [(0, n, secs[0])]
+        elif sorted(secs) == secs:
+            spans = [(bisect.bisect_left(secs, sec), bisect.bisect_right(secs, sec), sec) for sec in sorted(set(secs))]
+        else:
+            return None
+        args: list[Any] = [None] * (2 * n)
+        args[0::2] = request_ids
+        args[1::2] = ms
+        rest = " %s " + f"{route} {status}".replace("%", "%%") + " %.2fms\n"  # a route may hold a '%'
+        return "".join([((self._at(sec).replace("%", "%%") + rest) * (hi - lo)) % tuple(args[2 * lo:2 * hi])
+                        for lo, hi, sec in spans])
 
     def _at(self, now: int) -> str:
         """The line prefix of second `now` (time and name), made once per second."""
@@ -595,12 +640,14 @@ class AccessLog:
             self._prefix = self._time + " " + self.name
         return self._prefix
 
-    def _text(self, pending: list[tuple[float, str, str, Any, float]]) -> str:
-        """The lines of `pending`, one string (text lines formatted in one loop)."""
+    def _text(self, pending: list[Any]) -> str:
+        """The lines of `pending` (flat, LINE_FIELDS items each), one string (text lines
+        formatted in one loop)."""
+        rows = zip(*(pending[i::LINE_FIELDS] for i in range(LINE_FIELDS)), strict=True)
         if self.json_context is not None:
-            return "".join([self._json(*p) for p in pending])
+            return "".join([self._json(*p) for p in rows])
         second, prefix, out = -1, "", []
-        for t, request_id, route, status, ms in pending:
+        for t, request_id, route, status, ms in rows:
             if int(t) != second:
                 second = int(t)
                 prefix = self._at(second)
@@ -619,13 +666,15 @@ class AccessLog:
     @property
     def lines(self) -> list[str]:
         """The lines not written yet."""
-        return self._text(self.pending).splitlines(keepends=True)
+        return ("".join(self.ready) + self._text(self.pending)).splitlines(keepends=True)
 
     def flush(self) -> None:
         self._scheduled = False
-        pending, self.pending = self.pending, []
+        ready, pending, self.ready, self.pending = self.ready, self.pending, [], []
         if pending:
+            ready.append(self._text(pending))
+        if ready:
             try:
-                os.write(2, self._text(pending).encode())
+                os.write(2, "".join(ready).encode())
             except OSError:
                 pass

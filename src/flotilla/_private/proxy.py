@@ -20,7 +20,6 @@ import math
 import os
 import random
 import time
-from itertools import repeat
 from operator import sub as _SUB
 from typing import Any
 
@@ -48,6 +47,9 @@ logger = logging.getLogger("flotilla.proxy")
 
 DISCONNECT_CHECK_S = 0.2
 MAX_REQUEST_BODY_BYTES = 1 << 30  # http_options["max_request_body_bytes"] default: 1 GiB
+#: Items one HTTP request keeps on `Proxy._done` until `Proxy.fold`: t0, t1, route prefix,
+#: deployment (None: no route), method, path, status, request id, seconds queued in the router.
+RECORD_FIELDS = 9
 #: HTTP requests' figures reach the metrics, access log and traces this long after the first
 #: of a batch (`Proxy.fold`); a metrics push or a trace lookup folds at once.
 FOLD_S = 0.1
@@ -176,8 +178,8 @@ class Proxy:
         self.access = metrics.AccessLog("proxy")
         #: (prefix, method, app, status) -> metric labels and latency series, made once each
         self._series: dict[tuple[str, str, str, int], tuple[tuple[str, ...], list[Any]]] = {}
-        #: HTTP requests recorded (`_record`) and not yet in the metrics (`fold`)
-        self._done: list[tuple[Any, ...]] = []
+        #: HTTP requests recorded (`_record`) and not yet in the metrics (`fold`), flat
+        self._done: list[Any] = []
         #: (application, deployment) -> its router_queue histogram series (the proxy's calls)
         self._queues: dict[tuple[str, str], list[Any]] = {}
         self.ids = metrics.RequestIds()
@@ -217,9 +219,11 @@ class Proxy:
         return f"Path '{path}' not found; routes: {listed}{more}. GET /-/routes lists them as JSON."
 
     def match(self, path: str) -> tuple[str, DeploymentID | SplitRoute] | None:
-        for prefix, dep in self.routes:
+        """The route table's entry (prefix, target) of `path`, the longest prefix first."""
+        for route in self.routes:
+            prefix = route[0]
             if prefix == "/" or path == prefix or (path.startswith(prefix) and path[len(prefix)] == "/"):
-                return prefix, dep
+                return route
         return None
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -281,20 +285,20 @@ class Proxy:
 
     def _record(self, scope: dict[str, Any], m: Any, route: str | None, status: int, t0: float,
                 request_id: bytes, meta: dict[str, Any] | None, send: Any = None) -> None:
-        """Keep one HTTP request's figures and meta (which holds the router's queue time, when
-        there was one) for `fold`: the request path does no more. The request ends when its
-        response's last write began (the lean path notes when), else now."""
+        """Keep one HTTP request's figures for `fold`, RECORD_FIELDS items on a flat list (no
+        object outlives the request, so its record never wakes the garbage collector): the
+        request path does no more. The request ends when its response's last write began
+        (the lean path notes when), else now."""
         cycle = getattr(send, "__self__", None)
         t1 = cycle.sent_at if cycle.__class__ is LeanCycle else 0.0  # type: ignore[union-attr]
         if m is None:
-            prefix, app, name = "", "", ""
-        else:
-            dep = m[1]
-            prefix, app, name = route or m[0], dep.app_name, dep.name
+            prefix, dep, rid, q = "", None, request_id.decode("latin-1"), 0.0
+        else:  # a routed request has its meta
+            prefix, dep = route or m[0], m[1]
+            rid, q = meta["request_id"], meta.get(trace.ROUTER_QUEUE_KEY, 0.0)  # type: ignore[index,union-attr]
         done = self._done
-        done.append((t0, t1 or time.perf_counter(), prefix, app, name, scope["method"], scope["path"], status,
-                     request_id, meta))
-        if len(done) == 1:
+        done += (t0, t1 or time.perf_counter(), prefix, dep, scope["method"], scope["path"], status, rid, q)
+        if len(done) == RECORD_FIELDS:
             asyncio.get_running_loop().call_later(FOLD_S, self.fold)
 
     def fold(self) -> None:
@@ -304,59 +308,58 @@ class Proxy:
         if not done:
             return
         to_wall = time.time() - time.perf_counter()
-        if self._fold_columns(done, to_wall):
-            self.access.flush()
-            return
+        columns = [done[i::RECORD_FIELDS] for i in range(RECORD_FIELDS)]
+        if not self._fold_columns(columns, to_wall):
+            self._fold_rows(columns, to_wall)
+        self.access.flush()
+
+    def _fold_rows(self, columns: list[list[Any]], to_wall: float) -> None:
+        """`fold` a request at a time: any mix of routes, methods and statuses."""
         series, access = self._series, self.access
         events: list[tuple[Any, ...]] = []
         add = events.append
         buckets = metrics.LATENCY_MS_BUCKETS
         counts: dict[tuple[str, ...], int] = {}
-        queue_key = trace.ROUTER_QUEUE_KEY
-        for t0, t1, prefix, app, name, method, path, status, request_id, meta in done:
+        for t0, t1, prefix, dep, method, path, status, rid, q_s in zip(*columns, strict=True):
             ms = (t1 - t0) * 1000.0
+            app, name = ("", "") if dep is None else (dep.app_name, dep.name)
             key, hist = series.get((prefix, method, app, status)) or self._series_for(prefix, method, app, status)
             counts[key] = counts.get(key, 0) + 1
             observe_into(hist, buckets, ms)
             if status >= 400:
                 STORE.inc("ray_serve_num_http_error_requests", (prefix, str(status), method, app))
             now = to_wall + t1
-            if meta is None:
-                rid, q = request_id.decode("latin-1"), 0.0
-            else:
-                rid, q = meta["request_id"], meta.get(queue_key, 0.0) * 1000.0
+            q = q_s * 1000.0
+            if dep is not None:
                 observe_into(self._queue_series(app, name), buckets, q)
             access.keep(now, rid, f"{method} {path}", status, ms)
             add((rid, "http", prefix, app, status, ms, now, name, q))
         trace.RING.extend(events)
         for key, n in counts.items():
             STORE.inc("ray_serve_num_http_requests", key, n)
-        access.flush()
 
-    def _fold_columns(self, done: list[tuple[Any, ...]], to_wall: float) -> bool:
+    def _fold_columns(self, columns: list[list[Any]], to_wall: float) -> bool:
         """`fold` of the common batch (one route, method, application and status, below 400)
         a column at a time, each step one C loop over the batch; False, having done nothing,
         for any other batch."""
-        t0, t1, prefix, app, name, method, path, status, _, metas = zip(*done, strict=True)
-        keys = set(zip(prefix, method, app, name, status, strict=True))
-        if len(keys) > 1:
+        t0, t1, prefixes, deps, methods, paths, statuses, rids, qs = columns
+        n = len(t0)
+        p, dep, meth, st = prefixes[0], deps[0], methods[0], statuses[0]
+        if (dep is None or st >= 400 or deps.count(dep) != n or prefixes.count(p) != n
+                or methods.count(meth) != n or statuses.count(st) != n):
             return False
-        p, meth, a, n, st = keys.pop()
-        if st >= 400 or not n:
-            return False
+        a, name = dep.app_name, dep.name
         key, hist = self._series.get((p, meth, a, st)) or self._series_for(p, meth, a, st)
         ms = [x * 1000.0 for x in map(_SUB, t1, t0)]
         observe_sorted(hist, metrics.LATENCY_MS_BUCKETS, sorted(ms))
-        STORE.inc("ray_serve_num_http_requests", key, len(done))
-        queue_key = trace.ROUTER_QUEUE_KEY
-        q = [x.get(queue_key, 0.0) * 1000.0 for x in metas]
-        observe_sorted(self._queue_series(a, n), trace.BUCKETS, sorted(q))
-        rids = [x["request_id"] for x in metas]
+        STORE.inc("ray_serve_num_http_requests", key, n)
+        q = [x * 1000.0 for x in qs]
+        observe_sorted(self._queue_series(a, name), trace.BUCKETS, sorted(q))
         now = [to_wall + x for x in t1]
-        paths = set(path)
-        lines = repeat(f"{meth} {paths.pop()}") if len(paths) == 1 else [f"{meth} {x}" for x in path]
-        self.access.keep_many(zip(now, rids, lines, status, ms, strict=False))
-        trace.RING.columns(rids, lambda i: (rids[i], "http", p, a, st, ms[i], now[i], n, q[i]))
+        path = paths[0]
+        lines = f"{meth} {path}" if paths.count(path) == n else [f"{meth} {x}" for x in paths]
+        self.access.keep_columns(now, rids, lines, statuses, ms)
+        trace.RING.columns(rids, lambda i: (rids[i], "http", p, a, st, ms[i], now[i], name, q[i]))
         return True
 
     def _queue_series(self, app: str, name: str) -> list[Any]:

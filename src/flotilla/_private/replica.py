@@ -68,8 +68,11 @@ logger = logging.getLogger("flotilla.replica")
 
 _SYNC, _ASYNC, _ON_LOOP = 0, 1, 2  # how a user method is invoked
 #: Requests' figures reach the metrics, access log and traces this long after the first of a
-#: batch (`_fold`): the request path only keeps a tuple.
+#: batch (`_fold`): the request path only appends its figures to a list.
 FOLD_S = 0.1
+#: Items one request keeps on `Replica._done` until `_fold`: arrival, start and end times,
+#: batch wait, route, request id, downstream seconds, status.
+RECORD_FIELDS = 8
 _REJECTED = Rejected()
 #: `serve.batching.BATCH_WAIT_S` (seconds the request waited for its batch), where it exists.
 _BATCH_WAIT: Any = getattr(_batching, "BATCH_WAIT_S", None)
@@ -243,7 +246,7 @@ class Replica:
         #: route (or method) -> its metric labels and latency series, made once each
         self._per_route: dict[str, tuple[tuple[str, ...], list[Any]]] = {}
         #: requests recorded (`_record`) and not yet added to the metrics (`_fold`)
-        self._done: list[tuple[Any, ...]] = []
+        self._done: list[Any] = []  # flat, RECORD_FIELDS per request
         self._user_hist = trace.series(dep_id, "user_code")
 
     def _stage(self, stage: str) -> list[Any]:
@@ -790,9 +793,9 @@ class Replica:
         self.latency.add(t1, q + (t1 - t_in) * 1000.0, q + (t0 - t_in) * 1000.0)  # type: ignore[union-attr]
 
     def _record(self, msg: Any, meta: Any, status: Any, t0: float, t_in: float) -> None:
-        """Keep one request's times for `_fold`, as a tuple of strings and numbers alone (the
-        collector untracks it at once, never promotes it); only the latency window (when a
-        latency target uses it) takes them at once. BATCH_WAIT_S needs no reset: each
+        """Keep one request's times for `_fold`, RECORD_FIELDS strings and numbers on a flat
+        list (no object outlives the request, so its record never wakes the garbage
+        collector); only the latency window (when a latency target uses it) takes them at once. BATCH_WAIT_S needs no reset: each
         request's task starts from the connection's context, where it is never set."""
         t1 = time.perf_counter()
         if self.latency is not None:
@@ -805,8 +808,8 @@ class Replica:
             route = meta.get("route", "") if http else msg.method
             rid, ds_s = meta.get("request_id"), meta.get(trace.DOWNSTREAM_KEY, 0.0)
         done = self._done
-        done.append((t_in, t0, t1, _BATCH_WAIT.get() if _BATCH_WAIT is not None else 0.0, route, rid, ds_s, status))
-        if len(done) == 1:
+        done += (t_in, t0, t1, _BATCH_WAIT.get() if _BATCH_WAIT is not None else 0.0, route, rid, ds_s, status)
+        if len(done) == RECORD_FIELDS:
             self.loop.call_later(FOLD_S, self._fold)
 
     def _fold(self) -> None:
@@ -816,9 +819,13 @@ class Replica:
         if not done:
             return
         to_wall = time.time() - time.perf_counter()
-        if self._fold_columns(done, to_wall):
-            self.access.flush()
-            return
+        columns = [done[i::RECORD_FIELDS] for i in range(RECORD_FIELDS)]
+        if not self._fold_columns(columns, to_wall):
+            self._fold_rows(columns, to_wall)
+        self.access.flush()
+
+    def _fold_rows(self, columns: list[list[Any]], to_wall: float) -> None:
+        """`_fold` a request at a time: any mix of routes, stages and statuses."""
         per_route = self._per_route
         observe, buckets = metrics.observe_into, trace.BUCKETS
         rq_hist, user_hist = self._rq_hist, self._user_hist
@@ -827,7 +834,7 @@ class Replica:
         access = self.access
         events: list[tuple[Any, ...]] = []
         app, dep, replica_id = self.app_name, self.dep_name, self.replica_id
-        for t_in, t0, t1, bw, route, rid, ds_s, status in done:
+        for t_in, t0, t1, bw, route, rid, ds_s, status in zip(*columns, strict=True):
             # Stages: waiting for a slot here, then the handler's time split into batch wait,
             # downstream handle calls (capped: concurrent calls overlap) and the rest (user code).
             ms = (t1 - t0) * 1000.0
@@ -859,21 +866,17 @@ class Replica:
             STORE.inc("ray_serve_deployment_request_counter", labels, n)
         for labels, n in errors.items():
             STORE.inc("ray_serve_deployment_error_counter", labels, n)
-        access.flush()
 
-    def _fold_columns(self, done: list[tuple[Any, ...]], to_wall: float) -> bool:
+    def _fold_columns(self, columns: list[list[Any]], to_wall: float) -> bool:
         """`_fold` of the common batch (one route, every request with an id, no batch wait,
         no downstream calls, no errors) a column at a time, each step one C loop over the
         batch; False, having done nothing, for any other batch."""
-        t_in, t0, t1, bw, route, rid, ds_s, status = zip(*done, strict=True)
-        if any(bw) or any(ds_s) or None in rid:
-            return False
-        routes = set(route)
-        if len(routes) > 1:
+        t_in, t0, t1, bw, route, rid, ds_s, status = columns
+        if any(bw) or any(ds_s) or None in rid or route.count(route[0]) != len(route):
             return False
         if any(map(metrics.is_error, set(status))):
             return False
-        labels, hist = self._route_entry(routes.pop())
+        labels, hist = self._route_entry(route[0])
         took = [x * 1000.0 for x in map(_SUB, t1, t0)]  # ms, in arrival order
         waited = [x * 1000.0 for x in map(_SUB, t0, t_in)]
         total = [x * 1000.0 for x in map(_SUB, t1, t_in)]
@@ -883,11 +886,11 @@ class Replica:
         metrics.observe_sorted(hist, buckets, took_sorted)
         metrics.observe_sorted(self._user_hist, buckets, took_sorted)  # all of it is user code here
         metrics.observe_sorted(self._rq_hist, buckets, sorted(waited))
-        STORE.inc("ray_serve_deployment_request_counter", labels, len(done))
+        STORE.inc("ray_serve_deployment_request_counter", labels, len(t1))
         app, dep, replica_id = self.app_name, self.dep_name, self.replica_id
         trace.RING.columns(rid, lambda i: (
             rid[i], "replica", app, dep, replica_id, waited[i], 0.0, took[i], 0.0, total[i], now[i]))
-        self.access.keep_many(zip(now, rid, route, status, took, strict=True))
+        self.access.keep_columns(now, rid, route[0], status, took)
         return True
 
     def _route_entry(self, route: str) -> tuple[tuple[str, ...], list[Any]]:

@@ -310,8 +310,8 @@ class Router:
         #: `get_running_loop` costs a getpid: not once per request).
         self.loop: asyncio.AbstractEventLoop | None = None
         self._queue_hist = trace.series(deployment_id, "router_queue")
-        #: finished calls (meta, asked-for time, end time, seconds queued) for `fold_calls`
-        self._calls: list[tuple[Any, float, float, float]] = []
+        #: finished calls for `fold_calls`, flat: trace.CALL_FIELDS items each
+        self._calls: list[Any] = []
         self.info: dict[str, Any] | None = None  # the last update
         #: routers of this deployment on other loops of this process, fed each update
         #: (`looprouter.Follower`)
@@ -320,10 +320,10 @@ class Router:
     def _traced(self, meta: Any, t0: float, queued: float) -> None:
         """Keep a finished call for `fold_calls`; the request path does no more."""
         done = self._calls
-        done.append((meta, t0, time.perf_counter(), queued))
-        if len(done) == 1:
+        done += (meta.get("request_id") if meta else None, t0, time.perf_counter(), queued)
+        if len(done) == trace.CALL_FIELDS:
             (self.loop or asyncio.get_running_loop()).call_later(trace.FOLD_S, self.fold_calls)
-        elif len(done) >= trace.FOLD_MAX:
+        elif len(done) >= trace.FOLD_MAX * trace.CALL_FIELDS:
             self.fold_calls()
 
     def fold_calls(self) -> None:

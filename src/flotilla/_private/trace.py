@@ -106,16 +106,20 @@ FOLD_S = 0.1
 FOLD_MAX = 4096
 
 
-def calls_done(hist: list[Any], dep: Any, done: list[tuple[Any, float, float, float]]) -> None:
-    """A router's finished calls, each (meta, asked-for time, end time, seconds queued for a
-    slot), into its router_queue histogram and the ring, a column at a time. Downstream time
-    is added to the parent request at once, by the router: it is read when that one ends."""
-    metas, t0, t1, queued = zip(*done, strict=True)
+#: Items a router keeps per finished call until `calls_done` (a flat list: no object per
+#: call outlives it): request id (None: none), asked-for time, end time, seconds queued.
+CALL_FIELDS = 4
+
+
+def calls_done(hist: list[Any], dep: Any, done: list[Any]) -> None:
+    """A router's finished calls (`done`: CALL_FIELDS items each) into its router_queue
+    histogram and the ring, a column at a time. Downstream time is added to the parent
+    request at once, by the router: it is read when that one ends."""
+    ids, t0, t1, queued = (done[i::CALL_FIELDS] for i in range(CALL_FIELDS))
     q = [x * 1000.0 for x in queued]
     metrics.observe_sorted(hist, BUCKETS, sorted(q))
     to_wall = time.time() - time.perf_counter()
     app, name = dep.app_name, dep.name
-    ids = [m.get("request_id") if m else None for m in metas]  # None: never found
     RING.columns(ids, lambda i: (ids[i], "call", app, name, q[i], (t1[i] - t0[i]) * 1000.0, to_wall + t1[i]))
 
 
