@@ -123,3 +123,20 @@ def test_a_batch_of_one_kind_folds_by_columns_with_the_same_figures() -> None:
     assert len(e) == 1 and e[0][1:5] == ["http", "/cols", "colsapp", 200] and e[0][7:] == ["C", 3.0]
     assert e[0][5] >= 1.5
     assert trace.RING.find("cols-8")[0][8] == 0.0
+
+
+def test_a_batch_that_never_queued_counts_zeros_in_the_router_queue_histogram() -> None:
+    p = Proxy({})
+    m = ("/noq", DeploymentID("N", "noqapp"))
+    queue = trace.series(DeploymentID("N", "noqapp"), "router_queue")
+    before = (queue[2], queue[1], queue[0][0])
+
+    async def main() -> None:
+        for i in range(30):
+            rid = f"noq-{i}".encode()
+            p._record({"method": "GET", "path": "/noq"}, m, None, 200, time.perf_counter(), rid, _meta(rid))
+        p.fold()
+
+    asyncio.run(main())
+    assert (queue[2], queue[1], queue[0][0]) == (before[0] + 30, before[1], before[2] + 30)
+    assert trace.RING.find("noq-3")[0][8] == 0.0

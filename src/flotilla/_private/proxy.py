@@ -353,8 +353,9 @@ class Proxy:
         ms = [x * 1000.0 for x in map(_SUB, t1, t0)]
         observe_sorted(hist, metrics.LATENCY_MS_BUCKETS, sorted(ms))
         STORE.inc("ray_serve_num_http_requests", key, n)
-        q = [x * 1000.0 for x in qs]
-        observe_sorted(self._queue_series(a, name), trace.BUCKETS, sorted(q))
+        unqueued = qs.count(0.0) == n  # the usual case: no request waited for a replica
+        q = [0.0] * n if unqueued else [x * 1000.0 for x in qs]
+        observe_sorted(self._queue_series(a, name), trace.BUCKETS, q if unqueued else sorted(q))
         now = [to_wall + x for x in t1]
         path = paths[0]
         lines = f"{meth} {path}" if paths.count(path) == n else [f"{meth} {x}" for x in paths]
