@@ -795,8 +795,9 @@ class Replica:
     def _record(self, msg: Any, meta: Any, status: Any, t0: float, t_in: float) -> None:
         """Keep one request's times for `_fold`, RECORD_FIELDS strings and numbers on a flat
         list (no object outlives the request, so its record never wakes the garbage
-        collector); only the latency window (when a latency target uses it) takes them at once. BATCH_WAIT_S needs no reset: each
-        request's task starts from the connection's context, where it is never set."""
+        collector); only the latency window (when a latency target uses it) takes them at
+        once. BATCH_WAIT_S needs no reset: each request's task starts from the connection's
+        context, where it is never set."""
         t1 = time.perf_counter()
         if self.latency is not None:
             self._latency(meta, t1, t0, t_in)
