@@ -139,8 +139,7 @@ def same_user_config(a: dict[str, Any] | None, b: dict[str, Any] | None) -> bool
     """Whether two `replica_light` configs differ at most in rank and world size."""
     if a is None or b is None:
         return a is b
-    rankless = ("rank", "world_size")
-    return {k: v for k, v in a.items() if k not in rankless} == {k: v for k, v in b.items() if k not in rankless}
+    return {**a, "rank": None, "world_size": None} == {**b, "rank": None, "world_size": None}
 
 
 @dataclass(eq=False)

@@ -237,6 +237,12 @@ def is_error(status: Any) -> bool:
     return status == "ERROR" or (isinstance(status, int) and status >= 500)
 
 
+def columns(flat: list[Any], width: int) -> list[list[Any]]:
+    """The columns of a flat list of records `width` items each (`flat[i::width]`): how the
+    recording paths keep per-request figures without an object per request."""
+    return [flat[i::width] for i in range(width)]
+
+
 def observe_sorted(h: list[Any], buckets: tuple[float, ...], values: list[float]) -> None:
     """`observe_into` of every value of `values`, sorted ascending: one search per bucket
     edge instead of one per value."""
@@ -595,9 +601,7 @@ class AccessLog:
             if self.sample == 1 and self.json_context is None and statuses.count(statuses[0]) == n:
                 text = self._uniform_text(t, request_ids, routes, statuses[0], ms)
                 if text is not None:
-                    if self.pending:  # lines kept before these go first
-                        self.ready.append(self._text(self.pending))
-                        self.pending = []
+                    self._settle()  # lines kept before these go first
                     self.ready.append(text)
                     return
             routes = [routes] * n
@@ -643,7 +647,7 @@ class AccessLog:
     def _text(self, pending: list[Any]) -> str:
         """The lines of `pending` (flat, LINE_FIELDS items each), one string (text lines
         formatted in one loop)."""
-        rows = zip(*(pending[i::LINE_FIELDS] for i in range(LINE_FIELDS)), strict=True)
+        rows = zip(*columns(pending, LINE_FIELDS), strict=True)
         if self.json_context is not None:
             return "".join([self._json(*p) for p in rows])
         second, prefix, out = -1, "", []
@@ -668,11 +672,16 @@ class AccessLog:
         """The lines not written yet."""
         return ("".join(self.ready) + self._text(self.pending)).splitlines(keepends=True)
 
+    def _settle(self) -> None:
+        """The lines waiting in `pending`, formatted onto `ready`."""
+        if self.pending:
+            self.ready.append(self._text(self.pending))
+            self.pending = []
+
     def flush(self) -> None:
         self._scheduled = False
-        ready, pending, self.ready, self.pending = self.ready, self.pending, [], []
-        if pending:
-            ready.append(self._text(pending))
+        self._settle()
+        ready, self.ready = self.ready, []
         if ready:
             try:
                 os.write(2, "".join(ready).encode())

@@ -820,9 +820,9 @@ class Replica:
         if not done:
             return
         to_wall = time.time() - time.perf_counter()
-        columns = [done[i::RECORD_FIELDS] for i in range(RECORD_FIELDS)]
-        if not self._fold_columns(columns, to_wall):
-            self._fold_rows(columns, to_wall)
+        cols = metrics.columns(done, RECORD_FIELDS)
+        if not self._fold_columns(cols, to_wall):
+            self._fold_rows(cols, to_wall)
         self.access.flush()
 
     def _fold_rows(self, columns: list[list[Any]], to_wall: float) -> None:
