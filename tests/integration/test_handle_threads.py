@@ -42,6 +42,10 @@ class Worker:
     def fail(self) -> None:
         raise Boom("from the replica")
 
+    async def fail_after(self, s: float) -> None:
+        await asyncio.sleep(s)
+        raise Boom("late, from the replica")
+
 
 @pytest.fixture
 def h(url: str) -> serve.DeploymentHandle:
@@ -190,3 +194,40 @@ def test_threads_waiting_on_one_response_made_on_a_loop_all_get_it(h) -> None:
     for t in threads:
         t.join(30)
     assert got == ["shared"] * 6
+
+
+def test_a_call_made_in_sync_code_is_awaited_on_a_loop_before_and_after_it_ends(h) -> None:
+    done = h.add.remote(2, b=3)
+    assert done.result(timeout_s=10) == 5
+    running = h.slow.remote("awaited later", 0.3)
+
+    async def main() -> list[object]:
+        return [await done, await running]
+
+    assert asyncio.run(main()) == [5, "awaited later"]
+
+
+def test_an_argument_that_does_not_pickle_fails_its_call_from_sync_code_only(url: str) -> None:
+    h = serve.run(Worker.options(max_ongoing_requests=1).bind(), name="pickles", route_prefix=None)
+    assert h.add.remote(1).result(timeout_s=10) == 1  # the router knows its replica: sent at once
+    r = h.add.remote(threading.Lock())
+    with pytest.raises(TypeError, match="pickle"):
+        r.result(timeout_s=10)
+    assert [h.add.remote(k).result(timeout_s=10) for k in range(3)] == [0, 1, 2]  # its slot was freed
+
+
+def test_a_late_failure_after_its_caller_timed_out_is_not_logged(h, caplog: pytest.LogCaptureFixture) -> None:
+    assert h.add.remote(1).result(timeout_s=10) == 1
+    r = h.fail_after.remote(0.3)
+    with pytest.raises(GetTimeoutError):
+        r.result(timeout_s=0.05)
+    wait_for(lambda r=r: r._done, timeout=10)
+    with pytest.raises(Boom, match="late"):
+        r.result(timeout_s=1)
+    r2 = h.fail_after.remote(0.2)
+    with pytest.raises(GetTimeoutError):
+        r2.result(timeout_s=0.01)
+    wait_for(lambda r2=r2: r2._done, timeout=10)
+    del r, r2
+    gc.collect()
+    assert "never retrieved" not in caplog.text

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -1054,3 +1055,153 @@ def test_sending_ahead_stops_within_a_tenth_of_a_second_once_requests_stop_finis
     router._finished += 30  # then they slow down: 300/s, 1.5 requests per 5 ms
     assert router._ahead(t + 0.21) == 1
     assert router._ahead(t + 0.32) == 0  # and block: none finished in the last 0.1 s
+
+
+# ---- direct calls: sent at once for a caller blocked on another thread -------------------------
+
+
+def direct(router: Router, arg: Any, seen: list[asyncio.Future[Any]]) -> tuple[Any, asyncio.Future[Any]]:
+    """`Router.call_direct` as `DeploymentResponse._start_direct` makes it; `seen` collects
+    each `on_done`."""
+    out = asyncio.get_running_loop().create_future()
+    return router.call_direct("m", (arg,), {}, {"request_id": f"r{arg}"}, out, seen.append), out
+
+
+def test_a_direct_call_settles_as_its_reply_arrives_with_no_turn_of_the_loop(net: Net) -> None:
+    async def body(replica: Any) -> None:
+        a = await replica("a")
+        router = await make_router([a], max_ongoing=1)
+        seen: list[asyncio.Future[Any]] = []
+        d, out = direct(router, 7, seen)
+        assert d is not None
+        req = await a.nth(0)
+        assert req.msg.meta == {"request_id": "r7"}
+        conn = router.replicas["a"]
+        assert conn.in_flight == 1 and conn.pending == {req.tag: d}
+        settled: list[bool] = []
+        conn.proto.on_message = lambda tag, msg: (conn._on_message(tag, msg), settled.append(out.done()))
+        req.reply(Ok("seven"))
+        await until(lambda: seen, what="on_done")
+        assert settled == [True]  # in the same callback that delivered the reply
+        assert seen == [out] and out.result() == "seven"
+        assert conn.in_flight == 0 and not conn.pending
+        router.close()
+
+    run(net, body)
+
+
+def test_a_direct_call_is_not_made_when_it_would_wait(net: Net) -> None:
+    async def body(replica: Any) -> None:
+        a = await replica("a")
+        router = await make_router([a], max_ongoing=1)
+        seen: list[asyncio.Future[Any]] = []
+        first, _ = direct(router, 0, seen)
+        assert first is not None
+        assert direct(router, 1, seen)[0] is None  # the only replica is full: nothing sent
+        queued = call(router, 2)
+        await until(lambda: len(router.queue) == 1)
+        req = await a.nth(0)
+        req.reply(Ok(0))
+        assert direct(router, 3, seen)[0] is None  # one waits already: it would jump the queue
+        (await a.nth(1)).reply(Ok(2))
+        assert await result(queued) == 2 and a.args() == [0, 2]
+        empty = Router(DeploymentID("e", "app"))
+        assert direct(empty, 4, seen)[0] is None  # no replica known yet
+        router.close()
+
+    run(net, body)
+
+
+def test_a_direct_call_that_cannot_be_sent_frees_its_slot_and_raises(net: Net) -> None:
+    async def body(replica: Any) -> None:
+        a = await replica("a")
+        router = await make_router([a], max_ongoing=1)
+        out = asyncio.get_running_loop().create_future()
+        with pytest.raises(Exception, match="pickle"):
+            router.call_direct("m", (threading.Lock(),), {}, None, out, lambda f: None)
+        assert router.replicas["a"].in_flight == 0 and not a.requests
+        router.close()
+
+    run(net, body)
+
+
+def test_a_direct_call_carries_errors_and_a_replica_death(net: Net) -> None:
+    async def body(replica: Any) -> None:
+        a = await replica("a")
+        router = await make_router([a], max_ongoing=2)
+        seen: list[asyncio.Future[Any]] = []
+        _, failing = direct(router, 0, seen)
+        _, dying = direct(router, 1, seen)
+        (await a.nth(0)).reply(error_reply(ValueError("bad input")))
+        await until(lambda: len(seen) == 1, what="the error")
+        with pytest.raises(ValueError, match="bad input"):
+            failing.result()
+        await a.nth(1)
+        a.kill()
+        await until(lambda: len(seen) == 2, what="the death")
+        with pytest.raises(ActorDiedError):
+            dying.result()
+        router.close()
+
+    run(net, body)
+
+
+def test_a_cancelled_direct_call_is_cancelled_at_its_replica(net: Net) -> None:
+    async def body(replica: Any) -> None:
+        a = await replica("a")
+        router = await make_router([a], max_ongoing=1)
+        seen: list[asyncio.Future[Any]] = []
+        d, out = direct(router, 0, seen)
+        req = await a.nth(0)
+        d.cancel()
+        assert out.cancelled() and seen == [out]
+        await until(lambda: a.controls(Cancel), what="Cancel at the replica")
+        assert a.controls(Cancel) == [(req.tag, Cancel())]
+        conn = router.replicas["a"]
+        assert conn.in_flight == 0 and not conn.pending
+        req.reply(Ok("too late"))  # ignored
+        d.cancel()  # twice: nothing more
+        later = call(router, 1)
+        (await a.nth(1)).reply(Ok("next"))
+        assert await result(later) == "next" and seen == [out]
+        router.close()
+
+    run(net, body)
+
+
+def test_a_rejected_direct_call_goes_on_first_in_line_and_can_be_cancelled_there(net: Net) -> None:
+    async def body(replica: Any) -> None:
+        a, b = await replica("a"), await replica("b")
+        router = await make_router([a], max_ongoing=1)
+        seen: list[asyncio.Future[Any]] = []
+        d, out = direct(router, 0, seen)
+        at_a = await a.nth(0)
+        router.update(info([a, b], max_ongoing=1))
+        await connected(router)
+        q1 = call(router, 1)
+        at_b = await b.nth(0)
+        q2 = call(router, 2)
+        await until(lambda: len(router.queue) == 1)
+        a.drain()
+        at_a.reply(Rejected())
+        await until(lambda: len(router.queue) == 2, what="the rejected call back in the queue")
+        at_b.reply(Ok("q1"))
+        assert await result(q1) == "q1"
+        (await b.nth(1)).reply(Ok("d0"))
+        await until(lambda: seen, what="the retried call's outcome")
+        assert out.result() == "d0" and b.args()[:2] == [1, 0]  # before the one that waited
+        (await b.nth(2)).reply(Ok("q2"))
+        assert await result(q2) == "q2"
+        # rejected again, then cancelled while it waits in the queue
+        seen.clear()
+        d, out = direct(router, 3, seen)
+        first_in = await b.nth(3)
+        b.drain()
+        first_in.reply(Rejected())
+        await until(lambda: d.retry is not None, what="the retry")
+        d.cancel()
+        await until(lambda: seen, what="the cancelled retry")
+        assert out.cancelled() and not router.queue
+        router.close()
+
+    run(net, body)

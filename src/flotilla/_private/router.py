@@ -88,6 +88,78 @@ class Failed(NamedTuple):
     error: BaseException
 
 
+def reply_value(reply: Any) -> Any:
+    """The return value a call's reply carries; raises the error it carries."""
+    cls = reply.__class__
+    if cls is Ok:
+        return reply.result
+    if cls is Err:
+        raise local_error(reply)
+    if cls is Failed:
+        raise reply.error
+    raise RaySystemError(f"unexpected reply {cls.__name__} to a call")
+
+
+class DirectCall:
+    """A call in flight for a blocked caller (`Router.call_direct`). It stands in
+    `ReplicaConn.pending` where a reply future would: the reply settles the caller's outcome
+    at once. `cancel` cancels it wherever it is (sent, or retried after a rejection)."""
+
+    __slots__ = ("call", "on_done", "out", "r", "reply", "retry", "router", "t0", "tag")
+
+    def __init__(self, router: Router, r: ReplicaConn, call: tuple[Any, ...], out: asyncio.Future[Any],
+                 on_done: Callable[[asyncio.Future[Any]], None]) -> None:
+        self.router = router
+        self.r = r
+        self.call = call  # method, args, kwargs, meta: as the caller gave them, for a retry
+        self.out = out
+        self.on_done = on_done
+        self.t0 = time.perf_counter()
+        self.tag = 0
+        self.reply: Any = None
+        self.retry: asyncio.Task[Any] | None = None
+
+    # the reply-future side, as ReplicaConn and Router._abandon use it
+    def done(self) -> bool:
+        return self.reply is not None
+
+    def cancelled(self) -> bool:
+        return False
+
+    def result(self) -> Any:
+        return self.reply
+
+    def set_result(self, reply: Any) -> None:
+        self.reply = reply
+        self.router._direct_reply(self, reply)
+
+    def cancel(self) -> None:
+        """Cancel the call at its replica (or its retry) and settle `out` as cancelled."""
+        if self.retry is not None:
+            self.retry.cancel()  # `retried` settles `out`
+            return
+        if self.reply is not None or self.out.done():
+            return
+        r = self.r
+        if r.pending.pop(self.tag, None) is not None:
+            r.proto.send(self.tag, Cancel())
+        self.router.release(r)
+        self.out.cancel()
+        self.on_done(self.out)
+
+    def retried(self, t: asyncio.Task[Any]) -> None:
+        out = self.out
+        if out.done():
+            return
+        if t.cancelled():
+            out.cancel()
+        elif (e := t.exception()) is not None:
+            out.set_exception(e)
+        else:
+            out.set_result(t.result())
+        self.on_done(out)
+
+
 class Channel:
     """The reply messages of one streaming request, for a single consumer.
 
@@ -636,13 +708,13 @@ class Router:
             fut.result().cancel()
 
     async def call(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], meta: Any,
-                   parent: dict[str, Any] | None = None) -> Any:
+                   parent: dict[str, Any] | None = None, front: bool = False) -> Any:
         """One request; `parent`: the meta of the request being served that made this call
-        (a replica's user code), whose downstream time it adds to."""
+        (a replica's user code), whose downstream time it adds to; `front`: it was rejected
+        by a draining replica already, so it goes first in line."""
         model = meta.get("multiplexed_model_id", "") if meta else ""
         args, kwargs = wire_args(args, kwargs)
         msg = Call(method, args, kwargs, meta)
-        front = False
         ta = t0 = time.perf_counter()
         queued = 0.0
         try:
@@ -673,13 +745,47 @@ class Router:
                 if parent is not None:
                     parent[trace.DOWNSTREAM_KEY] = parent.get(trace.DOWNSTREAM_KEY, 0.0) + (time.perf_counter() - t0)
                 self._traced(meta, t0, queued)
-        if cls is Ok:
-            return reply.result
-        if cls is Err:
-            raise local_error(reply)
-        if cls is Failed:
-            raise reply.error
-        raise RaySystemError(f"unexpected reply {cls.__name__} to a call")
+        return reply_value(reply)
+
+    def call_direct(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], meta: Any,
+                    out: asyncio.Future[Any], on_done: Callable[[asyncio.Future[Any]], None]) -> DirectCall | None:
+        """`call` for a caller blocked on another thread, sent now if a replica has a slot and
+        none waits (else None, nothing done): its reply settles `out` and calls `on_done(out)`
+        the moment it arrives, with no task and no turn of the loop in between. A draining
+        replica's rejection goes on as a `call` first in line. Raises if it cannot be sent."""
+        if self.queue:
+            return None
+        r = self._choose(meta.get("multiplexed_model_id", "") if meta else "", False, True)
+        if r is None or not r.ready or r.draining:
+            return None
+        r.in_flight += 1
+        d = DirectCall(self, r, (method, args, kwargs, meta), out, on_done)
+        try:
+            wargs, wkwargs = wire_args(args, kwargs)
+            tag = r.next_id()
+            r.proto.send(tag, Call(method, wargs, wkwargs, meta))
+        except BaseException:
+            self.release(r)
+            raise
+        d.tag = tag
+        r.pending[tag] = d
+        return d
+
+    def _direct_reply(self, d: DirectCall, reply: Any) -> None:
+        self.release(d.r)
+        out = d.out
+        if reply.__class__ is Rejected:  # the replica drains: the call goes on as any other
+            method, args, kwargs, meta = d.call
+            retry = d.retry = asyncio.ensure_future(self.call(method, args, kwargs, meta, None, True), loop=out.get_loop())
+            retry.add_done_callback(d.retried)
+            return
+        if trace.ON:
+            self._traced(d.call[3], d.t0, 0.0)
+        try:
+            out.set_result(reply_value(reply))
+        except Exception as e:
+            out.set_exception(e)
+        d.on_done(out)
 
     async def broadcast(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], meta: Any) -> list[Any]:
         """The call on every replica the router knows, at once (past `max_ongoing_requests` and

@@ -21,6 +21,7 @@ from flotilla._private import args as _args
 from flotilla._private.client import Runtime
 from flotilla._private.context import new_request_id, request_meta, spawned
 from flotilla._private.hop import Inbox, inbox_for
+from flotilla._private.router import DirectCall
 from flotilla.exceptions import GetTimeoutError
 from flotilla.serve.exceptions import RequestCancelledError
 from flotilla.serve.schema import DeploymentID
@@ -146,6 +147,8 @@ class DeploymentHandle:
         elif (loop := asyncio._get_running_loop()) is not None and loop is not rt.loop and _plain(parent, target, args, kwargs):
             # made on a loop of the caller's: the call runs there, through that loop's router
             call = DeploymentResponse._on_loop(rt, loop, target, opts.method_name, args, kwargs, meta, rid)  # type: ignore[arg-type]
+        elif loop is None and _plain(parent, target, args, kwargs):  # from sync code: sent at once there
+            call = DeploymentResponse._blocking(rt, target, opts.method_name, args, kwargs, meta, rid)  # type: ignore[arg-type]
         else:
             # `parent`: the serving request's meta, which adds up the time of its downstream calls.
             call = DeploymentResponse(rt, _call(rt, target, opts.method_name, args, kwargs, meta, parent), rid, loop)
@@ -363,7 +366,7 @@ class DeploymentResponse:
     runtime's loop like any other, so that it outlives the caller's loop as Ray's calls do.
     """
 
-    __slots__ = ("_asked", "_back", "_box", "_by_user", "_cancel", "_fut", "_home", "_inline_task",
+    __slots__ = ("_asked", "_back", "_box", "_by_user", "_cancel", "_direct", "_fut", "_home", "_inline_task",
                  "_latch", "_local", "_make", "_request_id", "_rt", "_task")
     _task: asyncio.Task[Any] | None
     _fut: asyncio.Future[Any] | None
@@ -407,6 +410,19 @@ class DeploymentResponse:
         self._cancel = False
         self._by_user = False  # cancel() was called: waiting raises RequestCancelledError
         self._asked = False  # result() gave up waiting: its caller saw this call's outcome as a timeout
+        self._direct: DirectCall | None = None  # sent by `_start_direct`, no task of its own
+
+    @classmethod
+    def _blocking(cls, rt: Runtime, dep: DeploymentID, method: str, args: tuple[Any, ...],
+                  kwargs: dict[str, Any], meta: Any, request_id: str) -> DeploymentResponse:
+        """A plain call made from sync code: the runtime's loop sends it the moment it gets it
+        (`_start_direct`) and its reply releases `result()` the moment it arrives."""
+        self = cls.__new__(cls)
+        self._blank(rt, request_id)
+        latch = self._latch = threading.Lock()
+        latch.acquire()
+        rt.inbox.put(self._start_direct, dep, method, args, kwargs, meta)
+        return self
 
     @classmethod
     def _on_loop(cls, rt: Runtime, home: asyncio.AbstractEventLoop, dep: DeploymentID, method: str,
@@ -455,6 +471,26 @@ class DeploymentResponse:
         return True
 
     # ---- on the runtime's loop ----------------------------------------------------------
+    def _start_direct(self, dep: DeploymentID, method: str, args: tuple[Any, ...], kwargs: dict[str, Any],
+                      meta: Any) -> None:
+        """Send a `_blocking` call now, no task (`Router.call_direct`); a call that has to wait
+        for a replica, or was cancelled already, runs as a task instead."""
+        rt = self._rt
+        if not self._cancel:
+            out = rt.loop.create_future()
+            try:
+                d = rt.router(dep).call_direct(method, args, kwargs, meta, out, self._finished)  # type: ignore[arg-type]
+            except Exception as e:  # it could not be sent (its arguments do not pickle)
+                self._task = out  # type: ignore[assignment]
+                out.set_exception(e)
+                self._finished(out)  # type: ignore[arg-type]
+                return
+            if d is not None:
+                self._direct = d
+                self._task = out  # type: ignore[assignment]
+                return
+        self._start(_call(rt, dep, method, args, kwargs, meta))
+
     def _start(self, coro: Coroutine[Any, Any, Any]) -> None:
         t = self._task = self._rt.loop.create_task(coro)
         if self._cancel:
@@ -489,6 +525,9 @@ class DeploymentResponse:
     def _cancel_task(self) -> None:
         t = self._task
         if t is None:
+            return
+        if self._direct is not None:
+            self._direct.cancel()
             return
         if self._inline_task is not None:  # running in the task that awaits it (`_inline`)
             if not t.done():
