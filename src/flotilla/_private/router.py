@@ -103,9 +103,11 @@ def reply_value(reply: Any) -> Any:
 class DirectCall:
     """A call in flight for a blocked caller (`Router.call_direct`). It stands in
     `ReplicaConn.pending` where a reply future would: the reply settles the caller's outcome
-    at once. `cancel` cancels it wherever it is (sent, or retried after a rejection)."""
+    at once. `cancel` cancels it wherever it is (sent, or retried after a rejection). Once
+    settled it lets go of the caller's arguments and callback (no cycle through the caller's
+    response keeps a reply's buffers alive until the garbage collector runs)."""
 
-    __slots__ = ("call", "on_done", "out", "r", "reply", "retry", "router", "t0", "tag")
+    __slots__ = ("answered", "call", "on_done", "out", "r", "retry", "router", "t0", "tag")
 
     def __init__(self, router: Router, r: ReplicaConn, call: tuple[Any, ...], out: asyncio.Future[Any],
                  on_done: Callable[[asyncio.Future[Any]], None]) -> None:
@@ -113,39 +115,45 @@ class DirectCall:
         self.r = r
         self.call = call  # method, args, kwargs, meta: as the caller gave them, for a retry
         self.out = out
-        self.on_done = on_done
+        self.on_done: Callable[[asyncio.Future[Any]], None] | None = on_done
         self.t0 = time.perf_counter()
         self.tag = 0
-        self.reply: Any = None
+        self.answered = False  # the replica's reply came
         self.retry: asyncio.Task[Any] | None = None
 
     # the reply-future side, as ReplicaConn and Router._abandon use it
     def done(self) -> bool:
-        return self.reply is not None
+        return self.answered
 
     def cancelled(self) -> bool:
         return False
 
-    def result(self) -> Any:
-        return self.reply
+    def result(self) -> None:
+        return None
 
     def set_result(self, reply: Any) -> None:
-        self.reply = reply
+        self.answered = True
         self.router._direct_reply(self, reply)
+
+    def settle(self) -> None:
+        """`out` is settled: tell the caller, then hold on to nothing of its."""
+        on_done, self.on_done, self.call = self.on_done, None, ()
+        if on_done is not None:
+            on_done(self.out)
 
     def cancel(self) -> None:
         """Cancel the call at its replica (or its retry) and settle `out` as cancelled."""
         if self.retry is not None:
             self.retry.cancel()  # `retried` settles `out`
             return
-        if self.reply is not None or self.out.done():
+        if self.answered or self.out.done():
             return
         r = self.r
         if r.pending.pop(self.tag, None) is not None:
             r.proto.send(self.tag, Cancel())
         self.router.release(r)
         self.out.cancel()
-        self.on_done(self.out)
+        self.settle()
 
     def retried(self, t: asyncio.Task[Any]) -> None:
         out = self.out
@@ -157,7 +165,7 @@ class DirectCall:
             out.set_exception(e)
         else:
             out.set_result(t.result())
-        self.on_done(out)
+        self.settle()
 
 
 class Channel:
@@ -785,7 +793,7 @@ class Router:
             out.set_result(reply_value(reply))
         except Exception as e:
             out.set_exception(e)
-        d.on_done(out)
+        d.settle()
 
     async def broadcast(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], meta: Any) -> list[Any]:
         """The call on every replica the router knows, at once (past `max_ongoing_requests` and
