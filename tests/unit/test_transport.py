@@ -412,6 +412,87 @@ def test_send_writes_whole_frames() -> None:
     assert s.got == [(3, Ok("small")), (4, Chunk(b"b" * 100_000)), (5, End())]
 
 
+class Echoer:
+    """A replica's end of a connection that coalesces (`FrameProtocol.coalesce`): each
+    request's task answers in its first step, as a no-op handler does."""
+
+    def __init__(self) -> None:
+        self.proto = FrameProtocol(self._on)
+        self.proto.coalesce = True
+        self.ft = FakeTransport()
+        self.proto.connection_made(self.ft)  # type: ignore[arg-type]
+
+    def _on(self, tag: int, msg: Any) -> None:
+        async def answer() -> None:
+            self.proto.send(tag, msg.args[0])
+
+        asyncio.get_running_loop().create_task(answer())
+
+    def feed(self, *tagged: tuple[int, Any]) -> None:
+        """Requests in one read: Call messages whose first argument is the reply to send."""
+        self.proto.data_received(b"".join(frame(t, Call("m", (r,), {}, None)) for t, r in tagged))
+
+
+def _echo_frames(written: list[bytes]) -> list[tuple[int, Any]]:
+    return Sink().feed(*written).got
+
+
+def test_replies_to_the_requests_of_one_read_leave_in_one_write() -> None:
+    async def main() -> None:
+        e = Echoer()
+        e.feed((1, Ok("a")), (2, Ok("b")), (3, Ok("c")))
+        assert e.ft.written == []  # the tasks have not run yet
+        await settle()
+        assert len(e.ft.written) == 1
+        assert _echo_frames(e.ft.written) == [(1, Ok("a")), (2, Ok("b")), (3, Ok("c"))]
+        e.proto.send(4, Ok("later"))  # after the read's batch: written at once
+        assert len(e.ft.written) == 2 and _echo_frames(e.ft.written[1:]) == [(4, Ok("later"))]
+
+    asyncio.run(main())
+
+
+def test_the_reply_to_a_read_of_one_request_is_not_held() -> None:
+    async def main() -> None:
+        e = Echoer()
+        e.feed((1, Ok("alone")))
+        await asyncio.sleep(0)  # the task's first step: its write goes at once
+        assert e.proto._held is None and _echo_frames(e.ft.written) == [(1, Ok("alone"))]
+
+    asyncio.run(main())
+
+
+def test_held_replies_keep_their_order_with_large_frames_a_size_limit_and_close(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(transport, "HOLD_BYTES", 300)
+
+    async def main() -> None:
+        e = Echoer()
+        big = Chunk(b"x" * 100_000)  # written from its own memory: what is held goes first
+        e.feed((1, Ok("a")), (2, big), (3, Ok("b" * 200)), (4, Ok("c" * 200)), (5, Ok("d")))
+        await settle()
+        assert _echo_frames(e.ft.written) == [(1, Ok("a")), (2, big), (3, Ok("b" * 200)),
+                                              (4, Ok("c" * 200)), (5, Ok("d"))]
+        assert len(e.ft.written) == 4  # a, big, then b and c over the limit, then d at the release
+        at_close: list[Any] = []
+
+        def answer_then_close(tag: int, msg: Any) -> None:
+            async def answer() -> None:
+                e.proto.send(tag, msg.args[0])
+                if tag == 7:  # before the release: both replies are held
+                    at_close.append(list(e.proto._held or []))
+                    e.proto.close()  # what is held is written before the transport closes
+
+            asyncio.get_running_loop().create_task(answer())
+
+        e.proto.on_message = answer_then_close
+        e.feed((6, Ok("e")), (7, Ok("f")))
+        await settle()
+        assert len(at_close) == 1 and len(at_close[0]) == 2
+        assert e.ft.closed and _echo_frames(e.ft.written)[-2:] == [(6, Ok("e")), (7, Ok("f"))]
+        assert len(_echo_frames(e.ft.written)) == 7  # written once
+
+    asyncio.run(main())
+
+
 def _sent(*msgs: tuple[int, tuple[Any, ...]]) -> bytes:
     """The bytes `send` writes for `msgs` (out-of-band frames included)."""
     proto = FrameProtocol(lambda t, m: None)

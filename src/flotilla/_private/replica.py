@@ -626,6 +626,7 @@ class Replica:
     # ---- data plane -------------------------------------------------------------------
     def _make_conn(self) -> FrameProtocol:
         proto = FrameProtocol(_ignore)
+        proto.coalesce = True
         proto.on_message = functools.partial(self._on_request, proto)
         proto.on_close = functools.partial(self._conn_lost, proto)
         proto.on_bad_frame = functools.partial(self._bad_request, proto)

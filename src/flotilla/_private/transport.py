@@ -242,6 +242,10 @@ def _scratch() -> memoryview:
     return s
 
 
+#: Replies a coalescing connection holds before it writes them anyway (`FrameProtocol.send`).
+HOLD_BYTES = 1 << 16
+
+
 class FrameProtocol(asyncio.BufferedProtocol):
     """Parses frames and hands each decoded message to `on_message(tag, msg)`.
 
@@ -276,9 +280,17 @@ class FrameProtocol(asyncio.BufferedProtocol):
         self.paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
         self.on_connect: Callable[[], None] | None = None
+        #: Set before connecting (a replica's end): the frames sent while the requests of one
+        #: read run their first steps go out in one write (`_held` until `flush`).
+        self.coalesce = False
+        self._held: list[bytes] | None = None
+        self._held_bytes = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        if self.coalesce:
+            self._loop = asyncio.get_running_loop()
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family == socket.AF_UNIX:
             with contextlib.suppress(OSError):
@@ -369,6 +381,7 @@ class FrameProtocol(asyncio.BufferedProtocol):
             view = data  # fast path: nothing buffered (usually whole frames)
         n = len(view)
         pos = 0
+        frames = 0
         while n - pos >= HEADER:
             size, tag = _HEAD.unpack_from(view, pos)
             oob = size & OOB
@@ -402,10 +415,16 @@ class FrameProtocol(asyncio.BufferedProtocol):
             else:
                 self._deliver(tag, memoryview(view)[start:end], False)
             pos = end
+            frames += 1
         if view is buf:
             del buf[:pos]
         elif pos < n:
             buf += view[pos:]
+        if frames > 1 and self._loop is not None and self._held is None:
+            # Several requests in one read: their replies (sent from the first steps of their
+            # tasks, which run before this callback) leave together.
+            self._held = []
+            self._loop.call_soon(self.flush)
 
     def _deliver(self, tag: int, payload: Any, oob: bool, bufs: list[Any] | None = None) -> None:
         """Decode a frame's payload (`oob`: a whole out-of-band one; `bufs`: the out-of-band
@@ -425,6 +444,8 @@ class FrameProtocol(asyncio.BufferedProtocol):
         if self.transport is not None and not self.closed:
             payload, bufs = encode_parts(msg)
             if bufs:
+                if self._held:
+                    self._write_held()
                 sizes = [len(b) for b in bufs]
                 start, offsets, total = _oob_layout(len(payload), sizes)
                 if total > MAX_FRAME:
@@ -444,14 +465,40 @@ class FrameProtocol(asyncio.BufferedProtocol):
             if len(payload) > MAX_FRAME:
                 raise FrameTooLargeError(f"a message of {len(payload)} bytes is over the {MAX_FRAME}-byte frame limit")
             if len(payload) < 65536:
-                self.transport.write(_HEAD.pack(len(payload), tag) + payload)
+                self._write(_HEAD.pack(len(payload), tag) + payload)
             else:  # large: no copy to prepend the header
+                if self._held:
+                    self._write_held()
                 self.transport.writelines((_HEAD.pack(len(payload), tag), payload))
 
     def send_raw(self, data: bytes) -> None:
         """Queue a frame built with `frame()`."""
         if self.transport is not None and not self.closed:
-            self.transport.write(data)
+            self._write(data)
+
+    def _write(self, frame: bytes) -> None:
+        held = self._held
+        if held is None:
+            self.transport.write(frame)  # type: ignore[union-attr]
+            return
+        held.append(frame)
+        self._held_bytes += len(frame)
+        if self._held_bytes > HOLD_BYTES:
+            self._write_held()
+
+    def _write_held(self) -> None:
+        """Write the frames held so far in one write; later ones of the read are held still."""
+        held = self._held
+        if held:
+            self._held = []
+            self._held_bytes = 0
+            if self.transport is not None and not self.closed:
+                self.transport.write(held[0] if len(held) == 1 else b"".join(held))
+
+    def flush(self) -> None:
+        """Write the frames held since a read of several requests, and hold no more."""
+        self._write_held()
+        self._held = None
 
     # ---- flow control ---------------------------------------------------------------
     def pause_writing(self) -> None:
@@ -481,10 +528,12 @@ class FrameProtocol(asyncio.BufferedProtocol):
 
     def close(self) -> None:
         if self.transport is not None:
+            self.flush()
             self.transport.close()
 
     def abort(self) -> None:
         """Close at once, unsent bytes dropped (the peer is known dead)."""
+        self._held = None
         if self.transport is not None:
             self.transport.abort()
 
