@@ -644,11 +644,15 @@ def test_rejected_request_is_retried_on_another_replica(net: Net) -> None:
     run(net, body)
 
 
-def test_rejected_request_goes_first_in_line(net: Net) -> None:
+@pytest.mark.parametrize("first", ["task", "direct"])
+def test_rejected_request_goes_first_in_line(net: Net, first: str) -> None:
+    """Also for a call sent without a task (`call_direct`): its retry is a `call`, first in line."""
+
     async def body(replica: Any) -> None:
         a, b = await replica("a"), await replica("b")
         router = await make_router([a], max_ongoing=1)
-        r0 = call(router, 0)
+        seen: list[asyncio.Future[Any]] = []
+        r0 = call(router, 0) if first == "task" else direct(router, 0, seen)[1]
         at_a = await a.nth(0)
         router.update(info([a, b], max_ongoing=1))
         await connected(router)
@@ -665,6 +669,7 @@ def test_rejected_request_goes_first_in_line(net: Net) -> None:
         (await b.nth(2)).reply(Ok("q2"))
         assert b.args() == [1, 0, 2]  # the rejected request went before the one waiting
         assert await result(asyncio.gather(r0, q2)) == ["r0", "q2"]
+        assert seen == ([] if first == "task" else [r0])
         router.close()
 
     run(net, body)
@@ -1169,39 +1174,25 @@ def test_a_cancelled_direct_call_is_cancelled_at_its_replica(net: Net) -> None:
     run(net, body)
 
 
-def test_a_rejected_direct_call_goes_on_first_in_line_and_can_be_cancelled_there(net: Net) -> None:
+def test_a_rejected_direct_call_is_cancelled_where_it_waits_again(net: Net) -> None:
     async def body(replica: Any) -> None:
         a, b = await replica("a"), await replica("b")
-        router = await make_router([a], max_ongoing=1)
-        seen: list[asyncio.Future[Any]] = []
-        d, out = direct(router, 0, seen)
-        at_a = await a.nth(0)
+        router = await make_router([b], max_ongoing=1)
+        busy = call(router, 1)
+        at_b = await b.nth(0)
         router.update(info([a, b], max_ongoing=1))
         await connected(router)
-        q1 = call(router, 1)
-        at_b = await b.nth(0)
-        q2 = call(router, 2)
-        await until(lambda: len(router.queue) == 1)
+        seen: list[asyncio.Future[Any]] = []
+        d, out = direct(router, 0, seen)  # a is the only replica with room
+        at_a = await a.nth(0)
         a.drain()
         at_a.reply(Rejected())
-        await until(lambda: len(router.queue) == 2, what="the rejected call back in the queue")
-        at_b.reply(Ok("q1"))
-        assert await result(q1) == "q1"
-        (await b.nth(1)).reply(Ok("d0"))
-        await until(lambda: seen, what="the retried call's outcome")
-        assert out.result() == "d0" and b.args()[:2] == [1, 0]  # before the one that waited
-        (await b.nth(2)).reply(Ok("q2"))
-        assert await result(q2) == "q2"
-        # rejected again, then cancelled while it waits in the queue
-        seen.clear()
-        d, out = direct(router, 3, seen)
-        first_in = await b.nth(3)
-        b.drain()
-        first_in.reply(Rejected())
-        await until(lambda: d.retry is not None, what="the retry")
+        await until(lambda: d.retry is not None and len(router.queue) == 1, what="the retry in the queue")
         d.cancel()
         await until(lambda: seen, what="the cancelled retry")
-        assert out.cancelled() and not router.queue
+        assert out.cancelled() and not router.queue and seen == [out]
+        at_b.reply(Ok("busy"))
+        assert await result(busy) == "busy" and b.args() == [1]  # the cancelled call never reached b
         router.close()
 
     run(net, body)
