@@ -121,15 +121,9 @@ class DirectCall:
         self.answered = False  # the replica's reply came
         self.retry: asyncio.Task[Any] | None = None
 
-    # the reply-future side, as ReplicaConn and Router._abandon use it
+    # the reply-future side, as ReplicaConn uses it (`cancel` does `_abandon`'s part)
     def done(self) -> bool:
         return self.answered
-
-    def cancelled(self) -> bool:
-        return False
-
-    def result(self) -> None:
-        return None
 
     def set_result(self, reply: Any) -> None:
         self.answered = True
@@ -684,25 +678,27 @@ class Router:
 
     # ---- requests ---------------------------------------------------------------------
     @staticmethod
-    def _send(r: ReplicaConn, msg: tuple[Any, ...]) -> tuple[int, asyncio.Future[Any]]:
-        """Send one request on `r` (slot held); returns its tag and the future of its first
-        reply message. A replica that is gone or draining before the request was sent counts
-        as a rejection: the request never started, so the caller retries it elsewhere."""
+    def _send(r: ReplicaConn, msg: tuple[Any, ...], reply: Any = None) -> tuple[int, Any]:
+        """Send one request on `r` (slot held); returns its tag and what its first reply
+        message goes to: `reply` (a `DirectCall`), else a new future. A replica that is gone
+        or draining before the request was sent counts as a rejection: the request never
+        started, so the caller retries it elsewhere."""
         if not r.ready or r.draining:
             fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
             fut.set_result(_REJECTED)
             return 0, fut
-        fut = r.router.loop.create_future()  # type: ignore[union-attr]  # set by the update that made `r`
+        if reply is None:
+            reply = r.router.loop.create_future()  # type: ignore[union-attr]  # set by the update that made `r`
         tag = r.next_id()
         r.proto.send(tag, msg)
-        r.pending[tag] = fut
-        return tag, fut
+        r.pending[tag] = reply
+        return tag, reply
 
-    def _send_held(self, r: ReplicaConn, msg: tuple[Any, ...]) -> tuple[int, asyncio.Future[Any]]:
+    def _send_held(self, r: ReplicaConn, msg: tuple[Any, ...], reply: Any = None) -> tuple[int, Any]:
         """`_send`; if the message cannot go (it does not pickle, or is over the frame limit),
         its slot is freed before the error reaches the caller."""
         try:
-            return self._send(r, msg)
+            return self._send(r, msg, reply)
         except BaseException:
             self.release(r)
             raise
@@ -764,19 +760,12 @@ class Router:
         if self.queue:
             return None
         r = self._choose(meta.get("multiplexed_model_id", "") if meta else "", False, True)
-        if r is None or not r.ready or r.draining:
+        if r is None or not r.ready or r.draining:  # (`_send` would answer Rejected)
             return None
+        wargs, wkwargs = wire_args(args, kwargs)
         r.in_flight += 1
         d = DirectCall(self, r, (method, args, kwargs, meta), out, on_done)
-        try:
-            wargs, wkwargs = wire_args(args, kwargs)
-            tag = r.next_id()
-            r.proto.send(tag, Call(method, wargs, wkwargs, meta))
-        except BaseException:
-            self.release(r)
-            raise
-        d.tag = tag
-        r.pending[tag] = d
+        d.tag = self._send_held(r, Call(method, wargs, wkwargs, meta), d)[0]
         return d
 
     def _direct_reply(self, d: DirectCall, reply: Any) -> None:
