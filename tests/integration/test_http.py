@@ -54,6 +54,53 @@ def test_return_values_become_http_responses(url):
         assert info == {"path": "/api/info", "root_path": "/api", "method": "GET", "header": "yes"}
 
 
+@serve.deployment
+class NoArgs:
+    def __call__(self) -> int:
+        return 1
+
+
+@serve.deployment
+async def no_args_fn() -> str:
+    return "hello"
+
+
+@serve.deployment
+class Values:
+    def __call__(self, request: Request):
+        import datetime
+        import uuid
+
+        kind = request.url.path.rsplit("/", 1)[-1]
+        if kind == "none":
+            return None
+        if kind == "bytes":
+            return b"\x00raw"
+        return {"at": datetime.date(2026, 12, 4), "id": uuid.UUID(int=7)}
+
+
+def test_a_handler_with_no_parameters_is_called_without_the_request(url):
+    """Ray Serve calls an HTTP entry that takes no arguments without the request."""
+    serve.run(NoArgs.bind(), name="noargs", route_prefix="/noargs")
+    serve.run(no_args_fn.bind(), name="noargsfn", route_prefix="/fn")
+    with httpx.Client(base_url=url) as c:
+        r = c.get("/noargs", headers={"x-request-id": "123-234"})
+        assert (r.status_code, r.json(), r.headers["x-request-id"]) == (200, 1, "123-234")
+        r = c.get("/fn")
+        assert (r.status_code, r.text) == (200, "hello")
+
+
+def test_plain_values_are_encoded_as_ray_serve_encodes_them(url):
+    serve.run(Values.bind(), name="values", route_prefix="/v")
+    with httpx.Client(base_url=url) as c:
+        r = c.get("/v/none")
+        assert (r.status_code, r.content, r.headers["content-type"]) == (200, b"", "text/plain")
+        r = c.get("/v/bytes")
+        assert (r.status_code, r.content, r.headers["content-type"]) == (200, b"\x00raw", "text/plain")
+        r = c.get("/v/json")
+        assert r.status_code == 200 and r.json() == {"at": "2026-12-04", "id": "00000000-0000-0000-0000-000000000007"}
+
+
 def test_user_error_gives_500_and_app_keeps_serving(url):
     serve.run(Api.bind(), name="api", route_prefix="/api")
     with httpx.Client(base_url=url) as c:

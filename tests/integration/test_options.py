@@ -241,6 +241,16 @@ def test_start_logging_config_applies_to_the_proxy(url, tmp_path):
         serve.start(http_options={"root_path": ROOT, "port": port})
 
 
+def test_a_second_start_with_another_port_warns_that_it_is_ignored(url, caplog: pytest.LogCaptureFixture):
+    port = int(url.rsplit(":", 1)[1])
+    with caplog.at_level(logging.WARNING, logger="flotilla"):
+        serve.start(http_options={"root_path": ROOT, "port": port})
+        assert "ignored" not in caplog.text
+        serve.start(http_options={"port": port + 1})
+    assert f"ignored port={port + 1}" in caplog.text and f":{port}" in caplog.text
+    assert httpx.get(f"{url}{ROOT}/-/healthz", timeout=30).text == "success"
+
+
 def test_location_disabled_starts_no_proxy(url):
     port = int(url.rsplit(":", 1)[1])
     serve.shutdown()

@@ -95,6 +95,16 @@ def test_num_replicas_auto_gives_ray_defaults():
     assert (ac.min_replicas, ac.max_replicas, ac.target_ongoing_requests) == (1, 100, 2.0)
 
 
+def test_deployment_properties_read_back_as_ray_serves_do():
+    d = serve.deployment(f)
+    assert (d.num_replicas, d.version, d.logging_config, d.init_args, d.init_kwargs) == (1, None, None, (), {})
+    assert serve.deployment(num_replicas="auto")(f).num_replicas is None
+    assert serve.deployment(autoscaling_config={"max_replicas": 3})(f).num_replicas is None
+    given = serve.deployment(ray_actor_options={"num_cpus": 1}, logging_config={"log_level": "DEBUG"})(f)
+    assert given.ray_actor_options == {"num_cpus": 1}  # as given, defaults included
+    assert given.logging_config["log_level"] == "DEBUG"  # a dict, as Ray's
+
+
 def test_deployment_cannot_be_called_directly():
     d = serve.deployment(f)
     with pytest.raises(RuntimeError, match="bind"):

@@ -181,6 +181,18 @@ def test_http_options_root_path_and_location_are_validated():
         validate(HTTPOptions, {"location": "Everywhere"}, "http_options")
 
 
+def test_proxy_location_enum_is_taken_where_its_names_are():
+    from flotilla.serve.api import _http_options
+    from flotilla.serve.config import HTTPOptions, ProxyLocation, validate
+
+    assert [p.value for p in ProxyLocation] == ["Disabled", "HeadOnly", "EveryNode"]
+    assert ProxyLocation.EveryNode == "EveryNode"
+    opts = validate(HTTPOptions, {"location": ProxyLocation.HeadOnly}, "http_options")
+    assert opts.location == "HeadOnly" and type(opts.location) is str
+    assert _http_options(None, ProxyLocation.Disabled).proxy_disabled
+    assert _http_options({"port": 1}, ProxyLocation.HeadOnly).location == "HeadOnly"
+
+
 # ---- warnings ----------------------------------------------------------------------------------
 
 def test_options_not_honoured_warn_once_per_process_naming_the_option():

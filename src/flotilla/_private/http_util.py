@@ -11,7 +11,8 @@ logger = logging.getLogger("flotilla.http")
 
 JSON = [(b"content-type", b"application/json")]
 TEXT = [(b"content-type", b"text/plain; charset=utf-8")]
-OCTETS = [(b"content-type", b"application/octet-stream")]
+#: bytes and None go out as `text/plain` (no charset), as Ray Serve sends them.
+RAW = [(b"content-type", b"text/plain")]
 
 
 def _default(obj: Any) -> Any:
@@ -25,21 +26,32 @@ def _default(obj: Any) -> Any:
         return tolist()
     if isinstance(obj, (set, frozenset, tuple)):
         return list(obj)
-    raise TypeError(f"Object of type {type(obj).__name__} is not JSON serializable")
+    # The rest as Ray Serve encodes them: dates, UUIDs, decimals, enums, bytes, paths, ...
+    from fastapi.encoders import jsonable_encoder
+
+    try:
+        return jsonable_encoder(obj)
+    except ValueError as e:  # what it cannot take either
+        raise TypeError(f"Object of type {type(obj).__name__} is not JSON serializable") from e
 
 
-#: `json.dumps(result, default=_default)`'s encoder, made once (dumps makes one per call).
-_JSON = json.JSONEncoder(default=_default)
+#: `json.dumps(result, default=_default, separators=(",", ":"))`'s encoder, made once (dumps
+#: makes one per call); compact, as Ray Serve writes JSON responses.
+_JSON = json.JSONEncoder(default=_default, separators=(",", ":"))
 
 
 def encode_result(result: Any) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
-    """Status, headers and body for a plain return value (not a Starlette Response)."""
+    """Status, headers and body for a plain return value (not a Starlette Response): text,
+    bytes and None (an empty body) as they are, anything else as JSON."""
     if isinstance(result, str):
         body = result.encode()
         ctype = TEXT
     elif isinstance(result, (bytes, bytearray, memoryview)):
         body = bytes(result)
-        ctype = OCTETS
+        ctype = RAW
+    elif result is None:
+        body = b""
+        ctype = RAW
     else:
         body = _JSON.encode(result).encode()
         ctype = JSON

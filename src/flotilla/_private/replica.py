@@ -118,6 +118,22 @@ def _http_mode(fn: Any) -> int:
     return _SYNC
 
 
+def _takes_args(fn: Any) -> bool:
+    """Whether an HTTP entry takes the request: one with no parameters at all (`def
+    __call__(self)`) is called without it, as Ray Serve does."""
+    try:
+        return bool(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):  # no signature to read: pass the request
+        return True
+
+
+def _without_request(fn: Any) -> Any:
+    """`fn` called as an HTTP entry that drops the request (its mode stays `fn`'s)."""
+    def entry(_request: Any) -> Any:
+        return fn()
+    return entry
+
+
 def _make_request_class() -> type:
     from starlette.requests import Request
 
@@ -423,8 +439,9 @@ class Replica:
         if ((user_config is not None and (self.prebuilt is None or user_config != self.prebuilt.user_config))
                 or (not self.is_function and _takes_rank(obj))):
             await self._reconfigure(user_config)
-        self.http_entry = self._ingress_callable(cfg)
-        self.http_mode = _http_mode(self.http_entry)
+        entry = self._ingress_callable(cfg)
+        self.http_mode = _http_mode(entry)
+        self.http_entry = entry if entry is None or _takes_args(entry) else _without_request(entry)
         await self._first_health_check(cfg.get("health_check_timeout_s", 30.0))
 
     async def _check_health(self) -> None:

@@ -125,9 +125,25 @@ def start(
     url = rt.call_head("start_http", options, timeout=60)
     if url:
         logger.info("HTTP proxy listening at %s", url)
+        if http_options is not None:
+            _warn_if_kept(url, opts)
     elif opts.proxy_disabled:
         logger.info("HTTP proxy disabled (location=%s): applications answer handles only", opts.location)
     return ServeControllerClient()
+
+
+def _warn_if_kept(url: str, opts: HTTPOptions) -> None:
+    """Warn when the proxy that answers is not where these options asked for one (it ran
+    already, with other options, which stay until serve.shutdown())."""
+    from urllib.parse import urlsplit
+
+    where = urlsplit(url)
+    differ = [name for name, want, got in (("host", opts.host, where.hostname), ("port", opts.port, where.port))
+              if name in opts.model_fields_set and want not in (None, 0) and str(want).strip("[]") != str(got)]
+    if differ:
+        logger.warning(
+            "serve.start(http_options=...) ignored %s: the HTTP proxy already runs at %s and keeps "
+            "its options until serve.shutdown()", ", ".join(f"{n}={getattr(opts, n)!r}" for n in differ), url)
 
 
 def _grpc_options(value: dict[str, Any] | gRPCOptions | None) -> dict[str, Any] | None:

@@ -40,6 +40,7 @@ __all__ = [
     "DeploymentConfig",
     "HTTPOptions",
     "LoggingConfig",
+    "ProxyLocation",
     "RayActorOptions",
     "RequestRouterConfig",
     "validate",
@@ -453,6 +454,14 @@ def warn_small_limit(name: str, max_ongoing: int, max_batch: int) -> None:
     )
 
 
+class ProxyLocation(str, Enum):
+    """Where HTTP proxies run (`serve.start(proxy_location=...)`, `HTTPOptions.location`)."""
+
+    Disabled = "Disabled"
+    HeadOnly = "HeadOnly"
+    EveryNode = "EveryNode"
+
+
 class HTTPOptions(BaseModel):
     """Options of the HTTP proxy (`serve.start(http_options=...)`)."""
 
@@ -570,6 +579,11 @@ class HTTPOptions(BaseModel):
         from flotilla._private.frontdoor import check_middlewares
 
         return check_middlewares(v)
+
+    @field_validator("location", mode="before")
+    @classmethod
+    def _location(cls, v: Any) -> Any:
+        return v.value if isinstance(v, ProxyLocation) else v
 
     @field_validator("root_path")
     @classmethod

@@ -46,8 +46,31 @@ class Deployment:
         return self._config
 
     @property
-    def num_replicas(self) -> int | str | None:
-        return self._config.num_replicas
+    def num_replicas(self) -> int | None:
+        """The fixed replica count (1 unless set); None when the deployment autoscales."""
+        n = self._config.num_replicas
+        if n == "auto" or self._config.autoscaling_config is not None:
+            return None
+        return 1 if n is None else n  # type: ignore[return-value]
+
+    @property
+    def version(self) -> str | None:
+        """Ray 1.x's deployment version: never set here (code changes roll out by themselves)."""
+        return None
+
+    @property
+    def logging_config(self) -> dict[str, Any] | None:
+        lc = self._config.logging_config
+        return None if lc is None else lc.model_dump()
+
+    @property
+    def init_args(self) -> tuple[Any, ...]:
+        """Constructor arguments: given to `.bind()`, which keeps them on the application."""
+        return ()
+
+    @property
+    def init_kwargs(self) -> dict[str, Any]:
+        return {}
 
     @property
     def max_ongoing_requests(self) -> int:
@@ -63,7 +86,7 @@ class Deployment:
 
     @property
     def ray_actor_options(self) -> dict[str, Any]:
-        return self._config.ray_actor_options.model_dump(exclude_defaults=True)
+        return self._config.ray_actor_options.model_dump(exclude_unset=True)
 
     @property
     def autoscaling_config(self) -> Any:
