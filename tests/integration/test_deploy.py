@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 
 import httpx
 import pytest
 
 from flotilla import serve
 from flotilla.exceptions import GetTimeoutError
-from flotilla.serve.exceptions import ConfigError, RayServeException
+from flotilla.serve.exceptions import ConfigError, DeploymentUnavailableError, RayServeException
 
 pytestmark = pytest.mark.slow
 
@@ -174,6 +175,72 @@ def test_get_handles_and_delete(url):
     serve.delete("gh")
     assert "gh" not in serve.status().applications
     assert httpx.post(f"{url}/gh", json=1).status_code == 404
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+class AppCaller:
+    """Calls another application as Ray's multi-app guide does: from its constructor and from
+    async methods (on the replica's own loop)."""
+
+    def __init__(self, other: str) -> None:
+        self.other = other
+        self.ctor_handle = serve.get_app_handle(other)
+
+    async def __call__(self, x: int) -> list:
+        handle = serve.get_app_handle(self.other)
+        status = serve.status().applications[self.other].status
+        return [await handle.remote(x), await self.ctor_handle.remote(x + 1), status]
+
+
+def test_get_app_handle_and_status_work_in_a_constructor_and_async_methods(url):
+    serve.run(Echo.bind("o"), name="other", route_prefix=None)
+    h = serve.run(AppCaller.bind("other"), name="caller", route_prefix=None)
+    assert h.remote(1).result(timeout_s=30) == ["o1", "o2", "RUNNING"]
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+class Combiner:
+    """Gets one response as an argument (its value) and others inside a list (to await)."""
+
+    def __init__(self, first, second) -> None:
+        self.first, self.second = first, second
+
+    async def __call__(self, x: int) -> list:
+        a = self.first.remote(x)
+        return await self.second.gather.remote(a, [self.first.remote(x + 1), self.first.remote(x + 2)])
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+class Gatherer:
+    async def gather(self, direct: str, refs: list) -> list:
+        return [direct] + [await r for r in refs]
+
+
+def test_responses_pass_between_replicas_by_value_and_by_reference(url):
+    h = serve.run(Combiner.bind(Echo.bind("e"), Gatherer.bind()), name="refs", route_prefix=None)
+    assert h.remote(1).result(timeout_s=30) == ["e1", "e2", "e3"]
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_constructor_retry_count=1)
+class NeverStarts:
+    def __init__(self) -> None:
+        raise RuntimeError("no weights here")
+
+    def __call__(self, *args) -> str:
+        return "never"
+
+
+def test_calls_to_a_deployment_that_failed_to_deploy_fail_at_once(url):
+    """Ray Serve (2.41+): DeploymentUnavailableError from a handle, 503 over HTTP, not a wait."""
+    with pytest.raises(RuntimeError, match="no weights here"):
+        serve.run(NeverStarts.bind(), name="never", route_prefix="/never")
+    assert serve.status().applications["never"].status == "DEPLOY_FAILED"
+    t0 = time.monotonic()
+    with pytest.raises(DeploymentUnavailableError, match="failed to deploy"):
+        serve.get_app_handle("never").remote().result(timeout_s=30)
+    r = httpx.get(f"{url}/never", timeout=30)
+    assert r.status_code == 503 and "failed to deploy" in r.text
+    assert time.monotonic() - t0 < 5
 
 
 def test_route_prefix_conflict_is_refused_and_first_app_keeps_serving(url):

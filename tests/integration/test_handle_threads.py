@@ -46,6 +46,17 @@ class Worker:
         await asyncio.sleep(s)
         raise Boom("late, from the replica")
 
+    async def by_reference(self, wrapped: dict) -> list:
+        """Ray's "pass a DeploymentResponse by reference": responses inside a container arrive
+        as something to await."""
+        out = []
+        for ref in wrapped["refs"]:
+            try:
+                out.append(await ref)
+            except Boom as e:
+                out.append("Boom" if "from the replica" in str(e) else repr(e))
+        return out
+
 
 @pytest.fixture
 def h(url: str) -> serve.DeploymentHandle:
@@ -231,3 +242,18 @@ def test_a_late_failure_after_its_caller_timed_out_is_not_logged(h, caplog: pyte
     del r, r2
     gc.collect()
     assert "never retrieved" not in caplog.text
+
+
+def test_responses_inside_containers_arrive_as_awaitables(h) -> None:
+    """From sync code, from a driver loop (awaited at once and not) and from a replica."""
+    refs = [h.add.remote(1, b=2), h.slow.remote("k", 0.2), h.fail.remote()]
+    assert h.by_reference.remote({"refs": refs}).result(timeout_s=30) == [3, "k", "Boom"]
+
+    async def main() -> list:
+        inner = [h.add.remote(5), h.slow.remote("late", 0.1)]
+        first = await h.by_reference.remote({"refs": inner})
+        pending = h.by_reference.remote({"refs": [h.add.remote(7)]})
+        await asyncio.sleep(0)
+        return [first, await pending]
+
+    assert asyncio.run(main()) == [[5, "late"], [7]]

@@ -98,6 +98,39 @@ def test_failed_rollout_keeps_v1_serving_then_v3_rolls_out(url: str) -> None:
     assert {tag(a) for a in http.values} == {"1", "3"}, http.report()
 
 
+@serve.deployment(num_replicas=2, user_config={"ok": True, "tag": "a"}, ray_actor_options={"num_cpus": 0.5})
+class Picky:
+    def reconfigure(self, cfg: dict[str, Any]) -> None:
+        if not cfg["ok"]:
+            raise ValueError(f"config {cfg['tag']} is bad")
+        self.tag = cfg["tag"]
+
+    async def __call__(self, *args: Any) -> str:
+        return f"{self.tag}:{os.getpid()}"
+
+
+def test_a_user_config_that_reconfigure_refuses_fails_the_update_and_keeps_replicas_serving(url: str) -> None:
+    h = serve.run(Picky.bind(), name=APP, route_prefix=PREFIX)
+    hl = Load.handle(h, threads=2, max_s=45)
+    with running(hl):
+        hl.wait_answers(lambda a: tag(a) == "a", n=10, timeout=15)
+        pids = {pid(a) for a in hl.values}
+        t0 = time.monotonic()
+        with pytest.raises(RuntimeError, match="config b is bad"):
+            serve.run(Picky.options(user_config={"ok": False, "tag": "b"}).bind(), name=APP, route_prefix=PREFIX)
+        assert time.monotonic() - t0 < 20
+        app = serve.status().applications[APP]
+        assert app.status == "DEPLOY_FAILED" and app.deployments["Picky"].status == "DEPLOY_FAILED"
+        assert "config b is bad" in app.deployments["Picky"].message
+        hl.wait_ok(10)
+        assert {pid(a) for a in hl.recent(20)} <= pids and {tag(a) for a in hl.values} == {"a"}
+        assert replica_states("Picky") == {"RUNNING": 2}
+        serve.run(Picky.options(user_config={"ok": True, "tag": "c"}).bind(), name=APP, route_prefix=PREFIX)
+        assert serve.status().applications[APP].status == "RUNNING"
+        hl.wait_answers(lambda a: tag(a) == "c", n=10, timeout=15)
+    assert hl.failed == 0 and hl.stuck == 0, hl.report()
+
+
 # ---- reconfigure ------------------------------------------------------------------------------
 
 

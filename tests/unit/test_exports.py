@@ -36,3 +36,21 @@ def test_request_cancelled_error_is_ray_serves_and_the_older_name() -> None:
     back = pickle.loads(pickle.dumps(e))
     assert back.__class__ is RequestCancelledError and str(back) == str(e)
     assert str(RequestCancelledError()) == "Request was cancelled."  # as Ray Serve words it
+
+
+def test_backpressure_error_takes_ray_serves_arguments_and_has_its_message() -> None:
+    import pickle
+
+    from flotilla.serve.exceptions import BackPressureError
+
+    e = BackPressureError(5, 10)
+    assert (e.num_queued_requests, e.max_queued_requests) == (5, 10)
+    assert "num_queued_requests=5" in e.message and str(e) == e.message
+    back = pickle.loads(pickle.dumps(BackPressureError(num_queued_requests=1, max_queued_requests=2)))
+    assert back.__class__ is BackPressureError and back.max_queued_requests == 2 and str(back) == back.message
+
+
+def test_proxy_location_is_in_serve_config() -> None:
+    from flotilla.serve.config import ProxyLocation
+
+    assert ProxyLocation("EveryNode") is ProxyLocation.EveryNode

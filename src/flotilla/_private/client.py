@@ -519,19 +519,51 @@ class Runtime:
         While the head is away, waits for it up to `wait_s` (default `FLOTILLA_HEAD_WAIT_S`),
         then raises HeadUnavailableError; raises ClusterGoneError at once when the session is over.
         """
-        if self.in_loop():
-            raise RuntimeError(
-                "this serve API call blocks; it cannot run on the event loop of a replica. "
-                "Call it from a thread (e.g. a sync method) instead."
-            )
         if self.dead:
             raise ClusterGoneError(self.dead)
+        if self.in_loop():
+            return self._call_head_aside(op, args, timeout)
         wait = head_wait_s() if wait_s is None else wait_s
         fut: Future[Any] = asyncio.run_coroutine_threadsafe(self.link.call(op, *args, wait_s=wait), self.loop)
         try:
             return fut.result(None if timeout is None else timeout + wait)
         except PeerClosedError:
             raise HeadUnavailableError(self.link.describe_away(wait)) from None
+
+    def _call_head_aside(self, op: str, args: tuple[Any, ...], timeout: float | None) -> Any:
+        """`call_head` from the runtime's own loop (a replica's constructor or async method,
+        where Ray Serve allows blocking serve calls too): over a connection of its own, made,
+        used and closed by a helper thread while this loop waits for it."""
+        path = self.link.path
+
+        async def once() -> Any:
+            peer = RpcPeer(None, name="head")
+            try:
+                await asyncio.wait_for(connect_addr(path, peer), HELLO_TIMEOUT_S)
+            except OSError:  # TimeoutError too
+                raise HeadUnavailableError(self.link.describe_away(0.0)) from None
+            try:
+                return await asyncio.wait_for(peer.call(op, *args), timeout)
+            except PeerClosedError:
+                raise HeadUnavailableError(self.link.describe_away(0.0)) from None
+            finally:
+                peer.close()
+
+        box: list[Any] = []
+
+        def run() -> None:
+            try:
+                box.append((True, asyncio.run(once())))
+            except BaseException as e:  # handed to the caller's thread
+                box.append((False, e))
+
+        t = threading.Thread(target=run, name="flotilla-head-call", daemon=True)
+        t.start()
+        t.join()
+        ok, value = box[0]
+        if ok:
+            return value
+        raise value
 
     async def subscribe(self, key: Any, cb: Any = None) -> Any:
         if cb is not None:

@@ -417,6 +417,8 @@ class Controller:
                 "max_ongoing_requests": dep.config["max_ongoing_requests"],
                 "max_queued_requests": dep.config["max_queued_requests"],
                 "dead": list(dep.dead),
+                # Its version failed to deploy (DEPLOY_FAILED): with no replica left, calls fail.
+                "failed": dep.failed_msg.split("\n", 1)[0][:500],
             }
         if key[0] == "routes":
             return self.routes()
@@ -714,6 +716,9 @@ class Controller:
             except Exception as e:
                 if r.state is not state:
                     return  # stopped or gone meanwhile
+                if not isinstance(e, TimeoutError) and not same_user_config(want, r.config_sent):
+                    self._refused(r, e)
+                    return
                 why = (f"did not finish within {RECONFIGURE_TIMEOUT_S:g}s" if isinstance(e, TimeoutError)
                        else f"failed: {e}")
                 logger.error("reconfigure of replica %s %s; replacing it", r.id, why)
@@ -725,6 +730,23 @@ class Controller:
             transition(r, RState.RUNNING, "config applied")
             self.publish(r.dep.key)
             self.kick()
+
+    def _refused(self, r: Replica, e: Exception) -> None:
+        """`r`'s reconfigure() raised on a new user_config: the update fails (DEPLOY_FAILED,
+        no replica started with it) and `r` keeps serving with the config it had, as the old
+        replicas of a version whose constructor fails keep serving."""
+        dep = r.dep
+        logger.error("reconfigure of replica %s refused the new user_config: %s", r.id, e)
+        if not dep.failed_msg:
+            dep.failed_msg = (
+                f"reconfigure() refused the new user_config on replica {r.id}: {e}\n"
+                "The replicas keep serving with the config they had; deploy a user_config that "
+                "reconfigure() accepts to update them."
+            )
+        if r.state is RState.UPDATING:
+            transition(r, RState.RUNNING, "reconfigure() refused the new config; serving with the one it had")
+        self.publish(dep.key)
+        self.kick()
 
     def delete_app(self, name: str) -> bool:
         app = self.apps.get(name)
@@ -1262,7 +1284,7 @@ class Controller:
         if failed:
             app.status = ApplicationStatus.DEPLOY_FAILED
             app.message = "\n".join(
-                f"Deploying application '{app.name}' failed: deployment '{d.name}': {d.message}" for d in failed
+                f"deployment '{d.name}' failed: {d.message}" for d in failed
             )
         elif all(d.status in _SERVING for d in deps):
             if app.status is not ApplicationStatus.RUNNING:

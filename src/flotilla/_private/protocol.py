@@ -33,6 +33,7 @@ is the call id with bit 31 set):
 
 from __future__ import annotations
 
+import contextlib
 import pickle
 from typing import Any, NamedTuple
 
@@ -240,6 +241,23 @@ def wire(value: Any, depth: int = WIRE_DEPTH) -> Any:
         return pickle.PickleBuffer(value)
     wired = [wire(v, depth - 1) for v in value]
     return wired if cls is list else tuple(wired)
+
+
+class ResponsePending(Exception):
+    """Raised while pickling a call's arguments that hold a `DeploymentResponse` (in a list, a
+    dict, ...) with no outcome yet: the router waits for it (`settled`) and sends the call
+    again, the response then travelling as its outcome."""
+
+    def __init__(self, response: Any) -> None:
+        super().__init__(
+            "a DeploymentResponse inside the arguments has no result yet; the router waits for "
+            "it before it sends the call (streaming and broadcast calls do not: await it first)")
+        self.response = response
+
+    async def settled(self) -> None:
+        """Once the response has its outcome, whatever it is (an error travels with it)."""
+        with contextlib.suppress(Exception):
+            await self.response
 
 
 def wire_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:

@@ -41,6 +41,7 @@ from flotilla._private.protocol import (
     HttpStart,
     Ok,
     Rejected,
+    ResponsePending,
     Stream,
     WsCredit,
     WsIn,
@@ -376,6 +377,7 @@ class Router:
         self._ahead_done = 0
         self._finished = 0  # requests finished, ever (the drain rate and `_ahead` read it)
         self.exists: bool | None = None  # None until the controller has answered
+        self.failed = ""  # why its version failed to deploy (DEPLOY_FAILED), if it did
         self._rate_done = 0  # `_finished` at _rate_t
         self._rate_t = time.monotonic()
         self._rate = 0.0
@@ -431,7 +433,8 @@ class Router:
                 self.replicas[rid] = conn
                 conn.connecting = loop.create_task(conn.connect())
             self.replicas[rid].models = models.get(rid, ())
-        if not self.exists:
+        self.failed = info.get("failed", "")
+        if not self.exists or (self.failed and not wanted):
             self._fail_queue(self._unavailable())
             return
         self._dispatch()
@@ -445,6 +448,11 @@ class Router:
 
     def _unavailable(self) -> DeploymentUnavailableError:
         d = self.deployment_id
+        if self.exists and self.failed:
+            return DeploymentUnavailableError(
+                f"Deployment '{d.name}' in application '{d.app_name}' failed to deploy and has no "
+                f"replica to serve: {self.failed} (serve.status() has the whole message; deploy a "
+                "working version to recover).")
         return DeploymentUnavailableError(
             f"Deployment '{d.name}' in application '{d.app_name}' does not exist (it was "
             "deleted or never deployed)."
@@ -590,7 +598,7 @@ class Router:
             if r is not None:
                 r.in_flight += 1
                 return r
-        if self.exists is False:
+        if self.exists is False or (self.failed and not self.replicas):
             raise self._unavailable()
         if self.max_queued != -1 and not front and (queued := self.queued()) >= self.max_queued:
             raise BackPressureError(num_queued_requests=queued, max_queued_requests=self.max_queued)
@@ -730,7 +738,12 @@ class Router:
                         meta = {}
                         msg = Call(method, args, kwargs, meta)
                     meta[trace.ROUTER_QUEUE_KEY] = queued
-                tag, fut = self._send_held(r, msg)
+                try:
+                    tag, fut = self._send_held(r, msg)
+                except ResponsePending as e:  # (its slot is free again)
+                    await e.settled()
+                    ta = time.perf_counter()
+                    continue
                 try:
                     reply = await fut
                 except asyncio.CancelledError:
@@ -765,7 +778,10 @@ class Router:
         wargs, wkwargs = wire_args(args, kwargs)
         r.in_flight += 1
         d = DirectCall(self, r, (method, args, kwargs, meta), out, on_done)
-        d.tag = self._send_held(r, Call(method, wargs, wkwargs, meta), d)[0]
+        try:
+            d.tag = self._send_held(r, Call(method, wargs, wkwargs, meta), d)[0]
+        except ResponsePending:  # a response among the arguments has to end first: as `call`
+            return None
         return d
 
     def _direct_reply(self, d: DirectCall, reply: Any) -> None:

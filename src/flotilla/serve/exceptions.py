@@ -21,21 +21,21 @@ class RayServeException(Exception):
 class BackPressureError(RayServeException):
     """A request was rejected because the deployment's queue is full."""
 
-    def __init__(self, *, num_queued_requests: int, max_queued_requests: int) -> None:
+    def __init__(self, num_queued_requests: int, max_queued_requests: int) -> None:
         self.num_queued_requests = num_queued_requests
         self.max_queued_requests = max_queued_requests
-        super().__init__(
-            f"Request dropped due to backpressure (num_queued_requests={num_queued_requests}, "
-            f"max_queued_requests={max_queued_requests}). Add replicas or raise "
+        super().__init__(num_queued_requests, max_queued_requests)
+
+    @property
+    def message(self) -> str:
+        return (
+            f"Request dropped due to backpressure (num_queued_requests={self.num_queued_requests}, "
+            f"max_queued_requests={self.max_queued_requests}). Add replicas or raise "
             "max_queued_requests."
         )
 
-    def __reduce__(self):  # keyword-only __init__ needs help to pickle
-        return (_rebuild_backpressure, (self.num_queued_requests, self.max_queued_requests))
-
-
-def _rebuild_backpressure(queued: int, limit: int) -> BackPressureError:
-    return BackPressureError(num_queued_requests=queued, max_queued_requests=limit)
+    def __str__(self) -> str:
+        return self.message
 
 
 class DeploymentUnavailableError(RayServeException):

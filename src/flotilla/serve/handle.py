@@ -21,6 +21,7 @@ from flotilla._private import args as _args
 from flotilla._private.client import Runtime
 from flotilla._private.context import new_request_id, request_meta, spawned
 from flotilla._private.hop import Inbox, inbox_for
+from flotilla._private.protocol import ResponsePending
 from flotilla._private.router import DirectCall
 from flotilla.exceptions import GetTimeoutError
 from flotilla.serve.exceptions import RequestCancelledError
@@ -673,6 +674,46 @@ class DeploymentResponse:
     def cancelled(self) -> bool:
         t = self._task
         return self._cancel or bool(t is not None and t.done() and t.cancelled())
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Passed inside another call's arguments (Ray's "by reference"): it travels as its
+        outcome, to be awaited there; a router that meets one without an outcome yet waits
+        for it and sends again (`ResponsePending`)."""
+        t = self._task
+        if t is None or not t.done():
+            raise ResponsePending(self)
+        if t.cancelled():
+            return (SettledResponse, (None, RequestCancelledError(self._request_id)))
+        e = t.exception()
+        return (SettledResponse, (t.result(), None) if e is None else (None, e))
+
+
+class SettledResponse:
+    """What a `DeploymentResponse` passed inside a list, dict or other value of a call's
+    arguments arrives as: awaiting it gives the response's result, or raises its error (as
+    awaiting the ObjectRef Ray Serve passes does). A response passed as an argument itself
+    arrives as its result."""
+
+    __slots__ = ("_error", "_value")
+
+    def __init__(self, value: Any, error: BaseException | None) -> None:
+        self._value = value
+        self._error = error
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        yield from ()
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+    def result(self, timeout_s: float | None = None) -> Any:
+        """The value (it is here already; `timeout_s` is accepted for symmetry)."""
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (SettledResponse, (self._value, self._error))
 
 
 #: Serialises making a latch late (several threads may call result() on one response).
