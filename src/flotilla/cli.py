@@ -52,14 +52,25 @@ def _plain(e: Exception) -> bool:
     return isinstance(e, (ConnectionError, ValueError, RuntimeError, OSError))
 
 
-def _load(import_path: str) -> Any:
+def _load(import_path: str, args: dict[str, str] | None = None) -> Any:
     from flotilla._private.appbuild import import_application
 
     if ":" not in import_path and "." not in import_path:
         raise click.BadParameter("expected MODULE:ATTRIBUTE, e.g. examples.sklearn_app:app", param_hint="IMPORT_PATH")
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
-    return import_application(import_path)
+    return import_application(import_path, args)
+
+
+def _builder_args(arguments: tuple[str, ...]) -> dict[str, str]:
+    """`key=value` words (as `serve run` takes them) as the application builder's args."""
+    out: dict[str, str] = {}
+    for word in arguments:
+        key, eq, value = word.partition("=")
+        if not eq or not key:
+            raise click.BadParameter(f"{word!r} is not of the form key=value", param_hint="ARGUMENTS")
+        out[key] = value
+    return out
 
 
 def _is_config(target: str) -> bool:
@@ -491,6 +502,7 @@ def tune(import_path: str, slo_p95_ms: float, body_file: str | None, route: str 
 # ---- run -------------------------------------------------------------------------------------
 @main.command()
 @click.argument("target")
+@click.argument("arguments", nargs=-1)
 @click.option("--host", default=None, envvar="FLOTILLA_HOST", help="Interface the HTTP proxy binds (default 127.0.0.1).")
 @click.option("--port", default=None, type=int, envvar="FLOTILLA_PORT", help="HTTP port (default 8000).")
 @click.option("--name", default="default", show_default=True, help="Application name (module:app only).")
@@ -500,9 +512,12 @@ def tune(import_path: str, slo_p95_ms: float, body_file: str | None, route: str 
 @click.option("--address", "-a", default=None,
               help='Run on this running cluster ("auto", or its REST URL) instead of a private one.')
 @namespace_option
-def run(target: str, host: str | None, port: int | None, name: str, route_prefix: str, num_cpus: float | None,
-        num_gpus: float | None, address: str | None, namespace: str | None) -> None:
+def run(target: str, arguments: tuple[str, ...], host: str | None, port: int | None, name: str, route_prefix: str,
+        num_cpus: float | None, num_gpus: float | None, address: str | None, namespace: str | None) -> None:
     """Serve TARGET (module:application, or a config file) until Ctrl-C, in a private cluster.
+
+    ARGUMENTS (`key=value` ...) go to TARGET when it is an application builder function, as
+    its args (as in `serve run module:builder key=value`).
 
     Blocks in the foreground; Ctrl-C or SIGTERM drains and stops every process it started.
     With --address (or --namespace), it deploys to that running cluster instead and, at
@@ -514,6 +529,9 @@ def run(target: str, host: str | None, port: int | None, name: str, route_prefix
     config: dict[str, Any] | None = None
     app = None
     if _is_config(target):
+        if arguments:
+            raise click.BadParameter("key=value arguments go with a module:builder target; a config "
+                                     "file gives an application's args under `args:`", param_hint="ARGUMENTS")
         from flotilla.serve.deploy_schema import load_config_file
 
         config = load_config_file(target).to_dict()
@@ -524,7 +542,7 @@ def run(target: str, host: str | None, port: int | None, name: str, route_prefix
             http["port"] = port
         config["http_options"] = http
     else:
-        app = _load(target)
+        app = _load(target, _builder_args(arguments))
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     attach = address is not None or namespace is not None

@@ -139,3 +139,40 @@ def test_cold_start_is_bounded_by_a_timeout(url):
     r = httpx.get(f"{url}/slow", timeout=30)
     assert r.status_code == 503 and "became available within 3s" in r.text
     assert time.monotonic() - t0 < 10
+
+
+@serve.deployment(num_replicas=1, graceful_shutdown_wait_loop_s=0.05, ray_actor_options={"num_cpus": 0.25})
+class Sized:
+    def __init__(self, start_s: float = 0.0) -> None:
+        time.sleep(start_s)
+
+    async def __call__(self, hold_s: float = 0.0) -> int:
+        await asyncio.sleep(hold_s)
+        return os.getpid()
+
+
+def dep_status(app: str, dep: str) -> tuple[str, str, dict]:
+    d = serve.status().applications[app].deployments[dep]
+    return d.status.value, d.status_trigger.value, {getattr(k, "value", k): n for k, n in d.replica_states.items()}
+
+
+def test_a_manual_replica_count_change_is_upscaling_or_downscaling_as_in_ray(url):
+    """A changed num_replicas alone: UPSCALING / DOWNSCALING (the application stays RUNNING),
+    then HEALTHY with UPSCALE_COMPLETED / DOWNSCALE_COMPLETED, once no replica is stopping."""
+    h = serve.run(Sized.bind(1.0), name="sized", route_prefix=None)
+    serve.run(Sized.options(num_replicas=3).bind(1.0), name="sized", route_prefix=None)
+    assert serve.status().applications["sized"].status == "RUNNING"
+    status, trigger, _ = dep_status("sized", "Sized")
+    assert (status, trigger) == ("UPSCALING", "CONFIG_UPDATE_STARTED")
+    wait_for(lambda: dep_status("sized", "Sized") == ("HEALTHY", "UPSCALE_COMPLETED", {"RUNNING": 3}),
+             timeout=30, what=lambda: f"3 replicas, HEALTHY: {dep_status('sized', 'Sized')}")
+    held = [h.remote(2.0) for _ in range(3)]  # in flight while the count drops
+    wait_for(lambda: serve.status().applications["sized"].deployments["Sized"].replica_states == {"RUNNING": 3},
+             timeout=10)
+    time.sleep(0.3)  # (the held requests reach their replicas)
+    serve.run(Sized.options(num_replicas=1).bind(1.0), name="sized", route_prefix=None)
+    status, trigger, states = dep_status("sized", "Sized")
+    assert status == "DOWNSCALING" and states.get("STOPPING"), (status, trigger, states)
+    assert all(isinstance(r.result(timeout_s=30), int) for r in held)
+    wait_for(lambda: dep_status("sized", "Sized") == ("HEALTHY", "DOWNSCALE_COMPLETED", {"RUNNING": 1}),
+             timeout=30, what=lambda: f"1 replica, HEALTHY: {dep_status('sized', 'Sized')}")

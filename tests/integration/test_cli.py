@@ -420,6 +420,26 @@ def test_run_on_a_running_cluster_deletes_only_what_it_deployed(cl: Cluster, pro
         _reap(p)
 
 
+def test_run_passes_key_value_arguments_to_an_application_builder(cl: Cluster, project: str) -> None:
+    """As `serve run module:builder key=value`."""
+    p = subprocess.Popen([sys.executable, "-m", "flotilla", "run", "greetapp:make", "greeting=from the cli",
+                          "--name", "built", "--route-prefix", "/built", "--namespace", cl.ns], cwd=project,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout is not None
+        line = p.stdout.readline()
+        assert f"{cl.url}/built" in line, line + (p.stderr.read() if p.poll() is not None and p.stderr else "")
+        assert httpx.get(f"{cl.url}/built", timeout=10).json()["greeting"] == "from the cli"
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(60) == 0
+    finally:
+        _reap(p)
+    r = cli("run", "greetapp:greeter", "greeting=x", "--namespace", cl.ns, cwd=project)
+    assert r.returncode != 0 and "builder" in r.stderr
+    r = cli("run", "greetapp:make", "no-equals-sign", "--namespace", cl.ns, cwd=project)
+    assert r.returncode != 0 and "key=value" in r.stderr
+
+
 def test_deploy_imports_from_the_commands_pythonpath(cl: Cluster, tmp_path) -> None:
     lib, elsewhere = tmp_path / "lib", tmp_path / "elsewhere"
     lib.mkdir()

@@ -35,6 +35,7 @@ PUSH_S = 0.25  # FLOTILLA_METRICS_PUSH_INTERVAL_S in this module's cluster
 RETAIN_S = 3.0  # FLOTILLA_METRICS_RETAIN_S: how long a departed process's counters are kept
 
 REQUESTS = Counter("my_model_requests_total", "Total requests", tag_keys=("kind",))
+BY_ROUTE = Counter("my_model_routed", "Requests by route", tag_keys=("route",))
 LATENCY = Histogram("my_model_latency_seconds", "Request latency")
 LOADED = Gauge("my_model_loaded", "Models loaded")
 
@@ -49,6 +50,7 @@ class Monitored:
 
         with LATENCY.time():
             REQUESTS.inc(tags={"kind": "http"})
+        BY_ROUTE.inc()  # `route` is filled in from the request, as in Ray Serve
         logging.getLogger("user").info("user log line for %s", request.url.path)
         if request.query_params.get("fail"):
             raise ValueError("failing on purpose")
@@ -105,6 +107,7 @@ def test_counts_latency_custom_metrics_and_request_ids(url):
     assert len({s.labels["replica"] for s in per_replica}) == 2
     assert sum(s.value for s in per_replica) == 26
     assert total(m, "my_model_latency_seconds_count", deployment="Monitored") == 26
+    assert total(m, "my_model_routed_total", deployment="Monitored", route="/mon") == 26
     assert len([s for s in m["my_model_loaded"] if s.labels["deployment"] == "Monitored"]) == 2
 
     # One access-log line per request, with its id, and user logging lines carry the id too.

@@ -114,8 +114,9 @@ def test_redeploy_updates_in_place_and_keeps_constructor_arguments(url: str) -> 
     again = h.remote({"x": 1}).result()
     assert again == {"y": 110, "pid": first["pid"]}
     # Scaling keeps the running constructor arguments (from get_deployment) too.
-    serve.get_deployment("Scaled").options(num_replicas=2).deploy()
-    assert serve.status().applications["Scaled"].deployments["Scaled"].replica_states == {"RUNNING": 2}
+    serve.get_deployment("Scaled").options(num_replicas=2).deploy()  # UPSCALING: returns as Ray's does
+    wait_for(lambda: serve.status().applications["Scaled"].deployments["Scaled"].replica_states == {"RUNNING": 2},
+             timeout=30, what="2 replicas running")
     pids: set[int] = set()
     wait_for(lambda: len(pids.add(h.remote({"x": 1}).result()["pid"]) or pids) == 2, what="both replicas answering")
     assert first["pid"] in pids  # the first replica was kept

@@ -137,8 +137,13 @@ def test_status_names() -> None:
     assert reconcile(Desired("v1", 1, unhealthy=True), serving, 0).status is DeploymentStatus.HEALTHY
     assert reconcile(Desired("v1", 2, unhealthy=True), serving, 0).status is DeploymentStatus.UNHEALTHY
     assert reconcile(Desired("v1", 2, scaling=1), serving, 1).status is DeploymentStatus.UPSCALING
-    assert reconcile(Desired("v1", 0, scaling=-1), [rep("a", D)], 0).status is DeploymentStatus.HEALTHY
-    assert reconcile(Desired("v1", 1, scaling=-1), [rep("a", R), rep("b", R)], 0).status is DeploymentStatus.HEALTHY
+    # Scaling down is over (HEALTHY) once no replica is stopping, as in Ray Serve.
+    assert reconcile(Desired("v1", 0, scaling=-1), [rep("a", D)], 0).status is DeploymentStatus.DOWNSCALING
+    assert reconcile(Desired("v1", 1, scaling=-1), [rep("a", R), rep("b", R)], 0).status is DeploymentStatus.DOWNSCALING
+    assert reconcile(Desired("v1", 1, scaling=-1), [rep("a", R)], 0).status is DeploymentStatus.HEALTHY
+    assert reconcile(Desired("v1", 0, scaling=-1), [], 0).status is DeploymentStatus.HEALTHY
+    # Outside a scaling step a draining replica (of a rollout) does not hold HEALTHY back.
+    assert reconcile(Desired("v1", 1), [rep("a", R), rep("b", D, "v0")], 0).status is DeploymentStatus.HEALTHY
     assert reconcile(Desired("v1", 1, scaling=-1), [rep("a", R), rep("b", U)], 0).status is DeploymentStatus.DOWNSCALING
     assert reconcile(Desired("v1", 1), [rep("a", U)], 0).status is DeploymentStatus.UPDATING
 

@@ -135,6 +135,13 @@ def replica_light(r: Replica) -> dict[str, Any]:
     return out
 
 
+def _only_count_changed(cfg: dict[str, Any], old: dict[str, Any]) -> bool:
+    """Whether two deployment configs differ in `num_replicas` at most (no autoscaling)."""
+    if cfg.get("autoscaling_config") is not None or old.get("autoscaling_config") is not None:
+        return False
+    return {k: v for k, v in cfg.items() if k != "num_replicas"} == {k: v for k, v in old.items() if k != "num_replicas"}
+
+
 def same_user_config(a: dict[str, Any] | None, b: dict[str, Any] | None) -> bool:
     """Whether two `replica_light` configs differ at most in rank and world size."""
     if a is None or b is None:
@@ -215,7 +222,7 @@ class Deployment:
     unhealthy_msg: str = ""
     deleting: bool = False
     autoscale: AutoscalerState | None = None
-    scaling: int = 0  # +1 / -1 while an autoscaling change is being carried out
+    scaling: int = 0  # +1 / -1 while a scaling step (autoscaler or new num_replicas) is carried out
     # Replicas that died or were killed while serving, newest last: routers fail what they
     # had in flight on them at once (their connections may never close: a vanished node).
     dead: deque[str] = field(default_factory=lambda: deque(maxlen=DEAD_KEPT))
@@ -668,7 +675,7 @@ class Controller:
             app.deployments[d["name"]] = dep
             self.publish(dep.key)
             return
-        old_cfg = dep.config
+        old_cfg, old_version, old_target = dep.config, dep.version, dep.target
         dep.spec = d
         if cfg.get("autoscaling_config") != old_cfg.get("autoscaling_config"):
             if cfg.get("autoscaling_config") is None or old_cfg.get("autoscaling_config") is None:
@@ -681,6 +688,10 @@ class Controller:
         dep.retry_at = 0.0
         dep.status = DeploymentStatus.UPDATING
         dep.trigger = DeploymentStatusTrigger.CONFIG_UPDATE_STARTED
+        if dep.version == old_version and dep.target != old_target and _only_count_changed(cfg, old_cfg):
+            # As Ray Serve: a new replica count alone scales (the application stays RUNNING).
+            dep.scaling = 1 if dep.target > old_target else -1
+            dep.status = DeploymentStatus.UPSCALING if dep.scaling > 0 else DeploymentStatus.DOWNSCALING
         # Replicas of this version take the new config; serving ones apply it in place.
         for r in dep.replicas.values():
             if r.version == dep.version and r.state is not RState.DRAINING:

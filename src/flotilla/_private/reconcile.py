@@ -79,7 +79,7 @@ class Desired:
     max_replicas_per_node: int | None = None
     fits_ever: bool = True  # one replica fits on the empty node (else making room is futile)
     unhealthy: bool = False  # a replica died or failed a check since the last healthy state
-    scaling: int = 0  # +1 / -1 while an autoscaling decision is carried out
+    scaling: int = 0  # +1 / -1 while a scaling step (the autoscaler's or a new num_replicas) is carried out
 
 
 @dataclass(frozen=True)
@@ -217,9 +217,11 @@ def reconcile(want: Desired, observed: Sequence[Observed], fits: int) -> Plan:
         and all(r.state is RState.RUNNING for r in cur)
         and new == 0
     )
+    # Scaling down ends (as in Ray Serve) once no replica is stopping any more.
+    stopping = want.scaling < 0 and (bool(stopped) or any(r.state is RState.DRAINING for r in observed))
     if want.failed:
         status = DeploymentStatus.DEPLOY_FAILED
-    elif settled:
+    elif settled and not stopping:
         status = DeploymentStatus.HEALTHY
     elif want.unhealthy:
         status = DeploymentStatus.UNHEALTHY

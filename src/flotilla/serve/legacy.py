@@ -92,6 +92,11 @@ def _from_spec(s: dict[str, Any]) -> Deployment:
     from flotilla.serve.deployments import Deployment
 
     options = {k: v for k, v in s["config"].items() if v is not None}
+    if options.get("ray_actor_options"):  # stored whole: read back what differs from the defaults
+        from flotilla.serve.config import RayActorOptions
+
+        options["ray_actor_options"] = RayActorOptions.model_validate(options["ray_actor_options"]).model_dump(
+            exclude_defaults=True)
     if options.get("num_replicas") is None and options.get("autoscaling_config") is None:
         options["num_replicas"] = s["target"]
     options["route_prefix"] = s["route_prefix"]

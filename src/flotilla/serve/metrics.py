@@ -10,7 +10,8 @@
         ...
 
 Inside a replica every metric also gets `deployment`, `replica` and `application` labels,
-so the same metric from many replicas is told apart, never overwritten. The head exposes
+so the same metric from many replicas is told apart, never overwritten; a `route` tag key
+left out of a call made while serving a request gets that request's route, as in Ray Serve. The head exposes
 all of them at its Prometheus endpoint (see `flotilla.metrics_url()`).
 """
 
@@ -79,6 +80,10 @@ class _Metric:
                 if not isinstance(v, str):
                     raise TypeError(f"tag values must be strings, got {v!r} for {k!r}")
             merged.update(tags)
+        if "route" in self._tag_keys and "route" not in merged:  # as Ray Serve: the request's route
+            meta = context.request_meta.get()
+            if meta is not None:
+                merged["route"] = meta.get("route", "")
         missing = [k for k in self._tag_keys if k not in merged]
         if missing:
             raise ValueError(f"missing value for tag key(s) {missing} of metric {self._name!r}")
