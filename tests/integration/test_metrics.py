@@ -56,6 +56,9 @@ class Monitored:
             raise ValueError("failing on purpose")
         return {"request_id": serve.get_request_context().request_id}
 
+    def ping(self) -> str:
+        return "pong"
+
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[str]:
@@ -102,6 +105,17 @@ def test_counts_latency_custom_metrics_and_request_ids(url):
     assert total(m, "ray_serve_deployment_processing_latency_ms_count", deployment="Monitored") == 26
     assert total(m, "ray_serve_deployment_replica_healthy", deployment="Monitored") == 2
     assert total(m, "ray_serve_deployment_replica_starts_total", deployment="Monitored") == 2
+    # Routers count what they send: the proxy's 26, then handle calls from this driver.
+    assert total(m, "ray_serve_num_router_requests_total", deployment="Monitored", application="mon",
+                 handle="proxy", route="/mon") == 26
+    assert total(m, "ray_serve_handle_request_counter_total", deployment="Monitored", handle="proxy") == 26
+    h = serve.get_app_handle("mon")
+    for _ in range(7):
+        h.options(method_name="ping").remote().result()
+    wait_for(lambda: total(scrape(), "ray_serve_handle_request_counter_total", deployment="Monitored",
+                           application="mon", handle="driver") == 7, timeout=10, what="the driver's handle calls")
+    assert total(scrape(), "ray_serve_num_router_requests_total", deployment="Monitored", handle="driver") == 7
+    m = scrape()
     # Custom metrics from two replicas arrive under two replica labels, summing to the total.
     per_replica = [s for s in m["my_model_requests_total"] if s.labels["deployment"] == "Monitored"]
     assert len({s.labels["replica"] for s in per_replica}) == 2

@@ -245,6 +245,9 @@ class Runtime:
         self._watching = False
         #: The record of the cluster this driver attached to (`attach_cluster`), or None.
         self.attached: dict[str, Any] | None = None
+        #: A driver's metrics pusher (its handles' counters), made with its first router;
+        #: False in a proxy or replica, which push their own.
+        self._pusher: Any = None
 
     # ---- construction -----------------------------------------------------------------
     @classmethod
@@ -276,6 +279,7 @@ class Runtime:
     def attach(cls, loop: asyncio.AbstractEventLoop, link: HeadLink) -> Runtime:
         """Use in replica/proxy processes: share their loop and control connection."""
         rt = cls(loop, link)
+        rt._pusher = False  # the process pushes its metrics itself
         cls._instance = rt
         return rt
 
@@ -530,6 +534,15 @@ class Runtime:
         except PeerClosedError:
             raise HeadUnavailableError(self.link.describe_away(wait)) from None
 
+    def _start_pusher(self) -> None:
+        """A driver's metrics (what its handles sent) to the head, as a replica's go."""
+        from flotilla._private import metrics
+
+        self._pusher = False
+        if metrics.enabled():
+            self._pusher = metrics.Pusher(metrics.STORE, self.link, self.fold_calls)
+            self._pusher.start()
+
     def _call_head_aside(self, op: str, args: tuple[Any, ...], timeout: float | None) -> Any:
         """`call_head` from the runtime's own loop (a replica's constructor or async method,
         where Ray Serve allows blocking serve calls too): over a connection of its own, made,
@@ -582,6 +595,8 @@ class Runtime:
         """The router for `dep` (create on first use); call on the runtime's loop."""
         r = self.routers.get(dep)
         if r is None:
+            if self._pusher is None:
+                self._start_pusher()
             r = self.routers[dep] = Router(dep, self._on_router_wait, self.cold_start_timeout_s)
             if self._reporter is None:
                 self._report_wake = asyncio.Event()
@@ -702,6 +717,8 @@ class Runtime:
             if self._reporter is not None:
                 self._reporter.cancel()
                 await asyncio.gather(self._reporter, return_exceptions=True)
+            if self._pusher:
+                self._pusher.stop()  # a last push of what changed
             for r in self.routers.values():
                 r.close()
             self.loop_routers.close()

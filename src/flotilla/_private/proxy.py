@@ -188,6 +188,7 @@ class Proxy:
         self._shadows: shadow.Shadows | None = None
         metrics.declare_builtins(STORE)
         shadow.declare(STORE)
+        trace.CALLER = "proxy"
         self.access.configure(args.get("logging_config"), {"component_name": "proxy"})
 
     def set_routes(self, table: dict[str, Any]) -> None:
@@ -320,6 +321,7 @@ class Proxy:
         add = events.append
         buckets = metrics.LATENCY_MS_BUCKETS
         counts: dict[tuple[str, ...], int] = {}
+        routed: dict[tuple[str, str, str], int] = {}  # (route, application, deployment) -> requests
         for t0, t1, prefix, dep, method, path, status, rid, q_s in zip(*columns, strict=True):
             ms = (t1 - t0) * 1000.0
             app, name = ("", "") if dep is None else (dep.app_name, dep.name)
@@ -332,11 +334,14 @@ class Proxy:
             q = q_s * 1000.0
             if dep is not None:
                 observe_into(self._queue_series(app, name), buckets, q)
+                routed[(prefix, app, name)] = routed.get((prefix, app, name), 0) + 1
             access.keep(now, rid, f"{method} {path}", status, ms)
             add((rid, "http", prefix, app, status, ms, now, name, q))
         trace.RING.extend(events)
         for key, n in counts.items():
             STORE.inc("ray_serve_num_http_requests", key, n)
+        for (prefix, app, name), n in routed.items():
+            trace.count_routed(name, prefix, app, "proxy", n)
 
     def _fold_columns(self, columns: list[list[Any]], to_wall: float) -> bool:
         """`fold` of the common batch (one route, method, application and status, below 400)
@@ -353,6 +358,7 @@ class Proxy:
         ms = [x * 1000.0 for x in map(_SUB, t1, t0)]
         observe_sorted(hist, metrics.LATENCY_MS_BUCKETS, sorted(ms))
         STORE.inc("ray_serve_num_http_requests", key, n)
+        trace.count_routed(name, p, a, "proxy", n)
         unqueued = qs.count(0.0) == n  # the usual case: no request waited for a replica
         q = [0.0] * n if unqueued else [x * 1000.0 for x in qs]
         observe_sorted(self._queue_series(a, name), trace.BUCKETS, q if unqueued else sorted(q))

@@ -245,6 +245,7 @@ class Replica:
         self.access = metrics.AccessLog(f"replica {self.replica_id}")
         self._batch_seen: dict[int, tuple[int, int]] = {}  # batch queue -> (batches, items) at the last push
         metrics.declare_builtins(STORE)
+        trace.CALLER = self.replica_id  # the `handle` label of the calls its code makes
         STORE.declare("gauge", "ray_serve_replica_processing_queries", "Requests running in a replica.", ("deployment", "replica", "application"))
         STORE.declare("gauge", "flotilla_replica_queued_requests", "Requests waiting inside a replica for a slot (max_ongoing_requests).", ("deployment", "replica", "application"))
         self.asgi_app: Any = None

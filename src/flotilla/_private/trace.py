@@ -93,6 +93,17 @@ STORE.declare("histogram", METRIC, "Time requests spent per stage (router_queue,
 
 
 BUCKETS = tuple(sorted(metrics.LATENCY_MS_BUCKETS))
+# Every process with routers counts what they send (declared here: drivers too).
+STORE.declare("counter", "ray_serve_num_router_requests", "Requests a router sent to a deployment (the proxy's "
+              "and handles').", ("deployment", "route", "application", "handle"))
+STORE.declare("counter", "ray_serve_handle_request_counter", "Calls made through handles (the proxy's included).",
+              ("handle", "deployment", "route", "application"))
+
+
+def count_routed(deployment: str, route: str, application: str, handle: str, n: int) -> None:
+    """`n` requests a router of `handle` ("proxy", "driver" or a replica's id) sent."""
+    STORE.inc("ray_serve_num_router_requests", (deployment, route, application, handle), n)
+    STORE.inc("ray_serve_handle_request_counter", (handle, deployment, route, application), n)
 
 
 def series(dep: Any, stage: str) -> list[Any]:
@@ -111,6 +122,11 @@ FOLD_MAX = 4096
 CALL_FIELDS = 4
 
 
+#: Who this process's handles are, in metrics' `handle` label: "driver", "proxy" or the
+#: replica's id (set by the proxy and replicas when they start).
+CALLER = "driver"
+
+
 def calls_done(hist: list[Any], dep: Any, done: list[Any]) -> None:
     """A router's finished calls (`done`: CALL_FIELDS items each) into its router_queue
     histogram and the ring, a column at a time. Downstream time is added to the parent
@@ -120,6 +136,7 @@ def calls_done(hist: list[Any], dep: Any, done: list[Any]) -> None:
     metrics.observe_sorted(hist, BUCKETS, sorted(q))
     to_wall = time.time() - time.perf_counter()
     app, name = dep.app_name, dep.name
+    count_routed(name, "", app, CALLER, len(ids))
     RING.columns(ids, lambda i: (ids[i], "call", app, name, q[i], (t1[i] - t0[i]) * 1000.0, to_wall + t1[i]))
 
 
