@@ -286,18 +286,33 @@ def _ns_flag(ns: str) -> str:
 
 # ---- deploy / status / config / shutdown -----------------------------------------------------
 @main.command()
-@click.argument("config_file", type=click.Path(dir_okay=False))
+@click.argument("config_or_import_path")
+@click.argument("arguments", nargs=-1)
 @address_option
 @namespace_option
-def deploy(config_file: str, address: str | None, namespace: str | None) -> None:
-    """Apply CONFIG_FILE (Ray Serve's config schema) to the running cluster.
+def deploy(config_or_import_path: str, arguments: tuple[str, ...], address: str | None, namespace: str | None) -> None:
+    """Apply a config file (Ray Serve's config schema) to the running cluster, or deploy
+    MODULE:APP as its one application ("default", at "/"; ARGUMENTS `key=value` go to an
+    application builder), as `serve deploy` does.
 
-    Applications not in the file are removed; unchanged ones are left alone; a changed
+    Applications not in the config are removed; unchanged ones are left alone; a changed
     user_config is applied in place; changed code or resources roll out.
     """
-    from flotilla.serve.deploy_schema import load_config_file
+    from flotilla.serve.deploy_schema import load_config_file, validate_config
 
-    config = load_config_file(config_file).to_dict()
+    if _is_config(config_or_import_path):
+        if arguments:
+            raise click.BadParameter("key=value arguments go with a module:app target; a config file gives an "
+                                     "application's args under `args:`", param_hint="ARGUMENTS")
+        config = load_config_file(config_or_import_path).to_dict()
+    else:
+        if ":" not in config_or_import_path:
+            raise click.BadParameter(f"{config_or_import_path}: no such file, and not an import path "
+                                     "(MODULE:APP)", param_hint="CONFIG_OR_IMPORT_PATH")
+        app = {"name": "default", "route_prefix": "/", "import_path": config_or_import_path}
+        if arguments:
+            app["args"] = _builder_args(arguments)
+        config = validate_config({"applications": [app]}, config_or_import_path).to_dict()
     url, token, _ = _rest(address, namespace)
     headers = {"X-Flotilla-Cwd": os.getcwd()}
     if os.environ.get("PYTHONPATH"):
@@ -561,9 +576,13 @@ def run(target: str, arguments: tuple[str, ...], host: str | None, port: int | N
         if config is not None:
             deployed = [a["name"] for a in config.get("applications", [])]
             rt.call_head("apply_config", config, os.getcwd(), timeout=60)
-            _wait_config_running(rt, deployed)
+            failed = _wait_config_running(rt, deployed)
+            for n, why in failed.items():  # the others serve, as with `serve run`
+                click.echo(f"Application '{n}' failed to deploy: {' '.join(why.split())}", err=True)
             url = rt.call_head("http_url")
             for a in config.get("applications", []):
+                if a["name"] in failed:
+                    continue
                 prefix = a.get("route_prefix", "/")
                 where = "handles only" if prefix is None or not url else f"{url}{'' if prefix == '/' else prefix}"
                 click.echo(f"Application '{a['name']}' is serving at {where}")
@@ -593,16 +612,18 @@ def run(target: str, arguments: tuple[str, ...], host: str | None, port: int | N
         flotilla.shutdown()
 
 
-def _wait_config_running(rt: Any, names: list[str], timeout: float = 600.0) -> None:
+def _wait_config_running(rt: Any, names: list[str], timeout: float = 600.0) -> dict[str, str]:
+    """Wait until each application runs or failed to deploy; the failed ones' messages (an
+    error when every one failed: nothing would serve)."""
     deadline = time.monotonic() + timeout
     while True:
         st = rt.call_head("status")
         states = {n: st.applications.get(n) for n in names}
         failed = {n: a.message for n, a in states.items() if a is not None and a.status.value == "DEPLOY_FAILED"}
-        if failed:
+        if names and len(failed) == len(names):
             raise click.ClickException("; ".join(f"application {n!r} failed to deploy: {m}" for n, m in failed.items()))
-        if all(a is not None and a.status.value == "RUNNING" for a in states.values()):
-            return
+        if all(a is not None and a.status.value in ("RUNNING", "DEPLOY_FAILED") for a in states.values()):
+            return failed
         if time.monotonic() > deadline:
             raise click.ClickException(f"the applications did not reach RUNNING within {timeout:g}s")
         time.sleep(0.1)

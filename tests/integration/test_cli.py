@@ -370,6 +370,28 @@ def test_run_serves_a_config_file_in_the_foreground(project: str) -> None:
         _reap(p)
 
 
+def test_run_of_a_config_keeps_serving_the_applications_that_deploy(project: str) -> None:
+    """As `serve run config.yaml`: one application failing leaves the others serving."""
+    port = free_port()
+    path = os.path.join(project, "one-bad.yaml")
+    with open(path, "w") as f:
+        yaml.safe_dump({"http_options": {"port": port}, "applications": [
+            {"name": "greet", "route_prefix": "/greet", "import_path": "greetapp:greeter"},
+            {"name": "bad", "route_prefix": "/bad", "import_path": "greetapp:nothing"}]}, f)
+    p = subprocess.Popen([sys.executable, "-m", "flotilla", "run", path], cwd=project, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env={**os.environ, "FLOTILLA_ADDRESS": ""})
+    try:
+        assert p.stdout is not None
+        line = p.stdout.readline()
+        assert f"http://127.0.0.1:{port}/greet" in line, line + (p.stderr.read() if p.poll() is not None and p.stderr else "")
+        assert httpx.get(f"http://127.0.0.1:{port}/greet", timeout=10).json()["greeting"] == "hello"
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(60) == 0
+        assert p.stderr is not None and "Application 'bad' failed to deploy" in p.stderr.read()
+    finally:
+        _reap(p)
+
+
 def test_shutdown_leaves_no_process_and_frees_the_ports(project: str) -> None:
     c = start_cluster(f"cli3-{secrets.token_hex(3)}")
     try:
@@ -438,6 +460,16 @@ def test_run_passes_key_value_arguments_to_an_application_builder(cl: Cluster, p
     assert r.returncode != 0 and "builder" in r.stderr
     r = cli("run", "greetapp:make", "no-equals-sign", "--namespace", cl.ns, cwd=project)
     assert r.returncode != 0 and "key=value" in r.stderr
+
+
+def test_deploy_takes_an_import_path_with_builder_arguments(cl: Cluster, project: str) -> None:
+    """As `serve deploy module:builder key=value`: one application, "default" at "/"."""
+    out = ok("deploy", "greetapp:make", "greeting=deployed", "--namespace", cl.ns, cwd=project)
+    assert "default" in out
+    wait_for(lambda: app_states(cl.ns) == {"default": "RUNNING"}, timeout=60, what="default RUNNING")
+    assert httpx.get(f"{cl.url}/", timeout=10).json()["greeting"] == "deployed"
+    r = cli("deploy", "no-such-file.yaml", "--namespace", cl.ns, cwd=project)
+    assert r.returncode != 0 and "no such file" in r.stderr
 
 
 def test_deploy_imports_from_the_commands_pythonpath(cl: Cluster, tmp_path) -> None:
