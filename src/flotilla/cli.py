@@ -309,7 +309,7 @@ def deploy(config_or_import_path: str, arguments: tuple[str, ...], address: str 
         if ":" not in config_or_import_path:
             raise click.BadParameter(f"{config_or_import_path}: no such file, and not an import path "
                                      "(MODULE:APP)", param_hint="CONFIG_OR_IMPORT_PATH")
-        app = {"name": "default", "route_prefix": "/", "import_path": config_or_import_path}
+        app: dict[str, Any] = {"name": "default", "route_prefix": "/", "import_path": config_or_import_path}
         if arguments:
             app["args"] = _builder_args(arguments)
         config = validate_config({"applications": [app]}, config_or_import_path).to_dict()
