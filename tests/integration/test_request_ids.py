@@ -51,6 +51,15 @@ def test_a_driver_call_has_a_fresh_id_the_replica_sees(url: str) -> None:
     assert gen.request_id and list(gen) == [gen.request_id] * 2
 
 
+def test_an_http_request_without_an_id_gets_one_in_a_uuids_form(url: str) -> None:
+    """As Ray Serve's proxy makes them (uuid4 strings), unique per request."""
+    serve.run(Front.bind(Echo.bind()), name="ids", route_prefix="/ids")
+    got = [httpx.get(f"{url}/ids", timeout=10) for _ in range(3)]
+    ids = [r.headers["x-request-id"] for r in got]
+    assert len(set(ids)) == 3 and all(str(uuid.UUID(i)) == i for i in ids)
+    assert [r.json()["mine"] for r in got] == ids
+
+
 def test_a_call_made_while_serving_a_request_carries_its_id(url: str) -> None:
     serve.run(Front.bind(Echo.bind()), name="ids", route_prefix="/ids")
     got = httpx.get(f"{url}/ids", headers={"x-request-id": "outer-id-1"}, timeout=10).json()

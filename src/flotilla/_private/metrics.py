@@ -514,22 +514,22 @@ async def serve_metrics(host: str, port: int, gather: Any, token: bytes | None =
 
 
 class RequestIds:
-    """Unique request ids: a random prefix and a counter (no syscall per id; `next(count)` is
-    safe across threads). Make one per process, after any fork."""
+    """Unique request ids in a UUID's form, as Ray Serve makes them: 80 random bits per
+    process and a 48-bit counter (no syscall per id; `next(count)` is safe across threads).
+    Make one per process, after any fork."""
 
     def __init__(self) -> None:
-        self.prefix = os.urandom(6).hex()
-        self._uuid_prefix = f"{self.prefix[:8]}-{self.prefix[8:]}-"
+        r = os.urandom(10).hex()
+        self.prefix = f"{r[:8]}-{r[8:12]}-{r[12:16]}-{r[16:20]}-"
         self._count = itertools.count(1)
 
     def next(self) -> bytes:
-        """A short id (the proxy's, as header bytes)."""
-        return f"{self.prefix}{next(self._count):08x}".encode()
+        """An id as header bytes (the proxy's)."""
+        return f"{self.prefix}{next(self._count):012x}".encode()
 
     def uuid(self) -> str:
-        """An id in a UUID's form, as Ray Serve's handle calls carry."""
-        c = f"{next(self._count):020x}"
-        return f"{self._uuid_prefix}{c[:4]}-{c[4:8]}-{c[8:]}"
+        """An id as a str (a handle call's)."""
+        return f"{self.prefix}{next(self._count):012x}"
 
 
 def access_log_sample() -> int:
