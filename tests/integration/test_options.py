@@ -130,7 +130,7 @@ def test_json_encoding_and_debug_level(url):
     debug = by_message["debug w1"]
     assert debug["levelname"] == "DEBUG" and debug["name"] == "user.talker"
     assert debug["deployment"] == "Talker" and debug["application"] == "json"
-    assert debug["replica"] and debug["request_id"] == "rid-w1"
+    assert debug["replica"] and debug["request_id"] == "rid-w1" and debug["route"] == "/json"
     assert "serve-debug w1" in by_message
     access = next(r for r in records if r.get("serve_access_log"))
     assert (access["route"], access["status"], access["request_id"]) == ("/json", 200, "rid-w1")

@@ -53,6 +53,9 @@ class JsonFormatter(logging.Formatter):
         request_id = getattr(record, "request_id", None)
         if request_id and request_id != "-":
             out["request_id"] = request_id
+            route = getattr(record, "route", None)
+            if route:  # an HTTP request's route prefix, as Ray Serve's JSON lines carry it
+                out["route"] = route
         if record.exc_info and not record.exc_text:
             record.exc_text = self.formatException(record.exc_info)
         if record.exc_text:

@@ -1098,7 +1098,11 @@ class Replica:
 
 def _add_request_id(record: logging.LogRecord) -> bool:
     meta = context.request_meta.get()
-    record.request_id = (meta or {}).get("request_id", "-")
+    if meta is None:
+        record.request_id = "-"
+    else:
+        record.request_id = meta.get("request_id", "-")
+        record.route = meta.get("route", "")
     return True
 
 
