@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -109,6 +110,26 @@ def _reap(p: subprocess.Popen[str]) -> None:
     for stream in (p.stdout, p.stderr):
         if stream is not None:
             stream.close()
+
+
+@contextlib.contextmanager
+def foreground(*args: str, cwd: str, serving_at: str, env: dict[str, str] | None = None
+               ) -> Iterator[subprocess.Popen[str]]:
+    """`flotilla run ARGS` in the foreground, once its first line says it serves at
+    `serving_at`; stopped with SIGTERM after (exit code 0), what it wrote on stderr kept as
+    `p.errors`, its pipes closed."""
+    p = subprocess.Popen([sys.executable, "-m", "flotilla", "run", *args], cwd=cwd, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        assert p.stdout is not None
+        line = p.stdout.readline()
+        assert serving_at in line, line + (p.stderr.read() if p.poll() is not None and p.stderr else "")
+        yield p
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(60) == 0
+        p.errors = p.stderr.read() if p.stderr else ""  # type: ignore[attr-defined]
+    finally:
+        _reap(p)
 
 
 def stop_cluster(c: Cluster) -> None:
@@ -378,18 +399,10 @@ def test_run_of_a_config_keeps_serving_the_applications_that_deploy(project: str
         yaml.safe_dump({"http_options": {"port": port}, "applications": [
             {"name": "greet", "route_prefix": "/greet", "import_path": "greetapp:greeter"},
             {"name": "bad", "route_prefix": "/bad", "import_path": "greetapp:nothing"}]}, f)
-    p = subprocess.Popen([sys.executable, "-m", "flotilla", "run", path], cwd=project, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, env={**os.environ, "FLOTILLA_ADDRESS": ""})
-    try:
-        assert p.stdout is not None
-        line = p.stdout.readline()
-        assert f"http://127.0.0.1:{port}/greet" in line, line + (p.stderr.read() if p.poll() is not None and p.stderr else "")
+    env = {**os.environ, "FLOTILLA_ADDRESS": ""}
+    with foreground(path, cwd=project, serving_at=f"http://127.0.0.1:{port}/greet", env=env) as p:
         assert httpx.get(f"http://127.0.0.1:{port}/greet", timeout=10).json()["greeting"] == "hello"
-        p.send_signal(signal.SIGTERM)
-        assert p.wait(60) == 0
-        assert p.stderr is not None and "Application 'bad' failed to deploy" in p.stderr.read()
-    finally:
-        _reap(p)
+    assert "Application 'bad' failed to deploy" in p.errors  # type: ignore[attr-defined]
 
 
 def test_shutdown_leaves_no_process_and_frees_the_ports(project: str) -> None:
@@ -426,36 +439,18 @@ def test_status_json_api_matches_the_cli(cl: Cluster) -> None:
 def test_run_on_a_running_cluster_deletes_only_what_it_deployed(cl: Cluster, project: str) -> None:
     ok("deploy", write_config(project, "echo-kept.yaml", apps="echo"), "--namespace", cl.ns, cwd=project)
     wait_for(lambda: app_states(cl.ns) == {"echo": "RUNNING"}, timeout=60, what="echo RUNNING")
-    p = subprocess.Popen([sys.executable, "-m", "flotilla", "run", "greetapp:greeter", "--name", "fg",
-                          "--route-prefix", "/fg", "--namespace", cl.ns], cwd=project, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
-    try:
-        assert p.stdout is not None
-        line = p.stdout.readline()
-        assert f"{cl.url}/fg" in line, line + (p.stderr.read() if p.poll() is not None and p.stderr else "")
+    with foreground("greetapp:greeter", "--name", "fg", "--route-prefix", "/fg", "--namespace", cl.ns,
+                    cwd=project, serving_at=f"{cl.url}/fg"):
         assert httpx.get(f"{cl.url}/fg", timeout=10).json()["greeting"] == "hello"
-        p.send_signal(signal.SIGTERM)
-        assert p.wait(60) == 0
-        assert app_states(cl.ns) == {"echo": "RUNNING"}  # its own application went, the cluster stays
-        assert httpx.get(f"{cl.url}/echo", timeout=10).text == "echo"
-    finally:
-        _reap(p)
+    assert app_states(cl.ns) == {"echo": "RUNNING"}  # its own application went, the cluster stays
+    assert httpx.get(f"{cl.url}/echo", timeout=10).text == "echo"
 
 
 def test_run_passes_key_value_arguments_to_an_application_builder(cl: Cluster, project: str) -> None:
     """As `serve run module:builder key=value`."""
-    p = subprocess.Popen([sys.executable, "-m", "flotilla", "run", "greetapp:make", "greeting=from the cli",
-                          "--name", "built", "--route-prefix", "/built", "--namespace", cl.ns], cwd=project,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        assert p.stdout is not None
-        line = p.stdout.readline()
-        assert f"{cl.url}/built" in line, line + (p.stderr.read() if p.poll() is not None and p.stderr else "")
+    with foreground("greetapp:make", "greeting=from the cli", "--name", "built", "--route-prefix", "/built",
+                    "--namespace", cl.ns, cwd=project, serving_at=f"{cl.url}/built"):
         assert httpx.get(f"{cl.url}/built", timeout=10).json()["greeting"] == "from the cli"
-        p.send_signal(signal.SIGTERM)
-        assert p.wait(60) == 0
-    finally:
-        _reap(p)
     r = cli("run", "greetapp:greeter", "greeting=x", "--namespace", cl.ns, cwd=project)
     assert r.returncode != 0 and "builder" in r.stderr
     r = cli("run", "greetapp:make", "no-equals-sign", "--namespace", cl.ns, cwd=project)
