@@ -59,6 +59,12 @@ class Monitored:
     def ping(self) -> str:
         return "pong"
 
+    async def hold(self, s: float) -> str:
+        import asyncio
+
+        await asyncio.sleep(s)
+        return "held"
+
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[str]:
@@ -115,6 +121,12 @@ def test_counts_latency_custom_metrics_and_request_ids(url):
     wait_for(lambda: total(scrape(), "ray_serve_handle_request_counter_total", deployment="Monitored",
                            application="mon", handle="driver") == 7, timeout=10, what="the driver's handle calls")
     assert total(scrape(), "ray_serve_num_router_requests_total", deployment="Monitored", handle="driver") == 7
+    held = [h.options(method_name="hold").remote(3.0) for _ in range(3)]
+    wait_for(lambda: total(scrape(), "ray_serve_num_ongoing_requests_at_replicas", deployment="Monitored",
+                           handle="driver") == 3, timeout=10, what="3 requests on replicas")
+    assert [r.result(timeout_s=30) for r in held] == ["held"] * 3
+    wait_for(lambda: total(scrape(), "ray_serve_num_ongoing_requests_at_replicas", deployment="Monitored",
+                           handle="driver") == 0, timeout=10, what="none on replicas any more")
     m = scrape()
     # Custom metrics from two replicas arrive under two replica labels, summing to the total.
     per_replica = [s for s in m["my_model_requests_total"] if s.labels["deployment"] == "Monitored"]

@@ -68,6 +68,32 @@ def test_least_recently_used_model_is_evicted_and_cleaned_up(url):
     loads, evictions, _ = h.history.remote().result()
     assert loads == ["a", "b", "c", "d"]  # "a" stayed loaded: it was always recently used
     assert evictions == ["b", "c"]
+    # Ray Serve's multiplexing metrics, per replica.
+    from prometheus_client.parser import text_string_to_metric_families
+
+    import flotilla
+
+    def series() -> dict[str, float]:
+        out: dict[str, float] = {}
+        for fam in text_string_to_metric_families(httpx.get(flotilla.metrics_url(), timeout=10).text):
+            for smp in fam.samples:
+                if smp.labels.get("application") == "lru":
+                    key = smp.name + (f"[{smp.labels['model_id']}]" if "model_id" in smp.labels else "")
+                    out[key] = out.get(key, 0.0) + smp.value
+        return out
+
+    want = {"ray_serve_multiplexed_models_load_counter_total": 4.0,
+            "ray_serve_multiplexed_models_unload_counter_total": 2.0,
+            "ray_serve_multiplexed_get_model_requests_counter_total": 6.0,
+            "ray_serve_num_multiplexed_models": 2.0,
+            "ray_serve_multiplexed_model_load_latency_ms_count": 4.0,
+            "ray_serve_multiplexed_model_unload_latency_ms_count": 2.0,
+            "ray_serve_registered_multiplexed_model_id[a]": 1.0,
+            "ray_serve_registered_multiplexed_model_id[b]": 0.0,
+            "ray_serve_registered_multiplexed_model_id[d]": 1.0}
+    got = wait_for(lambda: (m := series()) and all(m.get(k) == v for k, v in want.items()) and m,
+                   timeout=15, what=lambda: f"the multiplexing metrics: {series()}")
+    assert got
 
 
 def test_bad_multiplex_options():

@@ -84,7 +84,8 @@ def test_max_replicas_per_node(nodes: dict[str, Any]) -> None:
 
     def waiting() -> str:
         st = serve.status().applications["one"].deployments["One"]
-        return st.message if st.status == "UPDATING" and "cannot be scheduled" in st.message else ""
+        # A new num_replicas alone scales up (UPSCALING), as in Ray Serve.
+        return st.message if st.status == "UPSCALING" and "cannot be scheduled" in st.message else ""
 
     msg = _poll(waiting, 30, "the third replica to be reported unscheduled")
     assert "1 replica(s) that cannot be scheduled" in msg and "max_replicas_per_node" in msg, msg

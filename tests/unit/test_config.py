@@ -105,6 +105,16 @@ def test_deployment_properties_read_back_as_ray_serves_do():
     assert given.logging_config["log_level"] == "DEBUG"  # a dict, as Ray's
 
 
+def test_max_concurrent_queries_is_the_old_name_and_warns(caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="flotilla"):
+        d = serve.deployment(max_concurrent_queries=7)(f)
+        assert d.max_ongoing_requests == 7
+        assert d.options(max_concurrent_queries=3).max_ongoing_requests == 3
+    assert caplog.text.count("max_concurrent_queries is deprecated") == 2
+
+
 def test_deployment_cannot_be_called_directly():
     d = serve.deployment(f)
     with pytest.raises(RuntimeError, match="bind"):

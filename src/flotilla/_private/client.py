@@ -540,8 +540,20 @@ class Runtime:
 
         self._pusher = False
         if metrics.enabled():
-            self._pusher = metrics.Pusher(metrics.STORE, self.link, self.fold_calls)
+            self._pusher = metrics.Pusher(metrics.STORE, self.link, self.router_gauges)
             self._pusher.start()
+
+    def router_gauges(self) -> None:
+        """Before a metrics push: every router's finished calls folded, and
+        `ray_serve_num_ongoing_requests_at_replicas` (what each router, its followers on
+        callers' loops included, has on replicas now)."""
+        from flotilla._private import trace
+
+        self.fold_calls()
+        for dep, r in list(self.routers.items()):
+            n = sum(c.in_flight for c in list(r.replicas.values()))
+            n += sum(c.in_flight for f in list(r.followers) for c in list(f.replicas.values()))
+            trace.STORE.set("ray_serve_num_ongoing_requests_at_replicas", (dep.name, dep.app_name, trace.CALLER), float(n))
 
     def _call_head_aside(self, op: str, args: tuple[Any, ...], timeout: float | None) -> Any:
         """`call_head` from the runtime's own loop (a replica's constructor or async method,

@@ -188,7 +188,6 @@ class Proxy:
         self._shadows: shadow.Shadows | None = None
         metrics.declare_builtins(STORE)
         shadow.declare(STORE)
-        trace.CALLER = "proxy"
         self.access.configure(args.get("logging_config"), {"component_name": "proxy"})
 
     def set_routes(self, table: dict[str, Any]) -> None:
@@ -538,6 +537,8 @@ class Proxy:
 
     def set_gauges(self) -> None:
         self.fold()  # a push carries every request recorded so far
+        if self.rt is not None:
+            self.rt.router_gauges()
         STORE.set("ray_serve_num_ongoing_http_requests", (self.node_label,), float(self.ongoing))
         metrics.record_auth_failures(STORE, "proxy")
 
@@ -586,6 +587,7 @@ async def _amain(args: dict[str, Any], seat: Any = None) -> None:
     link = HeadLink(args["head_sock"], on_call, name="head", hello=hello if seat is None else None)
     await link.connect()
     rt = Runtime.attach(loop, link)
+    trace.CALLER = "proxy"  # the `handle` label of what this process's routers send
     pusher = metrics.Pusher(STORE, link, proxy.set_gauges)
     pusher.start()
     proxy.rt = rt

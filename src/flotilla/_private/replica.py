@@ -245,7 +245,6 @@ class Replica:
         self.access = metrics.AccessLog(f"replica {self.replica_id}")
         self._batch_seen: dict[int, tuple[int, int]] = {}  # batch queue -> (batches, items) at the last push
         metrics.declare_builtins(STORE)
-        trace.CALLER = self.replica_id  # the `handle` label of the calls its code makes
         STORE.declare("gauge", "ray_serve_replica_processing_queries", "Requests running in a replica.", ("deployment", "replica", "application"))
         STORE.declare("gauge", "flotilla_replica_queued_requests", "Requests waiting inside a replica for a slot (max_ongoing_requests).", ("deployment", "replica", "application"))
         self.asgi_app: Any = None
@@ -274,6 +273,11 @@ class Replica:
 
     def _set_gauges(self) -> None:
         self._fold()  # a push carries every request recorded so far
+        from flotilla._private import client
+
+        rt = client.Runtime._instance
+        if rt is not None:
+            rt.router_gauges()  # the calls its code makes
         labels = (self.dep_name, self.replica_id, self.app_name)
         STORE.set("ray_serve_replica_processing_queries", labels, float(self.ongoing))
         STORE.set("flotilla_replica_queued_requests", labels, float(len(self.waiters)))
@@ -338,6 +342,7 @@ class Replica:
         self.link = client.HeadLink(args["head_sock"], self._control, name="head", hello=self._hello)
         await self.link.connect()
         client.Runtime.attach(self.loop, self.link)
+        trace.CALLER = self.replica_id  # the `handle` label of the calls its code makes
         self.pusher = metrics.Pusher(STORE, self.link, self._set_gauges)
         self.pusher.start()
         register: tuple[Any, ...] = (self.replica_id, os.getpid())

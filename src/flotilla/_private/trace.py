@@ -100,6 +100,10 @@ STORE.declare("counter", "ray_serve_handle_request_counter", "Calls made through
               ("handle", "deployment", "route", "application"))
 
 
+STORE.declare("gauge", "ray_serve_num_ongoing_requests_at_replicas", "Requests a process's router for a deployment "
+              "has sent to its replicas and not had answered yet.", ("deployment", "application", "handle"))
+
+
 def count_routed(deployment: str, route: str, application: str, handle: str, n: int) -> None:
     """`n` requests a router of `handle` ("proxy", "driver" or a replica's id) sent."""
     STORE.inc("ray_serve_num_router_requests", (deployment, route, application, handle), n)

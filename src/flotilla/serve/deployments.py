@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import inspect
+import logging
 from collections.abc import Callable
 from typing import Any
 
 from flotilla.serve.config import DeploymentConfig, validate, warn_small_limit
 from flotilla.serve.exceptions import ConfigError
+
+logger = logging.getLogger("flotilla")
+
+
+def _renamed_limit() -> None:
+    logger.warning("max_concurrent_queries is deprecated (as in Ray Serve): it was renamed max_ongoing_requests, "
+                   "which it sets here")
 
 __all__ = ["Application", "Deployment", "deployment"]
 
@@ -96,6 +104,7 @@ class Deployment:
         """A copy with some options changed; unknown names raise TypeError."""
         kwargs.pop("_internal", None)
         if "max_concurrent_queries" in kwargs:  # Ray's old name
+            _renamed_limit()
             kwargs.setdefault("max_ongoing_requests", kwargs.pop("max_concurrent_queries"))
         for key in kwargs:
             if key not in ("name", "route_prefix") and key not in _OPTION_NAMES and key not in _COMPAT_IGNORED:
@@ -249,6 +258,7 @@ def deployment(
     unknown option raises `ConfigError` (a ValueError and TypeError) naming the field.
     """
     if "max_concurrent_queries" in ray_only:  # Ray's old name
+        _renamed_limit()
         value = ray_only.pop("max_concurrent_queries")
         if max_ongoing_requests is None:
             max_ongoing_requests = value

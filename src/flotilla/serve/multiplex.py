@@ -20,12 +20,14 @@ import asyncio
 import functools
 import inspect
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from flotilla._private import context
+from flotilla._private.metrics import LATENCY_MS_BUCKETS, STORE
 from flotilla.serve.exceptions import ConfigError
 
 __all__ = ["RequestContext", "get_multiplexed_model_id", "get_request_context", "multiplexed"]
@@ -64,6 +66,27 @@ def get_multiplexed_model_id() -> str:
     return (meta or {}).get("multiplexed_model_id", "") or ""
 
 
+# Ray Serve's multiplexing metrics, per replica.
+_REPLICA = ("deployment", "replica", "application")
+STORE.declare("histogram", "ray_serve_multiplexed_model_load_latency_ms", "Time to load a multiplexed model, ms.",
+              _REPLICA, LATENCY_MS_BUCKETS)
+STORE.declare("histogram", "ray_serve_multiplexed_model_unload_latency_ms", "Time to unload a multiplexed model, ms.",
+              _REPLICA, LATENCY_MS_BUCKETS)
+STORE.declare("gauge", "ray_serve_num_multiplexed_models", "Multiplexed models a replica holds.", _REPLICA)
+STORE.declare("counter", "ray_serve_multiplexed_models_load_counter", "Multiplexed models loaded.", _REPLICA)
+STORE.declare("counter", "ray_serve_multiplexed_models_unload_counter", "Multiplexed models unloaded.", _REPLICA)
+STORE.declare("gauge", "ray_serve_registered_multiplexed_model_id", "1 for each multiplexed model a replica holds.",
+              (*_REPLICA, "model_id"))
+STORE.declare("counter", "ray_serve_multiplexed_get_model_requests_counter",
+              "Calls of a replica's @serve.multiplexed loader (cached or not).", _REPLICA)
+
+
+def _replica_labels() -> tuple[str, ...] | None:
+    """This replica's labels; None outside a replica (no metrics there)."""
+    ctx = context.replica_context
+    return None if ctx is None else (ctx.deployment, ctx.replica_tag, ctx.app_name)
+
+
 class _ModelCache:
     def __init__(self, loader: Callable[..., Any], owner: Any, limit: int) -> None:
         self.loader = loader
@@ -75,6 +98,9 @@ class _ModelCache:
     async def get(self, model_id: str) -> Any:
         if not isinstance(model_id, str) or not model_id:
             raise ValueError(f"a multiplexed model id must be a non-empty string, got {model_id!r}")
+        labels = _replica_labels()
+        if labels is not None:
+            STORE.inc("ray_serve_multiplexed_get_model_requests_counter", labels)
         if model_id in self.models:
             self.models.move_to_end(model_id)
             return self.models[model_id]
@@ -87,10 +113,16 @@ class _ModelCache:
             while self.limit > 0 and len(self.models) >= self.limit:
                 await self._evict()
             args = (self.owner, model_id) if self.owner is not None else (model_id,)
+            t0 = time.perf_counter()
             model = await self.loader(*args)
             self.models[model_id] = model
             fut.set_result(model)
             _report(list(self.models))
+            if labels is not None:
+                STORE.observe("ray_serve_multiplexed_model_load_latency_ms", labels, (time.perf_counter() - t0) * 1000.0)
+                STORE.inc("ray_serve_multiplexed_models_load_counter", labels)
+                STORE.set("ray_serve_registered_multiplexed_model_id", (*labels, model_id), 1.0)
+                STORE.set("ray_serve_num_multiplexed_models", labels, float(len(self.models)))
             return model
         except BaseException as e:
             if not fut.done():
@@ -104,6 +136,7 @@ class _ModelCache:
         old_id, model = self.models.popitem(last=False)
         logger.info("evicting model %r (least recently used)", old_id)
         _report(list(self.models))
+        t0 = time.perf_counter()
         cleanup = getattr(model, "__del__", None)
         if cleanup is not None:
             try:
@@ -112,6 +145,12 @@ class _ModelCache:
                     await result
             except Exception:
                 logger.exception("cleanup of model %r failed", old_id)
+        labels = _replica_labels()
+        if labels is not None:
+            STORE.observe("ray_serve_multiplexed_model_unload_latency_ms", labels, (time.perf_counter() - t0) * 1000.0)
+            STORE.inc("ray_serve_multiplexed_models_unload_counter", labels)
+            STORE.set("ray_serve_registered_multiplexed_model_id", (*labels, old_id), 0.0)
+            STORE.set("ray_serve_num_multiplexed_models", labels, float(len(self.models)))
 
 
 def _report(model_ids: list[str]) -> None:
