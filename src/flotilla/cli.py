@@ -62,8 +62,12 @@ def _load(import_path: str, args: dict[str, str] | None = None) -> Any:
     return import_application(import_path, args)
 
 
-def _builder_args(arguments: tuple[str, ...]) -> dict[str, str]:
-    """`key=value` words (as `serve run` takes them) as the application builder's args."""
+def _builder_args(arguments: tuple[str, ...], target: str) -> dict[str, str]:
+    """`key=value` words (as `serve run` takes them) as the application builder's args;
+    refused after a config file, which has each application's `args:`."""
+    if arguments and _is_config(target):
+        raise click.BadParameter("key=value arguments go with a module:builder target; a config file "
+                                 "gives an application's args under `args:`", param_hint="ARGUMENTS")
     out: dict[str, str] = {}
     for word in arguments:
         key, eq, value = word.partition("=")
@@ -300,18 +304,16 @@ def deploy(config_or_import_path: str, arguments: tuple[str, ...], address: str 
     """
     from flotilla.serve.deploy_schema import load_config_file, validate_config
 
+    args = _builder_args(arguments, config_or_import_path)
     if _is_config(config_or_import_path):
-        if arguments:
-            raise click.BadParameter("key=value arguments go with a module:app target; a config file gives an "
-                                     "application's args under `args:`", param_hint="ARGUMENTS")
         config = load_config_file(config_or_import_path).to_dict()
     else:
         if ":" not in config_or_import_path:
             raise click.BadParameter(f"{config_or_import_path}: no such file, and not an import path "
                                      "(MODULE:APP)", param_hint="CONFIG_OR_IMPORT_PATH")
         app: dict[str, Any] = {"name": "default", "route_prefix": "/", "import_path": config_or_import_path}
-        if arguments:
-            app["args"] = _builder_args(arguments)
+        if args:
+            app["args"] = args
         config = validate_config({"applications": [app]}, config_or_import_path).to_dict()
     url, token, _ = _rest(address, namespace)
     headers = {"X-Flotilla-Cwd": os.getcwd()}
@@ -543,10 +545,8 @@ def run(target: str, arguments: tuple[str, ...], host: str | None, port: int | N
 
     config: dict[str, Any] | None = None
     app = None
+    args = _builder_args(arguments, target)
     if _is_config(target):
-        if arguments:
-            raise click.BadParameter("key=value arguments go with a module:builder target; a config "
-                                     "file gives an application's args under `args:`", param_hint="ARGUMENTS")
         from flotilla.serve.deploy_schema import load_config_file
 
         config = load_config_file(target).to_dict()
@@ -557,7 +557,7 @@ def run(target: str, arguments: tuple[str, ...], host: str | None, port: int | N
             http["port"] = port
         config["http_options"] = http
     else:
-        app = _load(target, _builder_args(arguments))
+        app = _load(target, args)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     attach = address is not None or namespace is not None

@@ -28,7 +28,7 @@ import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, ClassVar
 
 from flotilla._private import session
@@ -574,21 +574,8 @@ class Runtime:
             finally:
                 peer.close()
 
-        box: list[Any] = []
-
-        def run() -> None:
-            try:
-                box.append((True, asyncio.run(once())))
-            except BaseException as e:  # handed to the caller's thread
-                box.append((False, e))
-
-        t = threading.Thread(target=run, name="flotilla-head-call", daemon=True)
-        t.start()
-        t.join()
-        ok, value = box[0]
-        if ok:
-            return value
-        raise value
+        with ThreadPoolExecutor(1, thread_name_prefix="flotilla-head-call") as pool:
+            return pool.submit(asyncio.run, once()).result()
 
     async def subscribe(self, key: Any, cb: Any = None) -> Any:
         if cb is not None:

@@ -19,6 +19,13 @@ request_meta: ContextVar[dict[str, Any] | None] = ContextVar("flotilla_request_m
 _ids = RequestIds()
 
 
+def replica_labels() -> tuple[str, str, str] | None:
+    """(deployment, replica, application): the labels a replica's metrics carry; None
+    outside a replica."""
+    ctx = replica_context
+    return None if ctx is None else (ctx.deployment, ctx.replica_tag, ctx.app_name)
+
+
 def _new_ids() -> None:
     global _ids
     _ids = RequestIds()

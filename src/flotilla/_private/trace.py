@@ -98,8 +98,6 @@ STORE.declare("counter", "ray_serve_num_router_requests", "Requests a router sen
               "and handles').", ("deployment", "route", "application", "handle"))
 STORE.declare("counter", "ray_serve_handle_request_counter", "Calls made through handles (the proxy's included).",
               ("handle", "deployment", "route", "application"))
-
-
 STORE.declare("gauge", "ray_serve_num_ongoing_requests_at_replicas", "Requests a process's router for a deployment "
               "has sent to its replicas and not had answered yet.", ("deployment", "application", "handle"))
 

@@ -88,10 +88,10 @@ class _Metric:
         if missing:
             raise ValueError(f"missing value for tag key(s) {missing} of metric {self._name!r}")
         values = tuple(merged[k] for k in self._tag_keys)
-        ctx = context.replica_context
-        if ctx is not None:
-            values += (ctx.deployment, ctx.replica_tag, ctx.app_name)
-        names = self._tag_keys + (_AUTO_TAGS if ctx is not None else ())
+        mine = context.replica_labels()
+        if mine is not None:
+            values += mine
+        names = self._tag_keys + (_AUTO_TAGS if mine is not None else ())
         if self._declared_as != names:
             STORE.declare(self._kind, self._name, self._description, names, getattr(self, "_boundaries", ()))
             self._declared_as = names

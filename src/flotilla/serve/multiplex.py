@@ -81,12 +81,6 @@ STORE.declare("counter", "ray_serve_multiplexed_get_model_requests_counter",
               "Calls of a replica's @serve.multiplexed loader (cached or not).", _REPLICA)
 
 
-def _replica_labels() -> tuple[str, ...] | None:
-    """This replica's labels; None outside a replica (no metrics there)."""
-    ctx = context.replica_context
-    return None if ctx is None else (ctx.deployment, ctx.replica_tag, ctx.app_name)
-
-
 class _ModelCache:
     def __init__(self, loader: Callable[..., Any], owner: Any, limit: int) -> None:
         self.loader = loader
@@ -98,7 +92,7 @@ class _ModelCache:
     async def get(self, model_id: str) -> Any:
         if not isinstance(model_id, str) or not model_id:
             raise ValueError(f"a multiplexed model id must be a non-empty string, got {model_id!r}")
-        labels = _replica_labels()
+        labels = context.replica_labels()
         if labels is not None:
             STORE.inc("ray_serve_multiplexed_get_model_requests_counter", labels)
         if model_id in self.models:
@@ -145,7 +139,7 @@ class _ModelCache:
                     await result
             except Exception:
                 logger.exception("cleanup of model %r failed", old_id)
-        labels = _replica_labels()
+        labels = context.replica_labels()
         if labels is not None:
             STORE.observe("ray_serve_multiplexed_model_unload_latency_ms", labels, (time.perf_counter() - t0) * 1000.0)
             STORE.inc("ray_serve_multiplexed_models_unload_counter", labels)
