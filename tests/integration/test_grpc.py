@@ -190,7 +190,9 @@ def test_metrics(stub):
         text = httpx.get(flotilla.metrics_url(), timeout=30).text
         ok = 'ray_serve_num_grpc_requests_total{application="met",method="/flotillatest.Greeter/Hello"' in text
         err = 'ray_serve_num_grpc_error_requests_total{application="met",error_code="INTERNAL"' in text
-        return ok and err and "ray_serve_grpc_request_latency_ms_bucket" in text
+        by_dep = ('ray_serve_num_deployment_grpc_error_requests_total{application="met",deployment="Greeter",'
+                  'error_code="INTERNAL"') in text
+        return ok and err and by_dep and "ray_serve_grpc_request_latency_ms_bucket" in text
 
     wait_for(counts, timeout=20, interval=0.2, what="gRPC metrics in /metrics")
 

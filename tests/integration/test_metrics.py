@@ -105,6 +105,8 @@ def test_counts_latency_custom_metrics_and_request_ids(url):
     assert total(m, "ray_serve_num_http_requests_total", application="mon", route="/mon", status_code="200") == 21
     assert total(m, "ray_serve_num_http_requests_total", application="mon", status_code="500") == 5
     assert total(m, "ray_serve_num_http_error_requests_total", application="mon", error_code="500") == 5
+    assert total(m, "ray_serve_num_deployment_http_error_requests_total", deployment="Monitored", application="mon",
+                 error_code="500", method="GET", route="/mon") == 5
     assert total(m, "ray_serve_http_request_latency_ms_count", application="mon") == 26
     assert total(m, "ray_serve_deployment_request_counter_total", deployment="Monitored", application="mon") == 26
     assert total(m, "ray_serve_deployment_error_counter_total", deployment="Monitored") == 5

@@ -51,6 +51,9 @@ def declare(store: Any) -> None:
     store.declare("counter", "ray_serve_num_grpc_requests", "gRPC requests handled by the proxy.", labels)
     store.declare("counter", "ray_serve_num_grpc_error_requests", "gRPC requests answered with a status other than OK.",
                   ("route", "error_code", "method", "application"))
+    store.declare("counter", "ray_serve_num_deployment_grpc_error_requests",
+                  "gRPC requests answered with a status other than OK, by deployment.",
+                  ("deployment", "error_code", "method", "route", "application"))
     store.declare("histogram", "ray_serve_grpc_request_latency_ms", "End-to-end latency of gRPC requests at the proxy, ms.",
                   labels, LATENCY_MS_BUCKETS)
     store.declare("gauge", "ray_serve_num_ongoing_grpc_requests", "gRPC requests in progress at the proxy.", ("node_id",))
@@ -264,13 +267,15 @@ class GrpcIngress(grpc.GenericRpcHandler):
             return left
         return self.timeout_s if left is None else min(left, self.timeout_s)
 
-    def _record(self, app: str, method: str, code: Any, t0: float, rid: str) -> None:
+    def _record(self, app: str, dep: Any, method: str, code: Any, t0: float, rid: str) -> None:
         ms = (time.perf_counter() - t0) * 1000.0
         name = code.name
         STORE.inc("ray_serve_num_grpc_requests", (app, method, app, name))
         STORE.observe("ray_serve_grpc_request_latency_ms", (app, method, app, name), ms)
         if code is not grpc.StatusCode.OK:
             STORE.inc("ray_serve_num_grpc_error_requests", (app, name, method, app))
+            STORE.inc("ray_serve_num_deployment_grpc_error_requests",
+                      ("" if dep is None else dep.name, name, method, app, app))
         self.proxy.access.add(rid, method, name, ms)
 
     def _error(self, e: BaseException, timeout: float | None) -> tuple[Any, str, list[tuple[str, Any]]]:
@@ -309,6 +314,7 @@ class GrpcIngress(grpc.GenericRpcHandler):
         async def unary(request: Any, context: Any) -> Any:
             t0 = time.perf_counter()
             code, app, rid = grpc.StatusCode.INTERNAL, "", ""
+            dep: DeploymentID | None = None
             timeout: float | None = None
             self._ongoing(1)
             try:
@@ -331,7 +337,7 @@ class GrpcIngress(grpc.GenericRpcHandler):
                 return reply.result
             finally:
                 self._ongoing(-1)
-                self._record(app, method, code, t0, rid)
+                self._record(app, dep, method, code, t0, rid)
 
         return unary
 
@@ -341,6 +347,7 @@ class GrpcIngress(grpc.GenericRpcHandler):
         async def stream(request: Any, context: Any) -> Any:
             t0 = time.perf_counter()
             code, app, rid = grpc.StatusCode.INTERNAL, "", ""
+            dep: DeploymentID | None = None
             timeout: float | None = None
             self._ongoing(1)
             trailer = None
@@ -367,7 +374,7 @@ class GrpcIngress(grpc.GenericRpcHandler):
                 code = self._apply(context, *(trailer or ("OK", "", [])), rid)
             finally:
                 self._ongoing(-1)
-                self._record(app, method, code, t0, rid)
+                self._record(app, dep, method, code, t0, rid)
 
         return stream
 

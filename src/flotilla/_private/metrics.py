@@ -268,6 +268,8 @@ def declare_builtins(store: Store) -> None:
     route = ("route", "method", "application", "status_code")
     store.declare(c, "ray_serve_num_http_requests", "HTTP requests handled by the proxy.", route)
     store.declare(c, "ray_serve_num_http_error_requests", "HTTP requests answered with an error status (>= 400).", ("route", "error_code", "method", "application"))
+    store.declare(c, "ray_serve_num_deployment_http_error_requests", "HTTP requests answered with an error status (>= 400), by deployment.",
+                  ("deployment", "error_code", "method", "route", "application"))
     store.declare(h, "ray_serve_http_request_latency_ms", "End-to-end latency of HTTP requests at the proxy, ms.", route, LATENCY_MS_BUCKETS)
     store.declare(g, "ray_serve_num_ongoing_http_requests", "HTTP requests in progress at the proxy.", ("node_id",))
     dep = ("deployment", "replica", "route", "application")

@@ -55,6 +55,13 @@ RECORD_FIELDS = 9
 FOLD_S = 0.1
 
 
+def count_error(route: str, status: int, method: str, app: str, deployment: str) -> None:
+    """Count an HTTP request answered with an error status, overall and by deployment."""
+    code = str(status)
+    STORE.inc("ray_serve_num_http_error_requests", (route, code, method, app))
+    STORE.inc("ray_serve_num_deployment_http_error_requests", (deployment, code, method, route, app))
+
+
 class SplitRoute:
     """A split route (`serve.set_traffic`): each request goes to one application by weight.
 
@@ -328,7 +335,7 @@ class Proxy:
             counts[key] = counts.get(key, 0) + 1
             observe_into(hist, buckets, ms)
             if status >= 400:
-                STORE.inc("ray_serve_num_http_error_requests", (prefix, str(status), method, app))
+                count_error(prefix, status, method, app, name)
             now = to_wall + t1
             q = q_s * 1000.0
             if dep is not None:
@@ -397,7 +404,7 @@ class Proxy:
         rid = (request_id or self.ids.next()).decode("latin-1")
         m: Any = self.match(path)
         route = m[0] if m is not None else ""
-        app = ""
+        app = dep_name = ""
         self.ongoing += 1
         status = 500
         try:
@@ -412,7 +419,7 @@ class Proxy:
                     return
                 fscope, fprefix, dep = picked
                 m = (fprefix, dep)
-            app = m[1].app_name
+            app, dep_name = m[1].app_name, m[1].name
             meta = {"request_id": rid, "route": route}
             assert self.rt is not None
             try:
@@ -432,7 +439,7 @@ class Proxy:
                 STORE.inc("ray_serve_num_http_requests", key)
                 STORE.observe("ray_serve_http_request_latency_ms", key, ms)
                 if status == 1011 or 400 <= status < 1000:
-                    STORE.inc("ray_serve_num_http_error_requests", (route, str(status), "WEBSOCKET", app))
+                    count_error(route, status, "WEBSOCKET", app, dep_name)
                 self.access.add(rid, f"WEBSOCKET {scope['path']}", status, ms)
 
     async def _no_variant(self, scope: dict[str, Any], send: Any, split: SplitRoute, request_id: bytes) -> None:
@@ -441,7 +448,7 @@ class Proxy:
         status = await http_util.reply(send, *http_util.plain(503, text), (b"x-request-id", request_id))
         if self.metrics:
             STORE.inc("ray_serve_num_http_requests", (split.prefix, scope["method"], "", str(status)))
-            STORE.inc("ray_serve_num_http_error_requests", (split.prefix, str(status), scope["method"], ""))
+            count_error(split.prefix, status, scope["method"], "", "")
 
     async def _forward(
         self, scope: dict[str, Any], receive: Any, send: Any, m: tuple[str, DeploymentID] | None,
