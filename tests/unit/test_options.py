@@ -55,6 +55,14 @@ def test_max_replicas_per_node_refused_with_placement_group_bundles():
         serve.deployment(max_replicas_per_node=1, placement_group_bundles=[{"CPU": 1}])(f)
 
 
+def test_max_ongoing_requests_none_is_refused_as_ray_does():
+    for make in (lambda: serve.deployment(max_ongoing_requests=None)(f),
+                 lambda: serve.deployment(f).options(max_ongoing_requests=None)):
+        with pytest.raises(ValueError, match="`max_ongoing_requests` must be non-null, got None"):
+            make()
+    assert serve.deployment(f).max_ongoing_requests == 5  # left out: the default
+
+
 # ---- num_replicas=0 ----------------------------------------------------------------------
 
 def test_num_replicas_zero_is_refused_with_the_fix():

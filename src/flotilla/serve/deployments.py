@@ -106,6 +106,8 @@ class Deployment:
         if "max_concurrent_queries" in kwargs:  # Ray's old name
             _renamed_limit()
             kwargs.setdefault("max_ongoing_requests", kwargs.pop("max_concurrent_queries"))
+        if "max_ongoing_requests" in kwargs and kwargs["max_ongoing_requests"] is None:
+            raise ConfigError(_NULL_LIMIT)
         for key in kwargs:
             if key not in ("name", "route_prefix") and key not in _OPTION_NAMES and key not in _COMPAT_IGNORED:
                 raise ConfigError(f"unknown deployment option {key!r}; allowed: name, " + ", ".join(_OPTION_NAMES))
@@ -221,6 +223,9 @@ def walk_deployments(app: Application) -> list[tuple[str, Application]]:
 
 
 # Options Ray accepts that have no meaning here; taken and ignored.
+_UNSET: Any = object()  # an option left out, where None itself is refused
+_NULL_LIMIT = "`max_ongoing_requests` must be non-null, got None."
+
 _COMPAT_IGNORED = {
     "version",
 }
@@ -233,7 +238,7 @@ def deployment(
     num_replicas: int | str | None = None,
     ray_actor_options: dict[str, Any] | None = None,
     user_config: Any = None,
-    max_ongoing_requests: int | None = None,
+    max_ongoing_requests: Any = _UNSET,
     max_queued_requests: int | None = None,
     autoscaling_config: dict[str, Any] | Any | None = None,
     graceful_shutdown_wait_loop_s: float | None = None,
@@ -260,8 +265,12 @@ def deployment(
     if "max_concurrent_queries" in ray_only:  # Ray's old name
         _renamed_limit()
         value = ray_only.pop("max_concurrent_queries")
-        if max_ongoing_requests is None:
+        if max_ongoing_requests is _UNSET:
             max_ongoing_requests = value
+    if max_ongoing_requests is None:
+        raise ConfigError(_NULL_LIMIT)
+    if max_ongoing_requests is _UNSET:
+        max_ongoing_requests = None
     unknown = set(ray_only) - _COMPAT_IGNORED - {"route_prefix"}
     if unknown:
         raise ConfigError(
