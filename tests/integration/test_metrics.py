@@ -151,6 +151,66 @@ def test_counts_latency_custom_metrics_and_request_ids(url):
     wait_for(lambda: "my-id-123 GET /mon 200" in Path(f"{logs}/proxy.log").read_text(), what="proxy access log")
 
 
+@serve.deployment(autoscaling_config={"min_replicas": 1, "max_replicas": 2, "upscale_delay_s": 0.2,
+                                      "downscale_delay_s": 60, "metrics_interval_s": 0.1,
+                                      "look_back_period_s": 0.5},
+                  health_check_period_s=0.2, user_config={"n": 1})
+class Batched:
+    def reconfigure(self, config: dict) -> None:
+        self.n = config["n"]
+
+    def check_health(self) -> None:
+        pass
+
+    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05)
+    async def double(self, xs: list[int]) -> list[int]:
+        return [2 * x for x in xs]
+
+
+def test_ray_lifecycle_batching_autoscaling_and_status_metrics(url):
+    """The tables of Ray's monitoring guide: lifecycle, batching, autoscaling and status."""
+    h = serve.run(Batched.bind(), name="tables", route_prefix=None)
+    assert sorted(h.options(method_name="double").remote(i).result() for i in range(1)) == [0]
+    calls = [h.options(method_name="double").remote(i) for i in range(8)]
+    assert sorted(c.result(timeout_s=30) for c in calls) == [2 * i for i in range(8)]
+    serve.run(Batched.options(user_config={"n": 2}).bind(), name="tables", route_prefix=None)
+    dep = {"deployment": "Batched", "application": "tables"}
+
+    def seen() -> dict[str, list] | None:
+        m = scrape()
+        want = ["ray_serve_batches_processed_total", "ray_serve_actual_batch_size_count",
+                "ray_serve_batch_wait_time_ms_count", "ray_serve_batch_execution_time_ms_count",
+                "ray_serve_batch_utilization_percent_count", "ray_serve_replica_startup_latency_ms_count",
+                "ray_serve_replica_initialization_latency_ms_count", "ray_serve_replica_reconfigure_latency_ms_count",
+                "ray_serve_health_check_latency_ms_count"]
+        return m if all(total(m, name, **dep) > 0 for name in want) else None
+
+    m = wait_for(seen, timeout=15, what="the lifecycle and batching metrics")
+    fn = {"function_name": "double", **dep}
+    assert total(m, "ray_serve_batches_processed_total", **fn) >= 2
+    assert total(m, "ray_serve_actual_batch_size_sum", **fn) == 9  # every call in some batch
+    assert total(m, "ray_serve_actual_batch_size_bucket", le="4.0", **fn) == total(
+        m, "ray_serve_actual_batch_size_count", **fn)  # none bigger than max_batch_size
+    assert "ray_serve_batch_queue_length" in m
+    assert total(m, "ray_serve_replica_startup_latency_ms_count", **dep) == 1
+    assert total(m, "ray_serve_replica_initialization_latency_ms_count", **dep) == 1
+    assert total(m, "ray_serve_replica_reconfigure_latency_ms_count", **dep) >= 1
+    # Status gauges: Ray's numbers (6 = HEALTHY, 6 = RUNNING).
+    assert total(m, "ray_serve_deployment_status", **dep) == 6
+    assert total(m, "ray_serve_application_status", application="tables") == 6
+    # Autoscaling: Ray's target, desired and total-requests gauges, and the policy's run time.
+    assert total(m, "ray_serve_autoscaling_target_replicas", **dep) == 1
+    for name in ("ray_serve_autoscaling_desired_replicas", "ray_serve_autoscaling_total_requests"):
+        assert [s.labels["deployment"] for s in m[name] if s.labels["application"] == "tables"] == ["Batched"]
+    assert total(m, "ray_serve_autoscaling_desired_replicas", **dep) == 0  # idle: before min_replicas applies
+    assert [s.labels["policy_scope"] for s in m["ray_serve_autoscaling_policy_execution_time_ms"]
+            if s.labels.get("application") == "tables"] == ["deployment"]
+    serve.delete("tables")
+    m = wait_for(lambda: (m := scrape()) and total(m, "ray_serve_replica_shutdown_duration_ms_count", **dep) == 1
+                 and m, timeout=15, what="the replica's shutdown time")
+    assert not [s for s in m.get("ray_serve_deployment_status", []) if s.labels.get("application") == "tables"]
+
+
 def test_invalid_metric_definitions():
     with pytest.raises(ValueError):
         Counter("")

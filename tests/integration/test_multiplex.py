@@ -126,3 +126,25 @@ def test_a_hot_model_is_loaded_on_a_second_replica(url):
     pids = {r.result() for r in [hot.remote() for _ in range(6)]}
     # One replica cannot take them all at once (max_ongoing_requests=1): both load the model.
     assert len(pids) == 2
+
+
+@serve.deployment(max_ongoing_requests=16)
+class BatchedModels:
+    @serve.multiplexed(max_num_models_per_replica=4)
+    async def get_model(self, model_id: str) -> str:
+        return model_id
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.2)
+    async def predict(self, xs: list[int]) -> list[tuple[str, str, int]]:
+        model = await self.get_model(serve.get_multiplexed_model_id())
+        return [(model, serve.get_multiplexed_model_id(), len(xs))] * len(xs)
+
+
+def test_a_batch_holds_one_model_and_sees_its_id(url):
+    """Ray Serve splits a batch by multiplexed model id, and `get_multiplexed_model_id()` in
+    the batch function names the batch's model."""
+    h = serve.run(BatchedModels.bind(), name="batchmodels", route_prefix=None).options(method_name="predict")
+    calls = [(m, h.options(multiplexed_model_id=m).remote(i)) for i, m in enumerate("abababab")]
+    got = [(m, c.result(timeout_s=30)) for m, c in calls]
+    assert all(model == seen == m for m, (model, seen, _) in got), got
+    assert sum(n for _, (_, _, n) in got) == 32  # two batches of 4, each call counted with its batch

@@ -466,3 +466,18 @@ def test_config_is_frozen_and_hashable():
         c.min_replicas = 0  # type: ignore[misc]
     assert hash(c) == hash(AutoscalingConfig())
     assert math.isclose(c.model_copy(update={"smoothing_factor": 0.5}).get_upscaling_factor(), 0.5)
+
+
+@pytest.mark.parametrize(
+    ("load", "current", "target", "desired"),
+    [
+        (0.0, 2, 2, 0),  # idle: the load asks for none, min_replicas keeps 1 and the delay holds 2
+        (20.0, 2, 10, 20),  # over max_replicas: desired says what the load asks for
+        (2.0, 2, 2, 2),  # steady
+    ],
+)
+def test_decision_desired_is_the_load_before_bounds_and_delays(load, current, target, desired):
+    c = AutoscalingConfig(min_replicas=1, max_replicas=10, target_ongoing_requests=1.0, upscale_delay_s=0,
+                          downscale_delay_s=60, look_back_period_s=1, metrics_interval_s=1)
+    d = decide(c, [(9.5, load)], current, current, 10.0, None)
+    assert (d.target, d.desired) == (target, desired)

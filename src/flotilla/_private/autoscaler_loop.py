@@ -58,6 +58,9 @@ class AutoscalerState:
         self.last_up: float | None = None
         self.last_down: float | None = None
         self.last_ongoing = (0.0, 0.0)  # (running, queued) in replicas, latest sample
+        # Ray's autoscaling gauges at the latest tick: (desired replicas, total requests,
+        # ms the policy ran); None before the first.
+        self.gauges: tuple[int, float, float] | None = None
 
 
 class Autoscaler:
@@ -141,12 +144,14 @@ class Autoscaler:
         running = sum(1 for r in dep.replicas.values() if r.state.routable)
         from flotilla._private.autoscaling import decide
 
+        began = time.perf_counter()
         if st.cfg.policy is not None:
             d = self.custom(dep, now, load, running)
             if d is None:
                 return
         else:
             d = decide(st.eff, st.samples, dep.target, running, now, st.policy, st.latency)
+        st.gauges = (d.target if d.desired is None else d.desired, float(load), (time.perf_counter() - began) * 1000.0)
         st.policy = d.state
         if d.target != dep.target:
             old = dep.target

@@ -279,6 +279,7 @@ class Decision:
     target: int  # desired replica count, within [min_replicas, max_replicas]
     reason: str  # human-readable explanation
     state: PolicyState  # pass back to the next call
+    desired: int | None = None  # what the load asks for, before bounds and delays (None: target)
 
 
 def aggregate_load(
@@ -367,6 +368,7 @@ def decide(
     lat_why = ""
     if config.uses_latency:
         want, lat_why = _with_latency(config, want, running, latency)
+    desired = want
     want = _clamp(want, config)
     if want > cur:
         direction, delay, delay_name = 1, config.upscale_delay_s, "upscale_delay_s"
@@ -384,15 +386,15 @@ def decide(
     sign = ">" if per > target else "<" if per < target else "=="
     head = f"avg ongoing {load:.1f} over {running} replicas ({per:.2f}/replica) {sign} target {target:g}{lat_why}"
     if direction == 0:
-        return Decision(cur, f"{head}: steady at {cur}", PolicyState())
+        return Decision(cur, f"{head}: steady at {cur}", PolicyState(), desired)
 
     since = state.since if state.direction == direction and state.since is not None else now
     waited = now - since
     if waited + _EPS >= delay:
         reason = f"{head} for {waited:.1f}s >= {delay_name} {delay:g}: {cur} -> {want}"
-        return Decision(want, reason, PolicyState())
+        return Decision(want, reason, PolicyState(), desired)
     reason = f"{head} for {waited:.1f}s < {delay_name} {delay:g}: hold {cur} (wants {want})"
-    return Decision(cur, reason, PolicyState(direction, since))
+    return Decision(cur, reason, PolicyState(direction, since), desired)
 
 
 #: Latency well below its target ("comfortably"): below this share of it, scale-down may go.

@@ -48,7 +48,7 @@ from flotilla._private.canary_loop import CanaryLoop, CanaryRun
 from flotilla._private.doctor import DepSpec, check_cold_start
 from flotilla._private.findings import Watch, sample_s
 from flotilla._private.lifecycle import RState, transition
-from flotilla._private.metrics import Store, record_auth_failures
+from flotilla._private.metrics import LATENCY_MS_BUCKETS, Store, record_auth_failures
 from flotilla._private.procfs import Memory, group_cpu, group_rss, machine_memory, memory_of
 from flotilla._private.ranks import DeploymentRanks
 from flotilla._private.reconcile import (
@@ -149,6 +149,49 @@ def same_user_config(a: dict[str, Any] | None, b: dict[str, Any] | None) -> bool
     return {**a, "rank": None, "world_size": None} == {**b, "rank": None, "world_size": None}
 
 
+#: Ray's numbers for statuses in its status gauges (0: unknown).
+_DEPLOYMENT_STATUS_NUMBER = {DeploymentStatus.DEPLOY_FAILED: 1, DeploymentStatus.UNHEALTHY: 2,
+                             DeploymentStatus.UPDATING: 3, DeploymentStatus.UPSCALING: 4,
+                             DeploymentStatus.DOWNSCALING: 5, DeploymentStatus.HEALTHY: 6}
+_APP_STATUS_NUMBER = {ApplicationStatus.DEPLOY_FAILED: 1, ApplicationStatus.UNHEALTHY: 2,
+                      ApplicationStatus.NOT_STARTED: 3, ApplicationStatus.DELETING: 4,
+                      ApplicationStatus.DEPLOYING: 5, ApplicationStatus.RUNNING: 6}
+#: Ray's buckets for replica start and stop times, ms.
+_LIFECYCLE_MS_BUCKETS = (5, 20, 50, 100, 250, 500, 1000, 2000, 5000, 10000, 20000, 30000, 60000, 120000, 300000)
+#: The controller's gauges set afresh at each snapshot.
+_SNAPSHOT_GAUGES = (
+    "ray_serve_deployment_replica_healthy", "flotilla_deployment_replicas", "flotilla_deployment_target_replicas",
+    "ray_serve_deployment_queued_queries", "flotilla_replica_cpu_cores", "flotilla_deployment_cpu_cores",
+    "flotilla_replica_memory_uss_bytes", "flotilla_replica_memory_pss_bytes", "flotilla_replica_memory_shared_bytes",
+    "ray_serve_deployment_status", "ray_serve_application_status", "ray_serve_autoscaling_target_replicas",
+    "ray_serve_autoscaling_desired_replicas", "ray_serve_autoscaling_total_requests",
+    "ray_serve_autoscaling_policy_execution_time_ms", "ray_serve_autoscaling_target_ongoing_requests",
+)
+
+
+def declare_ray_controller_metrics(m: Store) -> None:
+    """The controller's metrics in Ray's monitoring guide: status, lifecycle, autoscaling."""
+    dep = ("deployment", "application")
+    m.declare("gauge", "ray_serve_deployment_status", "Deployment status as a number: 0 unknown, 1 DEPLOY_FAILED, "
+              "2 UNHEALTHY, 3 UPDATING, 4 UPSCALING, 5 DOWNSCALING, 6 HEALTHY.", dep)
+    m.declare("gauge", "ray_serve_application_status", "Application status as a number: 0 unknown, 1 DEPLOY_FAILED, "
+              "2 UNHEALTHY, 3 NOT_STARTED, 4 DELETING, 5 DEPLOYING, 6 RUNNING.", ("application",))
+    for name, doc in (("ray_serve_replica_startup_latency_ms", "Time from a replica's placement to ready, ms."),
+                      ("ray_serve_replica_initialization_latency_ms", "Time a replica's constructor ran, ms."),
+                      ("ray_serve_replica_shutdown_duration_ms", "Time from telling a replica to stop to its exit, ms.")):
+        m.declare("histogram", name, doc, dep, _LIFECYCLE_MS_BUCKETS)
+    m.declare("histogram", "ray_serve_replica_reconfigure_latency_ms", "Time a replica took to apply a new config, ms.",
+              dep, LATENCY_MS_BUCKETS)
+    m.declare("histogram", "ray_serve_health_check_latency_ms", "Time a health check took, ms.", dep, LATENCY_MS_BUCKETS)
+    m.declare("counter", "ray_serve_health_check_failures", "Failed health checks.", dep)
+    m.declare("gauge", "ray_serve_autoscaling_target_replicas", "Replicas the autoscaler aims for.", dep)
+    m.declare("gauge", "ray_serve_autoscaling_desired_replicas", "Replicas the load asks for, before bounds and delays.", dep)
+    m.declare("gauge", "ray_serve_autoscaling_total_requests", "Requests running and queued, as the autoscaler saw them.", dep)
+    m.declare("gauge", "ray_serve_autoscaling_target_ongoing_requests", "target_ongoing_requests per replica.", dep)
+    m.declare("gauge", "ray_serve_autoscaling_policy_execution_time_ms", "Time the autoscaling policy ran, ms.",
+              (*dep, "policy_scope"))
+
+
 @dataclass(eq=False)
 class Replica:
     id: str
@@ -175,6 +218,7 @@ class Replica:
     def awaiting_reattach(self) -> bool:
         return self.adopted is not None and not self.adopted.is_set()
     slow_logged: bool = False  # its slow start was logged (once)
+    stopping_at: float = 0.0  # monotonic time it was told to stop (0 before)
     startup_s: float | None = None  # placed to ready (process start plus the constructor)
     memory: Memory | None = None  # its process's RSS/PSS/USS/shared at the last sample (local)
 
@@ -331,6 +375,7 @@ class Controller:
         m.declare("gauge", "flotilla_replica_memory_pss_bytes", "A replica process's proportional memory (PSS: each shared page split between the processes mapping it) at the last sample (local backend).", ("deployment", "replica", "application"))
         m.declare("gauge", "flotilla_replica_memory_shared_bytes", "A replica process's resident memory shared with other processes (e.g. copy-on-write from a template) at the last sample (local backend).", ("deployment", "replica", "application"))
         m.declare("gauge", "flotilla_deployment_cpu_cores", "CPU cores a deployment's replicas used over the last sample (local backend).", ("deployment", "application"))
+        declare_ray_controller_metrics(m)
         self.watch = Watch()  # CPU and latency samples behind the live findings (findings.py)
         self.live_findings: dict[tuple[str, str, str], list[Any]] = {}
         self._autoscale_wake = asyncio.Event()
@@ -722,6 +767,7 @@ class Controller:
                 transition(r, RState.UPDATING, "applying a new config in place")
                 self.publish(r.dep.key)
             state = r.state
+            began = time.perf_counter()
             try:
                 await asyncio.wait_for(r.peer.call("update_config", want), RECONFIGURE_TIMEOUT_S)
             except Exception as e:
@@ -736,6 +782,8 @@ class Controller:
                 r.dep.unhealthy_msg = f"reconfigure() on replica {r.id} {why}; replacing it."
                 self._stop_replica(r, False, f"reconfigure() {why}")
                 return
+            self.metrics.observe("ray_serve_replica_reconfigure_latency_ms", (r.dep.name, r.dep.app),
+                                 (time.perf_counter() - began) * 1000.0)
             r.config_sent = want
         if r.state is RState.UPDATING:
             transition(r, RState.RUNNING, "config applied")
@@ -976,11 +1024,16 @@ class Controller:
             r.models = tuple(model_ids)
             self.publish(r.dep.key)
 
-    def replica_ready(self, rid: str) -> None:
+    def replica_ready(self, rid: str, init_s: float | None = None) -> None:
+        """`rid` is ready; `init_s`: how long its constructor ran (the replica measured it)."""
         r = self.replicas.get(rid)
         if r is None or r.state is not RState.STARTING:
             return
         r.startup_s = time.monotonic() - r.placed_at
+        key = (r.dep.name, r.dep.app)
+        self.metrics.observe("ray_serve_replica_startup_latency_ms", key, r.startup_s * 1000.0)
+        if init_s is not None:
+            self.metrics.observe("ray_serve_replica_initialization_latency_ms", key, float(init_s) * 1000.0)
         transition(r, RState.RUNNING, f"ready after {r.startup_s * 1000:.0f} ms")
         r.dep.startup_s = r.startup_s
         if r.version == r.dep.version:
@@ -1067,6 +1120,7 @@ class Controller:
         if r.state.routable and not graceful and r.id not in r.dep.dead:
             r.dep.dead.append(r.id)
         graceful = graceful and r.state.routable
+        r.stopping_at = time.monotonic()
         transition(r, RState.DRAINING, why)
         self.publish(r.dep.key)  # routers stop choosing it before it is told to stop
         self._spawn_task(self._drain(r, graceful))
@@ -1102,6 +1156,9 @@ class Controller:
             return
         transition(r, RState.GONE, why)
         dep = r.dep
+        if r.stopping_at:
+            self.metrics.observe("ray_serve_replica_shutdown_duration_ms", (dep.name, dep.app),
+                                 (time.monotonic() - r.stopping_at) * 1000.0)
         dep.ranks.release(r.id)
         if r.alloc is not None:
             self.pool.release(r.alloc)
@@ -1124,6 +1181,8 @@ class Controller:
             await asyncio.sleep(period)
             if not r.state.routable or r.peer is None:
                 return
+            key = (r.dep.name, r.dep.app)
+            began = time.perf_counter()
             try:
                 await asyncio.wait_for(r.peer.call("health"), timeout)
                 failed = 0
@@ -1132,7 +1191,11 @@ class Controller:
                     return
                 why = "timed out" if isinstance(e, TimeoutError) else f"raised {e!r}"
                 failed += 1
-                self.metrics.inc("flotilla_deployment_health_check_failures", (r.dep.name, r.dep.app))
+                self.metrics.inc("flotilla_deployment_health_check_failures", key)
+                self.metrics.inc("ray_serve_health_check_failures", key)
+            finally:
+                self.metrics.observe("ray_serve_health_check_latency_ms", key, (time.perf_counter() - began) * 1000.0)
+            if failed:
                 if failed < UNHEALTHY_AFTER:
                     logger.warning("replica %s failed its health check (%s), %d of %d in a row",
                                    r.id, why, failed, UNHEALTHY_AFTER)
@@ -1468,13 +1531,22 @@ class Controller:
 
     def metrics_snapshot(self) -> dict[str, Any]:
         m = self.metrics
-        for name in ("ray_serve_deployment_replica_healthy", "flotilla_deployment_replicas",
-                     "flotilla_deployment_target_replicas", "ray_serve_deployment_queued_queries",
-                     "flotilla_replica_cpu_cores", "flotilla_deployment_cpu_cores",
-                     "flotilla_replica_memory_uss_bytes", "flotilla_replica_memory_pss_bytes",
-                     "flotilla_replica_memory_shared_bytes"):
+        for name in _SNAPSHOT_GAUGES:
             m.values[name] = {}
+        for app in self.apps.values():
+            m.set("ray_serve_application_status", (app.name,), float(_APP_STATUS_NUMBER.get(app.status, 0)))
         for d in self.all_deployments():
+            key = (d.name, d.app)
+            m.set("ray_serve_deployment_status", key, float(_DEPLOYMENT_STATUS_NUMBER.get(d.status, 0)))
+            st = d.autoscale
+            if st is not None:
+                m.set("ray_serve_autoscaling_target_replicas", key, float(d.target))
+                m.set("ray_serve_autoscaling_target_ongoing_requests", key, float(st.cfg.target_ongoing_requests))
+                if st.gauges is not None:
+                    desired, load, ms = st.gauges
+                    m.set("ray_serve_autoscaling_desired_replicas", key, float(desired))
+                    m.set("ray_serve_autoscaling_total_requests", key, load)
+                    m.set("ray_serve_autoscaling_policy_execution_time_ms", (*key, "deployment"), ms)
             counts: dict[str, int] = {}
             dep_cores: float | None = None
             for r in d.replicas.values():

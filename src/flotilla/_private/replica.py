@@ -203,6 +203,40 @@ def instantiate(target: Any, init_args: tuple[Any, ...], init_kwargs: dict[str, 
     return Built(obj, asgi, False)
 
 
+#: Ray's buckets for its batching histograms: sizes and utilization percent.
+_BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+_BATCH_UTILIZATION_BUCKETS = (5, 10, 20, 30, 40, 50, 60, 70, 80, 90, 95, 99, 100)
+
+
+def _ray_batch_metrics(q: Any, labels: tuple[str, str, str]) -> None:
+    """Ray's batching metrics for queue `q`: its batches since the last push (size, wait,
+    run time, utilization, count) and the items waiting now."""
+    if "ray_serve_batches_processed" not in STORE.meta:
+        keys = ("deployment", "replica", "application", "function_name")
+        for kind, name, doc, buckets in (
+            ("histogram", "ray_serve_batch_wait_time_ms", "Time a batch waited to fill, ms.", metrics.LATENCY_MS_BUCKETS),
+            ("histogram", "ray_serve_batch_execution_time_ms", "Time the batch function ran, ms.", metrics.LATENCY_MS_BUCKETS),
+            ("histogram", "ray_serve_batch_utilization_percent", "Batch size over max_batch_size, percent.",
+             _BATCH_UTILIZATION_BUCKETS),
+            ("histogram", "ray_serve_actual_batch_size", "Items in each batch (batch_size_fn's size where set).",
+             _BATCH_SIZE_BUCKETS),
+            ("counter", "ray_serve_batches_processed", "Batches run.", None),
+            ("gauge", "ray_serve_batch_queue_length", "Requests waiting in the batch queue.", None),
+        ):
+            STORE.declare(kind, name, doc, keys, *((buckets,) if buckets else ()))
+    key = (*labels, q.name)
+    done = q.take_done()
+    if done:
+        limit = q.get_max_batch_size()
+        for size, wait_s, run_s in done:
+            STORE.observe("ray_serve_batch_wait_time_ms", key, wait_s * 1000.0)
+            STORE.observe("ray_serve_batch_execution_time_ms", key, run_s * 1000.0)
+            STORE.observe("ray_serve_batch_utilization_percent", key, size * 100.0 / limit)
+            STORE.observe("ray_serve_actual_batch_size", key, float(size))
+        STORE.inc("ray_serve_batches_processed", key, len(done))
+    STORE.set("ray_serve_batch_queue_length", key, float(q.stats().queued))
+
+
 class Replica:
     def __init__(self, args: dict[str, Any], prebuilt: Built | None = None) -> None:
         self.args = args
@@ -295,6 +329,7 @@ class Replica:
         capacity = 0.0
         waits = []
         for q in list(QUEUES):
+            _ray_batch_metrics(q, labels)
             st = q.stats()
             seen = self._batch_seen.get(id(q), (0, 0))
             self._batch_seen[id(q)] = (st.batches, st.items)
@@ -350,6 +385,7 @@ class Replica:
             register += (self.addr, args.get("node_id", ""))
         spec = await self.link.call("replica_register", *register, wait_s=math.inf)
         self.phase = "constructing"
+        began = time.perf_counter()
         try:
             await self._construct(spec)
         except BaseException as e:
@@ -368,9 +404,10 @@ class Replica:
                 logger.error(msg)
                 await self._failed(msg)
                 return
+        init_s = time.perf_counter() - began
         logger.info("replica %s ready (pid %d)", self.replica_id, os.getpid())
         self.phase = "ready"
-        await self.link.call("replica_ready", self.replica_id, wait_s=math.inf)
+        await self.link.call("replica_ready", self.replica_id, init_s, wait_s=math.inf)
         await self.stopped.wait()
         self._fold()
         self.pusher.stop()

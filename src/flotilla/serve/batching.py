@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from types import MethodType
 from typing import Any
 
+from flotilla._private import context
 from flotilla.serve.exceptions import ConfigError, RayServeException
 
 __all__ = ["BATCH_WAIT_S", "BatchQueue", "BatchResultError", "BatchStats", "adaptive_wait", "batch", "batched_caller"]
@@ -130,11 +131,13 @@ def adaptive_wait(target_s: float, waiting: int, max_batch: int, rate_per_s: flo
 
 
 class _Item:
-    __slots__ = ("chan", "closed", "fut", "payload", "started", "t")
+    __slots__ = ("chan", "closed", "fut", "model", "payload", "started", "t")
 
     def __init__(self, payload: Any, t: float, fut: Any = None, chan: Any = None) -> None:
         self.payload, self.t, self.fut, self.chan, self.closed = payload, t, fut, chan, False
         self.started = 0.0  # loop time its batch started
+        meta = context.request_meta.get()
+        self.model = meta.get("multiplexed_model_id", "") if meta else ""  # its caller's model id
 
     @property
     def gone(self) -> bool:
@@ -169,9 +172,15 @@ class BatchQueue:
         streaming: bool = False,
         batch_latency_target_s: float | None = None,
         batch_size_fn: Callable[[list[Any]], int] | None = None,
+        name: str = "unknown",
     ) -> None:
-        """`batch_size_fn`: the size of a list of payloads (else their count)."""
+        """`batch_size_fn`: the size of a list of payloads (else their count). `name`: the
+        function's, the `function_name` of Ray's batching metrics."""
         self._run_batch = run_batch
+        self.name = name
+        #: (size, seconds its first item waited, seconds it ran) per batch since the replica's
+        #: last metrics push took them (`take_done`); bounded, for queues no replica reads.
+        self._done: list[tuple[int, float, float]] = []
         self._size = _check_size_fn(batch_size_fn)
         self._max = _check_count(max_batch_size, "max_batch_size")
         self._timeout = _check_timeout(batch_wait_timeout_s)
@@ -240,6 +249,11 @@ class BatchQueue:
         return BatchStats(
             self._batches, self._items, self._largest, queued, len(self._running), self._skipped
         )
+
+    def take_done(self) -> list[tuple[int, float, float]]:
+        """The batches finished since the last call: (size, wait s, run s) each."""
+        done, self._done = self._done, []
+        return done
 
     def _poke(self) -> None:
         """Make the worker re-read its settings; safe from any thread."""
@@ -386,6 +400,13 @@ class BatchQueue:
             return len(payloads) - 1, True
         return len(payloads), n == limit
 
+    def _measure(self, items: list[_Item]) -> int:
+        """A batch's size: by `batch_size_fn` where there is one (its count if that fails)."""
+        if self._size is not None:
+            with contextlib.suppress(Exception):
+                return self._size([item.payload for item in items])
+        return len(items)
+
     def _learn_rate(self, n: int, waited: float) -> None:
         """Arrivals per second while a batch's first item waited: what waiting gains. (Not the
         overall rate: a client that sends its next request after the reply arrives often but
@@ -411,13 +432,34 @@ class BatchQueue:
         self._fixed_s = max(0.0, self._fixed_s + _EWMA * err * (1 - share))
 
     async def _execute(self, batch: list[_Item], slots: asyncio.Semaphore) -> None:
-        live = [item for item in batch if not item.gone]
-        self._skipped += len(batch) - len(live)
-        open_ = [True] * len(live)
-        agen = None
+        """Run `batch`, holding one of the `max_concurrent_batches` slots: as one call, or, when
+        its callers asked for different multiplexed models, as one concurrent call per model,
+        each seeing its model in `serve.get_multiplexed_model_id()` (as Ray Serve splits)."""
         try:
+            live = [item for item in batch if not item.gone]
+            self._skipped += len(batch) - len(live)
             if not live:
                 return
+            first = live[0].model
+            if all(item.model == first for item in live):
+                await self._run(live)
+                return
+            groups: dict[str, list[_Item]] = {}
+            for item in live:
+                groups.setdefault(item.model, []).append(item)
+            loop = asyncio.get_running_loop()
+            await asyncio.gather(*(loop.create_task(self._run(group)) for group in groups.values()))
+        finally:
+            slots.release()
+
+    async def _run(self, live: list[_Item]) -> None:
+        """One call of the batch function on `live` (non-empty, one model id)."""
+        if live[0].model:
+            context.request_meta.set({"multiplexed_model_id": live[0].model})
+        open_ = [True] * len(live)
+        began = waited = 0.0
+        agen = None
+        try:
             self._batches += 1
             self._items += len(live)
             self._largest = max(self._largest, len(live))
@@ -425,6 +467,7 @@ class BatchQueue:
             for item in live:
                 item.started = now
             began = time.perf_counter()
+            waited = now - live[0].t
             out = self._run_batch([item.payload for item in live])
             if not self.streaming:
                 results = await out
@@ -456,7 +499,8 @@ class BatchQueue:
             if not isinstance(exc, Exception):
                 raise
         finally:
-            slots.release()
+            if began and len(self._done) < 10_000:
+                self._done.append((self._measure(live), waited, time.perf_counter() - began))
             if self.streaming:
                 for k, item in enumerate(live):
                     if open_[k] and not item.closed:
@@ -523,7 +567,7 @@ def _new_queue(fn: Any, self_arg: tuple, opts: dict[str, Any], streaming: bool) 
             return size_fn([args[0] if args else next(iter(kwargs.values()), None) for args, kwargs in payloads])
 
         opts = {**opts, "batch_size_fn": size}
-    return BatchQueue(run, streaming=streaming, **opts)
+    return BatchQueue(run, streaming=streaming, name=getattr(fn, "__name__", "unknown"), **opts)
 
 
 def _entry(fn: Any, queue: BatchQueue, skip: int) -> Callable[..., Any]:
@@ -676,6 +720,7 @@ def batched_caller(
         batch_wait_timeout_s=batch_wait_timeout_s,
         max_concurrent_batches=max_concurrent_batches,
         batch_latency_target_s=batch_latency_target_s,
+        name=getattr(fn, "__name__", "unknown"),
     )
 
     async def call(item: Any) -> Any:
