@@ -528,9 +528,23 @@ def tune(import_path: str, slo_p95_ms: float, body_file: str | None, route: str 
 @click.option("--num-gpus", type=float, default=None, help="GPUs to offer replicas (default: detected).")
 @click.option("--address", "-a", default=None,
               help='Run on this running cluster ("auto", or its REST URL) instead of a private one.')
+@click.option("--app-dir", "-d", default=".", show_default=True,
+              help="Directory to import TARGET's module (and a config's import paths) from.")
+@click.option("--working-dir", default=None,
+              help="The applications' working directory (runtime_env working_dir): imported from, "
+                   "and a config application's builder runs there.")
+@click.option("--runtime-env-json", default=None, help="runtime_env for the applications, as JSON (env_vars, working_dir).")
+@click.option("--runtime-env", "runtime_env_file", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="runtime_env for the applications, from a YAML file.")
+@click.option("--blocking/--non-blocking", default=True, show_default=True,
+              help="Serve until Ctrl-C (and then stop), or deploy and return.")
+@click.option("--reload", is_flag=True,
+              help="Redeploy when a .py file under --app-dir (or --working-dir) changes (module:app targets).")
 @namespace_option
 def run(target: str, arguments: tuple[str, ...], host: str | None, port: int | None, name: str, route_prefix: str,
-        num_cpus: float | None, num_gpus: float | None, address: str | None, namespace: str | None) -> None:
+        num_cpus: float | None, num_gpus: float | None, address: str | None, app_dir: str, working_dir: str | None,
+        runtime_env_json: str | None, runtime_env_file: str | None, blocking: bool, reload: bool,
+        namespace: str | None) -> None:
     """Serve TARGET (module:application, or a config file) until Ctrl-C, in a private cluster.
 
     ARGUMENTS (`key=value` ...) go to TARGET when it is an application builder function, as
@@ -538,11 +552,24 @@ def run(target: str, arguments: tuple[str, ...], host: str | None, port: int | N
 
     Blocks in the foreground; Ctrl-C or SIGTERM drains and stops every process it started.
     With --address (or --namespace), it deploys to that running cluster instead and, at
-    Ctrl-C, deletes what it deployed there; the cluster stays.
+    Ctrl-C, deletes what it deployed there; the cluster stays. --non-blocking deploys and
+    returns (on a running cluster the applications stay; a private one stops with it).
     """
     import flotilla
     from flotilla import serve
 
+    if reload and _is_config(target):
+        raise click.BadParameter("--reload redeploys a module:app target; a config file is redeployed "
+                                 "with `flotilla deploy`", param_hint="--reload")
+    if reload and not blocking:
+        raise click.BadParameter("--reload watches files while serving: it needs --blocking", param_hint="--reload")
+    runtime_env = _runtime_env_option(runtime_env_json, runtime_env_file, working_dir)
+    code_dirs = [os.path.abspath(d) for d in (working_dir, app_dir) if d]
+    for d in reversed(code_dirs):
+        if not os.path.isdir(d):
+            raise click.BadParameter(f"{d!r} is not a directory", param_hint="--app-dir/--working-dir")
+        if d not in sys.path:
+            sys.path.insert(0, d)
     config: dict[str, Any] | None = None
     app = None
     args = _builder_args(arguments, target)
@@ -556,6 +583,9 @@ def run(target: str, arguments: tuple[str, ...], host: str | None, port: int | N
         if port is not None:
             http["port"] = port
         config["http_options"] = http
+        if runtime_env:
+            for a in config.get("applications", []):
+                a["runtime_env"] = {**runtime_env, **(a.get("runtime_env") or {})}
     else:
         app = _load(target, args)
     stop = threading.Event()
@@ -575,7 +605,8 @@ def run(target: str, arguments: tuple[str, ...], host: str | None, port: int | N
         rt = Runtime.current()
         if config is not None:
             deployed = [a["name"] for a in config.get("applications", [])]
-            rt.call_head("apply_config", config, os.getcwd(), timeout=60)
+            pythonpath = os.pathsep.join([*code_dirs, *filter(None, [os.environ.get("PYTHONPATH")])])
+            rt.call_head("apply_config", config, os.getcwd(), "flotilla run", pythonpath, timeout=60)
             failed = _wait_config_running(rt, deployed)
             for n, why in failed.items():  # the others serve, as with `serve run`
                 click.echo(f"Application '{n}' failed to deploy: {' '.join(why.split())}", err=True)
@@ -590,17 +621,29 @@ def run(target: str, arguments: tuple[str, ...], host: str | None, port: int | N
             serve.start(http_options={"host": host or "127.0.0.1", "port": 8000 if port is None else port})
             assert app is not None
             deployed = [name]
-            serve.run(app, name=name, route_prefix=route_prefix)
+            _serve(app, name, route_prefix, runtime_env)
             url = rt.call_head("http_url")
             suffix = "" if route_prefix == "/" else route_prefix
             click.echo(f"Application '{name}' is serving at {url}{suffix}")
         if flotilla.dashboard_url():
             click.echo(f"Dashboard: {flotilla.dashboard_url()}")
+        if not blocking:
+            deployed = []  # they stay on a running cluster
+            return
         click.echo("(Ctrl-C to stop)")
         sys.stdout.flush()
+        watch = _CodeWatch(code_dirs) if reload else None
         try:
             while not stop.wait(0.5):
-                pass
+                if watch is not None and watch.changed():
+                    click.echo(f"Files changed under {', '.join(code_dirs)}: redeploying '{name}'...")
+                    try:
+                        _forget_modules(code_dirs)
+                        _serve(_load(target, args), name, route_prefix, runtime_env)
+                        click.echo(f"Application '{name}' redeployed.")
+                    except Exception as e:  # a broken edit: keep serving what runs, wait for the next
+                        click.echo(f"Redeploying '{name}' failed: {type(e).__name__}: {e}", err=True)
+                    sys.stdout.flush()
         except KeyboardInterrupt:
             pass
         click.echo("Shutting down...")
@@ -610,6 +653,83 @@ def run(target: str, arguments: tuple[str, ...], host: str | None, port: int | N
                 with contextlib.suppress(Exception):
                     serve.delete(app_name)
         flotilla.shutdown()
+
+
+def _runtime_env_option(as_json: str | None, path: str | None, working_dir: str | None) -> dict[str, Any]:
+    """The runtime_env `flotilla run` was given (--runtime-env-json, --runtime-env, --working-dir)."""
+    if as_json and path:
+        raise click.BadParameter("give --runtime-env-json or --runtime-env, not both", param_hint="--runtime-env")
+    env: Any = {}
+    if as_json:
+        try:
+            env = json.loads(as_json)
+        except ValueError as e:
+            raise click.BadParameter(f"not JSON: {e}", param_hint="--runtime-env-json") from None
+    elif path:
+        import yaml
+
+        with open(path) as f:
+            env = yaml.safe_load(f) or {}
+    if not isinstance(env, dict):
+        raise click.BadParameter("a runtime_env is a mapping (env_vars, working_dir)", param_hint="--runtime-env")
+    if working_dir:
+        env["working_dir"] = os.path.abspath(working_dir)
+    unknown = sorted(set(env) - {"env_vars", "working_dir"})
+    if unknown:
+        raise click.BadParameter(f"runtime_env field(s) {unknown} are not supported on this machine: only "
+                                 "env_vars and working_dir (install dependencies into the environment "
+                                 "flotilla runs in)", param_hint="--runtime-env")
+    return env
+
+
+def _serve(app: Any, name: str, route_prefix: str, runtime_env: dict[str, Any]) -> None:
+    """`serve.run(app)`, with the runtime_env's env_vars set in all its replicas."""
+    from flotilla.serve import api
+
+    env = runtime_env.get("env_vars") or None
+    if env is not None and not (isinstance(env, dict) and all(isinstance(v, str) for v in env.values())):
+        raise click.BadParameter("runtime_env env_vars must map names to strings", param_hint="--runtime-env")
+    spec = api._checked_spec("flotilla run", app, name, route_prefix, None, env)
+    api._deploy([(app, spec)], True)
+
+
+class _CodeWatch:
+    """Which .py files under some directories changed since the last look (by mtime and size;
+    polled, as `serve run --reload` watches)."""
+
+    LIMIT = 20_000  # files looked at per directory tree
+
+    def __init__(self, dirs: list[str]) -> None:
+        self.dirs = dirs
+        self.seen = self._scan()
+
+    def _scan(self) -> dict[str, tuple[int, int]]:
+        out: dict[str, tuple[int, int]] = {}
+        for top in self.dirs:
+            for root, subdirs, files in os.walk(top):
+                subdirs[:] = [d for d in subdirs if not d.startswith(".") and d not in ("__pycache__", "node_modules")
+                              and not os.path.exists(os.path.join(root, d, "pyvenv.cfg"))]
+                for f in files:
+                    if f.endswith(".py") and len(out) < self.LIMIT:
+                        path = os.path.join(root, f)
+                        with contextlib.suppress(OSError):
+                            st = os.stat(path)
+                            out[path] = (st.st_mtime_ns, st.st_size)
+        return out
+
+    def changed(self) -> bool:
+        now = self._scan()
+        changed, self.seen = now != self.seen, now
+        return changed
+
+
+def _forget_modules(dirs: list[str]) -> None:
+    """Drop the imported modules whose files are under `dirs`, so the next import reads them anew."""
+    prefixes = tuple(os.path.join(d, "") for d in dirs)
+    for mod_name, mod in list(sys.modules.items()):
+        f = getattr(mod, "__file__", None)
+        if f and os.path.abspath(f).startswith(prefixes):
+            del sys.modules[mod_name]
 
 
 def _wait_config_running(rt: Any, names: list[str], timeout: float = 600.0) -> dict[str, str]:

@@ -15,6 +15,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from typing import Any
+from unittest.mock import ANY
 
 import httpx
 import pytest
@@ -549,3 +550,33 @@ def test_start_with_two_proxies(project: str) -> None:
     finally:
         stop_cluster(c)
     assert "--num-proxies" in ok("start", "--help")
+
+
+def test_run_imports_from_app_dir_and_redeploys_on_reload(cl: Cluster, tmp_path) -> None:
+    """As `serve run -d DIR --reload`: the module comes from DIR, and saving a change to it
+    redeploys the application."""
+    app_dir = tmp_path / "code"
+    app_dir.mkdir()
+    (app_dir / "reloadapp.py").write_text(APP)
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    with foreground("reloadapp:greeter", "-d", str(app_dir), "--reload", "--name", "rl", "--route-prefix", "/rl",
+                    "--namespace", cl.ns, cwd=str(elsewhere), serving_at=f"{cl.url}/rl") as p:
+        assert httpx.get(f"{cl.url}/rl", timeout=10).json()["greeting"] == "hello"
+        (app_dir / "reloadapp.py").write_text(APP.replace('greeting="hello"', 'greeting="reloaded"'))
+        wait_for(lambda: httpx.get(f"{cl.url}/rl", timeout=10).json()["greeting"] == "reloaded", timeout=60,
+                 what="the changed code serving")
+        assert p.poll() is None
+    assert "rl" not in app_states(cl.ns)
+
+
+def test_run_non_blocking_deploys_and_returns(cl: Cluster, project: str) -> None:
+    """As `serve run --non-blocking` on a running cluster: deploys, returns, the app stays."""
+    r = cli("run", "greetapp:greeter", "--non-blocking", "--name", "nb", "--route-prefix", "/nb",
+            "--runtime-env-json", '{"env_vars": {"GREETER_ENV": "from-cli"}}', "--namespace", cl.ns, cwd=project)
+    assert r.returncode == 0, r.stderr
+    assert app_states(cl.ns)["nb"] == "RUNNING"
+    assert httpx.get(f"{cl.url}/nb", timeout=10).json() == {"greeting": "hello", "env": "from-cli",
+                                                           "pid": ANY}
+    r = cli("run", "greetapp:greeter", "--runtime-env-json", '{"pip": ["x"]}', "--namespace", cl.ns, cwd=project)
+    assert r.returncode != 0 and "pip" in r.stderr and "env_vars and working_dir" in r.stderr

@@ -326,8 +326,10 @@ def run(
 
 
 def _checked_spec(who: str, target: Any, name: Any, route_prefix: str | None,
-                  logging_config: dict[str, Any] | LoggingConfig | None) -> dict[str, Any]:
-    """The `deploy_app` spec of one application, its arguments checked first."""
+                  logging_config: dict[str, Any] | LoggingConfig | None,
+                  app_env: dict[str, str] | None = None) -> dict[str, Any]:
+    """The `deploy_app` spec of one application, its arguments checked first (`app_env`:
+    environment variables for all its replicas)."""
     if isinstance(target, Deployment):
         raise TypeError(f"{who} needs a bound application: call {target.name}.bind(...) first")
     if not isinstance(target, Application):
@@ -335,7 +337,7 @@ def _checked_spec(who: str, target: Any, name: Any, route_prefix: str | None,
     _check_route_prefix(route_prefix)
     if not isinstance(name, str) or not name:
         raise ConfigError(f"application name must be a non-empty string, got {name!r}")
-    return app_spec(target, name, route_prefix, _logging_config(logging_config))
+    return app_spec(target, name, route_prefix, _logging_config(logging_config), app_env)
 
 
 def _deploy(apps: list[tuple[Application, dict[str, Any]]], wait: bool) -> list[DeploymentHandle]:
