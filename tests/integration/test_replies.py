@@ -118,6 +118,24 @@ def test_user_exception_with_two_arg_init_is_http_500_within_a_second(url: str) 
     assert r.status_code == 500
 
 
+def test_traceback_of_code_shipped_by_value_names_its_file_and_line(url: str) -> None:
+    """A class defined in a function (or in __main__) travels by value; its traceback still
+    shows the file and line it was written in, with the line's text, as Ray's does."""
+
+    @serve.deployment
+    class Local:
+        def __call__(self) -> None:
+            raise ValueError("raised on purpose")  # the line the traceback shows
+
+    h = serve.run(Local.bind(), name="local", route_prefix=None)
+    with pytest.raises(ValueError) as info:
+        h.remote().result(timeout_s=10)
+    text = str(info.value)
+    assert f'File "{__file__}", line' in text and "in __call__" in text, text
+    assert 'raise ValueError("raised on purpose")  # the line the traceback shows' in text
+    assert "<dynamic-code>" not in text
+
+
 def test_user_exception_from_a_downstream_deployment_reaches_http_and_handles(url: str) -> None:
     serve.run(Front.bind(Thrower.bind()), name="front", route_prefix="/front")
     with httpx.Client(base_url=url, timeout=2) as c:

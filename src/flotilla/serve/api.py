@@ -15,9 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import cloudpickle
-
-from flotilla._private import context, frontdoor
+from flotilla._private import codepickle, context, frontdoor
 from flotilla._private.args import check as check_kwargs
 from flotilla._private.client import Runtime
 from flotilla.serve.config import (
@@ -251,9 +249,9 @@ def _walk(
     args = tuple(map_nested(a, swap) for a in app._args)
     kwargs = {k: map_nested(v, swap) for k, v in app._kwargs.items()}
     cfg = dep.config
-    def_bytes = cloudpickle.dumps(dep.func_or_class)
+    def_bytes = codepickle.dumps(dep.func_or_class)
     try:
-        args_bytes = cloudpickle.dumps((args, kwargs))
+        args_bytes = codepickle.dumps((args, kwargs))
     except Exception as e:
         raise ConfigError(f"the arguments bound to deployment '{name}' cannot be pickled: {e}") from e
     config = cfg.model_dump(mode="json")
