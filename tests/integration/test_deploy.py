@@ -177,6 +177,69 @@ def test_get_handles_and_delete(url):
     assert httpx.post(f"{url}/gh", json=1).status_code == 404
 
 
+def test_get_deployment_handle_errors_are_rays(url):
+    serve.run(Echo.bind("x"), name="ghe", route_prefix=None)
+    with pytest.raises(KeyError, match="does not exist"):  # Ray raises KeyError
+        serve.get_deployment_handle("Echo", "no-such-app")
+    with pytest.raises(KeyError):
+        serve.get_deployment_handle("NoSuch", "ghe")
+    with pytest.raises(RayServeException, match="specify an application name"):  # outside a replica
+        serve.get_deployment_handle("Echo")
+
+
+def test_a_missing_method_is_a_ray_serve_exception_naming_the_methods(url):
+    h = serve.run(Echo.bind(), name="nomethod", route_prefix=None)
+    with pytest.raises(RayServeException) as info:
+        h.options(method_name="nope").remote().result(timeout_s=10)
+    assert isinstance(info.value, AttributeError)  # as before, for code that caught that
+    assert "'nope' that does not exist" in str(info.value) and "'add'" in str(info.value)
+
+
+@serve.deployment
+class Streamer:
+    async def count(self, n: int):
+        for i in range(n):
+            yield i
+
+    async def take(self, gen) -> str:
+        return "took"
+
+
+@serve.deployment
+class Context:
+    def __init__(self, down) -> None:
+        self.down = down
+
+    async def __call__(self, request) -> dict:
+        c = serve.context._get_serve_request_context()
+        down = await self.down.info.remote()
+        return {"up": [c.request_id, c.route, c.app_name], "down": down,
+                "old": serve.context._serve_request_context.get().request_id}
+
+
+@serve.deployment
+class ContextDown:
+    def info(self) -> list:
+        c = serve.context._get_serve_request_context()
+        return [c.request_id, c.route, c.app_name]
+
+
+def test_serve_context_request_context_as_rays_examples_read_it(url):
+    serve.run(Context.bind(ContextDown.bind()), name="ctxapp", route_prefix="/ctx")
+    r = httpx.get(f"{url}/ctx", headers={"X-Request-ID": "abc-1"}, timeout=10)
+    assert r.json() == {"up": ["abc-1", "/ctx", "ctxapp"], "down": ["abc-1", "/ctx", "ctxapp"], "old": "abc-1"}
+    c = serve.context._get_serve_request_context()  # outside a request: empty
+    assert (c.request_id, c.route, c.app_name) == ("", "", "")
+
+
+def test_a_stream_passed_downstream_is_refused_with_rays_error(url):
+    h = serve.run(Streamer.bind(), name="streamer", route_prefix=None)
+    gen = h.options(method_name="count", stream=True).remote(3)
+    with pytest.raises(RuntimeError, match="cannot be passed to downstream handle calls"):
+        h.take.remote(gen).result(timeout_s=10)
+    assert list(gen) == [0, 1, 2]
+
+
 @serve.deployment(ray_actor_options={"num_cpus": 0})
 class AppCaller:
     """Calls another application as Ray's multi-app guide does: from its constructor and from

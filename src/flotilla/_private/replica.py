@@ -62,6 +62,7 @@ from flotilla._private.protocol import (
 from flotilla._private.transport import FrameProtocol, RemoteCallError, RpcPeer
 from flotilla.exceptions import RaySystemError, TaskCancelledError
 from flotilla.serve import batching as _batching
+from flotilla.serve.exceptions import MethodNotFoundError
 from flotilla.serve.schema import DeploymentID, ReplicaContext, ReplicaID, ReplicaRank
 
 logger = logging.getLogger("flotilla.replica")
@@ -973,14 +974,16 @@ class Replica:
                 return entry
         if self.is_function:
             if method != "__call__":
-                raise AttributeError(f"function deployments only have __call__, not {method!r}")
+                raise MethodNotFoundError(f"Tried to call a method '{method}' that does not exist: function "
+                                          f"deployment '{self.args['deployment']}' has only __call__.")
             fn = self.obj
         else:
             fn = getattr(self.obj, method, None)
             if fn is None or not callable(fn):
-                raise AttributeError(
-                    f"deployment '{self.args['deployment']}' has no method {method!r}"
-                )
+                have = sorted(n for n in dir(self.obj) if (not n.startswith("_") or n == "__call__")
+                              and callable(getattr(self.obj, n, None)))
+                raise MethodNotFoundError(f"Tried to call a method '{method}' that does not exist in deployment "
+                                          f"'{self.args['deployment']}'. Available methods: {have}.")
         if inspect.iscoroutinefunction(fn):
             mode = _ASYNC
         elif inspect.isasyncgenfunction(fn) or hasattr(fn, "batch_queue"):

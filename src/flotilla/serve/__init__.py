@@ -46,7 +46,7 @@ _EXPORTS = {
 
 # Submodules reachable as attributes right after `from flotilla import serve`, as in Ray
 # (`serve.metrics.Counter(...)`, `serve.schema.LoggingConfig`).
-_SUBMODULES = frozenset({"config", "exceptions", "handle", "metrics", "schema"})
+_SUBMODULES = frozenset({"config", "context", "exceptions", "handle", "metrics", "schema"})
 
 __all__ = [
     "Application",
@@ -101,6 +101,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:
     from flotilla.serve import config as config
+    from flotilla.serve import context as context
     from flotilla.serve import exceptions as exceptions
     from flotilla.serve import handle as handle
     from flotilla.serve import metrics as metrics

@@ -26,7 +26,7 @@ from flotilla.serve.config import (
     warn_not_honoured,
 )
 from flotilla.serve.deployments import Application, Deployment, map_nested, walk_deployments
-from flotilla.serve.exceptions import ConfigError, RayServeException
+from flotilla.serve.exceptions import ConfigError, DeploymentNotFoundError, RayServeException
 from flotilla.serve.handle import DeploymentHandle, SplitHandle
 from flotilla.serve.legacy import ServeControllerClient
 from flotilla.serve.schema import ReplicaContext, ServeStatus
@@ -692,17 +692,21 @@ def delete_shadow(name: str) -> None:
 
 def get_deployment_handle(deployment_name: str, app_name: str | None = None, _check_exists: bool = True,
                           _record_telemetry: bool = True) -> DeploymentHandle:
-    """A handle to deployment `deployment_name` of `app_name` (default: this replica's app,
-    or "default" outside a replica). `_check_exists=False` (Ray's) skips asking the head."""
+    """A handle to deployment `deployment_name` of `app_name` (default: this replica's app;
+    outside a replica it must be given, as in Ray). `_check_exists=False` (Ray's) skips asking
+    the head. Raises DeploymentNotFoundError (a KeyError, as Ray's) if it does not exist."""
     if app_name is None:
         ctx = context.replica_context
-        app_name = ctx.app_name if ctx is not None else "default"
+        if ctx is None:
+            raise RayServeException("Please specify an application name when getting a deployment handle "
+                                    "outside of a Serve application.")
+        app_name = ctx.app_name
     rt = Runtime._instance
     if _check_exists and rt is not None and not rt.in_loop():
         info = rt.call_head("status")
         app = info.applications.get(app_name)
         if app is None or deployment_name not in app.deployments:
-            raise RayServeException(f"Deployment '{deployment_name}' in application '{app_name}' does not exist.")
+            raise DeploymentNotFoundError(f"Deployment(name='{deployment_name}', app='{app_name}') does not exist.")
     return DeploymentHandle(deployment_name, app_name)
 
 

@@ -4,8 +4,12 @@
 RayServeException
  ├── BackPressureError          max_queued_requests exceeded (HTTP 503)
  ├── DeploymentUnavailableError  the deployment has been deleted or never existed
+ ├── ReplicaUnavailableError    the replica a request was on went away
  ├── RequestCancelledError      the request was cancelled (also a flotilla.exceptions.TaskCancelledError)
- └── ConfigError                invalid deployment or application options (also ValueError/TypeError)
+ ├── ConfigError                invalid deployment or application options (also ValueError/TypeError)
+ ├── DeploymentNotFoundError    serve.get_deployment_handle of one that does not exist (also KeyError, as Ray raises)
+ └── MethodNotFoundError        a call of a method the deployment lacks (also AttributeError)
+gRPCStatusError                 raised in a gRPC method to answer with a status code (serve.grpc_util)
 ```
 """
 
@@ -52,6 +56,29 @@ class RequestCancelledError(RayServeException, TaskCancelledError):
 
     def __reduce__(self):  # one optional argument, not the message
         return (RequestCancelledError, (self.request_id,))
+
+
+class ReplicaUnavailableError(RayServeException):
+    """The replica a request was on became unavailable (Ray's name)."""
+
+
+class DeploymentNotFoundError(RayServeException, KeyError):
+    """`serve.get_deployment_handle` of a deployment that does not exist: a KeyError, as Ray raises."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class MethodNotFoundError(RayServeException, AttributeError):
+    """A call of a method the deployment does not have (an AttributeError too)."""
+
+
+def __getattr__(name: str) -> object:
+    if name == "gRPCStatusError":  # defined with the gRPC helpers; Ray exports it here too
+        from flotilla.serve.grpc_util import gRPCStatusError
+
+        return gRPCStatusError
+    raise AttributeError(f"module 'flotilla.serve.exceptions' has no attribute {name!r}")
 
 
 class ConfigError(RayServeException, ValueError, TypeError):

@@ -133,11 +133,14 @@ class DeploymentHandle:
         self._inited = True
         opts = self._opts
         parent = request_meta.get()
+        meta: dict[str, Any]
         if parent is not None and "request_id" in parent:  # a call made while serving a request
             rid = parent["request_id"]
+            route = parent.get("route")
+            meta = {"request_id": rid, "route": route} if route else {"request_id": rid}
         else:
             rid = new_request_id()
-        meta = {"request_id": rid}
+            meta = {"request_id": rid}
         if opts.multiplexed_model_id:
             meta["multiplexed_model_id"] = opts.multiplexed_model_id
         target = self._target()
@@ -783,6 +786,12 @@ class DeploymentResponseGenerator:
 
     def __aiter__(self) -> DeploymentResponseGenerator:
         return self
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        raise RuntimeError(
+            "Streaming deployment handle results cannot be passed to downstream handle calls (as in Ray "
+            "Serve): iterate the stream here and pass its items, or pass the handle and let the "
+            "downstream deployment make the streaming call.")
 
     def result(self, *, timeout_s: float | None = None, _skip_asyncio_check: bool = False) -> Any:
         """Not for streams (as in Ray Serve): always raises TypeError."""
