@@ -30,3 +30,29 @@ def test_backpressure_429_with_retry_after():
         rejected = [r for r in resps if r.status_code == 429]
         assert rejected and any(r.status_code == 200 for r in resps)
         assert all(int(r.headers["retry-after"]) >= 1 for r in rejected)
+
+
+def test_a_deployments_backpressure_config_sets_its_answer():
+    """Ray 2.60's per-deployment `backpressure_config`: 429 with a fixed Retry-After here, the
+    proxy's default (503) for the deployment without one."""
+    from flotilla.serve.config import BackpressureConfig
+
+    with running_cluster(num_cpus=2) as base:
+
+        @serve.deployment(max_ongoing_requests=1, max_queued_requests=1,
+                          backpressure_config=BackpressureConfig(status_code=429, retry_after_s=4.2))
+        class Busy:
+            async def __call__(self, request):
+                await asyncio.sleep(0.3)
+                return "done"
+
+        serve.run(Busy.bind(), name="own", route_prefix="/own")
+        serve.run(Busy.options(backpressure_config=None).bind(), name="plain", route_prefix="/plain")
+        with httpx.Client(base_url=base, timeout=30) as c, \
+                concurrent.futures.ThreadPoolExecutor(6) as pool:
+            own = list(pool.map(lambda _: c.get("/own"), range(6)))
+            plain = list(pool.map(lambda _: c.get("/plain"), range(6)))
+        assert {r.status_code for r in own} == {200, 429}
+        assert all(r.headers["retry-after"] == "5" for r in own if r.status_code == 429)
+        assert {r.status_code for r in plain} == {200, 503}
+        assert all("retry-after" not in r.headers for r in plain)

@@ -364,7 +364,7 @@ def test_build_writes_a_config_that_deploys(cl: Cluster, project: str) -> None:
     assert app["deployments"][0]["name"] == "Greeter"
     assert app["deployments"][0]["ray_actor_options"]["num_cpus"] == 0.5
     ok("deploy", out, "--namespace", cl.ns, cwd=project)
-    wait_for(lambda: app_states(cl.ns) == {"default": "RUNNING"}, timeout=60, what="the built config RUNNING")
+    wait_for(lambda: app_states(cl.ns) == {"app1": "RUNNING"}, timeout=60, what="the built config RUNNING")
     assert httpx.get(f"{cl.url}/", timeout=10).json()["greeting"] == "hello"
     r = cli("build", "greetapp:nothing", cwd=project)
     assert r.returncode != 0 and "greetapp:nothing" in r.stderr and "Traceback" not in r.stderr

@@ -54,6 +54,7 @@ def test_run_returns_handle_and_calls_work(url):
     assert app.status == "RUNNING"
     assert app.deployments["Echo"].status == "HEALTHY"
     assert app.deployments["Echo"].replica_states == {"RUNNING": 1}
+    assert [f"{k}" for k in app.deployments["Echo"].replica_states] == ["RUNNING"]  # plain str keys, as Ray's
     assert st.proxies and all(p == "HEALTHY" for p in st.proxies.values())
 
 

@@ -485,7 +485,7 @@ def test_build_round_trip(tmp_path):
     assert config["proxy_location"] == "EveryNode"
     assert config["http_options"] == {"host": "127.0.0.1", "port": 8000}
     (only,) = config["applications"]
-    assert (only["name"], only["route_prefix"], only["runtime_env"]) == ("default", "/", {})
+    assert (only["name"], only["route_prefix"], only["runtime_env"]) == ("app1", "/", {})  # as `serve build` names it
     deps = {d["name"]: d for d in only["deployments"]}
     assert list(deps) == ["Ingress", "Scored", "Leaf", "Leaf_1", "Routed"]
     assert deps["Scored"] == {

@@ -269,3 +269,20 @@ def test_strict_spread_is_not_warned_about_on_the_ray_backend(monkeypatch: pytes
     monkeypatch.setenv("FLOTILLA_BACKEND", "local")
     with pytest.warns(UserWarning, match="STRICT_SPREAD"):
         serve.deployment(placement_group_bundles=[{"CPU": 1}, {"CPU": 1}], placement_group_strategy="STRICT_SPREAD")(f)
+
+
+def test_ray_2_60_deployment_options_are_validated_as_rays():
+    d = serve.deployment(rolling_update_percentage=0.5, max_surge_percent=25,
+                         backpressure_config={"status_code": 429, "retry_after_s": 5})(f)
+    assert d._config.rolling_update_percentage == 0.5 and d._config.max_surge_percent == 25
+    assert d._config.backpressure_config.status_code == 429
+    for bad in ({"rolling_update_percentage": 0}, {"rolling_update_percentage": 1.5}, {"max_surge_percent": 101},
+                {"backpressure_config": {"status_code": 500}}, {"backpressure_config": {"retry_after": 1}}):
+        with pytest.raises(ConfigError):
+            serve.deployment(**bad)(f)
+
+
+def test_ray_built_grpc_options_with_reflection_are_accepted():
+    from flotilla.serve.config import gRPCOptions
+
+    assert gRPCOptions(port=9000, grpc_servicer_functions=[], enable_reflection=True).enable_reflection

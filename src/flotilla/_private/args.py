@@ -51,5 +51,6 @@ def check(
     if bad:
         what = "unexpected keyword arguments" if len(bad) > 1 else "an unexpected keyword argument"
         raise TypeError(f"{where}() got {what} {', '.join(bad)}")
-    for key in kwargs:
-        warn_once(where, key, ignored[key], stacklevel=4)
+    for key, value in kwargs.items():
+        if value is not None:  # None: Ray's default, nothing to ignore
+            warn_once(where, key, ignored[key], stacklevel=4)

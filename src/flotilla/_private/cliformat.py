@@ -121,7 +121,7 @@ def _build(
     applications = []
     several = len(apps) > 1
     for i, (import_path, app, app_name) in enumerate(apps, start=1):
-        name = app_name or (f"app{i}" if several else "default")
+        name = app_name or f"app{i}"  # as `serve build` names them, one application too
         deployments = [
             _deployment_entry(dn, node.deployment._options, import_path, notes)
             for dn, node in walk_deployments(app)
@@ -149,7 +149,7 @@ def build_config(
     proxy_location: str = "EveryNode",
 ) -> dict[str, Any]:
     """The config `flotilla build` writes for `apps` (import path, Application, name or None:
-    "default" for one application, app1, app2... for several, each at `/{name}` then): each
+    app1, app2... as Ray names them; one application at `/`, several each at `/{name}`): each
     deployment with the options its code set."""
     return _build(apps, host, port, proxy_location)[0]
 

@@ -75,7 +75,6 @@ from flotilla.serve.schema import (
     DeploymentStatusTrigger,
     ReplicaMemory,
     ReplicaRank,
-    ReplicaState,
     ServeStatus,
     ShadowStatus,
     TrafficStatus,
@@ -468,6 +467,7 @@ class Controller:
                 "replicas": [(r.id, r.sock, r.models) for r in dep.replicas.values() if r.state.routable],
                 "max_ongoing_requests": dep.config["max_ongoing_requests"],
                 "max_queued_requests": dep.config["max_queued_requests"],
+                "backpressure": dep.config.get("backpressure_config"),
                 "dead": list(dep.dead),
                 # Its version failed to deploy (DEPLOY_FAILED): with no replica left, calls fail.
                 "failed": dep.failed_msg.split("\n", 1)[0][:500],
@@ -1495,9 +1495,9 @@ class Controller:
         for app in self.apps.values():
             deps = {}
             for d in app.deployments.values():
-                counts: dict[ReplicaState, int] = {}
+                counts: dict[str, int] = {}  # plain state names, as Ray's
                 for r in d.replicas.values():
-                    counts[r.state.public] = counts.get(r.state.public, 0) + 1
+                    counts[r.state.public.value] = counts.get(r.state.public.value, 0) + 1
                 deps[d.name] = DeploymentStatusOverview(
                     status=d.status,
                     status_trigger=d.trigger,

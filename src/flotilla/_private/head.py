@@ -1130,7 +1130,7 @@ def _instance_details(head: Head) -> dict[str, Any]:
             deps[dname] = {
                 "name": dname, "status": d.status.value, "status_trigger": d.status_trigger.value,
                 "message": d.message, "target_num_replicas": d.target_num_replicas,
-                "replica_states": {k.value: v for k, v in d.replica_states.items()},
+                "replica_states": dict(d.replica_states),
                 "deployment_config": dict(dep.config) if dep is not None else None,
                 "replicas": replicas,
             }

@@ -493,11 +493,15 @@ class Proxy:
                 return 499
             raise
         except BackPressureError as e:
-            if self.backpressure_status == 429:
-                retry = (b"retry-after", str(router.retry_after_s()).encode())
-                status, headers, text = http_util.plain(429, str(e))
-                return await http_util.reply(send, status, [*headers, retry], text, rid_header)
-            return await http_util.reply(send, *http_util.plain(503, str(e)), rid_header)
+            code, after = self.backpressure_status, None
+            own = router.backpressure
+            if own:
+                code, after = own.get("status_code", 503), own.get("retry_after_s")
+            status, headers, text = http_util.plain(code, str(e))
+            if after is not None or code == 429:
+                seconds = math.ceil(after) if after is not None else router.retry_after_s()
+                headers = [*headers, (b"retry-after", str(seconds).encode())]
+            return await http_util.reply(send, status, headers, text, rid_header)
         except DeploymentUnavailableError as e:
             return await http_util.reply(send, *http_util.plain(503, str(e)), rid_header)
         except RayActorError as e:

@@ -370,6 +370,7 @@ class Router:
         self.queue: deque[tuple[asyncio.Future[ReplicaConn], str, bool]] = deque()
         self.max_ongoing = 5
         self.max_queued = -1
+        self.backpressure: dict[str, Any] | None = None  # the deployment's backpressure_config
         #: requests a replica may hold past max_ongoing_requests now (`_ahead`), when that
         #: was worked out, and `_finished` then
         self._ahead_n = 0
@@ -416,6 +417,7 @@ class Router:
         self.exists = info.get("exists", False)
         self.max_ongoing = info.get("max_ongoing_requests", 5)
         self.max_queued = info.get("max_queued_requests", -1)
+        self.backpressure = info.get("backpressure")
         wanted = {r[0]: r[1] for r in info.get("replicas", ())}
         models = {r[0]: r[2] for r in info.get("replicas", ()) if len(r) > 2}
         for rid in list(self.replicas):

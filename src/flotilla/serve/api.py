@@ -70,6 +70,7 @@ START_IGNORED = {
 #: Ray's `serve.run` arguments accepted and ignored (with a one-time warning), and why.
 RUN_IGNORED = {
     "external_scaler_enabled": "there is no external scaling API; use autoscaling_config",
+    "controller_options": "flotilla's controller takes its options from flotilla.init and the environment",
 }
 #: Arguments Ray's `serve.run` no longer has; refused with what to use instead.
 RUN_REFUSED = {

@@ -235,6 +235,17 @@ _PG_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 MAX_REPLICAS_PER_NODE = 100
 
 
+class BackpressureConfig(BaseModel):
+    """The HTTP answer to a request over `max_queued_requests` (Ray 2.60): `status_code` 503
+    (the default) or 429, and `retry_after_s` for a `Retry-After` header (rounded up to whole
+    seconds; None: with 429, computed from how fast the queue drains, else none)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    status_code: Literal[503, 429] = 503
+    retry_after_s: float | None = Field(None, ge=0, allow_inf_nan=False)
+
+
 class DeploymentConfig(BaseModel):
     """Every option of a deployment, with Ray Serve's defaults."""
 
@@ -282,6 +293,14 @@ class DeploymentConfig(BaseModel):
         False, description="flotilla extra: run the constructor once in a template process and fork "
         "replicas from it (ready in milliseconds, CPU weights shared copy-on-write); see README.",
     )
+    backpressure_config: BackpressureConfig | None = Field(
+        None, description="The HTTP answer past max_queued_requests (None: the proxy's, 503 by default).")
+    rolling_update_percentage: float = Field(
+        1.0, gt=0.0, le=1.0, description="Ray's share of replicas updated at a time; validated, and the local "
+        "rollout starts every replacement before stopping old ones (no capacity lost).")
+    max_surge_percent: int = Field(
+        0, ge=0, le=100, description="Ray's extra replicas during a rolling restart; validated (see "
+        "rolling_update_percentage).")
 
     @field_validator("num_replicas")
     @classmethod
@@ -612,6 +631,9 @@ class gRPCOptions(BaseModel):
         "'pkg.module_pb2_grpc.add_XServicer_to_server'.",
     )
     request_timeout_s: float | None = Field(None, gt=0)
+    enable_reflection: bool = Field(
+        True, description="Ray's (2.60) server reflection switch; accepted, and the gRPC ingress does not "
+        "serve the reflection protocol: give grpcurl the .proto files (-proto).")
 
     @property
     def enabled(self) -> bool:

@@ -217,6 +217,12 @@ class ServeDeploySchema(BaseModel):
         description="gRPC ingress (port, grpc_servicer_functions, request_timeout_s), as serve.start's; "
         "applied when the proxy starts (flotilla run config.yaml); a running proxy keeps its own.")
     logging_config: LoggingConfig | None = None
+    controller_options: dict[str, Any] | None = Field(
+        None, description="Ray's controller settings; accepted, and the head takes its own from flotilla.init "
+        "and the environment.")
+    tracing_config: dict[str, Any] | None = Field(
+        None, description="Ray's tracing exporter settings; accepted, not used (flotilla's request traces "
+        "are always on: flotilla trace).")
     target_capacity: float | None = Field(None, ge=0, le=100)
     applications: list[ServeApplicationSchema] = Field(default_factory=list)
 

@@ -255,6 +255,9 @@ def deployment(
     placement_group_strategy: str | None = None,
     request_router_config: dict[str, Any] | Any | None = None,
     fork_after_init: bool | None = None,
+    backpressure_config: dict[str, Any] | Any | None = None,
+    rolling_update_percentage: float | None = None,
+    max_surge_percent: int | None = None,
     **ray_only: Any,
 ) -> Any:
     """Turn a class or function into a `Deployment`, with or without options.
@@ -297,6 +300,9 @@ def deployment(
         "placement_group_strategy": placement_group_strategy,
         "request_router_config": request_router_config,
         "fork_after_init": fork_after_init,
+        "backpressure_config": backpressure_config,
+        "rolling_update_percentage": rolling_update_percentage,
+        "max_surge_percent": max_surge_percent,
     }
     options = {k: v for k, v in given.items() if v is not None}
     if "route_prefix" in ray_only:  # Ray 1.x: used by `.deploy()` only, not by serve.run

@@ -116,7 +116,7 @@ class ReplicaMemory:
 class DeploymentStatusOverview:
     status: DeploymentStatus
     status_trigger: DeploymentStatusTrigger = DeploymentStatusTrigger.UNSPECIFIED
-    replica_states: dict[ReplicaState, int] = field(default_factory=dict)
+    replica_states: dict[str, int] = field(default_factory=dict)  # state name (ReplicaState's value) -> count
     message: str = ""
     target_num_replicas: int = 0
     autoscaling: AutoscalingStatus | None = None
