@@ -205,6 +205,13 @@ def test_root_path_mounts_every_route_under_it(url):
         assert r.json() == {"path": f"{ROOT}/info/x", "root_path": f"{ROOT}/info"}
         assert c.get(f"{ROOT}/-/healthz").text == "success"
         assert c.get(f"{ROOT}/-/routes").json() == {"/": "hello", "/info": "info"}
+        # As Ray: a reverse proxy in front strips the root, so a request without it is the app's
+        # path under the root (links and FastAPI's docs point through the proxy).
+        r = c.get("/info/x")
+        assert r.json() == {"path": f"{ROOT}/info/x", "root_path": f"{ROOT}/info"}
+        r = c.get("/hello")
+        assert r.status_code == 200 and r.json() == {"root_path": ROOT, "path": f"{ROOT}/hello"}
+        assert c.get("/-/healthz").text == "success"
 
 
 def test_local_testing_mode_runs_normally_and_warns_once(url):

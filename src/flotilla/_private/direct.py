@@ -127,7 +127,7 @@ class DirectIngress:
             if scope["type"] == "websocket":
                 await self._websocket(scope, receive, send)
             return
-        path, root = http_util.mount(self.opts.get("root_path") or "", scope["path"])
+        path, root = http_util.mount_scope(self.opts.get("root_path") or "", scope)
         if path == "/-/healthz":
             await http_util.reply(send, *http_util.plain(200, "success"))
             return
@@ -187,7 +187,7 @@ class DirectIngress:
         """A WebSocket accepted here: run it on this replica, as one request (`ws.serve`)."""
         from flotilla._private import ws
 
-        path, root = http_util.mount(self.opts.get("root_path") or "", scope["path"])
+        path, root = http_util.mount_scope(self.opts.get("root_path") or "", scope)
         if not http_util.prefix_matches(self.prefix, path):
             await ws.deny(send, scope, 404, f"Path '{scope['path']}' not found.")
             return

@@ -78,11 +78,26 @@ def mount(root_path: str, path: str) -> tuple[str, str]:
     """Where a request falls under `HTTPOptions.root_path`: (the path to route, the root).
 
     Under the root ('/serve/api/x' with root '/serve'): ('/api/x', '/serve'). Outside it, the
-    path is routed as it is, with no root (as Ray Serve does).
+    path is routed as it is, with no root (`mount_scope` first puts the root in front).
     """
     if root_path and path.startswith(root_path) and (len(path) == len(root_path) or path[len(root_path)] == "/"):
         return path[len(root_path):] or "/", root_path
     return path, ""
+
+
+def mount_scope(root_path: str, scope: dict[str, Any]) -> tuple[str, str]:
+    """`mount` for a request's scope, as Ray Serve treats `root_path`: the prefix a reverse
+    proxy in front strips, so a request for '/api/x' is the app's '/serve/api/x' (its scope's
+    `path` and `raw_path` get the root, and its root_path is the root plus the route). One
+    that still carries the root is taken as it is."""
+    if root_path:
+        path = scope["path"]
+        if not (path.startswith(root_path) and (len(path) == len(root_path) or path[len(root_path)] == "/")):
+            scope["path"] = root_path + path
+            raw = scope.get("raw_path")
+            if raw:
+                scope["raw_path"] = root_path.encode() + raw
+    return mount(root_path, scope["path"])
 
 
 def prefix_matches(prefix: str, path: str) -> bool:

@@ -239,7 +239,7 @@ class Proxy:
                 await self._websocket(scope, receive, send)
             return
         self.requests += 1
-        path, root = http_util.mount(self.root_path, scope["path"])
+        path, root = http_util.mount_scope(self.root_path, scope) if self.root_path else (scope["path"], "")
         if path.startswith("/-/"):
             if path == "/-/healthz":
                 await http_util.reply(send, *http_util.plain(200, "success"))
@@ -396,7 +396,7 @@ class Proxy:
 
         self.requests += 1
         t0 = time.perf_counter()
-        path, root = http_util.mount(self.root_path, scope["path"])
+        path, root = http_util.mount_scope(self.root_path, scope) if self.root_path else (scope["path"], "")
         request_id = None
         for k, v in scope["headers"]:
             if k == b"x-request-id":
