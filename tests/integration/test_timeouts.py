@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from flotilla import serve
-from tests.conftest import running_cluster
+from tests.conftest import running_cluster, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -43,8 +43,8 @@ def test_timed_out_request_gets_408_and_frees_its_slot(url):
     h = serve.run(Sleepy.bind(), name="t", route_prefix="/t")
     with httpx.Client(base_url=url, timeout=30) as c:
         t0 = time.monotonic()
-        r = c.get("/t?slow=1")
-        assert r.status_code == 408
+        r = c.get("/t?slow=1", headers={"X-Request-ID": "late-1"})
+        assert r.status_code == 408 and r.text == "Request late-1 timed out after 0.5s."  # Ray's text
         assert 0.5 <= time.monotonic() - t0 < 3
         # max_ongoing_requests=1: this only succeeds quickly if the slow request was cancelled.
         t0 = time.monotonic()
@@ -92,3 +92,41 @@ def test_client_disconnect_cancels_the_request_and_its_downstream_calls(url):
         t0 = time.monotonic()
         assert c.get("/up").text == "fast"  # the slot (max_ongoing_requests=1) came back
         assert time.monotonic() - t0 < 1
+
+
+@serve.deployment
+class Streaming:
+    def __init__(self):
+        self.stopped = 0
+
+    async def __call__(self, request):
+        from starlette.responses import StreamingResponse
+
+        async def chunks():
+            try:
+                for i in range(20):
+                    yield f"{i},"
+                    await asyncio.sleep(0.1)
+            except asyncio.CancelledError:
+                self.stopped += 1
+                raise
+
+        return StreamingResponse(chunks())
+
+    def stops(self):
+        return self.stopped
+
+
+def test_a_stream_past_request_timeout_s_is_cut_off_and_stopped(url):
+    """request_timeout_s is end to end, as Ray's: a stream still going at 0.5 s is cut off
+    (the client sees an incomplete response) and its generator stopped."""
+    h = serve.run(Streaming.bind(), name="st", route_prefix="/st")
+    got = []
+    t0 = time.monotonic()
+    with pytest.raises(httpx.RemoteProtocolError), httpx.stream("GET", f"{url}/st", timeout=30) as r:
+        assert r.status_code == 200
+        for piece in r.iter_text():
+            got.append(piece)
+    assert time.monotonic() - t0 < 1.5
+    assert 1 <= len("".join(got).split(",")) - 1 < 20
+    wait_for(lambda: h.stops.remote().result() == 1, timeout=10, what="the generator stopped")

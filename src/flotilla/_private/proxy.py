@@ -482,11 +482,14 @@ class Proxy:
         else:
             task = asyncio.current_task()
             watch = _Watcher(receive, task)
+        deadline = None
         try:
             if self.request_timeout_s is None:
                 res = await router.http(fwd, body, meta, False)
-            else:
-                res = await asyncio.wait_for(router.http(fwd, body, meta, False), self.request_timeout_s)
+            else:  # end to end, as Ray's: a stream past it is cut off (`_stream`)
+                deadline = asyncio.get_running_loop().time() + self.request_timeout_s
+                async with asyncio.timeout_at(deadline):
+                    res = await router.http(fwd, body, meta, False)
         except asyncio.CancelledError:
             if watch.disconnected and task is not None:
                 task.uncancel()
@@ -507,7 +510,8 @@ class Proxy:
         except RayActorError as e:
             return await http_util.reply(send, *http_util.plain(500, str(e)), rid_header)
         except TimeoutError:
-            return await http_util.reply(send, *http_util.plain(408, f"Request timed out after {self.request_timeout_s}s."), rid_header)
+            late = f"Request {request_id.decode('latin-1')} timed out after {self.request_timeout_s}s."
+            return await http_util.reply(send, *http_util.plain(408, late), rid_header)
         except Exception as e:
             logger.warning("request %s failed: %s", request_id.decode("latin-1"), e)
             return await http_util.reply(send, *http_util.plain(500, str(e) or "Internal Server Error"), rid_header)
@@ -516,11 +520,14 @@ class Proxy:
         if res.__class__ is HttpFull:
             return await http_util.send_whole(send, res.status, res.headers, res.body, rid_header)
         assert isinstance(res, Channel) and res.start is not None
-        await self._stream(send, receive, res, rid_header)
+        await self._stream(send, receive, res, rid_header, deadline)
         return res.start.status
 
-    async def _stream(self, send: Any, receive: Any, ch: Channel, rid_header: tuple[bytes, bytes]) -> None:
-        """Relay a streaming response; a client that goes away stops the generator."""
+    async def _stream(self, send: Any, receive: Any, ch: Channel, rid_header: tuple[bytes, bytes],
+                      deadline: float | None = None) -> None:
+        """Relay a streaming response; a client that goes away stops the generator, and so
+        does `deadline` (loop time: request_timeout_s), the client then seeing the stream cut
+        off (no last chunk)."""
         assert ch.start is not None
         loop = asyncio.get_running_loop()
         task = asyncio.current_task()
@@ -535,7 +542,15 @@ class Proxy:
         done = False
         try:
             await send({"type": "http.response.start", "status": ch.start.status, "headers": [*ch.start.headers, rid_header]})
-            done = await http_util.relay_stream(send, ch)
+            if deadline is None:
+                done = await http_util.relay_stream(send, ch)
+            else:
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        done = await http_util.relay_stream(send, ch)
+                except TimeoutError:
+                    logger.warning("request %s: its stream ran past request_timeout_s=%gs; cut off",
+                                   rid_header[1].decode("latin-1"), self.request_timeout_s)
         except asyncio.CancelledError:
             if task is not None and task.cancelling() and watcher.done():
                 task.uncancel()  # the client went away: nothing more to send
