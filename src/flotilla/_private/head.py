@@ -1108,8 +1108,8 @@ def _static(name: str, ctype: str) -> Any:
 
 
 def _instance_details(head: Head) -> dict[str, Any]:
-    """GET /api/serve/applications/: Ray's `ServeInstanceDetails` shape (plus each replica's
-    memory figures, flotilla's)."""
+    """GET /api/serve/applications/: Ray's (2.60) `ServeInstanceDetails` shape (plus each
+    replica's memory figures, flotilla's)."""
     from flotilla._private.dashboard import memory_fields
 
     c = head.controller
@@ -1130,16 +1130,18 @@ def _instance_details(head: Head) -> dict[str, Any]:
             deps[dname] = {
                 "name": dname, "status": d.status.value, "status_trigger": d.status_trigger.value,
                 "message": d.message, "target_num_replicas": d.target_num_replicas,
-                "replica_states": dict(d.replica_states),
-                "deployment_config": dict(dep.config) if dep is not None else None,
+                # the options given, as Ray lists them (unset ones left out, not null)
+                "deployment_config": ({k: v for k, v in dep.config.items() if v is not None}
+                                      if dep is not None else {"name": dname}),
+                "required_resources": dict(dep.spec.get("demand") or {}) if dep is not None else {},
                 "replicas": replicas,
             }
         applied = head.deployer.app_config(name)
         apps[name] = {
             "name": name, "route_prefix": a.route_prefix, "docs_path": None, "status": a.status.value,
             "message": a.message, "last_deployed_time_s": a.last_deployed_time_s,
-            "deployed_app_config": applied, "source": "DECLARATIVE" if applied is not None else "IMPERATIVE",
-            "deployments": deps,
+            "deployed_app_config": applied, "source": "declarative" if applied is not None else "imperative",
+            "deployments": deps, "external_scaler_enabled": False,
         }
     return {
         "controller_info": {"pid": os.getpid(), "node_id": head.node_id or "local",
@@ -1148,7 +1150,6 @@ def _instance_details(head: Head) -> dict[str, Any]:
         "http_options": {k: opts[k] for k in ("host", "port", "root_path", "request_timeout_s") if k in opts},
         "grpc_options": {k: v for k, v in (opts.get("grpc_options") or {}).items() if k != "sys_path"},
         "proxies": {node: {"node_id": node, "status": st.value} for node, st in status.proxies.items()},
-        "deploy_mode": "MULTI_APP",
         "applications": apps,
         "target_capacity": None,
     }
