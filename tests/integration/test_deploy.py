@@ -178,6 +178,21 @@ def test_get_handles_and_delete(url):
     assert httpx.post(f"{url}/gh", json=1).status_code == 404
 
 
+@serve.deployment
+class AsyncInit:
+    async def __init__(self, x: int) -> None:  # allowed, as in Ray Serve
+        await asyncio.sleep(0.01)
+        self.x = x
+
+    def __call__(self) -> int:
+        return self.x
+
+
+def test_an_async_constructor_is_awaited(url):
+    h = serve.run(AsyncInit.bind(5), name="asyncinit", route_prefix=None)
+    assert h.remote().result(timeout_s=10) == 5
+
+
 def test_get_deployment_handle_errors_are_rays(url):
     serve.run(Echo.bind("x"), name="ghe", route_prefix=None)
     with pytest.raises(KeyError, match="does not exist"):  # Ray raises KeyError

@@ -33,6 +33,14 @@ class Fragile:
     def crash(self):
         os._exit(1)
 
+    def exit(self, code):
+        import sys
+
+        sys.exit(code)
+
+    async def interrupt(self):
+        raise KeyboardInterrupt
+
     async def hang_then_crash(self):
         asyncio.get_running_loop().call_later(0.3, os._exit, 1)
         await asyncio.sleep(60)
@@ -80,6 +88,52 @@ def test_crashed_replica_is_replaced(url):
 
     wait_for(new_pid, what="a replacement replica")
     wait_for(lambda: _running("crash"), what="app RUNNING again")
+
+
+@pytest.mark.parametrize("how", ["exit", "interrupt"])
+def test_sys_exit_in_user_code_ends_the_replica_not_the_caller(url, how):
+    """As a Ray actor's worker: sys.exit() (or an interrupt) in a method ends the replica, the
+    caller gets ActorDiedError (not a SystemExit that would end the driver), the replica is
+    replaced, and the driver's handles keep working."""
+    h = serve.run(Fragile.bind(), name=f"exit-{how}", route_prefix=None)
+    pid = h.remote().result(timeout_s=10)
+    call = h.exit.remote(3) if how == "exit" else h.interrupt.remote()
+    with pytest.raises(RayActorError) as info:
+        call.result(timeout_s=10)
+    assert isinstance(info.value, Exception) and not isinstance(info.value, (SystemExit, KeyboardInterrupt))
+
+    def new_pid():
+        try:
+            p = h.remote().result(timeout_s=5)
+        except RayActorError:
+            return None
+        return p if p != pid else None
+
+    wait_for(new_pid, what="a replacement replica")
+
+
+@serve.deployment(graceful_shutdown_timeout_s=0.5)
+class Holder:
+    def __init__(self):
+        self.started = False
+
+    async def hold(self):
+        self.started = True
+        await asyncio.sleep(30)
+
+    def holding(self):
+        return self.started
+
+
+def test_a_request_cut_off_by_graceful_shutdown_timeout_is_an_actor_died_error(url):
+    """As Ray's: a replica stopped at graceful_shutdown_timeout_s with a request still running
+    fails it with ActorDiedError (a RayActorError, what retry code catches)."""
+    h = serve.run(Holder.bind(), name="cutoff", route_prefix=None)
+    call = h.hold.remote()
+    wait_for(lambda: h.holding.remote().result(timeout_s=10), what="the call running on the replica")
+    serve.delete("cutoff", _blocking=False)
+    with pytest.raises(RayActorError, match=r"graceful_shutdown_timeout_s=0\.5"):
+        call.result(timeout_s=20)
 
 
 def test_in_flight_request_fails_fast_when_replica_dies(url):

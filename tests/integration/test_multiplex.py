@@ -58,6 +58,8 @@ def test_requests_for_a_model_stick_to_the_replica_that_loaded_it(url):
              what="model-aware routing")
     with httpx.Client(base_url=url, timeout=30) as c:
         out = [c.get("/mx", headers={"serve_multiplexed_model_id": "a"}).json() for _ in range(10)]
+        # A proxy in front (nginx, API gateways) may turn the underscores into dashes: Ray takes both.
+        out += [c.get("/mx", headers={"serve-multiplexed-model-id": "a"}).json() for _ in range(5)]
     assert all(o["model"] == "a" and not o["fresh"] for o in out)
 
 

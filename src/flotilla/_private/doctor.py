@@ -434,7 +434,10 @@ def measure_constructor(node: Any, timeout: float) -> float | None:
         os.close(r)
         code = 1
         try:
-            target(*args, **kwargs)
+            from flotilla._private.replica import instantiate
+            from flotilla._private.template import settle
+
+            settle(instantiate(target, args, kwargs))  # an async __init__ awaited too
             os.write(w, f"{time.monotonic() - start}".encode())
             code = 0
         except BaseException:

@@ -253,7 +253,7 @@ class Proxy:
         for k, v in scope["headers"]:
             if k == b"x-request-id":
                 request_id = v
-            elif k == b"serve_multiplexed_model_id":
+            elif k == b"serve_multiplexed_model_id" or k == b"serve-multiplexed-model-id":  # either, as Ray
                 model_id = v.decode("latin-1")  # as Starlette decodes headers
         if request_id is None:
             request_id = self.ids.next()

@@ -60,7 +60,7 @@ from flotilla._private.protocol import (
     wire,
 )
 from flotilla._private.transport import FrameProtocol, RemoteCallError, RpcPeer
-from flotilla.exceptions import RaySystemError, TaskCancelledError
+from flotilla.exceptions import ActorDiedError, RaySystemError, TaskCancelledError
 from flotilla.serve import batching as _batching
 from flotilla.serve.exceptions import MethodNotFoundError
 from flotilla.serve.schema import DeploymentID, ReplicaContext, ReplicaID, ReplicaRank
@@ -191,11 +191,23 @@ def _takes_rank(obj: Any) -> bool:
         return False
 
 
-def instantiate(target: Any, init_args: tuple[Any, ...], init_kwargs: dict[str, Any]) -> Built:
-    """Run the deployment's constructor (a class), or take the function as it is."""
+def instantiate(target: Any, init_args: tuple[Any, ...], init_kwargs: dict[str, Any]) -> Any:
+    """Run the deployment's constructor (a class), or take the function as it is: a `Built`,
+    or, for an `async def __init__` (as Ray Serve allows), an awaitable of one."""
     if not inspect.isclass(target):
         return Built(target, None, True)
-    obj = target(*init_args, **init_kwargs)
+    if inspect.iscoroutinefunction(target.__init__):
+        return _instantiate_async(target, init_args, init_kwargs)
+    return _built(target, target(*init_args, **init_kwargs))
+
+
+async def _instantiate_async(target: Any, init_args: tuple[Any, ...], init_kwargs: dict[str, Any]) -> Built:
+    obj = target.__new__(target)
+    await obj.__init__(*init_args, **init_kwargs)
+    return _built(target, obj)
+
+
+def _built(target: Any, obj: Any) -> Built:
     asgi = getattr(target, "__flotilla_asgi_app__", None)
     if asgi is not None:
         from flotilla.serve.asgi import bind_routes
@@ -435,6 +447,13 @@ class Replica:
         except RuntimeError as e:  # the head's refusal, as raised there
             self._unknown(e)
 
+    def _exit_for(self, e: BaseException) -> None:
+        """The user's code raised SystemExit or KeyboardInterrupt: exit (its answer sent first);
+        the controller replaces this replica and the requests still on it fail, as when a Ray
+        actor's worker exits."""
+        logger.error("user code raised %s%r; the replica exits", type(e).__name__, e.args)
+        self.loop.call_later(0.01, self.stopped.set)
+
     def _unknown(self, e: BaseException) -> None:
         logger.error("the restarted head does not know this replica (%s); draining and exiting", e)
         if self.phase in ("ready", "draining"):
@@ -463,6 +482,8 @@ class Replica:
             target = cloudpickle.loads(spec["def_bytes"])
             init_args, init_kwargs = cloudpickle.loads(spec["args_bytes"])
             built = instantiate(target, init_args, init_kwargs)
+            if inspect.isawaitable(built):
+                built = await built
         obj = self.obj = built.obj
         self.is_function = built.is_function
         assert context.replica_context is not None
@@ -664,8 +685,8 @@ class Replica:
                 await asyncio.wait_for(self.idle.wait(), min(max(wait_loop_s, 0.01), left))
             except TimeoutError:
                 pass
-        for task, proto, tag in list(self.tasks.values()):
-            proto.send(tag, error_reply(TaskCancelledError(
+        for task, proto, tag in list(self.tasks.values()):  # an ActorDiedError, as Ray's killed replica gives
+            proto.send(tag, error_reply(ActorDiedError(
                 f"Replica {self.replica_id} stopped before the request finished "
                 f"(graceful_shutdown_timeout_s={timeout_s})."
             )))
@@ -836,7 +857,13 @@ class Replica:
                 )))
         except BaseException as e:
             status = "ERROR"
-            proto.send(tag, error_reply(e))
+            if isinstance(e, Exception):
+                proto.send(tag, error_reply(e))
+            else:  # sys.exit() or an interrupt in the user's code: the replica exits, as a Ray actor's worker
+                proto.send(tag, error_reply(ActorDiedError(
+                    f"Replica {self.replica_id}'s code raised {type(e).__name__}{e.args!r} (sys.exit() or an "
+                    "interrupt): the replica exits and is replaced.")))
+                self._exit_for(e)
         finally:
             self.tasks.pop(key, None)
             self.windows.pop(key, None)

@@ -63,7 +63,7 @@ def fork_unsafe() -> str:
     return ""
 
 
-def _run(result: Any) -> Any:
+def settle(result: Any) -> Any:
     """The value of `result`, awaiting it (on a loop of its own, closed after) when it is awaitable."""
     if inspect.isawaitable(result):
 
@@ -83,13 +83,13 @@ def build(args: dict[str, Any], spec: dict[str, Any]) -> Any:
     replica.set_replica_context(args["app"], args["deployment"], f"template-{args.get('version', '')}")
     target = cloudpickle.loads(base64.b64decode(spec["def_bytes"]))
     init_args, init_kwargs = cloudpickle.loads(base64.b64decode(spec["args_bytes"]))
-    built = replica.instantiate(target, init_args, init_kwargs)
+    built = settle(replica.instantiate(target, init_args, init_kwargs))
     user_config = spec["config"].get("user_config")
     if user_config is not None and not built.is_function:
         fn = getattr(built.obj, "reconfigure", None)
         if fn is None:
             raise RuntimeError("user_config was given but the deployment class defines no reconfigure(self, config)")
-        _run(fn(user_config))
+        settle(fn(user_config))
         built = built._replace(user_config=user_config)
     return built
 
