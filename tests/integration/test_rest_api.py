@@ -225,6 +225,13 @@ def test_get_shape(client: httpx.Client, rc: Cluster, base: dict[str, Any]) -> N
     assert body["controller_info"]["pid"] == rc.record["pid"]
     assert body["http_options"]["port"] == int(rc.http.rsplit(":", 1)[1])
     assert body["proxies"] and all(p["status"] == "HEALTHY" for p in body["proxies"].values())
+    # As Ray's docs parse it: `ServeInstanceDetails(**response.json())`.
+    from flotilla.serve.schema import APIType, ServeInstanceDetails
+
+    details = ServeInstanceDetails(**body)
+    alpha = details.applications["alpha"]
+    assert alpha.status == "RUNNING" and alpha.source is APIType.DECLARATIVE
+    assert alpha.deployments["Echo"].replicas[0].state == "RUNNING"
 
 
 def test_same_put_again_changes_nothing(client: httpx.Client, http: httpx.Client, base: dict[str, Any]) -> None:

@@ -12,7 +12,13 @@ if TYPE_CHECKING:
     from flotilla.serve.deploy_schema import ServeApplicationSchema as ServeApplicationSchema
     from flotilla.serve.deploy_schema import ServeDeploySchema as ServeDeploySchema
 
-_CONFIG_SCHEMAS = ("DeploymentSchema", "ServeApplicationSchema", "ServeDeploySchema")
+_CONFIG_SCHEMAS = ("DeploymentSchema", "ServeApplicationSchema", "ServeDeploySchema", "HTTPOptionsSchema")
+#: Ray's REST details models (`serve.details`).
+_DETAILS = ("APIType", "ApplicationDetails", "DeploymentDetails", "ProxyDetails", "ReplicaDetails",
+            "ServeActorDetails", "ServeInstanceDetails")
+#: Ray's names in `ray.serve.schema` for option models that live in `serve.config` here.
+_OPTION_SCHEMAS = {"RayActorOptionsSchema": "RayActorOptions", "gRPCOptionsSchema": "gRPCOptions",
+                   "ProxyLocation": "ProxyLocation"}
 
 
 def __getattr__(name: str) -> Any:
@@ -26,6 +32,14 @@ def __getattr__(name: str) -> Any:
         from flotilla.serve import deploy_schema
 
         return getattr(deploy_schema, name)
+    if name in _DETAILS:
+        from flotilla.serve import details
+
+        return getattr(details, name)
+    if name in _OPTION_SCHEMAS:
+        from flotilla.serve import config
+
+        return getattr(config, _OPTION_SCHEMAS[name])
     raise AttributeError(f"module 'flotilla.serve.schema' has no attribute {name!r}")
 
 
