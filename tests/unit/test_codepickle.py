@@ -1,0 +1,28 @@
+"""codepickle: code shipped by value keeps its file name (tracebacks name the user's file)."""
+
+from __future__ import annotations
+
+import pickle
+import traceback
+
+from flotilla._private import codepickle
+
+
+def test_code_shipped_by_value_keeps_its_file_name_and_line():
+    def local(x: int) -> int:
+        raise ValueError(f"bad {x}")
+
+    copy = pickle.loads(codepickle.dumps(local))  # a local function travels by value
+    assert copy.__code__.co_filename == __file__
+    try:
+        copy(3)
+    except ValueError as e:
+        text = "".join(traceback.format_exception(e))
+    assert f'File "{__file__}", line' in text and 'raise ValueError(f"bad {x}")' in text
+
+
+def test_the_same_code_pickles_to_the_same_bytes():
+    def f() -> int:
+        return 1
+
+    assert codepickle.dumps(f) == codepickle.dumps(f)
