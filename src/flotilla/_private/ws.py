@@ -126,7 +126,7 @@ async def _pump_out(send: Any, link: Any, state: dict[str, Any]) -> None:
                         await send({"type": "websocket.close", "code": 1000})
             return
         else:  # Err, Failed (the replica died): 1011; cut at the end of a drain: 1001
-            if cls is Err and msg.type_name == "TaskCancelledError":
+            if cls is Err and msg.type_name in ("ActorDiedError", "TaskCancelledError"):  # the replica stopped it
                 code = GOING_AWAY
             else:
                 code = INTERNAL_ERROR
