@@ -638,7 +638,7 @@ def run(target: str, arguments: tuple[str, ...], host: str | None, port: int | N
                 if watch is not None and watch.changed():
                     click.echo(f"Files changed under {', '.join(code_dirs)}: redeploying '{name}'...")
                     try:
-                        _forget_modules(code_dirs)
+                        _forget_modules(watch.seen)
                         _serve(_load(target, args), name, route_prefix, runtime_env)
                         click.echo(f"Application '{name}' redeployed.")
                     except Exception as e:  # a broken edit: keep serving what runs, wait for the next
@@ -723,12 +723,12 @@ class _CodeWatch:
         return changed
 
 
-def _forget_modules(dirs: list[str]) -> None:
-    """Drop the imported modules whose files are under `dirs`, so the next import reads them anew."""
-    prefixes = tuple(os.path.join(d, "") for d in dirs)
+def _forget_modules(files: Any) -> None:
+    """Drop the imported modules loaded from `files` (the watched ones: no virtualenv, no
+    hidden folder, never flotilla itself), so the next import reads them anew."""
     for mod_name, mod in list(sys.modules.items()):
         f = getattr(mod, "__file__", None)
-        if f and os.path.abspath(f).startswith(prefixes):
+        if f and os.path.abspath(f) in files and mod_name.split(".")[0] != "flotilla":
             del sys.modules[mod_name]
 
 
