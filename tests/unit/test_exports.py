@@ -54,3 +54,15 @@ def test_proxy_location_is_in_serve_config() -> None:
     from flotilla.serve.config import ProxyLocation
 
     assert ProxyLocation("EveryNode") is ProxyLocation.EveryNode
+
+
+def test_starlette_requests_is_reachable_as_after_from_ray_import_serve():
+    """Ray's key-concepts example annotates `starlette.requests.Request` after a bare
+    `import starlette`: `from ray import serve` has imported the submodule by then."""
+    import subprocess
+    import sys
+
+    code = ("import starlette\nfrom flotilla import serve\n\n@serve.deployment\nclass A:\n"
+            "    async def __call__(self, request: starlette.requests.Request) -> str:\n        return 'ok'\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr

@@ -7,6 +7,10 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+# As `from ray import serve` does (transitively): Ray's examples annotate with
+# `starlette.requests.Request` after a bare `import starlette`.
+import starlette.requests  # noqa: F401
+
 from flotilla.serve.config import DeploymentConfig, validate, warn_small_limit
 from flotilla.serve.exceptions import ConfigError
 
