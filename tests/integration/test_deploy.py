@@ -188,6 +188,15 @@ class AsyncInit:
         return self.x
 
 
+def test_private_run_returns_before_the_application_runs(url):
+    """Ray's `serve._run(app, _blocking=False)`, used by Ray's tests and examples."""
+    from tests.conftest import wait_for
+
+    h = serve._run(AsyncInit.bind(7), name="privrun", route_prefix=None, _blocking=False)
+    wait_for(lambda: serve.status().applications["privrun"].status == "RUNNING", what="privrun RUNNING")
+    assert h.remote().result(timeout_s=10) == 7
+
+
 def test_an_async_constructor_is_awaited(url):
     h = serve.run(AsyncInit.bind(5), name="asyncinit", route_prefix=None)
     assert h.remote().result(timeout_s=10) == 5

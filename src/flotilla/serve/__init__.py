@@ -34,6 +34,7 @@ _EXPORTS = {
     "multiplexed": "multiplex",
     "RunTarget": "api",
     "run": "api",
+    "_run": "api",
     "run_many": "api",
     "set_shadow": "api",
     "set_traffic": "api",

@@ -324,6 +324,14 @@ def run(
     return handle
 
 
+def _run(target: Application, _blocking: bool = True, name: str = "default", route_prefix: str | None = "/",
+         logging_config: dict[str, Any] | LoggingConfig | None = None, **kwargs: Any) -> DeploymentHandle:
+    """Ray's private `serve._run` (used by Ray's own tests and some examples): `serve.run`
+    with `_blocking=False` to return before the application runs."""
+    return run(target, name=name, route_prefix=route_prefix, logging_config=logging_config, _blocking=_blocking,
+               **kwargs)
+
+
 def _checked_spec(who: str, target: Any, name: Any, route_prefix: str | None,
                   logging_config: dict[str, Any] | LoggingConfig | None,
                   app_env: dict[str, str] | None = None) -> dict[str, Any]:
