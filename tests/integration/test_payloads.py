@@ -184,3 +184,51 @@ def test_large_bodies_at_once_each_arrive_whole(url: str) -> None:
         for _ in range(2):
             got = list(pool.map(post, bodies * 2))
             assert got == [{"n": len(b), "sha": digest(b)} for b in bodies * 2]
+
+
+MAIN_SCRIPT = '''
+import flotilla
+from flotilla import serve
+
+
+class Graph:  # defined in the driver's __main__, as in Ray's batching guide
+    def __init__(self, n):
+        self.n = n
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+class Model:
+    def __call__(self, g):
+        return g.n * 2
+
+    def many(self, gs):
+        return sum(g.n for g in gs)
+
+    def make(self, n):
+        return Graph(n)
+
+
+flotilla.init(num_cpus=2)
+h = serve.run(Model.bind(), route_prefix=None)
+assert h.remote(Graph(21)).result(timeout_s=30) == 42
+assert h.many.remote([Graph(1), Graph(2)]).result(timeout_s=30) == 3
+g = h.make.remote(5).result(timeout_s=30)
+assert isinstance(g, Graph) and g.n == 5, (type(g), g)
+print("OK")
+flotilla.shutdown()
+'''
+
+
+def test_objects_of_classes_defined_in_the_drivers_main_travel_by_value(tmp_path) -> None:
+    """A class defined in the driver's script (`__main__`) cannot be found by name in a
+    replica: its objects travel by value (as cloudpickle sends them), and come back as the
+    driver's own class."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "main_classes.py"
+    script.write_text(MAIN_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLOTILLA_ADDRESS")}
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env,
+                       cwd=str(tmp_path))
+    assert r.returncode == 0 and "OK" in r.stdout, r.stdout + r.stderr

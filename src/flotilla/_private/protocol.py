@@ -169,12 +169,21 @@ class UnknownMessageError(ValueError):
     """A frame decoded to something that is not one of our messages."""
 
 
+#: A pickle's reference to a name in `__main__` (protocol 4+: the module name as a short
+#: string): the C pickler writes one for an object whose class the driver's script defines,
+#: which no other process can look up; such a pickle is made again with cloudpickle, which
+#: sends those classes (and functions) by value.
+_MAIN_REF = b"\x8c\x08__main__"
+
+
 def dumps(obj: Any) -> bytes:
-    """Pickle with the C pickler; fall back to cloudpickle for lambdas, local classes, ..."""
+    """Pickle with the C pickler; fall back to cloudpickle for lambdas, local classes, and
+    anything of `__main__`."""
     try:
-        return pickle.dumps(obj, protocol=5)
+        data = pickle.dumps(obj, protocol=5)
     except Exception:
         return cloudpickle.dumps(obj, protocol=5)
+    return data if _MAIN_REF not in data else cloudpickle.dumps(obj, protocol=5)
 
 
 _pdumps = pickle.dumps
@@ -185,9 +194,10 @@ def encode(msg: tuple[Any, ...]) -> bytes:
     """The payload of a frame holding `msg`."""
     t = (_CODES[msg.__class__], *msg)
     try:
-        return _pdumps(t, 5)
+        data: bytes = _pdumps(t, 5)
     except Exception:
         return cloudpickle.dumps(t, protocol=5)  # type: ignore[no-any-return]
+    return data if _MAIN_REF not in data else cloudpickle.dumps(t, protocol=5)
 
 
 #: Bytes fields at least this large are wrapped (`oob`) to travel out of band, as numpy arrays
@@ -280,6 +290,8 @@ def encode_parts(msg: tuple[Any, ...]) -> tuple[bytes, list[memoryview]]:
     found: list[pickle.PickleBuffer] = []
     try:
         payload = _pdumps(t, 5, buffer_callback=found.append)
+        if _MAIN_REF in payload:
+            raise pickle.PicklingError("refers to __main__")
     except Exception:
         found.clear()
         payload = cloudpickle.dumps(t, protocol=5, buffer_callback=found.append)
