@@ -75,3 +75,53 @@ def test_fastapi_ingress_routes_validation_and_docs(url):
         assert c.get("/shop/docs").status_code == 200
     # Handle calls still reach the class's methods.
     assert h.count.remote().result() == 1
+
+
+plain_api = FastAPI()
+
+
+@plain_api.get("/hi")
+def say_hi() -> str:
+    return "Hello world!"
+
+
+def build_api() -> FastAPI:
+    """A builder (Ray's form): called in each replica to make the app."""
+    built = FastAPI()
+
+    @built.get("/hi")
+    def hi() -> str:
+        return "built"
+
+    return built
+
+
+@serve.ingress()
+class LateBound:
+    def __init__(self, word: str) -> None:
+        self.word = word
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        late = FastAPI()
+
+        @late.get("/hi")
+        def hi() -> str:
+            return self.word
+
+        return late
+
+
+def test_ingress_without_a_class_with_a_builder_and_late_bound(url):
+    """Ray's other ingress forms: `serve.deployment(serve.ingress(app)())`, a builder function
+    called in the replica, and `serve.ingress()` whose class builds the app after its
+    constructor."""
+    serve.run(serve.deployment(serve.ingress(plain_api)()).bind(), name="noclass", route_prefix="/noclass")
+    serve.run(serve.deployment(serve.ingress(build_api)()).bind(), name="builder", route_prefix="/builder")
+    serve.run(serve.deployment(LateBound).bind("late"), name="late", route_prefix="/late")
+    with httpx.Client(base_url=url, timeout=30) as c:
+        assert c.get("/noclass/hi").json() == "Hello world!"
+        assert c.get("/builder/hi").json() == "built"
+        assert c.get("/late/hi").json() == "late"
+    assert "ASGIIngressDeployment" in serve.status().applications["noclass"].deployments
+    with pytest.raises(ValueError, match="__serve_build_asgi_app__"):
+        serve.ingress()(type("NoBuilder", (), {}))

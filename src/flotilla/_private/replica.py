@@ -204,11 +204,28 @@ def instantiate(target: Any, init_args: tuple[Any, ...], init_kwargs: dict[str, 
 async def _instantiate_async(target: Any, init_args: tuple[Any, ...], init_kwargs: dict[str, Any]) -> Built:
     obj = target.__new__(target)
     await obj.__init__(*init_args, **init_kwargs)
-    return _built(target, obj)
+    built = _built(target, obj)
+    return (await built) if inspect.isawaitable(built) else built
 
 
-def _built(target: Any, obj: Any) -> Built:
+def _built(target: Any, obj: Any) -> Any:
+    """The `Built` of a constructed object (an awaitable of it when its ASGI app's builder is
+    async)."""
     asgi = getattr(target, "__flotilla_asgi_app__", None)
+    if asgi is not None:
+        from flotilla.serve.asgi import resolve_app
+
+        asgi = resolve_app(asgi, obj)
+        if inspect.isawaitable(asgi):
+            return _with_app(target, obj, asgi)
+    return _bind(target, obj, asgi)
+
+
+async def _with_app(target: Any, obj: Any, app: Any) -> Built:
+    return _bind(target, obj, await app)
+
+
+def _bind(target: Any, obj: Any, asgi: Any) -> Built:
     if asgi is not None:
         from flotilla.serve.asgi import bind_routes
 

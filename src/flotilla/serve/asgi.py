@@ -12,12 +12,37 @@ import inspect
 import typing
 from typing import Any
 
-__all__ = ["bind_routes", "ingress"]
+__all__ = ["bind_routes", "ingress", "resolve_app"]
 
 ASGI_ATTR = "__flotilla_asgi_app__"
+#: The method a class given to `serve.ingress()` without an app defines to build it (Ray's).
+BUILD_METHOD = "__serve_build_asgi_app__"
 
 
-def ingress(app: Any) -> Any:
+class LateApp:
+    """The app of `serve.ingress()` given none: the class's `__serve_build_asgi_app__` builds it."""
+
+
+class ASGIIngressDeployment:
+    """The class of `serve.deployment(serve.ingress(app)())` (Ray's default): the app alone."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.args = args
+        self.kwargs = kwargs
+
+
+def resolve_app(app: Any, obj: Any) -> Any:
+    """The ASGI app of a constructed replica object `obj`: `app` itself, or, for a builder
+    function, what it returns, or for `LateApp`, what `obj.__serve_build_asgi_app__()`
+    returns (either may be awaitable: the caller awaits it)."""
+    if app is LateApp:
+        return getattr(obj, BUILD_METHOD)()
+    if inspect.isfunction(app):  # a builder, as in Ray (an ASGI callable is an object)
+        return app()
+    return app
+
+
+def ingress(app: Any = None) -> Any:
     """Serve `app` (FastAPI, Starlette or any ASGI callable) as this deployment's HTTP ingress.
 
     Use on a class, under `@serve.deployment`::
@@ -29,14 +54,24 @@ def ingress(app: Any) -> Any:
         class Model:
             @api.get("/predict/{x}")
             def predict(self, x: int) -> dict: ...
+
+    As in Ray: `serve.deployment(serve.ingress(api)())` serves the app with no class of
+    yours; a function instead of an app is a builder, called in each replica to make it; and
+    `serve.ingress()` with no app lets the class's `__serve_build_asgi_app__()` build it after
+    the constructor ran.
     """
-    if not callable(app):
+    if app is not None and not callable(app):
         raise TypeError(f"@serve.ingress needs an ASGI app such as FastAPI(), got {app!r}")
     _make_state_picklable()
 
-    def decorator(cls: Any) -> Any:
+    def decorator(cls: Any = None) -> Any:
         from flotilla.serve.exceptions import ConfigError
 
+        if cls is None:
+            cls = type("ASGIIngressDeployment", (ASGIIngressDeployment,), {})
+        if app is None and not hasattr(cls, BUILD_METHOD):
+            raise ConfigError(f"serve.ingress() called without an app needs {getattr(cls, '__name__', cls)} "
+                              f"to define `{BUILD_METHOD}` (returning the ASGI app)")
         if not inspect.isclass(cls):
             raise ConfigError("@serve.ingress must decorate a class (put it under @serve.deployment)")
         if any("__call__" in vars(base) for base in cls.__mro__[:-1]):
@@ -52,7 +87,7 @@ def ingress(app: Any) -> Any:
                     value.__annotations__ = typing.get_type_hints(value, include_extras=True)
                 except Exception:
                     pass
-        setattr(cls, ASGI_ATTR, app)
+        setattr(cls, ASGI_ATTR, LateApp if app is None else app)
         return cls
 
     return decorator
