@@ -157,22 +157,26 @@ def dep_status(app: str, dep: str) -> tuple[str, str, dict]:
 
 
 def test_a_manual_replica_count_change_is_upscaling_or_downscaling_as_in_ray(url):
-    """A changed num_replicas alone: UPSCALING / DOWNSCALING (the application stays RUNNING),
-    then HEALTHY with UPSCALE_COMPLETED / DOWNSCALE_COMPLETED, once no replica is stopping."""
+    """A changed num_replicas alone: UPSCALING / DOWNSCALING (trigger CONFIG_UPDATE_STARTED,
+    the application DEPLOYING, so `serve.run` waits, as Ray 2.60's does), then HEALTHY with
+    UPSCALE_COMPLETED / DOWNSCALE_COMPLETED once no replica is stopping."""
     h = serve.run(Sized.bind(1.0), name="sized", route_prefix=None)
     serve.run(Sized.options(num_replicas=3).bind(1.0), name="sized", route_prefix=None)
     assert serve.status().applications["sized"].status == "RUNNING"
-    status, trigger, _ = dep_status("sized", "Sized")
-    assert (status, trigger) == ("UPSCALING", "CONFIG_UPDATE_STARTED")
-    wait_for(lambda: dep_status("sized", "Sized") == ("HEALTHY", "UPSCALE_COMPLETED", {"RUNNING": 3}),
-             timeout=30, what=lambda: f"3 replicas, HEALTHY: {dep_status('sized', 'Sized')}")
-    held = [h.remote(2.0) for _ in range(3)]  # in flight while the count drops
-    wait_for(lambda: serve.status().applications["sized"].deployments["Sized"].replica_states == {"RUNNING": 3},
+    assert dep_status("sized", "Sized") == ("HEALTHY", "UPSCALE_COMPLETED", {"RUNNING": 3})
+    serve._run(Sized.options(num_replicas=4).bind(1.0), name="sized", route_prefix=None, _blocking=False)
+    assert serve.status().applications["sized"].status == "DEPLOYING"
+    assert dep_status("sized", "Sized")[:2] == ("UPSCALING", "CONFIG_UPDATE_STARTED")
+    wait_for(lambda: dep_status("sized", "Sized") == ("HEALTHY", "UPSCALE_COMPLETED", {"RUNNING": 4}),
+             timeout=30, what=lambda: f"4 replicas, HEALTHY: {dep_status('sized', 'Sized')}")
+    held = [h.remote(2.0) for _ in range(4)]  # in flight while the count drops
+    wait_for(lambda: serve.status().applications["sized"].deployments["Sized"].replica_states == {"RUNNING": 4},
              timeout=10)
     time.sleep(0.3)  # (the held requests reach their replicas)
-    serve.run(Sized.options(num_replicas=1).bind(1.0), name="sized", route_prefix=None)
-    status, trigger, states = dep_status("sized", "Sized")
-    assert status == "DOWNSCALING" and states.get("STOPPING"), (status, trigger, states)
+    serve._run(Sized.options(num_replicas=1).bind(1.0), name="sized", route_prefix=None, _blocking=False)
+    wait_for(lambda: (st := dep_status("sized", "Sized"))[0] == "DOWNSCALING" and st[2].get("STOPPING"),
+             timeout=10, what=lambda: f"replicas stopping: {dep_status('sized', 'Sized')}")
+    assert serve.status().applications["sized"].status == "DEPLOYING"
     assert all(isinstance(r.result(timeout_s=30), int) for r in held)
     wait_for(lambda: dep_status("sized", "Sized") == ("HEALTHY", "DOWNSCALE_COMPLETED", {"RUNNING": 1}),
              timeout=30, what=lambda: f"1 replica, HEALTHY: {dep_status('sized', 'Sized')}")

@@ -114,7 +114,7 @@ def test_redeploy_updates_in_place_and_keeps_constructor_arguments(url: str) -> 
     again = h.remote({"x": 1}).result()
     assert again == {"y": 110, "pid": first["pid"]}
     # Scaling keeps the running constructor arguments (from get_deployment) too.
-    serve.get_deployment("Scaled").options(num_replicas=2).deploy()  # UPSCALING: returns as Ray's does
+    serve.get_deployment("Scaled").options(num_replicas=2).deploy()  # returns once 2 run, as Ray's does
     wait_for(lambda: serve.status().applications["Scaled"].deployments["Scaled"].replica_states == {"RUNNING": 2},
              timeout=30, what="2 replicas running")
     pids: set[int] = set()

@@ -1360,7 +1360,9 @@ class Controller:
             app.message = "\n".join(
                 f"deployment '{d.name}' failed: {d.message}" for d in failed
             )
-        elif all(d.status in _SERVING for d in deps):
+        elif all(d.status in _SERVING and not (d.status is not DeploymentStatus.HEALTHY
+                                                and d.trigger is DeploymentStatusTrigger.CONFIG_UPDATE_STARTED)
+                 for d in deps):  # scaling to a new num_replicas is deploying (as Ray's); autoscaling is not
             if app.status is not ApplicationStatus.RUNNING:
                 logger.info("application %r is running", app.name)
             app.status = ApplicationStatus.RUNNING
