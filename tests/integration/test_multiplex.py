@@ -150,3 +150,32 @@ def test_a_batch_holds_one_model_and_sees_its_id(url):
     got = [(m, c.result(timeout_s=30)) for m, c in calls]
     assert all(model == seen == m for m, (model, seen, _) in got), got
     assert sum(n for _, (_, _, n) in got) == 32  # two batches of 4, each call counted with its batch
+
+
+@serve.deployment(num_replicas=2)
+class OneEach:
+    def __init__(self):
+        self.loaded = 0
+
+    @serve.multiplexed(max_num_models_per_replica=1)
+    async def get_model(self, model_id: str):
+        self.loaded += 1
+        return {"id": model_id, "at": self.loaded}
+
+    async def __call__(self):
+        before = self.loaded
+        model = await self.get_model(serve.get_multiplexed_model_id())
+        return {"model": model["id"], "fresh": self.loaded != before, "pid": os.getpid()}
+
+
+def test_a_model_no_replica_holds_goes_to_the_one_holding_fewest(url):
+    """As Ray: with 2 replicas of one model each, models a and b each settle on a replica of
+    their own instead of evicting each other on the first replica."""
+    h = serve.run(OneEach.bind(), name="spread", route_prefix=None)
+    for m in "ab":
+        hm = h.options(multiplexed_model_id=m)
+        hm.remote().result(timeout_s=30)
+        wait_for(lambda hm=hm: not hm.remote().result(timeout_s=30)["fresh"], what=f"model {m} settled")
+    got = [h.options(multiplexed_model_id=m).remote().result(timeout_s=30) for m in "abababab"]
+    assert not any(g["fresh"] for g in got), got
+    assert len({g["pid"] for g in got}) == 2

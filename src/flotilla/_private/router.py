@@ -582,9 +582,12 @@ class Router:
         if any(model_id in c.models and not c.ready for c in self.replicas.values()):
             return None  # its replica is still connecting: wait a moment for it
         ready = self.ready
+        # As Ray: a model no replica holds goes to the replica with room holding the fewest
+        # models (then the least busy), so models spread instead of evicting each other.
+        room = [c for c in ready if c.in_flight < self.max_ongoing]
+        if room:
+            return min(room, key=lambda c: (len(c.models), c.in_flight))
         r = min(ready, key=lambda c: c.in_flight) if ready else None
-        if r is not None and r.in_flight < self.max_ongoing:
-            return r
         if not ahead:
             return None
         return self._pick_for_model(model_id, True, head) or (self._queue_ahead(r, head) if r is not None else None)
