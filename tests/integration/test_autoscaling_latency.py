@@ -121,3 +121,23 @@ def test_failing_policy_keeps_the_target(url: str, tmp_path: Path) -> None:
     st = serve.status().applications["failing"]
     assert st.status == "RUNNING" and running("failing", "Custom") == 1
     assert st.deployments["Custom"].autoscaling.target_replicas == 1
+
+
+class FixedCount:
+    """A class-based policy (Ray 2.60): made once with `policy_kwargs`, then called each tick."""
+
+    def __init__(self, replicas: int) -> None:
+        self.replicas = replicas
+        self.ticks = 0
+
+    def __call__(self, ctx: AutoscalingContext) -> tuple[int, dict]:
+        self.ticks += 1  # kept across ticks: one instance
+        return self.replicas if self.ticks > 1 else ctx.target_num_replicas, {}
+
+
+def test_a_class_based_policy_is_made_once_with_its_kwargs(url: str) -> None:
+    dep = Custom.options(autoscaling_config={
+        "min_replicas": 1, "max_replicas": 3, "metrics_interval_s": 0.1,
+        "policy": {"policy_function": FixedCount, "policy_kwargs": {"replicas": 2}}})
+    serve.run(dep.bind(), name="classy", route_prefix="/classy")
+    wait_for(lambda: running("classy", "Custom") == 2, timeout=20, interval=0.1, what="2 running replicas")

@@ -13,6 +13,7 @@ two delays (at least 1 s): with `upscale_delay_s=0` the user asked for a fast re
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import time
 from typing import TYPE_CHECKING, Any
@@ -249,4 +250,7 @@ def load_policy(cfg: AutoscalingConfig, path: list[str]) -> Any:
         if p not in sys.path:
             sys.path.append(p)
     assert cfg.policy is not None
-    return cfg.policy.get_policy()
+    policy = cfg.policy.get_policy()
+    if inspect.isclass(policy):  # made once, its instance called each tick (Ray 2.60)
+        return policy(**cfg.policy.policy_kwargs)
+    return policy

@@ -18,6 +18,7 @@ request waiting, the target becomes max(1, ceil(upscaling factor)) at once, as i
 
 from __future__ import annotations
 
+import json
 import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -66,12 +67,23 @@ class AutoscalingPolicy(BaseModel):
     """A custom autoscaling policy (Ray's `ray.serve.config.AutoscalingPolicy`).
 
     `policy_function`: "module:function" (imported where the controller runs) or a callable;
-    a callable travels cloudpickled, as deployment code does, and is loaded by the head.
+    a callable travels cloudpickled, as deployment code does, and is loaded by the head. A
+    class (Ray 2.60) is made once with `policy_kwargs` and the instance called each tick.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
 
     policy_function: str | Callable[..., Any]
+    policy_kwargs: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("policy_kwargs")
+    @classmethod
+    def _kwargs(cls, v: dict[str, Any]) -> dict[str, Any]:
+        try:
+            json.dumps(v)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"must be JSON-serializable: {e}") from None
+        return v
 
     @field_validator("policy_function")
     @classmethod

@@ -32,12 +32,15 @@ from flotilla._private.autoscaling import (
     auto_autoscaling_config,
 )
 from flotilla.serve.exceptions import ConfigError
+from flotilla.serve.schema import DeploymentID  # where Ray's policy examples import it from
 
 __all__ = [
     "AutoscalingConfig",
     "AutoscalingContext",
     "AutoscalingPolicy",
+    "BackpressureConfig",
     "DeploymentConfig",
+    "DeploymentID",
     "HTTPOptions",
     "LoggingConfig",
     "ProxyLocation",
