@@ -20,7 +20,7 @@ protoc = pytest.importorskip("grpc_tools.protoc")
 
 import flotilla  # noqa: E402
 from flotilla import serve  # noqa: E402
-from flotilla._private.grpc_proxy import decode_strings  # noqa: E402
+from flotilla.serve.generated.serve_pb2 import decode_strings  # noqa: E402
 from tests.conftest import free_port, wait_for  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -159,9 +159,16 @@ def test_application_metadata_picks_app(stub, grpc_port):
     with pytest.raises(grpc.RpcError) as e:
         stub.Hello(_req(name="z"), timeout=30)  # two apps, no metadata
     assert e.value.code() == grpc.StatusCode.NOT_FOUND
-    # Ray Serve's built-in service, decoded by hand.
+    # Ray Serve's built-in service, decoded by hand, and through its stub as Ray's guide calls it.
     assert decode_strings(_raw(grpc_port, "/ray.serve.RayServeAPIService/ListApplications")) == ["app_a", "app_b"]
     assert decode_strings(_raw(grpc_port, "/ray.serve.RayServeAPIService/Healthz")) == ["success"]
+    from flotilla.serve.generated.serve_pb2 import HealthzRequest, ListApplicationsRequest
+    from flotilla.serve.generated.serve_pb2_grpc import RayServeAPIServiceStub
+
+    with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+        api = RayServeAPIServiceStub(channel)
+        assert api.ListApplications(ListApplicationsRequest(), timeout=30).application_names == ["app_a", "app_b"]
+        assert api.Healthz(HealthzRequest(), timeout=30).message == "success"
 
 
 def test_errors_and_grpc_context(stub):

@@ -69,7 +69,12 @@ def test_starlette_requests_is_reachable_as_after_from_ray_import_serve():
 
 
 def test_ray_import_paths_of_policy_helpers():
-    from flotilla.serve.config import AutoscalingContext, AutoscalingPolicy, BackpressureConfig, DeploymentID
+    from flotilla.serve.config import (
+        AutoscalingContext,
+        AutoscalingPolicy,
+        BackpressureConfig,
+        DeploymentID,
+    )
 
     assert DeploymentID("d", "a").app_name == "a" and AutoscalingContext and BackpressureConfig
     assert AutoscalingPolicy(policy_function="m:f", policy_kwargs={"k": 1}).policy_kwargs == {"k": 1}

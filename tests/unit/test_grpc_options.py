@@ -42,11 +42,16 @@ def test_missing_grpcio_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None
 def test_serve_api_messages_round_trip() -> None:
     pytest.importorskip("grpc")
     from flotilla._private import grpc_proxy as gp
+    from flotilla.serve.generated import serve_pb2 as pb
 
-    assert gp.encode_healthz("success") == b"\x0a\x07success"
+    assert pb.encode_healthz("success") == b"\x0a\x07success"
     names = ["a", "app_b", "x" * 300]  # a length over 127 takes a two-byte varint
-    assert gp.decode_strings(gp.encode_list_applications(names)) == names
-    assert gp.encode_list_applications([]) == b""
+    assert pb.decode_strings(pb.encode_list_applications(names)) == names
+    assert pb.encode_list_applications([]) == b""
+    # The message classes Ray's generated serve_pb2 has, as its gRPC guide uses them.
+    assert pb.ListApplicationsResponse.FromString(pb.ListApplicationsResponse(names).SerializeToString()) == \
+        pb.ListApplicationsResponse(application_names=names)
+    assert pb.HealthzResponse.FromString(b"\x0a\x07success").message == "success"
     assert gp.LIST_APPLICATIONS == "/ray.serve.RayServeAPIService/ListApplications"
     assert gp.HEALTHZ == "/ray.serve.RayServeAPIService/Healthz"
 

@@ -34,6 +34,10 @@ from flotilla._private.grpc_replica import GrpcTrailer
 from flotilla._private.metrics import LATENCY_MS_BUCKETS, STORE
 from flotilla.exceptions import RayActorError
 from flotilla.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from flotilla.serve.generated.serve_pb2 import (
+    encode_healthz,
+    encode_list_applications,
+)
 from flotilla.serve.grpc_util import gRPCStatusError
 from flotilla.serve.schema import DeploymentID
 
@@ -59,68 +63,7 @@ def declare(store: Any) -> None:
     store.declare("gauge", "ray_serve_num_ongoing_grpc_requests", "gRPC requests in progress at the proxy.", ("node_id",))
 
 
-# ---- hand-encoded protobuf for RayServeAPIService ---------------------------------------
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return bytes(out)
-
-
-def _string_field(value: str | bytes) -> bytes:
-    """Field 1, wire type 2 (length-delimited). (grpc.aio hands a returned str over as bytes.)"""
-    data = value.encode() if isinstance(value, str) else value
-    return b"\x0a" + _varint(len(data)) + data
-
-
-def encode_list_applications(names: list[str]) -> bytes:
-    """`ListApplicationsResponse { repeated string application_names = 1; }`."""
-    return b"".join(_string_field(n) for n in names)
-
-
-def encode_healthz(message: str | bytes) -> bytes:
-    """`HealthzResponse { string message = 1; }`."""
-    return _string_field(message)
-
-
-def decode_strings(data: bytes) -> list[str]:
-    """Field 1's strings of a message (for tests and clients without Ray's generated code)."""
-    out: list[str] = []
-    i = 0
-    while i < len(data):
-        key, i = _read_varint(data, i)
-        wire = key & 7
-        if wire == 2:
-            n, i = _read_varint(data, i)
-            if key >> 3 == 1:
-                out.append(data[i:i + n].decode())
-            i += n
-        elif wire == 0:
-            _, i = _read_varint(data, i)
-        elif wire == 1:
-            i += 8
-        elif wire == 5:
-            i += 4
-        else:
-            raise ValueError(f"unsupported wire type {wire}")
-    return out
-
-
-def _read_varint(data: bytes, i: int) -> tuple[int, int]:
-    shift = n = 0
-    while True:
-        b = data[i]
-        i += 1
-        n |= (b & 0x7F) << shift
-        if not b & 0x80:
-            return n, i
-        shift += 7
+# RayServeAPIService's messages are hand-encoded in serve.generated.serve_pb2 (no protobuf needed).
 
 
 # ---- servicer functions ------------------------------------------------------------------
