@@ -57,7 +57,7 @@ INIT_IGNORED = {
          "_tracing_startup_hook", "_node_name"),
         _LOCAL_ONLY,
     ),
-    **dict.fromkeys(("configure_logging", "logging_level", "logging_format", "logging_config", "log_to_driver"),
+    **dict.fromkeys(("configure_logging", "logging_level", "logging_format", "logging_config"),
                     "replica and proxy logs are written under the session's logs/ folder"),
     "runtime_env": "set env_vars per deployment with ray_actor_options={'runtime_env': {'env_vars': ...}}",
     "_temp_dir": "session folders live in the system temporary folder",
@@ -74,6 +74,7 @@ def init(
     ignore_reinit_error: bool = False,
     metrics_export_port: int | None = None,
     _metrics_export_port: int | None = None,
+    log_to_driver: bool | None = None,
     **_ray_compat: Any,
 ) -> None:
     """Start flotilla on this machine (a head process that owns replicas and the proxy), or
@@ -100,6 +101,9 @@ def init(
         metrics_export_port: port of the Prometheus endpoint on 127.0.0.1 (default: the
             FLOTILLA_METRICS_PORT environment variable, else a free port; see `metrics_url()`).
             Ray's `_metrics_export_port` is the same.
+        log_to_driver: a private local cluster: what replicas print (and their own loggers
+            and tracebacks) is shown on this process's stderr, prefixed with the replica, as
+            Ray shows its workers' output (default: on, unless FLOTILLA_LOG_TO_DRIVER=0).
         include_dashboard, dashboard_host, dashboard_port: as Ray's, for the dashboard and REST
             API a private local cluster's head serves (see `dashboard_url()`): on unless
             include_dashboard=False, on 127.0.0.1:8265 by default (a free port when 8265 is
@@ -132,7 +136,7 @@ def init(
                                        _ray_compat.pop("dashboard_host", None), _ray_compat.pop("dashboard_port", None))
     extra = {k: v for k, v in _ray_compat.items() if not (chosen == "ray" and k in backends.RAY_INIT_OPTIONS)}
     check("flotilla.init", extra, ("address", "backend", "num_cpus", "num_gpus", "resources", "ignore_reinit_error",
-                                   "metrics_export_port", "_metrics_export_port"), INIT_IGNORED)
+                                   "metrics_export_port", "_metrics_export_port", "log_to_driver"), INIT_IGNORED)
     if metrics_export_port is None:
         metrics_export_port = _metrics_export_port
 
@@ -194,7 +198,7 @@ def init(
         for k, v in total.items():
             if v < 0:
                 raise ValueError(f"resource {k!r} must be >= 0, got {v}")
-        Runtime.start_local(total, metrics_export_port, dashboard=dashboard)
+        Runtime.start_local(total, metrics_export_port, dashboard=dashboard, log_to_driver=log_to_driver)
 
 
 def _dashboard_options(include: bool | None, host: str | None, port: int | None) -> dict[str, Any] | None:

@@ -232,3 +232,47 @@ def test_objects_of_classes_defined_in_the_drivers_main_travel_by_value(tmp_path
     r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env,
                        cwd=str(tmp_path))
     assert r.returncode == 0 and "OK" in r.stdout, r.stdout + r.stderr
+
+
+PRINT_SCRIPT = '''
+import logging
+import flotilla
+from flotilla import serve
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+class Talky:
+    def __call__(self, x):
+        print(f"Message: Hello {x}", flush=True)
+        logging.getLogger("ray.serve").warning("user log %s", x)
+        return x
+
+
+flotilla.init(num_cpus=2, log_to_driver=LOG_TO_DRIVER)
+h = serve.run(Talky.bind(), route_prefix=None)
+assert h.remote("bar").result(timeout_s=30) == "bar"
+flotilla.shutdown()
+'''
+
+
+@local_only("replicas' output on the driver is the local backend's (on Ray, Ray's own log_to_driver)")
+@pytest.mark.parametrize("on", [True, False])
+def test_what_replicas_print_shows_on_the_drivers_terminal(tmp_path, on: bool) -> None:
+    """As Ray's log_to_driver: a replica's print() and its user logger lines reach the driver's
+    stderr, prefixed with the replica (flotilla's own lines stay in the log files)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "talky.py"
+    script.write_text(PRINT_SCRIPT.replace("LOG_TO_DRIVER", str(on)))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLOTILLA_ADDRESS")}
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env,
+                       cwd=str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    shown = [line for line in r.stderr.splitlines() if line.startswith("(ServeReplica:default_Talky ")]
+    if not on:
+        assert shown == [], r.stderr
+        return
+    assert any(line.endswith(") Message: Hello bar") for line in shown), r.stderr
+    assert any("user log bar" in line for line in shown), r.stderr
+    assert not any(" flotilla." in line or "__call__ OK" in line for line in shown), shown

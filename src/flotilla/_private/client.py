@@ -31,7 +31,7 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, ClassVar
 
-from flotilla._private import session
+from flotilla._private import logtail, session
 from flotilla._private.hop import Inbox
 from flotilla._private.looprouter import LoopRouters
 from flotilla._private.router import Router
@@ -229,6 +229,7 @@ class Runtime:
         self.thread: threading.Thread | None = None
         self.process: subprocess.Popen[bytes] | None = None
         self.session_dir = ""
+        self.logtail: logtail.LogTail | None = None  # replicas' output on this driver's stderr
         self.resources: dict[str, float] = {}
         self.metrics_port = 0
         self.dashboard_url: str | None = None  # the head's dashboard and REST API, if it runs one
@@ -285,7 +286,8 @@ class Runtime:
 
     @classmethod
     def start_local(cls, resources: dict[str, float], metrics_port: int = 0,
-                    ray: dict[str, Any] | None = None, dashboard: dict[str, Any] | None = None) -> Runtime:
+                    ray: dict[str, Any] | None = None, dashboard: dict[str, Any] | None = None,
+                    log_to_driver: bool | None = None) -> Runtime:
         """Start this session's keeper (which starts the head) and connect to the head.
 
         `ray`: the Ray backend's `ray.init` options (the head joins or starts Ray; replicas are
@@ -338,6 +340,8 @@ class Runtime:
         rt = cls(loop, link)
         rt.process = proc
         rt.session_dir = session_dir
+        if ray is None and logtail.enabled(log_to_driver):
+            rt.logtail = logtail.LogTail(os.path.join(session_dir, "logs")).start()
         rt.resources = info["resources"]
         rt.metrics_port = info.get("metrics_port", 0)
         rt.dashboard_url = info.get("rest_url") or None
@@ -667,6 +671,10 @@ class Runtime:
         proc = self.process
         if proc is None:
             return
+        if self.logtail is not None:
+            with contextlib.suppress(Exception):
+                self.logtail.poll()  # what they printed last
+            self.logtail.stop()
         self._closing = True
         asked = False
         if not self.dead and proc.poll() is None:

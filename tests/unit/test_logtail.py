@@ -1,0 +1,42 @@
+"""logtail: the user's lines from replica logs, for the driver's terminal (Ray's log_to_driver)."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+
+from flotilla._private.logtail import LogTail, ours
+
+
+@pytest.mark.parametrize(("line", "flotillas"), [
+    (b"2026-12-04 21:45:38,436 INFO replica 7776af41 [-] flotilla.replica: replica 7776af41 ready (pid 1)", True),
+    (b"2026-12-04 21:45:38 replica 7776af41 742ea2de-ac9e-ee20-4676-000000000004 /batched 200 52.23ms", True),
+    (b"2026-12-04 21:46:43 replica 9b591966 6b966ab4-b081-71b2-9540-000000000001 __call__ OK 1.16ms", True),
+    (b'{"asctime": "x", "levelname": "INFO", "name": "flotilla.replica", "message": "m"}', True),
+    (b'{"levelname": "INFO", "message": "a /r 200 1.00ms", "serve_access_log": true}', True),
+    (b"Message: Hello bar", False),
+    (b"2026-12-04 21:46:43,012 INFO replica 9b591966 [6b96] ray.serve: from the user's logger", False),
+    (b'{"asctime": "x", "levelname": "INFO", "name": "ray.serve", "message": "m"}', False),
+    (b"Traceback (most recent call last):", False),
+])
+def test_ours_tells_flotillas_lines_from_the_users(line: bytes, flotillas: bool) -> None:
+    assert ours(line) is flotillas
+
+
+def test_new_lines_only_whole_ones_and_only_the_users(tmp_path) -> None:
+    old = tmp_path / "replica_app_Dep_aaaa1111.log"
+    old.write_bytes(b"printed before the driver came\n")
+    out = io.StringIO()
+    tail = LogTail(str(tmp_path), out)
+    with old.open("ab") as f:
+        f.write(b"2026-12-04 21:45:38 replica aaaa1111 rid /r 200 1.00ms\nhello\npart")
+    new = tmp_path / "replica_my_app_My_Dep_bbbb2222.log"
+    new.write_bytes(b"from a new replica\n")
+    tail.poll()
+    assert sorted(out.getvalue().splitlines()) == [
+        "(ServeReplica:app_Dep aaaa1111) hello", "(ServeReplica:my_app_My_Dep bbbb2222) from a new replica"]
+    with old.open("ab") as f:
+        f.write(b"ial line\n")
+    tail.poll()
+    assert out.getvalue().splitlines()[-1] == "(ServeReplica:app_Dep aaaa1111) partial line"
