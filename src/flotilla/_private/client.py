@@ -672,9 +672,7 @@ class Runtime:
         if proc is None:
             return
         if self.logtail is not None:
-            with contextlib.suppress(Exception):
-                self.logtail.poll()  # what they printed last
-            self.logtail.stop()
+            self.logtail.stop()  # after what they printed last
         self._closing = True
         asked = False
         if not self.dead and proc.poll() is None:

@@ -51,8 +51,12 @@ class LogTail:
         self.thread.start()
         return self
 
-    def stop(self) -> None:
+    def stop(self, wait_s: float = 1.0) -> None:
+        """Show what came since the last poll and stop; waits at most `wait_s` (a terminal
+        that does not read, e.g. a full pipe, never holds up the caller)."""
         self._stop.set()
+        if self.thread.is_alive():
+            self.thread.join(wait_s)
 
     def _scan(self, first: bool = False) -> list[str]:
         try:
@@ -65,11 +69,14 @@ class LogTail:
         return names
 
     def _run(self) -> None:
-        while not self._stop.wait(POLL_S):
+        while True:
+            stopping = self._stop.wait(POLL_S)
             try:
                 self.poll()
             except Exception:  # never take the driver down for its terminal output
                 pass
+            if stopping:
+                return
 
     def poll(self) -> None:
         out: Any = self.out or sys.stderr
