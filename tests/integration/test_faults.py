@@ -73,11 +73,8 @@ def _running(app):
     return st is not None and st.status == "RUNNING"
 
 
-def test_crashed_replica_is_replaced(url):
-    h = serve.run(Fragile.bind(), name="crash", route_prefix=None)
-    pid = h.remote().result()
-    with pytest.raises(RayActorError):
-        h.crash.remote().result(timeout_s=10)
+def wait_for_replacement(h, pid: int) -> None:
+    """Until a replica other than `pid` answers `h`."""
 
     def new_pid():
         try:
@@ -87,6 +84,15 @@ def test_crashed_replica_is_replaced(url):
         return p if p != pid else None
 
     wait_for(new_pid, what="a replacement replica")
+
+
+def test_crashed_replica_is_replaced(url):
+    h = serve.run(Fragile.bind(), name="crash", route_prefix=None)
+    pid = h.remote().result()
+    with pytest.raises(RayActorError):
+        h.crash.remote().result(timeout_s=10)
+
+    wait_for_replacement(h, pid)
     wait_for(lambda: _running("crash"), what="app RUNNING again")
 
 
@@ -102,14 +108,7 @@ def test_sys_exit_in_user_code_ends_the_replica_not_the_caller(url, how):
         call.result(timeout_s=10)
     assert isinstance(info.value, Exception) and not isinstance(info.value, (SystemExit, KeyboardInterrupt))
 
-    def new_pid():
-        try:
-            p = h.remote().result(timeout_s=5)
-        except RayActorError:
-            return None
-        return p if p != pid else None
-
-    wait_for(new_pid, what="a replacement replica")
+    wait_for_replacement(h, pid)
 
 
 @serve.deployment(graceful_shutdown_timeout_s=0.5)
