@@ -114,8 +114,8 @@ def test_unknown_keyword_arguments_raise_type_error_naming_them(url: str) -> Non
 
 
 def test_documented_ray_arguments_are_accepted_with_a_warning(url: str) -> None:
-    with pytest.warns(UserWarning, match="log_to_driver"):  # ignored on both backends
-        flotilla.init(log_to_driver=False, ignore_reinit_error=True)
+    with pytest.warns(UserWarning, match="configure_logging"):  # ignored on both backends
+        flotilla.init(configure_logging=False, ignore_reinit_error=True)
     with pytest.warns(UserWarning, match="dedicated_cpu"):
         serve.start(dedicated_cpu=True, http_options={"port": httpx.URL(url).port, **HTTP})
 
