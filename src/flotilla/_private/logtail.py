@@ -19,6 +19,7 @@ POLL_S = 0.25
 #: A line of flotilla's own loggers (TEXT encoding), or an access-log line.
 _OURS = re.compile(rb"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(?:,\d+ [A-Z]+ \S+ \S+ \[[^\]]*\] flotilla[.:]"
                    rb"| replica \S+ \S+ \S+ \S+ [\d.]+ms$)")
+_ACCESS = b" replica "  # an access line's bytes 19-27: "YYYY-MM-DD HH:MM:SS replica ..."
 _READ_MAX = 1 << 20  # bytes read from one file per poll (a flood is skipped, not buffered)
 
 
@@ -98,7 +99,9 @@ class LogTail:
                 self.partial[name] = rest[-_READ_MAX:]
             prefix = f"(ServeReplica:{name[len('replica_'):-len('.log')].rsplit('_', 1)[0]} " \
                      f"{name[:-len('.log')].rsplit('_', 1)[-1]}) "
-            lines.extend(prefix + line.decode("utf-8", "replace") for line in complete if line and not ours(line))
+            # access lines (most of a busy replica's log) are dropped by one slice compare each
+            lines.extend(prefix + line.decode("utf-8", "replace") for line in complete
+                         if line and line[19:28] != _ACCESS and not ours(line))
         if lines:
             out.write("\n".join(lines) + "\n")
             out.flush()
