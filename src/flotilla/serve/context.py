@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from flotilla._private import context as _context
+from flotilla.serve.multiplex import get_request_context
 from flotilla.serve.schema import ReplicaContext
 
 __all__ = ["_RequestContext", "_get_internal_replica_context", "_get_serve_request_context", "_serve_request_context"]
@@ -30,18 +31,13 @@ class _RequestContext:
 
 
 def _get_serve_request_context() -> _RequestContext:
-    """The current request's context (an empty one outside a request)."""
-    meta = _context.request_meta.get() or {}
-    replica = _context.replica_context
-    rid = meta.get("request_id", "")
-    return _RequestContext(
-        route=meta.get("route", "") or "",
-        request_id=rid,
-        _internal_request_id=rid,
-        app_name=replica.app_name if replica is not None else "",
-        multiplexed_model_id=meta.get("multiplexed_model_id", "") or "",
-        is_http_request=bool(meta.get("route")) and "grpc" not in meta,
-    )
+    """The current request's context (an empty one outside a request), in Ray's shape:
+    `serve.get_request_context()`'s fields."""
+    c = get_request_context()
+    grpc = "grpc" in (_context.request_meta.get() or {})
+    return _RequestContext(route=c.route, request_id=c.request_id, _internal_request_id=c.request_id,
+                           app_name=c.app_name, multiplexed_model_id=c.multiplexed_model_id,
+                           is_http_request=bool(c.route) and not grpc)
 
 
 class _RequestContextVar:
