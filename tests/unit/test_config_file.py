@@ -467,8 +467,13 @@ def test_config_yaml(tmp_path):
     assert "'zzz'" in config_yaml(applied, "zzz")
 
 
-@pytest.mark.filterwarnings("ignore:request_router_config")
 def test_build_round_trip(tmp_path):
+    from flotilla.serve.request_router import RequestRouter
+
+    class FirstRouter(RequestRouter):
+        async def choose_replicas(self, candidate_replicas, pending_request=None):
+            return [candidate_replicas[:1]]
+
     @serve.deployment(
         num_replicas=2, user_config={"t": 1}, ray_actor_options={"num_cpus": 0.5},
         logging_config={"encoding": "JSON"},
@@ -476,7 +481,7 @@ def test_build_round_trip(tmp_path):
     class Scored:
         pass
 
-    @serve.deployment(request_router_config={"request_router_class": object})
+    @serve.deployment(request_router_config={"request_router_class": FirstRouter})  # a class: not in a file
     class Routed:
         pass
 

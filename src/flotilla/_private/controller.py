@@ -220,6 +220,8 @@ class Replica:
     stopping_at: float = 0.0  # monotonic time it was told to stop (0 before)
     startup_s: float | None = None  # placed to ready (process start plus the constructor)
     memory: Memory | None = None  # its process's RSS/PSS/USS/shared at the last sample (local)
+    routing_stats: dict[str, Any] | None = None  # its `record_routing_stats()`, last answered
+    stats_task: asyncio.Task[None] | None = None  # polls `record_routing_stats()` (custom routers)
 
     @property
     def version(self) -> str:
@@ -462,7 +464,7 @@ class Controller:
             dep = app.deployments.get(key[2]) if app and not app.deleting else None
             if dep is None or dep.deleting:
                 return {"exists": False}
-            return {
+            out = {
                 "exists": True,
                 "replicas": [(r.id, r.sock, r.models) for r in dep.replicas.values() if r.state.routable],
                 "max_ongoing_requests": dep.config["max_ongoing_requests"],
@@ -472,6 +474,15 @@ class Controller:
                 # Its version failed to deploy (DEPLOY_FAILED): with no replica left, calls fail.
                 "failed": dep.failed_msg.split("\n", 1)[0][:500],
             }
+            if dep.spec.get("router_cls"):  # a custom request router (`serve.request_router`)
+                rr = dep.config.get("request_router_config") or {}
+                out["request_router"] = {
+                    "cls": dep.spec["router_cls"], "kwargs": rr.get("request_router_kwargs") or {},
+                    **{k: rr[k] for k in ("initial_backoff_s", "backoff_multiplier", "max_backoff_s") if k in rr},
+                }
+                out["routing_stats"] = {r.id: r.routing_stats for r in dep.replicas.values()
+                                        if r.state.routable and r.routing_stats}
+            return out
         if key[0] == "routes":
             return self.routes()
         if key[0] == "shadows":
@@ -745,6 +756,7 @@ class Controller:
                     r.world_size = world_size(dep)
                 if r.state.routable:
                     self._reconfigure(r)
+                    self._watch_routing_stats(r)
         self.publish(dep.key)
 
     def _reconfigure(self, r: Replica) -> None:
@@ -992,6 +1004,7 @@ class Controller:
                     transition(r, RState.RUNNING, "re-adopted by a restarted head")
                     r.config_sent = None
                 self._spawn_task(self._health_loop(r))
+                self._watch_routing_stats(r)
                 self._reconfigure(r)
         self.publish(r.dep.key)
         self.kick()
@@ -1041,6 +1054,7 @@ class Controller:
             r.dep.retry_at = 0.0
             r.dep.started_version = r.version
         self._spawn_task(self._health_loop(r))
+        self._watch_routing_stats(r)
         self.publish(r.dep.key)
         self._reconfigure(r)  # a config that changed while it started
         self.kick()
@@ -1171,6 +1185,33 @@ class Controller:
             pass
         self.publish(dep.key)
         self.kick()
+
+    def _watch_routing_stats(self, r: Replica) -> None:
+        """Poll `r`'s `record_routing_stats()` while its deployment has a custom request router."""
+        if r.spec.get("router_cls") and (r.stats_task is None or r.stats_task.done()):
+            r.stats_task = self._spawn_task(self._routing_stats_loop(r))
+
+    async def _routing_stats_loop(self, r: Replica) -> None:
+        """Every `request_routing_stats_period_s`, the replica's `record_routing_stats()` (when
+        it defines one), bounded by `request_routing_stats_timeout_s`: a new answer goes to
+        the routers with the replica set. A failed or late call keeps the last answer."""
+        while r.state.routable and r.peer is not None and r.spec.get("router_cls"):
+            rr = r.spec["config"].get("request_router_config") or {}
+            try:
+                got = await asyncio.wait_for(r.peer.call("routing_stats"),
+                                             rr.get("request_routing_stats_timeout_s", 30.0))
+            except Exception as e:
+                if not r.state.routable:
+                    return
+                logger.warning("record_routing_stats() of replica %s failed: %s", r.id,
+                               "timed out" if isinstance(e, TimeoutError) else repr(e))
+            else:
+                if got is None:  # it defines no record_routing_stats()
+                    return
+                if got != r.routing_stats:
+                    r.routing_stats = got
+                    self.publish(r.dep.key)
+            await asyncio.sleep(rr.get("request_routing_stats_period_s", 10.0))
 
     async def _health_loop(self, r: Replica) -> None:
         cfg = r.spec["config"]

@@ -603,6 +603,14 @@ class Replica:
             if args and hasattr(self.obj, "record_autoscaling_stats"):
                 out["custom"] = await self._record_autoscaling_stats()
             return out
+        if op == "routing_stats":
+            fn = getattr(self.obj, "record_routing_stats", None)
+            if fn is None:
+                return None
+            got = await self._invoke(fn, (), {})
+            if not isinstance(got, dict):
+                raise TypeError(f"record_routing_stats() must return a dict, not {type(got).__name__}")
+            return got
         if op == "trace":
             from flotilla._private import client
 

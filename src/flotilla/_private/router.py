@@ -22,7 +22,7 @@ import random
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from flotilla._private import trace
 from flotilla._private.errors import local_error, undecodable_reply
@@ -54,6 +54,9 @@ from flotilla._private.transport import FrameProtocol, connect_addr
 from flotilla.exceptions import ActorDiedError, RaySystemError
 from flotilla.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from flotilla.serve.schema import DeploymentID
+
+if TYPE_CHECKING:
+    from flotilla._private.custom_router import CustomRouting
 
 logger = logging.getLogger(__name__)
 
@@ -393,6 +396,9 @@ class Router:
         #: routers of this deployment on other loops of this process, fed each update
         #: (`looprouter.Follower`)
         self.followers: list[Any] = []
+        #: the deployment's custom request router, if its config names one (`custom_router`)
+        self.custom: CustomRouting | None = None
+        self._informed: asyncio.Event | None = None  # set by the first update (`acquire` waits)
 
     def _traced(self, meta: Any, t0: float, queued: float) -> None:
         """Keep a finished call for `fold_calls`; the request path does no more."""
@@ -412,6 +418,8 @@ class Router:
     # ---- updates from the controller ----------------------------------------------------
     def update(self, info: dict[str, Any]) -> None:
         self.info = info
+        if self._informed is not None:
+            self._informed.set()
         if self.followers:  # those whose loop is closed are dropped
             self.followers = [f for f in self.followers if f.tell(f.update, info)]
         self.exists = info.get("exists", False)
@@ -436,6 +444,16 @@ class Router:
                 conn.connecting = loop.create_task(conn.connect())
             self.replicas[rid].models = models.get(rid, ())
         self.failed = info.get("failed", "")
+        rr = info.get("request_router")
+        if rr is None:
+            self.custom = None
+        elif self.custom is None or not self.custom.same(rr):
+            from flotilla._private.custom_router import CustomRouting
+
+            self.custom = CustomRouting(self, rr)
+        if self.custom is not None:
+            self.custom.sync(info.get("routing_stats") or {})
+            self.custom.wake()
         if not self.exists or (self.failed and not wanted):
             self._fail_queue(self._unavailable())
             return
@@ -465,6 +483,8 @@ class Router:
             conn.close()
         elif not conn.retired:  # a draining replica may say `Drain` before we get here
             self.ready.append(conn)
+            if self.custom is not None:
+                self.custom.wake()
             self._dispatch()
 
     def _retire(self, conn: ReplicaConn) -> None:
@@ -482,6 +502,8 @@ class Router:
             del self.replicas[conn.id]
         if self.retiring.get(conn.id) is conn:
             del self.retiring[conn.id]
+        if self.custom is not None:
+            self.custom.wake()
         if self.queue:
             self._dispatch()
 
@@ -558,7 +580,8 @@ class Router:
         """Requests waiting for a slot: in this router's queue, and sent ahead to replicas
         at their limit (waiting in theirs)."""
         limit = self.max_ongoing
-        return len(self.queue) + sum(c.in_flight - limit for c in self.ready if c.in_flight > limit)
+        waiting = self.custom.waiting if self.custom is not None else 0
+        return len(self.queue) + waiting + sum(c.in_flight - limit for c in self.ready if c.in_flight > limit)
 
     def _pick_for_model(self, model_id: str, ahead: bool = False, head: bool = False) -> ReplicaConn | None:
         """A replica that already holds `model_id` and has room, the least loaded first;
@@ -592,12 +615,18 @@ class Router:
             return None
         return self._pick_for_model(model_id, True, head) or (self._queue_ahead(r, head) if r is not None else None)
 
-    async def acquire(self, model_id: str = "", front: bool = False, ahead: bool = True) -> ReplicaConn:
+    async def acquire(self, model_id: str = "", front: bool = False, ahead: bool = True,
+                      req: tuple[Any, ...] | None = None) -> ReplicaConn:
         """A replica with a slot reserved for the caller (or, `ahead`, a place in the queue
         of a replica at its limit); waits in FIFO order if none.
 
         `front`: the request was rejected by a draining replica; it goes first in line.
+        `req`: (method, args, kwargs, meta, kind) for a custom request router's `PendingRequest`.
         """
+        if self.info is None:  # which router decides (built-in or custom) is not known yet
+            await self._first_update()
+        if self.custom is not None:
+            return await self.custom.acquire(model_id, req)
         if not self.queue:
             r = self._choose(model_id, False, ahead)
             if r is not None:
@@ -632,12 +661,7 @@ class Router:
                 self.queue.remove(entry)
             except ValueError:
                 pass
-            d = self.deployment_id
-            raise DeploymentUnavailableError(
-                f"No replica of deployment '{d.name}' in application '{d.app_name}' became "
-                f"available within {self.cold_start_timeout_s:g}s; it may be starting slowly or "
-                "failing to start (see serve.status())."
-            ) from None
+            raise self._cold_timeout() from None
         except asyncio.CancelledError:
             if fut.done() and not fut.cancelled() and fut.exception() is None:
                 self.release(fut.result())
@@ -647,6 +671,23 @@ class Router:
                 except ValueError:
                     pass
             raise
+
+    async def _first_update(self) -> None:
+        """Wait (bounded, as for a first replica) for the controller's first word on the deployment."""
+        if self._informed is None:
+            self._informed = asyncio.Event()
+        try:
+            await asyncio.wait_for(self._informed.wait(), self.cold_start_timeout_s)
+        except TimeoutError:
+            raise self._cold_timeout() from None
+
+    def _cold_timeout(self) -> DeploymentUnavailableError:
+        d = self.deployment_id
+        return DeploymentUnavailableError(
+            f"No replica of deployment '{d.name}' in application '{d.app_name}' became "
+            f"available within {self.cold_start_timeout_s:g}s; it may be starting slowly or "
+            "failing to start (see serve.status())."
+        )
 
     def drain_rate(self) -> float:
         """Requests finished per second, recently (a 1 s window, smoothed)."""
@@ -671,6 +712,8 @@ class Router:
     def release(self, r: ReplicaConn) -> None:
         self._finished += 1
         r.in_flight -= 1
+        if self.custom is not None:
+            self.custom.released(r)
         if r.retired:
             r.maybe_close()
         if self.queue:
@@ -730,13 +773,14 @@ class Router:
         (a replica's user code), whose downstream time it adds to; `front`: it was rejected
         by a draining replica already, so it goes first in line."""
         model = meta.get("multiplexed_model_id", "") if meta else ""
+        req = (method, args, kwargs, meta, "call") if self.custom is not None else None
         args, kwargs = wire_args(args, kwargs)
         msg = Call(method, args, kwargs, meta)
         ta = t0 = time.perf_counter()
         queued = 0.0
         try:
             while True:
-                r = await self.acquire(model, front)
+                r = await self.acquire(model, front, True, req)
                 queued += time.perf_counter() - ta
                 if queued > trace.QUEUED_S:  # the replica counts it in latency and queue delay
                     if meta is None:
@@ -775,7 +819,7 @@ class Router:
         none waits (else None, nothing done): its reply settles `out` and calls `on_done(out)`
         the moment it arrives, with no task and no turn of the loop in between. A draining
         replica's rejection goes on as a `call` first in line. Raises if it cannot be sent."""
-        if self.queue:
+        if self.queue or self.custom is not None:
             return None
         r = self._choose(meta.get("multiplexed_model_id", "") if meta else "", False, True)
         if r is None or not r.ready or r.draining:  # (`_send` would answer Rejected)
@@ -851,6 +895,7 @@ class Router:
     async def stream(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], meta: Any) -> AsyncIterator[Any]:
         """Yield the items of a generator method, as the replica produces them."""
         model = meta.get("multiplexed_model_id", "") if meta else ""
+        req = (method, args, kwargs, meta, "stream") if self.custom is not None else None
         args, kwargs = wire_args(args, kwargs)
         msg = Stream(method, args, kwargs, meta)
         front = False
@@ -858,7 +903,7 @@ class Router:
         queued = 0.0
         try:
             while True:
-                r = await self.acquire(model, front)
+                r = await self.acquire(model, front, True, req)
                 queued += time.perf_counter() - ta
                 ch: Channel | None = None
                 done = False
@@ -907,7 +952,7 @@ class Router:
         queued = 0.0
         try:
             while True:
-                r = await self.acquire(model, front)
+                r = await self.acquire(model, front, True, None if self.custom is None else ("__call__", (), {}, meta, "http"))
                 queued += time.perf_counter() - ta
                 if queued > trace.QUEUED_S and meta is not None:
                     meta[trace.ROUTER_QUEUE_KEY] = queued
@@ -942,7 +987,7 @@ class Router:
         msg = WsOpen(scope, meta)
         front = False
         while True:
-            r = await self.acquire(model, front, False)
+            r = await self.acquire(model, front, False, None if self.custom is None else ("__call__", (), {}, meta, "ws"))
             if not r.ready or r.draining:
                 self.release(r)
                 front = True

@@ -47,7 +47,8 @@ _EXPORTS = {
 
 # Submodules reachable as attributes right after `from flotilla import serve`, as in Ray
 # (`serve.metrics.Counter(...)`, `serve.schema.LoggingConfig`).
-_SUBMODULES = frozenset({"config", "context", "exceptions", "handle", "metrics", "schema"})
+_SUBMODULES = frozenset({"api", "autoscaling_policy", "batching", "config", "context", "exceptions", "generated",
+                         "grpc_util", "handle", "metrics", "multiplex", "request_router", "schema"})
 
 __all__ = [
     "Application",

@@ -283,6 +283,8 @@ def _walk(
         "sys_path": [os.path.abspath(p) if p else os.getcwd() for p in sys.path],
         "cwd": os.getcwd(),
     }
+    if cfg.request_router_config is not None and cfg.request_router_config.is_custom:
+        out[id(app)]["router_cls"] = cfg.request_router_config.serialized_class
     return name
 
 

@@ -20,7 +20,9 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationError,
+    field_serializer,
     field_validator,
     model_validator,
 )
@@ -218,11 +220,20 @@ class LoggingConfig(BaseModel):
         return sorted(set(v))
 
 
+#: `request_router_class` values that mean the built-in router (Ray's default path included).
+_BUILTIN_ROUTERS = ("", "ray.serve._private.request_router:PowerOfTwoChoicesRequestRouter",
+                    "ray.serve._private.request_router.pow_2_router:PowerOfTwoChoicesRequestRouter")
+
+
 class RequestRouterConfig(BaseModel):
-    """Ray Serve's custom request router settings: validated, not honoured on the local backend
-    (every deployment uses the built-in router; a warning says so)."""
+    """A deployment's request router: the built-in one (power of two choices with
+    multiplexing affinity) by default, or a `flotilla.serve.request_router.RequestRouter`
+    subclass, given as a class or an import path ('module:Class' or 'module.Class'). The class
+    is imported here and shipped by value to every router of the deployment's calls."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+
+    _serialized: bytes = PrivateAttr(default=b"")
 
     request_router_class: Any = ""
     request_router_kwargs: dict[str, Any] = Field(default_factory=dict)
@@ -231,6 +242,70 @@ class RequestRouterConfig(BaseModel):
     initial_backoff_s: float = Field(0.025, gt=0)
     backoff_multiplier: float = Field(2.0, gt=0)
     max_backoff_s: float = Field(0.5, gt=0)
+
+    @field_validator("request_router_class", mode="before")
+    @classmethod
+    def _router_class(cls, v: Any) -> Any:
+        if v is None:
+            return ""
+        if isinstance(v, str):
+            return "" if v.strip() in _BUILTIN_ROUTERS else v.strip()
+        if isinstance(v, type):
+            return v
+        raise ValueError(f"request_router_class must be a class or an import path ('module:Class'), not {v!r}")
+
+    @field_validator("request_router_kwargs")
+    @classmethod
+    def _kwargs_json(cls, v: dict[str, Any]) -> dict[str, Any]:
+        try:
+            json.dumps(v)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"request_router_kwargs is not JSON-serializable: {e}") from None
+        return v
+
+    @model_validator(mode="after")
+    def _ship(self) -> RequestRouterConfig:
+        if self.request_router_class:
+            self._serialized = _ship_router_class(self.request_router_class)
+        return self
+
+    @field_serializer("request_router_class")
+    def _router_path(self, v: Any) -> str:
+        return v if isinstance(v, str) else f"{v.__module__}:{v.__qualname__}"
+
+    @property
+    def is_custom(self) -> bool:
+        return bool(self.request_router_class)
+
+    @property
+    def serialized_class(self) -> bytes:
+        """The router class pickled by value (b"" for the built-in router)."""
+        return self._serialized
+
+
+def _ship_router_class(spec: Any) -> bytes:
+    """The router class of `spec` (a class or an import path), checked and pickled with its
+    module by value, so that processes which cannot import that module can run it."""
+    import cloudpickle
+
+    from flotilla._private import codepickle
+    from flotilla._private.appbuild import _import_attr
+    from flotilla.serve.request_router import RequestRouter
+
+    router_cls = _import_attr(spec) if isinstance(spec, str) else spec
+    if not (isinstance(router_cls, type) and issubclass(router_cls, RequestRouter)):
+        raise ValueError(
+            f"request_router_class {spec!r} is not a subclass of "
+            "flotilla.serve.request_router.RequestRouter (subclass it and implement choose_replicas)")
+    module = sys.modules.get(router_cls.__module__)
+    by_value = module is not None and module.__name__ != "__main__" and not module.__name__.startswith("flotilla.")
+    if by_value:
+        cloudpickle.register_pickle_by_value(module)
+    try:
+        return codepickle.dumps(router_cls)
+    finally:
+        if by_value:
+            cloudpickle.unregister_pickle_by_value(module)
 
 
 _PG_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
@@ -290,7 +365,7 @@ class DeploymentConfig(BaseModel):
     )
     placement_group_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] | None = None
     request_router_config: RequestRouterConfig | None = Field(
-        None, exclude=True, description="Validated; the local backend uses its built-in router."
+        None, description="A custom request router (`flotilla.serve.request_router`); None: the built-in one."
     )
     fork_after_init: bool = Field(
         False, description="flotilla extra: run the constructor once in a template process and fork "
@@ -432,13 +507,6 @@ class DeploymentConfig(BaseModel):
 
     def warn_unhonoured(self) -> None:
         """One warning per process for each option set here that the local backend ignores."""
-        if self.request_router_config is not None:
-            warn_not_honoured(
-                "request_router_config",
-                "custom request routers need the Ray backend; on the local backend every "
-                "deployment uses the built-in router (the less loaded of two replicas with room, "
-                "with model-multiplexing affinity).",
-            )
         bundles = self.placement_group_bundles or []
         if self.placement_group_strategy == "STRICT_SPREAD" and len(bundles) > 1 and not _on_ray():
             warn_not_honoured(

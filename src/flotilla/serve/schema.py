@@ -218,16 +218,37 @@ class DeploymentID:
         return f"{self.app_name}#{self.name}"
 
 
+#: Where a full replica id string starts (`ReplicaID.to_full_id_str`), as in Ray Serve.
+REPLICA_ID_FULL_ID_STR_PREFIX = "SERVE_REPLICA::"
+
+
 @dataclass(frozen=True)
 class ReplicaID:
     unique_id: str
     deployment_id: DeploymentID
 
     def to_full_id_str(self) -> str:
-        return f"{self.deployment_id.app_name}#{self.deployment_id.name}#{self.unique_id}"
+        d = self.deployment_id
+        return f"{REPLICA_ID_FULL_ID_STR_PREFIX}{d.app_name + '#' if d.app_name else ''}{d.name}#{self.unique_id}"
+
+    @staticmethod
+    def is_full_id_str(s: str) -> bool:
+        return s.startswith(REPLICA_ID_FULL_ID_STR_PREFIX)
+
+    @classmethod
+    def from_full_id_str(cls, s: str) -> ReplicaID:
+        parts = s[len(REPLICA_ID_FULL_ID_STR_PREFIX):].split("#") if cls.is_full_id_str(s) else []
+        if len(parts) not in (2, 3):
+            raise ValueError(f"{s!r} is not a full replica id string "
+                             f"('{REPLICA_ID_FULL_ID_STR_PREFIX}app#deployment#id' or '...deployment#id').")
+        app = parts[0] if len(parts) == 3 else ""
+        return cls(parts[-1], DeploymentID(parts[-2], app))
 
     def __str__(self) -> str:
-        return self.to_full_id_str()
+        d = self.deployment_id
+        return f"Replica(id='{self.unique_id}', deployment='{d.name}', app='{d.app_name}')"
+
+    __repr__ = __str__
 
 
 class ReplicaRank(int):

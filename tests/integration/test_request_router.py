@@ -1,0 +1,141 @@
+"""Custom request routers (`serve.request_router`, Ray Serve's alpha API): honoured by every
+router of a deployment's calls (the driver's handles, the proxy's HTTP, other deployments'
+handles), fed `request_router_kwargs` and the replicas' `record_routing_stats()`."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import httpx
+import pytest
+
+from flotilla import serve
+from flotilla.serve.config import RequestRouterConfig
+from flotilla.serve.context import _get_internal_replica_context
+from flotilla.serve.request_router import (
+    FIFOMixin,
+    LocalityMixin,
+    MultiplexMixin,
+    PendingRequest,
+    RequestRouter,
+    RunningReplica,
+)
+from tests.conftest import wait_for
+
+pytestmark = pytest.mark.slow
+
+
+class LowestIdRouter(RequestRouter):
+    """Always the replica whose id sorts first; kwargs can name a file to log completions to."""
+
+    def initialize_state(self, **kwargs):
+        self.log = kwargs.get("log")
+
+    async def choose_replicas(self, candidate_replicas: list[RunningReplica],
+                              pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
+        return [[min(candidate_replicas, key=lambda r: r.replica_id.unique_id)]]
+
+    def on_request_completed(self, replica_id, internal_request_id):
+        if self.log:
+            with open(self.log, "a") as f:
+                f.write(json.dumps([replica_id.unique_id, internal_request_id, os.getpid()]) + "\n")
+
+
+class StatsRouter(FIFOMixin, MultiplexMixin, LocalityMixin, RequestRouter):
+    """The available replica whose routing stats say `pick` (any, until stats arrive)."""
+
+    async def choose_replicas(self, candidate_replicas, pending_request=None):
+        local = self.select_available_replicas(self.rank_replicas_via_locality(candidate_replicas)[0])
+        return [sorted(local, key=lambda r: -r.routing_stats.get("pick", 0))[:1]]
+
+
+class BrokenRouter(RequestRouter):
+    async def choose_replicas(self, candidate_replicas, pending_request=None):
+        raise ValueError("no replica suits this request")
+
+
+@serve.deployment(num_replicas=3, ray_actor_options={"num_cpus": 0})
+class Who:
+    def __init__(self, chosen: str = ""):
+        self.id = _get_internal_replica_context().replica_id.unique_id
+        self.chosen = chosen  # a file: the replica whose id is in it says `pick`
+
+    def __call__(self, *args):
+        return self.id
+
+    def record_routing_stats(self):
+        try:
+            with open(self.chosen) as f:
+                return {"pick": int(f.read().strip() == self.id)}
+        except OSError:
+            return {}
+
+
+@serve.deployment
+class Caller:
+    def __init__(self, who):
+        self.who = who
+
+    async def __call__(self, *args):
+        return [await self.who.remote() for _ in range(8)]
+
+
+def test_a_custom_router_decides_for_handles_http_and_downstream_calls(url, tmp_path):
+    log = str(tmp_path / "completed.jsonl")
+    cfg = RequestRouterConfig(request_router_class=LowestIdRouter, request_router_kwargs={"log": log})
+    h = serve.run(Caller.bind(Who.options(request_router_config=cfg).bind()), name="rr", route_prefix="/rr")
+    who = serve.get_deployment_handle("Who", app_name="rr")
+    # Once the router is connected to all three replicas, every call goes to the lowest id.
+    lowest = wait_for(lambda: (got := {who.remote().result() for _ in range(12)}) and len(got) == 1 and got.pop(),
+                      what="the driver's calls all going to one replica")
+    assert set(h.remote().result()) == {lowest}  # from another deployment's replica
+    assert set(h.remote().result()) == {lowest}
+    with httpx.Client(base_url=url, timeout=30) as c:  # through the proxy's router, to Caller's
+        assert set(c.get("/rr").json()) == {lowest}
+    direct = serve.run(Who.options(request_router_config=cfg).bind(), name="rr2", route_prefix="/rr2")
+    first = wait_for(lambda: (got := {direct.remote().result() for _ in range(12)}) and len(got) == 1 and got.pop(),
+                     what="the driver's calls to rr2 all going to one replica")
+    with httpx.Client(base_url=url, timeout=30) as c:
+        got = {c.get("/rr2").text for _ in range(12)}  # the proxy's own router of Who
+    assert got == {first}
+
+    def completed_here() -> list[list]:
+        if not os.path.exists(log):
+            return []
+        with open(log) as f:
+            return [e for e in map(json.loads, f) if e[2] == os.getpid()]
+
+    # on_request_completed heard of each call made from this process (the driver's router).
+    wait_for(lambda: len(completed_here()) >= 12, what="on_request_completed calls from the driver's router")
+    mine = completed_here()
+    assert {m[0] for m in mine[:12]} == {lowest}
+    assert len({m[1] for m in mine}) == len(mine)  # one internal request id per request
+
+
+def test_routing_stats_reach_the_router(url, tmp_path):
+    chosen = tmp_path / "chosen"
+    cfg = RequestRouterConfig(request_router_class=StatsRouter, request_routing_stats_period_s=0.2,
+                              request_routing_stats_timeout_s=2)
+    h = serve.run(Who.options(request_router_config=cfg).bind(str(chosen)), name="stats", route_prefix=None)
+    ids = set(h.broadcast("__call__").results())
+    assert len(ids) == 3
+    before = h.remote().result()
+    target = sorted(ids - {before})[0]  # a replica the router does not pick now
+    chosen.write_text(target)
+    wait_for(lambda: all(h.remote().result() == target for _ in range(5)), timeout=30,
+             what="calls following the replica whose routing stats say pick")
+
+
+def test_a_router_that_raises_fails_the_call_with_its_error(url):
+    h = serve.run(Who.options(num_replicas=1, request_router_config={"request_router_class": BrokenRouter}).bind(),
+                  name="broken", route_prefix=None)
+    with pytest.raises(ValueError, match="no replica suits"):
+        h.remote().result(timeout_s=30)
+
+
+def test_a_bad_router_class_is_refused_at_declaration():
+    with pytest.raises(ValueError, match="request_router"):
+        Who.options(request_router_config={"request_router_class": "no_such_module_xyz:Router"})
+    with pytest.raises(ValueError, match="RequestRouter"):
+        Who.options(request_router_config={"request_router_class": dict})
