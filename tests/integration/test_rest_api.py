@@ -283,6 +283,23 @@ def test_num_replicas_scales_up_keeping_the_old_replica(client: httpx.Client, ba
     assert _apps(client)["alpha"]["deployments"]["Echo"]["target_num_replicas"] == 2
 
 
+def test_external_scaler_enabled_in_a_config_lets_the_scaling_api_set_replicas(client: httpx.Client,
+                                                                               base: dict[str, Any]) -> None:
+    scale_url = "/api/v1/applications/alpha/deployments/Echo/scale"
+    r = client.post(scale_url, json={"target_num_replicas": 2})
+    assert r.status_code == 412 and "external_scaler_enabled" in r.json()["error"]  # not enabled yet
+    cfg = copy.deepcopy(BASE)
+    cfg["applications"][0]["external_scaler_enabled"] = True
+    assert _put(client, cfg).status_code == 200
+    wait_for(lambda: _apps(client)["alpha"]["external_scaler_enabled"] is True, timeout=DEPLOY_S,
+             what="alpha deployed with external_scaler_enabled")
+    r = client.post(scale_url, json={"target_num_replicas": 2})
+    assert r.status_code == 200, r.text
+    wait_for(lambda: [rep["state"] for rep in _apps(client)["alpha"]["deployments"]["Echo"]["replicas"]]
+             == ["RUNNING"] * 2, timeout=DEPLOY_S, interval=0.1, what="two RUNNING alpha replicas")
+    assert _apps(client)["alpha"]["deployments"]["Echo"]["target_num_replicas"] == 2
+
+
 @pytest.mark.parametrize(("patch", "field"), [
     (lambda c: c["applications"][0]["deployments"][0].update(num_replicas="two"),
      "applications[0].deployments[0].num_replicas"),

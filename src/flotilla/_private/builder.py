@@ -56,6 +56,7 @@ def build(payload: dict[str, Any]) -> list[str]:
     env = dict((app_cfg.get("runtime_env") or {}).get("env_vars") or {})
     spec = app_spec(app, app_cfg["name"], app_cfg.get("route_prefix", "/"), logging_config, env,
                     code_version(app_cfg))
+    spec["external_scaler_enabled"] = bool(app_cfg.get("external_scaler_enabled", False))
     flotilla.init(address=os.environ.get("FLOTILLA_ADDRESS"))
     try:
         found = doctor_warnings(Runtime.current(), app, spec, env)

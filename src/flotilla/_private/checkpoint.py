@@ -165,7 +165,7 @@ def capture(c: Controller, ckpt: Checkpoint, proxy: dict[str, Any] | None, metri
             "name": app.name, "route_prefix": app.route_prefix, "ingress": app.ingress,
             "status": app.status.value, "message": app.message,
             "last_deployed_time_s": app.last_deployed_time_s, "deleting": app.deleting,
-            "was_running": app.was_running,
+            "was_running": app.was_running, "external_scaler_enabled": app.external_scaler_enabled,
         })
         for d in app.deployments.values():
             deps.append({
@@ -209,6 +209,7 @@ def restore(c: Controller, state: dict[str, Any], specs: dict[str, dict[str, Any
         app.last_deployed_time_s = a["last_deployed_time_s"]
         app.deleting = a["deleting"]
         app.was_running = a["was_running"]
+        app.external_scaler_enabled = bool(a.get("external_scaler_enabled", False))
         c.apps[app.name] = app
     for d in state["deployments"]:
         app = c.apps[d["app"]]

@@ -308,6 +308,8 @@ class App:
     last_deployed_time_s: float = field(default_factory=time.time)
     deleting: bool = False
     was_running: bool = False
+    #: POST .../deployments/<name>/scale may set its deployments' replica counts (Ray 2.60)
+    external_scaler_enabled: bool = False
 
 
 @dataclass
@@ -707,6 +709,7 @@ class Controller:
             self.apps[name] = app
         app.route_prefix = prefix
         app.ingress = spec["ingress"]
+        app.external_scaler_enabled = bool(spec.get("external_scaler_enabled", False))
         app.last_deployed_time_s = time.time()
         app.status = ApplicationStatus.DEPLOYING
         app.message = ""
@@ -816,6 +819,40 @@ class Controller:
             )
         if r.state is RState.UPDATING:
             transition(r, RState.RUNNING, "reconfigure() refused the new config; serving with the one it had")
+        self.publish(dep.key)
+        self.kick()
+
+    def scale_deployment(self, app_name: str, name: str, target: int) -> None:
+        """Ray 2.60's external scaling API: `target` replicas for a deployment of an application
+        deployed with `external_scaler_enabled`. Raises LookupError (no such application or
+        deployment), ExternalScalerDisabledError, or DeploymentUnavailableError (being deleted).
+        A deployment with autoscaling keeps its autoscaler, whose next decision may move it."""
+        from flotilla.serve.exceptions import (
+            DeploymentUnavailableError,
+            ExternalScalerDisabledError,
+        )
+
+        app = self.apps.get(app_name)
+        if app is None or app.deleting:
+            raise LookupError(f"Application '{app_name}' not found")
+        if not app.external_scaler_enabled:
+            raise ExternalScalerDisabledError(
+                f"Cannot update replicas for deployment '{name}' in application '{app_name}'. The "
+                "external scaling API can only be used when 'external_scaler_enabled' is set to true "
+                "for the application (serve.run(..., external_scaler_enabled=True), or "
+                "'external_scaler_enabled: true' in its config). Current value: external_scaler_enabled=false.")
+        dep = app.deployments.get(name)
+        if dep is None:
+            raise LookupError(f"Deployment '{name}' not found in application '{app_name}'")
+        if dep.deleting:
+            raise DeploymentUnavailableError(f"Deployment '{name}' in application '{app_name}' is being deleted.")
+        if target < 0:
+            raise ValueError(f"target_num_replicas must be >= 0, got {target}")
+        if target == dep.target:
+            return
+        logger.info("external scaler: %s/%s from %d to %d replicas", app_name, name, dep.target, target)
+        dep.scaling = 1 if target > dep.target else -1
+        dep.target = target
         self.publish(dep.key)
         self.kick()
 

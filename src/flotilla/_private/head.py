@@ -998,6 +998,32 @@ def _rest_routes(head: Head) -> dict[tuple[str, str], Any]:
             return rest.text_reply(409, str(e))
         return rest.json_reply({})
 
+    async def post_scale(req: rest.Request) -> rest.Reply:
+        """Ray 2.60's external scaling API; answers as Ray's dashboard does."""
+        from flotilla.serve.exceptions import (
+            DeploymentUnavailableError,
+            ExternalScalerDisabledError,
+        )
+
+        app_name, dep_name = req.params["application_name"], req.params["deployment_name"]
+        try:
+            data = json.loads(req.body or b"null")
+            target = data["target_num_replicas"] if isinstance(data, dict) else None
+            if not isinstance(target, int) or isinstance(target, bool) or target < 0 or set(data) != {"target_num_replicas"}:
+                raise ValueError("the body must be {\"target_num_replicas\": <an integer >= 0>}")
+        except (ValueError, KeyError) as e:
+            return rest.json_reply({"error": f"Invalid request body: {e}"}, 400)
+        try:
+            head.controller.scale_deployment(app_name, dep_name, target)
+        except LookupError:
+            return rest.json_reply({"error": "Application or Deployment not found"}, 404)
+        except DeploymentUnavailableError:
+            return rest.json_reply({"error": "Deployment is deleted"}, 412)
+        except ExternalScalerDisabledError as e:
+            return rest.json_reply({"error": str(e)}, 412)
+        return rest.json_reply(
+            {"message": "Scaling request received. Deployment will get scaled asynchronously."})
+
     async def delete_apps(req: rest.Request) -> rest.Reply:
         await head.delete_all()
         return rest.json_reply({})
@@ -1060,6 +1086,7 @@ def _rest_routes(head: Head) -> dict[tuple[str, str], Any]:
         ("GET", "/api/flotilla/config/"): get_config, ("POST", "/api/flotilla/shutdown/"): post_shutdown,
         ("GET", "/api/flotilla/dashboard/"): get_dashboard, ("GET", "/api/flotilla/timeseries/"): get_timeseries,
         ("GET", "/api/flotilla/logs/"): get_logs, ("GET", "/api/flotilla/trace/"): get_trace,
+        ("POST", "/api/v1/applications/{application_name}/deployments/{deployment_name}/scale/"): post_scale,
     }
     for path, name, ctype in (("/", "dashboard.html", "text/html; charset=utf-8"),
                               ("/static/dashboard.js", "dashboard.js", "text/javascript; charset=utf-8"),
@@ -1141,7 +1168,7 @@ def _instance_details(head: Head) -> dict[str, Any]:
             "name": name, "route_prefix": a.route_prefix, "docs_path": None, "status": a.status.value,
             "message": a.message, "last_deployed_time_s": a.last_deployed_time_s,
             "deployed_app_config": applied, "source": "declarative" if applied is not None else "imperative",
-            "deployments": deps, "external_scaler_enabled": False,
+            "deployments": deps, "external_scaler_enabled": bool(live is not None and live.external_scaler_enabled),
         }
     return {
         "controller_info": {"pid": os.getpid(), "node_id": head.node_id or "local",

@@ -4,7 +4,9 @@ Ray's shape where Ray has one:
 - `GET /api/serve/applications/`: every application's status and applied config;
 - `PUT /api/serve/applications/`: deploy a config (JSON, Ray's `ServeDeploySchema`); 200 once
   it is accepted (validated, removals and builds started), 400 naming the field when it is bad;
-- `DELETE /api/serve/applications/`: delete every application.
+- `DELETE /api/serve/applications/`: delete every application;
+- `POST /api/v1/applications/{app}/deployments/{name}/scale`: Ray 2.60's external scaling
+  (`{"target_num_replicas": n}` for an application deployed with `external_scaler_enabled`).
 
 flotilla's own, under `/api/flotilla/`: `cluster` (where the cluster is: namespace, session
 folder, URLs), `status` (what `flotilla status` prints, as JSON), `config` (the latest applied
@@ -30,7 +32,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import h11
 
@@ -57,6 +59,7 @@ class Request:
     body: bytes = b""
     headers: dict[str, str] = field(default_factory=dict)
     query: dict[str, str] = field(default_factory=dict)  # the first value of each parameter
+    params: dict[str, str] = field(default_factory=dict)  # a route pattern's `{name}` parts
 
 
 Route = Callable[[Request], Awaitable[Reply]]
@@ -174,16 +177,38 @@ class RestServer:
         if not path.endswith("/") and not path.startswith("/static/"):
             path += "/"
         route = self.routes.get((method, path))
+        params: dict[str, str] = {}
+        if route is None:
+            route, params = self._match(method, path)
         if route is None:
             if any(p == path for _, p in self.routes):
                 allowed = sorted(m for m, p in self.routes if p == path)
                 return text_reply(405, f"{method} is not allowed on {path}; use {', '.join(allowed)}")
             return text_reply(404, f"no such endpoint {path}; see /api/serve/applications/")
         try:
-            return await route(Request(method, path, body, headers, query))
+            return await route(Request(method, path, body, headers, query, params))
         except Exception as e:
             logger.exception("REST API %s %s failed", method, path)
             return text_reply(500, f"internal error: {type(e).__name__}: {e}")
+
+    def _match(self, method: str, path: str) -> tuple[Route | None, dict[str, str]]:
+        """The route whose pattern (`/a/{x}/b/`: one path segment per `{name}`) fits `path`."""
+        parts = path.split("/")
+        for (m, pattern), route in self.routes.items():
+            if m != method or "{" not in pattern:
+                continue
+            want = pattern.split("/")
+            if len(want) != len(parts):
+                continue
+            got: dict[str, str] = {}
+            for w, p in zip(want, parts, strict=True):
+                if w.startswith("{") and w.endswith("}") and p:
+                    got[w[1:-1]] = unquote(p)
+                elif w != p:
+                    break
+            else:
+                return route, got
+        return None, {}
 
     def _valid(self, given: str) -> bool:
         assert self.token is not None

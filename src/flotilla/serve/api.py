@@ -69,7 +69,6 @@ START_IGNORED = {
 }
 #: Ray's `serve.run` arguments accepted and ignored (with a one-time warning), and why.
 RUN_IGNORED = {
-    "external_scaler_enabled": "there is no external scaling API; use autoscaling_config",
     "controller_options": "flotilla's controller takes its options from flotilla.init and the environment",
 }
 #: Arguments Ray's `serve.run` no longer has; refused with what to use instead.
@@ -295,6 +294,7 @@ def run(
     route_prefix: str | None = "/",
     logging_config: dict[str, Any] | LoggingConfig | None = None,
     _local_testing_mode: bool = False,
+    external_scaler_enabled: bool = False,
     _blocking: bool = True,
     **_ray_compat: Any,
 ) -> DeploymentHandle:
@@ -305,6 +305,8 @@ def run(
     code or options replace replicas without failing accepted requests.
 
     `logging_config` applies to the application's deployments that set none themselves.
+    `external_scaler_enabled`: the REST API's `POST /api/v1/applications/<name>/deployments/
+    <deployment>/scale` may set its deployments' replica counts (Ray 2.60's external scaling).
 
     Raises:
         TypeError: `target` is not a bound application, or an unknown keyword argument.
@@ -313,6 +315,7 @@ def run(
     """
     check_kwargs("serve.run", _ray_compat, _RUN_PARAMS, RUN_IGNORED, RUN_REFUSED)
     spec = _checked_spec("serve.run()", target, name, route_prefix, logging_config)
+    spec["external_scaler_enabled"] = bool(external_scaler_enabled)
     if _local_testing_mode:
         warn_not_honoured(
             "_local_testing_mode",
@@ -434,8 +437,7 @@ def run_many(
                 raise ConfigError(f"two RunTargets are named '{t.name}': application names must be unique")
             if t.route_prefix is not None and other["route_prefix"] == t.route_prefix:
                 raise ConfigError(f"two RunTargets use route_prefix '{t.route_prefix}': give each application its own")
-        if t.external_scaler_enabled:
-            warn_not_honoured("external_scaler_enabled", RUN_IGNORED["external_scaler_enabled"])
+        spec["external_scaler_enabled"] = bool(t.external_scaler_enabled)
         apps.append((t.target, spec))
     if _local_testing_mode:
         warn_not_honoured("_local_testing_mode", "the local backend always runs applications in processes of their own")

@@ -8,7 +8,8 @@ RayServeException
  ├── RequestCancelledError      the request was cancelled (also a flotilla.exceptions.TaskCancelledError)
  ├── ConfigError                invalid deployment or application options (also ValueError/TypeError)
  ├── DeploymentNotFoundError    serve.get_deployment_handle of one that does not exist (also KeyError, as Ray raises)
- └── MethodNotFoundError        a call of a method the deployment lacks (also AttributeError)
+ ├── MethodNotFoundError        a call of a method the deployment lacks (also AttributeError)
+ └── ExternalScalerDisabledError the scaling API used on an application without external_scaler_enabled
 gRPCStatusError                 raised in a gRPC method to answer with a status code (serve.grpc_util)
 ```
 """
@@ -79,6 +80,11 @@ def __getattr__(name: str) -> object:
 
         return gRPCStatusError
     raise AttributeError(f"module 'flotilla.serve.exceptions' has no attribute {name!r}")
+
+
+class ExternalScalerDisabledError(RayServeException):
+    """`POST /api/v1/applications/<app>/deployments/<name>/scale` on an application deployed
+    without `external_scaler_enabled=True` (HTTP 412)."""
 
 
 class ConfigError(RayServeException, ValueError, TypeError):

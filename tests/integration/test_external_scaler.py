@@ -1,0 +1,64 @@
+"""Ray 2.60's external scaling API: `POST /api/v1/applications/<app>/deployments/<name>/scale`
+on the REST API (127.0.0.1:8265 by default) sets the replica count of a deployment of an
+application deployed with `external_scaler_enabled=True`, and answers as Ray's dashboard."""
+
+from __future__ import annotations
+
+import os
+
+import httpx
+import pytest
+
+import flotilla
+from flotilla import serve
+from tests.conftest import wait_for
+
+pytestmark = pytest.mark.slow
+
+MESSAGE = "Scaling request received. Deployment will get scaled asynchronously."
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+class Pid:
+    def __call__(self, *args):
+        return os.getpid()
+
+
+def scale(app: str, dep: str, body: object) -> httpx.Response:
+    base = flotilla.dashboard_url()
+    assert base is not None
+    return httpx.post(f"{base}/api/v1/applications/{app}/deployments/{dep}/scale", json=body, timeout=30)
+
+
+def running(app: str, dep: str) -> int:
+    d = serve.status().applications[app].deployments[dep]
+    return d.replica_states.get("RUNNING", 0)
+
+
+def test_an_external_scaler_sets_the_replica_count(url):
+    h = serve.run(Pid.bind(), name="ext", route_prefix="/ext", external_scaler_enabled=True)
+    r = scale("ext", "Pid", {"target_num_replicas": 3})
+    assert (r.status_code, r.json()) == (200, {"message": MESSAGE})
+    wait_for(lambda: running("ext", "Pid") == 3, timeout=60, what="3 RUNNING replicas")
+    assert len(set(h.broadcast("__call__").results())) == 3
+    details = httpx.get(f"{flotilla.dashboard_url()}/api/serve/applications/", timeout=30).json()
+    assert details["applications"]["ext"]["external_scaler_enabled"] is True
+    assert scale("ext", "Pid", {"target_num_replicas": 1}).status_code == 200
+    wait_for(lambda: running("ext", "Pid") == 1 and sum(serve.status().applications["ext"]
+                                                         .deployments["Pid"].replica_states.values()) == 1,
+             timeout=60, what="back to 1 replica")
+    assert h.remote().result() > 0
+
+
+def test_the_scaling_api_answers_errors_as_rays(url):
+    serve.run(Pid.bind(), name="plain", route_prefix="/plain")
+    r = scale("plain", "Pid", {"target_num_replicas": 2})
+    assert r.status_code == 412 and "external_scaler_enabled" in r.json()["error"]
+    assert running("plain", "Pid") == 1
+    serve.run(Pid.bind(), name="ext2", route_prefix="/ext2", external_scaler_enabled=True)
+    for app, dep in (("nope", "Pid"), ("ext2", "Nope")):
+        r = scale(app, dep, {"target_num_replicas": 2})
+        assert (r.status_code, r.json()) == (404, {"error": "Application or Deployment not found"})
+    for bad in ({"target_num_replicas": -1}, {"target_num_replicas": "2"}, {}, [2], {"target_num_replicas": 2, "x": 1}):
+        r = scale("ext2", "Pid", bad)
+        assert r.status_code == 400 and r.json()["error"].startswith("Invalid request body"), (bad, r.text)
