@@ -27,12 +27,12 @@ def nodes() -> Iterator[dict[str, Any]]:
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
     try:
         a = cluster.add_node(num_cpus=2)
-        b = cluster.add_node(num_cpus=2)
+        b = cluster.add_node(num_cpus=2, labels={"zone": "b"})
         cluster.wait_for_nodes()
         ray.init(address=cluster.address, log_to_driver=False)  # to read placement groups here
         flotilla.init(backend="ray", address=cluster.address)
         try:
-            yield {"workers": {a.node_id, b.node_id}, "head": cluster.head_node.node_id}
+            yield {"workers": {a.node_id, b.node_id}, "head": cluster.head_node.node_id, "zone_b": b.node_id}
         finally:
             flotilla.shutdown()
             ray.shutdown()
@@ -153,3 +153,12 @@ def test_placement_group_that_fits_nowhere_waits(nodes: dict[str, Any]) -> None:
     msg = _poll(waiting, 30, "the replica to be reported unscheduled")
     assert "CPU: 3" in msg and "placement group [{CPU: 1}, {CPU: 2}] (STRICT_PACK)" in msg, msg
     serve.delete("toobig")
+
+
+def test_bundle_label_selector_picks_the_labelled_node(nodes: dict[str, Any]) -> None:
+    app = One.options(max_replicas_per_node=None, num_replicas=4, placement_group_bundles=[{"CPU": 0.5}],
+                      placement_group_bundle_label_selector=[{"zone": "b"}])
+    h = serve.run(app.bind(), name="labelled", route_prefix=None)
+    where = h.broadcast("__call__").results()
+    assert len(where) == 4 and set(where) == {nodes["zone_b"]}  # every replica on the node labelled zone=b
+    serve.delete("labelled")

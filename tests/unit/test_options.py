@@ -284,3 +284,30 @@ def test_ray_built_grpc_options_with_reflection_are_accepted():
     from flotilla.serve.config import gRPCOptions
 
     assert gRPCOptions(port=9000, grpc_servicer_functions=[], enable_reflection=True).enable_reflection
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_ray_260_gang_label_and_actor_options_are_validated_as_rays():
+    serve.deployment(num_replicas=4, gang_scheduling_config={"gang_size": 2})(f)
+    serve.deployment(autoscaling_config={"min_replicas": 1, "max_replicas": 3}, gang_scheduling_config={"gang_size": 2})(f)
+    with pytest.raises(ConfigError, match=r"num_replicas \(3\) must be a multiple of gang_size \(2\)"):
+        serve.deployment(num_replicas=3, gang_scheduling_config={"gang_size": 2})(f)
+    with pytest.raises(ConfigError, match="RESTART_REPLICA"):
+        serve.deployment(gang_scheduling_config={"gang_size": 1, "runtime_failure_policy": "RESTART_REPLICA"})(f)
+    with pytest.raises(ConfigError, match="max_replicas_per_node"):
+        serve.deployment(gang_scheduling_config={"gang_size": 1}, max_replicas_per_node=2)(f)
+    with pytest.raises(ConfigError, match="gang_size"):
+        serve.deployment(gang_scheduling_config={"gang_size": 0})(f)
+    d = serve.deployment(placement_group_bundles=[{"CPU": 1}, {"CPU": 1}],
+                         placement_group_bundle_label_selector=[{"zone": "a"}])(f)
+    assert d.config.placement_group_bundle_label_selector == [{"zone": "a"}, {"zone": "a"}]  # one for every bundle
+    with pytest.raises(ConfigError, match="placement_group_bundles must also be provided"):
+        serve.deployment(placement_group_bundle_label_selector=[{"zone": "a"}])(f)
+    with pytest.raises(ConfigError, match="2 selectors for 3 bundles"):
+        serve.deployment(placement_group_bundles=[{"CPU": 1}] * 3, placement_group_bundle_label_selector=[{"a": "b"}] * 2)(f)
+    d = serve.deployment(deployment_actors=[{"name": "counter", "actor_class": dict, "init_kwargs": {"start": 1}}])(f)
+    assert d.config.deployment_actors[0].name == "counter"
+    with pytest.raises(ConfigError, match="deployment_actors"):
+        serve.deployment(deployment_actors=[{"actor_class": dict}])(f)
+    with pytest.raises(ValueError, match="does not create"):
+        serve.get_deployment_actor("counter")

@@ -966,7 +966,7 @@ class Controller:
         if not self.supervisor.local:  # Ray: the actor is created with them, as Ray Serve does
             cfg = r.spec["config"]
             for k in ("ray_actor_options", "placement_group_bundles", "placement_group_strategy",
-                      "max_replicas_per_node"):
+                      "max_replicas_per_node", "placement_group_bundle_label_selector"):
                 args[k] = cfg.get(k)
         if direct is not None and app is not None and app.ingress == dep.name and app.route_prefix is not None:
             args["direct"] = {**direct, "route_prefix": app.route_prefix}

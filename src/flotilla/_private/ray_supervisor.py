@@ -72,7 +72,8 @@ UNSCHEDULED_AFTER_S = 1.0
 ACTOR_OPTIONS = ("num_cpus", "num_gpus", "memory", "object_store_memory", "resources",
                  "accelerator_type", "runtime_env")
 #: Where a replica runs (deployment options the controller passes in `start`'s args).
-PLACEMENT_ARGS = ("placement_group_bundles", "placement_group_strategy", "max_replicas_per_node")
+PLACEMENT_ARGS = ("placement_group_bundles", "placement_group_strategy", "max_replicas_per_node",
+                  "placement_group_bundle_label_selector")
 #: Ray's implicit resources: every node has 1 of each such name, unlisted (max_replicas_per_node).
 IMPLICIT_PREFIX = "node:__internal_implicit_resource_"
 #: Ray keeps resource amounts to 4 decimals.
@@ -124,7 +125,8 @@ def placement(name: str, tag: str, args: dict[str, Any]) -> tuple[dict[str, Any]
 
     - `placement_group_bundles`: a placement group per replica (named as its actor, strategy
       `placement_group_strategy` or PACK); the actor runs in bundle 0 and the tasks and actors
-      it starts are placed in the group (`placement_group_capture_child_tasks`).
+      it starts are placed in the group (`placement_group_capture_child_tasks`); with
+      `placement_group_bundle_label_selector`, each bundle on a node whose labels match.
     - `max_replicas_per_node`: each replica takes `1 / limit` of an implicit resource that every
       node has 1 of, so Ray (and its autoscaler) put at most `limit` of them on a node.
     """
@@ -132,7 +134,9 @@ def placement(name: str, tag: str, args: dict[str, Any]) -> tuple[dict[str, Any]
     if bundles:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        pg = ray.util.placement_group(bundles, strategy=args.get("placement_group_strategy") or "PACK", name=name)
+        selector = args.get("placement_group_bundle_label_selector")
+        pg = ray.util.placement_group(bundles, strategy=args.get("placement_group_strategy") or "PACK", name=name,
+                                      **({"bundle_label_selector": selector} if selector else {}))
         return {"scheduling_strategy": PlacementGroupSchedulingStrategy(
             pg, placement_group_bundle_index=0, placement_group_capture_child_tasks=True)}, pg
     limit = args.get("max_replicas_per_node")

@@ -26,6 +26,7 @@ _EXPORTS = {
     "get_app_handle": "api",
     "get_deployment": "legacy",
     "get_deployment_handle": "api",
+    "get_deployment_actor": "api",
     "get_multiplexed_model_id": "multiplex",
     "get_request_context": "multiplex",
     "get_replica_context": "api",

@@ -264,6 +264,7 @@ def _walk(
         config.get("batch_latency_target_s"),
         config["placement_group_bundles"], (logging_config or {}).get("logs_dir"),
         *([env] if app_env else []),
+        *([config["placement_group_bundle_label_selector"]] if config.get("placement_group_bundle_label_selector") else []),
     ], sort_keys=True)
     if code_version is not None:
         code = f"{code_version}:{getattr(dep.func_or_class, '__qualname__', '')}:{name}".encode()
@@ -731,3 +732,12 @@ def get_replica_context() -> ReplicaContext:
             "`serve.get_replica_context()` may only be called from within a deployment's replica."
         )
     return ctx
+
+
+def get_deployment_actor(actor_name: str) -> Any:
+    """Ray 2.60's handle to a deployment-scoped actor (`deployment_actors`): flotilla creates
+    none, so this raises ValueError (as Ray's does for an actor it does not know)."""
+    raise ValueError(
+        f"No deployment-scoped actor named {actor_name!r}: flotilla does not create the actors of a "
+        "deployment's deployment_actors option (on either backend). Create the actor yourself (on the "
+        "Ray backend, with ray.remote) and pass its handle to the deployment's constructor.")

@@ -41,8 +41,12 @@ __all__ = [
     "AutoscalingContext",
     "AutoscalingPolicy",
     "BackpressureConfig",
+    "DeploymentActorConfig",
     "DeploymentConfig",
     "DeploymentID",
+    "GangPlacementStrategy",
+    "GangRuntimeFailurePolicy",
+    "GangSchedulingConfig",
     "HTTPOptions",
     "LoggingConfig",
     "ProxyLocation",
@@ -220,6 +224,51 @@ class LoggingConfig(BaseModel):
         return sorted(set(v))
 
 
+class GangPlacementStrategy(str, Enum):
+    """Where a gang's replicas go (Ray 2.60): PACK on few nodes, SPREAD across nodes."""
+
+    PACK = "PACK"
+    SPREAD = "SPREAD"
+
+
+class GangRuntimeFailurePolicy(str, Enum):
+    """What a replica failure does to its gang (Ray 2.60)."""
+
+    RESTART_GANG = "RESTART_GANG"
+    RESTART_REPLICA = "RESTART_REPLICA"
+
+
+class GangSchedulingConfig(BaseModel):
+    """Ray 2.60's gang scheduling of a deployment's replicas: validated as Ray's; the local
+    backend places, starts and restarts replicas one at a time (a warning says so)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    gang_size: int = Field(ge=1)
+    gang_placement_strategy: GangPlacementStrategy = GangPlacementStrategy.PACK
+    runtime_failure_policy: GangRuntimeFailurePolicy = GangRuntimeFailurePolicy.RESTART_GANG
+
+    @field_validator("runtime_failure_policy")
+    @classmethod
+    def _policy(cls, v: GangRuntimeFailurePolicy) -> GangRuntimeFailurePolicy:
+        if v == GangRuntimeFailurePolicy.RESTART_REPLICA:
+            raise ValueError("RESTART_REPLICA is not implemented (nor in Ray 2.60); use RESTART_GANG")
+        return v
+
+
+class DeploymentActorConfig(BaseModel):
+    """Ray 2.60's deployment-scoped actor: validated; not created here (a warning says so, and
+    `serve.get_deployment_actor` raises)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+
+    name: str = Field(min_length=1)
+    actor_class: Any
+    init_args: tuple[Any, ...] = ()
+    init_kwargs: dict[str, Any] = Field(default_factory=dict)
+    actor_options: dict[str, Any] = Field(default_factory=dict)
+
+
 #: `request_router_class` values that mean the built-in router (Ray's default path included).
 _BUILTIN_ROUTERS = ("", "ray.serve._private.request_router:PowerOfTwoChoicesRequestRouter",
                     "ray.serve._private.request_router.pow_2_router:PowerOfTwoChoicesRequestRouter")
@@ -379,6 +428,13 @@ class DeploymentConfig(BaseModel):
     max_surge_percent: int = Field(
         0, ge=0, le=100, description="Ray's extra replicas during a rolling restart; validated (see "
         "rolling_update_percentage).")
+    placement_group_bundle_label_selector: list[dict[str, str]] | None = Field(
+        None, description="Ray's node label selector per bundle (one is used for every bundle); validated, "
+        "and honoured by Ray on the Ray backend.")
+    gang_scheduling_config: GangSchedulingConfig | None = Field(
+        None, description="Ray 2.60's gang scheduling; validated (see GangSchedulingConfig).")
+    deployment_actors: list[DeploymentActorConfig] | None = Field(
+        None, exclude=True, description="Ray 2.60's deployment-scoped actors; validated, not created.")
 
     @field_validator("num_replicas")
     @classmethod
@@ -429,6 +485,16 @@ class DeploymentConfig(BaseModel):
                 "placement_group_strategy needs placement_group_bundles: if placement_group_strategy "
                 "is provided, placement_group_bundles must also be provided."
             )
+        selector = self.placement_group_bundle_label_selector
+        if selector is not None:
+            if bundles is None:
+                raise ValueError("If placement_group_bundle_label_selector is provided, placement_group_bundles "
+                                 "must also be provided.")
+            if len(selector) == 1 and len(bundles) > 1:  # one selector for every bundle, as Ray
+                object.__setattr__(self, "placement_group_bundle_label_selector", [dict(selector[0]) for _ in bundles])
+            elif len(selector) != len(bundles):
+                raise ValueError(f"placement_group_bundle_label_selector has {len(selector)} selectors for "
+                                 f"{len(bundles)} bundles: give one, or one per bundle.")
         if bundles is None:
             return self
         if self.max_replicas_per_node is not None:
@@ -479,6 +545,17 @@ class DeploymentConfig(BaseModel):
         return self
 
     @model_validator(mode="after")
+    def _gangs(self) -> DeploymentConfig:
+        gang = self.gang_scheduling_config
+        if gang is None:
+            return self
+        if self.autoscaling_config is None and isinstance(self.num_replicas, int) and self.num_replicas % gang.gang_size:
+            raise ValueError(f"num_replicas ({self.num_replicas}) must be a multiple of gang_size ({gang.gang_size}).")
+        if self.max_replicas_per_node is not None:
+            raise ValueError("Setting max_replicas_per_node is not allowed when gang_scheduling_config is provided.")
+        return self
+
+    @model_validator(mode="after")
     def _batching_needs_room(self) -> DeploymentConfig:
         if self.max_batch_size and self.max_ongoing_requests < self.max_batch_size:
             if "max_ongoing_requests" not in self.model_fields_set:
@@ -508,6 +585,21 @@ class DeploymentConfig(BaseModel):
     def warn_unhonoured(self) -> None:
         """One warning per process for each option set here that the local backend ignores."""
         bundles = self.placement_group_bundles or []
+        if self.deployment_actors:
+            warn_not_honoured(
+                "deployment_actors",
+                "deployment-scoped actors are Ray actors, and flotilla does not create them (on either "
+                "backend); serve.get_deployment_actor() raises. Start the actor yourself (ray.remote on "
+                "the Ray backend) and pass its handle to the deployment.")
+        if self.gang_scheduling_config is not None:
+            warn_not_honoured(
+                "gang_scheduling_config",
+                "replicas are placed, started and restarted one at a time, not as gangs (num_replicas "
+                "is still checked to be a multiple of gang_size).")
+        if self.placement_group_bundle_label_selector is not None and not _on_ray():
+            warn_not_honoured(
+                "placement_group_bundle_label_selector",
+                "the local backend's one node has no labels: the bundles are reserved on this machine.")
         if self.placement_group_strategy == "STRICT_SPREAD" and len(bundles) > 1 and not _on_ray():
             warn_not_honoured(
                 "placement_group_strategy",

@@ -262,6 +262,9 @@ def deployment(
     backpressure_config: dict[str, Any] | Any | None = None,
     rolling_update_percentage: float | None = None,
     max_surge_percent: int | None = None,
+    placement_group_bundle_label_selector: list[dict[str, str]] | None = None,
+    gang_scheduling_config: dict[str, Any] | Any | None = None,
+    deployment_actors: list[Any] | None = None,
     **ray_only: Any,
 ) -> Any:
     """Turn a class or function into a `Deployment`, with or without options.
@@ -307,6 +310,9 @@ def deployment(
         "backpressure_config": backpressure_config,
         "rolling_update_percentage": rolling_update_percentage,
         "max_surge_percent": max_surge_percent,
+        "placement_group_bundle_label_selector": placement_group_bundle_label_selector,
+        "gang_scheduling_config": gang_scheduling_config,
+        "deployment_actors": deployment_actors,
     }
     options = {k: v for k, v in given.items() if v is not None}
     if "route_prefix" in ray_only:  # Ray 1.x: used by `.deploy()` only, not by serve.run
