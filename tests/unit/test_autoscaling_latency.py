@@ -175,3 +175,26 @@ def test_config_files_name_policies_by_import_path() -> None:
     assert ok.autoscaling_config is not None and ok.autoscaling_config.policy is not None
     with pytest.raises(ValidationError, match="module:function"):
         DeploymentSchema(name="d", autoscaling_config={"policy": {"policy_function": "cloudpickle:AAAA"}})
+
+
+def test_an_application_policy_decides_per_deployment_clamped_and_keeps_ray_shapes():
+    from flotilla._private.autoscaling import apply_app_policy
+    from flotilla.serve.schema import DeploymentID
+
+    a, b, c = DeploymentID("A", "app"), DeploymentID("B", "app"), DeploymentID("C", "app")
+    contexts = {a: ctx(deployment_id=a, capacity_adjusted_max_replicas=3, target_num_replicas=1),
+                b: ctx(deployment_id=b, capacity_adjusted_min_replicas=2, target_num_replicas=2),
+                c: ctx(deployment_id=c, target_num_replicas=4)}
+    decisions, state = apply_app_policy(({a: 7, b: 0.5}, {a: {"n": 1}}), contexts)
+    assert {d: x.target for d, x in decisions.items()} == {a: 3, b: 2}  # clamped; C left alone
+    assert state == {a: {"n": 1}}  # replaced whole, as Ray's
+    assert apply_app_policy(({a: 2.2}, None), contexts)[0][a].target == 3  # rounded up
+    assert apply_app_policy(({}, {}), contexts) == ({}, {})
+    with pytest.raises(TypeError, match="expected"):
+        apply_app_policy({a: 1}, contexts)
+    with pytest.raises(TypeError, match="not a dict"):
+        apply_app_policy(([1], {}), contexts)
+    with pytest.raises(TypeError, match="state"):
+        apply_app_policy(({a: 1}, {a: 3}), contexts)
+    with pytest.raises(ValueError, match="not one of its autoscaling deployments"):
+        apply_app_policy(({DeploymentID("X", "app"): 1}, {}), contexts)

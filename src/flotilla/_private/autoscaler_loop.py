@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Any
 from flotilla.serve.schema import AutoscalingStatus, DeploymentStatusTrigger
 
 if TYPE_CHECKING:  # the policy module imports pydantic: loaded only when a deployment autoscales
-    from flotilla._private.autoscaling import AutoscalingConfig, PolicyState
-    from flotilla._private.controller import Controller, Deployment
+    from flotilla._private.autoscaling import AutoscalingConfig, AutoscalingPolicy, PolicyState
+    from flotilla._private.controller import App, Controller, Deployment
 
 logger = logging.getLogger("flotilla.autoscaler")
 
@@ -132,17 +132,27 @@ class Autoscaler:
                             del series[rid]
         return total
 
-    async def tick(self, dep: Deployment, now: float) -> None:
+    async def sample(self, dep: Deployment, now: float) -> tuple[int, int] | None:
+        """Take one load sample of `dep`: (load, running replicas); None while replicas of a
+        restarted head are still to reconnect (their load is unknown)."""
         st = dep.autoscale
         assert st is not None
         if any(r.awaiting_reattach for r in dep.replicas.values()):
-            return  # a restarted head: their load is unknown until they reconnect
+            return None
         load = await self.replica_load(dep, now) + self.routed_waiting(dep.key)
         st.samples.append((now, float(load)))
         horizon = now - st.eff.look_back_period_s - 1.0
         while st.samples and st.samples[0][0] < horizon:
             st.samples.pop(0)
-        running = sum(1 for r in dep.replicas.values() if r.state.routable)
+        return load, sum(1 for r in dep.replicas.values() if r.state.routable)
+
+    async def tick(self, dep: Deployment, now: float) -> None:
+        st = dep.autoscale
+        assert st is not None
+        got = await self.sample(dep, now)
+        if got is None:
+            return
+        load, running = got
         from flotilla._private.autoscaling import decide
 
         began = time.perf_counter()
@@ -152,7 +162,13 @@ class Autoscaler:
                 return
         else:
             d = decide(st.eff, st.samples, dep.target, running, now, st.policy, st.latency)
-        st.gauges = (d.target if d.desired is None else d.desired, float(load), (time.perf_counter() - began) * 1000.0)
+        self.apply(dep, d, load, (time.perf_counter() - began) * 1000.0, now)
+
+    def apply(self, dep: Deployment, d: Any, load: float, policy_ms: float, now: float) -> None:
+        """A decision's new target for `dep` (and the autoscaling gauges and bookkeeping)."""
+        st = dep.autoscale
+        assert st is not None
+        st.gauges = (d.target if d.desired is None else d.desired, float(load), policy_ms)
         st.policy = d.state
         if d.target != dep.target:
             old = dep.target
@@ -170,32 +186,40 @@ class Autoscaler:
             dep.trigger = DeploymentStatusTrigger.AUTOSCALING
             self.c.kick()
 
-    def custom(self, dep: Deployment, now: float, load: float, running: int) -> Any:
-        """One tick of a custom policy: build its AutoscalingContext, call it, clamp (see
-        `autoscaling.apply_custom`). A policy that fails (or cannot be loaded) is logged once
-        and the target is kept; None then."""
-        from flotilla._private.autoscaling import AutoscalingContext, TimeStampedValue, apply_custom
+    def context(self, dep: Deployment, now: float, load: float, running: int, state: dict[str, Any]) -> Any:
+        """The `AutoscalingContext` a custom policy gets for `dep` now."""
+        from flotilla._private.autoscaling import AutoscalingContext, TimeStampedValue
         from flotilla.serve.schema import DeploymentID
 
         st = dep.autoscale
-        assert st is not None and st.cfg.policy is not None
+        assert st is not None
         replicas = [rid for rid, r in dep.replicas.items() if r.state.routable]
         raw = {name: {rid: [TimeStampedValue(t, v) for t, v in vals] for rid, vals in series.items()}
                for name, series in st.raw.items()}
         agg = {name: {rid: sum(v for _, v in vals) / len(vals) for rid, vals in series.items() if vals}
                for name, series in st.raw.items()}
-        ctx = AutoscalingContext(
+        return AutoscalingContext(
             deployment_id=DeploymentID(dep.name, dep.app), deployment_name=dep.name, app_name=dep.app,
             current_num_replicas=running, target_num_replicas=dep.target, running_replicas=replicas,
             total_num_requests=load, total_queued_requests=load - st.last_ongoing[0],
             total_running_requests=st.last_ongoing[0], aggregated_metrics=agg, raw_metrics=raw,
             capacity_adjusted_min_replicas=st.cfg.min_replicas, capacity_adjusted_max_replicas=st.cfg.max_replicas,
-            policy_state=dict(st.policy_state), last_scale_up_time=st.last_up, last_scale_down_time=st.last_down,
+            policy_state=dict(state), last_scale_up_time=st.last_up, last_scale_down_time=st.last_down,
             current_time=now, config=st.cfg, latency_p95_ms=st.latency[0], queue_delay_p95_ms=st.latency[1],
         )
+
+    def custom(self, dep: Deployment, now: float, load: float, running: int) -> Any:
+        """One tick of a custom policy: build its AutoscalingContext, call it, clamp (see
+        `autoscaling.apply_custom`). A policy that fails (or cannot be loaded) is logged once
+        and the target is kept; None then."""
+        from flotilla._private.autoscaling import apply_custom
+
+        st = dep.autoscale
+        assert st is not None and st.cfg.policy is not None
+        ctx = self.context(dep, now, load, running, st.policy_state)
         try:
             if st.policy_fn is None:
-                st.policy_fn = load_policy(st.cfg, dep.spec.get("sys_path") or [])
+                st.policy_fn = load_policy(st.cfg.policy, dep.spec.get("sys_path") or [])
             d, st.policy_state = apply_custom(st.policy_fn(ctx), ctx)
         except Exception as e:
             if not st.policy_failed:
@@ -205,6 +229,39 @@ class Autoscaler:
             return None
         st.policy_failed = False
         return d
+
+    async def app_tick(self, app: App, deps: list[Deployment], now: float) -> None:
+        """One tick of an application-level policy (Ray 2.60): a sample of each autoscaling
+        deployment of `app`, one call with all their contexts, each returned target clamped
+        and applied. A policy that fails is logged once and the targets are kept."""
+        from flotilla._private.autoscaling import AutoscalingPolicy, apply_app_policy
+        from flotilla.serve.schema import DeploymentID
+
+        got = await asyncio.gather(*(self.sample(d, now) for d in deps))
+        live = {DeploymentID(d.name, d.app): (d, g) for d, g in zip(deps, got, strict=True) if g is not None}
+        if not live:
+            return
+        pol = app.app_policy
+        if pol is None:
+            pol = app.app_policy = AppPolicy()
+        contexts = {did: self.context(d, now, g[0], g[1], pol.state.get(did, {})) for did, (d, g) in live.items()}
+        began = time.perf_counter()
+        try:
+            if pol.fn is None:
+                policy = AutoscalingPolicy.model_validate(app.autoscaling_policy)
+                pol.fn = load_policy(policy, deps[0].spec.get("sys_path") or [])
+            decisions, pol.state = apply_app_policy(pol.fn(contexts), contexts)
+        except Exception as e:
+            if not pol.failed:
+                pol.failed = True
+                logger.exception("autoscaling application %s: its autoscaling_policy failed (%r); keeping "
+                                 "the targets (logged once until it works again)", app.name, e)
+            return
+        pol.failed = False
+        ms = (time.perf_counter() - began) * 1000.0
+        for did, d in decisions.items():
+            dep, (load, _) = live[did]
+            self.apply(dep, d, load, ms, now)
 
     async def run(self) -> None:
         while True:
@@ -216,9 +273,16 @@ class Autoscaler:
             now = time.monotonic()
             deps = [d for d in self.c.all_deployments() if d.autoscale is not None and not d.deleting and not d.failed_msg]
             due = [d for d in deps if now >= d.autoscale.next_due or not d.replicas]  # type: ignore[union-attr]
+            # An application with its own policy decides for all its autoscaling deployments at once.
+            apps = {a.name: a for d in due if (a := self.c.apps.get(d.app)) is not None and a.autoscaling_policy}
+            ticks = [self.tick(d, now) for d in due if d.app not in apps]
+            for name, a in apps.items():
+                members = [d for d in deps if d.app == name]
+                due += [d for d in members if d not in due]
+                ticks.append(self.app_tick(a, members, now))
             for d in due:
                 d.autoscale.next_due = now + min(d.autoscale.cfg.metrics_interval_s, MIN_PERIOD_S)  # type: ignore[union-attr]
-            results = await asyncio.gather(*(self.tick(d, now) for d in due), return_exceptions=True)
+            results = await asyncio.gather(*ticks, return_exceptions=True)
             for r in results:
                 if isinstance(r, Exception):
                     logger.error("autoscaling tick failed: %r", r)
@@ -241,16 +305,25 @@ def make_state(config: dict[str, Any]) -> AutoscalerState | None:
     return AutoscalerState(AutoscalingConfig.model_validate(ac))
 
 
-def load_policy(cfg: AutoscalingConfig, path: list[str]) -> Any:
-    """The deployment's policy function, imported (or unpickled) in the head with the
-    deploying driver's import path appended to the head's (as replicas get it)."""
+class AppPolicy:
+    """What the autoscaler keeps for an application-level policy (on the controller's App)."""
+
+    def __init__(self) -> None:
+        self.fn: Any = None
+        self.state: dict[Any, dict[str, Any]] = {}  # DeploymentID -> its policy_state
+        self.failed = False  # logged once until it works again
+
+
+def load_policy(policy: AutoscalingPolicy | None, path: list[str]) -> Any:
+    """A policy function, imported (or unpickled) in the head with the deploying driver's
+    import path appended to the head's (as replicas get it)."""
     import sys
 
     for p in path:
         if p not in sys.path:
             sys.path.append(p)
-    assert cfg.policy is not None
-    policy = cfg.policy.get_policy()
-    if inspect.isclass(policy):  # made once, its instance called each tick (Ray 2.60)
-        return policy(**cfg.policy.policy_kwargs)
-    return policy
+    assert policy is not None
+    fn = policy.get_policy()
+    if inspect.isclass(fn):  # made once, its instance called each tick (Ray 2.60)
+        return fn(**policy.policy_kwargs)
+    return fn

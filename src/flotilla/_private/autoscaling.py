@@ -487,6 +487,32 @@ class AutoscalingContext:
     queue_delay_p95_ms: float | None = None
 
 
+def apply_app_policy(result: Any, contexts: dict[Any, AutoscalingContext]) -> tuple[dict[Any, Decision], dict[Any, dict[str, Any]]]:
+    """Turn an application-level policy's return value into a Decision per deployment (pure).
+
+    Ray's shape is `({deployment_id: target}, {deployment_id: policy_state})` (the state may be
+    None or {}); each target is rounded up and clamped as `apply_custom` does. Deployments the
+    policy leaves out keep their targets. Raises TypeError/ValueError on another shape or an
+    unknown deployment id."""
+    if not (isinstance(result, tuple) and len(result) == 2):
+        raise TypeError(f"the application policy returned {type(result).__name__}; expected "
+                        "({deployment_id: target_replicas}, {deployment_id: policy_state})")
+    decisions, states = result
+    if not isinstance(decisions, dict):
+        raise TypeError(f"the application policy's decisions are a {type(decisions).__name__}, not a dict")
+    states = states or {}
+    if not isinstance(states, dict) or not all(isinstance(v, dict) for v in states.values()):
+        raise TypeError("the application policy's state must be a dict of deployment id -> dict")
+    out: dict[Any, Decision] = {}
+    for did, target in decisions.items():
+        ctx = contexts.get(did)
+        if ctx is None:
+            raise ValueError(f"the application policy decided for {did!r}, which is not one of its "
+                             f"autoscaling deployments ({', '.join(map(str, contexts))})")
+        out[did] = apply_custom((target, states.get(did, {})), ctx)[0]
+    return out, {did: dict(states[did]) for did in contexts if did in states}  # replaced whole, as Ray
+
+
 def apply_custom(result: Any, ctx: AutoscalingContext) -> tuple[Decision, dict[str, Any]]:
     """Turn a policy function's return value into a Decision (pure).
 

@@ -57,6 +57,8 @@ def build(payload: dict[str, Any]) -> list[str]:
     spec = app_spec(app, app_cfg["name"], app_cfg.get("route_prefix", "/"), logging_config, env,
                     code_version(app_cfg))
     spec["external_scaler_enabled"] = bool(app_cfg.get("external_scaler_enabled", False))
+    if app_cfg.get("autoscaling_policy"):
+        spec["autoscaling_policy"] = app_cfg["autoscaling_policy"]
     flotilla.init(address=os.environ.get("FLOTILLA_ADDRESS"))
     try:
         found = doctor_warnings(Runtime.current(), app, spec, env)

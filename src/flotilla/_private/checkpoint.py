@@ -166,6 +166,7 @@ def capture(c: Controller, ckpt: Checkpoint, proxy: dict[str, Any] | None, metri
             "status": app.status.value, "message": app.message,
             "last_deployed_time_s": app.last_deployed_time_s, "deleting": app.deleting,
             "was_running": app.was_running, "external_scaler_enabled": app.external_scaler_enabled,
+            "autoscaling_policy": app.autoscaling_policy,
         })
         for d in app.deployments.values():
             deps.append({
@@ -210,6 +211,7 @@ def restore(c: Controller, state: dict[str, Any], specs: dict[str, dict[str, Any
         app.deleting = a["deleting"]
         app.was_running = a["was_running"]
         app.external_scaler_enabled = bool(a.get("external_scaler_enabled", False))
+        app.autoscaling_policy = a.get("autoscaling_policy")
         c.apps[app.name] = app
     for d in state["deployments"]:
         app = c.apps[d["app"]]

@@ -310,6 +310,10 @@ class App:
     was_running: bool = False
     #: POST .../deployments/<name>/scale may set its deployments' replica counts (Ray 2.60)
     external_scaler_enabled: bool = False
+    #: Ray 2.60's application-level autoscaling policy (a config file's `autoscaling_policy`):
+    #: its `AutoscalingPolicy` as JSON, and what the autoscaler keeps for it (`AppPolicy`)
+    autoscaling_policy: dict[str, Any] | None = None
+    app_policy: Any = None
 
 
 @dataclass
@@ -710,6 +714,9 @@ class Controller:
         app.route_prefix = prefix
         app.ingress = spec["ingress"]
         app.external_scaler_enabled = bool(spec.get("external_scaler_enabled", False))
+        if spec.get("autoscaling_policy") != app.autoscaling_policy:
+            app.autoscaling_policy = spec.get("autoscaling_policy")
+            app.app_policy = None  # loaded again, its state fresh
         app.last_deployed_time_s = time.time()
         app.status = ApplicationStatus.DEPLOYING
         app.message = ""

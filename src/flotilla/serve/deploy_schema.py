@@ -120,6 +120,19 @@ class ServeApplicationSchema(BaseModel):
     deployments: list[DeploymentSchema] = Field(default_factory=list)
     logging_config: LoggingConfig | None = None
     external_scaler_enabled: bool = False
+    #: Ray 2.60's application-level policy: one call decides every autoscaling deployment of
+    #: the application (`{"policy_function": "module:function", "policy_kwargs": {...}}`).
+    autoscaling_policy: dict[str, Any] | None = None
+
+    @field_validator("autoscaling_policy", mode="before")
+    @classmethod
+    def _app_policy(cls, v: Any) -> Any:
+        if v is None:
+            return v
+        from flotilla._private.autoscaling import AutoscalingPolicy
+
+        policy = v if isinstance(v, AutoscalingPolicy) else AutoscalingPolicy.model_validate(v)
+        return policy.model_dump(mode="json")
 
     @field_validator("route_prefix")
     @classmethod
@@ -177,6 +190,8 @@ class ServeApplicationSchema(BaseModel):
             out["logging_config"] = _plain(self.logging_config)
         if "external_scaler_enabled" in self.model_fields_set:
             out["external_scaler_enabled"] = self.external_scaler_enabled
+        if self.autoscaling_policy is not None:
+            out["autoscaling_policy"] = self.autoscaling_policy
         out["deployments"] = [d.to_dict() for d in self.deployments]
         return out
 
