@@ -529,3 +529,17 @@ def test_http_options_take_tls_files_and_grpc_options_are_kept() -> None:
                            "applications": []}).to_dict()
     assert cfg["http_options"]["ssl_certfile"] == "/c.pem" and cfg["http_options"]["ssl_keyfile"] == "/k.pem"
     assert cfg["grpc_options"] == {"port": 9001, "grpc_servicer_functions": ["m.add_X_to_server"]}
+
+
+def test_rays_application_host_port_and_policy_fields_are_accepted():
+    from flotilla.serve.deploy_schema import ServeDeploySchema
+
+    cfg = ServeDeploySchema.model_validate({"applications": [{
+        "import_path": "m:app", "host": "0.0.0.0", "port": 8000,
+        "autoscaling_policy": {"policy_function": "policies:coordinated", "policy_kwargs": {"k": 1}}}]})
+    app = cfg.applications[0].to_dict()
+    assert "host" not in app and "port" not in app  # ignored, as Ray does in a multi-application config
+    assert app["autoscaling_policy"] == {"policy_function": "policies:coordinated", "policy_kwargs": {"k": 1}}
+    with pytest.raises(ValueError, match="policy_function"):
+        ServeDeploySchema.model_validate({"applications": [{"import_path": "m:app",
+                                                           "autoscaling_policy": {"policy_function": "nocolon"}}]})

@@ -123,6 +123,10 @@ class ServeApplicationSchema(BaseModel):
     #: Ray 2.60's application-level policy: one call decides every autoscaling deployment of
     #: the application (`{"policy_function": "module:function", "policy_kwargs": {...}}`).
     autoscaling_policy: dict[str, Any] | None = None
+    #: Ray's per-application `host`/`port` (of its old single-application format): accepted,
+    #: and ignored as Ray ignores them in a multi-application config (use `http_options`).
+    host: str | None = None
+    port: int | None = Field(None, ge=0, le=65535)
 
     @field_validator("autoscaling_policy", mode="before")
     @classmethod
