@@ -118,6 +118,12 @@ def test_documented_ray_arguments_are_accepted_with_a_warning(url: str) -> None:
         flotilla.init(configure_logging=False, ignore_reinit_error=True)
     with pytest.warns(UserWarning, match="dedicated_cpu"):
         serve.start(dedicated_cpu=True, http_options={"port": httpx.URL(url).port, **HTTP})
+    with pytest.warns(UserWarning, match="tracing_config"):  # Ray 2.60's, as models or dicts
+        serve.start(tracing_config=serve.TracingConfig(enabled=True), http_options={"port": httpx.URL(url).port, **HTTP})
+    with pytest.warns(UserWarning, match="controller_options"):
+        serve.start(controller_options={"runtime_env": {"env_vars": {"A": "1"}}},
+                    http_options={"port": httpx.URL(url).port, **HTTP})
+    assert serve.get_trace_context() is None
 
 
 # ---- start-up bounds ------------------------------------------------------------------------

@@ -66,6 +66,9 @@ def _check_route_prefix(route_prefix: str | None) -> None:
 START_IGNORED = {
     "detached": "a cluster started by a driver lives as long as it; `flotilla start` starts one that outlives every driver",
     "dedicated_cpu": "the proxy reserves no CPU",
+    "tracing_config": "flotilla traces every request itself (GET /api/flotilla/trace/?id=<request id>, "
+                      "docs: Latency breakdown and traces); it has no OpenTelemetry exporter to configure",
+    "controller_options": "flotilla's controller takes its options from flotilla.init and the environment",
 }
 #: Ray's `serve.run` arguments accepted and ignored (with a one-time warning), and why.
 RUN_IGNORED = {
@@ -741,3 +744,9 @@ def get_deployment_actor(actor_name: str) -> Any:
         f"No deployment-scoped actor named {actor_name!r}: flotilla does not create the actors of a "
         "deployment's deployment_actors option (on either backend). Create the actor yourself (on the "
         "Ray backend, with ray.remote) and pass its handle to the deployment's constructor.")
+
+
+def get_trace_context() -> dict[str, str] | None:
+    """Ray's OpenTelemetry trace context of the request being served: None here (flotilla's
+    own traces are keyed by the request id, `serve.get_request_context().request_id`)."""
+    return None

@@ -41,6 +41,7 @@ __all__ = [
     "AutoscalingContext",
     "AutoscalingPolicy",
     "BackpressureConfig",
+    "ControllerOptions",
     "DeploymentActorConfig",
     "DeploymentConfig",
     "DeploymentID",
@@ -52,6 +53,7 @@ __all__ = [
     "ProxyLocation",
     "RayActorOptions",
     "RequestRouterConfig",
+    "TracingConfig",
     "validate",
     "warn_not_honoured",
 ]
@@ -222,6 +224,34 @@ class LoggingConfig(BaseModel):
             if attr not in LOGRECORD_STANDARD_ATTRS:
                 raise ValueError(f"Unknown attribute {attr!r}; must be one of {sorted(LOGRECORD_STANDARD_ATTRS)}")
         return sorted(set(v))
+
+
+class ControllerOptions(BaseModel):
+    """Ray 2.60's options of its controller actor (`runtime_env` with `env_vars` only):
+    validated as Ray's; flotilla's controller takes its settings from `flotilla.init` and the
+    environment, so `serve.start(controller_options=...)` warns that they are not used."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    runtime_env: dict[str, Any] | None = None
+
+    @field_validator("runtime_env")
+    @classmethod
+    def _env_vars_only(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        if v and set(v) - {"env_vars"}:
+            raise ValueError(f"only runtime_env.env_vars is accepted, not {sorted(set(v) - {'env_vars'})}")
+        return v
+
+
+class TracingConfig(BaseModel):
+    """Ray 2.60's OpenTelemetry tracing settings: validated as Ray's; flotilla traces every
+    request itself (see README, "Latency breakdown and traces"), so they are not used."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = False
+    exporter_import_path: str = ""
+    sampling_ratio: float = Field(0.01, ge=0.0, le=1.0)
 
 
 class GangPlacementStrategy(str, Enum):

@@ -18,7 +18,10 @@ _DETAILS = ("APIType", "ApplicationDetails", "DeploymentDetails", "ProxyDetails"
             "ServeActorDetails", "ServeInstanceDetails")
 #: Ray's names in `ray.serve.schema` for option models that live in `serve.config` here.
 _OPTION_SCHEMAS = {"RayActorOptionsSchema": "RayActorOptions", "gRPCOptionsSchema": "gRPCOptions",
-                   "ProxyLocation": "ProxyLocation"}
+                   "ProxyLocation": "ProxyLocation", "TracingConfig": "TracingConfig",
+                   "AutoscalingConfig": "AutoscalingConfig", "BackpressureConfig": "BackpressureConfig",
+                   "RequestRouterConfig": "RequestRouterConfig", "GangSchedulingConfig": "GangSchedulingConfig",
+                   "DeploymentActorConfig": "DeploymentActorConfig", "ControllerOptions": "ControllerOptions"}
 
 
 def __getattr__(name: str) -> Any:
