@@ -311,3 +311,13 @@ def test_ray_260_gang_label_and_actor_options_are_validated_as_rays():
         serve.deployment(deployment_actors=[{"actor_class": dict}])(f)
     with pytest.raises(ValueError, match="does not create"):
         serve.get_deployment_actor("counter")
+
+
+def test_rays_deprecated_http_options_are_handled_as_rays():
+    from flotilla.serve.config import HTTPOptions
+
+    with pytest.warns(UserWarning, match="root_url"):
+        assert HTTPOptions(root_url="http://lb.example").root_url == "http://lb.example"
+    assert HTTPOptions(num_cpus=0).num_cpus == 0
+    with pytest.raises(ValueError, match=r"num_cpus.*removed"):
+        HTTPOptions(num_cpus=1)

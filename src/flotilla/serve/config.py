@@ -754,6 +754,25 @@ class HTTPOptions(BaseModel):
         description="A request's line and headers must arrive within this long of the connection "
         "opening (or of the request's first byte on a kept-alive connection); then 408 and close.",
     )
+    num_cpus: int = Field(0, description="Removed in Ray (a value other than 0 is refused, as there).")
+    root_url: str = Field("", description="Ray's advertised root URL (e.g. a load balancer's); accepted, "
+                          "not used: flotilla prints the proxy's own URL.")
+
+    @field_validator("root_url")
+    @classmethod
+    def _root_url(cls, v: str) -> str:
+        if v:
+            warn_not_honoured("root_url", "flotilla prints and reports the proxy's own URL (put a load "
+                              "balancer's address in your own client configuration).")
+        return v
+
+    @field_validator("num_cpus")
+    @classmethod
+    def _no_num_cpus(cls, v: int) -> int:
+        if v:
+            raise ValueError("`num_cpus` in HTTPOptions has been removed (as in Ray Serve): the proxy "
+                             "reserves no CPU; remove the option.")
+        return v
 
     ssl_certfile: str | None = Field(None, description="TLS: the server certificate (chain) file, PEM; serves https://.")
     ssl_keyfile: str | None = Field(None, description="TLS: the private key file (else it is in ssl_certfile).")
