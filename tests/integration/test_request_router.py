@@ -55,6 +55,11 @@ class BrokenRouter(RequestRouter):
         raise ValueError("no replica suits this request")
 
 
+class FlatRouter(RequestRouter):
+    async def choose_replicas(self, candidate_replicas, pending_request=None):
+        return candidate_replicas  # a rank, not a list of ranks
+
+
 @serve.deployment(num_replicas=3, ray_actor_options={"num_cpus": 0})
 class Who:
     def __init__(self, chosen: str = ""):
@@ -131,6 +136,10 @@ def test_a_router_that_raises_fails_the_call_with_its_error(url):
     h = serve.run(Who.options(num_replicas=1, request_router_config={"request_router_class": BrokenRouter}).bind(),
                   name="broken", route_prefix=None)
     with pytest.raises(ValueError, match="no replica suits"):
+        h.remote().result(timeout_s=30)
+    h = serve.run(Who.options(num_replicas=1, request_router_config={"request_router_class": FlatRouter}).bind(),
+                  name="flat", route_prefix=None)
+    with pytest.raises(TypeError, match=r"FlatRouter\.choose_replicas\(\) must return ranks"):
         h.remote().result(timeout_s=30)
 
 

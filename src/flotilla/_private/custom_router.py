@@ -152,7 +152,12 @@ class CustomRouting:
                       pending: PendingRequest) -> tuple[ReplicaConn | None, RunningReplica | None]:
         """The first rank's least loaded replica with room, from the user's ranks."""
         router = self.router
-        for rank in await user.choose_replicas(cands, pending) or ():
+        ranks = await user.choose_replicas(cands, pending)
+        for rank in ranks or ():
+            if not isinstance(rank, (list, tuple)):
+                raise TypeError(
+                    f"{type(user).__name__}.choose_replicas() must return ranks: a list of lists of "
+                    f"RunningReplica (the first the most preferred), got {type(ranks).__name__} of {type(rank).__name__}")
             w = pick_in(rank)
             c = router.replicas.get(w.replica_id.unique_id) if w is not None else None
             if c is None or c.draining or c.retired:
