@@ -54,3 +54,15 @@ def check(
     for key, value in kwargs.items():
         if value is not None:  # None: Ray's default, nothing to ignore
             warn_once(where, key, ignored[key], stacklevel=4)
+
+
+def json_only(v: Any, what: str = "must be") -> Any:
+    """`v` if it is JSON-serializable, else ValueError "<what> JSON-serializable: <why>" (a
+    pydantic validator's body for options that travel as JSON)."""
+    import json
+
+    try:
+        json.dumps(v)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{what} JSON-serializable: {e}") from None
+    return v

@@ -18,7 +18,6 @@ request waiting, the target becomes max(1, ceil(upscaling factor)) at once, as i
 
 from __future__ import annotations
 
-import json
 import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -79,11 +78,9 @@ class AutoscalingPolicy(BaseModel):
     @field_validator("policy_kwargs")
     @classmethod
     def _kwargs(cls, v: dict[str, Any]) -> dict[str, Any]:
-        try:
-            json.dumps(v)
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"must be JSON-serializable: {e}") from None
-        return v
+        from flotilla._private.args import json_only
+
+        return json_only(v)  # type: ignore[no-any-return]
 
     @field_validator("policy_function")
     @classmethod

@@ -7,7 +7,6 @@ as `ConfigError` (a `ValueError` and a `TypeError`) whose message names each bad
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -27,6 +26,7 @@ from pydantic import (
     model_validator,
 )
 
+from flotilla._private.args import json_only
 from flotilla._private.autoscaling import (
     AutoscalingConfig,
     AutoscalingContext,
@@ -336,11 +336,7 @@ class RequestRouterConfig(BaseModel):
     @field_validator("request_router_kwargs")
     @classmethod
     def _kwargs_json(cls, v: dict[str, Any]) -> dict[str, Any]:
-        try:
-            json.dumps(v)
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"request_router_kwargs is not JSON-serializable: {e}") from None
-        return v
+        return json_only(v, "request_router_kwargs is not")  # type: ignore[no-any-return]
 
     @model_validator(mode="after")
     def _ship(self) -> RequestRouterConfig:
@@ -555,12 +551,7 @@ class DeploymentConfig(BaseModel):
     @field_validator("user_config")
     @classmethod
     def _user_config(cls, v: Any) -> Any:
-        if v is not None:
-            try:
-                json.dumps(v)
-            except (TypeError, ValueError) as e:
-                raise ValueError(f"must be JSON-serializable: {e}") from None
-        return v
+        return v if v is None else json_only(v)
 
     @model_validator(mode="after")
     def _replicas_vs_autoscaling(self) -> DeploymentConfig:
