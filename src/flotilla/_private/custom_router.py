@@ -40,7 +40,7 @@ class CustomRouting:
         self.spec = spec
         self.user: RequestRouter | None = None
         self.error: BaseException | None = None
-        self.replicas: dict[str, RunningReplica] = {}  # by replica id, the ready ones
+        self.replicas: dict[str, RunningReplica] = {}  # by replica id, those the controller listed
         self.routed: dict[str, deque[str]] = {}  # replica id -> internal ids of requests in flight
         self.waiting = 0  # requests that found no replica with room and wait for one
         self.freed: asyncio.Event | None = None
@@ -65,8 +65,9 @@ class CustomRouting:
         return spec == self.spec
 
     def sync(self, stats: dict[str, Any] | None = None) -> list[RunningReplica]:
-        """The ready replicas as `RunningReplica`s (counts and stats brought up to date);
-        the user's router hears of a changed set (`update_replicas`)."""
+        """The replicas to choose from as `RunningReplica`s: those the controller listed, not
+        draining (counts and stats brought up to date); the user's router hears of a changed
+        set (`update_replicas`)."""
         r = self.router
         reps = self.replicas
         out = []
