@@ -59,6 +59,12 @@ def test_the_scaling_api_answers_errors_as_rays(url):
     for app, dep in (("nope", "Pid"), ("ext2", "Nope")):
         r = scale(app, dep, {"target_num_replicas": 2})
         assert (r.status_code, r.json()) == (404, {"error": "Application or Deployment not found"})
-    for bad in ({"target_num_replicas": -1}, {"target_num_replicas": "2"}, {}, [2], {"target_num_replicas": 2, "x": 1}):
+    for bad in ({"target_num_replicas": -1}, {"target_num_replicas": 2.5}, {}, [2]):
         r = scale("ext2", "Pid", bad)
         assert r.status_code == 400 and r.json()["error"].startswith("Invalid request body"), (bad, r.text)
+    r = httpx.post(f"{flotilla.dashboard_url()}/api/v1/applications/ext2/deployments/Pid/scale", content=b"", timeout=30)
+    assert r.json() == {"error": "Invalid request body: Expecting value: line 1 column 1 (char 0)"}  # Ray's text
+    # lax, as Ray's pydantic model: "2" and 2.0 are 2, other keys are ignored
+    for lax in ({"target_num_replicas": "2"}, {"target_num_replicas": 2.0}, {"target_num_replicas": 2, "x": 1}):
+        assert scale("ext2", "Pid", lax).status_code == 200, lax
+    wait_for(lambda: running("ext2", "Pid") == 2, timeout=60, what="2 RUNNING replicas")

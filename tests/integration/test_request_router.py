@@ -50,6 +50,21 @@ class StatsRouter(FIFOMixin, MultiplexMixin, LocalityMixin, RequestRouter):
         return [sorted(local, key=lambda r: -r.routing_stats.get("pick", 0))[:1]]
 
 
+class MetaRouter(RequestRouter):
+    """Writes what it is told of each request to the file in its kwargs."""
+
+    def initialize_state(self, **kwargs):
+        self.log = kwargs["log"]
+
+    async def choose_replicas(self, candidate_replicas, pending_request=None):
+        m = pending_request.metadata
+        with open(self.log, "a") as f:
+            f.write(json.dumps({"request_id": m.request_id, "route": m.route, "method": m.call_method,
+                                "http": m.is_http_request, "args": len(pending_request.args),
+                                "internal": m.internal_request_id}) + "\n")
+        return [candidate_replicas]
+
+
 class BrokenRouter(RequestRouter):
     async def choose_replicas(self, candidate_replicas, pending_request=None):
         raise ValueError("no replica suits this request")
@@ -148,3 +163,19 @@ def test_a_bad_router_class_is_refused_at_declaration():
         Who.options(request_router_config={"request_router_class": "no_such_module_xyz:Router"})
     with pytest.raises(ValueError, match="RequestRouter"):
         Who.options(request_router_config={"request_router_class": dict})
+
+
+def test_the_router_is_told_each_requests_id_route_and_kind_from_the_first_request(url, tmp_path):
+    log = tmp_path / "meta.jsonl"
+    cfg = {"request_router_class": MetaRouter, "request_router_kwargs": {"log": str(log)}}
+    serve.run(Who.options(num_replicas=1, request_router_config=cfg).bind(), name="meta", route_prefix="/meta")
+    with httpx.Client(base_url=url, timeout=30) as c:  # the proxy's first request to it
+        assert c.get("/meta", headers={"x-request-id": "req-abc-1"}).status_code == 200
+    h = serve.get_app_handle("meta")
+    h.remote(7).result()
+    seen = [json.loads(line) for line in log.read_text().splitlines()]
+    by_id = {e["request_id"]: e for e in seen}
+    assert by_id["req-abc-1"]["route"] == "/meta" and by_id["req-abc-1"]["http"] is True
+    handle_calls = [e for e in seen if not e["http"]]
+    assert handle_calls and handle_calls[-1]["method"] == "__call__" and handle_calls[-1]["args"] == 1
+    assert handle_calls[-1]["request_id"]  # the call's own id

@@ -489,8 +489,8 @@ def apply_app_policy(result: Any, contexts: dict[Any, AutoscalingContext]) -> tu
 
     Ray's shape is `({deployment_id: target}, {deployment_id: policy_state})` (the state may be
     None or {}); each target is rounded up and clamped as `apply_custom` does. Deployments the
-    policy leaves out keep their targets. Raises TypeError/ValueError on another shape or an
-    unknown deployment id."""
+    policy leaves out keep their targets; ids that are not among its deployments are dropped
+    (as Ray drops them). Raises TypeError on another shape."""
     if not (isinstance(result, tuple) and len(result) == 2):
         raise TypeError(f"the application policy returned {type(result).__name__}; expected "
                         "({deployment_id: target_replicas}, {deployment_id: policy_state})")
@@ -504,8 +504,7 @@ def apply_app_policy(result: Any, contexts: dict[Any, AutoscalingContext]) -> tu
     for did, target in decisions.items():
         ctx = contexts.get(did)
         if ctx is None:
-            raise ValueError(f"the application policy decided for {did!r}, which is not one of its "
-                             f"autoscaling deployments ({', '.join(map(str, contexts))})")
+            continue
         out[did] = apply_custom((target, states.get(did, {})), ctx)[0]
     return out, {did: dict(states[did]) for did in contexts if did in states}  # replaced whole, as Ray
 

@@ -44,6 +44,8 @@ class CustomRouting:
         self.routed: dict[str, deque[str]] = {}  # replica id -> internal ids of requests in flight
         self.waiting = 0  # requests that found no replica with room and wait for one
         self.freed: asyncio.Event | None = None
+        self.failure: BaseException | None = None  # waiting requests fail with it (`fail`)
+        self.failures = 0  # `fail` calls so far: a request fails if one came while it waited
         self._listed: tuple[str, ...] = ()
         self._prefix = f"{id(self):x}-"
         try:
@@ -97,7 +99,8 @@ class CustomRouting:
         return PendingRequest(list(args), dict(kwargs), RequestMetadata(
             request_id=meta.get("request_id", "") or "", internal_request_id=f"{self._prefix}{next(_ids)}",
             call_method=method, route=meta.get("route", "") or "", app_name=self.router.deployment_id.app_name,
-            multiplexed_model_id=model_id, is_streaming=kind == "stream", is_http_request=kind in ("http", "ws")))
+            multiplexed_model_id=model_id, is_streaming=kind in ("stream", "http", "ws"),  # HTTP streams, as Ray's
+            is_http_request=kind in ("http", "ws")))
 
     async def acquire(self, model_id: str, req: tuple[Any, ...] | None) -> ReplicaConn:
         """A replica with a slot reserved for the request, as the user's router ranks them."""
@@ -107,6 +110,7 @@ class CustomRouting:
         assert user is not None
         router = self.router
         pending = self._pending(model_id, req)
+        failures = self.failures
         attempt = 0
         waiting = False
         cold_since: float | None = None
@@ -145,6 +149,8 @@ class CustomRouting:
                     continue  # one more try at once, as Ray's router
                 await self._pause(user, attempt)
                 attempt += 1
+                if self.failures != failures and self.failure is not None:
+                    raise self.failure
         finally:
             if waiting:
                 self.waiting -= 1
@@ -189,6 +195,13 @@ class CustomRouting:
                     logger.exception("on_request_completed() of the request router of %s raised",
                                      self.router.deployment_id)
         self.wake()
+
+    def fail(self, err: BaseException) -> None:
+        """Fail the requests waiting for a replica now (the deployment is gone, or the cluster)."""
+        if self.waiting:
+            self.failure = err
+            self.failures += 1
+            self.wake()
 
     def wake(self) -> None:
         if self.freed is not None and self.waiting:

@@ -1000,6 +1000,7 @@ def _rest_routes(head: Head) -> dict[tuple[str, str], Any]:
 
     async def post_scale(req: rest.Request) -> rest.Reply:
         """Ray 2.60's external scaling API; answers as Ray's dashboard does."""
+        from flotilla.serve.config import ScaleDeploymentRequest
         from flotilla.serve.exceptions import (
             DeploymentUnavailableError,
             ExternalScalerDisabledError,
@@ -1007,11 +1008,8 @@ def _rest_routes(head: Head) -> dict[tuple[str, str], Any]:
 
         app_name, dep_name = req.params["application_name"], req.params["deployment_name"]
         try:
-            data = json.loads(req.body or b"null")
-            target = data["target_num_replicas"] if isinstance(data, dict) else None
-            if not isinstance(target, int) or isinstance(target, bool) or target < 0 or set(data) != {"target_num_replicas"}:
-                raise ValueError("the body must be {\"target_num_replicas\": <an integer >= 0>}")
-        except (ValueError, KeyError) as e:
+            target = ScaleDeploymentRequest(**json.loads(req.body)).target_num_replicas
+        except Exception as e:  # as Ray's: the JSON or validation error, whatever the body was
             return rest.json_reply({"error": f"Invalid request body: {e}"}, 400)
         try:
             head.controller.scale_deployment(app_name, dep_name, target)

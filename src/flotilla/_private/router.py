@@ -514,6 +514,8 @@ class Router:
             f.tell(f._fail_queue, err)
 
     def _fail_queue(self, err: BaseException) -> None:
+        if self.custom is not None:
+            self.custom.fail(err)
         while self.queue:
             fut, _, _ = self.queue.popleft()
             if not fut.done():
@@ -773,7 +775,7 @@ class Router:
         (a replica's user code), whose downstream time it adds to; `front`: it was rejected
         by a draining replica already, so it goes first in line."""
         model = meta.get("multiplexed_model_id", "") if meta else ""
-        req = (method, args, kwargs, meta, "call") if self.custom is not None else None
+        req = (method, args, kwargs, meta, "call") if self.custom is not None or self.info is None else None
         args, kwargs = wire_args(args, kwargs)
         msg = Call(method, args, kwargs, meta)
         ta = t0 = time.perf_counter()
@@ -895,7 +897,7 @@ class Router:
     async def stream(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], meta: Any) -> AsyncIterator[Any]:
         """Yield the items of a generator method, as the replica produces them."""
         model = meta.get("multiplexed_model_id", "") if meta else ""
-        req = (method, args, kwargs, meta, "stream") if self.custom is not None else None
+        req = (method, args, kwargs, meta, "stream") if self.custom is not None or self.info is None else None
         args, kwargs = wire_args(args, kwargs)
         msg = Stream(method, args, kwargs, meta)
         front = False
@@ -952,7 +954,8 @@ class Router:
         queued = 0.0
         try:
             while True:
-                r = await self.acquire(model, front, True, None if self.custom is None else ("__call__", (), {}, meta, "http"))
+                r = await self.acquire(model, front, True, ("__call__", (), {}, meta, "http")
+                                       if self.custom is not None or self.info is None else None)
                 queued += time.perf_counter() - ta
                 if queued > trace.QUEUED_S and meta is not None:
                     meta[trace.ROUTER_QUEUE_KEY] = queued
@@ -987,7 +990,8 @@ class Router:
         msg = WsOpen(scope, meta)
         front = False
         while True:
-            r = await self.acquire(model, front, False, None if self.custom is None else ("__call__", (), {}, meta, "ws"))
+            r = await self.acquire(model, front, False, ("__call__", (), {}, meta, "ws")
+                                   if self.custom is not None or self.info is None else None)
             if not r.ready or r.draining:
                 self.release(r)
                 front = True

@@ -53,6 +53,7 @@ __all__ = [
     "ProxyLocation",
     "RayActorOptions",
     "RequestRouterConfig",
+    "ScaleDeploymentRequest",
     "TracingConfig",
     "validate",
     "warn_not_honoured",
@@ -224,6 +225,13 @@ class LoggingConfig(BaseModel):
             if attr not in LOGRECORD_STANDARD_ATTRS:
                 raise ValueError(f"Unknown attribute {attr!r}; must be one of {sorted(LOGRECORD_STANDARD_ATTRS)}")
         return sorted(set(v))
+
+
+class ScaleDeploymentRequest(BaseModel):
+    """The body of the external scaler's `POST .../deployments/<name>/scale` (Ray 2.60's):
+    validated as Ray's (lax: "2" and 2.0 are 2; other keys ignored)."""
+
+    target_num_replicas: int = Field(ge=0, description="The target number of replicas for the deployment.")
 
 
 class ControllerOptions(BaseModel):

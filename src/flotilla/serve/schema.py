@@ -21,7 +21,8 @@ _OPTION_SCHEMAS = {"RayActorOptionsSchema": "RayActorOptions", "gRPCOptionsSchem
                    "ProxyLocation": "ProxyLocation", "TracingConfig": "TracingConfig",
                    "AutoscalingConfig": "AutoscalingConfig", "BackpressureConfig": "BackpressureConfig",
                    "RequestRouterConfig": "RequestRouterConfig", "GangSchedulingConfig": "GangSchedulingConfig",
-                   "DeploymentActorConfig": "DeploymentActorConfig", "ControllerOptions": "ControllerOptions"}
+                   "DeploymentActorConfig": "DeploymentActorConfig", "ControllerOptions": "ControllerOptions",
+                   "ScaleDeploymentRequest": "ScaleDeploymentRequest"}
 
 
 def __getattr__(name: str) -> Any:
