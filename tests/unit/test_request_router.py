@@ -100,6 +100,7 @@ def test_the_least_loaded_replica_with_room_is_taken_from_a_rank():
 def test_replica_ids_print_and_parse_as_rays():
     rid = ReplicaID("abc", DEP)
     assert str(rid) == repr(rid) == "Replica(id='abc', deployment='D', app='app')"
+    assert str(DEP) == repr(DEP) == "Deployment(name='D', app='app')"
     assert rid.to_full_id_str() == "SERVE_REPLICA::app#D#abc"
     assert ReplicaID.from_full_id_str(rid.to_full_id_str()) == rid
     assert ReplicaID.from_full_id_str("SERVE_REPLICA::D#abc") == ReplicaID("abc", DeploymentID("D", ""))

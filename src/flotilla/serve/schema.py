@@ -219,7 +219,9 @@ class DeploymentID:
     app_name: str = "default"
 
     def __str__(self) -> str:
-        return f"{self.app_name}#{self.name}"
+        return f"Deployment(name='{self.name}', app='{self.app_name}')"
+
+    __repr__ = __str__
 
 
 #: Where a full replica id string starts (`ReplicaID.to_full_id_str`), as in Ray Serve.
