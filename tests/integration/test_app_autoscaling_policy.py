@@ -46,7 +46,8 @@ import json
 def coordinated(contexts):
     """Preprocessor: 2 replicas; Model: twice that (clamped to its max of 3); the contexts seen
     are written down for the test."""
-    seen = {f"{d.app_name}/{d.name}": [c.deployment_name, c.capacity_adjusted_max_replicas]
+    seen = {f"{d.app_name}/{d.name}": [c.deployment_name, c.capacity_adjusted_max_replicas,
+                                        sorted({type(r).__name__ for r in c.running_replicas})]
             for d, c in contexts.items()}
     with open(SEEN, "w") as f:
         json.dump(seen, f)
@@ -80,5 +81,7 @@ def test_an_application_policy_decides_for_all_its_autoscaling_deployments(url, 
 
     wait_for(lambda: counts() == {"Preprocessor": 2, "Model": 3, "Driver": 1}, timeout=60,
              what=lambda: f"2 Preprocessor and 3 (clamped from 4) Model replicas, got {counts()}")
-    # one call with both autoscaling deployments (Driver has no autoscaling_config)
-    assert json.loads(seen.read_text()) == {"coord/Preprocessor": ["Preprocessor", 5], "coord/Model": ["Model", 3]}
+    # one call with both autoscaling deployments (Driver has no autoscaling_config); replica ids as Ray's
+    wait_for(lambda: json.loads(seen.read_text()) == {"coord/Preprocessor": ["Preprocessor", 5, ["ReplicaID"]],
+                                                      "coord/Model": ["Model", 3, ["ReplicaID"]]},
+             timeout=10, what=lambda: f"the policy's contexts: {seen.read_text()}")

@@ -189,17 +189,19 @@ class Autoscaler:
     def context(self, dep: Deployment, now: float, load: float, running: int, state: dict[str, Any]) -> Any:
         """The `AutoscalingContext` a custom policy gets for `dep` now."""
         from flotilla._private.autoscaling import AutoscalingContext, TimeStampedValue
-        from flotilla.serve.schema import DeploymentID
+        from flotilla.serve.schema import DeploymentID, ReplicaID
 
         st = dep.autoscale
         assert st is not None
-        replicas = [rid for rid, r in dep.replicas.items() if r.state.routable]
-        raw = {name: {rid: [TimeStampedValue(t, v) for t, v in vals] for rid, vals in series.items()}
-               for name, series in st.raw.items()}
-        agg = {name: {rid: sum(v for _, v in vals) / len(vals) for rid, vals in series.items() if vals}
-               for name, series in st.raw.items()}
+        did = DeploymentID(dep.name, dep.app)
+        ids = {rid: ReplicaID(rid, did) for rid in dep.replicas}  # as Ray's: ReplicaID keys
+        replicas = [ids[rid] for rid, r in dep.replicas.items() if r.state.routable]
+        raw = {name: {ids.get(rid) or ReplicaID(rid, did): [TimeStampedValue(t, v) for t, v in vals]
+                      for rid, vals in series.items()} for name, series in st.raw.items()}
+        agg = {name: {ids.get(rid) or ReplicaID(rid, did): sum(v for _, v in vals) / len(vals)
+                      for rid, vals in series.items() if vals} for name, series in st.raw.items()}
         return AutoscalingContext(
-            deployment_id=DeploymentID(dep.name, dep.app), deployment_name=dep.name, app_name=dep.app,
+            deployment_id=did, deployment_name=dep.name, app_name=dep.app,
             current_num_replicas=running, target_num_replicas=dep.target, running_replicas=replicas,
             total_num_requests=load, total_queued_requests=load - st.last_ongoing[0],
             total_running_requests=st.last_ongoing[0], aggregated_metrics=agg, raw_metrics=raw,
