@@ -66,8 +66,9 @@ def test_an_application_policy_decides_for_all_its_autoscaling_deployments(url, 
         "runtime_env": {"env_vars": {}},
         "autoscaling_policy": {"policy_function": "coord_policy:coordinated"},
         "deployments": [
-            {"name": "Preprocessor", "autoscaling_config": {"min_replicas": 1, "max_replicas": 5}},
-            {"name": "Model", "autoscaling_config": {"min_replicas": 1, "max_replicas": 3}},
+            # Ray applies each deployment's delays to the policy's targets: none here
+            {"name": "Preprocessor", "autoscaling_config": {"min_replicas": 1, "max_replicas": 5, "upscale_delay_s": 0}},
+            {"name": "Model", "autoscaling_config": {"min_replicas": 1, "max_replicas": 3, "upscale_delay_s": 0}},
         ],
     }]}
     r = httpx.put(f"{flotilla.dashboard_url()}/api/serve/applications/", json=config, timeout=60,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -92,7 +93,7 @@ def failing_policy(marker: str) -> Any:
 
 @serve.deployment(
     ray_actor_options={"num_cpus": 0.25},
-    autoscaling_config={"min_replicas": 1, "max_replicas": 3, "metrics_interval_s": 0.1,
+    autoscaling_config={"min_replicas": 1, "max_replicas": 3, "metrics_interval_s": 0.1, "upscale_delay_s": 0,
                         "look_back_period_s": 1, "policy": {"policy_function": wanted_replicas}},
 )
 class Custom:
@@ -137,7 +138,28 @@ class FixedCount:
 
 def test_a_class_based_policy_is_made_once_with_its_kwargs(url: str) -> None:
     dep = Custom.options(autoscaling_config={
-        "min_replicas": 1, "max_replicas": 3, "metrics_interval_s": 0.1,
+        "min_replicas": 1, "max_replicas": 3, "metrics_interval_s": 0.1, "upscale_delay_s": 0,
         "policy": {"policy_function": FixedCount, "policy_kwargs": {"replicas": 2}}})
     serve.run(dep.bind(), name="classy", route_prefix="/classy")
     wait_for(lambda: running("classy", "Custom") == 2, timeout=20, interval=0.1, what="2 running replicas")
+
+
+def test_a_custom_policys_wish_waits_out_upscale_delay_s_as_rays(url: str) -> None:
+    """Ray 2.60 applies the config's delays and factors to a custom policy's output: a wish
+    for 3 replicas waits upscale_delay_s (here 2 s) before the target moves."""
+    dep = Custom.options(autoscaling_config={
+        "min_replicas": 1, "max_replicas": 3, "metrics_interval_s": 0.1, "upscale_delay_s": 2,
+        "look_back_period_s": 1, "policy": {"policy_function": wanted_replicas}})
+    serve.run(dep.bind(), name="delayed", route_prefix="/delayed")
+    began = time.monotonic()
+
+    def auto() -> Any:
+        return serve.status().applications["delayed"].deployments["Custom"].autoscaling
+
+    wait_for(lambda: auto().target_replicas == 3, timeout=20, interval=0.05, what="the target to reach 3")
+    waited = time.monotonic() - began
+    # the wish began after serve.run returned, so the target cannot move sooner (without the
+    # delay it moves within a tick or two, ~0.2 s)
+    assert waited >= 1.9, waited
+    assert "upscale_delay_s 2: 1 -> 3" in auto().last_decision, auto().last_decision
+    wait_for(lambda: running("delayed", "Custom") == 3, timeout=20, interval=0.1, what="3 running replicas")

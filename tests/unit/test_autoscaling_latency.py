@@ -198,3 +198,23 @@ def test_an_application_policy_decides_per_deployment_clamped_and_keeps_ray_shap
         apply_app_policy(({a: 1}, {a: 3}), contexts)
     # an id that is not one of its autoscaling deployments is dropped, as Ray drops it
     assert {d: x.target for d, x in apply_app_policy(({DeploymentID("X", "app"): 1, a: 2}, {}), contexts)[0].items()} == {a: 2}
+
+
+def test_a_custom_policys_wish_gets_the_configs_factors_bounds_and_delays_as_rays():
+    from flotilla._private.autoscaling import AutoscalingConfig, apply_custom, cold_start
+
+    config = AutoscalingConfig(min_replicas=1, max_replicas=5, upscale_delay_s=2, downscale_delay_s=5,
+                               upscaling_factor=0.5)
+    c = ctx(config=config, current_num_replicas=2, target_num_replicas=2, current_time=10.0)
+    d, state = apply_custom((6, {"mine": 1}), c)
+    assert (d.target, d.state.direction, state) == (2, 1, {"mine": 1})  # 2 + 0.5 * (6 - 2) = 4, held
+    later = ctx(config=config, current_num_replicas=2, target_num_replicas=2, current_time=12.0)
+    assert apply_custom((6, {}), later, d.state)[0].target == 4  # after upscale_delay_s
+    assert apply_custom((60, {}), later, d.state)[0].target == 5  # bounded by max_replicas
+    down = apply_custom((1, {}), ctx(config=config, current_num_replicas=4, target_num_replicas=4, current_time=0.0))[0]
+    assert down.target == 4 and "downscale_delay_s 5" in down.reason  # downscale waits its own delay
+    # none running: the wish applies at once
+    assert apply_custom((3, {}), ctx(config=config, current_num_replicas=0, target_num_replicas=0))[0].target == 3
+    # a request waiting with none running: scale from zero without asking the policy
+    assert cold_start(ctx(config=config, current_num_replicas=0, target_num_replicas=0, total_num_requests=2.0)).target == 1
+    assert cold_start(ctx(config=config, current_num_replicas=1)) is None

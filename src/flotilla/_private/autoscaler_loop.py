@@ -214,15 +214,18 @@ class Autoscaler:
         """One tick of a custom policy: build its AutoscalingContext, call it, clamp (see
         `autoscaling.apply_custom`). A policy that fails (or cannot be loaded) is logged once
         and the target is kept; None then."""
-        from flotilla._private.autoscaling import apply_custom
+        from flotilla._private.autoscaling import apply_custom, cold_start
 
         st = dep.autoscale
         assert st is not None and st.cfg.policy is not None
         ctx = self.context(dep, now, load, running, st.policy_state)
+        fast = cold_start(ctx)  # as Ray's: a request waiting with none running skips the policy
+        if fast is not None:
+            return fast
         try:
             if st.policy_fn is None:
                 st.policy_fn = load_policy(st.cfg.policy, dep.spec.get("sys_path") or [])
-            d, st.policy_state = apply_custom(st.policy_fn(ctx), ctx)
+            d, st.policy_state = apply_custom(st.policy_fn(ctx), ctx, st.policy)
         except Exception as e:
             if not st.policy_failed:
                 st.policy_failed = True
@@ -252,7 +255,8 @@ class Autoscaler:
             if pol.fn is None:
                 policy = AutoscalingPolicy.model_validate(app.autoscaling_policy)
                 pol.fn = load_policy(policy, deps[0].spec.get("sys_path") or [])
-            decisions, pol.state = apply_app_policy(pol.fn(contexts), contexts)
+            delays = {did: d.autoscale.policy for did, (d, _) in live.items() if d.autoscale is not None}
+            decisions, pol.state = apply_app_policy(pol.fn(contexts), contexts, delays)
         except Exception as e:
             if not pol.failed:
                 pol.failed = True

@@ -325,7 +325,12 @@ def desired_replicas(avg_ongoing: float, config: AutoscalingConfig, current: int
     multiplied by the upscaling or downscaling factor and rounded up. A damped downscale
     that would not move removes one replica. Not clamped; `current` is the running count.
     """
-    raw = max(0.0, avg_ongoing) / config.target_ongoing_requests
+    return scaled_step(max(0.0, avg_ongoing) / config.target_ongoing_requests, config, current)
+
+
+def scaled_step(raw: float, config: AutoscalingConfig, current: int) -> int:
+    """The step from `current` toward `raw` replicas, times the upscaling or downscaling
+    factor, rounded up; a damped downscale that would not move removes one. Not clamped."""
     delta = raw - current
     gain = config.get_upscaling_factor() if delta > 0 else config.get_downscaling_factor()
     n = math.ceil(current + gain * delta - _EPS)
@@ -377,8 +382,16 @@ def decide(
     lat_why = ""
     if config.uses_latency:
         want, lat_why = _with_latency(config, want, running, latency)
-    desired = want
-    want = _clamp(want, config)
+    target = config.target_ongoing_requests
+    sign = ">" if per > target else "<" if per < target else "=="
+    head = f"avg ongoing {load:.1f} over {running} replicas ({per:.2f}/replica) {sign} target {target:g}{lat_why}"
+    return _delayed(want, _clamp(want, config), cur, config, state, now, head)
+
+
+def _delayed(desired: int, want: int, cur: int, config: AutoscalingConfig, state: PolicyState,
+             now: float, head: str) -> Decision:
+    """`want` (clamped) against the current target `cur`, once the wish has lasted its delay
+    (upscale_delay_s, downscale_delay_s, or downscale_to_zero_delay_s for 1 -> 0)."""
     if want > cur:
         direction, delay, delay_name = 1, config.upscale_delay_s, "upscale_delay_s"
     elif want < cur:
@@ -391,9 +404,6 @@ def decide(
             want = max(1, want)  # 1 -> 0 is its own step, with its own delay
     else:
         direction = 0
-    target = config.target_ongoing_requests
-    sign = ">" if per > target else "<" if per < target else "=="
-    head = f"avg ongoing {load:.1f} over {running} replicas ({per:.2f}/replica) {sign} target {target:g}{lat_why}"
     if direction == 0:
         return Decision(cur, f"{head}: steady at {cur}", PolicyState(), desired)
 
@@ -484,11 +494,15 @@ class AutoscalingContext:
     queue_delay_p95_ms: float | None = None
 
 
-def apply_app_policy(result: Any, contexts: dict[Any, AutoscalingContext]) -> tuple[dict[Any, Decision], dict[Any, dict[str, Any]]]:
+def apply_app_policy(result: Any, contexts: dict[Any, AutoscalingContext],
+                     delays: Mapping[Any, PolicyState | None] | None = None,
+                     ) -> tuple[dict[Any, Decision], dict[Any, dict[str, Any]]]:
     """Turn an application-level policy's return value into a Decision per deployment (pure).
 
     Ray's shape is `({deployment_id: target}, {deployment_id: policy_state})` (the state may be
-    None or {}); each target is rounded up and clamped as `apply_custom` does. Deployments the
+    None or {}); each target gets the deployment's standard parameters as `apply_custom` gives
+    them (a deployment with none running and a request waiting scales from zero at once;
+    `delays`: each deployment's delay progress). Deployments the
     policy leaves out keep their targets; ids that are not among its deployments are dropped
     (as Ray drops them). Raises TypeError on another shape."""
     if not (isinstance(result, tuple) and len(result) == 2):
@@ -505,17 +519,28 @@ def apply_app_policy(result: Any, contexts: dict[Any, AutoscalingContext]) -> tu
         ctx = contexts.get(did)
         if ctx is None:
             continue
-        out[did] = apply_custom((target, states.get(did, {})), ctx)[0]
+        out[did] = cold_start(ctx) or apply_custom((target, states.get(did, {})), ctx, (delays or {}).get(did))[0]
     return out, {did: dict(states[did]) for did in contexts if did in states}  # replaced whole, as Ray
 
 
-def apply_custom(result: Any, ctx: AutoscalingContext) -> tuple[Decision, dict[str, Any]]:
-    """Turn a policy function's return value into a Decision (pure).
+def cold_start(ctx: AutoscalingContext) -> Decision | None:
+    """Ray 2.60's fast path for a custom policy: no replica running and a request waiting
+    scale up at once (the policy is not asked): max(ceil(upscaling_factor), target)."""
+    if ctx.current_num_replicas == 0 and ctx.total_num_requests > 0:
+        cfg = ctx.config
+        n = max(math.ceil((cfg.get_upscaling_factor() if cfg is not None else 1.0) - _EPS), ctx.target_num_replicas)
+        n = max(ctx.capacity_adjusted_min_replicas, min(ctx.capacity_adjusted_max_replicas, n))
+        return Decision(n, f"{ctx.total_num_requests:g} waiting with none running: scale from zero to {n}", PolicyState())
+    return None
 
-    Ray's shape is `(target, policy_state)`; a bare number is accepted too (state kept). The
-    target is rounded up and clamped to the capacity-adjusted [min, max]. A custom policy
-    owns its timing: no up/down delays are added. Raises TypeError on another shape.
-    """
+
+def apply_custom(result: Any, ctx: AutoscalingContext, delay: PolicyState | None = None) -> tuple[Decision, dict[str, Any]]:
+    """Turn a policy function's return value into a Decision (pure), as Ray 2.60 does: its
+    "raw desired" count gets the config's standard parameters on top (the scaling factors
+    from the running count, the capacity-adjusted bounds, and the upscale / downscale /
+    downscale-to-zero delays, whose progress `delay` carries; with none running it applies
+    at once). Ray's shape is `(target, policy_state)`; a bare number is accepted too (state
+    kept). Raises TypeError on another shape."""
     state = ctx.policy_state
     if isinstance(result, tuple) and len(result) == 2:
         result, state = result
@@ -524,7 +549,12 @@ def apply_custom(result: Any, ctx: AutoscalingContext) -> tuple[Decision, dict[s
     if isinstance(result, bool) or not isinstance(result, (int, float)) or result != result:
         raise TypeError(f"the policy returned {result!r}; expected (target_replicas, policy_state)")
     lo, hi = ctx.capacity_adjusted_min_replicas, ctx.capacity_adjusted_max_replicas
-    target = max(lo, min(hi, math.ceil(result - _EPS)))
-    cur = ctx.target_num_replicas
-    what = f"{cur} -> {target}" if target != cur else f"steady at {cur}"
-    return Decision(target, f"custom policy asked for {result:g}: {what}", PolicyState()), state
+    cur, running, cfg = ctx.target_num_replicas, ctx.current_num_replicas, ctx.config
+    head = f"custom policy asked for {result:g}"
+    if cfg is None or running <= 0:  # from zero (or no config to apply): at once
+        target = max(lo, min(hi, math.ceil(max(0.0, result) - _EPS)))
+        what = f"{cur} -> {target}" if target != cur else f"steady at {cur}"
+        return Decision(target, f"{head}: {what}", PolicyState(), target), state
+    step = scaled_step(max(0.0, float(result)), cfg, running)
+    want = max(lo, min(hi, step))
+    return _delayed(step, want, cur, cfg, delay or PolicyState(), ctx.current_time or 0.0, head), state
