@@ -43,6 +43,9 @@ def test_an_external_scaler_sets_the_replica_count(url):
     assert len(set(h.broadcast("__call__").results())) == 3
     details = httpx.get(f"{flotilla.dashboard_url()}/api/serve/applications/", timeout=30).json()
     assert details["applications"]["ext"]["external_scaler_enabled"] is True
+    # a redeploy keeps the count the external scaler set (Ray's documented behaviour)
+    serve.run(Pid.bind(), name="ext", route_prefix="/ext", external_scaler_enabled=True)
+    assert serve.status().applications["ext"].deployments["Pid"].replica_states == {"RUNNING": 3}
     assert scale("ext", "Pid", {"target_num_replicas": 1}).status_code == 200
     wait_for(lambda: running("ext", "Pid") == 1 and sum(serve.status().applications["ext"]
                                                          .deployments["Pid"].replica_states.values()) == 1,
@@ -68,3 +71,10 @@ def test_the_scaling_api_answers_errors_as_rays(url):
     for lax in ({"target_num_replicas": "2"}, {"target_num_replicas": 2.0}, {"target_num_replicas": 2, "x": 1}):
         assert scale("ext2", "Pid", lax).status_code == 200, lax
     wait_for(lambda: running("ext2", "Pid") == 2, timeout=60, what="2 RUNNING replicas")
+
+
+def test_external_scaling_and_autoscaling_are_mutually_exclusive(url):
+    auto = Pid.options(autoscaling_config={"min_replicas": 1, "max_replicas": 2})
+    with pytest.raises(ValueError, match=r"mutually exclusive with autoscaling.*'Pid'"):
+        serve.run(auto.bind(), name="both", route_prefix="/both", external_scaler_enabled=True)
+    assert "both" not in serve.status().applications

@@ -174,6 +174,7 @@ def capture(c: Controller, ckpt: Checkpoint, proxy: dict[str, Any] | None, metri
                 "status": d.status.value, "trigger": d.trigger.value, "message": d.message,
                 "failures": d.failures, "failed_msg": d.failed_msg, "unhealthy_msg": d.unhealthy_msg,
                 "deleting": d.deleting, "scaling": d.scaling, "autoscale": _autoscale(d.autoscale),
+                "external_target": d.external_target,
             })
             for r in d.replicas.values():
                 if r.proc is None or r.state in (RState.PENDING, RState.GONE):
@@ -222,6 +223,7 @@ def restore(c: Controller, state: dict[str, Any], specs: dict[str, dict[str, Any
         dep.failures = d["failures"]
         dep.failed_msg = d["failed_msg"]
         dep.unhealthy_msg = d["unhealthy_msg"]
+        dep.external_target = d.get("external_target")
         dep.deleting = d["deleting"]
         dep.scaling = d["scaling"]
         dep.autoscale = make_state(dep.config)

@@ -283,6 +283,9 @@ class Deployment:
     ranks: DeploymentRanks = field(default_factory=DeploymentRanks)
     #: The replicas holding a rank when the ranks were last made contiguous.
     ranked: frozenset[str] = frozenset()
+    #: The count the external scaler set last (kept across redeploys while its application
+    #: has external_scaler_enabled, as Ray's)
+    external_target: int | None = None
 
     @property
     def version(self) -> str:
@@ -698,6 +701,19 @@ class Controller:
                 f"\"{name}\" is the name of a traffic split; pick another application name, or "
                 f"serve.delete_traffic(\"{name}\") first."
             )
+        if spec.get("external_scaler_enabled"):
+            scaled = [d["name"] for d in spec["deployments"] if d["config"].get("autoscaling_config")]
+            if scaled:
+                raise ConfigError(
+                    f"Application \"{name}\" has external_scaler_enabled, which is mutually exclusive with "
+                    f"autoscaling: deployment(s) {', '.join(map(repr, scaled))} set autoscaling_config. Remove "
+                    "it (give num_replicas instead), or deploy without external_scaler_enabled.")
+        if spec.get("autoscaling_policy"):
+            own = [d["name"] for d in spec["deployments"]
+                   if (d["config"].get("autoscaling_config") or {}).get("policy")]
+            if own:
+                logger.warning("application %r: its autoscaling_policy takes precedence over the policy of "
+                               "deployment(s) %s", name, ", ".join(own))
         for d in spec["deployments"]:
             demand = d["demand"]
             if not self.pool.fits_ever(demand):
@@ -749,6 +765,10 @@ class Controller:
             dep.autoscale = make_state(cfg)
         elif cfg.get("autoscaling_config") is None:
             dep.target = target
+            if app.external_scaler_enabled and dep.external_target is not None:
+                dep.target = dep.external_target  # a redeploy keeps the external scaler's count
+        if not app.external_scaler_enabled:
+            dep.external_target = None
         dep.failed_msg = ""
         dep.failures = 0
         dep.retry_at = 0.0
@@ -855,6 +875,7 @@ class Controller:
             raise DeploymentUnavailableError(f"Deployment '{name}' in application '{app_name}' is being deleted.")
         if target < 0:
             raise ValueError(f"target_num_replicas must be >= 0, got {target}")
+        dep.external_target = target
         if target == dep.target:
             return
         logger.info("external scaler: %s/%s from %d to %d replicas", app_name, name, dep.target, target)
