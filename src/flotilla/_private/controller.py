@@ -853,7 +853,7 @@ class Controller:
         """Ray 2.60's external scaling API: `target` replicas for a deployment of an application
         deployed with `external_scaler_enabled`. Raises LookupError (no such application or
         deployment), ExternalScalerDisabledError, or DeploymentUnavailableError (being deleted).
-        A deployment with autoscaling keeps its autoscaler, whose next decision may move it."""
+        The count is kept through redeploys (`external_target`)."""
         from flotilla.serve.exceptions import (
             DeploymentUnavailableError,
             ExternalScalerDisabledError,
