@@ -218,3 +218,10 @@ def test_a_custom_policys_wish_gets_the_configs_factors_bounds_and_delays_as_ray
     # a request waiting with none running: scale from zero without asking the policy
     assert cold_start(ctx(config=config, current_num_replicas=0, target_num_replicas=0, total_num_requests=2.0)).target == 1
     assert cold_start(ctx(config=config, current_num_replicas=1)) is None
+
+
+def test_aggregation_function_takes_rays_enum():
+    from flotilla.serve.config import AggregationFunction
+
+    assert cfg(aggregation_function=AggregationFunction.MAX).aggregation_function == "max"
+    assert [a.value for a in AggregationFunction] == ["mean", "max", "min"]

@@ -22,6 +22,7 @@ import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any, Literal, NamedTuple
 
 from pydantic import (
@@ -60,6 +61,14 @@ AUTO_MAX_ONGOING_REQUESTS = 5
 
 #: Prefix of a callable policy function in its wire form (cloudpickled, base64).
 PICKLED_POLICY = "cloudpickle:"
+
+
+class AggregationFunction(str, Enum):
+    """How `aggregation_function` combines each replica's samples over the look-back window."""
+
+    MEAN = "mean"
+    MAX = "max"
+    MIN = "min"
 
 
 class AutoscalingPolicy(BaseModel):

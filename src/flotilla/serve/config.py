@@ -28,6 +28,7 @@ from pydantic import (
 
 from flotilla._private.args import json_only
 from flotilla._private.autoscaling import (
+    AggregationFunction,
     AutoscalingConfig,
     AutoscalingContext,
     AutoscalingPolicy,
@@ -37,6 +38,7 @@ from flotilla.serve.exceptions import ConfigError
 from flotilla.serve.schema import DeploymentID  # where Ray's policy examples import it from
 
 __all__ = [
+    "AggregationFunction",
     "AutoscalingConfig",
     "AutoscalingContext",
     "AutoscalingPolicy",
