@@ -162,3 +162,29 @@ def test_bundle_label_selector_picks_the_labelled_node(nodes: dict[str, Any]) ->
     where = h.broadcast("__call__").results()
     assert len(where) == 4 and set(where) == {nodes["zone_b"]}  # every replica on the node labelled zone=b
     serve.delete("labelled")
+
+
+def test_a_custom_router_sees_each_replicas_node_and_ranks_by_locality(nodes: dict[str, Any], tmp_path) -> None:
+    import json
+
+    from flotilla.serve.request_router import LocalityMixin, RequestRouter
+
+    class Local(LocalityMixin, RequestRouter):
+        def initialize_state(self, **kwargs):
+            self.log = kwargs["log"]
+
+        async def choose_replicas(self, candidate_replicas, pending_request=None):
+            ranks = self.rank_replicas_via_locality(candidate_replicas)
+            with open(self.log, "a") as f:
+                f.write(json.dumps([[r.node_id for r in rank] for rank in ranks]) + "\n")
+            return ranks
+
+    log = tmp_path / "ranks.jsonl"
+    app = One.options(max_replicas_per_node=1, num_replicas=2,
+                      request_router_config={"request_router_class": Local, "request_router_kwargs": {"log": str(log)}})
+    h = serve.run(app.bind(), name="local", route_prefix=None)
+    assert h.remote().result(timeout_s=30) in nodes["workers"]
+    ranks = [json.loads(line) for line in log.read_text().splitlines()]
+    # this driver runs on the head, which has no replica: both are in the last rank, by node
+    assert ranks[-1][0] == [] and sorted(ranks[-1][2]) == sorted(nodes["workers"])
+    serve.delete("local")

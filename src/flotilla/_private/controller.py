@@ -491,6 +491,7 @@ class Controller:
                 }
                 out["routing_stats"] = {r.id: r.routing_stats for r in dep.replicas.values()
                                         if r.state.routable and r.routing_stats}
+                out["replica_nodes"] = {r.id: r.node for r in dep.replicas.values() if r.node}
             return out
         if key[0] == "routes":
             return self.routes()

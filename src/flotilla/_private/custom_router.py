@@ -66,7 +66,7 @@ class CustomRouting:
     def same(self, spec: dict[str, Any]) -> bool:
         return spec == self.spec
 
-    def sync(self, stats: dict[str, Any] | None = None) -> list[RunningReplica]:
+    def sync(self, stats: dict[str, Any] | None = None, nodes: dict[str, str] | None = None) -> list[RunningReplica]:
         """The replicas to choose from as `RunningReplica`s: those the controller listed, not
         draining (counts and stats brought up to date); the user's router hears of a changed
         set (`update_replicas`)."""
@@ -82,6 +82,8 @@ class CustomRouting:
             w._routed = c.in_flight
             if stats is not None:
                 w.routing_stats = stats.get(c.id) or {}
+            if nodes is not None:
+                w.node_id = nodes.get(c.id, "")
             if not c.draining and not c.retired:
                 out.append(w)
         ids = tuple(w.replica_id.unique_id for w in out)

@@ -452,7 +452,7 @@ class Router:
 
             self.custom = CustomRouting(self, rr)
         if self.custom is not None:
-            self.custom.sync(info.get("routing_stats") or {})
+            self.custom.sync(info.get("routing_stats") or {}, info.get("replica_nodes") or {})
             self.custom.wake()
         if not self.exists or (self.failed and not wanted):
             self._fail_queue(self._unavailable())

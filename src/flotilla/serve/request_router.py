@@ -14,14 +14,16 @@ defines it, is called every `request_routing_stats_period_s` (bounded by
 
 Differences from Ray Serve: `on_request_routed` gets `result=None` (the reply is not there
 yet); `RunningReplica.get_queue_len()` answers from the router's own count of requests in
-flight (no probe); `rank_replicas_via_locality` puts every replica in the first rank (all
-replicas of the local backend share this machine).
+flight (no probe); `rank_replicas_via_locality` ranks by Ray node on the Ray backend (there is
+no availability-zone rank) and puts every replica first on the local backend (one machine,
+`node_id` "").
 """
 
 from __future__ import annotations
 
 import asyncio
 import random
+import sys
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -178,7 +180,24 @@ class LocalityMixin:
     """`rank_replicas_via_locality`: [same node, same zone, others]."""
 
     def rank_replicas_via_locality(self, replicas: list[RunningReplica]) -> list[list[RunningReplica]]:
-        return [list(replicas), [], []]
+        """On the Ray backend, the replicas on this process's Ray node first; on the local
+        backend (one machine, no node ids) every replica is on this node."""
+        here = _this_node()
+        if not here:
+            return [list(replicas), [], []]
+        same = [r for r in replicas if not r.node_id or r.node_id == here]
+        return [same, [], [r for r in replicas if r.node_id and r.node_id != here]]
+
+
+def _this_node() -> str:
+    """This process's Ray node id, where Ray runs in it; "" otherwise."""
+    ray = sys.modules.get("ray")
+    try:
+        if ray is not None and ray.is_initialized():
+            return str(ray.get_runtime_context().get_node_id())
+    except Exception:
+        pass
+    return ""
 
 
 def pick_in(rank: list[RunningReplica]) -> RunningReplica | None:
