@@ -78,3 +78,31 @@ def test_external_scaling_and_autoscaling_are_mutually_exclusive(url):
     with pytest.raises(ValueError, match=r"mutually exclusive with autoscaling.*'Pid'"):
         serve.run(auto.bind(), name="both", route_prefix="/both", external_scaler_enabled=True)
     assert "both" not in serve.status().applications
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+class SlowStart:
+    def __init__(self):
+        import time
+
+        time.sleep(1.5)  # long enough to read the status while it scales
+
+    def __call__(self, *args):
+        return "ok"
+
+
+def test_the_status_says_what_a_scaling_step_does_as_rays(url):
+    serve.run(SlowStart.bind(), name="slow", route_prefix=None, external_scaler_enabled=True)
+    assert scale("slow", "SlowStart", {"target_num_replicas": 2}).status_code == 200
+
+    def state() -> tuple[str, str]:
+        d = serve.status().applications["slow"].deployments["SlowStart"]
+        return d.status, d.message
+
+    wait_for(lambda: state() == ("UPSCALING", "Upscaling from 1 to 2 replicas."), timeout=1.2,
+             what=lambda: f"the scaling step in the status, got {state()}")
+    wait_for(lambda: running("slow", "SlowStart") == 2, timeout=30, what="2 RUNNING")
+    assert serve.status().applications["slow"].deployments["SlowStart"].message == ""
+    assert scale("slow", "SlowStart", {"target_num_replicas": 1}).status_code == 200
+    d = serve.status().applications["slow"].deployments["SlowStart"]
+    assert d.status != "DOWNSCALING" or d.message == "Downscaling from 2 to 1 replicas.", (d.status, d.message)

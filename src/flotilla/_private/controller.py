@@ -268,6 +268,7 @@ class Deployment:
     deleting: bool = False
     autoscale: AutoscalerState | None = None
     scaling: int = 0  # +1 / -1 while a scaling step (autoscaler or new num_replicas) is carried out
+    scaling_from: int = 0  # the target that step started from (the status message says it)
     # Replicas that died or were killed while serving, newest last: routers fail what they
     # had in flight on them at once (their connections may never close: a vanished node).
     dead: deque[str] = field(default_factory=lambda: deque(maxlen=DEAD_KEPT))
@@ -777,7 +778,7 @@ class Controller:
         dep.trigger = DeploymentStatusTrigger.CONFIG_UPDATE_STARTED
         if dep.version == old_version and dep.target != old_target and _only_count_changed(cfg, old_cfg):
             # As Ray Serve: a new replica count alone scales (the application stays RUNNING).
-            dep.scaling = 1 if dep.target > old_target else -1
+            dep.scaling, dep.scaling_from = (1 if dep.target > old_target else -1), old_target
             dep.status = DeploymentStatus.UPSCALING if dep.scaling > 0 else DeploymentStatus.DOWNSCALING
         # Replicas of this version take the new config; serving ones apply it in place.
         for r in dep.replicas.values():
@@ -880,7 +881,7 @@ class Controller:
         if target == dep.target:
             return
         logger.info("external scaler: %s/%s from %d to %d replicas", app_name, name, dep.target, target)
-        dep.scaling = 1 if target > dep.target else -1
+        dep.scaling, dep.scaling_from = (1 if target > dep.target else -1), dep.target
         dep.target = target
         self.publish(dep.key)
         self.kick()
@@ -1453,6 +1454,9 @@ class Controller:
             dep.unhealthy_msg = ""
         elif status is DeploymentStatus.UNHEALTHY:
             messages.insert(0, dep.unhealthy_msg)
+        elif status in (DeploymentStatus.UPSCALING, DeploymentStatus.DOWNSCALING) and dep.scaling:
+            messages.insert(0, f"{'Upscaling' if dep.scaling > 0 else 'Downscaling'} from {dep.scaling_from} "
+                               f"to {dep.target} replicas.")  # as Ray's status says it
         dep.status = status
         dep.message = "\n".join(messages)
 
