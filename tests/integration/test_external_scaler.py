@@ -85,7 +85,7 @@ class SlowStart:
     def __init__(self):
         import time
 
-        time.sleep(1.5)  # long enough to read the status while it scales
+        time.sleep(3)  # long enough to read the status while it scales
 
     def __call__(self, *args):
         return "ok"
@@ -99,7 +99,7 @@ def test_the_status_says_what_a_scaling_step_does_as_rays(url):
         d = serve.status().applications["slow"].deployments["SlowStart"]
         return d.status, d.message
 
-    wait_for(lambda: state() == ("UPSCALING", "Upscaling from 1 to 2 replicas."), timeout=1.2,
+    wait_for(lambda: state() == ("UPSCALING", "Upscaling from 1 to 2 replicas."), timeout=2.5,
              what=lambda: f"the scaling step in the status, got {state()}")
     wait_for(lambda: running("slow", "SlowStart") == 2, timeout=30, what="2 RUNNING")
     assert serve.status().applications["slow"].deployments["SlowStart"].message == ""
