@@ -11,9 +11,10 @@ from __future__ import annotations
 import difflib
 import warnings
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 _warned: set[tuple[str, str]] = set()
+_T = TypeVar("_T")
 
 
 def warn_once(where: str, name: str, why: str, stacklevel: int = 3) -> None:
@@ -56,7 +57,7 @@ def check(
             warn_once(where, key, ignored[key], stacklevel=4)
 
 
-def json_only(v: Any, what: str = "must be") -> Any:
+def json_only(v: _T, what: str = "must be") -> _T:
     """`v` if it is JSON-serializable, else ValueError "<what> JSON-serializable: <why>" (a
     pydantic validator's body for options that travel as JSON)."""
     import json

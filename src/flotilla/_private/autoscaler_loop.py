@@ -193,13 +193,12 @@ class Autoscaler:
 
         st = dep.autoscale
         assert st is not None
-        did = DeploymentID(dep.name, dep.app)
-        ids = {rid: ReplicaID(rid, did) for rid in dep.replicas}  # as Ray's: ReplicaID keys
-        replicas = [ids[rid] for rid, r in dep.replicas.items() if r.state.routable]
-        raw = {name: {ids.get(rid) or ReplicaID(rid, did): [TimeStampedValue(t, v) for t, v in vals]
-                      for rid, vals in series.items()} for name, series in st.raw.items()}
-        agg = {name: {ids.get(rid) or ReplicaID(rid, did): sum(v for _, v in vals) / len(vals)
-                      for rid, vals in series.items() if vals} for name, series in st.raw.items()}
+        did = DeploymentID(dep.name, dep.app)  # replicas as Ray's ReplicaIDs, here and as metric keys
+        replicas = [ReplicaID(rid, did) for rid, r in dep.replicas.items() if r.state.routable]
+        raw = {name: {ReplicaID(rid, did): [TimeStampedValue(t, v) for t, v in vals] for rid, vals in series.items()}
+               for name, series in st.raw.items()}
+        agg = {name: {ReplicaID(rid, did): sum(v for _, v in vals) / len(vals) for rid, vals in series.items() if vals}
+               for name, series in st.raw.items()}
         return AutoscalingContext(
             deployment_id=did, deployment_name=dep.name, app_name=dep.app,
             current_num_replicas=running, target_num_replicas=dep.target, running_replicas=replicas,

@@ -89,7 +89,7 @@ class AutoscalingPolicy(BaseModel):
     def _kwargs(cls, v: dict[str, Any]) -> dict[str, Any]:
         from flotilla._private.args import json_only
 
-        return json_only(v)  # type: ignore[no-any-return]
+        return json_only(v)
 
     @field_validator("policy_function")
     @classmethod
@@ -511,9 +511,9 @@ def apply_app_policy(result: Any, contexts: dict[Any, AutoscalingContext],
     Ray's shape is `({deployment_id: target}, {deployment_id: policy_state})` (the state may be
     None or {}); each target gets the deployment's standard parameters as `apply_custom` gives
     them (a deployment with none running and a request waiting scales from zero at once;
-    `delays`: each deployment's delay progress). Deployments the
-    policy leaves out keep their targets; ids that are not among its deployments are dropped
-    (as Ray drops them). Raises TypeError on another shape."""
+    `delays`: each deployment's delay progress). Deployments the policy leaves out keep their
+    targets; ids that are not among its deployments are dropped (as Ray drops them). Raises
+    TypeError on another shape."""
     if not (isinstance(result, tuple) and len(result) == 2):
         raise TypeError(f"the application policy returned {type(result).__name__}; expected "
                         "({deployment_id: target_replicas}, {deployment_id: policy_state})")
@@ -537,8 +537,8 @@ def cold_start(ctx: AutoscalingContext) -> Decision | None:
     scale up at once (the policy is not asked): max(ceil(upscaling_factor), target)."""
     if ctx.current_num_replicas == 0 and ctx.total_num_requests > 0:
         cfg = ctx.config
-        n = max(math.ceil((cfg.get_upscaling_factor() if cfg is not None else 1.0) - _EPS), ctx.target_num_replicas)
-        n = max(ctx.capacity_adjusted_min_replicas, min(ctx.capacity_adjusted_max_replicas, n))
+        n = _bounded(max(math.ceil((cfg.get_upscaling_factor() if cfg is not None else 1.0) - _EPS),
+                         ctx.target_num_replicas), ctx)
         return Decision(n, f"{ctx.total_num_requests:g} waiting with none running: scale from zero to {n}", PolicyState())
     return None
 
@@ -557,13 +557,16 @@ def apply_custom(result: Any, ctx: AutoscalingContext, delay: PolicyState | None
             raise TypeError(f"the policy returned a policy_state of type {type(state).__name__}, not a dict")
     if isinstance(result, bool) or not isinstance(result, (int, float)) or result != result:
         raise TypeError(f"the policy returned {result!r}; expected (target_replicas, policy_state)")
-    lo, hi = ctx.capacity_adjusted_min_replicas, ctx.capacity_adjusted_max_replicas
     cur, running, cfg = ctx.target_num_replicas, ctx.current_num_replicas, ctx.config
     head = f"custom policy asked for {result:g}"
     if cfg is None or running <= 0:  # from zero (or no config to apply): at once
-        target = max(lo, min(hi, math.ceil(max(0.0, result) - _EPS)))
+        target = _bounded(math.ceil(max(0.0, result) - _EPS), ctx)
         what = f"{cur} -> {target}" if target != cur else f"steady at {cur}"
         return Decision(target, f"{head}: {what}", PolicyState(), target), state
     step = scaled_step(max(0.0, float(result)), cfg, running)
-    want = max(lo, min(hi, step))
-    return _delayed(step, want, cur, cfg, delay or PolicyState(), ctx.current_time or 0.0, head), state
+    return _delayed(step, _bounded(step, ctx), cur, cfg, delay or PolicyState(), ctx.current_time or 0.0, head), state
+
+
+def _bounded(n: int, ctx: AutoscalingContext) -> int:
+    """`n` within the context's capacity-adjusted [min, max]."""
+    return max(ctx.capacity_adjusted_min_replicas, min(ctx.capacity_adjusted_max_replicas, n))

@@ -346,7 +346,7 @@ class RequestRouterConfig(BaseModel):
     @field_validator("request_router_kwargs")
     @classmethod
     def _kwargs_json(cls, v: dict[str, Any]) -> dict[str, Any]:
-        return json_only(v, "request_router_kwargs is not")  # type: ignore[no-any-return]
+        return json_only(v, "request_router_kwargs is not")
 
     @model_validator(mode="after")
     def _ship(self) -> RequestRouterConfig:
