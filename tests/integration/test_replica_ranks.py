@@ -35,7 +35,8 @@ class ModelShard:
         ctx = serve.get_replica_context()
         return {"rank": ctx.rank.rank, "world_size": ctx.world_size, "replica": ctx.replica_tag,
                 "node_rank": ctx.rank.node_rank, "local_rank": ctx.rank.local_rank,
-                "rank_at_init": self.rank_at_init, "world_at_init": self.world_at_init}
+                "rank_at_init": self.rank_at_init, "world_at_init": self.world_at_init,
+                "code_version": ctx.code_version, "gang_context": ctx.gang_context}
 
 
 def _by_replica(h: Any, n: int) -> dict[str, dict[str, Any]]:
@@ -59,6 +60,9 @@ def test_the_documented_example_sees_ranks_0_to_3_and_world_size_4(cluster: str)
     for r in seen.values():
         assert r["world_size"] == 4 and r["node_rank"] == 0 and r["local_rank"] == r["rank"]
         assert (r["rank_at_init"], r["world_at_init"]) == (r["rank"], 4)  # known in the constructor
+        assert r["gang_context"] is None  # Ray 2.60's field; no gang scheduling here
+    versions = {r["code_version"] for r in seen.values()}
+    assert len(versions) == 1 and isinstance(versions.pop(), str)  # one code version for all replicas
     serve.delete("ranks")
 
 

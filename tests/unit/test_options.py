@@ -311,6 +311,13 @@ def test_ray_260_gang_label_and_actor_options_are_validated_as_rays():
         serve.deployment(deployment_actors=[{"actor_class": dict}])(f)
     with pytest.raises(ValueError, match="does not create"):
         serve.get_deployment_actor("counter")
+    with pytest.raises(serve.exceptions.RayServeException, match="deployment-scoped actor"):
+        serve.get_deployment_actor_context()
+
+
+def test_serve_gang_has_rays_gang_context():
+    ctx = serve.gang.GangContext(gang_id="g", rank=1, world_size=2, member_replica_ids=["a", "b"])
+    assert (ctx.gang_id, ctx.rank, ctx.world_size, ctx.member_replica_ids, ctx.pg_name) == ("g", 1, 2, ["a", "b"], "")
 
 
 def test_rays_deprecated_http_options_are_handled_as_rays():

@@ -1039,7 +1039,7 @@ class Controller:
         r.world_size = world_size(r.dep)
         r.config_sent = replica_light(r)
         return {"config": s["config"], "def_bytes": s["def_bytes"], "args_bytes": s["args_bytes"],
-                "rank": r.config_sent["rank"], "world_size": r.world_size}
+                "rank": r.config_sent["rank"], "world_size": r.world_size, "version": s["version"]}
 
     # ---- a restarted head: replicas reconnect --------------------------------------------
     def reattach(self, peer: RpcPeer, rid: str, pid: int, phase: str, tb: str, models: list[str]) -> None:

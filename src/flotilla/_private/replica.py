@@ -171,13 +171,13 @@ class Built(NamedTuple):
 
 
 def set_replica_context(app: str, deployment: str, tag: str, rank: ReplicaRank | None = None,
-                        world_size: int = 1) -> None:
+                        world_size: int = 1, code_version: str | None = None) -> None:
     """What `serve.get_replica_context()` returns in this process."""
     dep = DeploymentID(deployment, app)
     context.replica_context = ReplicaContext(app_name=app, deployment=deployment, replica_tag=tag,
                                              replica_id=ReplicaID(tag, dep),
                                              rank=rank if rank is not None else ReplicaRank(),
-                                             world_size=world_size)
+                                             world_size=world_size, code_version=code_version)
 
 
 def _takes_rank(obj: Any) -> bool:
@@ -493,7 +493,8 @@ class Replica:
         context.on_models_changed = self._models_changed
         rank = spec.get("rank")
         self.rank = ReplicaRank(*rank) if rank is not None else ReplicaRank()
-        set_replica_context(self.app_name, self.dep_name, self.replica_id, self.rank, spec.get("world_size", 1))
+        set_replica_context(self.app_name, self.dep_name, self.replica_id, self.rank, spec.get("world_size", 1),
+                            spec.get("version"))
         built = self.prebuilt
         if built is None:
             target = cloudpickle.loads(spec["def_bytes"])

@@ -27,6 +27,7 @@ _EXPORTS = {
     "get_deployment": "legacy",
     "get_deployment_handle": "api",
     "get_deployment_actor": "api",
+    "get_deployment_actor_context": "api",
     "get_trace_context": "api",
     "ControllerOptions": "config",
     "TracingConfig": "config",
@@ -51,7 +52,7 @@ _EXPORTS = {
 
 # Submodules reachable as attributes right after `from flotilla import serve`, as in Ray
 # (`serve.metrics.Counter(...)`, `serve.schema.LoggingConfig`).
-_SUBMODULES = frozenset({"api", "autoscaling_policy", "batching", "config", "context", "exceptions", "generated",
+_SUBMODULES = frozenset({"api", "autoscaling_policy", "batching", "config", "context", "exceptions", "gang", "generated",
                          "grpc_util", "handle", "metrics", "multiplex", "request_router", "schema"})
 
 __all__ = [

@@ -746,6 +746,14 @@ def get_deployment_actor(actor_name: str) -> Any:
         "Ray backend, with ray.remote) and pass its handle to the deployment's constructor.")
 
 
+def get_deployment_actor_context() -> Any:
+    """Ray 2.60's context of a deployment-scoped actor, for code running in one: flotilla
+    creates no such actors, so this raises RayServeException (as Ray's does outside one)."""
+    raise RayServeException(
+        "`serve.get_deployment_actor_context()` may only be called from within a deployment-scoped actor, "
+        "and flotilla creates none (the deployment_actors option is accepted and ignored).")
+
+
 def get_trace_context() -> dict[str, str] | None:
     """Ray's OpenTelemetry trace context of the request being served: None here (flotilla's
     own traces are keyed by the request id, `serve.get_request_context().request_id`)."""

@@ -304,3 +304,9 @@ class ReplicaContext:
     servable_object: Any = None
     rank: ReplicaRank = field(default_factory=ReplicaRank)
     world_size: int = 1
+    #: Ray 2.60's gang of a gang-scheduled deployment (`serve.gang.GangContext`): None here,
+    #: replicas are placed one at a time.
+    gang_context: Any = None
+    #: The deployment's code version: a hash of its code, arguments and replica options (of
+    #: the config file's `code_version` when one is given); a new one starts new replicas.
+    code_version: str | None = None
