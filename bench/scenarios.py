@@ -9,6 +9,7 @@ import json
 import random
 import signal
 import socket
+import statistics
 import subprocess
 import time
 from collections.abc import Callable
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import procs
-from systems import BENCH, COMMANDS, Launched, System, ensure_wrk, http_ok, launch_app
+from systems import BENCH, COMMANDS, Launched, System, ensure_wrk, http_ok, launch_app, pick_port
 
 POST_LUA = BENCH / "apps" / "post.lua"
 CHAOS_LUA = BENCH / "apps" / "chaos.lua"
@@ -142,10 +143,11 @@ def http(system: System, ctx: Ctx) -> Result:
             for k in ("rps", "p50_ms", "p99_ms", "errors", "cpu_ms"):
                 out[f"http_{k}_c{c}"] = m[k]
             out["notes"][f"cpu_ms_per_req_by_process_c{c}"] = m["cpu_roles"]
+        if system.name == "flotilla":
+            _metrics_cost(system, ctx, out, srv)
     finally:
         srv.stop()
     if system.name == "flotilla":
-        _metrics_cost(system, ctx, out)
         _variant(system, ctx, out, "two-proxies", "2proxies", num_proxies=2)
     return out
 
@@ -170,13 +172,41 @@ def _variant(system: System, ctx: Ctx, out: Result, what: str, tag: str,
     return got
 
 
-def _metrics_cost(system: System, ctx: Ctx, out: Result) -> None:
-    """The same app with FLOTILLA_METRICS=0 (no metrics, access logs or traces), at 8 and 32
-    connections: what they cost, in req/s and CPU per request, against the run just made."""
-    off = replace(system, extra_env={**system.extra_env, "FLOTILLA_METRICS": "0"})
-    for c, m in _variant(off, ctx, out, "metrics-off", "nometrics").items():
-        out[f"metrics_cost_rps_c{c}"] = 1.0 - out[f"http_rps_c{c}"] / max(m["rps"], 1e-9)
-        out[f"metrics_cost_cpu_c{c}"] = out[f"http_cpu_ms_c{c}"] / max(m["cpu_ms"], 1e-9) - 1.0
+#: On/off pairs per connection count in `_metrics_cost`, and the seconds of each point.
+COST_PAIRS = 3
+COST_POINT_S = 3.0
+
+
+def _metrics_cost(system: System, ctx: Ctx, out: Result, on: Launched) -> None:
+    """What metrics, access logs and traces cost: the same app started again with
+    FLOTILLA_METRICS=0 on another port, while `on` (the run just measured) stays up, then
+    both measured in turn at 8 and 32 connections, COST_PAIRS times, the order swapped each
+    pair, so drift and the VM's noise fall on both alike. The cost is the median over pairs
+    of 1 - on/off (req/s) and on/off - 1 (CPU per request)."""
+    off_system = replace(system, extra_env={**system.extra_env, "FLOTILLA_METRICS": "0"})
+    off_ctx = replace(ctx, port=pick_port(ctx.port + 100))
+    off = start_server(off_system, off_ctx, "http-metrics-off", [echo_app()])
+    seconds = min(ctx.duration, COST_POINT_S)
+    try:
+        wrk(off_ctx, 8, 1.0)
+        for c in (8, 32):
+            if f"http_rps_c{c}" not in out:
+                continue
+            pairs: list[tuple[dict[str, Any], dict[str, Any]]] = []
+            for k in range(COST_PAIRS):
+                first, second = ((on, ctx), (off, off_ctx)) if k % 2 == 0 else ((off, off_ctx), (on, ctx))
+                a = measure_http(first[0], replace(first[1], duration=seconds), c)
+                b = measure_http(second[0], replace(second[1], duration=seconds), c)
+                pairs.append((a, b) if first[0] is on else (b, a))
+            offs = [p[1] for p in pairs]
+            out[f"http_rps_nometrics_c{c}"] = statistics.median(m["rps"] for m in offs)
+            out[f"http_cpu_ms_nometrics_c{c}"] = statistics.median(m["cpu_ms"] for m in offs)
+            out[f"metrics_cost_rps_c{c}"] = statistics.median(1.0 - a["rps"] / max(b["rps"], 1e-9) for a, b in pairs)
+            out[f"metrics_cost_cpu_c{c}"] = statistics.median(a["cpu_ms"] / max(b["cpu_ms"], 1e-9) - 1.0 for a, b in pairs)
+            out["notes"][f"metrics on/off req/s pairs c{c}"] = [(round(a["rps"]), round(b["rps"])) for a, b in pairs]
+            out["notes"][f"cpu_ms_per_req_by_process_nometrics_c{c}"] = offs[-1]["cpu_roles"]
+    finally:
+        off.stop()
 
 
 def batch(system: System, ctx: Ctx) -> Result:
