@@ -45,17 +45,18 @@ class Counted:
 
 
 def _load(h: Any, seconds: float) -> int:
-    """Waves of 200 calls for about `seconds`; the most requests the driver's router had in
-    flight on the replica at once, sampled on the router's own loop every turn."""
+    """Waves of 200 calls for about `seconds`; the most requests the driver's routers (the
+    runtime's, and the main thread's lane follower that sends these calls) had in flight on
+    the replica at once, sampled on the runtime's loop every turn."""
     rt = Runtime.current()
     dep = DeploymentID("Counted", "ahead")
     peak = [0]
     done = [False]
 
     def sample() -> None:
-        r = rt.routers.get(dep)
-        if r is not None and r.ready:
-            peak[0] = max(peak[0], max(c.in_flight for c in r.ready))
+        for r in [rt.routers.get(dep), *(f for f in rt.loop_routers.all() if f.deployment_id == dep)]:
+            if r is not None and r.ready:
+                peak[0] = max(peak[0], max(c.in_flight for c in list(r.ready)))
         if not done[0]:
             rt.loop.call_soon(sample)
 
@@ -83,8 +84,11 @@ def test_zero_keeps_rays_strict_rule(cluster: str, monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(router_mod, "REPLICA_QUEUE_S", 0.0)
     h = serve.run(Counted.bind(), name="ahead", route_prefix=None)
     h.remote(0).result(timeout_s=10)
-    r = Runtime.current().routers[DeploymentID("Counted", "ahead")]
-    r._ahead_t = 0.0  # worked out again at the next request, with the patched setting
+    rt = Runtime.current()
+    dep = DeploymentID("Counted", "ahead")
+    r = rt.routers[dep]
+    for each in [r, *(f for f in rt.loop_routers.all() if f.deployment_id == dep)]:
+        each._ahead_t = 0.0  # worked out again at the next request, with the patched setting
     assert _load(h, 1.0) == 2
     wait_for(lambda: not r.queue, timeout=5, what="the router's queue to empty")
     serve.delete("ahead")

@@ -224,6 +224,8 @@ class Runtime:
         link.on_up.append(self._resubscribe)
         self.routers: dict[DeploymentID, Router] = {}
         self.loop_routers = LoopRouters(self)  # routers on callers' own loops (handle calls)
+        self.lane: Any = None  # the main thread's own loop for its sync calls (`lane.Lane`), made at first use
+        self.lane_ok = True  # sync calls may use a lane (a driver; not a proxy's or replica's runtime)
         self.listeners: dict[Any, list[Any]] = {}
         self.splits: dict[str, Any] = {}  # traffic splits that split handles follow (handle.py)
         self.thread: threading.Thread | None = None
@@ -281,6 +283,7 @@ class Runtime:
         """Use in replica/proxy processes: share their loop and control connection."""
         rt = cls(loop, link)
         rt._pusher = False  # the process pushes its metrics itself
+        rt.lane_ok = False
         cls._instance = rt
         return rt
 
@@ -738,6 +741,9 @@ class Runtime:
             self.thread.join(5)
         if not self.loop.is_running():
             self.loop.close()
+        self.lane_ok = False
+        if self.lane is not None:  # after `loop_routers.close()` told its followers to close
+            self.lane.close()
 
 
 def _shutdown_at_exit() -> None:

@@ -56,6 +56,7 @@ class Follower(Router):
         self.lead: Router | None = None  # set on the runtime's loop (`LoopRouters._follow`)
         self.loop = home  # fixed: a follower lives and dies with its caller's loop
         self.parked = False
+        self.pumped = False  # on a `lane.Lane`'s loop, whose pump turns it: never parked
 
     @property
     def home(self) -> asyncio.AbstractEventLoop:
@@ -148,7 +149,7 @@ class LoopRouters:
                 for loop in list(self.by_loop):
                     closed, running = loop.is_closed(), loop.is_running()
                     for f in list(self.by_loop[loop].values()):
-                        what = fate(closed, running, f.parked, bool(f.conns()) and f.idle())
+                        what = fate(closed, running, f.parked or f.pumped, bool(f.conns()) and f.idle())
                         if what == CUT:
                             f.sever()
                             if f.lead is not None:

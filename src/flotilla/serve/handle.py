@@ -21,6 +21,7 @@ from flotilla._private import args as _args
 from flotilla._private.client import Runtime
 from flotilla._private.context import new_request_id, request_meta, spawned
 from flotilla._private.hop import Inbox, inbox_for
+from flotilla._private.lane import Lane, for_caller
 from flotilla._private.protocol import ResponsePending
 from flotilla._private.router import DirectCall
 from flotilla.exceptions import GetTimeoutError
@@ -371,7 +372,7 @@ class DeploymentResponse:
     """
 
     __slots__ = ("_asked", "_back", "_box", "_by_user", "_cancel", "_direct", "_fut", "_home", "_inline_task",
-                 "_latch", "_local", "_make", "_request_id", "_rt", "_task")
+                 "_lane", "_latch", "_local", "_make", "_request_id", "_rt", "_task")
     _task: asyncio.Task[Any] | None
     _fut: asyncio.Future[Any] | None
     _back: Inbox | None
@@ -404,7 +405,7 @@ class DeploymentResponse:
         self._request_id = request_id
         self._home: asyncio.AbstractEventLoop | None = None  # the caller's loop it runs on (`_on_loop`)
         self._make: tuple[Any, ...] | None = None  # that call's target and arguments, until it starts there
-        self._box = rt.inbox  # the inbox of the loop that runs the call
+        self._box: Inbox | Lane = rt.inbox  # the inbox of the loop that runs the call
         self._inline_task: asyncio.Task[Any] | None = None  # the task it runs in (`_inline`)
         self._task = None
         self._fut = None  # the caller's loop's view of the outcome
@@ -415,16 +416,29 @@ class DeploymentResponse:
         self._by_user = False  # cancel() was called: waiting raises RequestCancelledError
         self._asked = False  # result() gave up waiting: its caller saw this call's outcome as a timeout
         self._direct: DirectCall | None = None  # sent by `_start_direct`, no task of its own
+        self._lane: Lane | None = None  # sent through the caller's lane: `_task` is on its loop
 
     @classmethod
     def _blocking(cls, rt: Runtime, dep: DeploymentID, method: str, args: tuple[Any, ...],
                   kwargs: dict[str, Any], meta: Any, request_id: str) -> DeploymentResponse:
-        """A plain call made from sync code: the runtime's loop sends it the moment it gets it
-        (`_start_direct`) and its reply releases `result()` the moment it arrives."""
+        """A plain call made from sync code: sent now through the main thread's lane when it
+        can (`lane`: `result()` then turns the lane's loop itself), else the runtime's loop
+        sends it the moment it gets it (`_start_direct`) and its reply releases `result()`
+        the moment it arrives."""
         self = cls.__new__(cls)
         self._blank(rt, request_id)
         latch = self._latch = threading.Lock()
         latch.acquire()
+        lane = for_caller(rt)
+        if lane is not None:
+            try:
+                sent = lane.send(dep, method, args, kwargs, meta, self._finished)
+            except Exception:  # it cannot be sent (its arguments do not pickle): the runtime's
+                sent = None  # loop tries again, and settles it with that error
+            if sent is not None:
+                self._direct, self._task = sent  # type: ignore[assignment]
+                self._lane = self._box = lane
+                return self
         rt.inbox.put(self._start_direct, dep, method, args, kwargs, meta)
         return self
 
@@ -561,6 +575,9 @@ class DeploymentResponse:
             raise RuntimeError(
                 "DeploymentResponse.result() cannot wait on the event loop that runs the call "
                 "(the loop it was made on); use `await response` instead.")
+        lane = self._lane
+        if lane is not None and not self._done and lane.drive(self._task, timeout_s):  # type: ignore[arg-type]
+            timeout_s = 0.0  # turned the loop for all of it: any wait is over
         if not self._done:
             latch = self._latch
             if latch is None:  # made on an event loop, waited for here: one latch for all waiters
@@ -624,6 +641,10 @@ class DeploymentResponse:
 
     def _awaitable(self) -> Awaitable[Any]:
         loop = asyncio.get_running_loop()
+        if self._lane is not None:  # sent through a lane: watched there, its pump turning it now
+            watched = loop.create_future()
+            self._lane.put(self._watch, watched, inbox_for(loop))
+            return watched
         home = self._home
         if home is not None:
             if loop is not home:
