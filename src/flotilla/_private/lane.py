@@ -10,9 +10,11 @@ calls go instead through `Follower`s on a private loop that nobody runs between 
 Whoever turns the loop holds `Lane.lock`. Between calls a pump thread turns it every
 PUMP_S while no caller does (and at once when asked: `put`, an await from another loop),
 so replies nobody waits for yet, a draining replica's messages and replica-set changes are
-handled. A caller that finds the lock taken falls back: `remote()` to the runtime's loop,
-`result()` to the response's latch (released by whoever turns the loop).
-FLOTILLA_SYNC_LANE=0 sends every sync call through the runtime's loop.
+handled; `remote()` takes the lock from the pump (its turn ends at once), and `result()`
+that finds it taken waits on the response's latch (released by whoever turns the loop).
+A call with no free slot waits in its follower's queue, as a task of the lane's loop.
+Only a follower with no connected replica (a cold start) sends the call to the runtime's
+loop instead. FLOTILLA_SYNC_LANE=0 sends every sync call through the runtime's loop.
 """
 
 from __future__ import annotations
@@ -175,10 +177,6 @@ class Lane:
     def put(self, fn: Any, *args: Any) -> None:
         """Run `fn(*args)` on the lane's loop at its next turn, and turn it now."""
         self.loop.call_soon_threadsafe(fn, *args)
-        self._wake.set()
-
-    def kick(self) -> None:
-        """Have the pump turn the loop now (someone waits elsewhere for a call sent here)."""
         self._wake.set()
 
     def close(self) -> None:
