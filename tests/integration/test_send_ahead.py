@@ -54,8 +54,9 @@ def _load(h: Any, seconds: float) -> int:
     done = [False]
 
     def sample() -> None:
-        for r in [rt.routers.get(dep), *(f for f in rt.loop_routers.all() if f.deployment_id == dep)]:
-            if r is not None and r.ready:
+        lead = rt.routers.get(dep)
+        for r in [lead, *lead.followers] if lead is not None else []:
+            if r.ready:
                 peak[0] = max(peak[0], max(c.in_flight for c in list(r.ready)))
         if not done[0]:
             rt.loop.call_soon(sample)
@@ -87,7 +88,7 @@ def test_zero_keeps_rays_strict_rule(cluster: str, monkeypatch: pytest.MonkeyPat
     rt = Runtime.current()
     dep = DeploymentID("Counted", "ahead")
     r = rt.routers[dep]
-    for each in [r, *(f for f in rt.loop_routers.all() if f.deployment_id == dep)]:
+    for each in [r, *r.followers]:
         each._ahead_t = 0.0  # worked out again at the next request, with the patched setting
     assert _load(h, 1.0) == 2
     wait_for(lambda: not r.queue, timeout=5, what="the router's queue to empty")

@@ -182,7 +182,7 @@ class Autoscaler:
             if old == 0 and d.target > 0:
                 st.zero_since = time.monotonic()
             dep.target = d.target
-            dep.scaling, dep.scaling_from = (1 if d.target > old else -1), old
+            dep.scaled_from(old)
             dep.trigger = DeploymentStatusTrigger.AUTOSCALING
             self.c.kick()
 

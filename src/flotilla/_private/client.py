@@ -29,7 +29,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from flotilla._private import logtail, session
 from flotilla._private.hop import Inbox
@@ -37,6 +37,9 @@ from flotilla._private.looprouter import LoopRouters
 from flotilla._private.router import Router
 from flotilla._private.transport import Handler, PeerClosedError, RpcPeer, connect_addr
 from flotilla.serve.schema import DeploymentID
+
+if TYPE_CHECKING:
+    from flotilla._private.lane import Lane
 
 logger = logging.getLogger("flotilla")
 
@@ -224,7 +227,7 @@ class Runtime:
         link.on_up.append(self._resubscribe)
         self.routers: dict[DeploymentID, Router] = {}
         self.loop_routers = LoopRouters(self)  # routers on callers' own loops (handle calls)
-        self.lane: Any = None  # the main thread's own loop for its sync calls (`lane.Lane`), made at first use
+        self.lane: Lane | None = None  # the main thread's own loop for its sync calls (`lane.Lane`), made at first use
         self.lane_ok = True  # sync calls may use a lane (a driver; not a proxy's or replica's runtime)
         self.listeners: dict[Any, list[Any]] = {}
         self.splits: dict[str, Any] = {}  # traffic splits that split handles follow (handle.py)

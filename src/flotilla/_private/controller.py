@@ -292,6 +292,10 @@ class Deployment:
     def version(self) -> str:
         return str(self.spec["version"])
 
+    def scaled_from(self, old: int) -> None:
+        """`target` was just moved from `old`: a scaling step, as the status tells it."""
+        self.scaling, self.scaling_from = (1 if self.target > old else -1), old
+
     @property
     def config(self) -> dict[str, Any]:
         return self.spec["config"]
@@ -778,7 +782,7 @@ class Controller:
         dep.trigger = DeploymentStatusTrigger.CONFIG_UPDATE_STARTED
         if dep.version == old_version and dep.target != old_target and _only_count_changed(cfg, old_cfg):
             # As Ray Serve: a new replica count alone scales (the application stays RUNNING).
-            dep.scaling, dep.scaling_from = (1 if dep.target > old_target else -1), old_target
+            dep.scaled_from(old_target)
             dep.status = DeploymentStatus.UPSCALING if dep.scaling > 0 else DeploymentStatus.DOWNSCALING
         # Replicas of this version take the new config; serving ones apply it in place.
         for r in dep.replicas.values():
@@ -881,8 +885,8 @@ class Controller:
         if target == dep.target:
             return
         logger.info("external scaler: %s/%s from %d to %d replicas", app_name, name, dep.target, target)
-        dep.scaling, dep.scaling_from = (1 if target > dep.target else -1), dep.target
-        dep.target = target
+        old, dep.target = dep.target, target
+        dep.scaled_from(old)
         self.publish(dep.key)
         self.kick()
 

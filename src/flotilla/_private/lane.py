@@ -31,6 +31,7 @@ from flotilla.serve.schema import DeploymentID
 
 if TYPE_CHECKING:
     from flotilla._private.client import Runtime
+    from flotilla._private.looprouter import Follower
     from flotilla._private.router import DirectCall
 
 #: How often the pump turns an idle lane's loop (seconds), and the longest it turns it at once.
@@ -60,6 +61,7 @@ class Lane:
         self._wanted = 0  # callers waiting for the lock (the pump leaves it to them)
         self._yield: asyncio.Future[None] | None = None  # set: the pump's turn ends now
         self._turned = 0.0  # time.monotonic() of the end of the last turn of the loop
+        self._followers: dict[DeploymentID, Follower] = {}  # never parked or cut while the lane lives
         self._wake = threading.Event()
         self._pump = threading.Thread(target=self._run_pump, name="flotilla-lane", daemon=True)
         self._pump.start()
@@ -78,7 +80,7 @@ class Lane:
             if self.closed:
                 return None
             if time.monotonic() - self._turned > STALE_S:  # what came since (a replica gone, a drain) first
-                self._turn(0.0)
+                self._run(asyncio.sleep(0))
             f = self._follower(dep)
             if f is None:
                 return None
@@ -87,7 +89,7 @@ class Lane:
             if d is None:  # no free slot, or others wait: in line in this follower, as `await` would be
                 out = self.loop.create_task(f.call(method, args, kwargs, meta))
                 out.add_done_callback(on_done)
-                self._turn(0.0)  # in line (or refused) before the next call
+                self._run(asyncio.sleep(0))  # in line (or refused) before the next call
             self.pending.add(out)
             out.add_done_callback(self.pending.discard)
             return d, out
@@ -112,9 +114,13 @@ class Lane:
         if y is not None and not y.done():
             y.set_result(None)
 
-    def _follower(self, dep: DeploymentID) -> Any:
-        f = self.rt.loop_routers.get(self.loop, dep)
-        f.pumped = True
+    def _follower(self, dep: DeploymentID) -> Follower | None:
+        """The lane's follower of `dep`, connected (turning the loop up to WARM_S for a new
+        one's connections), or None."""
+        f = self._followers.get(dep)
+        if f is None:
+            f = self._followers[dep] = self.rt.loop_routers.get(self.loop, dep)
+            f.pumped = True
         if not f.ready:
             lead = self.rt.routers.get(dep)
             if lead is None or not lead.ready:  # nothing to connect to yet: the runtime's loop waits
@@ -133,22 +139,20 @@ class Lane:
                 or not self.lock.acquire(blocking=False)):
             return False
         try:
-            if self.closed or out.done():
-                return not self.closed
-            if timeout is None:
-                waiter = out
-            else:  # a future settled by `out` or the timeout, whichever comes first (no task)
+            if self.closed:
+                return False
+            waiter, timer = out, None
+            if timeout is not None and not out.done():  # settled by `out` or the timeout (no task)
                 waiter = self.loop.create_future()
                 timer = self.loop.call_later(timeout, _settle, waiter)
                 out.add_done_callback(functools.partial(_settle, waiter))
             try:
-                self.loop.run_until_complete(waiter)
+                self._run(waiter)
             except BaseException:
                 if not waiter.done():  # an interrupt while waiting
                     raise
             finally:
-                self._turned = time.monotonic()
-                if waiter is not out:
+                if timer is not None:
                     timer.cancel()
             return True
         finally:
@@ -161,15 +165,12 @@ class Lane:
             while not done() and self.loop.time() < end:
                 await asyncio.sleep(min(0.001, max(0.0, end - self.loop.time())))
 
-        try:
-            self.loop.run_until_complete(wait())
-        finally:
-            self._turned = time.monotonic()
+        self._run(wait())
 
-    def _turn(self, seconds: float) -> None:
-        """Turn the loop for `seconds` (0: what is ready now)."""
+    def _run(self, aw: Any) -> None:
+        """`run_until_complete(aw)`, noting when the loop last turned."""
         try:
-            self.loop.run_until_complete(asyncio.sleep(seconds))
+            self.loop.run_until_complete(aw)
         finally:
             self._turned = time.monotonic()
 
@@ -205,11 +206,10 @@ class Lane:
             try:
                 if self.closed:
                     return
-                self.loop.run_until_complete(self._pump_turn())
+                self._run(self._pump_turn())
             except Exception:  # a turn never takes the pump down
                 pass
             finally:
-                self._turned = time.monotonic()
                 self.lock.release()
             if self.pending:
                 self._wake.set()  # turn again soon, after a caller had its chance at the lock

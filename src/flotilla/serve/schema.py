@@ -11,6 +11,7 @@ if TYPE_CHECKING:
     from flotilla.serve.deploy_schema import DeploymentSchema as DeploymentSchema
     from flotilla.serve.deploy_schema import ServeApplicationSchema as ServeApplicationSchema
     from flotilla.serve.deploy_schema import ServeDeploySchema as ServeDeploySchema
+    from flotilla.serve.gang import GangContext
 
 _CONFIG_SCHEMAS = ("DeploymentSchema", "ServeApplicationSchema", "ServeDeploySchema", "HTTPOptionsSchema")
 #: Ray's REST details models (`serve.details`).
@@ -306,7 +307,7 @@ class ReplicaContext:
     world_size: int = 1
     #: Ray 2.60's gang of a gang-scheduled deployment (`serve.gang.GangContext`): None here,
     #: replicas are placed one at a time.
-    gang_context: Any = None
+    gang_context: GangContext | None = None
     #: The deployment's code version: a hash of its code, arguments and replica options (of
     #: the config file's `code_version` when one is given); a new one starts new replicas.
     code_version: str | None = None
