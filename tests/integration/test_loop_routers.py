@@ -62,6 +62,30 @@ def test_calls_on_a_driver_loop_go_through_that_loops_router(url: str) -> None:
     wait_for(lambda: not _followers("onloop"), 10, what="the closed loop's router forgotten")
 
 
+def test_a_driver_loop_is_polled_for_fast_replies_only(url: str) -> None:
+    h = serve.run(Version.bind(), name="polled", route_prefix=None)
+
+    async def main() -> tuple[int, int, int, bool]:
+        await h.get.remote()
+        f = next(f for f in _followers("polled") if f.home is asyncio.get_running_loop())
+        if f.poll_max == 0:
+            return -1, 0, 0, False
+        polled = f.polled
+        assert [await h.get.remote() for _ in range(200)] == ["v1"] * 200
+        fast = f.polled - polled
+        for _ in range(10):  # 20 ms calls: the usual wait passes the limit, polling stops
+            assert await h.slow.remote(0.02) == "slow"
+        polled = f.polled
+        for _ in range(5):
+            assert await h.slow.remote(0.02) == "slow"
+        return fast, f.polled - polled, f._open, f._polling
+
+    fast, slow, still_open, polling = asyncio.run(main())
+    if fast == -1:
+        pytest.skip("this process may use one CPU only: nothing is polled there")
+    assert fast > 100 and slow == 0 and still_open == 0 and not polling  # (a hiccup may skip a few)
+
+
 def test_a_closed_driver_loop_does_not_hold_up_a_redeploy(url: str) -> None:
     """A replica drains only once every connection acked: one from a loop that is gone must
     not make it wait for graceful_shutdown_timeout_s (30 s here)."""

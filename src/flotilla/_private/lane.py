@@ -15,6 +15,8 @@ that finds it taken waits on the response's latch (released by whoever turns the
 A call with no free slot waits in its follower's queue, as a task of the lane's loop.
 Only a follower with no connected replica (a cold start) sends the call to the runtime's
 loop instead. FLOTILLA_SYNC_LANE=0 sends every sync call through the runtime's loop.
+
+`result()` of a call expected back soon polls the loop before it blocks (`poll`).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
+from flotilla._private.poll import next_usual, poll_budget, poll_max_s
 from flotilla.serve.schema import DeploymentID
 
 if TYPE_CHECKING:
@@ -62,6 +65,10 @@ class Lane:
         self._yield: asyncio.Future[None] | None = None  # set: the pump's turn ends now
         self._turned = 0.0  # time.monotonic() of the end of the last turn of the loop
         self._followers: dict[DeploymentID, Follower] = {}  # never parked or cut while the lane lives
+        self.poll_max = poll_max_s()
+        self.usual_wait = self.poll_max / 2  # seconds, the average of the last waits of `drive`
+        self.polls = 0  # `drive`s that polled before blocking
+        self.caught = 0  # ... and found the reply while polling
         self._wake = threading.Event()
         self._pump = threading.Thread(target=self._run_pump, name="flotilla-lane", daemon=True)
         self._pump.start()
@@ -141,22 +148,35 @@ class Lane:
         try:
             if self.closed:
                 return False
+            began = time.perf_counter()
             waiter, timer = out, None
             if timeout is not None and not out.done():  # settled by `out` or the timeout (no task)
                 waiter = self.loop.create_future()
                 timer = self.loop.call_later(timeout, _settle, waiter)
                 out.add_done_callback(functools.partial(_settle, waiter))
+            budget = 0.0 if out.done() else poll_budget(self.usual_wait, self.poll_max)
             try:
-                self._run(waiter)
+                self._run(self._poll(out, waiter, began + budget) if budget else waiter)
             except BaseException:
                 if not waiter.done():  # an interrupt while waiting
                     raise
             finally:
                 if timer is not None:
                     timer.cancel()
+            self.usual_wait = next_usual(self.usual_wait, time.perf_counter() - began)
             return True
         finally:
             self.lock.release()
+
+    async def _poll(self, out: asyncio.Future[Any], waiter: asyncio.Future[Any], until: float) -> None:
+        """Turn the loop without blocking until `waiter` is settled or `until` (perf_counter),
+        then wait for it."""
+        self.polls += 1
+        while not waiter.done() and time.perf_counter() < until:
+            await asyncio.sleep(0)
+        if out.done():
+            self.caught += 1
+        await waiter
 
     def _turn_until(self, done: Any, timeout: float) -> None:
         """Turn the loop until `done()` or `timeout` (checked each millisecond)."""

@@ -21,9 +21,11 @@ import contextlib
 import os
 import socket
 import threading
+import time
 from typing import TYPE_CHECKING, Any
 
 from flotilla._private import trace
+from flotilla._private.poll import next_usual, poll_budget, poll_max_s
 from flotilla._private.router import Router
 from flotilla.serve.schema import DeploymentID
 
@@ -57,12 +59,44 @@ class Follower(Router):
         self.loop = home  # fixed: a follower lives and dies with its caller's loop
         self.parked = False
         self.pumped = False  # on a `lane.Lane`'s loop, whose pump turns it: never parked
+        self.poll_max = poll_max_s()
+        self.usual_wait = self.poll_max / 2  # seconds, the average of the last `call_polled` waits
+        self._open = 0  # `call_polled` calls not answered yet
+        self._poll_until = 0.0  # perf_counter: the loop is polled until then while calls are open
+        self._polling = False
+        self.polled = 0  # `call_polled` calls for which the loop was polled
 
     @property
     def home(self) -> asyncio.AbstractEventLoop:
         """The caller's loop it runs on."""
         assert self.loop is not None
         return self.loop
+
+    async def call_polled(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], meta: Any) -> Any:
+        """`call`, the caller's loop kept polling (never blocked in its selector) while the
+        reply is expected soon (`poll`): one callback, called again at each turn, until every
+        such call is answered or its time is up; other work on the loop runs as usual."""
+        began = time.perf_counter()
+        budget = poll_budget(self.usual_wait, self.poll_max)
+        if budget:
+            self.polled += 1
+            self._open += 1
+            self._poll_until = max(self._poll_until, began + budget)
+            if not self._polling:
+                self._polling = True
+                self.home.call_soon(self._poll)
+        try:
+            return await self.call(method, args, kwargs, meta)
+        finally:
+            if budget:
+                self._open -= 1
+            self.usual_wait = next_usual(self.usual_wait, time.perf_counter() - began)
+
+    def _poll(self) -> None:
+        if self._open and time.perf_counter() < self._poll_until:
+            self.home.call_soon(self._poll)
+        else:
+            self._polling = False
 
     def _waiting(self, cold: bool) -> None:
         if cold:  # no replica at all: the autoscaler hears of it now (`Runtime._on_router_wait`)

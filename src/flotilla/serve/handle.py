@@ -471,7 +471,7 @@ class DeploymentResponse:
         """The call, in the task on `_home` that awaited it at once, through that loop's router."""
         dep, method, args, kwargs, meta = self._make  # type: ignore[misc]
         self._make = None  # started here: it stays here
-        return await self._rt.loop_routers.get(self._home, dep).call(method, args, kwargs, meta)  # type: ignore[arg-type]
+        return await self._rt.loop_routers.get(self._home, dep).call_polled(method, args, kwargs, meta)  # type: ignore[arg-type]
 
     def _divert(self) -> bool:
         """Run the call on the runtime's loop instead of its caller's, where it has not started
