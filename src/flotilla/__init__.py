@@ -226,6 +226,8 @@ def is_initialized() -> bool:
     from flotilla._private.client import Runtime
 
     rt = Runtime._instance
+    if rt is None and Runtime._forked_from:  # a forked child: its parent's cluster, joined at first use
+        return True
     return rt is not None and (rt.process is not None or rt.actor is not None or rt.attached is not None) and not rt.dead
 
 

@@ -254,6 +254,7 @@ class Runtime:
         #: A driver's metrics pusher (its handles' counters), made with its first router;
         #: False in a proxy or replica, which push their own.
         self._pusher: Any = None
+        self.driver = True  # False in a proxy's or replica's runtime (`attach`)
 
     # ---- construction -----------------------------------------------------------------
     @classmethod
@@ -272,14 +273,66 @@ class Runtime:
             if rt.dead:
                 raise ClusterGoneError(rt.dead)
             return rt
+        forked = cls._forked_from
+        if forked is not None:  # a forked child of a driver: it joins its parent's cluster
+            with cls._lock:
+                if cls._instance is None:
+                    if not forked:
+                        raise RuntimeError(
+                            "this process was forked from a flotilla driver on the Ray backend, and Ray "
+                            "cannot be used across a fork: start it with multiprocessing's 'spawn' (or "
+                            "'forkserver') start method, or call flotilla.init(address=...) in it first.")
+                    cls.attach_cluster(forked)
+            return cls.current()
         from flotilla import init
 
         init(**(cls._reinit or {}))
         return cls.current()
 
+    @classmethod
+    def existing(cls) -> Runtime | None:
+        """This process's runtime, or None; in a forked child of a driver, its parent's cluster,
+        joined at this first use (`get_or_start`)."""
+        rt = cls._instance
+        if rt is None and cls._forked_from is not None:
+            return cls.get_or_start()
+        return rt
+
     #: `init` arguments for the next implicit start: after `serve.shutdown()` stopped the
     #: controller actor of a Ray cluster, `serve.run` starts a new one on the same cluster.
     _reinit: ClassVar[dict[str, Any] | None] = None
+    #: In a forked child of a driver: its parent's cluster (`attach_cluster`'s record), which
+    #: its first handle call joins; {} where it cannot (the Ray backend). None: not forked.
+    _forked_from: ClassVar[dict[str, Any] | None] = None
+
+    def _fork_record(self) -> dict[str, Any]:
+        """What a forked child needs to join this driver's cluster ({}: it cannot)."""
+        if self.attached is not None:
+            return dict(self.attached)
+        if self.backend != "local" or self.process is None or self.actor is not None:
+            return {}
+        return {"sock": self.link.path, "session_dir": self.session_dir, "resources": self.resources,
+                "metrics_port": self.metrics_port, "dashboard_url": self.dashboard_url, "pid": self.head_pid,
+                "keeper_pid": self.process.pid, "namespace": "(the parent process's)"}
+
+    def _inherited_fds(self) -> list[int]:
+        """The descriptors of this runtime's connections and pipes (the keeper's, the head's,
+        the replicas'), as a forked child sees them."""
+        fds: list[int] = []
+        protos = [c.proto for r in [*self.routers.values(), *self.loop_routers.all()] for c in r.conns()]
+        if self.link.peer is not None:
+            protos.append(self.link.peer.proto)
+        for proto in protos:
+            t = proto.transport
+            with contextlib.suppress(Exception):
+                sock = t.get_extra_info("socket") if t is not None else None
+                if sock is not None:
+                    fds.append(sock.fileno())
+        if self.process is not None:
+            fds += [f.fileno() for f in (self.process.stdin, self.process.stdout) if f is not None and not f.closed]
+        if self._keeper_fd is not None:
+            fds.append(self._keeper_fd)
+        return [fd for fd in fds if fd >= 0]
 
     @classmethod
     def attach(cls, loop: asyncio.AbstractEventLoop, link: HeadLink) -> Runtime:
@@ -287,6 +340,7 @@ class Runtime:
         rt = cls(loop, link)
         rt._pusher = False  # the process pushes its metrics itself
         rt.lane_ok = False
+        rt.driver = False
         cls._instance = rt
         return rt
 
@@ -747,6 +801,41 @@ class Runtime:
         self.lane_ok = False
         if self.lane is not None:  # after `loop_routers.close()` told its followers to close
             self.lane.close()
+
+
+#: Runtimes a forked child inherited, kept for good: nothing of theirs is ever finalized.
+_INHERITED: list[Runtime] = []
+
+
+def _after_fork_in_child() -> None:
+    """In a process forked from a driver, whose runtime has no threads here: drop the child's
+    references to its connections and to the keeper's pipe (else the parent's cluster would
+    outlive the parent while the child lives, and replicas would wait on a connection nobody
+    serves), forget it, and let the child's first handle call join the parent's cluster as
+    a driver of its own (`get_or_start`). Each descriptor is pointed at /dev/null rather than
+    closed, so whatever of the old runtime closes it later closes nothing of the child's."""
+    Runtime._lock = threading.Lock()
+    rt = Runtime._instance
+    if rt is None or not rt.driver:
+        return
+    Runtime._instance = None
+    _INHERITED.append(rt)
+    with contextlib.suppress(OSError):
+        null = os.open(os.devnull, os.O_RDWR)
+        try:
+            for fd in rt._inherited_fds():
+                with contextlib.suppress(OSError):
+                    os.dup2(null, fd)
+        finally:
+            os.close(null)
+    Runtime._forked_from = rt._fork_record()
+    from flotilla._private.metrics import STORE
+
+    for series in STORE.values.values():  # the parent's figures are the parent's to report
+        series.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _shutdown_at_exit() -> None:

@@ -482,9 +482,9 @@ def _block_forever() -> None:
 
 def delete(name: str, _blocking: bool = True) -> None:
     """Delete an application: drain and stop its replicas, remove its route."""
-    rt = Runtime.current() if Runtime._instance else None
-    if rt is None:
+    if Runtime.existing() is None:
         return
+    rt = Runtime.current()  # (raises if its cluster is gone)
     rt.call_head("delete_app", name)
     if _blocking:
         rt.call_head("wait_deleted", name, 60.0, timeout=90)
@@ -492,7 +492,7 @@ def delete(name: str, _blocking: bool = True) -> None:
 
 def status() -> ServeStatus:
     """Status of the proxy, every application and its deployments."""
-    rt = Runtime._instance
+    rt = Runtime.existing()
     if rt is None:
         return ServeStatus()
     return rt.call_head("status")
@@ -523,7 +523,7 @@ def shutdown() -> None:
 def get_app_handle(name: str) -> DeploymentHandle:
     """A handle to the ingress deployment of application `name`; for the name of a traffic
     split (`set_traffic`), a handle that sends each call to one of its applications by weight."""
-    rt = Runtime._instance
+    rt = Runtime.existing()
     info = rt.call_head("app_info", name) if rt is not None else None
     if info is None:
         raise RayServeException(f"Application '{name}' does not exist.")
@@ -662,7 +662,7 @@ def delete_traffic(name: str) -> None:
 
     Raises:
         RayServeException: there is no traffic split of that name."""
-    rt = Runtime._instance
+    rt = Runtime.existing()
     if rt is None or not rt.call_head("delete_traffic", name):
         raise RayServeException(f"Traffic split '{name}' does not exist.")
 
@@ -702,7 +702,7 @@ def delete_shadow(name: str) -> None:
 
     Raises:
         RayServeException: route `name` has no shadow."""
-    rt = Runtime._instance
+    rt = Runtime.existing()
     if rt is None or not rt.call_head("delete_shadow", name):
         raise RayServeException(f"Route '{name}' has no shadow traffic.")
 
@@ -718,7 +718,7 @@ def get_deployment_handle(deployment_name: str, app_name: str | None = None, _ch
             raise RayServeException("Please specify an application name when getting a deployment handle "
                                     "outside of a Serve application.")
         app_name = ctx.app_name
-    rt = Runtime._instance
+    rt = Runtime.existing()
     if _check_exists and rt is not None and not rt.in_loop():
         info = rt.call_head("status")
         app = info.applications.get(app_name)

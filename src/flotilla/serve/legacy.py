@@ -72,7 +72,7 @@ def delete(dep: Deployment) -> None:
 def _specs(name: str | None = None) -> list[dict[str, Any]]:
     from flotilla._private.client import Runtime
 
-    rt = Runtime._instance
+    rt = Runtime.existing()
     if rt is None:
         return []
     return list(rt.call_head("deployment_specs", name))
@@ -157,7 +157,7 @@ def _split_handle(name: str) -> DeploymentHandle | None:
     from flotilla._private.client import Runtime
     from flotilla.serve.handle import SplitHandle
 
-    rt = Runtime._instance
+    rt = Runtime.existing()
     info = rt.call_head("app_info", name) if rt is not None else None
     return SplitHandle(name) if info is not None and "split" in info else None
 
