@@ -52,3 +52,4 @@ def test_no_polling_on_one_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FLOTILLA_HANDLE_POLL_US", "250")
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3})
     assert poll.poll_max_s() == 0.0
+

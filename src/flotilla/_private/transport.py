@@ -276,6 +276,7 @@ class FrameProtocol(asyncio.BufferedProtocol):
         self._big_tag = 0
         self._scratch: memoryview | None = None
         self.transport: asyncio.Transport | None = None
+        self._join_free = True  # the transport writes `writelines`' parts without joining them
         self.closed = False
         self.paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
@@ -289,6 +290,10 @@ class FrameProtocol(asyncio.BufferedProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        # asyncio's own socket transport (a lane's loop) joins what `writelines` gets into one
+        # new bytes, and copies it again for what the socket did not take at once: a large
+        # frame goes to it a part at a time instead (`_write_parts`); uvloop's writes the parts.
+        self._join_free = not type(transport).__module__.startswith("asyncio")
         if self.coalesce:
             self._loop = asyncio.get_running_loop()
         sock = transport.get_extra_info("socket")
@@ -460,7 +465,10 @@ class FrameProtocol(asyncio.BufferedProtocol):
                         parts.append(bytes(off - at))
                     parts.append(b)
                     at = off + len(b)
-                self.transport.writelines(parts)
+                if self._join_free:
+                    self.transport.writelines(parts)
+                else:
+                    self._write_parts(parts)
                 return
             if len(payload) > MAX_FRAME:
                 raise FrameTooLargeError(f"a message of {len(payload)} bytes is over the {MAX_FRAME}-byte frame limit")
@@ -469,7 +477,17 @@ class FrameProtocol(asyncio.BufferedProtocol):
             else:  # large: no copy to prepend the header
                 if self._held:
                     self._write_held()
-                self.transport.writelines((_HEAD.pack(len(payload), tag), payload))
+                if self._join_free:
+                    self.transport.writelines((_HEAD.pack(len(payload), tag), payload))
+                else:
+                    self._write_parts([_HEAD.pack(len(payload), tag), payload])
+
+    def _write_parts(self, parts: list[bytes | memoryview]) -> None:
+        """Write a large frame through asyncio's socket transport: each part as a memoryview,
+        so what the socket does not take at once is copied once, into the transport's buffer."""
+        write = self.transport.write  # type: ignore[union-attr]
+        for part in parts:
+            write(part if part.__class__ is memoryview or len(part) < 65536 else memoryview(part))
 
     def send_raw(self, data: bytes) -> None:
         """Queue a frame built with `frame()`."""

@@ -315,6 +315,20 @@ async def _broadcast(rt: Runtime, dep: DeploymentID | str, method: str, args: tu
     return await rt.router(dep).broadcast(method, args, kwargs, meta)  # type: ignore[arg-type]
 
 
+#: An argument this large (bytes, or anything with `nbytes`: a numpy array, a tensor) sends its
+#: call through the runtime's uvloop, whose writes take the buffer as it is, not the lane's.
+LANE_MAX_ARG_BYTES = 1 << 20
+
+
+def _bulky(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """Whether an argument itself (not one inside a container) holds LANE_MAX_ARG_BYTES or more."""
+    for a in (*args, *kwargs.values()) if kwargs else args:
+        n = len(a) if a.__class__ is bytes or a.__class__ is bytearray else getattr(a, "nbytes", 0)
+        if n.__class__ is int and n >= LANE_MAX_ARG_BYTES:
+            return True
+    return False
+
+
 def _check_timeout(timeout_s: float | None) -> None:
     if timeout_s is not None and timeout_s < 0:
         raise ValueError(f"timeout_s={timeout_s} is negative; give None (no limit) or a number of seconds >= 0.")
@@ -429,7 +443,7 @@ class DeploymentResponse:
         self._blank(rt, request_id)
         latch = self._latch = threading.Lock()
         latch.acquire()
-        lane = for_caller(rt)
+        lane = for_caller(rt) if not _bulky(args, kwargs) else None
         if lane is not None:
             try:
                 sent = lane.send(dep, method, args, kwargs, meta, self._finished)
