@@ -68,7 +68,7 @@ def test_a_driver_loop_is_polled_for_fast_replies_only(url: str) -> None:
     async def main() -> tuple[int, int, int, bool]:
         await h.get.remote()
         f = next(f for f in _followers("polled") if f.home is asyncio.get_running_loop())
-        if f.poll_max == 0:
+        if f.wait.max_s == 0:
             return -1, 0, 0, False
         polled = f.polled
         assert [await h.get.remote() for _ in range(200)] == ["v1"] * 200

@@ -89,7 +89,7 @@ def test_result_polls_for_a_fast_reply_and_blocks_for_a_slow_one(url: str) -> No
     h.mark.remote("warm").result(timeout_s=10)
     lane = Runtime.current().lane
     assert lane is not None
-    if lane.poll_max == 0:
+    if lane.wait.max_s == 0:
         pytest.skip("this process may use one CPU only: result() never polls there")
     caught = lane.caught
     assert [h.mark.remote(str(i)).result(timeout_s=10) for i in range(300)] == [str(i) for i in range(300)]
@@ -97,13 +97,13 @@ def test_result_polls_for_a_fast_reply_and_blocks_for_a_slow_one(url: str) -> No
     # calls that take 20 ms: after a few the usual wait is above the limit, and nobody polls
     for _ in range(10):
         assert h.slow.remote(0.02).result(timeout_s=10) == "v1"
-    assert lane.usual_wait > lane.poll_max
+    assert lane.wait.usual_s > lane.wait.max_s
     polls = lane.polls
     for _ in range(5):
         assert h.slow.remote(0.02).result(timeout_s=10) == "v1"
     assert lane.polls == polls
     # a timeout shorter than the poll ends it: the call stays waitable
-    lane.usual_wait = 0.0001
+    lane.wait.usual_s = 0.0001
     r = h.slow.remote(0.3)
     t0 = time.monotonic()
     with pytest.raises(GetTimeoutError):
@@ -111,8 +111,8 @@ def test_result_polls_for_a_fast_reply_and_blocks_for_a_slow_one(url: str) -> No
     assert time.monotonic() - t0 < 0.2
     assert r.result(timeout_s=10) == "v1"
     # FLOTILLA_HANDLE_POLL_US=0 (read when the lane is made): never polls
-    lane.poll_max = 0.0
-    lane.usual_wait = 0.0
+    lane.wait.max_s = 0.0
+    lane.wait.usual_s = 0.0
     polls = lane.polls
     assert [h.mark.remote(str(i)).result(timeout_s=10) for i in range(50)] == [str(i) for i in range(50)]
     assert lane.polls == polls

@@ -53,3 +53,17 @@ def test_no_polling_on_one_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3})
     assert poll.poll_max_s() == 0.0
 
+
+
+def test_reply_wait(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setenv("FLOTILLA_HANDLE_POLL_US", "250")
+    w = poll.ReplyWait()
+    assert w.budget() == pytest.approx(250e-6)  # no wait seen yet: half the limit, twice that
+    for _ in range(60):
+        w.waited(2e-3)
+    assert w.budget() == 0.0
+    monkeypatch.setenv("FLOTILLA_HANDLE_POLL_US", "0")
+    off = poll.ReplyWait()
+    off.waited(1e-6)
+    assert off.budget() == 0.0 and off.usual_s == 0.0  # never polling, it keeps no average

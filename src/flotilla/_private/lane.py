@@ -29,7 +29,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
-from flotilla._private.poll import next_usual, poll_budget, poll_max_s
+from flotilla._private.poll import ReplyWait
 from flotilla.serve.schema import DeploymentID
 
 if TYPE_CHECKING:
@@ -65,8 +65,7 @@ class Lane:
         self._yield: asyncio.Future[None] | None = None  # set: the pump's turn ends now
         self._turned = 0.0  # time.monotonic() of the end of the last turn of the loop
         self._followers: dict[DeploymentID, Follower] = {}  # never parked or cut while the lane lives
-        self.poll_max = poll_max_s()
-        self.usual_wait = self.poll_max / 2  # seconds, the average of the last waits of `drive`
+        self.wait = ReplyWait()  # of `drive`'s callers
         self.polls = 0  # `drive`s that polled before blocking
         self.caught = 0  # ... and found the reply while polling
         self._wake = threading.Event()
@@ -148,13 +147,16 @@ class Lane:
         try:
             if self.closed:
                 return False
+            if out.done():  # in already: only its callbacks to run, no wait to note
+                self._run(out)
+                return True
             began = time.perf_counter()
             waiter, timer = out, None
-            if timeout is not None and not out.done():  # settled by `out` or the timeout (no task)
+            if timeout is not None:  # settled by `out` or the timeout (no task)
                 waiter = self.loop.create_future()
                 timer = self.loop.call_later(timeout, _settle, waiter)
                 out.add_done_callback(functools.partial(_settle, waiter))
-            budget = 0.0 if out.done() else poll_budget(self.usual_wait, self.poll_max)
+            budget = self.wait.budget()
             try:
                 self._run(self._poll(out, waiter, began + budget) if budget else waiter)
             except BaseException:
@@ -163,7 +165,7 @@ class Lane:
             finally:
                 if timer is not None:
                     timer.cancel()
-            self.usual_wait = next_usual(self.usual_wait, time.perf_counter() - began)
+            self.wait.waited(time.perf_counter() - began)
             return True
         finally:
             self.lock.release()

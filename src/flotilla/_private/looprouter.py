@@ -25,7 +25,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from flotilla._private import trace
-from flotilla._private.poll import next_usual, poll_budget, poll_max_s
+from flotilla._private.poll import ReplyWait
 from flotilla._private.router import Router
 from flotilla.serve.schema import DeploymentID
 
@@ -59,8 +59,7 @@ class Follower(Router):
         self.loop = home  # fixed: a follower lives and dies with its caller's loop
         self.parked = False
         self.pumped = False  # on a `lane.Lane`'s loop, whose pump turns it: never parked
-        self.poll_max = poll_max_s()
-        self.usual_wait = self.poll_max / 2  # seconds, the average of the last `call_polled` waits
+        self.wait = ReplyWait()  # of `call_polled`'s callers
         self._open = 0  # `call_polled` calls not answered yet
         self._poll_until = 0.0  # perf_counter: the loop is polled until then while calls are open
         self._polling = False
@@ -77,7 +76,7 @@ class Follower(Router):
         reply is expected soon (`poll`): one callback, called again at each turn, until every
         such call is answered or its time is up; other work on the loop runs as usual."""
         began = time.perf_counter()
-        budget = poll_budget(self.usual_wait, self.poll_max)
+        budget = self.wait.budget()
         if budget:
             self.polled += 1
             self._open += 1
@@ -90,7 +89,7 @@ class Follower(Router):
         finally:
             if budget:
                 self._open -= 1
-            self.usual_wait = next_usual(self.usual_wait, time.perf_counter() - began)
+            self.wait.waited(time.perf_counter() - began)
 
     def _poll(self) -> None:
         if self._open and time.perf_counter() < self._poll_until:

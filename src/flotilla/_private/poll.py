@@ -7,7 +7,7 @@ without blocking in the selector (polls) for a while first: for up to twice its 
 (FLOTILLA_HANDLE_POLL_US, default 250; 0: never), where polling would be wasted, or where
 the process may use only one CPU (the poller would hold up the replica it waits for). Used
 by the main thread's lane (`lane.Lane.drive`) and by the routers on callers' own loops
-(`looprouter.Follower.call_polled`).
+(`looprouter.Follower.call_polled`), each keeping a `ReplyWait`.
 """
 
 from __future__ import annotations
@@ -45,3 +45,21 @@ def poll_budget(usual_s: float, max_s: float) -> float:
 def next_usual(usual_s: float, waited_s: float) -> float:
     """The usual wait after one more of `waited_s`."""
     return usual_s + WAIT_WEIGHT * (waited_s - usual_s)
+
+
+class ReplyWait:
+    """One caller's usual wait for its replies (`next_usual` of the waits it was told of) and
+    how long it polls for the next reply (`poll_budget`)."""
+
+    __slots__ = ("max_s", "usual_s")
+
+    def __init__(self) -> None:
+        self.max_s = poll_max_s()
+        self.usual_s = self.max_s / 2
+
+    def budget(self) -> float:
+        return poll_budget(self.usual_s, self.max_s)
+
+    def waited(self, seconds: float) -> None:
+        if self.max_s:  # (never polling, it needs no average)
+            self.usual_s = next_usual(self.usual_s, seconds)

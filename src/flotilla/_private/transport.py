@@ -290,9 +290,7 @@ class FrameProtocol(asyncio.BufferedProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        # asyncio's own socket transport (a lane's loop) joins what `writelines` gets into one
-        # new bytes, and copies it again for what the socket did not take at once: a large
-        # frame goes to it a part at a time instead (`_write_parts`); uvloop's writes the parts.
+        # asyncio's own socket transport (a lane's loop) joins what `writelines` gets (`_write_large`)
         self._join_free = not type(transport).__module__.startswith("asyncio")
         if self.coalesce:
             self._loop = asyncio.get_running_loop()
@@ -465,10 +463,7 @@ class FrameProtocol(asyncio.BufferedProtocol):
                         parts.append(bytes(off - at))
                     parts.append(b)
                     at = off + len(b)
-                if self._join_free:
-                    self.transport.writelines(parts)
-                else:
-                    self._write_parts(parts)
+                self._write_large(parts)
                 return
             if len(payload) > MAX_FRAME:
                 raise FrameTooLargeError(f"a message of {len(payload)} bytes is over the {MAX_FRAME}-byte frame limit")
@@ -477,14 +472,15 @@ class FrameProtocol(asyncio.BufferedProtocol):
             else:  # large: no copy to prepend the header
                 if self._held:
                     self._write_held()
-                if self._join_free:
-                    self.transport.writelines((_HEAD.pack(len(payload), tag), payload))
-                else:
-                    self._write_parts([_HEAD.pack(len(payload), tag), payload])
+                self._write_large([_HEAD.pack(len(payload), tag), payload])
 
-    def _write_parts(self, parts: list[bytes | memoryview]) -> None:
-        """Write a large frame through asyncio's socket transport: each part as a memoryview,
-        so what the socket does not take at once is copied once, into the transport's buffer."""
+    def _write_large(self, parts: list[bytes | memoryview]) -> None:
+        """Write a large frame's parts in order, none copied to join them: uvloop's
+        `writelines` takes them as they are; asyncio's joins them, so each part goes to its
+        `write` as a memoryview (what the socket does not take at once is copied once)."""
+        if self._join_free:
+            self.transport.writelines(parts)  # type: ignore[union-attr]
+            return
         write = self.transport.write  # type: ignore[union-attr]
         for part in parts:
             write(part if part.__class__ is memoryview or len(part) < 65536 else memoryview(part))

@@ -443,8 +443,8 @@ class DeploymentResponse:
         self._blank(rt, request_id)
         latch = self._latch = threading.Lock()
         latch.acquire()
-        lane = for_caller(rt) if not _bulky(args, kwargs) else None
-        if lane is not None:
+        lane = for_caller(rt)
+        if lane is not None and not _bulky(args, kwargs):
             try:
                 sent = lane.send(dep, method, args, kwargs, meta, self._finished)
             except Exception:  # it cannot be sent (its arguments do not pickle): the runtime's
