@@ -168,6 +168,15 @@ class OneEach:
         return {"model": model["id"], "fresh": self.loaded != before, "pid": os.getpid()}
 
 
+def _routers_know(app: str, name: str, model: str) -> bool:
+    from flotilla._private.client import Runtime
+    from flotilla.serve.schema import DeploymentID
+
+    lead = Runtime.current().routers.get(DeploymentID(name, app))
+    routers = [lead, *lead.followers] if lead is not None else []
+    return bool(routers) and all(any(model in c.models for c in r.replicas.values()) for r in routers)
+
+
 def test_a_model_no_replica_holds_goes_to_the_one_holding_fewest(url):
     """As Ray: with 2 replicas of one model each, models a and b each settle on a replica of
     their own instead of evicting each other on the first replica."""
@@ -176,6 +185,9 @@ def test_a_model_no_replica_holds_goes_to_the_one_holding_fewest(url):
         hm = h.options(multiplexed_model_id=m)
         hm.remote().result(timeout_s=30)
         wait_for(lambda hm=hm: not hm.remote().result(timeout_s=30)["fresh"], what=f"model {m} settled")
+        # and every router of this driver has heard (from the head) which replica holds it:
+        # until then a model no replica holds may be sent to that one
+        wait_for(lambda m=m: _routers_know("spread", "OneEach", m), what=f"the routers told where {m} is")
     got = [h.options(multiplexed_model_id=m).remote().result(timeout_s=30) for m in "abababab"]
     assert not any(g["fresh"] for g in got), got
     assert len({g["pid"] for g in got}) == 2
