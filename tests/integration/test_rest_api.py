@@ -196,6 +196,7 @@ def base(client: httpx.Client) -> dict[str, Any]:
     """BASE applied and running (a no-op when it already is); the applications as GET shows them."""
     r = _put(client, BASE)
     assert r.status_code == 200, r.text
+    assert r.content == b"", "Ray's dashboard answers an accepted PUT with an empty body"
     return _wait_running(client, {"alpha", "beta"})
 
 
@@ -389,7 +390,7 @@ def test_status_and_config_shapes(client: httpx.Client, base: dict[str, Any]) ->
 
 def test_delete_removes_everything(client: httpx.Client, http: httpx.Client, base: dict[str, Any]) -> None:
     r = client.delete(APPS)
-    assert r.status_code == 200, r.text
+    assert r.status_code == 200 and r.content == b"", r.text  # as Ray's dashboard: no body
     wait_for(lambda: _apps(client) == {}, timeout=DEPLOY_S, interval=0.1, what="no applications")
     assert client.get("/api/flotilla/config/").json() is None
     assert http.get("/alpha").status_code == 404

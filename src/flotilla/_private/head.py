@@ -996,7 +996,7 @@ def _rest_routes(head: Head) -> dict[tuple[str, str], Any]:
             return rest.text_reply(400, str(e))
         except RuntimeError as e:  # e.g. the HTTP port is taken
             return rest.text_reply(409, str(e))
-        return rest.json_reply({})
+        return rest.empty_reply()
 
     async def post_scale(req: rest.Request) -> rest.Reply:
         """Ray 2.60's external scaling API; answers as Ray's dashboard does."""
@@ -1024,7 +1024,7 @@ def _rest_routes(head: Head) -> dict[tuple[str, str], Any]:
 
     async def delete_apps(req: rest.Request) -> rest.Reply:
         await head.delete_all()
-        return rest.json_reply({})
+        return rest.empty_reply()
 
     async def get_cluster(req: rest.Request) -> rest.Reply:
         return rest.json_reply(head.cluster_info())

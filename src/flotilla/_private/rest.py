@@ -69,6 +69,11 @@ def json_reply(value: Any, status: int = 200) -> Reply:
     return Reply(status, "application/json", json.dumps(value, default=str).encode())
 
 
+def empty_reply(status: int = 200) -> Reply:
+    """No body, as Ray's dashboard answers an accepted PUT or DELETE."""
+    return Reply(status, "application/octet-stream", b"")
+
+
 def text_reply(status: int, text: str) -> Reply:
     return Reply(status, "text/plain; charset=utf-8", (text.rstrip("\n") + "\n").encode())
 
