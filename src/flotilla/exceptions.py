@@ -55,6 +55,16 @@ class RayTaskError(RayError):
     def __str__(self) -> str:
         return self.remote_traceback
 
+    @property
+    def traceback_str(self) -> str:
+        """The replica's traceback (Ray's name for it)."""
+        return self.remote_traceback
+
+    def as_instanceof_cause(self) -> BaseException:
+        """Ray's conversion to an instance of the cause's class: this error already is one
+        (or, when the cause could not be rebuilt here, stays a plain RayTaskError)."""
+        return self
+
 
 _subclass_cache: dict[type, type] = {}
 

@@ -77,7 +77,7 @@ def test_main_thread_calls_go_through_the_lane_and_keep_their_outcomes(url: str)
     with pytest.raises(Boom, match="from the replica"):
         h.fail.remote().result(timeout_s=10)
     r = h.slow.remote(0.5)
-    with pytest.raises(GetTimeoutError):
+    with pytest.raises(GetTimeoutError, match=r"within 0\.05s"):  # the timeout asked for
         r.result(timeout_s=0.05)
     assert r.result(timeout_s=10) == "v1"  # still waitable after a timeout
     # another thread's calls take the runtime's loop, and see the same replica

@@ -736,3 +736,12 @@ def test_batch_size_fn_on_a_method_sees_the_items_not_self():
 def test_batch_size_fn_must_be_callable():
     with pytest.raises(TypeError, match="batch_size_fn must be a callable"):
         batch(batch_size_fn=3)
+
+
+def test_options_by_position_in_rays_order():
+    @batch(None, 3, 0.25, 2)
+    async def f(xs):
+        return xs
+
+    assert f.get_max_batch_size() == 3 and f.get_batch_wait_timeout_s() == 0.25
+    assert inspect.signature(batch).parameters["batch_latency_target_s"].kind is inspect.Parameter.KEYWORD_ONLY

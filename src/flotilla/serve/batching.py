@@ -648,16 +648,18 @@ class _BatchedMethod:
 
 def batch(
     _func: Callable[..., Any] | None = None,
-    *,
+    /,
     max_batch_size: int = 10,
     batch_wait_timeout_s: float = 0.01,
     max_concurrent_batches: int = 1,
-    batch_latency_target_s: float | None = None,
     batch_size_fn: Callable[[list[Any]], int] | None = None,
+    *,
+    batch_latency_target_s: float | None = None,
 ) -> Any:
     """Batch calls to an async function or method, like Ray Serve's ``@serve.batch``.
 
-    Use as ``@batch``, ``@batch()`` or ``@batch(max_batch_size=8, ...)``. Callers pass one
+    Use as ``@batch``, ``@batch()`` or ``@batch(max_batch_size=8, ...)`` (the options also
+    by position after a None, in Ray's order: ``@batch(None, 8, 0.05)``). Callers pass one
     item and await one result; the function gets one list per argument and returns a list
     of the same length. Async generator functions yield such lists and each caller gets an
     async generator of its own elements. The wrapper has ``set_max_batch_size``,

@@ -590,8 +590,9 @@ class DeploymentResponse:
                 "DeploymentResponse.result() cannot wait on the event loop that runs the call "
                 "(the loop it was made on); use `await response` instead.")
         lane = self._lane
+        wait_s = timeout_s
         if lane is not None and not self._done and lane.drive(self._task, timeout_s):  # type: ignore[arg-type]
-            timeout_s = 0.0  # turned the loop for all of it: any wait is over
+            wait_s = 0.0  # turned the loop for all of it: any wait is over
         if not self._done:
             latch = self._latch
             if latch is None:  # made on an event loop, waited for here: one latch for all waiters
@@ -602,7 +603,7 @@ class DeploymentResponse:
                         latch.acquire()
                         self._latch = latch
             if not self._done:  # checked again: `_finished` may have missed the new latch
-                if not latch.acquire(timeout=-1 if timeout_s is None else max(0.0, timeout_s)):
+                if not latch.acquire(timeout=-1 if wait_s is None else max(0.0, wait_s)):
                     self._asked = True
                     if self._done:  # `_finished` ran before `_asked` was set
                         _seen(self._task)  # type: ignore[arg-type]
