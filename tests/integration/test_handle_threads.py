@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import pickle
 import threading
 
 import pytest
 
 from flotilla import serve
 from flotilla.exceptions import GetTimeoutError, TaskCancelledError
+from flotilla.serve.exceptions import RayServeException
 from tests.conftest import wait_for
 
 pytestmark = pytest.mark.slow
@@ -257,3 +259,8 @@ def test_responses_inside_containers_arrive_as_awaitables(h) -> None:
         return [first, await pending]
 
     assert asyncio.run(main()) == [[5, "late"], [7]]
+    # outside a call, an unfinished response cannot be pickled: a RayServeException, as Ray's
+    r = h.slow.remote("x", 0.5)
+    with pytest.raises(RayServeException, match="DeploymentResponse"):
+        pickle.dumps(r)
+    assert r.result(timeout_s=10) == "x"

@@ -39,6 +39,8 @@ from typing import Any, NamedTuple
 
 import cloudpickle
 
+from flotilla.serve.exceptions import RayServeException
+
 STREAM_WINDOW = 32  # stream items a replica may send ahead of the caller's Credit
 
 
@@ -253,15 +255,17 @@ def wire(value: Any, depth: int = WIRE_DEPTH) -> Any:
     return wired if cls is list else tuple(wired)
 
 
-class ResponsePending(Exception):
+class ResponsePending(RayServeException):
     """Raised while pickling a call's arguments that hold a `DeploymentResponse` (in a list, a
     dict, ...) with no outcome yet: the router waits for it (`settled`) and sends the call
-    again, the response then travelling as its outcome."""
+    again, the response then travelling as its outcome. Anywhere else (a user's own
+    `pickle.dumps`), it is the user's error: a RayServeException, as Ray's."""
 
     def __init__(self, response: Any) -> None:
         super().__init__(
-            "a DeploymentResponse inside the arguments has no result yet; the router waits for "
-            "it before it sends the call (streaming and broadcast calls do not: await it first)")
+            "a DeploymentResponse with no result yet cannot be pickled: pass it as an argument "
+            "of a handle call (at any depth; the call waits for it, except streaming and "
+            "broadcast calls), or pickle its result (`await response`, `response.result()`)")
         self.response = response
 
     async def settled(self) -> None:
