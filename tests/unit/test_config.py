@@ -102,6 +102,10 @@ def test_deployment_properties_read_back_as_ray_serves_do():
     assert serve.deployment(autoscaling_config={"max_replicas": 3})(f).num_replicas is None
     given = serve.deployment(ray_actor_options={"num_cpus": 1}, logging_config={"log_level": "DEBUG"})(f)
     assert given.ray_actor_options == {"num_cpus": 1}  # as given, defaults included
+    # as Ray's: the 1 CPU a replica reserves by default shows in what is read back
+    assert d.ray_actor_options == {"num_cpus": 1}
+    assert d.options(ray_actor_options={"num_gpus": 1}).ray_actor_options == {"num_gpus": 1, "num_cpus": 1}
+    assert d.options(ray_actor_options={"num_cpus": 0}).ray_actor_options == {"num_cpus": 0}
     assert given.logging_config["log_level"] == "DEBUG"  # a dict, as Ray's
 
 
