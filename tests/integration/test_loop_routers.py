@@ -14,7 +14,7 @@ import pytest
 from flotilla import serve
 from flotilla._private import looprouter
 from flotilla._private.client import Runtime
-from flotilla.serve.exceptions import RequestCancelledError
+from flotilla.serve.exceptions import BackPressureError, RequestCancelledError
 from flotilla.serve.schema import DeploymentID
 from tests.conftest import wait_for
 
@@ -126,6 +126,11 @@ def test_result_on_the_loop_that_made_the_call(url: str) -> None:
 
     async def main() -> None:
         assert h.get.remote().result(timeout_s=10) == "v1"  # not started here yet: runs elsewhere
+        loop = asyncio.get_running_loop()
+        deadline = time.monotonic() + 10
+        while not any(f.home is loop and f.ready for f in _followers("blocking")):  # until it connects,
+            assert time.monotonic() < deadline, "the loop's router never connected"
+            await h.get.remote()  # the loop's calls run on the runtime's loop
         r = h.slow.remote(2.0)
 
         async def block() -> None:
@@ -328,3 +333,51 @@ def test_a_loop_that_ends_mid_stream_stops_the_replicas_generator(url: str) -> N
     t0 = time.monotonic()
     serve.delete("loop-stream-ends")  # nothing owed by the closed loop: no 30 s drain
     assert time.monotonic() - t0 < 10
+
+
+@serve.deployment(max_ongoing_requests=1, max_queued_requests=1)
+class Held:
+    async def __call__(self, s: float = 0.6) -> str:
+        await asyncio.sleep(s)
+        return "done"
+
+
+def test_the_routers_of_one_process_admit_together(url: str) -> None:
+    """A call awaited at once runs through the loop's router, the others through the runtime's
+    (or the lane's): together they admit what Ray's one router does, max_ongoing_requests on
+    the replica and max_queued_requests waiting, and the rest is refused (BackPressureError)."""
+    h = serve.run(Held.bind(), name="held", route_prefix=None)
+
+    async def later_one_awaited_at_once() -> list[str]:
+        first = h.remote()  # not awaited at once: the runtime's router
+        await asyncio.sleep(0.1)
+        second = h.remote()
+        await asyncio.sleep(0.1)
+        out = []
+        try:  # awaited at once: this loop's router, which must count the two above
+            out.append(await h.remote())
+        except BackPressureError:
+            out.append("refused")
+        return [*out, await first, await second]
+
+    assert asyncio.run(later_one_awaited_at_once()) == ["refused", "done", "done"]
+
+    async def first_one_awaited_at_once() -> list[str]:
+        calls = [h.remote(0.3) for _ in range(6)]
+        out = []
+        for c in calls:  # the first runs on this loop's router, the rest on the runtime's
+            try:
+                out.append(await c)
+            except BackPressureError:
+                out.append("refused")
+        return out
+
+    assert asyncio.run(first_one_awaited_at_once()) == ["done", "done"] + ["refused"] * 4
+    sync = [h.remote(0.3) for _ in range(6)]  # the main thread's lane and the runtime's router
+    got = []
+    for c in sync:
+        try:
+            got.append(c.result(timeout_s=30))
+        except BackPressureError:
+            got.append("refused")
+    assert got == ["done", "done"] + ["refused"] * 4

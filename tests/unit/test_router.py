@@ -265,6 +265,44 @@ def test_pick_skips_full_replicas() -> None:
     assert set(picks(loads_router([4, 1, 4], 4))) == {"r1"}
 
 
+def grouped(lead_loads: list[int], other_loads: list[int], limit: int) -> tuple[Router, Router]:
+    """A lead and one follower of the same deployment, each with its own counts per replica."""
+    lead, other = loads_router(lead_loads, limit), loads_router(other_loads, limit)
+    other.replicas = {c.id: c for c in other.ready}
+    lead.replicas = {c.id: c for c in lead.ready}
+    lead.followers = [other]
+    lead.regroup()
+    return lead, other
+
+
+@pytest.mark.parametrize(("lead", "other", "limit", "picked"), [
+    ([0], [1], 1, {None}),  # the follower's call fills the only slot, for both routers
+    ([1], [0], 1, {None}),
+    ([0], [0], 2, {"r0"}),
+    ([1, 0], [0, 1], 2, {"r0", "r1"}),  # 1 + 0 against 0 + 1: each replica holds 1
+    ([0, 1], [2, 0], 2, {"r1"}),  # r0 holds 2 (full), r1 holds 1
+    ([0, 0, 2], [0, 2, 0], 2, {"r0"}),  # the one empty replica of three
+    ([1, 1], [1, 1], 2, {None}),
+])
+def test_the_routers_of_a_process_pick_by_their_loads_together(
+        lead: list[int], other: list[int], limit: int, picked: set[str | None]) -> None:
+    random.seed(5)
+    a, b = grouped(lead, other, limit)
+    assert a.peers == (b,) and b.peers == (a,)
+    assert set(picks(a, 60)) == picked and set(picks(b, 60)) == picked
+    a.followers = []
+    a.regroup()  # alone again: its own counts only
+    assert a.peers == () and a._load(a.ready[0]) == lead[0]
+
+
+def test_queued_counts_what_the_peers_queue_and_send_ahead() -> None:
+    a, b = grouped([3], [1], 2)  # 4 on a replica whose limit is 2: 2 sent ahead
+    a.max_queued = b.max_queued = 5
+    assert a.queued() == b.queued() == 2
+    b.queue.append((None, "", True))  # type: ignore[arg-type]  # a waiting request (only counted here)
+    assert a.queued() == 3 and a._others_waiting() and not b._others_waiting()
+
+
 def test_acquire_fills_replicas_evenly_up_to_the_limit(net: Net) -> None:
     async def body(replica: Any) -> None:
         a, b = await replica("a"), await replica("b")

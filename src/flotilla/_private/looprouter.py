@@ -170,6 +170,7 @@ class LoopRouters:
         lead = self.rt.router(f.deployment_id)
         f.lead = lead
         lead.followers.append(f)
+        lead.regroup()
         if lead.info is not None:
             f.tell(f.update, lead.info)
         if self._checker is None:
@@ -188,6 +189,8 @@ class LoopRouters:
                             if f.lead is not None:
                                 with contextlib.suppress(ValueError):
                                     f.lead.followers.remove(f)
+                                f.peers = ()
+                                f.lead.regroup()
                         elif what == PARK:
                             f.parked = True
                             f.sever()

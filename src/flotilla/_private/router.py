@@ -13,6 +13,7 @@ less loaded of two chosen at random (power of two choices).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import itertools
 import logging
@@ -396,6 +397,9 @@ class Router:
         #: routers of this deployment on other loops of this process, fed each update
         #: (`looprouter.Follower`)
         self.followers: list[Any] = []
+        #: the deployment's other routers in this process (the lead and its followers, set by
+        #: the lead's `regroup`): they admit requests together, as one router would
+        self.peers: tuple[Router, ...] = ()
         #: the deployment's custom request router, if its config names one (`custom_router`)
         self.custom: CustomRouting | None = None
         self._informed: asyncio.Event | None = None  # set by the first update (`acquire` waits)
@@ -416,12 +420,25 @@ class Router:
             trace.calls_done(self._queue_hist, self.deployment_id, done)
 
     # ---- updates from the controller ----------------------------------------------------
+    def regroup(self) -> None:
+        """On the lead (the runtime's loop): its followers changed; each router of the
+        deployment gets its new peers (none when the lead is alone)."""
+        group = (self, *self.followers) if self.followers else ()
+        for m in group or (self,):
+            m.peers = tuple(x for x in group if x is not m)
+
     def update(self, info: dict[str, Any]) -> None:
         self.info = info
         if self._informed is not None:
             self._informed.set()
         if self.followers:  # those whose loop is closed are dropped
+            n = len(self.followers)
             self.followers = [f for f in self.followers if f.tell(f.update, info)]
+            if len(self.followers) != n:
+                for f in self.peers:
+                    if f not in self.followers:
+                        f.peers = ()
+                self.regroup()
         self.exists = info.get("exists", False)
         self.max_ongoing = info.get("max_ongoing_requests", 5)
         self.max_queued = info.get("max_queued_requests", -1)
@@ -533,7 +550,52 @@ class Router:
         self.ready.clear()
 
     # ---- choosing a replica -------------------------------------------------------------
+    def _load(self, r: ReplicaConn) -> int:
+        """Requests this process has on replica `r`: this router's and its `peers'` (read
+        from their threads: each router only changes its own counts), so the process admits
+        what one router would."""
+        n = r.in_flight
+        for m in self.peers:
+            c = m.replicas.get(r.id)
+            if c is not None:
+                n += c.in_flight
+        return n
+
+    def _others_waiting(self) -> bool:
+        """Requests wait in a peer (they go first)."""
+        return any(m.queue for m in self.peers)
+
+    def _nudge(self) -> None:
+        """`_dispatch` on this router's own loop, asked from another router's thread."""
+        loop = self.loop
+        if loop is not None:
+            with contextlib.suppress(RuntimeError):  # its loop is closed
+                loop.call_soon_threadsafe(self._dispatch)
+
+    def _pick_grouped(self, head: bool, ahead: bool) -> ReplicaConn | None:
+        """`_pick` by the loads of the process (`_load`)."""
+        ready = self.ready
+        load = self._load
+        limit = self.max_ongoing
+        if len(ready) == 1:
+            r = ready[0]
+            if load(r) < limit:
+                return r
+        elif not ready:
+            return None
+        else:
+            a, b = random.sample(ready, 2)
+            r = a if load(a) <= load(b) else b
+            if load(r) < limit:
+                return r
+            r = min(ready, key=load)
+            if load(r) < limit:
+                return r
+        return self._queue_ahead(r, head) if ahead else None
+
     def _pick(self, head: bool = False, ahead: bool = True) -> ReplicaConn | None:
+        if self.peers:
+            return self._pick_grouped(head, ahead)
         ready = self.ready
         n = len(ready)
         limit = self.max_ongoing
@@ -559,7 +621,7 @@ class Router:
         (`_ahead`), within max_queued_requests, which counts those requests too. For a request
         first in line: a new one when the queue is empty, or the queue's `head` (counted
         already)."""
-        if r.in_flight >= self.max_ongoing + self._ahead() or r.draining:
+        if self._load(r) >= self.max_ongoing + self._ahead() or r.draining:
             return None
         if self.max_queued != -1 and not head and self.queued() >= self.max_queued:
             return None
@@ -583,16 +645,22 @@ class Router:
         at their limit (waiting in theirs)."""
         limit = self.max_ongoing
         waiting = self.custom.waiting if self.custom is not None else 0
-        return len(self.queue) + waiting + sum(c.in_flight - limit for c in self.ready if c.in_flight > limit)
+        if not self.peers:
+            return len(self.queue) + waiting + sum(c.in_flight - limit for c in self.ready if c.in_flight > limit)
+        loads = [self._load(c) for c in self.ready]
+        queues = len(self.queue) + sum(len(m.queue) for m in self.peers)
+        return queues + waiting + sum(n - limit for n in loads if n > limit)
 
     def _pick_for_model(self, model_id: str, ahead: bool = False, head: bool = False) -> ReplicaConn | None:
         """A replica that already holds `model_id` and has room, the least loaded first;
         `ahead`: or one at its limit that may take a request into its own queue."""
-        best = None
+        best, load = None, 0
         for r in self.ready:
-            if model_id in r.models and (best is None or r.in_flight < best.in_flight):
-                best = r
-        if best is None or best.in_flight < self.max_ongoing:
+            if model_id in r.models:
+                n = self._load(r)
+                if best is None or n < load:
+                    best, load = r, n
+        if best is None or load < self.max_ongoing:
             return best
         return self._queue_ahead(best, head) if ahead else None
 
@@ -609,10 +677,10 @@ class Router:
         ready = self.ready
         # As Ray: a model no replica holds goes to the replica with room holding the fewest
         # models (then the least busy), so models spread instead of evicting each other.
-        room = [c for c in ready if c.in_flight < self.max_ongoing]
+        room = [c for c in ready if self._load(c) < self.max_ongoing]
         if room:
-            return min(room, key=lambda c: (len(c.models), c.in_flight))
-        r = min(ready, key=lambda c: c.in_flight) if ready else None
+            return min(room, key=lambda c: (len(c.models), self._load(c)))
+        r = min(ready, key=self._load) if ready else None
         if not ahead:
             return None
         return self._pick_for_model(model_id, True, head) or (self._queue_ahead(r, head) if r is not None else None)
@@ -629,7 +697,7 @@ class Router:
             await self._first_update()
         if self.custom is not None:
             return await self.custom.acquire(model_id, req)
-        if not self.queue:
+        if not self.queue and not (self.peers and self._others_waiting()):
             r = self._choose(model_id, False, ahead)
             if r is not None:
                 r.in_flight += 1
@@ -647,6 +715,8 @@ class Router:
             self.queue.appendleft(entry)
         else:
             self.queue.append(entry)
+        if self.peers:  # a slot a peer freed before it saw this queue
+            self._dispatch()
         cold = not self.replicas
         if self.on_wait is not None:
             self.on_wait(cold)
@@ -720,6 +790,9 @@ class Router:
             r.maybe_close()
         if self.queue:
             self._dispatch()
+        for m in self.peers:  # the slot may be what a peer's queue waits for
+            if m.queue:
+                m._nudge()
 
     def _dispatch(self) -> None:
         while self.queue:
@@ -821,7 +894,7 @@ class Router:
         none waits (else None, nothing done): its reply settles `out` and calls `on_done(out)`
         the moment it arrives, with no task and no turn of the loop in between. A draining
         replica's rejection goes on as a `call` first in line. Raises if it cannot be sent."""
-        if self.queue or self.custom is not None:
+        if self.queue or self.custom is not None or (self.peers and self._others_waiting()):
             return None
         r = self._choose(meta.get("multiplexed_model_id", "") if meta else "", False, True)
         if r is None or not r.ready or r.draining:  # (`_send` would answer Rejected)

@@ -22,6 +22,7 @@ from flotilla._private.client import Runtime
 from flotilla._private.context import new_request_id, request_meta, spawned
 from flotilla._private.hop import Inbox, inbox_for
 from flotilla._private.lane import Lane, for_caller
+from flotilla._private.looprouter import Follower
 from flotilla._private.protocol import ResponsePending
 from flotilla._private.router import DirectCall
 from flotilla.exceptions import GetTimeoutError
@@ -481,11 +482,11 @@ class DeploymentResponse:
         fut.add_done_callback(self._caller_done)
         self._divert()
 
-    async def _run_home(self) -> Any:
+    async def _run_home(self, router: Follower) -> Any:
         """The call, in the task on `_home` that awaited it at once, through that loop's router."""
-        dep, method, args, kwargs, meta = self._make  # type: ignore[misc]
+        _, method, args, kwargs, meta = self._make  # type: ignore[misc]
         self._make = None  # started here: it stays here
-        return await self._rt.loop_routers.get(self._home, dep).call_polled(method, args, kwargs, meta)  # type: ignore[arg-type]
+        return await router.call_polled(method, args, kwargs, meta)
 
     def _divert(self) -> bool:
         """Run the call on the runtime's loop instead of its caller's, where it has not started
@@ -618,7 +619,11 @@ class DeploymentResponse:
     def __await__(self):  # type: ignore[no-untyped-def]
         if (self._task is None and self._make is not None and not self._cancel
                 and asyncio._get_running_loop() is self._home and asyncio.current_task() is not None):
-            return (yield from self._inline())
+            router = self._rt.loop_routers.get(self._home, self._make[0])
+            # Until the loop's router has a replica connected, its calls go to the runtime's
+            # loop (the lead router), in the order they were made.
+            if router.ready:
+                return (yield from self._inline(router))
         try:
             return (yield from self._awaitable().__await__())
         except asyncio.CancelledError:
@@ -626,14 +631,14 @@ class DeploymentResponse:
                 raise RequestCancelledError(self._request_id) from None
             raise
 
-    def _inline(self) -> Generator[Any, None, Any]:
+    def _inline(self, router: Follower) -> Generator[Any, None, Any]:
         """Awaited on its loop before it started there: the call runs in the awaiting task
         itself, no task of its own; `_task` is a future with the outcome for anyone else."""
         fut: asyncio.Future[Any] = self._home.create_future()  # type: ignore[union-attr]
         self._task = fut  # type: ignore[assignment]
         waiter = self._inline_task = asyncio.current_task()
         try:
-            result = yield from self._run_home().__await__()
+            result = yield from self._run_home(router).__await__()
         except asyncio.CancelledError:
             fut.cancel()
             self._finished(fut)  # type: ignore[arg-type]
