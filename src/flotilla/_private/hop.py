@@ -22,12 +22,15 @@ logger = logging.getLogger(__name__)
 class Inbox:
     """A FIFO of calls to run on `loop`, fed from any thread."""
 
-    __slots__ = ("_armed", "_items", "loop")
+    __slots__ = ("_armed", "_items", "loop", "unstarted")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self._items: deque[tuple[Callable[..., Any], tuple[Any, ...]]] = deque()
         self._armed = False
+        #: handle calls made on the loop whose turn to go to the runtime's loop has not come
+        #: (`DeploymentResponse._hand_off`); changed on the loop's own thread only
+        self.unstarted = 0
 
     def put(self, fn: Callable[..., Any], *args: Any) -> None:
         """Run `fn(*args)` on the loop soon. Raises RuntimeError if the loop is closed."""

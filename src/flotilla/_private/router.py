@@ -257,6 +257,11 @@ class ReplicaConn:
             logger.warning("could not connect to replica %s: %s", self.id, e)
             self.router._drop(self)
             return
+        except RuntimeError:
+            loop = self.router.loop
+            if loop is not None and loop.is_closed():  # a caller's loop that ended mid-connect
+                return
+            raise
         self.ready = True
         self.router._connected(self)
 
@@ -459,6 +464,9 @@ class Router:
                 conn = ReplicaConn(self, rid, path)
                 self.replicas[rid] = conn
                 conn.connecting = loop.create_task(conn.connect())
+                # A caller's loop may end while it connects (an update that came as `asyncio.run`
+                # shut down): the loop's end, not an error worth a line in the user's log.
+                conn.connecting._log_destroy_pending = False  # type: ignore[attr-defined]
             self.replicas[rid].models = models.get(rid, ())
         self.failed = info.get("failed", "")
         rr = info.get("request_router")

@@ -387,7 +387,7 @@ class DeploymentResponse:
     """
 
     __slots__ = ("_asked", "_back", "_box", "_by_user", "_cancel", "_direct", "_fut", "_home", "_inline_task",
-                 "_lane", "_latch", "_local", "_make", "_request_id", "_rt", "_task")
+                 "_lane", "_latch", "_local", "_made", "_make", "_request_id", "_rt", "_task")
     _task: asyncio.Task[Any] | None
     _fut: asyncio.Future[Any] | None
     _back: Inbox | None
@@ -420,6 +420,7 @@ class DeploymentResponse:
         self._request_id = request_id
         self._home: asyncio.AbstractEventLoop | None = None  # the caller's loop it runs on (`_on_loop`)
         self._make: tuple[Any, ...] | None = None  # that call's target and arguments, until it starts there
+        self._made: Inbox | None = None  # that loop's inbox, counting the call until it goes (`_gone`)
         self._box: Inbox | Lane = rt.inbox  # the inbox of the loop that runs the call
         self._inline_task: asyncio.Task[Any] | None = None  # the task it runs in (`_inline`)
         self._task = None
@@ -466,14 +467,24 @@ class DeploymentResponse:
         self._blank(rt, request_id)
         self._home = home
         self._make = (dep, method, args, kwargs, meta)
-        self._box = inbox_for(home)
+        box = self._box = self._made = inbox_for(home)
+        box.unstarted += 1
         home.call_soon(self._hand_off)
         return self
+
+    def _gone(self) -> None:
+        """On its loop's thread: the call no longer waits for its turn there (it started, or
+        went to the runtime's loop)."""
+        made = self._made
+        if made is not None:
+            self._made = None
+            made.unstarted -= 1
 
     def _hand_off(self) -> None:
         """On the caller's loop, the call not awaited at once: it goes to the runtime's loop
         (where a loop that ends, `asyncio.run` returning, does not cancel it), its outcome
         coming back to this loop as a sync-made call's does."""
+        self._gone()
         home = self._home
         if self._make is None or home is None:  # running in the task that awaited it, or diverted
             return
@@ -486,6 +497,7 @@ class DeploymentResponse:
         """The call, in the task on `_home` that awaited it at once, through that loop's router."""
         _, method, args, kwargs, meta = self._make  # type: ignore[misc]
         self._make = None  # started here: it stays here
+        self._gone()
         return await router.call_polled(method, args, kwargs, meta)
 
     def _divert(self) -> bool:
@@ -494,6 +506,8 @@ class DeploymentResponse:
         make = self._make
         if make is None:
             return False
+        if asyncio._get_running_loop() is self._home:
+            self._gone()  # (from another thread: its scheduled `_hand_off` does it)
         self._make = self._home = None
         self._box = self._rt.inbox
         latch = self._latch
@@ -620,9 +634,10 @@ class DeploymentResponse:
         if (self._task is None and self._make is not None and not self._cancel
                 and asyncio._get_running_loop() is self._home and asyncio.current_task() is not None):
             router = self._rt.loop_routers.get(self._home, self._make[0])
-            # Until the loop's router has a replica connected, its calls go to the runtime's
-            # loop (the lead router), in the order they were made.
-            if router.ready:
+            # The call runs here unless the loop's router has no replica connected yet while
+            # other calls made on this loop wait for their turn (they go to the runtime's loop
+            # then): the calls are admitted in the order they were made.
+            if router.ready or inbox_for(self._home).unstarted <= 1:
                 return (yield from self._inline(router))
         try:
             return (yield from self._awaitable().__await__())
