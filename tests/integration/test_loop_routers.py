@@ -377,6 +377,8 @@ def test_the_routers_of_one_process_admit_together(url: str) -> None:
         except BackPressureError:
             got.append("refused")
     assert got == ["done", "done"] + ["refused"] * 4
+    routers = [Runtime.current().router(DeploymentID("Held", "held")), *_followers("held", "Held")]
+    wait_for(lambda: all(r.held == 0 for r in routers), 10, what="every router's slots given back")
 
 
 def test_short_lived_loops_leave_nothing_behind(url: str, caplog: pytest.LogCaptureFixture) -> None:

@@ -268,6 +268,7 @@ def test_pick_skips_full_replicas() -> None:
 def grouped(lead_loads: list[int], other_loads: list[int], limit: int) -> tuple[Router, Router]:
     """A lead and one follower of the same deployment, each with its own counts per replica."""
     lead, other = loads_router(lead_loads, limit), loads_router(other_loads, limit)
+    lead.held, other.held = sum(lead_loads), sum(other_loads)
     other.replicas = {c.id: c for c in other.ready}
     lead.replicas = {c.id: c for c in lead.ready}
     lead.followers = [other]
@@ -289,6 +290,7 @@ def test_the_routers_of_a_process_pick_by_their_loads_together(
     random.seed(5)
     a, b = grouped(lead, other, limit)
     assert a.peers == (b,) and b.peers == (a,)
+    assert a._peers_busy() == (sum(other) > 0) and b._peers_busy() == (sum(lead) > 0)
     assert set(picks(a, 60)) == picked and set(picks(b, 60)) == picked
     a.followers = []
     a.regroup()  # alone again: its own counts only

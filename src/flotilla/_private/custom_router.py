@@ -130,6 +130,7 @@ class CustomRouting:
                         continue
                     if c is not None and w is not None:
                         c.in_flight += 1
+                        router.held += 1
                         w._routed = c.in_flight
                         self.routed.setdefault(c.id, deque()).append(pending.metadata.internal_request_id)
                         user.on_request_routed(pending, w.replica_id, None)

@@ -405,6 +405,9 @@ class Router:
         #: the deployment's other routers in this process (the lead and its followers, set by
         #: the lead's `regroup`): they admit requests together, as one router would
         self.peers: tuple[Router, ...] = ()
+        #: slots it holds on replicas (the sum of its connections' `in_flight`): peers skip a
+        #: router that holds none and has no queue
+        self.held = 0
         #: the deployment's custom request router, if its config names one (`custom_router`)
         self.custom: CustomRouting | None = None
         self._informed: asyncio.Event | None = None  # set by the first update (`acquire` waits)
@@ -564,14 +567,25 @@ class Router:
         what one router would."""
         n = r.in_flight
         for m in self.peers:
-            c = m.replicas.get(r.id)
-            if c is not None:
-                n += c.in_flight
+            if m.held:
+                c = m.replicas.get(r.id)
+                if c is not None:
+                    n += c.in_flight
         return n
 
     def _others_waiting(self) -> bool:
         """Requests wait in a peer (they go first)."""
-        return any(m.queue for m in self.peers)
+        for m in self.peers:  # noqa: SIM110 (a loop: any() over a generator costs 2.5x per call)
+            if m.queue:
+                return True
+        return False
+
+    def _peers_busy(self) -> bool:
+        """A peer holds a slot or has requests waiting: choices count the process's loads."""
+        for m in self.peers:  # noqa: SIM110 (as above)
+            if m.held or m.queue:
+                return True
+        return False
 
     def _nudge(self) -> None:
         """`_dispatch` on this router's own loop, asked from another router's thread."""
@@ -602,7 +616,7 @@ class Router:
         return self._queue_ahead(r, head) if ahead else None
 
     def _pick(self, head: bool = False, ahead: bool = True) -> ReplicaConn | None:
-        if self.peers:
+        if self.peers and self._peers_busy():
             return self._pick_grouped(head, ahead)
         ready = self.ready
         n = len(ready)
@@ -653,7 +667,7 @@ class Router:
         at their limit (waiting in theirs)."""
         limit = self.max_ongoing
         waiting = self.custom.waiting if self.custom is not None else 0
-        if not self.peers:
+        if not (self.peers and self._peers_busy()):
             return len(self.queue) + waiting + sum(c.in_flight - limit for c in self.ready if c.in_flight > limit)
         loads = [self._load(c) for c in self.ready]
         queues = len(self.queue) + sum(len(m.queue) for m in self.peers)
@@ -709,6 +723,7 @@ class Router:
             r = self._choose(model_id, False, ahead)
             if r is not None:
                 r.in_flight += 1
+                self.held += 1
                 return r
         if self.exists is False or (self.failed and not self.replicas):
             raise self._unavailable()
@@ -723,7 +738,7 @@ class Router:
             self.queue.appendleft(entry)
         else:
             self.queue.append(entry)
-        if self.peers:  # a slot a peer freed before it saw this queue
+        if self.peers and self._peers_busy():  # a slot a peer freed before it saw this queue
             self._dispatch()
         cold = not self.replicas
         if self.on_wait is not None:
@@ -792,6 +807,7 @@ class Router:
     def release(self, r: ReplicaConn) -> None:
         self._finished += 1
         r.in_flight -= 1
+        self.held -= 1
         if self.custom is not None:
             self.custom.released(r)
         if r.retired:
@@ -812,6 +828,7 @@ class Router:
             if fut.done():
                 continue
             r.in_flight += 1
+            self.held += 1
             fut.set_result(r)
 
 
@@ -909,6 +926,7 @@ class Router:
             return None
         wargs, wkwargs = wire_args(args, kwargs)
         r.in_flight += 1
+        self.held += 1
         d = DirectCall(self, r, (method, args, kwargs, meta), out, on_done)
         try:
             d.tag = self._send_held(r, Call(method, wargs, wkwargs, meta), d)[0]
@@ -949,6 +967,7 @@ class Router:
             if conn.draining:
                 continue
             conn.in_flight += 1
+            self.held += 1
             tag, fut = self._send_held(conn, msg)
             sent.append((conn, tag, fut))
         out: list[Any] = []
