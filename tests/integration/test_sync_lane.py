@@ -150,6 +150,9 @@ def test_awaiting_and_cancelling_a_lane_call(url: str) -> None:
     import asyncio
 
     h = serve.run(Keeper.bind(), name="lane", route_prefix=None)
+    # serve.run returns once the replica runs; the driver's routers connect to it after (on
+    # the Ray backend a TCP handshake): until then a call goes through the runtime's loop
+    h.mark.remote("warm").result(timeout_s=10)
     made = h.mark.remote("awaited")
     assert made._lane is not None
 
