@@ -189,7 +189,6 @@ class LoopRouters:
                             if f.lead is not None:
                                 with contextlib.suppress(ValueError):
                                     f.lead.followers.remove(f)
-                                f.peers = ()
                                 f.lead.regroup()
                         elif what == PARK:
                             f.parked = True

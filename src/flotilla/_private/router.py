@@ -23,6 +23,7 @@ import random
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
+from operator import attrgetter
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from flotilla._private import trace
@@ -60,6 +61,8 @@ if TYPE_CHECKING:
     from flotilla._private.custom_router import CustomRouting
 
 logger = logging.getLogger(__name__)
+
+_IN_FLIGHT = attrgetter("in_flight")  # a replica's load as its router alone sees it
 
 _ENDS = (End, Err, Abort, Rejected)  # messages after which a stream's request id is free
 _REJECTED = Rejected()
@@ -432,6 +435,9 @@ class Router:
         """On the lead (the runtime's loop): its followers changed; each router of the
         deployment gets its new peers (none when the lead is alone)."""
         group = (self, *self.followers) if self.followers else ()
+        for m in self.peers:
+            if m not in group:  # a follower dropped: alone again
+                m.peers = ()
         for m in group or (self,):
             m.peers = tuple(x for x in group if x is not m)
 
@@ -443,9 +449,6 @@ class Router:
             n = len(self.followers)
             self.followers = [f for f in self.followers if f.tell(f.update, info)]
             if len(self.followers) != n:
-                for f in self.peers:
-                    if f not in self.followers:
-                        f.peers = ()
                 self.regroup()
         self.exists = info.get("exists", False)
         self.max_ongoing = info.get("max_ongoing_requests", 5)
@@ -594,16 +597,21 @@ class Router:
             with contextlib.suppress(RuntimeError):  # its loop is closed
                 loop.call_soon_threadsafe(self._dispatch)
 
-    def _pick_grouped(self, head: bool, ahead: bool) -> ReplicaConn | None:
-        """`_pick` by the loads of the process (`_load`)."""
+    def _loads(self) -> Callable[[ReplicaConn], int]:
+        """How a replica's load is read now: this router's own count, or with a busy peer,
+        the process's (`_load`)."""
+        return self._load if self.peers and self._peers_busy() else _IN_FLIGHT
+
+    def _pick(self, head: bool = False, ahead: bool = True) -> ReplicaConn | None:
         ready = self.ready
-        load = self._load
+        n = len(ready)
         limit = self.max_ongoing
-        if len(ready) == 1:
+        load = self._loads()
+        if n == 1:
             r = ready[0]
             if load(r) < limit:
                 return r
-        elif not ready:
+        elif n == 0:
             return None
         else:
             a, b = random.sample(ready, 2)
@@ -612,28 +620,6 @@ class Router:
                 return r
             r = min(ready, key=load)
             if load(r) < limit:
-                return r
-        return self._queue_ahead(r, head) if ahead else None
-
-    def _pick(self, head: bool = False, ahead: bool = True) -> ReplicaConn | None:
-        if self.peers and self._peers_busy():
-            return self._pick_grouped(head, ahead)
-        ready = self.ready
-        n = len(ready)
-        limit = self.max_ongoing
-        if n == 1:
-            r = ready[0]
-            if r.in_flight < limit:
-                return r
-        elif n == 0:
-            return None
-        else:
-            a, b = random.sample(ready, 2)
-            r = a if a.in_flight <= b.in_flight else b
-            if r.in_flight < limit:
-                return r
-            r = min(ready, key=lambda c: c.in_flight)
-            if r.in_flight < limit:
                 return r
         return self._queue_ahead(r, head) if ahead else None
 
@@ -667,22 +653,21 @@ class Router:
         at their limit (waiting in theirs)."""
         limit = self.max_ongoing
         waiting = self.custom.waiting if self.custom is not None else 0
-        if not (self.peers and self._peers_busy()):
-            return len(self.queue) + waiting + sum(c.in_flight - limit for c in self.ready if c.in_flight > limit)
-        loads = [self._load(c) for c in self.ready]
+        loads = map(self._loads(), self.ready)
         queues = len(self.queue) + sum(len(m.queue) for m in self.peers)
         return queues + waiting + sum(n - limit for n in loads if n > limit)
 
     def _pick_for_model(self, model_id: str, ahead: bool = False, head: bool = False) -> ReplicaConn | None:
         """A replica that already holds `model_id` and has room, the least loaded first;
         `ahead`: or one at its limit that may take a request into its own queue."""
-        best, load = None, 0
+        best, least = None, 0
+        load = self._loads()
         for r in self.ready:
             if model_id in r.models:
-                n = self._load(r)
-                if best is None or n < load:
-                    best, load = r, n
-        if best is None or load < self.max_ongoing:
+                n = load(r)
+                if best is None or n < least:
+                    best, least = r, n
+        if best is None or least < self.max_ongoing:
             return best
         return self._queue_ahead(best, head) if ahead else None
 
@@ -699,10 +684,11 @@ class Router:
         ready = self.ready
         # As Ray: a model no replica holds goes to the replica with room holding the fewest
         # models (then the least busy), so models spread instead of evicting each other.
-        room = [c for c in ready if self._load(c) < self.max_ongoing]
+        loads = {c: n for c, n in zip(ready, map(self._loads(), ready), strict=True)}
+        room = [c for c in ready if loads[c] < self.max_ongoing]
         if room:
-            return min(room, key=lambda c: (len(c.models), self._load(c)))
-        r = min(ready, key=self._load) if ready else None
+            return min(room, key=lambda c: (len(c.models), loads[c]))
+        r = min(ready, key=loads.__getitem__) if ready else None
         if not ahead:
             return None
         return self._pick_for_model(model_id, True, head) or (self._queue_ahead(r, head) if r is not None else None)

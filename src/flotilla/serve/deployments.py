@@ -99,7 +99,8 @@ class Deployment:
     @property
     def ray_actor_options(self) -> dict[str, Any]:
         """The options given, with the CPU a replica reserves by default (1), as Ray's."""
-        return {**self._config.ray_actor_options.model_dump(exclude_unset=True), "num_cpus": self._config.ray_actor_options.num_cpus}
+        opts = self._config.ray_actor_options
+        return {**opts.model_dump(exclude_unset=True), "num_cpus": opts.num_cpus}
 
     @property
     def autoscaling_config(self) -> Any:

@@ -637,7 +637,7 @@ class DeploymentResponse:
             # The call runs here unless the loop's router has no replica connected yet while
             # other calls made on this loop wait for their turn (they go to the runtime's loop
             # then): the calls are admitted in the order they were made.
-            if router.ready or inbox_for(self._home).unstarted <= 1:
+            if router.ready or self._made.unstarted <= 1:  # type: ignore[union-attr]  # (set with `_make`)
                 return (yield from self._inline(router))
         try:
             return (yield from self._awaitable().__await__())
