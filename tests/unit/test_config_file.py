@@ -297,7 +297,7 @@ def test_num_replicas_and_autoscaling_replace_each_other():
     ))
     assert new.deployment.num_replicas == 3 and new.deployment.autoscaling_config is None
     mid = new._args[0].deployment
-    assert mid.num_replicas is None and mid.autoscaling_config.max_replicas == 5
+    assert mid.num_replicas == 1 and mid.autoscaling_config.max_replicas == 5
 
 
 def test_invalid_merged_options_raise():

@@ -58,12 +58,11 @@ class Deployment:
         return self._config
 
     @property
-    def num_replicas(self) -> int | None:
-        """The fixed replica count (1 unless set); None when the deployment autoscales."""
+    def num_replicas(self) -> int:
+        """The fixed replica count: 1 unless set, and 1 when the deployment autoscales (as Ray
+        Serve's; `autoscaling_config` says how it scales)."""
         n = self._config.num_replicas
-        if n == "auto" or self._config.autoscaling_config is not None:
-            return None
-        return 1 if n is None else n  # type: ignore[return-value]
+        return n if isinstance(n, int) and self._config.autoscaling_config is None else 1
 
     @property
     def version(self) -> str | None:
