@@ -114,3 +114,42 @@ def test_a_fork_pool_calls_a_deployment(url: str) -> None:
         assert pool.map(_worker, range(8), chunksize=1) == [3 * x for x in range(8)]
     # the children dropped their copies of this driver's connections, not the connections
     assert [h.remote(x).result(timeout_s=30) for x in range(20)] == [3 * x for x in range(20)]
+
+
+@serve.deployment
+class Leaf:
+    def __call__(self) -> str:
+        return "leaf"
+
+
+def _replica_child(q: multiprocessing.Queue, handle: object) -> None:
+    try:
+        got = (handle.remote().result(timeout_s=20),  # type: ignore[attr-defined]
+               serve.get_deployment_handle("Leaf", "forks").remote().result(timeout_s=20))
+        q.put(got)
+    except BaseException as e:
+        q.put(f"{type(e).__name__}: {e}")
+
+
+@serve.deployment
+class Forker:
+    def __init__(self, leaf: object) -> None:
+        self.leaf = leaf
+
+    def __call__(self) -> object:
+        ctx = multiprocessing.get_context("fork")
+        q = ctx.Queue()
+        p = ctx.Process(target=_replica_child, args=(q, self.leaf))
+        p.start()
+        try:
+            return q.get(timeout=40)
+        finally:
+            p.join(10)
+
+
+def test_a_child_forked_by_a_replicas_code_calls_through_the_cluster() -> None:
+    """It used to wait on the replica's event loop thread, which the child does not have:
+    each call hung until its timeout."""
+    h = serve.run(Forker.bind(Leaf.bind()), name="forks", route_prefix=None)
+    assert h.remote().result(timeout_s=60) == ("leaf", "leaf")
+    assert h.remote().result(timeout_s=60) == ("leaf", "leaf")  # and the replica's own links still work

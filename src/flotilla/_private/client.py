@@ -306,7 +306,14 @@ class Runtime:
     _forked_from: ClassVar[dict[str, Any] | None] = None
 
     def _fork_record(self) -> dict[str, Any]:
-        """What a forked child needs to join this driver's cluster ({}: it cannot)."""
+        """What a forked child needs to join this process's cluster ({}: it cannot). A child
+        of a replica or proxy joins as a driver through the head address its parent uses."""
+        if not self.driver:
+            from flotilla._private.keeper import keeper_from_env
+
+            keeper = keeper_from_env()
+            return {"sock": self.link.path, "session_dir": self.session_dir, "resources": self.resources,
+                    "keeper_pid": keeper[0] if keeper else None, "namespace": "(the parent process's)"}
         if self.attached is not None:
             return dict(self.attached)
         if self.backend != "local" or self.process is None or self.actor is not None:
@@ -439,7 +446,7 @@ class Runtime:
             raise ConnectionError(
                 f"could not connect to the flotilla cluster of namespace {info.get('namespace')!r} "
                 f"({info['sock']}): {e}") from None
-        if hasattr(os, "pidfd_open"):
+        if hasattr(os, "pidfd_open") and info.get("keeper_pid"):
             try:
                 rt._keeper_fd = os.pidfd_open(int(info["keeper_pid"]))
             except OSError:
@@ -808,15 +815,15 @@ _INHERITED: list[Runtime] = []
 
 
 def _after_fork_in_child() -> None:
-    """In a process forked from a driver, whose runtime has no threads here: drop the child's
-    references to its connections and to the keeper's pipe (else the parent's cluster would
-    outlive the parent while the child lives, and replicas would wait on a connection nobody
-    serves), forget it, and let the child's first handle call join the parent's cluster as
-    a driver of its own (`get_or_start`). Each descriptor is pointed at /dev/null rather than
+    """In a process forked from a driver, replica or proxy, whose runtime has no threads
+    here: drop the child's references to its connections and to the keeper's pipe (else the
+    parent's cluster would outlive the parent while the child lives, and replicas would wait
+    on a connection nobody serves), forget it, and let the child's first handle call join the
+    parent's cluster as a driver of its own (`get_or_start`). Each descriptor is pointed at /dev/null rather than
     closed, so whatever of the old runtime closes it later closes nothing of the child's."""
     Runtime._lock = threading.Lock()
     rt = Runtime._instance
-    if rt is None or not rt.driver:
+    if rt is None:
         return
     Runtime._instance = None
     _INHERITED.append(rt)
