@@ -88,6 +88,20 @@ def test_route_prefix_option(url: str) -> None:
     assert serve.get_deployment("Scaled").route_prefix is None
 
 
+def test_a_route_prefix_option_under_serve_run_is_used_or_said_to_be_ignored(url: str) -> None:
+    """serve.run used to serve at "/" with no word of the deployment's route_prefix."""
+    with pytest.warns(UserWarning, match=r"route_prefix='/custom'.*served there.*serve.run\(\.\.\., route_prefix='/custom'\)"):
+        serve.run(SquareModel.options(route_prefix="/custom").bind(), name="opt")
+    with httpx.Client(base_url=url, timeout=30) as c:
+        assert c.post("/custom", json={"num": 3}).json() == {"result": 9}
+        assert c.post("/", json={"num": 3}).status_code == 404
+    with pytest.warns(UserWarning, match=r"ignores.*served at '/given'"):
+        serve.run(SquareModel.options(route_prefix="/custom").bind(), name="opt", route_prefix="/given")
+    with httpx.Client(base_url=url, timeout=30) as c:
+        assert c.post("/given", json={"num": 4}).json() == {"result": 16}
+        assert c.post("/custom", json={"num": 4}).status_code == 404
+
+
 def test_get_and_list_deployments_reflect_what_runs(url: str) -> None:
     Scaled.options(num_replicas=2, user_config={"scale": 3}, ray_actor_options={"num_cpus": 0.5}).deploy(1)
     d = serve.get_deployment("Scaled")

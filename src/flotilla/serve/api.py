@@ -11,6 +11,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -353,7 +354,36 @@ def _checked_spec(who: str, target: Any, name: Any, route_prefix: str | None,
     _check_route_prefix(route_prefix)
     if not isinstance(name, str) or not name:
         raise ConfigError(f"application name must be a non-empty string, got {name!r}")
+    route_prefix = _deployment_route_prefix(who, target, route_prefix)
     return app_spec(target, name, route_prefix, _logging_config(logging_config), app_env)
+
+
+def _deployment_route_prefix(who: str, target: Application, route_prefix: str | None) -> str | None:
+    """The application's route prefix given a `route_prefix` deployment option (Ray 1.x's,
+    which `.deploy()` uses; Ray 2.60 refuses it): the ingress's is used where `who` was given
+    the default "/", any other is ignored; either way a warning says what to write instead."""
+    for _, node in walk_deployments(target):
+        dep = node.deployment
+        if "route_prefix" not in dep._options:
+            continue
+        given = dep._options["route_prefix"]
+        if node is target and given == route_prefix:  # `.deploy()`, or the same prefix given twice
+            continue
+        call = (who.replace("()", f"(..., route_prefix={given!r})") if who.endswith("()")
+                else f"{who} with route_prefix={given!r}")
+        if node is target and route_prefix == "/" and given is not None:
+            _check_route_prefix(given)
+            message = (f"deployment '{dep.name}' sets route_prefix={given!r}, a Ray 1.x deployment option: "
+                       f"the application is served there. Write {call} instead (Ray Serve 2.60 refuses "
+                       "the deployment option).")
+            route_prefix = given
+        else:
+            message = (f"deployment '{dep.name}' sets route_prefix={given!r}, a Ray 1.x deployment option "
+                       f"that {who} ignores (it applies to the ingress deployment, and only where {who} is "
+                       f"given no route_prefix): the application is served at {route_prefix!r}.")
+        logger.warning(message)
+        warnings.warn(message, UserWarning, stacklevel=4)
+    return route_prefix
 
 
 def _deploy(apps: list[tuple[Application, dict[str, Any]]], wait: bool) -> list[DeploymentHandle]:
