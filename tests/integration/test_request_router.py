@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import json
 import os
+import zlib
 
 import httpx
 import pytest
 
 from flotilla import serve
 from flotilla.serve.config import RequestRouterConfig
-from flotilla.serve.context import _get_internal_replica_context
+from flotilla.serve.context import _get_internal_replica_context, _get_serve_request_context
 from flotilla.serve.request_router import (
     FIFOMixin,
     LocalityMixin,
@@ -179,3 +180,55 @@ def test_the_router_is_told_each_requests_id_route_and_kind_from_the_first_reque
     handle_calls = [e for e in seen if not e["http"]]
     assert handle_calls and handle_calls[-1]["method"] == "__call__" and handle_calls[-1]["args"] == 1
     assert handle_calls[-1]["request_id"]  # the call's own id
+
+
+class SessionRouter(RequestRouter):
+    """The replica a stable hash of the request's session id names (Ray 2.60's session
+    affinity); marks its tries in the routing context and logs what the request's future got."""
+
+    def initialize_state(self, **kwargs):
+        self.log = kwargs["log"]
+
+    async def choose_replicas(self, candidate_replicas, pending_request=None):
+        ctx = pending_request.routing_context
+        ctx.should_backoff = True
+        ctx.tried_same_node = True
+        ranked = sorted(candidate_replicas, key=lambda r: r.replica_id.unique_id)
+        session = pending_request.metadata.session_id
+        if not session:
+            return [ranked]
+        return [[ranked[zlib.crc32(session.encode()) % len(ranked)]]]
+
+    def on_request_routed(self, pending_request, replica_id, result):
+        fut = pending_request.future
+        with open(self.log, "a") as f:
+            f.write(json.dumps([fut.done() and fut.result().replica_id == replica_id,
+                                pending_request.routing_context.tried_same_node]) + "\n")
+
+
+@serve.deployment(num_replicas=3, ray_actor_options={"num_cpus": 0})
+class SessionWho:
+    def __call__(self, *args):
+        return [_get_internal_replica_context().replica_id.unique_id, _get_serve_request_context().session_id]
+
+
+def test_a_session_id_reaches_the_router_and_the_replica_from_handles_and_http(url, tmp_path):
+    """`handle.options(session_id=...)` raised TypeError, the `x-session-id` header was dropped,
+    and `PendingRequest` had no `routing_context` (Ray's routers set `should_backoff` on it)."""
+    log = tmp_path / "routed.jsonl"
+    cfg = {"request_router_class": SessionRouter, "request_router_kwargs": {"log": str(log)}}
+    h = serve.run(SessionWho.options(request_router_config=cfg).bind(), name="sess", route_prefix="/sess")
+    ids = {x[0] for x in h.broadcast("__call__").results()}
+    assert len(ids) == 3
+    expected = {s: sorted(ids)[zlib.crc32(s.encode()) % 3] for s in ("alpha", "beta", "gamma")}
+    for s, rid in expected.items():
+        wait_for(lambda s=s, rid=rid: h.options(session_id=s).remote().result() == [rid, s],
+                 what=f"the driver's calls of session {s} reaching replica {rid}")
+        assert all(h.options(session_id=s).remote().result() == [rid, s] for _ in range(5))
+    with httpx.Client(base_url=url, timeout=30) as c:  # through the proxy's own router
+        for s, rid in expected.items():
+            got = [c.get("/sess", headers={"X-Session-Id": s}).json() for _ in range(5)]
+            assert got == [[rid, s]] * 5, got
+        assert c.get("/sess").json()[1] == ""  # no header: no session
+    seen = [json.loads(line) for line in log.read_text().splitlines()]
+    assert seen and all(e == [True, True] for e in seen), seen

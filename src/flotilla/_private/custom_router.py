@@ -101,7 +101,8 @@ class CustomRouting:
         return PendingRequest(list(args), dict(kwargs), RequestMetadata(
             request_id=meta.get("request_id", "") or "", internal_request_id=f"{self._prefix}{next(_ids)}",
             call_method=method, route=meta.get("route", "") or "", app_name=self.router.deployment_id.app_name,
-            multiplexed_model_id=model_id, is_streaming=kind in ("stream", "http", "ws"),  # HTTP streams, as Ray's
+            multiplexed_model_id=model_id, session_id=meta.get("session_id", "") or "",
+            is_streaming=kind in ("stream", "http", "ws"),  # HTTP streams, as Ray's
             is_http_request=kind in ("http", "ws")))
 
     async def acquire(self, model_id: str, req: tuple[Any, ...] | None) -> ReplicaConn:
@@ -133,6 +134,8 @@ class CustomRouting:
                         router.held += 1
                         w._routed = c.in_flight
                         self.routed.setdefault(c.id, deque()).append(pending.metadata.internal_request_id)
+                        if not pending.future.done():
+                            pending.future.set_result(w)
                         user.on_request_routed(pending, w.replica_id, None)
                         return c
                 else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 from typing import Any
 
 logger = logging.getLogger("flotilla.http")
@@ -13,6 +14,19 @@ JSON = [(b"content-type", b"application/json")]
 TEXT = [(b"content-type", b"text/plain; charset=utf-8")]
 #: bytes and None go out as `text/plain` (no charset), as Ray Serve sends them.
 RAW = [(b"content-type", b"text/plain")]
+
+
+def _session_headers(name: str) -> frozenset[bytes]:
+    """The header names (as ASGI gives them: lower case) that carry a session id: `name`
+    with '-' and '_' taken as the same, as Ray's proxy matches it."""
+    key = name.strip().lower()
+    return frozenset({key.encode("latin-1"), key.replace("_", "-").encode("latin-1"),
+                      key.replace("-", "_").encode("latin-1")})
+
+
+#: The session id header (Ray's `RAY_SERVE_SESSION_ID_HEADER_KEY`, default `x-session-id`):
+#: its value is the request's `session_id` (custom request routers' session affinity).
+SESSION_HEADERS = _session_headers(os.environ.get("RAY_SERVE_SESSION_ID_HEADER_KEY") or "x-session-id")
 
 
 def _default(obj: Any) -> Any:

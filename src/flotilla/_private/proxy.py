@@ -250,11 +250,14 @@ class Proxy:
                 return
         request_id = None
         model_id = None
+        session_id = None
         for k, v in scope["headers"]:
             if k == b"x-request-id":
                 request_id = v
             elif k == b"serve_multiplexed_model_id" or k == b"serve-multiplexed-model-id":  # either, as Ray
                 model_id = v.decode("latin-1")  # as Starlette decodes headers
+            elif k in http_util.SESSION_HEADERS:
+                session_id = v.decode("latin-1")
         if request_id is None:
             request_id = self.ids.next()
         m: Any = self.match(path)
@@ -278,6 +281,8 @@ class Proxy:
             meta = {"request_id": request_id.decode("latin-1"), "route": route or m[0]}
             if model_id:
                 meta["multiplexed_model_id"] = model_id
+            if session_id:
+                meta["session_id"] = session_id
         if not self.metrics:
             await self._forward(fscope, receive, send, m, request_id, meta, root, mirror)
             return

@@ -34,10 +34,11 @@ def _get_serve_request_context() -> _RequestContext:
     """The current request's context (an empty one outside a request), in Ray's shape:
     `serve.get_request_context()`'s fields."""
     c = get_request_context()
-    grpc = "grpc" in (_context.request_meta.get() or {})
+    meta = _context.request_meta.get() or {}
     return _RequestContext(route=c.route, request_id=c.request_id, _internal_request_id=c.request_id,
                            app_name=c.app_name, multiplexed_model_id=c.multiplexed_model_id,
-                           is_http_request=bool(c.route) and not grpc)
+                           session_id=meta.get("session_id", "") or "",
+                           is_http_request=bool(c.route) and "grpc" not in meta)
 
 
 class _RequestContextVar:

@@ -38,6 +38,7 @@ class _HandleOptions:
     method_name: str = "__call__"
     multiplexed_model_id: str = ""
     stream: bool = False
+    session_id: str = ""
 
 
 async def _resolve_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -59,7 +60,7 @@ def _has_response(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
     return any(isinstance(v, DeploymentResponse) for v in kwargs.values()) if kwargs else False
 
 
-_OPTIONS = ("method_name", "multiplexed_model_id", "stream", "use_new_handle_api")
+_OPTIONS = ("method_name", "multiplexed_model_id", "stream", "session_id", "use_new_handle_api")
 #: Ray's private or newer `options()` keywords: accepted, with a warning, and ignored.
 _RAY_PRIVATE_OPTIONS = {
     "_prefer_local_routing": "the router does not choose replicas by node",
@@ -100,10 +101,14 @@ class DeploymentHandle:
         multiplexed_model_id: str | None = None,
         stream: bool | None = None,
         use_new_handle_api: bool | None = None,
+        session_id: str | None = None,
         **ray_private: Any,
     ) -> DeploymentHandle:
         """A handle with some call options changed (the original is unchanged). A keyword
-        that Ray's `options()` does not have either raises TypeError, as there."""
+        that Ray's `options()` does not have either raises TypeError, as there.
+        `session_id` rides with each call: a custom request router reads it as
+        `pending_request.metadata.session_id` (session affinity), the replica's code as
+        `serve.context._get_serve_request_context().session_id`."""
         if ray_private:
             _args.check("DeploymentHandle.options", ray_private, _OPTIONS, _RAY_PRIVATE_OPTIONS)
         changes: dict[str, Any] = {}
@@ -113,6 +118,8 @@ class DeploymentHandle:
             changes["multiplexed_model_id"] = multiplexed_model_id
         if stream is not None:
             changes["stream"] = stream
+        if session_id is not None:
+            changes["session_id"] = session_id
         self._inited = True
         h = DeploymentHandle(self._dep.name, self._dep.app_name, replace(self._opts, **changes))
         h._inited = True
@@ -145,6 +152,8 @@ class DeploymentHandle:
             meta = {"request_id": rid}
         if opts.multiplexed_model_id:
             meta["multiplexed_model_id"] = opts.multiplexed_model_id
+        if opts.session_id:
+            meta["session_id"] = opts.session_id
         target = self._target()
         call: DeploymentResponse | DeploymentResponseGenerator
         if opts.stream:

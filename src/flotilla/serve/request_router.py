@@ -40,6 +40,7 @@ __all__ = [
     "ReplicaResult",
     "RequestMetadata",
     "RequestRouter",
+    "RequestRoutingContext",
     "RunningReplica",
 ]
 
@@ -54,19 +55,43 @@ class RequestMetadata:
     route: str = ""
     app_name: str = ""
     multiplexed_model_id: str = ""
+    session_id: str = ""
     is_streaming: bool = False
     is_http_request: bool = False
 
 
 @dataclass
+class RequestRoutingContext:
+    """What the tries to route one request have done so far, kept across its tries: a router's
+    `choose_replicas` may set and read these (Ray's mixins mark what they tried). flotilla
+    waits between tries whatever `should_backoff` says: the wait ends as soon as a slot frees
+    or a replica is added, so it never holds a request back from a free replica."""
+
+    multiplexed_start_matching_time: float | None = None
+    tried_fewest_multiplexed_models: bool = False
+    tried_first_multiplexed_models: bool = False
+    tried_same_node: bool = False
+    tried_same_az: bool = False
+    should_backoff: bool = False
+
+
+@dataclass
 class PendingRequest:
     """A request waiting for a replica: its arguments (empty for an HTTP request, whose body
-    goes to the replica unread) and metadata."""
+    goes to the replica unread), metadata, routing context, and a future that gets the
+    `RunningReplica` it is sent to."""
 
     args: list[Any]
     kwargs: dict[Any, Any]
     metadata: RequestMetadata
     created_at: float = field(default_factory=time.time)
+    future: asyncio.Future[Any] = field(default_factory=lambda: asyncio.get_event_loop().create_future())
+    routing_context: RequestRoutingContext = field(default_factory=RequestRoutingContext)
+    resolved: bool = False
+
+    def reset_future(self) -> None:
+        """A new future (for a request routed again)."""
+        self.future = asyncio.get_event_loop().create_future()
 
 
 class ReplicaResult:
