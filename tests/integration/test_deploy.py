@@ -260,7 +260,7 @@ def test_serve_context_request_context_as_rays_examples_read_it(url):
 def test_a_stream_passed_downstream_is_refused_with_rays_error(url):
     h = serve.run(Streamer.bind(), name="streamer", route_prefix=None)
     gen = h.options(method_name="count", stream=True).remote(3)
-    with pytest.raises(RuntimeError, match="cannot be passed to downstream handle calls"):
+    with pytest.raises(TypeError, match="cannot be passed to downstream handle calls"):
         h.take.remote(gen).result(timeout_s=10)
     assert list(gen) == [0, 1, 2]
 

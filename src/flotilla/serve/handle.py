@@ -853,7 +853,8 @@ class DeploymentResponseGenerator:
         return self
 
     def __reduce__(self) -> tuple[Any, ...]:
-        raise RuntimeError(
+        # TypeError, what pickling an object that cannot be pickled raises (Ray's error here)
+        raise TypeError(
             "Streaming deployment handle results cannot be passed to downstream handle calls (as in Ray "
             "Serve): iterate the stream here and pass its items, or pass the handle and let the "
             "downstream deployment make the streaming call.")
