@@ -232,3 +232,31 @@ def test_a_session_id_reaches_the_router_and_the_replica_from_handles_and_http(u
         assert c.get("/sess").json()[1] == ""  # no header: no session
     seen = [json.loads(line) for line in log.read_text().splitlines()]
     assert seen and all(e == [True, True] for e in seen), seen
+
+
+def test_rays_ready_made_routers_by_their_ray_paths(url):
+    """`ray.serve.experimental`'s round robin and consistent hash routers (there was no
+    `flotilla.serve.experimental`): named by Ray's import paths, as a ported config has them."""
+    rr = serve.run(SessionWho.options(request_router_config={
+        "request_router_class": "ray.serve.experimental.round_robin_router:RoundRobinRouter"}).bind(),
+        name="rrobin", route_prefix=None)
+    ids = sorted({x[0] for x in rr.broadcast("__call__").results()})
+    assert len(ids) == 3
+
+    def turns() -> bool:
+        got = [rr.remote().result()[0] for _ in range(6)]
+        start = ids.index(got[0])
+        return got == [ids[(start + i) % 3] for i in range(6)]
+
+    wait_for(turns, what="sequential calls taking the replicas in turn")
+    ch = serve.run(SessionWho.options(request_router_config={
+        "request_router_class": "ray.serve.experimental.consistent_hash_router.ConsistentHashRouter",
+        "request_router_kwargs": {"num_virtual_nodes": 50}}).bind(), name="chash", route_prefix="/chash")
+    owner = {}
+    for s in ("alpha", "beta", "gamma", "delta", "epsilon"):
+        owner[s] = ch.options(session_id=s).remote().result()[0]
+        assert all(ch.options(session_id=s).remote().result() == [owner[s], s] for _ in range(4))
+    assert len(set(owner.values())) >= 2
+    with httpx.Client(base_url=url, timeout=30) as c:  # the proxy's router builds the same ring
+        for s, rid in owner.items():
+            assert [c.get("/chash", headers={"x-session-id": s}).json()[0] for _ in range(4)] == [rid] * 4

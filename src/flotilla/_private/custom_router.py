@@ -98,12 +98,13 @@ class CustomRouting:
     def _pending(self, model_id: str, req: tuple[Any, ...] | None) -> PendingRequest:
         method, args, kwargs, meta, kind = req if req is not None else ("__call__", (), {}, None, "call")
         meta = meta or {}
-        return PendingRequest(list(args), dict(kwargs), RequestMetadata(
+        metadata = RequestMetadata(
             request_id=meta.get("request_id", "") or "", internal_request_id=f"{self._prefix}{next(_ids)}",
             call_method=method, route=meta.get("route", "") or "", app_name=self.router.deployment_id.app_name,
             multiplexed_model_id=model_id, session_id=meta.get("session_id", "") or "",
             is_streaming=kind in ("stream", "http", "ws"),  # HTTP streams, as Ray's
-            is_http_request=kind in ("http", "ws")))
+            is_http_request=kind in ("http", "ws"))
+        return PendingRequest(list(args), dict(kwargs), metadata, future=asyncio.get_running_loop().create_future())
 
     async def acquire(self, model_id: str, req: tuple[Any, ...] | None) -> ReplicaConn:
         """A replica with a slot reserved for the request, as the user's router ranks them."""
@@ -134,7 +135,7 @@ class CustomRouting:
                         router.held += 1
                         w._routed = c.in_flight
                         self.routed.setdefault(c.id, deque()).append(pending.metadata.internal_request_id)
-                        if not pending.future.done():
+                        if pending.future is not None and not pending.future.done():
                             pending.future.set_result(w)
                         user.on_request_routed(pending, w.replica_id, None)
                         return c

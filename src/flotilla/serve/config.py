@@ -338,7 +338,10 @@ class RequestRouterConfig(BaseModel):
         if v is None:
             return ""
         if isinstance(v, str):
-            return "" if v.strip() in _BUILTIN_ROUTERS else v.strip()
+            v = v.strip()
+            if v.startswith("ray.serve.experimental."):  # Ray's ready-made routers: flotilla's own
+                v = "flotilla" + v[len("ray"):]
+            return "" if v in _BUILTIN_ROUTERS else v
         if isinstance(v, type):
             return v
         raise ValueError(f"request_router_class must be a class or an import path ('module:Class'), not {v!r}")

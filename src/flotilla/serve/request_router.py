@@ -85,13 +85,14 @@ class PendingRequest:
     kwargs: dict[Any, Any]
     metadata: RequestMetadata
     created_at: float = field(default_factory=time.time)
-    future: asyncio.Future[Any] = field(default_factory=lambda: asyncio.get_event_loop().create_future())
+    #: Made by the router on its loop (None in a request made outside one, as in a test).
+    future: asyncio.Future[Any] | None = None
     routing_context: RequestRoutingContext = field(default_factory=RequestRoutingContext)
     resolved: bool = False
 
     def reset_future(self) -> None:
-        """A new future (for a request routed again)."""
-        self.future = asyncio.get_event_loop().create_future()
+        """A new future, on the running loop (for a request routed again)."""
+        self.future = asyncio.get_running_loop().create_future()
 
 
 class ReplicaResult:
