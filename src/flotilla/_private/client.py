@@ -819,8 +819,9 @@ def _after_fork_in_child() -> None:
     here: drop the child's references to its connections and to the keeper's pipe (else the
     parent's cluster would outlive the parent while the child lives, and replicas would wait
     on a connection nobody serves), forget it, and let the child's first handle call join the
-    parent's cluster as a driver of its own (`get_or_start`). Each descriptor is pointed at /dev/null rather than
-    closed, so whatever of the old runtime closes it later closes nothing of the child's."""
+    parent's cluster as a driver of its own (`get_or_start`). Each descriptor is pointed at
+    /dev/null rather than closed, so whatever of the old runtime closes it later closes
+    nothing of the child's."""
     Runtime._lock = threading.Lock()
     rt = Runtime._instance
     if rt is None:
