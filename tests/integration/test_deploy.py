@@ -257,6 +257,31 @@ def test_serve_context_request_context_as_rays_examples_read_it(url):
     assert (c.request_id, c.route, c.app_name) == ("", "", "")
 
 
+@serve.deployment
+class BlockingCaller:
+    def __init__(self, streamer) -> None:
+        self.streamer = streamer
+
+    async def __call__(self, stream: bool) -> str:
+        try:
+            if stream:
+                for _ in self.streamer.options(method_name="count", stream=True).remote(2):
+                    pass
+            else:
+                self.streamer.take.remote(None).result()
+        except RuntimeError as e:
+            return str(e)
+        return "no error"
+
+
+def test_sync_waits_inside_a_deployments_event_loop_raise_rays_error(url):
+    h = serve.run(BlockingCaller.bind(Streamer.bind()), name="blocking_in_dep", route_prefix=None)
+    for stream, hint in ((False, "Use `await response` instead"), (True, "Use `async for`")):
+        said = h.remote(stream).result(timeout_s=30)
+        assert said.startswith("Sync methods should not be called from within an `asyncio` event loop."), said
+        assert hint in said
+
+
 def test_a_stream_passed_downstream_is_refused_with_rays_error(url):
     h = serve.run(Streamer.bind(), name="streamer", route_prefix=None)
     gen = h.options(method_name="count", stream=True).remote(3)

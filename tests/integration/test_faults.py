@@ -14,7 +14,7 @@ import pytest
 
 from flotilla import serve
 from flotilla.exceptions import RayActorError
-from flotilla.serve.exceptions import BackPressureError
+from flotilla.serve.exceptions import BackPressureError, RayServeException
 from tests.conftest import env_vars, running_cluster, wait_for
 
 pytestmark = pytest.mark.slow
@@ -141,6 +141,40 @@ def test_in_flight_request_fails_fast_when_replica_dies(url):
     with pytest.raises(RayActorError, match="died"):
         h.hang_then_crash.remote().result(timeout_s=20)
     assert time.monotonic() - t0 < 5
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+class Adder:
+    def __call__(self, val):
+        if val == 0:
+            os._exit(1)
+        return val + 1
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+class Multiplier:
+    def __call__(self, val):
+        return val * 2
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+class Chain:
+    def __init__(self, adder, multiplier):
+        self.adder, self.multiplier = adder, multiplier
+
+    async def __call__(self, x):
+        return await self.multiplier.remote(self.adder.remote(x))
+
+
+def test_a_chained_call_whose_upstream_replica_dies_names_both_deployments(url):
+    """It was the upstream's ActorDiedError, naming neither deployment, as if the call's own
+    replica had died (Ray: a RayServeException naming both)."""
+    h = serve.run(Chain.bind(Adder.bind(), Multiplier.bind()), name="chain", route_prefix=None)
+    assert h.remote(5).result(timeout_s=30) == 12
+    with pytest.raises(RayServeException, match=r"(?s)deployment 'Multiplier'.*upstream.*deployment 'Adder'") as e:
+        h.remote(0).result(timeout_s=20)
+    assert "died while handling" in str(e.value)
+    wait_for(lambda: h.remote(2).result(timeout_s=20) == 6, timeout=30, what="the replaced Adder serving")
 
 
 def test_failed_health_check_replaces_replica(url):

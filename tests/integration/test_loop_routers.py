@@ -131,7 +131,7 @@ def test_result_on_the_loop_that_made_the_call(url: str) -> None:
 
         async def block() -> None:
             await asyncio.sleep(0.1)  # r runs in main's task on this loop: blocking it would deadlock
-            with pytest.raises(RuntimeError, match="use `await response` instead"):
+            with pytest.raises(RuntimeError, match=r"should not be called from within an `asyncio` event loop\. Use `await response` instead"):
                 r.result(timeout_s=10)
 
         t = asyncio.create_task(block())

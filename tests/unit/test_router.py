@@ -821,7 +821,7 @@ def test_replica_the_controller_says_died_fails_its_requests_at_once(net: Net) -
         assert not any(f.done() for f in on_a) and a.lost == 0
         router.update({**info([b], max_ongoing=2), "dead": ["a"]})
         for f in on_a:
-            with pytest.raises(ActorDiedError, match="Replica a died while handling 2 request"):
+            with pytest.raises(ActorDiedError, match=r"Replica a of deployment .* died while handling 2 request"):
                 await result(f)
         await until(lambda: a.lost == 1)
         assert not router.retiring

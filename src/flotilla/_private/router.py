@@ -339,9 +339,10 @@ class ReplicaConn:
         self.ready = False
         pending, self.pending = self.pending, {}
         if pending:
+            dep = self.router.deployment_id
             failed = Failed(ActorDiedError(
-                f"Replica {self.id} died while handling {len(pending)} request(s); "
-                "it is being replaced. Retry the request."
+                f"Replica {self.id} of deployment '{dep.name}' (application '{dep.app_name}') died while "
+                f"handling {len(pending)} request(s); it is being replaced. Retry the request."
             ))
             for h in pending.values():
                 if h.__class__ is Channel:

@@ -25,8 +25,8 @@ from flotilla._private.lane import Lane, for_caller
 from flotilla._private.looprouter import Follower
 from flotilla._private.protocol import ResponsePending
 from flotilla._private.router import DirectCall
-from flotilla.exceptions import GetTimeoutError
-from flotilla.serve.exceptions import RequestCancelledError
+from flotilla.exceptions import ActorDiedError, GetTimeoutError
+from flotilla.serve.exceptions import RayServeException, RequestCancelledError
 from flotilla.serve.schema import DeploymentID
 
 __all__ = ["DeploymentBroadcastResponse", "DeploymentHandle", "DeploymentResponse", "DeploymentResponseGenerator",
@@ -41,9 +41,19 @@ class _HandleOptions:
     session_id: str = ""
 
 
-async def _resolve_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    args = tuple([await a if isinstance(a, DeploymentResponse) else a for a in args])
-    kwargs = {k: (await v if isinstance(v, DeploymentResponse) else v) for k, v in kwargs.items()}
+async def _resolve_args(args: tuple[Any, ...], kwargs: dict[str, Any],
+                        target: DeploymentID | str) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The arguments with each response among them replaced by its result. A replica that died
+    before finishing one fails the call with a RayServeException naming both deployments (as
+    Ray's), so the caller tells it from a death of the replica its own call went to."""
+    try:
+        args = tuple([await a if isinstance(a, DeploymentResponse) else a for a in args])
+        kwargs = {k: (await v if isinstance(v, DeploymentResponse) else v) for k, v in kwargs.items()}
+    except ActorDiedError as e:
+        name = target.name if isinstance(target, DeploymentID) else target
+        raise RayServeException(
+            f"Request to deployment '{name}' failed because an upstream replica died before finishing "
+            f"the call whose result is one of its arguments: {e}") from e
     return args, kwargs
 
 
@@ -312,7 +322,7 @@ async def _call(rt: Runtime, dep: DeploymentID | str, method: str, args: tuple[A
     if dep.__class__ is str:  # a traffic split: pick its application for this call
         dep = await _split_target(rt, dep)  # type: ignore[arg-type]
     if _has_response(args, kwargs):
-        args, kwargs = await _resolve_args(args, kwargs)
+        args, kwargs = await _resolve_args(args, kwargs, dep)
     return await rt.router(dep).call(method, args, kwargs, meta, parent)  # type: ignore[arg-type]
 
 
@@ -321,7 +331,7 @@ async def _broadcast(rt: Runtime, dep: DeploymentID | str, method: str, args: tu
     if dep.__class__ is str:
         dep = await _split_target(rt, dep)  # type: ignore[arg-type]
     if _has_response(args, kwargs):
-        args, kwargs = await _resolve_args(args, kwargs)
+        args, kwargs = await _resolve_args(args, kwargs, dep)
     return await rt.router(dep).broadcast(method, args, kwargs, meta)  # type: ignore[arg-type]
 
 
@@ -601,9 +611,8 @@ class DeploymentResponse:
         (Ray's): accepted; waiting on a running loop raises only where it would deadlock."""
         if self._local:
             raise RuntimeError(
-                "DeploymentResponse.result() cannot be called on the event loop that made the "
-                "call; use `await response` instead"
-            )
+                "Sync methods should not be called from within an `asyncio` event loop. Use `await "
+                "response` instead (DeploymentResponse.result() cannot wait on the loop that made the call).")
         home = self._home
         if (home is not None and not self._done and (asyncio._get_running_loop() is home or home.is_closed())
                 and not self._divert()):
@@ -611,8 +620,8 @@ class DeploymentResponse:
                 raise RuntimeError(
                     "the event loop this call was made on (and runs on) was closed before it finished")
             raise RuntimeError(
-                "DeploymentResponse.result() cannot wait on the event loop that runs the call "
-                "(the loop it was made on); use `await response` instead.")
+                "Sync methods should not be called from within an `asyncio` event loop. Use `await "
+                "response` instead (DeploymentResponse.result() cannot wait on the loop that runs the call).")
         lane = self._lane
         wait_s = timeout_s
         if lane is not None and not self._done and lane.drive(self._task, timeout_s):  # type: ignore[arg-type]
@@ -842,7 +851,7 @@ class DeploymentResponseGenerator:
 
             async def agen() -> Any:
                 target = (await _split_target(rt, dep)) if isinstance(dep, str) else dep
-                a, k = (await _resolve_args(args, kwargs)) if _has_response(args, kwargs) else (args, kwargs)
+                a, k = (await _resolve_args(args, kwargs, target)) if _has_response(args, kwargs) else (args, kwargs)
                 async for item in rt.router(target).stream(method, a, k, meta):
                     yield item
 
@@ -904,7 +913,8 @@ class DeploymentResponseGenerator:
 
     def __next__(self) -> Any:
         if self._rt.in_loop():
-            raise RuntimeError("iterate a streaming response with `async for` on the event loop")
+            raise RuntimeError("Sync methods should not be called from within an `asyncio` event loop. Use "
+                               "`async for` or `await response.__anext__()` instead.")
         self._not_home()
         if self._cancelled:
             raise RequestCancelledError(self._request_id)
