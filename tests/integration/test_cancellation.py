@@ -107,6 +107,14 @@ class Caller:
         self.target.wait.remote(key)  # not awaited: cancelled with this request all the same
         await asyncio.sleep(60)
 
+    async def spawn_and_swallow(self, key: str) -> str:
+        self.target.wait.remote(key)
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:  # caught, as Ray's own tests do: the request is cancelled all the same
+            return "swallowed"
+        return "slept"
+
     async def spawn_and_return(self, key: str) -> str:
         self.target.wait.remote(key, 1.0)  # outlives this request, which is not cancelled
         return key
@@ -242,6 +250,16 @@ def test_cancellation_cascades_to_calls_the_request_spawned(url: str) -> None:
     wait_for(lambda: "survivor" in _seen(t)["started"], what="the second spawned call running")
     t.open.remote().result(timeout_s=10)
     assert "survivor" not in _seen(t)["cancelled"]
+
+
+def test_cancellation_cascades_when_the_request_catches_cancelled_error(url: str) -> None:
+    """The spawned calls were cancelled only when CancelledError left the method."""
+    h = serve.run(Caller.bind(Target.options(max_ongoing_requests=5).bind()), name="cancel", route_prefix=None)
+    t = serve.get_deployment_handle("Target", "cancel")
+    r = h.spawn_and_swallow.remote("swallower")
+    wait_for(lambda: "swallower" in _seen(t)["started"], what="the spawned call running")
+    r.cancel()
+    wait_for(lambda: "swallower" in _seen(t)["cancelled"], what="the spawned call cancelled")
 
 
 def test_a_call_made_outside_any_request_is_not_cancelled_with_one(url: str) -> None:

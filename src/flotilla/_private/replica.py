@@ -896,6 +896,10 @@ class Replica:
             self._release()
             if self.draining:
                 self.idle.set()
+            if context.SPAWNED in meta:  # calls it made, not over: cancelled with the request, as
+                task = asyncio.current_task()  # Ray's, also when its code caught the cancellation
+                if task is not None and task.cancelling():
+                    context.cancel_spawned(meta)
             if self.metrics:
                 self._record(msg, meta, status, t0, t_in)
             elif self.latency is not None:  # latency targets work with FLOTILLA_METRICS=0 too
