@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Any
 
 import cloudpickle
 
-from flotilla.serve.exceptions import BackPressureError
 from flotilla.serve.request_router import (
     PendingRequest,
     ReplicaID,
@@ -149,8 +148,7 @@ class CustomRouting:
                         raise router._cold_timeout()
                 if not waiting:
                     if router.max_queued != -1 and self.waiting >= router.max_queued:
-                        raise BackPressureError(num_queued_requests=self.waiting,
-                                                max_queued_requests=router.max_queued)
+                        raise router.refused(self.waiting)
                     waiting = True
                     self.waiting += 1
                     continue  # one more try at once, as Ray's router

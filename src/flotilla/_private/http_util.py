@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 from typing import Any
 
@@ -75,6 +76,41 @@ def encode_result(result: Any) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
 def plain(status: int, text: str) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
     body = text.encode()
     return status, [TEXT[0], (b"content-length", str(len(body)).encode())], body
+
+
+def unavailable(e: BaseException) -> tuple[int, list[tuple[bytes, bytes]], bytes] | None:
+    """The HTTP answer to a `BackPressureError` or `DeploymentUnavailableError` that a request's
+    code let out (a call to another deployment refused): its status (503, or the refusing
+    deployment's `backpressure_config`) and message, as Ray's replicas answer; None for any
+    other error (a 500)."""
+    from flotilla.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+    if isinstance(e, BackPressureError):
+        status, headers, body = plain(e.status_code, e.message)
+        if e.retry_after_s is not None:
+            headers.append((b"retry-after", str(math.ceil(e.retry_after_s)).encode()))
+        return status, headers, body
+    if isinstance(e, DeploymentUnavailableError):
+        return plain(503, str(e))
+    return None
+
+
+def add_unavailable_handlers(app: Any) -> None:
+    """Have a Starlette or FastAPI app (an ingress) answer `unavailable` errors itself, which
+    it would otherwise answer with a 500."""
+    if not hasattr(app, "add_exception_handler"):
+        return
+    from starlette.responses import Response
+
+    from flotilla.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+    def answer(_request: Any, e: Exception) -> Any:
+        status, headers, body = unavailable(e) or plain(500, "Internal Server Error")
+        return Response(body, status_code=status, headers={k.decode(): v.decode() for k, v in headers
+                                                           if k != b"content-length"})
+
+    for cls in (BackPressureError, DeploymentUnavailableError):
+        app.add_exception_handler(cls, answer)
 
 
 SCOPE_KEYS = ("type", "http_version", "method", "scheme", "path", "raw_path", "query_string", "headers", "client", "server")

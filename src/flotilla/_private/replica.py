@@ -508,6 +508,7 @@ class Replica:
         context.replica_context.servable_object = obj
         if built.asgi is not None:
             self.asgi_app = built.asgi
+            http_util.add_unavailable_handlers(built.asgi)
             lifespan = getattr(getattr(built.asgi, "router", None), "lifespan_context", None)
             if lifespan is not None:
                 self.lifespan = lifespan(built.asgi)
@@ -1123,7 +1124,12 @@ class Replica:
                 result = StreamingResponse(result)  # type: ignore[arg-type]
         except asyncio.CancelledError:
             raise
-        except Exception:
+        except Exception as e:
+            refused = http_util.unavailable(e)
+            if refused is not None:  # a call of its own was refused: the request is too, as Ray's
+                logger.warning("request %s %s failed: %s", scope.get("method"), scope.get("path"), e)
+                proto.send(tag, HttpFull(*refused))
+                return refused[0]
             logger.exception("request %s %s failed", scope.get("method"), scope.get("path"))
             proto.send(tag, HttpFull(*http_util.plain(500, "Internal Server Error")))
             return 500

@@ -494,9 +494,7 @@ class Router:
         while self.max_queued != -1 and len(self.queue) > self.max_queued:
             fut, _, _ = self.queue.pop()
             if not fut.done():
-                fut.set_exception(
-                    BackPressureError(num_queued_requests=len(self.queue), max_queued_requests=self.max_queued)
-                )
+                fut.set_exception(self.refused(len(self.queue)))
 
     def _unavailable(self) -> DeploymentUnavailableError:
         d = self.deployment_id
@@ -715,7 +713,7 @@ class Router:
         if self.exists is False or (self.failed and not self.replicas):
             raise self._unavailable()
         if self.max_queued != -1 and not front and (queued := self.queued()) >= self.max_queued:
-            raise BackPressureError(num_queued_requests=queued, max_queued_requests=self.max_queued)
+            raise self.refused(queued)
         loop = self.loop
         if loop is None:  # queued before the first update
             loop = self.loop = asyncio.get_running_loop()
@@ -783,6 +781,14 @@ class Router:
         elif self._rate == 0 and dt > 0 and self._finished > self._rate_done:
             return (self._finished - self._rate_done) / dt
         return self._rate
+
+    def refused(self, queued: int) -> BackPressureError:
+        """The error of a request refused with `queued` requests waiting: its HTTP status and
+        Retry-After from the deployment's `backpressure_config`, where it has one."""
+        own = self.backpressure
+        if not own:
+            return BackPressureError(queued, self.max_queued)
+        return BackPressureError(queued, self.max_queued, own.get("status_code", 503), own.get("retry_after_s"))
 
     def retry_after_s(self) -> int:
         """Seconds after which the queue should have room again (for Retry-After)."""

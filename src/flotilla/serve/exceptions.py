@@ -24,12 +24,18 @@ class RayServeException(Exception):
 
 
 class BackPressureError(RayServeException):
-    """A request was rejected because the deployment's queue is full."""
+    """A request was rejected because the deployment's queue is full. Raised out of an HTTP
+    request's code (a call to another deployment that was refused), it is the HTTP answer:
+    `status_code` (503, or the deployment's `backpressure_config`) with `Retry-After` when
+    `retry_after_s` is set."""
 
-    def __init__(self, num_queued_requests: int, max_queued_requests: int) -> None:
+    def __init__(self, num_queued_requests: int, max_queued_requests: int, status_code: int = 503,
+                 retry_after_s: float | None = None) -> None:
         self.num_queued_requests = num_queued_requests
         self.max_queued_requests = max_queued_requests
-        super().__init__(num_queued_requests, max_queued_requests)
+        self.status_code = status_code
+        self.retry_after_s = retry_after_s
+        super().__init__(num_queued_requests, max_queued_requests, status_code, retry_after_s)
 
     @property
     def message(self) -> str:
