@@ -125,3 +125,34 @@ def test_ingress_without_a_class_with_a_builder_and_late_bound(url):
     assert "ASGIIngressDeployment" in serve.status().applications["noclass"].deployments
     with pytest.raises(ValueError, match="__serve_build_asgi_app__"):
         serve.ingress()(type("NoBuilder", (), {}))
+
+
+def _routed_api() -> FastAPI:
+    from fastapi import APIRouter
+
+    app = FastAPI()
+    router = APIRouter(prefix="/prefix")
+
+    @router.get("/sub")
+    def sub() -> str:
+        return "routed"
+
+    app.include_router(router)
+    return app
+
+
+routed_api = _routed_api()
+
+
+@serve.deployment
+@serve.ingress(routed_api)
+class Routed:
+    pass
+
+
+def test_an_app_with_an_included_router(url):
+    """FastAPI 0.165 keeps a lock in the routes `include_router` adds: the app failed to deploy
+    ("cannot pickle '_thread.lock' object")."""
+    serve.run(Routed.bind(), name="routed", route_prefix="/routed")
+    with httpx.Client(base_url=url, timeout=30) as c:
+        assert c.get("/routed/prefix/sub").json() == "routed"

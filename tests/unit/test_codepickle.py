@@ -26,3 +26,16 @@ def test_the_same_code_pickles_to_the_same_bytes():
         return 1
 
     assert codepickle.dumps(f) == codepickle.dumps(f)
+
+
+def test_locks_travel_as_new_unlocked_locks():
+    """FastAPI 0.165 keeps a lock in each route of an included router: an app with
+    `include_router` failed to deploy ("cannot pickle '_thread.lock' object")."""
+    import threading
+
+    held = threading.Lock()
+    held.acquire()
+    state = {"lock": held, "rlock": threading.RLock(), "n": 1}
+    copy = pickle.loads(codepickle.dumps(state))
+    assert copy["n"] == 1 and copy["lock"].acquire(blocking=False) and copy["rlock"].acquire(blocking=False)
+
