@@ -95,6 +95,18 @@ def test_num_replicas_auto_gives_ray_defaults():
     assert (ac.min_replicas, ac.max_replicas, ac.target_ongoing_requests) == (1, 100, 2.0)
 
 
+@pytest.mark.parametrize(("given", "expected"), [
+    # the fields given go on top of the auto defaults (they replaced them: max_replicas stayed 1)
+    ({"metrics_interval_s": 1, "upscale_delay_s": 1}, (1, 100, 2.0, 1.0, 1.0)),
+    ({"max_replicas": 7, "target_ongoing_requests": 3}, (1, 7, 3.0, 10.0, 30.0)),
+    ({"min_replicas": 0}, (0, 100, 2.0, 10.0, 30.0)),
+])
+def test_num_replicas_auto_with_a_partial_autoscaling_config(given: dict, expected: tuple) -> None:
+    ac = serve.deployment(num_replicas="auto", autoscaling_config=given)(f).autoscaling_config
+    assert (ac.min_replicas, ac.max_replicas, ac.target_ongoing_requests, ac.metrics_interval_s,
+            ac.upscale_delay_s) == expected
+
+
 def test_deployment_properties_read_back_as_ray_serves_do():
     d = serve.deployment(f)
     assert (d.num_replicas, d.version, d.logging_config, d.init_args, d.init_kwargs) == (1, None, None, (), {})

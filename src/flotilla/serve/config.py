@@ -568,9 +568,10 @@ class DeploymentConfig(BaseModel):
 
     @model_validator(mode="after")
     def _replicas_vs_autoscaling(self) -> DeploymentConfig:
-        if self.num_replicas == "auto":
-            if self.autoscaling_config is None:
-                object.__setattr__(self, "autoscaling_config", auto_autoscaling_config())
+        if self.num_replicas == "auto":  # Ray's auto defaults, with the fields given set on top
+            given = self.autoscaling_config
+            over = None if given is None else {k: getattr(given, k) for k in given.model_fields_set}
+            object.__setattr__(self, "autoscaling_config", auto_autoscaling_config(over))
         elif self.num_replicas is not None and self.autoscaling_config is not None:
             raise ValueError(
                 "num_replicas and autoscaling_config are mutually exclusive: set num_replicas "
