@@ -114,6 +114,12 @@ def test_user_error_gives_500_and_app_keeps_serving(url):
 
 
 def test_unknown_route_is_404_and_builtin_endpoints(url):
+    for name in list(serve.status().applications):  # a test before may have left one
+        serve.delete(name)
+    r = httpx.get(f"{url}/-/healthz", timeout=30)  # no route yet: unhealthy, as Ray's (was 200)
+    assert (r.status_code, r.text) == (503, "Route table is not populated yet.")
+    serve.run(Api.options(name="Handles").bind(), name="handles_only", route_prefix=None)
+    assert httpx.get(f"{url}/-/healthz", timeout=30).status_code == 503
     serve.run(Api.bind(), name="api", route_prefix="/api")
     with httpx.Client(base_url=url) as c:
         assert c.get("/nothing-here").status_code == 404

@@ -47,6 +47,8 @@ logger = logging.getLogger("flotilla.proxy")
 
 DISCONNECT_CHECK_S = 0.2
 MAX_REQUEST_BODY_BYTES = 1 << 30  # http_options["max_request_body_bytes"] default: 1 GiB
+#: `/-/healthz` while no application has a route (Ray's answer).
+_NO_ROUTES = http_util.plain(503, "Route table is not populated yet.")
 #: Items one HTTP request keeps on `Proxy._done` until `Proxy.fold`: t0, t1, route prefix,
 #: deployment (None: no route), method, path, status, request id, seconds queued in the router.
 RECORD_FIELDS = 9
@@ -241,8 +243,8 @@ class Proxy:
         self.requests += 1
         path, root = http_util.mount_scope(self.root_path, scope) if self.root_path else (scope["path"], "")
         if path.startswith("/-/"):
-            if path == "/-/healthz":
-                await http_util.reply(send, *http_util.plain(200, "success"))
+            if path == "/-/healthz":  # healthy once there is somewhere to send requests, as Ray's
+                await http_util.reply(send, *(http_util.plain(200, "success") if self.routes else _NO_ROUTES))
                 return
             if path == "/-/routes":
                 body = self.routes_json
