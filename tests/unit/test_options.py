@@ -189,6 +189,14 @@ def test_http_options_root_path_and_location_are_validated():
         validate(HTTPOptions, {"location": "Everywhere"}, "http_options")
 
 
+def test_http_options_host_none_means_no_http_server_as_rays() -> None:
+    from flotilla.serve.config import HTTPOptions, validate
+
+    opts = validate(HTTPOptions, {"host": None, "port": 9100}, "http_options")  # was a ConfigError
+    assert opts.location == "Disabled" and opts.port == 9100
+    assert HTTPOptions(host=None).location == "Disabled"
+
+
 def test_proxy_location_enum_is_taken_where_its_names_are():
     from flotilla.serve.api import _http_options
     from flotilla.serve.config import HTTPOptions, ProxyLocation, validate

@@ -690,6 +690,9 @@ class HTTPOptions(BaseModel):
         env = os.environ.get("RAY_SERVE_HTTP_KEEP_ALIVE_TIMEOUT_S")
         if env and isinstance(data, dict):
             data = {**data, "keep_alive_timeout_s": env}
+        if isinstance(data, dict) and "host" in data and data["host"] is None:  # Ray's "no HTTP"
+            data = {k: v for k, v in data.items() if k != "host"}
+            data["location"] = "Disabled"
         return data
 
     host: str = "127.0.0.1"
