@@ -352,7 +352,8 @@ def test_calls_to_a_deployment_that_failed_to_deploy_fail_at_once(url):
     with pytest.raises(DeploymentUnavailableError, match="failed to deploy"):
         serve.get_app_handle("never").remote().result(timeout_s=30)
     r = httpx.get(f"{url}/never", timeout=30)
-    assert r.status_code == 503 and "failed to deploy" in r.text
+    assert r.status_code == 503 and "failed to deploy" in r.text and "unavailable" in r.text
+    assert "RuntimeError: no weights here" in r.text  # the cause, not a dangling "Last error:"
     assert time.monotonic() - t0 < 5
 
 

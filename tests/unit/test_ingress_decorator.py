@@ -27,8 +27,9 @@ def test_a_class_with_call_is_refused_naming_it() -> None:
         def __call__(self) -> str:
             return "never reached"
 
-    with pytest.raises(ValueError, match=r"Model.*__call__"):
+    with pytest.raises(ValueError, match=r"Model.*__call__") as e:
         serve.ingress(FastAPI())(Model)
+    assert "Classes passed to @serve.ingress may not have __call__ method." in str(e.value)  # Ray's words
 
     class Child(Model):
         pass

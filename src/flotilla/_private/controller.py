@@ -354,6 +354,17 @@ class Shadow:
         return {"route": self.route, "target": self.target, "fraction": self.fraction, "max_queue": self.max_queue}
 
 
+def _summary(message: str) -> str:
+    """One line of a deploy failure for callers: its first line, and when that introduces
+    what follows ("Last error:"), the last line after it (the exception)."""
+    lines = [ln.strip() for ln in message.splitlines() if ln.strip()]
+    if not lines:
+        return ""
+    first = lines[0]
+    if first.endswith(":") and len(lines) > 1:
+        first = f"{first} {lines[-1]}"
+    return first[:500]
+
 class Controller:
     def __init__(self, session_dir: str, head_sock: str, pool: ResourcePool, supervisor: Supervisor) -> None:
         self.session_dir = session_dir
@@ -486,7 +497,7 @@ class Controller:
                 "backpressure": dep.config.get("backpressure_config"),
                 "dead": list(dep.dead),
                 # Its version failed to deploy (DEPLOY_FAILED): with no replica left, calls fail.
-                "failed": dep.failed_msg.split("\n", 1)[0][:500],
+                "failed": _summary(dep.failed_msg),
             }
             if dep.spec.get("router_cls"):  # a custom request router (`serve.request_router`)
                 rr = dep.config.get("request_router_config") or {}

@@ -500,9 +500,9 @@ class Router:
         d = self.deployment_id
         if self.exists and self.failed:
             return DeploymentUnavailableError(
-                f"Deployment '{d.name}' in application '{d.app_name}' failed to deploy and has no "
-                f"replica to serve: {self.failed} (serve.status() has the whole message; deploy a "
-                "working version to recover).")
+                f"Deployment '{d.name}' in application '{d.app_name}' is unavailable: it failed to deploy "
+                f"and has no replica to serve: {self.failed} (serve.status() has the whole message; deploy "
+                "a working version to recover).")
         return DeploymentUnavailableError(
             f"Deployment '{d.name}' in application '{d.app_name}' does not exist (it was "
             "deleted or never deployed)."

@@ -76,8 +76,9 @@ def ingress(app: Any = None) -> Any:
             raise ConfigError("@serve.ingress must decorate a class (put it under @serve.deployment)")
         if any("__call__" in vars(base) for base in cls.__mro__[:-1]):
             raise ConfigError(
-                f"class {cls.__name__} passed to @serve.ingress defines __call__, which the ASGI app "
-                "would hide: requests go to the app's routes; remove __call__ or drop @serve.ingress"
+                f"Classes passed to @serve.ingress may not have __call__ method. {cls.__name__} defines "
+                "__call__, which the ASGI app would hide (requests go to the app's routes): remove "
+                "__call__ or drop @serve.ingress."
             )
         # Resolve string annotations here, where the module's globals exist: the class may
         # travel by value, and its functions then keep only the globals their code uses.
