@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 
 from flotilla import serve
@@ -161,3 +163,16 @@ def test_http_keep_alive_from_ray_env_wins(monkeypatch) -> None:
     monkeypatch.setenv("RAY_SERVE_HTTP_KEEP_ALIVE_TIMEOUT_S", "7")
     assert HTTPOptions(keep_alive_timeout_s=0.5).keep_alive_timeout_s == 7.0
     assert HTTPOptions().keep_alive_timeout_s == 7.0
+
+
+def test_version_is_said_to_be_unused_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ray 1.x's `version` option was dropped without a word (Ray 2.60 refuses it)."""
+    from flotilla.serve import config
+
+    monkeypatch.setattr(config, "_warned", set())
+    with pytest.warns(UserWarning, match="version: flotilla versions a deployment by its code"):
+        d = serve.deployment(version="v2")(f)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        d.options(version="v3")  # once per process
+    assert d.version is None

@@ -11,7 +11,7 @@ from typing import Any
 # `starlette.requests.Request` after a bare `import starlette`.
 import starlette.requests  # noqa: F401
 
-from flotilla.serve.config import DeploymentConfig, validate, warn_small_limit
+from flotilla.serve.config import DeploymentConfig, validate, warn_not_honoured, warn_small_limit
 from flotilla.serve.exceptions import ConfigError
 
 logger = logging.getLogger("flotilla")
@@ -116,6 +116,7 @@ class Deployment:
         for key in kwargs:
             if key not in ("name", "route_prefix") and key not in _OPTION_NAMES and key not in _COMPAT_IGNORED:
                 raise ConfigError(f"unknown deployment option {key!r}; allowed: name, " + ", ".join(_OPTION_NAMES))
+        _ignored_options(kwargs)
         merged = dict(self._options)
         for key, value in kwargs.items():
             if key in _COMPAT_IGNORED:
@@ -236,6 +237,15 @@ _COMPAT_IGNORED = {
 }
 
 
+def _ignored_options(given: Any) -> None:
+    """Say once that `version` (Ray 1.x's) is not used, instead of dropping it silently."""
+    if "version" in given:
+        warn_not_honoured(
+            "version", "flotilla versions a deployment by its code, arguments and options (a change "
+            "rolls out by itself, unchanged ones keep their replicas); the value is not used (Ray Serve "
+            "2.60 refuses the option). Name versions in the deployment or application name instead.")
+
+
 def deployment(
     _func_or_class: Callable[..., Any] | None = None,
     *,
@@ -282,6 +292,7 @@ def deployment(
         raise ConfigError(_NULL_LIMIT)
     if max_ongoing_requests is _UNSET:
         max_ongoing_requests = None
+    _ignored_options(ray_only)
     unknown = set(ray_only) - _COMPAT_IGNORED - {"route_prefix"}
     if unknown:
         raise ConfigError(
