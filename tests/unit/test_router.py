@@ -791,6 +791,42 @@ def test_replica_dies_mid_request(net: Net) -> None:
     run(net, body)
 
 
+def test_a_request_written_to_a_replica_already_gone_goes_to_another(net: Net) -> None:
+    """Its write failed (the replica's end was closed before the router heard of it): the request
+    never reached it, so it is sent elsewhere instead of failing with ActorDiedError."""
+    import socket as socket_module
+
+    async def body(replica: Any) -> None:
+        a = await replica("a")
+        b = await replica("b")
+        router = await make_router([a, b], max_ongoing=1)
+        first = call(router, 0)  # takes one replica's only slot
+        held = await until_any(a, b)
+        gone = b if held is a else a
+        # the other replica's end goes away at once, before the router's loop hears of it
+        for p in gone.conns:
+            raw = socket_module.socket(fileno=p.transport.get_extra_info("socket").fileno())
+            raw.shutdown(socket_module.SHUT_RDWR)
+            raw.detach()
+        second = call(router, 1)  # only the gone one has a free slot: written there, refused
+        await settle()
+        assert not second.done()  # not failed: waiting for a slot
+        held.requests[0].reply(Ok((held.id, 0)))
+        assert await result(first) == (held.id, 0)
+        req = await held.nth(1)
+        req.reply(Ok((held.id, 1)))
+        assert await result(second) == (held.id, 1)
+        assert gone.requests == []
+        router.close()
+
+    run(net, body)
+
+
+async def until_any(*reps: FakeReplica) -> FakeReplica:
+    await until(lambda: any(r.requests for r in reps), what="a request at either replica")
+    return next(r for r in reps if r.requests)
+
+
 def test_stream_fails_when_its_replica_dies(net: Net) -> None:
     async def body(replica: Any) -> None:
         a = await replica("a")

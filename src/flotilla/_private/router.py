@@ -237,7 +237,8 @@ class ReplicaConn:
     closes when nothing is in flight or pending on it any more.
     """
 
-    __slots__ = ("_ids", "connecting", "draining", "id", "in_flight", "models", "path", "pending", "proto", "ready", "retired", "router")
+    __slots__ = ("_ids", "connecting", "draining", "id", "in_flight", "models", "path", "pending", "proto", "ready",
+                 "retired", "router", "unsent")
 
     def __init__(self, router: Router, replica_id: str, path: str) -> None:
         self.router = router
@@ -251,6 +252,9 @@ class ReplicaConn:
         self.connecting: asyncio.Task[None] | None = None
         self.models: tuple[str, ...] = ()
         self._ids = itertools.count(1)
+        #: tags of requests whose write failed (the replica had gone): answered Rejected at the
+        #: close, so their callers send them elsewhere (they never started)
+        self.unsent: list[int] | None = None
         self.proto = FrameProtocol(self._on_message, self._on_close, self._on_bad_frame)
 
     async def connect(self) -> None:
@@ -338,6 +342,12 @@ class ReplicaConn:
     def _on_close(self, exc: BaseException | None) -> None:
         self.ready = False
         pending, self.pending = self.pending, {}
+        unsent, self.unsent = self.unsent, None
+        if unsent:
+            for tag in unsent:
+                h = pending.pop(tag, None)
+                if h is not None and h.__class__ is not Channel and not h.done():
+                    h.set_result(_REJECTED)
         if pending:
             dep = self.router.deployment_id
             failed = Failed(ActorDiedError(
@@ -839,8 +849,13 @@ class Router:
         if reply is None:
             reply = r.router.loop.create_future()  # type: ignore[union-attr]  # set by the update that made `r`
         tag = r.next_id()
-        r.proto.send(tag, msg)
+        proto = r.proto
+        proto.send(tag, msg)
         r.pending[tag] = reply
+        if proto.transport.is_closing():  # type: ignore[union-attr]  # the write failed: the replica is gone
+            if r.unsent is None:
+                r.unsent = []
+            r.unsent.append(tag)
         return tag, reply
 
     def _send_held(self, r: ReplicaConn, msg: tuple[Any, ...], reply: Any = None) -> tuple[int, Any]:
