@@ -238,28 +238,21 @@ def test_a_stream_cancelled_before_its_first_item(target: serve.DeploymentHandle
     assert "never-started" not in _seen(target)["started"]
 
 
-def test_cancellation_cascades_to_calls_the_request_spawned(url: str) -> None:
-    # Ray Serve: cancelling a request cancels the handle calls made while serving it, awaited or not.
+@pytest.mark.parametrize("method", ["spawn_and_wait", "spawn_and_swallow"])
+def test_cancellation_cascades_to_calls_the_request_spawned(url: str, method: str) -> None:
+    # Ray Serve: cancelling a request cancels the handle calls made while serving it, awaited or
+    # not, also when its method catches the CancelledError (`spawn_and_swallow`: they were
+    # cancelled only when the error left the method).
     h = serve.run(Caller.bind(Target.options(max_ongoing_requests=5).bind()), name="cancel", route_prefix=None)
     t = serve.get_deployment_handle("Target", "cancel")
-    r = h.spawn_and_wait.remote("spawned")
-    wait_for(lambda: "spawned" in _seen(t)["started"], what="the spawned call running")
+    r = getattr(h, method).remote(method)
+    wait_for(lambda: method in _seen(t)["started"], what="the spawned call running")
     r.cancel()
-    wait_for(lambda: "spawned" in _seen(t)["cancelled"], what="the spawned call cancelled")
+    wait_for(lambda: method in _seen(t)["cancelled"], what="the spawned call cancelled")
     assert h.spawn_and_return.remote("survivor").result(timeout_s=10) == "survivor"
     wait_for(lambda: "survivor" in _seen(t)["started"], what="the second spawned call running")
     t.open.remote().result(timeout_s=10)
     assert "survivor" not in _seen(t)["cancelled"]
-
-
-def test_cancellation_cascades_when_the_request_catches_cancelled_error(url: str) -> None:
-    """The spawned calls were cancelled only when CancelledError left the method."""
-    h = serve.run(Caller.bind(Target.options(max_ongoing_requests=5).bind()), name="cancel", route_prefix=None)
-    t = serve.get_deployment_handle("Target", "cancel")
-    r = h.spawn_and_swallow.remote("swallower")
-    wait_for(lambda: "swallower" in _seen(t)["started"], what="the spawned call running")
-    r.cancel()
-    wait_for(lambda: "swallower" in _seen(t)["cancelled"], what="the spawned call cancelled")
 
 
 def test_a_call_made_outside_any_request_is_not_cancelled_with_one(url: str) -> None:
