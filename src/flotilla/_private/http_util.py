@@ -109,8 +109,10 @@ def add_unavailable_handlers(app: Any) -> None:
         return Response(body, status_code=status, headers={k.decode(): v.decode() for k, v in headers
                                                            if k != b"content-length"})
 
+    handlers = getattr(app, "exception_handlers", {})
     for cls in (BackPressureError, DeploymentUnavailableError):
-        app.add_exception_handler(cls, answer)
+        if cls not in handlers:  # the app's own handler, if it has one, stays
+            app.add_exception_handler(cls, answer)
 
 
 SCOPE_KEYS = ("type", "http_version", "method", "scheme", "path", "raw_path", "query_string", "headers", "client", "server")
