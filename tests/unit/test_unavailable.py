@@ -8,12 +8,12 @@ from flotilla.serve.exceptions import BackPressureError, DeploymentUnavailableEr
 
 
 def test_the_answer_of_each_error() -> None:
-    status, headers, body = unavailable(BackPressureError(3, 2))  # type: ignore[misc]
+    status, headers, body = unavailable(BackPressureError(3, 2))
     assert status == 503 and body.startswith(b"Request dropped due to backpressure (num_queued_requests=3")
     assert b"retry-after" not in dict(headers)
-    status, headers, _ = unavailable(BackPressureError(3, 2, 429, 1.2))  # type: ignore[misc]
+    status, headers, _ = unavailable(BackPressureError(3, 2, 429, 1.2))
     assert status == 429 and dict(headers)[b"retry-after"] == b"2"
-    assert unavailable(DeploymentUnavailableError("gone"))[:1] == (503,)  # type: ignore[index]
+    assert unavailable(DeploymentUnavailableError("gone"))[:1] == (503,)
     assert unavailable(ValueError("x")) is None
 
 
