@@ -365,6 +365,7 @@ def _summary(message: str) -> str:
         first = f"{first} {lines[-1]}"
     return first[:500]
 
+
 class Controller:
     def __init__(self, session_dir: str, head_sock: str, pool: ResourcePool, supervisor: Supervisor) -> None:
         self.session_dir = session_dir

@@ -103,7 +103,9 @@ class CustomRouting:
             multiplexed_model_id=model_id, session_id=meta.get("session_id", "") or "",
             is_streaming=kind in ("stream", "http", "ws"),  # HTTP streams, as Ray's
             is_http_request=kind in ("http", "ws"))
-        return PendingRequest(list(args), dict(kwargs), metadata, future=asyncio.get_running_loop().create_future())
+        pending = PendingRequest(list(args), dict(kwargs), metadata)
+        pending.reset_future()
+        return pending
 
     async def acquire(self, model_id: str, req: tuple[Any, ...] | None) -> ReplicaConn:
         """A replica with a slot reserved for the request, as the user's router ranks them."""

@@ -503,10 +503,8 @@ class Proxy:
                 return 499
             raise
         except BackPressureError as e:
-            code, after = self.backpressure_status, None
-            own = router.backpressure
-            if own:
-                code, after = own.get("status_code", 503), own.get("retry_after_s")
+            # the deployment's own backpressure_config (which the error carries), else http_options'
+            code, after = (e.status_code, e.retry_after_s) if router.backpressure else (self.backpressure_status, None)
             status, headers, text = http_util.plain(code, str(e))
             if after is not None or code == 429:
                 seconds = math.ceil(after) if after is not None else router.retry_after_s()

@@ -873,9 +873,7 @@ class Replica:
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if task is not None and task.cancelling():
-                status = "CANCELLED"
-                if context.SPAWNED in meta:
-                    context.cancel_spawned(meta)
+                status = "CANCELLED"  # (the calls it made are cancelled below)
             else:  # raised by something it awaited, the request not cancelled: answer, never hang
                 status = "ERROR"
                 proto.send(tag, error_reply(TaskCancelledError(
@@ -897,8 +895,8 @@ class Replica:
             self._release()
             if self.draining:
                 self.idle.set()
-            if context.SPAWNED in meta:  # calls it made, not over: cancelled with the request, as
-                task = asyncio.current_task()  # Ray's, also when its code caught the cancellation
+            if context.SPAWNED in meta:  # calls it made, not over: cancelled with the request (as
+                task = asyncio.current_task()  # Ray's), also when its code caught the cancellation
                 if task is not None and task.cancelling():
                     context.cancel_spawned(meta)
             if self.metrics:

@@ -42,7 +42,7 @@ class _HandleOptions:
 
 
 async def _resolve_args(args: tuple[Any, ...], kwargs: dict[str, Any],
-                        target: DeploymentID | str) -> tuple[tuple[Any, ...], dict[str, Any]]:
+                        target: DeploymentID) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """The arguments with each response among them replaced by its result. A replica that died
     before finishing one fails the call with a RayServeException naming both deployments (as
     Ray's), so the caller tells it from a death of the replica its own call went to."""
@@ -50,9 +50,8 @@ async def _resolve_args(args: tuple[Any, ...], kwargs: dict[str, Any],
         args = tuple([await a if isinstance(a, DeploymentResponse) else a for a in args])
         kwargs = {k: (await v if isinstance(v, DeploymentResponse) else v) for k, v in kwargs.items()}
     except ActorDiedError as e:
-        name = target.name if isinstance(target, DeploymentID) else target
         raise RayServeException(
-            f"Request to deployment '{name}' failed because an upstream replica died before finishing "
+            f"Request to deployment '{target.name}' failed because an upstream replica died before finishing "
             f"the call whose result is one of its arguments: {e}") from e
     return args, kwargs
 
@@ -70,6 +69,9 @@ def _has_response(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
     return any(isinstance(v, DeploymentResponse) for v in kwargs.values()) if kwargs else False
 
 
+#: `.result()` where waiting would block the loop the call runs on (Ray's words first).
+_SYNC_ON_LOOP = ("Sync methods should not be called from within an `asyncio` event loop. Use `await response` "
+                 "instead (DeploymentResponse.result() cannot wait on the loop that runs the call).")
 _OPTIONS = ("method_name", "multiplexed_model_id", "stream", "session_id", "use_new_handle_api")
 #: Ray's private or newer `options()` keywords: accepted, with a warning, and ignored.
 _RAY_PRIVATE_OPTIONS = {
@@ -322,7 +324,7 @@ async def _call(rt: Runtime, dep: DeploymentID | str, method: str, args: tuple[A
     if dep.__class__ is str:  # a traffic split: pick its application for this call
         dep = await _split_target(rt, dep)  # type: ignore[arg-type]
     if _has_response(args, kwargs):
-        args, kwargs = await _resolve_args(args, kwargs, dep)
+        args, kwargs = await _resolve_args(args, kwargs, dep)  # type: ignore[arg-type]
     return await rt.router(dep).call(method, args, kwargs, meta, parent)  # type: ignore[arg-type]
 
 
@@ -331,7 +333,7 @@ async def _broadcast(rt: Runtime, dep: DeploymentID | str, method: str, args: tu
     if dep.__class__ is str:
         dep = await _split_target(rt, dep)  # type: ignore[arg-type]
     if _has_response(args, kwargs):
-        args, kwargs = await _resolve_args(args, kwargs, dep)
+        args, kwargs = await _resolve_args(args, kwargs, dep)  # type: ignore[arg-type]
     return await rt.router(dep).broadcast(method, args, kwargs, meta)  # type: ignore[arg-type]
 
 
@@ -610,18 +612,14 @@ class DeploymentResponse:
         """Block until the result is ready (from sync code only). `_skip_asyncio_check`
         (Ray's): accepted; waiting on a running loop raises only where it would deadlock."""
         if self._local:
-            raise RuntimeError(
-                "Sync methods should not be called from within an `asyncio` event loop. Use `await "
-                "response` instead (DeploymentResponse.result() cannot wait on the loop that made the call).")
+            raise RuntimeError(_SYNC_ON_LOOP)
         home = self._home
         if (home is not None and not self._done and (asyncio._get_running_loop() is home or home.is_closed())
                 and not self._divert()):
             if home.is_closed():
                 raise RuntimeError(
                     "the event loop this call was made on (and runs on) was closed before it finished")
-            raise RuntimeError(
-                "Sync methods should not be called from within an `asyncio` event loop. Use `await "
-                "response` instead (DeploymentResponse.result() cannot wait on the loop that runs the call).")
+            raise RuntimeError(_SYNC_ON_LOOP)
         lane = self._lane
         wait_s = timeout_s
         if lane is not None and not self._done and lane.drive(self._task, timeout_s):  # type: ignore[arg-type]
