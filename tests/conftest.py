@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import httpx
 import pytest
 
 import flotilla
@@ -34,6 +35,16 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def pooled_client(url: str, threads: int, timeout: float = 30.0) -> httpx.Client:
+    """One httpx client for `threads` threads at once, keeping as many idle connections as it
+    may open. httpcore 1.0's pool counts every connection, not just the idle ones, against
+    `max_keepalive_connections` (20 by default): past 20 it closes "surplus" idle connections,
+    among them one just handed to another thread, whose read then fails with EBADF."""
+    n = max(threads, 1)
+    return httpx.Client(base_url=url, timeout=timeout,
+                        limits=httpx.Limits(max_connections=n, max_keepalive_connections=n))
 
 
 def wait_for(pred: Callable[[], Any], timeout: float = 20.0, interval: float = 0.02,

@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from flotilla import serve
+from tests.conftest import pooled_client
 
 pytestmark = pytest.mark.slow
 
@@ -37,7 +38,7 @@ class Batched:
 
 def test_serve_batch_over_http_forms_batches_within_the_maximum(url):
     h = serve.run(Batched.bind(), name="b", route_prefix="/b")
-    with httpx.Client(base_url=url, timeout=30) as c, concurrent.futures.ThreadPoolExecutor(32) as pool:
+    with pooled_client(url, 32, timeout=30) as c, concurrent.futures.ThreadPoolExecutor(32) as pool:
         ys = list(pool.map(lambda i: c.post("/b", json={"x": i}).json()["y"], range(64)))
     assert ys == [2 * i for i in range(64)]
     sizes = h.batch_sizes.remote().result()
@@ -72,7 +73,7 @@ class SeedStyle:
 
 def test_deployment_level_batching_over_http(url):
     serve.run(SeedStyle.bind(), name="seed", route_prefix="/seed")
-    with httpx.Client(base_url=url, timeout=30) as c, concurrent.futures.ThreadPoolExecutor(32) as pool:
+    with pooled_client(url, 32, timeout=30) as c, concurrent.futures.ThreadPoolExecutor(32) as pool:
         out = list(pool.map(lambda i: c.post("/seed", json={"x": i}).json(), range(48)))
     assert [o["x"] for o in out] == list(range(48))
     sizes = [o["batch"] for o in out]
@@ -103,7 +104,7 @@ def test_torch_cnn_example_batches_over_http(url):
     serve.run(batched_app, name="cnn", route_prefix="/cnn")
     serve.run(unbatched_app, name="cnn1", route_prefix="/cnn1")
     body = sample_body()
-    with httpx.Client(base_url=url, timeout=60) as c, concurrent.futures.ThreadPoolExecutor(32) as pool:
+    with pooled_client(url, 32, timeout=60) as c, concurrent.futures.ThreadPoolExecutor(32) as pool:
         out = list(pool.map(lambda _: c.post("/cnn", json=body).json(), range(64)))
         single = c.post("/cnn1", json=body).json()
     assert {o["class"] for o in out} == {single["class"]}
@@ -122,7 +123,7 @@ def test_latency_target_batching_skips_the_wait_alone_and_batches_under_load(url
     import flotilla
 
     serve.run(Adaptive.bind(), name="adaptive", route_prefix="/adaptive")
-    with httpx.Client(base_url=url, timeout=30) as c:
+    with pooled_client(url, 32, timeout=30) as c:
         for i in range(3):  # one at a time: no 1 s wait (the fixed timeout it replaces)
             t0 = time.perf_counter()
             assert c.post("/adaptive", json={"x": i}).json() == {"x": i, "batch": 1}

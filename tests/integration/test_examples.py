@@ -7,6 +7,7 @@ import pytest
 
 from examples.demo import SAMPLE
 from flotilla import serve
+from tests.conftest import pooled_client
 
 pytestmark = pytest.mark.slow
 
@@ -38,7 +39,7 @@ def test_seed_batched_sklearn_example(url):
     from examples.sklearn_batched import app
 
     serve.run(app, name="churn", route_prefix="/churn")
-    with httpx.Client(base_url=url, timeout=30) as c, concurrent.futures.ThreadPoolExecutor(32) as pool:
+    with pooled_client(url, 32, timeout=30) as c, concurrent.futures.ThreadPoolExecutor(32) as pool:
         out = list(pool.map(lambda i: c.post("/churn", json={"features": [i / 10] * 8}).json(), range(64)))
     assert all(0.0 <= o["churn_prob"] <= 1.0 for o in out)
     assert 1 < max(o["batch_size"] for o in out) <= 32
