@@ -7,6 +7,8 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
+from fastapi import FastAPI
+from fastapi.responses import PlainTextResponse
 
 from flotilla import serve
 from flotilla._private.client import Runtime
@@ -58,3 +60,21 @@ def test_replicas_serve_http_themselves(url):
         serve.run(Direct.bind(), name="second", route_prefix="/other")
     serve.run(Direct.options(name="Other").bind(), name="handles_only", route_prefix=None)
     wait_for(lambda: serve.status().applications["handles_only"].status == "RUNNING", what="handle-only app")
+
+
+_api = FastAPI()
+
+
+@serve.deployment
+@serve.ingress(_api)
+class Named:
+    @_api.get("/users/{user_id}")
+    def user(self, user_id: str) -> PlainTextResponse:
+        from flotilla.serve.context import _get_serve_request_context
+
+        return PlainTextResponse(_get_serve_request_context().route)
+
+
+def test_a_replica_serving_http_names_requests_by_its_route_templates(url):
+    serve.run(Named.bind(), name="named", route_prefix="/n")
+    assert httpx.get(f"{url}/n/users/42", timeout=30).text == "/n/users/{user_id}"

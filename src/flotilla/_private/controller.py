@@ -287,6 +287,9 @@ class Deployment:
     #: The count the external scaler set last (kept across redeploys while its application
     #: has external_scaler_enabled, as Ray's)
     external_target: int | None = None
+    #: Its ASGI app's route templates, as its latest ready replica read them
+    #: (`asgiroutes.templates`): the proxies name requests by them
+    route_templates: list[Any] | None = None
 
     @property
     def version(self) -> str:
@@ -533,10 +536,10 @@ class Controller:
             self.publish(("shadows",))
 
     def routes(self) -> dict[str, Any]:
-        """The proxy's route table: prefix -> (app, ingress) for an app's own route, or a dict
+        """The proxy's route table: prefix -> (app, ingress[, route templates]) for an app's own route, or a dict
         for a split route (its variants, the apps that exist now, and its sticky key)."""
         table: dict[str, Any] = {
-            a.route_prefix: (a.name, a.ingress)
+            a.route_prefix: self._route_entry(a)
             for a in self.apps.values()
             if a.route_prefix is not None and not a.deleting
         }
@@ -546,6 +549,12 @@ class Controller:
                 "sticky_header": sp.sticky_header, "sticky_cookie": sp.sticky_cookie,
             }
         return table
+
+    def _route_entry(self, a: App) -> tuple[Any, ...]:
+        """(app, ingress), plus the ingress's route templates when its app has them."""
+        dep = a.deployments.get(a.ingress)
+        tmpl = dep.route_templates if dep is not None else None
+        return (a.name, a.ingress, tmpl) if tmpl else (a.name, a.ingress)
 
     def _variants(self, sp: Split) -> list[tuple[str, str, str | None, float]]:
         """(app, ingress, the app's own route prefix, weight) of each variant that exists now."""
@@ -1058,9 +1067,11 @@ class Controller:
                 "rank": r.config_sent["rank"], "world_size": r.world_size, "version": s["version"]}
 
     # ---- a restarted head: replicas reconnect --------------------------------------------
-    def reattach(self, peer: RpcPeer, rid: str, pid: int, phase: str, tb: str, models: list[str]) -> None:
+    def reattach(self, peer: RpcPeer, rid: str, pid: int, phase: str, tb: str, models: list[str],
+                 routes: list[Any] | None = None) -> None:
         """A replica of the previous head reconnected: bind it again (its id and pid must match
-        the checkpoint). `phase`: "constructing", "ready", "failed" or "draining"."""
+        the checkpoint). `phase`: "constructing", "ready", "failed" or "draining"; `routes`:
+        its ASGI app's route templates."""
         r = self.replicas.get(rid)
         if r is None or r.proc is None or r.proc.pid != pid or r.state in (RState.GONE, RState.PENDING):
             raise RuntimeError(f"replica {rid} (pid {pid}) is not one of this head's replicas")
@@ -1081,8 +1092,9 @@ class Controller:
             self._stop_replica(r, False, "it was draining when the head restarted")
         elif phase == "ready":
             if r.state is RState.STARTING:
-                self.replica_ready(rid)
+                self.replica_ready(rid, None, routes)
             else:
+                self._route_templates(r, routes)
                 if r.state is RState.UPDATING:  # a reconfigure was cut short: give it again
                     transition(r, RState.RUNNING, "re-adopted by a restarted head")
                     r.config_sent = None
@@ -1120,11 +1132,13 @@ class Controller:
             r.models = tuple(model_ids)
             self.publish(r.dep.key)
 
-    def replica_ready(self, rid: str, init_s: float | None = None) -> None:
-        """`rid` is ready; `init_s`: how long its constructor ran (the replica measured it)."""
+    def replica_ready(self, rid: str, init_s: float | None = None, routes: list[Any] | None = None) -> None:
+        """`rid` is ready; `init_s`: how long its constructor ran (the replica measured it);
+        `routes`: its ASGI app's route templates, if it has such an app."""
         r = self.replicas.get(rid)
         if r is None or r.state is not RState.STARTING:
             return
+        self._route_templates(r, routes)
         r.startup_s = time.monotonic() - r.placed_at
         key = (r.dep.name, r.dep.app)
         self.metrics.observe("ray_serve_replica_startup_latency_ms", key, r.startup_s * 1000.0)
@@ -1141,6 +1155,15 @@ class Controller:
         self.publish(r.dep.key)
         self._reconfigure(r)  # a config that changed while it started
         self.kick()
+
+    def _route_templates(self, r: Replica, routes: list[Any] | None) -> None:
+        """A ready replica's route templates: news for the proxies when they changed."""
+        if r.version != r.dep.version or r.dep.route_templates == routes:
+            return
+        r.dep.route_templates = routes
+        app = self.apps.get(r.dep.app)
+        if app is not None and app.ingress == r.dep.name and app.route_prefix is not None:
+            self.publish(("routes",))
 
     def replica_failed(self, rid: str, tb: str) -> None:
         r = self.replicas.get(rid)

@@ -23,7 +23,7 @@ import contextlib
 from pickle import PickleBuffer
 from typing import TYPE_CHECKING, Any
 
-from flotilla._private import frontdoor, http_util, httpguard, listener
+from flotilla._private import asgiroutes, frontdoor, http_util, httpguard, listener
 from flotilla._private.metrics import RequestIds
 from flotilla._private.protocol import Http, HttpFull, HttpStart, WsCredit, WsOpen, WsOut
 from flotilla._private.router import Channel, WsLink
@@ -74,6 +74,8 @@ class DirectIngress:
         self.replica = replica
         self.opts = opts
         self.prefix: str = opts["route_prefix"]
+        tmpl = replica.route_templates
+        self.names = asgiroutes.Names(self.prefix, tmpl) if tmpl else None
         self.ids = RequestIds()
         self.server: Any = None
         self.task: asyncio.Task[None] | None = None
@@ -150,7 +152,8 @@ class DirectIngress:
             await http_util.reply(send, *http_util.too_large(limit), rid_header)
             return
         fwd = http_util.forward_scope(scope, self.prefix, root)
-        meta = {"request_id": request_id.decode("latin-1"), "route": self.prefix}
+        route = self.names.name(scope["method"], path) if self.names is not None else self.prefix
+        meta = {"request_id": request_id.decode("latin-1"), "route": route}
         rep = self.replica
         self._n += 1
         tag = self._n
@@ -195,7 +198,8 @@ class DirectIngress:
         for k, v in scope["headers"]:
             if k == b"x-request-id":
                 request_id = v
-        meta = {"request_id": (request_id or self.ids.next()).decode("latin-1"), "route": self.prefix}
+        route = self.names.name("WEBSOCKET", path) if self.names is not None else self.prefix
+        meta = {"request_id": (request_id or self.ids.next()).decode("latin-1"), "route": route}
         rep = self.replica
         self._n += 1
         tag = self._n

@@ -24,6 +24,7 @@ from operator import sub as _SUB
 from typing import Any
 
 from flotilla._private import (
+    asgiroutes,
     frontdoor,
     heap,
     http_util,
@@ -176,6 +177,8 @@ class Proxy:
         self.args = args
         self.routes: list[tuple[str, DeploymentID | SplitRoute]] = []
         self.routes_json = b"{}"
+        #: route prefix -> how its requests are named (apps with route templates only)
+        self.names: dict[str, asgiroutes.Names] = {}
         self.rt: Runtime | None = None
         self.request_timeout_s: float | None = args.get("request_timeout_s")
         self.backpressure_status: int = args.get("backpressure_status_code", 503)
@@ -206,6 +209,11 @@ class Proxy:
             (prefix, SplitRoute(prefix, v) if isinstance(v, dict) else DeploymentID(v[1], v[0]))
             for prefix, v in items
         ]
+        old = self.names
+        self.names = {
+            prefix: old[prefix] if prefix in old and old[prefix].source == v[2] else asgiroutes.Names(prefix, v[2])
+            for prefix, v in items if not isinstance(v, dict) and len(v) > 2
+        }
         self.routes_json = json.dumps(
             {p: (v["split"] if isinstance(v, dict) else v[0]) for p, v in table.items()}).encode()
 
@@ -280,6 +288,10 @@ class Proxy:
             m = (fprefix, dep)
         meta: dict[str, Any] | None = None
         if m is not None:
+            if self.names and route is None:  # only apps with route templates pay for this
+                names = self.names.get(m[0])
+                if names is not None:
+                    route = names.name(scope["method"], path)
             meta = {"request_id": request_id.decode("latin-1"), "route": route or m[0]}
             if model_id:
                 meta["multiplexed_model_id"] = model_id
@@ -411,6 +423,9 @@ class Proxy:
         rid = (request_id or self.ids.next()).decode("latin-1")
         m: Any = self.match(path)
         route = m[0] if m is not None else ""
+        names = self.names.get(route) if m is not None else None
+        if names is not None:
+            route = names.name("WEBSOCKET", path)
         app = dep_name = ""
         self.ongoing += 1
         status = 500

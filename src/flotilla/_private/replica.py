@@ -34,7 +34,16 @@ from typing import Any, NamedTuple
 
 import cloudpickle
 
-from flotilla._private import context, heap, http_util, logfmt, logrotate, metrics, trace
+from flotilla._private import (
+    asgiroutes,
+    context,
+    heap,
+    http_util,
+    logfmt,
+    logrotate,
+    metrics,
+    trace,
+)
 from flotilla._private.awaitable import AwaitableBytes, json_value
 from flotilla._private.errors import error_reply
 from flotilla._private.metrics import STORE
@@ -312,6 +321,7 @@ class Replica:
         STORE.declare("gauge", "ray_serve_replica_processing_queries", "Requests running in a replica.", ("deployment", "replica", "application"))
         STORE.declare("gauge", "flotilla_replica_queued_requests", "Requests waiting inside a replica for a slot (max_ongoing_requests).", ("deployment", "replica", "application"))
         self.asgi_app: Any = None
+        self.route_templates: list[asgiroutes.Template] | None = None  # the app's (`asgiroutes`)
         self.config: dict[str, Any] | None = None
         self.lifespan: Any = None
         self.num_requests = 0
@@ -423,6 +433,8 @@ class Replica:
             logger.error("constructor failed:\n%s", tb)
             await self._failed(tb)
             return
+        if self.asgi_app is not None:
+            self.route_templates = asgiroutes.templates(self.asgi_app)
         if args.get("direct"):
             from flotilla._private.direct import DirectIngress
 
@@ -437,7 +449,7 @@ class Replica:
         init_s = time.perf_counter() - began
         logger.info("replica %s ready (pid %d)", self.replica_id, os.getpid())
         self.phase = "ready"
-        await self.link.call("replica_ready", self.replica_id, init_s, wait_s=math.inf)
+        await self.link.call("replica_ready", self.replica_id, init_s, self.route_templates, wait_s=math.inf)
         await self.stopped.wait()
         self._fold()
         self.pusher.stop()
@@ -458,7 +470,8 @@ class Replica:
         if self.phase == "registering":
             return  # no code yet: the replica_register call is simply asked again
         try:
-            await peer.call("replica_reattach", self.replica_id, os.getpid(), self.phase, self.failure, self.models)
+            await peer.call("replica_reattach", self.replica_id, os.getpid(), self.phase, self.failure, self.models,
+                            self.route_templates)
         except RemoteCallError as e:
             self._unknown(e)
         except RuntimeError as e:  # the head's refusal, as raised there
