@@ -9,6 +9,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 from flotilla import serve
+from flotilla.serve.exceptions import RayServeException
 
 pytestmark = pytest.mark.slow
 
@@ -156,3 +157,72 @@ def test_an_app_with_an_included_router(url):
     serve.run(Routed.bind(), name="routed", route_prefix="/routed")
     with httpx.Client(base_url=url, timeout=30) as c:
         assert c.get("/routed/prefix/sub").json() == "routed"
+
+
+def test_one_fastapi_app_shared_by_two_ingress_classes(url):
+    """Each class serves its own methods' routes: the other class's route for the same path
+    is not its (it answered 422 "self: field required")."""
+    app = FastAPI()
+
+    @serve.deployment
+    @serve.ingress(app)
+    class First:
+        @app.get("/")
+        def v1(self):
+            return "first"
+
+    @serve.deployment
+    @serve.ingress(app)
+    class Second:
+        @app.get("/")
+        def v2(self):
+            return "second"
+
+    serve.run(First.bind(), name="first", route_prefix="/api/v1")
+    serve.run(Second.bind(), name="second", route_prefix="/api/v2")
+    with httpx.Client(base_url=url, timeout=30, follow_redirects=True) as c:
+        assert c.get("/api/v1").json() == "first"
+        assert c.get("/api/v2").json() == "second"
+
+
+def test_a_method_name_defined_twice_serves_both_routes(url):
+    """The second `method` hides the first from the class, not from the app: both are bound
+    (the GET answered 422)."""
+    app = FastAPI()
+
+    @serve.deployment
+    @serve.ingress(app)
+    class Twice:
+        @app.get("/")
+        def method(self):
+            return "hi get"
+
+        @app.post("/")
+        def method(self):  # noqa: F811
+            return "hi post"
+
+    serve.run(Twice.bind(), name="twice", route_prefix="/twice")
+    with httpx.Client(base_url=url, timeout=30) as c:
+        assert c.get("/twice/").json() == "hi get"
+        assert c.post("/twice/").json() == "hi post"
+
+
+def test_two_ingress_deployments_in_one_application_are_refused(url):
+    front, back = FastAPI(), FastAPI()
+
+    @serve.deployment
+    @serve.ingress(back)
+    class Back:
+        @back.get("/")
+        def get(self):
+            return 1
+
+    @serve.deployment
+    @serve.ingress(front)
+    class Front:
+        def __init__(self, back):
+            self.back = back
+
+    with pytest.raises(RayServeException, match='Found multiple FastAPI deployments in application "two"'):
+        serve.run(Front.bind(Back.bind()), name="two", route_prefix="/two")
+    assert "two" not in serve.status().applications

@@ -19,6 +19,7 @@ from typing import Any
 from flotilla._private import codepickle, context, frontdoor
 from flotilla._private.args import check as check_kwargs
 from flotilla._private.client import Runtime
+from flotilla.serve.asgi import ASGI_ATTR
 from flotilla.serve.config import (
     HTTPOptions,
     LoggingConfig,
@@ -413,7 +414,12 @@ def app_spec(target: Application, name: str, route_prefix: str | None,
              code_version: str | None = None) -> dict[str, Any]:
     """What `deploy_app` sends the head for an application (serve.run and config builds)."""
     collected: dict[int, dict[str, Any]] = {}
-    names = {id(node): n for n, node in walk_deployments(target)}
+    nodes = walk_deployments(target)
+    names = {id(node): n for n, node in nodes}
+    if sum(hasattr(node.deployment.func_or_class, ASGI_ATTR) for _, node in nodes) > 1:
+        raise RayServeException(
+            f'Found multiple FastAPI deployments in application "{name}". Please only include one '
+            "deployment with @serve.ingress in your application to avoid this issue.")
     ingress = _walk(target, name, collected, names, app_logging, app_env, code_version)
     return {"name": name, "route_prefix": route_prefix, "ingress": ingress, "deployments": list(collected.values())}
 

@@ -7,6 +7,7 @@ still sees the other parameters, types and dependencies exactly as written.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import typing
@@ -88,6 +89,8 @@ def ingress(app: Any = None) -> Any:
                     value.__annotations__ = typing.get_type_hints(value, include_extras=True)
                 except Exception:
                     pass
+        if app is not None:
+            _mark_endpoints(app, cls)
         setattr(cls, ASGI_ATTR, LateApp if app is None else app)
         return cls
 
@@ -112,6 +115,44 @@ def _make_state_picklable() -> None:
     except ImportError:  # pragma: no cover
         return
     copyreg.pickle(State, lambda s: (_rebuild_state, (dict(s._state),)))
+
+
+#: A route endpoint's attribute: the ingress class whose method it is, (module, qualname) as
+#: at `@serve.ingress`; the class keeps its own under the same name (a class shipped by value
+#: may come back with another qualname).
+OWNER_ATTR = "__flotilla_ingress_of__"
+
+
+def _method_of(fn: Any, cls: type) -> bool:
+    """`fn` was defined in the body of `cls` or of a base class, even if a later definition of
+    the same name hides it there (FastAPI keeps both routes)."""
+    qualname = getattr(fn, "__qualname__", "")
+    return inspect.isfunction(fn) and any(
+        qualname.startswith(base.__qualname__ + ".") and "<locals>" not in qualname[len(base.__qualname__):]
+        for base in cls.__mro__[:-1])
+
+
+def _api_routes(routes: list[Any]) -> Any:
+    """(route, the list holding it) of every route with an endpoint, included routers' too."""
+    for route in routes:
+        inner = getattr(route, "original_router", None)
+        if inner is not None and getattr(route, "include_context", None) is not None:
+            yield from _api_routes(inner.routes)
+        elif hasattr(route, "endpoint"):
+            yield route, routes
+
+
+def _mark_endpoints(app: Any, cls: type) -> None:
+    """Mark the app's routes that are `cls`'s methods (hidden ones included) as `cls`'s: its
+    replicas bind them all, and a replica of another ingress class sharing the app leaves
+    them out (as Ray's class-based views do)."""
+    owner = (cls.__module__, cls.__qualname__)
+    setattr(cls, OWNER_ATTR, owner)
+    router = getattr(app, "router", None)
+    for route, _ in _api_routes(list(getattr(router, "routes", None) or [])):
+        if _method_of(route.endpoint, cls):
+            with contextlib.suppress(AttributeError, TypeError):
+                setattr(route.endpoint, OWNER_ATTR, owner)
 
 
 def _class_functions(cls: type) -> dict[int, str]:
@@ -162,16 +203,22 @@ def bind_routes(app: Any, cls: type, obj: Any) -> None:
     if router is None:
         return
     methods = _class_functions(cls)
+    mine = vars(cls).get(OWNER_ATTR)
     init_params = [p for p in inspect.signature(APIRoute.__init__).parameters if p not in ("self", "path", "endpoint")]
     ws_params = [p for p in inspect.signature(APIWebSocketRoute.__init__).parameters if p not in ("self", "path", "endpoint")]
-    for i, route in enumerate(list(router.routes)):
-        if isinstance(route, APIWebSocketRoute) and id(route.endpoint) in methods:  # @app.websocket
+    for route, holder in list(_api_routes(router.routes)):
+        fn = route.endpoint
+        owner = getattr(fn, OWNER_ATTR, None)
+        if id(fn) not in methods and (owner is None or owner != mine):
+            if owner is not None:  # another ingress class's method
+                holder.remove(route)
+            continue
+        i = holder.index(route)
+        if isinstance(route, APIWebSocketRoute):  # @app.websocket
             kwargs = {name: getattr(route, name) for name in ws_params if hasattr(route, name)}
-            router.routes[i] = APIWebSocketRoute(route.path, _bound_endpoint(route.endpoint, obj), **kwargs)
-            continue
-        if not isinstance(route, APIRoute) or id(route.endpoint) not in methods:
-            continue
-        kwargs = {name: getattr(route, name) for name in init_params if hasattr(route, name)}
-        router.routes[i] = APIRoute(route.path, _bound_endpoint(route.endpoint, obj), **kwargs)
+            holder[i] = APIWebSocketRoute(route.path, _bound_endpoint(fn, obj), **kwargs)
+        elif isinstance(route, APIRoute):
+            kwargs = {name: getattr(route, name) for name in init_params if hasattr(route, name)}
+            holder[i] = APIRoute(route.path, _bound_endpoint(fn, obj), **kwargs)
     if hasattr(app, "openapi_schema"):
         app.openapi_schema = None
