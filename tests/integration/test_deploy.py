@@ -12,6 +12,7 @@ import pytest
 from flotilla import serve
 from flotilla.exceptions import GetTimeoutError
 from flotilla.serve.exceptions import ConfigError, DeploymentUnavailableError, RayServeException
+from tests.conftest import wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -155,6 +156,95 @@ def test_same_deployment_bound_twice_gets_unique_names(url):
     h = serve.run(Root.bind(Leaf.bind(1), Leaf.bind(2)), name="twice", route_prefix=None)
     assert h.remote().result() == [1, 2]
     assert len(serve.status().applications["twice"].deployments) == 3
+
+
+class HandleWrapper:
+    """A bound deployment held in an object of the user's own class (Ray's test_api)."""
+
+    def __init__(self, inner):
+        self._inner = inner
+
+    def get(self):
+        return self._inner
+
+
+def test_a_bound_deployment_inside_an_object_of_any_class_becomes_a_handle(url):
+    @serve.deployment
+    def hello():
+        return "hi"
+
+    @serve.deployment
+    class Driver:
+        def __init__(self, wrapped, listed):
+            self.wrapped, self.listed = wrapped, listed
+
+        async def __call__(self):
+            return [await self.wrapped.get().remote(), await self.listed[0].get().remote()]
+
+    leaf = hello.bind()
+    wrapper = HandleWrapper(leaf)
+    h = serve.run(Driver.bind(wrapper, [HandleWrapper(leaf)]), name="wrapped", route_prefix=None)
+    assert h.remote().result() == ["hi", "hi"]
+    assert wrapper.get() is leaf  # the caller's object is left as it was
+    assert set(serve.status().applications["wrapped"].deployments) == {"Driver", "hello"}
+
+
+def test_a_positional_name_is_not_used_and_says_so(url):
+    with pytest.warns(UserWarning, match=r"write @serve.deployment\(name='counter'\)"):
+        @serve.deployment("counter", num_replicas=1)
+        class Counter:
+            def __call__(self):
+                return "ok"
+
+    assert Counter.name == "Counter"
+    assert serve.run(Counter.bind(), name="positional", route_prefix=None).remote().result() == "ok"
+
+
+@pytest.mark.parametrize(("prefix", "message"), [
+    ("no_slash", r"Invalid route_prefix 'no_slash', must start with a forward slash \('/'\)\."),
+    ("/a/", r"Invalid route_prefix '/a/', may not end with a trailing '/'\."),
+    ("/{x}", r"Invalid route_prefix '/\{x\}', may not contain wildcards\."),
+])
+def test_a_bad_route_prefix_is_a_value_error_with_rays_message(url, prefix, message):
+    @serve.deployment
+    def f():
+        return 1
+
+    with pytest.raises(ValueError, match=message):
+        serve.run(f.bind(), name="bad_prefix", route_prefix=prefix)
+
+
+def test_a_deployment_left_out_of_a_redeploy_is_gone_when_run_returns(url):
+    """As in Ray: a deployment being deleted is UPDATING (trigger DELETING), so its application
+    is DEPLOYING until it is gone, and serve.run returns after that."""
+    @serve.deployment
+    class Model:
+        def __init__(self):
+            self.holding = 0
+
+        async def __call__(self, hold_s=0.0):
+            import asyncio
+
+            self.holding += 1
+            await asyncio.sleep(hold_s)
+            return "model"
+
+        def held(self):
+            return self.holding
+
+    @serve.deployment
+    class Model1:
+        def __call__(self):
+            return "model1"
+
+    old = serve.run(Model.bind(), name="swap", route_prefix="/swap")
+    held = old.remote(hold_s=1.0)  # the old replica drains it first
+    wait_for(lambda: old.held.remote().result() == 1, what="the held request running")
+    h = serve.run(Model1.bind(), name="swap", route_prefix="/swap")
+    deps = serve.status().applications["swap"].deployments
+    assert {k: (v.status, v.replica_states) for k, v in deps.items()} == {"Model1": ("HEALTHY", {"RUNNING": 1})}
+    assert held.result(timeout_s=30) == "model"
+    assert h.remote().result() == "model1"
 
 
 def test_await_response_from_async_driver_code(url):

@@ -925,8 +925,11 @@ class Controller:
         return True
 
     def _delete_deployment(self, dep: Deployment) -> None:
+        """Stop `dep`'s replicas; until they are gone it is UPDATING (trigger DELETING), as in
+        Ray, so an application that drops it is DEPLOYING until then."""
         dep.deleting = True
         dep.target = 0
+        dep.status, dep.trigger, dep.message = DeploymentStatus.UPDATING, DeploymentStatusTrigger.DELETING, ""
         self.publish(dep.key)
         for r in list(dep.replicas.values()):
             self._stop_replica(r, True, "deployment deleted")

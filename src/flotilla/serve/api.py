@@ -57,11 +57,11 @@ def _check_route_prefix(route_prefix: str | None) -> None:
     if route_prefix is None:
         return
     if not isinstance(route_prefix, str) or not route_prefix.startswith("/"):
-        raise ConfigError(f"route_prefix must start with '/', got {route_prefix!r}")
+        raise ConfigError(f"Invalid route_prefix {route_prefix!r}, must start with a forward slash ('/').")
     if route_prefix != "/" and route_prefix.endswith("/"):
-        raise ConfigError(f"route_prefix must not end with '/' (except '/' itself), got {route_prefix!r}")
+        raise ConfigError(f"Invalid route_prefix {route_prefix!r}, may not end with a trailing '/'.")
     if "{" in route_prefix or "}" in route_prefix:
-        raise ConfigError(f"route_prefix may not contain wildcards, got {route_prefix!r}")
+        raise ConfigError(f"Invalid route_prefix {route_prefix!r}, may not contain wildcards.")
 
 
 #: Ray's `serve.start` arguments accepted and ignored (with a one-time warning), and why.

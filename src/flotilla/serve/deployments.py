@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import copy
+import functools
 import inspect
 import logging
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -190,16 +193,43 @@ class Application:
         return f"Application({self._deployment.name})"
 
 
-def map_nested(value: Any, leaf: Callable[[Any], Any]) -> Any:
-    """`value` rebuilt with `leaf` applied to everything inside it that is not a list, tuple or
-    dict: how bound applications are found in (and swapped out of) constructor arguments."""
-    if isinstance(value, list):
-        return [map_nested(v, leaf) for v in value]
-    if isinstance(value, tuple):
-        return tuple(map_nested(v, leaf) for v in value)
+def map_nested(value: Any, leaf: Callable[[Any], Any], _seen: set[int] | None = None) -> Any:
+    """`value` with `leaf` applied to everything inside it: the items of lists, tuples and
+    dicts, and the attributes of objects of other classes (as Ray finds bound applications in
+    any object). What nothing changed in is returned as it is; an object something changed in
+    is a shallow copy with the new attributes (the caller's object is left alone)."""
+    if isinstance(value, (list, tuple)):
+        items = [map_nested(v, leaf, _seen) for v in value]
+        if all(a is b for a, b in zip(items, value, strict=True)):
+            return value
+        return items if isinstance(value, list) else tuple(items)
     if isinstance(value, dict):
-        return {k: map_nested(v, leaf) for k, v in value.items()}
-    return leaf(value)
+        changed = {k: map_nested(v, leaf, _seen) for k, v in value.items()}
+        return value if all(changed[k] is v for k, v in value.items()) else changed
+    out = leaf(value)
+    if out is not value or not _has_state(value):
+        return out
+    seen = set() if _seen is None else _seen
+    if id(value) in seen:  # a cycle
+        return value
+    seen.add(id(value))
+    state = vars(value)
+    changed = {k: map_nested(v, leaf, seen) for k, v in state.items()}
+    if all(changed[k] is v for k, v in state.items()):
+        return value
+    clone = copy.copy(value)
+    vars(clone).update(changed)
+    return clone
+
+
+def _has_state(value: Any) -> bool:
+    """An instance of a class of the user's (or a library's) with attributes in a `__dict__`:
+    not a class, function, module, builtin value or one of flotilla's (a handle)."""
+    module = type(value).__module__ or ""
+    return (module != "builtins" and not module.startswith("flotilla")
+            and isinstance(getattr(value, "__dict__", None), dict)
+            and not isinstance(value, (type, types.ModuleType, types.FunctionType, types.MethodType,
+                                       functools.partial)))
 
 
 def walk_deployments(app: Application) -> list[tuple[str, Application]]:
@@ -336,6 +366,12 @@ def deployment(
         opts = dict(options, name=name or target.__name__)
         return Deployment(target, opts)
 
+    if isinstance(_func_or_class, str):  # Ray 1.x's positional name; Ray 2 ignores it too
+        warn_not_honoured(
+            "a positional deployment name",
+            f"@serve.deployment({_func_or_class!r}) does not name the deployment (as in Ray Serve 2, "
+            f"it is named after the class or function); write @serve.deployment(name={_func_or_class!r})")
+        return decorate
     if _func_or_class is not None:
         return decorate(_func_or_class)
     return decorate
