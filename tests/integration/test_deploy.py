@@ -247,6 +247,29 @@ def test_a_deployment_left_out_of_a_redeploy_is_gone_when_run_returns(url):
     assert h.remote().result() == "model1"
 
 
+@serve.deployment(graceful_shutdown_timeout_s=5)
+class HangingStart:
+    async def __init__(self, folder):
+        import asyncio
+
+        self.folder = folder
+        open(os.path.join(folder, "started"), "w").close()
+        await asyncio.sleep(10_000)
+
+    async def __del__(self):
+        with open(os.path.join(self.folder, "deleted"), "a") as f:
+            f.write("x")
+
+
+def test_deleting_a_replica_still_in_its_async_constructor_runs_del_once(url, tmp_path):
+    """As Ray's: the constructor is cancelled and `__del__` runs (it was killed before)."""
+    serve._run(HangingStart.bind(str(tmp_path)), name="hanging", route_prefix=None, _blocking=False)
+    wait_for(lambda: (tmp_path / "started").exists(), what="the constructor running")
+    serve.delete("hanging")
+    assert "hanging" not in serve.status().applications
+    assert (tmp_path / "deleted").read_text() == "x"
+
+
 def test_await_response_from_async_driver_code(url):
     h = serve.run(Echo.bind(), name="asyncdrv", route_prefix=None)
 

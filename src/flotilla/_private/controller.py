@@ -26,6 +26,7 @@ Guarantees:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import secrets
@@ -92,6 +93,9 @@ RECONFIGURE_TIMEOUT_S = float(os.environ.get("FLOTILLA_RECONFIGURE_TIMEOUT_S", "
 STOP_REPLY_GRACE_S = 5.0
 #: How long a replica may take to exit after answering `stop` (or after SIGKILL).
 EXIT_GRACE_S = 5.0
+#: How long a replica stopped while its constructor runs has to cancel an async constructor
+#: and run `__del__` (as Ray's); one whose sync constructor holds its loop is killed then.
+CONSTRUCTING_STOP_S = 2.0
 #: Bound on the stats call that tells which replicas have the fewest requests in flight.
 LOAD_SAMPLE_TIMEOUT_S = 0.25
 #: Failed health checks in a row after which a replica is replaced (Ray Serve's threshold).
@@ -1242,15 +1246,19 @@ class Controller:
             return
         if r.state.routable and not graceful and r.id not in r.dep.dead:
             r.dep.dead.append(r.id)
+        constructing = graceful and r.state is RState.STARTING and r.peer is not None
         graceful = graceful and r.state.routable
         r.stopping_at = time.monotonic()
         transition(r, RState.DRAINING, why)
         self.publish(r.dep.key)  # routers stop choosing it before it is told to stop
-        self._spawn_task(self._drain(r, graceful))
+        self._spawn_task(self._drain(r, graceful, constructing))
 
-    async def _drain(self, r: Replica, graceful: bool) -> None:
+    async def _drain(self, r: Replica, graceful: bool, constructing: bool = False) -> None:
         cfg = r.spec["config"]
         timeout = cfg["graceful_shutdown_timeout_s"]
+        if constructing and r.peer is not None and not r.peer.closed:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(r.peer.call("stop", 0.0, 0.0), CONSTRUCTING_STOP_S)
         if graceful and r.adopted is not None and not r.adopted.is_set():
             try:  # re-adopted by a restarted head: drain it once it has reconnected
                 await asyncio.wait_for(r.adopted.wait(), REATTACH_TIMEOUT_S)

@@ -200,18 +200,22 @@ def _takes_rank(obj: Any) -> bool:
         return False
 
 
-def instantiate(target: Any, init_args: tuple[Any, ...], init_kwargs: dict[str, Any]) -> Any:
+def instantiate(target: Any, init_args: tuple[Any, ...], init_kwargs: dict[str, Any],
+                made: list[Any] | None = None) -> Any:
     """Run the deployment's constructor (a class), or take the function as it is: a `Built`,
     or, for an `async def __init__` (as Ray Serve allows), an awaitable of one."""
     if not inspect.isclass(target):
         return Built(target, None, True)
     if inspect.iscoroutinefunction(target.__init__):
-        return _instantiate_async(target, init_args, init_kwargs)
+        return _instantiate_async(target, init_args, init_kwargs, made)
     return _built(target, target(*init_args, **init_kwargs))
 
 
-async def _instantiate_async(target: Any, init_args: tuple[Any, ...], init_kwargs: dict[str, Any]) -> Built:
+async def _instantiate_async(target: Any, init_args: tuple[Any, ...], init_kwargs: dict[str, Any],
+                             made: list[Any] | None) -> Built:
     obj = target.__new__(target)
+    if made is not None:  # the object its `__init__` is building (a stop meanwhile runs its __del__)
+        made.append(obj)
     await obj.__init__(*init_args, **init_kwargs)
     built = _built(target, obj)
     return (await built) if inspect.isawaitable(built) else built
@@ -321,6 +325,9 @@ class Replica:
         STORE.declare("gauge", "ray_serve_replica_processing_queries", "Requests running in a replica.", ("deployment", "replica", "application"))
         STORE.declare("gauge", "flotilla_replica_queued_requests", "Requests waiting inside a replica for a slot (max_ongoing_requests).", ("deployment", "replica", "application"))
         self.asgi_app: Any = None
+        #: The constructor's run, and the object an async `__init__` is building meanwhile
+        self.construct_task: asyncio.Task[None] | None = None
+        self.constructing: list[Any] = []
         self.route_templates: list[asgiroutes.Template] | None = None  # the app's (`asgiroutes`)
         self.config: dict[str, Any] | None = None
         self.lifespan: Any = None
@@ -426,12 +433,19 @@ class Replica:
         spec = await self.link.call("replica_register", *register, wait_s=math.inf)
         self.phase = "constructing"
         began = time.perf_counter()
+        self.construct_task = self.loop.create_task(self._construct(spec))
         try:
-            await self._construct(spec)
+            await self.construct_task
         except BaseException as e:
-            tb = "".join(traceback.format_exception(e))
-            logger.error("constructor failed:\n%s", tb)
-            await self._failed(tb)
+            if not self.draining:
+                tb = "".join(traceback.format_exception(e))
+                logger.error("constructor failed:\n%s", tb)
+                await self._failed(tb)
+                return
+        if self.draining:  # told to stop while constructing: `_drain` finishes that stop
+            await self.stopped.wait()
+            self.pusher.stop()
+            server.close()
             return
         if self.asgi_app is not None:
             self.route_templates = asgiroutes.templates(self.asgi_app)
@@ -512,7 +526,7 @@ class Replica:
         if built is None:
             target = cloudpickle.loads(spec["def_bytes"])
             init_args, init_kwargs = cloudpickle.loads(spec["args_bytes"])
-            built = instantiate(target, init_args, init_kwargs)
+            built = instantiate(target, init_args, init_kwargs, self.constructing)
             if inspect.isawaitable(built):
                 built = await built
         obj = self.obj = built.obj
@@ -701,6 +715,9 @@ class Replica:
             await self.stopped.wait()  # a second stop (a restarted head): the first one finishes
             return
         self.draining = True
+        if self.construct_task is not None and not self.construct_task.done():
+            await self._stop_constructing()
+            return
         self.phase = "draining"
         if self.server is not None:
             self.server.close()
@@ -736,10 +753,26 @@ class Replica:
                 await self.lifespan.__aexit__(None, None, None)
             except Exception:
                 logger.exception("ASGI lifespan shutdown failed")
-        fn = getattr(type(self.obj), "__del__", None) if self.obj is not None else None
+        await self._del(self.obj)
+
+    async def _stop_constructing(self) -> None:
+        """Stopped before its constructor finished (as Ray's): cancel an async `__init__` and
+        run `__del__` of the object it was building."""
+        self.phase = "draining"
+        task = self.construct_task
+        assert task is not None
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            await task
+        await self._del(self.obj if self.obj is not None else (self.constructing or [None])[0])
+
+    @staticmethod
+    async def _del(obj: Any) -> None:
+        """The user's `__del__` (sync or async), once, at a graceful stop."""
+        fn = getattr(type(obj), "__del__", None) if obj is not None else None
         if fn is not None:
             try:
-                result = fn(self.obj)
+                result = fn(obj)
                 if inspect.isawaitable(result):
                     await result
             except Exception:
