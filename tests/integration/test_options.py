@@ -273,6 +273,10 @@ def test_location_disabled_starts_no_proxy(url):
         serve.start(proxy_location="Disabled")
         serve.run(Talker.bind(), name="nohttp2", route_prefix="/y")
         assert serve.status().proxies == {}
+        serve.shutdown()
+        serve.start("Disabled", {"port": port})  # Ray 2's order: proxy_location, http_options
+        serve.run(Talker.bind(), name="nohttp3", route_prefix="/z")
+        assert serve.status().proxies == {}
     finally:
         serve.shutdown()
         serve.start(http_options={"root_path": ROOT, "port": port})

@@ -84,10 +84,10 @@ RUN_REFUSED = {
 
 
 def start(
-    http_options: dict[str, Any] | HTTPOptions | None = None,
     proxy_location: Any = None,
-    logging_config: dict[str, Any] | LoggingConfig | None = None,
+    http_options: dict[str, Any] | HTTPOptions | None = None,
     grpc_options: dict[str, Any] | gRPCOptions | None = None,
+    logging_config: dict[str, Any] | LoggingConfig | None = None,
     **kwargs: Any,
 ) -> ServeControllerClient:
     """Start the HTTP proxy (default 127.0.0.1:8000). Implicit in `serve.run`.
@@ -107,6 +107,8 @@ def start(
             accepted with a warning).
         ImportError: `grpc_options` without grpcio installed.
     """
+    if http_options is None and isinstance(proxy_location, (dict, HTTPOptions)):
+        http_options, proxy_location = proxy_location, None  # http_options given first, as it once was
     if kwargs.get("detached") is False:  # Ray 1.x's default, and what happens here anyway
         del kwargs["detached"]
     check_kwargs("serve.start", kwargs, ("http_options", "proxy_location", "logging_config", "grpc_options"), START_IGNORED)
