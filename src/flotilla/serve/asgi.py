@@ -118,8 +118,8 @@ def _make_state_picklable() -> None:
 
 
 #: A route endpoint's attribute: the ingress class whose method it is, (module, qualname) as
-#: at `@serve.ingress`; the class keeps its own under the same name (a class shipped by value
-#: may come back with another qualname).
+#: at `@serve.ingress`; the class (and so its subclasses) holds its own under the same name (a
+#: class shipped by value may come back with another qualname).
 OWNER_ATTR = "__flotilla_ingress_of__"
 
 
@@ -203,7 +203,7 @@ def bind_routes(app: Any, cls: type, obj: Any) -> None:
     if router is None:
         return
     methods = _class_functions(cls)
-    mine = vars(cls).get(OWNER_ATTR)
+    mine = getattr(cls, OWNER_ATTR, None)
     init_params = [p for p in inspect.signature(APIRoute.__init__).parameters if p not in ("self", "path", "endpoint")]
     ws_params = [p for p in inspect.signature(APIWebSocketRoute.__init__).parameters if p not in ("self", "path", "endpoint")]
     for route, holder in list(_api_routes(router.routes)):
