@@ -107,7 +107,7 @@ def test_placement_group_bundles_reserve_every_bundle(url):
 def test_default_logging_is_text_at_info_with_access_lines(url):
     h = serve.run(Talker.bind(), name="plain", route_prefix=None)
     h.remote("w0").result()
-    text = wait_for(lambda: (t := replica_log("plain")).count(" __call__ OK ") >= 1 and "info w0" in t and t,
+    text = wait_for(lambda: (t := replica_log("plain")).count(" CALL __call__ OK ") >= 1 and "info w0" in t and t,
                     what="info and access lines")
     assert "debug w0" not in text and not json_lines(text)
 
@@ -242,7 +242,7 @@ def test_start_logging_config_applies_to_the_proxy(url, tmp_path):
 
         line = wait_for(access_line, what="the proxy's JSON access line")[0]
         assert line["serve_access_log"] and line["component_name"] == "proxy" and line["status"] == 200
-        assert line["route"] == f"GET {ROOT}/p"
+        assert (line["method"], line["route"]) == ("GET", f"{ROOT}/p")
     finally:
         serve.shutdown()
         serve.start(http_options={"root_path": ROOT, "port": port})

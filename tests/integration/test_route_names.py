@@ -106,7 +106,7 @@ def test_metrics_and_replica_access_logs_carry_the_template_not_each_path(url):
         ("/api/dynamic/{user_id}", "200"): 5, ("/api", "404"): 1, ("/api", "405"): 1}
     logs = os.path.join(Runtime.current().session_dir, "logs")
     wait_for(lambda: "".join(Path(p).read_text() for p in glob.glob(f"{logs}/replica_labels_*.log"))
-             .count(" /api/dynamic/{user_id} 200 ") == 5, what="five replica access lines with the template")
+             .count(" GET /api/dynamic/{user_id} 200 ") == 5, what="five replica access lines with the template")
     wait_for(lambda: Path(f"{logs}/proxy.log").read_text().count("GET /api/dynamic/user-") == 5,
              what="the proxy's access lines, with each path")
 

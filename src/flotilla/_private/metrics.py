@@ -660,12 +660,17 @@ class AccessLog:
             out.append(f"{prefix} {request_id} {route} {status} {ms:.2f}ms\n")
         return "".join(out)
 
-    def _json(self, t: float, request_id: str, route: str, status: Any, ms: float) -> str:
+    def _json(self, t: float, request_id: str, what: str, status: Any, ms: float) -> str:
+        """`what`: the method (an HTTP one, "WEBSOCKET" or "CALL") and the route (or path, or the
+        called method), as the text line has them."""
         self._at(int(t))
+        method, space, route = what.partition(" ")
+        if not space:  # a gRPC call's line: its method alone
+            method, route = "", what
         return json.dumps({
             "asctime": self._time, "levelname": "INFO",
-            "message": f"{request_id} {route} {status} {ms:.2f}ms", **(self.json_context or {}),
-            "request_id": request_id, "route": route, "status": status,
+            "message": f"{request_id} {what} {status} {ms:.2f}ms", **(self.json_context or {}),
+            "request_id": request_id, "method": method, "route": route, "status": status,
             "duration_ms": round(ms, 3), "serve_access_log": True,
         }) + "\n"
 
