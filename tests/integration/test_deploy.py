@@ -270,6 +270,18 @@ def test_deleting_a_replica_still_in_its_async_constructor_runs_del_once(url, tm
     assert (tmp_path / "deleted").read_text() == "x"
 
 
+def test_the_same_handle_comes_back_for_the_same_deployment(url):
+    @serve.deployment
+    def f():
+        return "f"
+
+    serve.run(f.bind(), name="cached", route_prefix=None)
+    assert len({id(serve.get_app_handle("cached")) for _ in range(20)}) == 1  # as Ray's client caches them
+    assert len({id(serve.get_deployment_handle("f", "cached")) for _ in range(20)}) == 1
+    assert serve.get_app_handle("cached") is serve.get_deployment_handle("f", "cached")
+    assert serve.get_app_handle("cached").remote().result() == "f"
+
+
 def test_await_response_from_async_driver_code(url):
     h = serve.run(Echo.bind(), name="asyncdrv", route_prefix=None)
 

@@ -52,8 +52,13 @@ def test_handle_streams_sync_and_async_generators(url):
         return [x async for x in h.options(stream=True).anumbers.remote(2)]
 
     assert asyncio.run(consume()) == [0, 10]
-    with pytest.raises(TypeError, match="stream=True"):
+    # Ray's messages, word for word (its tests match them)
+    with pytest.raises(TypeError, match=r"Method 'numbers' returned a generator. You must use "
+                                        r"`handle.options\(stream=True\)` to call generators on a deployment."):
         h.numbers.remote(3).result()
+    with pytest.raises(TypeError, match=r"Called method 'plain' with `handle.options\(stream=True\)` but it "
+                                        r"did not return a generator."):
+        list(h.options(stream=True).plain.remote())
 
 
 def test_http_streaming_delivers_first_chunk_before_last_is_produced(url):

@@ -904,12 +904,12 @@ class Replica:
             else:
                 result = await self._invoke(fn, msg.args, msg.kwargs)
             if cls is Stream:
-                await self._stream(proto, tag, key, result)
+                await self._stream(proto, tag, key, result, method)
                 return
             if inspect.isgenerator(result) or inspect.isasyncgen(result) or hasattr(result, "__aiter__"):
                 raise TypeError(
-                    f"Method '{method}' returned a generator. Call it with "
-                    "handle.options(stream=True) to receive its items."
+                    f"Method '{method}' returned a generator. You must use `handle.options(stream=True)` "
+                    "to call generators on a deployment."
                 )
             try:
                 proto.send(tag, Ok(wire(result)))
@@ -1100,7 +1100,7 @@ class Replica:
         self.methods[method] = entry
         return entry
 
-    async def _stream(self, proto: Any, tag: int, key: tuple[int, int], result: Any) -> None:
+    async def _stream(self, proto: Any, tag: int, key: tuple[int, int], result: Any, method: str) -> None:
         """Send a generator's items, never more than the caller's credit ahead."""
         window = self.windows[key] = _Window()
         if inspect.isasyncgen(result) or hasattr(result, "__aiter__"):
@@ -1116,7 +1116,8 @@ class Replica:
                 if proto.paused:
                     await proto.drained()
         else:
-            raise TypeError("handle.options(stream=True) needs a method that returns a generator")
+            raise TypeError(f"Called method '{method}' with `handle.options(stream=True)` but it did not "
+                            "return a generator.")
         proto.send(tag, End())
 
     async def sync_items(self, gen: Any) -> Any:

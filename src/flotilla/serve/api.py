@@ -558,6 +558,23 @@ def shutdown() -> None:
             rt.stop_controller()
 
 
+#: Handles given out by `get_app_handle` / `get_deployment_handle`, by (deployment, app): the
+#: same call gives the same handle, as Ray's client caches them; for the runtime they were
+#: made under (a new cluster starts a new cache).
+_handles: tuple[Any, dict[tuple[str, str], DeploymentHandle]] = (None, {})
+
+
+def _cached_handle(rt: Runtime | None, deployment_name: str, app_name: str) -> DeploymentHandle:
+    global _handles
+    if _handles[0] is not rt:
+        _handles = (rt, {})
+    cache = _handles[1]
+    h = cache.get((deployment_name, app_name))
+    if h is None:
+        h = cache[(deployment_name, app_name)] = DeploymentHandle(deployment_name, app_name)
+    return h
+
+
 def get_app_handle(name: str) -> DeploymentHandle:
     """A handle to the ingress deployment of application `name`; for the name of a traffic
     split (`set_traffic`), a handle that sends each call to one of its applications by weight."""
@@ -567,7 +584,7 @@ def get_app_handle(name: str) -> DeploymentHandle:
         raise RayServeException(f"Application '{name}' does not exist.")
     if "split" in info:
         return SplitHandle(name)
-    return DeploymentHandle(info["ingress"], name)
+    return _cached_handle(rt, info["ingress"], name)
 
 
 #: How far from 1 the weights of a traffic split may add up.
@@ -762,7 +779,7 @@ def get_deployment_handle(deployment_name: str, app_name: str | None = None, _ch
         app = info.applications.get(app_name)
         if app is None or deployment_name not in app.deployments:
             raise DeploymentNotFoundError(f"Deployment(name='{deployment_name}', app='{app_name}') does not exist.")
-    return DeploymentHandle(deployment_name, app_name)
+    return _cached_handle(rt, deployment_name, app_name)
 
 
 def get_replica_context() -> ReplicaContext:
