@@ -248,6 +248,20 @@ class AutoscalingConfig(BaseModel):
             )
         return self
 
+    @field_validator("metrics_interval_s")
+    @classmethod
+    def _metrics_interval_deprecated(cls, v: float) -> float:
+        if v != 10.0:
+            warnings.warn(
+                "The `metrics_interval_s` field in AutoscalingConfig is deprecated (as in Ray Serve, "
+                "whose replicas and handles push their load at intervals set by environment "
+                "variables); flotilla still samples the load at this interval.", DeprecationWarning, stacklevel=2)
+        return v
+
+    def get_target_ongoing_requests(self) -> float:
+        """target_ongoing_requests (Ray's accessor)."""
+        return self.target_ongoing_requests
+
     def get_upscaling_factor(self) -> float:
         """upscaling_factor, else upscale_smoothing_factor, else smoothing_factor."""
         return self.upscaling_factor or self.upscale_smoothing_factor or self.smoothing_factor
@@ -471,36 +485,97 @@ class TimeStampedValue(NamedTuple):
     value: float
 
 
-@dataclass
 class AutoscalingContext:
-    """What a custom policy is given each tick (Ray's `ray.serve.config.AutoscalingContext`).
+    """What a custom policy is given each tick (Ray's `ray.serve.config.AutoscalingContext`,
+    built with the same keywords).
 
     Metrics are keyed by metric name, then by replica id. `aggregated_metrics` holds the mean
     of each replica's samples over `look_back_period_s`; `raw_metrics` the samples. The
-    built-in "ongoing requests" figures are the latest sample. flotilla adds the observed
-    p95 latency and queue delay (ms, None without requests in the window).
+    built-in "ongoing requests" figures are the latest sample. `total_num_requests`,
+    `total_queued_requests` and the two metric maps may be given as callables, called when
+    read (as in Ray); `total_running_requests` is the total less the queued unless given.
+    flotilla adds the observed p95 latency and queue delay (ms, None without requests in the
+    window).
     """
 
-    deployment_id: Any
-    deployment_name: str
-    app_name: str | None
-    current_num_replicas: int
-    target_num_replicas: int
-    running_replicas: list[Any]
-    total_num_requests: float
-    total_queued_requests: float | None
-    total_running_requests: float | None
-    aggregated_metrics: dict[str, dict[Any, float]]
-    raw_metrics: dict[str, dict[Any, list[TimeStampedValue]]]
-    capacity_adjusted_min_replicas: int
-    capacity_adjusted_max_replicas: int
-    policy_state: dict[str, Any]
-    last_scale_up_time: float | None
-    last_scale_down_time: float | None
-    current_time: float | None
-    config: Any | None
-    latency_p95_ms: float | None = None
-    queue_delay_p95_ms: float | None = None
+    def __init__(
+        self,
+        deployment_id: Any,
+        deployment_name: str,
+        app_name: str | None,
+        current_num_replicas: int,
+        target_num_replicas: int,
+        running_replicas: list[Any],
+        total_num_requests: float | Callable[[], float],
+        total_queued_requests: float | Callable[[], float] | None,
+        aggregated_metrics: dict[str, dict[Any, float]] | Callable[[], Any] | None,
+        raw_metrics: dict[str, dict[Any, list[TimeStampedValue]]] | Callable[[], Any] | None,
+        capacity_adjusted_min_replicas: int,
+        capacity_adjusted_max_replicas: int,
+        policy_state: dict[str, Any],
+        last_scale_up_time: float | None,
+        last_scale_down_time: float | None,
+        current_time: float | None,
+        config: Any | None,
+        *,
+        total_running_requests: float | None = None,
+        latency_p95_ms: float | None = None,
+        queue_delay_p95_ms: float | None = None,
+    ) -> None:
+        self.deployment_id = deployment_id
+        self.deployment_name = deployment_name
+        self.app_name = app_name
+        self.current_num_replicas = current_num_replicas
+        self.target_num_replicas = target_num_replicas
+        self.running_replicas = running_replicas
+        self._total = total_num_requests
+        self._queued = total_queued_requests
+        self._running = total_running_requests
+        self._aggregated = aggregated_metrics
+        self._raw = raw_metrics
+        self.capacity_adjusted_min_replicas = capacity_adjusted_min_replicas
+        self.capacity_adjusted_max_replicas = capacity_adjusted_max_replicas
+        self.policy_state = policy_state
+        self.last_scale_up_time = last_scale_up_time
+        self.last_scale_down_time = last_scale_down_time
+        self.current_time = current_time
+        self.config = config
+        self.latency_p95_ms = latency_p95_ms
+        self.queue_delay_p95_ms = queue_delay_p95_ms
+
+    @staticmethod
+    def _read(value: Any) -> Any:
+        return value() if callable(value) else value
+
+    @property
+    def total_num_requests(self) -> float:
+        """Ongoing requests (running and queued) across the deployment."""
+        return float(self._read(self._total))
+
+    @property
+    def total_queued_requests(self) -> float | None:
+        """Requests waiting in routers for a replica."""
+        return self._read(self._queued)
+
+    @property
+    def total_running_requests(self) -> float:
+        """Requests running on replicas."""
+        if self._running is not None:
+            return self._running
+        return max(0.0, self.total_num_requests - (self.total_queued_requests or 0.0))
+
+    @property
+    def aggregated_metrics(self) -> dict[str, dict[Any, float]] | None:
+        return self._read(self._aggregated)
+
+    @property
+    def raw_metrics(self) -> dict[str, dict[Any, list[TimeStampedValue]]] | None:
+        return self._read(self._raw)
+
+    def __repr__(self) -> str:
+        return (f"AutoscalingContext(deployment_name={self.deployment_name!r}, app_name={self.app_name!r}, "
+                f"current_num_replicas={self.current_num_replicas}, target_num_replicas={self.target_num_replicas}, "
+                f"total_num_requests={self.total_num_requests:g})")
 
 
 def apply_app_policy(result: Any, contexts: dict[Any, AutoscalingContext],
