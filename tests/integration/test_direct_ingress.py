@@ -78,3 +78,23 @@ class Named:
 def test_a_replica_serving_http_names_requests_by_its_route_templates(url):
     serve.run(Named.bind(), name="named", route_prefix="/n")
     assert httpx.get(f"{url}/n/users/42", timeout=30).text == "/n/users/{user_id}"
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.5}, graceful_shutdown_timeout_s=60)
+class Idle:
+    def __init__(self, v):
+        self.v = v
+
+    async def __call__(self, request):
+        return {"v": self.v, "pid": os.getpid()}
+
+
+def test_a_draining_replica_closes_an_idle_keep_alive_connection_within_seconds(url):
+    """The keep-alive timeout is Ray's 90 s; a drain would wait for an idle connection that long
+    (up to graceful_shutdown_timeout_s), so a draining replica closes it 5 s in."""
+    serve.run(Idle.bind(1), name="idle", route_prefix="/i")
+    with httpx.Client(base_url=url, timeout=30) as c:
+        old = c.get("/i").json()["pid"]  # this connection now sits idle on the old replica
+        serve.run(Idle.bind(2), name="idle", route_prefix="/i")
+        wait_for(lambda: not alive({old}), timeout=20, what="the old replica gone though a connection idles on it")
+        assert c.get("/i").json()["v"] == 2  # the client reconnects to the new one

@@ -158,7 +158,7 @@ def test_required_resources():
 def test_http_keep_alive_from_ray_env_wins(monkeypatch) -> None:
     from flotilla.serve.config import HTTPOptions
 
-    assert HTTPOptions().keep_alive_timeout_s == 5.0
+    assert HTTPOptions().keep_alive_timeout_s == 90.0  # Ray 2.60's default
     assert HTTPOptions(keep_alive_timeout_s=0.5).keep_alive_timeout_s == 0.5
     monkeypatch.setenv("RAY_SERVE_HTTP_KEEP_ALIVE_TIMEOUT_S", "7")
     assert HTTPOptions(keep_alive_timeout_s=0.5).keep_alive_timeout_s == 7.0

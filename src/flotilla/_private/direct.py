@@ -32,6 +32,9 @@ if TYPE_CHECKING:
     from flotilla._private.replica import Replica
 
 _CLOSE = (b"connection", b"close")
+#: Longest a draining replica keeps an idle keep-alive connection open (the keep-alive timeout,
+#: 90 s by default, would hold the drain up to graceful_shutdown_timeout_s).
+DRAIN_IDLE_S = 5.0
 
 
 class _Sink:
@@ -89,7 +92,7 @@ class DirectIngress:
         bounded, _ = httpguard.protocol_class(self.opts, f"replica:{self.replica.replica_id}", lean=True)
         config = uvicorn.Config(
             frontdoor.wrap(self, self.opts, "replica"), **frontdoor.uvicorn_ssl(self.opts), loop="none", http=bounded, lifespan="off", access_log=False, log_level="warning",
-            timeout_keep_alive=self.opts.get("keep_alive_timeout_s", 5), server_header=False,
+            timeout_keep_alive=self.opts.get("keep_alive_timeout_s", 90), server_header=False,
             date_header=False, proxy_headers=False,
         )
         server = self.server = uvicorn.Server(config)
@@ -106,11 +109,16 @@ class DirectIngress:
         self.closing = True
         for s in getattr(self.server, "servers", ()):
             s.close()
+        loop = asyncio.get_running_loop()
         for conn in list(self.server.server_state.connections) if self.server is not None else ():
             cycle = getattr(conn, "cycle", None)
             if cycle is None or cycle.response_complete:
-                # Idle keep-alive connection: close it after its keep-alive timeout, as
-                # uvicorn does anyway, or now if its client sends no new request.
+                # Idle keep-alive connection: its client may be sending a request on it now, so
+                # it closes after its keep-alive timeout, but at most DRAIN_IDLE_S from now.
+                timer, close = getattr(conn, "timeout_keep_alive_task", None), getattr(conn, "timeout_keep_alive_handler", None)
+                if timer is not None and close is not None and timer.when() - loop.time() > DRAIN_IDLE_S:
+                    timer.cancel()
+                    conn.timeout_keep_alive_task = loop.call_later(DRAIN_IDLE_S, close)
                 continue
             cycle.keep_alive = False
 

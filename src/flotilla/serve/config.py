@@ -708,8 +708,8 @@ class HTTPOptions(BaseModel):
     )
     request_timeout_s: float | None = Field(None, gt=0)
     keep_alive_timeout_s: float = Field(
-        5.0, gt=0,
-        description="How long an idle kept-alive connection stays open; "
+        90.0, gt=0,
+        description="How long an idle kept-alive connection stays open (90 s, Ray's default); "
         "$RAY_SERVE_HTTP_KEEP_ALIVE_TIMEOUT_S, when set, wins over it (as in Ray Serve).",
     )
     location: Literal["HeadOnly", "EveryNode", "Disabled", "NoServer"] | None = Field(

@@ -212,7 +212,7 @@ class HTTPOptionsSchema(BaseModel):
     port: int = Field(default_factory=_HTTP["port"].default_factory, ge=0, le=65535)  # type: ignore[arg-type]
     root_path: str = ""
     request_timeout_s: float | None = Field(None, gt=0)
-    keep_alive_timeout_s: float = Field(5.0, gt=0)
+    keep_alive_timeout_s: float = Field(90.0, gt=0)
     ssl_certfile: str | None = None
     ssl_keyfile: str | None = None
     ssl_keyfile_password: str | None = None
