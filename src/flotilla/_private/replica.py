@@ -531,6 +531,7 @@ class Replica:
             if inspect.isawaitable(built):
                 built = await built
         obj = self.obj = built.obj
+        self.constructing.clear()
         self.is_function = built.is_function
         assert context.replica_context is not None
         context.replica_context.servable_object = obj
