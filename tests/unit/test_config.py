@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import warnings
 
 import pytest
@@ -176,3 +177,13 @@ def test_version_is_said_to_be_unused_once(monkeypatch: pytest.MonkeyPatch) -> N
         warnings.simplefilter("error")
         d.options(version="v3")  # once per process
     assert d.version is None
+
+
+def test_grpc_options_import_their_servicer_functions_as_rays():
+    from flotilla.serve.config import gRPCOptions
+
+    assert gRPCOptions(grpc_servicer_functions=["json.dumps"]).grpc_servicer_func_callable == [json.dumps]
+    with pytest.raises(ModuleNotFoundError, match=r"no_such_module\.add_X can't be imported"):
+        _ = gRPCOptions(grpc_servicer_functions=["no_such_module.add_X"]).grpc_servicer_func_callable
+    with pytest.raises(ValueError, match=r"json\.decoder is not a callable function"):
+        _ = gRPCOptions(grpc_servicer_functions=["json.decoder"]).grpc_servicer_func_callable

@@ -7,11 +7,13 @@ as `ConfigError` (a `ValueError` and a `TypeError`) whose message names each bad
 
 from __future__ import annotations
 
+import importlib
 import logging
 import math
 import os
 import sys
 import warnings
+from collections.abc import Callable
 from enum import Enum
 from typing import Any, Literal
 
@@ -858,6 +860,25 @@ class gRPCOptions(BaseModel):
     @property
     def enabled(self) -> bool:
         return bool(self.port and self.grpc_servicer_functions)
+
+    @property
+    def grpc_servicer_func_callable(self) -> list[Callable[..., Any]]:
+        """The `grpc_servicer_functions`, imported (Ray's property). Raises
+        ModuleNotFoundError for one that cannot be imported, ValueError for one that is not a
+        function."""
+        out = []
+        for path in self.grpc_servicer_functions:
+            module, _, name = path.rpartition(".")
+            try:
+                fn = getattr(importlib.import_module(module), name, None) if module else None
+            except ModuleNotFoundError as e:
+                raise ModuleNotFoundError(
+                    f"{path} can't be imported! Check it for typos, or rebuild the service definitions "
+                    "if the .proto file changed.") from e
+            if not callable(fn):
+                raise ValueError(f"{path} is not a callable function! Make sure the function is imported correctly.")
+            out.append(fn)
+        return out
 
 
 def validate(model: type[BaseModel], data: dict[str, Any], what: str, field_prefix: str = "") -> Any:
