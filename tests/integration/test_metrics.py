@@ -415,3 +415,42 @@ def test_counters_survive_a_head_restart(url):
     with httpx.Client(base_url=url, timeout=30) as c:
         assert c.get("/hr").status_code == 200
     wait_for(lambda: counts() == (13, 13), timeout=10, what="counts after the restart")
+
+
+@serve.deployment
+class Downstream:
+    def __call__(self) -> str:
+        return "g1"
+
+
+@serve.deployment
+class Upstream:
+    def __init__(self, down):
+        self.down = down
+
+    async def __call__(self, request) -> str:
+        return await self.down.remote()
+
+
+def test_calls_made_while_serving_a_request_are_labelled_with_its_route(url):
+    """As in Ray: the downstream deployment's request counter and the routers' counters carry
+    the route of the HTTP request the call serves ("__call__" and "" before); a driver's own
+    calls have route ""."""
+    serve.run(Upstream.bind(Downstream.bind()), name="chain", route_prefix="/api")
+    with httpx.Client(base_url=url, timeout=30) as c:
+        for _ in range(4):
+            assert c.get("/api").text == "g1"
+    serve.get_deployment_handle("Downstream", "chain").remote().result()
+
+    def counted() -> dict | None:
+        m = scrape()
+        got = {
+            "replica": (total(m, "ray_serve_deployment_request_counter_total", deployment="Downstream", route="/api"),
+                        total(m, "ray_serve_deployment_request_counter_total", deployment="Downstream", route="")),
+            "router": (total(m, "ray_serve_num_router_requests_total", deployment="Downstream", route="/api"),
+                       total(m, "ray_serve_num_router_requests_total", deployment="Downstream", route="")),
+            "handle": total(m, "ray_serve_handle_request_counter_total", deployment="Downstream", route="/api"),
+        }
+        return got if got["replica"] == (4, 1) and got["router"] == (4, 1) else None
+
+    assert wait_for(counted, what="downstream counts by route")["handle"] == 4

@@ -173,12 +173,14 @@ def test_server_close_code(url):
     assert e.value.rcvd is not None and e.value.rcvd.code == 4001 and e.value.rcvd.reason == "bye"
 
     def counted() -> bool:  # the proxy counts the socket when it ends, pushed within ~1 s
-        text = httpx.get(flotilla.metrics_url(), timeout=10).text
-        return any(line.startswith("ray_serve_num_http_requests") and 'method="WEBSOCKET"' in line
-                   and 'status_code="4001"' in line and 'application="chat"' in line
-                   for line in text.splitlines())
+        lines = httpx.get(flotilla.metrics_url(), timeout=10).text.splitlines()
+        # Ray's labels: method "WS"; every close code but 1000 and 1001 is an error
+        return (any(line.startswith("ray_serve_num_http_requests") and 'method="WS"' in line
+                    and 'status_code="4001"' in line and 'application="chat"' in line for line in lines)
+                and any(line.startswith("ray_serve_num_http_error_requests") and 'method="WS"' in line
+                        and 'error_code="4001"' in line and 'application="chat"' in line for line in lines))
 
-    wait_for(counted, timeout=15, what="WEBSOCKET counted with its close code")
+    wait_for(counted, timeout=15, what="the websocket counted, as an error, with its close code")
 
 
 def _stable(read, settle_s: float = 0.5, timeout: float = 30.0) -> int:

@@ -8,6 +8,8 @@ import asyncio
 import time
 from typing import Any
 
+import pytest
+
 from flotilla._private import trace
 from flotilla._private.metrics import STORE
 from flotilla._private.proxy import FOLD_S, Proxy
@@ -140,3 +142,11 @@ def test_a_batch_that_never_queued_counts_zeros_in_the_router_queue_histogram() 
     asyncio.run(main())
     assert (queue[2], queue[1], queue[0][0]) == (before[0] + 30, before[1], before[2] + 30)
     assert trace.RING.find("noq-3")[0][8] == 0.0
+
+
+@pytest.mark.parametrize(("status", "error"), [(1000, False), (1001, False), (1011, True), (3000, True),
+                                                (4001, True), (403, True), (101, False)])
+def test_a_websocket_is_an_error_as_ray_counts_it(status, error):
+    from flotilla._private.proxy import ws_error
+
+    assert ws_error(status) is error

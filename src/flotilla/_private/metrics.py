@@ -661,7 +661,7 @@ class AccessLog:
         return "".join(out)
 
     def _json(self, t: float, request_id: str, what: str, status: Any, ms: float) -> str:
-        """`what`: the method (an HTTP one, "WEBSOCKET" or "CALL") and the route (or path, or the
+        """`what`: the method (an HTTP one, "WS" or "CALL") and the route (or path, or the
         called method), as the text line has them."""
         self._at(int(t))
         method, space, route = what.partition(" ")

@@ -65,6 +65,12 @@ def count_error(route: str, status: int, method: str, app: str, deployment: str)
     STORE.inc("ray_serve_num_deployment_http_error_requests", (deployment, code, method, route, app))
 
 
+def ws_error(status: int) -> bool:
+    """A websocket's outcome is an error: a close code other than 1000 (normal) and 1001
+    (going away), as Ray counts it, or an HTTP status >= 400 (refused before it opened)."""
+    return status not in (1000, 1001) if status >= 1000 else status >= 400
+
+
 class SplitRoute:
     """A split route (`serve.set_traffic`): each request goes to one application by weight.
 
@@ -457,12 +463,12 @@ class Proxy:
             self.ongoing -= 1
             if self.metrics:
                 ms = (time.perf_counter() - t0) * 1000.0
-                key = (route, "WEBSOCKET", app, str(status))
+                key = (route, "WS", app, str(status))  # Ray's method label for a websocket
                 STORE.inc("ray_serve_num_http_requests", key)
                 STORE.observe("ray_serve_http_request_latency_ms", key, ms)
-                if status == 1011 or 400 <= status < 1000:
-                    count_error(route, status, "WEBSOCKET", app, dep_name)
-                self.access.add(rid, f"WEBSOCKET {scope['path']}", status, ms)
+                if ws_error(status):
+                    count_error(route, status, "WS", app, dep_name)
+                self.access.add(rid, f"WS {scope['path']}", status, ms)
 
     async def _no_variant(self, scope: dict[str, Any], send: Any, split: SplitRoute, request_id: bytes) -> None:
         text = (f"Traffic split '{split.name}' at {split.prefix} has no application to send to: "

@@ -81,9 +81,10 @@ _SYNC, _ASYNC, _ON_LOOP = 0, 1, 2  # how a user method is invoked
 #: batch (`_fold`): the request path only appends its figures to a list.
 FOLD_S = 0.1
 #: Items one request keeps on `Replica._done` until `_fold`: arrival, start and end times,
-#: batch wait, route, verb (the HTTP method, "WEBSOCKET" or "CALL"), request id, downstream
-#: seconds, status.
-RECORD_FIELDS = 9
+#: batch wait, route (the request's, "" for a call made while serving none), verb (the HTTP
+#: method, "WS" or "CALL"), what the access line names (the called method; None: the
+#: route), request id, downstream seconds, status.
+RECORD_FIELDS = 10
 _REJECTED = Rejected()
 #: `serve.batching.BATCH_WAIT_S` (seconds the request waited for its batch), where it exists.
 _BATCH_WAIT: Any = getattr(_batching, "BATCH_WAIT_S", None)
@@ -969,15 +970,18 @@ class Replica:
             self._latency(meta, t1, t0, t_in)
         cls = msg.__class__
         http = cls is Http or cls is WsOpen
-        verb = (msg.scope.get("method", "GET") if cls is Http else "WEBSOCKET") if http else "CALL"
-        if meta is None:
-            route, rid, ds_s = ("" if http else msg.method), None, 0.0
+        if http:
+            verb = msg.scope.get("method", "GET") if cls is Http else "WS"
+            name = None  # the route
         else:
-            route = meta.get("route", "") if http else msg.method
-            rid, ds_s = meta.get("request_id"), meta.get(trace.DOWNSTREAM_KEY, 0.0)
+            verb, name = "CALL", msg.method
+        if meta is None:
+            route, rid, ds_s = "", None, 0.0
+        else:  # a call made while serving a request has that request's route, as in Ray
+            route, rid, ds_s = meta.get("route", ""), meta.get("request_id"), meta.get(trace.DOWNSTREAM_KEY, 0.0)
         done = self._done
-        done += (t_in, t0, t1, _BATCH_WAIT.get() if _BATCH_WAIT is not None else 0.0, route, verb, rid, ds_s,
-                 status)
+        done += (t_in, t0, t1, _BATCH_WAIT.get() if _BATCH_WAIT is not None else 0.0, route, verb, name, rid,
+                 ds_s, status)
         if len(done) == RECORD_FIELDS:
             self.loop.call_later(FOLD_S, self._fold)
 
@@ -1003,7 +1007,7 @@ class Replica:
         access = self.access
         events: list[tuple[Any, ...]] = []
         app, dep, replica_id = self.app_name, self.dep_name, self.replica_id
-        for t_in, t0, t1, bw, route, verb, rid, ds_s, status in zip(*columns, strict=True):
+        for t_in, t0, t1, bw, route, verb, name, rid, ds_s, status in zip(*columns, strict=True):
             # Stages: waiting for a slot here, then the handler's time split into batch wait,
             # downstream handle calls (capped: concurrent calls overlap) and the rest (user code).
             ms = (t1 - t0) * 1000.0
@@ -1029,7 +1033,7 @@ class Replica:
                 observe(self._stage("batch_wait"), buckets, bw)
             if metrics.is_error(status):
                 errors[labels] = errors.get(labels, 0) + 1
-            access.keep(now, rid or "-", f"{verb} {route}", status, ms)
+            access.keep(now, rid or "-", f"{verb} {route if name is None else name}", status, ms)
         trace.RING.extend(events)
         for labels, n in counts.items():
             STORE.inc("ray_serve_deployment_request_counter", labels, n)
@@ -1040,9 +1044,9 @@ class Replica:
         """`_fold` of the common batch (one route, every request with an id, no batch wait,
         no downstream calls, no errors) a column at a time, each step one C loop over the
         batch; False, having done nothing, for any other batch."""
-        t_in, t0, t1, bw, route, verb, rid, ds_s, status = columns
+        t_in, t0, t1, bw, route, verb, name, rid, ds_s, status = columns
         if (any(bw) or any(ds_s) or None in rid or route.count(route[0]) != len(route)
-                or verb.count(verb[0]) != len(verb)):
+                or verb.count(verb[0]) != len(verb) or name.count(name[0]) != len(name)):
             return False
         if any(map(metrics.is_error, set(status))):
             return False
@@ -1060,7 +1064,7 @@ class Replica:
         app, dep, replica_id = self.app_name, self.dep_name, self.replica_id
         trace.RING.columns(rid, lambda i: (
             rid[i], "replica", app, dep, replica_id, waited[i], 0.0, took[i], 0.0, total[i], now[i]))
-        self.access.keep_columns(now, rid, f"{verb[0]} {route[0]}", status, took)
+        self.access.keep_columns(now, rid, f"{verb[0]} {route[0] if name[0] is None else name[0]}", status, took)
         return True
 
     def _route_entry(self, route: str) -> tuple[tuple[str, ...], list[Any]]:

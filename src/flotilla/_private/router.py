@@ -429,7 +429,8 @@ class Router:
     def _traced(self, meta: Any, t0: float, queued: float) -> None:
         """Keep a finished call for `fold_calls`; the request path does no more."""
         done = self._calls
-        done += (meta.get("request_id") if meta else None, t0, time.perf_counter(), queued)
+        done += (meta.get("request_id") if meta else None, t0, time.perf_counter(), queued,
+                 meta.get("route", "") if meta else "")
         if len(done) == trace.CALL_FIELDS:
             (self.loop or asyncio.get_running_loop()).call_later(trace.FOLD_S, self.fold_calls)
         elif len(done) >= trace.FOLD_MAX * trace.CALL_FIELDS:

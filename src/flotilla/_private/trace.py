@@ -120,8 +120,9 @@ FOLD_MAX = 4096
 
 
 #: Items a router keeps per finished call until `calls_done` (a flat list: no object per
-#: call outlives it): request id (None: none), asked-for time, end time, seconds queued.
-CALL_FIELDS = 4
+#: call outlives it): request id (None: none), asked-for time, end time, seconds queued, the
+#: route of the request it serves ("" for a call not made while serving one).
+CALL_FIELDS = 5
 
 
 #: Who this process's handles are, in metrics' `handle` label: "driver", "proxy" or the
@@ -133,12 +134,16 @@ def calls_done(hist: list[Any], dep: Any, done: list[Any]) -> None:
     """A router's finished calls (`done`: CALL_FIELDS items each) into its router_queue
     histogram and the ring, a column at a time. Downstream time is added to the parent
     request at once, by the router: it is read when that one ends."""
-    ids, t0, t1, queued = metrics.columns(done, CALL_FIELDS)
+    ids, t0, t1, queued, routes = metrics.columns(done, CALL_FIELDS)
     q = [x * 1000.0 for x in queued]
     metrics.observe_sorted(hist, BUCKETS, sorted(q))
     to_wall = time.time() - time.perf_counter()
     app, name = dep.app_name, dep.name
-    count_routed(name, "", app, CALLER, len(ids))
+    if routes.count(routes[0]) == len(routes):  # the common batch: one route (the request's, as Ray's)
+        count_routed(name, routes[0], app, CALLER, len(ids))
+    else:
+        for route in set(routes):
+            count_routed(name, route, app, CALLER, routes.count(route))
     RING.columns(ids, lambda i: (ids[i], "call", app, name, q[i], (t1[i] - t0[i]) * 1000.0, to_wall + t1[i]))
 
 
