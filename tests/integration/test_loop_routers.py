@@ -394,3 +394,33 @@ def test_short_lived_loops_leave_nothing_behind(url: str, caplog: pytest.LogCapt
         assert asyncio.run(one()) == "v1"
     gc.collect()
     assert "Task was destroyed" not in caplog.text
+
+
+@serve.deployment
+class Marker:
+    def mark(self, path: str) -> str:
+        with open(path, "w") as f:
+            f.write("called")
+        return "marked"
+
+
+def test_a_call_goes_out_while_its_caller_blocks_its_own_loop(url: str, tmp_path: Any) -> None:
+    """Ray's router runs on its own loop, so a call made on an async driver's loop goes out even
+    if that loop then blocks in sync code (a test's `wait_for_condition`, say); flotilla's
+    waited for the loop to turn (forever, if the wait was for the call)."""
+    h = serve.run(Marker.bind(), name="blocked", route_prefix=None)
+    mark = tmp_path / "mark"
+
+    async def main() -> tuple[bool, str]:
+        resp = h.mark.remote(str(mark))
+        deadline = time.monotonic() + 10
+        while not mark.exists() and time.monotonic() < deadline:  # blocks this loop, as a sync wait does
+            time.sleep(0.01)
+        return mark.exists(), await resp
+
+    assert asyncio.run(main()) == (True, "marked")
+
+    async def many() -> list[str]:  # and calls awaited at once still run on the caller's loop
+        return [await h.mark.remote(str(tmp_path / f"m{i}")) for i in range(20)]
+
+    assert asyncio.run(many()) == ["marked"] * 20

@@ -491,6 +491,9 @@ class DeploymentResponse:
         box = self._box = self._made = inbox_for(home)
         box.unstarted += 1
         home.call_soon(self._hand_off)
+        _UNCLAIMED[id(self)] = self
+        if not _Stuck.armed:
+            _Stuck.arm(rt)
         return self
 
     def _gone(self) -> None:
@@ -523,20 +526,28 @@ class DeploymentResponse:
 
     def _divert(self) -> bool:
         """Run the call on the runtime's loop instead of its caller's, where it has not started
-        (not awaited at once, or `result()` would block that loop). False if it has started."""
-        make = self._make
-        if make is None:
-            return False
+        (not awaited at once, or `result()` would block that loop). False if it has started
+        there."""
+        if self._make is None or not _claim(self):
+            return self._inline_task is None  # else the watch (`_Stuck`) sent it to the runtime's loop
         if asyncio._get_running_loop() is self._home:
             self._gone()  # (from another thread: its scheduled `_hand_off` does it)
+        self._to_runtime()
+        return True
+
+    def _to_runtime(self) -> None:
+        """Claimed (`_claim`) before it started: it runs on the runtime's loop."""
+        make = self._make
+        assert make is not None
         self._make = self._home = None
         self._box = self._rt.inbox
-        latch = self._latch
-        if latch is None:
-            latch = self._latch = threading.Lock()
-            latch.acquire()
+        if self._latch is None:
+            with _LATCH_MADE:
+                if self._latch is None:
+                    latch = threading.Lock()
+                    latch.acquire()
+                    self._latch = latch
         self._rt.inbox.put(self._start, _call(self._rt, *make))
-        return True
 
     # ---- on the runtime's loop ----------------------------------------------------------
     def _start_direct(self, dep: DeploymentID, method: str, args: tuple[Any, ...], kwargs: dict[str, Any],
@@ -653,7 +664,7 @@ class DeploymentResponse:
             # The call runs here unless the loop's router has no replica connected yet while
             # other calls made on this loop wait for their turn (they go to the runtime's loop
             # then): the calls are admitted in the order they were made.
-            if router.ready or self._made.unstarted <= 1:  # type: ignore[union-attr]  # (set with `_make`)
+            if (router.ready or self._made.unstarted <= 1) and _claim(self):  # type: ignore[union-attr]
                 return (yield from self._inline(router))
         try:
             return (yield from self._awaitable().__await__())
@@ -793,6 +804,45 @@ class SettledResponse:
 
 #: Serialises making a latch late (several threads may call result() on one response).
 _LATCH_MADE = threading.Lock()
+#: Calls made on a caller's running loop that have not started there (`_on_loop`), by id.
+#: Whoever takes one out (`_claim`) runs it: its loop (the task awaiting it, or its hand-off
+#: to the runtime's loop) or the watch on the runtime's loop (`_Stuck`). dict.pop is atomic.
+_UNCLAIMED: dict[int, DeploymentResponse] = {}
+
+
+def _claim(resp: DeploymentResponse) -> bool:
+    return _UNCLAIMED.pop(id(resp), None) is not None
+
+
+class _Stuck:
+    """The watch for calls whose caller's loop stopped turning before they started there (the
+    caller blocks it in sync code: `time.sleep`, a sync wait for the call's effect): the
+    runtime's loop looks every LOOK_S while such calls exist and sends those that were
+    already waiting at its previous look, as Ray's router, on a loop of its own, would have.
+    Armed by the first call after a quiet spell: one wake-up of the runtime's loop then."""
+
+    LOOK_S = 0.05
+    armed = False
+    seen: list[tuple[int, DeploymentResponse]] = []
+
+    @classmethod
+    def arm(cls, rt: Runtime) -> None:
+        cls.armed = True
+        try:
+            rt.inbox.put(cls.look, rt)
+        except RuntimeError:  # the runtime's loop is closed
+            cls.armed = False
+
+    @classmethod
+    def look(cls, rt: Runtime) -> None:
+        for key, resp in cls.seen:
+            if _UNCLAIMED.get(key) is resp and _claim(resp):
+                resp._to_runtime()
+        cls.armed = False  # first: a call made from now on arms again (a look too many is harmless)
+        cls.seen = list(_UNCLAIMED.items())
+        if cls.seen:
+            cls.armed = True
+            rt.loop.call_later(cls.LOOK_S, cls.look, rt)
 
 
 def _seen(t: asyncio.Task[Any]) -> None:
