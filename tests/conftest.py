@@ -47,6 +47,16 @@ def pooled_client(url: str, threads: int, timeout: float = 30.0) -> httpx.Client
                         limits=httpx.Limits(max_connections=n, max_keepalive_connections=n))
 
 
+def metric_total(name: str, **labels: str) -> float:
+    """The sum of the samples named `name` (a counter's `_total`, a histogram's `_count`...)
+    with these `labels` on the cluster's /metrics now."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(flotilla.metrics_url(), timeout=30).text
+    return sum(s.value for fam in text_string_to_metric_families(text) for s in fam.samples
+               if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+
+
 def wait_for(pred: Callable[[], Any], timeout: float = 20.0, interval: float = 0.02,
              what: str | Callable[[], str] = "") -> Any:
     """Poll `pred` until it returns something truthy, or fail after `timeout` seconds.

@@ -14,7 +14,7 @@ import pytest
 
 from flotilla import serve
 from flotilla.serve.config import AutoscalingContext
-from tests.conftest import running_cluster, wait_for
+from tests.conftest import metric_total, running_cluster, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -109,6 +109,8 @@ def test_custom_policy_reads_a_custom_metric(url: str) -> None:
     wait_for(lambda: running("custom", "Custom") == 3, timeout=20, interval=0.1, what="3 running replicas")
     why = serve.status().applications["custom"].deployments["Custom"].autoscaling.last_decision
     assert "custom policy" in why, why
+    wait_for(lambda: metric_total("ray_serve_user_autoscaling_stats_latency_ms_count", deployment="Custom",
+                                  application="custom") > 0, what="record_autoscaling_stats() timed (Ray's metric)")
 
 
 def test_failing_policy_keeps_the_target(url: str, tmp_path: Path) -> None:

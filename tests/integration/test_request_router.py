@@ -22,7 +22,7 @@ from flotilla.serve.request_router import (
     RequestRouter,
     RunningReplica,
 )
-from tests.conftest import wait_for
+from tests.conftest import metric_total, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -146,6 +146,8 @@ def test_routing_stats_reach_the_router(url, tmp_path):
     chosen.write_text(target)
     wait_for(lambda: all(h.remote().result() == target for _ in range(5)), timeout=30,
              what="calls following the replica whose routing stats say pick")
+    wait_for(lambda: metric_total("ray_serve_routing_stats_delay_ms_count", deployment="Who", application="stats") > 0,
+             what="the routing stats' delay (Ray's metric)")
 
 
 def test_a_router_that_raises_fails_the_call_with_its_error(url):

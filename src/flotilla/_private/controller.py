@@ -187,6 +187,10 @@ def declare_ray_controller_metrics(m: Store) -> None:
               dep, LATENCY_MS_BUCKETS)
     m.declare("histogram", "ray_serve_health_check_latency_ms", "Time a health check took, ms.", dep, LATENCY_MS_BUCKETS)
     m.declare("counter", "ray_serve_health_check_failures", "Failed health checks.", dep)
+    m.declare("histogram", "ray_serve_routing_stats_delay_ms", "Time a replica's record_routing_stats() answer took "
+              "to reach the controller, ms.", dep, LATENCY_MS_BUCKETS)
+    m.declare("counter", "ray_serve_routing_stats_error", "record_routing_stats() calls that raised "
+              "(error_type exception) or timed out (timeout).", ("deployment", "replica", "application", "error_type"))
     m.declare("gauge", "ray_serve_autoscaling_target_replicas", "Replicas the autoscaler aims for.", dep)
     m.declare("gauge", "ray_serve_autoscaling_desired_replicas", "Replicas the load asks for, before bounds and delays.", dep)
     m.declare("gauge", "ray_serve_autoscaling_total_requests", "Requests running and queued, as the autoscaler saw them.", dep)
@@ -1314,17 +1318,22 @@ class Controller:
         the routers with the replica set. A failed or late call keeps the last answer."""
         while r.state.routable and r.peer is not None and r.spec.get("router_cls"):
             rr = r.spec["config"].get("request_router_config") or {}
+            began = time.perf_counter()
             try:
                 got = await asyncio.wait_for(r.peer.call("routing_stats"),
                                              rr.get("request_routing_stats_timeout_s", 30.0))
             except Exception as e:
                 if not r.state.routable:
                     return
-                logger.warning("record_routing_stats() of replica %s failed: %s", r.id,
-                               "timed out" if isinstance(e, TimeoutError) else repr(e))
+                late = isinstance(e, TimeoutError)
+                logger.warning("record_routing_stats() of replica %s failed: %s", r.id, "timed out" if late else repr(e))
+                self.metrics.inc("ray_serve_routing_stats_error",
+                                 (r.dep.name, r.id, r.dep.app, "timeout" if late else "exception"))
             else:
                 if got is None:  # it defines no record_routing_stats()
                     return
+                self.metrics.observe("ray_serve_routing_stats_delay_ms", (r.dep.name, r.dep.app),
+                                     (time.perf_counter() - began) * 1000.0)
                 if got != r.routing_stats:
                     r.routing_stats = got
                     self.publish(r.dep.key)

@@ -325,6 +325,12 @@ class Replica:
         self._batch_seen: dict[int, tuple[int, int]] = {}  # batch queue -> (batches, items) at the last push
         metrics.declare_builtins(STORE)
         STORE.declare("gauge", "ray_serve_replica_processing_queries", "Requests running in a replica.", ("deployment", "replica", "application"))
+        STORE.declare("histogram", "ray_serve_user_autoscaling_stats_latency_ms",
+                      "Time the user's record_autoscaling_stats() took, ms.", ("deployment", "replica", "application"),
+                      metrics.LATENCY_MS_BUCKETS)
+        STORE.declare("counter", "ray_serve_record_autoscaling_stats_failed",
+                      "record_autoscaling_stats() calls that raised or timed out.",
+                      ("deployment", "replica", "application", "exception_name"))
         STORE.declare("gauge", "flotilla_replica_queued_requests", "Requests waiting inside a replica for a slot (max_ongoing_requests).", ("deployment", "replica", "application"))
         self.asgi_app: Any = None
         #: The constructor's run, and the object an async `__init__` is building meanwhile
@@ -662,13 +668,18 @@ class Replica:
         One call at a time; one that fails or is not a dict of numbers is logged, None."""
         if self._custom_stats is None or self._custom_stats.done():
             self._custom_stats = self.loop.create_task(self._invoke(self.obj.record_autoscaling_stats, (), {}))
+        labels = (self.dep_name, self.replica_id, self.app_name)
+        began = time.perf_counter()
         try:
             got = await asyncio.wait_for(asyncio.shield(self._custom_stats), CUSTOM_STATS_TIMEOUT_S)
+            STORE.observe("ray_serve_user_autoscaling_stats_latency_ms", labels, (time.perf_counter() - began) * 1000.0)
             return {str(k): float(v) for k, v in dict(got).items()}
-        except TimeoutError:
+        except TimeoutError as e:
+            STORE.inc("ray_serve_record_autoscaling_stats_failed", (*labels, type(e).__name__))
             return None
         except Exception as e:
             logger.warning("record_autoscaling_stats() failed: %r", e)
+            STORE.inc("ray_serve_record_autoscaling_stats_failed", (*labels, type(e).__name__))
             return None
 
     async def _update_config(self, light: dict[str, Any]) -> None:
