@@ -192,6 +192,9 @@ BAD = [
      r"applications: application names must be unique: applications\[0\] and applications\[1\] are both named 'default'"),
     ("applications: [{name: x, import_path: m:a}, {name: y, import_path: m:b, route_prefix: null}, {name: z, import_path: m:c}]",
      r"route prefixes must be unique: applications\[0\] \('x'\) and applications\[2\] \('z'\) both use '/'"),
+    ("applications: [{import_path: m:a, external_scaler_enabled: true, deployments: "
+     "[{name: d1, autoscaling_config: {max_replicas: 3}}]}]",
+     r"external_scaler_enabled is set to True, but the following deployment\(s\) have autoscaling configured: 'd1'"),
     ("proxy_location: Somewhere", r"proxy_location: Input should be"),
     ("http_options: {port: 70000}", r"http_options\.port: Input should be less than or equal to 65535"),
     ("http_options: {root_path: serve/}", r"http_options\.root_path: must be empty or start with '/'"),

@@ -182,6 +182,21 @@ class ServeApplicationSchema(BaseModel):
             )
         return v
 
+    @model_validator(mode="after")
+    def _external_scaler_alone(self) -> ServeApplicationSchema:
+        """An external scaler and Serve's autoscaler would both set the replica counts (as Ray
+        refuses it)."""
+        if self.external_scaler_enabled:
+            autoscaled = [d.name for d in self.deployments
+                          if ("autoscaling_config" in d.model_fields_set and d.autoscaling_config is not None)
+                          or ("num_replicas" in d.model_fields_set and d.num_replicas == "auto")]
+            if autoscaled:
+                raise ValueError(
+                    "external_scaler_enabled is set to True, but the following deployment(s) have autoscaling "
+                    f"configured: {', '.join(f'{n!r}' for n in autoscaled)}. When using an external autoscaler, "
+                    "Serve's built-in autoscaling must be disabled for all deployments in the application.")
+        return self
+
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "name": self.name,
