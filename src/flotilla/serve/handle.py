@@ -492,7 +492,7 @@ class DeploymentResponse:
         box.unstarted += 1
         home.call_soon(self._hand_off)
         _UNCLAIMED[id(self)] = self
-        if not _Stuck.armed:
+        if _Stuck.armed is not rt:
             _Stuck.arm(rt)
         return self
 
@@ -822,26 +822,29 @@ class _Stuck:
     Armed by the first call after a quiet spell: one wake-up of the runtime's loop then."""
 
     LOOK_S = 0.05
-    armed = False
+    armed: Runtime | None = None  # the runtime whose loop looks next
     seen: list[tuple[int, DeploymentResponse]] = []
 
     @classmethod
     def arm(cls, rt: Runtime) -> None:
-        cls.armed = True
+        cls.armed = rt
         try:
             rt.inbox.put(cls.look, rt)
         except RuntimeError:  # the runtime's loop is closed
-            cls.armed = False
+            cls.armed = None
 
     @classmethod
     def look(cls, rt: Runtime) -> None:
         for key, resp in cls.seen:
             if _UNCLAIMED.get(key) is resp and _claim(resp):
-                resp._to_runtime()
-        cls.armed = False  # first: a call made from now on arms again (a look too many is harmless)
+                try:
+                    resp._to_runtime()
+                except RuntimeError:  # its runtime's loop is closed: the call went with it
+                    pass
+        cls.armed = None  # first: a call made from now on arms again (a look too many is harmless)
         cls.seen = list(_UNCLAIMED.items())
         if cls.seen:
-            cls.armed = True
+            cls.armed = rt
             rt.loop.call_later(cls.LOOK_S, cls.look, rt)
 
 
