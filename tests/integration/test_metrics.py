@@ -454,3 +454,10 @@ def test_calls_made_while_serving_a_request_are_labelled_with_its_route(url):
         return got if got["replica"] == (4, 1) and got["router"] == (4, 1) else None
 
     assert wait_for(counted, what="downstream counts by route")["handle"] == 4
+    # Ray 2.60's router metrics: the time to a chosen replica, and what waits for one
+    wait_for(lambda: total(scrape(), "ray_serve_request_router_fulfillment_time_ms_count", deployment="Upstream",
+                           handle="proxy") == 4, what="the proxy's four requests given a replica")
+    m = scrape()
+    assert total(m, "ray_serve_request_router_fulfillment_time_ms_count", deployment="Downstream", handle="driver") == 1
+    assert [s.value for s in m["ray_serve_request_router_queue_len"]
+            if s.labels["deployment"] == "Downstream" and s.labels["handle"] == "driver"] == [0.0]

@@ -617,14 +617,18 @@ class Runtime:
     def router_gauges(self) -> None:
         """Before a metrics push: every router's finished calls folded, and
         `ray_serve_num_ongoing_requests_at_replicas` (what each router, its followers on
-        callers' loops included, has on replicas now)."""
+        callers' loops included, has on replicas now) and `ray_serve_request_router_queue_len`
+        (what waits in them for a replica)."""
         from flotilla._private import trace
 
         self.fold_calls()
         for dep, r in list(self.routers.items()):
             n = sum(c.in_flight for c in list(r.replicas.values()))
             n += sum(c.in_flight for f in list(r.followers) for c in list(f.replicas.values()))
-            trace.STORE.set("ray_serve_num_ongoing_requests_at_replicas", (dep.name, dep.app_name, trace.CALLER), float(n))
+            key = (dep.name, dep.app_name, trace.CALLER)
+            trace.STORE.set("ray_serve_num_ongoing_requests_at_replicas", key, float(n))
+            waiting = len(r.queue) + sum(len(f.queue) for f in list(r.followers))
+            trace.STORE.set("ray_serve_request_router_queue_len", key, float(waiting))
 
     def _call_head_aside(self, op: str, args: tuple[Any, ...], timeout: float | None) -> Any:
         """`call_head` from the runtime's own loop (a replica's constructor or async method,

@@ -198,8 +198,8 @@ class Proxy:
         self._series: dict[tuple[str, str, str, int], tuple[tuple[str, ...], list[Any]]] = {}
         #: HTTP requests recorded (`_record`) and not yet in the metrics (`fold`), flat
         self._done: list[Any] = []
-        #: (application, deployment) -> its router_queue histogram series (the proxy's calls)
-        self._queues: dict[tuple[str, str], list[Any]] = {}
+        #: (application, deployment) -> its router_queue and fulfillment histogram series
+        self._queues: dict[tuple[str, str], tuple[list[Any], list[Any]]] = {}
         self.ids = metrics.RequestIds()
         self.root_path: str = args.get("root_path") or ""
         self.shadows: dict[str, shadow.ShadowRoute] = {}  # shadowed routes by prefix (serve.set_shadow)
@@ -364,7 +364,8 @@ class Proxy:
             now = to_wall + t1
             q = q_s * 1000.0
             if dep is not None:
-                observe_into(self._queue_series(app, name), buckets, q)
+                for h in self._queue_series(app, name):
+                    observe_into(h, buckets, q)
                 routed[(prefix, app, name)] = routed.get((prefix, app, name), 0) + 1
             access.keep(now, rid, f"{method} {path}", status, ms)
             add((rid, "http", prefix, app, status, ms, now, name, q))
@@ -392,7 +393,9 @@ class Proxy:
         trace.count_routed(name, p, a, "proxy", n)
         unqueued = qs.count(0.0) == n  # the usual case: no request waited for a replica
         q = [0.0] * n if unqueued else [x * 1000.0 for x in qs]
-        observe_sorted(self._queue_series(a, name), trace.BUCKETS, q if unqueued else sorted(q))
+        ordered = q if unqueued else sorted(q)
+        for h in self._queue_series(a, name):
+            observe_sorted(h, trace.BUCKETS, ordered)
         now = [to_wall + x for x in t1]
         path = paths[0]
         lines = f"{meth} {path}" if paths.count(path) == n else [f"{meth} {x}" for x in paths]
@@ -400,11 +403,14 @@ class Proxy:
         trace.RING.columns(rids, lambda i: (rids[i], "http", p, a, st, ms[i], now[i], name, q[i]))
         return True
 
-    def _queue_series(self, app: str, name: str) -> list[Any]:
-        """The router_queue histogram of deployment `name` of `app` (made once)."""
+    def _queue_series(self, app: str, name: str) -> tuple[list[Any], list[Any]]:
+        """The histograms of the time its requests to deployment `name` of `app` waited for a
+        replica: the router_queue stage's and Ray's fulfillment time (made once)."""
         h = self._queues.get((app, name))
         if h is None:
-            h = self._queues[(app, name)] = trace.series(DeploymentID(name, app), "router_queue")
+            h = self._queues[(app, name)] = (
+                trace.series(DeploymentID(name, app), "router_queue"),
+                STORE.series("ray_serve_request_router_fulfillment_time_ms", (name, app, "proxy")))
         return h
 
     def _series_for(self, prefix: str, method: str, app: str, status: int) -> tuple[tuple[str, ...], list[Any]]:

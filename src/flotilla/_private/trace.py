@@ -100,6 +100,10 @@ STORE.declare("counter", "ray_serve_handle_request_counter", "Calls made through
               ("handle", "deployment", "route", "application"))
 STORE.declare("gauge", "ray_serve_num_ongoing_requests_at_replicas", "Requests a process's router for a deployment "
               "has sent to its replicas and not had answered yet.", ("deployment", "application", "handle"))
+STORE.declare("gauge", "ray_serve_request_router_queue_len", "Requests waiting in a process's router for a "
+              "replica of the deployment.", ("deployment", "application", "handle"))
+STORE.declare("histogram", "ray_serve_request_router_fulfillment_time_ms", "Time a request waited in a router "
+              "until a replica was chosen for it, ms.", ("deployment", "application", "handle"), metrics.LATENCY_MS_BUCKETS)
 
 
 def count_routed(deployment: str, route: str, application: str, handle: str, n: int) -> None:
@@ -136,9 +140,12 @@ def calls_done(hist: list[Any], dep: Any, done: list[Any]) -> None:
     request at once, by the router: it is read when that one ends."""
     ids, t0, t1, queued, routes = metrics.columns(done, CALL_FIELDS)
     q = [x * 1000.0 for x in queued]
-    metrics.observe_sorted(hist, BUCKETS, sorted(q))
-    to_wall = time.time() - time.perf_counter()
     app, name = dep.app_name, dep.name
+    ordered = sorted(q)
+    metrics.observe_sorted(hist, BUCKETS, ordered)
+    metrics.observe_sorted(STORE.series("ray_serve_request_router_fulfillment_time_ms", (name, app, CALLER)),
+                           BUCKETS, ordered)
+    to_wall = time.time() - time.perf_counter()
     if routes.count(routes[0]) == len(routes):  # the common batch: one route (the request's, as Ray's)
         count_routed(name, routes[0], app, CALLER, len(ids))
     else:
