@@ -68,7 +68,8 @@ class Monitored:
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[str]:
-    env = {"FLOTILLA_METRICS_PUSH_INTERVAL_S": str(PUSH_S), "FLOTILLA_METRICS_RETAIN_S": str(RETAIN_S)}
+    env = {"FLOTILLA_METRICS_PUSH_INTERVAL_S": str(PUSH_S), "FLOTILLA_METRICS_RETAIN_S": str(RETAIN_S),
+           "RAY_SERVE_EVENT_LOOP_MONITORING_INTERVAL_S": "0.2"}
     with env_vars(**env), running_cluster(num_cpus=8) as url:
         yield url
 
@@ -461,3 +462,18 @@ def test_calls_made_while_serving_a_request_are_labelled_with_its_route(url):
     assert total(m, "ray_serve_request_router_fulfillment_time_ms_count", deployment="Downstream", handle="driver") == 1
     assert [s.value for s in m["ray_serve_request_router_queue_len"]
             if s.labels["deployment"] == "Downstream" and s.labels["handle"] == "driver"] == [0.0]
+
+
+def test_proxies_and_replicas_report_their_event_loops_as_rays(url):
+    serve.run(Downstream.bind(), name="loops", route_prefix=None)
+
+    def looked() -> bool:
+        m = scrape()
+        return (total(m, "ray_serve_event_loop_monitoring_iterations_total", component="replica", deployment="Downstream",
+                      application="loops", loop_type="main") >= 2
+                and total(m, "ray_serve_event_loop_monitoring_iterations_total", component="proxy") >= 2
+                and total(m, "ray_serve_event_loop_scheduling_latency_ms_count", component="replica",
+                          deployment="Downstream") >= 1
+                and total(m, "ray_serve_event_loop_tasks", component="replica", deployment="Downstream") >= 1)
+
+    wait_for(looked, what="event-loop metrics of the proxy and the replica")

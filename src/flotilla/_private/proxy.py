@@ -30,6 +30,7 @@ from flotilla._private import (
     http_util,
     httpguard,
     logrotate,
+    loopwatch,
     metrics,
     shadow,
     trace,
@@ -648,6 +649,7 @@ async def _amain(args: dict[str, Any], seat: Any = None) -> None:
     trace.CALLER = "proxy"  # the `handle` label of what this process's routers send
     pusher = metrics.Pusher(STORE, link, proxy.set_gauges)
     pusher.start()
+    watch = loopwatch.start(loop, "proxy") if metrics.enabled() else None  # noqa: F841 (kept alive)
     proxy.rt = rt
     await rt.subscribe(("routes",), proxy.set_routes)
     await rt.subscribe(("shadows",), proxy.set_shadows)

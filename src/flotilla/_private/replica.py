@@ -41,6 +41,7 @@ from flotilla._private import (
     http_util,
     logfmt,
     logrotate,
+    loopwatch,
     metrics,
     trace,
 )
@@ -337,6 +338,7 @@ class Replica:
         self.construct_task: asyncio.Task[None] | None = None
         self.constructing: list[Any] = []
         self.route_templates: list[asgiroutes.Template] | None = None  # the app's (`asgiroutes`)
+        self.loopwatch: asyncio.Task[None] | None = None  # Ray's event-loop metrics (`loopwatch`)
         self.config: dict[str, Any] | None = None
         self.lifespan: Any = None
         self.num_requests = 0
@@ -435,6 +437,8 @@ class Replica:
         trace.CALLER = self.replica_id  # the `handle` label of the calls its code makes
         self.pusher = metrics.Pusher(STORE, self.link, self._set_gauges)
         self.pusher.start()
+        if metrics.enabled():
+            self.loopwatch = loopwatch.start(self.loop, "replica", self.dep_name, self.app_name)
         register: tuple[Any, ...] = (self.replica_id, os.getpid())
         if self.addr:
             register += (self.addr, args.get("node_id", ""))
