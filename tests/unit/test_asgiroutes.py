@@ -72,7 +72,7 @@ def test_an_app_without_routes_has_no_templates():
     ("HEAD", "/items/5", "/"),                  # a FastAPI GET route does not take HEAD
     ("HEAD", "/sub/a/1", "/sub/a/{x}"),         # a Starlette one does
     ("GET", "/nope", "/"),
-    ("WEBSOCKET", "/ws/r1", "/ws/{room}"),
+    ("WS", "/ws/r1", "/ws/{room}"),
     ("GET", "/ws/r1", "/"),                     # a websocket route does not name an HTTP request
 ])
 def test_names_at_the_root(method, path, name):
@@ -86,7 +86,7 @@ def test_names_at_the_root(method, path, name):
     ("GET", "/pre/users/7/x", "/pre/users/{u}/x"),
     ("GET", "/pre/nope", "/pre"),
     ("POST", "/pre/items/5", "/pre"),
-    ("WEBSOCKET", "/pre/ws/r1", "/pre/ws/{room}"),
+    ("WS", "/pre/ws/r1", "/pre/ws/{room}"),
 ])
 def test_names_under_a_prefix(method, path, name):
     assert Names("/pre", templates(_app())).name(method, path) == name

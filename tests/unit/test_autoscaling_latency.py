@@ -109,7 +109,7 @@ def ctx(**kw: object) -> AutoscalingContext:
     base: dict[str, object] = dict(
         deployment_id=None, deployment_name="d", app_name="a", current_num_replicas=2, target_num_replicas=2,
         running_replicas=["r1", "r2"], total_num_requests=4.0, total_queued_requests=0.0,
-        total_running_requests=4.0, aggregated_metrics={}, raw_metrics={}, capacity_adjusted_min_replicas=1,
+        aggregated_metrics={}, raw_metrics={}, capacity_adjusted_min_replicas=1,
         capacity_adjusted_max_replicas=5, policy_state={"n": 1}, last_scale_up_time=None,
         last_scale_down_time=None, current_time=0.0, config=None)
     return AutoscalingContext(**{**base, **kw})  # type: ignore[arg-type]

@@ -78,7 +78,7 @@ class Names:
 
     def name(self, method: str, path: str) -> str:
         """The route of a request for `path` (the whole path, prefix included); `method`
-        "WEBSOCKET" for a websocket."""
+        "WS" for a websocket (as Ray labels it)."""
         key = (method, path)
         got = self.cache.get(key)
         if got is None:
@@ -101,7 +101,7 @@ class Names:
         return self.prefix + "/" + found.lstrip("/") if self.prefix else found
 
     def _find(self, method: str, sub: str) -> str | None:
-        skip = "http" if method == "WEBSOCKET" else "websocket"
+        skip = "http" if method == "WS" else "websocket"
         for regex, allowed, template, kind in self.rules:
             if kind != skip and regex.match(sub) and (allowed is None or method in allowed):
                 return template

@@ -203,7 +203,7 @@ class Autoscaler:
             deployment_id=did, deployment_name=dep.name, app_name=dep.app,
             current_num_replicas=running, target_num_replicas=dep.target, running_replicas=replicas,
             total_num_requests=load, total_queued_requests=load - st.last_ongoing[0],
-            total_running_requests=st.last_ongoing[0], aggregated_metrics=agg, raw_metrics=raw,
+            aggregated_metrics=agg, raw_metrics=raw,
             capacity_adjusted_min_replicas=st.cfg.min_replicas, capacity_adjusted_max_replicas=st.cfg.max_replicas,
             policy_state=dict(state), last_scale_up_time=st.last_up, last_scale_down_time=st.last_down,
             current_time=now, config=st.cfg, latency_p95_ms=st.latency[0], queue_delay_p95_ms=st.latency[1],

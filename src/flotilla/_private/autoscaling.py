@@ -493,7 +493,7 @@ class AutoscalingContext:
     of each replica's samples over `look_back_period_s`; `raw_metrics` the samples. The
     built-in "ongoing requests" figures are the latest sample. `total_num_requests`,
     `total_queued_requests` and the two metric maps may be given as callables, called when
-    read (as in Ray); `total_running_requests` is the total less the queued unless given.
+    read (as in Ray); `total_running_requests` is the total less the queued.
     flotilla adds the observed p95 latency and queue delay (ms, None without requests in the
     window).
     """
@@ -518,7 +518,6 @@ class AutoscalingContext:
         current_time: float | None,
         config: Any | None,
         *,
-        total_running_requests: float | None = None,
         latency_p95_ms: float | None = None,
         queue_delay_p95_ms: float | None = None,
     ) -> None:
@@ -530,7 +529,6 @@ class AutoscalingContext:
         self.running_replicas = running_replicas
         self._total = total_num_requests
         self._queued = total_queued_requests
-        self._running = total_running_requests
         self._aggregated = aggregated_metrics
         self._raw = raw_metrics
         self.capacity_adjusted_min_replicas = capacity_adjusted_min_replicas
@@ -560,8 +558,6 @@ class AutoscalingContext:
     @property
     def total_running_requests(self) -> float:
         """Requests running on replicas."""
-        if self._running is not None:
-            return self._running
         return max(0.0, self.total_num_requests - (self.total_queued_requests or 0.0))
 
     @property

@@ -206,7 +206,7 @@ class DirectIngress:
         for k, v in scope["headers"]:
             if k == b"x-request-id":
                 request_id = v
-        route = self.names.name("WEBSOCKET", path) if self.names is not None else self.prefix
+        route = self.names.name("WS", path) if self.names is not None else self.prefix
         meta = {"request_id": (request_id or self.ids.next()).decode("latin-1"), "route": route}
         rep = self.replica
         self._n += 1

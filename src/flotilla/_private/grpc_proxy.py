@@ -14,7 +14,6 @@ small messages encoded by hand.
 from __future__ import annotations
 
 import asyncio
-import importlib
 import logging
 import os
 import sys
@@ -88,21 +87,13 @@ class _Capture:
         self.handlers.append(grpc.method_handlers_generic_handler(service, method_handlers))
 
 
-def import_function(path: str) -> Any:
-    module, _, name = path.rpartition(".")
-    if not module:
-        raise ValueError(f"grpc_servicer_functions: {path!r} is not an import path (module.function)")
-    fn = getattr(importlib.import_module(module), name, None)
-    if not callable(fn):
-        raise ValueError(f"grpc_servicer_functions: {path!r} is not a function")
-    return fn
-
-
 def capture(paths: list[str]) -> list[Any]:
     """The generic RPC handlers the servicer functions at `paths` register."""
+    from flotilla.serve.config import gRPCOptions
+
     cap = _Capture()
-    for path in paths:
-        import_function(path)(_AnyServicer(), cap)
+    for fn in gRPCOptions.model_validate({"grpc_servicer_functions": paths}).grpc_servicer_func_callable:
+        fn(_AnyServicer(), cap)
     return cap.handlers
 
 

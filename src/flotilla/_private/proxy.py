@@ -438,7 +438,7 @@ class Proxy:
         route = m[0] if m is not None else ""
         names = self.names.get(route) if m is not None else None
         if names is not None:
-            route = names.name("WEBSOCKET", path)
+            route = names.name("WS", path)
         app = dep_name = ""
         self.ongoing += 1
         status = 500

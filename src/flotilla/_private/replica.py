@@ -678,11 +678,9 @@ class Replica:
             got = await asyncio.wait_for(asyncio.shield(self._custom_stats), CUSTOM_STATS_TIMEOUT_S)
             STORE.observe("ray_serve_user_autoscaling_stats_latency_ms", labels, (time.perf_counter() - began) * 1000.0)
             return {str(k): float(v) for k, v in dict(got).items()}
-        except TimeoutError as e:
-            STORE.inc("ray_serve_record_autoscaling_stats_failed", (*labels, type(e).__name__))
-            return None
         except Exception as e:
-            logger.warning("record_autoscaling_stats() failed: %r", e)
+            if not isinstance(e, TimeoutError):
+                logger.warning("record_autoscaling_stats() failed: %r", e)
             STORE.inc("ray_serve_record_autoscaling_stats_failed", (*labels, type(e).__name__))
             return None
 

@@ -146,11 +146,8 @@ def calls_done(hist: list[Any], dep: Any, done: list[Any]) -> None:
     metrics.observe_sorted(STORE.series("ray_serve_request_router_fulfillment_time_ms", (name, app, CALLER)),
                            BUCKETS, ordered)
     to_wall = time.time() - time.perf_counter()
-    if routes.count(routes[0]) == len(routes):  # the common batch: one route (the request's, as Ray's)
-        count_routed(name, routes[0], app, CALLER, len(ids))
-    else:
-        for route in set(routes):
-            count_routed(name, route, app, CALLER, routes.count(route))
+    for route in set(routes):  # the route of the request each call served, as Ray's (one, mostly)
+        count_routed(name, route, app, CALLER, routes.count(route))
     RING.columns(ids, lambda i: (ids[i], "call", app, name, q[i], (t1[i] - t0[i]) * 1000.0, to_wall + t1[i]))
 
 

@@ -869,8 +869,10 @@ class gRPCOptions(BaseModel):
         out = []
         for path in self.grpc_servicer_functions:
             module, _, name = path.rpartition(".")
+            if not module:
+                raise ValueError(f"{path} is not an import path (module.function) of a generated servicer function.")
             try:
-                fn = getattr(importlib.import_module(module), name, None) if module else None
+                fn = getattr(importlib.import_module(module), name, None)
             except ModuleNotFoundError as e:
                 raise ModuleNotFoundError(
                     f"{path} can't be imported! Check it for typos, or rebuild the service definitions "

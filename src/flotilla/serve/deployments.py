@@ -6,7 +6,6 @@ import copy
 import functools
 import inspect
 import logging
-import types
 from collections.abc import Callable
 from typing import Any
 
@@ -225,11 +224,9 @@ def map_nested(value: Any, leaf: Callable[[Any], Any], _seen: set[int] | None = 
 def _has_state(value: Any) -> bool:
     """An instance of a class of the user's (or a library's) with attributes in a `__dict__`:
     not a class, function, module, builtin value or one of flotilla's (a handle)."""
-    module = type(value).__module__ or ""
+    module = type(value).__module__ or ""  # "builtins" for classes, functions and modules too
     return (module != "builtins" and not module.startswith("flotilla")
-            and isinstance(getattr(value, "__dict__", None), dict)
-            and not isinstance(value, (type, types.ModuleType, types.FunctionType, types.MethodType,
-                                       functools.partial)))
+            and isinstance(getattr(value, "__dict__", None), dict) and not isinstance(value, functools.partial))
 
 
 def walk_deployments(app: Application) -> list[tuple[str, Application]]:
