@@ -301,6 +301,41 @@ def test_external_scaler_enabled_in_a_config_lets_the_scaling_api_set_replicas(c
     assert _apps(client)["alpha"]["deployments"]["Echo"]["target_num_replicas"] == 2
 
 
+def _counts(client: httpx.Client) -> dict[str, tuple[int, int]]:
+    """Per application: its Echo's (target_num_replicas, RUNNING replicas)."""
+    out = {}
+    for name, a in _apps(client).items():
+        d = a["deployments"]["Echo"]
+        out[name] = (d["target_num_replicas"], sum(r["state"] == "RUNNING" for r in d["replicas"]))
+    return out
+
+
+def test_target_capacity_scales_every_config_application(client: httpx.Client, base: dict[str, Any]) -> None:
+    """Ray's `target_capacity`: each replica count of the config's applications at that percent,
+    rounded half up, never below 1 but at 0; autoscaling bounds too; changing only it rebuilds nothing."""
+    cfg = copy.deepcopy(BASE)
+    cfg["target_capacity"] = 50
+    cfg["applications"][0]["deployments"][0].update(num_replicas=4, ray_actor_options={"num_cpus": 0})
+    cfg["applications"][1]["deployments"] = [{"name": "Echo", "ray_actor_options": {"num_cpus": 0}, "autoscaling_config": {
+        "min_replicas": 2, "max_replicas": 6, "upscale_delay_s": 600, "downscale_delay_s": 600}}]
+    assert _put(client, cfg).status_code == 200
+    want = {"alpha": (2, 2), "beta": (1, 1)}  # 4 x 50% = 2; autoscaling min 2 x 50% = 1
+    wait_for(lambda: _counts(client) == want, timeout=DEPLOY_S, interval=0.1, what=f"replicas {want}")
+    assert client.get(APPS).json()["target_capacity"] == 50
+    pids = _pids(_apps(client), "alpha")
+    for tc, want in ((90, {"alpha": (4, 4), "beta": (2, 2)}),  # 3.6 -> 4, 1.8 -> 2
+                     (0, {"alpha": (0, 0), "beta": (0, 0)}),
+                     (None, {"alpha": (4, 4), "beta": (2, 2)})):
+        cfg["target_capacity"] = tc
+        assert _put(client, cfg).status_code == 200
+        wait_for(lambda want=want: _counts(client) == want, timeout=DEPLOY_S, interval=0.1,
+                 what=f"replicas {want} at target_capacity {tc}")
+        assert client.get(APPS).json()["target_capacity"] == tc
+        if tc == 90:
+            assert set(pids) < set(_pids(_apps(client), "alpha")), "scaled up, not rebuilt"
+    assert _apps(client)["alpha"]["source"] == "declarative"
+
+
 @pytest.mark.parametrize(("patch", "field"), [
     (lambda c: c["applications"][0]["deployments"][0].update(num_replicas="two"),
      "applications[0].deployments[0].num_replicas"),

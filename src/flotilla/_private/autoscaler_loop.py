@@ -18,6 +18,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
+from flotilla._private import capacity
 from flotilla.serve.schema import AutoscalingStatus, DeploymentStatusTrigger
 
 if TYPE_CHECKING:  # the policy module imports pydantic: loaded only when a deployment autoscales
@@ -43,6 +44,8 @@ class AutoscalerState:
     def __init__(self, cfg: AutoscalingConfig) -> None:
         self.cfg = cfg
         self.eff = effective_config(cfg)
+        #: [min, max] replicas, scaled by a config file's target_capacity (`set_capacity`)
+        self.lo, self.hi = cfg.min_replicas, cfg.max_replicas
         self.samples: list[tuple[float, float]] = []
         self.policy: PolicyState | None = None
         self.last_decision = ""
@@ -62,6 +65,19 @@ class AutoscalerState:
         # Ray's autoscaling gauges at the latest tick: (desired replicas, total requests,
         # ms the policy ran); None before the first.
         self.gauges: tuple[int, float, float] | None = None
+
+    def set_capacity(self, target_capacity: float | None, direction: capacity.Direction | None) -> None:
+        """Scale the bounds to a config file's `target_capacity` (None: the config's own)."""
+        cfg = self.cfg
+        self.lo, self.hi = capacity.bounds(cfg.min_replicas, cfg.max_replicas, cfg.initial_replicas,
+                                           target_capacity, direction)
+        eff = effective_config(cfg)
+        if (self.lo, self.hi) != (cfg.min_replicas, cfg.max_replicas):
+            eff = eff.model_copy(update={"min_replicas": self.lo, "max_replicas": self.hi})
+        self.eff = eff
+
+    def bounded(self, n: int) -> int:
+        return max(self.lo, min(self.hi, n))
 
 
 class Autoscaler:
@@ -204,7 +220,7 @@ class Autoscaler:
             current_num_replicas=running, target_num_replicas=dep.target, running_replicas=replicas,
             total_num_requests=load, total_queued_requests=load - st.last_ongoing[0],
             aggregated_metrics=agg, raw_metrics=raw,
-            capacity_adjusted_min_replicas=st.cfg.min_replicas, capacity_adjusted_max_replicas=st.cfg.max_replicas,
+            capacity_adjusted_min_replicas=st.lo, capacity_adjusted_max_replicas=st.hi,
             policy_state=dict(state), last_scale_up_time=st.last_up, last_scale_down_time=st.last_down,
             current_time=now, config=st.cfg, latency_p95_ms=st.latency[0], queue_delay_p95_ms=st.latency[1],
         )

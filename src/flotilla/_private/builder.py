@@ -57,6 +57,7 @@ def build(payload: dict[str, Any]) -> list[str]:
     spec = app_spec(app, app_cfg["name"], app_cfg.get("route_prefix", "/"), logging_config, env,
                     code_version(app_cfg))
     spec["external_scaler_enabled"] = bool(app_cfg.get("external_scaler_enabled", False))
+    spec["declarative"] = True  # its replica counts follow the config's target_capacity
     if app_cfg.get("autoscaling_policy"):
         spec["autoscaling_policy"] = app_cfg["autoscaling_policy"]
     flotilla.init(address=os.environ.get("FLOTILLA_ADDRESS"))

@@ -166,7 +166,7 @@ def capture(c: Controller, ckpt: Checkpoint, proxy: dict[str, Any] | None, metri
             "status": app.status.value, "message": app.message,
             "last_deployed_time_s": app.last_deployed_time_s, "deleting": app.deleting,
             "was_running": app.was_running, "external_scaler_enabled": app.external_scaler_enabled,
-            "autoscaling_policy": app.autoscaling_policy,
+            "autoscaling_policy": app.autoscaling_policy, "declarative": app.declarative,
         })
         for d in app.deployments.values():
             deps.append({
@@ -189,7 +189,8 @@ def capture(c: Controller, ckpt: Checkpoint, proxy: dict[str, Any] | None, metri
                 })
     return {"apps": apps, "deployments": deps, "replicas": replicas, "proxy": proxy,
             "metrics_port": metrics_port, "splits": [sp.plain() for sp in c.splits.values()],
-            "shadows": [sh.plain() for sh in c.shadows.values()]}
+            "shadows": [sh.plain() for sh in c.shadows.values()],
+            "target_capacity": [c.target_capacity, c.capacity_direction]}
 
 
 def restore(c: Controller, state: dict[str, Any], specs: dict[str, dict[str, Any]], supervisor: Supervisor) -> int:
@@ -199,6 +200,7 @@ def restore(c: Controller, state: dict[str, Any], specs: dict[str, dict[str, Any
     from flotilla._private.controller import App, Deployment, Replica, Shadow, Split
     from flotilla.serve.schema import ReplicaRank
 
+    c.target_capacity, c.capacity_direction = state.get("target_capacity") or (None, None)
     for sh in state.get("shadows", []):
         c.shadows[sh["route"]] = Shadow(sh["route"], sh["target"], float(sh["fraction"]), int(sh["max_queue"]))
     for sp in state.get("splits", []):
@@ -213,6 +215,7 @@ def restore(c: Controller, state: dict[str, Any], specs: dict[str, dict[str, Any
         app.was_running = a["was_running"]
         app.external_scaler_enabled = bool(a.get("external_scaler_enabled", False))
         app.autoscaling_policy = a.get("autoscaling_policy")
+        app.declarative = bool(a.get("declarative", False))
         c.apps[app.name] = app
     for d in state["deployments"]:
         app = c.apps[d["app"]]
@@ -227,6 +230,8 @@ def restore(c: Controller, state: dict[str, Any], specs: dict[str, dict[str, Any
         dep.deleting = d["deleting"]
         dep.scaling = d["scaling"]
         dep.autoscale = make_state(dep.config)
+        if dep.autoscale is not None:
+            dep.autoscale.set_capacity(*c._capacity(app))
         saved = d["autoscale"]
         if dep.autoscale is not None and saved is not None:
             st = dep.autoscale

@@ -35,6 +35,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, overload
 
+from flotilla._private import capacity
 from flotilla._private.autoscaler_loop import Autoscaler, AutoscalerState, make_state
 from flotilla._private.bounds import (
     Limits,
@@ -333,6 +334,9 @@ class App:
     #: its `AutoscalingPolicy` as JSON, and what the autoscaler keeps for it (`AppPolicy`)
     autoscaling_policy: dict[str, Any] | None = None
     app_policy: Any = None
+    #: Deployed from a config file (`flotilla deploy`): its replica counts follow the
+    #: config's target_capacity; an application deployed from code (`serve.run`) is not scaled
+    declarative: bool = False
 
 
 @dataclass
@@ -384,6 +388,9 @@ class Controller:
         self.pool = pool
         self.supervisor = supervisor
         self.apps: dict[str, App] = {}
+        #: The applied config file's target_capacity (percent) and which way it moves
+        self.target_capacity: float | None = None
+        self.capacity_direction: capacity.Direction | None = None
         self.splits: dict[str, Split] = {}  # traffic splits by name (serve.set_traffic)
         self.shadows: dict[str, Shadow] = {}  # shadowed routes by route name (serve.set_shadow)
         self.replicas: dict[str, Replica] = {}
@@ -765,6 +772,7 @@ class Controller:
         app.route_prefix = prefix
         app.ingress = spec["ingress"]
         app.external_scaler_enabled = bool(spec.get("external_scaler_enabled", False))
+        app.declarative = bool(spec.get("declarative", False))
         if spec.get("autoscaling_policy") != app.autoscaling_policy:
             app.autoscaling_policy = spec.get("autoscaling_policy")
             app.app_policy = None  # loaded again, its state fresh
@@ -784,21 +792,28 @@ class Controller:
 
     def _deploy_one(self, app: App, d: dict[str, Any]) -> None:
         cfg = d["config"]
-        target = d["initial_replicas"]
+        tc, direction = self._capacity(app)
         dep = app.deployments.get(d["name"])
         if dep is None or dep.deleting:
-            dep = Deployment(app.name, d["name"], d, target)
-            dep.autoscale = make_state(cfg)
+            state = make_state(cfg)
+            dep = Deployment(app.name, d["name"], d, self._start_target(d, state, tc, direction))
+            dep.autoscale = state
             app.deployments[d["name"]] = dep
             self.publish(dep.key)
             return
         old_cfg, old_version, old_target = dep.config, dep.version, dep.target
         dep.spec = d
+        state = make_state(cfg)
+        target = self._start_target(d, state, tc, direction)
         if cfg.get("autoscaling_config") != old_cfg.get("autoscaling_config"):
             if cfg.get("autoscaling_config") is None or old_cfg.get("autoscaling_config") is None:
                 dep.target = target
-            dep.autoscale = make_state(cfg)
-        elif cfg.get("autoscaling_config") is None:
+            dep.autoscale = state
+        elif dep.autoscale is not None:
+            dep.autoscale.set_capacity(tc, direction)
+        if dep.autoscale is not None:
+            dep.target = dep.autoscale.bounded(dep.target)
+        else:
             dep.target = target
             if app.external_scaler_enabled and dep.external_target is not None:
                 dep.target = dep.external_target  # a redeploy keeps the external scaler's count
@@ -823,6 +838,52 @@ class Controller:
                     self._reconfigure(r)
                     self._watch_routing_stats(r)
         self.publish(dep.key)
+
+    def _capacity(self, app: App) -> tuple[float | None, capacity.Direction | None]:
+        """The target capacity `app`'s replica counts follow (None for a `serve.run` app)."""
+        return (self.target_capacity, self.capacity_direction) if app.declarative else (None, None)
+
+    @staticmethod
+    def _start_target(d: dict[str, Any], state: AutoscalerState | None, tc: float | None,
+                      direction: capacity.Direction | None) -> int:
+        """A deployment's first target at target capacity `tc`: its num_replicas scaled, or its
+        initial_replicas (else its lower bound) within its scaled autoscaling bounds."""
+        if state is None:
+            return capacity.adjusted(d["initial_replicas"], tc)
+        if tc is None:
+            return int(d["initial_replicas"])
+        state.set_capacity(tc, direction)
+        start = state.cfg.initial_replicas
+        return state.bounded(state.lo if start is None else start)
+
+    def set_target_capacity(self, target_capacity: float | None, had_config: bool) -> None:
+        """A config file with `target_capacity` was applied (`had_config`: one was before):
+        every deployment of every application deployed from a config scales to it."""
+        new_direction = capacity.direction(self.target_capacity, target_capacity, had_config, self.capacity_direction)
+        if target_capacity != self.target_capacity:
+            logger.info("target capacity %s from %s to %s", (new_direction or "set").lower(),
+                        self.target_capacity, target_capacity)
+        self.target_capacity, self.capacity_direction = target_capacity, new_direction
+        for app in self.apps.values():
+            if not app.declarative or app.deleting:
+                continue
+            for dep in app.deployments.values():
+                if dep.deleting:
+                    continue
+                if dep.autoscale is not None:
+                    dep.autoscale.set_capacity(target_capacity, new_direction)
+                    new = dep.autoscale.bounded(dep.target)
+                elif app.external_scaler_enabled and dep.external_target is not None:
+                    continue  # the external scaler's count stands
+                else:
+                    new = capacity.adjusted(dep.spec["initial_replicas"], target_capacity)
+                if new != dep.target:
+                    old, dep.target = dep.target, new
+                    dep.scaled_from(old)
+                    dep.status = DeploymentStatus.UPSCALING if new > old else DeploymentStatus.DOWNSCALING
+                    dep.trigger = DeploymentStatusTrigger.CONFIG_UPDATE_STARTED
+                    self.publish(dep.key)
+        self.kick()
 
     def _reconfigure(self, r: Replica) -> None:
         want = replica_light(r)
@@ -1699,7 +1760,8 @@ class Controller:
                 message=(f"applications {missing} do not exist: their share goes to the others"
                          if missing else ""),
             )
-        return ServeStatus(proxies=proxies, applications=apps, traffic=traffic, shadows=self._shadow_status())
+        return ServeStatus(proxies=proxies, applications=apps, target_capacity=self.target_capacity,
+                           traffic=traffic, shadows=self._shadow_status())
 
     def metrics_snapshot(self) -> dict[str, Any]:
         m = self.metrics

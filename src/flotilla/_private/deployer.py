@@ -84,6 +84,7 @@ class Deployer:
         for name in list(self.builds):
             if name not in wanted:
                 self._cancel(name)
+        c.set_target_capacity(new.get("target_capacity"), self.applied is not None)
         old = {a["name"]: a for a in (self.applied or {}).get("applications", [])}
         app_logging = new.get("logging_config")
         for name, app in wanted.items():
@@ -213,6 +214,7 @@ class Deployer:
         for name in list(self.builds):
             self._cancel(name)
         self.applied = None
+        self.head.controller.set_target_capacity(None, False)
         with contextlib.suppress(OSError):
             os.unlink(self.path)
 

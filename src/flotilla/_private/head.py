@@ -1165,7 +1165,7 @@ def _instance_details(head: Head) -> dict[str, Any]:
         apps[name] = {
             "name": name, "route_prefix": a.route_prefix, "docs_path": None, "status": a.status.value,
             "message": a.message, "last_deployed_time_s": a.last_deployed_time_s,
-            "deployed_app_config": applied, "source": "declarative" if applied is not None else "imperative",
+            "deployed_app_config": applied, "source": "declarative" if (live.declarative if live is not None else applied is not None) else "imperative",
             "deployments": deps, "external_scaler_enabled": bool(live is not None and live.external_scaler_enabled),
         }
     return {
@@ -1176,7 +1176,7 @@ def _instance_details(head: Head) -> dict[str, Any]:
         "grpc_options": {k: v for k, v in (opts.get("grpc_options") or {}).items() if k != "sys_path"},
         "proxies": {node: {"node_id": node, "status": st.value} for node, st in status.proxies.items()},
         "applications": apps,
-        "target_capacity": None,
+        "target_capacity": status.target_capacity,
     }
 
 
