@@ -310,7 +310,8 @@ def _counts(client: httpx.Client) -> dict[str, tuple[int, int]]:
     return out
 
 
-def test_target_capacity_scales_every_config_application(client: httpx.Client, base: dict[str, Any]) -> None:
+def test_target_capacity_scales_every_config_application(client: httpx.Client, rc: Cluster,
+                                                         base: dict[str, Any]) -> None:
     """Ray's `target_capacity`: each replica count of the config's applications at that percent,
     rounded half up, never below 1 but at 0; autoscaling bounds too; changing only it rebuilds nothing."""
     cfg = copy.deepcopy(BASE)
@@ -322,6 +323,8 @@ def test_target_capacity_scales_every_config_application(client: httpx.Client, b
     want = {"alpha": (2, 2), "beta": (1, 1)}  # 4 x 50% = 2; autoscaling min 2 x 50% = 1
     wait_for(lambda: _counts(client) == want, timeout=DEPLOY_S, interval=0.1, what=f"replicas {want}")
     assert client.get(APPS).json()["target_capacity"] == 50
+    out = _cli("status", "--namespace", rc.ns, env=rc.env)
+    assert out.returncode == 0 and "target_capacity: 50" in out.stdout, out.stdout + out.stderr
     pids = _pids(_apps(client), "alpha")
     for tc, want in ((90, {"alpha": (4, 4), "beta": (2, 2)}),  # 3.6 -> 4, 1.8 -> 2
                      (0, {"alpha": (0, 0), "beta": (0, 0)}),
