@@ -497,3 +497,20 @@ def test_multiple_replicas_spread_load(url):
     assert serve.status().applications["three"].deployments["Echo"].replica_states == {"RUNNING": 3}
     pids = {h.pid.remote().result() for _ in range(60)}
     assert len(pids) == 3
+
+
+@serve.deployment
+class InitReturns:
+    def __init__(self, x: int):
+        self.x = x
+        return True  # as Ray's test_constructor_failure does: Ray Serve ignores the value
+
+    def __call__(self) -> int:
+        return self.x
+
+
+def test_a_value_returned_by_init_is_ignored(url):
+    """Ray calls `__new__` then `__init__` as a method, so an `__init__` that returns a value
+    deploys (calling the class raised TypeError: __init__() should return None)."""
+    h = serve.run(InitReturns.bind(5), name="initret", route_prefix=None)
+    assert h.remote().result() == 5

@@ -211,7 +211,10 @@ def instantiate(target: Any, init_args: tuple[Any, ...], init_kwargs: dict[str, 
         return Built(target, None, True)
     if inspect.iscoroutinefunction(target.__init__):
         return _instantiate_async(target, init_args, init_kwargs, made)
-    return _built(target, target(*init_args, **init_kwargs))
+    obj = target.__new__(target)
+    if isinstance(obj, target):  # as Ray Serve: a value `__init__` returns is ignored
+        obj.__init__(*init_args, **init_kwargs)
+    return _built(target, obj)
 
 
 async def _instantiate_async(target: Any, init_args: tuple[Any, ...], init_kwargs: dict[str, Any],
