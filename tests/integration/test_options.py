@@ -43,7 +43,8 @@ class Talker:
         log = logging.getLogger("user.talker")
         log.debug("debug %s", word)
         logging.getLogger("ray.serve").debug("serve-debug %s", word)
-        log.info("info %s", word)
+        log.info("info %s", word, extra={"k1": "v1", "ray_serve_extra_fields": {"k2": "v2"}})
+        log.info("marked %s", word, extra={"serve_access_log": True})  # dropped with the access log
         return os.getpid()
 
 
@@ -107,9 +108,16 @@ def test_placement_group_bundles_reserve_every_bundle(url):
 def test_default_logging_is_text_at_info_with_access_lines(url):
     h = serve.run(Talker.bind(), name="plain", route_prefix=None)
     h.remote("w0").result()
-    text = wait_for(lambda: (t := replica_log("plain")).count(" CALL __call__ OK ") >= 1 and "info w0" in t and t,
+    text = wait_for(lambda: (t := replica_log("plain")).count(" -- CALL __call__ OK ") >= 1 and "info w0" in t and t,
                     what="info and access lines")
     assert "debug w0" not in text and not json_lines(text)
+    # Ray Serve's lines: LEVEL <time> <app>_<deployment> <replica> <request id> -- <message>
+    (info,) = [line for line in text.splitlines() if line.endswith("-- info w0")]
+    (access,) = [line for line in text.splitlines() if " -- CALL __call__ OK " in line]
+    for line in (info, access):
+        level, _day, _time, component, replica, rid, dashes = line.split()[:7]
+        assert (level, component, dashes) == ("INFO", "plain_Talker", "--") and len(replica) == 8 and rid
+    assert access.endswith("ms") and access.split()[5] == info.split()[5]  # the same request
 
 
 def test_json_encoding_and_debug_level(url):
@@ -128,10 +136,13 @@ def test_json_encoding_and_debug_level(url):
     records = wait_for(logged, what="JSON log records")
     by_message = {r["message"]: r for r in records}
     debug = by_message["debug w1"]
-    assert debug["levelname"] == "DEBUG" and debug["name"] == "user.talker"
-    assert debug["deployment"] == "Talker" and debug["application"] == "json"
+    assert debug["levelname"] == "DEBUG" and "name" not in debug  # as Ray's: the user's logger is not named
+    assert debug["deployment"] == "json_Talker" and debug["application"] == "json"  # Ray's <app>_<deployment>
     assert debug["replica"] and debug["request_id"] == "rid-w1" and debug["route"] == "/json"
+    assert debug["timestamp_ns"] > 0 and debug["component_name"] == "replica"
     assert "serve-debug w1" in by_message
+    info = by_message["info w1"]
+    assert (info["k1"], info["k2"]) == ("v1", "v2")  # extra= fields and ray_serve_extra_fields, as Ray's
     access = next(r for r in records if r.get("serve_access_log"))
     assert (access["route"], access["status"], access["request_id"]) == ("/json", 200, "rid-w1")
     # Nothing about this request was written as text.
@@ -146,6 +157,7 @@ def test_access_log_off(url):
     h.remote("b", delay=0.3).result()
     text = wait_for(lambda: "info b" in (t := replica_log("quiet")) and t, what="info b")
     assert "info a" in text and " __call__ " not in text
+    assert "marked a" not in text  # the user's records marked serve_access_log go too, as in Ray
 
 
 def test_run_logging_config_applies_to_deployments_without_their_own(url):
@@ -154,7 +166,7 @@ def test_run_logging_config_applies_to_deployments_without_their_own(url):
     h.remote("w2").result()
     outer = wait_for(lambda: [r for r in json_lines(replica_log("layered", "Outer")) if r["message"] == "outer w2"],
                      what="Outer's JSON line")
-    assert outer[0]["deployment"] == "Outer"
+    assert outer[0]["deployment"] == "layered_Outer"
     text = wait_for(lambda: "info w2" in (t := replica_log("layered")) and t, what="Talker's text line")
     assert "debug w2" in text and not json_lines(text)
 

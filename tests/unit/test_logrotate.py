@@ -78,7 +78,7 @@ def test_access_log_sampling_keeps_one_in_n_and_every_error(monkeypatch: pytest.
     monkeypatch.setenv("FLOTILLA_ACCESS_LOG_SAMPLE", "4")
 
     async def go() -> list[str]:
-        log = metrics.AccessLog("test")
+        log = metrics.AccessLog("test t1")
         for i in range(12):
             log.add(f"r{i}", "GET /", 200, 1.0)
         log.add("e1", "GET /", 500, 1.0)
@@ -88,4 +88,4 @@ def test_access_log_sampling_keeps_one_in_n_and_every_error(monkeypatch: pytest.
         return lines
 
     lines = asyncio.run(go())
-    assert [ln.split()[3] for ln in lines] == ["r3", "r7", "r11", "e1", "e2"]
+    assert [ln.split()[5] for ln in lines] == ["r3", "r7", "r11", "e1", "e2"]

@@ -6,13 +6,18 @@ import io
 
 import pytest
 
-from flotilla._private.logtail import LogTail, ours
+from flotilla._private.logtail import LogTail, as_text, ours
 
 
 @pytest.mark.parametrize(("line", "flotillas"), [
     (b"2026-12-04 21:45:38,436 INFO replica 7776af41 [-] flotilla.replica: replica 7776af41 ready (pid 1)", True),
-    (b"2026-12-04 21:45:38 replica 7776af41 742ea2de-ac9e-ee20-4676-000000000004 /batched 200 52.23ms", True),
-    (b"2026-12-04 21:46:43 replica 9b591966 6b966ab4-b081-71b2-9540-000000000001 __call__ OK 1.16ms", True),
+    (b"INFO 2026-12-04 21:45:38,120 app_Dep 7776af41 742ea2de-ac9e-ee20-4676-000000000004 -- GET /batched 200 52.2ms",
+     True),
+    (b"INFO 2026-12-04 21:46:43,002 app_Dep 9b591966 6b966ab4-b081-71b2-9540-000000000001 -- CALL __call__ OK 1.2ms",
+     True),
+    (b"INFO 2026-12-04 21:46:43,002 proxy head 6b966ab4-b081 -- /pkg.Svc/Method OK 1.2ms", True),  # gRPC
+    (b"INFO 2026-12-04 21:46:43,012 app_Dep 9b591966 6b96 -- from the user's logger", False),
+    (b"INFO 2026-12-04 21:46:43,012 app_Dep 9b591966 -- took 3 ms", False),
     (b'{"asctime": "x", "levelname": "INFO", "name": "flotilla.replica", "message": "m"}', True),
     (b'{"levelname": "INFO", "message": "a /r 200 1.00ms", "serve_access_log": true}', True),
     (b"Message: Hello bar", False),
@@ -30,7 +35,7 @@ def test_new_lines_only_whole_ones_and_only_the_users(tmp_path) -> None:
     out = io.StringIO()
     tail = LogTail(str(tmp_path), out)
     with old.open("ab") as f:
-        f.write(b"2026-12-04 21:45:38 replica aaaa1111 rid /r 200 1.00ms\nhello\npart")
+        f.write(b"INFO 2026-12-04 21:45:38,001 app_Dep aaaa1111 rid -- GET /r 200 1.0ms\nhello\npart")
     new = tmp_path / "replica_my_app_My_Dep_bbbb2222.log"
     new.write_bytes(b"from a new replica\n")
     tail.poll()
@@ -40,3 +45,11 @@ def test_new_lines_only_whole_ones_and_only_the_users(tmp_path) -> None:
         f.write(b"ial line\n")
     tail.poll()
     assert out.getvalue().splitlines()[-1] == "(ServeReplica:app_Dep aaaa1111) partial line"
+
+
+def test_json_lines_are_shown_as_rays_text_lines() -> None:
+    line = (b'{"asctime": "2026-12-05 18:52:57,216", "levelname": "INFO", "message": "hi", "request_id": "r1", '
+            b'"application": "j", "deployment": "j_json_app", "replica": "hda9vjtk", "component_name": "replica"}')
+    assert as_text(line) == "INFO 2026-12-05 18:52:57,216 j_json_app hda9vjtk r1 -- hi"
+    assert as_text(b"{not json") == "{not json"
+    assert as_text(b"plain") == "plain"

@@ -79,7 +79,7 @@ def test_access_lines_are_written_by_the_fold(capfd: Any) -> None:
         p.fold()
 
     asyncio.run(main())
-    assert "acc-1 GET /acc/1 200" in capfd.readouterr().err
+    assert "acc-1 -- GET /acc/1 200" in capfd.readouterr().err
 
 
 def test_a_kept_request_is_folded_fold_s_later_without_a_push() -> None:

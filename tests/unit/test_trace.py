@@ -199,5 +199,5 @@ def test_the_common_batch_folds_a_column_at_a_time_to_what_the_loop_gives(monkey
         assert col[0][name][1] == pytest.approx(loop[0][name][1]) and col[0][name][2] == loop[0][name][2]
     assert [e[:3] for e in col[1]] == [["replica", "a", "Col"]] * len(times)
     assert [x for e in col[1] for x in e[4:]] == pytest.approx([x for e in loop[1] for x in e[4:]])
-    assert [line.replace("Col-", "Loop-") for line in col[2]] == loop[2]
-    assert [line.split()[-5:-2] for line in col[2]] == [[f"Col-req-{i}", "GET", "/p"] for i in range(len(times))]
+    assert [line.replace("Col-", "Loop-").replace("a_Col", "a_Loop") for line in col[2]] == loop[2]
+    assert [line.split()[-6:-2] for line in col[2]] == [[f"Col-req-{i}", "--", "GET", "/p"] for i in range(len(times))]

@@ -1,10 +1,19 @@
 """How a worker process (replica or proxy) writes its log lines: a `LoggingConfig` applied.
 
 `configure` sets the level of the root logger (so `ray.serve`, `flotilla` and the user's own
-loggers follow it) and the format of its handlers: TEXT (the classic one-line format) or JSON
-(one object per line, with the component's context: application, deployment, replica, and the
-request id of the request being served). The access log (`metrics.AccessLog`) is set up to
-match by the caller.
+loggers follow it) and the format of its handlers, as Ray Serve writes them:
+
+- TEXT: `LEVEL <time> <component> <id> [<request id>] [<extra attrs>] -- <message>`, e.g.
+  `INFO 2026-12-05 18:52:57,200 app_Model xhav1n12 7f26...-- hello` for a replica;
+- JSON: one object per line with Ray's keys in Ray's order (the record's own fields, its
+  `extra=` fields and `ray_serve_extra_fields`, the request's route and id, the component's
+  application, deployment (`<app>_<deployment>`), replica and name, `timestamp_ns`).
+
+flotilla's own loggers (`flotilla.*`) keep flotilla's text format (`<time> LEVEL <component>
+[<request id>] <logger>: <message>`) and their JSON lines carry `name`, so the driver's
+terminal (`logtail`) can leave them out. The access log (`metrics.AccessLog`) is set up to
+match by the caller. `enable_access_log: false` also drops the user's records logged with
+`extra={"serve_access_log": True}`, as Ray's does.
 """
 
 from __future__ import annotations
@@ -15,20 +24,39 @@ from typing import Any
 
 __all__ = ["JsonFormatter", "TextFormatter", "configure"]
 
+#: A LogRecord's own attributes: any other one came from `extra=` (written in JSON lines).
+_STANDARD = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime", "taskName"}
+#: Attributes flotilla sets or reads that are not the user's extra fields.
+_OURS = frozenset({"request_id", "route", "log_to_stderr", "serve_access_log", "ray_serve_extra_fields"})
+
+
+def _flotillas(record: logging.LogRecord) -> bool:
+    name = record.name
+    return name == "flotilla" or name.startswith("flotilla.")
+
 
 class TextFormatter(logging.Formatter):
-    """`<time> <LEVEL> <component> [<request id>] <logger>: <message>` plus `attr=value` pairs."""
+    """Ray Serve's text line for the user's records, flotilla's for flotilla's own."""
 
-    def __init__(self, component: str, extra_attrs: list[str], request_id: bool = True) -> None:
+    def __init__(self, component: str, component_id: str, legacy: str, extra_attrs: list[str],
+                 request_id: bool = True) -> None:
+        super().__init__()
+        attrs = "".join(f"%({a})s " for a in extra_attrs)
+        head = f"%(levelname)s %(asctime)s {component} {component_id} "
+        self.plain = logging.Formatter(f"{head}{attrs}-- %(message)s")
+        self.with_rid = logging.Formatter(f"{head}%(request_id)s {attrs}-- %(message)s") if request_id else self.plain
         rid = " [%(request_id)s]" if request_id else ""
-        super().__init__(f"%(asctime)s %(levelname)s {component}{rid} %(name)s: %(message)s")
+        self.ours = logging.Formatter(f"%(asctime)s %(levelname)s {legacy}{rid} %(name)s: %(message)s")
         self.extra_attrs = extra_attrs
 
     def format(self, record: logging.LogRecord) -> str:
-        line = super().format(record)
-        if self.extra_attrs:
-            line += "".join(f" {a}={getattr(record, a, None)}" for a in self.extra_attrs)
-        return line
+        if _flotillas(record):
+            line = self.ours.format(record)
+            if self.extra_attrs:
+                line += "".join(f" {a}={getattr(record, a, None)}" for a in self.extra_attrs)
+            return line
+        rid = getattr(record, "request_id", None)
+        return (self.with_rid if rid and rid != "-" else self.plain).format(record)
 
 
 class JsonFormatter(logging.Formatter):
@@ -43,32 +71,50 @@ class JsonFormatter(logging.Formatter):
         out: dict[str, Any] = {
             "asctime": self.formatTime(record),
             "levelname": record.levelname,
-            "name": record.name,
             "message": record.getMessage(),
             "filename": record.filename,
             "lineno": record.lineno,
             "process": record.process,
-            **self.context,
         }
-        request_id = getattr(record, "request_id", None)
+        if _flotillas(record):
+            out["name"] = record.name
+        for attr in self.extra_attrs:
+            out.setdefault(attr, getattr(record, attr, None))
+        fields = record.__dict__
+        for k, v in fields.items():
+            if k not in _STANDARD and k not in _OURS:
+                out.setdefault(k, v)
+        more = fields.get("ray_serve_extra_fields")
+        if isinstance(more, dict):
+            for k, v in more.items():
+                out.setdefault(str(k), v)
+        request_id = fields.get("request_id")
         if request_id and request_id != "-":
-            out["request_id"] = request_id
-            route = getattr(record, "route", None)
-            if route:  # an HTTP request's route prefix, as Ray Serve's JSON lines carry it
+            route = fields.get("route")
+            if route:  # an HTTP request's route, as Ray Serve's JSON lines carry it
                 out["route"] = route
+            out["request_id"] = request_id
+        out.update(self.context)
         if record.exc_info and not record.exc_text:
             record.exc_text = self.formatException(record.exc_info)
         if record.exc_text:
             out["exc_text"] = record.exc_text
         if record.stack_info:
             out["stack_info"] = self.formatStack(record.stack_info)
-        for attr in self.extra_attrs:
-            out.setdefault(attr, getattr(record, attr, None))
+        out["timestamp_ns"] = int(record.created * 1e9)
         return json.dumps(out, default=str)
 
 
-def configure(config: dict[str, Any] | None, component: str, context: dict[str, Any], request_id: bool = True) -> None:
-    """Apply `config` (a `LoggingConfig` as a dict; None: TEXT at INFO) to the root logger."""
+def _not_access(record: logging.LogRecord) -> bool:
+    return not getattr(record, "serve_access_log", False)
+
+
+def configure(config: dict[str, Any] | None, component: str, component_id: str, legacy: str,
+              context: dict[str, Any], request_id: bool = True) -> None:
+    """Apply `config` (a `LoggingConfig` as a dict; None: TEXT at INFO) to the root logger.
+    `component` and `component_id` begin Ray's text lines (`app_Model` and the replica id);
+    `legacy` names the process in flotilla's own lines (`replica <id>`); `context` is added
+    to JSON lines."""
     config = config or {}
     root = logging.getLogger()
     root.setLevel(config.get("log_level") or "INFO")
@@ -77,9 +123,12 @@ def configure(config: dict[str, Any] | None, component: str, context: dict[str, 
     if config.get("encoding") == "JSON":
         fmt = JsonFormatter(context, attrs)
     else:
-        fmt = TextFormatter(component, attrs, request_id)
+        fmt = TextFormatter(component, component_id, legacy, attrs, request_id)
     for handler in root.handlers:
         handler.setFormatter(fmt)
+        handler.removeFilter(_not_access)
+        if not config.get("enable_access_log", True):
+            handler.addFilter(_not_access)
     _to_root("ray.serve", root)
 
 

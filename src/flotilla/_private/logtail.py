@@ -3,12 +3,14 @@
 A daemon thread of a driver that started a private local cluster polls the session's
 `replica_*.log` files and writes each new line the user's code produced (print(), its own
 loggers, tracebacks) to the driver's stderr, prefixed `(ServeReplica:<app>_<deployment>
-<replica id>)`. flotilla's own log lines and access lines are left in the files. Off with
+<replica id>)`, JSON lines as Ray's text lines (Ray's terminal shows text whatever the
+encoding). flotilla's own log lines and access lines are left in the files. Off with
 `flotilla.init(log_to_driver=False)` or FLOTILLA_LOG_TO_DRIVER=0.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import sys
@@ -16,10 +18,10 @@ import threading
 from typing import IO, Any
 
 POLL_S = 0.25
-#: A line of flotilla's own loggers (TEXT encoding), or an access-log line.
-_OURS = re.compile(rb"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(?:,\d+ [A-Z]+ \S+ \S+ \[[^\]]*\] flotilla[.:]"
-                   rb"| replica \S+ \S+ \S+ \S+ [\d.]+ms$)")
-_ACCESS = b" replica "  # an access line's bytes 19-27: "YYYY-MM-DD HH:MM:SS replica ..."
+#: A line of flotilla's own loggers (TEXT encoding).
+_OURS = re.compile(rb"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [A-Z]+ \S+ \S+ \[[^\]]*\] flotilla[.:]")
+#: An access line (TEXT): `INFO <time> <app>_<deployment> <replica> <request id> -- GET /r 200 1.2ms`.
+_ACCESS = re.compile(rb"^INFO \d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} \S+ \S+ \S+ -- (?:\S+ )?\S+ \S+ \d+\.\dms$")
 _READ_MAX = 1 << 20  # bytes read from one file per poll (a flood is skipped, not buffered)
 
 
@@ -33,7 +35,30 @@ def ours(line: bytes) -> bool:
     """flotilla's own log or access line (TEXT or JSON encoding), not the user's output."""
     if line.startswith(b"{"):
         return b'"name": "flotilla' in line or b'"serve_access_log": true' in line
+    if line.endswith(b"ms") and _ACCESS.match(line):
+        return True
     return _OURS.match(line) is not None
+
+
+def as_text(line: bytes) -> str:
+    """A line for the terminal: a JSON log line as Ray's text line (Ray's terminal shows
+    text whatever the file's encoding), any other line as it is."""
+    text = line.decode("utf-8", "replace")
+    if not line.startswith(b"{"):
+        return text
+    try:
+        rec = json.loads(text)
+    except ValueError:
+        return text
+    if not isinstance(rec, dict) or "message" not in rec:
+        return text
+    rid = rec.get("request_id")
+    parts = [rec.get("levelname", "INFO"), rec.get("asctime", ""), rec.get("deployment", ""), rec.get("replica", "")]
+    if rid:
+        parts.append(rid)
+    line_text = " ".join(str(p) for p in parts if p) + f" -- {rec['message']}"
+    exc = rec.get("exc_text")
+    return f"{line_text}\n{exc}" if exc else line_text
 
 
 class LogTail:
@@ -99,9 +124,7 @@ class LogTail:
                 self.partial[name] = rest[-_READ_MAX:]
             prefix = f"(ServeReplica:{name[len('replica_'):-len('.log')].rsplit('_', 1)[0]} " \
                      f"{name[:-len('.log')].rsplit('_', 1)[-1]}) "
-            # access lines (most of a busy replica's log) are dropped by one slice compare each
-            lines.extend(prefix + line.decode("utf-8", "replace") for line in complete
-                         if line and line[19:28] != _ACCESS and not ours(line))
+            lines.extend(prefix + as_text(line) for line in complete if line and not ours(line))
         if lines:
             out.write("\n".join(lines) + "\n")
             out.flush()

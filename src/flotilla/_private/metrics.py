@@ -631,19 +631,21 @@ class AccessLog:
             spans = [(bisect.bisect_left(secs, sec), bisect.bisect_right(secs, sec), sec) for sec in sorted(set(secs))]
         else:
             return None
-        args: list[Any] = [None] * (2 * n)
-        args[0::2] = request_ids
-        args[1::2] = ms
-        rest = " %s " + f"{route} {status}".replace("%", "%%") + " %.2fms\n"  # a route may hold a '%'
-        return "".join([((self._at(sec).replace("%", "%%") + rest) * (hi - lo)) % tuple(args[2 * lo:2 * hi])
+        args: list[Any] = [None] * (3 * n)
+        args[0::3] = [int(x % 1 * 1000) for x in t]
+        args[1::3] = request_ids
+        args[2::3] = ms
+        rest = (",%03d " + f"{self.name} ".replace("%", "%%") + "%s -- "
+                + f"{route} {status}".replace("%", "%%") + " %.1fms\n")  # a route may hold a '%'
+        return "".join([((self._at(sec).replace("%", "%%") + rest) * (hi - lo)) % tuple(args[3 * lo:3 * hi])
                         for lo, hi, sec in spans])
 
     def _at(self, now: int) -> str:
-        """The line prefix of second `now` (time and name), made once per second."""
+        """The line prefix of second `now` (level and time to the second), made once per second."""
         if now != self._second:
             self._second = now
             self._time = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now))
-            self._prefix = self._time + " " + self.name
+            self._prefix = "INFO " + self._time
         return self._prefix
 
     def _text(self, pending: list[Any]) -> str:
@@ -652,12 +654,12 @@ class AccessLog:
         rows = zip(*columns(pending, LINE_FIELDS), strict=True)
         if self.json_context is not None:
             return "".join([self._json(*p) for p in rows])
-        second, prefix, out = -1, "", []
+        second, prefix, out, name = -1, "", [], self.name
         for t, request_id, route, status, ms in rows:
             if int(t) != second:
                 second = int(t)
                 prefix = self._at(second)
-            out.append(f"{prefix} {request_id} {route} {status} {ms:.2f}ms\n")
+            out.append(f"{prefix},{int(t % 1 * 1000):03d} {name} {request_id} -- {route} {status} {ms:.1f}ms\n")
         return "".join(out)
 
     def _json(self, t: float, request_id: str, what: str, status: Any, ms: float) -> str:
@@ -668,10 +670,10 @@ class AccessLog:
         if not space:  # a gRPC call's line: its method alone
             method, route = "", what
         return json.dumps({
-            "asctime": self._time, "levelname": "INFO",
-            "message": f"{request_id} {what} {status} {ms:.2f}ms", **(self.json_context or {}),
+            "asctime": f"{self._time},{int(t % 1 * 1000):03d}", "levelname": "INFO",
+            "message": f"{what} {status} {ms:.1f}ms", **(self.json_context or {}),
             "request_id": request_id, "method": method, "route": route, "status": status,
-            "duration_ms": round(ms, 3), "serve_access_log": True,
+            "duration_ms": round(ms, 3), "serve_access_log": True, "timestamp_ns": int(t * 1e9),
         }) + "\n"
 
     @property

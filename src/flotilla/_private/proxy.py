@@ -194,7 +194,7 @@ class Proxy:
         self.ongoing = 0
         self.requests = 0  # HTTP requests received
         self.node_label: str = args.get("node_id") or "head"
-        self.access = metrics.AccessLog("proxy")
+        self.access = metrics.AccessLog(f"proxy {self.node_label}")
         #: (prefix, method, app, status) -> metric labels and latency series, made once each
         self._series: dict[tuple[str, str, str, int], tuple[tuple[str, ...], list[Any]]] = {}
         #: HTTP requests recorded (`_record`) and not yet in the metrics (`fold`), flat
@@ -703,7 +703,8 @@ def main(args: dict[str, Any]) -> None:
     if args.get("logging_config") is not None:  # serve.start(logging_config=...)
         from flotilla._private import logfmt
 
-        logfmt.configure(args["logging_config"], "proxy", {"component_name": "proxy"}, request_id=False)
+        logfmt.configure(args["logging_config"], "proxy", args.get("node_id") or "head", "proxy",
+                         {"component_name": "proxy"}, request_id=False)
     logrotate.rotate_own_log()
     import uvloop
 
@@ -717,7 +718,8 @@ def run_in_actor(args: dict[str, Any], seat: Any) -> None:
     if args.get("logging_config") is not None:
         from flotilla._private import logfmt
 
-        logfmt.configure(args["logging_config"], "proxy", {"component_name": "proxy"}, request_id=False)
+        logfmt.configure(args["logging_config"], "proxy", args.get("node_id") or "head", "proxy",
+                         {"component_name": "proxy"}, request_id=False)
     import uvloop
 
     uvloop.run(_amain(args, seat))

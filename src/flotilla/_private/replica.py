@@ -213,7 +213,7 @@ def instantiate(target: Any, init_args: tuple[Any, ...], init_kwargs: dict[str, 
         return _instantiate_async(target, init_args, init_kwargs, made)
     obj = target.__new__(target)
     if isinstance(obj, target):  # as Ray Serve: a value `__init__` returns is ignored
-        obj.__init__(*init_args, **init_kwargs)
+        target.__init__(obj, *init_args, **init_kwargs)
     return _built(target, obj)
 
 
@@ -325,7 +325,7 @@ class Replica:
         self.dep_name: str = args["deployment"]
         self.app_name: str = args["app"]
         self.metrics = metrics.enabled()
-        self.access = metrics.AccessLog(f"replica {self.replica_id}")
+        self.access = metrics.AccessLog(f"{self.app_name}_{self.dep_name} {self.replica_id}")
         self._batch_seen: dict[int, tuple[int, int]] = {}  # batch queue -> (batches, items) at the last push
         metrics.declare_builtins(STORE)
         STORE.declare("gauge", "ray_serve_replica_processing_queries", "Requests running in a replica.", ("deployment", "replica", "application"))
@@ -413,9 +413,11 @@ class Replica:
     def _apply_logging(self, config: dict[str, Any] | None) -> None:
         """Level and encoding of this process's log lines, and its access log (LoggingConfig)."""
         self.logging_config = config
-        ctx = {"component_name": "replica", "application": self.app_name, "deployment": self.dep_name,
-               "replica": self.replica_id}
-        logfmt.configure(config, f"replica {self.replica_id}", ctx)
+        # as Ray's: the deployment is named `<app>_<deployment>` in log lines
+        component = f"{self.app_name}_{self.dep_name}"
+        ctx = {"application": self.app_name, "deployment": component, "replica": self.replica_id,
+               "component_name": "replica"}
+        logfmt.configure(config, component, self.replica_id, f"replica {self.replica_id}", ctx)
         self.access.configure(config, ctx)
 
     # ---- start-up -------------------------------------------------------------------
