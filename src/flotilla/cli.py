@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import secrets
 import signal
 import socket
@@ -33,6 +34,8 @@ from flotilla._private import cluster
 
 START_TIMEOUT_S = 60.0
 SHUTDOWN_TIMEOUT_S = 90.0
+#: `module:attr` or, as Ray also takes, `package.module.attr`
+_IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*(:[A-Za-z_][\w.]*|\.[A-Za-z_]\w*)$")
 
 
 class _Group(click.Group):
@@ -308,9 +311,9 @@ def deploy(config_or_import_path: str, arguments: tuple[str, ...], address: str 
     if _is_config(config_or_import_path):
         config = load_config_file(config_or_import_path).to_dict()
     else:
-        if ":" not in config_or_import_path:
+        if config_or_import_path.endswith((".yaml", ".yml", ".json")) or not _IMPORT_PATH.match(config_or_import_path):
             raise click.BadParameter(f"{config_or_import_path}: no such file, and not an import path "
-                                     "(MODULE:APP)", param_hint="CONFIG_OR_IMPORT_PATH")
+                                     "(MODULE:APP or MODULE.APP)", param_hint="CONFIG_OR_IMPORT_PATH")
         app: dict[str, Any] = {"name": "default", "route_prefix": "/", "import_path": config_or_import_path}
         if args:
             app["args"] = args
@@ -321,8 +324,11 @@ def deploy(config_or_import_path: str, arguments: tuple[str, ...], address: str 
         headers["X-Flotilla-Pythonpath"] = os.pathsep.join(os.path.abspath(p) for p in os.environ["PYTHONPATH"].split(os.pathsep) if p)
     _request(url, token, "PUT", "/api/serve/applications/", config, headers=headers)
     names = ", ".join(a["name"] for a in config.get("applications", [])) or "(none)"
-    click.echo(f"Sent deploy request for application(s) {names} to {url}.")
-    click.echo(f"Use `flotilla status{_ns_flag(cluster.check_namespace(namespace))}` to follow them.")
+    ns = _ns_flag(cluster.check_namespace(namespace))
+    click.echo("Sent deploy request successfully.")  # Ray's words, then what and where
+    click.echo(f" * Application(s) {names}, to {url}.")
+    click.echo(f" * Use `flotilla status{ns}` to check applications' statuses.")
+    click.echo(f" * Use `flotilla config{ns}` to see the current application config(s).")
 
 
 @main.command()
@@ -377,8 +383,13 @@ def trace(request_id: str, address: str | None, namespace: str | None, as_json: 
 @address_option
 @namespace_option
 def shutdown(yes: bool, address: str | None, namespace: str | None) -> None:
-    """Drain every replica and stop the cluster, leaving no process behind."""
-    url, token, info = _rest(address, namespace)
+    """Drain every replica and stop the cluster, leaving no process behind. With no cluster
+    running it says so and succeeds, as `serve shutdown` does."""
+    try:
+        url, token, info = _rest(address, namespace)
+    except cluster.NoClusterError as e:
+        click.echo(f"No flotilla cluster found running: nothing to shut down ({e}).", err=True)
+        return
     ns = info["namespace"] if info else cluster.check_namespace(namespace)
     if not yes:
         click.confirm(f"This stops the flotilla cluster {ns!r} at {url} and every application on it. Continue?",

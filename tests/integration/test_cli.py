@@ -325,9 +325,10 @@ def test_errors_are_one_line_with_a_nonzero_exit(project: str) -> None:
     for args in (["status", "--namespace", ns], ["deploy", write_config(project, "any.yaml"), "--namespace", ns],
                  ["config", "--namespace", ns], ["shutdown", "-y", "--namespace", ns]):
         r = cli(*args)
-        assert r.returncode != 0, args
+        assert r.returncode != 0 or args[0] == "shutdown", args  # as `serve shutdown`: nothing to stop is no error
         assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
         assert f"flotilla start --namespace {ns}" in r.stderr, r.stderr
+    assert "nothing to shut down" in r.stderr
     r = cli("status", "-a", f"http://127.0.0.1:{free_port()}")
     assert r.returncode != 0 and "no flotilla cluster answers" in r.stderr
     r = subprocess.run([sys.executable, "-c", f"import flotilla\nflotilla.init(address='auto', namespace={ns!r})"],
@@ -464,8 +465,14 @@ def test_deploy_takes_an_import_path_with_builder_arguments(cl: Cluster, project
     assert "default" in out
     wait_for(lambda: app_states(cl.ns) == {"default": "RUNNING"}, timeout=60, what="default RUNNING")
     assert httpx.get(f"{cl.url}/", timeout=10).json()["greeting"] == "deployed"
-    r = cli("deploy", "no-such-file.yaml", "--namespace", cl.ns, cwd=project)
-    assert r.returncode != 0 and "no such file" in r.stderr
+    for missing in ("no-such-file.yaml", "missing.yaml"):
+        r = cli("deploy", missing, "--namespace", cl.ns, cwd=project)
+        assert r.returncode != 0 and "no such file" in r.stderr
+    # Ray's dotted form (package.module.attribute) too, and Ray's words for the request sent
+    out = ok("deploy", "greetapp.greeter", "--namespace", cl.ns, cwd=project)
+    assert out.startswith("Sent deploy request successfully.\n"), out
+    wait_for(lambda: httpx.get(f"{cl.url}/", timeout=10).json()["greeting"] == "hello", timeout=60,
+             what="the dotted import path deployed")
 
 
 def test_deploy_imports_from_the_commands_pythonpath(cl: Cluster, tmp_path) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import os
+import re
 import threading
 import time
 
@@ -196,6 +197,39 @@ def test_two_failed_health_checks_in_a_row_are_tolerated(url):
         wait_for(lambda s=start: h.checks_done.remote().result() >= s + 3, what="two failed checks, then a good one")
     assert h.remote().result() == pid
     assert serve.status().applications["health-flaky"].deployments["Fragile"].status == "HEALTHY"
+
+
+def test_a_new_version_retrying_its_constructor_is_updating_not_unhealthy(url, tmp_path):
+    """As Ray's status says it: while a version that has not served retries a failing
+    constructor, its deployment is UPDATING (CONFIG_UPDATE_STARTED) with the error and the
+    retries left, and its application DEPLOYING; it was UNHEALTHY."""
+    flag = tmp_path / "fail"
+    flag.touch()
+
+    @serve.deployment(num_replicas=4, ray_actor_options={"num_cpus": 0})
+    class Flaky:
+        def __init__(self):
+            time.sleep(0.2)
+            if flag.exists():
+                raise ZeroDivisionError("ctor exploded")
+
+        def __call__(self):
+            return 1
+
+    serve._run(Flaky.bind(), name="retrying", route_prefix=None, _blocking=False)
+
+    def retrying():
+        app = serve.status().applications.get("retrying")
+        d = app.deployments.get("Flaky") if app is not None else None
+        return d is not None and "Retrying" in d.message and (app, d)
+
+    app, d = wait_for(retrying, timeout=30, interval=0.02, what="a retry message")
+    assert (d.status, d.status_trigger, app.status) == ("UPDATING", "CONFIG_UPDATE_STARTED", "DEPLOYING")
+    assert re.search(r"A replica failed to start with exception\. Retrying \d+ more time\(s\)\. Error:\n", d.message)
+    assert "ctor exploded" in d.message
+    flag.unlink()
+    wait_for(lambda: serve.status().applications["retrying"].status == "RUNNING", timeout=60, what="RUNNING")
+    assert serve.status().applications["retrying"].deployments["Flaky"].message == ""
 
 
 def test_max_constructor_retry_count_bounds_the_attempts(url, tmp_path):

@@ -385,6 +385,7 @@ def test_import_failure_is_deploy_failed_and_others_keep_serving(client: httpx.C
 
     beta = wait_for(failed, timeout=DEPLOY_S, interval=0.1, what="beta DEPLOY_FAILED")
     assert "no_such_module_for_rest_test" in beta["message"]
+    assert beta["message"].startswith("Deploying app 'beta' failed with exception:\nTraceback (most recent call last)")
     apps = _apps(client)
     assert apps["alpha"]["status"] == "RUNNING"
     assert _ask(http, "/alpha")["pid"] == _pids(base, "alpha")[0]
@@ -393,6 +394,19 @@ def test_import_failure_is_deploy_failed_and_others_keep_serving(client: httpx.C
     status = client.get("/api/flotilla/status/").json()
     assert status["applications"]["beta"]["status"] == "DEPLOY_FAILED"
     assert "no_such_module_for_rest_test" in status["applications"]["beta"]["message"]
+
+
+def test_a_syntax_error_shows_its_traceback_and_line(client: httpx.Client, base: dict[str, Any],
+                                                     app_dir: str) -> None:
+    """As Ray's status: the message has the import's traceback, with the offending line."""
+    Path(app_dir, "rest_syntax_error.py").write_text("from flotilla import serve\n\nx = (1 + 2\n")
+    cfg = copy.deepcopy(BASE)
+    cfg["applications"][1]["import_path"] = "rest_syntax_error:app"
+    assert _put(client, cfg).status_code == 200
+    beta = wait_for(lambda: (b := _apps(client)["beta"])["status"] == "DEPLOY_FAILED" and b, timeout=DEPLOY_S,
+                    interval=0.1, what="beta DEPLOY_FAILED")
+    msg = beta["message"]
+    assert "Traceback (most recent call last)" in msg and "x = (1 + 2" in msg and "SyntaxError" in msg, msg
 
 
 def test_put_without_an_application_removes_it(client: httpx.Client, http: httpx.Client,

@@ -75,11 +75,14 @@ def main() -> None:
     set_title("flotilla::builder")
     out = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)  # what user code prints goes to the build log, not the result line
+    payload = json.loads(sys.argv[1])
     try:
-        findings = build(json.loads(sys.argv[1]))
-    except BaseException as e:
-        traceback.print_exc()
-        msg = str(e) if type(e).__name__ in ("ConfigError", "ConfigFileError") else f"{type(e).__name__}: {e}"
+        findings = build(payload)
+    except BaseException:
+        tb = traceback.format_exc()
+        sys.stderr.write(tb)
+        # as Ray's status says it, the traceback included (a syntax error's line, say)
+        msg = f"Deploying app '{payload['app']['name']}' failed with exception:\n{tb.rstrip()}"
         out.write(json.dumps({"error": msg}) + "\n")
         out.flush()
         sys.exit(1)

@@ -88,9 +88,9 @@ def config_yaml(applied: dict[str, Any] | None, name: str | None = None) -> str:
     if name is not None:
         apps = [a for a in apps if a.get("name") == name]
         if not apps:
-            return f"No config has been deployed for application '{name}'.\n"
+            return f'No config has been deployed for application "{name}".\n'  # Ray's words
     if not apps:
-        return "No config has been deployed.\n"
+        return "No configuration was found.\n"  # Ray's words
     return "---\n\n".join(_dump(a) + "\n" for a in apps).rstrip("\n") + "\n"
 
 

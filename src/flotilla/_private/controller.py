@@ -274,6 +274,8 @@ class Deployment:
     failures: int = 0
     failed_msg: str = ""
     unhealthy_msg: str = ""
+    #: A replica of a version that has not served yet failed to start (it retries; UPDATING)
+    start_msg: str = ""
     deleting: bool = False
     autoscale: AutoscalerState | None = None
     scaling: int = 0  # +1 / -1 while a scaling step (autoscaler or new num_replicas) is carried out
@@ -820,6 +822,7 @@ class Controller:
         if not app.external_scaler_enabled:
             dep.external_target = None
         dep.failed_msg = ""
+        dep.start_msg = ""
         dep.failures = 0
         dep.retry_at = 0.0
         dep.status = DeploymentStatus.UPDATING
@@ -1261,6 +1264,10 @@ class Controller:
                 f"See logs under {self.supervisor.logs_hint(os.path.join(self.session_dir, 'logs'))} for details. "
                 f"Last error:\n{tb}"
             )
+        elif dep.started_version != dep.version:
+            # As Ray's: a version that has not served yet stays UPDATING while it retries.
+            dep.start_msg = (f"A replica failed to start with exception. Retrying "
+                             f"{max(0, limit - dep.failures)} more time(s). Error:\n{tb}")
         else:
             wait = start_backoff_s(dep.failures, limit)
             dep.retry_at = time.monotonic() + wait
@@ -1571,9 +1578,11 @@ class Controller:
                             time.monotonic() - dep.autoscale.zero_since)
                 dep.autoscale.zero_since = None
             dep.scaling = 0
-            dep.unhealthy_msg = ""
+            dep.unhealthy_msg = dep.start_msg = ""
         elif status is DeploymentStatus.UNHEALTHY:
             messages.insert(0, dep.unhealthy_msg)
+        elif status is DeploymentStatus.UPDATING and dep.start_msg:
+            messages.insert(0, dep.start_msg)
         elif status in (DeploymentStatus.UPSCALING, DeploymentStatus.DOWNSCALING) and dep.scaling:
             messages.insert(0, f"{'Upscaling' if dep.scaling > 0 else 'Downscaling'} from {dep.scaling_from} "
                                f"to {dep.target} replicas.")  # as Ray's status says it

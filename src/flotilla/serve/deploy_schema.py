@@ -198,20 +198,23 @@ class ServeApplicationSchema(BaseModel):
         return self
 
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "name": self.name,
-            "route_prefix": self.route_prefix,
-            "import_path": self.import_path,
-            "args": self.args,
-            "runtime_env": self.runtime_env,
-        }
+        """The fields given (as Ray's `serve config` shows them), and always name and import_path."""
+        given = self.model_fields_set
+        out: dict[str, Any] = {"name": self.name}
+        if "route_prefix" in given:
+            out["route_prefix"] = self.route_prefix
+        out["import_path"] = self.import_path
+        for key in ("args", "runtime_env"):
+            if key in given:
+                out[key] = getattr(self, key)
         if self.logging_config is not None:
             out["logging_config"] = _plain(self.logging_config)
         if "external_scaler_enabled" in self.model_fields_set:
             out["external_scaler_enabled"] = self.external_scaler_enabled
         if self.autoscaling_policy is not None:
             out["autoscaling_policy"] = self.autoscaling_policy
-        out["deployments"] = [d.to_dict() for d in self.deployments]
+        if "deployments" in given:
+            out["deployments"] = [d.to_dict() for d in self.deployments]
         return out
 
 
