@@ -318,6 +318,13 @@ def test_drivers_attach_and_the_cluster_outlives_them(cl: Cluster, project: str)
                         "print(sorted(serve.status().applications))"], capture_output=True, text=True, timeout=60,
                        env={**os.environ, "FLOTILLA_ADDRESS": "auto", "FLOTILLA_NAMESPACE": cl.ns})
     assert r.returncode == 0 and r.stdout.strip() == "['driver-app', 'greet']", r.stderr
+    # as Ray's: a config replaces the config's applications, not those a driver deployed
+    ok("deploy", write_config(project, "echo-only3.yaml", apps="echo"), "--namespace", cl.ns, cwd=project)
+    wait_for(lambda: app_states(cl.ns) == {"echo": "RUNNING", "driver-app": "RUNNING"}, timeout=60,
+             what="greet replaced by echo, driver-app kept")
+    assert httpx.get(f"{cl.url}/mine", timeout=10).text == "from a driver"
+    assert httpx.delete(f"http://127.0.0.1:{cl.rest_port}/api/serve/applications/", timeout=60).status_code == 200
+    wait_for(lambda: app_states(cl.ns) == {}, timeout=60, what="every application deleted")
 
 
 def test_errors_are_one_line_with_a_nonzero_exit(project: str) -> None:

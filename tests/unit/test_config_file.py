@@ -28,6 +28,7 @@ from flotilla._private.cliformat import (
 from flotilla.serve.deploy_schema import (
     ConfigFileError,
     DeploymentSchema,
+    ServeApplicationSchema,
     ServeDeploySchema,
     load_config_file,
     validate_config,
@@ -543,3 +544,19 @@ def test_rays_application_host_port_and_policy_fields_are_accepted():
     with pytest.raises(ValueError, match="policy_function"):
         ServeDeploySchema.model_validate({"applications": [{"import_path": "m:app",
                                                            "autoscaling_policy": {"policy_function": "nocolon"}}]})
+
+
+def test_a_parsed_config_can_be_changed_as_rays_can_and_is_validated():
+    """Ray's tests edit parsed configs in place (`config.applications[0].import_path = ...`);
+    the change shows in what is deployed, and a bad value is refused at once."""
+    from pydantic import ValidationError
+
+    cfg = validate_config({"applications": [{"name": "a", "import_path": "m:a", "route_prefix": "/a"}]})
+    cfg.applications[0].import_path = "m:b"
+    cfg.applications = [cfg.applications[0], ServeApplicationSchema(name="b", import_path="m:c", route_prefix="/b")]
+    cfg.target_capacity = 50
+    assert cfg.to_dict()["applications"] == [{"name": "a", "route_prefix": "/a", "import_path": "m:b"},
+                                             {"name": "b", "route_prefix": "/b", "import_path": "m:c"}]
+    assert cfg.to_dict()["target_capacity"] == 50
+    with pytest.raises(ValidationError, match="must start with '/'"):
+        cfg.applications[0].route_prefix = "nope"

@@ -9,8 +9,8 @@ replicas, a changed `user_config` is applied in place). Meanwhile the applicatio
 DEPLOYING; a build that fails shows as DEPLOY_FAILED with the error, and whatever ran before
 keeps running.
 
-Applying a file: validate it (nothing changes if it is bad); delete every application not in
-it (as Ray does); start a build for every application whose entry changed (an identical entry
+Applying a file: validate it (nothing changes if it is bad); delete every application deployed
+from a config that is not in it (as Ray does; those deployed by `serve.run` stay); start a build for every application whose entry changed (an identical entry
 changes nothing: applying the same file twice is a no-op). The latest applied config is kept in
 the session folder (`applied.json`), so it survives a head restart.
 """
@@ -77,8 +77,8 @@ class Deployer:
             logger.warning("config: the HTTP proxy keeps its options %s (a running proxy is not changed by a "
                            "config; the file asks for %s)", frontdoor.redact(self.head.proxy.options), frontdoor.redact(opts))
         wanted = {a["name"]: a for a in new.get("applications", [])}
-        for name in list(c.apps):
-            if name not in wanted:
+        for name, live in list(c.apps.items()):
+            if name not in wanted and live.declarative:  # as Ray's: serve.run's applications stay
                 logger.info("config: deleting application %r (not in the applied config)", name)
                 c.delete_app(name)
         for name in list(self.builds):

@@ -51,7 +51,7 @@ class DeploymentSchema(DeploymentConfig):
     `@serve.deployment` validates it; checks that need the code's other options run when the
     overrides are applied. Only the fields the file set count (`overrides()`)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     request_router_config: RequestRouterConfig | None = None
 
@@ -110,7 +110,7 @@ def _first_duplicate(values: list[Any]) -> tuple[int, int] | None:
 class ServeApplicationSchema(BaseModel):
     """One application of a config file: where its code is and what the file changes."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     name: str = Field("default", min_length=1)
     route_prefix: str | None = "/"
@@ -224,7 +224,7 @@ _HTTP = HTTPOptions.model_fields
 class HTTPOptionsSchema(BaseModel):
     """The proxy options a config file may set; validated as `serve.start` validates them."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     host: str = "127.0.0.1"
     port: int = Field(default_factory=_HTTP["port"].default_factory, ge=0, le=65535)  # type: ignore[arg-type]
@@ -245,7 +245,7 @@ class HTTPOptionsSchema(BaseModel):
 class ServeDeploySchema(BaseModel):
     """A whole config file: the proxy's options and every application."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     proxy_location: Literal["Disabled", "HeadOnly", "EveryNode"] = "EveryNode"
     http_options: HTTPOptionsSchema = Field(default_factory=lambda: HTTPOptionsSchema.model_validate({}))
