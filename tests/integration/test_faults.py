@@ -462,3 +462,38 @@ def test_force_stop_unhealthy_replicas_kills_at_once() -> None:
             slow.result(timeout_s=20)
         assert time.monotonic() - t0 < 5
         wait_for(lambda: h.remote().result(timeout_s=10) != pid, timeout=20, what="replacement after health check")
+
+
+@serve.deployment(health_check_period_s=100, ray_actor_options={"num_cpus": 0})
+class CountedChecks:
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+
+    def check_health(self) -> None:
+        with open(os.path.join(self.folder, "checks"), "a") as f:
+            f.write("x")
+        if os.path.exists(os.path.join(self.folder, "hang")):
+            time.sleep(30)
+
+    def __call__(self) -> int:
+        return os.getpid()
+
+
+def test_new_health_check_period_and_timeout_apply_to_running_replicas(url, tmp_path):
+    """As Ray's: a redeploy that changes only health_check_period_s / _timeout_s updates the
+    replicas in place and their checks follow the new values at once (the loop slept out the
+    old period)."""
+    checks = tmp_path / "checks"
+    h = serve.run(CountedChecks.bind(str(tmp_path)), name="hc", route_prefix=None)
+    pid = h.remote().result()
+    first = len(checks.read_text()) if checks.exists() else 0
+    serve.run(CountedChecks.options(health_check_period_s=0.1).bind(str(tmp_path)), name="hc", route_prefix=None)
+    assert h.remote().result() == pid  # the same replica
+    wait_for(lambda: len(checks.read_text()) >= first + 10, timeout=10, what="ten checks at the new period")
+    serve.run(CountedChecks.options(health_check_period_s=0.1, health_check_timeout_s=0.5).bind(str(tmp_path)),
+              name="hc", route_prefix=None)
+    assert h.remote().result() == pid
+    (tmp_path / "hang").touch()  # checks hang now: three time out at 0.5 s and the replica is replaced
+    wait_for(lambda: serve.status().applications["hc"].deployments["CountedChecks"].status == "UNHEALTHY",
+             timeout=15, interval=0.01, what="checks timing out at 0.5 s")
+    (tmp_path / "hang").unlink()

@@ -231,6 +231,8 @@ class Replica:
     memory: Memory | None = None  # its process's RSS/PSS/USS/shared at the last sample (local)
     routing_stats: dict[str, Any] | None = None  # its `record_routing_stats()`, last answered
     stats_task: asyncio.Task[None] | None = None  # polls `record_routing_stats()` (custom routers)
+    #: set when its config changes in place: the health loop takes the new period at once
+    health_wake: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
     def version(self) -> str:
@@ -834,6 +836,8 @@ class Controller:
         # Replicas of this version take the new config; serving ones apply it in place.
         for r in dep.replicas.values():
             if r.version == dep.version and r.state is not RState.DRAINING:
+                if r.spec["config"] != d["config"]:
+                    r.health_wake.set()
                 r.spec = d
                 if r.rank is not None:
                     r.world_size = world_size(dep)
@@ -1408,12 +1412,17 @@ class Controller:
             await asyncio.sleep(rr.get("request_routing_stats_period_s", 10.0))
 
     async def _health_loop(self, r: Replica) -> None:
-        cfg = r.spec["config"]
-        period = cfg["health_check_period_s"]
-        timeout = cfg["health_check_timeout_s"]
         failed = 0
         while r.state.routable:
-            await asyncio.sleep(period)
+            cfg = r.spec["config"]  # read each time: a config changed in place applies at once
+            try:
+                await asyncio.wait_for(r.health_wake.wait(), cfg["health_check_period_s"])
+            except TimeoutError:
+                pass
+            if r.health_wake.is_set():  # a new period: wait it from now
+                r.health_wake.clear()
+                continue
+            timeout = r.spec["config"]["health_check_timeout_s"]
             if not r.state.routable or r.peer is None:
                 return
             key = (r.dep.name, r.dep.app)
