@@ -497,3 +497,33 @@ def test_new_health_check_period_and_timeout_apply_to_running_replicas(url, tmp_
     wait_for(lambda: serve.status().applications["hc"].deployments["CountedChecks"].status == "UNHEALTHY",
              timeout=15, interval=0.01, what="checks timing out at 0.5 s")
     (tmp_path / "hang").unlink()
+
+
+@serve.deployment(graceful_shutdown_timeout_s=1, graceful_shutdown_wait_loop_s=0.1, ray_actor_options={"num_cpus": 0})
+class BlocksForever:
+    def __call__(self, pid_only: bool = False) -> int:
+        if not pid_only:
+            time.sleep(120)  # a sync call that no cancel can stop
+        return os.getpid()
+
+
+def test_a_replica_blocked_in_a_sync_call_exits_at_its_graceful_shutdown_timeout(url):
+    """As Ray kills the actor: the replica process is gone about graceful_shutdown_timeout_s
+    after the stop, though a thread still runs the call (it waited for the thread, then was
+    killed over 10 s later)."""
+    from flotilla._private.procfs import start_ticks
+
+    h = serve.run(BlocksForever.bind(), name="blocked", route_prefix=None)
+    pid = h.remote(True).result()
+    ticks = start_ticks(pid)
+    stuck = h.remote()
+    wait_for(lambda: serve.status().applications["blocked"].deployments["BlocksForever"].replica_states,
+             what="the status")
+    time.sleep(0.3)  # noqa: the call reaches the replica's thread
+    began = time.monotonic()
+    serve.delete("blocked", _blocking=False)
+    wait_for(lambda: start_ticks(pid) != ticks, timeout=20, interval=0.05, what="the replica process gone")
+    took = time.monotonic() - began
+    assert took < 4.0, f"the replica process took {took:.1f}s to go (graceful_shutdown_timeout_s=1)"
+    with pytest.raises(RayActorError):
+        stuck.result(timeout_s=10)

@@ -310,6 +310,10 @@ class Replica:
         self.conns: set[FrameProtocol] = set()
         self.acked: set[FrameProtocol] = set()
         self.draining = False
+        #: requests were still running when graceful_shutdown_timeout_s ran out: a call blocked in
+        #: a thread cannot be cancelled, so the process exits at once after the stop (as Ray
+        #: kills the actor) instead of waiting for its threads
+        self.abandoned = False
         self.idle = asyncio.Event()  # set when a request ends or a router acks a drain
         self.server: asyncio.AbstractServer | None = None
         self.direct: Any = None
@@ -490,6 +494,12 @@ class Replica:
         if not self.addr:
             with contextlib.suppress(OSError):
                 os.unlink(args["sock_path"])
+        if self.abandoned and not tcp_host:  # in a Ray actor, Ray kills it
+            self.access.flush()
+            for stream in (sys.stdout, sys.stderr):
+                with contextlib.suppress(Exception):
+                    stream.flush()
+            os._exit(0)
 
     async def _failed(self, why: str) -> None:
         self.phase = "failed"
@@ -757,6 +767,7 @@ class Replica:
             left = deadline - time.monotonic()
             if left <= 0:
                 logger.warning("graceful shutdown timed out after %ss with %d requests ongoing", timeout_s, self.ongoing)
+                self.abandoned = self.ongoing > 0
                 break
             self.idle.clear()
             try:
