@@ -501,25 +501,25 @@ def test_new_health_check_period_and_timeout_apply_to_running_replicas(url, tmp_
 
 @serve.deployment(graceful_shutdown_timeout_s=1, graceful_shutdown_wait_loop_s=0.1, ray_actor_options={"num_cpus": 0})
 class BlocksForever:
-    def __call__(self, pid_only: bool = False) -> int:
-        if not pid_only:
+    def __call__(self, started: str | None = None) -> int:
+        if started is not None:
+            open(started, "w").close()
             time.sleep(120)  # a sync call that no cancel can stop
         return os.getpid()
 
 
-def test_a_replica_blocked_in_a_sync_call_exits_at_its_graceful_shutdown_timeout(url):
+def test_a_replica_blocked_in_a_sync_call_exits_at_its_graceful_shutdown_timeout(url, tmp_path):
     """As Ray kills the actor: the replica process is gone about graceful_shutdown_timeout_s
     after the stop, though a thread still runs the call (it waited for the thread, then was
     killed over 10 s later)."""
     from flotilla._private.procfs import start_ticks
 
     h = serve.run(BlocksForever.bind(), name="blocked", route_prefix=None)
-    pid = h.remote(True).result()
+    pid = h.remote().result()
     ticks = start_ticks(pid)
-    stuck = h.remote()
-    wait_for(lambda: serve.status().applications["blocked"].deployments["BlocksForever"].replica_states,
-             what="the status")
-    time.sleep(0.3)  # noqa: the call reaches the replica's thread
+    started = tmp_path / "started"
+    stuck = h.remote(str(started))
+    wait_for(started.exists, what="the call running in the replica's thread")
     began = time.monotonic()
     serve.delete("blocked", _blocking=False)
     wait_for(lambda: start_ticks(pid) != ticks, timeout=20, interval=0.05, what="the replica process gone")
