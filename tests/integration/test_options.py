@@ -45,6 +45,8 @@ class Talker:
         logging.getLogger("ray.serve").debug("serve-debug %s", word)
         log.info("info %s", word, extra={"k1": "v1", "ray_serve_extra_fields": {"k2": "v2"}})
         log.info("marked %s", word, extra={"serve_access_log": True})  # dropped with the access log
+        if word == "level?":
+            return logging.getLogger("ray.serve").level
         return os.getpid()
 
 
@@ -174,8 +176,10 @@ def test_run_logging_config_applies_to_deployments_without_their_own(url):
 def test_logging_config_changes_in_place(url):
     h = serve.run(Talker.bind(), name="relevel", route_prefix=None)
     pid = h.remote("x1").result()
+    assert h.remote("level?").result() == logging.INFO  # Ray's replicas set the serve logger's level
     h = serve.run(Talker.options(logging_config={"log_level": "DEBUG"}).bind(), name="relevel", route_prefix=None)
     assert h.remote("x2").result() == pid  # same replica, reconfigured
+    assert h.remote("level?").result() == logging.DEBUG
     text = wait_for(lambda: "info x2" in (t := replica_log("relevel")) and t, what="info x2")
     assert "debug x1" not in text and "debug x2" in text
 

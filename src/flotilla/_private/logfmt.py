@@ -118,6 +118,7 @@ def configure(config: dict[str, Any] | None, component: str, component_id: str, 
     config = config or {}
     root = logging.getLogger()
     root.setLevel(config.get("log_level") or "INFO")
+    logging.getLogger("ray.serve").setLevel(root.level)  # as in Ray's replicas: the serve logger has the level
     attrs = list(config.get("additional_log_standard_attrs") or ())
     fmt: logging.Formatter
     if config.get("encoding") == "JSON":
