@@ -339,6 +339,18 @@ def test_target_capacity_scales_every_config_application(client: httpx.Client, r
     assert _apps(client)["alpha"]["source"] == "declarative"
 
 
+def test_num_replicas_auto_shows_as_rays_details(client: httpx.Client, base: dict[str, Any]) -> None:
+    cfg = copy.deepcopy(BASE)
+    cfg["applications"][0]["deployments"][0]["num_replicas"] = "auto"
+    assert _put(client, cfg).status_code == 200
+    dc = wait_for(lambda: (d := _apps(client)["alpha"]["deployments"]["Echo"]["deployment_config"]).get(
+        "autoscaling_config") and d, timeout=DEPLOY_S, interval=0.1, what="alpha autoscaling")
+    assert "num_replicas" not in dc, dc  # Ray lists the autoscaling_config "auto" stands for, not "auto"
+    ac = dc["autoscaling_config"]
+    assert (ac["min_replicas"], ac["max_replicas"], ac["target_ongoing_requests"]) == (1, 100, 2.0)
+    assert "target_latency_ms" not in ac and "target_queue_delay_ms" not in ac  # flotilla's, shown when set
+
+
 @pytest.mark.parametrize(("patch", "field"), [
     (lambda c: c["applications"][0]["deployments"][0].update(num_replicas="two"),
      "applications[0].deployments[0].num_replicas"),

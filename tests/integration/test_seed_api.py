@@ -34,7 +34,8 @@ def run_example(name: str) -> str:
 def test_seed_square_example_answers_at_its_name_and_the_404_says_where() -> None:
     lines = run_example("seed_square.py").splitlines()
     assert lines[0] == "{'result': 49}"
-    assert lines[1].startswith("404 Path '/SquareModel' not found; routes: /square (application 'square')"), lines[1]
+    assert lines[1].startswith("404 Path '/SquareModel' not found. Ping http://.../-/routes for available routes. "
+                               "Routes: /square (application 'square')"), lines[1]
 
 
 def test_seed_echo_example_prints_the_request() -> None:
@@ -149,7 +150,7 @@ def test_delete(url: str) -> None:
     serve.start().delete_deployment("Scaled")
     assert serve.list_deployments() == {}
     with httpx.Client(base_url=url, timeout=30) as c:
-        assert "no application has a route" in c.post("/square", json={"num": 2}).text
+        assert "No application has a route" in c.post("/square", json={"num": 2}).text
 
 
 @serve.deployment

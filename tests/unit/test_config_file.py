@@ -281,7 +281,7 @@ def test_apply_overrides_copies_and_renames():
 
 
 def test_apply_overrides_unknown_name():
-    with pytest.raises(ConfigError, match=r"'Nope'.*its deployments are: Ingress, Mid, Leaf, Leaf_1, Leaf_2"):
+    with pytest.raises(ConfigError, match=r"Deployment 'Nope' does not exist. Available: \['Ingress', 'Mid', 'Leaf', 'Leaf_1', 'Leaf_2'\]"):
         apply_overrides(graph(), entries({"name": "Nope", "num_replicas": 1}))
 
 

@@ -52,11 +52,11 @@ def test_a_name_in_several_applications() -> None:
 
 def test_404_lists_the_routes() -> None:
     p = Proxy({})
-    assert "no application has a route yet" in p._not_found("/a")
+    assert p._not_found("/a").endswith(" No application has a route yet.")
     p.set_routes({"/square": ("square", "square"), "/": ("root", "Ingress")})
     assert p._not_found("/SquareModel") == (
-        "Path '/SquareModel' not found; routes: / (application 'root'), /square (application 'square'). "
-        "GET /-/routes lists them as JSON."
+        "Path '/SquareModel' not found. Ping http://.../-/routes for available routes. "
+        "Routes: / (application 'root'), /square (application 'square')."
     )
     p.set_routes({f"/r{i:02d}": (f"a{i}", "D") for i in range(25)})
     assert p._not_found("/x").count("(application") == 20 and "and 5 more" in p._not_found("/x")

@@ -122,11 +122,8 @@ def apply_overrides(app: Application, deployments: list[DeploymentSchema]) -> Ap
     walked = walk_deployments(app)
     by_name = {name: node for name, node in walked}
     unknown = [d.name for d in deployments if d.name not in by_name]
-    if unknown:
-        raise ConfigError(
-            f"the config names deployment(s) {', '.join(map(repr, unknown))} that are not in the "
-            f"application; its deployments are: {', '.join(by_name)}"
-        )
+    if unknown:  # Ray's words
+        raise ConfigError(f"Deployment '{unknown[0]}' does not exist. Available: {list(by_name)}")
     new_deps: dict[int, Deployment] = {}
     for entry in deployments:
         node = by_name[entry.name]

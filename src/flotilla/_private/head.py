@@ -1156,8 +1156,7 @@ def _instance_details(head: Head) -> dict[str, Any]:
                 "name": dname, "status": d.status.value, "status_trigger": d.status_trigger.value,
                 "message": d.message, "target_num_replicas": d.target_num_replicas,
                 # the options given, as Ray lists them (unset ones left out, not null)
-                "deployment_config": ({k: v for k, v in dep.config.items() if v is not None}
-                                      if dep is not None else {"name": dname}),
+                "deployment_config": _ray_deployment_config(dep.config) if dep is not None else {"name": dname},
                 "required_resources": dict(dep.spec.get("demand") or {}) if dep is not None else {},
                 "replicas": replicas,
             }
@@ -1178,6 +1177,20 @@ def _instance_details(head: Head) -> dict[str, Any]:
         "applications": apps,
         "target_capacity": status.target_capacity,
     }
+
+
+#: flotilla's own autoscaling fields, shown only when set (Ray's details do not have them)
+_OWN_AUTOSCALING = ("target_latency_ms", "target_queue_delay_ms")
+
+
+def _ray_deployment_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A deployment's options as Ray's details list them: unset ones left out (not null), and
+    `num_replicas="auto"` as the autoscaling_config it stands for."""
+    out = {k: v for k, v in config.items() if v is not None and not (k == "num_replicas" and v == "auto")}
+    ac = out.get("autoscaling_config")
+    if isinstance(ac, dict):
+        out["autoscaling_config"] = {k: v for k, v in ac.items() if not (k in _OWN_AUTOSCALING and v is None)}
+    return out
 
 
 def _deployment_specs(c: Any, only: str | None) -> list[dict[str, Any]]:

@@ -233,14 +233,15 @@ class Proxy:
     def _not_found(self, path: str) -> str:
         """The 404 text: the routes that exist, so a wrong path says where to go instead
         (built only on this path)."""
+        ray = f"Path '{path}' not found. Ping http://.../-/routes for available routes."  # Ray's words, then ours
         if not self.routes:
-            return f"Path '{path}' not found: no application has a route yet."
+            return f"{ray} No application has a route yet."
         routes = sorted(self.routes, key=lambda r: r[0])
         listed = ", ".join(
             f"{prefix} (traffic split '{t.name}')" if isinstance(t, SplitRoute) else f"{prefix} (application '{t.app_name}')"
             for prefix, t in routes[:20])
         more = f" and {len(routes) - 20} more" if len(routes) > 20 else ""
-        return f"Path '{path}' not found; routes: {listed}{more}. GET /-/routes lists them as JSON."
+        return f"{ray} Routes: {listed}{more}."
 
     def match(self, path: str) -> tuple[str, DeploymentID | SplitRoute] | None:
         """The route table's entry (prefix, target) of `path`, the longest prefix first."""
