@@ -629,7 +629,8 @@ def run(target: str, arguments: tuple[str, ...], host: str | None, port: int | N
                 where = "handles only" if prefix is None or not url else f"{url}{'' if prefix == '/' else prefix}"
                 click.echo(f"Application '{a['name']}' is serving at {where}")
         else:
-            serve.start(http_options={"host": host or "127.0.0.1", "port": 8000 if port is None else port})
+            if not attach or host is not None or port is not None:  # a running cluster's proxy keeps its own
+                serve.start(http_options={"host": host or "127.0.0.1", "port": 8000 if port is None else port})
             assert app is not None
             deployed = [name]
             _serve(app, name, route_prefix, runtime_env)

@@ -589,6 +589,7 @@ def test_run_non_blocking_deploys_and_returns(cl: Cluster, project: str) -> None
     r = cli("run", "greetapp:greeter", "--non-blocking", "--name", "nb", "--route-prefix", "/nb",
             "--runtime-env-json", '{"env_vars": {"GREETER_ENV": "from-cli"}}', "--namespace", cl.ns, cwd=project)
     assert r.returncode == 0, r.stderr
+    assert "ignored" not in r.stderr, r.stderr  # the running proxy's options are not asked to change
     assert app_states(cl.ns)["nb"] == "RUNNING"
     assert httpx.get(f"{cl.url}/nb", timeout=10).json() == {"greeting": "hello", "env": "from-cli",
                                                            "pid": ANY}
