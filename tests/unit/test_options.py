@@ -336,3 +336,12 @@ def test_rays_deprecated_http_options_are_handled_as_rays():
     assert HTTPOptions(num_cpus=0).num_cpus == 0
     with pytest.raises(ValueError, match=r"num_cpus.*removed"):
         HTTPOptions(num_cpus=1)
+
+
+def test_none_resources_in_ray_actor_options_mean_the_defaults() -> None:
+    """As Ray takes `{"num_cpus": None}`: the default (one CPU, no GPU); it was refused."""
+    def f():
+        return 1
+
+    d = serve.deployment(ray_actor_options={"num_cpus": None, "num_gpus": None})(f)
+    assert d.config.demand() == {"CPU": 1.0}

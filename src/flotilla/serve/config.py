@@ -89,6 +89,14 @@ class RayActorOptions(BaseModel):
     accelerator_type: str | None = Field(None, description="Required accelerator, e.g. 'A100'.")
     runtime_env: dict[str, Any] = Field(default_factory=dict, description="Only env_vars applies locally.")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _none_is_default(cls, data: Any) -> Any:
+        """`{"num_cpus": None}` means the default, as Ray takes it."""
+        if isinstance(data, dict) and any(data.get(k, 0) is None for k in ("num_cpus", "num_gpus")):
+            data = {k: v for k, v in data.items() if not (k in ("num_cpus", "num_gpus") and v is None)}
+        return data
+
     @field_validator("num_gpus")
     @classmethod
     def _whole_above_one(cls, v: float) -> float:
