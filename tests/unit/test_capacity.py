@@ -30,15 +30,16 @@ def test_autoscaling_bounds(lo: int, hi: int, init: int | None, tc: float | None
     assert capacity.bounds(lo, hi, init, tc, direction) == want
 
 
-@pytest.mark.parametrize(("cur", "new", "had", "cur_dir", "want"), [
+@pytest.mark.parametrize(("cur", "new", "same", "cur_dir", "want"), [
     (None, None, False, None, None),
-    (None, 50, False, None, "UP"),  # the first config starts at a capacity: it grows from there
+    (None, 50, False, None, "UP"),  # a new config (the first, or other applications) grows from there
+    (40, 20, False, "UP", "UP"),  # other applications: a new config, though the percentage fell
     (None, 50, True, None, "DOWN"),  # a running config gets a capacity: it shrinks
     (50, 80, True, "DOWN", "UP"),
     (80, 50, True, "UP", "DOWN"),
     (50, 50, True, "UP", "UP"),  # unchanged: keeps its direction
     (50, None, True, "UP", None),
 ])
-def test_direction(cur: float | None, new: float | None, had: bool, cur_dir: capacity.Direction | None,
+def test_direction(cur: float | None, new: float | None, same: bool, cur_dir: capacity.Direction | None,
                    want: capacity.Direction | None) -> None:
-    assert capacity.direction(cur, new, had, cur_dir) == want
+    assert capacity.direction(cur, new, same, cur_dir) == want

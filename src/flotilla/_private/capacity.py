@@ -5,8 +5,8 @@ Pure decisions, as Ray 2.60 makes them: a count is scaled and rounded half up, n
 unless the percentage or the count is 0 (`adjusted`); an autoscaling deployment's bounds are
 its `min_replicas` (or, while the capacity goes UP, its `initial_replicas`) and its
 `max_replicas`, each scaled (`bounds`); the direction is UP when the percentage rises (or is
-set by the first config), DOWN when it falls (or is set on a running config), none once unset
-(`direction`). Applications deployed from code (`serve.run`) are not scaled.
+set by a new config: the first, or one naming other applications), DOWN when it falls (or is
+set on a running config), none once unset (`direction`). Applications deployed from code (`serve.run`) are not scaled.
 """
 
 from __future__ import annotations
@@ -34,11 +34,12 @@ def bounds(min_replicas: int, max_replicas: int, initial_replicas: int | None,
     return adjusted(low, target_capacity), adjusted(max_replicas, target_capacity)
 
 
-def direction(current: float | None, new: float | None, had_config: bool,
+def direction(current: float | None, new: float | None, same_applications: bool,
               current_direction: Direction | None) -> Direction | None:
     """Which way the capacity moves when a config with `new` replaces one with `current`
-    (`had_config`: a config was applied before; else this is the first)."""
-    if not had_config:
+    (`same_applications`: the applied config names the same applications; else this config is
+    new, the first or one with other applications, and starts scaling up)."""
+    if not same_applications:
         return None if new is None else "UP"
     if new == current:
         return current_direction

@@ -863,10 +863,12 @@ class Controller:
         start = state.cfg.initial_replicas
         return state.bounded(state.lo if start is None else start)
 
-    def set_target_capacity(self, target_capacity: float | None, had_config: bool) -> None:
-        """A config file with `target_capacity` was applied (`had_config`: one was before):
-        every deployment of every application deployed from a config scales to it."""
-        new_direction = capacity.direction(self.target_capacity, target_capacity, had_config, self.capacity_direction)
+    def set_target_capacity(self, target_capacity: float | None, same_applications: bool) -> None:
+        """A config file with `target_capacity` was applied (`same_applications`: it names the
+        applications the one before did): every deployment of every application deployed from
+        a config scales to it."""
+        new_direction = capacity.direction(self.target_capacity, target_capacity, same_applications,
+                                           self.capacity_direction)
         if target_capacity != self.target_capacity:
             logger.info("target capacity %s from %s to %s", (new_direction or "set").lower(),
                         self.target_capacity, target_capacity)

@@ -84,7 +84,8 @@ class Deployer:
         for name in list(self.builds):
             if name not in wanted:
                 self._cancel(name)
-        c.set_target_capacity(new.get("target_capacity"), self.applied is not None)
+        before = {a["name"] for a in (self.applied or {}).get("applications", [])}
+        c.set_target_capacity(new.get("target_capacity"), self.applied is not None and before == set(wanted))
         old = {a["name"]: a for a in (self.applied or {}).get("applications", [])}
         app_logging = new.get("logging_config")
         for name, app in wanted.items():
