@@ -145,11 +145,11 @@ def test_counts_latency_custom_metrics_and_request_ids(url):
     def logged():
         text = "".join(Path(p).read_text() for p in glob.glob(f"{logs}/replica_mon_*.log"))
         done = text.count(" GET /mon 200 ") == 21 and text.count(" GET /mon 500 ") == 5
-        return done and "[my-id-123] user: user log line" in text and text
+        return done and " my-id-123 -- user log line for /mon" in text and text
 
     text = wait_for(logged, what="log lines")
-    assert "my-id-123 GET /mon 200" in text  # as Ray's: the method, then the route
-    wait_for(lambda: "my-id-123 GET /mon 200" in Path(f"{logs}/proxy.log").read_text(), what="proxy access log")
+    assert "my-id-123 -- GET /mon 200" in text  # as Ray's: the request id, then the method and the route
+    wait_for(lambda: "my-id-123 -- GET /mon 200" in Path(f"{logs}/proxy.log").read_text(), what="proxy access log")
 
 
 @serve.deployment(autoscaling_config={"min_replicas": 1, "max_replicas": 2, "upscale_delay_s": 0.2,

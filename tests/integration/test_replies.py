@@ -323,3 +323,62 @@ def test_non_utf8_header_values_are_served(url: str, header: str) -> None:
     with httpx.Client(base_url=url, timeout=5) as c:
         r = c.get("/plain", headers=[(header.encode(), b"\xff\xfeid-\xc3")])
     assert (r.status_code, r.text) == (200, "served")
+
+
+DROPPED_SCRIPT = '''
+import asyncio, gc, sys
+import flotilla
+from flotilla import serve
+
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+class Err:
+    def __call__(self):
+        raise ValueError("nobody reads this")
+
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+class Caller:
+    def __init__(self, err):
+        self.err = err
+
+    async def __call__(self):
+        self.err.remote()  # dropped unread, from a replica's loop
+        return "ok"
+
+flotilla.init(num_cpus=2, log_to_driver=True)
+h = serve.run(Err.bind(), name="err", route_prefix=None)
+seen = h.remote()
+try:
+    seen.result(timeout_s=30)
+except ValueError:
+    pass
+h.remote()  # dropped unread, from sync code
+async def main():
+    h.remote()  # dropped unread, from a loop
+    await asyncio.sleep(0.5)
+asyncio.run(main())
+c = serve.run(Caller.bind(Err.bind()), name="caller", route_prefix=None)
+assert c.remote().result(timeout_s=30) == "ok"
+try:
+    h.remote().result(timeout_s=30)  # one more call, answered after the dropped ones
+except ValueError:
+    pass
+gc.collect()
+serve.shutdown()
+flotilla.shutdown()
+print("done", flush=True)
+'''
+
+
+def test_a_failed_response_dropped_unread_is_not_logged(tmp_path):
+    """As Ray's: nothing is printed for a failed call whose response nobody reads (asyncio's
+    "Future exception was never retrieved" with the traceback was); reading it still raises."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "dropped.py"
+    script.write_text(DROPPED_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLOTILLA_ADDRESS")}
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env,
+                       cwd=str(tmp_path))
+    assert r.returncode == 0 and r.stdout.strip() == "done", r.stderr
+    assert "never retrieved" not in r.stderr, r.stderr

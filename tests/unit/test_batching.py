@@ -373,17 +373,16 @@ def test_setters_and_getters_tune_a_live_queue():
         assert model.handle._get_max_batch_size() == 2  # Ray's private spelling
         four = await asyncio.wait_for(asyncio.gather(*(model.handle(i) for i in range(4))), 1.0)
 
-        waiting = [asyncio.create_task(model.handle(i)) for i in (7, 8)]
-        await until(lambda: model.handle.batch_queue.stats().queued == 2)
-        model.handle.set_max_batch_size(10)
-        model.handle.set_max_batch_size(2)  # now full: flushes without the 5 s wait
-        pair = await asyncio.wait_for(asyncio.gather(*waiting), 1.0)
-
-        lone = asyncio.create_task(model.handle(9))
+        first = asyncio.create_task(model.handle(7))
         await until(lambda: model.handle.batch_queue.stats().queued == 1)
+        model.handle.set_max_batch_size(1)
         await asyncio.to_thread(model.handle.set_batch_wait_timeout_s, 0.0)  # from a thread
-        assert model.handle.get_batch_wait_timeout_s() == 0.0
-        return four, pair, await asyncio.wait_for(lone, 1.0), model.sizes
+        assert (model.handle.get_max_batch_size(), model.handle.get_batch_wait_timeout_s()) == (1, 0.0)
+        await asyncio.sleep(0.05)
+        assert not first.done()  # as Ray's: the batch being formed keeps size 2 and its long wait
+        pair = await asyncio.wait_for(asyncio.gather(first, model.handle(8)), 1.0)
+        lone = await asyncio.wait_for(model.handle(9), 1.0)  # the next batch: one item, no wait
+        return four, pair, lone, model.sizes
 
     four, pair, lone, sizes = asyncio.run(main())
     assert four == [("m", i) for i in range(4)]

@@ -192,6 +192,9 @@ class BatchQueue:
         self._rate = 0.0
         self._fixed_s = self._per_item_s = 0.0
         self._cost_known = False
+        #: max_batch_size and batch_wait_timeout_s when the first item came to an empty queue:
+        #: the batch it starts keeps them (as Ray's; the setters apply from the next batch)
+        self._first_limits = (self._max, self._timeout)
         self._reset()
         QUEUES.add(self)
 
@@ -219,12 +222,13 @@ class BatchQueue:
         return self._timeout
 
     def set_max_batch_size(self, new_max_batch_size: int) -> None:
-        """Change ``max_batch_size``; applies to the batch being formed now."""
+        """Change ``max_batch_size``; as Ray's, from the next batch on (the one being formed
+        keeps the size it started with)."""
         self._max = _check_count(new_max_batch_size, "max_batch_size")
         self._poke()
 
     def set_batch_wait_timeout_s(self, new_batch_wait_timeout_s: float) -> None:
-        """Change ``batch_wait_timeout_s``; applies to the batch being formed now."""
+        """Change ``batch_wait_timeout_s``; as Ray's, from the next batch on."""
         self._timeout = _check_timeout(new_batch_wait_timeout_s)
         self._poke()
 
@@ -237,11 +241,13 @@ class BatchQueue:
         self._target = _check_target(target_s)
         self._poke()
 
-    def current_wait_s(self, waiting: int = 1) -> float:
-        """How long a batch of `waiting` items would wait now."""
+    def current_wait_s(self, waiting: int = 1, limits: tuple[int, float] | None = None) -> float:
+        """How long a batch of `waiting` items would wait now (`limits`: the max_batch_size and
+        batch_wait_timeout_s the batch started with; default the current ones)."""
+        most, wait = limits or (self._max, self._timeout)
         if self._target is None:
-            return self._timeout
-        return adaptive_wait(self._target, waiting, self._max, self._rate, self._fixed_s, self._per_item_s)
+            return wait
+        return adaptive_wait(self._target, waiting, most, self._rate, self._fixed_s, self._per_item_s)
 
     def stats(self) -> BatchStats:
         """A snapshot of this queue's counters."""
@@ -306,6 +312,8 @@ class BatchQueue:
 
     def _put(self, item: _Item) -> None:
         self._pending.append(item)
+        if len(self._pending) == 1:
+            self._first_limits = (self._max, self._timeout)
         if (len(self._pending) == 1 or len(self._pending) >= self._max or self._target is not None
                 or self._size is not None):
             self._wake.set()  # (with a target or a size function, each arrival: re-decide)
@@ -327,6 +335,9 @@ class BatchQueue:
     async def _next_batch(self) -> list[_Item]:
         pending, wake, loop = self._pending, self._wake, self._loop
         assert loop is not None
+        # As Ray's: a batch keeps the settings of when its first item came (or of now, when it
+        # is already waiting).
+        limits: tuple[int, float] | None = (self._max, self._timeout) if pending else None
         while True:
             while pending and pending[0].gone:
                 pending.popleft()
@@ -334,20 +345,24 @@ class BatchQueue:
             if not pending:
                 wake.clear()
                 await wake.wait()
+                limits = None
                 continue
-            deadline = pending[0].t + self.current_wait_s(len(pending))
+            if limits is None:
+                limits = self._first_limits
+            most = limits[0]
+            deadline = pending[0].t + self.current_wait_s(len(pending), limits)
             if self._size is None:
-                ready = loop.time() >= deadline or self._full()
-                n = min(self._max, len(pending))
+                ready = loop.time() >= deadline or self._full(most)
+                n = min(most, len(pending))
             else:
-                n, full = self._fit()
+                n, full = self._fit(most)
                 if not pending:
                     continue
                 if n == 0:
                     item = pending.popleft()
                     item.fail(RuntimeError(
                         f"one item's size, {self._size([item.payload])} by batch_size_fn, is greater than "
-                        f"max_batch_size={self._max}: raise max_batch_size or check batch_size_fn"))
+                        f"max_batch_size={most}: raise max_batch_size or check batch_size_fn"))
                     continue
                 ready = full or loop.time() >= deadline
             if ready:
@@ -359,17 +374,17 @@ class BatchQueue:
                 async with asyncio.timeout_at(deadline):
                     await wake.wait()
 
-    def _full(self) -> bool:
+    def _full(self, most: int) -> bool:
         pending = self._pending
-        if len(pending) < self._max:
+        if len(pending) < most:
             return False
         live = [item for item in pending if not item.gone]
         self._skipped += len(pending) - len(live)
         pending.clear()
         pending.extend(live)
-        return len(pending) >= self._max
+        return len(pending) >= most
 
-    def _fit(self) -> tuple[int, bool]:
+    def _fit(self, limit: int) -> tuple[int, bool]:
         """With a `batch_size_fn`: how many items from the front make a batch whose size is at
         most max_batch_size, and whether that batch is full (the next item does not fit, or it
         reached the size). Gone items are dropped first; an item whose size the function
@@ -377,7 +392,7 @@ class BatchQueue:
         pending = self._pending
         live = [item for item in pending if not item.gone]
         self._skipped += len(pending) - len(live)
-        size, limit = self._size, self._max
+        size = self._size
         assert size is not None
         payloads: list[Any] = []
         kept: list[_Item] = []

@@ -407,7 +407,7 @@ class DeploymentResponse:
     runtime's loop like any other, so that it outlives the caller's loop as Ray's calls do.
     """
 
-    __slots__ = ("_asked", "_back", "_box", "_by_user", "_cancel", "_direct", "_fut", "_home", "_inline_task",
+    __slots__ = ("_back", "_box", "_by_user", "_cancel", "_direct", "_fut", "_home", "_inline_task",
                  "_lane", "_latch", "_local", "_made", "_make", "_request_id", "_rt", "_task")
     _task: asyncio.Task[Any] | None
     _fut: asyncio.Future[Any] | None
@@ -421,6 +421,7 @@ class DeploymentResponse:
         self._local = loop is rt.loop
         if self._local:
             self._task = rt.loop.create_task(coro)
+            self._task.add_done_callback(_seen)
             return
         if loop is None:
             latch = threading.Lock()
@@ -451,7 +452,6 @@ class DeploymentResponse:
         self._local = False  # made on the runtime's loop
         self._cancel = False
         self._by_user = False  # cancel() was called: waiting raises RequestCancelledError
-        self._asked = False  # result() gave up waiting: its caller saw this call's outcome as a timeout
         self._direct: DirectCall | None = None  # sent by `_start_direct`, no task of its own
         self._lane: Lane | None = None  # sent through the caller's lane: `_task` is on its loop
 
@@ -585,8 +585,7 @@ class DeploymentResponse:
         latch = self._latch
         if latch is not None:
             latch.release()
-        if self._asked:
-            _seen(t)
+        _seen(t)  # a response dropped unread fails quietly, as Ray's (whoever asks still gets the error)
         if self._fut is not None:
             _post(self._back, self._fut, t)  # type: ignore[arg-type]
 
@@ -646,9 +645,6 @@ class DeploymentResponse:
                         self._latch = latch
             if not self._done:  # checked again: `_finished` may have missed the new latch
                 if not latch.acquire(timeout=-1 if wait_s is None else max(0.0, wait_s)):
-                    self._asked = True
-                    if self._done:  # `_finished` ran before `_asked` was set
-                        _seen(self._task)  # type: ignore[arg-type]
                     raise GetTimeoutError(f"Did not get a result within {timeout_s}s.")
                 latch.release()  # open for other waiters
         t = self._task
@@ -849,8 +845,9 @@ class _Stuck:
 
 
 def _seen(t: asyncio.Task[Any]) -> None:
-    """Mark the exception of a finished call as retrieved: its caller already had its answer
-    (a timeout), so asyncio must not log it as "never retrieved" when the task goes."""
+    """Mark the exception of a finished call as retrieved, so asyncio does not log it as "never
+    retrieved" when the task goes (a response nobody reads, or one whose caller timed out);
+    `result()` still raises it."""
     if not t.cancelled():
         t.exception()
 
@@ -874,6 +871,7 @@ def _settle(fut: asyncio.Future[Any], t: asyncio.Task[Any]) -> None:
         fut.set_result(t.result())
     else:
         fut.set_exception(e)
+        fut.exception()  # read by whoever awaits it; not "never retrieved" when nobody does
 
 
 class DeploymentResponseGenerator:
