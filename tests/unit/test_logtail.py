@@ -18,6 +18,8 @@ from flotilla._private.logtail import LogTail, as_text, ours
     (b"INFO 2026-12-04 21:46:43,002 proxy head 6b966ab4-b081 -- /pkg.Svc/Method OK 1.2ms", True),  # gRPC
     (b"INFO 2026-12-04 21:46:43,012 app_Dep 9b591966 6b96 -- from the user's logger", False),
     (b"INFO 2026-12-04 21:46:43,012 app_Dep 9b591966 -- took 3 ms", False),
+    (b"INFO 2026-12-04 21:46:43,012 app_Dep 9b591966 rid -- model took 12.3ms", False),
+    (b"INFO 2026-12-04 21:46:43,012 app_Dep 9b591966 rid -- WS /ws 1000 3.1ms", True),
     (b'{"asctime": "x", "levelname": "INFO", "name": "flotilla.replica", "message": "m"}', True),
     (b'{"levelname": "INFO", "message": "a /r 200 1.00ms", "serve_access_log": true}', True),
     (b"Message: Hello bar", False),

@@ -231,7 +231,7 @@ def restore(c: Controller, state: dict[str, Any], specs: dict[str, dict[str, Any
         dep.scaling = d["scaling"]
         dep.autoscale = make_state(dep.config)
         if dep.autoscale is not None:
-            dep.autoscale.set_capacity(*c._capacity(app))
+            dep.autoscale.set_capacity(*c.capacity_of(app))
         saved = d["autoscale"]
         if dep.autoscale is not None and saved is not None:
             st = dep.autoscale

@@ -796,7 +796,7 @@ class Controller:
 
     def _deploy_one(self, app: App, d: dict[str, Any]) -> None:
         cfg = d["config"]
-        tc, direction = self._capacity(app)
+        tc, direction = self.capacity_of(app)
         dep = app.deployments.get(d["name"])
         if dep is None or dep.deleting:
             state = make_state(cfg)
@@ -807,18 +807,16 @@ class Controller:
             return
         old_cfg, old_version, old_target = dep.config, dep.version, dep.target
         dep.spec = d
-        state = make_state(cfg)
-        target = self._start_target(d, state, tc, direction)
         if cfg.get("autoscaling_config") != old_cfg.get("autoscaling_config"):
+            state = make_state(cfg)
             if cfg.get("autoscaling_config") is None or old_cfg.get("autoscaling_config") is None:
-                dep.target = target
+                dep.target = self._start_target(d, state, tc, direction)
             dep.autoscale = state
-        elif dep.autoscale is not None:
-            dep.autoscale.set_capacity(tc, direction)
         if dep.autoscale is not None:
+            dep.autoscale.set_capacity(tc, direction)
             dep.target = dep.autoscale.bounded(dep.target)
         else:
-            dep.target = target
+            dep.target = self._start_target(d, None, tc, direction)
             if app.external_scaler_enabled and dep.external_target is not None:
                 dep.target = dep.external_target  # a redeploy keeps the external scaler's count
         if not app.external_scaler_enabled:
@@ -846,7 +844,7 @@ class Controller:
                     self._watch_routing_stats(r)
         self.publish(dep.key)
 
-    def _capacity(self, app: App) -> tuple[float | None, capacity.Direction | None]:
+    def capacity_of(self, app: App) -> tuple[float | None, capacity.Direction | None]:
         """The target capacity `app`'s replica counts follow (None for a `serve.run` app)."""
         return (self.target_capacity, self.capacity_direction) if app.declarative else (None, None)
 

@@ -10,8 +10,9 @@ DEPLOYING; a build that fails shows as DEPLOY_FAILED with the error, and whateve
 keeps running.
 
 Applying a file: validate it (nothing changes if it is bad); delete every application deployed
-from a config that is not in it (as Ray does; those deployed by `serve.run` stay); start a build for every application whose entry changed (an identical entry
-changes nothing: applying the same file twice is a no-op). The latest applied config is kept in
+from a config that is not in it (as Ray does; those deployed by `serve.run` stay); scale every
+config application to its `target_capacity`; start a build for every application whose entry
+changed (an identical entry changes nothing: applying the same file twice is a no-op). The latest applied config is kept in
 the session folder (`applied.json`), so it survives a head restart.
 """
 
@@ -84,9 +85,8 @@ class Deployer:
         for name in list(self.builds):
             if name not in wanted:
                 self._cancel(name)
-        before = {a["name"] for a in (self.applied or {}).get("applications", [])}
-        c.set_target_capacity(new.get("target_capacity"), self.applied is not None and before == set(wanted))
         old = {a["name"]: a for a in (self.applied or {}).get("applications", [])}
+        c.set_target_capacity(new.get("target_capacity"), self.applied is not None and set(old) == set(wanted))
         app_logging = new.get("logging_config")
         for name, app in wanted.items():
             b = self.builds.get(name)
