@@ -494,7 +494,7 @@ class Replica:
         if not self.addr:
             with contextlib.suppress(OSError):
                 os.unlink(args["sock_path"])
-        if self.abandoned and not tcp_host:  # in a Ray actor, Ray kills it
+        if self.abandoned:  # in a Ray actor too: its worker process goes, as ray.kill does it
             self.access.flush()
             for stream in (sys.stdout, sys.stderr):
                 with contextlib.suppress(Exception):
