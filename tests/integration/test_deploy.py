@@ -514,3 +514,15 @@ def test_a_value_returned_by_init_is_ignored(url):
     deploys (calling the class raised TypeError: __init__() should return None)."""
     h = serve.run(InitReturns.bind(5), name="initret", route_prefix=None)
     assert h.remote().result() == 5
+
+
+def test_converting_a_response_to_an_object_ref_says_why_not(url):
+    """Ray's advanced `_to_object_ref*`: flotilla's replies do not go through Ray's object
+    store, so it raises a RuntimeError saying what to do instead (it was an AttributeError)."""
+    h = serve.run(InitReturns.bind(1), name="objref", route_prefix=None)
+    r = h.remote()
+    with pytest.raises(RuntimeError, match=r"not supported by flotilla.*Await the response"):
+        r._to_object_ref_sync()
+    with pytest.raises(RuntimeError, match="ObjectRefs"):
+        asyncio.run(r._to_object_ref())
+    assert r.result() == 1

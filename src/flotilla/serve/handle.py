@@ -15,7 +15,7 @@ import random
 import threading
 from collections.abc import Awaitable, Coroutine, Generator
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, NoReturn
 
 from flotilla._private import args as _args
 from flotilla._private.client import Runtime
@@ -757,6 +757,12 @@ class DeploymentResponse:
         t = self._task
         return self._cancel or bool(t is not None and t.done() and t.cancelled())
 
+    async def _to_object_ref(self) -> Any:
+        _no_object_refs()
+
+    def _to_object_ref_sync(self, _timeout_s: float | None = None, _allow_running_in_asyncio_loop: bool = False) -> Any:
+        _no_object_refs()
+
     def __reduce__(self) -> tuple[Any, ...]:
         """Passed inside another call's arguments (Ray's "by reference"): it travels as its
         outcome, to be awaited there; a router that meets one without an outcome yet waits
@@ -842,6 +848,15 @@ class _Stuck:
         if cls.seen:
             cls.armed = rt
             rt.loop.call_later(cls.LOOK_S, cls.look, rt)
+
+
+def _no_object_refs() -> NoReturn:
+    """Ray's `_to_object_ref*`: a Ray ObjectRef of the call's result. flotilla's replies do not
+    go through Ray's object store (on the Ray backend either), so there is none to give."""
+    raise RuntimeError(
+        "Converting DeploymentResponses to ObjectRefs is not supported by flotilla: results travel "
+        "over flotilla's own transport, not Ray's object store. Await the response (or call "
+        ".result()) and pass the value, or pass the DeploymentResponse itself to another handle call.")
 
 
 def _seen(t: asyncio.Task[Any]) -> None:
@@ -1006,6 +1021,13 @@ class DeploymentResponseGenerator:
     def cancelled(self) -> bool:
         """Whether `cancel()` was called (or the request that made this stream was cancelled)."""
         return self._cancelled
+
+    async def _to_object_ref_gen(self) -> Any:
+        _no_object_refs()
+
+    def _to_object_ref_gen_sync(self, _timeout_s: float | None = None,
+                                _allow_running_in_asyncio_loop: bool = False) -> Any:
+        _no_object_refs()
 
     def _over(self) -> bool:
         return self._cancelled
