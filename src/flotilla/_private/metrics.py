@@ -16,6 +16,7 @@ import builtins
 import itertools
 import json
 import logging
+import operator
 import os
 import sys
 import time
@@ -632,7 +633,7 @@ class AccessLog:
         else:
             return None
         args: list[Any] = [None] * (3 * n)
-        args[0::3] = [int(x % 1 * 1000) for x in t]
+        args[0::3] = list(map(operator.mul, map(operator.mod, t, itertools.repeat(1)), itertools.repeat(1000)))
         args[1::3] = request_ids
         args[2::3] = ms
         rest = (",%03d " + f"{self.name} ".replace("%", "%%") + "%s -- "
