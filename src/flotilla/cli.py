@@ -74,8 +74,8 @@ def _builder_args(arguments: tuple[str, ...], target: str) -> dict[str, str]:
     out: dict[str, str] = {}
     for word in arguments:
         key, eq, value = word.partition("=")
-        if not eq or not key:
-            raise click.BadParameter(f"{word!r} is not of the form key=value", param_hint="ARGUMENTS")
+        if not eq or not value:  # Ray's check and words (an empty key is Ray's too)
+            raise click.ClickException(f"Invalid application argument '{word}', must be of the form '<key>=<val>'.")
         out[key] = value
     return out
 
@@ -126,7 +126,7 @@ def _request(url: str, token: str | None, method: str, path: str, body: Any = No
     return json.loads(raw) if raw else None
 
 
-@click.group(cls=_Group)
+@click.group(cls=_Group, context_settings={"help_option_names": ["--help", "-h"]})  # -h as Ray's
 @click.version_option(package_name="flotilla")
 def main() -> None:
     """flotilla: Ray Serve's API, served fast from one machine."""
@@ -295,15 +295,28 @@ def _ns_flag(ns: str) -> str:
 @main.command()
 @click.argument("config_or_import_path")
 @click.argument("arguments", nargs=-1)
+@click.option("--runtime-env", "runtime_env_file", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="runtime_env of an import path's application, from a YAML file (env_vars, working_dir). "
+                   "Ignored when deploying a config file.")
+@click.option("--runtime-env-json", default=None,
+              help="runtime_env of an import path's application, as JSON. Ignored when deploying a config file.")
+@click.option("--working-dir", default=None,
+              help="Working directory of an import path's application (overrides --runtime-env's). "
+                   "Ignored when deploying a config file.")
+@click.option("--name", default=None,
+              help='Name of an import path\'s application (default "default"). Ignored when deploying a config file.')
 @address_option
 @namespace_option
-def deploy(config_or_import_path: str, arguments: tuple[str, ...], address: str | None, namespace: str | None) -> None:
+def deploy(config_or_import_path: str, arguments: tuple[str, ...], runtime_env_file: str | None,
+           runtime_env_json: str | None, working_dir: str | None, name: str | None, address: str | None,
+           namespace: str | None) -> None:
     """Apply a config file (Ray Serve's config schema) to the running cluster, or deploy
-    MODULE:APP as its one application ("default", at "/"; ARGUMENTS `key=value` go to an
-    application builder), as `serve deploy` does.
+    MODULE:APP as its one application ("default" or --name, at "/"; ARGUMENTS `key=value` go
+    to an application builder), as `serve deploy` does.
 
-    Applications not in the config are removed; unchanged ones are left alone; a changed
-    user_config is applied in place; changed code or resources roll out.
+    Applications deployed from a config that are not in this one are removed (those a driver
+    deployed with serve.run stay); unchanged ones are left alone; a changed user_config is
+    applied in place; changed code or resources roll out.
     """
     from flotilla.serve.deploy_schema import load_config_file, validate_config
 
@@ -314,9 +327,12 @@ def deploy(config_or_import_path: str, arguments: tuple[str, ...], address: str 
         if config_or_import_path.endswith((".yaml", ".yml", ".json")) or not _IMPORT_PATH.match(config_or_import_path):
             raise click.BadParameter(f"{config_or_import_path}: no such file, and not an import path "
                                      "(MODULE:APP or MODULE.APP)", param_hint="CONFIG_OR_IMPORT_PATH")
-        app: dict[str, Any] = {"name": "default", "route_prefix": "/", "import_path": config_or_import_path}
+        app: dict[str, Any] = {"name": name or "default", "route_prefix": "/", "import_path": config_or_import_path}
         if args:
             app["args"] = args
+        runtime_env = _runtime_env_option(runtime_env_json, runtime_env_file, working_dir)
+        if runtime_env:
+            app["runtime_env"] = runtime_env
         config = validate_config({"applications": [app]}, config_or_import_path).to_dict()
     url, token, _ = _rest(address, namespace)
     headers = {"X-Flotilla-Cwd": os.getcwd()}
@@ -549,7 +565,7 @@ def tune(import_path: str, slo_p95_ms: float, body_file: str | None, route: str 
               help="runtime_env for the applications, from a YAML file.")
 @click.option("--blocking/--non-blocking", default=True, show_default=True,
               help="Serve until Ctrl-C (and then stop), or deploy and return.")
-@click.option("--reload", is_flag=True,
+@click.option("--reload", "-r", is_flag=True,
               help="Redeploy when a .py file under --app-dir (or --working-dir) changes (module:app targets).")
 @namespace_option
 def run(target: str, arguments: tuple[str, ...], host: str | None, port: int | None, name: str, route_prefix: str,

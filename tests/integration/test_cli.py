@@ -463,7 +463,8 @@ def test_run_passes_key_value_arguments_to_an_application_builder(cl: Cluster, p
     r = cli("run", "greetapp:greeter", "greeting=x", "--namespace", cl.ns, cwd=project)
     assert r.returncode != 0 and "builder" in r.stderr
     r = cli("run", "greetapp:make", "no-equals-sign", "--namespace", cl.ns, cwd=project)
-    assert r.returncode != 0 and "key=value" in r.stderr
+    assert r.returncode == 1 and "Invalid application argument 'no-equals-sign', must be of the form '<key>=<val>'." \
+        in r.stderr, r.stderr  # Ray's words
 
 
 def test_deploy_takes_an_import_path_with_builder_arguments(cl: Cluster, project: str) -> None:
@@ -480,6 +481,11 @@ def test_deploy_takes_an_import_path_with_builder_arguments(cl: Cluster, project
     assert out.startswith("Sent deploy request successfully.\n"), out
     wait_for(lambda: httpx.get(f"{cl.url}/", timeout=10).json()["greeting"] == "hello", timeout=60,
              what="the dotted import path deployed")
+    # serve deploy's --name and runtime_env options, for an import path
+    ok("deploy", "greetapp:greeter", "--name", "named", "--runtime-env-json",
+       '{"env_vars": {"GREETER_ENV": "from-deploy"}}', "--namespace", cl.ns, cwd=project)
+    wait_for(lambda: app_states(cl.ns) == {"named": "RUNNING"}, timeout=60, what="named RUNNING")
+    assert httpx.get(f"{cl.url}/", timeout=10).json()["env"] == "from-deploy"
 
 
 def test_deploy_imports_from_the_commands_pythonpath(cl: Cluster, tmp_path) -> None:
