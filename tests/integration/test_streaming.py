@@ -61,6 +61,27 @@ def test_handle_streams_sync_and_async_generators(url):
         list(h.options(stream=True).plain.remote())
 
 
+@serve.deployment
+def counting(n: int):
+    yield from range(n)
+
+
+@serve.deployment
+def not_streaming() -> int:
+    return 1
+
+
+def test_a_function_deployment_is_named_by_its_function_in_the_stream_errors(url):
+    """As Ray's: the function's own name, not `__call__`."""
+    h = serve.run(counting.bind(), name="fs", route_prefix=None)
+    assert list(h.options(stream=True).remote(3)) == [0, 1, 2]
+    with pytest.raises(TypeError, match=r"Method 'counting' returned a generator"):
+        h.remote(3).result()
+    g = serve.run(not_streaming.bind(), name="fns", route_prefix=None)
+    with pytest.raises(TypeError, match=r"Called method 'not_streaming' with `handle.options\(stream=True\)`"):
+        list(g.options(stream=True).remote())
+
+
 def test_http_streaming_delivers_first_chunk_before_last_is_produced(url):
     h = serve.run(Streamer.bind(), name="s", route_prefix="/s")
     arrivals = []

@@ -935,11 +935,11 @@ class Replica:
             else:
                 result = await self._invoke(fn, msg.args, msg.kwargs)
             if cls is Stream:
-                await self._stream(proto, tag, key, result, method)
+                await self._stream(proto, tag, key, result, _shown(method, fn))
                 return
             if inspect.isgenerator(result) or inspect.isasyncgen(result) or hasattr(result, "__aiter__"):
                 raise TypeError(
-                    f"Method '{method}' returned a generator. You must use `handle.options(stream=True)` "
+                    f"Method '{_shown(method, fn)}' returned a generator. You must use `handle.options(stream=True)` "
                     "to call generators on a deployment."
                 )
             try:
@@ -1285,6 +1285,13 @@ class Replica:
                 proto.send(tag, HttpFull(*http_util.plain(500, "Internal Server Error")))
             return 500
         return int(state["status"])
+
+
+def _shown(method: str, fn: Any) -> str:
+    """The name errors give a called method: a function deployment's own name, as Ray's."""
+    if method == "__call__" and inspect.isfunction(fn):
+        return str(fn.__name__)
+    return method
 
 
 def _add_request_id(record: logging.LogRecord) -> bool:
