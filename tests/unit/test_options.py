@@ -345,3 +345,15 @@ def test_none_resources_in_ray_actor_options_mean_the_defaults() -> None:
 
     d = serve.deployment(ray_actor_options={"num_cpus": None, "num_gpus": None})(f)
     assert d.config.demand() == {"CPU": 1.0}
+
+
+def test_a_deployment_name_with_a_hash_is_refused_as_rays() -> None:
+    """'#' separates the parts of a replica's id: Ray 2.60 refuses it in a name, in the
+    decorator and in .options() (it was accepted)."""
+    def f():
+        return 1
+
+    with pytest.raises(ValueError, match=r"Deployment names must not contain the '#' character\. Current name: a#b\."):
+        serve.deployment(name="a#b")(f)
+    with pytest.raises(ValueError, match="must not contain the '#' character"):
+        serve.deployment(f).options(name="x#y")

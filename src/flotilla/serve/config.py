@@ -485,6 +485,13 @@ class DeploymentConfig(BaseModel):
     deployment_actors: list[DeploymentActorConfig] | None = Field(
         None, exclude=True, description="Ray 2.60's deployment-scoped actors; validated, not created.")
 
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if "#" in v:  # Ray's words: '#' separates the parts of a replica's id
+            raise ValueError(f"Deployment names must not contain the '#' character. Current name: {v}.")
+        return v
+
     @field_validator("num_replicas")
     @classmethod
     def _num_replicas(cls, v: int | str | None) -> int | str | None:
