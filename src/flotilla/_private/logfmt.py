@@ -22,12 +22,14 @@ import json
 import logging
 from typing import Any
 
+from flotilla.serve.config import LOGRECORD_STANDARD_ATTRS
+
 __all__ = ["JsonFormatter", "TextFormatter", "configure"]
 
-#: A LogRecord's own attributes: any other one came from `extra=` (written in JSON lines).
-_STANDARD = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime", "taskName"}
-#: Attributes flotilla sets or reads that are not the user's extra fields.
-_OURS = frozenset({"request_id", "route", "log_to_stderr", "serve_access_log", "ray_serve_extra_fields"})
+#: A LogRecord's own attributes and those flotilla sets or reads: any other came from `extra=`
+#: (written in JSON lines).
+_NOT_EXTRA = LOGRECORD_STANDARD_ATTRS | {"request_id", "route", "log_to_stderr", "serve_access_log",
+                                         "ray_serve_extra_fields"}
 
 
 def _flotillas(record: logging.LogRecord) -> bool:
@@ -82,7 +84,7 @@ class JsonFormatter(logging.Formatter):
             out.setdefault(attr, getattr(record, attr, None))
         fields = record.__dict__
         for k, v in fields.items():
-            if k not in _STANDARD and k not in _OURS:
+            if k not in _NOT_EXTRA:
                 out.setdefault(k, v)
         more = fields.get("ray_serve_extra_fields")
         if isinstance(more, dict):

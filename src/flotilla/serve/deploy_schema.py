@@ -209,7 +209,7 @@ class ServeApplicationSchema(BaseModel):
                 out[key] = getattr(self, key)
         if self.logging_config is not None:
             out["logging_config"] = _plain(self.logging_config)
-        if "external_scaler_enabled" in self.model_fields_set:
+        if "external_scaler_enabled" in given:
             out["external_scaler_enabled"] = self.external_scaler_enabled
         if self.autoscaling_policy is not None:
             out["autoscaling_policy"] = self.autoscaling_policy
